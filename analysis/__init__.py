@@ -1,0 +1,1 @@
+"""What users read: comparisons, plots, reports, paper figures and the `landscape` CLI."""

@@ -1,0 +1,285 @@
+"""The Objective: L(w) = Σ_i n_i·ℓ_i(w) / Σ_i n_i over a fixed list of batches, with exact HVPs.
+
+Every number in the toolkit comes from here (DESIGN.md). The model is evaluated
+functionally (torch.func.functional_call) at a flat parameter vector, so loss, gradient
+and Hessian-vector products never mutate the user's model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from landscape.params import FlatLayout, select_parameters
+from landscape.results import Result
+
+HVP_METHODS = ("auto", "reuse", "linearize", "fwd-rev", "double-backward")
+MODES = ("eval", "train")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class ObjectiveError(ValueError):
+    """The model, data or settings cannot define a finite objective."""
+
+
+@dataclass(frozen=True)
+class Evaluation(Result):
+    """Loss and accuracy of the objective at one point of weight space."""
+
+    loss: float
+    accuracy: float | None
+    n_samples: int
+
+
+def default_device() -> torch.device:
+    """CUDA when present, otherwise CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _prepare_model(model: nn.Module, mode: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A private copy in the requested mode: BN eval (running stats) or BN train (batch stats), dropout off."""
+    if mode not in MODES:
+        raise ObjectiveError(f"unknown mode {mode!r}; use 'eval' (BN running statistics) or 'train' (BN batch statistics)")
+    model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    if mode == "train":
+        # BatchNorm without running statistics normalizes with the batch's own statistics,
+        # in eval() as well, so the Hessian of the train-mode loss is exact and dropout stays off.
+        torch.func.replace_all_batch_norm_modules_(model)
+    return model
+
+
+class Objective:
+    """Sample-weighted mean loss of `model` over fixed `batches`, as a function of flat parameters.
+
+    `params` selects the parameters that vary (see landscape.params.select_parameters);
+    the rest and all buffers stay fixed. `hvp_method` picks the exact Hessian-vector
+    product path; `auto` takes the fastest one measured for the model size and device
+    (benchmarks/hvp.py) and falls back to double backward where torch.func cannot trace.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[Batch],
+        *,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        params: str = "all",
+        mode: str = "eval",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        hvp_method: str = "auto",
+        graph_memory_budget: float | None = None,
+        metadata: dict | None = None,
+    ) -> None:
+        if hvp_method not in HVP_METHODS:
+            raise ObjectiveError(f"unknown hvp_method {hvp_method!r}; use one of {', '.join(HVP_METHODS)}")
+        if not batches:
+            raise ObjectiveError("the measurement set is empty: give at least one batch")
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype
+        self.mode = mode
+        self.loss_fn = loss_fn or F.cross_entropy
+        self.model = _prepare_model(model, mode, self.device, dtype)
+        self.batches = [self._to_device(x, y) for x, y in batches]
+        sizes = torch.tensor([len(y) for _, y in self.batches], dtype=torch.float64)
+        self.n_samples = int(sizes.sum())
+        self.batch_weights = (sizes / sizes.sum()).tolist()
+        self.param_selection = params
+        names = select_parameters(self.model, params)
+        state = dict(self.model.named_parameters())
+        self.layout = FlatLayout.of({n: state[n] for n in names})
+        self._fixed = {n: p.detach() for n, p in state.items() if n not in names}
+        self._fixed.update(dict(self.model.named_buffers()))
+        self.w = self.layout.flatten({n: state[n].detach() for n in names}).clone()
+        if not torch.isfinite(self.w).all():
+            bad = [n for n, t in self.layout.unflatten(self.w).items() if not torch.isfinite(t).all()]
+            raise ObjectiveError(f"non-finite weights in {', '.join(bad)}")
+        self.graph_memory_budget = graph_memory_budget
+        self.hvp_method = self._resolve_hvp_method(hvp_method)
+        self.metadata = dict(metadata or {})
+        self._cache: tuple | None = None
+
+    # ----------------------------------------------------------------- basics
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
+        x = torch.as_tensor(x).to(self.device)
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        return x, torch.as_tensor(y).to(self.device)
+
+    @property
+    def n_params(self) -> int:
+        return self.layout.size
+
+    def describe(self) -> dict:
+        """What was measured and how: recorded in every result's metadata."""
+        return {
+            "n_samples": self.n_samples,
+            "n_batches": len(self.batches),
+            "batch_sizes": sorted({len(y) for _, y in self.batches}),
+            "mode": self.mode,
+            "params": self.param_selection,
+            "n_params": self.n_params,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "hvp_method": self.hvp_method,
+            **self.metadata,
+        }
+
+    def _outputs(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, {**self._fixed, **self.layout.unflatten(w)}, (x,))
+
+    def _batch_loss(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self._outputs(w, x), y)
+
+    def _point(self, w: torch.Tensor | None) -> torch.Tensor:
+        if w is None:
+            return self.w
+        if w.shape != self.w.shape:
+            raise ObjectiveError(f"weight vector has shape {tuple(w.shape)}, expected ({self.n_params},)")
+        return w.to(device=self.device, dtype=self.dtype)
+
+    def _weighted_sum(self, per_batch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return sum(c * per_batch(x, y) for c, (x, y) in zip(self.batch_weights, self.batches))
+
+    # ----------------------------------------------------------- loss, grad
+    @torch.no_grad()
+    def evaluate(self, w: torch.Tensor | None = None) -> Evaluation:
+        """Loss and top-1 accuracy (when targets are class labels) at `w` (default: the checkpoint)."""
+        w = self._point(w)
+        total_loss, correct, labelled = 0.0, 0, 0
+        for c, (x, y) in zip(self.batch_weights, self.batches):
+            out = self._outputs(w, x)
+            total_loss += c * float(self.loss_fn(out, y))
+            if out.ndim == 2 and not y.is_floating_point():
+                correct += int((out.argmax(dim=1) == y).sum())
+                labelled += len(y)
+        if not math.isfinite(total_loss):
+            raise ObjectiveError("the loss is not finite at this point (NaN or inf): check the weights and the data")
+        return Evaluation(total_loss, correct / labelled if labelled else None, self.n_samples)
+
+    def loss(self, w: torch.Tensor | None = None) -> float:
+        """L(w), the sample-weighted mean loss over the measurement set."""
+        return self.evaluate(w).loss
+
+    def grad(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """∇L(w) as a flat vector."""
+        w = self._point(w).detach().requires_grad_(True)
+        total = torch.zeros_like(w)
+        for c, (x, y) in zip(self.batch_weights, self.batches):
+            (g,) = torch.autograd.grad(self._batch_loss(w, x, y), w)
+            total += c * g
+        return total
+
+    # ------------------------------------------------------------------ HVPs
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """H v at the objective's point, H = ∇²L(w), for a flat vector v."""
+        return self.hvp_batched(v.reshape(1, -1)).reshape(-1)
+
+    def hvp_batched(self, V: torch.Tensor) -> torch.Tensor:
+        """H vᵢ for each row vᵢ of V (k, n): several probes in one call."""
+        V = V.to(device=self.device, dtype=self.dtype)
+        if V.ndim != 2 or V.shape[1] != self.n_params:
+            raise ObjectiveError(f"probe block has shape {tuple(V.shape)}, expected (k, {self.n_params})")
+        try:
+            return getattr(self, "_hvp_" + self.hvp_method.replace("-", "_"))(V)
+        except Exception as error:  # torch.func cannot trace every model; autograd can
+            if not self._auto or self.hvp_method not in _TORCH_FUNC_METHODS:
+                raise
+            fallback = "reuse" if self.hvp_method == "linearize" else "double-backward"
+            warnings.warn(f"torch.func could not trace the model ({type(error).__name__}: {error}); using {fallback}")
+            self.hvp_method, self._cache = fallback, None
+            return self.hvp_batched(V)
+
+    def _hvp_double_backward(self, V: torch.Tensor) -> torch.Tensor:
+        """Double backward, recomputing the gradient graph on every call (least memory)."""
+        out = torch.zeros_like(V)
+        for c, (x, y) in zip(self.batch_weights, self.batches):
+            w = self.w.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self._batch_loss(w, x, y), w, create_graph=True)
+            out += c * _backward_rows(g, w, V, retain_graph=False)
+        return out
+
+    def _hvp_reuse(self, V: torch.Tensor) -> torch.Tensor:
+        """Double backward through one create_graph gradient built once and kept (fast, memory-hungry)."""
+        if self._cache is None or self._cache[0] != "reuse":
+            w = self.w.detach().requires_grad_(True)
+            g = self._weighted_sum(lambda x, y: torch.autograd.grad(self._batch_loss(w, x, y), w, create_graph=True)[0])
+            self._cache = ("reuse", w, g)
+        _, w, g = self._cache
+        return _backward_rows(g, w, V, retain_graph=True)
+
+    def _gradient_function(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        def gradient(w: torch.Tensor) -> torch.Tensor:
+            return self._weighted_sum(lambda x, y: torch.func.grad(self._batch_loss)(w, x, y))
+
+        return gradient
+
+    def _hvp_fwd_rev(self, V: torch.Tensor) -> torch.Tensor:
+        """Forward-over-reverse: jvp of the gradient, probes batched with vmap."""
+        gradient = self._gradient_function()
+        w = self.w.detach()
+
+        def one(v: torch.Tensor) -> torch.Tensor:
+            return torch.func.jvp(gradient, (w,), (v,))[1]
+
+        return one(V[0]).unsqueeze(0) if len(V) == 1 else torch.func.vmap(one)(V)
+
+    def _hvp_linearize(self, V: torch.Tensor) -> torch.Tensor:
+        """Forward-over-reverse with the primal pass linearized once and reused (torch.func.linearize)."""
+        if self._cache is None or self._cache[0] != "linearize":
+            with warnings.catch_warnings():  # torch.fx const folding warns about its own graph attributes
+                warnings.simplefilter("ignore", UserWarning)
+                _, jvp_fn = torch.func.linearize(self._gradient_function(), self.w.detach())
+            self._cache = ("linearize", jvp_fn)
+        jvp_fn = self._cache[1]
+        return torch.stack([jvp_fn(v) for v in V])
+
+    def graph_bytes(self) -> int:
+        """Memory a kept gradient graph needs for the whole measurement set, measured on the first batch."""
+        saved = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            saved += t.numel() * t.element_size()
+            return t
+
+        x, y = self.batches[0]
+        w = self.w.detach().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.autograd.grad(self._batch_loss(w, x, y), w, create_graph=True)
+        return int(saved * self.n_samples / len(y))
+
+    def _resolve_hvp_method(self, method: str) -> str:
+        """`auto`: reuse a linearized gradient when it fits in memory (fastest on CPU, benchmarks/hvp.py)."""
+        self._auto = method == "auto"
+        if not self._auto:
+            return method
+        budget = self.graph_memory_budget if self.graph_memory_budget is not None else _default_memory_budget(self.device)
+        return "linearize" if 2 * self.graph_bytes() <= budget else "double-backward"
+
+
+_TORCH_FUNC_METHODS = ("linearize", "fwd-rev")
+
+
+def _default_memory_budget(device: torch.device) -> float:
+    """Half of the memory free now on the device."""
+    if device.type == "cuda":
+        return 0.5 * torch.cuda.mem_get_info(device)[0]
+    return 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _backward_rows(g: torch.Tensor, w: torch.Tensor, V: torch.Tensor, retain_graph: bool) -> torch.Tensor:
+    """Rows of ∂(g·vᵢ)/∂w for the rows vᵢ of V; one batched backward for several rows."""
+    if len(V) == 1:
+        return torch.autograd.grad(g, w, V[0], retain_graph=retain_graph)[0].unsqueeze(0)
+    return torch.autograd.grad(g, w, V, retain_graph=retain_graph, is_grads_batched=True)[0]

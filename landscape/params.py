@@ -1,0 +1,87 @@
+"""Which parameters a measurement sees, and flat-vector views of them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+SELECTIONS = ("all", "weights", "no-bn", "no-bn-bias")
+
+
+def norm_layer_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the affine parameters of BatchNorm/GroupNorm/LayerNorm layers."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, _NORM_LAYERS):
+            prefix = f"{module_name}." if module_name else ""
+            names.update(prefix + p for p, _ in module.named_parameters(recurse=False))
+    return names
+
+
+def select_parameters(model: nn.Module, selection: str = "all") -> list[str]:
+    """Names of the trainable parameters a measurement perturbs or differentiates.
+
+    `all`; `weights` (tensors with ≥2 dims: conv/linear weights); `no-bn` (all but
+    norm-layer affine parameters); `no-bn-bias` (also without biases, as NSO's Hessian
+    measurements); or `re:PATTERN` (names matching a regular expression).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    norm_names = norm_layer_parameter_names(model)
+    if selection == "all":
+        keep = [n for n, _ in named]
+    elif selection == "weights":
+        keep = [n for n, p in named if p.ndim >= 2]
+    elif selection == "no-bn":
+        keep = [n for n, _ in named if n not in norm_names]
+    elif selection == "no-bn-bias":
+        keep = [n for n, _ in named if n not in norm_names and not n.endswith("bias")]
+    elif selection.startswith("re:"):
+        pattern = re.compile(selection[3:])
+        keep = [n for n, _ in named if pattern.search(n)]
+    else:
+        raise ValueError(f"unknown parameter selection {selection!r}; use one of {', '.join(SELECTIONS)} or re:PATTERN")
+    if not keep:
+        raise ValueError(f"parameter selection {selection!r} matches no trainable parameter")
+    return keep
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Maps a flat vector to named parameter tensors (views, no copies)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> "FlatLayout":
+        return cls(tuple(tensors), tuple(t.shape for t in tensors.values()))
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(s.numel() for s in self.shapes)
+
+    @property
+    def size(self) -> int:
+        return sum(self.numels)
+
+    def slices(self) -> dict[str, slice]:
+        """Each parameter's slice of the flat vector (for per-layer breakdowns)."""
+        out, start = {}, 0
+        for name, numel in zip(self.names, self.numels):
+            out[name] = slice(start, start + numel)
+            start += numel
+        return out
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of `flat` shaped like the parameters; a leading batch dim is kept (for vmap-free stacks)."""
+        chunks = torch.split(flat, self.numels, dim=-1)
+        lead = flat.shape[:-1]
+        return {n: c.reshape(*lead, *s) for n, c, s in zip(self.names, chunks, self.shapes)}

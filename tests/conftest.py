@@ -1,0 +1,52 @@
+"""Shared tiny problems: small enough for a dense Hessian, rich enough to catch mistakes."""
+
+import pytest
+import torch
+from torch import nn
+
+
+def tiny_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+
+
+def tiny_convnet_bn(seed: int = 0) -> nn.Module:
+    """Conv + BatchNorm + ReLU + linear head on 1x4x4 inputs (~150 parameters)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Softplus(),
+        nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.Softplus(),
+        nn.Flatten(), nn.Linear(8, 3),
+    )
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return net
+
+
+def classification_batches(n: int, in_shape: tuple, n_classes: int, sizes: list[int], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *in_shape, generator=g)
+    y = torch.randint(0, n_classes, (n,), generator=g)
+    out, start = [], 0
+    for s in sizes:
+        out.append((x[start:start + s], y[start:start + s]))
+        start += s
+    assert start == n
+    return x, y, out
+
+
+@pytest.fixture
+def mlp_problem():
+    x, y, batches = classification_batches(50, (12,), 4, [20, 20, 10])
+    return tiny_mlp(), x, y, batches
+
+
+@pytest.fixture
+def conv_problem():
+    x, y, batches = classification_batches(40, (1, 4, 4), 3, [16, 16, 8])
+    return tiny_convnet_bn(), x, y, batches

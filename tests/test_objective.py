@@ -1,0 +1,182 @@
+"""The Objective's loss, gradient and every HVP path against dense ground truth."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from landscape.objective import HVP_METHODS, Objective, ObjectiveError
+from landscape.operators import HessianOperator
+from landscape.params import FlatLayout, select_parameters
+
+EXACT_METHODS = [m for m in HVP_METHODS if m != "auto"]
+
+
+def dense_reference(model, batches, mode, selection="all"):
+    """Loss function of flat weights on a plain nn.Module in `mode` (independent of Objective)."""
+    net = copy.deepcopy(model).double()
+    net.train(mode == "train")
+    names = select_parameters(net, selection)
+    params = dict(net.named_parameters())
+    layout = FlatLayout.of({n: params[n] for n in names})
+    fixed = {n: p.detach() for n, p in params.items() if n not in names}
+    total = sum(len(y) for _, y in batches)
+
+    def loss(w):
+        state = {**fixed, **layout.unflatten(w)}
+        buffers = {n: b.clone() for n, b in net.named_buffers()}  # train mode updates running stats in place
+        return sum(len(y) / total * F.cross_entropy(functional_call(net, {**state, **buffers}, (x.double(),)), y)
+                   for x, y in batches)
+
+    w0 = layout.flatten({n: params[n].detach() for n in names})
+    return loss, w0
+
+
+def dense_hessian(model, batches, mode, selection="all"):
+    loss, w0 = dense_reference(model, batches, mode, selection)
+    return torch.autograd.functional.hessian(loss, w0)
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("problem", ["mlp_problem", "conv_problem"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_every_hvp_path_matches_dense_hessian(problem, mode, request):
+    model, _, _, batches = request.getfixturevalue(problem)
+    H = dense_hessian(model, batches, mode)
+    V = torch.randn(3, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for method in EXACT_METHODS:
+        obj = Objective(model, batches, mode=mode, dtype=torch.float64, device="cpu", hvp_method=method)
+        assert rel_err(obj.hvp(V[0]), H @ V[0]) <= 1e-10, method
+        assert rel_err(obj.hvp_batched(V), V @ H) <= 1e-10, method
+
+
+def test_train_mode_hessian_differs_from_eval_mode(conv_problem):
+    """The two modes define different objectives; eval mode is not a stand-in (PyHessian's mistake)."""
+    model, _, _, batches = conv_problem
+    H_eval = dense_hessian(model, batches, "eval")
+    H_train = dense_hessian(model, batches, "train")
+    assert rel_err(H_eval, H_train) > 0.1
+    obj = Objective(model, batches, mode="train", dtype=torch.float64, device="cpu")
+    v = torch.randn(H_train.shape[0], dtype=torch.float64)
+    assert rel_err(obj.hvp(v), H_train @ v) <= 1e-10
+
+
+def test_uneven_batches_equal_one_big_batch(conv_problem):
+    model, x, y, batches = conv_problem
+    split = Objective(model, batches, dtype=torch.float64, device="cpu")
+    whole = Objective(model, [(x, y)], dtype=torch.float64, device="cpu")
+    assert [len(b[1]) for b in batches] == [16, 16, 8]
+    assert split.loss() == pytest.approx(whole.loss(), rel=1e-12)
+    assert rel_err(split.grad(), whole.grad()) <= 1e-12
+    v = torch.randn(split.n_params, dtype=torch.float64)
+    assert rel_err(split.hvp(v), whole.hvp(v)) <= 1e-12
+
+
+def test_gradient_and_accuracy_against_reference(mlp_problem):
+    model, x, y, batches = mlp_problem
+    obj = Objective(model, batches, dtype=torch.float64, device="cpu")
+    loss, w0 = dense_reference(model, batches, "eval")
+    assert obj.loss() == pytest.approx(float(loss(w0)), rel=1e-12)
+    assert rel_err(obj.grad(), torch.func.grad(loss)(w0)) <= 1e-12
+    expected_acc = float((model.double()(x.double()).argmax(1) == y).double().mean())
+    assert obj.evaluate().accuracy == pytest.approx(expected_acc)
+    w = obj.w + 0.1
+    assert obj.loss(w) == pytest.approx(float(loss(w)), rel=1e-12)
+
+
+def test_parameter_selection_gives_the_hessian_block(conv_problem):
+    model, _, _, batches = conv_problem
+    H_sub = dense_hessian(model, batches, "eval", "no-bn-bias")
+    obj = Objective(model, batches, params="no-bn-bias", dtype=torch.float64, device="cpu")
+    assert obj.n_params == H_sub.shape[0] == sum(p.numel() for n, p in model.named_parameters() if p.ndim > 1)
+    v = torch.randn(obj.n_params, dtype=torch.float64)
+    assert rel_err(obj.hvp(v), H_sub @ v) <= 1e-10
+
+
+def test_measuring_never_changes_the_model(conv_problem):
+    model, _, _, batches = conv_problem
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    obj = Objective(model, batches, mode="train", device="cpu")
+    obj.hvp(torch.randn(obj.n_params))
+    obj.grad(obj.w + 1.0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model.training  # the caller's module keeps its own mode
+
+
+class _LegacyScale(torch.autograd.Function):
+    """An old-style autograd.Function (no setup_context): autograd runs it, torch.func cannot."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(x) ** 2)
+
+
+class _LegacyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(12, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.b(_LegacyScale.apply(self.a(x)))
+
+
+def test_auto_falls_back_to_autograd_where_torch_func_cannot_trace(mlp_problem):
+    _, _, _, batches = mlp_problem
+    model = _LegacyNet()
+    obj = Objective(model, batches, dtype=torch.float64, device="cpu")
+    assert obj.hvp_method == "linearize"
+    with pytest.warns(UserWarning, match="torch.func could not trace"):
+        hv = obj.hvp(torch.ones(obj.n_params, dtype=torch.float64))
+    assert obj.hvp_method == "reuse"
+    H = dense_hessian(model, batches, "eval")
+    assert rel_err(hv, H @ torch.ones(H.shape[0], dtype=torch.float64)) <= 1e-10
+
+
+def test_auto_avoids_kept_graphs_that_do_not_fit(mlp_problem):
+    model, _, _, batches = mlp_problem
+    assert Objective(model, batches, device="cpu").hvp_method == "linearize"
+    assert Objective(model, batches, device="cpu", graph_memory_budget=1.0).hvp_method == "double-backward"
+
+
+def test_hessian_operator_and_scipy_view(mlp_problem):
+    model, _, _, batches = mlp_problem
+    obj = Objective(model, batches, dtype=torch.float64, device="cpu")
+    H = dense_hessian(model, batches, "eval")
+    op = HessianOperator(obj)
+    V = torch.randn(H.shape[0], 4, dtype=torch.float64)
+    assert rel_err(op.matmat(V), H @ V) <= 1e-10
+    assert op.n_matvecs == 4
+    x = V[:, 0].numpy()
+    assert rel_err(torch.as_tensor(op.to_scipy() @ x), H @ V[:, 0]) <= 1e-10
+
+
+def test_bad_inputs_raise_clear_errors(mlp_problem):
+    model, _, _, batches = mlp_problem
+    with pytest.raises(ObjectiveError, match="empty"):
+        Objective(model, [], device="cpu")
+    with pytest.raises(ObjectiveError, match="hvp_method"):
+        Objective(model, batches, device="cpu", hvp_method="magic")
+    obj = Objective(model, batches, device="cpu")
+    with pytest.raises(ObjectiveError, match="shape"):
+        obj.hvp_batched(torch.ones(2, 3))
+    with pytest.raises(ObjectiveError, match="not finite"):
+        obj.loss(torch.full_like(obj.w, float("nan")))
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken[1].weight[0, 0] = float("inf")
+    with pytest.raises(ObjectiveError, match="1.weight"):
+        Objective(broken, batches, device="cpu")
