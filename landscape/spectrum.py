@@ -1,0 +1,279 @@
+"""Eigenvalues and spectral density of a symmetric operator: Lanczos, power iteration, SLQ.
+
+Vectors stay torch tensors on the operator's device; only the small Lanczos tridiagonal
+goes to numpy/scipy in float64. One Lanczos recurrence (`_Lanczos`, full
+reorthogonalization) serves both `lanczos` and `slq_density`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import torch
+from tqdm import tqdm
+
+from landscape.operators import LinearOperator
+from landscape.results import Result
+from landscape.trace import _check_int, rademacher, seeded_generator
+
+WHICH = ("LA", "SA", "LM")
+_BREAKDOWN_ULPS = 100  # β ≤ this many machine epsilons of ‖T‖: an invariant subspace was found
+_INITIAL_BASIS = 32  # basis slots allocated up front; doubled as the recurrence grows
+
+
+@dataclass(frozen=True)
+class EigResult(Result):
+    """Eigenvalue estimates with their residual bounds, cost and provenance."""
+
+    values: np.ndarray  # float64, ordered: largest first ("LA"), smallest first ("SA"), by |.| ("LM")
+    residuals: np.ndarray  # ‖Ay − θy‖ per value: some eigenvalue of A lies within it of θ
+    vectors: torch.Tensor | None  # (n, k) unit eigenvector estimates if requested
+    n_matvecs: int
+    converged: bool
+    seconds: float
+    method: str  # "lanczos" / "power_iteration"
+    seed: int
+
+
+@dataclass(frozen=True)
+class Spectrum(Result):
+    """A smoothed spectral density from stochastic Lanczos quadrature, with its raw quadrature."""
+
+    grid: np.ndarray
+    density: np.ndarray  # on `grid`, integrates to ~1
+    nodes: np.ndarray  # (n_runs, n_steps) Ritz values per run
+    weights: np.ndarray  # (n_runs, n_steps) quadrature weights per run, each row sums to 1
+    sigma: float  # width of the Gaussian kernel
+    n_matvecs: int
+    seconds: float
+    seed: int
+
+
+class _Lanczos:
+    """b independent Lanczos recurrences (rows of `start`) with full reorthogonalization.
+
+    Each step costs one `matmat` over the running recurrences and orthogonalizes the new
+    vector twice (classical Gram–Schmidt) against the whole basis. A breakdown (β ≈ 0,
+    invariant subspace) is recorded as β = 0 exactly; the caller then drops the recurrence
+    (`drop`) or continues it from a fresh orthogonal vector (`restart`).
+    """
+
+    def __init__(self, op: LinearOperator, start: torch.Tensor, max_steps: int) -> None:
+        b, n = start.shape
+        self.op, self.n, self.max_steps = op, n, max_steps
+        self.basis = start.new_zeros(b, min(max_steps, _INITIAL_BASIS) + 1, n)
+        self.basis[:, 0] = start / start.norm(dim=1, keepdim=True)
+        self.rows = np.arange(b)  # which original recurrence each basis row belongs to
+        self.alpha: list[list[float]] = [[] for _ in range(b)]
+        self.beta: list[list[float]] = [[] for _ in range(b)]
+        self.last_beta = np.zeros(b)
+        self.norm_estimate = np.zeros(b)  # running Gershgorin bound on ‖T‖
+        self.steps = 0
+        self.n_matvecs = 0
+        self.tiny = _BREAKDOWN_ULPS * torch.finfo(start.dtype).eps
+
+    def step(self) -> np.ndarray:
+        """Advance every running recurrence by one matvec; return which of them broke down."""
+        j = self.steps
+        q = self.basis[:, j]
+        w = self.op.matmat(q.T).T
+        self.n_matvecs += q.shape[0]
+        alpha = (q * w).sum(1)
+        w = w - alpha[:, None] * q
+        if j:
+            w -= torch.as_tensor(self.last_beta, dtype=w.dtype, device=w.device)[:, None] * self.basis[:, j - 1]
+        w = _orthogonalize(w, self.basis[:, : j + 1])
+        beta = w.norm(dim=1)
+        alpha_np, beta_np = alpha.double().cpu().numpy(), beta.double().cpu().numpy()
+        self.norm_estimate = np.maximum(self.norm_estimate, np.abs(alpha_np) + beta_np + self.last_beta)
+        broken = (beta_np <= self.tiny * self.norm_estimate) | (j + 1 >= self.n)
+        beta_np[broken] = 0.0
+        for row, a, bt in zip(self.rows, alpha_np, beta_np):
+            self.alpha[row].append(float(a))
+            self.beta[row].append(float(bt))
+        if j + 1 < self.n:  # a broken row's slot is overwritten by `restart` or removed by `drop`
+            self._reserve(j + 1)
+            self.basis[:, j + 1] = w / beta.clamp_min(torch.finfo(w.dtype).tiny)[:, None]
+        self.last_beta = beta_np
+        self.steps += 1
+        return broken
+
+    def restart(self, v: torch.Tensor) -> None:
+        """After a breakdown, continue from `v` (shape (b, n)) orthogonalized against the basis."""
+        v = _orthogonalize(v, self.basis[:, : self.steps])
+        self.basis[:, self.steps] = v / v.norm(dim=1, keepdim=True)
+
+    def drop(self, broken: np.ndarray) -> None:
+        """Stop the recurrences that broke down."""
+        keep = ~broken
+        self.basis = self.basis[torch.as_tensor(keep, device=self.basis.device)]
+        self.rows, self.last_beta, self.norm_estimate = self.rows[keep], self.last_beta[keep], self.norm_estimate[keep]
+
+    def ritz(self, row: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Ritz values (ascending), eigenvectors S of the tridiagonal T, and the last β of one recurrence."""
+        alpha, beta = np.array(self.alpha[row]), np.array(self.beta[row])
+        theta, s = scipy.linalg.eigh_tridiagonal(alpha, beta[:-1])
+        return theta, s, beta[-1]
+
+    def _reserve(self, slot: int) -> None:
+        capacity = self.basis.shape[1]
+        if slot >= capacity:
+            grown = self.basis.new_zeros(self.basis.shape[0], min(2 * (capacity - 1), self.max_steps) + 1, self.n)
+            grown[:, :capacity] = self.basis
+            self.basis = grown
+
+
+def _orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Remove from each row of w (b, n) its components along basis (b, j, n), twice."""
+    for _ in range(2):
+        w = w - torch.bmm(torch.bmm(basis, w.unsqueeze(2)).transpose(1, 2), basis).squeeze(1)
+    return w
+
+
+def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
+    """Indices of the k wanted Ritz values in output order."""
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")[:k]
+    if which == "SA":
+        return np.argsort(theta, kind="stable")[:k]
+    return np.argsort(-np.abs(theta), kind="stable")[:k]
+
+
+def _check_common(op: LinearOperator, k: int, tol: float, max_matvecs: int) -> int:
+    """Validate shared arguments; return k clipped to the operator size."""
+    _check_int("k", k, 1)
+    _check_int("max_matvecs", max_matvecs, 1)
+    if not tol >= 0:
+        raise ValueError(f"tol must be ≥ 0, got {tol!r}")
+    k = min(k, op.shape[0])
+    if max_matvecs < k:
+        raise ValueError(f"max_matvecs={max_matvecs} cannot produce k={k} eigenvalues; give at least k")
+    return k
+
+
+def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1e-3, max_matvecs: int = 300,
+            seed: int = 0, return_vectors: bool = False, progress: bool = False) -> EigResult:
+    """k extreme eigenvalues by Lanczos with full reorthogonalization (Lanczos 1950; Parlett 1998).
+
+    Stops when each wanted Ritz value θ_i has residual |β_m s_{m,i}| = ‖Ay_i − θ_i y_i‖ ≤
+    tol·max(|θ_i|, √eps·‖T‖), or the budget is spent (converged=False). The residual bounds
+    the distance from θ_i to an eigenvalue of A. `which`: "LA" largest, "SA" smallest
+    algebraic, "LM" largest magnitude. k > n is clipped to n. After an invariant subspace
+    the recurrence restarts from a fresh random vector while fewer than k Ritz values exist;
+    a single Krylov space sees each distinct eigenvalue once, so exact multiplicities beyond
+    that are only resolved by such restarts.
+    """
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    k = _check_common(op, k, tol, max_matvecs)
+    start = time.perf_counter()
+    generator = seeded_generator(op, seed)
+    n = op.shape[0]
+    recurrence = _Lanczos(op, rademacher(generator, (1, n), op), max_steps=min(max_matvecs, n))
+    floor = np.sqrt(torch.finfo(op.dtype).eps)
+    with tqdm(total=recurrence.max_steps, desc="lanczos", unit="matvec", file=sys.stderr, disable=not progress) as bar:
+        while True:
+            broken = recurrence.step()[0]
+            bar.update(1)
+            theta, s, beta = recurrence.ritz(0)
+            residuals = np.abs(beta * s[-1])
+            wanted = _wanted(theta, k, which)
+            scale = np.maximum(np.abs(theta[wanted]), floor * recurrence.norm_estimate[0])
+            converged = len(wanted) == k and bool(np.all(residuals[wanted] <= tol * scale))
+            if converged or recurrence.steps >= recurrence.max_steps:
+                break
+            if broken:
+                recurrence.restart(rademacher(generator, (1, n), op))
+    vectors = None
+    if return_vectors:
+        ritz = torch.as_tensor(s[:, wanted], dtype=op.dtype, device=op.device)
+        vectors = recurrence.basis[0, : recurrence.steps].T @ ritz
+    return EigResult(values=theta[wanted], residuals=residuals[wanted], vectors=vectors,
+                     n_matvecs=recurrence.n_matvecs, converged=converged, seconds=time.perf_counter() - start,
+                     method="lanczos", seed=int(seed))
+
+
+def power_iteration(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvecs: int = 1000, seed: int = 0,
+                    return_vectors: bool = False) -> EigResult:
+    """Power iteration with deflation, the PyHessian baseline (Yao et al. 2020): top-|λ| eigenpairs one by one.
+
+    Each pair gets max_matvecs // k matvecs and stops when the Rayleigh quotient's relative
+    change |Δθ| < tol·(|θ| + 1e-6) (PyHessian's rule); residuals are ‖Av − θv‖.
+    """
+    k = _check_common(op, k, tol, max_matvecs)
+    start = time.perf_counter()
+    generator = seeded_generator(op, seed)
+    n = op.shape[0]
+    found = torch.zeros(n, 0, dtype=op.dtype, device=op.device)
+    values, residuals, used, all_converged = [], [], 0, True
+    for _ in range(k):
+        v = _deflate(rademacher(generator, (n,), op), found)
+        v = v / v.norm()
+        theta, converged = None, False
+        for _ in range(max_matvecs // k):
+            av = op.matvec(v)
+            used += 1
+            previous, theta, vector = theta, float(v @ av), v
+            residual = float((av - theta * v).norm())
+            converged = previous is not None and abs(theta - previous) < tol * (abs(previous) + 1e-6)
+            following = _deflate(av, found)
+            norm = following.norm()
+            if converged or norm == 0:  # Av = 0 after deflation: v is an exact null vector
+                converged = True
+                break
+            v = following / norm
+        all_converged &= converged
+        values.append(theta)
+        residuals.append(residual)
+        found = torch.cat([found, vector[:, None]], dim=1)
+    return EigResult(values=np.array(values), residuals=np.array(residuals),
+                     vectors=found if return_vectors else None, n_matvecs=used, converged=all_converged,
+                     seconds=time.perf_counter() - start, method="power_iteration", seed=int(seed))
+
+
+def _deflate(v: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+    """Remove the components along the already found (orthonormal) eigenvectors."""
+    return v - found @ (found.T @ v)
+
+
+def slq_density(op: LinearOperator, *, n_runs: int = 4, n_steps: int = 60, n_grid: int = 500,
+                sigma: float | None = None, seed: int = 0, grid_margin: float = 0.05) -> Spectrum:
+    """Spectral density by stochastic Lanczos quadrature (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019).
+
+    Each run starts Lanczos from a normalized Rademacher vector (all runs share one matmat
+    per step); nodes are the Ritz values, weights the squared first components of T's
+    eigenvectors. The density averages Σ_j w_j·N(x; θ_j, σ²) over runs; by default
+    σ = (max node − min node)/100. The grid extends grid_margin·range + 3σ past the extreme
+    nodes. A run that hits an invariant subspace early is padded with zero-weight nodes.
+    """
+    _check_int("n_runs", n_runs, 1)
+    _check_int("n_steps", n_steps, 1)
+    _check_int("n_grid", n_grid, 2)
+    if sigma is not None and not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    if not grid_margin >= 0:
+        raise ValueError(f"grid_margin must be ≥ 0, got {grid_margin!r}")
+    start = time.perf_counter()
+    n = op.shape[0]
+    n_steps = min(n_steps, n)
+    recurrence = _Lanczos(op, rademacher(seeded_generator(op, seed), (n_runs, n), op), max_steps=n_steps)
+    while recurrence.steps < n_steps and len(recurrence.rows):
+        recurrence.drop(recurrence.step())
+    nodes, weights = np.zeros((n_runs, n_steps)), np.zeros((n_runs, n_steps))
+    for run in range(n_runs):
+        theta, s, _ = recurrence.ritz(run)
+        nodes[run] = np.pad(theta, (0, n_steps - len(theta)), mode="edge")
+        weights[run, : len(theta)] = s[0] ** 2
+    spread = nodes.max() - nodes.min()
+    scale = spread if spread > 0 else max(np.abs(nodes).max(), 1.0)
+    sigma = float(sigma if sigma is not None else scale / 100)
+    pad = grid_margin * scale + 3 * sigma
+    grid = np.linspace(nodes.min() - pad, nodes.max() + pad, n_grid)
+    kernel = np.exp(-0.5 * ((grid[:, None] - nodes.reshape(1, -1)) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
+    density = kernel @ weights.reshape(-1) / n_runs
+    return Spectrum(grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma,
+                    n_matvecs=recurrence.n_matvecs, seconds=time.perf_counter() - start, seed=int(seed))

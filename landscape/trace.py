@@ -1,0 +1,230 @@
+"""Stochastic trace estimators over a symmetric linear operator: Hutchinson, Hutch++, XTrace.
+
+Pure functions: each draws its probes from a torch.Generator seeded with `seed` on the
+operator's device, counts its own matvecs (columns passed to `matmat`), and returns a
+TraceResult with the estimate, its standard error and, optionally, per-block traces
+(e.g. one block per parameter tensor of a Hessian).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from landscape.operators import LinearOperator
+from landscape.results import Result
+
+
+@dataclass(frozen=True)
+class TraceResult(Result):
+    """A trace estimate with its standard error, cost and provenance."""
+
+    estimate: float
+    stderr: float  # standard error of the estimate
+    n_matvecs: int
+    seconds: float
+    method: str  # "hutchinson" / "hutchpp" / "xtrace"
+    seed: int
+    samples: np.ndarray | None  # per-sample estimates whose mean is `estimate` and whose spread gives `stderr`
+    blocks: dict[str, tuple[float, float]] | None  # per-block (estimate, stderr) of the diagonal-block traces
+
+
+def seeded_generator(op: LinearOperator, seed: int) -> torch.Generator:
+    """A torch.Generator on the operator's device, seeded: same seed, same probes."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return torch.Generator(device=op.device).manual_seed(int(seed))
+
+
+def rademacher(generator: torch.Generator, shape: tuple[int, ...], op: LinearOperator) -> torch.Tensor:
+    """Random ±1 entries in the operator's dtype and on its device."""
+    bits = torch.randint(0, 2, shape, generator=generator, device=op.device)
+    return bits.to(op.dtype).mul_(2).sub_(1)
+
+
+def _sphere(generator: torch.Generator, shape: tuple[int, int], op: LinearOperator) -> torch.Tensor:
+    """Columns uniform on the sphere of radius √n (normalized Gaussians), on the operator's device."""
+    g = torch.randn(shape, generator=generator, dtype=op.dtype, device=op.device)
+    return g * (shape[0] ** 0.5 / g.norm(dim=0))
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+
+
+def _check_blocks(blocks: dict[str, slice] | None, n: int) -> None:
+    """Blocks must be named, non-empty, forward slices inside [0, n]."""
+    if blocks is None:
+        return
+    if not isinstance(blocks, dict) or not blocks:
+        raise ValueError("blocks must be a non-empty dict mapping names to slices of the flat vector")
+    for name, block in blocks.items():
+        if not isinstance(block, slice):
+            raise ValueError(f"block {name!r} must be a slice, got {type(block).__name__}")
+        bounds_ok = all(b is None or (isinstance(b, (int, np.integer)) and 0 <= b <= n) for b in (block.start, block.stop))
+        if not bounds_ok or (block.step is not None and block.step < 1) or not range(*block.indices(n)):
+            raise ValueError(f"block {name!r} = {block} is not a non-empty forward slice of [0, {n})")
+
+
+def _block_sums(contributions: torch.Tensor, blocks: dict[str, slice]) -> dict[str, torch.Tensor]:
+    """Column sums of an (n, k) tensor of per-coordinate contributions over each block's rows."""
+    return {name: contributions[block].sum(0) for name, block in blocks.items()}
+
+
+def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:
+    return float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(len(samples)))
+
+
+def _result(method: str, samples: torch.Tensor, block_samples: dict[str, torch.Tensor] | None,
+            n_matvecs: int, seed: int, start: float) -> TraceResult:
+    """Estimate = mean of the samples, stderr = their standard deviation / √count (also per block)."""
+    values = samples.double().cpu().numpy()
+    estimate, stderr = _mean_stderr(values)
+    per_block = None
+    if block_samples is not None:
+        per_block = {name: _mean_stderr(s.double().cpu().numpy()) for name, s in block_samples.items()}
+    return TraceResult(estimate=estimate, stderr=stderr, n_matvecs=n_matvecs, seconds=time.perf_counter() - start,
+                       method=method, seed=int(seed), samples=values, blocks=per_block)
+
+
+def hutchinson(op: LinearOperator, n_probes: int = 100, *, block_size: int = 10,
+               target_rel_stderr: float | None = None, blocks: dict[str, slice] | None = None,
+               seed: int = 0) -> TraceResult:
+    """Girard–Hutchinson estimator (Hutchinson 1989): mean of zᵀAz over Rademacher probes z.
+
+    Probes go through `op.matmat` `block_size` at a time; with `target_rel_stderr` it stops
+    once stderr ≤ target·|estimate| (after at least two blocks). Per-block traces use the
+    same probes: mean of z_bᵀ(Az)_b, unbiased for the trace of diagonal block b.
+    """
+    n = op.shape[0]
+    _check_int("n_probes", n_probes, 2)
+    _check_int("block_size", block_size, 1)
+    if target_rel_stderr is not None and not target_rel_stderr > 0:
+        raise ValueError(f"target_rel_stderr must be positive, got {target_rel_stderr!r}")
+    _check_blocks(blocks, n)
+    start = time.perf_counter()
+    generator = seeded_generator(op, seed)
+    totals, per_block, used, n_blocks = [], {name: [] for name in blocks or {}}, 0, 0
+    while used < n_probes:
+        z = rademacher(generator, (n, min(block_size, n_probes - used)), op)
+        contributions = z * op.matmat(z)
+        used, n_blocks = used + z.shape[1], n_blocks + 1
+        totals.append(contributions.sum(0))
+        for name, sums in _block_sums(contributions, blocks or {}).items():
+            per_block[name].append(sums)
+        if target_rel_stderr is not None and n_blocks >= 2:
+            estimate, stderr = _mean_stderr(torch.cat(totals).double().cpu().numpy())
+            if stderr <= target_rel_stderr * abs(estimate):
+                break
+    block_samples = {name: torch.cat(s) for name, s in per_block.items()} if blocks else None
+    return _result("hutchinson", torch.cat(totals), block_samples, used, seed, start)
+
+
+def hutchpp(op: LinearOperator, n_matvecs: int = 102, *, seed: int = 0,
+            blocks: dict[str, slice] | None = None) -> TraceResult:
+    """Hutch++ (Meyer, Musco, Musco & Woodruff 2021): exact trace on a sketched range plus Hutchinson on the rest.
+
+    A third of the budget sketches S, Q = orth(AS); tr(QᵀAQ) is exact and the remaining probes
+    estimate tr((I−QQᵀ)A(I−QQᵀ)). A matrix of rank ≤ n_matvecs // 3 gets its exact trace.
+    """
+    n = op.shape[0]
+    _check_int("n_matvecs", n_matvecs, 4)
+    _check_blocks(blocks, n)
+    start = time.perf_counter()
+    generator = seeded_generator(op, seed)
+    n_sketch = min(n_matvecs // 3, n)
+    n_probes = n_matvecs - 2 * n_sketch
+    q = torch.linalg.qr(op.matmat(rademacher(generator, (n, n_sketch), op))).Q
+    aq = op.matmat(q)
+    small = q.T @ aq
+    z = rademacher(generator, (n, n_probes), op)
+    a_deflated = op.matmat(z - q @ (q.T @ z))
+    # z ⊙ (I−QQᵀ)A(I−QQᵀ)z: per-coordinate Hutchinson contributions of the deflated part
+    contributions = z * (a_deflated - q @ (q.T @ a_deflated))
+    samples = torch.trace(small) + contributions.sum(0)
+    block_samples = None
+    if blocks is not None:
+        # diag(PAP + PAP⊥ + P⊥AP) for P = QQᵀ: the low-rank part's exact diagonal, cross terms included
+        # (they vanish in the total trace but not in a diagonal block); it sums to tr(QᵀAQ).
+        low_rank_diag = (q * (2 * aq - q @ small)).sum(1, keepdim=True)
+        low_rank = _block_sums(low_rank_diag, blocks)
+        block_samples = {name: low_rank[name] + s for name, s in _block_sums(contributions, blocks).items()}
+    return _result("hutchpp", samples, block_samples, 2 * n_sketch + n_probes, seed, start)
+
+
+def xtrace(op: LinearOperator, n_matvecs: int = 100, *, seed: int = 0,
+           blocks: dict[str, slice] | None = None) -> TraceResult:
+    """XTrace (Epperly, Tropp & Webber 2024, SIAM J. Matrix Anal. Appl.): exchangeable Hutch++.
+
+    m = n_matvecs/2 test vectors ω_i uniform on the sphere of radius √n. For each i, the range
+    of AΩ without column i gives a low-rank part whose trace is exact, and ω_i projected onto
+    its complement and renormalized there (the paper's improved normalization, exactly
+    unbiased for spherical vectors but not for Rademacher ones) estimates the rest. The m
+    estimates are averaged; their standard deviation / √m is the error estimate. If rank A < m
+    the sketch holds all of range(A) and the estimate is exact.
+    """
+    n = op.shape[0]
+    _check_int("n_matvecs", n_matvecs, 4)
+    _check_blocks(blocks, n)
+    if n < 2:
+        raise ValueError("xtrace needs an operator of size ≥ 2 (leave-one-out needs two test vectors)")
+    start = time.perf_counter()
+    generator = seeded_generator(op, seed)
+    m = min(n_matvecs // 2, n)
+    omega = _sphere(generator, (n, m), op)
+    y = op.matmat(omega)
+    q, r = torch.linalg.qr(y)
+    r = r.double().cpu().numpy()
+    u, sv, vt = np.linalg.svd(r)
+    rank = int((sv > sv[0] * m * torch.finfo(op.dtype).eps).sum())
+    if rank == m:
+        # Q_(i)Q_(i)ᵀ = Q(I − s_i s_iᵀ)Qᵀ with s_i the normalized i-th column of R⁻ᵀ = U Σ⁻¹ Vᵀ
+        s = u @ (vt / sv[:, None])
+        s /= np.linalg.norm(s, axis=0)
+        codim = n - m + 1
+    else:
+        # every leave-one-out range equals range(AΩ) = range(A): one basis, s_i = 0
+        q = q @ torch.as_tensor(u[:, :rank], dtype=op.dtype, device=op.device)
+        s, r, codim = np.zeros((rank, m)), sv[:rank, None] * vt[:rank], n - rank
+    aq = op.matmat(q)
+    h = (q.T @ aq).double().cpu().numpy()
+    h = (h + h.T) / 2
+    w = (q.T @ omega).double().cpu().numpy()  # Qᵀω_i
+    c = w - s * (s * w).sum(0)  # Π_i w_i, Π_i = I − s_i s_iᵀ
+    e = r - h @ c  # Qᵀ A (I − P_i) ω_i, using QᵀAω_i = Qᵀy_i = R_i
+    f = e - s * (s * e).sum(0)  # Π_i e_i
+    residual_sq = (omega * omega).sum(0).double().cpu().numpy() - (w * c).sum(0)  # ‖(I − P_i)ω_i‖²
+    scale = codim / residual_sq
+    parts = (s, h, c, f, scale)
+    samples = torch.as_tensor(_xtrace_samples(_xtrace_grams(q, aq, omega, y), *parts))
+    block_samples = None
+    if blocks is not None:
+        block_samples = {name: torch.as_tensor(_xtrace_samples(_xtrace_grams(q[b], aq[b], omega[b], y[b]), *parts))
+                         for name, b in blocks.items()}
+    return _result("xtrace", samples, block_samples, m + q.shape[1], seed, start)
+
+
+def _xtrace_grams(q: torch.Tensor, aq: torch.Tensor, omega: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """Gram matrices of a set of rows (all, or one block) that XTrace's per-i diagonal sums need."""
+    grams = (q.T @ aq, q.T @ q, omega.T @ q, omega.T @ aq, (omega * y).sum(0))
+    return tuple(g.double().cpu().numpy() for g in grams)
+
+
+def _xtrace_samples(grams: tuple[np.ndarray, ...], s: np.ndarray, h: np.ndarray, c: np.ndarray,
+                    f: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The m leave-one-out XTrace estimates, summed over the rows the Gram matrices cover.
+
+    Estimate i is tr_b(2·P_iA − P_iAP_i) + scale_i·ω_i,bᵀ[(I−P_i)A(I−P_i)ω_i]_b with P_i = QΠ_iQᵀ;
+    over all rows it is tr(Π_i QᵀAQ) + scale_i·ω_iᵀ(I−P_i)A(I−P_i)ω_i, the paper's estimator.
+    """
+    qaq, qq, omega_q, omega_aq, omega_y = grams
+    shs = (s * (h @ s)).sum(0)
+    low_rank = (2 * (np.trace(qaq) - (s * (qaq @ s)).sum(0))
+                - (np.sum(h * qq) - 2 * (s * (qq @ h @ s)).sum(0) + shs * (s * (qq @ s)).sum(0)))
+    deflated = omega_y - (omega_aq * c.T).sum(1) - (omega_q * f.T).sum(1)
+    return low_rank + scale * deflated

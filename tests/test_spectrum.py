@@ -1,0 +1,201 @@
+"""Eigenvalue solvers and spectral density against dense ground truth (numpy.linalg.eigh)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import trapezoid
+
+from landscape.objective import Objective
+from landscape.operators import DenseOperator, HessianOperator
+from landscape.spectrum import lanczos, power_iteration, slq_density
+
+
+def dense(eigenvalues, seed=0, dtype=torch.float64):
+    """Q diag(λ) Qᵀ with a random orthogonal Q: (numpy matrix, DenseOperator)."""
+    eigenvalues = np.asarray(eigenvalues, dtype=float)
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((len(eigenvalues), len(eigenvalues))))
+    a = (q * eigenvalues) @ q.T
+    a = (a + a.T) / 2
+    return a, DenseOperator(torch.tensor(a, dtype=dtype))
+
+
+# outliers, a near-degenerate cluster, negative eigenvalues and a bulk
+MIXED = np.concatenate([[40, 25, 18, 12, 9, 6, 6 + 1e-5, 6 + 2e-5, -20, -7],
+                        np.random.default_rng(1).uniform(-2, 4, 190)])
+
+
+@pytest.mark.parametrize("which, k", [("LA", 5), ("SA", 2), ("LM", 4)])
+def test_lanczos_matches_eigh(which, k):
+    a, op = dense(MIXED)
+    true = np.linalg.eigvalsh(a)
+    expected = {"LA": true[::-1][:k], "SA": true[:k], "LM": true[np.argsort(-np.abs(true))][:k]}[which]
+    result = lanczos(op, k, which=which, tol=1e-10)
+    assert result.converged and result.method == "lanczos"
+    np.testing.assert_allclose(result.values, expected, rtol=1e-8)
+    assert result.n_matvecs == op.n_matvecs < len(MIXED) // 2  # a Krylov space, not the whole space
+
+
+def test_lanczos_residuals_bound_the_errors_and_match_true_residuals():
+    a, op = dense(MIXED)
+    true = np.linalg.eigvalsh(a)[::-1]
+    for seed in range(6):
+        result = lanczos(op, 5, tol=1e-2, seed=seed, return_vectors=True)
+        assert result.converged and np.all(result.residuals <= 1e-2 * np.abs(result.values))
+        assert np.all(np.abs(true[:5] - result.values) <= result.residuals)
+        y = result.vectors.numpy()
+        np.testing.assert_allclose(y.T @ y, np.eye(5), atol=1e-10)
+        true_residuals = np.linalg.norm(a @ y - y * result.values, axis=0)
+        np.testing.assert_allclose(result.residuals, true_residuals, rtol=1e-3, atol=1e-10)
+
+
+def test_lanczos_is_deterministic_per_seed():
+    _, op = dense(MIXED)
+    first, again, other = (lanczos(op, 3, tol=1e-4, seed=s) for s in (7, 7, 8))
+    assert np.array_equal(first.values, again.values) and first.n_matvecs == again.n_matvecs
+    assert not np.array_equal(first.values, other.values)
+
+
+def test_lanczos_reports_unconverged_when_budget_is_too_small():
+    _, op = dense(MIXED)
+    result = lanczos(op, 3, tol=1e-10, max_matvecs=6)
+    assert not result.converged and result.n_matvecs == 6 and len(result.values) == 3
+    assert np.any(result.residuals > 1e-10 * np.abs(result.values))
+
+
+def test_lanczos_needs_fewer_matvecs_than_power_iteration():
+    """Clustered top eigenvalues (ratios ≈ 0.98): power iteration crawls, Lanczos does not."""
+    top = [10, 9.8, 9.6, 9.4, 9.2]
+    a, op = dense(np.concatenate([top, np.linspace(0, 9, 195)]))
+    true = np.linalg.eigvalsh(a)[::-1][:5]
+    fast = lanczos(op, 5, tol=1e-3)
+    assert np.all(np.abs(fast.values - true) <= 1e-3 * true)
+    for tol in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7):  # the loosest PyHessian tolerance that reaches the same accuracy
+        slow = power_iteration(op, 5, tol=tol, max_matvecs=20000)
+        if np.all(np.abs(np.sort(slow.values)[::-1] - true) <= 1e-3 * true):
+            break
+    else:
+        pytest.fail("power iteration never reached 1e-3")
+    assert fast.n_matvecs * 3 < slow.n_matvecs
+
+
+def test_lanczos_breakdown_on_low_rank_matrix_is_exact():
+    a, op = dense(np.concatenate([[5.0, 3.0, 1.0], np.zeros(47)]))
+    three = lanczos(op, 3, tol=1e-12)
+    assert three.converged and three.n_matvecs <= 4  # Krylov space: range(A) + one null direction
+    np.testing.assert_allclose(three.values, [5, 3, 1], rtol=1e-10)
+    five = lanczos(op, 5, tol=1e-12, return_vectors=True)  # more than the invariant subspace holds: restarts
+    assert five.converged and not np.isnan(five.values).any() and not torch.isnan(five.vectors).any()
+    np.testing.assert_allclose(five.values, [5, 3, 1, 0, 0], atol=1e-10)
+
+
+def test_lanczos_k_at_least_n_returns_the_whole_spectrum_with_multiplicities():
+    a, op = dense([2.0, 2.0, 1.0, 0.0, -1.0, -1.0], seed=3)
+    result = lanczos(op, 10, tol=1e-12)
+    assert result.converged and result.n_matvecs == 6
+    np.testing.assert_allclose(result.values, [2, 2, 1, 0, -1, -1], atol=1e-10)
+    tiny = lanczos(DenseOperator(torch.tensor([[3.0]], dtype=torch.float64)), 2)
+    assert tiny.values.tolist() == [3.0] and tiny.converged
+
+
+def test_lanczos_float32_operator():
+    a, op = dense(MIXED, dtype=torch.float32)
+    result = lanczos(op, 3, tol=1e-5, return_vectors=True)
+    assert result.vectors.dtype == torch.float32
+    np.testing.assert_allclose(result.values, [40, 25, 18], rtol=1e-5)
+
+
+def test_results_serialize_to_json():
+    _, op = dense(MIXED)
+    for result in (lanczos(op, 2, return_vectors=True), power_iteration(op, 2, return_vectors=True),
+                   slq_density(op, n_runs=2, n_steps=10)):
+        assert json.loads(json.dumps(result.to_dict())).keys() == result.to_dict().keys()
+
+
+def test_progress_bar_goes_to_stderr(capsys):
+    _, op = dense(MIXED)
+    lanczos(op, 1, progress=True)
+    assert "lanczos" in capsys.readouterr().err
+    lanczos(op, 1)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("call", [
+    lambda op: lanczos(op, 0), lambda op: lanczos(op, 2, which="BE"), lambda op: lanczos(op, 5, max_matvecs=4),
+    lambda op: lanczos(op, 1, tol=-1.0), lambda op: lanczos(op, 1, seed="a"), lambda op: power_iteration(op, 1.5),
+    lambda op: slq_density(op, n_runs=0), lambda op: slq_density(op, sigma=0.0),
+])
+def test_bad_arguments_raise_value_error(call):
+    with pytest.raises(ValueError):
+        call(dense(MIXED[:20])[1])
+
+
+def test_power_iteration_top_three_with_a_gap():
+    a, op = dense(np.concatenate([[10.0, 5.0, 2.5], np.random.default_rng(2).uniform(-1, 1, 97)]))
+    result = power_iteration(op, 3, tol=1e-7, return_vectors=True)
+    assert result.converged and result.method == "power_iteration"
+    np.testing.assert_allclose(result.values, [10, 5, 2.5], rtol=1e-4)
+    v = result.vectors.numpy()
+    np.testing.assert_allclose(v.T @ v, np.eye(3), atol=1e-6)
+    np.testing.assert_allclose(result.residuals, np.linalg.norm(a @ v - v * result.values, axis=0), rtol=1e-8)
+    assert result.n_matvecs == op.n_matvecs
+    assert not power_iteration(op, 3, tol=1e-12, max_matvecs=9).converged
+
+
+# SLQ: a bulk in [-1, 3] and an outlier group of 15 eigenvalues in [40, 50] (5% of the spectrum)
+OUTLIERS = np.concatenate([np.random.default_rng(4).uniform(40, 50, 15), np.random.default_rng(5).uniform(-1, 3, 285)])
+
+
+def test_slq_density_is_a_normalized_quadrature():
+    _, op = dense(OUTLIERS)
+    spectrum = slq_density(op, n_runs=4, n_steps=30)
+    assert spectrum.nodes.shape == spectrum.weights.shape == (4, 30)
+    np.testing.assert_allclose(spectrum.weights.sum(1), 1, atol=1e-10)
+    assert abs(trapezoid(spectrum.density, spectrum.grid) - 1) < 1e-2
+    assert spectrum.n_matvecs == 4 * 30
+    np.testing.assert_allclose(spectrum.sigma, (spectrum.nodes.max() - spectrum.nodes.min()) / 100)
+    assert spectrum.grid[0] < OUTLIERS.min() and spectrum.grid[-1] > OUTLIERS.max()
+
+
+def test_slq_outlier_mass_matches_eigenvalue_fraction():
+    _, op = dense(OUTLIERS)
+    spectrum = slq_density(op, n_runs=32, n_steps=40, seed=1)
+    above = spectrum.grid > 20
+    mass = trapezoid(spectrum.density[above], spectrum.grid[above])
+    assert abs(mass - 15 / 300) < 0.015  # per-run weight std ≈ 0.018, so 32 runs give ≈ 0.003
+    assert abs(trapezoid(spectrum.density, spectrum.grid) - 1) < 1e-2
+
+
+def test_slq_first_moment_is_unbiased_for_mean_eigenvalue():
+    """Σ_j w_j θ_j = q₀ᵀAq₀ = zᵀAz/n for the normalized Rademacher start: Hutchinson's tr(A)/n."""
+    a, op = dense(OUTLIERS)
+    spectrum = slq_density(op, n_runs=200, n_steps=3, seed=2)
+    moments = (spectrum.weights * spectrum.nodes).sum(1)
+    assert abs(moments.mean() - np.trace(a) / 300) < 4 * moments.std(ddof=1) / np.sqrt(200)
+
+
+def test_slq_with_full_krylov_space_recovers_the_eigenvalues():
+    eigenvalues = np.array([-3.0, -1.0, 0.5, 2.0, 2.0, 7.0])
+    _, op = dense(eigenvalues, seed=6)
+    spectrum = slq_density(op, n_runs=3, n_steps=50)  # breaks down at 5 distinct values: padded, zero weight
+    assert spectrum.nodes.shape == (3, 6) and np.all(spectrum.weights[:, 5] == 0)
+    for nodes, weights in zip(spectrum.nodes, spectrum.weights):
+        np.testing.assert_allclose(nodes[:5], np.unique(eigenvalues), atol=1e-10)
+        assert weights.sum() == pytest.approx(1, abs=1e-12)
+
+
+def test_estimators_on_a_network_hessian(mlp_problem):
+    """The real operator: a tiny MLP's HessianOperator (HVPs are checked against autograd in test_objective)."""
+    model, _, _, batches = mlp_problem
+    op = HessianOperator(Objective(model, batches, dtype=torch.float64, device="cpu", hvp_method="double-backward"))
+    h = op.matmat(torch.eye(op.shape[0], dtype=torch.float64)).numpy()
+    true = np.linalg.eigvalsh((h + h.T) / 2)
+    top = lanczos(op, 3, tol=1e-10)
+    np.testing.assert_allclose(top.values, true[::-1][:3], rtol=1e-8)
+    bottom = lanczos(op, 1, which="SA", tol=1e-10)
+    np.testing.assert_allclose(bottom.values, true[:1], rtol=1e-6, atol=1e-10 * true[-1])
+    np.testing.assert_allclose(power_iteration(op, 1, tol=1e-8).values, true[-1:], rtol=1e-4)
+    spectrum = slq_density(op, n_runs=2, n_steps=20)
+    np.testing.assert_allclose(spectrum.weights.sum(1), 1, atol=1e-10)
+    assert spectrum.nodes.max() <= true[-1] + 1e-10 and spectrum.nodes.min() >= true[0] - 1e-10
