@@ -37,6 +37,7 @@ class EigResult(Result):
     seconds: float
     method: str  # "lanczos" / "power_iteration"
     seed: int
+    which: str  # "LA", "SA" or "LM": which end of the spectrum `values` come from
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1
         vectors = recurrence.basis[0, : recurrence.steps].T @ ritz
     return EigResult(values=theta[wanted], residuals=residuals[wanted], vectors=vectors,
                      n_matvecs=recurrence.n_matvecs, converged=converged, seconds=time.perf_counter() - start,
-                     method="lanczos", seed=int(seed))
+                     method="lanczos", seed=int(seed), which=which)
 
 
 def power_iteration(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvecs: int = 1000, seed: int = 0,
@@ -232,7 +233,7 @@ def power_iteration(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_ma
         found = torch.cat([found, vector[:, None]], dim=1)
     return EigResult(values=np.array(values), residuals=np.array(residuals),
                      vectors=found if return_vectors else None, n_matvecs=used, converged=all_converged,
-                     seconds=time.perf_counter() - start, method="power_iteration", seed=int(seed))
+                     seconds=time.perf_counter() - start, method="power_iteration", seed=int(seed), which="LM")
 
 
 def _deflate(v: torch.Tensor, found: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,149 @@
+"""`landscape measure`: load each checkpoint, build its Objective, run the chosen estimators."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+from analysis.options import parse_options
+from analysis.tables import format_table
+from landscape.checkpoints import load_checkpoint
+from landscape.data import MeasurementSet
+from landscape.objective import Objective
+from landscape.operators import HessianOperator
+from landscape.problem import objective_from_checkpoint, parse_dtype
+from landscape.results import Result
+from landscape.spectrum import lanczos, slq_density
+from landscape.trace import hutchinson, hutchpp, xtrace
+
+TRACE_METHODS = {"hutchpp": hutchpp, "xtrace": xtrace, "hutchinson": hutchinson}
+
+
+def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that measures a checkpoint."""
+    group = parser.add_argument_group("checkpoint and measurement set")
+    group.add_argument("--model", help="model for a bare state dict: registry name or module:factory")
+    group.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="option of --model, e.g. hidden=(64,64)")
+    group.add_argument("--data", help="data spec (digits, mnist1d, cifar10:DIR, cifar100:DIR, npz:FILE, module:callable); default: the checkpoint's")
+    group.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints holding arbitrary pickled objects (runs their code)")
+    group.add_argument("--split", default="train", choices=["train", "test"], help="which split to measure on (default train)")
+    group.add_argument("--n-samples", type=int, default=None, help="seeded random subset of the split (default: all of it)")
+    group.add_argument("--batch-size", type=int, default=256, help="batch size of the measurement set (default 256)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the measurement subset and of every random probe")
+    group.add_argument("--mode", default="eval", choices=["eval", "train"], help="BatchNorm running statistics (eval) or batch statistics (train)")
+    group.add_argument("--params", default="all", help="parameter selection: all, weights, no-bn, no-bn-bias, re:PATTERN")
+    group.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+    group.add_argument("--hvp", default="auto", help="HVP path: auto, linearize, reuse, fwd-rev, double-backward")
+
+
+def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("metrics")
+    group.add_argument("--metrics", default="eig,trace", help=f"comma list of {', '.join(METRICS)} (default eig,trace)")
+    group.add_argument("--k", type=int, default=5, help="number of eigenvalues (default 5)")
+    group.add_argument("--which", default="LA", choices=["LA", "SA", "LM"], help="largest, smallest or largest-magnitude eigenvalues")
+    group.add_argument("--tol", type=float, default=1e-3, help="relative Ritz residual tolerance of Lanczos (default 1e-3)")
+    group.add_argument("--max-matvecs", type=int, default=300, help="Lanczos budget of Hessian-vector products")
+    group.add_argument("--trace-method", default="hutchpp", choices=list(TRACE_METHODS))
+    group.add_argument("--probes", type=int, default=99, help="matvec budget of the trace estimate (default 99)")
+    group.add_argument("--density-runs", type=int, default=4, help="SLQ runs (default 4)")
+    group.add_argument("--density-steps", type=int, default=60, help="Lanczos steps per SLQ run (default 60)")
+
+
+def build_objective(path: str, args: argparse.Namespace) -> Objective:
+    """The Objective for one checkpoint from the shared command-line options."""
+    checkpoint = load_checkpoint(path, trust=args.trust_checkpoint)
+    measurement = MeasurementSet(args.split, args.n_samples, args.batch_size, args.seed)
+    return objective_from_checkpoint(
+        checkpoint, data=args.data, model=args.model, model_kwargs=parse_options(args.model_opt),
+        measurement=measurement, params=args.params, mode=args.mode, dtype=parse_dtype(args.dtype),
+        device=args.device, hvp_method=args.hvp,
+    )
+
+
+def _eig(objective: Objective, args: argparse.Namespace) -> Result:
+    return lanczos(HessianOperator(objective), args.k, which=args.which, tol=args.tol,
+                   max_matvecs=args.max_matvecs, seed=args.seed, progress=args.progress)
+
+
+def _trace(objective: Objective, args: argparse.Namespace) -> Result:
+    return TRACE_METHODS[args.trace_method](HessianOperator(objective), args.probes, seed=args.seed,
+                                            blocks=objective.layout.slices())
+
+
+def _density(objective: Objective, args: argparse.Namespace) -> Result:
+    return slq_density(HessianOperator(objective), n_runs=args.density_runs, n_steps=args.density_steps, seed=args.seed)
+
+
+METRICS: dict[str, Callable[[Objective, argparse.Namespace], Result]] = {
+    "eig": _eig,
+    "trace": _trace,
+    "density": _density,
+}
+
+
+def parse_metrics(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    return names
+
+
+def measure_checkpoint(path: str, args: argparse.Namespace) -> dict:
+    """Loss, accuracy, gradient norm and the chosen curvature metrics of one checkpoint."""
+    metrics = parse_metrics(args.metrics)
+    start = time.perf_counter()
+    objective = build_objective(path, args)
+    evaluation = objective.evaluate()
+    report = {
+        "checkpoint": path,
+        "setup": objective.describe(),
+        "loss": evaluation.loss,
+        "accuracy": evaluation.accuracy,
+        "grad_norm": float(objective.grad().norm()),
+        "n_params": objective.n_params,
+        "metrics": {name: METRICS[name](objective, args).to_dict() for name in metrics},
+    }
+    report["seconds"] = time.perf_counter() - start
+    return report
+
+
+def _pm(value: float, err: float) -> str:
+    return f"{value:.6g} ± {err:.2g}"
+
+
+def format_measurement(report: dict) -> str:
+    """A human-readable block per checkpoint: measurement set, then value ± uncertainty and cost."""
+    setup = report["setup"]
+    m = setup["measurement"]
+    lines = [
+        report["checkpoint"],
+        f"  measured on the {m['split']} split of {setup['data']['spec']}: {setup['n_samples']} samples in "
+        f"{setup['n_batches']} batches of ≤{m['batch_size']} (seed {m['seed']}), BN {setup['mode']} mode, "
+        f"{setup['dtype']} on {setup['device']}, params={setup['params']} ({report['n_params']}), HVP {setup['hvp_method']}",
+    ]
+    rows: list[tuple] = [
+        ("loss", f"{report['loss']:.6g}", "", ""),
+        ("accuracy", "" if report["accuracy"] is None else f"{report['accuracy']:.4f}", "", ""),
+        ("gradient norm", f"{report['grad_norm']:.4g}", "", ""),
+    ]
+    results = report["metrics"]
+    if "eig" in results:
+        r = results["eig"]
+        label = {"LA": "λ", "SA": "λ_min,", "LM": "|λ|"}[r["which"]]
+        for i, (v, res) in enumerate(zip(r["values"], r["residuals"]), 1):
+            cost = f"{r['n_matvecs']} HVPs, {r['seconds']:.1f}s" if i == 1 else ""
+            rows.append((f"{label}{i}", _pm(v, res), cost, "" if r["converged"] else "not converged"))
+    if "trace" in results:
+        r = results["trace"]
+        rows.append((f"trace ({r['method']})", _pm(r["estimate"], r["stderr"]), f"{r['n_matvecs']} HVPs, {r['seconds']:.1f}s", ""))
+    if "density" in results:
+        r = results["density"]
+        rows.append(("spectral density", f"{len(r['nodes'])} SLQ runs, σ={r['sigma']:.3g}", f"{r['n_matvecs']} HVPs, {r['seconds']:.1f}s", ""))
+    lines.append(format_table(["quantity", "value ± uncertainty", "cost", "note"], rows))
+    if "trace" in results and results["trace"]["blocks"]:
+        block_rows = [(name, _pm(*est)) for name, est in results["trace"]["blocks"].items()]
+        lines.append("\ntrace by parameter tensor (same probes)\n" + format_table(["parameter", "trace ± stderr"], block_rows))
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""From a checkpoint and specs to an Objective: the measurement set every result records."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from landscape.checkpoints import Checkpoint, CheckpointError
+from landscape.data import Dataset, MeasurementSet, load_data
+from landscape.models import model_for_data
+from landscape.objective import Objective
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How to rebuild a data set: the spec string plus the options that change its contents."""
+
+    spec: str
+    seed: int = 0
+    normalize: bool | None = None
+
+    def load(self) -> Dataset:
+        return load_data(self.spec, normalize=self.normalize, seed=self.seed)
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "seed": self.seed, "normalize": self.normalize}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataSpec":
+        return cls(d["spec"], int(d.get("seed", 0)), d.get("normalize"))
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash of a file (recorded so a result can be traced to exact weights)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_data(checkpoint: Checkpoint, data: str | None) -> DataSpec:
+    """The data spec given on the command line, else the one the checkpoint carries."""
+    if data is not None:
+        return DataSpec(data)
+    if checkpoint.data_spec is None:
+        raise CheckpointError(f"{checkpoint.path} carries no data spec; pass --data (digits, mnist1d, cifar10:DIR, npz:FILE, module:callable)")
+    return DataSpec.from_dict(checkpoint.data_spec)
+
+
+def resolve_model_spec(model: str | None, model_kwargs: dict | None, dataset: Dataset) -> dict | None:
+    """A `--model NAME` fills its input shape and classes from the data; None keeps the stored spec."""
+    if model is None:
+        return None
+    return model_for_data(model, dataset, **(model_kwargs or {}))[1]
+
+
+def objective_from_checkpoint(
+    checkpoint: Checkpoint,
+    *,
+    data: str | None = None,
+    model: str | None = None,
+    model_kwargs: dict | None = None,
+    measurement: MeasurementSet = MeasurementSet(),
+    **objective_options,
+) -> Objective:
+    """Build the Objective on the measurement set, recording checkpoint, data and samples."""
+    data_spec = resolve_data(checkpoint, data)
+    dataset = data_spec.load()
+    net = checkpoint.build_model(resolve_model_spec(model, model_kwargs, dataset))
+    batches = measurement.batches(dataset)
+    metadata = {
+        "checkpoint": checkpoint.path,
+        "checkpoint_sha256": file_sha256(checkpoint.path),
+        "data": data_spec.to_dict(),
+        "measurement": measurement.describe(dataset),
+    }
+    return Objective(net, batches, metadata=metadata, **objective_options)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'float32' or 'float64' to a torch dtype."""
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; use float32 or float64")
+    return dtypes[name]

@@ -1,0 +1,263 @@
+"""Data specs and measurement sets: shapes, layouts, normalization, determinism, and one clear error per mistake."""
+
+import json
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+from landscape.data import DataError, Dataset, MeasurementSet, load_data
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = [d for d in range(x.ndim) if d != 1]
+    return x.double().mean(dims).float(), x.double().std(dims, unbiased=False).float()
+
+
+# ---------------------------------------------------------------- digits
+
+def test_digits_shapes_and_train_normalization():
+    data = load_data("digits")
+    assert data.input_shape == (1, 8, 8) and data.num_classes == 10
+    assert (len(data.y_train), len(data.y_test)) == (1437, 360)
+    assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
+    mean, std = channel_stats(data.x_train)
+    assert torch.allclose(mean, torch.zeros(1), atol=1e-5) and torch.allclose(std, torch.ones(1), atol=1e-5)
+    assert abs(channel_stats(data.x_test)[0].item()) > 1e-4  # test split uses the train statistics, not its own
+    raw = load_data("digits", normalize=False)
+    assert raw.normalization is None and raw.x_train.min() == 0 and raw.x_train.max() == 1
+    m, s = data.normalization["mean"][0], data.normalization["std"][0]
+    assert torch.allclose((raw.x_test - m) / s, data.x_test, atol=1e-5)
+    d = data.describe()
+    assert json.loads(json.dumps(d)) == d and d["n_train"] == 1437 and d["input_shape"] == [1, 8, 8]
+
+
+def test_digits_split_is_seeded_and_stratified():
+    a, b, c = load_data("digits", seed=0), load_data("digits", seed=0), load_data("digits", seed=1)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    assert not torch.equal(a.y_train, c.y_train)
+    counts = torch.bincount(a.y_test, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # 360 test samples spread ~36 per class
+
+
+# ---------------------------------------------------------------- mnist1d
+
+def test_mnist1d_shapes_cache_and_global_rng_untouched():
+    np.random.seed(123)
+    random.seed(123)
+    expected_np, expected_py = np.random.rand(), random.random()
+    np.random.seed(123)
+    random.seed(123)
+    data = load_data("mnist1d")
+    assert (np.random.rand(), random.random()) == (expected_np, expected_py)
+    assert data.x_train.shape == (4000, 1, 40) and data.x_test.shape == (1000, 1, 40)
+    assert data.num_classes == 10 and data.normalization is None
+    assert abs(data.x_train.mean().item()) < 0.05 and abs(data.x_train.std().item() - 1) < 0.05
+    again = load_data("mnist1d")
+    assert torch.equal(again.x_train, data.x_train)
+    again.x_train.zero_()  # the cache hands out copies
+    assert torch.equal(load_data("mnist1d").x_train, data.x_train)
+
+
+# ---------------------------------------------------------------- CIFAR
+
+def write_cifar_batch(path, data: np.ndarray, labels: list[int], label_key: bytes) -> None:
+    with open(path, "wb") as f:
+        pickle.dump({b"batch_label": b"test", label_key: labels, b"data": data}, f, protocol=2)
+
+
+def fake_cifar10(root, n=4):
+    rng = np.random.default_rng(0)
+    batches = {}
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = [(i + j) % 10 for j in range(n)]
+        write_cifar_batch(root / name, data, labels, b"labels")
+        batches[name] = (data, labels)
+    return batches
+
+
+def test_cifar10_layout_labels_and_normalization(tmp_path):
+    batches = fake_cifar10(tmp_path)
+    data1, _ = batches["data_batch_1"]
+    data1[1, 1 * 1024 + 5 * 32 + 7] = 200  # sample 1, channel G, row 5, column 7
+    write_cifar_batch(tmp_path / "data_batch_1", data1, batches["data_batch_1"][1], b"labels")
+    raw = load_data(f"cifar10:{tmp_path}", normalize=False)
+    assert raw.x_train.shape == (20, 3, 32, 32) and raw.x_test.shape == (4, 3, 32, 32) and raw.num_classes == 10
+    assert raw.x_train[1, 1, 5, 7].item() == pytest.approx(200 / 255)
+    assert raw.x_train[6, 2, 31, 0].item() == pytest.approx(batches["data_batch_2"][0][2, 2 * 1024 + 31 * 32] / 255)
+    assert raw.y_train.tolist() == sum((batches[f"data_batch_{k}"][1] for k in range(1, 6)), [])
+    assert raw.y_test.tolist() == batches["test_batch"][1]
+    data = load_data(f"cifar10:{tmp_path}")
+    mean, std = channel_stats(data.x_train)
+    assert torch.allclose(mean, torch.zeros(3), atol=1e-5) and torch.allclose(std, torch.ones(3), atol=1e-5)
+    assert len(data.normalization["mean"]) == 3
+
+
+def test_cifar100_from_parent_folder_and_legacy_numpy_name(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    data = np.arange(3 * 3072, dtype=np.int64).astype(np.uint8).reshape(3, 3072)
+    write_cifar_batch(folder / "train", data, [0, 57, 99], b"fine_labels")
+    # the original files were pickled by numpy < 2, which names the module numpy.core.multiarray
+    blob = pickle.dumps({b"data": data[:1], b"fine_labels": [42], b"coarse_labels": [3]}, protocol=2)
+    (folder / "test").write_bytes(blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    loaded = load_data(f"cifar100:{tmp_path}", normalize=False)
+    assert loaded.num_classes == 100 and loaded.y_train.tolist() == [0, 57, 99] and loaded.y_test.tolist() == [42]
+    assert loaded.x_train[2, 0, 0, 5].item() == pytest.approx(((2 * 3072 + 5) % 256) / 255)
+
+
+def test_cifar_missing_file_names_it(tmp_path):
+    fake_cifar10(tmp_path)
+    os.remove(tmp_path / "data_batch_3")
+    with pytest.raises(DataError, match="missing .*data_batch_3"):
+        load_data(f"cifar10:{tmp_path}")
+    with pytest.raises(DataError, match="not found"):
+        load_data(f"cifar100:{tmp_path / 'nowhere'}")
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    fake_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({b"data": Exploit(marker), b"labels": [1]}, f, protocol=2)
+    with pytest.raises(DataError, match="refused global .*system"):
+        load_data(f"cifar10:{tmp_path}")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- npz
+
+def test_npz_with_test_arrays_used_as_stored(tmp_path):
+    x, y = np.random.default_rng(0).normal(size=(10, 5)) * 3 + 1, np.arange(10) % 3
+    np.savez(tmp_path / "d.npz", x=x, y=y, x_test=x[:4], y_test=np.array([0, 1, 2, 4]))
+    data = load_data(f"npz:{tmp_path / 'd.npz'}")
+    assert data.normalization is None and torch.allclose(data.x_train, torch.tensor(x, dtype=torch.float32))
+    assert data.num_classes == 5 and data.test_source == "provided" and data.y_train.dtype == torch.int64
+    normed = load_data(f"npz:{tmp_path / 'd.npz'}", normalize=True)
+    mean, std = channel_stats(normed.x_train)  # 2-D inputs: per feature
+    assert mean.shape == (5,) and torch.allclose(mean, torch.zeros(5), atol=1e-5) and torch.allclose(std, torch.ones(5), atol=1e-5)
+
+
+def test_npz_without_test_arrays_holds_out_20_percent(tmp_path):
+    x = np.arange(50, dtype=np.float64).reshape(25, 2)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(25) % 4)
+    a, b = (load_data(f"npz:{tmp_path / 'd.npz'}", seed=s) for s in (0, 1))
+    assert (len(a.y_train), len(a.y_test)) == (20, 5) and "hold-out" in a.describe()["test_source"]
+    assert sorted(a.x_train[:, 0].tolist() + a.x_test[:, 0].tolist()) == list(range(0, 50, 2))  # a partition
+    assert not torch.equal(a.y_test, b.y_test)
+    assert torch.equal(a.x_test, load_data(f"npz:{tmp_path / 'd.npz'}", seed=0).x_test)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x": np.zeros((3, 2))}, "no array 'y'"),
+    ({"x": np.zeros((3, 2)), "y": np.zeros(4, dtype=int)}, "x has 3 samples but y has 4"),
+    ({"x": np.zeros((3, 2)), "y": np.array([0.0, 1.5, 2.0])}, "integer class indices"),
+    ({"x": np.zeros((3, 2)), "y": np.zeros(3, dtype=int), "x_test": np.zeros((1, 2))}, "both x_test and y_test"),
+    ({"x": np.zeros((3, 2)), "y": np.zeros(3, dtype=int), "x_test": np.zeros((1, 3)), "y_test": np.zeros(1, dtype=int)}, "x_test samples have shape"),
+])
+def test_npz_errors_name_the_problem(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=message):
+        load_data(f"npz:{tmp_path / 'bad.npz'}")
+
+
+def test_missing_npz_and_unknown_spec(tmp_path):
+    with pytest.raises(DataError, match="missing.npz not found"):
+        load_data(f"npz:{tmp_path / 'missing.npz'}")
+    with pytest.raises(ValueError, match="digits, mnist1d, cifar10:DIR"):
+        load_data("imagenet")
+
+
+# ---------------------------------------------------------------- module:callable
+
+MODULE_SOURCE = '''
+import numpy as np
+import torch
+from landscape.data import Dataset
+
+def with_seed(seed):
+    rng = np.random.default_rng(seed)
+    return {"x_train": rng.normal(size=(8, 3)), "y_train": np.arange(8) % 2,
+            "x_test": rng.normal(size=(2, 3)), "y_test": [0, 1], "num_classes": 3}
+
+def as_tuple():
+    return torch.ones(4, 2), torch.tensor([0, 1, 1, 0]), torch.zeros(2, 2), torch.tensor([1, 0])
+
+def as_dataset():
+    return Dataset("inner", torch.ones(2, 1), torch.tensor([0, 1]), torch.ones(1, 1), torch.tensor([1]), 2, None)
+
+def wrong():
+    return [1, 2, 3]
+'''
+
+
+def test_module_callable_forms(tmp_path, monkeypatch):
+    (tmp_path / "userdata_forms.py").write_text(MODULE_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    a, b = load_data("userdata_forms:with_seed", seed=0), load_data("userdata_forms:with_seed", seed=1)
+    assert a.spec == "userdata_forms:with_seed" and a.num_classes == 3 and a.input_shape == (3,)
+    assert not torch.equal(a.x_train, b.x_train)
+    t = load_data("userdata_forms:as_tuple")
+    assert t.num_classes == 2 and t.x_train.dtype == torch.float32
+    d = load_data("userdata_forms:as_dataset")
+    assert isinstance(d, Dataset) and d.spec == "userdata_forms:as_dataset" and len(d.y_train) == 2
+    with pytest.raises(DataError, match="returned list"):
+        load_data("userdata_forms:wrong")
+    with pytest.raises(DataError, match="has no attribute 'nothing'"):
+        load_data("userdata_forms:nothing")
+    with pytest.raises(DataError, match="cannot import module 'no_such_module_xyz'"):
+        load_data("no_such_module_xyz:make")
+
+
+# ---------------------------------------------------------------- measurement set
+
+def small_dataset(n_train=10, n_test=3) -> Dataset:
+    x = torch.arange(n_train, dtype=torch.float32).unsqueeze(1)
+    return Dataset("toy", x, torch.arange(n_train) % 2, torch.zeros(n_test, 1), torch.zeros(n_test, dtype=torch.int64), 2, None)
+
+
+def test_measurement_set_subset_is_seeded_sorted_and_without_replacement():
+    data = small_dataset()
+    ms = MeasurementSet("train", n_samples=7, batch_size=3, seed=5)
+    idx = ms.indices(data)
+    assert idx.dtype == torch.int64 and len(idx) == 7 and len(set(idx.tolist())) == 7
+    assert torch.equal(idx, idx.sort().values) and torch.equal(idx, ms.indices(data))
+    others = {tuple(MeasurementSet("train", 7, 3, seed=s).indices(data).tolist()) for s in range(6)}
+    assert len(others) > 1
+    batches = ms.batches(data)
+    assert [len(y) for _, y in batches] == [3, 3, 1]  # uneven last batch kept
+    assert torch.cat([x for x, _ in batches]).squeeze(1).long().tolist() == idx.tolist()
+
+
+def test_measurement_set_whole_split_and_describe_round_trip():
+    data = small_dataset()
+    full = MeasurementSet("test", batch_size=2)
+    assert full.indices(data).tolist() == [0, 1, 2] and [len(y) for _, y in full.batches(data)] == [2, 1]
+    d = full.describe(data)
+    assert d == {"split": "test", "n_samples": 3, "subset": False, "batch_size": 2, "seed": 0, "n_batches": 2, "data": "toy"}
+    assert MeasurementSet.from_dict(json.loads(json.dumps(d))) == full
+    sub = MeasurementSet("train", 4, 3, seed=2)
+    assert MeasurementSet.from_dict(sub.describe(data)).indices(data).tolist() == sub.indices(data).tolist()
+
+
+def test_measurement_set_errors():
+    data = small_dataset()
+    with pytest.raises(DataError, match="n_samples=11 .* has 10 samples"):
+        MeasurementSet("train", n_samples=11).indices(data)
+    with pytest.raises(DataError, match="batch_size"):
+        MeasurementSet(batch_size=0)
+    with pytest.raises(DataError, match="'train' or 'test'"):
+        MeasurementSet("val")
+    with pytest.raises(DataError, match="'train' or 'test'"):
+        data.split("validation")

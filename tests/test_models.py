@@ -1,0 +1,133 @@
+"""Models: forward shapes, sizes, spec round trips, torch.func compatibility, module:factory models."""
+
+import json
+
+import pytest
+import torch
+from landscape.data import Dataset
+from landscape.models import MODELS, build_model, model_for_data, model_from_spec
+from torch.func import functional_call, jvp, vmap
+
+# small settings per model so the whole file runs in seconds; each model on the input it is meant for
+CASES = {
+    "mlp": ((1, 40), {"hidden": [16, 8]}),
+    "convnet": ((1, 8, 8), {"channels": [2, 3]}),
+    "c3": ((3, 32, 32), {"channels": [4, 6], "hidden": [12, 8]}),
+    "resnet20": ((3, 32, 32), {}),
+    "resnet44": ((3, 16, 16), {}),
+}
+
+
+def test_every_registered_model_has_a_case():
+    assert set(CASES) == set(MODELS)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_shape_and_spec_round_trip(name):
+    shape, kwargs = CASES[name]
+    torch.manual_seed(0)
+    model, spec = model_for_data(name, shape, num_classes=7, **kwargs)
+    assert json.loads(json.dumps(spec)) == spec and spec["kwargs"]["input_shape"] == list(shape)
+    x = torch.randn(3, *shape)
+    out = model.eval()(x)
+    assert out.shape == (3, 7) and torch.isfinite(out).all()
+    torch.manual_seed(0)
+    rebuilt = model_from_spec(json.loads(json.dumps(spec))).eval()
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert torch.equal(rebuilt(x), out)  # same seed, same weights, same outputs
+
+
+def test_convnet_takes_1d_signals_and_mlp_variants():
+    model, _ = model_for_data("convnet", (1, 40), num_classes=10, channels=(4, 4))
+    assert any(isinstance(m, torch.nn.Conv1d) for m in model.modules())
+    assert model.eval()(torch.randn(2, 1, 40)).shape == (2, 10)
+    mlp = build_model("mlp", input_shape=(1, 8, 8), num_classes=3, hidden=(5,), activation="tanh", batchnorm=True)
+    assert [type(m).__name__ for m in mlp] == ["Flatten", "Linear", "BatchNorm1d", "Tanh", "Linear"]
+    with pytest.raises(ValueError, match="unknown activation"):
+        build_model("mlp", activation="gelu")
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_sizes():
+    assert 265_000 < count(build_model("resnet20")) < 280_000  # He et al. 2016: 0.27M
+    assert 640_000 < count(build_model("resnet44")) < 680_000  # 0.66M
+    assert count(build_model("resnet20", width=2)) > 3.5 * count(build_model("resnet20"))
+    assert 3_000 < count(build_model("convnet")) < 20_000
+    assert count(build_model("convnet", channels=(2, 3))) < 1_000  # dense-Hessian sized
+    assert count(build_model("mlp")) == 40 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
+
+
+def test_model_for_data_reads_the_dataset():
+    x = torch.zeros(4, 2, 5)
+    data = Dataset("toy", x, torch.tensor([0, 1, 2, 3]), x[:1], torch.tensor([0]), 4, None)
+    model, spec = model_for_data("mlp", data, hidden=[3])
+    assert spec == {"name": "mlp", "kwargs": {"input_shape": [2, 5], "num_classes": 4, "hidden": [3]}}
+    assert model(x).shape == (4, 4)
+    with pytest.raises(ValueError, match="needs num_classes"):
+        model_for_data("mlp", (2, 5))
+
+
+def test_unknown_model_lists_the_registry():
+    with pytest.raises(ValueError, match="mlp, convnet, c3, resnet20, resnet44"):
+        build_model("vgg16")
+
+
+def test_convnet_under_functional_call_jvp_and_vmap():
+    torch.manual_seed(0)
+    model, _ = model_for_data("convnet", (1, 8, 8), num_classes=10, channels=(2, 3))
+    model.eval().double()
+    with torch.no_grad():  # non-trivial BN statistics; a nonzero BN bias also keeps dead-ReLU zeros off the kink
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.uniform_(0.1, 0.3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+
+    def f(p):
+        return functional_call(model, p, (x,))
+
+    tangent = {k: torch.randn_like(v) for k, v in params.items()}
+    out, dout = jvp(f, (params,), (tangent,))
+    assert out.shape == dout.shape == (5, 10) and torch.isfinite(dout).all()
+    eps = 1e-6
+    plus, minus = ({k: params[k] + s * eps * tangent[k] for k in params} for s in (1, -1))
+    assert torch.allclose((f(plus) - f(minus)) / (2 * eps), dout, atol=1e-6)  # jvp is the directional derivative
+    per_sample = vmap(lambda xi: functional_call(model, params, (xi.unsqueeze(0),)).squeeze(0))(x)
+    assert torch.allclose(per_sample, out, atol=1e-10)
+
+
+FACTORY_SOURCE = '''
+import torch
+
+def make_tiny(input_shape, num_classes, hidden=4):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(input_shape[0] * input_shape[1], hidden),
+                               torch.nn.Linear(hidden, num_classes))
+
+def fixed():
+    return torch.nn.Linear(3, 2)
+
+def not_a_model(**kwargs):
+    return "nope"
+'''
+
+
+def test_module_factory_models(tmp_path, monkeypatch):
+    (tmp_path / "usermodels_tiny.py").write_text(FACTORY_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    model, spec = model_for_data("usermodels_tiny:make_tiny", (2, 3), num_classes=5, hidden=6)
+    assert spec == {"name": "usermodels_tiny:make_tiny", "kwargs": {"input_shape": [2, 3], "num_classes": 5, "hidden": 6}}
+    assert model(torch.randn(7, 2, 3)).shape == (7, 5)
+    torch.manual_seed(0)
+    assert torch.equal(model_from_spec(spec)[1].weight, model[1].weight)
+    fixed, spec = model_for_data("usermodels_tiny:fixed", (3,), num_classes=2)
+    assert spec["kwargs"] == {} and isinstance(fixed, torch.nn.Linear)  # data-derived kwargs only when accepted
+    with pytest.raises(TypeError, match="not a torch.nn.Module"):
+        build_model("usermodels_tiny:not_a_model")
+    with pytest.raises(ValueError, match="cannot import module"):
+        build_model("usermodels_missing_xyz:make")
