@@ -135,8 +135,8 @@ class Objective:
             **self.metadata,
         }
 
-    def _outputs(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, {**self._fixed, **self.layout.unflatten(w)}, (x,))
+    def _outputs(self, w: torch.Tensor, x: torch.Tensor, buffers: dict | None = None) -> torch.Tensor:
+        return functional_call(self.model, {**self._fixed, **(buffers or {}), **self.layout.unflatten(w)}, (x,))
 
     def _batch_loss(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self._outputs(w, x), y)
@@ -153,12 +153,15 @@ class Objective:
 
     # ----------------------------------------------------------- loss, grad
     @torch.no_grad()
-    def evaluate(self, w: torch.Tensor | None = None) -> Evaluation:
-        """Loss and top-1 accuracy (when targets are class labels) at `w` (default: the checkpoint)."""
+    def evaluate(self, w: torch.Tensor | None = None, buffers: dict[str, torch.Tensor] | None = None) -> Evaluation:
+        """Loss and top-1 accuracy (when targets are class labels) at `w` (default: the checkpoint).
+
+        `buffers` replaces fixed tensors by name, e.g. BN statistics from `bn_statistics(w)`.
+        """
         w = self._point(w)
         total_loss, correct, labelled = 0.0, 0, 0
         for c, (x, y) in zip(self.batch_weights, self.batches):
-            out = self._outputs(w, x)
+            out = self._outputs(w, x, buffers)
             total_loss += c * float(self.loss_fn(out, y))
             if out.ndim == 2 and not y.is_floating_point():
                 correct += int((out.argmax(dim=1) == y).sum())
@@ -166,6 +169,35 @@ class Objective:
         if not math.isfinite(total_loss):
             raise ObjectiveError("the loss is not finite at this point (NaN or inf): check the weights and the data")
         return Evaluation(total_loss, correct / labelled if labelled else None, self.n_samples)
+
+    @torch.no_grad()
+    def bn_statistics(self, w: torch.Tensor, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """BatchNorm running statistics re-estimated at `w` from `inputs` (cumulative average over them).
+
+        After a large weight perturbation the stored running statistics no longer match the
+        activations, so eval-mode BN overstates the loss; re-estimating them (as for SWA, Izmailov
+        et al. 2018) measures the perturbed network as it would be used. Returns fresh tensors by name.
+        """
+        norms = {name: m for name, m in self.model.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+        if not norms:
+            raise ObjectiveError("BN re-estimation: the model has no BatchNorm layer with running statistics")
+        fresh = {}
+        for name, m in norms.items():
+            prefix = f"{name}." if name else ""
+            fresh[prefix + "running_mean"] = torch.zeros_like(m.running_mean)
+            fresh[prefix + "running_var"] = torch.ones_like(m.running_var)
+            fresh[prefix + "num_batches_tracked"] = torch.zeros_like(m.num_batches_tracked)
+        saved = [(m, m.momentum) for m in norms.values()]
+        try:
+            for m in norms.values():
+                m.momentum, m.training = None, True  # cumulative average, batch statistics
+            for x in inputs:  # train-mode BN updates the fresh buffers in place
+                self._outputs(self._point(w), x.to(self.device, self.dtype), fresh)
+        finally:
+            for m, momentum in saved:
+                m.momentum, m.training = momentum, False
+        return fresh
 
     def loss(self, w: torch.Tensor | None = None) -> float:
         """L(w), the sample-weighted mean loss over the measurement set."""

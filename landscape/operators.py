@@ -67,3 +67,18 @@ class HessianOperator(LinearOperator):
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         self.n_matvecs += V.shape[1]
         return self.objective.hvp_batched(V.T).T
+
+
+class DiagonalScaledOperator(LinearOperator):
+    """D·A·D for a diagonal D = diag(d): e.g. tr(DHD), the curvature that weight-scaled noise sees (SmoothOut)."""
+
+    def __init__(self, op: LinearOperator, diagonal: torch.Tensor) -> None:
+        if diagonal.shape != (op.shape[0],):
+            raise ValueError(f"diagonal has shape {tuple(diagonal.shape)}, expected ({op.shape[0]},)")
+        super().__init__(op.shape[0], op.dtype, op.device)
+        self.op = op
+        self.diagonal = diagonal.to(dtype=op.dtype, device=op.device).reshape(-1, 1)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self.n_matvecs += V.shape[1]
+        return self.diagonal * self.op.matmat(self.diagonal * V)

@@ -85,3 +85,26 @@ class FlatLayout:
         chunks = torch.split(flat, self.numels, dim=-1)
         lead = flat.shape[:-1]
         return {n: c.reshape(*lead, *s) for n, c, s in zip(self.names, chunks, self.shapes)}
+
+
+def rescale_filters(direction: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], factor: float = 1.0,
+                    eps: float = 1e-6) -> dict[str, torch.Tensor]:
+    """Filter normalization (Li et al. 2018; AdaSmoothOut's filter noise): each filter of `direction` gets norm factor·‖w_filter‖.
+
+    A filter is a row of the weight reshaped to (out_channels, −1); 1-D tensors are one filter per
+    element (d_j → factor·|w_j|·sign d_j). `direction` tensors may carry extra leading (batch)
+    dimensions. Rows shorter than `eps` are divided by `eps` instead, so they stay finite.
+    """
+    out = {}
+    for name, d in direction.items():
+        w = weights[name]
+        lead = d.shape[: d.ndim - w.ndim]
+        rows = d.reshape(*lead, *_filter_shape(w))
+        w_norms = w.reshape(_filter_shape(w)).norm(dim=-1, keepdim=True)
+        out[name] = (rows * (factor * w_norms / rows.norm(dim=-1, keepdim=True).clamp_min(eps))).reshape(d.shape)
+    return out
+
+
+def _filter_shape(w: torch.Tensor) -> tuple[int, int]:
+    """(number of filters, filter size): rows of the (out_channels, −1) reshape; one element per filter for ≤1-D."""
+    return (w.shape[0], w[0].numel()) if w.ndim >= 2 else (w.numel(), 1)

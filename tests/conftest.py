@@ -1,5 +1,9 @@
 """Shared tiny problems: small enough for a dense Hessian, rich enough to catch mistakes."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -50,3 +54,14 @@ def mlp_problem():
 def conv_problem():
     x, y, batches = classification_batches(40, (1, 4, 4), 3, [16, 16, 8])
     return tiny_convnet_bn(), x, y, batches
+
+
+def cli_command() -> list[str]:
+    """The installed `landscape` console script, or the module when it is not installed."""
+    script = Path(sys.executable).with_name("landscape")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "analysis.cli"]
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """Run `landscape ARGS` as a real process."""
+    return subprocess.run(cli_command() + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=600)

@@ -1,0 +1,56 @@
+"""`landscape train`: command-line front of landscape.train."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from analysis.options import parse_options
+from landscape.train import LR_SCALINGS, LR_SCHEDULES, TrainConfig, train
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    parser.add_argument("--data", default=d.data, help="data spec (default digits)")
+    parser.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of the train/test split")
+    parser.add_argument("--model", default=d.model, help="model name or module:factory (default mlp)")
+    parser.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="model option, e.g. hidden=(64,64)")
+    parser.add_argument("--optimizer", default=d.optimizer, help="sgd, adam, smoothout, adasmoothout, ssgd, nso, nrs, sam, asam")
+    parser.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. a=0.02 (SmoothOut), rho=0.05 (SAM)")
+    parser.add_argument("--base", default=d.base, choices=["sgd", "adam"], help="base optimizer the method steps with (default sgd)")
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--momentum", type=float, default=d.momentum)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of initialization, shuffling and noise")
+    parser.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES)
+    parser.add_argument("--lr-milestones", default="", help="epochs where the step schedule multiplies lr by --lr-gamma, e.g. 81,122")
+    parser.add_argument("--lr-gamma", type=float, default=d.lr_gamma)
+    parser.add_argument("--lr-scaling", default=d.lr_scaling, choices=LR_SCALINGS, help="large-batch learning-rate scaling")
+    parser.add_argument("--lr-reference-batch", type=int, default=d.lr_reference_batch)
+    parser.add_argument("--save-every", type=int, default=d.save_every, help="write a trajectory checkpoint every N epochs")
+    parser.add_argument("--out", required=True, help="run directory for checkpoints, trajectory and log")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    milestones = tuple(int(m) for m in args.lr_milestones.split(",") if m.strip())
+    return TrainConfig(
+        data=args.data, data_seed=args.data_seed, model=args.model, model_kwargs=parse_options(args.model_opt),
+        optimizer=args.optimizer, optimizer_kwargs=parse_options(args.opt), base=args.base, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
+        seed=args.seed, lr_schedule=args.lr_schedule, lr_milestones=milestones, lr_gamma=args.lr_gamma,
+        lr_scaling=args.lr_scaling, lr_reference_batch=args.lr_reference_batch, save_every=args.save_every,
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    config = config_from_args(args)
+    final = train(config, args.out, resume=args.resume, progress=not args.quiet and sys.stderr.isatty())
+    if args.json:
+        from analysis.cli import print_json
+
+        print_json({"final": str(final), "config": config.to_dict()})
+    else:
+        print(f"wrote {final} (trajectory in {final.parent / 'trajectory'}, log in {final.parent / 'log.jsonl'})")

@@ -1,0 +1,497 @@
+"""Flat-minimum training methods around a base torch optimizer: SmoothOut, AdaSmoothOut, S-SGD, NSO, NRS, SAM/ASAM.
+
+One calling convention for the trainer: `loss, logits = opt.step(model, x, y, loss_fn)` once per
+mini-batch. The method makes every forward/backward pass it needs (ghost-batch chunks, perturbed
+points), leaves the gradient it descends in `p.grad`, clips it optionally and steps the base
+optimizer at the unperturbed weights. Perturbed weights are always restored from a saved copy, so
+they are bitwise what they were. Only one pass per chunk updates BatchNorm running statistics (the
+first); every later pass restores all buffers exactly. `loss_fn(logits, y)` must return the batch
+mean: chunks are combined with weights n_chunk / n_batch. Noise comes from a torch.Generator seeded
+with `seed`, drawn per chunk and per parameter in `model.named_parameters()` order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from landscape.params import norm_layer_parameter_names, rescale_filters
+from landscape.results import to_jsonable
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Grads = list[torch.Tensor | None]
+
+BASES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+DISTRIBUTIONS = ("uniform", "gaussian", "laplace", "rademacher", "sphere")
+# factor that gives each distribution of `draw` unit variance (per coordinate)
+UNIT_VARIANCE = {"uniform": math.sqrt(3.0), "gaussian": 1.0, "laplace": math.sqrt(0.5), "rademacher": 1.0, "sphere": 1.0}
+NOISE_SCALES = ("absolute", "weight", "filter")
+SCHEDULES = ("constant", "anneal", "tanh")
+NRS_DISTRIBUTIONS = ("box", "ball", "gaussian")
+KL_DIRECTIONS = ("forward", "reverse")
+ASAM_RULES = ("name", "ndim")
+
+
+def draw(distribution: str, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Noise shaped like `like`: uniform U(−1,1), gaussian N(0,1), laplace (scale 1), rademacher ±1,
+    or sphere (a Gaussian direction with norm √numel, the norm of a Rademacher draw)."""
+    kw = {"generator": generator, "device": like.device, "dtype": like.dtype}
+    if distribution == "uniform":
+        return torch.rand(like.shape, **kw).mul_(2).sub_(1)
+    if distribution == "gaussian":
+        return torch.randn(like.shape, **kw)
+    if distribution == "laplace":  # difference of two Exp(1) draws: never log(0)
+        e = torch.empty((2, *like.shape), device=like.device, dtype=like.dtype).exponential_(generator=generator)
+        return e[0] - e[1]
+    if distribution == "rademacher":
+        return torch.randint(0, 2, like.shape, **kw).mul_(2).sub_(1)
+    if distribution == "sphere":
+        z = torch.randn(like.shape, **kw)
+        return z.mul_(math.sqrt(z.numel()) / z.norm())
+    raise ValueError(f"unknown noise distribution {distribution!r}; use one of {', '.join(DISTRIBUTIONS)}")
+
+
+def smoothout_noise(weight: torch.Tensor, a: float, scale: str, generator: torch.Generator,
+                    distribution: str = "uniform") -> torch.Tensor:
+    """SmoothOut noise (Wen et al. 2018) for one tensor: `absolute` a·u, `weight` a·|w|·u, or `filter`
+    (AdaSmoothOut): rows of the (out_channels, −1) reshape rescaled to norm a·‖w_row‖, ±a|w_j| for 1-D."""
+    u = draw(distribution, weight, generator)
+    if scale == "absolute":
+        return u.mul_(a)
+    if scale == "weight":
+        return u.mul_(a * weight.abs())
+    if scale == "filter":
+        return rescale_filters({"w": u}, {"w": weight}, factor=a)["w"]
+    raise ValueError(f"unknown noise scale {scale!r}; use one of {', '.join(NOISE_SCALES)}")
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(p) ‖ softmax(q)), summed over classes and averaged over the batch."""
+    return F.kl_div(F.log_softmax(q_logits, dim=-1), F.log_softmax(p_logits, dim=-1), log_target=True,
+                    reduction="batchmean")
+
+
+@contextlib.contextmanager
+def displaced(params: list[torch.Tensor], deltas: list[torch.Tensor], restore: bool = True) -> Iterator[None]:
+    """Weights w+δ inside the block; on exit the saved copy of w is written back (bitwise, unlike (w+δ)−δ)."""
+    saved = [p.detach().clone() for p in params] if restore else None
+    with torch.no_grad():
+        for p, d in zip(params, deltas):
+            p.add_(d)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+
+
+@contextlib.contextmanager
+def frozen_buffers(model: nn.Module) -> Iterator[None]:
+    """Every buffer (BatchNorm running statistics, batch counters) restored exactly on exit."""
+    buffers = list(model.buffers())
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
+
+def _combine(terms: list[tuple[float, torch.Tensor, Grads]]) -> tuple[torch.Tensor, Grads]:
+    """Σ weight·loss and Σ weight·grad over (weight, loss, grads) terms; a gradient stays None where every term has None."""
+    if len(terms) == 1 and terms[0][0] == 1.0:
+        return terms[0][1], list(terms[0][2])
+    loss = sum(w * l for w, l, _ in terms)
+    total: Grads = [None] * len(terms[0][2])
+    for w, _, grads in terms:
+        for i, g in enumerate(grads):
+            if g is not None:
+                total[i] = g * w if total[i] is None else total[i].add_(g, alpha=w)
+    return loss, total
+
+
+class Method:
+    """Plain SGD/Adam through the common interface: the baseline every flat-minimum method is compared with.
+
+    `momentum` is SGD's momentum or Adam's β1; `clip_grad_norm` clips the global gradient norm before the
+    base step (SmoothOut's reference: 5.0); `ghost_batch_size` splits each batch into chunks (None: one).
+    """
+
+    name = "sgd"
+
+    def __init__(self, model: nn.Module, *, base: str = "sgd", lr: float, momentum: float | None = None,
+                 weight_decay: float = 0.0, base_kwargs: dict | None = None, clip_grad_norm: float | None = None,
+                 ghost_batch_size: int | None = None, seed: int = 0) -> None:
+        if base not in BASES:
+            raise ValueError(f"unknown base optimizer {base!r}; use one of {', '.join(BASES)}")
+        if clip_grad_norm is not None and clip_grad_norm <= 0:
+            raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm}")
+        if ghost_batch_size is not None and ghost_batch_size < 1:
+            raise ValueError(f"ghost_batch_size must be at least 1 or None, got {ghost_batch_size}")
+        self.model = model
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.named:
+            raise ValueError("the model has no trainable parameters")
+        self.params = [p for _, p in self.named]
+        if base == "sgd":
+            kwargs = {"momentum": 0.0 if momentum is None else momentum}
+        else:
+            kwargs = {"betas": (0.9 if momentum is None else momentum, 0.999)}
+        self.base = BASES[base](self.params, lr=lr, weight_decay=weight_decay, **kwargs, **(base_kwargs or {}))
+        self.base_name = base
+        if type(self) is Method:  # the baseline is named after its base optimizer
+            self.name = base
+        self.base_hyperparameters = {k: v for k, v in self.base.param_groups[0].items() if k != "params"}
+        self.clip_grad_norm = clip_grad_norm
+        self.ghost_batch_size = ghost_batch_size
+        self.seed = seed
+        self.generator = torch.Generator(device=self.params[0].device).manual_seed(seed)
+        self.steps = 0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The base optimizer's parameter groups (a torch lr_scheduler attaches to `opt.base`)."""
+        return self.base.param_groups
+
+    def options(self) -> dict:
+        """The method's own hyperparameters (none for plain SGD/Adam)."""
+        return {}
+
+    def config(self) -> dict:
+        """Every hyperparameter and option, JSON-ready (stored in checkpoints)."""
+        return to_jsonable({"method": self.name, "base": self.base_name, "base_hyperparameters": self.base_hyperparameters,
+                            "clip_grad_norm": self.clip_grad_norm, "ghost_batch_size": self.ghost_batch_size,
+                            "seed": self.seed, **self.options()})
+
+    def state_dict(self) -> dict:
+        """Base optimizer state, step counter and noise generator state: resuming repeats the run exactly."""
+        return {"config": self.config(), "base": self.base.state_dict(), "steps": self.steps,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict()`; settings that differ from this optimizer's are an error."""
+        if state["config"] != self.config():
+            differ = sorted(k for k in set(state["config"]) | set(self.config())
+                            if state["config"].get(k) != self.config().get(k))
+            raise ValueError(f"optimizer state belongs to different settings ({', '.join(differ)}); resume with the same options")
+        self.base.load_state_dict(state["base"])
+        self.steps = int(state["steps"])
+        self.generator.set_state(state["generator"])
+
+    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update on the mini-batch (x, y): the method's gradient in `p.grad`, clipped, then a base step.
+
+        Returns the method's loss (the weighted losses of the passes its gradient combines, detached)
+        and the logits of each chunk's first pass.
+        """
+        if model is not self.model:
+            raise ValueError("step() got a different model from the one this optimizer was built for")
+        n = len(y)
+        size = self.ghost_batch_size or n
+        terms, logits = [], []
+        for xc, yc in zip(torch.split(x, size), torch.split(y, size)):
+            chunk_logits, chunk_terms = self._chunk(model, xc, yc, loss_fn)
+            loss, grads = _combine(chunk_terms)
+            terms.append((len(yc) / n, loss, grads))
+            logits.append(chunk_logits)
+        loss, grads = _combine(terms)
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.clip_grad_norm)
+        self.base.step()
+        self.steps += 1
+        return loss, torch.cat(logits)
+
+    def _chunk(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               loss_fn: LossFn) -> tuple[torch.Tensor, list[tuple[float, torch.Tensor, Grads]]]:
+        """(first-pass logits, [(weight, loss, grads)]) of one chunk: here a single clean pass."""
+        loss, logits, grads = self._gradient(model, x, y, loss_fn)
+        return logits, [(1.0, loss, grads)]
+
+    def _objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) at the current weights."""
+        logits = model(x)
+        return loss_fn(logits, y), logits
+
+    def _gradient(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+                  freeze_buffers: bool = False) -> tuple[torch.Tensor, torch.Tensor, Grads]:
+        """One forward/backward pass at the current weights: (loss, logits, grads of all trainable params)."""
+        with frozen_buffers(model) if freeze_buffers else contextlib.nullcontext():
+            loss, logits = self._objective(model, x, y, loss_fn)
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return loss.detach(), logits.detach(), list(grads)
+
+
+class PerturbationMethod(Method):
+    """A method that evaluates gradients at perturbed weights; `exclude_bn` / `exclude_bias` pick what is perturbed."""
+
+    def __init__(self, model: nn.Module, *, exclude_bn: bool = False, exclude_bias: bool = False, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        norm = norm_layer_parameter_names(model)
+        self.exclude_bn, self.exclude_bias = exclude_bn, exclude_bias
+        self.perturbed = [(n, p) for n, p in self.named
+                          if not (exclude_bn and n in norm) and not (exclude_bias and n not in norm and n.endswith("bias"))]
+        if not self.perturbed:
+            raise ValueError("exclude_bn/exclude_bias leave no parameter to perturb")
+        self.perturbed_params = [p for _, p in self.perturbed]
+        index = {id(p): i for i, p in enumerate(self.params)}
+        self.perturbed_index = [index[id(p)] for p in self.perturbed_params]
+
+    def options(self) -> dict:
+        return {"exclude_bn": self.exclude_bn, "exclude_bias": self.exclude_bias,
+                "perturbed": [n for n, _ in self.perturbed]}
+
+
+class SmoothOut(PerturbationMethod):
+    """SmoothOut (Wen et al. 2018, arXiv 1805.07898): gradient of the loss at w+u per ghost batch, step at w.
+
+    Noise scale a_t by `schedule`: constant a; anneal a·((1+t)^−anneal_index)^½ (the reference code's
+    coefficient (1+t)^−0.55, square-rooted, times a); tanh a·(tanh(tanh_scale·(t/T − ½)) + 1)/2 with
+    T = `total_steps`; t counts completed steps from 0. `denoise=False` keeps the noise in the weights.
+    """
+
+    name = "smoothout"
+
+    def __init__(self, model: nn.Module, *, a: float = 0.02, scale: str = "absolute", distribution: str = "uniform",
+                 schedule: str = "constant", anneal_index: float = 0.55, tanh_scale: float = 10.0,
+                 total_steps: int | None = None, denoise: bool = True, exclude_bn: bool = True, **kwargs) -> None:
+        if a < 0:
+            raise ValueError(f"noise scale a must be non-negative, got {a}")
+        if scale not in NOISE_SCALES:
+            raise ValueError(f"unknown noise scale {scale!r}; use one of {', '.join(NOISE_SCALES)}")
+        if distribution not in ("uniform", "gaussian"):
+            raise ValueError(f"SmoothOut noise distribution must be 'uniform' or 'gaussian', got {distribution!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if schedule == "tanh" and (total_steps is None or total_steps < 1):
+            raise ValueError("the tanh noise schedule needs total_steps (the number of optimizer steps in the run)")
+        super().__init__(model, exclude_bn=exclude_bn, **kwargs)
+        self.a, self.scale, self.distribution, self.schedule = a, scale, distribution, schedule
+        self.anneal_index, self.tanh_scale, self.total_steps, self.denoise = anneal_index, tanh_scale, total_steps, denoise
+
+    def options(self) -> dict:
+        return {"a": self.a, "scale": self.scale, "distribution": self.distribution, "schedule": self.schedule,
+                "anneal_index": self.anneal_index, "tanh_scale": self.tanh_scale, "total_steps": self.total_steps,
+                "denoise": self.denoise, **super().options()}
+
+    def noise_scale(self, step: int | None = None) -> float:
+        """a_t at step t (default: the step about to be taken)."""
+        t = self.steps if step is None else step
+        if self.schedule == "anneal":
+            return self.a * ((1 + t) ** -self.anneal_index) ** 0.5
+        if self.schedule == "tanh":
+            return self.a * (math.tanh(self.tanh_scale * (t / self.total_steps - 0.5)) + 1) / 2
+        return self.a
+
+    def _chunk(self, model, x, y, loss_fn):
+        a = self.noise_scale()
+        noise = [smoothout_noise(p.detach(), a, self.scale, self.generator, self.distribution) for p in self.perturbed_params]
+        with displaced(self.perturbed_params, noise, restore=self.denoise):
+            return super()._chunk(model, x, y, loss_fn)
+
+
+class AdaSmoothOut(SmoothOut):
+    """AdaSmoothOut (Wen et al. 2018): SmoothOut with filter-wise noise, each filter's noise norm a·‖w_filter‖."""
+
+    name = "adasmoothout"
+
+    def __init__(self, model: nn.Module, *, scale: str = "filter", **kwargs) -> None:
+        super().__init__(model, scale=scale, **kwargs)
+
+
+class NSO(PerturbationMethod):
+    """Noise stability optimization (Zhang, Li, Ju 2023, arXiv 2306.08553): λ·∇f(W) + (1−λ)/(2k)·Σ_i[∇f(W+U_i) + ∇f(W−U_i)].
+
+    U_i = σ·(unit-variance noise of `distribution`): gaussian N(0,1), uniform U(−√3,√3), laplace.
+    `clean_weight` λ: 0 as the authors' scripts (their trainer's default is 0.5); the clean pass is
+    skipped when λ = 0. BN statistics: `bn_update="first"` lets the first pass of each chunk update
+    them (clean pass if λ>0, else W+U_1); "clean" (the reference) only a clean pass, so with λ=0 they never change.
+    """
+
+    name = "nso"
+
+    def __init__(self, model: nn.Module, *, sigma: float = 0.01, k: int = 1, clean_weight: float = 0.0,
+                 distribution: str = "gaussian", two_point: bool = True, bn_update: str = "first", **kwargs) -> None:
+        if sigma < 0 or k < 1 or not 0 <= clean_weight <= 1:
+            raise ValueError(f"need sigma ≥ 0, k ≥ 1 and 0 ≤ clean_weight ≤ 1; got {sigma}, {k}, {clean_weight}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown noise distribution {distribution!r}; use one of {', '.join(DISTRIBUTIONS)}")
+        if bn_update not in ("first", "clean"):
+            raise ValueError(f"bn_update must be 'first' or 'clean', got {bn_update!r}")
+        super().__init__(model, **kwargs)
+        self.sigma, self.k, self.clean_weight = sigma, k, clean_weight
+        self.distribution, self.two_point, self.bn_update = distribution, two_point, bn_update
+
+    def options(self) -> dict:
+        return {"sigma": self.sigma, "k": self.k, "clean_weight": self.clean_weight, "distribution": self.distribution,
+                "two_point": self.two_point, "bn_update": self.bn_update, **super().options()}
+
+    def _chunk(self, model, x, y, loss_fn):
+        terms, logits = [], None
+        if self.clean_weight > 0:
+            loss, logits, grads = self._gradient(model, x, y, loss_fn)
+            terms.append((self.clean_weight, loss, grads))
+        signs = (1.0, -1.0) if self.two_point else (1.0,)
+        weight = (1 - self.clean_weight) / (self.k * len(signs))
+        factor = self.sigma * UNIT_VARIANCE[self.distribution]
+        for _ in range(self.k):
+            noise = [draw(self.distribution, p, self.generator).mul_(factor) for p in self.perturbed_params]
+            for sign in signs:
+                freeze = bool(terms) or self.bn_update == "clean"
+                with displaced(self.perturbed_params, [sign * u for u in noise]):
+                    loss, pass_logits, grads = self._gradient(model, x, y, loss_fn, freeze_buffers=freeze)
+                terms.append((weight, loss, grads))
+                logits = pass_logits if logits is None else logits
+        return logits, terms
+
+
+class SSGD(NSO):
+    """S-SGD, symmetric weight noise (Sung et al. 2020, arXiv 2009.02479): ½[∇L(w+δ) + ∇L(w−δ)], δ = σ·(random signs).
+
+    NSO with k=1, λ=0 and fixed-magnitude noise; `distribution="sphere"` is the Gaussian-direction variant
+    (per tensor, the same norm σ√n as the sign noise).
+    """
+
+    name = "ssgd"
+
+    def __init__(self, model: nn.Module, *, sigma: float = 0.01, distribution: str = "rademacher", **kwargs) -> None:
+        super().__init__(model, sigma=sigma, distribution=distribution, **kwargs)
+
+
+class NRS(PerturbationMethod):
+    """Neighborhood region smoothing (Zhao & Zhang 2022, arXiv 2201.06064): loss_fn + α·KL between f(x;w) and f(x;w+δ).
+
+    δ in a radius-r neighbourhood: `box` U(−r,r) per coordinate, `ball` uniform in the L2 ball of radius r,
+    `gaussian` N(0, r²/d) (E‖δ‖² = r²), over the perturbed parameters together. `kl_direction` "forward" is
+    KL(f(w) ‖ f(w+δ)), "reverse" KL(f(w+δ) ‖ f(w)); gradients flow through both. Defaults are unconfirmed.
+    """
+
+    name = "nrs"
+
+    def __init__(self, model: nn.Module, *, alpha: float = 1.0, radius: float = 0.01, distribution: str = "box",
+                 kl_direction: str = "forward", **kwargs) -> None:
+        if alpha < 0 or radius < 0:
+            raise ValueError(f"alpha and radius must be non-negative, got {alpha}, {radius}")
+        if distribution not in NRS_DISTRIBUTIONS:
+            raise ValueError(f"unknown NRS distribution {distribution!r}; use one of {', '.join(NRS_DISTRIBUTIONS)}")
+        if kl_direction not in KL_DIRECTIONS:
+            raise ValueError(f"kl_direction must be one of {', '.join(KL_DIRECTIONS)}, got {kl_direction!r}")
+        super().__init__(model, **kwargs)
+        self.alpha, self.radius, self.distribution, self.kl_direction = alpha, radius, distribution, kl_direction
+
+    def options(self) -> dict:
+        return {"alpha": self.alpha, "radius": self.radius, "distribution": self.distribution,
+                "kl_direction": self.kl_direction, **super().options()}
+
+    def neighbour(self) -> list[torch.Tensor]:
+        """A fresh δ for the perturbed parameters."""
+        params = [p.detach() for p in self.perturbed_params]
+        if self.distribution == "box":
+            return [draw("uniform", p, self.generator).mul_(self.radius) for p in params]
+        z = [draw("gaussian", p, self.generator) for p in params]
+        d = sum(p.numel() for p in params)
+        if self.distribution == "gaussian":
+            return [g.mul_(self.radius / math.sqrt(d)) for g in z]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in z]))
+        u = torch.rand((), generator=self.generator, device=params[0].device, dtype=torch.float64)
+        return [g.mul_(self.radius * float(u) ** (1 / d) / norm) for g in z]
+
+    def regularizer(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The KL term for a fresh δ, differentiable in w (buffers untouched by the perturbed pass)."""
+        delta = self.neighbour()
+        moved_params = {n: p + d for (n, p), d in zip(self.perturbed, delta)}
+        buffer_copies = {n: b.clone() for n, b in model.named_buffers()}  # the clean pass's graph keeps the originals
+        moved = functional_call(model, {**buffer_copies, **moved_params}, (x,))
+        return kl_divergence(logits, moved) if self.kl_direction == "forward" else kl_divergence(moved, logits)
+
+    def _objective(self, model, x, y, loss_fn):
+        loss, logits = super()._objective(model, x, y, loss_fn)
+        return loss + self.alpha * self.regularizer(model, x, logits), logits
+
+
+class SAM(PerturbationMethod):
+    """SAM (Foret et al. 2021): gradient at w + ρ·g/‖g‖ (global norm), step at w; `adaptive=True` is ASAM
+    (Kwon et al. 2021): ε = ρ·T²g/‖Tg‖, T = |w|+η where `asam_rule` says a weight, 1 for biases.
+
+    `asam_rule` "name": parameters whose name contains 'weight' (the ASAM reference code, BN scales
+    included); "ndim": tensors with ≥ 2 dims. With ghost batches each chunk has its own ε (m-sharpness).
+    """
+
+    name = "sam"
+
+    def __init__(self, model: nn.Module, *, rho: float = 0.05, adaptive: bool = False, eta: float = 0.01,
+                 asam_rule: str = "name", **kwargs) -> None:
+        if rho < 0 or eta < 0:
+            raise ValueError(f"rho and eta must be non-negative, got {rho}, {eta}")
+        if asam_rule not in ASAM_RULES:
+            raise ValueError(f"asam_rule must be one of {', '.join(ASAM_RULES)}, got {asam_rule!r}")
+        super().__init__(model, **kwargs)
+        self.rho, self.adaptive, self.eta, self.asam_rule = rho, adaptive, eta, asam_rule
+
+    def options(self) -> dict:
+        return {"rho": self.rho, "adaptive": self.adaptive, "eta": self.eta, "asam_rule": self.asam_rule,
+                **super().options()}
+
+    def ascent(self, grads: Grads) -> list[torch.Tensor]:
+        """ε̂ for the perturbed parameters from the gradients of all trainable ones (zero where no gradient)."""
+        scales = [self._scale(n, p) for n, p in self.perturbed]
+        g = [grads[i] if grads[i] is not None else torch.zeros_like(p) for i, p in zip(self.perturbed_index, self.perturbed_params)]
+        tg = [gi * t for gi, t in zip(g, scales)]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in tg]))
+        return [v * t * (self.rho / (norm + 1e-12)) for v, t in zip(tg, scales)]
+
+    def _scale(self, name: str, p: torch.Tensor) -> torch.Tensor | float:
+        is_weight = "weight" in name if self.asam_rule == "name" else p.ndim >= 2
+        return p.detach().abs() + self.eta if self.adaptive and is_weight else 1.0
+
+    def _chunk(self, model, x, y, loss_fn):
+        _, logits, grads = self._gradient(model, x, y, loss_fn)
+        with displaced(self.perturbed_params, self.ascent(grads)):
+            loss, _, grads = self._gradient(model, x, y, loss_fn, freeze_buffers=True)
+        return logits, [(1.0, loss, grads)]
+
+
+class ASAM(SAM):
+    """ASAM (Kwon et al. 2021): adaptive SAM, ρ = 0.5 by default (their CIFAR-10 value)."""
+
+    name = "asam"
+
+    def __init__(self, model: nn.Module, *, rho: float = 0.5, adaptive: bool = True, **kwargs) -> None:
+        super().__init__(model, rho=rho, adaptive=adaptive, **kwargs)
+
+
+METHODS = {"sgd": Method, "adam": Method, "smoothout": SmoothOut, "adasmoothout": AdaSmoothOut, "ssgd": SSGD,
+           "nso": NSO, "nrs": NRS, "sam": SAM, "asam": ASAM}
+
+
+def make_optimizer(name: str, model: nn.Module, *, base: str | None = None, lr: float, momentum: float | None = None,
+                   weight_decay: float = 0.0, **options) -> Method:
+    """The method `name` around the base optimizer `base` (sgd or adam; "adam" alone is plain Adam).
+
+    `options` are the method's keyword options (see each class) plus clip_grad_norm, ghost_batch_size,
+    seed and base_kwargs (extra base-optimizer arguments, e.g. nesterov).
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(METHODS)}")
+    if name in BASES:
+        if base not in (None, name):
+            raise ValueError(f"optimizer {name!r} is plain {name}; for a method around base {base!r} name the method")
+        base = name
+    cls = METHODS[name]
+    allowed = {n for c in cls.__mro__ if c is not object for n in inspect.signature(c.__init__).parameters} - {"self", "model", "kwargs"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"optimizer {name!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(allowed))}")
+    return cls(model, base=base or "sgd", lr=lr, momentum=momentum, weight_decay=weight_decay, **options)

@@ -1,0 +1,162 @@
+"""Trainer that writes toolkit checkpoints, a trajectory and a JSON-lines log, and resumes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from landscape.checkpoints import CheckpointError, atomic_save, save_checkpoint
+from landscape.data import Dataset, MeasurementSet
+from landscape.models import model_for_data
+from landscape.objective import Objective
+from landscape.optim import make_optimizer
+from landscape.problem import DataSpec
+
+LR_SCHEDULES = ("constant", "step", "cosine")
+LR_SCALINGS = ("none", "sqrt", "linear")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run; stored in every checkpoint it writes."""
+
+    data: str = "digits"
+    data_seed: int = 0
+    model: str = "mlp"
+    model_kwargs: dict = field(default_factory=dict)
+    optimizer: str = "sgd"
+    optimizer_kwargs: dict = field(default_factory=dict)
+    base: str | None = None
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    epochs: int = 10
+    seed: int = 0
+    lr_schedule: str = "constant"
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    lr_scaling: str = "none"
+    lr_reference_batch: int = 128
+    save_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; use {', '.join(LR_SCHEDULES)}")
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ValueError(f"unknown lr_scaling {self.lr_scaling!r}; use {', '.join(LR_SCALINGS)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.save_every < 1:
+            raise ValueError("epochs, batch_size and save_every must be at least 1")
+
+    @property
+    def scaled_lr(self) -> float:
+        """Large-batch learning-rate scaling: lr·sqrt(B/B_ref) (Hoffer et al. 2017) or lr·B/B_ref (Goyal et al. 2017)."""
+        ratio = self.batch_size / self.lr_reference_batch
+        return self.lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[self.lr_scaling]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lr_milestones"] = list(self.lr_milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["lr_milestones"] = tuple(d.get("lr_milestones", ()))
+        return cls(**d)
+
+
+def _lr_factor(config: TrainConfig, epoch: int) -> float:
+    if config.lr_schedule == "step":
+        return config.lr_gamma ** sum(epoch >= m for m in config.lr_milestones)
+    if config.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / config.epochs))
+    return 1.0
+
+
+def _metrics(model: torch.nn.Module, dataset: Dataset) -> dict:
+    """Train and test loss/accuracy in eval mode, through the same Objective every measurement uses."""
+    out = {}
+    for split in ("train", "test"):
+        if len(dataset.split(split)[1]) == 0:
+            continue
+        batches = MeasurementSet(split, batch_size=1024).batches(dataset)
+        e = Objective(model, batches, device="cpu", hvp_method="double-backward").evaluate()
+        out[f"{split}_loss"], out[f"{split}_accuracy"] = e.loss, e.accuracy
+    return out
+
+
+def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train, writing `trajectory/epoch_NNNN.pt`, `final.pt`, `state.pt` (for resuming) and `log.jsonl`; returns final.pt."""
+    out = Path(out_dir)
+    state_path, log_path = out / "state.pt", out / "log.jsonl"
+    data_spec = DataSpec(config.data, config.data_seed)
+    dataset = data_spec.load()
+    torch.manual_seed(config.seed)
+    model, model_spec = model_for_data(config.model, dataset, **config.model_kwargs)
+    optimizer = make_optimizer(
+        config.optimizer, model, base=config.base, lr=config.scaled_lr, momentum=config.momentum,
+        weight_decay=config.weight_decay, seed=config.seed, **config.optimizer_kwargs,
+    )
+    shuffle = torch.Generator().manual_seed(config.seed)
+    start_epoch = 0
+    if resume and state_path.exists():
+        start_epoch = _restore(state_path, config, model, optimizer, shuffle)
+    elif out.exists() and any(out.iterdir()) and not resume:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trajectory").mkdir(exist_ok=True)
+    x_train, y_train = dataset.split("train")
+    n_steps = math.ceil(len(y_train) / config.batch_size)
+    meta = {"train": config.to_dict(), "optimizer": optimizer.config()}
+    if start_epoch == 0:
+        _save(out / "trajectory" / "epoch_0000.pt", model, model_spec, data_spec, meta, 0, _metrics(model, dataset))
+    bar = tqdm(range(start_epoch, config.epochs), desc=f"train {config.optimizer}", disable=not progress, unit="epoch")
+    for epoch in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = config.scaled_lr * _lr_factor(config, epoch)
+        model.train()
+        order = torch.randperm(len(y_train), generator=shuffle)
+        started, total = time.perf_counter(), 0.0
+        for i in range(n_steps):
+            idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+            loss, _ = optimizer.step(model, x_train[idx], y_train[idx], F.cross_entropy)
+            total += float(loss) * len(idx)
+        if not math.isfinite(total):
+            raise ValueError(f"training diverged at epoch {epoch + 1} (non-finite loss); lower the learning rate")
+        metrics = {"epoch": epoch + 1, "running_train_loss": total / len(y_train), **_metrics(model, dataset),
+                   "seconds": time.perf_counter() - started}
+        bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", test_acc=f"{metrics.get('test_accuracy', float('nan')):.3f}")
+        if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
+            _save(out / "trajectory" / f"epoch_{epoch + 1:04d}.pt", model, model_spec, data_spec, meta, epoch + 1, metrics)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        atomic_save({"epoch": epoch + 1, "config": config.to_dict(), "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "shuffle": shuffle.get_state()}, state_path)
+    final = out / "final.pt"
+    atomic_save(torch.load(out / "trajectory" / f"epoch_{config.epochs:04d}.pt", weights_only=True), final)
+    return final
+
+
+def _save(path: Path, model, model_spec: dict, data_spec: DataSpec, meta: dict, epoch: int, metrics: dict) -> None:
+    save_checkpoint(path, model, model_spec=model_spec, data_spec=data_spec.to_dict(),
+                    meta={**meta, "epoch": epoch, "metrics": metrics})
+
+
+def _restore(state_path: Path, config: TrainConfig, model, optimizer, shuffle: torch.Generator) -> int:
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if TrainConfig.from_dict(state["config"]) != config:
+        raise CheckpointError(f"{state_path} belongs to a run with different settings; resume with the same options")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    shuffle.set_state(state["shuffle"])
+    return int(state["epoch"])

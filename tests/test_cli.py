@@ -1,0 +1,73 @@
+"""The `landscape` command as a real subprocess: the happy path and one-line errors."""
+
+import json
+
+import pytest
+import torch
+
+from landscape.checkpoints import load_checkpoint
+from landscape.data import MeasurementSet, load_data
+from landscape.objective import Objective
+from tests.conftest import run_cli
+from tests.test_checkpoints import bad_files
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = run_cli("train", "--data", "digits", "--model", "mlp", "--model-opt", "hidden=(16,)", "--epochs", "2",
+                     "--batch-size", "128", "--lr", "0.1", "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_train_then_measure_reports_the_objective(trained_run):
+    final = trained_run / "final.pt"
+    assert sorted(p.name for p in (trained_run / "trajectory").iterdir()) == ["epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt"]
+    assert len((trained_run / "log.jsonl").read_text().splitlines()) == 2
+    result = run_cli("measure", final, "--json", "--n-samples", "300", "--batch-size", "100")
+    assert result.returncode == 0, result.stderr
+    (report,) = json.loads(result.stdout)
+    model = load_checkpoint(final).build_model()
+    batches = MeasurementSet("train", 300, 100).batches(load_data("digits"))
+    objective = Objective(model, batches, device="cpu")
+    assert report["loss"] == pytest.approx(objective.loss(), rel=1e-5)
+    assert report["grad_norm"] == pytest.approx(float(objective.grad().norm()), rel=1e-4)
+    assert report["n_params"] == sum(p.numel() for p in model.parameters())
+    assert report["setup"]["measurement"]["n_samples"] == 300
+    assert report["setup"]["checkpoint_sha256"]
+    table = run_cli("measure", final)
+    assert table.returncode == 0 and "gradient norm" in table.stdout and "300" not in table.stdout.split("\n")[1][:5]
+
+
+@pytest.mark.parametrize("kind", ["missing.pt", "truncated.pt", "text.pt", "garbage.pt", "legacy.pt", "nostate.pt",
+                                  "bare.pt", "mismatch.pt", "nan.pt", "pickled-module.pt"])
+def test_bad_checkpoints_exit_with_one_line(tmp_path, kind):
+    from landscape.models import model_for_data
+
+    model, spec = model_for_data("mlp", (1, 8, 8), num_classes=10, hidden=(16,))
+    messages = bad_files(tmp_path, model, spec)
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    torch.save({k: torch.zeros(1) for k in model.state_dict()}, tmp_path / "mismatch.pt")
+    nan_state = {k: v.clone() for k, v in model.state_dict().items()}
+    next(iter(nan_state.values())).view(-1)[0] = float("nan")
+    torch.save(nan_state, tmp_path / "nan.pt")
+    torch.save(model, tmp_path / "pickled-module.pt")
+    messages.update({"bare.pt": "no model spec", "mismatch.pt": "shape mismatch", "nan.pt": "non-finite",
+                     "pickled-module.pt": "--trust-checkpoint"})
+    extra = ["--model", "mlp", "--model-opt", "hidden=(16,)"] if kind in ("mismatch.pt", "nan.pt") else []
+    result = run_cli("measure", tmp_path / kind, "--data", "digits", *extra)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert any(m in lines[0] for m in messages[kind].split("|")), lines[0]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli("measure", tmp_path / "none.pt", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_resume_refuses_an_existing_run_without_flag(trained_run):
+    result = run_cli("train", "--data", "digits", "--model", "mlp", "--epochs", "1", "--out", trained_run, "--quiet")
+    assert result.returncode == 2 and "--resume" in result.stderr

@@ -1,0 +1,62 @@
+"""The trainer: checkpoints carry what made them, and a resumed run equals an uninterrupted one."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from landscape.checkpoints import load_checkpoint
+from landscape.train import TrainConfig, train
+from tests.conftest import cli_command, run_cli
+
+SMALL = dict(data="digits", model="mlp", model_kwargs={"hidden": [16]}, batch_size=256, lr=0.1)
+
+
+def test_checkpoints_record_config_metrics_and_optimizer(tmp_path):
+    config = TrainConfig(**SMALL, optimizer="smoothout", optimizer_kwargs={"a": 0.01}, epochs=2)
+    final = train(config, tmp_path / "run", progress=False)
+    ckpt = load_checkpoint(final)
+    assert ckpt.meta["train"] == config.to_dict()
+    assert ckpt.meta["optimizer"]["a"] == 0.01
+    assert ckpt.meta["epoch"] == 2 and 0.0 <= ckpt.meta["metrics"]["test_accuracy"] <= 1.0
+    assert ckpt.data_spec["spec"] == "digits" and ckpt.model_spec["name"] == "mlp"
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [1, 2]
+    assert log[1]["train_loss"] < load_checkpoint(tmp_path / "run" / "trajectory" / "epoch_0000.pt").meta["metrics"]["train_loss"]
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
+    """kill -9 a real `landscape train` process mid-run, resume it, compare with an uninterrupted run."""
+    args = ["--data", "digits", "--model", "mlp", "--model-opt", "hidden=(16,)", "--optimizer", "smoothout",
+            "--opt", "a=0.01", "--batch-size", "32", "--lr", "0.05", "--epochs", "40", "--quiet"]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(cli_command() + ["train", *args, "--out", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "trajectory" / "epoch_0003.pt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = sorted((killed / "trajectory").glob("epoch_*.pt"))
+    assert 3 <= len(done) - 1 < 40 and not (killed / "final.pt").exists()
+    assert run_cli("train", *args, "--out", killed, "--resume").returncode == 0
+    config = TrainConfig(data="digits", model="mlp", model_kwargs={"hidden": [16]}, optimizer="smoothout",
+                         optimizer_kwargs={"a": 0.01}, batch_size=32, lr=0.05, epochs=40)
+    reference = load_checkpoint(train(config, tmp_path / "whole", progress=False)).state_dict
+    resumed = load_checkpoint(killed / "final.pt").state_dict
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_learning_rate_scaling_and_bad_settings():
+    assert TrainConfig(lr=0.1, batch_size=512, lr_scaling="sqrt", lr_reference_batch=128).scaled_lr == pytest.approx(0.2)
+    assert TrainConfig(lr=0.1, batch_size=512, lr_scaling="linear", lr_reference_batch=128).scaled_lr == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="warp")
+
+
+def test_divergence_is_reported(tmp_path):
+    with pytest.raises(ValueError, match="diverged"):
+        train(TrainConfig(**{**SMALL, "lr": 1e38}, epochs=1), tmp_path / "boom", progress=False)
