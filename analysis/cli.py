@@ -12,7 +12,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from analysis import measure, training
+    from analysis import figures, measure, training
 
     parser = argparse.ArgumentParser(prog="landscape", description="How sharp is the minimum a trained network sits in?")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_arguments(p)
     _add_output_arguments(p)
     p.set_defaults(run=training.run)
+
+    p = commands.add_parser("figures", help="regenerate every figure in figures/ from scratch")
+    figures.add_arguments(p)
+    _add_output_arguments(p)
+    p.set_defaults(run=figures.run)
     return parser
 
 

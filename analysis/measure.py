@@ -12,6 +12,7 @@ from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
 from landscape.objective import Objective
 from landscape.operators import HessianOperator
+from landscape.perturb import epsilon_sharpness, expected_loss, sharpness_curve
 from landscape.problem import objective_from_checkpoint, parse_dtype
 from landscape.results import Result
 from landscape.spectrum import lanczos, slq_density
@@ -49,6 +50,16 @@ def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--probes", type=int, default=99, help="matvec budget of the trace estimate (default 99)")
     group.add_argument("--density-runs", type=int, default=4, help="SLQ runs (default 4)")
     group.add_argument("--density-steps", type=int, default=60, help="Lanczos steps per SLQ run (default 60)")
+    group.add_argument("--radius", default="0.001,0.005,0.01", help="weight-noise radii a (default 0.001,0.005,0.01)")
+    group.add_argument("--distribution", default="uniform", choices=["uniform", "gaussian"], help="U[-a,a] or N(0,a²) noise")
+    group.add_argument("--scale", default="absolute", choices=["absolute", "weight", "filter"],
+                       help="noise per coordinate (absolute), ∝|w| (weight) or per filter ∝‖w_filter‖ (filter, AdaSmoothOut)")
+    group.add_argument("--noise-samples", type=int, default=100, help="perturbed forward passes per radius (default 100)")
+    group.add_argument("--bn-recalibration", type=int, default=None, metavar="K",
+                       help="re-estimate BN statistics from K batches at each perturbed point")
+    group.add_argument("--eps", type=float, default=5e-4, help="box size of Keskar's ε-sharpness (default 5e-4)")
+    group.add_argument("--subspace-dim", type=int, default=None, help="ε-sharpness in a random p-dim subspace (default: full space)")
+    group.add_argument("--restarts", type=int, default=5, help="ε-sharpness restarts (default 5)")
 
 
 def build_objective(path: str, args: argparse.Namespace) -> Objective:
@@ -76,10 +87,32 @@ def _density(objective: Objective, args: argparse.Namespace) -> Result:
     return slq_density(HessianOperator(objective), n_runs=args.density_runs, n_steps=args.density_steps, seed=args.seed)
 
 
+def _radii(args: argparse.Namespace) -> list[float]:
+    return [float(r) for r in args.radius.split(",") if r.strip()]
+
+
+def _expected_loss(objective: Objective, args: argparse.Namespace) -> Result:
+    radius = _radii(args)[-1]
+    return expected_loss(objective, radius, distribution=args.distribution, scale=args.scale,
+                         n_samples=args.noise_samples, seed=args.seed, bn_recalibration=args.bn_recalibration)
+
+
+def _sharpness_curve(objective: Objective, args: argparse.Namespace) -> Result:
+    return sharpness_curve(objective, _radii(args), distribution=args.distribution, scale=args.scale,
+                           n_samples=args.noise_samples, seed=args.seed, bn_recalibration=args.bn_recalibration)
+
+
+def _eps_sharpness(objective: Objective, args: argparse.Namespace) -> Result:
+    return epsilon_sharpness(objective, args.eps, subspace_dim=args.subspace_dim, restarts=args.restarts, seed=args.seed)
+
+
 METRICS: dict[str, Callable[[Objective, argparse.Namespace], Result]] = {
     "eig": _eig,
     "trace": _trace,
     "density": _density,
+    "expected-loss": _expected_loss,
+    "sharpness-curve": _sharpness_curve,
+    "eps-sharpness": _eps_sharpness,
 }
 
 
@@ -142,6 +175,23 @@ def format_measurement(report: dict) -> str:
     if "density" in results:
         r = results["density"]
         rows.append(("spectral density", f"{len(r['nodes'])} SLQ runs, σ={r['sigma']:.3g}", f"{r['n_matvecs']} HVPs, {r['seconds']:.1f}s", ""))
+    if "expected-loss" in results:
+        r = results["expected-loss"]
+        lo, hi = r["increase_ci"]
+        rows.append((f"E[L(w+u)] − L(w), a={r['radius']:g}", f"{r['increase']:.4g} [95% CI {lo:.4g}, {hi:.4g}]",
+                     f"{r['n_forward']} forwards, {r['seconds']:.1f}s", f"{r['distribution']}, {r['scale']}"))
+    if "sharpness-curve" in results:
+        r = results["sharpness-curve"]
+        for i, radius in enumerate(r["radii"]):
+            lo, hi = r["increase_ci"][i]
+            note = "" if r["prediction"] is None else f"2nd order: {r['prediction'][i]:.4g} ± {r['prediction_stderr'][i]:.2g}"
+            cost = f"{r['n_forward']} forwards, {r['n_matvecs']} HVPs, {r['seconds']:.1f}s" if i == 0 else ""
+            rows.append((f"increase at a={radius:g}", f"{r['increase'][i]:.4g} [95% CI {lo:.4g}, {hi:.4g}]", cost, note))
+    if "eps-sharpness" in results:
+        r = results["eps-sharpness"]
+        space = "full space" if r["subspace_dim"] is None else f"{r['subspace_dim']}-dim subspace"
+        rows.append((f"ε-sharpness, ε={r['eps']:g}", f"{r['value']:.4g} ± {r['std']:.2g} (std over {r['restarts']})",
+                     f"{r['n_forward'] + r['n_grad']} passes, {r['seconds']:.1f}s", space))
     lines.append(format_table(["quantity", "value ± uncertainty", "cost", "note"], rows))
     if "trace" in results and results["trace"]["blocks"]:
         block_rows = [(name, _pm(*est)) for name, est in results["trace"]["blocks"].items()]

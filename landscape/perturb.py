@@ -225,12 +225,14 @@ def expected_loss(objective: Objective, radius: float, *, distribution: str = "u
 
 def sharpness_curve(objective: Objective, radii: Sequence[float], *, distribution: str = "uniform",
                     scale: str = "absolute", n_samples: int = 100, seed: int = 0, antithetic: bool = True,
-                    with_prediction: bool = True, n_probes: int = 100) -> SharpnessCurve:
+                    with_prediction: bool = True, n_probes: int = 100,
+                    bn_recalibration: int | None = None) -> SharpnessCurve:
     """Expected-loss increase at each radius (SmoothOut, Wen et al. 2018) and its second-order prediction.
 
     Every radius scales the same unit draws (common random numbers: the same seed and block
     sizes replay the generator), so the curve is smooth in the radius; the prediction
-    (a²/2)·tr(SHS) (see SharpnessCurve) takes tr(SHS) from `n_probes` Hutchinson probes.
+    (a²/2)·tr(SHS) (see SharpnessCurve) takes tr(SHS) from `n_probes` Hutchinson probes; it
+    describes running-statistics BN, not `bn_recalibration`.
     """
     radii = [_check_number("radius", a, allow_zero=True) for a in radii]
     if not radii:
@@ -238,7 +240,7 @@ def sharpness_curve(objective: Objective, radii: Sequence[float], *, distributio
     _check_int("n_probes", n_probes, 2)
     start = time.perf_counter()
     points = tuple(expected_loss(objective, a, distribution=distribution, scale=scale, n_samples=n_samples,
-                                 antithetic=antithetic, seed=seed) for a in radii)
+                                 antithetic=antithetic, seed=seed, bn_recalibration=bn_recalibration) for a in radii)
     half_sq = 0.5 * np.array(radii) ** 2
     trace = None
     if with_prediction:

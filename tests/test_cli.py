@@ -71,3 +71,26 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_resume_refuses_an_existing_run_without_flag(trained_run):
     result = run_cli("train", "--data", "digits", "--model", "mlp", "--epochs", "1", "--out", trained_run, "--quiet")
     assert result.returncode == 2 and "--resume" in result.stderr
+
+
+def test_measure_curvature_and_noise_metrics_match_ground_truth(trained_run):
+    """λ1..λ3 and the trace printed by the CLI agree with the dense Hessian of the same measurement set."""
+    final = trained_run / "final.pt"
+    result = run_cli("measure", final, "--json", "--dtype", "float64", "--n-samples", "200", "--batch-size", "64",
+                     "--metrics", "eig,trace,expected-loss,eps-sharpness", "--k", "3", "--tol", "1e-8",
+                     "--radius", "0.01", "--noise-samples", "20", "--restarts", "2")
+    assert result.returncode == 0, result.stderr
+    (report,) = json.loads(result.stdout)
+    model = load_checkpoint(final).build_model()
+    batches = MeasurementSet("train", 200, 64).batches(load_data("digits"))
+    objective = Objective(model, batches, dtype=torch.float64, device="cpu")
+    dense = objective.hvp_batched(torch.eye(objective.n_params, dtype=torch.float64))
+    exact = torch.linalg.eigvalsh((dense + dense.T) / 2).flip(0)
+    eig = report["metrics"]["eig"]
+    assert eig["values"] == pytest.approx(exact[:3].tolist(), rel=1e-6)
+    trace = report["metrics"]["trace"]
+    assert abs(trace["estimate"] - float(dense.trace())) <= 4 * trace["stderr"] + 1e-6
+    assert set(trace["blocks"]) == {n for n, _ in model.named_parameters()}
+    noise = report["metrics"]["expected-loss"]
+    assert noise["increase_ci"][0] <= noise["increase"] <= noise["increase_ci"][1] and noise["n_forward"] == 21
+    assert report["metrics"]["eps-sharpness"]["value"] >= 0
