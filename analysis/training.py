@@ -17,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="model option, e.g. hidden=(64,64)")
     parser.add_argument("--optimizer", default=d.optimizer, help="sgd, adam, smoothout, adasmoothout, ssgd, nso, nrs, sam, asam")
     parser.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. a=0.02 (SmoothOut), rho=0.05 (SAM)")
+    parser.add_argument("--noise", type=float, default=None,
+                        help="the method's perturbation size: a (smoothout), sigma (ssgd, nso), radius (nrs), rho (sam, asam)")
+    parser.add_argument("--ghost-batch-size", type=int, default=None, help="split each batch into chunks of this size (fresh noise per chunk)")
+    parser.add_argument("--clip-grad-norm", type=float, default=None, help="clip the global gradient norm (SmoothOut's reference: 5.0)")
     parser.add_argument("--base", default=d.base, choices=["sgd", "adam"], help="base optimizer the method steps with (default sgd)")
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--momentum", type=float, default=d.momentum)
@@ -34,11 +38,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
 
 
+NOISE_OPTION = {"smoothout": "a", "adasmoothout": "a", "ssgd": "sigma", "nso": "sigma", "nrs": "radius",
+                "sam": "rho", "asam": "rho"}
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """--opt KEY=VALUE pairs plus the named shortcuts --noise, --ghost-batch-size and --clip-grad-norm."""
+    options = parse_options(args.opt)
+    if args.noise is not None:
+        if args.optimizer not in NOISE_OPTION:
+            raise ValueError(f"--noise has no meaning for optimizer {args.optimizer!r}")
+        options[NOISE_OPTION[args.optimizer]] = args.noise
+    for key in ("ghost_batch_size", "clip_grad_norm"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    return options
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     milestones = tuple(int(m) for m in args.lr_milestones.split(",") if m.strip())
     return TrainConfig(
         data=args.data, data_seed=args.data_seed, model=args.model, model_kwargs=parse_options(args.model_opt),
-        optimizer=args.optimizer, optimizer_kwargs=parse_options(args.opt), base=args.base, lr=args.lr,
+        optimizer=args.optimizer, optimizer_kwargs=method_options(args), base=args.base, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
         seed=args.seed, lr_schedule=args.lr_schedule, lr_milestones=milestones, lr_gamma=args.lr_gamma,
         lr_scaling=args.lr_scaling, lr_reference_batch=args.lr_reference_batch, save_every=args.save_every,

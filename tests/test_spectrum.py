@@ -37,17 +37,70 @@ def test_lanczos_matches_eigh(which, k):
     assert result.n_matvecs == op.n_matvecs < len(MIXED) // 2  # a Krylov space, not the whole space
 
 
-def test_lanczos_residuals_bound_the_errors_and_match_true_residuals():
+@pytest.mark.parametrize("stop", ["error", "residual"])
+def test_lanczos_residuals_bound_the_errors_and_match_true_residuals(stop):
+    """Whatever the stopping rule, `residuals` are true residual norms and rigorous error bounds."""
     a, op = dense(MIXED)
     true = np.linalg.eigvalsh(a)[::-1]
     for seed in range(6):
-        result = lanczos(op, 5, tol=1e-2, seed=seed, return_vectors=True)
-        assert result.converged and np.all(result.residuals <= 1e-2 * np.abs(result.values))
+        result = lanczos(op, 5, tol=1e-2, seed=seed, return_vectors=True, stop=stop)
+        stopped_on = result.error_bounds if stop == "error" else result.residuals
+        assert result.converged and np.all(stopped_on <= 1e-2 * np.abs(result.values))
+        assert np.all(result.error_bounds <= result.residuals)
         assert np.all(np.abs(true[:5] - result.values) <= result.residuals)
         y = result.vectors.numpy()
         np.testing.assert_allclose(y.T @ y, np.eye(5), atol=1e-10)
         true_residuals = np.linalg.norm(a @ y - y * result.values, axis=0)
         np.testing.assert_allclose(result.residuals, true_residuals, rtol=1e-3, atol=1e-10)
+
+
+# Spectra for the error-estimate stopping rule: (top five, bulk) with a known answer.
+STOP_SPECTRA = {
+    "separated": np.concatenate([[40, 25, 18, 12, 9], np.random.default_rng(11).uniform(-2, 4, 295)]),
+    "clustered": np.concatenate([[10, 9.3, 8.6, 7.4, 6.6], np.random.default_rng(12).uniform(0, 6, 295)]),  # within 35%
+    "near-degenerate": np.concatenate([[10, 8, 8 * (1 - 1e-5), 6, 5], np.random.default_rng(13).uniform(0, 4.5, 295)]),
+    "tight": np.concatenate([[10, 9.8, 9.6, 9.4, 9.2], np.linspace(0, 9, 295)]),
+}
+
+
+@pytest.mark.parametrize("name", STOP_SPECTRA)
+@pytest.mark.parametrize("tol", [1e-3, 1e-6])
+def test_lanczos_error_stop_meets_tol_in_true_relative_error(name, tol):
+    """stop="error" (r²/gap estimates) stops with |θ_i − λ_i| ≤ tol·λ_i for λ1..λ5, over matrices and seeds."""
+    for matrix_seed in range(3):
+        a, op = dense(STOP_SPECTRA[name], seed=matrix_seed)
+        true = np.linalg.eigvalsh(a)[::-1][:5]
+        for seed in range(4):
+            result = lanczos(op, 5, tol=tol, seed=seed)
+            assert result.converged and np.all(result.error_bounds <= tol * np.abs(result.values))
+            assert np.all(np.abs(result.values - true) <= tol * true), (matrix_seed, seed, result.values - true)
+            assert np.all(np.abs(result.values - true) <= result.residuals + 1e-13 * true)  # rigorous, up to rounding
+
+
+def test_lanczos_error_stop_is_cheaper_than_residual_stop():
+    """The eigenvalue error shrinks like r²/gap: on well-separated eigenvalues the residual rule overspends."""
+    a, op = dense(STOP_SPECTRA["separated"])
+    true = np.linalg.eigvalsh(a)[::-1][:5]
+    for tol in (1e-3, 1e-6):
+        for seed in range(3):
+            fast, slow = (lanczos(op, 5, tol=tol, seed=seed, stop=stop) for stop in ("error", "residual"))
+            assert fast.n_matvecs < slow.n_matvecs
+            assert np.all(np.abs(fast.values - true) <= tol * true)
+            assert np.any(fast.residuals > tol * np.abs(fast.values))  # the residual rule would have gone on
+    error, residual = (lanczos(op, 5, tol=1e-6, stop=stop).n_matvecs for stop in ("error", "residual"))
+    assert error <= 0.85 * residual
+
+
+def test_error_bounds_use_the_gap_to_the_other_ritz_values():
+    """min(r, r²/gap) with gap = distance to the nearest other Ritz value minus that value's residual."""
+    from landscape.spectrum import _error_bounds
+
+    theta, r = np.array([10.0, 6.0, 1.0]), np.array([0.1, 1.0, 3.0])
+    # θ=10: nearest other interval edge 6+1 → gap 3; θ=6: 10−0.1 = 3.9 vs 1+3 → gap 2; θ=1: 6−1 → gap 4
+    np.testing.assert_allclose(_error_bounds(theta, r), [0.01 / 3, min(1.0, 1.0 / 2), min(3.0, 9.0 / 4)])
+    # overlapping intervals (no gap information) and a single Ritz value fall back to the residual
+    np.testing.assert_allclose(_error_bounds(np.array([5.0, 4.9]), np.array([0.2, 0.2])), [0.2, 0.2])
+    np.testing.assert_allclose(_error_bounds(np.array([5.0]), np.array([0.3])), [0.3])
 
 
 def test_lanczos_is_deterministic_per_seed():
@@ -61,6 +114,7 @@ def test_lanczos_reports_unconverged_when_budget_is_too_small():
     _, op = dense(MIXED)
     result = lanczos(op, 3, tol=1e-10, max_matvecs=6)
     assert not result.converged and result.n_matvecs == 6 and len(result.values) == 3
+    assert np.any(result.error_bounds > 1e-10 * np.abs(result.values))
     assert np.any(result.residuals > 1e-10 * np.abs(result.values))
 
 
@@ -123,7 +177,8 @@ def test_progress_bar_goes_to_stderr(capsys):
 
 @pytest.mark.parametrize("call", [
     lambda op: lanczos(op, 0), lambda op: lanczos(op, 2, which="BE"), lambda op: lanczos(op, 5, max_matvecs=4),
-    lambda op: lanczos(op, 1, tol=-1.0), lambda op: lanczos(op, 1, seed="a"), lambda op: power_iteration(op, 1.5),
+    lambda op: lanczos(op, 1, tol=-1.0), lambda op: lanczos(op, 1, stop="gap"),
+    lambda op: lanczos(op, 1, seed="a"), lambda op: power_iteration(op, 1.5),
     lambda op: slq_density(op, n_runs=0), lambda op: slq_density(op, sigma=0.0),
 ])
 def test_bad_arguments_raise_value_error(call):

@@ -31,7 +31,7 @@ def test_checkpoints_record_config_metrics_and_optimizer(tmp_path):
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     """kill -9 a real `landscape train` process mid-run, resume it, compare with an uninterrupted run."""
     args = ["--data", "digits", "--model", "mlp", "--model-opt", "hidden=(16,)", "--optimizer", "smoothout",
-            "--opt", "a=0.01", "--batch-size", "32", "--lr", "0.05", "--epochs", "40", "--quiet"]
+            "--noise", "0.01", "--ghost-batch-size", "16", "--batch-size", "32", "--lr", "0.05", "--epochs", "40", "--quiet"]
     killed = tmp_path / "killed"
     process = subprocess.Popen(cli_command() + ["train", *args, "--out", str(killed)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -44,7 +44,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     assert 3 <= len(done) - 1 < 40 and not (killed / "final.pt").exists()
     assert run_cli("train", *args, "--out", killed, "--resume").returncode == 0
     config = TrainConfig(data="digits", model="mlp", model_kwargs={"hidden": [16]}, optimizer="smoothout",
-                         optimizer_kwargs={"a": 0.01}, batch_size=32, lr=0.05, epochs=40)
+                         optimizer_kwargs={"a": 0.01, "ghost_batch_size": 16}, batch_size=32, lr=0.05, epochs=40)
     reference = load_checkpoint(train(config, tmp_path / "whole", progress=False)).state_dict
     resumed = load_checkpoint(killed / "final.pt").state_dict
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
