@@ -18,7 +18,7 @@ from landscape.results import Result
 from landscape.spectrum import lanczos, slq_density
 from landscape.trace import hutchinson, hutchpp, xtrace
 
-TRACE_METHODS = {"hutchpp": hutchpp, "xtrace": xtrace, "hutchinson": hutchinson}
+TRACE_METHODS = {"xtrace": xtrace, "hutchpp": hutchpp, "hutchinson": hutchinson}
 
 
 def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +46,9 @@ def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--which", default="LA", choices=["LA", "SA", "LM"], help="largest, smallest or largest-magnitude eigenvalues")
     group.add_argument("--tol", type=float, default=1e-3, help="relative Ritz residual tolerance of Lanczos (default 1e-3)")
     group.add_argument("--max-matvecs", type=int, default=300, help="Lanczos budget of Hessian-vector products")
-    group.add_argument("--trace-method", default="hutchpp", choices=list(TRACE_METHODS))
-    group.add_argument("--probes", type=int, default=99, help="matvec budget of the trace estimate (default 99)")
+    group.add_argument("--trace-method", default="xtrace", choices=list(TRACE_METHODS),
+                       help="xtrace (default: lowest error per matvec in benchmarks/curvature.py), hutchpp, hutchinson")
+    group.add_argument("--probes", type=int, default=100, help="matvec budget of the trace estimate (default 100)")
     group.add_argument("--density-runs", type=int, default=4, help="SLQ runs (default 4)")
     group.add_argument("--density-steps", type=int, default=60, help="Lanczos steps per SLQ run (default 60)")
     group.add_argument("--radius", default="0.001,0.005,0.01", help="weight-noise radii a (default 0.001,0.005,0.01)")
