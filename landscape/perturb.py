@@ -24,7 +24,8 @@ from landscape.objective import Batch, Evaluation, Objective
 from landscape.operators import DiagonalScaledOperator, HessianOperator
 from landscape.params import rescale_filters
 from landscape.results import Result
-from landscape.trace import TraceResult, _check_int, hutchinson, seeded_generator
+from landscape.probes import check_int, seeded_generator
+from landscape.trace import TraceResult, hutchinson
 
 DISTRIBUTIONS = ("uniform", "gaussian")
 SCALES = ("absolute", "weight", "filter")
@@ -133,7 +134,7 @@ def unit_noise(objective: Objective, n_draws: int, *, distribution: str = "unifo
     (landscape.params.rescale_filters; AdaSmoothOut, filter-normalized as Li et al. 2018).
     """
     _check_noise(distribution, scale)
-    _check_int("n_draws", n_draws, 1)
+    check_int("n_draws", n_draws, 1)
     shape = (n_draws, objective.n_params)
     options = {"generator": generator, "dtype": objective.dtype, "device": objective.device}
     raw = torch.rand(shape, **options).mul_(2).sub_(1) if distribution == "uniform" else torch.randn(shape, **options)
@@ -185,7 +186,7 @@ def expected_loss(objective: Objective, radius: float, *, distribution: str = "u
     """
     radius = _check_number("radius", radius, allow_zero=True)
     _check_noise(distribution, scale)
-    _check_int("n_samples", n_samples, 4 if antithetic else 2)
+    check_int("n_samples", n_samples, 4 if antithetic else 2)
     if antithetic and n_samples % 2:
         raise ValueError(f"n_samples must be even with antithetic pairs (each pair is 2 forward passes), got {n_samples}")
     if target_ci_halfwidth is not None:
@@ -237,7 +238,7 @@ def sharpness_curve(objective: Objective, radii: Sequence[float], *, distributio
     radii = [_check_number("radius", a, allow_zero=True) for a in radii]
     if not radii:
         raise ValueError("radii is empty: give at least one radius")
-    _check_int("n_probes", n_probes, 2)
+    check_int("n_probes", n_probes, 2)
     start = time.perf_counter()
     points = tuple(expected_loss(objective, a, distribution=distribution, scale=scale, n_samples=n_samples,
                                  antithetic=antithetic, seed=seed, bn_recalibration=bn_recalibration) for a in radii)
@@ -270,11 +271,11 @@ def epsilon_sharpness(objective: Objective, eps: float = 1e-3, *, subspace_dim: 
     """
     eps = _check_number("eps", eps, allow_zero=False)
     if subspace_dim is not None:
-        _check_int("subspace_dim", subspace_dim, 1)
+        check_int("subspace_dim", subspace_dim, 1)
         if subspace_dim > objective.n_params:
             raise ValueError(f"subspace_dim = {subspace_dim} exceeds the number of parameters ({objective.n_params})")
-    _check_int("max_iter", max_iter, 1)
-    _check_int("restarts", restarts, 1)
+    check_int("max_iter", max_iter, 1)
+    check_int("restarts", restarts, 1)
     generator = seeded_generator(objective, seed)
     start = time.perf_counter()
     w = objective.w
@@ -350,7 +351,7 @@ def _evaluator(objective: Objective, bn_recalibration: int | None,
         if recalibration_batches is not None:
             raise ValueError("recalibration_batches is only used with bn_recalibration=k (the number of batches)")
         return objective.evaluate, 0
-    _check_int("bn_recalibration", bn_recalibration, 1)
+    check_int("bn_recalibration", bn_recalibration, 1)
     if objective.mode != "eval":
         raise ValueError("bn_recalibration needs an eval-mode objective: in train mode BN already uses batch statistics")
     batches = objective.batches if recalibration_batches is None else list(recalibration_batches)

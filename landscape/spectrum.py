@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from landscape.operators import LinearOperator
 from landscape.results import Result
-from landscape.trace import _check_int, rademacher, seeded_generator
+from landscape.probes import check_int, rademacher, seeded_generator
 
 WHICH = ("LA", "SA", "LM")
 STOPS = ("error", "residual")
@@ -176,8 +176,8 @@ def _error_bounds(theta: np.ndarray, residuals: np.ndarray) -> np.ndarray:
 
 def _check_common(op: LinearOperator, k: int, tol: float, max_matvecs: int) -> int:
     """Validate shared arguments; return k clipped to the operator size."""
-    _check_int("k", k, 1)
-    _check_int("max_matvecs", max_matvecs, 1)
+    check_int("k", k, 1)
+    check_int("max_matvecs", max_matvecs, 1)
     if not tol >= 0:
         raise ValueError(f"tol must be ≥ 0, got {tol!r}")
     k = min(k, op.shape[0])
@@ -291,9 +291,9 @@ def slq_density(op: LinearOperator, *, n_runs: int = 4, n_steps: int = 60, n_gri
     σ = (max node − min node)/100. The grid extends grid_margin·range + 3σ past the extreme
     nodes. A run that hits an invariant subspace early is padded with zero-weight nodes.
     """
-    _check_int("n_runs", n_runs, 1)
-    _check_int("n_steps", n_steps, 1)
-    _check_int("n_grid", n_grid, 2)
+    check_int("n_runs", n_runs, 1)
+    check_int("n_steps", n_steps, 1)
+    check_int("n_grid", n_grid, 2)
     if sigma is not None and not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma!r}")
     if not grid_margin >= 0:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from landscape.operators import LinearOperator
+from landscape.probes import check_int, rademacher, seeded_generator, sphere
 from landscape.results import Result
 
 
@@ -31,30 +32,6 @@ class TraceResult(Result):
     seed: int
     samples: np.ndarray | None  # per-sample estimates whose mean is `estimate` and whose spread gives `stderr`
     blocks: dict[str, tuple[float, float]] | None  # per-block (estimate, stderr) of the diagonal-block traces
-
-
-def seeded_generator(op: LinearOperator, seed: int) -> torch.Generator:
-    """A torch.Generator on the operator's device, seeded: same seed, same probes."""
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    return torch.Generator(device=op.device).manual_seed(int(seed))
-
-
-def rademacher(generator: torch.Generator, shape: tuple[int, ...], op: LinearOperator) -> torch.Tensor:
-    """Random ±1 entries in the operator's dtype and on its device."""
-    bits = torch.randint(0, 2, shape, generator=generator, device=op.device)
-    return bits.to(op.dtype).mul_(2).sub_(1)
-
-
-def _sphere(generator: torch.Generator, shape: tuple[int, int], op: LinearOperator) -> torch.Tensor:
-    """Columns uniform on the sphere of radius √n (normalized Gaussians), on the operator's device."""
-    g = torch.randn(shape, generator=generator, dtype=op.dtype, device=op.device)
-    return g * (shape[0] ** 0.5 / g.norm(dim=0))
-
-
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
 
 
 def _check_blocks(blocks: dict[str, slice] | None, n: int) -> None:
@@ -102,8 +79,8 @@ def hutchinson(op: LinearOperator, n_probes: int = 100, *, block_size: int = 10,
     same probes: mean of z_bᵀ(Az)_b, unbiased for the trace of diagonal block b.
     """
     n = op.shape[0]
-    _check_int("n_probes", n_probes, 2)
-    _check_int("block_size", block_size, 1)
+    check_int("n_probes", n_probes, 2)
+    check_int("block_size", block_size, 1)
     if target_rel_stderr is not None and not target_rel_stderr > 0:
         raise ValueError(f"target_rel_stderr must be positive, got {target_rel_stderr!r}")
     _check_blocks(blocks, n)
@@ -133,7 +110,7 @@ def hutchpp(op: LinearOperator, n_matvecs: int = 102, *, seed: int = 0,
     estimate tr((I−QQᵀ)A(I−QQᵀ)). A matrix of rank ≤ n_matvecs // 3 gets its exact trace.
     """
     n = op.shape[0]
-    _check_int("n_matvecs", n_matvecs, 4)
+    check_int("n_matvecs", n_matvecs, 4)
     _check_blocks(blocks, n)
     start = time.perf_counter()
     generator = seeded_generator(op, seed)
@@ -169,14 +146,14 @@ def xtrace(op: LinearOperator, n_matvecs: int = 100, *, seed: int = 0,
     the sketch holds all of range(A) and the estimate is exact.
     """
     n = op.shape[0]
-    _check_int("n_matvecs", n_matvecs, 4)
+    check_int("n_matvecs", n_matvecs, 4)
     _check_blocks(blocks, n)
     if n < 2:
         raise ValueError("xtrace needs an operator of size ≥ 2 (leave-one-out needs two test vectors)")
     start = time.perf_counter()
     generator = seeded_generator(op, seed)
     m = min(n_matvecs // 2, n)
-    omega = _sphere(generator, (n, m), op)
+    omega = sphere(generator, (n, m), op)
     y = op.matmat(omega)
     q, r = torch.linalg.qr(y)
     r = r.double().cpu().numpy()
