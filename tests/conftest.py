@@ -4,9 +4,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+
+from landscape.operators import DenseOperator
+
+
+def dense(eigenvalues, seed=0, dtype=torch.float64):
+    """Q diag(λ) Qᵀ with a random orthogonal Q: (numpy matrix, DenseOperator)."""
+    eigenvalues = np.asarray(eigenvalues, dtype=float)
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((len(eigenvalues), len(eigenvalues))))
+    a = (q * eigenvalues) @ q.T
+    a = (a + a.T) / 2
+    return a, DenseOperator(torch.tensor(a, dtype=dtype))
 
 
 def tiny_mlp(seed: int = 0) -> nn.Module:

@@ -10,15 +10,7 @@ from scipy.integrate import trapezoid
 from landscape.objective import Objective
 from landscape.operators import DenseOperator, HessianOperator
 from landscape.spectrum import lanczos, power_iteration, slq_density
-
-
-def dense(eigenvalues, seed=0, dtype=torch.float64):
-    """Q diag(λ) Qᵀ with a random orthogonal Q: (numpy matrix, DenseOperator)."""
-    eigenvalues = np.asarray(eigenvalues, dtype=float)
-    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((len(eigenvalues), len(eigenvalues))))
-    a = (q * eigenvalues) @ q.T
-    a = (a + a.T) / 2
-    return a, DenseOperator(torch.tensor(a, dtype=dtype))
+from tests.conftest import dense
 
 
 # outliers, a near-degenerate cluster, negative eigenvalues and a bulk

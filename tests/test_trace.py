@@ -10,19 +10,11 @@ import torch
 from landscape.objective import Objective
 from landscape.operators import DenseOperator, HessianOperator
 from landscape.trace import hutchinson, hutchpp, xtrace
+from tests.conftest import dense
 
 ESTIMATORS = {"hutchinson": hutchinson, "hutchpp": hutchpp, "xtrace": xtrace}
 BLOCKS = {"w1": slice(0, 20), "b1": slice(20, 25), "w2": slice(25, 60)}
 N_SEEDS = 200
-
-
-def dense(eigenvalues, seed=0, dtype=torch.float64):
-    """Q diag(λ) Qᵀ with a random orthogonal Q: (numpy matrix, DenseOperator)."""
-    eigenvalues = np.asarray(eigenvalues, dtype=float)
-    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((len(eigenvalues), len(eigenvalues))))
-    a = (q * eigenvalues) @ q.T
-    a = (a + a.T) / 2
-    return a, DenseOperator(torch.tensor(a, dtype=dtype))
 
 
 def mixed():
