@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, rss_bytes, seconds_per_call, write_results  # noqa: E402
@@ -72,7 +71,6 @@ def run_one(name: str, path: str) -> dict:
     warnings.simplefilter("ignore")
     model, batches = problem(name)
     objective = Objective(model, batches, device="cpu", hvp_method="double-backward")
-    x, y = batches[0]
     forward = seconds_per_call(lambda: objective.evaluate())
     gradient = seconds_per_call(lambda: objective.grad())
     base_rss = rss_bytes()

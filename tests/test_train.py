@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from landscape.checkpoints import load_checkpoint
-from landscape.train import TrainConfig, train
+from landscape.train import TrainConfig, _lr_factor, train
 from tests.conftest import cli_command, run_cli
 
 SMALL = dict(data="digits", model="mlp", model_kwargs={"hidden": [16]}, batch_size=256, lr=0.1)
@@ -48,6 +48,13 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     reference = load_checkpoint(train(config, tmp_path / "whole", progress=False)).state_dict
     resumed = load_checkpoint(killed / "final.pt").state_dict
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_learning_rate_schedules():
+    step = TrainConfig(epochs=10, lr_schedule="step", lr_milestones=(3, 6), lr_gamma=0.1)
+    assert [_lr_factor(step, e) for e in (0, 2, 3, 5, 6, 9)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cosine = TrainConfig(epochs=10, lr_schedule="cosine")
+    assert [_lr_factor(cosine, e) for e in (0, 5)] == pytest.approx([1.0, 0.5])
 
 
 def test_learning_rate_scaling_and_bad_settings():
