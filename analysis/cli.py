@@ -4,35 +4,44 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+from landscape import distributed
 from landscape.results import to_jsonable
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from analysis import figures, measure, training
+    from analysis import compare, demo, figures, measure, plot_cli, surfaces, training
 
+    def checkpoints(p: argparse.ArgumentParser) -> None:
+        p.add_argument("checkpoints", nargs="+", metavar="CKPT")
+
+    def checkpoint(p: argparse.ArgumentParser) -> None:
+        p.add_argument("checkpoint", metavar="CKPT")
+
+    objective, metrics = measure.add_objective_arguments, measure.add_metric_arguments
+    table = [  # name, help, argument adders, run
+        ("demo", "train SGD and SmoothOut at small and large batch, compare them, write a report", [demo.add_arguments], demo.run),
+        ("measure", "loss, gradient and curvature of checkpoints", [checkpoints, objective, metrics], _run_measure),
+        ("surface", "1-D/2-D loss surface around a checkpoint, to a resumable HDF5 file",
+         [checkpoint, objective, surfaces.add_arguments], surfaces.run),
+        ("plot", "draw surface files: line, contour, heatmap, 3-D, PCA trajectory → PNG/PDF", [plot_cli.add_arguments], plot_cli.run),
+        ("compare", "the same measurements on several checkpoints, side by side with CIs, as a report",
+         [checkpoints, objective, metrics, compare.add_arguments], compare.run),
+        ("train", "train a model with a chosen optimizer, writing checkpoints", [training.add_arguments], training.run),
+        ("figures", "regenerate every figure in figures/ from scratch", [figures.add_arguments], figures.run),
+    ]
     parser = argparse.ArgumentParser(prog="landscape", description="How sharp is the minimum a trained network sits in?")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    p = commands.add_parser("measure", help="loss, gradient and curvature of checkpoints")
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
-    measure.add_objective_arguments(p)
-    measure.add_metric_arguments(p)
-    _add_output_arguments(p)
-    p.set_defaults(run=_run_measure)
-
-    p = commands.add_parser("train", help="train a model with a chosen optimizer, writing checkpoints")
-    training.add_arguments(p)
-    _add_output_arguments(p)
-    p.set_defaults(run=training.run)
-
-    p = commands.add_parser("figures", help="regenerate every figure in figures/ from scratch")
-    figures.add_arguments(p)
-    _add_output_arguments(p)
-    p.set_defaults(run=figures.run)
+    for name, text, adders, run in table:
+        p = commands.add_parser(name, help=text)
+        for add in adders:
+            add(p)
+        _add_output_arguments(p)
+        p.set_defaults(run=run)
     return parser
 
 
@@ -58,9 +67,26 @@ def print_json(value: object) -> None:
     sys.stdout.write("\n")
 
 
+# Options whose value may start with "-" (argparse would read "--range -1:1:51" as two options).
+SIGNED_VALUE_OPTIONS = ("--range", "--yrange")
+
+
+def _join_signed_values(argv: list[str]) -> list[str]:
+    """["--range", "-1:1:51"] → ["--range=-1:1:51"], so grids may start at negative coordinates."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1] in SIGNED_VALUE_OPTIONS and token.startswith("-"):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_signed_values(sys.argv[1:] if argv is None else argv))
+    joined = False
     try:
+        joined = _join_process_group(args)
         args.run(args)
     except USER_ERRORS as error:
         if args.debug:
@@ -68,10 +94,29 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error) or type(error).__name__
         print(f"landscape {args.command}: error: {message.splitlines()[0]}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # a collective failed: another rank died or hung past the timeout
+        if args.debug or not distributed.is_failure(error):
+            raise
+        print(f"landscape {args.command}: error: distributed: {distributed.failure_message(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"landscape {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if joined:
+            distributed.shutdown()
     return 0
+
+
+def _join_process_group(args: argparse.Namespace) -> bool:
+    """Under torchrun, join the process group (True); then only rank 0 prints: the others get no stdout or progress bars."""
+    from landscape.objective import default_device
+
+    joined = distributed.init_from_env(getattr(args, "device", None) or default_device())
+    if joined and not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")
+        args.quiet = True
+    return joined
 
 
 if __name__ == "__main__":

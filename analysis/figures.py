@@ -1,57 +1,198 @@
-"""`landscape figures`: regenerate every figure in figures/ from scratch (training cached between runs)."""
+"""`landscape figures`: regenerate every figure in figures/ from scratch (training cached between runs).
+
+Small-scale versions of the seed papers' figures, on the recipes of analysis/recipes.py:
+(a) Keskar et al. (2017)'s interpolation between small- and large-batch minima; (b) Li et al.
+(2018)'s filter-normalized 1-D curves for SGD, SmoothOut and AdaSmoothOut (Wen et al. 2018);
+(c) 2-D contours on one colour scale; (d) expected-loss increase against the noise radius;
+(e) Hessian spectral densities; (f) the method table over several seeds.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from analysis.plots import plot_spectral_densities, save
+from analysis.compare import (
+    aggregate,
+    compare,
+    difference,
+    format_difference,
+    format_value,
+    verdict,
+)
+from analysis.plots import (
+    plot_lines,
+    plot_sharpness_curves,
+    plot_spectral_densities,
+    plot_surfaces,
+    save,
+)
+from analysis.recipes import LARGE, METHODS, SMALL, label, train_runs
 from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
+from landscape.directions import between, random_directions
 from landscape.operators import HessianOperator
 from landscape.problem import objective_from_checkpoint
-from landscape.spectrum import lanczos, slq_density
-from landscape.train import TrainConfig, train
+from landscape.spectrum import slq_density
+from landscape.surface import compute_surface, grid_axis, read_surface
 
-# METHODS.md's small-scale check: MLP 40-100-100-10 on mnist1d, small vs large batch SGD.
-RUNS = {
-    "small-batch SGD (B=32)": TrainConfig(data="mnist1d", model="mlp", batch_size=32, lr=0.01, epochs=60, save_every=10),
-    "large-batch SGD (B=2000)": TrainConfig(data="mnist1d", model="mlp", batch_size=2000, lr=0.1, epochs=600, save_every=100),
-}
-
-
-def quick(config: TrainConfig) -> TrainConfig:
-    """A tenth of the epochs, for a fast smoke version of every figure."""
-    return TrainConfig.from_dict({**config.to_dict(), "epochs": max(1, config.epochs // 10), "save_every": 1000})
-
-
-def spectra_figure(cache: Path, out: Path, *, quick_mode: bool, progress: bool) -> dict:
-    """Hessian spectral density and top-5 eigenvalues of small- vs large-batch minima."""
-    spectra, tops, summary = {}, {}, {}
-    for label, config in RUNS.items():
-        config = quick(config) if quick_mode else config
-        run_dir = cache / f"{config.optimizer}-b{config.batch_size}-e{config.epochs}-s{config.seed}"
-        final = train(config, run_dir, resume=True, progress=progress)
-        objective = objective_from_checkpoint(load_checkpoint(final), measurement=MeasurementSet("train", batch_size=1000))
-        top = lanczos(HessianOperator(objective), 5, tol=1e-3, seed=0)
-        density = slq_density(HessianOperator(objective), n_runs=4, n_steps=80, seed=0)
-        spectra[label], tops[label] = density.to_dict(), [float(v) for v in top.values]
-        summary[label] = {"test_accuracy": load_checkpoint(final).meta["metrics"]["test_accuracy"],
-                          "top_eigenvalues": tops[label], "residuals": top.residuals.tolist()}
-    fig = plot_spectral_densities(spectra, tops, title="Hessian spectral density, MLP on mnist1d (dotted: λ1..λ5)")
-    save(fig, out / "spectra.png")
-    return summary
-
-
-def run(args: argparse.Namespace) -> None:
-    out, cache = Path(args.out), Path(args.cache)
-    summary = {"spectra": spectra_figure(cache, out, quick_mode=args.quick, progress=not args.quiet)}
-    (out / "figures.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote figures to {out}/ (training runs cached in {cache}/)")
+TABLE_QUANTITIES = ("test accuracy", "λ1", "trace", "ΔL a=0.02", "ε-sharpness")
+FULL = {"seeds": 3, "epoch_fraction": 1.0, "n_samples": None, "k": "1", "probes": "60", "noise_samples": "40",
+        "restarts": "3", "line": 41, "plane": 21, "density_steps": 80}
+QUICK = {"seeds": 1, "epoch_fraction": 0.1, "n_samples": 500, "k": "1", "probes": "10", "noise_samples": "8",
+         "restarts": "2", "line": 9, "plane": 5, "density_steps": 20}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="figures", help="folder for the figures (default figures/)")
-    parser.add_argument("--cache", default="runs/figures", help="folder for cached training runs")
-    parser.add_argument("--quick", action="store_true", help="a smaller version (a tenth of the training), for tests")
+    parser.add_argument("--cache", default="runs/figures", help="folder for cached training runs and surfaces")
+    parser.add_argument("--quick", action="store_true", help="a smaller version (one seed, a tenth of the training), for tests")
+
+
+def measure_all(paths: list[str], labels: list[str], budget: dict, cache: Path, progress: bool) -> dict:
+    """Every checkpoint through `landscape compare` (shared probes, noise and directions)."""
+    from analysis.cli import build_parser
+
+    argv = ["compare", *paths, "--labels", ",".join(labels), "--out", str(cache / "compare"), "--batch-size", "1000",
+            "--metrics", "eig,trace,sharpness-curve,eps-sharpness,surface", "--k", budget["k"], "--probes", budget["probes"],
+            "--noise-samples", budget["noise_samples"], "--restarts", budget["restarts"], "--radius", "0.005,0.01,0.02",
+            f"--surface-range=-1:1:{budget['line']}"]
+    if budget["n_samples"]:
+        argv += ["--n-samples", str(budget["n_samples"])]
+    args = build_parser().parse_args(argv)
+    args.progress = progress
+    return compare(paths, args)
+
+
+def first_seed(result: dict, wanted: list[str]) -> dict[str, dict]:
+    """The first checkpoint of each wanted label."""
+    found: dict[str, dict] = {}
+    for c in result["checkpoints"]:
+        if c["label"] in wanted:
+            found.setdefault(c["label"], c)
+    return {w: found[w] for w in wanted}
+
+
+def interpolation_figure(small: str, large: str, budget: dict, cache: Path, out: Path) -> dict:
+    """(a) Keskar's parametric plot: θ(α) = θ_SB + α(θ_LB − θ_SB), train and test loss and accuracy."""
+    measurement = MeasurementSet("train", budget["n_samples"], 1000)
+    train = objective_from_checkpoint(load_checkpoint(small), measurement=measurement)
+    test = objective_from_checkpoint(load_checkpoint(small), measurement=MeasurementSet("test", None, 1000))
+    surface = compute_surface({"train": train, "test": test},
+                              between(train, load_checkpoint(large).build_model(), f"SGD B={LARGE}"),
+                              [grid_axis(-1.0, 2.0, 31 if budget["seeds"] > 1 else 7)],
+                              path=cache / "surfaces" / f"interpolation-{len(measurement.indices(_data(small)))}.h5",
+                              resume=True)
+    fig = plot_lines({f"SGD B={SMALL} (α=0) → SGD B={LARGE} (α=1)": surface}, log=True, accuracy=True,
+                     title="Keskar et al. (2017) interpolation between small- and large-batch minima")
+    save(fig, out / "interpolation.png")
+    alphas = list(surface.axes[0])
+    return {split: {"loss_at_0": float(surface.loss[split][alphas.index(0.0)]),
+                    "loss_at_1": float(surface.loss[split][alphas.index(1.0)])} for split in surface.loss}
+
+
+def random_direction_figures(result: dict, out: Path) -> None:
+    """(b) 1-D filter-normalized curves of SGD, SmoothOut and AdaSmoothOut, one figure per batch size."""
+    for batch, name in ((SMALL, "small"), (LARGE, "large")):
+        chosen = first_seed(result, [label(m, batch) for m in ("sgd", "smoothout", "adasmoothout")])
+        fig = plot_lines({k: read_surface(c["raw"]["surface"]) for k, c in chosen.items()}, log=True,
+                         title=f"Filter-normalized random direction (Li et al. 2018), batch {batch}")
+        save(fig, out / f"random-1d-{name}-batch.png")
+
+
+def contour_figure(result: dict, budget: dict, cache: Path, out: Path) -> None:
+    """(c) 2-D filter-normalized planes side by side on one colour scale."""
+    chosen = first_seed(result, [label("sgd", SMALL), label("sgd", LARGE), label("smoothout", LARGE), label("adasmoothout", LARGE)])
+    surfaces = {}
+    for name, c in chosen.items():
+        objective = objective_from_checkpoint(load_checkpoint(c["path"]), measurement=MeasurementSet("train", budget["n_samples"], 1000))
+        axis = grid_axis(-1.0, 1.0, budget["plane"])
+        surfaces[name] = compute_surface(objective, random_directions(objective, 2, seed=0), [axis, axis], resume=True,
+                                         path=cache / "surfaces" / f"plane-{Path(c['path']).parent.name}-{budget['plane']}.h5")
+    save(plot_surfaces(surfaces, kind="contour", log=True, title="Train loss on a filter-normalized random plane"),
+         out / "contours.png")
+
+
+def sharpness_figures(result: dict, out: Path) -> None:
+    """(d) Expected-loss increase against the radius, every method, one figure per batch size."""
+    for batch, name in ((SMALL, "small"), (LARGE, "large")):
+        curves: dict[str, list[dict]] = {}
+        for c in result["checkpoints"]:
+            if c["label"].endswith(f"B={batch}"):
+                curves.setdefault(c["label"], []).append(c["raw"]["sharpness-curve"])
+        save(plot_sharpness_curves(curves), out / f"sharpness-{name}-batch.png")
+
+
+def spectra_figure(result: dict, budget: dict, out: Path) -> dict:
+    """(e) Hessian spectral densities by SLQ with the Lanczos λ1 marked."""
+    chosen = first_seed(result, [label("sgd", SMALL), label("sgd", LARGE), label("smoothout", LARGE)])
+    spectra, tops = {}, {}
+    for name, c in chosen.items():
+        objective = objective_from_checkpoint(load_checkpoint(c["path"]), measurement=MeasurementSet("train", budget["n_samples"], 1000))
+        spectra[name] = slq_density(HessianOperator(objective), n_runs=4, n_steps=budget["density_steps"], seed=0).to_dict()
+        tops[name] = c["raw"]["eig"]["values"]
+    save(plot_spectral_densities(spectra, tops, title="Hessian spectral density, MLP on mnist1d (dotted: λ1)"), out / "spectra.png")
+    return tops
+
+
+def method_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """(f) Every method at both batch sizes: mean ± std over seeds, and the ΔL difference against SGD at that batch."""
+    groups: dict[str, list[dict]] = {}
+    for c in result["checkpoints"]:
+        groups.setdefault(c["label"], []).append(c)
+    headers = ["method", "batch", *TABLE_QUANTITIES, "ΔL a=0.02 vs SGD (95% CI)", "flatter than SGD?"]
+    rows = []
+    for batch in (SMALL, LARGE):
+        baseline = groups[label("sgd", batch)]
+        for method in METHODS:
+            members = groups[label(method, batch)]
+            d = difference(baseline, members, "ΔL a=0.02") if method != "sgd" else None
+            rows.append([method, str(batch), *[format_value(aggregate(members, q)) for q in TABLE_QUANTITIES],
+                         "" if d is None else format_difference(d), "" if d is None else _flatter(d)])
+    return headers, rows
+
+
+def _flatter(d: dict) -> str:
+    if not d["seeds"]:
+        return verdict(d)
+    if not d["significant"]:
+        return "no clear difference"
+    return "flatter" if d["diff"] < 0 else "sharper"
+
+
+def _data(path: str):
+    from landscape.problem import DataSpec
+
+    return DataSpec.from_dict(load_checkpoint(path).data_spec).load()
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def run(args: argparse.Namespace) -> None:
+    out, cache = Path(args.out), Path(args.cache)
+    budget = QUICK if args.quick else FULL
+    progress = not args.quiet and sys.stderr.isatty()
+    specs = [(m, b) for b in (SMALL, LARGE) for m in METHODS]
+    paths, labels = train_runs(specs, budget["seeds"], cache / "runs", epoch_fraction=budget["epoch_fraction"], progress=progress)
+    result = measure_all(paths, labels, budget, cache, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    small, large = (first_seed(result, [label("sgd", b)])[label("sgd", b)]["path"] for b in (SMALL, LARGE))
+    summary = {"interpolation": interpolation_figure(small, large, budget, cache, out)}
+    random_direction_figures(result, out)
+    contour_figure(result, budget, cache, out)
+    sharpness_figures(result, out)
+    summary["top_eigenvalues"] = spectra_figure(result, budget, out)
+    headers, rows = method_table(result)
+    (out / "methods.md").write_text(
+        f"Method table ({budget['seeds']} seed(s) each; mean ± std over seeds, or ± stderr for one seed; "
+        f"measured on {result['checkpoints'][0]['setup']['n_samples']} training samples of mnist1d).\n\n"
+        + markdown_table(headers, rows))
+    summary["groups"] = result["groups"]
+    (out / "figures.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    print(markdown_table(headers, rows))
+    print(f"wrote figures to {out}/ (training runs and surfaces cached in {cache}/)")

@@ -8,6 +8,7 @@ from typing import Callable
 
 from analysis.options import parse_options
 from analysis.tables import format_table
+from landscape import distributed as ranks
 from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
 from landscape.objective import Objective
@@ -63,14 +64,14 @@ def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--restarts", type=int, default=5, help="ε-sharpness restarts (default 5)")
 
 
-def build_objective(path: str, args: argparse.Namespace) -> Objective:
-    """The Objective for one checkpoint from the shared command-line options."""
+def build_objective(path: str, args: argparse.Namespace, *, distributed: bool = False) -> Objective:
+    """The Objective for one checkpoint from the shared command-line options (data-parallel over ranks if `distributed`)."""
     checkpoint = load_checkpoint(path, trust=args.trust_checkpoint)
     measurement = MeasurementSet(args.split, args.n_samples, args.batch_size, args.seed)
     return objective_from_checkpoint(
         checkpoint, data=args.data, model=args.model, model_kwargs=parse_options(args.model_opt),
         measurement=measurement, params=args.params, mode=args.mode, dtype=parse_dtype(args.dtype),
-        device=args.device, hvp_method=args.hvp,
+        device=args.device, hvp_method=args.hvp, distributed=distributed,
     )
 
 
@@ -129,7 +130,7 @@ def measure_checkpoint(path: str, args: argparse.Namespace) -> dict:
     """Loss, accuracy, gradient norm and the chosen curvature metrics of one checkpoint."""
     metrics = parse_metrics(args.metrics)
     start = time.perf_counter()
-    objective = build_objective(path, args)
+    objective = build_objective(path, args, distributed=ranks.active())
     evaluation = objective.evaluate()
     report = {
         "checkpoint": path,
@@ -156,7 +157,8 @@ def format_measurement(report: dict) -> str:
         report["checkpoint"],
         f"  measured on the {m['split']} split of {setup['data']['spec']}: {setup['n_samples']} samples in "
         f"{setup['n_batches']} batches of ≤{m['batch_size']} (seed {m['seed']}), BN {setup['mode']} mode, "
-        f"{setup['dtype']} on {setup['device']}, params={setup['params']} ({report['n_params']}), HVP {setup['hvp_method']}",
+        f"{setup['dtype']} on {setup['device']}, params={setup['params']} ({report['n_params']}), HVP {setup['hvp_method']}"
+        + (f", sharded over {setup['world_size']} ranks" if setup.get("sharded") else ""),
     ]
     rows: list[tuple] = [
         ("loss", f"{report['loss']:.6g}", "", ""),

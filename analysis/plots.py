@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Mapping
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Colormap, LogNorm, Normalize, to_hex, to_rgb  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from landscape.directions import Directions  # noqa: E402
+from landscape.surface import Surface  # noqa: E402
 
 
 def save(fig: plt.Figure, path: str | Path) -> Path:
@@ -25,12 +35,12 @@ def plot_spectral_densities(spectra: Mapping[str, dict], top_eigenvalues: Mappin
                             *, title: str = "Hessian spectral density (SLQ)") -> plt.Figure:
     """Overlay SLQ densities on a log scale, marking each run's top eigenvalues from Lanczos."""
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    for i, (label, spectrum) in enumerate(spectra.items()):
-        color = f"C{i}"
+    colors = label_colors(list(spectra))
+    for label, spectrum in spectra.items():
         density = np.maximum(np.asarray(spectrum["density"]), 1e-8)
-        ax.plot(spectrum["grid"], density, color=color, label=label, lw=1.6)
+        ax.plot(spectrum["grid"], density, color=colors[label], label=label, lw=1.6)
         for value in (top_eigenvalues or {}).get(label, []):
-            ax.axvline(value, color=color, ls=":", lw=1.0)
+            ax.axvline(value, color=colors[label], ls=":", lw=1.0)
     ax.set_yscale("log")
     ax.set_ylim(bottom=1e-6)
     ax.set_xlabel("eigenvalue")
@@ -39,3 +49,323 @@ def plot_spectral_densities(spectra: Mapping[str, dict], top_eigenvalues: Mappin
     ax.legend(frameon=False)
     ax.grid(alpha=0.3)
     return fig
+
+
+def plot_sharpness_curves(curves: Mapping[str, Sequence[dict]], *, caption: str = "") -> plt.Figure:
+    """Expected-loss increase E[L(w+u)] − L(w) against the noise radius (SmoothOut's C̄(w) − L(w)), log-log.
+
+    `curves` maps a label to the sharpness-curve results of its seeds: one seed is drawn with its
+    95% CI band, several with their mean and the band of ± one standard deviation over seeds.
+    The dotted line is the second-order prediction (a²/2)·tr(SHS) of the first seed.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = label_colors(list(curves))
+    for label, runs in curves.items():
+        radii = np.asarray(runs[0]["radii"])
+        increase = np.array([r["increase"] for r in runs])
+        mean = increase.mean(axis=0)
+        if len(runs) == 1:
+            low, high = np.asarray(runs[0]["increase_ci"]).T
+        else:
+            low, high = mean - increase.std(axis=0, ddof=1), mean + increase.std(axis=0, ddof=1)
+        ax.plot(radii, mean, "o-", color=colors[label], label=label + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
+        ax.fill_between(radii, np.maximum(low, 1e-12), high, color=colors[label], alpha=0.2, lw=0)
+        if runs[0].get("prediction") is not None:
+            ax.plot(radii, runs[0]["prediction"], ":", color=colors[label], lw=1.2)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"noise radius a ({runs[0]['distribution']}, {runs[0]['scale']})")
+    ax.set_ylabel("E[L(w+u)] − L(w)  (nats)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(frameon=False, fontsize=8)
+    if caption:
+        fig.text(0.01, -0.02, caption, fontsize=7.5, va="top", wrap=True)
+    return fig
+
+
+# ------------------------------------------------------------------ method colours
+METHOD_COLORS = {
+    "sgd": "#1f77b4", "smoothout": "#d62728", "adasmoothout": "#ff7f0e", "ssgd": "#2ca02c",
+    "nso": "#9467bd", "nrs": "#8c564b", "sam": "#e377c2", "asam": "#bcbd22", "adam": "#17becf",
+}
+OTHER_COLORS = ("#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d")
+
+
+def method_of(label: str) -> str | None:
+    """The optimizer a label names ("SmoothOut a=0.01" → smoothout, "S-SGD" → ssgd), None if none."""
+    for word in re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", label.lower()):
+        for candidate in (word, word.replace("-", ""), *word.split("-")):
+            if candidate in METHOD_COLORS:
+                return candidate
+    return None
+
+
+def method_color(label: str) -> str | None:
+    """The fixed colour of the optimizer a label names, the same in every figure and report; None if none."""
+    method = method_of(label)
+    return None if method is None else METHOD_COLORS[method]
+
+
+def label_colors(labels: Sequence[str]) -> dict[str, str]:
+    """A distinct colour per label: its method's colour (a darker, then lighter shade for repeats), else a spare one."""
+    colors, repeats, spare = {}, Counter(), itertools.cycle(OTHER_COLORS)
+    for label in labels:
+        method = method_of(label)
+        if method is None:
+            colors[label] = next(spare)
+        else:
+            colors[label] = _shade(METHOD_COLORS[method], repeats[method])
+            repeats[method] += 1
+    return colors
+
+
+def _shade(color: str, k: int) -> str:
+    """The k-th variant of a colour: itself, then alternately darker and lighter, further each round."""
+    if k == 0:
+        return color
+    amount = min(0.4 * ((k + 1) // 2), 0.8)
+    target = np.zeros(3) if k % 2 else np.ones(3)
+    return to_hex((1 - amount) * np.asarray(to_rgb(color)) + amount * target)
+
+
+# ------------------------------------------------------------------ loss surfaces
+SURFACE_KINDS = ("contour", "filled", "heatmap", "surface3d")
+SPLIT_STYLES = {"train": "-", "test": "--"}
+
+
+def describe_measurement(surface: Surface) -> str:
+    """One line naming the data, the samples of each split, the batch size, BN mode and dtype of a surface."""
+    splits = surface.metadata.get("splits", {})
+    first = next(iter(splits.values()), {})
+    data = first.get("data", {})
+    measurement = first.get("measurement", {})
+    batch = measurement.get("batch_size") or max(first.get("batch_sizes", [0]))
+    recalibration = surface.metadata.get("bn_recalibration")
+    parts = [
+        data.get("spec") if isinstance(data, dict) else data,
+        ", ".join(f"{s} {d.get('n_samples')}" for s, d in splits.items()) + " samples"
+        + (f" (subset, seed {measurement.get('seed')})" if measurement.get("subset") else ""),
+        f"batch {batch}" if batch else None,
+        f"BN {first['mode']}" if "mode" in first else None,
+        f"BN recalibrated from {recalibration} batches" if recalibration else None,
+        first.get("dtype"),
+    ]
+    return " · ".join(str(p) for p in parts if p)
+
+
+def plot_lines(surfaces: Mapping[str, Surface], *, splits: Sequence[str] | None = None, log: bool = False,
+               accuracy: bool = False, title: str | None = None) -> plt.Figure:
+    """Overlay labelled 1-D surfaces: method colours, train solid and test dashed, accuracy on a twin axis."""
+    _check_dims(surfaces, 1)
+    kinds = {s.directions.kind for s in surfaces.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"cannot overlay 1-D surfaces along different kinds of direction ({', '.join(sorted(kinds))})")
+    colors = label_colors(list(surfaces))
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    twin = ax.twinx() if accuracy else None
+    used = []
+    for label, surface in surfaces.items():
+        for split in _splits(surface, label, splits):
+            used.append(split)
+            style = {"color": colors[label], "ls": SPLIT_STYLES.get(split, ":"),
+                     "marker": None if surface.complete else "."}
+            ax.plot(surface.axes[0], _loss(surface, split, label, log), lw=1.8, **style)
+            if twin is not None:
+                twin.plot(surface.axes[0], surface.accuracy[split], lw=1.0, alpha=0.45, **style)
+    surface = next(iter(surfaces.values()))
+    if surface.directions.kind == "between":
+        _mark_endpoints(ax, surfaces)
+    ax.set_yscale("log" if log else "linear")
+    ax.set_xlabel(axis_label(surface.directions, 0))
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if twin is not None:
+        twin.set_ylabel("accuracy (faint lines)")
+        twin.set_ylim(0, 1.02)
+        ax.set_zorder(twin.get_zorder() + 1)  # the legend in front of the accuracy lines
+        ax.patch.set_visible(False)
+    ax.legend(handles=_legend_handles(colors, dict.fromkeys(used), accuracy), frameon=False, fontsize=8)
+    _titles(fig, surfaces, title)
+    return fig
+
+
+def plot_surfaces(surfaces: Mapping[str, Surface], *, kind: str = "contour", split: str = "train",
+                  log: bool = False, levels: int = 15, title: str | None = None) -> plt.Figure:
+    """2-D surfaces side by side on one colour scale and one set of contour levels, origin and PCA path marked."""
+    if kind not in SURFACE_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; use one of {', '.join(SURFACE_KINDS)}")
+    _check_dims(surfaces, 2)
+    grids = {label: _loss(s, split, label, log) for label, s in surfaces.items()}
+    norm, contour_levels = shared_scale(list(grids.values()), log, levels)
+    projection = {"projection": "3d"} if kind == "surface3d" else {}
+    fig, axes = plt.subplots(1, len(surfaces), figsize=(4.4 * len(surfaces) + 1.4, 4.2), squeeze=False,
+                             layout="constrained", subplot_kw=projection)
+    for ax, (label, surface) in zip(axes[0], surfaces.items()):
+        mappable = _draw(ax, surface, grids[label], kind, norm, contour_levels, log)
+        ax.set_title(label if len(surfaces) > 1 else f"{split} loss", fontsize=10)
+    bar = fig.colorbar(mappable, ax=list(axes[0]), shrink=0.85, label=f"{split} loss" + (" (log scale)" if log else ""))
+    ticks = round_levels(norm.vmin, norm.vmax, 6, log)
+    bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+    bar.minorticks_off()
+    _titles(fig, surfaces, title)
+    return fig
+
+
+def shared_scale(grids: Sequence[np.ndarray], log: bool, levels: int) -> tuple[Normalize, np.ndarray]:
+    """One colour norm and one set of contour levels spanning the finite values of every grid."""
+    finite = np.concatenate([g[np.isfinite(g)] for g in grids])
+    low, high = float(finite.min()), float(finite.max())
+    if high <= low:
+        high = low + max(abs(low), 1.0) * 1e-6
+    norm = LogNorm(low, high) if log else Normalize(low, high)
+    return norm, np.concatenate([[low], round_levels(low, high, levels, log), [high]])
+
+
+def round_levels(low: float, high: float, n: int, log: bool) -> np.ndarray:
+    """At most about n round numbers strictly between low and high: 1-2-5 style steps, or 1…9 × 10^k on a log scale."""
+    if not log:
+        ticks = MaxNLocator(n, steps=[1, 2, 2.5, 5, 10]).tick_values(low, high)
+        return ticks[(ticks > low) & (ticks < high)]
+    decades = np.arange(np.floor(np.log10(low)), np.ceil(np.log10(high)) + 1)
+    for mantissas in (range(1, 10), (1, 1.5, 2, 3, 5, 7), (1, 2, 5), (1, 3), (1,)):
+        ticks = np.array([m * 10.0 ** d for d in decades for m in mantissas])
+        ticks = ticks[(ticks > low) & (ticks < high)]
+        if len(ticks) <= n:
+            break
+    return ticks
+
+
+def axis_label(directions: Directions, i: int) -> str:
+    """What coordinate i measures: a normalized random direction, α between two checkpoints, or a PCA component."""
+    if directions.kind == "between":
+        return "α (0 = A, 1 = B)"
+    if directions.kind == "pca":
+        ratio = directions.spec.get("explained_variance_ratio", [])
+        share = f" ({ratio[i]:.1%} of variance)" if i < len(ratio) else ""
+        return f"PC{i + 1}{share}"
+    if directions.kind == "random":
+        normalization = directions.spec.get("normalization", "filter")
+        name = "random direction" if normalization == "none" else f"{normalization}-normalized random direction"
+        return name if directions.dim == 1 else f"{name} {i + 1}"
+    return f"direction {i + 1}"
+
+
+def _check_dims(surfaces: Mapping[str, Surface], dim: int) -> None:
+    """Refuse an empty mapping and surfaces of the wrong dimension."""
+    if not surfaces:
+        raise ValueError("no surfaces to plot")
+    for label, surface in surfaces.items():
+        if surface.dim != dim:
+            raise ValueError(f"{label} is a {surface.dim}-D surface; this plot takes {dim}-D surfaces")
+
+
+def _splits(surface: Surface, label: str, splits: Sequence[str] | None) -> list[str]:
+    """The requested splits (all of the surface's by default), refusing ones the surface lacks."""
+    for split in splits or ():
+        if split not in surface.loss:
+            raise ValueError(f"{label} has no {split} split (it has {', '.join(surface.loss)})")
+    return list(splits) if splits else list(surface.loss)
+
+
+def _loss(surface: Surface, split: str, label: str, log: bool) -> np.ndarray:
+    """The loss grid of one split, NaN where not computed; refuses empty grids, and values ≤ 0 on a log scale."""
+    _splits(surface, label, [split])
+    values = np.asarray(surface.loss[split], dtype=float)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise ValueError(f"{label} has no computed {split} loss yet")
+    if log and finite.min() <= 0:
+        raise ValueError(f"{label}: the {split} loss reaches {finite.min():g}, which a log scale cannot show")
+    return values
+
+
+def _draw(ax: plt.Axes, surface: Surface, values: np.ndarray, kind: str, norm: Normalize, levels: np.ndarray,
+          log: bool) -> ScalarMappable:
+    """One panel of a 2-D surface; returns what the shared colour bar describes."""
+    x, y = np.meshgrid(*surface.axes, indexing="ij")
+    z = np.ma.masked_invalid(values)
+    cmap = plt.get_cmap("viridis")
+    ax.set_xlabel(axis_label(surface.directions, 0))
+    ax.set_ylabel(axis_label(surface.directions, 1))
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.yaxis.set_major_locator(MaxNLocator(5))
+    if kind == "surface3d":
+        return _draw_3d(ax, surface, z, norm, cmap, log)
+    if kind == "contour":
+        mappable = ax.contour(x, y, z, levels=levels, norm=norm, cmap=cmap, linewidths=1.2)
+        ax.clabel(mappable, levels[1:-1:2], fmt="%g", fontsize=7)
+    elif kind == "filled":
+        mappable = ax.contourf(x, y, z, levels=levels, norm=norm, cmap=cmap)
+    else:
+        mappable = ax.pcolormesh(x, y, z, norm=norm, cmap=cmap, shading="nearest")
+    if surface.directions.trajectory is not None:
+        _overlay_trajectory(ax, surface.directions)
+    ax.plot(0, 0, marker="*", color="black", mec="white", ms=12, ls="none", label="origin", zorder=5)
+    return mappable
+
+
+def _draw_3d(ax: plt.Axes, surface: Surface, z: np.ma.MaskedArray, norm: Normalize, cmap: Colormap,
+             log: bool) -> ScalarMappable:
+    """A 3-D surface with shared colours and heights (log₁₀ loss on a log scale), the origin drawn on top."""
+    x, y = np.meshgrid(*surface.axes, indexing="ij")
+    height = np.log10(z) if log else z
+    ax.computed_zorder = False  # the origin marker stays visible in front of the surface
+    ax.plot_surface(x, y, height, facecolors=cmap(norm(z)), rstride=1, cstride=1, linewidth=0, shade=False, zorder=1)
+    i, j = (int(np.abs(a).argmin()) for a in surface.axes)
+    ax.scatter([surface.axes[0][i]], [surface.axes[1][j]], [height[i, j]], color="black", edgecolor="white",
+               marker="*", s=120, depthshade=False, zorder=5)
+    ax.set_zlim(*(np.log10([norm.vmin, norm.vmax]) if log else (norm.vmin, norm.vmax)))  # shared heights
+    ax.set_zlabel("log₁₀ loss" if log else "loss", fontsize=9)
+    ax.set_box_aspect(None, zoom=0.85)  # room for the axis labels inside the panel
+    ax.zaxis.set_major_locator(MaxNLocator(5))
+    ax.tick_params(labelsize=7, pad=1)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.label.set_fontsize(8)
+    return ScalarMappable(norm, cmap)
+
+
+def _overlay_trajectory(ax: plt.Axes, directions: Directions) -> None:
+    """The training trajectory in the plane of its PCA directions, first and last checkpoints named."""
+    path = np.asarray(directions.trajectory)
+    ax.plot(path[:, 0], path[:, 1], color="#d62728", lw=1.5, marker="o", ms=3.5, label="trajectory")
+    names = directions.labels or ("start", "end")
+    for (px, py), name, offset in ((path[0], names[0], (6, 6)), (path[-1], names[-1], (6, -12))):
+        ax.annotate(name, (px, py), xytext=offset, textcoords="offset points", fontsize=8, color="#d62728",
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
+
+
+def _mark_endpoints(ax: plt.Axes, surfaces: Mapping[str, Surface]) -> None:
+    """Dotted lines at α = 0 and α = 1, labelled A and B (with the checkpoints' names when there is one curve)."""
+    names = ("A", "B")
+    if len(surfaces) == 1:
+        surface = next(iter(surfaces.values()))
+        first = next(iter(surface.metadata.get("splits", {}).values()), {})
+        a, b = first.get("checkpoint"), surface.directions.spec.get("other")
+        names = tuple(f"{n} = {_short_path(p)}" if p else n for n, p in zip(names, (a, b)))
+    for alpha in (0.0, 1.0):
+        ax.axvline(alpha, color="black", ls=":", lw=1)
+    ax.secondary_xaxis("top").set_xticks([0.0, 1.0], labels=names, fontsize=8)
+
+
+def _short_path(path: str) -> str:
+    """The last two parts of a path (run/final.pt), enough to tell runs apart."""
+    return "/".join(Path(path).parts[-2:])
+
+
+def _legend_handles(colors: Mapping[str, str], splits: Iterable[str], accuracy: bool) -> list[Line2D]:
+    """One entry per label (its colour) and one per split (its line style), plus the accuracy lines' look."""
+    handles = [Line2D([], [], color=c, lw=2, label=label) for label, c in colors.items()]
+    handles += [Line2D([], [], color="black", ls=SPLIT_STYLES.get(s, ":"), label=s) for s in splits]
+    if accuracy:
+        handles.append(Line2D([], [], color="black", alpha=0.45, lw=1, label="accuracy (right axis)"))
+    return handles
+
+
+def _titles(fig: plt.Figure, surfaces: Mapping[str, Surface], title: str | None) -> None:
+    """The optional title on top; below the figure, the measurement set (per label when they differ)."""
+    if title:
+        fig.suptitle(title)
+    captions = {label: describe_measurement(s) for label, s in surfaces.items()}
+    lines = set(captions.values())
+    caption = lines.pop() if len(lines) == 1 else "\n".join(f"{k}: {v}" for k, v in captions.items())
+    fig.supxlabel(caption, fontsize=8, color="#444444")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from landscape import distributed as ranks
 from landscape.params import FlatLayout, select_parameters
 from landscape.results import Result
 
@@ -65,6 +66,9 @@ class Objective:
     the rest and all buffers stay fixed. `hvp_method` picks the exact Hessian-vector
     product path; `auto` takes the fastest one measured for the model size and device
     (benchmarks/hvp.py) and falls back to double backward where torch.func cannot trace.
+    With `distributed=True` (under torchrun) `batches` is this rank's shard of the measurement set
+    (landscape.distributed.shard) and every loss, gradient and HVP is summed over the ranks, so
+    each rank sees the global objective and seeded estimators run identically everywhere.
     """
 
     def __init__(
@@ -80,20 +84,30 @@ class Objective:
         hvp_method: str = "auto",
         graph_memory_budget: float | None = None,
         metadata: dict | None = None,
+        distributed: bool = False,
     ) -> None:
         if hvp_method not in HVP_METHODS:
             raise ObjectiveError(f"unknown hvp_method {hvp_method!r}; use one of {', '.join(HVP_METHODS)}")
-        if not batches:
-            raise ObjectiveError("the measurement set is empty: give at least one batch")
+        if distributed and not ranks.active():
+            raise ObjectiveError("distributed=True needs an initialised process group: launch with torchrun")
+        self.distributed = distributed
+        self.world_size = ranks.world_size() if distributed else 1
         self.device = torch.device(device) if device is not None else default_device()
+        if distributed:
+            self.device = ranks.local_device(self.device)
         self.dtype = dtype
         self.mode = mode
         self.loss_fn = loss_fn or F.cross_entropy
         self.model = _prepare_model(model, mode, self.device, dtype)
         self.batches = [self._to_device(x, y) for x, y in batches]
-        sizes = torch.tensor([len(y) for _, y in self.batches], dtype=torch.float64)
-        self.n_samples = int(sizes.sum())
-        self.batch_weights = (sizes / sizes.sum()).tolist()
+        sizes = [len(y) for _, y in self.batches]
+        all_sizes = [n for part in ranks.all_gather(sizes) for n in part] if distributed else sizes
+        if not all_sizes:
+            raise ObjectiveError("the measurement set is empty: give at least one batch")
+        self.n_samples, self.n_batches = sum(all_sizes), len(all_sizes)
+        self.batch_sizes = sorted(set(all_sizes))
+        self.batch_weights = [n / self.n_samples for n in sizes]
+        self._eval_batches = _merged(self.batches) if mode == "eval" else self.batches
         self.param_selection = params
         names = select_parameters(self.model, params)
         state = dict(self.model.named_parameters())
@@ -124,8 +138,10 @@ class Objective:
         """What was measured and how: recorded in every result's metadata."""
         return {
             "n_samples": self.n_samples,
-            "n_batches": len(self.batches),
-            "batch_sizes": sorted({len(y) for _, y in self.batches}),
+            "n_batches": self.n_batches,
+            "batch_sizes": self.batch_sizes,
+            "world_size": self.world_size,
+            "sharded": self.distributed,
             "mode": self.mode,
             "params": self.param_selection,
             "n_params": self.n_params,
@@ -135,8 +151,12 @@ class Objective:
             **self.metadata,
         }
 
+    def _state(self, w: torch.Tensor, buffers: dict | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor functional_call needs: fixed parameters and buffers, replaced buffers, then `w`'s views."""
+        return {**self._fixed, **(buffers or {}), **self.layout.unflatten(w)}
+
     def _outputs(self, w: torch.Tensor, x: torch.Tensor, buffers: dict | None = None) -> torch.Tensor:
-        return functional_call(self.model, {**self._fixed, **(buffers or {}), **self.layout.unflatten(w)}, (x,))
+        return functional_call(self.model, self._state(w, buffers), (x,))
 
     def _batch_loss(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self._outputs(w, x), y)
@@ -148,27 +168,34 @@ class Objective:
             raise ObjectiveError(f"weight vector has shape {tuple(w.shape)}, expected ({self.n_params},)")
         return w.to(device=self.device, dtype=self.dtype)
 
+    def _reduced(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sum summed over the ranks (itself when not distributed)."""
+        return ranks.all_reduce_sum(tensor) if self.distributed else tensor
+
     def _weighted_sum(self, per_batch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         return sum(c * per_batch(x, y) for c, (x, y) in zip(self.batch_weights, self.batches))
 
     # ----------------------------------------------------------- loss, grad
     @torch.no_grad()
-    def evaluate(self, w: torch.Tensor | None = None, buffers: dict[str, torch.Tensor] | None = None) -> Evaluation:
+    def evaluate(self, w: torch.Tensor | None = None, buffers: dict[str, torch.Tensor] | None = None,
+                 check_finite: bool = True) -> Evaluation:
         """Loss and top-1 accuracy (when targets are class labels) at `w` (default: the checkpoint).
 
         `buffers` replaces fixed tensors by name, e.g. BN statistics from `bn_statistics(w)`.
+        A non-finite loss raises unless `check_finite` is False (far points of a surface may diverge).
         """
-        w = self._point(w)
-        total_loss, correct, labelled = 0.0, 0, 0
-        for c, (x, y) in zip(self.batch_weights, self.batches):
-            out = self._outputs(w, x, buffers)
-            total_loss += c * float(self.loss_fn(out, y))
+        state = self._state(self._point(w), buffers)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # weighted loss, correct, labelled
+        for x, y in self._eval_batches:
+            out = functional_call(self.model, state, (x,))
+            totals[0] += len(y) / self.n_samples * self.loss_fn(out, y).double()
             if out.ndim == 2 and not y.is_floating_point():
-                correct += int((out.argmax(dim=1) == y).sum())
-                labelled += len(y)
-        if not math.isfinite(total_loss):
+                totals[1] += (out.argmax(dim=1) == y).sum()
+                totals[2] += len(y)
+        loss, correct, labelled = self._reduced(totals).tolist()
+        if check_finite and not math.isfinite(loss):
             raise ObjectiveError("the loss is not finite at this point (NaN or inf): check the weights and the data")
-        return Evaluation(total_loss, correct / labelled if labelled else None, self.n_samples)
+        return Evaluation(loss, correct / labelled if labelled else None, self.n_samples)
 
     @torch.no_grad()
     def bn_statistics(self, w: torch.Tensor, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -177,6 +204,7 @@ class Objective:
         After a large weight perturbation the stored running statistics no longer match the
         activations, so eval-mode BN overstates the loss; re-estimating them (as for SWA, Izmailov
         et al. 2018) measures the perturbed network as it would be used. Returns fresh tensors by name.
+        No collective: a distributed objective needs the same `inputs` on every rank (perturb.recalibration_inputs).
         """
         norms = {name: m for name, m in self.model.named_modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
@@ -210,7 +238,7 @@ class Objective:
         for c, (x, y) in zip(self.batch_weights, self.batches):
             (g,) = torch.autograd.grad(self._batch_loss(w, x, y), w)
             total += c * g
-        return total
+        return self._reduced(total)
 
     # ------------------------------------------------------------------ HVPs
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
@@ -222,6 +250,12 @@ class Objective:
         V = V.to(device=self.device, dtype=self.dtype)
         if V.ndim != 2 or V.shape[1] != self.n_params:
             raise ObjectiveError(f"probe block has shape {tuple(V.shape)}, expected (k, {self.n_params})")
+        return self._reduced(self._local_hvp(V))
+
+    def _local_hvp(self, V: torch.Tensor) -> torch.Tensor:
+        """This rank's share of H V (all of it when not distributed); zero for a rank without batches."""
+        if not self.batches:
+            return torch.zeros_like(V)
         try:
             return getattr(self, "_hvp_" + self.hvp_method.replace("-", "_"))(V)
         except Exception as error:  # torch.func cannot trace every model; autograd can
@@ -230,7 +264,7 @@ class Objective:
             fallback = "reuse" if self.hvp_method == "linearize" else "double-backward"
             warnings.warn(f"torch.func could not trace the model ({type(error).__name__}: {error}); using {fallback}")
             self.hvp_method, self._cache = fallback, None
-            return self.hvp_batched(V)
+            return self._local_hvp(V)
 
     def _hvp_double_backward(self, V: torch.Tensor) -> torch.Tensor:
         """Double backward, recomputing the gradient graph on every call (least memory)."""
@@ -277,7 +311,9 @@ class Objective:
         return torch.stack([jvp_fn(v) for v in V])
 
     def graph_bytes(self) -> int:
-        """Memory a kept gradient graph needs for the whole measurement set, measured on the first batch."""
+        """Memory a kept gradient graph needs for this rank's batches (all of them unless distributed), from the first."""
+        if not self.batches:
+            return 0
         saved = 0
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -289,7 +325,7 @@ class Objective:
         w = self.w.detach().requires_grad_(True)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             torch.autograd.grad(self._batch_loss(w, x, y), w, create_graph=True)
-        return int(saved * self.n_samples / len(y))
+        return int(saved * sum(len(b) for _, b in self.batches) / len(y))
 
     def _resolve_hvp_method(self, method: str) -> str:
         """`auto`: reuse a linearized gradient when it fits in memory (fastest on CPU, benchmarks/hvp.py)."""
@@ -301,6 +337,25 @@ class Objective:
 
 
 _TORCH_FUNC_METHODS = ("linearize", "fwd-rev")
+EVAL_CHUNK_BYTES = 32 * 2**20
+
+
+def _merged(batches: list[Batch]) -> list[Batch]:
+    """Consecutive batches joined into chunks of at most EVAL_CHUNK_BYTES of input (never split).
+
+    In eval mode every sample's loss is independent of its batch, so forward-only evaluation
+    can take fewer, larger calls: fewer kernel launches and Python round trips per grid point.
+    """
+    chunks: list[list[Batch]] = []
+    size = EVAL_CHUNK_BYTES
+    for x, y in batches:
+        nbytes = x.numel() * x.element_size()
+        if size + nbytes > EVAL_CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append((x, y))
+        size += nbytes
+    return [(torch.cat([x for x, _ in c]), torch.cat([y for _, y in c])) if len(c) > 1 else c[0] for c in chunks]
 
 
 def _default_memory_budget(device: torch.device) -> float:

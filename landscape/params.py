@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -78,7 +79,9 @@ class FlatLayout:
         return out
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+        """One flat vector (or a stack of them, when the tensors carry leading batch dims) in layout order."""
+        lead = tensors[self.names[0]].shape[: -len(self.shapes[0])] if self.shapes[0] else tensors[self.names[0]].shape
+        return torch.cat([tensors[n].reshape(*lead, -1) for n in self.names], dim=-1)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of `flat` shaped like the parameters; a leading batch dim is kept (for vmap-free stacks)."""
@@ -108,3 +111,12 @@ def rescale_filters(direction: dict[str, torch.Tensor], weights: dict[str, torch
 def _filter_shape(w: torch.Tensor) -> tuple[int, int]:
     """(number of filters, filter size): rows of the (out_channels, −1) reshape; one element per filter for ≤1-D."""
     return (w.shape[0], w[0].numel()) if w.ndim >= 2 else (w.numel(), 1)
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor], salt: str = "") -> str:
+    """SHA-256 of named tensors' names and bytes (plus a salt string): equal digests, equal tensors."""
+    digest = hashlib.sha256(salt.encode())
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

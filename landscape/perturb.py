@@ -20,11 +20,12 @@ import scipy.optimize
 import scipy.stats
 import torch
 
+from landscape import distributed as ranks
 from landscape.objective import Batch, Evaluation, Objective
 from landscape.operators import DiagonalScaledOperator, HessianOperator
 from landscape.params import rescale_filters
-from landscape.results import Result
 from landscape.probes import check_int, seeded_generator
+from landscape.results import Result
 from landscape.trace import TraceResult, hutchinson
 
 DISTRIBUTIONS = ("uniform", "gaussian")
@@ -344,6 +345,25 @@ def _halfwidth(samples: Sequence[float]) -> float:
     return float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, len(samples) - 1)) * _stderr(samples)
 
 
+def recalibration_inputs(objective: Objective, bn_recalibration: int,
+                         batches: Sequence[Batch] | None = None) -> list[torch.Tensor]:
+    """The inputs BN statistics are re-estimated from at each perturbed point: the first k batches.
+
+    A data-parallel objective gathers the first k batches of the whole measurement set from the
+    ranks that hold them, so every rank re-estimates the statistics one process would.
+    """
+    check_int("bn_recalibration", bn_recalibration, 1)
+    if objective.mode != "eval":
+        raise ValueError("bn_recalibration needs an eval-mode objective: in train mode BN already uses batch statistics")
+    available = objective.n_batches if batches is None else len(batches)
+    if available < bn_recalibration:
+        raise ValueError(f"bn_recalibration = {bn_recalibration} batches, but only {available} are available")
+    if batches is None and objective.distributed:
+        local = [x for x, _ in objective.batches]
+        return [x.to(objective.device) for x in ranks.unshard(local, bn_recalibration)]
+    return [x for x, _ in list(objective.batches if batches is None else batches)[:bn_recalibration]]
+
+
 def _evaluator(objective: Objective, bn_recalibration: int | None,
                recalibration_batches: Sequence[Batch] | None) -> tuple[Callable[[torch.Tensor], Evaluation], int]:
     """Loss/accuracy at a point, with running BN statistics or re-estimated ones; and its recalibration forwards."""
@@ -351,13 +371,7 @@ def _evaluator(objective: Objective, bn_recalibration: int | None,
         if recalibration_batches is not None:
             raise ValueError("recalibration_batches is only used with bn_recalibration=k (the number of batches)")
         return objective.evaluate, 0
-    check_int("bn_recalibration", bn_recalibration, 1)
-    if objective.mode != "eval":
-        raise ValueError("bn_recalibration needs an eval-mode objective: in train mode BN already uses batch statistics")
-    batches = objective.batches if recalibration_batches is None else list(recalibration_batches)
-    if len(batches) < bn_recalibration:
-        raise ValueError(f"bn_recalibration = {bn_recalibration} batches, but only {len(batches)} are available")
-    inputs = [x for x, _ in batches[:bn_recalibration]]
+    inputs = recalibration_inputs(objective, bn_recalibration, recalibration_batches)
 
     def evaluate(w: torch.Tensor) -> Evaluation:
         return objective.evaluate(w, buffers=objective.bn_statistics(w, inputs))

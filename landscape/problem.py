@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from landscape import distributed as ranks
 from landscape.checkpoints import Checkpoint, CheckpointError
 from landscape.data import Dataset, MeasurementSet, load_data
 from landscape.models import model_for_data
@@ -65,20 +66,29 @@ def objective_from_checkpoint(
     model: str | None = None,
     model_kwargs: dict | None = None,
     measurement: MeasurementSet = MeasurementSet(),
+    distributed: bool = False,
     **objective_options,
 ) -> Objective:
-    """Build the Objective on the measurement set, recording checkpoint, data and samples."""
+    """Build the Objective on the measurement set, recording checkpoint, data and samples.
+
+    `distributed=True` (under torchrun) gives each rank its round-robin shard of the batches and
+    an Objective that sums over the ranks (landscape.distributed).
+    """
     data_spec = resolve_data(checkpoint, data)
     dataset = data_spec.load()
-    net = checkpoint.build_model(resolve_model_spec(model, model_kwargs, dataset))
+    model_spec = resolve_model_spec(model, model_kwargs, dataset)
+    net = checkpoint.build_model(model_spec)
     batches = measurement.batches(dataset)
     metadata = {
         "checkpoint": checkpoint.path,
+        "model_spec": model_spec or checkpoint.model_spec,
         "checkpoint_sha256": file_sha256(checkpoint.path),
         "data": data_spec.to_dict(),
         "measurement": measurement.describe(dataset),
     }
-    return Objective(net, batches, metadata=metadata, **objective_options)
+    if distributed:
+        batches = ranks.shard(batches)
+    return Objective(net, batches, metadata=metadata, distributed=distributed, **objective_options)
 
 
 def parse_dtype(name: str) -> torch.dtype:

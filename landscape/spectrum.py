@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from landscape.operators import LinearOperator
-from landscape.results import Result
 from landscape.probes import check_int, rademacher, seeded_generator
+from landscape.results import Result
 
 WHICH = ("LA", "SA", "LM")
 STOPS = ("error", "residual")

@@ -1,0 +1,323 @@
+"""`landscape compare`: the same measurements on several checkpoints, with shared probes, noise and directions.
+
+Every checkpoint is measured on the same measurement set with the same seeds, so Lanczos and
+trace probes, weight-noise draws and surface directions are common random numbers: differences
+between checkpoints are paired, and their confidence intervals are much tighter than those of
+independent runs. Checkpoints that share a label (by default: method and batch size) and differ
+only in training seed are aggregated, and a difference between methods is only called a
+difference when its interval, built from the seed spread, excludes zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import scipy.stats
+
+from analysis.measure import METRICS, build_objective, parse_metrics
+from analysis.report import Report
+from analysis.surfaces import parse_range
+from analysis.tables import format_table
+from landscape.checkpoints import load_checkpoint
+from landscape.directions import random_directions
+from landscape.results import to_jsonable
+from landscape.surface import compute_surface
+
+COMPARE_METRICS = ("eig", "trace", "density", "sharpness-curve", "eps-sharpness", "surface", "surface2d")
+DEFAULT_METRICS = "eig,trace,sharpness-curve,surface"
+CONFIDENCE = 0.95
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("comparison")
+    group.add_argument("--labels", help="comma list, one per checkpoint; equal labels = seeds of one method (default: method and batch size)")
+    group.add_argument("--out", default="comparison", help="folder for report.md, report.html, results.json and figures")
+    group.add_argument("--allow-mixed", action="store_true", help="compare checkpoints of different models or data sets")
+    group.add_argument("--surface-range", default="-1:1:21", metavar="START:STOP:NUM", help="1-D surface grid (default -1:1:21)")
+    group.add_argument("--surface2d-range", default="-1:1:11", metavar="START:STOP:NUM", help="2-D surface grid (default -1:1:11)")
+    parser.set_defaults(metrics=DEFAULT_METRICS, k=3, radius="0.005,0.01,0.02", noise_samples=40, probes=60)
+
+
+def checkpoint_label(path: str, meta: dict) -> str:
+    """Method, its noise size and batch size from the training config; the run folder's name otherwise."""
+    config = meta.get("train")
+    if not config:
+        return Path(path).resolve().parent.name
+    noise = "".join(f" {k}={v:g}" for k, v in config.get("optimizer_kwargs", {}).items() if isinstance(v, (int, float)))
+    return f"{config['optimizer']}{noise} B={config['batch_size']}"
+
+
+def check_compatible(checkpoints: Sequence, allow_mixed: bool) -> None:
+    """Refuse checkpoints of different architectures or data sets unless allowed."""
+    first = checkpoints[0]
+    for other in checkpoints[1:]:
+        for what, a, b in (("model", first.model_spec, other.model_spec), ("data", first.data_spec, other.data_spec)):
+            if a != b and not allow_mixed:
+                raise ValueError(f"{first.path} and {other.path} differ in {what} ({_short(a)} vs {_short(b)}); "
+                                 "pass --allow-mixed to compare them anyway")
+
+
+def measure_checkpoint(path: str, label: str, args: argparse.Namespace, out: Path) -> dict:
+    """Accuracy, losses and the chosen metrics of one checkpoint, as quantities with uncertainties."""
+    metrics = [m for m in args.metrics.split(",") if m]
+    objective = build_objective(path, args)
+    test = build_objective(path, argparse.Namespace(**{**vars(args), "split": "test", "n_samples": None}))
+    clean, held_out = objective.evaluate(), test.evaluate()
+    quantities = {"train loss": {"value": clean.loss, "stderr": 0.0}}
+    if held_out.accuracy is not None:
+        p = held_out.accuracy
+        quantities["test accuracy"] = {"value": p, "stderr": math.sqrt(p * (1 - p) / held_out.n_samples)}
+    quantities["test loss"] = {"value": held_out.loss, "stderr": 0.0}
+    raw: dict = {}
+    for name in metrics:
+        if name in ("surface", "surface2d"):
+            dim = 1 if name == "surface" else 2
+            axis = parse_range(args.surface_range if dim == 1 else args.surface2d_range)
+            surface = compute_surface({"train": objective, "test": test}, random_directions(objective, dim, seed=args.seed),
+                                      [axis] * dim, path=_surface_file(out, objective, args, dim), resume=True,
+                                      progress=args.progress)
+            raw[name] = surface.path
+            continue
+        result = METRICS[name](objective, args).to_dict()
+        raw[name] = result
+        quantities.update(_quantities(name, result))
+    meta = load_checkpoint(path, trust=args.trust_checkpoint).meta
+    return {"label": label, "path": path, "seed": meta.get("train", {}).get("seed"), "config": meta.get("train"),
+            "setup": objective.describe(), "test_setup": test.describe(), "quantities": quantities, "raw": raw}
+
+
+def _surface_file(out: Path, objective, args: argparse.Namespace, dim: int) -> Path:
+    """A file name unique to the checkpoint and every setting the surface depends on, so reruns resume it."""
+    settings = [objective.describe(), args.seed, args.surface_range if dim == 1 else args.surface2d_range]
+    key = hashlib.sha256(json.dumps(to_jsonable(settings), sort_keys=True).encode()).hexdigest()[:16]
+    return out / "surfaces" / f"{Path(objective.metadata['checkpoint']).parent.name}-{key}-{dim}d.h5"
+
+
+def _quantities(metric: str, result: dict) -> dict:
+    """Scalar quantities (value, stderr, and the paired samples where there are any) of one metric's result."""
+    if metric == "eig":
+        return {f"λ{i}": {"value": v, "stderr": r} for i, (v, r) in enumerate(zip(result["values"], result["residuals"]), 1)}
+    if metric == "trace":
+        return {"trace": {"value": result["estimate"], "stderr": result["stderr"]}}
+    if metric == "sharpness-curve":
+        return {f"ΔL a={point['radius']:g}": {
+            "value": point["increase"], "stderr": point["stderr"],
+            "samples": (np.asarray(point["samples"]) - point["clean_loss"]).tolist()} for point in result["points"]}
+    if metric == "eps-sharpness":
+        values = np.asarray(result["values"])
+        return {"ε-sharpness": {"value": result["value"], "stderr": float(values.std(ddof=1) / math.sqrt(len(values)))}}
+    return {}
+
+
+def aggregate(members: list[dict], name: str) -> dict | None:
+    """One method's value of a quantity: the estimate ± its own stderr for one seed, mean ± std over seeds."""
+    found = [m["quantities"][name] for m in members if name in m["quantities"]]
+    if not found:
+        return None
+    values = np.array([q["value"] for q in found])
+    if len(found) == 1:
+        return {"mean": float(values[0]), "spread": found[0]["stderr"], "n": 1, "kind": "stderr"}
+    return {"mean": float(values.mean()), "spread": float(values.std(ddof=1)), "n": len(found), "kind": "std over seeds"}
+
+
+def difference(baseline: list[dict], other: list[dict], name: str) -> dict | None:
+    """other − baseline with a 95% interval: Welch over seeds, paired draws for single runs, else estimator errors."""
+    a = [m["quantities"][name] for m in baseline if name in m["quantities"]]
+    b = [m["quantities"][name] for m in other if name in m["quantities"]]
+    if not a or not b:
+        return None
+    va, vb = np.array([q["value"] for q in a]), np.array([q["value"] for q in b])
+    diff = float(vb.mean() - va.mean())
+    unpaired = None
+    if len(a) > 1 and len(b) > 1:
+        sa, sb = va.var(ddof=1) / len(a), vb.var(ddof=1) / len(b)
+        df = (sa + sb) ** 2 / (sa**2 / (len(a) - 1) + sb**2 / (len(b) - 1)) if sa + sb > 0 else 1.0
+        half, basis = _t(df) * math.sqrt(sa + sb), f"seed spread (Welch, {len(a)} vs {len(b)} seeds)"
+    elif len(a) > 1 or len(b) > 1:
+        seeds = va if len(a) > 1 else vb
+        half = _t(len(seeds) - 1) * seeds.std(ddof=1) * math.sqrt(1 / len(a) + 1 / len(b))
+        basis = f"seed spread of the {len(seeds)}-seed group"
+    else:
+        if "samples" in a[0] and "samples" in b[0] and len(a[0]["samples"]) == len(b[0]["samples"]):
+            d = np.array(b[0]["samples"]) - np.array(a[0]["samples"])
+            t = _t(len(d) - 1)  # the same quantile for the interval independent draws would give
+            half, basis = t * d.std(ddof=1) / math.sqrt(len(d)), "paired noise draws (one seed each)"
+            unpaired = t * math.hypot(a[0]["stderr"], b[0]["stderr"])
+        else:
+            half, basis = 1.96 * math.hypot(a[0]["stderr"], b[0]["stderr"]), "estimator error (one seed each)"
+    scale = abs(float(va.mean()))
+    return {"diff": diff, "halfwidth": half, "unpaired_halfwidth": unpaired, "basis": basis,
+            "relative": diff / scale if scale else None, "relative_halfwidth": half / scale if scale else None,
+            "significant": abs(diff) > half, "seeds": len(a) > 1 or len(b) > 1}
+
+
+def _t(df: float) -> float:
+    return float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, max(df, 1.0)))
+
+
+def compare(paths: Sequence[str], args: argparse.Namespace) -> dict:
+    """Measure every checkpoint alike, group seeds, and compute differences against the first group."""
+    parse_metrics(",".join(m for m in args.metrics.split(",") if m not in ("surface", "surface2d")) or "eig")
+    unknown = [m for m in args.metrics.split(",") if m and m not in COMPARE_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric {', '.join(unknown)}; choose from {', '.join(COMPARE_METRICS)}")
+    checkpoints = [load_checkpoint(p, trust=args.trust_checkpoint) for p in paths]
+    check_compatible(checkpoints, args.allow_mixed)
+    labels = args.labels.split(",") if args.labels else [checkpoint_label(p, c.meta) for p, c in zip(paths, checkpoints)]
+    if len(labels) != len(paths):
+        raise ValueError(f"--labels has {len(labels)} names for {len(paths)} checkpoints")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    members = [measure_checkpoint(p, label, args, out) for p, label in zip(paths, labels)]
+    groups: dict[str, list[dict]] = {}
+    for m in members:
+        groups.setdefault(m["label"], []).append(m)
+    names = list(dict.fromkeys(n for m in members for n in m["quantities"]))
+    baseline = next(iter(groups))
+    return {
+        "checkpoints": members,
+        "groups": {g: {n: aggregate(ms, n) for n in names} for g, ms in groups.items()},
+        "baseline": baseline,
+        "differences": {g: {n: difference(groups[baseline], ms, n) for n in names} for g, ms in groups.items() if g != baseline},
+        "quantities": names,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("run", "checkpoints")},
+    }
+
+
+def format_value(agg: dict | None) -> str:
+    if agg is None:
+        return ""
+    sign = "±"
+    n = f" (n={agg['n']})" if agg["n"] > 1 else ""
+    return f"{agg['mean']:.4g} {sign} {agg['spread']:.2g}{n}"
+
+
+def format_difference(d: dict | None) -> str:
+    if d is None:
+        return ""
+    text = f"{d['diff']:+.3g} [{d['diff'] - d['halfwidth']:+.3g}, {d['diff'] + d['halfwidth']:+.3g}]"
+    if d["relative"] is not None:
+        text += f" ({d['relative']:+.0%} ± {d['relative_halfwidth']:.0%})"
+    return text
+
+
+def verdict(d: dict) -> str:
+    """Whether a difference clears the seed spread; with one seed per method, only whether the two checkpoints differ."""
+    if d["seeds"]:
+        return "yes" if d["significant"] else "no"
+    return "one seed: checkpoints differ" if d["significant"] else "one seed: within noise"
+
+
+def comparison_tables(result: dict) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    """(headers, rows) of the value table and of the difference table."""
+    names = result["quantities"]
+    value_rows = [[g, *[format_value(agg[n]) for n in names]] for g, agg in result["groups"].items()]
+    diff_rows = []
+    for g, diffs in result["differences"].items():
+        for n in names:
+            d = diffs[n]
+            if d is not None:
+                paired = "" if d["unpaired_halfwidth"] is None else f"±{d['halfwidth']:.2g} (independent runs: ±{d['unpaired_halfwidth']:.2g})"
+                diff_rows.append([g, n, format_difference(d), verdict(d), d["basis"], paired])
+    return (["method", *names], value_rows,
+            ["method", "quantity", f"difference vs {result['baseline']} [95% CI] (relative)", "clears seed spread?", "interval from", "paired CI"],
+            diff_rows)
+
+
+def run(args: argparse.Namespace) -> None:
+    args.progress = not args.quiet and sys.stderr.isatty()
+    result = compare(args.checkpoints, args)
+    out = Path(args.out)
+    (out / "results.json").write_text(json.dumps(to_jsonable(result), indent=1) + "\n")
+    report = build_report(result, out)
+    md, page = report.write(out)
+    if args.json:
+        from analysis.cli import print_json
+
+        print_json(result)
+        return
+    h1, r1, h2, r2 = comparison_tables(result)
+    print(format_table(h1, r1))
+    print()
+    print(format_table(h2, r2))
+    print(f"\nreport: {md} and {page} (figures in {out}/)")
+
+
+def make_figures(result: dict, out: Path) -> list[tuple[str, str]]:
+    """The comparison figures in `out`, as (file name, caption); one colour per method throughout."""
+    from analysis.plots import plot_lines, plot_sharpness_curves, plot_spectral_densities, plot_surfaces, save
+    from landscape.surface import read_surface
+
+    members = result["checkpoints"]
+    firsts = {}  # surfaces: the first seed of each label, so the figures stay readable
+    for c in members:
+        firsts.setdefault(c["label"], c)
+    several = len(firsts) < len(members)
+    which = " (first seed of each method)" if several else ""
+    m = members[0]["setup"]["measurement"]
+    where = f"{m['split']} split, {m['n_samples']} samples of {members[0]['setup']['data']['spec']}"
+    figures = []
+    if all("surface" in c["raw"] for c in members):
+        fig = plot_lines({label: read_surface(c["raw"]["surface"]) for label, c in firsts.items()}, log=True)
+        figures.append((save(fig, out / "surface-1d.png").name,
+                        f"Loss along one filter-normalized random direction (seed {result['settings']['seed']}, the same "
+                        f"Gaussian draw for every checkpoint){which}; train solid, test dashed; cross-entropy, log scale."))
+    if all("surface2d" in c["raw"] for c in members):
+        fig = plot_surfaces({label: read_surface(c["raw"]["surface2d"]) for label, c in firsts.items()}, kind="contour", log=True)
+        figures.append((save(fig, out / "surface-2d.png").name,
+                        f"Train loss on a filter-normalized random plane ({where}){which}; one shared colour scale and level set."))
+    if all("sharpness-curve" in c["raw"] for c in members):
+        curves: dict[str, list[dict]] = {}
+        for c in members:
+            curves.setdefault(c["label"], []).append(c["raw"]["sharpness-curve"])
+        figures.append((save(plot_sharpness_curves(curves), out / "sharpness.png").name,
+                        f"Expected loss increase under uniform weight noise of radius a ({where}); bands: 95% CI "
+                        "(one seed) or ± one std over seeds; dotted: the second-order prediction (a²/2)·tr(SHS), S the noise scale."))
+    if all("density" in c["raw"] for c in members):
+        tops = {label: c["raw"]["eig"]["values"] for label, c in firsts.items() if "eig" in c["raw"]}
+        fig = plot_spectral_densities({label: c["raw"]["density"] for label, c in firsts.items()}, tops)
+        figures.append((save(fig, out / "spectra.png").name,
+                        f"Hessian spectral density by stochastic Lanczos quadrature ({where}){which}; dotted: Lanczos top eigenvalues."))
+    return figures
+
+
+def build_report(result: dict, out: Path) -> Report:
+    """The Markdown/HTML report: setup, value table, difference table, figures, and how to read them."""
+    first = result["checkpoints"][0]
+    setup, m = first["setup"], first["setup"]["measurement"]
+    report = Report("Flatness comparison")
+    report.paragraph(
+        f"Measured on {m['n_samples']} samples of the {m['split']} split of {setup['data']['spec']} "
+        f"(batches of ≤{m['batch_size']}, subset seed {m['seed']}), BN {setup['mode']} mode, {setup['dtype']}, "
+        f"parameters: {setup['params']} ({setup['n_params']}). Test quantities use the whole test split "
+        f"({first['test_setup']['n_samples']} samples). Probes, noise draws and surface directions share seed "
+        f"{result['settings']['seed']} across checkpoints (common random numbers).")
+    report.table(["label", "checkpoint", "training seed"], [[c["label"], c["path"], str(c["seed"])] for c in result["checkpoints"]])
+    h1, r1, h2, r2 = comparison_tables(result)
+    report.heading("Values")
+    report.table(h1, r1, "One seed: estimate ± its standard error (λ: Lanczos residual bound; accuracy: binomial). "
+                         "Several seeds: mean ± standard deviation over seeds (n). ΔL a=r: E[L(w+u)] − L(w), u ~ U[−r, r] "
+                         "per weight (train split, cross-entropy nats).")
+    report.heading(f"Differences against {result['baseline']}")
+    report.table(h2, r2, "95% intervals. A method difference is called only when its interval, built from the spread "
+                         "over training seeds, excludes zero; with one seed per method the interval reflects estimator "
+                         "noise only and says whether these two checkpoints differ, not whether the methods do. "
+                         "'paired CI' compares the interval from shared noise draws with the one independent runs would give.")
+    figures = make_figures(result, out)
+    if figures:
+        report.heading("Figures")
+        for name, caption in figures:
+            report.figure(name, caption)
+    return report
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, sort_keys=True) if value is not None else "none"
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,78 @@
+"""`landscape demo`: train SGD and SmoothOut at small and large batch on mnist1d, compare them, write a report.
+
+The setting is METHODS.md's small-scale check (an MLP on mnist1d, Keskar et al. 2017's small- vs
+large-batch contrast, SmoothOut of Wen et al. 2018), shortened to run in a few minutes on a
+laptop CPU. Training runs are cached in the output folder, so a second run only re-measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from analysis.compare import (
+    build_report,
+    compare,
+    comparison_tables,
+    difference,
+    format_difference,
+    verdict,
+)
+from analysis.recipes import LARGE, SMALL, train_runs
+from analysis.tables import format_table
+
+RUNS = [("sgd", SMALL), ("sgd", LARGE), ("smoothout", SMALL), ("smoothout", LARGE)]
+CLAIMS = (  # (question, baseline, other)
+    ("Is large-batch SGD sharper than small-batch SGD?", f"sgd B={SMALL}", f"sgd B={LARGE}"),
+    ("Does SmoothOut flatten the large-batch minimum?", f"sgd B={LARGE}", f"smoothout B={LARGE}"),
+    ("Does SmoothOut flatten the small-batch minimum?", f"sgd B={SMALL}", f"smoothout B={SMALL}"),
+)
+SHARPNESS = ("λ1", "trace", "ΔL a=0.02", "test accuracy")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="landscape-demo", help="folder for the runs, the report and its figures")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per method (default 3: differences must clear the seed spread)")
+
+
+def findings(result: dict) -> list[tuple[str, list[list[str]]]]:
+    """For each question, the differences that answer it, with their intervals and verdicts."""
+    groups = {m["label"]: [c for c in result["checkpoints"] if c["label"] == m["label"]] for m in result["checkpoints"]}
+    answers = []
+    for question, base, other in CLAIMS:
+        rows = []
+        for name in SHARPNESS:
+            d = difference(groups[base], groups[other], name)
+            if d is not None:
+                rows.append([name, format_difference(d), verdict(d)])
+        answers.append((f"{question} ({other} vs {base})", rows))
+    return answers
+
+
+def run(args: argparse.Namespace) -> None:
+    from analysis.cli import build_parser
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    progress = not args.quiet and sys.stderr.isatty()
+    paths, labels = train_runs(RUNS, args.seeds, out / "runs", progress=progress)
+    trained = time.perf_counter() - start
+    compare_args = build_parser().parse_args(["compare", *paths, "--labels", ",".join(labels), "--out", str(out / "report"),
+                                              "--batch-size", "1000", "--metrics", "eig,trace,sharpness-curve,surface,surface2d"])
+    compare_args.progress = progress
+    result = compare(paths, compare_args)
+    report = build_report(result, out / "report")
+    answers = findings(result)
+    for question, rows in reversed(answers):
+        report.blocks.insert(0, ("table", ["quantity", "difference [95% CI] (relative)", "verdict"], rows, ""))
+        report.blocks.insert(0, ("heading", question))
+    md, page = report.write(out / "report")
+    h1, r1, _, _ = comparison_tables(result)
+    print(format_table(h1, r1))
+    for question, rows in answers:
+        print(f"\n{question}\n" + format_table(["quantity", "difference [95% CI] (relative)", "verdict"], rows))
+    seconds = time.perf_counter() - start
+    print(f"\ntrained {len(paths)} runs in {trained:.0f}s, measured them in {seconds - trained:.0f}s")
+    print(f"report: {md}\n        {page}\nfigures and surface files: {out / 'report'}/")

@@ -1,0 +1,85 @@
+"""One report, two renderings: Markdown (figures linked) and self-contained HTML (figures embedded)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclass
+class Report:
+    """An ordered list of blocks: headings, paragraphs, tables and figures (paths relative to the report)."""
+
+    title: str
+    blocks: list[tuple] = field(default_factory=list)
+
+    def heading(self, text: str) -> None:
+        self.blocks.append(("heading", text))
+
+    def paragraph(self, text: str) -> None:
+        self.blocks.append(("paragraph", text))
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[object]], caption: str = "") -> None:
+        self.blocks.append(("table", list(headers), [[str(c) for c in row] for row in rows], caption))
+
+    def figure(self, path: str, caption: str) -> None:
+        self.blocks.append(("figure", path, caption))
+
+    def markdown(self) -> str:
+        out = [f"# {self.title}", ""]
+        for block in self.blocks:
+            kind = block[0]
+            if kind == "heading":
+                out += [f"## {block[1]}", ""]
+            elif kind == "paragraph":
+                out += [block[1], ""]
+            elif kind == "table":
+                _, headers, rows, caption = block
+                out += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+                out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+                out += ["", f"*{caption}*", ""] if caption else [""]
+            else:
+                _, path, caption = block
+                out += [f"![{caption}]({path})", "", f"*{caption}*", ""]
+        return "\n".join(out)
+
+    def html(self, folder: Path) -> str:
+        """HTML with every figure inlined as a data URI, so the one file can be mailed or archived."""
+        body = [f"<h1>{html.escape(self.title)}</h1>"]
+        for block in self.blocks:
+            kind = block[0]
+            if kind == "heading":
+                body.append(f"<h2>{html.escape(block[1])}</h2>")
+            elif kind == "paragraph":
+                body.append(f"<p>{html.escape(block[1])}</p>")
+            elif kind == "table":
+                _, headers, rows, caption = block
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+                cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+                cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+                body.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+            else:
+                _, path, caption = block
+                data = base64.b64encode((folder / path).read_bytes()).decode()
+                body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+                            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+                f"<style>{_STYLE}</style></head><body>{''.join(body)}</body></html>\n")
+
+    def write(self, folder: Path) -> tuple[Path, Path]:
+        """report.md and report.html in `folder` (figure paths are relative to it)."""
+        md, page = folder / "report.md", folder / "report.html"
+        md.write_text(self.markdown())
+        page.write_text(self.html(folder))
+        return md, page
+
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+    "th{background:#f4f4f4}caption{caption-side:bottom;font-style:italic;padding-top:4px;text-align:left}"
+    "figure{margin:1.5em 0}img{max-width:100%}figcaption{font-style:italic;font-size:0.9em}"
+)

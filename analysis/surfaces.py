@@ -1,0 +1,140 @@
+"""`landscape surface`: a 1-D or 2-D loss surface around a checkpoint, written to a resumable HDF5 file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from analysis.measure import build_objective
+from analysis.tables import format_table
+from landscape.checkpoints import load_checkpoint
+from landscape.directions import NORMALIZATIONS, ONE_D_POLICIES, Directions, between, pca_directions, random_directions
+from landscape.objective import Objective
+from landscape.surface import Surface, compute_surface, grid_axis
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("surface")
+    group.add_argument("--dim", type=int, choices=[1, 2], default=1, help="random directions: 1 or 2 (default 1)")
+    group.add_argument("--range", default=None, metavar="START:STOP:NUM",
+                       help="grid of the first axis (default -1:1:51; -1:2:31 with --between; the trajectory's extent with --pca)")
+    group.add_argument("--yrange", default=None, metavar="START:STOP:NUM", help="grid of the second axis (default: --range)")
+    group.add_argument("--between", metavar="OTHER_CKPT", help="interpolate from CKPT (α=0) to OTHER_CKPT (α=1), BN buffers too")
+    group.add_argument("--pca", metavar="TRAJECTORY_DIR", help="plane of the top-2 principal components of the checkpoints in this folder")
+    group.add_argument("--norm", default="filter", choices=NORMALIZATIONS, help="normalization of random directions (default filter)")
+    group.add_argument("--one-d", default="ignore", choices=ONE_D_POLICIES,
+                       help="biases and BN affine in random directions: ignore (zero, default) or copy the weights")
+    group.add_argument("--states", action="store_true", help="random directions move BN running statistics too")
+    group.add_argument("--direction-seed", type=int, default=None, help="seed of the random directions (default: --seed)")
+    group.add_argument("--test", action="store_true", help="evaluate the whole test split too")
+    group.add_argument("--bn-recalibration", type=int, default=None, metavar="K",
+                       help="re-estimate BN statistics from K train batches at every point")
+    group.add_argument("--out", default=None, help="HDF5 file (default: next to CKPT, named after the directions)")
+    group.add_argument("--resume", action="store_true", help="finish an interrupted file instead of refusing to overwrite it")
+
+
+def parse_range(text: str) -> np.ndarray:
+    """'START:STOP:NUM' to the grid axis (NUM evenly spaced values, both ends included)."""
+    try:
+        start, stop, num = text.split(":")
+        return grid_axis(float(start), float(stop), int(num))
+    except ValueError as error:
+        raise ValueError(f"grid range {text!r}: {error} (expected START:STOP:NUM, e.g. -1:1:51)") from None
+
+
+def build_directions(objective: Objective, args: argparse.Namespace) -> Directions:
+    """Random, between-checkpoint or PCA directions from the command-line options."""
+    if args.between and args.pca:
+        raise ValueError("choose one of --between and --pca")
+    if args.between:
+        other = load_checkpoint(args.between, trust=args.trust_checkpoint)
+        return between(objective, other.build_model(_model_spec(objective, args)), label=args.between)
+    if args.pca:
+        paths = sorted(Path(args.pca).glob("*.pt"))
+        if not paths:
+            raise ValueError(f"--pca {args.pca}: no checkpoints (*.pt) in that folder")
+        models = [load_checkpoint(p, trust=args.trust_checkpoint).build_model(_model_spec(objective, args)) for p in paths]
+        return pca_directions(objective, models, [p.name for p in paths])
+    seed = args.seed if args.direction_seed is None else args.direction_seed
+    return random_directions(objective, args.dim, seed=seed, normalization=args.norm, one_d=args.one_d, states=args.states)
+
+
+def grid_axes(directions: Directions, args: argparse.Namespace) -> list[np.ndarray]:
+    """The grid: --range/--yrange, else a default per direction kind (PCA: 1.2× the trajectory's extent)."""
+    if args.range:
+        first = parse_range(args.range)
+    elif directions.kind == "between":
+        first = grid_axis(-1.0, 2.0, 31)
+    elif directions.kind == "pca":
+        extent = 1.2 * float(np.abs(directions.trajectory).max())
+        return [grid_axis(-extent, extent, 21)] * 2 if args.yrange is None else [grid_axis(-extent, extent, 21), parse_range(args.yrange)]
+    else:
+        first = grid_axis(-1.0, 1.0, 51)
+    if directions.dim == 1:
+        return [first]
+    return [first, parse_range(args.yrange) if args.yrange else first]
+
+
+def default_path(checkpoint: str, directions: Directions) -> Path:
+    path = Path(checkpoint)
+    return path.with_name(f"{path.stem}-surface-{directions.kind}-{directions.dim}d.h5")
+
+
+def run(args: argparse.Namespace) -> None:
+    progress = not args.quiet and sys.stderr.isatty()
+    objectives = {"train": build_objective(args.checkpoint, args)}
+    if args.test:
+        objectives["test"] = build_objective(args.checkpoint, argparse.Namespace(**{**vars(args), "split": "test", "n_samples": None}))
+    directions = build_directions(objectives["train"], args)
+    axes = grid_axes(directions, args)
+    path = Path(args.out) if args.out else default_path(args.checkpoint, directions)
+    start = time.perf_counter()
+    surface = compute_surface(objectives, directions, axes, path=path, resume=args.resume,
+                              bn_recalibration=args.bn_recalibration, progress=progress)
+    seconds = time.perf_counter() - start
+    if args.json:
+        from analysis.cli import print_json
+
+        print_json({**surface.to_dict(), "seconds": seconds})
+    else:
+        print(format_surface(surface, seconds))
+
+
+def format_surface(surface: Surface, seconds: float) -> str:
+    """Where the file is, the grid, and the loss at the centre and at the grid's minimum, per split."""
+    d = surface.directions
+    grid = " × ".join(f"[{a[0]:g}, {a[-1]:g}] in {len(a)}" for a in surface.axes)
+    lines = [f"{surface.path}: {d.kind} {surface.dim}-D surface, grid {grid}, "
+             f"{int(surface.done.sum())}/{surface.done.size} points in {seconds:.1f}s"]
+    if d.kind == "pca":
+        ratios = ", ".join(f"{r:.1%}" for r in d.spec["explained_variance_ratio"])
+        lines.append(f"explained variance of the two components: {ratios}")
+    rows = []
+    for split, loss in surface.loss.items():
+        centre = _value_at_origin(surface, loss)
+        i = np.unravel_index(np.nanargmin(loss), loss.shape)
+        where = ", ".join(f"{a[k]:.3g}" for a, k in zip(surface.axes, i))
+        acc = surface.accuracy[split][i]
+        rows.append((split, f"{centre:.6g}" if centre is not None else "not on grid", f"{loss[i]:.6g} at ({where})",
+                     "" if np.isnan(acc) else f"{acc:.4f}", f"{np.nanmax(loss):.6g}"))
+    lines.append(format_table(["split", "loss at origin", "min loss", "accuracy there", "max loss"], rows))
+    return "\n".join(lines)
+
+
+def _value_at_origin(surface: Surface, values: np.ndarray) -> float | None:
+    index = []
+    for axis in surface.axes:
+        hits = np.flatnonzero(axis == 0.0)
+        if not len(hits):
+            return None
+        index.append(int(hits[0]))
+    return float(values[tuple(index)])
+
+
+def _model_spec(objective: Objective, args: argparse.Namespace) -> dict | None:
+    """The origin's model spec when --model was given, so the other (bare) checkpoints are built alike."""
+    return objective.metadata["model_spec"] if args.model else None

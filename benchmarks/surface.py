@@ -1,0 +1,135 @@
+"""Loss-surface throughput: grid points per second vs a naive loop and the loss-landscapes package.
+
+Per problem, in one process at one thread: one forward pass over the measurement set (the
+floor any exact evaluation pays per point), `compute_surface` (HDF5 file included), a naive loop
+(deep copy + load_state_dict + eval per point, as a script would do) and, where it installs,
+loss-landscapes' `random_plane` on the same model and data. Writes benchmarks/results/surface.json.
+Usage: python benchmarks/surface.py [--problems mlp-digits,convnet-digits,resnet20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import seconds_per_call, write_results  # noqa: E402
+
+from landscape.data import MeasurementSet, load_data  # noqa: E402
+from landscape.directions import random_directions  # noqa: E402
+from landscape.models import model_for_data  # noqa: E402
+from landscape.objective import Objective  # noqa: E402
+from landscape.surface import compute_surface, grid_axis  # noqa: E402
+
+GRID = {"mlp-digits": 15, "convnet-digits": 7, "resnet20": 3}  # points per axis of the 2-D grid
+
+
+def problem(name: str):
+    """(model, batches): MLP and ConvNet on all 1437 digits training images (batches of 256); ResNet-20 on 512 CIFAR-shaped images."""
+    torch.manual_seed(0)
+    if name.endswith("-digits"):
+        data = load_data("digits")
+        model, _ = model_for_data(name.split("-")[0], data)
+        return model, MeasurementSet("train", None, 256).batches(data)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(512, 3, 32, 32, generator=g), torch.randint(0, 10, (512,), generator=g)
+    model, _ = model_for_data(name, (3, 32, 32), num_classes=10)
+    return model, list(zip(x.split(128), y.split(128)))
+
+
+@torch.no_grad()
+def forward_pass(model, batches) -> None:
+    for x, _ in batches:
+        model(x)
+
+
+@torch.no_grad()
+def naive_point(model, state: dict, batches) -> tuple[float, float]:
+    """What a script does per grid point: copy the model, load the perturbed weights, evaluate."""
+    net = copy.deepcopy(model)
+    net.load_state_dict(state)
+    net.eval()
+    loss, correct, n = 0.0, 0, 0
+    for x, y in batches:
+        out = net(x)
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        n += len(y)
+    return loss / n, correct / n
+
+
+def naive_seconds_per_point(model, objective: Objective, directions, coords) -> float:
+    names = objective.layout.names
+    start = time.perf_counter()
+    for c in coords:
+        w = objective.w + torch.as_tensor(c, dtype=objective.dtype) @ directions.vectors
+        state = {**model.state_dict(), **dict(zip(names, objective.layout.unflatten(w).values()))}
+        naive_point(model, state, objective.batches)
+    return (time.perf_counter() - start) / len(coords)
+
+
+def loss_landscapes_seconds_per_point(model, batches, steps: int) -> float | None:
+    try:
+        import loss_landscapes
+        from loss_landscapes.metrics import Loss
+    except ImportError:
+        return None
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])  # its Loss takes one batch
+    metric = Loss(torch.nn.CrossEntropyLoss(), x, y)
+    start = time.perf_counter()
+    with torch.no_grad():
+        loss_landscapes.random_plane(model.eval(), metric, distance=1, steps=steps, normalization="filter", deepcopy_model=True)
+    return (time.perf_counter() - start) / steps**2
+
+
+def run_problem(name: str) -> dict:
+    model, batches = problem(name)
+    model.eval()
+    objective = Objective(model, batches, device="cpu")
+    directions = random_directions(objective, 2, seed=0)
+    n = GRID[name]
+    axes = [grid_axis(-1, 1, n)] * 2
+    forward = seconds_per_call(lambda: forward_pass(model, batches), min_seconds=2.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        compute_surface(objective, directions, axes, path=Path(tmp) / "s.h5")
+        ours = (time.perf_counter() - start) / n**2
+    coords = np.array([(a, b) for a in axes[0] for b in axes[1]])
+    naive = naive_seconds_per_point(model, objective, directions, coords)
+    peer = loss_landscapes_seconds_per_point(model, batches, n)
+    result = {
+        "n_params": objective.n_params, "n_samples": objective.n_samples, "grid": f"{n}x{n}",
+        "forward_seconds": forward, "ours_seconds_per_point": ours, "naive_seconds_per_point": naive,
+        "loss_landscapes_seconds_per_point": peer,
+        "ours_points_per_second": 1 / ours, "ours_cost_in_forward_passes": ours / forward,
+        "speedup_vs_naive": naive / ours, "naive_cost_in_forward_passes": naive / forward,
+        "speedup_vs_loss_landscapes": None if peer is None else peer / ours,
+    }
+    print(f"{name}: {1 / ours:.1f} points/s, {ours / forward:.2f} forward passes per point; "
+          f"naive {naive / ours:.2f}x slower" + ("" if peer is None else f", loss-landscapes {peer / ours:.2f}x slower"),
+          flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", default=",".join(GRID))
+    args = parser.parse_args()
+    results = {name: run_problem(name) for name in args.problems.split(",")}
+    path = write_results("surface", {
+        "what": "2-D surface grid points per second; cost per point in forward passes over the same measurement set",
+        "problems": results,
+    })
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

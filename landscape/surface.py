@@ -1,0 +1,355 @@
+"""1-D and 2-D loss surfaces around a checkpoint, stored in resumable HDF5 files.
+
+Each grid point is origin + Σ_j c_j·d_j (landscape.directions), evaluated by the Objective's
+functional forward pass: no model copies, no state-dict loads, the caller's model untouched.
+Every finished block of points is flushed to the file before it is marked done, so a killed run
+resumes with `resume=True` and computes only what is missing. Under torch.distributed the grid
+points are split across ranks (each evaluating its points on the whole measurement set) and
+rank 0 alone writes the file (with data-parallel objectives every rank evaluates every point).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import h5py
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import landscape
+from landscape import distributed as ranks
+from landscape.directions import Directions
+from landscape.objective import Objective
+from landscape.params import tensor_digest
+from landscape.perturb import recalibration_inputs
+from landscape.results import Result, to_jsonable
+
+FORMAT = "landscape-surface"
+VERSION = 1
+FLUSH_SECONDS = 1.0  # a block of points grows until it takes about this long; a kill loses at most one block
+
+
+class SurfaceError(ValueError):
+    """A surface file that cannot be written, read or resumed: the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Surface(Result):
+    """Loss and accuracy on a 1-D or 2-D grid, per split; NaN where a point is not computed yet.
+
+    `loss[split]` and `accuracy[split]` have shape (len(axes[0]),) or (len(axes[0]), len(axes[1]));
+    entry [i, j] is the point origin + axes[0][i]·d_0 + axes[1][j]·d_1.
+    """
+
+    axes: tuple[np.ndarray, ...]
+    loss: dict[str, np.ndarray]
+    accuracy: dict[str, np.ndarray]
+    done: np.ndarray
+    directions: Directions
+    metadata: dict
+    path: str | None = None
+
+    @property
+    def dim(self) -> int:
+        return len(self.axes)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    def to_dict(self) -> dict:
+        return to_jsonable({
+            "path": self.path, "axes": self.axes, "loss": self.loss, "accuracy": self.accuracy,
+            "n_done": int(self.done.sum()), "n_points": int(self.done.size),
+            "directions": self.directions.to_dict(), "metadata": self.metadata,
+        })
+
+
+def grid_axis(start: float, stop: float, num: int) -> np.ndarray:
+    """`num` evenly spaced values from start to stop, computed so a symmetric odd grid holds exactly 0."""
+    if num < 2:
+        raise SurfaceError(f"a grid axis needs at least 2 points, got {num}")
+    if not start < stop:
+        raise SurfaceError(f"a grid axis needs start < stop, got {start}:{stop}")
+    return np.array([start + (stop - start) * (i / (num - 1)) for i in range(num)])
+
+
+def compute_surface(
+    objectives: Objective | Mapping[str, Objective],
+    directions: Directions,
+    axes: Sequence[Sequence[float]],
+    *,
+    path: str | os.PathLike | None = None,
+    resume: bool = False,
+    bn_recalibration: int | None = None,
+    progress: bool = False,
+) -> Surface:
+    """Loss and accuracy at every grid point, for each objective (one per split, e.g. train and test).
+
+    With `path`, results go to an HDF5 file as they finish; an existing file is refused unless
+    `resume`, and then only if it was made with the same checkpoint, data, measurement set,
+    directions, grid and options. `bn_recalibration=k` re-estimates BN running statistics at each
+    point from the first k batches of the first objective (the train split).
+    """
+    objectives = {"train": objectives} if isinstance(objectives, Objective) else dict(objectives)
+    axes = tuple(np.asarray(a, dtype=np.float64) for a in axes)
+    first = next(iter(objectives.values()))
+    _check_inputs(objectives, directions, axes)
+    inputs = recalibration_inputs(first, bn_recalibration) if bn_recalibration else None
+    fingerprint = _fingerprint(objectives, directions, axes, bn_recalibration)
+    metadata = {"splits": {s: o.describe() for s, o in objectives.items()}, "bn_recalibration": bn_recalibration,
+                "library_version": landscape.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    shape = tuple(len(a) for a in axes)
+    values = {f"{s}/{q}": np.full(shape, np.nan) for s in objectives for q in ("loss", "accuracy")}
+    done = np.zeros(shape, dtype=bool)
+
+    rank = ranks.rank()
+    # data-parallel objectives already split the samples: every rank evaluates every point together
+    shards = 1 if any(o.distributed for o in objectives.values()) else ranks.world_size()
+    store = None
+    if rank == 0:
+        try:
+            if path is not None:
+                store = _SurfaceFile.open_or_create(Path(path), resume, fingerprint, metadata, directions, axes, values)
+                values, done = store.read_values(), store.read_done()
+            state = ("ok", values, done)
+        except (SurfaceError, OSError) as error:
+            state = ("error", str(error), None)
+    else:
+        state = None
+    status, values, done = _broadcast(state)
+    if status == "error":
+        raise SurfaceError(values)
+
+    points = np.array(list(itertools.product(*axes)))
+    pending = [int(i) for i in np.flatnonzero(~done.reshape(-1))]
+    origin = first.w.detach().clone()
+    origin_buffers = {n: b for n, b in first.model.named_buffers() if n in directions.buffers}
+    coords = torch.as_tensor(points, dtype=first.dtype, device=first.device)
+    per_rank = 1
+    with tqdm(total=len(points), initial=len(points) - len(pending), desc="surface", unit="point", file=sys.stderr,
+              disable=not progress or rank != 0) as bar:
+        while pending:
+            block, pending = pending[: per_rank * shards], pending[per_rank * shards:]
+            start = time.perf_counter()
+            mine = [(i, _evaluate_point(objectives, directions, origin, origin_buffers, coords[i], inputs))
+                    for i in block[rank % shards::shards]]
+            part = (mine, time.perf_counter() - start)
+            gathered = ranks.all_gather(part) if shards > 1 else [part]
+            results = [r for chunk, _ in gathered for r in chunk]
+            for i, row in results:
+                for key, v in row.items():
+                    values[key].reshape(-1)[i] = v
+                done.reshape(-1)[i] = True
+            if store is not None:
+                store.write(values, done)
+            bar.update(len(results))
+            if max(seconds for _, seconds in gathered) < FLUSH_SECONDS / 2:
+                per_rank = min(2 * per_rank, 1024)
+    if store is not None:
+        store.close()
+    loss = {s: values[f"{s}/loss"] for s in objectives}
+    accuracy = {s: values[f"{s}/accuracy"] for s in objectives}
+    return Surface(axes, loss, accuracy, done, directions, metadata, None if path is None else str(path))
+
+
+def read_surface(path: str | os.PathLike) -> Surface:
+    """A surface (complete or not) from its HDF5 file; refuses files that are not landscape surfaces."""
+    path = Path(path)
+    if not path.exists():
+        raise SurfaceError(f"{path}: no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise SurfaceError(f"{path} is not a landscape surface file (no format={FORMAT!r} attribute)")
+            axes = tuple(f["axes"][name][()] for name in sorted(f["axes"]))
+            splits = [s for s in json.loads(f.attrs["splits"])]
+            loss = {s: f[s]["loss"][()] for s in splits}
+            accuracy = {s: f[s]["accuracy"][()] for s in splits}
+            done = f["done"][()].astype(bool)
+            directions = _read_directions(f["directions"])
+            metadata = json.loads(f.attrs["metadata"])
+    except OSError as error:
+        raise SurfaceError(f"{path} cannot be read as HDF5 ({error}); is it a surface file?") from error
+    return Surface(axes, loss, accuracy, done, directions, metadata, str(path))
+
+
+# ------------------------------------------------------------------ evaluation
+def _check_inputs(objectives: dict[str, Objective], directions: Directions, axes: tuple[np.ndarray, ...]) -> None:
+    if not objectives:
+        raise SurfaceError("give at least one objective (split)")
+    if len(axes) != directions.dim:
+        raise SurfaceError(f"{len(axes)} grid axes for {directions.dim} directions")
+    first = next(iter(objectives.values()))
+    for split, objective in objectives.items():
+        if objective.n_params != directions.vectors.shape[1]:
+            raise SurfaceError(f"directions have {directions.vectors.shape[1]} parameters, the {split} objective {objective.n_params}")
+        if not torch.equal(objective.w, first.w):
+            raise SurfaceError(f"the {split} objective is at a different point than the first: give objectives of one checkpoint")
+
+
+def _evaluate_point(objectives: dict[str, Objective], directions: Directions, origin: torch.Tensor,
+                    origin_buffers: dict[str, torch.Tensor], c: torch.Tensor,
+                    inputs: list[torch.Tensor] | None) -> dict[str, float]:
+    """Loss and accuracy of each split at origin + Σ c_j d_j (exactly the origin when c = 0)."""
+    w = torch.addmv(origin, directions.vectors.T, c)
+    buffers = {n: origin_buffers[n] + torch.tensordot(c, d, dims=1) for n, d in directions.buffers.items()}
+    first = next(iter(objectives.values()))
+    if inputs is not None:
+        buffers.update(first.bn_statistics(w, inputs))
+    row = {}
+    for split, objective in objectives.items():
+        evaluation = objective.evaluate(w, buffers or None, check_finite=False)
+        row[f"{split}/loss"] = evaluation.loss
+        row[f"{split}/accuracy"] = np.nan if evaluation.accuracy is None else evaluation.accuracy
+    return row
+
+
+def _fingerprint(objectives: dict[str, Objective], directions: Directions, axes: tuple[np.ndarray, ...],
+                 bn_recalibration: int | None) -> dict:
+    """What must match for a file to be resumed: weights, data, measurement set, directions, grid, options."""
+    keep = ("data", "measurement", "n_samples", "batch_sizes", "mode", "params", "n_params", "dtype")
+    first = next(iter(objectives.values()))
+    return to_jsonable({
+        "weights": tensor_digest(first.model.state_dict()),
+        "splits": {s: {**{k: o.describe().get(k) for k in keep}, "samples": _samples_digest(o)} for s, o in objectives.items()},
+        "directions": directions.fingerprint(),
+        "axes": [a.tolist() for a in axes],
+        "bn_recalibration": bn_recalibration,
+    })
+
+
+def _samples_digest(objective: Objective) -> str:
+    """Digest of the measurement set's inputs and targets, batch by batch."""
+    return tensor_digest({f"{k}{i:06d}": t for i, (x, y) in enumerate(objective.batches) for k, t in (("x", x), ("y", y))})
+
+
+# ------------------------------------------------------------- distribution
+def _broadcast(obj: object) -> object:
+    """Rank 0's object on every rank (itself when not distributed)."""
+    if ranks.world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ------------------------------------------------------------------- storage
+class _SurfaceFile:
+    """The HDF5 file of one surface: preallocated arrays, a done mask written after the values it covers."""
+
+    def __init__(self, path: Path, file: h5py.File) -> None:
+        self.path, self.file = path, file
+        self.last_flush = time.perf_counter()
+
+    @classmethod
+    def open_or_create(cls, path: Path, resume: bool, fingerprint: dict, metadata: dict, directions: Directions,
+                       axes: tuple[np.ndarray, ...], values: dict[str, np.ndarray]) -> "_SurfaceFile":
+        if path.exists():
+            if not resume:
+                raise SurfaceError(f"{path} exists; pass --resume to finish it, or choose another --out")
+            store = cls(path, _open(path, "r+"))
+            store.check(fingerprint)
+            return store
+        _create(path, fingerprint, metadata, directions, axes, values)
+        return cls(path, _open(path, "r+"))
+
+    def check(self, fingerprint: dict) -> None:
+        """Refuse a file made from another checkpoint, data set, measurement set, direction or grid."""
+        if self.file.attrs.get("format") != FORMAT:
+            self.file.close()
+            raise SurfaceError(f"{self.path} is not a landscape surface file; choose another --out")
+        stored = json.loads(self.file.attrs["fingerprint"])
+        if stored != fingerprint:
+            self.file.close()
+            field = _first_difference(stored, fingerprint)
+            raise SurfaceError(f"{self.path} does not match this run ({field} differs); it cannot be resumed "
+                               "with these settings (choose another --out, or delete the file to start over)")
+
+    def read_values(self) -> dict[str, np.ndarray]:
+        splits = json.loads(self.file.attrs["splits"])
+        return {f"{s}/{q}": self.file[s][q][()] for s in splits for q in ("loss", "accuracy")}
+
+    def read_done(self) -> np.ndarray:
+        return self.file["done"][()].astype(bool)
+
+    def write(self, values: dict[str, np.ndarray], done: np.ndarray) -> None:
+        """Values first, flushed; then the done mask, flushed: a kill never marks an unwritten point done."""
+        for key, array in values.items():
+            self.file[key][...] = array  # whole arrays: a few KB, one contiguous write each
+        self.file.flush()
+        self.file["done"][...] = done.astype(np.uint8)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _open(path: Path, mode: str) -> h5py.File:
+    try:
+        return h5py.File(path, mode)
+    except OSError as error:
+        raise SurfaceError(f"{path} cannot be opened as HDF5 ({error}); is it a surface file?") from error
+
+
+def _create(path: Path, fingerprint: dict, metadata: dict, directions: Directions,
+            axes: tuple[np.ndarray, ...], values: dict[str, np.ndarray]) -> None:
+    """Write the whole empty file under a temporary name, then rename: a kill leaves no half-made file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SurfaceError(f"cannot create the folder of {path}: {error.strerror}") from error
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["version"] = VERSION
+            f.attrs["fingerprint"] = json.dumps(fingerprint)
+            f.attrs["metadata"] = json.dumps(to_jsonable(metadata))
+            f.attrs["splits"] = json.dumps(list(dict.fromkeys(k.split("/")[0] for k in values)))
+            for name, axis in zip("xy", axes):
+                f.create_dataset(f"axes/{name}", data=axis)
+            for key, array in values.items():
+                f.create_dataset(key, data=array)
+            f.create_dataset("done", data=np.zeros(array.shape, dtype=np.uint8))
+            _write_directions(f.create_group("directions"), directions)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise SurfaceError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+def _write_directions(group: h5py.Group, directions: Directions) -> None:
+    group.attrs["kind"] = directions.kind
+    group.attrs["spec"] = json.dumps(to_jsonable(directions.spec))
+    group.attrs["labels"] = json.dumps(list(directions.labels))
+    group.create_dataset("vectors", data=directions.vectors.detach().cpu().numpy())
+    for name, tensor in directions.buffers.items():
+        group.create_dataset(f"buffers/{name}", data=tensor.detach().cpu().numpy())
+    if directions.trajectory is not None:
+        group.create_dataset("trajectory", data=directions.trajectory)
+
+
+def _read_directions(group: h5py.Group) -> Directions:
+    buffers = {name: torch.from_numpy(d[()]) for name, d in group["buffers"].items()} if "buffers" in group else {}
+    trajectory = group["trajectory"][()] if "trajectory" in group else None
+    return Directions(torch.from_numpy(group["vectors"][()]), group.attrs["kind"], json.loads(group.attrs["spec"]),
+                      buffers, trajectory, tuple(json.loads(group.attrs["labels"])))
+
+
+def _first_difference(a: object, b: object, prefix: str = "") -> str:
+    """The dotted key path of the first difference between two JSON values (for error messages)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+    return prefix or "setting"

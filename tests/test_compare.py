@@ -1,0 +1,114 @@
+"""`landscape compare` and `landscape figures`: paired differences, seed aggregation, reports, refusal of mixed inputs."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+from conftest import run_cli
+
+from analysis.compare import aggregate, difference
+from landscape.checkpoints import load_checkpoint, save_checkpoint
+from landscape.data import MeasurementSet, load_data
+from landscape.models import model_for_data
+from landscape.objective import Objective
+from landscape.operators import HessianOperator
+from landscape.spectrum import lanczos
+from landscape.train import TrainConfig, train
+
+
+def _member(value, stderr=0.0, samples=None):
+    q = {"value": value, "stderr": stderr}
+    if samples is not None:
+        q["samples"] = list(samples)
+    return {"quantities": {"x": q}}
+
+
+def test_seed_groups_use_welch_intervals():
+    a, b = [1.0, 1.2, 0.9, 1.1], [1.7, 1.5, 1.9]
+    d = difference([_member(v) for v in a], [_member(v) for v in b], "x")
+    ci = scipy.stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    assert d["diff"] == pytest.approx(np.mean(b) - np.mean(a))
+    assert d["diff"] - d["halfwidth"] == pytest.approx(ci.low, rel=1e-10)
+    assert d["diff"] + d["halfwidth"] == pytest.approx(ci.high, rel=1e-10)
+    assert d["significant"] and d["seeds"]
+    agg = aggregate([_member(v) for v in b], "x")
+    assert agg["n"] == 3 and agg["spread"] == pytest.approx(np.std(b, ddof=1))
+
+
+def test_single_runs_pair_their_noise_draws():
+    rng = np.random.default_rng(0)
+    shared = rng.normal(1.0, 0.5, 50)  # the common noise draw dominates both runs' samples
+    a, b = shared, shared + 0.05 + rng.normal(0, 0.02, 50)
+    se = lambda s: s.std(ddof=1) / math.sqrt(len(s))  # noqa: E731
+    d = difference([_member(a.mean(), se(a), a)], [_member(b.mean(), se(b), b)], "x")
+    t = scipy.stats.t.ppf(0.975, 49)
+    assert d["halfwidth"] == pytest.approx(t * se(b - a), rel=1e-12)
+    assert d["unpaired_halfwidth"] == pytest.approx(t * math.hypot(se(a), se(b)), rel=1e-12)
+    assert d["halfwidth"] < d["unpaired_halfwidth"] / 5
+    assert d["significant"] and not d["seeds"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    paths = []
+    for seed, batch in ((0, 32), (1, 512)):
+        config = TrainConfig(data="digits", model="mlp", model_kwargs={"hidden": (16,)}, batch_size=batch, lr=0.05,
+                             epochs=3, seed=seed, save_every=100)
+        paths.append(train(config, root / f"b{batch}", progress=False))
+    return paths
+
+
+def test_compare_writes_a_paired_report(two_runs, tmp_path):
+    out = tmp_path / "cmp"
+    result = run_cli("compare", *two_runs, "--metrics", "eig,trace,sharpness-curve,surface", "--n-samples", "300",
+                     "--k", "2", "--probes", "20", "--noise-samples", "40", "--surface-range=-1:1:5", "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "report:" in result.stdout and "sgd B=32" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    # the table's λ1 is Lanczos on the same measurement set with the same seed
+    ckpt = load_checkpoint(two_runs[0])
+    objective = Objective(ckpt.build_model(), MeasurementSet("train", 300, 256).batches(load_data("digits")), device="cpu")
+    expected = lanczos(HessianOperator(objective), 2, seed=0)
+    assert results["groups"]["sgd B=32"]["λ1"]["mean"] == pytest.approx(float(expected.values[0]), rel=1e-4)
+    # common random numbers: every paired interval on the expected-loss difference beats independent runs
+    diffs = results["differences"]["sgd B=512"]
+    radii = [k for k in diffs if k.startswith("ΔL")]
+    assert len(radii) == 3
+    for k in radii:
+        assert diffs[k]["halfwidth"] < diffs[k]["unpaired_halfwidth"], k
+    for name in ("report.md", "report.html", "surface-1d.png", "sharpness.png"):
+        assert (out / name).stat().st_size > 0, name
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and 'src="http' not in page
+    md = (out / "report.md").read_text()
+    assert "![" in md and "95%" in md and "300 samples" in md
+
+
+def test_compare_refuses_mixed_architectures(two_runs, tmp_path):
+    model, spec = model_for_data("convnet", (1, 8, 8), 10)
+    other = save_checkpoint(tmp_path / "conv.pt", model, model_spec=spec, data_spec={"spec": "digits"})
+    result = run_cli("compare", two_runs[0], other, "--out", tmp_path / "x")
+    assert result.returncode == 2
+    assert "differ in model" in result.stderr and "--allow-mixed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_figures_quick_writes_every_figure(tmp_path):
+    result = run_cli("figures", "--quick", "--out", tmp_path / "fig", "--cache", tmp_path / "cache", "--quiet")
+    assert result.returncode == 0, result.stderr
+    names = ["interpolation.png", "random-1d-small-batch.png", "random-1d-large-batch.png", "contours.png",
+             "sharpness-small-batch.png", "sharpness-large-batch.png", "spectra.png"]
+    for name in names:
+        assert (tmp_path / "fig" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    table = (tmp_path / "fig" / "methods.md").read_text()
+    for method in ("sgd", "smoothout", "adasmoothout", "ssgd", "nso", "nrs", "sam"):
+        assert f"| {method} | 32 |" in table and f"| {method} | 2000 |" in table
+    summary = json.loads((tmp_path / "fig" / "figures.json").read_text())
+    data = load_data("mnist1d")
+    for alpha, batch, epochs in (("loss_at_0", 32, 2), ("loss_at_1", 2000, 20)):  # the interpolation's end points
+        model = load_checkpoint(tmp_path / "cache" / "runs" / f"sgd-b{batch}-e{epochs}-seed0" / "final.pt").build_model()
+        objective = Objective(model, MeasurementSet("train", 500, 1000).batches(data), device="cpu")
+        assert summary["interpolation"]["train"][alpha] == pytest.approx(objective.loss(), rel=1e-5), alpha
