@@ -25,6 +25,7 @@ from analysis.measure import METRICS, build_objective, parse_metrics
 from analysis.report import Report
 from analysis.surfaces import parse_range
 from analysis.tables import format_table
+from landscape import distributed as ranks
 from landscape.checkpoints import load_checkpoint
 from landscape.directions import random_directions
 from landscape.results import to_jsonable
@@ -67,8 +68,9 @@ def check_compatible(checkpoints: Sequence, allow_mixed: bool) -> None:
 def measure_checkpoint(path: str, label: str, args: argparse.Namespace, out: Path) -> dict:
     """Accuracy, losses and the chosen metrics of one checkpoint, as quantities with uncertainties."""
     metrics = [m for m in args.metrics.split(",") if m]
-    objective = build_objective(path, args)
-    test = build_objective(path, argparse.Namespace(**{**vars(args), "split": "test", "n_samples": None}))
+    parallel = ranks.active()  # under torchrun: every measurement data-parallel, surfaces included
+    objective = build_objective(path, args, distributed=parallel)
+    test = build_objective(path, argparse.Namespace(**{**vars(args), "split": "test", "n_samples": None}), distributed=parallel)
     clean, held_out = objective.evaluate(), test.evaluate()
     quantities = {"train loss": {"value": clean.loss, "stderr": 0.0}}
     if held_out.accuracy is not None:
@@ -234,6 +236,8 @@ def comparison_tables(result: dict) -> tuple[list[str], list[list[str]], list[st
 def run(args: argparse.Namespace) -> None:
     args.progress = not args.quiet and sys.stderr.isatty()
     result = compare(args.checkpoints, args)
+    if not ranks.is_main():
+        return
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps(to_jsonable(result), indent=1) + "\n")
     report = build_report(result, out)

@@ -76,7 +76,8 @@ def naive_seconds_per_point(model, objective: Objective, directions, coords) -> 
     return (time.perf_counter() - start) / len(coords)
 
 
-def loss_landscapes_seconds_per_point(model, batches, steps: int) -> float | None:
+def loss_landscapes_seconds_per_point(model, batches, steps: int) -> float | str | None:
+    """Seconds per point of loss-landscapes' random_plane; None if not installed, the error text if it fails."""
     try:
         import loss_landscapes
         from loss_landscapes.metrics import Loss
@@ -85,36 +86,51 @@ def loss_landscapes_seconds_per_point(model, batches, steps: int) -> float | Non
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])  # its Loss takes one batch
     metric = Loss(torch.nn.CrossEntropyLoss(), x, y)
     start = time.perf_counter()
-    with torch.no_grad():
-        loss_landscapes.random_plane(model.eval(), metric, distance=1, steps=steps, normalization="filter", deepcopy_model=True)
+    try:
+        with torch.no_grad():
+            loss_landscapes.random_plane(model.eval(), metric, distance=1, steps=steps, normalization="filter",
+                                         deepcopy_model=True)
+    except ZeroDivisionError as error:  # its filter normalization divides by an all-zero filter (BN bias at init)
+        return f"fails: ZeroDivisionError ({error})"
     return (time.perf_counter() - start) / steps**2
 
 
-def run_problem(name: str) -> dict:
+def ours_seconds_per_point(objective: Objective, directions, axes) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        compute_surface(objective, directions, axes, path=Path(tmp) / "s.h5")
+        return (time.perf_counter() - start) / np.prod([len(a) for a in axes])
+
+
+def run_problem(name: str, rounds: int) -> dict:
+    """Medians over `rounds` interleaved rounds, so a busy spell on a shared machine hits every contender alike."""
     model, batches = problem(name)
     model.eval()
     objective = Objective(model, batches, device="cpu")
     directions = random_directions(objective, 2, seed=0)
     n = GRID[name]
     axes = [grid_axis(-1, 1, n)] * 2
-    forward = seconds_per_call(lambda: forward_pass(model, batches), min_seconds=2.0)
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        compute_surface(objective, directions, axes, path=Path(tmp) / "s.h5")
-        ours = (time.perf_counter() - start) / n**2
     coords = np.array([(a, b) for a in axes[0] for b in axes[1]])
-    naive = naive_seconds_per_point(model, objective, directions, coords)
-    peer = loss_landscapes_seconds_per_point(model, batches, n)
+    times: dict[str, list] = {"forward": [], "ours": [], "naive": [], "peer": []}
+    for _ in range(rounds):
+        times["forward"].append(seconds_per_call(lambda: forward_pass(model, batches), min_seconds=1.0))
+        times["ours"].append(ours_seconds_per_point(objective, directions, axes))
+        times["naive"].append(naive_seconds_per_point(model, objective, directions, coords))
+        times["peer"].append(loss_landscapes_seconds_per_point(model, batches, n))
+    forward, ours, naive = (float(np.median(times[k])) for k in ("forward", "ours", "naive"))
+    peers = times["peer"]
+    peer = float(np.median(peers)) if all(isinstance(p, float) for p in peers) else peers[0]
     result = {
-        "n_params": objective.n_params, "n_samples": objective.n_samples, "grid": f"{n}x{n}",
+        "n_params": objective.n_params, "n_samples": objective.n_samples, "grid": f"{n}x{n}", "rounds": rounds,
         "forward_seconds": forward, "ours_seconds_per_point": ours, "naive_seconds_per_point": naive,
         "loss_landscapes_seconds_per_point": peer,
         "ours_points_per_second": 1 / ours, "ours_cost_in_forward_passes": ours / forward,
         "speedup_vs_naive": naive / ours, "naive_cost_in_forward_passes": naive / forward,
-        "speedup_vs_loss_landscapes": None if peer is None else peer / ours,
+        "speedup_vs_loss_landscapes": peer / ours if isinstance(peer, float) else peer,
     }
     print(f"{name}: {1 / ours:.1f} points/s, {ours / forward:.2f} forward passes per point; "
-          f"naive {naive / ours:.2f}x slower" + ("" if peer is None else f", loss-landscapes {peer / ours:.2f}x slower"),
+          f"naive {naive / ours:.2f}x slower" + (f", loss-landscapes {peer / ours:.2f}x slower" if isinstance(peer, float)
+                                                 else f", loss-landscapes: {peer}"),
           flush=True)
     return result
 
@@ -122,8 +138,9 @@ def run_problem(name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", default=",".join(GRID))
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    results = {name: run_problem(name) for name in args.problems.split(",")}
+    results = {name: run_problem(name, args.rounds) for name in args.problems.split(",")}
     path = write_results("surface", {
         "what": "2-D surface grid points per second; cost per point in forward passes over the same measurement set",
         "problems": results,

@@ -107,7 +107,8 @@ class Objective:
         self.n_samples, self.n_batches = sum(all_sizes), len(all_sizes)
         self.batch_sizes = sorted(set(all_sizes))
         self.batch_weights = [n / self.n_samples for n in sizes]
-        self._eval_batches = _merged(self.batches) if mode == "eval" else self.batches
+        self._eval_chunks: list[Batch] | None = None
+        self._saved_bytes_per_sample: float | None = None
         self.param_selection = params
         names = select_parameters(self.model, params)
         state = dict(self.model.named_parameters())
@@ -186,7 +187,7 @@ class Objective:
         """
         state = self._state(self._point(w), buffers)
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # weighted loss, correct, labelled
-        for x, y in self._eval_batches:
+        for x, y in self._forward_batches():
             out = functional_call(self.model, state, (x,))
             totals[0] += len(y) / self.n_samples * self.loss_fn(out, y).double()
             if out.ndim == 2 and not y.is_floating_point():
@@ -312,20 +313,33 @@ class Objective:
 
     def graph_bytes(self) -> int:
         """Memory a kept gradient graph needs for this rank's batches (all of them unless distributed), from the first."""
-        if not self.batches:
-            return 0
-        saved = 0
+        return int(self._graph_bytes_per_sample() * sum(len(b) for _, b in self.batches))
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal saved
-            saved += t.numel() * t.element_size()
-            return t
+    def _graph_bytes_per_sample(self) -> float:
+        """Bytes of tensors a create_graph gradient keeps per sample, measured once on the first batch."""
+        if self._saved_bytes_per_sample is None:
+            saved = 0
 
-        x, y = self.batches[0]
-        w = self.w.detach().requires_grad_(True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            torch.autograd.grad(self._batch_loss(w, x, y), w, create_graph=True)
-        return int(saved * sum(len(b) for _, b in self.batches) / len(y))
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                nonlocal saved
+                saved += t.numel() * t.element_size()
+                return t
+
+            if self.batches:
+                x, y = self.batches[0]
+                w = self.w.detach().requires_grad_(True)
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    torch.autograd.grad(self._batch_loss(w, x, y), w, create_graph=True)
+                saved /= len(y)
+            self._saved_bytes_per_sample = saved
+        return self._saved_bytes_per_sample
+
+    def _forward_batches(self) -> list[Batch]:
+        """The batches forward-only evaluation runs over: in eval mode, small batches merged (see _merged)."""
+        if self._eval_chunks is None:
+            merge = self.mode == "eval" and self.batches
+            self._eval_chunks = _merged(self.batches, self._graph_bytes_per_sample()) if merge else self.batches
+        return self._eval_chunks
 
     def _resolve_hvp_method(self, method: str) -> str:
         """`auto`: reuse a linearized gradient when it fits in memory (fastest on CPU, benchmarks/hvp.py)."""
@@ -337,19 +351,20 @@ class Objective:
 
 
 _TORCH_FUNC_METHODS = ("linearize", "fwd-rev")
-EVAL_CHUNK_BYTES = 32 * 2**20
+EVAL_CHUNK_BYTES = 8 * 2**20
 
 
-def _merged(batches: list[Batch]) -> list[Batch]:
-    """Consecutive batches joined into chunks of at most EVAL_CHUNK_BYTES of input (never split).
+def _merged(batches: list[Batch], bytes_per_sample: float) -> list[Batch]:
+    """Consecutive batches joined while a chunk's activations stay under EVAL_CHUNK_BYTES (never split).
 
     In eval mode every sample's loss is independent of its batch, so forward-only evaluation
-    can take fewer, larger calls: fewer kernel launches and Python round trips per grid point.
+    of a small model can take fewer, larger calls (fewer Python round trips per grid point);
+    a model whose activations outgrow the cache keeps its batches, which run faster there.
     """
     chunks: list[list[Batch]] = []
     size = EVAL_CHUNK_BYTES
     for x, y in batches:
-        nbytes = x.numel() * x.element_size()
+        nbytes = len(y) * bytes_per_sample
         if size + nbytes > EVAL_CHUNK_BYTES:
             chunks.append([])
             size = 0

@@ -204,6 +204,43 @@ def test_torchrun_measure_prints_once_and_matches_one_process(checkpoint):
     assert got["eps-sharpness"]["max_losses"] == pytest.approx(want["eps-sharpness"]["max_losses"], rel=REL)
 
 
+def test_torchrun_compare_and_surface_match_one_process(checkpoint, tmp_path):
+    """compare: data-parallel measurements and surfaces; surface: grid points split over the ranks."""
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    model, spec = model_for_data("convnet", (1, 8, 8), num_classes=10, channels=(2, 3))
+    save_checkpoint(other, model, model_spec=spec, data_spec={"spec": "digits", "seed": 0, "normalize": None})
+    options = ["--dtype", "float64", "--n-samples", "250", "--batch-size", "64", "--k", "1", "--probes", "8",
+               "--radius", "0.05", "--noise-samples", "6", "--metrics", "eig,sharpness-curve,surface",
+               "--surface-range=-1:1:5", "--quiet"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), "--no-python"]
+    runs = {}
+    for name, prefix in (("two", torchrun), ("one", [])):
+        out = tmp_path / name
+        result = subprocess.run([*prefix, *cli_command(), "compare", str(checkpoint), str(other), "--out", str(out), *options],
+                                capture_output=True, text=True, env=_env(), timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("report:") == 1  # one rank printed
+        runs[name] = json.loads((out / "results.json").read_text())
+    two, one = runs["two"]["checkpoints"], runs["one"]["checkpoints"]
+    assert two[0]["setup"]["sharded"] and not one[0]["setup"]["sharded"]
+    for a, b in zip(two, one):
+        for name in ("λ1", "ΔL a=0.05", "test accuracy"):
+            assert a["quantities"][name]["value"] == pytest.approx(b["quantities"][name]["value"], rel=REL), name
+        np.testing.assert_allclose(read_surface(a["raw"]["surface"]).loss["train"],
+                                   read_surface(b["raw"]["surface"]).loss["train"], rtol=REL)
+    surfaces = {}
+    for name, prefix in (("two", torchrun), ("one", [])):
+        path = tmp_path / f"{name}.h5"
+        result = subprocess.run([*prefix, *cli_command(), "surface", str(checkpoint), "--dim", "2", "--range=-1:1:5",
+                                 "--n-samples", "250", "--out", str(path), "--quiet"], capture_output=True, text=True,
+                                env=_env(), timeout=300)
+        assert result.returncode == 0, result.stderr
+        surfaces[name] = read_surface(path)
+    assert surfaces["two"].complete
+    np.testing.assert_array_equal(surfaces["two"].loss["train"], surfaces["one"].loss["train"])
+
+
 FAULTY_RANK = """
 import os, sys, time
 from analysis.cli import main
