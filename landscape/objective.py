@@ -328,7 +328,7 @@ class Objective:
             if self.batches:
                 x, y = self.batches[0]
                 w = self.w.detach().requires_grad_(True)
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # also inside evaluate
                     torch.autograd.grad(self._batch_loss(w, x, y), w, create_graph=True)
                 saved /= len(y)
             self._saved_bytes_per_sample = saved

@@ -180,3 +180,13 @@ def test_bad_inputs_raise_clear_errors(mlp_problem):
         broken[1].weight[0, 0] = float("inf")
     with pytest.raises(ObjectiveError, match="1.weight"):
         Objective(broken, batches, device="cpu")
+
+
+@pytest.mark.parametrize("hvp", ["double-backward", "reuse"])
+def test_evaluate_first_merges_eval_batches_without_changing_the_loss(mlp_problem, hvp):
+    """An explicit HVP path leaves the activation-size measurement to the first evaluate (under no_grad)."""
+    model, x, y, batches = mlp_problem
+    objective = Objective(model, batches, dtype=torch.float64, hvp_method=hvp)
+    expected = torch.nn.functional.cross_entropy(model.double()(x.double()), y).item()
+    assert objective.evaluate().loss == pytest.approx(expected, rel=1e-12)
+    assert len(objective._forward_batches()) == 1  # three small batches, one forward call
