@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import scipy.stats
 
-from analysis.measure import METRICS, build_objective, parse_metrics
+from analysis.measure import METRICS, build_objective
 from analysis.report import Report
 from analysis.surfaces import parse_range
 from analysis.tables import format_table
@@ -65,7 +65,7 @@ def check_compatible(checkpoints: Sequence, allow_mixed: bool) -> None:
                                  "pass --allow-mixed to compare them anyway")
 
 
-def measure_checkpoint(path: str, label: str, args: argparse.Namespace, out: Path) -> dict:
+def measure_checkpoint(path: str, label: str, meta: dict, args: argparse.Namespace, out: Path) -> dict:
     """Accuracy, losses and the chosen metrics of one checkpoint, as quantities with uncertainties."""
     metrics = [m for m in args.metrics.split(",") if m]
     parallel = ranks.active()  # under torchrun: every measurement data-parallel, surfaces included
@@ -90,7 +90,6 @@ def measure_checkpoint(path: str, label: str, args: argparse.Namespace, out: Pat
         result = METRICS[name](objective, args).to_dict()
         raw[name] = result
         quantities.update(_quantities(name, result))
-    meta = load_checkpoint(path, trust=args.trust_checkpoint).meta
     return {"label": label, "path": path, "seed": meta.get("train", {}).get("seed"), "config": meta.get("train"),
             "setup": objective.describe(), "test_setup": test.describe(), "quantities": quantities, "raw": raw}
 
@@ -166,7 +165,6 @@ def _t(df: float) -> float:
 
 def compare(paths: Sequence[str], args: argparse.Namespace) -> dict:
     """Measure every checkpoint alike, group seeds, and compute differences against the first group."""
-    parse_metrics(",".join(m for m in args.metrics.split(",") if m not in ("surface", "surface2d")) or "eig")
     unknown = [m for m in args.metrics.split(",") if m and m not in COMPARE_METRICS]
     if unknown:
         raise ValueError(f"unknown metric {', '.join(unknown)}; choose from {', '.join(COMPARE_METRICS)}")
@@ -177,7 +175,7 @@ def compare(paths: Sequence[str], args: argparse.Namespace) -> dict:
         raise ValueError(f"--labels has {len(labels)} names for {len(paths)} checkpoints")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    members = [measure_checkpoint(p, label, args, out) for p, label in zip(paths, labels)]
+    members = [measure_checkpoint(p, label, c.meta, args, out) for p, label, c in zip(paths, labels, checkpoints)]
     groups: dict[str, list[dict]] = {}
     for m in members:
         groups.setdefault(m["label"], []).append(m)
@@ -196,9 +194,8 @@ def compare(paths: Sequence[str], args: argparse.Namespace) -> dict:
 def format_value(agg: dict | None) -> str:
     if agg is None:
         return ""
-    sign = "±"
     n = f" (n={agg['n']})" if agg["n"] > 1 else ""
-    return f"{agg['mean']:.4g} {sign} {agg['spread']:.2g}{n}"
+    return f"{agg['mean']:.4g} ± {agg['spread']:.2g}{n}"
 
 
 def format_difference(d: dict | None) -> str:

@@ -30,6 +30,8 @@ from analysis.plots import (
     save,
 )
 from analysis.recipes import LARGE, METHODS, SMALL, label, train_runs
+from analysis.report import Report
+from analysis.tables import format_table
 from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
 from landscape.directions import between, random_directions
@@ -83,7 +85,7 @@ def interpolation_figure(small: str, large: str, budget: dict, cache: Path, out:
     surface = compute_surface({"train": train, "test": test},
                               between(train, load_checkpoint(large).build_model(), f"SGD B={LARGE}"),
                               [grid_axis(-1.0, 2.0, 31 if budget["seeds"] > 1 else 7)],
-                              path=cache / "surfaces" / f"interpolation-{len(measurement.indices(_data(small)))}.h5",
+                              path=cache / "surfaces" / f"interpolation-{budget['n_samples'] or 'all'}.h5",
                               resume=True)
     fig = plot_lines({f"SGD B={SMALL} (α=0) → SGD B={LARGE} (α=1)": surface}, log=True, accuracy=True,
                      title="Keskar et al. (2017) interpolation between small- and large-batch minima")
@@ -162,17 +164,6 @@ def _flatter(d: dict) -> str:
     return "flatter" if d["diff"] < 0 else "sharper"
 
 
-def _data(path: str):
-    from landscape.problem import DataSpec
-
-    return DataSpec.from_dict(load_checkpoint(path).data_spec).load()
-
-
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-
-
 def run(args: argparse.Namespace) -> None:
     out, cache = Path(args.out), Path(args.cache)
     budget = QUICK if args.quick else FULL
@@ -188,11 +179,13 @@ def run(args: argparse.Namespace) -> None:
     sharpness_figures(result, out)
     summary["top_eigenvalues"] = spectra_figure(result, budget, out)
     headers, rows = method_table(result)
-    (out / "methods.md").write_text(
-        f"Method table ({budget['seeds']} seed(s) each; mean ± std over seeds, or ± stderr for one seed; "
-        f"measured on {result['checkpoints'][0]['setup']['n_samples']} training samples of mnist1d).\n\n"
-        + markdown_table(headers, rows))
+    table = Report("Method table")
+    table.paragraph(f"{budget['seeds']} seed(s) per method; mean ± std over seeds (± stderr for one seed); measured on "
+                    f"{result['checkpoints'][0]['setup']['n_samples']} training samples of mnist1d. The last two columns: "
+                    "the difference from SGD at the same batch size, 95% Welch interval over seeds.")
+    table.table(headers, rows)
+    (out / "methods.md").write_text(table.markdown())
     summary["groups"] = result["groups"]
     (out / "figures.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    print(markdown_table(headers, rows))
+    print(format_table(headers, rows))
     print(f"wrote figures to {out}/ (training runs and surfaces cached in {cache}/)")

@@ -2,7 +2,6 @@
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from conftest import classification_batches, tiny_convnet_bn, tiny_mlp
