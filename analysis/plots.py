@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Colormap, LogNorm, Normalize, to_hex, to_rgb  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from landscape.directions import Directions  # noqa: E402
 from landscape.surface import Surface  # noqa: E402
@@ -51,6 +51,18 @@ def plot_spectral_densities(spectra: Mapping[str, dict], top_eigenvalues: Mappin
     return fig
 
 
+def plain_log_ticks(axis: matplotlib.axis.Axis) -> None:
+    """Log-axis tick labels as plain numbers (0.2, 0.5, 1, 2) instead of 2×10⁻¹; 2s and 5s only on narrow ranges."""
+    def label(value: float, _: int) -> str:
+        low, high = sorted(axis.get_view_interval())
+        narrow = low > 0 and high / low < 100
+        leading = f"{value:.0e}"[0]
+        return f"{value:g}" if leading == "1" or (narrow and leading in "25") else ""
+
+    axis.set_major_formatter(FuncFormatter(label))
+    axis.set_minor_formatter(FuncFormatter(label))
+
+
 def plot_sharpness_curves(curves: Mapping[str, Sequence[dict]], *, caption: str = "") -> plt.Figure:
     """Expected-loss increase E[L(w+u)] − L(w) against the noise radius (SmoothOut's C̄(w) − L(w)), log-log.
 
@@ -74,6 +86,8 @@ def plot_sharpness_curves(curves: Mapping[str, Sequence[dict]], *, caption: str 
             ax.plot(radii, runs[0]["prediction"], ":", color=colors[label], lw=1.2)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain_log_ticks(ax.xaxis)
+    plain_log_ticks(ax.yaxis)
     ax.set_xlabel(f"noise radius a ({runs[0]['distribution']}, {runs[0]['scale']})")
     ax.set_ylabel("E[L(w+u)] − L(w)  (nats)")
     ax.grid(alpha=0.3, which="both")
@@ -176,6 +190,8 @@ def plot_lines(surfaces: Mapping[str, Surface], *, splits: Sequence[str] | None 
     if surface.directions.kind == "between":
         _mark_endpoints(ax, surfaces)
     ax.set_yscale("log" if log else "linear")
+    if log:
+        plain_log_ticks(ax.yaxis)
     ax.set_xlabel(axis_label(surface.directions, 0))
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
