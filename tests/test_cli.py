@@ -95,3 +95,19 @@ def test_measure_curvature_and_noise_metrics_match_ground_truth(trained_run):
     noise = report["metrics"]["expected-loss"]
     assert noise["increase_ci"][0] <= noise["increase"] <= noise["increase_ci"][1] and noise["n_forward"] == 21
     assert report["metrics"]["eps-sharpness"]["value"] >= 0
+
+
+def test_surface_on_the_pca_plane_of_a_training_run(trained_run, tmp_path):
+    """`landscape surface --pca DIR`: the plane of the run's own trajectory, which the default grid covers."""
+    result = run_cli("surface", trained_run / "final.pt", "--pca", trained_run / "trajectory", "--n-samples", "200",
+                     "--out", tmp_path / "pca.h5", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    directions = report["directions"]
+    assert directions["kind"] == "pca" and directions["labels"] == ["epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt"]
+    trajectory = torch.tensor(directions["trajectory"])
+    assert trajectory.shape == (3, 2) and torch.allclose(trajectory[-1], torch.zeros(2), atol=1e-4)  # final = origin
+    ratios = directions["spec"]["explained_variance_ratio"]
+    assert 0 < ratios[1] <= ratios[0] and sum(ratios) <= 1 + 1e-9
+    assert max(report["axes"][0]) >= trajectory.abs().max().item()  # the grid covers the trajectory
+    assert report["n_done"] == report["n_points"] == 21 * 21
