@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import scipy.stats
 
+from analysis.differences import aggregate, difference, verdict
 from analysis.measure import METRICS, build_objective
 from analysis.report import Report
 from analysis.surfaces import parse_range
@@ -33,7 +33,6 @@ from landscape.surface import compute_surface
 
 COMPARE_METRICS = ("eig", "trace", "density", "sharpness-curve", "eps-sharpness", "surface", "surface2d")
 DEFAULT_METRICS = "eig,trace,sharpness-curve,surface"
-CONFIDENCE = 0.95
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,52 +116,6 @@ def _quantities(metric: str, result: dict) -> dict:
     return {}
 
 
-def aggregate(members: list[dict], name: str) -> dict | None:
-    """One method's value of a quantity: the estimate ± its own stderr for one seed, mean ± std over seeds."""
-    found = [m["quantities"][name] for m in members if name in m["quantities"]]
-    if not found:
-        return None
-    values = np.array([q["value"] for q in found])
-    if len(found) == 1:
-        return {"mean": float(values[0]), "spread": found[0]["stderr"], "n": 1, "kind": "stderr"}
-    return {"mean": float(values.mean()), "spread": float(values.std(ddof=1)), "n": len(found), "kind": "std over seeds"}
-
-
-def difference(baseline: list[dict], other: list[dict], name: str) -> dict | None:
-    """other − baseline with a 95% interval: Welch over seeds, paired draws for single runs, else estimator errors."""
-    a = [m["quantities"][name] for m in baseline if name in m["quantities"]]
-    b = [m["quantities"][name] for m in other if name in m["quantities"]]
-    if not a or not b:
-        return None
-    va, vb = np.array([q["value"] for q in a]), np.array([q["value"] for q in b])
-    diff = float(vb.mean() - va.mean())
-    unpaired = None
-    if len(a) > 1 and len(b) > 1:
-        sa, sb = va.var(ddof=1) / len(a), vb.var(ddof=1) / len(b)
-        df = (sa + sb) ** 2 / (sa**2 / (len(a) - 1) + sb**2 / (len(b) - 1)) if sa + sb > 0 else 1.0
-        half, basis = _t(df) * math.sqrt(sa + sb), f"seed spread (Welch, {len(a)} vs {len(b)} seeds)"
-    elif len(a) > 1 or len(b) > 1:
-        seeds = va if len(a) > 1 else vb
-        half = _t(len(seeds) - 1) * seeds.std(ddof=1) * math.sqrt(1 / len(a) + 1 / len(b))
-        basis = f"seed spread of the {len(seeds)}-seed group"
-    else:
-        if "samples" in a[0] and "samples" in b[0] and len(a[0]["samples"]) == len(b[0]["samples"]):
-            d = np.array(b[0]["samples"]) - np.array(a[0]["samples"])
-            t = _t(len(d) - 1)  # the same quantile for the interval independent draws would give
-            half, basis = t * d.std(ddof=1) / math.sqrt(len(d)), "paired noise draws (one seed each)"
-            unpaired = t * math.hypot(a[0]["stderr"], b[0]["stderr"])
-        else:
-            half, basis = 1.96 * math.hypot(a[0]["stderr"], b[0]["stderr"]), "estimator error (one seed each)"
-    scale = abs(float(va.mean()))
-    return {"diff": diff, "halfwidth": half, "unpaired_halfwidth": unpaired, "basis": basis,
-            "relative": diff / scale if scale else None, "relative_halfwidth": half / scale if scale else None,
-            "significant": abs(diff) > half, "seeds": len(a) > 1 or len(b) > 1}
-
-
-def _t(df: float) -> float:
-    return float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, max(df, 1.0)))
-
-
 def compare(paths: Sequence[str], args: argparse.Namespace) -> dict:
     """Measure every checkpoint alike, group seeds, and compute differences against the first group."""
     unknown = [m for m in args.metrics.split(",") if m and m not in COMPARE_METRICS]
@@ -207,13 +160,6 @@ def format_difference(d: dict | None) -> str:
     return text
 
 
-def verdict(d: dict) -> str:
-    """Whether a difference clears the seed spread; with one seed per method, only whether the two checkpoints differ."""
-    if d["seeds"]:
-        return "yes" if d["significant"] else "no"
-    return "one seed: checkpoints differ" if d["significant"] else "one seed: within noise"
-
-
 def comparison_tables(result: dict) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
     """(headers, rows) of the value table and of the difference table."""
     names = result["quantities"]
@@ -253,7 +199,13 @@ def run(args: argparse.Namespace) -> None:
 
 def make_figures(result: dict, out: Path) -> list[tuple[str, str]]:
     """The comparison figures in `out`, as (file name, caption); one colour per method throughout."""
-    from analysis.plots import plot_lines, plot_sharpness_curves, plot_spectral_densities, plot_surfaces, save
+    from analysis.plots import (
+        plot_lines,
+        plot_sharpness_curves,
+        plot_spectral_densities,
+        plot_surfaces,
+        save,
+    )
     from landscape.surface import read_surface
 
     members = result["checkpoints"]

@@ -12,14 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.compare import (
-    build_report,
-    compare,
-    comparison_tables,
-    difference,
-    format_difference,
-    verdict,
-)
+from analysis.compare import build_report, compare, comparison_tables, format_difference
+from analysis.differences import difference, verdict
 from analysis.recipes import LARGE, SMALL, train_runs
 from analysis.tables import format_table
 
@@ -42,18 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per method (default 3: differences must clear the seed spread)")
 
 
-def findings(result: dict) -> list[tuple[str, list[list[str]]]]:
-    """For each question, the differences that answer it, with their intervals and verdicts."""
+def findings(result: dict) -> dict[str, dict[str, dict]]:
+    """For each question, the differences (with intervals and seed verdicts) that answer it."""
     groups = {m["label"]: [c for c in result["checkpoints"] if c["label"] == m["label"]] for m in result["checkpoints"]}
-    answers = []
+    answers = {}
     for question, base, other in CLAIMS:
-        rows = []
-        for name in SHARPNESS:
-            d = difference(groups[base], groups[other], name)
-            if d is not None:
-                rows.append([name, format_difference(d), verdict(d)])
-        answers.append((f"{question} ({other} vs {base})", rows))
+        diffs = {name: difference(groups[base], groups[other], name) for name in SHARPNESS}
+        answers[f"{question} ({other} vs {base})"] = {name: d for name, d in diffs.items() if d is not None}
     return answers
+
+
+def finding_rows(diffs: dict[str, dict]) -> list[list[str]]:
+    return [[name, format_difference(d), verdict(d)] for name, d in diffs.items()]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -70,15 +64,21 @@ def run(args: argparse.Namespace) -> None:
     result = compare(paths, compare_args)
     report = build_report(result, out / "report")
     answers = findings(result)
-    for question, rows in reversed(answers):
-        report.blocks.insert(0, ("table", list(HEADERS), rows, ""))
+    for question, diffs in reversed(answers.items()):
+        report.blocks.insert(0, ("table", list(HEADERS), finding_rows(diffs), ""))
         report.blocks.insert(0, ("heading", question))
     report.blocks.insert(0, ("paragraph", SETUP.format(seeds=args.seeds)))
     md, page = report.write(out / "report")
+    seconds = time.perf_counter() - start
+    if args.json:
+        from analysis.cli import print_json
+
+        print_json({"findings": answers, "groups": result["groups"], "report": [str(md), str(page)],
+                    "train_seconds": trained, "measure_seconds": seconds - trained})
+        return
     h1, r1, _, _ = comparison_tables(result)
     print(format_table(h1, r1))
-    for question, rows in answers:
-        print(f"\n{question}\n" + format_table(HEADERS, rows))
-    seconds = time.perf_counter() - start
+    for question, diffs in answers.items():
+        print(f"\n{question}\n" + format_table(HEADERS, finding_rows(diffs)))
     print(f"\ntrained {len(paths)} runs in {trained:.0f}s, measured them in {seconds - trained:.0f}s")
     print(f"report: {md}\n        {page}\nfigures and surface files: {out / 'report'}/")

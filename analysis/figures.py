@@ -14,14 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from analysis.compare import (
-    aggregate,
-    compare,
-    difference,
-    format_difference,
-    format_value,
-    verdict,
-)
+from analysis.compare import compare, format_difference, format_value
+from analysis.differences import aggregate, difference, verdict
 from analysis.plots import (
     plot_lines,
     plot_sharpness_curves,
@@ -187,5 +181,10 @@ def run(args: argparse.Namespace) -> None:
     (out / "methods.md").write_text(table.markdown())
     summary["groups"] = result["groups"]
     (out / "figures.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    if args.json:
+        from analysis.cli import print_json
+
+        print_json({**summary, "figures": sorted(p.name for p in out.iterdir())})
+        return
     print(format_table(headers, rows))
     print(f"wrote figures to {out}/ (training runs and surfaces cached in {cache}/)")

@@ -8,7 +8,7 @@ import pytest
 import scipy.stats
 from conftest import run_cli
 
-from analysis.compare import aggregate, difference
+from analysis.differences import aggregate, difference
 from landscape.checkpoints import load_checkpoint, save_checkpoint
 from landscape.data import MeasurementSet, load_data
 from landscape.models import model_for_data
