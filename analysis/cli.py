@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from typing import NoReturn
 
 from landscape import distributed
 from landscape.results import to_jsonable
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or not distributed.is_failure(error):
             raise
         print(f"landscape {args.command}: error: distributed: {distributed.failure_message(error)}", file=sys.stderr)
-        return 1
+        _leave_at_once(1)
     except KeyboardInterrupt:
         print(f"landscape {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -106,6 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         if joined:
             distributed.shutdown()
     return 0
+
+
+def _leave_at_once(code: int) -> NoReturn:
+    """Exit now, skipping teardown: a process group whose collective failed cannot be destroyed safely.
+
+    gloo may abort the process ("terminate called without an active exception") while it joins the
+    worker threads still blocked on the dead or hung rank, which would turn exit code 1 into SIGABRT.
+    Files written so far are already flushed block by block, as after any kill.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _join_process_group(args: argparse.Namespace) -> bool:
