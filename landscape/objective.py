@@ -29,6 +29,20 @@ MODES = ("eval", "train")
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of class-index targets: F.cross_entropy, taken along the sample axis for few classes on a CPU.
+
+    PyTorch's CPU log_softmax vectorizes along the class axis, which leaves the vector units idle
+    for fewer than 16 classes: 1437x10 logits take 0.22 ms forward and 0.65 ms through an HVP's
+    double backward, against 0.04 and 0.26 ms with the samples on the vectorized axis. Same value
+    to rounding; for a few samples the transpose costs more than it saves, so they keep F.cross_entropy.
+    """
+    few_classes = logits.ndim == 2 and logits.shape[1] < 16 and logits.shape[0] >= 256
+    if few_classes and logits.device.type == "cpu" and targets.dtype == torch.int64 and targets.ndim == 1:
+        return -torch.log_softmax(logits.t().contiguous(), dim=0).gather(0, targets[None]).mean()
+    return F.cross_entropy(logits, targets)
+
+
 class ObjectiveError(ValueError):
     """The model, data or settings cannot define a finite objective."""
 
@@ -97,7 +111,7 @@ class Objective:
             self.device = ranks.local_device(self.device)
         self.dtype = dtype
         self.mode = mode
-        self.loss_fn = loss_fn or F.cross_entropy
+        self.loss_fn = loss_fn or cross_entropy
         self.model = _prepare_model(model, mode, self.device, dtype)
         self.batches = [self._to_device(x, y) for x, y in batches]
         sizes = [len(y) for _, y in self.batches]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from landscape.objective import HVP_METHODS, Objective, ObjectiveError
+from landscape.objective import HVP_METHODS, Objective, ObjectiveError, cross_entropy
 from landscape.operators import HessianOperator
 from landscape.params import FlatLayout, select_parameters
 
@@ -190,3 +190,20 @@ def test_evaluate_first_merges_eval_batches_without_changing_the_loss(mlp_proble
     expected = torch.nn.functional.cross_entropy(model.double()(x.double()), y).item()
     assert objective.evaluate().loss == pytest.approx(expected, rel=1e-12)
     assert len(objective._forward_batches()) == 1  # three small batches, one forward call
+
+
+@pytest.mark.parametrize("n, classes, soft", [(300, 10, False), (300, 20, False), (100, 10, False), (300, 10, True)])
+def test_default_loss_is_cross_entropy_with_its_derivatives(n, classes, soft):
+    """The sample-axis path (many samples, few classes) and the F.cross_entropy fallback: value, gradient, Hessian."""
+    g = torch.Generator().manual_seed(n + classes)
+    logits = 3 * torch.randn(n, classes, generator=g, dtype=torch.float64)
+    targets = (torch.softmax(torch.randn(n, classes, generator=g, dtype=torch.float64), 1) if soft
+               else torch.randint(0, classes, (n,), generator=g))
+    ours, reference = (lambda z: cross_entropy(z, targets)), (lambda z: F.cross_entropy(z, targets))
+    assert ours(logits).item() == pytest.approx(reference(logits).item(), rel=1e-13)
+    torch.testing.assert_close(torch.func.grad(ours)(logits), torch.func.grad(reference)(logits), rtol=1e-12, atol=1e-15)
+    v = torch.randn(n, classes, generator=g, dtype=torch.float64)  # a Hessian-vector product in logit space
+    hvp_ours = torch.func.jvp(torch.func.grad(ours), (logits,), (v,))[1]
+    hvp_reference = torch.func.jvp(torch.func.grad(reference), (logits,), (v,))[1]
+    torch.testing.assert_close(hvp_ours, hvp_reference, rtol=1e-12, atol=1e-15)
+    assert Objective(nn.Linear(classes, classes), [(logits, targets)], device="cpu").loss_fn is cross_entropy
