@@ -1,6 +1,7 @@
 """Cost of one exact Hessian-vector product, per path, relative to one gradient (measured in one run).
 
-Each (problem, path) runs in its own process so its peak memory is its own. Writes
+Each (problem, path) runs in its own process so its peak memory is its own, --rounds times
+interleaved over the paths; each number is the median over the rounds. Writes
 benchmarks/results/hvp.json. Usage: python benchmarks/hvp.py [--problems resnet20,convnet,mlp-digits]
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import warnings
@@ -95,10 +97,24 @@ def run_one(name: str, path: str) -> dict:
     return row
 
 
+def median_row(runs: list[dict]) -> dict:
+    """One row from repeated runs: the median of each number (the largest for peak memory); the first error if any failed."""
+    failed = [r for r in runs if "error" in r or "skipped" in r]
+    if failed:
+        return failed[0]
+    row = dict(runs[0], rounds=len(runs))
+    for key, value in runs[0].items():
+        if isinstance(value, float):
+            values = [r[key] for r in runs]
+            row[key] = max(values) if key == "peak_extra_mb" else statistics.median(values)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--problems", default="resnet20,c3,convnet-digits,mlp-digits")
     parser.add_argument("--paths", default=",".join(PATHS))
+    parser.add_argument("--rounds", type=int, default=3, help="runs per (problem, path), interleaved; medians reported")
     parser.add_argument("--update", action="store_true", help="replace only these rows in the existing results file")
     parser.add_argument("--one", nargs=2, metavar=("PROBLEM", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -107,10 +123,15 @@ def main() -> None:
         return
     rows = []
     for name in args.problems.split(","):
-        for path in args.paths.split(","):
-            out = subprocess.run([sys.executable, __file__, "--one", name, path], capture_output=True, text=True)
-            row = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {
-                "problem": name, "path": path, "error": out.stderr.strip().splitlines()[-1]}
+        rounds: dict[str, list[dict]] = {}
+        for _ in range(args.rounds):  # interleaved, so a busy spell on a shared machine hits every path alike
+            for path in args.paths.split(","):
+                out = subprocess.run([sys.executable, __file__, "--one", name, path], capture_output=True, text=True)
+                rounds.setdefault(path, []).append(json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0
+                                                   else {"problem": name, "path": path,
+                                                         "error": out.stderr.strip().splitlines()[-1]})
+        for path, runs in rounds.items():
+            row = median_row(runs)
             rows.append(row)
             shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
             print(shown, flush=True)
