@@ -89,33 +89,43 @@ def main(argv: list[str] | None = None) -> int:
     try:
         joined = _join_process_group(args)
         args.run(args)
+        code = 0
     except USER_ERRORS as error:
         if args.debug:
             raise
         message = str(error) or type(error).__name__
         print(f"landscape {args.command}: error: {message.splitlines()[0]}", file=sys.stderr)
-        return 2
+        code = 2
     except RuntimeError as error:  # a collective failed: another rank died or hung past the timeout
         if args.debug or not distributed.is_failure(error):
             raise
         print(f"landscape {args.command}: error: distributed: {distributed.failure_message(error)}", file=sys.stderr)
-        _leave_at_once(1)
+        code = 1
     except KeyboardInterrupt:
         print(f"landscape {args.command}: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if joined:
-            distributed.shutdown()
-    return 0
+        code = 130
+    if joined:
+        _leave_process_group(args, code)
+    return code
 
 
-def _leave_at_once(code: int) -> NoReturn:
-    """Exit now, skipping teardown: a process group whose collective failed cannot be destroyed safely.
+def _leave_process_group(args: argparse.Namespace, code: int) -> NoReturn:
+    """End a torchrun process without tearing its process group down.
 
-    gloo may abort the process ("terminate called without an active exception") while it joins the
-    worker threads still blocked on the dead or hung rank, which would turn exit code 1 into SIGABRT.
-    Files written so far are already flushed block by block, as after any kill.
+    gloo's teardown can abort the process ("terminate called without an active exception", SIGABRT)
+    while it joins its worker threads: seen in CI after a collective timed out, and after a clean
+    run while the other rank was still busy. So a rank that succeeded first waits for the others at
+    a barrier (a rank that died after the last collective then shows up as exit 1 here), and every
+    rank exits at once. Its files are already closed and flushed, as after any run.
     """
+    if code == 0:
+        try:
+            distributed.barrier()
+        except RuntimeError as error:
+            if not distributed.is_failure(error):
+                raise
+            print(f"landscape {args.command}: error: distributed: {distributed.failure_message(error)}", file=sys.stderr)
+            code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

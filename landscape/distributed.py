@@ -78,9 +78,16 @@ def init_from_env(device: torch.device | str) -> bool:
     return True
 
 
-def shutdown() -> None:
-    """Leave the process group, if one is initialised."""
+def barrier() -> None:
+    """Wait until every rank gets here (no-op when not distributed)."""
     if active():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group, if one is initialised, once every rank is done (so none tears down under another)."""
+    if active():
+        dist.barrier()
         dist.destroy_process_group()
 
 

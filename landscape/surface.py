@@ -10,6 +10,7 @@ rank 0 alone writes the file (with data-parallel objectives every rank evaluates
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -229,8 +230,16 @@ def _fingerprint(objectives: dict[str, Objective], directions: Directions, axes:
 
 
 def _samples_digest(objective: Objective) -> str:
-    """Digest of the measurement set's inputs and targets, batch by batch."""
-    return tensor_digest({f"{k}{i:06d}": t for i, (x, y) in enumerate(objective.batches) for k, t in (("x", x), ("y", y))})
+    """Digest of the measurement set's inputs and targets, batch by batch in the global order.
+
+    A sharded objective gathers every rank's batch digests (rank r holds batches r, r+world, ...),
+    so a file started under torchrun resumes in one process, and the other way round.
+    """
+    batches = [tensor_digest({"x": x, "y": y}) for x, y in objective.batches]
+    if objective.distributed:
+        shards = ranks.all_gather(batches)
+        batches = [shards[j % len(shards)][j // len(shards)] for j in range(objective.n_batches)]
+    return hashlib.sha256("".join(batches).encode()).hexdigest()
 
 
 # ------------------------------------------------------------- distribution

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -229,6 +230,8 @@ def test_torchrun_compare_and_surface_match_one_process(checkpoint, tmp_path):
             assert a["quantities"][name]["value"] == pytest.approx(b["quantities"][name]["value"], rel=REL), name
         np.testing.assert_allclose(read_surface(a["raw"]["surface"]).loss["train"],
                                    read_surface(b["raw"]["surface"]).loss["train"], rtol=REL)
+        with h5py.File(a["raw"]["surface"]) as sharded, h5py.File(b["raw"]["surface"]) as whole:
+            assert sharded.attrs["fingerprint"] == whole.attrs["fingerprint"]  # either file resumes in either mode
     surfaces = {}
     for name, prefix in (("two", torchrun), ("one", [])):
         path = tmp_path / f"{name}.h5"
@@ -244,21 +247,25 @@ def test_torchrun_compare_and_surface_match_one_process(checkpoint, tmp_path):
 FAULTY_RANK = """
 import os, sys, time
 from analysis.cli import main
+from landscape import distributed
 from landscape.objective import Objective
 
-if os.environ["RANK"] == "1":  # rank 1 fails at its first Hessian-vector product
-    def fail(self, V):
-        if sys.argv[1] == "die":
-            os._exit(3)
-        time.sleep(3600)
-    Objective.hvp_batched = fail
+if os.environ["RANK"] == "1":  # rank 1 fails at its first Hessian-vector product, or after its last collective
+    def fail(*args):
+        if sys.argv[1] == "hang":
+            time.sleep(3600)
+        os._exit(3)
+    if sys.argv[1] == "late":
+        distributed.barrier = fail
+    else:
+        Objective.hvp_batched = fail
 sys.exit(main(sys.argv[2:]))
 """
 
 
-@pytest.mark.parametrize("fault, timeout", [("die", 60), ("hang", 6)])
+@pytest.mark.parametrize("fault, timeout", [("die", 60), ("late", 60), ("hang", 6)])
 def test_a_failed_rank_ends_the_job_with_one_line(tmp_path, checkpoint, fault, timeout):
-    """A dead rank (connection reset) or a hung one (collective timeout) makes rank 0 exit 1 with one line."""
+    """A dead rank (connection reset; also after the last collective) or a hung one (timeout): rank 0 exits 1, one line."""
     script = tmp_path / "faulty.py"
     script.write_text(FAULTY_RANK)
     env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
@@ -277,7 +284,7 @@ def test_a_failed_rank_ends_the_job_with_one_line(tmp_path, checkpoint, fault, t
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("landscape measure: error: distributed: "), stderr
     assert "rank 0 of 2" in lines[0] and f"LANDSCAPE_DIST_TIMEOUT={timeout}" in lines[0]
-    if fault == "die":
+    if fault in ("die", "late"):
         assert procs[1].returncode == 3 and elapsed < 30
     else:
         assert "timed out" in lines[0].lower() or "timeout" in lines[0].lower()
