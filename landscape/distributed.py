@@ -109,10 +109,10 @@ def all_gather(obj: T) -> list[T]:
     return parts
 
 
-def unshard(local: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
-    """The first `count` items of the list `shard` split, on every rank, as CPU tensors (gathered from their ranks)."""
+def unshard(local: Sequence[T], count: int) -> list[T]:
+    """The first `count` items of the list `shard` split, on every rank (gathered from their ranks; tensors on the CPU)."""
     world = world_size()
-    parts = all_gather([t.cpu() for t in local[: -(-count // world)]])
+    parts = all_gather([t.cpu() if isinstance(t, torch.Tensor) else t for t in local[: -(-count // world)]])
     return [parts[j % world][j // world] for j in range(count)]
 
 

@@ -237,8 +237,7 @@ def _samples_digest(objective: Objective) -> str:
     """
     batches = [tensor_digest({"x": x, "y": y}) for x, y in objective.batches]
     if objective.distributed:
-        shards = ranks.all_gather(batches)
-        batches = [shards[j % len(shards)][j // len(shards)] for j in range(objective.n_batches)]
+        batches = ranks.unshard(batches, objective.n_batches)
     return hashlib.sha256("".join(batches).encode()).hexdigest()
 
 
