@@ -97,10 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"landscape {args.command}: error: {message.splitlines()[0]}", file=sys.stderr)
         code = 2
     except RuntimeError as error:  # a collective failed: another rank died or hung past the timeout
-        if args.debug or not distributed.is_failure(error):
+        if args.debug:
             raise
-        print(f"landscape {args.command}: error: distributed: {distributed.failure_message(error)}", file=sys.stderr)
-        code = 1
+        code = _report_distributed_failure(args, error)
     except KeyboardInterrupt:
         print(f"landscape {args.command}: interrupted", file=sys.stderr)
         code = 130
@@ -122,13 +121,18 @@ def _leave_process_group(args: argparse.Namespace, code: int) -> NoReturn:
         try:
             distributed.barrier()
         except RuntimeError as error:
-            if not distributed.is_failure(error):
-                raise
-            print(f"landscape {args.command}: error: distributed: {distributed.failure_message(error)}", file=sys.stderr)
-            code = 1
+            code = _report_distributed_failure(args, error)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _report_distributed_failure(args: argparse.Namespace, error: RuntimeError) -> int:
+    """One line for a collective that failed (exit code 1); any other RuntimeError is re-raised."""
+    if not distributed.is_failure(error):
+        raise error
+    print(f"landscape {args.command}: error: distributed: {distributed.failure_message(error)}", file=sys.stderr)
+    return 1
 
 
 def _join_process_group(args: argparse.Namespace) -> bool:
