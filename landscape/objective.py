@@ -8,8 +8,10 @@ and Hessian-vector products never mutate the user's model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -45,6 +47,36 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 class ObjectiveError(ValueError):
     """The model, data or settings cannot define a finite objective."""
+
+
+class HVPCheckWarning(UserWarning):
+    """The chosen HVP path failed its run-time self-check and was replaced by double backward."""
+
+
+def hvp_check_tolerance(dtype: torch.dtype) -> float:
+    """Relative difference allowed between two exact HVP paths: 10·√(machine ε) (3.5e-3 float32, 1.5e-7 float64)."""
+    return 10 * math.sqrt(torch.finfo(dtype).eps)
+
+
+@dataclass(frozen=True)
+class HVPCheck(Result):
+    """The run-time self-check of the chosen HVP path on the first probe (issue 20).
+
+    `difference`: ‖Hv − H_ref v‖/‖H_ref v‖ against double backward; `repeat_difference`: the same
+    product taken twice. Both must stay under `tolerance`; otherwise `replaced_by` names the path used.
+    """
+
+    path: str
+    difference: float
+    repeat_difference: float
+    tolerance: float
+    seconds: float
+    replaced_by: str | None = None
+    n_extra_hvps: int = 2
+
+    @property
+    def passed(self) -> bool:
+        return self.difference <= self.tolerance and self.repeat_difference <= self.tolerance
 
 
 @dataclass(frozen=True)
@@ -99,6 +131,7 @@ class Objective:
         graph_memory_budget: float | None = None,
         metadata: dict | None = None,
         distributed: bool = False,
+        hvp_check: bool = True,
     ) -> None:
         if hvp_method not in HVP_METHODS:
             raise ObjectiveError(f"unknown hvp_method {hvp_method!r}; use one of {', '.join(HVP_METHODS)}")
@@ -128,7 +161,7 @@ class Objective:
         state = dict(self.model.named_parameters())
         self.layout = FlatLayout.of({n: state[n] for n in names})
         self._fixed = {n: p.detach() for n, p in state.items() if n not in names}
-        self._fixed.update(dict(self.model.named_buffers()))
+        self._buffers = {n: b.detach() for n, b in self.model.named_buffers()}
         self.w = self.layout.flatten({n: state[n].detach() for n in names}).clone()
         if not torch.isfinite(self.w).all():
             bad = [n for n, t in self.layout.unflatten(self.w).items() if not torch.isfinite(t).all()]
@@ -137,6 +170,9 @@ class Objective:
         self.hvp_method = self._resolve_hvp_method(hvp_method)
         self.metadata = dict(metadata or {})
         self._cache: tuple | None = None
+        self._check_pending = hvp_check
+        self._batch_probes = True  # probes batched with vmap until an op without a batching rule is met
+        self.hvp_check_result: HVPCheck | None = None
 
     # ----------------------------------------------------------------- basics
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
@@ -167,8 +203,15 @@ class Objective:
         }
 
     def _state(self, w: torch.Tensor, buffers: dict | None = None) -> dict[str, torch.Tensor]:
-        """Every tensor functional_call needs: fixed parameters and buffers, replaced buffers, then `w`'s views."""
-        return {**self._fixed, **(buffers or {}), **self.layout.unflatten(w)}
+        """Every tensor functional_call needs: fixed parameters, buffers, replaced buffers, then `w`'s views.
+
+        The checkpoint's buffers are cloned for every call, so a forward that writes them in place (a call
+        counter, running statistics) sees the checkpoint's values each time, never a captured tensor it
+        mutates (which torch.func refuses); the copies are as small as the buffers. `buffers` given by the
+        caller are passed as they are, so train-mode BN can update them (bn_statistics).
+        """
+        own = {n: b.clone() for n, b in self._buffers.items() if not buffers or n not in buffers}
+        return {**self._fixed, **own, **(buffers or {}), **self.layout.unflatten(w)}
 
     def _outputs(self, w: torch.Tensor, x: torch.Tensor, buffers: dict | None = None) -> torch.Tensor:
         return functional_call(self.model, self._state(w, buffers), (x,))
@@ -265,7 +308,44 @@ class Objective:
         V = V.to(device=self.device, dtype=self.dtype)
         if V.ndim != 2 or V.shape[1] != self.n_params:
             raise ObjectiveError(f"probe block has shape {tuple(V.shape)}, expected (k, {self.n_params})")
-        return self._reduced(self._local_hvp(V))
+        products = self._local_hvp(V)
+        if self._check_pending:
+            products = self._self_checked(V, products)
+        return self._reduced(products)
+
+    def _self_checked(self, V: torch.Tensor, products: torch.Tensor) -> torch.Tensor:
+        """The first products, checked against double backward and against a repeat; replaced if either differs.
+
+        Costs two extra products on the first call only: one by the chosen path (the repeat) and
+        one by double backward (the reference), both on the caller's first probe. A fast path that
+        disagrees is dropped for double backward, with one warning line, and the block is recomputed.
+        """
+        self._check_pending = False
+        if self.hvp_method == "double-backward" or not self.batches:
+            return products
+        start = time.perf_counter()
+        if bool(V[0].any()):
+            probe, first = V[:1], products[:1]
+        else:  # a zero first probe checks nothing: take a seeded random one (one more product)
+            probe = _random_probe(self)
+            first = self._local_hvp(probe)
+        repeat = self._local_hvp(probe)
+        reference = self._hvp_double_backward(probe)
+        check = HVPCheck(
+            path=self.hvp_method, difference=_relative_difference(first, reference),
+            repeat_difference=_relative_difference(repeat, first), tolerance=hvp_check_tolerance(self.dtype),
+            seconds=time.perf_counter() - start,
+        )
+        self.hvp_check_result = check
+        if check.passed:
+            return products
+        warnings.warn(
+            f"HVP self-check: the {check.path} path differs from double backward by {check.difference:.2g} "
+            f"(a repeated product by {check.repeat_difference:.2g}; tolerance {check.tolerance:.1g}) on this model; "
+            f"using double-backward", HVPCheckWarning, stacklevel=3)
+        self.hvp_method, self._cache = "double-backward", None
+        self.hvp_check_result = dataclasses.replace(check, replaced_by="double-backward")
+        return self._local_hvp(V)
 
     def _local_hvp(self, V: torch.Tensor) -> torch.Tensor:
         """This rank's share of H V (all of it when not distributed); zero for a rank without batches."""
@@ -287,7 +367,7 @@ class Objective:
         for c, (x, y) in zip(self.batch_weights, self.batches):
             w = self.w.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(self._batch_loss(w, x, y), w, create_graph=True)
-            out += c * _backward_rows(g, w, V, retain_graph=False)
+            out += c * self._backward_rows(g, w, V, retain_graph=False)
         return out
 
     def _hvp_reuse(self, V: torch.Tensor) -> torch.Tensor:
@@ -297,7 +377,22 @@ class Objective:
             g = self._weighted_sum(lambda x, y: torch.autograd.grad(self._batch_loss(w, x, y), w, create_graph=True)[0])
             self._cache = ("reuse", w, g)
         _, w, g = self._cache
-        return _backward_rows(g, w, V, retain_graph=True)
+        return self._backward_rows(g, w, V, retain_graph=True)
+
+    def _backward_rows(self, g: torch.Tensor, w: torch.Tensor, V: torch.Tensor, retain_graph: bool) -> torch.Tensor:
+        """Rows of ∂(g·vᵢ)/∂w for the rows vᵢ of V: one batched backward for several rows where autograd can batch it.
+
+        Some double-backward formulas have no vmap rule (GroupNorm's, in torch 2.13): then the rows go
+        one at a time from then on.
+        """
+        if len(V) > 1 and self._batch_probes:
+            try:
+                return torch.autograd.grad(g, w, V, retain_graph=True, is_grads_batched=True)[0]
+            except RuntimeError:
+                self._batch_probes = False
+        last = len(V) - 1
+        return torch.stack([torch.autograd.grad(g, w, v, retain_graph=retain_graph or i < last)[0]
+                            for i, v in enumerate(V)])
 
     def _gradient_function(self) -> Callable[[torch.Tensor], torch.Tensor]:
         def gradient(w: torch.Tensor) -> torch.Tensor:
@@ -313,17 +408,37 @@ class Objective:
         def one(v: torch.Tensor) -> torch.Tensor:
             return torch.func.jvp(gradient, (w,), (v,))[1]
 
-        return one(V[0]).unsqueeze(0) if len(V) == 1 else torch.func.vmap(one)(V)
+        if len(V) > 1 and self._batch_probes:
+            try:
+                return torch.func.vmap(one)(V)
+            except RuntimeError:  # an op without a vmap rule (a custom autograd Function): one probe at a time
+                self._batch_probes = False
+        return torch.stack([one(v) for v in V])
 
     def _hvp_linearize(self, V: torch.Tensor) -> torch.Tensor:
-        """Forward-over-reverse with the primal pass linearized once and reused (torch.func.linearize)."""
+        """Forward-over-reverse with the primal pass linearized once and reused (torch.func.linearize, functionalized)."""
         if self._cache is None or self._cache[0] != "linearize":
-            with warnings.catch_warnings():  # torch.fx const folding warns about its own graph attributes
-                warnings.simplefilter("ignore", UserWarning)
-                _, jvp_fn = torch.func.linearize(self._gradient_function(), self.w.detach())
-            self._cache = ("linearize", jvp_fn)
+            self._cache = ("linearize", self._linearized_gradient())
         jvp_fn = self._cache[1]
         return torch.stack([jvp_fn(v) for v in V])
+
+    def _linearized_gradient(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """v ↦ H v from one linearization of the gradient at w.
+
+        Functionalized first: a traced in-place op (`out += h`, ReLU(inplace=True)) otherwise writes into
+        the graph's saved constants, so every product after the first came out wrong (issue 20). Models
+        functionalization cannot trace (custom autograd Functions, in torch 2.13) are linearized as they
+        are; the run-time self-check (HVPCheck) then guards against in-place writes.
+        """
+        gradient = self._gradient_function()
+        with warnings.catch_warnings():  # torch.fx const folding warns about its own graph attributes
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                return torch.func.linearize(torch.func.functionalize(gradient), self.w.detach())[1]
+            except RuntimeError as error:
+                if "Functionalize" not in str(error) and "functionaliz" not in str(error):
+                    raise
+                return torch.func.linearize(gradient, self.w.detach())[1]
 
     def graph_bytes(self) -> int:
         """Memory a kept gradient graph needs for this rank's batches (all of them unless distributed), from the first."""
@@ -394,8 +509,16 @@ def _default_memory_budget(device: torch.device) -> float:
     return 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _backward_rows(g: torch.Tensor, w: torch.Tensor, V: torch.Tensor, retain_graph: bool) -> torch.Tensor:
-    """Rows of ∂(g·vᵢ)/∂w for the rows vᵢ of V; one batched backward for several rows."""
-    if len(V) == 1:
-        return torch.autograd.grad(g, w, V[0], retain_graph=retain_graph)[0].unsqueeze(0)
-    return torch.autograd.grad(g, w, V, retain_graph=retain_graph, is_grads_batched=True)[0]
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖/‖b‖ (absolute when b is zero); NaN anywhere counts as infinitely different."""
+    scale = float(b.norm())
+    difference = float((a - b).norm())
+    if not math.isfinite(difference):
+        return math.inf
+    return difference / scale if scale > 0 else difference
+
+
+def _random_probe(objective: "Objective") -> torch.Tensor:
+    """A seeded Gaussian probe (1, n), for a first probe block that is all zeros."""
+    g = torch.Generator(device=objective.device).manual_seed(0)
+    return torch.randn(1, objective.n_params, generator=g, device=objective.device, dtype=objective.dtype)

@@ -1,0 +1,94 @@
+"""The Objective's run-time HVP self-check: a broken path is caught, replaced, and the products come out right."""
+
+import pytest
+import torch
+
+from landscape.objective import HVPCheckWarning, Objective
+from tests.ground_truth import dense_hessian, rel_err
+from tests.model_zoo import ZOO
+from tests.test_zoo import zoo_batches
+
+
+class DriftingLinearize(Objective):
+    """A fast path whose products drift from call to call (stateful, as the in-place bug was)."""
+
+    calls = 0
+
+    def _hvp_linearize(self, V):
+        DriftingLinearize.calls += 1
+        return super()._hvp_linearize(V) * (1 + 0.01 * DriftingLinearize.calls)
+
+
+class ScaledLinearize(Objective):
+    """A fast path that is repeatable but wrong by 0.5%."""
+
+    def _hvp_linearize(self, V):
+        return 1.005 * super()._hvp_linearize(V)
+
+
+@pytest.fixture
+def residual():
+    model, batches = ZOO["inplace-residual-add"].build(), zoo_batches("inplace-residual-add")
+    return model, batches, dense_hessian(model, batches, "eval")
+
+
+@pytest.mark.parametrize("broken", [DriftingLinearize, ScaledLinearize])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_broken_path_is_caught_and_replaced(broken, dtype, residual):
+    model, batches, H = residual
+    objective = broken(model, batches, dtype=dtype, device="cpu", hvp_method="linearize")
+    V = torch.randn(3, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with pytest.warns(HVPCheckWarning, match="linearize path differs from double backward.*using double-backward"):
+        first = objective.hvp_batched(V.to(dtype))
+    assert objective.hvp_method == "double-backward"
+    check = objective.hvp_check_result
+    assert not check.passed and check.replaced_by == "double-backward" and check.path == "linearize"
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    assert rel_err(first.double(), V @ H) <= tolerance  # the first block itself is recomputed, not returned wrong
+    assert rel_err(objective.hvp_batched(V.to(dtype)).double(), V @ H) <= tolerance
+
+
+def test_the_original_defect_is_caught_when_functionalization_is_off(residual, monkeypatch):
+    """Linearizing `out += h` without functionalization (the released behaviour): the check must catch it."""
+    model, batches, H = residual
+    monkeypatch.setattr(torch.func, "functionalize", lambda f: f)
+    objective = Objective(model, batches, dtype=torch.float64, device="cpu")
+    assert objective.hvp_method == "linearize"
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with pytest.warns(HVPCheckWarning):
+        hv = objective.hvp(v)
+    assert objective.hvp_check_result.repeat_difference > 0.1  # the second product was the wrong one
+    assert rel_err(hv, H @ v) <= 1e-10 and rel_err(objective.hvp(v), H @ v) <= 1e-10
+
+
+@pytest.mark.parametrize("path", ["linearize", "reuse", "fwd-rev"])
+def test_a_correct_path_passes_once_and_is_kept(path, residual):
+    model, batches, H = residual
+    objective = Objective(model, batches, dtype=torch.float64, device="cpu", hvp_method=path)
+    V = torch.randn(2, H.shape[0], dtype=torch.float64)
+    objective.hvp_batched(V)
+    check = objective.hvp_check_result
+    assert check.passed and check.replaced_by is None and objective.hvp_method == path
+    assert check.difference < 1e-12 and check.repeat_difference < 1e-12 and check.n_extra_hvps == 2
+    objective.hvp_batched(V)
+    assert objective.hvp_check_result is check  # checked once, on the first call only
+
+
+def test_a_zero_first_probe_is_checked_on_a_random_one(residual):
+    model, batches, H = residual
+    objective = ScaledLinearize(model, batches, dtype=torch.float64, device="cpu", hvp_method="linearize")
+    V = torch.zeros(2, H.shape[0], dtype=torch.float64)
+    V[1, 0] = 1.0
+    with pytest.warns(HVPCheckWarning):
+        out = objective.hvp_batched(V)
+    assert rel_err(out[1], H[0]) <= 1e-10
+
+
+def test_the_check_can_be_turned_off_and_double_backward_needs_none(residual):
+    model, batches, H = residual
+    off = ScaledLinearize(model, batches, dtype=torch.float64, device="cpu", hvp_method="linearize", hvp_check=False)
+    v = torch.ones(H.shape[0], dtype=torch.float64)
+    assert rel_err(off.hvp(v), 1.005 * H @ v) <= 1e-10 and off.hvp_check_result is None
+    reference = Objective(model, batches, dtype=torch.float64, device="cpu", hvp_method="double-backward")
+    reference.hvp(v)
+    assert reference.hvp_check_result is None
