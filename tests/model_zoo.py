@@ -203,3 +203,53 @@ ZOO: dict[str, Idiom] = {
     "non-contiguous-views": Idiom(NonContiguousViews, (6,)),
     "channels-last": Idiom(ChannelsLast, (2, 4, 4)),
 }
+
+
+class _PaddedShortcut(nn.Module):
+    """Option-A shortcut: subsample by 2 and zero-pad the channels (no parameters)."""
+
+    def __init__(self, pad: int) -> None:
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class CifarBlock(nn.Module):
+    """The CIFAR basic block as widely published checkpoints write it: `out += self.shortcut(x)` in place."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = _PaddedShortcut((cout - cin) // 2) if stride != 1 or cin != cout else nn.Sequential()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return nn.functional.relu(out)
+
+
+class CifarResNet(nn.Module):
+    """A full-size CIFAR ResNet (6n+2 layers, option-A shortcuts, in-place residual adds): 269,722 parameters at n = 3."""
+
+    def __init__(self, n: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, cin = [], 16
+        for i, c in enumerate((16, 32, 64)):
+            blocks = [CifarBlock(cin if j == 0 else c, c, 2 if i > 0 and j == 0 else 1) for j in range(n)]
+            layers.append(nn.Sequential(*blocks))
+            cin = c
+        self.layer1, self.layer2, self.layer3 = layers
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.linear(nn.functional.adaptive_avg_pool2d(out, 1).flatten(1))
