@@ -8,7 +8,7 @@ import os
 import sys
 from typing import NoReturn
 
-from landscape import distributed
+from landscape import distributed, progress
 from landscape.results import to_jsonable
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, OSError)
@@ -48,14 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress (otherwise bars on a terminal, else a line per phase every "
+                             "$LANDSCAPE_PROGRESS_INTERVAL seconds, default 10)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _run_measure(args: argparse.Namespace) -> None:
     from analysis.measure import format_measurement, measure_checkpoint
 
-    args.progress = not args.quiet and sys.stderr.isatty()
     results = [measure_checkpoint(path, args) for path in args.checkpoints]
     if args.json:
         print_json(results)
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     joined = False
     try:
         joined = _join_process_group(args)
+        args.progress = progress.style(args.quiet)
         args.run(args)
         code = 0
     except USER_ERRORS as error:

@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -177,7 +176,6 @@ def comparison_tables(result: dict) -> tuple[list[str], list[list[str]], list[st
 
 
 def run(args: argparse.Namespace) -> None:
-    args.progress = not args.quiet and sys.stderr.isatty()
     result = compare(args.checkpoints, args)
     if not ranks.is_main():
         return

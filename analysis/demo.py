@@ -8,7 +8,6 @@ laptop CPU. Training runs are cached in the output folder, so a second run only 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -55,12 +54,11 @@ def run(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     out = Path(args.out)
-    progress = not args.quiet and sys.stderr.isatty()
-    paths, labels = train_runs(RUNS, args.seeds, out / "runs", progress=progress)
+    paths, labels = train_runs(RUNS, args.seeds, out / "runs", progress=args.progress)
     trained = time.perf_counter() - start
     compare_args = build_parser().parse_args(["compare", *paths, "--labels", ",".join(labels), "--out", str(out / "report"),
                                               "--batch-size", "1000", "--metrics", "eig,trace,sharpness-curve,surface,surface2d"])
-    compare_args.progress = progress
+    compare_args.progress = args.progress
     result = compare(paths, compare_args)
     report = build_report(result, out / "report")
     answers = findings(result)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from analysis.compare import compare, format_difference, format_value
@@ -47,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller version (one seed, a tenth of the training), for tests")
 
 
-def measure_all(paths: list[str], labels: list[str], budget: dict, cache: Path, progress: bool) -> dict:
+def measure_all(paths: list[str], labels: list[str], budget: dict, cache: Path, progress: bool | str) -> dict:
     """Every checkpoint through `landscape compare` (shared probes, noise and directions)."""
     from analysis.cli import build_parser
 
@@ -161,10 +160,9 @@ def _flatter(d: dict) -> str:
 def run(args: argparse.Namespace) -> None:
     out, cache = Path(args.out), Path(args.cache)
     budget = QUICK if args.quick else FULL
-    progress = not args.quiet and sys.stderr.isatty()
     specs = [(m, b) for b in (SMALL, LARGE) for m in METHODS]
-    paths, labels = train_runs(specs, budget["seeds"], cache / "runs", epoch_fraction=budget["epoch_fraction"], progress=progress)
-    result = measure_all(paths, labels, budget, cache, progress)
+    paths, labels = train_runs(specs, budget["seeds"], cache / "runs", epoch_fraction=budget["epoch_fraction"], progress=args.progress)
+    result = measure_all(paths, labels, budget, cache, args.progress)
     out.mkdir(parents=True, exist_ok=True)
     small, large = (first_seed(result, [label("sgd", b)])[label("sgd", b)]["path"] for b in (SMALL, LARGE))
     summary = {"interpolation": interpolation_figure(small, large, budget, cache, out)}

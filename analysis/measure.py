@@ -82,11 +82,12 @@ def _eig(objective: Objective, args: argparse.Namespace) -> Result:
 
 def _trace(objective: Objective, args: argparse.Namespace) -> Result:
     return TRACE_METHODS[args.trace_method](HessianOperator(objective), args.probes, seed=args.seed,
-                                            blocks=objective.layout.slices())
+                                            blocks=objective.layout.slices(), progress=args.progress)
 
 
 def _density(objective: Objective, args: argparse.Namespace) -> Result:
-    return slq_density(HessianOperator(objective), n_runs=args.density_runs, n_steps=args.density_steps, seed=args.seed)
+    return slq_density(HessianOperator(objective), n_runs=args.density_runs, n_steps=args.density_steps, seed=args.seed,
+                       progress=args.progress)
 
 
 def _radii(args: argparse.Namespace) -> list[float]:
@@ -96,12 +97,14 @@ def _radii(args: argparse.Namespace) -> list[float]:
 def _expected_loss(objective: Objective, args: argparse.Namespace) -> Result:
     radius = _radii(args)[-1]
     return expected_loss(objective, radius, distribution=args.distribution, scale=args.scale,
-                         n_samples=args.noise_samples, seed=args.seed, bn_recalibration=args.bn_recalibration)
+                         n_samples=args.noise_samples, seed=args.seed, bn_recalibration=args.bn_recalibration,
+                         progress=args.progress)
 
 
 def _sharpness_curve(objective: Objective, args: argparse.Namespace) -> Result:
     return sharpness_curve(objective, _radii(args), distribution=args.distribution, scale=args.scale,
-                           n_samples=args.noise_samples, seed=args.seed, bn_recalibration=args.bn_recalibration)
+                           n_samples=args.noise_samples, seed=args.seed, bn_recalibration=args.bn_recalibration,
+                           progress=args.progress)
 
 
 def _eps_sharpness(objective: Objective, args: argparse.Namespace) -> Result:

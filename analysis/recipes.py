@@ -28,7 +28,7 @@ def config(method: str, batch: int, seed: int, epoch_fraction: float = 1.0) -> T
 
 
 def train_runs(specs: list[tuple[str, int]], seeds: int, cache: Path, *, epoch_fraction: float = 1.0,
-               progress: bool = False) -> tuple[list[str], list[str]]:
+               progress: bool | str = False) -> tuple[list[str], list[str]]:
     """Train (or reuse from `cache`) every (method, batch) × seed: checkpoint paths and their labels, in order."""
     paths, labels = [], []
     for method, batch in specs:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -85,7 +84,6 @@ def default_path(checkpoint: str, directions: Directions) -> Path:
 
 
 def run(args: argparse.Namespace) -> None:
-    progress = not args.quiet and sys.stderr.isatty()
     objectives = {"train": build_objective(args.checkpoint, args)}
     if args.test:
         objectives["test"] = build_objective(args.checkpoint, argparse.Namespace(**{**vars(args), "split": "test", "n_samples": None}))
@@ -94,7 +92,7 @@ def run(args: argparse.Namespace) -> None:
     path = Path(args.out) if args.out else default_path(args.checkpoint, directions)
     start = time.perf_counter()
     surface = compute_surface(objectives, directions, axes, path=path, resume=args.resume,
-                              bn_recalibration=args.bn_recalibration, progress=progress)
+                              bn_recalibration=args.bn_recalibration, progress=args.progress)
     seconds = time.perf_counter() - start
     if args.json:
         from analysis.cli import print_json

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from analysis.options import parse_options
 from landscape.train import LR_SCALINGS, LR_SCHEDULES, TrainConfig, train
@@ -68,7 +67,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> None:
     config = config_from_args(args)
-    final = train(config, args.out, resume=args.resume, progress=not args.quiet and sys.stderr.isatty())
+    final = train(config, args.out, resume=args.resume, progress=args.progress)
     if args.json:
         from analysis.cli import print_json
 

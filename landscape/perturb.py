@@ -25,6 +25,7 @@ from landscape.objective import Batch, Evaluation, Objective
 from landscape.operators import DiagonalScaledOperator, HessianOperator
 from landscape.params import rescale_filters
 from landscape.probes import check_int, seeded_generator
+from landscape.progress import Progress
 from landscape.results import Result
 from landscape.trace import TraceResult, hutchinson
 
@@ -168,7 +169,7 @@ def noise_std(objective: Objective, *, distribution: str = "uniform", scale: str
 def expected_loss(objective: Objective, radius: float, *, distribution: str = "uniform", scale: str = "absolute",
                   n_samples: int = 100, antithetic: bool = True, target_ci_halfwidth: float | None = None,
                   seed: int = 0, bn_recalibration: int | None = None,
-                  recalibration_batches: Sequence[Batch] | None = None) -> ExpectedLoss:
+                  recalibration_batches: Sequence[Batch] | None = None, progress: bool | str = False) -> ExpectedLoss:
     """Monte Carlo C̄(w) = E_u L(w+u), u = radius·unit_noise (SmoothOut, Wen et al. 2018), with a 95% CI.
 
     `n_samples` counts perturbed forward passes; antithetic pairs (u, −u) cancel the gradient term
@@ -195,20 +196,24 @@ def expected_loss(objective: Objective, radius: float, *, distribution: str = "u
     generator = seeded_generator(objective, seed)  # only the objective's device is used
     evaluate, recalibration_cost = _evaluator(objective, bn_recalibration, recalibration_batches)
     start = time.perf_counter()
-    clean = evaluate(objective.w)
     n_units = n_samples // 2 if antithetic else n_samples
+    signs = (1, -1) if antithetic else (1,)
     losses: list[float] = []
     accuracies: list[float] = []
-    while len(losses) < n_units:
-        block = unit_noise(objective, min(_BLOCK, n_units - len(losses)), distribution=distribution, scale=scale,
-                           generator=generator)
-        for u in block:
-            points = [evaluate(objective.w + radius * s * u) for s in ((1, -1) if antithetic else (1,))]
-            losses.append(sum(p.loss for p in points) / len(points))
-            if clean.accuracy is not None:
-                accuracies.append(sum(p.accuracy for p in points) / len(points))
-        if target_ci_halfwidth is not None and len(losses) >= _MIN_UNITS and _halfwidth(losses) <= target_ci_halfwidth:
-            break
+    with Progress(n_samples + 1, f"expected loss a={radius:g}", "forward", progress) as bar:
+        clean = evaluate(objective.w)
+        bar.update(1)
+        while len(losses) < n_units:
+            block = unit_noise(objective, min(_BLOCK, n_units - len(losses)), distribution=distribution, scale=scale,
+                               generator=generator)
+            for u in block:
+                points = [evaluate(objective.w + radius * s * u) for s in signs]
+                bar.update(len(points))
+                losses.append(sum(p.loss for p in points) / len(points))
+                if clean.accuracy is not None:
+                    accuracies.append(sum(p.accuracy for p in points) / len(points))
+            if target_ci_halfwidth is not None and len(losses) >= _MIN_UNITS and _halfwidth(losses) <= target_ci_halfwidth:
+                break
     samples = np.array(losses)
     mean, stderr, half = float(samples.mean()), _stderr(samples), _halfwidth(samples)
     acc = np.array(accuracies) if clean.accuracy is not None else None
@@ -228,7 +233,7 @@ def expected_loss(objective: Objective, radius: float, *, distribution: str = "u
 def sharpness_curve(objective: Objective, radii: Sequence[float], *, distribution: str = "uniform",
                     scale: str = "absolute", n_samples: int = 100, seed: int = 0, antithetic: bool = True,
                     with_prediction: bool = True, n_probes: int = 100,
-                    bn_recalibration: int | None = None) -> SharpnessCurve:
+                    bn_recalibration: int | None = None, progress: bool | str = False) -> SharpnessCurve:
     """Expected-loss increase at each radius (SmoothOut, Wen et al. 2018) and its second-order prediction.
 
     Every radius scales the same unit draws (common random numbers: the same seed and block
@@ -242,13 +247,14 @@ def sharpness_curve(objective: Objective, radii: Sequence[float], *, distributio
     check_int("n_probes", n_probes, 2)
     start = time.perf_counter()
     points = tuple(expected_loss(objective, a, distribution=distribution, scale=scale, n_samples=n_samples,
-                                 antithetic=antithetic, seed=seed, bn_recalibration=bn_recalibration) for a in radii)
+                                 antithetic=antithetic, seed=seed, bn_recalibration=bn_recalibration,
+                                 progress=progress) for a in radii)
     half_sq = 0.5 * np.array(radii) ** 2
     trace = None
     if with_prediction:
         curvature = DiagonalScaledOperator(HessianOperator(objective),
                                            noise_std(objective, distribution=distribution, scale=scale))
-        trace = hutchinson(curvature, n_probes, seed=seed)
+        trace = hutchinson(curvature, n_probes, seed=seed, progress=progress)
     return SharpnessCurve(
         radii=np.array(radii), increase=np.array([p.increase for p in points]),
         increase_stderr=np.array([p.stderr for p in points]), increase_ci=np.array([p.increase_ci for p in points]),

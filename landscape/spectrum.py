@@ -7,17 +7,16 @@ reorthogonalization) serves both `lanczos` and `slq_density`.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 import torch
-from tqdm import tqdm
 
 from landscape.operators import LinearOperator
 from landscape.probes import check_int, rademacher, seeded_generator
+from landscape.progress import Progress
 from landscape.results import Result
 
 WHICH = ("LA", "SA", "LM")
@@ -187,7 +186,7 @@ def _check_common(op: LinearOperator, k: int, tol: float, max_matvecs: int) -> i
 
 
 def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1e-3, max_matvecs: int = 300,
-            seed: int = 0, return_vectors: bool = False, progress: bool = False, stop: str = "error") -> EigResult:
+            seed: int = 0, return_vectors: bool = False, progress: bool | str = False, stop: str = "error") -> EigResult:
     """k extreme eigenvalues by Lanczos with full reorthogonalization (Lanczos 1950; Parlett 1998).
 
     Each wanted Ritz value θ_i has residual r_i = |β_m s_{m,i}| = ‖Ay_i − θ_i y_i‖, a rigorous
@@ -214,7 +213,7 @@ def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1
     n = op.shape[0]
     recurrence = _Lanczos(op, rademacher(generator, (1, n), op), max_steps=min(max_matvecs, n))
     floor = np.sqrt(torch.finfo(op.dtype).eps)
-    with tqdm(total=recurrence.max_steps, desc="lanczos", unit="matvec", file=sys.stderr, disable=not progress) as bar:
+    with Progress(recurrence.max_steps, "lanczos", "matvec", progress) as bar:
         while True:
             broken = recurrence.step()[0]
             bar.update(1)
@@ -282,7 +281,8 @@ def _deflate(v: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
 
 
 def slq_density(op: LinearOperator, *, n_runs: int = 4, n_steps: int = 60, n_grid: int = 500,
-                sigma: float | None = None, seed: int = 0, grid_margin: float = 0.05) -> Spectrum:
+                sigma: float | None = None, seed: int = 0, grid_margin: float = 0.05,
+                progress: bool | str = False) -> Spectrum:
     """Spectral density by stochastic Lanczos quadrature (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019).
 
     Each run starts Lanczos from a normalized Rademacher vector (all runs share one matmat
@@ -302,8 +302,11 @@ def slq_density(op: LinearOperator, *, n_runs: int = 4, n_steps: int = 60, n_gri
     n = op.shape[0]
     n_steps = min(n_steps, n)
     recurrence = _Lanczos(op, rademacher(seeded_generator(op, seed), (n_runs, n), op), max_steps=n_steps)
-    while recurrence.steps < n_steps and len(recurrence.rows):
-        recurrence.drop(recurrence.step())
+    with Progress(n_runs * n_steps, "density (SLQ)", "matvec", progress) as bar:
+        while recurrence.steps < n_steps and len(recurrence.rows):
+            running = len(recurrence.rows)
+            recurrence.drop(recurrence.step())
+            bar.update(running)
     nodes, weights = np.zeros((n_runs, n_steps)), np.zeros((n_runs, n_steps))
     for run in range(n_runs):
         theta, s, _ = recurrence.ritz(run)

@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,6 @@ import h5py
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import landscape
 from landscape import distributed as ranks
@@ -32,6 +30,7 @@ from landscape.directions import Directions
 from landscape.objective import Objective
 from landscape.params import tensor_digest
 from landscape.perturb import recalibration_inputs
+from landscape.progress import Progress
 from landscape.results import Result, to_jsonable
 
 FORMAT = "landscape-surface"
@@ -92,7 +91,7 @@ def compute_surface(
     path: str | os.PathLike | None = None,
     resume: bool = False,
     bn_recalibration: int | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> Surface:
     """Loss and accuracy at every grid point, for each objective (one per split, e.g. train and test).
 
@@ -137,8 +136,7 @@ def compute_surface(
     origin_buffers = {n: b for n, b in first.model.named_buffers() if n in directions.buffers}
     coords = torch.as_tensor(points, dtype=first.dtype, device=first.device)
     per_rank = 1
-    with tqdm(total=len(points), initial=len(points) - len(pending), desc="surface", unit="point", file=sys.stderr,
-              disable=not progress or rank != 0) as bar:
+    with Progress(len(points), "surface", "point", progress, initial=len(points) - len(pending)) as bar:
         while pending:
             block, pending = pending[: per_rank * shards], pending[per_rank * shards:]
             start = time.perf_counter()

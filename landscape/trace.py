@@ -3,7 +3,8 @@
 Pure functions: each draws its probes from a torch.Generator seeded with `seed` on the
 operator's device, counts its own matvecs (columns passed to `matmat`), and returns a
 TraceResult with the estimate, its standard error and, optionally, per-block traces
-(e.g. one block per parameter tensor of a Hessian).
+(e.g. one block per parameter tensor of a Hessian). `progress` (landscape.progress) counts
+matvecs as each `matmat` returns.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from landscape.operators import LinearOperator
 from landscape.probes import check_int, rademacher, seeded_generator, sphere
+from landscape.progress import Progress
 from landscape.results import Result
 
 
@@ -71,7 +73,7 @@ def _result(method: str, samples: torch.Tensor, block_samples: dict[str, torch.T
 
 def hutchinson(op: LinearOperator, n_probes: int = 100, *, block_size: int = 10,
                target_rel_stderr: float | None = None, blocks: dict[str, slice] | None = None,
-               seed: int = 0) -> TraceResult:
+               seed: int = 0, progress: bool | str = False) -> TraceResult:
     """Girard–Hutchinson estimator (Hutchinson 1989): mean of zᵀAz over Rademacher probes z.
 
     Probes go through `op.matmat` `block_size` at a time; with `target_rel_stderr` it stops
@@ -87,23 +89,24 @@ def hutchinson(op: LinearOperator, n_probes: int = 100, *, block_size: int = 10,
     start = time.perf_counter()
     generator = seeded_generator(op, seed)
     totals, per_block, used, n_blocks = [], {name: [] for name in blocks or {}}, 0, 0
-    while used < n_probes:
-        z = rademacher(generator, (n, min(block_size, n_probes - used)), op)
-        contributions = z * op.matmat(z)
-        used, n_blocks = used + z.shape[1], n_blocks + 1
-        totals.append(contributions.sum(0))
-        for name, sums in _block_sums(contributions, blocks or {}).items():
-            per_block[name].append(sums)
-        if target_rel_stderr is not None and n_blocks >= 2:
-            estimate, stderr = _mean_stderr(torch.cat(totals).double().cpu().numpy())
-            if stderr <= target_rel_stderr * abs(estimate):
-                break
+    with Progress(n_probes, "hutchinson", "matvec", progress) as bar:
+        while used < n_probes:
+            z = rademacher(generator, (n, min(block_size, n_probes - used)), op)
+            contributions = z * _counted(op, z, bar)
+            used, n_blocks = used + z.shape[1], n_blocks + 1
+            totals.append(contributions.sum(0))
+            for name, sums in _block_sums(contributions, blocks or {}).items():
+                per_block[name].append(sums)
+            if target_rel_stderr is not None and n_blocks >= 2:
+                estimate, stderr = _mean_stderr(torch.cat(totals).double().cpu().numpy())
+                if stderr <= target_rel_stderr * abs(estimate):
+                    break
     block_samples = {name: torch.cat(s) for name, s in per_block.items()} if blocks else None
     return _result("hutchinson", torch.cat(totals), block_samples, used, seed, start)
 
 
 def hutchpp(op: LinearOperator, n_matvecs: int = 102, *, seed: int = 0,
-            blocks: dict[str, slice] | None = None) -> TraceResult:
+            blocks: dict[str, slice] | None = None, progress: bool | str = False) -> TraceResult:
     """Hutch++ (Meyer, Musco, Musco & Woodruff 2021): exact trace on a sketched range plus Hutchinson on the rest.
 
     A third of the budget sketches S, Q = orth(AS); tr(QᵀAQ) is exact and the remaining probes
@@ -116,11 +119,12 @@ def hutchpp(op: LinearOperator, n_matvecs: int = 102, *, seed: int = 0,
     generator = seeded_generator(op, seed)
     n_sketch = min(n_matvecs // 3, n)
     n_probes = n_matvecs - 2 * n_sketch
-    q = torch.linalg.qr(op.matmat(rademacher(generator, (n, n_sketch), op))).Q
-    aq = op.matmat(q)
-    small = q.T @ aq
-    z = rademacher(generator, (n, n_probes), op)
-    a_deflated = op.matmat(z - q @ (q.T @ z))
+    with Progress(2 * n_sketch + n_probes, "hutchpp", "matvec", progress) as bar:
+        q = torch.linalg.qr(_counted(op, rademacher(generator, (n, n_sketch), op), bar)).Q
+        aq = _counted(op, q, bar)
+        small = q.T @ aq
+        z = rademacher(generator, (n, n_probes), op)
+        a_deflated = _counted(op, z - q @ (q.T @ z), bar)
     # z ⊙ (I−QQᵀ)A(I−QQᵀ)z: per-coordinate Hutchinson contributions of the deflated part
     contributions = z * (a_deflated - q @ (q.T @ a_deflated))
     samples = torch.trace(small) + contributions.sum(0)
@@ -135,7 +139,7 @@ def hutchpp(op: LinearOperator, n_matvecs: int = 102, *, seed: int = 0,
 
 
 def xtrace(op: LinearOperator, n_matvecs: int = 100, *, seed: int = 0,
-           blocks: dict[str, slice] | None = None) -> TraceResult:
+           blocks: dict[str, slice] | None = None, progress: bool | str = False) -> TraceResult:
     """XTrace (Epperly, Tropp & Webber 2024, SIAM J. Matrix Anal. Appl.): exchangeable Hutch++.
 
     m = n_matvecs/2 test vectors ω_i uniform on the sphere of radius √n. For each i, the range
@@ -154,21 +158,10 @@ def xtrace(op: LinearOperator, n_matvecs: int = 100, *, seed: int = 0,
     generator = seeded_generator(op, seed)
     m = min(n_matvecs // 2, n)
     omega = sphere(generator, (n, m), op)
-    y = op.matmat(omega)
-    q, r = torch.linalg.qr(y)
-    r = r.double().cpu().numpy()
-    u, sv, vt = np.linalg.svd(r)
-    rank = int((sv > sv[0] * m * torch.finfo(op.dtype).eps).sum())
-    if rank == m:
-        # Q_(i)Q_(i)ᵀ = Q(I − s_i s_iᵀ)Qᵀ with s_i the normalized i-th column of R⁻ᵀ = U Σ⁻¹ Vᵀ
-        s = u @ (vt / sv[:, None])
-        s /= np.linalg.norm(s, axis=0)
-        codim = n - m + 1
-    else:
-        # every leave-one-out range equals range(AΩ) = range(A): one basis, s_i = 0
-        q = q @ torch.as_tensor(u[:, :rank], dtype=op.dtype, device=op.device)
-        s, r, codim = np.zeros((rank, m)), sv[:rank, None] * vt[:rank], n - rank
-    aq = op.matmat(q)
+    with Progress(2 * m, "xtrace", "matvec", progress) as bar:
+        y = _counted(op, omega, bar)
+        q, r, s, codim = _xtrace_basis(y, op)
+        aq = _counted(op, q, bar)
     h = (q.T @ aq).double().cpu().numpy()
     h = (h + h.T) / 2
     w = (q.T @ omega).double().cpu().numpy()  # Qᵀω_i
@@ -184,6 +177,31 @@ def xtrace(op: LinearOperator, n_matvecs: int = 100, *, seed: int = 0,
         block_samples = {name: torch.as_tensor(_xtrace_samples(_xtrace_grams(q[b], aq[b], omega[b], y[b]), *parts))
                          for name, b in blocks.items()}
     return _result("xtrace", samples, block_samples, m + q.shape[1], seed, start)
+
+
+def _counted(op: LinearOperator, V: torch.Tensor, bar: Progress) -> torch.Tensor:
+    """op.matmat(V), its columns counted on the progress bar."""
+    out = op.matmat(V)
+    bar.update(V.shape[1])
+    return out
+
+
+def _xtrace_basis(y: torch.Tensor, op: LinearOperator) -> tuple[torch.Tensor, np.ndarray, np.ndarray, int]:
+    """Q, R of the sketch Y = AΩ, the leave-one-out directions s_i and the codimension XTrace rescales by.
+
+    Q_(i)Q_(i)ᵀ = Q(I − s_i s_iᵀ)Qᵀ with s_i the normalized i-th column of R⁻ᵀ = U Σ⁻¹ Vᵀ. If Y is
+    rank-deficient every leave-one-out range equals range(AΩ) = range(A): one basis, s_i = 0.
+    """
+    n, m = y.shape
+    q, r = torch.linalg.qr(y)
+    r = r.double().cpu().numpy()
+    u, sv, vt = np.linalg.svd(r)
+    rank = int((sv > sv[0] * m * torch.finfo(op.dtype).eps).sum())
+    if rank == m:
+        s = u @ (vt / sv[:, None])
+        return q, r, s / np.linalg.norm(s, axis=0), n - m + 1
+    q = q @ torch.as_tensor(u[:, :rank], dtype=op.dtype, device=op.device)
+    return q, sv[:rank, None] * vt[:rank], np.zeros((rank, m)), n - rank
 
 
 def _xtrace_grams(q: torch.Tensor, aq: torch.Tensor, omega: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, ...]:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from landscape.checkpoints import CheckpointError, atomic_save, save_checkpoint
 from landscape.data import Dataset, MeasurementSet
@@ -20,6 +19,7 @@ from landscape.models import model_for_data
 from landscape.objective import Objective
 from landscape.optim import make_optimizer
 from landscape.problem import DataSpec
+from landscape.progress import Progress
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 LR_SCALINGS = ("none", "sqrt", "linear")
@@ -95,7 +95,7 @@ def _metrics(model: torch.nn.Module, dataset: Dataset) -> dict:
     return out
 
 
-def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> Path:
+def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool | str = True) -> Path:
     """Train, writing `trajectory/epoch_NNNN.pt`, `final.pt`, `state.pt` (for resuming) and `log.jsonl`; returns final.pt."""
     out = Path(out_dir)
     state_path, log_path = out / "state.pt", out / "log.jsonl"
@@ -120,8 +120,8 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     meta = {"train": config.to_dict(), "optimizer": optimizer.config()}
     if start_epoch == 0:
         _save(out / "trajectory" / "epoch_0000.pt", model, model_spec, data_spec, meta, 0, _metrics(model, dataset))
-    bar = tqdm(range(start_epoch, config.epochs), desc=f"train {config.optimizer}", disable=not progress, unit="epoch")
-    for epoch in bar:
+    bar = Progress(config.epochs, f"train {config.optimizer}", "epoch", progress, initial=start_epoch)
+    for epoch in bar.iterate(range(start_epoch, config.epochs)):
         for group in optimizer.param_groups:
             group["lr"] = config.scaled_lr * _lr_factor(config, epoch)
         model.train()

@@ -159,10 +159,15 @@ def test_results_serialize_to_json():
         assert json.loads(json.dumps(result.to_dict())).keys() == result.to_dict().keys()
 
 
-def test_progress_bar_goes_to_stderr(capsys):
+def test_progress_goes_to_stderr(capsys, monkeypatch):
     _, op = dense(MIXED)
-    lanczos(op, 1, progress=True)
+    lanczos(op, 1, progress="bar")
     assert "lanczos" in capsys.readouterr().err
+    monkeypatch.setenv("LANDSCAPE_PROGRESS_INTERVAL", "0")
+    result = lanczos(op, 1, progress=True)  # stderr is not a terminal here: plain lines
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith(f"lanczos: {result.n_matvecs}/{len(MIXED)} matvecs, ") and lines[-1].endswith(", done")
+    assert len(lines) == result.n_matvecs + 1
     lanczos(op, 1)
     assert capsys.readouterr().err == ""
 
