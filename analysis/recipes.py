@@ -24,7 +24,8 @@ def config(method: str, batch: int, seed: int, epoch_fraction: float = 1.0) -> T
     """The recipe for one run; `epoch_fraction` < 1 shortens it (quick versions for tests)."""
     epochs = max(1, round(BATCH[batch]["epochs"] * epoch_fraction))
     return TrainConfig(data="mnist1d", model="mlp", optimizer=method, optimizer_kwargs=METHOD_OPTIONS.get(method, {}),
-                       batch_size=batch, lr=BATCH[batch]["lr"], epochs=epochs, seed=seed, save_every=10_000)
+                       batch_size=batch, lr=BATCH[batch]["lr"], epochs=epochs, seed=seed,
+                       save_every=max(1, epochs // 10))  # 11 trajectory checkpoints: enough for `surface --pca`
 
 
 def train_runs(specs: list[tuple[str, int]], seeds: int, cache: Path, *, epoch_fraction: float = 1.0,
