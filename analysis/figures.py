@@ -41,9 +41,18 @@ QUICK = {"seeds": 1, "epoch_fraction": 0.1, "n_samples": 500, "k": "1", "probes"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="figures", help="folder for the figures (default figures/)")
-    parser.add_argument("--cache", default="runs/figures", help="folder for cached training runs and surfaces")
+    parser.add_argument("--out", default=None,
+                        help="folder for the figures (default figures/; with --quick runs/figures-quick/figures, so a "
+                             "quick run never overwrites the README's figures unless --out figures is given)")
+    parser.add_argument("--cache", default=None,
+                        help="folder for cached training runs and surfaces (default runs/figures, with --quick runs/figures-quick)")
     parser.add_argument("--quick", action="store_true", help="a smaller version (one seed, a tenth of the training), for tests")
+
+
+def output_folders(out: str | None, cache: str | None, quick: bool) -> tuple[Path, Path]:
+    """(figures folder, cache folder): figures/ and runs/figures, or a scratch pair for --quick unless given."""
+    cache_path = Path(cache or ("runs/figures-quick" if quick else "runs/figures"))
+    return Path(out or (cache_path / "figures" if quick else "figures")), cache_path
 
 
 def measure_all(paths: list[str], labels: list[str], budget: dict, cache: Path, progress: bool | str) -> dict:
@@ -158,7 +167,7 @@ def _flatter(d: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    out, cache = Path(args.out), Path(args.cache)
+    out, cache = output_folders(args.out, args.cache, args.quick)
     budget = QUICK if args.quick else FULL
     specs = [(m, b) for b in (SMALL, LARGE) for m in METHODS]
     paths, labels = train_runs(specs, budget["seeds"], cache / "runs", epoch_fraction=budget["epoch_fraction"], progress=args.progress)

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +113,12 @@ def test_figures_quick_writes_every_figure(tmp_path):
         model = load_checkpoint(tmp_path / "cache" / "runs" / f"sgd-b{batch}-e{epochs}-seed0" / "final.pt").build_model()
         objective = Objective(model, MeasurementSet("train", 500, 1000).batches(data), device="cpu")
         assert summary["interpolation"]["train"][alpha] == pytest.approx(objective.loss(), rel=1e-5), alpha
+
+
+def test_figures_quick_never_writes_into_figures_unless_asked():
+    from analysis.figures import output_folders
+
+    assert output_folders(None, None, quick=False) == (Path("figures"), Path("runs/figures"))
+    out, cache = output_folders(None, None, quick=True)
+    assert Path("figures") not in (out, *out.parents) and out.parent == cache
+    assert output_folders("figures", None, quick=True)[0] == Path("figures")
