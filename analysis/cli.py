@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     objective, metrics = measure.add_objective_arguments, measure.add_metric_arguments
     table = [  # name, help, argument adders, run
         ("demo", "train SGD and SmoothOut at small and large batch, compare them, write a report", [demo.add_arguments], demo.run),
-        ("measure", "loss, gradient and curvature of checkpoints", [checkpoints, objective, metrics], _run_measure),
+        ("measure", "loss, gradient and curvature of checkpoints", [checkpoints, objective, metrics, measure.add_arguments],
+         _run_measure),
         ("surface", "1-D/2-D loss surface around a checkpoint, to a resumable HDF5 file",
          [checkpoint, objective, surfaces.add_arguments], surfaces.run),
         ("plot", "draw surface files: line, contour, heatmap, 3-D, PCA trajectory → PNG/PDF", [plot_cli.add_arguments], plot_cli.run),
@@ -55,9 +56,9 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_measure(args: argparse.Namespace) -> None:
-    from analysis.measure import format_measurement, measure_checkpoint
+    from analysis.measure import format_measurement, measure_all
 
-    results = [measure_checkpoint(path, args) for path in args.checkpoints]
+    results = measure_all(args)
     if args.json:
         print_json(results)
     else:
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         code = _report_distributed_failure(args, error)
-    except KeyboardInterrupt:
-        print(f"landscape {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # a command may say what it kept, e.g. "2 of 4 metrics saved to F"
+        print(f"landscape {args.command}: interrupted" + (f"; {interrupt}" if str(interrupt) else ""), file=sys.stderr)
         code = 130
     if joined:
         _leave_process_group(args, code)

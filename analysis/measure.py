@@ -7,6 +7,7 @@ import time
 from typing import Callable
 
 from analysis.options import parse_options
+from analysis.results_file import ResultsFile
 from analysis.tables import format_table
 from landscape import distributed as ranks
 from landscape.checkpoints import load_checkpoint
@@ -46,7 +47,9 @@ def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--k", type=int, default=5, help="number of eigenvalues (default 5)")
     group.add_argument("--which", default="LA", choices=["LA", "SA", "LM"], help="largest, smallest or largest-magnitude eigenvalues")
     group.add_argument("--tol", type=float, default=1e-3, help="relative Ritz residual tolerance of Lanczos (default 1e-3)")
-    group.add_argument("--max-matvecs", type=int, default=300, help="Lanczos budget of Hessian-vector products")
+    group.add_argument("--max-matvecs", type=int, default=None,
+                       help="Lanczos budget of Hessian-vector products (default: max(300, 60·k), at most the parameter "
+                            "count and what a 2 GiB Lanczos basis holds); a run that spends it is marked not converged")
     group.add_argument("--trace-method", default="xtrace", choices=list(TRACE_METHODS),
                        help="xtrace (default: lowest error per matvec in benchmarks/curvature.py), hutchpp, hutchinson")
     group.add_argument("--probes", type=int, default=100, help="matvec budget of the trace estimate (default 100)")
@@ -62,6 +65,17 @@ def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eps", type=float, default=5e-4, help="box size of Keskar's ε-sharpness (default 5e-4)")
     group.add_argument("--subspace-dim", type=int, default=None, help="ε-sharpness in a random p-dim subspace (default: full space)")
     group.add_argument("--restarts", type=int, default=5, help="ε-sharpness restarts (default 5)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `landscape measure` alone: where results are saved as they finish, and resuming them."""
+    group = parser.add_argument_group("saving and resuming")
+    group.add_argument("--out", metavar="FILE.json",
+                       help="write the results to this JSON file as each metric finishes (atomically), so Ctrl-C or a "
+                            "killed run keeps every finished metric (default: no file, results on stdout only)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue --out FILE.json: keep its finished metrics if the checkpoints' SHA-256 and every "
+                            "measurement option match (refused otherwise, naming the option), compute the rest")
 
 
 def build_objective(path: str, args: argparse.Namespace, *, distributed: bool = False) -> Objective:
@@ -129,23 +143,70 @@ def parse_metrics(text: str) -> list[str]:
     return names
 
 
-def measure_checkpoint(path: str, args: argparse.Namespace) -> dict:
-    """Loss, accuracy, gradient norm and the chosen curvature metrics of one checkpoint."""
+def measure_checkpoint(path: str, args: argparse.Namespace, *, previous: dict | None = None,
+                       saved: Callable[[dict], None] | None = None) -> dict:
+    """Loss, accuracy, gradient norm and the chosen curvature metrics of one checkpoint.
+
+    `previous` is this checkpoint's report from an interrupted run: its metrics are kept, only the
+    missing ones computed. `saved(report)` is called once the loss is known and after each metric.
+    """
     metrics = parse_metrics(args.metrics)
     start = time.perf_counter()
     objective = build_objective(path, args, distributed=ranks.active())
-    evaluation = objective.evaluate()
-    report = {
-        "checkpoint": path,
-        "setup": objective.describe(),
-        "loss": evaluation.loss,
-        "accuracy": evaluation.accuracy,
-        "grad_norm": float(objective.grad().norm()),
-        "n_params": objective.n_params,
-        "metrics": {name: METRICS[name](objective, args).to_dict() for name in metrics},
-    }
-    report["seconds"] = time.perf_counter() - start
+    if previous is None:
+        evaluation = objective.evaluate()
+        report = {
+            "checkpoint": path,
+            "setup": objective.describe(),
+            "loss": evaluation.loss,
+            "accuracy": evaluation.accuracy,
+            "grad_norm": float(objective.grad().norm()),
+            "n_params": objective.n_params,
+            "metrics": {},
+            "seconds": 0.0,
+        }
+    else:
+        report = {**previous, "metrics": dict(previous["metrics"])}
+    spent = report["seconds"]  # by earlier, interrupted runs
+
+    def save() -> None:
+        report["seconds"] = spent + time.perf_counter() - start
+        if saved is not None:
+            saved(report)
+
+    save()
+    for name in metrics:
+        if name not in report["metrics"]:
+            report["metrics"][name] = METRICS[name](objective, args).to_dict()
+            save()
+    report["metrics"] = {name: report["metrics"][name] for name in metrics}
     return report
+
+
+# options that do not change what `landscape measure` computes (the rest must match for --resume)
+NOT_SETTINGS = ("run", "command", "json", "quiet", "debug", "progress", "out", "resume", "trust_checkpoint")
+
+
+def measure_all(args: argparse.Namespace) -> list[dict]:
+    """`landscape measure`: every checkpoint, each finished metric saved at once to --out (and kept by --resume).
+
+    Ctrl-C raises KeyboardInterrupt with one line saying how many metrics are saved and where.
+    """
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
+    if args.resume and not args.out:
+        raise ValueError("--resume continues a results file: give it as --out FILE.json")
+    results = ResultsFile.open(args.out, settings, resume=args.resume) if args.out else ResultsFile(None, settings, [])
+    try:
+        reports = [measure_checkpoint(path, args, previous=results.previous(path), saved=results.save)
+                   for path in args.checkpoints]
+    except KeyboardInterrupt:
+        total = len(args.checkpoints) * len(parse_metrics(args.metrics))
+        where = (f"saved to {results.path}; rerun with --resume" if results.path is not None
+                 else "finished, none saved (pass --out FILE.json to keep finished metrics)")
+        raise KeyboardInterrupt(f"{results.n_metrics} of {total} metrics {where}") from None
+    results.complete = True
+    results.write()
+    return reports
 
 
 def _pm(value: float, err: float) -> str:
@@ -174,7 +235,8 @@ def format_measurement(report: dict) -> str:
         label = {"LA": "λ", "SA": "λ_min,", "LM": "|λ|"}[r["which"]]
         for i, (v, res) in enumerate(zip(r["values"], r["residuals"]), 1):
             cost = f"{r['n_matvecs']} HVPs, {r['seconds']:.1f}s" if i == 1 else ""
-            rows.append((f"{label}{i}", _pm(v, res), cost, "" if r["converged"] else "not converged"))
+            note = "" if r["converged"] else f"not converged in {r['n_matvecs']} HVPs; raise --max-matvecs"
+            rows.append((f"{label}{i}", _pm(v, res), cost, note))
     if "trace" in results:
         r = results["trace"]
         rows.append((f"trace ({r['method']})", _pm(r["estimate"], r["stderr"]), f"{r['n_matvecs']} HVPs, {r['seconds']:.1f}s", ""))

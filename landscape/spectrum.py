@@ -23,6 +23,7 @@ WHICH = ("LA", "SA", "LM")
 STOPS = ("error", "residual")
 _BREAKDOWN_ULPS = 100  # β ≤ this many machine epsilons of ‖T‖: an invariant subspace was found
 _INITIAL_BASIS = 32  # basis slots allocated up front; doubled as the recurrence grows
+BASIS_BYTES = 2 * 2**30  # the default Lanczos budget stops growing where its stored basis would pass this
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,20 @@ def _check_common(op: LinearOperator, k: int, tol: float, max_matvecs: int) -> i
     return k
 
 
-def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1e-3, max_matvecs: int = 300,
+def default_max_matvecs(n: int, k: int, dtype: torch.dtype = torch.float32) -> int:
+    """Lanczos's default budget for k eigenvalues of an n×n operator: max(300, 60k) matvecs, at most n.
+
+    With full reorthogonalization every step keeps an n-vector, so the budget is also held to
+    what a BASIS_BYTES (2 GiB) basis stores, but never below max(50, 4k): past about 1.8M
+    float32 parameters the budget shrinks with the model (a run that spends it says converged=False).
+    """
+    check_int("n", n, 1)
+    check_int("k", k, 1)
+    memory = BASIS_BYTES // (n * torch.finfo(dtype).bits // 8)
+    return min(n, max(300, 60 * k), max(memory, 50, 4 * k))
+
+
+def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1e-3, max_matvecs: int | None = None,
             seed: int = 0, return_vectors: bool = False, progress: bool | str = False, stop: str = "error") -> EigResult:
     """k extreme eigenvalues by Lanczos with full reorthogonalization (Lanczos 1950; Parlett 1998).
 
@@ -197,8 +211,9 @@ def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1
     same test to r_i, the rigorous but costlier rule. Neither rule can see an eigenvalue the
     Krylov space has not found yet (e.g. a close neighbour of a found one); "error" stops a few
     matvecs earlier, so it is a little more exposed to such misses. Otherwise it stops when
-    the budget is spent (converged=False). `which`: "LA" largest, "SA" smallest algebraic,
-    "LM" largest magnitude. k > n is clipped to n. After an invariant subspace the recurrence
+    the budget is spent (converged=False); the default budget is `default_max_matvecs`, which
+    grows with k and is held to n and to a 2 GiB basis. `which`: "LA" largest, "SA" smallest
+    algebraic, "LM" largest magnitude. k > n is clipped to n. After an invariant subspace the recurrence
     restarts from a fresh random vector while fewer than k Ritz values exist; a single Krylov
     space sees each distinct eigenvalue once, so exact multiplicities beyond that are only
     resolved by such restarts.
@@ -207,6 +222,9 @@ def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     if stop not in STOPS:
         raise ValueError(f"stop must be one of {STOPS}, got {stop!r}")
+    if max_matvecs is None:
+        check_int("k", k, 1)
+        max_matvecs = default_max_matvecs(op.shape[0], k, op.dtype)
     k = _check_common(op, k, tol, max_matvecs)
     start = time.perf_counter()
     generator = seeded_generator(op, seed)

@@ -1,0 +1,115 @@
+"""`landscape measure --out FILE.json`: every finished metric saved at once, atomically, and `--resume` keeps them.
+
+The file holds {"format": "landscape-measure", "version": 1, "settings": {...}, "complete": bool,
+"checkpoints": [report, ...]}, each report as `landscape measure --json` prints it, its "metrics"
+growing as they finish. Each write goes to a temporary file that then replaces the old one, so a
+run stopped at any moment (Ctrl-C, kill -9) leaves the last complete file behind. A file is
+resumed only by a run with the same settings on checkpoints with the same SHA-256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from landscape import distributed as ranks
+from landscape.problem import file_sha256
+from landscape.results import to_jsonable
+
+FORMAT = "landscape-measure"
+VERSION = 1
+
+
+class ResultsFileError(ValueError):
+    """A results file that cannot be written or resumed: the message names the file and the fix."""
+
+
+class ResultsFile:
+    """The reports of one `landscape measure` run, by checkpoint; written to `path` on rank 0 (kept in memory if None)."""
+
+    def __init__(self, path: Path | None, settings: dict, reports: list[dict]) -> None:
+        self.path, self.settings = path, to_jsonable(settings)
+        self.reports = {r["checkpoint"]: r for r in reports}
+        self.complete = False
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, settings: dict, *, resume: bool) -> "ResultsFile":
+        """A new file (written at once, so an unwritable --out fails before any work) or, with `resume`, an existing one."""
+        path, settings = Path(path), to_jsonable(settings)
+        store, state = None, None
+        if ranks.is_main():
+            try:
+                if path.exists() and not resume:
+                    raise ResultsFileError(f"{path} exists; pass --resume to continue it, or choose another --out")
+                store = cls(path, settings, cls._read(path, settings) if path.exists() else [])
+                store.write()
+                state = ("ok", list(store.reports.values()))
+            except ResultsFileError as error:
+                state = ("error", str(error))
+        if ranks.world_size() > 1:
+            state = ranks.all_gather(state)[0]
+        if state[0] == "error":
+            raise ResultsFileError(state[1])
+        return store or cls(path, settings, state[1])
+
+    @staticmethod
+    def _read(path: Path, settings: dict) -> list[dict]:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ResultsFileError(f"{path} cannot be read as a results file ({error}); choose another --out") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ResultsFileError(f"{path} is not a `landscape measure` results file; choose another --out")
+        stored = data.get("settings", {})
+        for key in sorted(set(stored) | set(settings)):
+            if stored.get(key) != settings.get(key):
+                name = "the checkpoint list" if key == "checkpoints" else "--" + key.replace("_", "-")
+                raise ResultsFileError(f"{path} was measured with {name} {_show(stored.get(key))}, not "
+                                       f"{_show(settings.get(key))}; resume with the same options, or choose another --out")
+        return data.get("checkpoints", [])
+
+    def previous(self, checkpoint: str) -> dict | None:
+        """The saved report of `checkpoint`, if any; refused if the file changed since (SHA-256)."""
+        report = self.reports.get(checkpoint)
+        if report is None:
+            return None
+        saved, now = report["setup"].get("checkpoint_sha256"), file_sha256(checkpoint)
+        if saved != now:
+            raise ResultsFileError(f"{checkpoint} changed since its results were saved in {self.path} (SHA-256 "
+                                   f"{str(saved)[:12]}… then, {now[:12]}… now); choose another --out to measure it afresh")
+        return report
+
+    def save(self, report: dict) -> None:
+        self.reports[report["checkpoint"]] = to_jsonable(report)
+        self.write()
+
+    @property
+    def n_metrics(self) -> int:
+        """Metrics finished (and, with a path, saved) over all checkpoints."""
+        return sum(len(r["metrics"]) for r in self.reports.values())
+
+    def write(self) -> None:
+        """Replace the file by the current reports: a temporary file first, flushed to disk, then renamed over it."""
+        if self.path is None or not ranks.is_main():
+            return
+        payload = {"format": FORMAT, "version": VERSION, "settings": self.settings, "complete": self.complete,
+                   "checkpoints": list(self.reports.values())}
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as f:
+                f.write(json.dumps(payload, indent=1) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as error:
+            raise ResultsFileError(f"cannot write {self.path}: {error.strerror or error}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _show(value: object) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return "the default" if value is None else str(value)
