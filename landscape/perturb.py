@@ -1,11 +1,12 @@
 """Sharpness from weight perturbations: expected loss under random noise, its curve over radii, ε-sharpness.
 
-Expected loss C̄(w) = E_u L(w+u) is SmoothOut's measure (Wen et al. 2018); ε-sharpness is
-Keskar et al. (2017)'s box-constrained ascent. Both only evaluate the Objective (its loss, and
-its gradient for the ascent); noise comes from a torch.Generator seeded on the objective's
-device, so the same seed gives the same draws. Perturbed points are evaluated one at a time:
-stacking draws under torch.func.vmap was faster only for ~100-parameter toys and 1.5–3× slower
-for a 15k-parameter MLP and a 60k-parameter conv net on CPU.
+Expected loss C̄(w) = E_u L(w+u) is SmoothOut's measure (Wen et al. 2018); ε-sharpness, Keskar
+et al. (2017)'s box-constrained ascent, lives in landscape.epsilon_sharpness and is re-exported
+here. Both only evaluate the Objective (its loss, and its gradient for the ascent); noise comes
+from a torch.Generator seeded on the objective's device, so the same seed gives the same draws.
+Perturbed points are evaluated one at a time: stacking draws under torch.func.vmap was faster
+only for ~100-parameter toys and 1.5–3× slower for a 15k-parameter MLP and a 60k-parameter conv
+net on CPU.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-import scipy.optimize
 import scipy.stats
 import torch
 
 from landscape import distributed as ranks
+from landscape.epsilon_sharpness import EpsilonSharpness, epsilon_sharpness  # noqa: F401 (re-exported)
 from landscape.objective import Batch, Evaluation, Objective
 from landscape.operators import DiagonalScaledOperator, HessianOperator
 from landscape.params import rescale_filters
@@ -94,33 +95,6 @@ class SharpnessCurve(Result):
     antithetic: bool
     n_forward: int
     n_matvecs: int
-    seconds: float
-    seed: int
-    setup: dict
-
-
-@dataclass(frozen=True)
-class EpsilonSharpness(Result):
-    """Keskar et al. (2017) ε-sharpness φ = 100·(max_{z∈C_ε} L(w+Az) − L(w))/(1 + L(w)), over restarts.
-
-    Each restart's maximum is the largest loss L-BFGS-B visited (z = 0 included), a lower bound
-    on the true box maximum; `value` ± `std` is the mean ± sample std over restarts, `best` the max.
-    """
-
-    value: float
-    std: float
-    best: float
-    values: np.ndarray  # φ per restart
-    max_losses: np.ndarray  # largest loss found per restart
-    clean_loss: float
-    eps: float
-    subspace_dim: int | None  # None: full space (A = I)
-    max_iter: int
-    restarts: int
-    iterations: np.ndarray  # L-BFGS-B iterations per restart
-    converged: tuple[bool, ...]  # L-BFGS-B stopped at a stationary point (not at max_iter)
-    n_forward: int
-    n_grad: int
     seconds: float
     seed: int
     setup: dict
@@ -263,65 +237,6 @@ def sharpness_curve(objective: Objective, radii: Sequence[float], *, distributio
         clean_loss=points[0].clean_loss, distribution=distribution, scale=scale, antithetic=antithetic,
         n_forward=sum(p.n_forward for p in points), n_matvecs=0 if trace is None else trace.n_matvecs,
         seconds=time.perf_counter() - start, seed=int(seed), setup=objective.describe(),
-    )
-
-
-# ----------------------------------------------------------------------------------- ε-sharpness
-def epsilon_sharpness(objective: Objective, eps: float = 1e-3, *, subspace_dim: int | None = None,
-                      max_iter: int = 10, restarts: int = 5, seed: int = 0) -> EpsilonSharpness:
-    """Keskar et al. (2017) ε-sharpness: L-BFGS-B ascent of L(w+Az) over the box |z_i| ≤ ε(|(A⁺w)_i| + 1).
-
-    A = I (full space), or with `subspace_dim` = p a random n×p matrix with orthonormal columns
-    (so A⁺ = Aᵀ and its rows have unit norm; it is stored densely). Each restart starts from a
-    uniform random point of the box (z = 0 is a stationary point at a minimum, where L-BFGS-B would
-    stop at once) and runs `max_iter` iterations (Keskar: ~10) on the box scaled to [−1, 1]^p.
-    """
-    eps = _check_number("eps", eps, allow_zero=False)
-    if subspace_dim is not None:
-        check_int("subspace_dim", subspace_dim, 1)
-        if subspace_dim > objective.n_params:
-            raise ValueError(f"subspace_dim = {subspace_dim} exceeds the number of parameters ({objective.n_params})")
-    check_int("max_iter", max_iter, 1)
-    check_int("restarts", restarts, 1)
-    generator = seeded_generator(objective, seed)
-    start = time.perf_counter()
-    w = objective.w
-    basis = None
-    if subspace_dim is not None:
-        gaussian = torch.randn(objective.n_params, subspace_dim, generator=generator, dtype=objective.dtype,
-                               device=objective.device)
-        basis = torch.linalg.qr(gaussian).Q
-    center = w if basis is None else basis.T @ w
-    bound = (eps * (center.abs() + 1)).double().cpu().numpy()
-    clean_loss = objective.loss()
-    visited: list[float] = []  # losses L-BFGS-B evaluated, every restart
-
-    def negative_loss(t: np.ndarray) -> tuple[float, np.ndarray]:
-        z = torch.as_tensor(t * bound, dtype=objective.dtype, device=objective.device)
-        point = w + (z if basis is None else basis @ z)
-        loss, grad = objective.loss(point), objective.grad(point)
-        visited.append(loss)
-        if basis is not None:
-            grad = basis.T @ grad
-        return -loss, -grad.double().cpu().numpy() * bound
-
-    box = scipy.optimize.Bounds(-np.ones(len(bound)), np.ones(len(bound)))
-    max_losses, iterations, converged = [], [], []
-    for _ in range(restarts):
-        before = len(visited)
-        t0 = torch.rand(len(bound), generator=generator, dtype=torch.float64, device=objective.device)
-        res = scipy.optimize.minimize(negative_loss, (2 * t0 - 1).cpu().numpy(), jac=True, method="L-BFGS-B",
-                                      bounds=box, options={"maxiter": max_iter, "ftol": 0.0, "gtol": 0.0})
-        max_losses.append(max([clean_loss, *visited[before:]]))  # z = 0 lies in the box: φ ≥ 0
-        iterations.append(res.nit)
-        converged.append(bool(res.success))
-    values = 100 * (np.array(max_losses) - clean_loss) / (1 + clean_loss)
-    return EpsilonSharpness(
-        value=float(values.mean()), std=float(values.std(ddof=1)) if restarts > 1 else 0.0, best=float(values.max()),
-        values=values, max_losses=np.array(max_losses), clean_loss=clean_loss, eps=eps, subspace_dim=subspace_dim,
-        max_iter=max_iter, restarts=restarts, iterations=np.array(iterations), converged=tuple(converged),
-        n_forward=1 + len(visited), n_grad=len(visited), seconds=time.perf_counter() - start, seed=int(seed),
-        setup=objective.describe(),
     )
 
 

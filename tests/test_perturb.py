@@ -1,7 +1,6 @@
-"""Perturbation sharpness against ground truth: exact quadratics, dense Hessians of tiny nets, brute-force box maxima."""
+"""Perturbation sharpness against ground truth: exact quadratics, dense Hessians of tiny nets (ε-sharpness: test_epsilon_sharpness.py)."""
 
 import copy
-import itertools
 import json
 
 import numpy as np
@@ -15,7 +14,7 @@ from conftest import classification_batches, tiny_convnet_bn, tiny_mlp
 from landscape.objective import Objective
 from landscape.operators import DenseOperator, DiagonalScaledOperator
 from landscape.params import rescale_filters
-from landscape.perturb import epsilon_sharpness, expected_loss, noise_std, sharpness_curve, unit_noise
+from landscape.perturb import expected_loss, noise_std, sharpness_curve, unit_noise
 
 F64 = {"dtype": torch.float64, "device": "cpu"}
 SIGMA = {"uniform": 3 ** -0.5, "gaussian": 1.0}  # std of U[−1, 1] and N(0, 1)
@@ -335,51 +334,12 @@ def test_sharpness_curve_prediction_on_a_network(trained_mlp):
     assert np.all(np.abs(curve.increase - truth) <= 3 * curve.increase_stderr + 0.01 * truth)
 
 
-# ---------------------------------------------------------------------------------- ε-sharpness
-def corner_maximum(H, bound):
-    """½zᵀHz at each of the 2^d corners of the box: a convex function peaks at a vertex (g = 0 here)."""
-    values = [0.5 * float(z @ H @ z) for z in
-              (torch.tensor(signs, dtype=torch.float64) * bound for signs in itertools.product((-1, 1), repeat=len(bound)))]
-    return np.array(values)
-
-
-def test_epsilon_sharpness_finds_the_best_corner_of_the_box():
-    objective = quadratic(d=6, k=1, bias=False)
-    H = dense_hessian(objective, half_mse)
-    eps = 0.05
-    corners = corner_maximum(H, eps * (objective.w.abs() + 1))
-    clean = objective.loss()
-    r = epsilon_sharpness(objective, eps, max_iter=100, restarts=8, seed=0)
-    assert all(r.converged)
-    assert r.best == pytest.approx(100 * corners.max() / (1 + clean), rel=1e-6)
-    for value in r.values:  # every restart ends on some vertex (a local maximum)
-        assert np.min(np.abs(100 * corners / (1 + clean) - value)) <= 1e-6 * value
-    assert np.all(r.values >= 0)
-    assert r.value == pytest.approx(np.mean(r.values)) and r.std == pytest.approx(np.std(r.values, ddof=1))
-    assert r.n_grad == r.n_forward - 1 and len(r.iterations) == 8
-
-
-def test_epsilon_sharpness_in_a_subspace_is_not_larger_than_in_full_space():
-    objective = quadratic(d=8, k=1, bias=False)
-    full = epsilon_sharpness(objective, 1e-3, max_iter=50, restarts=3)
-    sub = epsilon_sharpness(objective, 1e-3, subspace_dim=2, max_iter=50, restarts=3)
-    assert 0 <= sub.best <= full.best
-    assert sub.subspace_dim == 2 and full.subspace_dim is None
-
-
-def test_epsilon_sharpness_on_a_network_with_keskar_settings(trained_conv):
-    r = epsilon_sharpness(trained_conv, 5e-4, max_iter=10, restarts=3, seed=1)
-    assert np.all(r.values > 0) and np.all(r.iterations <= 10)
-    assert r.max_losses.shape == (3,) and np.all(r.max_losses >= r.clean_loss)
-
-
 # --------------------------------------------------------------------------- results, arguments
 def test_results_are_json_serializable(mlp_problem):
     model, _, _, batches = mlp_problem
     objective = Objective(model, batches, **F64)
     results = [expected_loss(objective, 0.01, n_samples=10),
-               sharpness_curve(objective, [0.01, 0.02], n_samples=10, n_probes=4),
-               epsilon_sharpness(objective, 1e-3, max_iter=2, restarts=2)]
+               sharpness_curve(objective, [0.01, 0.02], n_samples=10, n_probes=4)]
     for r in results:
         d = json.loads(json.dumps(r.to_dict()))
         assert d["setup"]["n_samples"] == 50 and d["seconds"] >= 0
@@ -398,14 +358,10 @@ def test_expected_loss_rejects_bad_arguments(kwargs, match, mlp_problem):
         expected_loss(objective, **{"radius": 0.1, **kwargs})
 
 
-def test_curve_and_epsilon_reject_bad_arguments(mlp_problem):
+def test_curve_rejects_bad_arguments(mlp_problem):
     model, _, _, batches = mlp_problem
     objective = Objective(model, batches, **F64)
     for call, match in [(lambda: sharpness_curve(objective, []), "radii"),
-                        (lambda: sharpness_curve(objective, [0.1], n_probes=1), "n_probes"),
-                        (lambda: epsilon_sharpness(objective, 0.0), "eps"),
-                        (lambda: epsilon_sharpness(objective, subspace_dim=objective.n_params + 1), "subspace_dim"),
-                        (lambda: epsilon_sharpness(objective, max_iter=0), "max_iter"),
-                        (lambda: epsilon_sharpness(objective, restarts=0), "restarts")]:
+                        (lambda: sharpness_curve(objective, [0.1], n_probes=1), "n_probes")]:
         with pytest.raises(ValueError, match=match):
             call()
