@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--labels", help="comma list, one per checkpoint; equal labels = seeds of one method (default: method and batch size)")
     group.add_argument("--out", default="comparison", help="folder for report.md, report.html, results.json and figures")
     group.add_argument("--allow-mixed", action="store_true", help="compare checkpoints of different models or data sets")
+    group.add_argument("--baseline", default=None, metavar="LABEL",
+                       help="compare every method with this one (default: each method with the first method's optimizer "
+                            "at its own batch size, e.g. SmoothOut B=2000 with SGD B=2000; same optimizer: with the first)")
     group.add_argument("--surface-range", default="-1:1:21", metavar="START:STOP:NUM", help="1-D surface grid (default -1:1:21)")
     group.add_argument("--surface2d-range", default="-1:1:11", metavar="START:STOP:NUM", help="2-D surface grid (default -1:1:11)")
     parser.set_defaults(metrics=DEFAULT_METRICS, k=3, radius="0.005,0.01,0.02", noise_samples=40, probes=60)
@@ -132,15 +135,41 @@ def compare(paths: Sequence[str], args: argparse.Namespace) -> dict:
     for m in members:
         groups.setdefault(m["label"], []).append(m)
     names = list(dict.fromkeys(n for m in members for n in m["quantities"]))
-    baseline = next(iter(groups))
+    against = baselines({g: ms[0]["config"] for g, ms in groups.items()}, args.baseline)
     return {
         "checkpoints": members,
         "groups": {g: {n: aggregate(ms, n) for n in names} for g, ms in groups.items()},
-        "baseline": baseline,
-        "differences": {g: {n: difference(groups[baseline], ms, n) for n in names} for g, ms in groups.items() if g != baseline},
+        "baseline": next(iter(groups)) if args.baseline is None else args.baseline,
+        "baselines": against,
+        "differences": {g: {n: difference(groups[b], groups[g], n) for n in names} for g, b in against.items()},
         "quantities": names,
         "settings": {k: v for k, v in vars(args).items() if k not in ("run", "checkpoints")},
     }
+
+
+def baselines(configs: dict[str, dict | None], chosen: str | None = None) -> dict[str, str]:
+    """For each group but its baseline, the group it is compared with.
+
+    `chosen`: that group for all. Otherwise a method other than the first group's optimizer is compared
+    with the first group's optimizer at its own batch size (a flat-minimum method against plain SGD with
+    the same batch), and a run of the first group's optimizer with the first group (large vs small batch).
+    Groups without a training config are compared with the first group.
+    """
+    labels = list(configs)
+    if chosen is not None:
+        if chosen not in configs:
+            raise ValueError(f"--baseline {chosen!r} is not one of the labels: {', '.join(labels)}")
+        return {g: chosen for g in labels if g != chosen}
+    first = labels[0]
+    reference = configs[first] or {}
+    out = {}
+    for g in labels[1:]:
+        config = configs[g] or {}
+        same_batch = [h for h in labels if (configs[h] or {}).get("optimizer") == reference.get("optimizer")
+                      and (configs[h] or {}).get("batch_size") == config.get("batch_size")]
+        differs = config.get("optimizer") != reference.get("optimizer")
+        out[g] = same_batch[0] if differs and same_batch and reference else first
+    return out
 
 
 def format_value(agg: dict | None) -> str:
@@ -168,10 +197,11 @@ def comparison_tables(result: dict) -> tuple[list[str], list[list[str]], list[st
         for n in names:
             d = diffs[n]
             if d is not None:
-                paired = "" if d["unpaired_halfwidth"] is None else f"±{d['halfwidth']:.2g} (independent runs: ±{d['unpaired_halfwidth']:.2g})"
-                diff_rows.append([g, n, format_difference(d), verdict(d), d["basis"], paired])
+                basis = d["basis"] + ("" if d["unpaired_halfwidth"] is None
+                                      else f"; independent draws would give ±{d['unpaired_halfwidth']:.2g}")
+                diff_rows.append([g, result["baselines"][g], n, format_difference(d), verdict(d), basis])
     return (["method", *names], value_rows,
-            ["method", "quantity", f"difference vs {result['baseline']} [95% CI] (relative)", "clears seed spread?", "interval from", "paired CI"],
+            ["method", "vs", "quantity", "difference [95% CI] (relative)", "clears seed spread?", "interval from"],
             diff_rows)
 
 
@@ -256,11 +286,12 @@ def build_report(result: dict, out: Path) -> Report:
     report.table(h1, r1, "One seed: estimate ± its standard error (λ: Lanczos residual bound; accuracy: binomial). "
                          "Several seeds: mean ± standard deviation over seeds (n). ΔL a=r: E[L(w+u)] − L(w), u ~ U[−r, r] "
                          "per weight (train split, cross-entropy nats).")
-    report.heading(f"Differences against {result['baseline']}")
+    report.heading("Differences")
     report.table(h2, r2, "95% intervals. A method difference is called only when its interval, built from the spread "
                          "over training seeds, excludes zero; with one seed per method the interval reflects estimator "
-                         "noise only and says whether these two checkpoints differ, not whether the methods do. "
-                         "'paired CI' compares the interval from shared noise draws with the one independent runs would give.")
+                         "noise only and says whether these two checkpoints differ, not whether the methods do; there "
+                         "the interval from shared noise draws is printed beside the one independent draws would give. "
+                         "Each method is compared with the baseline in the 'vs' column (by default plain SGD at its own batch size).")
     figures = make_figures(result, out)
     if figures:
         report.heading("Figures")

@@ -122,3 +122,18 @@ def test_figures_quick_never_writes_into_figures_unless_asked():
     out, cache = output_folders(None, None, quick=True)
     assert Path("figures") not in (out, *out.parents) and out.parent == cache
     assert output_folders("figures", None, quick=True)[0] == Path("figures")
+
+
+def test_each_method_is_compared_with_sgd_at_its_own_batch_size():
+    from analysis.compare import baselines
+
+    def cfg(optimizer, batch):
+        return {"optimizer": optimizer, "batch_size": batch}
+
+    configs = {"sgd B=32": cfg("sgd", 32), "sgd B=2000": cfg("sgd", 2000), "smoothout B=32": cfg("smoothout", 32),
+               "smoothout B=2000": cfg("smoothout", 2000), "sam B=512": cfg("sam", 512), "foreign": None}
+    assert baselines(configs) == {"sgd B=2000": "sgd B=32", "smoothout B=32": "sgd B=32",
+                                  "smoothout B=2000": "sgd B=2000", "sam B=512": "sgd B=32", "foreign": "sgd B=32"}
+    assert set(baselines(configs, "smoothout B=2000").values()) == {"smoothout B=2000"}
+    with pytest.raises(ValueError, match="--baseline 'adam'"):
+        baselines(configs, "adam")
