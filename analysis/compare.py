@@ -260,7 +260,7 @@ def make_figures(result: dict, out: Path) -> list[tuple[str, str]]:
             curves.setdefault(c["label"], []).append(c["raw"]["sharpness-curve"])
         figures.append((save(plot_sharpness_curves(curves), out / "sharpness.png").name,
                         f"Expected loss increase under uniform weight noise of radius a ({where}); bands: 95% CI "
-                        "(one seed) or ± one std over seeds; dotted: the second-order prediction (a²/2)·tr(SHS), S the noise scale."))
+                        "(one seed) or ± one std over seeds; dotted: the second-order prediction ½·tr(ΣH), Σ the covariance of the noise."))
     if all("density" in c["raw"] for c in members):
         tops = {label: c["raw"]["eig"]["values"] for label, c in firsts.items() if "eig" in c["raw"]}
         fig = plot_spectral_densities({label: c["raw"]["density"] for label, c in firsts.items()}, tops)

@@ -68,7 +68,7 @@ def plot_sharpness_curves(curves: Mapping[str, Sequence[dict]], *, caption: str 
 
     `curves` maps a label to the sharpness-curve results of its seeds: one seed is drawn with its
     95% CI band, several with their mean and the band of ± one standard deviation over seeds.
-    The dotted line is the second-order prediction (a²/2)·tr(SHS) of the first seed.
+    The dotted line is the second-order prediction ½·tr(ΣH) (Σ = Cov(u)) of the first seed.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colors = label_colors(list(curves))

@@ -74,9 +74,9 @@ class ExpectedLoss(Result):
 
 @dataclass(frozen=True)
 class SharpnessCurve(Result):
-    """Expected-loss increase over radii with common random numbers, and its second-order prediction (a²/2)·tr(SHS).
+    """Expected-loss increase over radii with common random numbers, and its second-order prediction ½·tr(ΣH).
 
-    S = diag(per-coordinate standard deviation of the unit noise), so (a²/2)·tr(SHS) is
+    Σ = Cov(u) = a²·S², S = diag(per-coordinate standard deviation of the unit noise), so ½·tr(ΣH) is
     (a²/6)·tr(H) for uniform absolute noise, (a²/2)·tr(H) for Gaussian, (a²/6)·tr(DHD), D = diag|w|,
     for uniform weight noise (SmoothOut / AdaSmoothOut, Wen et al. 2018); tr(SHS) by Hutchinson.
     """
@@ -212,7 +212,7 @@ def sharpness_curve(objective: Objective, radii: Sequence[float], *, distributio
 
     Every radius scales the same unit draws (common random numbers: the same seed and block
     sizes replay the generator), so the curve is smooth in the radius; the prediction
-    (a²/2)·tr(SHS) (see SharpnessCurve) takes tr(SHS) from `n_probes` Hutchinson probes; it
+    ½·tr(ΣH) (see SharpnessCurve) takes tr(SHS) from `n_probes` Hutchinson probes; it
     describes running-statistics BN, not `bn_recalibration`.
     """
     radii = [_check_number("radius", a, allow_zero=True) for a in radii]

@@ -104,7 +104,7 @@ NOISES = [("uniform", "absolute"), ("gaussian", "absolute"), ("uniform", "weight
 
 @pytest.mark.parametrize("distribution,scale", NOISES)
 def test_increase_on_quadratic_is_half_a_squared_trace(distribution, scale):
-    """E[L(w+u)] − L(w) = ½a²·tr(SHS): (a²/6)tr(H) uniform, (σ²/2)tr(H) Gaussian, (a²/6)tr(DHD) weight, per-filter for filter."""
+    """E[L(w+u)] − L(w) = ½a²·tr(SHS): (a²/6)tr(H) uniform, (a²/2)tr(H) Gaussian, (a²/6)tr(DHD) weight, per-filter for filter."""
     objective = quadratic()
     H = dense_hessian(objective, half_mse)
     s = reference_std(objective, distribution, scale)
