@@ -79,7 +79,7 @@ def first_seed(result: dict, wanted: list[str]) -> dict[str, dict]:
     return {w: found[w] for w in wanted}
 
 
-def interpolation_figure(small: str, large: str, budget: dict, cache: Path, out: Path) -> dict:
+def interpolation_figure(small: str, large: str, budget: dict, cache: Path, out: Path, progress: bool | str = False) -> dict:
     """(a) Keskar's parametric plot: θ(α) = θ_SB + α(θ_LB − θ_SB), train and test loss and accuracy."""
     measurement = MeasurementSet("train", budget["n_samples"], 1000)
     train = objective_from_checkpoint(load_checkpoint(small), measurement=measurement)
@@ -88,7 +88,7 @@ def interpolation_figure(small: str, large: str, budget: dict, cache: Path, out:
                               between(train, load_checkpoint(large).build_model(), f"SGD B={LARGE}"),
                               [grid_axis(-1.0, 2.0, 31 if budget["seeds"] > 1 else 7)],
                               path=cache / "surfaces" / f"interpolation-{budget['n_samples'] or 'all'}.h5",
-                              resume=True)
+                              resume=True, progress=progress)
     fig = plot_lines({f"SGD B={SMALL} (α=0) → SGD B={LARGE} (α=1)": surface}, log=True, accuracy=True,
                      title="Keskar et al. (2017) interpolation between small- and large-batch minima")
     save(fig, out / "interpolation.png")
@@ -106,7 +106,7 @@ def random_direction_figures(result: dict, out: Path) -> None:
         save(fig, out / f"random-1d-{name}-batch.png")
 
 
-def contour_figure(result: dict, budget: dict, cache: Path, out: Path) -> None:
+def contour_figure(result: dict, budget: dict, cache: Path, out: Path, progress: bool | str = False) -> None:
     """(c) 2-D filter-normalized planes side by side on one colour scale."""
     chosen = first_seed(result, [label("sgd", SMALL), label("sgd", LARGE), label("smoothout", LARGE), label("adasmoothout", LARGE)])
     surfaces = {}
@@ -114,7 +114,8 @@ def contour_figure(result: dict, budget: dict, cache: Path, out: Path) -> None:
         objective = objective_from_checkpoint(load_checkpoint(c["path"]), measurement=MeasurementSet("train", budget["n_samples"], 1000))
         axis = grid_axis(-1.0, 1.0, budget["plane"])
         surfaces[name] = compute_surface(objective, random_directions(objective, 2, seed=0), [axis, axis], resume=True,
-                                         path=cache / "surfaces" / f"plane-{Path(c['path']).parent.name}-{budget['plane']}.h5")
+                                         path=cache / "surfaces" / f"plane-{Path(c['path']).parent.name}-{budget['plane']}.h5",
+                                         progress=progress)
     save(plot_surfaces(surfaces, kind="contour", log=True, title="Train loss on a filter-normalized random plane"),
          out / "contours.png")
 
@@ -129,13 +130,14 @@ def sharpness_figures(result: dict, out: Path) -> None:
         save(plot_sharpness_curves(curves), out / f"sharpness-{name}-batch.png")
 
 
-def spectra_figure(result: dict, budget: dict, out: Path) -> dict:
+def spectra_figure(result: dict, budget: dict, out: Path, progress: bool | str = False) -> dict:
     """(e) Hessian spectral densities by SLQ with the Lanczos λ1 marked."""
     chosen = first_seed(result, [label("sgd", SMALL), label("sgd", LARGE), label("smoothout", LARGE)])
     spectra, tops = {}, {}
     for name, c in chosen.items():
         objective = objective_from_checkpoint(load_checkpoint(c["path"]), measurement=MeasurementSet("train", budget["n_samples"], 1000))
-        spectra[name] = slq_density(HessianOperator(objective), n_runs=4, n_steps=budget["density_steps"], seed=0).to_dict()
+        spectra[name] = slq_density(HessianOperator(objective), n_runs=4, n_steps=budget["density_steps"], seed=0,
+                                    progress=progress).to_dict()
         tops[name] = c["raw"]["eig"]["values"]
     save(plot_spectral_densities(spectra, tops, title="Hessian spectral density, MLP on mnist1d (dotted: λ1)"), out / "spectra.png")
     return tops
@@ -174,11 +176,11 @@ def run(args: argparse.Namespace) -> None:
     result = measure_all(paths, labels, budget, cache, args.progress)
     out.mkdir(parents=True, exist_ok=True)
     small, large = (first_seed(result, [label("sgd", b)])[label("sgd", b)]["path"] for b in (SMALL, LARGE))
-    summary = {"interpolation": interpolation_figure(small, large, budget, cache, out)}
+    summary = {"interpolation": interpolation_figure(small, large, budget, cache, out, args.progress)}
     random_direction_figures(result, out)
-    contour_figure(result, budget, cache, out)
+    contour_figure(result, budget, cache, out, args.progress)
     sharpness_figures(result, out)
-    summary["top_eigenvalues"] = spectra_figure(result, budget, out)
+    summary["top_eigenvalues"] = spectra_figure(result, budget, out, args.progress)
     headers, rows = method_table(result)
     table = Report("Method table")
     table.paragraph(f"{budget['seeds']} seed(s) per method; mean ± std over seeds (± stderr for one seed); measured on "
