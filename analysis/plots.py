@@ -206,20 +206,29 @@ def plot_lines(surfaces: Mapping[str, Surface], *, splits: Sequence[str] | None 
 
 
 def plot_surfaces(surfaces: Mapping[str, Surface], *, kind: str = "contour", split: str = "train",
-                  log: bool = False, levels: int = 15, title: str | None = None) -> plt.Figure:
-    """2-D surfaces side by side on one colour scale and one set of contour levels, origin and PCA path marked."""
+                  log: bool = False, levels: int = 15, title: str | None = None, columns: int = 3) -> plt.Figure:
+    """2-D surfaces on one colour scale and one set of contour levels, origin and PCA path marked.
+
+    At most `columns` panels a row, so each stays readable at a page's width (an HTML report, a paper column).
+    """
     if kind not in SURFACE_KINDS:
         raise ValueError(f"unknown kind {kind!r}; use one of {', '.join(SURFACE_KINDS)}")
     _check_dims(surfaces, 2)
     grids = {label: _loss(s, split, label, log) for label, s in surfaces.items()}
     norm, contour_levels = shared_scale(list(grids.values()), log, levels)
     projection = {"projection": "3d"} if kind == "surface3d" else {}
-    fig, axes = plt.subplots(1, len(surfaces), figsize=(4.4 * len(surfaces) + 1.4, 4.2), squeeze=False,
+    ncols = max(1, min(columns, len(surfaces)))
+    nrows = -(-len(surfaces) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols + 1.4, 4.0 * nrows + 0.2), squeeze=False,
                              layout="constrained", subplot_kw=projection)
-    for ax, (label, surface) in zip(axes[0], surfaces.items()):
+    panels = list(axes.flat)
+    for ax, (label, surface) in zip(panels, surfaces.items()):
         mappable = _draw(ax, surface, grids[label], kind, norm, contour_levels, log)
         ax.set_title(label if len(surfaces) > 1 else f"{split} loss", fontsize=10)
-    bar = fig.colorbar(mappable, ax=list(axes[0]), shrink=0.85, label=f"{split} loss" + (" (log scale)" if log else ""))
+    for ax in panels[len(surfaces):]:
+        ax.set_visible(False)
+    bar = fig.colorbar(mappable, ax=panels, shrink=0.85 if nrows == 1 else 0.6,
+                       label=f"{split} loss" + (" (log scale)" if log else ""))
     ticks = round_levels(norm.vmin, norm.vmax, 6, log)
     bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
     bar.minorticks_off()

@@ -195,3 +195,15 @@ def test_cli_in_process(files, capsys, args, message):
         assert code == 2
         assert_one_line_error(capsys.readouterr().err, message)
         assert not (files / "never.pdf").exists()
+
+
+def test_many_planes_wrap_into_rows_readable_at_page_width(files, tmp_path):
+    """Five planes: three a row (two rows), each panel as wide as in a single-row figure, the spare axis hidden."""
+    a, b = read_surface(files / "a-2d.h5"), read_surface(files / "b-2d.h5")
+    fig = plot_surfaces({f"m{i}": (a, b)[i % 2] for i in range(5)}, kind="contour")
+    shown = [ax for ax in panels(fig) if ax.get_visible()]
+    assert len(shown) == 5 and len(panels(fig)) == 6
+    assert len({round(ax.get_position().y0, 3) for ax in shown}) == 2
+    width, _ = fig.get_size_inches()
+    assert width <= 4.4 * 3 + 1.4
+    save(fig, tmp_path / "five.png")
