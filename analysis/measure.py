@@ -129,7 +129,7 @@ def _sharpness_curve(objective: Objective, args: argparse.Namespace) -> Result:
 
 def _eps_sharpness(objective: Objective, args: argparse.Namespace) -> Result:
     return epsilon_sharpness(objective, args.eps, subspace_dim=args.subspace_dim, max_iter=args.eps_iters,
-                             restarts=args.restarts, seed=args.seed, method=args.eps_method)
+                             restarts=args.restarts, seed=args.seed, method=args.eps_method, progress=args.progress)
 
 
 METRICS: dict[str, Callable[[Objective, argparse.Namespace], Result]] = {

@@ -22,6 +22,7 @@ import torch
 
 from landscape.objective import Objective
 from landscape.probes import check_int, seeded_generator
+from landscape.progress import Progress
 from landscape.results import Result
 
 METHODS = ("sign-ascent", "lbfgsb")
@@ -60,7 +61,7 @@ class EpsilonSharpness(Result):
 
 def epsilon_sharpness(objective: Objective, eps: float = 1e-3, *, subspace_dim: int | None = None,
                       max_iter: int = 20, restarts: int = 2, seed: int = 0,
-                      method: str = "sign-ascent") -> EpsilonSharpness:
+                      method: str = "sign-ascent", progress: bool | str = False) -> EpsilonSharpness:
     """Keskar et al. (2017) ε-sharpness: ascent of L(w+Az) over the box |z_i| ≤ ε(|(A⁺w)_i| + 1) in raw units.
 
     Starts: z = 0, the corner b·sign(Aᵀ∇L(w)) (exact for a separable convex quadratic), and `restarts`
@@ -99,7 +100,7 @@ def epsilon_sharpness(objective: Objective, eps: float = 1e-3, *, subspace_dim: 
         starts.append(("random", (2 * u - 1) * bound))
     ascend = _sign_ascent if method == "sign-ascent" else _lbfgsb
     max_losses, iterations, converged = [], [], []
-    for _, z0 in starts:
+    for _, z0 in Progress(len(starts), f"eps-sharpness ({method})", "start", progress).iterate(starts):
         best, n_iter, stopped = ascend(box, z0, max_iter)
         max_losses.append(best)
         iterations.append(n_iter)
