@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ from landscape.models import model_from_spec
 FORMAT = "landscape-checkpoint"
 VERSION = 1
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights")
+# what torch.save itself puts in a pickle (tensor rebuilders, storages, OrderedDict): not worth naming
+WEIGHTS_ONLY_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode")
 
 
 class CheckpointError(ValueError):
@@ -101,9 +105,11 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as error:
-        if "global" in str(error):  # a class or function the weights-only unpickler refuses to import
+        objects = _refused_globals(path, str(error))
+        if objects:  # a class or function the weights-only unpickler refuses to import (and unpickling would call)
             raise CheckpointError(
-                f"{path} contains pickled Python objects beyond tensors; if you trust its source, pass --trust-checkpoint"
+                f"{path}: unreadable pickle: it holds Python objects beyond tensors ({', '.join(objects)}), which loading "
+                "would import and may run; pass --trust-checkpoint only if you trust it"
             ) from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (unreadable pickle)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
@@ -114,6 +120,27 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
     except Exception as error:  # anything torch.load raises on a foreign file
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {error})") from None
     return _interpret(path, obj)
+
+
+def _refused_globals(path: str, message: str, limit: int = 3) -> list[str]:
+    """The Python objects (module.name) a pickle imports, as torch's weights-only error names them or, for a
+    raw pickle torch rejects earlier, as a scan of its opcodes finds them (nothing is executed)."""
+    named = re.findall(r"GLOBAL ([\w.]+)", message)
+    if named or zipfile.is_zipfile(path):
+        return list(dict.fromkeys(named))[:limit]
+    found, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            for opcode, arg, _ in pickletools.genops(f):
+                if opcode.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(".".join(strings[-2:]))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # not a pickle stream (or a broken one): whatever it named so far
+        pass
+    return list(dict.fromkeys(f for f in found if not f.startswith(WEIGHTS_ONLY_GLOBALS)))[:limit]
 
 
 def _interpret(path: str, obj: Any) -> Checkpoint:
@@ -152,9 +179,24 @@ def _state_dict_or_none(obj: Any) -> dict[str, torch.Tensor] | None:
     return dict(obj)
 
 
+class CheckpointNote(UserWarning):
+    """Something a user should know about a checkpoint that still loads (the CLI prints it as one line)."""
+
+
+# buffers PyTorch itself fills in when a state dict lacks them: BatchNorm's counter, new in PyTorch 0.4.1
+OPTIONAL_BUFFERS = ("num_batches_tracked",)
+
+
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str = "checkpoint") -> None:
-    """Load weights strictly, naming missing, unexpected, mis-shaped and non-finite tensors."""
+    """Load weights strictly, naming missing, unexpected, mis-shaped and non-finite tensors.
+
+    The one exception is what PyTorch loads too: state dicts from before PyTorch 0.4.1 lack
+    BatchNorm's `num_batches_tracked`; those keep the model's own value, with a CheckpointNote.
+    """
     expected = model.state_dict()
+    optional = [k for k in expected if k not in state_dict and k.rpartition(".")[2] in OPTIONAL_BUFFERS]
+    if optional:
+        state_dict = {**state_dict, **{k: expected[k] for k in optional}}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
@@ -175,6 +217,10 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], path: st
     if nonfinite:
         raise CheckpointError(f"{path} has non-finite (NaN/inf) values in {_short_list(nonfinite)}")
     model.load_state_dict(state_dict, strict=True)
+    if optional:
+        names = sorted({k.rpartition(".")[2] for k in optional})
+        warnings.warn(CheckpointNote(f"{path} has no {', '.join(names)} for {len(optional)} BatchNorm layers "
+                                     "(saved by PyTorch < 0.4.1); kept the model's defaults, as PyTorch does"))
 
 
 def _short_list(items: list[str], limit: int = 5) -> str:
