@@ -10,7 +10,7 @@ import torch
 
 from landscape import distributed as ranks
 from landscape.checkpoints import Checkpoint, CheckpointError
-from landscape.data import Dataset, MeasurementSet, load_data
+from landscape.data import DataError, Dataset, MeasurementSet, load_data
 from landscape.models import model_for_data
 from landscape.objective import Objective
 
@@ -78,6 +78,8 @@ def objective_from_checkpoint(
     dataset = data_spec.load()
     model_spec = resolve_model_spec(model, model_kwargs, dataset)
     net = checkpoint.build_model(model_spec)
+    check_data_fits(net, dataset, checkpoint, model_spec or checkpoint.model_spec)
+    check_measurement_fits(measurement, dataset)
     batches = measurement.batches(dataset)
     metadata = {
         "checkpoint": checkpoint.path,
@@ -89,6 +91,43 @@ def objective_from_checkpoint(
     if distributed:
         batches = ranks.shard(batches)
     return Objective(net, batches, metadata=metadata, distributed=distributed, **objective_options)
+
+
+def check_data_fits(net: torch.nn.Module, dataset: Dataset, checkpoint: Checkpoint, model_spec: dict | None) -> None:
+    """One forward pass on one sample: inputs the model cannot take, or labels beyond its outputs, are one clear error.
+
+    Without it a feature-size mismatch surfaces as a matmul error deep in the first loss, and a
+    label ≥ the number of outputs as an IndexError inside cross-entropy.
+    """
+    x = dataset.x_train[:1] if len(dataset.x_train) else dataset.x_test[:1]
+    model = f"the model in {checkpoint.path}" + (f" ({model_spec['name']})" if model_spec else "")
+    fix = "pass --data matching the checkpoint" + (f" (it was made with {checkpoint.data_spec['spec']!r})" if checkpoint.data_spec else "")
+    fix += " or a --model for this data"
+    training = net.training
+    net.eval()  # eval: a forward in train mode would move BatchNorm running statistics
+    try:
+        with torch.no_grad():
+            out = net(x)
+    except RuntimeError as error:
+        expected = (model_spec or {}).get("kwargs", {}).get("input_shape")
+        wants = f"expects {tuple(expected)}" if expected else f"cannot take them ({str(error).splitlines()[0]})"
+        raise CheckpointError(f"data {dataset.spec!r} gives inputs of shape {tuple(x.shape[1:])} but {model} {wants}: {fix}") from None
+    finally:
+        net.train(training)
+    labels = [y for y in (dataset.y_train, dataset.y_test) if len(y)]
+    if out.ndim == 2 and labels:
+        top = max(int(y.max()) for y in labels)
+        if top >= out.shape[1]:
+            raise CheckpointError(f"data {dataset.spec!r} has labels up to {top} ({top + 1} classes) but {model} "
+                                  f"has {out.shape[1]} outputs: {fix}")
+
+
+def check_measurement_fits(measurement: MeasurementSet, dataset: Dataset) -> None:
+    """A subset no larger than its split, in the command line's words."""
+    available = len(dataset.split(measurement.split)[1])
+    if measurement.n_samples is not None and measurement.n_samples > available:
+        raise DataError(f"--n-samples {measurement.n_samples}: the {measurement.split} split of {dataset.spec!r} "
+                        f"has {available} samples; ask for at most {available}")
 
 
 def parse_dtype(name: str) -> torch.dtype:
