@@ -6,8 +6,11 @@ import argparse
 import json
 import os
 import sys
-from typing import NoReturn
+import warnings
+from typing import Callable, NoReturn
 
+import landscape
+from analysis.validation import validate_arguments
 from landscape import distributed, progress
 from landscape.results import to_jsonable
 
@@ -37,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("figures", "regenerate every figure in figures/ from scratch", [figures.add_arguments], figures.run),
     ]
     parser = argparse.ArgumentParser(prog="landscape", description="How sharp is the minimum a trained network sits in?")
+    parser.add_argument("--version", action="version", version=f"landscape {landscape.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text, adders, run in table:
         p = commands.add_parser(name, help=text)
@@ -88,7 +92,10 @@ def _join_signed_values(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_join_signed_values(sys.argv[1:] if argv is None else argv))
     joined = False
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_notes(args.command, shown)
     try:
+        validate_arguments(args)
         joined = _join_process_group(args)
         args.progress = progress.style(args.quiet)
         args.run(args)
@@ -106,9 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:  # a command may say what it kept, e.g. "2 of 4 metrics saved to F"
         print(f"landscape {args.command}: interrupted" + (f"; {interrupt}" if str(interrupt) else ""), file=sys.stderr)
         code = 130
+    warnings.showwarning = shown
     if joined:
         _leave_process_group(args, code)
     return code
+
+
+def _one_line_notes(command: str, show: Callable) -> Callable:
+    """A warnings.showwarning that prints the library's notes (CheckpointNote) as one line, others as before."""
+    from landscape.checkpoints import CheckpointNote
+
+    def show_note(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CheckpointNote):
+            print(f"landscape {command}: note: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return show_note
 
 
 def _leave_process_group(args: argparse.Namespace, code: int) -> NoReturn:

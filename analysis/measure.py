@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 from analysis.options import parse_options
 from analysis.results_file import ResultsFile
 from analysis.tables import format_table
+from analysis.validation import check_against_objective, parse_radii
 from landscape import distributed as ranks
 from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
@@ -88,11 +89,13 @@ def build_objective(path: str, args: argparse.Namespace, *, distributed: bool = 
     """The Objective for one checkpoint from the shared command-line options (data-parallel over ranks if `distributed`)."""
     checkpoint = load_checkpoint(path, trust=args.trust_checkpoint)
     measurement = MeasurementSet(args.split, args.n_samples, args.batch_size, args.seed)
-    return objective_from_checkpoint(
+    objective = objective_from_checkpoint(
         checkpoint, data=args.data, model=args.model, model_kwargs=parse_options(args.model_opt),
         measurement=measurement, params=args.params, mode=args.mode, dtype=parse_dtype(args.dtype),
         device=args.device, hvp_method=args.hvp, distributed=distributed,
     )
+    check_against_objective(args, objective.n_params)
+    return objective
 
 
 def _eig(objective: Objective, args: argparse.Namespace) -> Result:
@@ -111,7 +114,7 @@ def _density(objective: Objective, args: argparse.Namespace) -> Result:
 
 
 def _radii(args: argparse.Namespace) -> list[float]:
-    return [float(r) for r in args.radius.split(",") if r.strip()]
+    return parse_radii(args.radius)
 
 
 def _expected_loss(objective: Objective, args: argparse.Namespace) -> Result:
@@ -142,11 +145,14 @@ METRICS: dict[str, Callable[[Objective, argparse.Namespace], Result]] = {
 }
 
 
-def parse_metrics(text: str) -> list[str]:
+def parse_metrics(text: str, choices: Iterable[str] = METRICS) -> list[str]:
+    """--metrics as a list of names from `choices`; an empty list is an error, not a run that measures nothing."""
     names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METRICS]
+    if not names:
+        raise ValueError(f"--metrics {text!r} names no metric; choose from {', '.join(choices)}")
+    unknown = [m for m in names if m not in choices]
     if unknown:
-        raise ValueError(f"unknown metric {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+        raise ValueError(f"unknown metric {', '.join(unknown)}; choose from {', '.join(choices)}")
     return names
 
 

@@ -1,0 +1,115 @@
+"""Command-line options checked before any work, each error naming the option as the user typed it.
+
+The estimators check their own arguments too, but with their own names (n_matvecs, n_samples);
+checking here first means `--probes 2` is reported as `--probes`, in one line, before a checkpoint
+is even loaded. Checks that need the model (`--k` against the parameter count) run once the
+Objective exists (`check_against_objective`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+# dest: smallest allowed value, for every integer option of every command that has it
+INT_MINIMUMS = {
+    "k": 1, "max_matvecs": 1, "density_runs": 1, "density_steps": 1, "restarts": 0, "eps_iters": 1, "subspace_dim": 1,
+    "bn_recalibration": 1, "n_samples": 1, "batch_size": 1, "epochs": 1, "save_every": 1, "lr_reference_batch": 1,
+    "ghost_batch_size": 1, "seeds": 1,
+}
+PROBE_MINIMUMS = {"xtrace": 4, "hutchpp": 4, "hutchinson": 2}  # matvecs each trace method needs at least
+MIN_NOISE_SAMPLES = 4  # two antithetic pairs: the stderr needs at least two
+
+
+def option(dest: str) -> str:
+    """The command-line spelling of an argparse destination: n_samples → --n-samples."""
+    return "--" + dest.replace("_", "-")
+
+
+def validate_arguments(args: argparse.Namespace) -> None:
+    """Raise a one-line ValueError naming the first option whose value cannot work."""
+    for dest, minimum in INT_MINIMUMS.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < minimum:
+            raise ValueError(f"{option(dest)} must be at least {minimum}, got {value}")
+    if getattr(args, "probes", None) is not None:
+        minimum = PROBE_MINIMUMS.get(getattr(args, "trace_method", "xtrace"), 2)
+        if args.probes < minimum:
+            raise ValueError(f"--probes must be at least {minimum} for --trace-method {args.trace_method}, got {args.probes}")
+    noise = getattr(args, "noise_samples", None)
+    if noise is not None and (noise < MIN_NOISE_SAMPLES or noise % 2):
+        raise ValueError(f"--noise-samples must be an even number ≥ {MIN_NOISE_SAMPLES} (antithetic pairs), got {noise}")
+    if getattr(args, "tol", None) is not None:
+        _number("--tol", args.tol, allow_zero=True)
+    if getattr(args, "eps", None) is not None:
+        _number("--eps", args.eps, allow_zero=False)
+    if getattr(args, "radius", None) is not None:
+        parse_radii(args.radius)
+    if getattr(args, "metrics", None) is not None:
+        metric_names(args)
+    if getattr(args, "device", None):
+        check_device(args.device)
+
+
+def parse_radii(text: str) -> list[float]:
+    """--radius as a list of finite radii ≥ 0 (at least one)."""
+    radii = []
+    for item in (r.strip() for r in text.split(",")):
+        if not item:
+            continue
+        try:
+            radii.append(_number("--radius", float(item), allow_zero=True))
+        except ValueError:
+            raise ValueError(f"--radius {text!r}: {item!r} is not a finite number ≥ 0; give a comma list such as 0.005,0.01") from None
+    if not radii:
+        raise ValueError(f"--radius {text!r} names no radius; give a comma list such as 0.005,0.01")
+    return radii
+
+
+def metric_names(args: argparse.Namespace) -> list[str]:
+    """--metrics as a list of names valid for the command (at least one)."""
+    from analysis.compare import COMPARE_METRICS
+    from analysis.measure import METRICS, parse_metrics
+
+    return parse_metrics(args.metrics, COMPARE_METRICS if getattr(args, "command", None) == "compare" else METRICS)
+
+
+def check_device(name: str) -> None:
+    """--device names a device this machine has (a CUDA device only where CUDA is available)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as error:
+            raise ValueError(f"--device {name}: not available on this machine ({str(error).splitlines()[0]}); use --device cpu") from None
+
+
+def check_against_objective(args: argparse.Namespace, n_params: int) -> None:
+    """Options that must fit the model: --k and --subspace-dim at most the number of parameters measured,
+    and a Lanczos budget (--max-matvecs) of at least --k."""
+    metrics = metric_names(args) if getattr(args, "metrics", None) is not None else []
+    where = f"the {n_params} parameters measured (--params {getattr(args, 'params', 'all')})"
+    if "eig" in metrics and getattr(args, "k", None) is not None:
+        if args.k > n_params:
+            raise ValueError(f"--k {args.k} asks for more eigenvalues than {where}; give at most {n_params}")
+        if args.max_matvecs is not None and args.max_matvecs < args.k:  # None: the default budget, ≥ k
+            raise ValueError(f"--max-matvecs {args.max_matvecs} cannot find --k {args.k} eigenvalues; give at least {args.k}")
+    if "eps-sharpness" in metrics and getattr(args, "subspace_dim", None) is not None and args.subspace_dim > n_params:
+        raise ValueError(f"--subspace-dim {args.subspace_dim} exceeds {where}; give at most {n_params}")
+
+
+def _number(name: str, value: float, *, allow_zero: bool) -> float:
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'≥' if allow_zero else '>'} 0, got {value}")
+    return float(value)
