@@ -19,6 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None
 import h5py
 import numpy as np
 import torch
@@ -253,33 +257,40 @@ def _broadcast(obj: object) -> object:
 class _SurfaceFile:
     """The HDF5 file of one surface: preallocated arrays, a done mask written after the values it covers."""
 
-    def __init__(self, path: Path, file: h5py.File) -> None:
-        self.path, self.file = path, file
+    def __init__(self, path: Path, file: h5py.File, lock: "_Lock") -> None:
+        self.path, self.file, self.lock = path, file, lock
         self.last_flush = time.perf_counter()
 
     @classmethod
     def open_or_create(cls, path: Path, resume: bool, fingerprint: dict, metadata: dict, directions: Directions,
                        axes: tuple[np.ndarray, ...], values: dict[str, np.ndarray]) -> "_SurfaceFile":
-        if path.exists():
-            if not resume:
-                raise SurfaceError(f"{path} exists; pass --resume to finish it, or choose another --out")
-            store = cls(path, _open(path, "r+"))
-            store.check(fingerprint)
-            return store
-        _create(path, fingerprint, metadata, directions, axes, values)
-        return cls(path, _open(path, "r+"))
+        """The file, locked for this process until `close` (a second run on it fails at once, naming it)."""
+        lock = _Lock(path)
+        try:
+            if path.exists():
+                if not resume:
+                    raise SurfaceError(f"{path} exists; pass --resume to finish it, or choose another --out")
+                store = cls(path, _open(path, "r+"), lock)
+                store.check(fingerprint, metadata)
+                return store
+            _create(path, fingerprint, metadata, directions, axes, values)
+            return cls(path, _open(path, "r+"), lock)
+        except BaseException:
+            lock.release()
+            raise
 
-    def check(self, fingerprint: dict) -> None:
+    def check(self, fingerprint: dict, metadata: dict) -> None:
         """Refuse a file made from another checkpoint, data set, measurement set, direction or grid."""
         if self.file.attrs.get("format") != FORMAT:
             self.file.close()
             raise SurfaceError(f"{self.path} is not a landscape surface file; choose another --out")
         stored = json.loads(self.file.attrs["fingerprint"])
         if stored != fingerprint:
+            stored_metadata = json.loads(self.file.attrs["metadata"])
             self.file.close()
-            field = _first_difference(stored, fingerprint)
-            raise SurfaceError(f"{self.path} does not match this run ({field} differs); it cannot be resumed "
-                               "with these settings (choose another --out, or delete the file to start over)")
+            field, values = _describe_difference(stored, fingerprint, stored_metadata, metadata)
+            raise SurfaceError(f"{self.path} does not match this run ({field} differs); {field}: {values}; it cannot be "
+                               "resumed with these settings (choose another --out, or delete the file to start over)")
 
     def read_values(self) -> dict[str, np.ndarray]:
         splits = json.loads(self.file.attrs["splits"])
@@ -298,6 +309,58 @@ class _SurfaceFile:
 
     def close(self) -> None:
         self.file.close()
+        self.lock.release()
+
+
+class _Lock:
+    """An advisory lock (fcntl.flock) on PATH.lock, held while one process writes PATH, holding its process id.
+
+    HDF5 locks the file itself too, but only while it is open and with an error that names neither
+    the file's use nor the fix; this lock covers creating the file as well (two runs racing to
+    create it) and says who holds it. It goes when the process ends, however it ends, and when
+    the lock is garbage (a run that raised midway): it is a Python file object, closed then.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.with_name(path.name + ".lock")
+        self.file = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SurfaceError(f"cannot create the folder of {path}: {error.strerror}") from error
+        if fcntl is None:  # no flock (Windows): unlocked, as before
+            return
+        try:
+            while self.file is None:
+                file = open(self.path, "a+b", buffering=0)
+                try:
+                    fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    file.seek(0)
+                    owner = file.read(32).decode(errors="replace").strip()
+                    file.close()
+                    raise SurfaceError(f"{path} is in use by another landscape run{f' (process {owner})' if owner else ''}; "
+                                       "wait for it to finish, or choose another --out") from None
+                if self._still_linked(file):  # else its last holder removed it between our open and our lock: retry
+                    self.file = file
+                else:
+                    file.close()
+            self.file.truncate(0)
+            self.file.write(str(os.getpid()).encode())
+        except OSError as error:
+            raise SurfaceError(f"cannot lock {path} (through {self.path.name}): {error.strerror or error}") from error
+
+    def _still_linked(self, file) -> bool:
+        try:
+            return os.path.samestat(os.stat(self.path), os.fstat(file.fileno()))
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.path.unlink(missing_ok=True)  # before unlocking: a waiting opener then sees a stale file and retries
+            self.file.close()
+            self.file = None
 
 
 def _open(path: Path, mode: str) -> h5py.File:
@@ -309,11 +372,8 @@ def _open(path: Path, mode: str) -> h5py.File:
 
 def _create(path: Path, fingerprint: dict, metadata: dict, directions: Directions,
             axes: tuple[np.ndarray, ...], values: dict[str, np.ndarray]) -> None:
-    """Write the whole empty file under a temporary name, then rename: a kill leaves no half-made file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise SurfaceError(f"cannot create the folder of {path}: {error.strerror}") from error
+    """Write the whole empty file under a temporary name, then rename: a kill leaves no half-made file.
+    Its folder exists: the file's lock made it."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with h5py.File(tmp, "w") as f:
@@ -352,10 +412,42 @@ def _read_directions(group: h5py.Group) -> Directions:
                       buffers, trajectory, tuple(json.loads(group.attrs["labels"])))
 
 
-def _first_difference(a: object, b: object, prefix: str = "") -> str:
-    """The dotted key path of the first difference between two JSON values (for error messages)."""
+# fingerprint fields in the order a difference is reported: the cause before what follows from it
+# (new weights also give new filter-normalized directions)
+FIELD_ORDER = ("weights", "splits", "axes", "bn_recalibration", "directions")
+
+
+def _first_difference(a: object, b: object, prefix: str = "") -> tuple[str, object, object]:
+    """The dotted key path of the first difference between two JSON values, and both values there."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
+        keys = sorted(set(a) | set(b), key=lambda k: (FIELD_ORDER.index(k) if k in FIELD_ORDER else len(FIELD_ORDER), k))
+        for key in keys:
             if a.get(key) != b.get(key):
                 return _first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-    return prefix or "setting"
+    return prefix or "setting", a, b
+
+
+def _describe_difference(stored: dict, asked: dict, stored_metadata: dict, metadata: dict) -> tuple[str, str]:
+    """The first differing setting and both its values, short: ("axes", "-1:1:51 in the file, -1:1:41 asked")."""
+    field, before, now = _first_difference(stored, asked)
+    if field == "weights":
+        before, now = (_checkpoint_hash(m, digest) for m, digest in ((stored_metadata, before), (metadata, now)))
+        return "checkpoint", f"sha256 {before} in the file, {now} now"
+    if field == "axes":
+        before, now = (" × ".join(f"{a[0]:g}:{a[-1]:g}:{len(a)}" for a in axes) for axes in (before, now))
+    return field, f"{_short(before)} in the file, {_short(now)} asked"
+
+
+def _checkpoint_hash(metadata: dict, weights_digest: str) -> str:
+    """The checkpoint file's SHA-256 as the surface recorded it (12 digits), else its weights' digest."""
+    splits = metadata.get("splits") or {}
+    file_hash = next((s.get("checkpoint_sha256") for s in splits.values() if s.get("checkpoint_sha256")), None)
+    return str(file_hash or weights_digest)[:12]
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """A JSON value in at most `limit` characters; hex digests cut to 12 digits."""
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
