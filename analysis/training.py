@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from analysis.options import parse_options
+from analysis.tables import format_table
+from landscape.checkpoints import load_checkpoint
 from landscape.train import LR_SCALINGS, LR_SCHEDULES, TrainConfig, train
 
 
@@ -68,9 +71,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> None:
     config = config_from_args(args)
     final = train(config, args.out, resume=args.resume, progress=args.progress)
+    metrics = final_metrics(final)
     if args.json:
         from analysis.cli import print_json
 
-        print_json({"final": str(final), "config": config.to_dict()})
+        print_json({"final": str(final), "config": config.to_dict(), "metrics": metrics})
     else:
         print(f"wrote {final} (trajectory in {final.parent / 'trajectory'}, log in {final.parent / 'log.jsonl'})")
+        print(format_table(["split", "loss", "accuracy"], [
+            (split, f"{metrics[f'{split}_loss']:.4f}", f"{metrics[f'{split}_accuracy']:.4f}")
+            for split in ("train", "test") if f"{split}_loss" in metrics
+        ]))
+
+
+def final_metrics(final: Path) -> dict:
+    """Train and test loss and accuracy of the final weights (eval mode), as the trainer stored them in final.pt."""
+    stored = load_checkpoint(final).meta.get("metrics", {})
+    return {k: stored[k] for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy") if k in stored}

@@ -152,10 +152,26 @@ def _save(path: Path, model, model_spec: dict, data_spec: DataSpec, meta: dict, 
                     meta={**meta, "epoch": epoch, "metrics": metrics})
 
 
+# TrainConfig fields whose command-line option is not simply --field-name
+OPTION_NAMES = {"model_kwargs": "--model-opt", "optimizer_kwargs": "--opt"}
+
+
+def config_differences(stored: dict, asked: dict) -> str:
+    """Each setting that differs, by its option name, with both values: '--lr 0.05 in the run, 0.1 asked; ...'."""
+    def show(value: object) -> str:
+        return "(unset)" if value is None else value if isinstance(value, str) else json.dumps(value)
+
+    return "; ".join(f"{OPTION_NAMES.get(key, '--' + key.replace('_', '-'))} {show(stored.get(key))} in the run, "
+                     f"{show(asked.get(key))} asked"
+                     for key in [*asked, *(k for k in stored if k not in asked)] if stored.get(key) != asked.get(key))
+
+
 def _restore(state_path: Path, config: TrainConfig, model, optimizer, shuffle: torch.Generator) -> int:
     state = torch.load(state_path, map_location="cpu", weights_only=True)
-    if TrainConfig.from_dict(state["config"]) != config:
-        raise CheckpointError(f"{state_path} belongs to a run with different settings; resume with the same options")
+    differences = config_differences(state["config"], config.to_dict())
+    if differences:
+        raise CheckpointError(f"{state_path} belongs to a run with different settings ({differences}); "
+                              "resume with the run's options")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     shuffle.set_state(state["shuffle"])
