@@ -1,0 +1,339 @@
+"""Bad input to the `landscape` command, as real processes: one line on stderr, exit 2, nothing lost.
+
+Each case is a subprocess; the digits MLP and 64-sample measurement sets keep them to the cost of
+starting Python. The option checks that need no process (every option the CLI validates) run in
+process at the end.
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli_command, run_cli
+from test_data import Exploit  # unpickling it calls os.system
+
+from analysis.cli import build_parser, main
+from analysis.measure import build_objective
+from analysis.validation import validate_arguments
+from landscape.checkpoints import CheckpointError, load_checkpoint
+from landscape.data import MeasurementSet, load_data
+
+TRAIN = ["--data", "digits", "--model", "mlp", "--model-opt", "hidden=(16,)", "--epochs", "1", "--batch-size", "128"]
+
+
+def one_line(result: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The single stderr line of a process that exited with `code` (no traceback)."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 1-epoch digits MLP run, trained by `landscape train --json` (its output is a test too)."""
+    out = tmp_path_factory.mktemp("run")
+    result = run_cli("train", *TRAIN, "--out", out, "--quiet", "--json")
+    assert result.returncode == 0, result.stderr
+    return out, json.loads(result.stdout)
+
+
+# ------------------------------------------------------------------ data that does not fit the model
+def test_data_with_other_inputs_names_both_shapes(trained, tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "wide.npz", x=rng.standard_normal((80, 40)).astype(np.float32), y=np.arange(80) % 10)
+    line = one_line(run_cli("measure", trained[0] / "final.pt", "--data", f"npz:{tmp_path / 'wide.npz'}", "--n-samples", "64"))
+    assert "inputs of shape (40,)" in line and "expects (1, 8, 8)" in line and "--data" in line and "'digits'" in line
+
+
+def test_labels_beyond_the_outputs_name_both_numbers(trained, tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "twelve.npz", x=rng.standard_normal((80, 64)).astype(np.float32), y=np.arange(80) % 12)
+    line = one_line(run_cli("measure", trained[0] / "final.pt", "--data", f"npz:{tmp_path / 'twelve.npz'}", "--n-samples", "64"))
+    assert "labels up to 11" in line and "10 outputs" in line
+
+
+# ------------------------------------------------------------------ options
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(trained):
+    line = one_line(run_cli("measure", trained[0] / "final.pt", "--device", "cuda", "--n-samples", "64"))
+    assert "--device cuda: CUDA is not available" in line and "--device cpu" in line
+
+
+def test_k_above_the_parameter_count(trained):
+    line = one_line(run_cli("measure", trained[0] / "final.pt", "--metrics", "eig", "--k", "5000", "--max-matvecs", "6000",
+                            "--n-samples", "64"))
+    n_params = 64 * 16 + 16 + 16 * 10 + 10
+    assert "--k 5000" in line and f"{n_params} parameters" in line
+
+
+def test_empty_metrics(trained):  # --metrics "" too, in process below
+    line = one_line(run_cli("measure", trained[0] / "final.pt", "--metrics", ",", "--n-samples", "64"))
+    assert "--metrics ',' names no metric" in line
+
+
+def test_estimator_limits_use_the_option_names(trained):
+    line = one_line(run_cli("measure", trained[0] / "final.pt", "--probes", "2"))
+    assert "--probes must be at least 4" in line and "n_matvecs" not in line  # xtrace's own check says n_matvecs
+
+
+def test_a_subset_larger_than_the_split_names_the_option(trained):
+    args = build_parser().parse_args(["measure", str(trained[0] / "final.pt"), "--n-samples", "5000"])
+    with pytest.raises(ValueError) as info:
+        build_objective(args.checkpoints[0], args)
+    assert "--n-samples 5000: the train split of 'digits' has 1437 samples" in str(info.value)  # data.py says n_samples=
+
+
+# ------------------------------------------------------------------ checkpoints
+class Custom:
+    """A class of our own: torch's weights-only loader refuses to import it."""
+
+
+def test_a_pickle_that_runs_code_is_refused_by_name(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "extra": Exploit(marker)}, tmp_path / "bad.pt")
+    line = one_line(run_cli("measure", tmp_path / "bad.pt", "--data", "digits"))
+    assert "bad.pt: unreadable pickle" in line and "posix.system" in line and "pass --trust-checkpoint only if you trust it" in line
+    assert not marker.exists()  # nothing ran
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_pickled_class_is_refused_by_name(tmp_path, raw):
+    """A class of the user's, in torch's zip format or in a bare pickle (which torch rejects before naming it)."""
+    payload = {"state_dict": {"w": torch.zeros(2)}, "extra": Custom()}
+    if raw:
+        (tmp_path / "bad.pt").write_bytes(pickle.dumps(payload, protocol=4))
+    else:
+        torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "bad.pt")
+    assert "bad.pt: unreadable pickle" in str(info.value) and "test_bad_input.Custom" in str(info.value)
+
+
+AKAMASTER_RESNET = '''
+"""ResNet-20 for CIFAR-10 as published in akamaster/pytorch_resnet_cifar10 (resnet.py, option A shortcuts)."""
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LambdaLayer(nn.Module):
+    def __init__(self, lambd):
+        super().__init__()
+        self.lambd = lambd
+
+    def forward(self, x):
+        return self.lambd(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = LambdaLayer(lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4), "constant", 0))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return F.relu(out)
+
+
+class ResNet(nn.Module):
+    def __init__(self, num_blocks, num_classes=10):
+        super().__init__()
+        self.in_planes = 16
+        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = self._make_layer(16, num_blocks[0], 1)
+        self.layer2 = self._make_layer(32, num_blocks[1], 2)
+        self.layer3 = self._make_layer(64, num_blocks[2], 2)
+        self.linear = nn.Linear(64, num_classes)
+
+    def _make_layer(self, planes, num_blocks, stride):
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(BasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.avg_pool2d(out, out.size()[3])
+        return self.linear(out.view(out.size(0), -1))
+
+
+def resnet20(num_classes=10):
+    return ResNet([3, 3, 3], num_classes)
+'''
+
+
+@pytest.fixture
+def akamaster(tmp_path, monkeypatch):
+    """akamaster's resnet.py on the path, a random CIFAR-shaped data set, and a checkpoint in the published format:
+    {'state_dict': DataParallel keys ('module.' prefix), 'best_prec1': ...}, saved before PyTorch 0.4.1 (no
+    num_batches_tracked), with BatchNorm statistics that differ from a fresh model's."""
+    (tmp_path / "akamaster_resnet.py").write_text(AKAMASTER_RESNET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import akamaster_resnet
+
+    torch.manual_seed(0)
+    model = akamaster_resnet.resnet20()
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.uniform_(-0.1, 0.1)
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+    state = {f"module.{k}": v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cifar.npz", x=rng.standard_normal((40, 3, 32, 32)).astype(np.float32), y=np.arange(40) % 10)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    return model, state, tmp_path, env
+
+
+def _measure(path, data, env):
+    return subprocess.run(cli_command() + ["measure", str(path), "--model", "akamaster_resnet:resnet20", "--data", f"npz:{data}",
+                                           "--n-samples", "16", "--batch-size", "16", "--metrics", "expected-loss",
+                                           "--noise-samples", "4", "--radius", "0.001", "--json", "--quiet"], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_akamaster_resnet20_without_num_batches_tracked_loads_with_a_note(akamaster):
+    model, state, folder, env = akamaster
+    torch.save({"state_dict": state, "best_prec1": 91.73}, folder / "resnet20-published.th")
+    result = _measure(folder / "resnet20-published.th", folder / "cifar.npz", env)
+    note = one_line(result, code=0)
+    assert "note:" in note and "num_batches_tracked" in note and "19 BatchNorm layers" in note
+    (report,) = json.loads(result.stdout)
+    x, y = MeasurementSet("train", 16, 16).batches(load_data(f"npz:{folder / 'cifar.npz'}"))[0]
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model.eval()(x), y).item()
+    assert report["loss"] == pytest.approx(expected, rel=1e-5)  # the published running statistics were used
+
+
+def test_missing_running_statistics_are_still_an_error(akamaster):
+    _, state, folder, env = akamaster
+    gone = [k for k in state if k.endswith("running_mean")]
+    torch.save({"state_dict": {k: v for k, v in state.items() if k not in gone}, "best_prec1": 91.73}, folder / "no-stats.th")
+    line = one_line(_measure(folder / "no-stats.th", folder / "cifar.npz", env))
+    assert "missing keys: bn1.running_mean, layer1.0.bn1.running_mean" in line and f"and {len(gone) - 5} more" in line
+    assert "num_batches_tracked" not in line
+
+
+# ------------------------------------------------------------------ surface files
+@pytest.fixture(scope="module")
+def busy_surface(trained, tmp_path_factory):
+    """A slow surface run holding its file, and a second run on the same file started meanwhile."""
+    folder = tmp_path_factory.mktemp("surface")
+    out = folder / "s.h5"
+    args = ["surface", trained[0] / "final.pt", "--n-samples", "64", "--dim", "2", "--quiet"]
+    first = subprocess.Popen(cli_command() + [str(a) for a in args + ["--range", "-1:1:601", "--out", out]],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: os.nice(19))  # the second run gets the core
+    try:
+        deadline = time.monotonic() + 300
+        while not (out.exists() and (folder / "s.h5.lock").exists()):
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first surface run never started writing"
+            time.sleep(0.1)
+        started = time.monotonic()
+        second = run_cli(*args, "--range", "-1:1:601", "--out", out, "--resume")
+        waited = time.monotonic() - started
+        assert first.poll() is None, "the first run must still hold the file"
+    finally:
+        first.kill()
+        first.wait()
+    return args, out, second, waited, hashlib.sha256((trained[0] / "final.pt").read_bytes()).hexdigest()[:12]
+
+
+def test_a_surface_file_in_use_is_refused_at_once(busy_surface):
+    _, out, second, waited, _ = busy_surface
+    line = one_line(second)
+    assert f"{out} is in use by another landscape run (process" in line and "choose another --out" in line
+    assert waited < 120  # it did not wait for the first run's 361,201 points
+
+
+def test_surface_resume_with_other_axes_names_both_grids(busy_surface):
+    args, out, *_ = busy_surface
+    line = one_line(run_cli(*args, "--range", "-1:1:41", "--out", out, "--resume"))
+    assert "axes: -1:1:601 × -1:1:601 in the file, -1:1:41 × -1:1:41 asked" in line
+
+
+def test_surface_resume_from_another_checkpoint_names_both_hashes(busy_surface, trained):
+    args, out, _, _, sha = busy_surface
+    other = trained[0] / "trajectory" / "epoch_0000.pt"
+    line = one_line(run_cli("surface", other, *args[2:], "--range", "-1:1:601", "--out", out, "--resume"))
+    assert f"checkpoint: sha256 {sha} in the file, {hashlib.sha256(other.read_bytes()).hexdigest()[:12]} now" in line
+
+
+# ------------------------------------------------------------------ training runs
+def test_train_reports_final_loss_and_accuracy(trained, capsys):
+    out, report = trained
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        assert report["metrics"][key] == pytest.approx(last[key])
+    assert main(["train", *TRAIN, "--out", str(out), "--quiet", "--resume"]) == 0  # finished: nothing to train, same report
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("test "))
+    assert row == ["test", f"{last['test_loss']:.4f}", f"{last['test_accuracy']:.4f}"]
+
+
+def test_train_resume_with_other_settings_names_each_one(trained):
+    line = one_line(run_cli("train", *TRAIN, "--lr", "0.1", "--seed", "3", "--out", trained[0], "--resume"))
+    assert "--lr 0.05 in the run, 0.1 asked" in line and "--seed 0 in the run, 3 asked" in line
+    assert "--epochs" not in line
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == "landscape 0.1.0"
+
+
+# ------------------------------------------------------------------ every validated option, in process
+@pytest.mark.parametrize("argv, wanted", [
+    (["--probes", "3"], "--probes must be at least 4"),
+    (["--probes", "1", "--trace-method", "hutchinson"], "--probes must be at least 2"),
+    (["--k", "0"], "--k must be at least 1"),
+    (["--max-matvecs", "0"], "--max-matvecs must be at least 1"),
+    (["--noise-samples", "5"], "--noise-samples must be an even number"),
+    (["--noise-samples", "2"], "--noise-samples must be an even number"),
+    (["--radius", "0.01,abc"], "--radius '0.01,abc': 'abc'"),
+    (["--radius", "-0.1"], "--radius"),
+    (["--radius", ","], "--radius ',' names no radius"),
+    (["--eps", "0"], "--eps must be a finite number > 0"),
+    (["--eps", "nan"], "--eps must be a finite number > 0"),
+    (["--tol", "-1"], "--tol must be a finite number ≥ 0"),
+    (["--restarts", "-1"], "--restarts must be at least 0"),
+    (["--density-runs", "0"], "--density-runs must be at least 1"),
+    (["--density-steps", "0"], "--density-steps must be at least 1"),
+    (["--n-samples", "0"], "--n-samples must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--subspace-dim", "0"], "--subspace-dim must be at least 1"),
+    (["--metrics", ""], "--metrics '' names no metric"),
+    (["--metrics", "eig,bogus"], "unknown metric bogus"),
+    (["--device", "nonsense"], "--device nonsense: not a device name"),
+])
+def test_measure_options_are_checked_by_name(argv, wanted):
+    args = build_parser().parse_args(["measure", "x.pt", *argv])
+    with pytest.raises(ValueError) as info:
+        validate_arguments(args)
+    assert wanted in str(info.value) and "\n" not in str(info.value)
+
+
+def test_valid_defaults_pass_for_every_command():
+    for argv in (["measure", "x.pt"], ["compare", "x.pt"], ["surface", "x.pt"], ["train", "--out", "o"]):
+        validate_arguments(build_parser().parse_args(argv))
+    with pytest.raises(ValueError, match="--epochs must be at least 1"):
+        validate_arguments(build_parser().parse_args(["train", "--out", "o", "--epochs", "0"]))
+    with pytest.raises(ValueError, match="unknown metric eps"):  # compare has its own metric names
+        validate_arguments(build_parser().parse_args(["compare", "x.pt", "--metrics", "surface,eps"]))
