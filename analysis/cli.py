@@ -120,12 +120,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line_notes(command: str, show: Callable) -> Callable:
-    """A warnings.showwarning that prints the library's notes (CheckpointNote) as one line, others as before."""
+    """A warnings.showwarning that prints the library's notes and warnings as one line each, others as before."""
     from landscape.checkpoints import CheckpointNote
+    from landscape.objective import HVPCheckWarning, HVPFallbackNote
+
+    kinds = {CheckpointNote: "note", HVPFallbackNote: "note", HVPCheckWarning: "warning"}
 
     def show_note(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, CheckpointNote):
-            print(f"landscape {command}: note: {message}", file=sys.stderr)
+        kind = next((word for cls, word in kinds.items() if issubclass(category, cls)), None)
+        if kind is not None:
+            print(f"landscape {command}: {kind}: {str(message).splitlines()[0]}", file=sys.stderr)
         else:
             show(message, category, filename, lineno, file, line)
 

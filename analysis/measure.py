@@ -41,6 +41,8 @@ def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
     group.add_argument("--hvp", default="auto", help="HVP path: auto, linearize, reuse, fwd-rev, double-backward")
+    group.add_argument("--no-hvp-check", action="store_true",
+                       help="skip the run-time check of the HVP path against double backward (two extra products, once)")
 
 
 def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +94,7 @@ def build_objective(path: str, args: argparse.Namespace, *, distributed: bool = 
     objective = objective_from_checkpoint(
         checkpoint, data=args.data, model=args.model, model_kwargs=parse_options(args.model_opt),
         measurement=measurement, params=args.params, mode=args.mode, dtype=parse_dtype(args.dtype),
-        device=args.device, hvp_method=args.hvp, distributed=distributed,
+        device=args.device, hvp_method=args.hvp, distributed=distributed, hvp_check=not args.no_hvp_check,
     )
     check_against_objective(args, objective.n_params)
     return objective
@@ -184,6 +186,9 @@ def measure_checkpoint(path: str, args: argparse.Namespace, *, previous: dict | 
 
     def save() -> None:
         report["seconds"] = spent + time.perf_counter() - start
+        if objective.hvp_check_result is not None:  # the path the HVPs took, after the run-time self-check
+            report["setup"]["hvp_method"] = objective.hvp_method
+            report["hvp_check"] = objective.hvp_check_result.to_dict()
         if saved is not None:
             saved(report)
 
@@ -237,6 +242,12 @@ def format_measurement(report: dict) -> str:
         f"{setup['dtype']} on {setup['device']}, params={setup['params']} ({report['n_params']}), HVP {setup['hvp_method']}"
         + (f", sharded over {setup['world_size']} ranks" if setup.get("sharded") else ""),
     ]
+    check = report.get("hvp_check")
+    if check:
+        verdict = (f"agrees with double backward to {check['difference']:.1g} (a repeat to {check['repeat_difference']:.1g})"
+                   if check["passed"] else
+                   f"{check['path']} differed from double backward by {check['difference']:.2g}, so double backward was used")
+        lines.append(f"  HVP self-check: {verdict}; {check['seconds']:.2f}s")
     rows: list[tuple] = [
         ("loss", f"{report['loss']:.6g}", "", ""),
         ("accuracy", "" if report["accuracy"] is None else f"{report['accuracy']:.4f}", "", ""),
@@ -265,7 +276,7 @@ def format_measurement(report: dict) -> str:
         r = results["sharpness-curve"]
         for i, radius in enumerate(r["radii"]):
             lo, hi = r["increase_ci"][i]
-            note = "" if r["prediction"] is None else f"2nd order: {r['prediction'][i]:.4g} ± {r['prediction_stderr'][i]:.2g}"
+            note = "" if r["prediction"] is None else f"½·tr(ΣH): {r['prediction'][i]:.4g} ± {r['prediction_stderr'][i]:.2g}"
             cost = f"{r['n_forward']} forwards, {r['n_matvecs']} HVPs, {r['seconds']:.1f}s" if i == 0 else ""
             rows.append((f"increase at a={radius:g}", f"{r['increase'][i]:.4g} [95% CI {lo:.4g}, {hi:.4g}]", cost, note))
     if "eps-sharpness" in results:

@@ -53,6 +53,10 @@ class HVPCheckWarning(UserWarning):
     """The chosen HVP path failed its run-time self-check and was replaced by double backward."""
 
 
+class HVPFallbackNote(UserWarning):
+    """`auto`'s torch.func path could not trace the model; an autograd path is used instead (same numbers)."""
+
+
 def hvp_check_tolerance(dtype: torch.dtype) -> float:
     """Relative difference allowed between two exact HVP paths: 10·√(machine ε) (3.5e-3 float32, 1.5e-7 float64)."""
     return 10 * math.sqrt(torch.finfo(dtype).eps)
@@ -77,6 +81,9 @@ class HVPCheck(Result):
     @property
     def passed(self) -> bool:
         return self.difference <= self.tolerance and self.repeat_difference <= self.tolerance
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "passed": self.passed}
 
 
 @dataclass(frozen=True)
@@ -357,7 +364,8 @@ class Objective:
             if not self._auto or self.hvp_method not in _TORCH_FUNC_METHODS:
                 raise
             fallback = "reuse" if self.hvp_method == "linearize" else "double-backward"
-            warnings.warn(f"torch.func could not trace the model ({type(error).__name__}: {error}); using {fallback}")
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            warnings.warn(f"torch.func could not trace the model ({reason}); using {fallback}", HVPFallbackNote)
             self.hvp_method, self._cache = fallback, None
             return self._local_hvp(V)
 

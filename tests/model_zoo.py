@@ -253,3 +253,24 @@ class CifarResNet(nn.Module):
         out = nn.functional.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         return self.linear(nn.functional.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class CustomFunctionResidual(nn.Module):
+    """A custom autograd Function (which functionalization cannot trace) and an in-place residual add in one net.
+
+    torch.func.linearize then runs unfunctionalized, and its products after the first are wrong: the
+    case the run-time HVP self-check exists for. Digits-shaped by default (64 inputs, 10 classes).
+    """
+
+    def __init__(self, input_shape: tuple[int, ...] = (64,), num_classes: int = 10) -> None:
+        super().__init__()
+        width = 1
+        for d in input_shape:
+            width *= d
+        self.a, self.b, self.c = nn.Linear(width, 16), nn.Linear(16, 16), nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.a(x.flatten(1))
+        h = torch.tanh(self.b(_SmoothStep.apply(torch.tanh(out))))
+        out += h
+        return self.c(torch.tanh(out))

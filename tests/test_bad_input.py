@@ -11,6 +11,7 @@ import os
 import pickle
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from analysis.measure import build_objective
 from analysis.validation import validate_arguments
 from landscape.checkpoints import CheckpointError, load_checkpoint
 from landscape.data import MeasurementSet, load_data
+from tests.model_zoo import CifarResNet
 
 TRAIN = ["--data", "digits", "--model", "mlp", "--model-opt", "hidden=(16,)", "--epochs", "1", "--batch-size", "128"]
 
@@ -116,80 +118,14 @@ def test_a_pickled_class_is_refused_by_name(tmp_path, raw):
     assert "bad.pt: unreadable pickle" in str(info.value) and "test_bad_input.Custom" in str(info.value)
 
 
-AKAMASTER_RESNET = '''
-"""ResNet-20 for CIFAR-10 as published in akamaster/pytorch_resnet_cifar10 (resnet.py, option A shortcuts)."""
-import torch.nn as nn
-import torch.nn.functional as F
-
-
-class LambdaLayer(nn.Module):
-    def __init__(self, lambd):
-        super().__init__()
-        self.lambd = lambd
-
-    def forward(self, x):
-        return self.lambd(x)
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, in_planes, planes, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = LambdaLayer(lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4), "constant", 0))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += self.shortcut(x)
-        return F.relu(out)
-
-
-class ResNet(nn.Module):
-    def __init__(self, num_blocks, num_classes=10):
-        super().__init__()
-        self.in_planes = 16
-        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.layer1 = self._make_layer(16, num_blocks[0], 1)
-        self.layer2 = self._make_layer(32, num_blocks[1], 2)
-        self.layer3 = self._make_layer(64, num_blocks[2], 2)
-        self.linear = nn.Linear(64, num_classes)
-
-    def _make_layer(self, planes, num_blocks, stride):
-        layers = []
-        for s in [stride] + [1] * (num_blocks - 1):
-            layers.append(BasicBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        out = F.avg_pool2d(out, out.size()[3])
-        return self.linear(out.view(out.size(0), -1))
-
-
-def resnet20(num_classes=10):
-    return ResNet([3, 3, 3], num_classes)
-'''
-
-
 @pytest.fixture
-def akamaster(tmp_path, monkeypatch):
-    """akamaster's resnet.py on the path, a random CIFAR-shaped data set, and a checkpoint in the published format:
+def akamaster(tmp_path):
+    """A checkpoint in the format widely published CIFAR ResNet-20s use (akamaster/pytorch_resnet_cifar10):
     {'state_dict': DataParallel keys ('module.' prefix), 'best_prec1': ...}, saved before PyTorch 0.4.1 (no
-    num_batches_tracked), with BatchNorm statistics that differ from a fresh model's."""
-    (tmp_path / "akamaster_resnet.py").write_text(AKAMASTER_RESNET)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import akamaster_resnet
-
+    num_batches_tracked), with BatchNorm statistics that differ from a fresh model's. The architecture
+    (conv1, bn1, layer1-3, linear; option-A shortcuts) is tests/model_zoo.py's CifarResNet."""
     torch.manual_seed(0)
-    model = akamaster_resnet.resnet20()
+    model = CifarResNet()
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if name.endswith("running_mean"):
@@ -199,12 +135,13 @@ def akamaster(tmp_path, monkeypatch):
     state = {f"module.{k}": v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "cifar.npz", x=rng.standard_normal((40, 3, 32, 32)).astype(np.float32), y=np.arange(40) % 10)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     return model, state, tmp_path, env
 
 
 def _measure(path, data, env):
-    return subprocess.run(cli_command() + ["measure", str(path), "--model", "akamaster_resnet:resnet20", "--data", f"npz:{data}",
+    return subprocess.run(cli_command() + ["measure", str(path), "--model", "tests.model_zoo:CifarResNet", "--data", f"npz:{data}",
                                            "--n-samples", "16", "--batch-size", "16", "--metrics", "expected-loss",
                                            "--noise-samples", "4", "--radius", "0.001", "--json", "--quiet"], capture_output=True, text=True, env=env, timeout=600)
 

@@ -1,11 +1,17 @@
 """The Objective's run-time HVP self-check: a broken path is caught, replaced, and the products come out right."""
 
+import json
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import cli_command
 
 from landscape.objective import HVPCheckWarning, Objective
 from tests.ground_truth import dense_hessian, rel_err
-from tests.model_zoo import ZOO
+from tests.model_zoo import ZOO, CustomFunctionResidual
 from tests.test_zoo import zoo_batches
 
 
@@ -92,3 +98,24 @@ def test_the_check_can_be_turned_off_and_double_backward_needs_none(residual):
     reference = Objective(model, batches, dtype=torch.float64, device="cpu", hvp_method="double-backward")
     reference.hvp(v)
     assert reference.hvp_check_result is None
+
+
+def test_the_cli_says_so_in_one_line_and_measures_with_a_correct_path(tmp_path):
+    """A custom Function (no functionalization) plus `out += h`: linearize goes wrong, the check catches it in a real run."""
+    torch.manual_seed(0)
+    torch.save(CustomFunctionResidual().state_dict(), tmp_path / "weights.pt")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    common = [*cli_command(), "measure", str(tmp_path / "weights.pt"), "--model", "tests.model_zoo:CustomFunctionResidual",
+              "--data", "digits", "--n-samples", "256", "--metrics", "eig", "--k", "2", "--json", "--quiet"]
+    checked = subprocess.run(common, capture_output=True, text=True, env=env, timeout=600)
+    assert checked.returncode == 0, checked.stderr
+    (line,) = checked.stderr.strip().splitlines()
+    assert line.startswith("landscape measure: warning: HVP self-check: the linearize path differs from double backward")
+    assert line.endswith("using double-backward")
+    (report,) = json.loads(checked.stdout)
+    assert report["hvp_check"]["passed"] is False and report["hvp_check"]["repeat_difference"] > 0.01
+    assert report["setup"]["hvp_method"] == "double-backward"
+    reference = subprocess.run(common + ["--hvp", "double-backward"], capture_output=True, text=True, env=env, timeout=600)
+    assert reference.returncode == 0 and reference.stderr == ""
+    expected = json.loads(reference.stdout)[0]["metrics"]["eig"]["values"]
+    assert report["metrics"]["eig"]["values"] == pytest.approx(expected, rel=1e-5)
