@@ -1,7 +1,8 @@
-"""Linear operators on flat parameter vectors: the Hessian of an Objective, or a dense matrix.
+"""Linear operators on flat parameter vectors: the Hessian, GGN or empirical Fisher of an Objective, or a dense matrix.
 
 Estimators (spectrum.py, trace.py) only use `matvec`, `matmat`, `shape`, `dtype`
-and `device`, so they run on a HessianOperator and on a DenseOperator in tests alike.
+and `device`, so they run on a HessianOperator, a GGNOperator, a FisherOperator and on
+a DenseOperator in tests alike.
 """
 
 from __future__ import annotations
@@ -11,6 +12,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse.linalg as spla
 import torch
+
+from landscape.curvature import (
+    CURVATURES,
+    PerSampleLoss,
+    check_per_sample_loss,
+    fisher_products,
+    ggn_products,
+    per_sample_loss_function,
+)
 
 if TYPE_CHECKING:
     from landscape.objective import Objective
@@ -67,6 +77,47 @@ class HessianOperator(LinearOperator):
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         self.n_matvecs += V.shape[1]
         return self.objective.hvp_batched(V.T).T
+
+
+class GGNOperator(LinearOperator):
+    """G = Σ_b (n_b/N)·J_bᵀ H_b J_b, the generalized Gauss-Newton matrix of an Objective (Schraudolph 2002).
+
+    One jvp and one vjp of the model per batch, the loss Hessian applied in output space (landscape.curvature).
+    """
+
+    def __init__(self, objective: "Objective") -> None:
+        super().__init__(objective.n_params, objective.dtype, objective.device)
+        self.objective = objective
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self.n_matvecs += V.shape[1]
+        return ggn_products(self.objective, V.T).T
+
+
+class FisherOperator(LinearOperator):
+    """F = (1/N) Σ_i g_i g_iᵀ, the empirical Fisher of an Objective (g_i: gradient of sample i's loss in its batch).
+
+    `per_sample_loss(outputs, targets)` gives the losses whose mean is the objective's batch loss; by default
+    closed-form for cross-entropy, else the loss evaluated one sample at a time (checked on the first batch).
+    """
+
+    def __init__(self, objective: "Objective", per_sample_loss: PerSampleLoss | None = None) -> None:
+        super().__init__(objective.n_params, objective.dtype, objective.device)
+        self.objective = objective
+        self.per_sample_loss = per_sample_loss or per_sample_loss_function(objective.loss_fn)
+        check_per_sample_loss(objective, self.per_sample_loss)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self.n_matvecs += V.shape[1]
+        return fisher_products(self.objective, V.T, self.per_sample_loss).T
+
+
+def curvature_operator(objective: "Objective", curvature: str = "hessian") -> LinearOperator:
+    """The operator of `curvature` (hessian, ggn or fisher) on an Objective."""
+    kinds = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": FisherOperator}
+    if curvature not in kinds:
+        raise ValueError(f"unknown curvature {curvature!r}; use one of {', '.join(CURVATURES)}")
+    return kinds[curvature](objective)
 
 
 class DiagonalScaledOperator(LinearOperator):

@@ -1,0 +1,232 @@
+"""GGN and empirical Fisher operators against dense matrices built independently of the Objective.
+
+Dense GGN: Σ_b (n_b/N)·J_bᵀ H_b J_b from the output Jacobian (torch.autograd.functional.jacobian) and the
+loss-output Hessian (torch.autograd.functional.hessian). Dense Fisher: (1/N) Σ_i g_i g_iᵀ from the per-sample
+gradients. BatchNorm's train mode is built here by setting only the BN modules to train mode.
+"""
+
+import copy
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.autograd.functional import hessian, jacobian
+
+from landscape import distributed as ranks
+from landscape.curvature import CurvatureError, output_hessian_product
+from landscape.objective import Objective, cross_entropy
+from landscape.operators import FisherOperator, GGNOperator, HessianOperator, curvature_operator
+from landscape.params import FlatLayout
+from landscape.spectrum import lanczos, slq_density
+from landscape.trace import xtrace
+from tests.conftest import classification_batches, tiny_convnet_bn, tiny_mlp
+from tests.ground_truth import dense_hessian, rel_err
+
+PROBLEMS = {"mlp": (tiny_mlp, (12,), 4, [20, 20, 10]), "convnet-bn": (tiny_convnet_bn, (1, 4, 4), 3, [16, 16, 8])}
+
+
+def _problem(name):
+    factory, shape, classes, sizes = PROBLEMS[name]
+    _, _, batches = classification_batches(sum(sizes), shape, classes, sizes)
+    return factory(), batches
+
+
+def dense_outputs(model: nn.Module, mode: str):
+    """(outputs of a batch as a function of flat float64 weights, the checkpoint's flat weights)."""
+    net = copy.deepcopy(model).double().eval()
+    if mode == "train":
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+    params = dict(net.named_parameters())
+    layout = FlatLayout.of(params)
+    buffers = {n: b.detach().clone() for n, b in net.named_buffers()}
+
+    def outputs(w, x):
+        current = {n: b.clone() for n, b in buffers.items()}  # train-mode BN updates its running stats in place
+        return functional_call(net, {**layout.unflatten(w), **current}, (x.double(),))
+
+    return outputs, layout.flatten({n: p.detach() for n, p in params.items()})
+
+
+def dense_ggn(model, batches, mode):
+    outputs, w0 = dense_outputs(model, mode)
+    total = sum(len(y) for _, y in batches)
+    G = torch.zeros(len(w0), len(w0), dtype=torch.float64)
+    for x, y in batches:
+        J = jacobian(lambda w: outputs(w, x), w0).reshape(-1, len(w0))
+        out = outputs(w0, x).detach()
+        H = hessian(lambda f: F.cross_entropy(f, y), out).reshape(out.numel(), out.numel())
+        G += len(y) / total * J.T @ H @ J
+    return G
+
+
+def dense_fisher(model, batches, mode):
+    outputs, w0 = dense_outputs(model, mode)
+    total = sum(len(y) for _, y in batches)
+    grads = [jacobian(lambda w: F.cross_entropy(outputs(w, x), y, reduction="none"), w0) for x, y in batches]
+    G = torch.cat(grads)  # (N, P): row i is the gradient of sample i's loss within its batch
+    assert G.shape[0] == total
+    return G.T @ G / total
+
+
+def as_matrix(op):
+    return op.matmat(torch.eye(op.shape[0], dtype=torch.float64))
+
+
+def _objective(model, batches, mode="eval", **kwargs):
+    return Objective(model, batches, mode=mode, dtype=torch.float64, device="cpu", **kwargs)
+
+
+# ---------------------------------------------------------------------- the loss Hessian in output space
+@pytest.mark.parametrize("n", [5, 300])  # 300: the default loss's transposed log-softmax for few classes on a CPU
+def test_output_hessian_of_cross_entropy_is_diag_p_minus_ppT(n):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (n,), generator=g)
+    U = torch.randn(3, n, 4, generator=g, dtype=torch.float64)
+    p = logits.softmax(dim=1)
+    blocks = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / n  # (n, 4, 4)
+    want = torch.einsum("nij,knj->kni", blocks, U)
+    assert rel_err(output_hessian_product(cross_entropy, logits, y, U), want) <= 1e-12
+    wrong = torch.einsum("nij,knj->kni", torch.diag_embed(p) / n, U)  # diag(p) alone: the check can tell
+    assert rel_err(wrong, want) > 0.1
+
+
+# ---------------------------------------------------------------------------- operators against dense
+@pytest.mark.parametrize("name", list(PROBLEMS))
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_ggn_and_fisher_match_dense_matrices(name, mode):
+    """Uneven batches (…, 10 or 8 samples), weighted by their sizes; BN in both modes."""
+    model, batches = _problem(name)
+    objective = _objective(model, batches, mode)
+    V = torch.randn(3, objective.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for op, dense in ((GGNOperator(objective), dense_ggn(model, batches, mode)),
+                      (FisherOperator(objective), dense_fisher(model, batches, mode))):
+        assert rel_err(op.matvec(V[0]), dense @ V[0]) <= 1e-10, type(op).__name__
+        assert rel_err(op.matmat(V.T), dense @ V.T) <= 1e-10, type(op).__name__
+        assert op.n_matvecs == 4
+    if name == "convnet-bn":  # the modes define different matrices: train mode is not eval mode relabelled
+        other = "train" if mode == "eval" else "eval"
+        assert rel_err(dense_ggn(model, batches, other), dense_ggn(model, batches, mode)) > 0.05
+
+
+def test_weights_are_batch_sizes_not_batch_means(conv_problem):
+    """Eval mode: 16 + 16 + 8 samples in three batches give the one-big-batch GGN and Fisher; equal weights per batch would not."""
+    model, x, y, batches = conv_problem
+    split, whole = _objective(model, batches), _objective(model, [(x, y)])
+    for kind in ("ggn", "fisher"):
+        a, b = as_matrix(curvature_operator(split, kind)), as_matrix(curvature_operator(whole, kind))
+        assert rel_err(a, b) <= 1e-12, kind
+        per_batch = [as_matrix(curvature_operator(_objective(model, [batch]), kind)) for batch in batches]
+        assert rel_err(sum(per_batch) / len(per_batch), b) > 1e-3, kind  # a mean of batch means differs
+
+
+# ------------------------------------------------------------------------------- structure checks
+def test_ggn_equals_hessian_for_a_model_linear_in_its_weights(mlp_problem):
+    _, _, _, batches = mlp_problem
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    H = dense_hessian(linear, batches, "eval")
+    assert rel_err(as_matrix(GGNOperator(_objective(linear, batches))), H) <= 1e-12
+    model = tiny_mlp()  # the check can fail: with a tanh layer the GGN drops a term of the Hessian
+    assert rel_err(as_matrix(GGNOperator(_objective(model, batches))), dense_hessian(model, batches, "eval")) > 0.05
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_ggn_and_fisher_are_psd_where_the_hessian_is_not(name):
+    model, batches = _problem(name)
+    objective = _objective(model, batches, "train")
+    H = as_matrix(HessianOperator(objective))
+    assert torch.linalg.eigvalsh((H + H.T) / 2)[0] < -1e-4  # indefinite, so the test below can fail
+    for op in (GGNOperator(objective), FisherOperator(objective)):
+        A = as_matrix(op)
+        assert rel_err(A, A.T) <= 1e-12
+        assert torch.linalg.eigvalsh((A + A.T) / 2)[0] >= -1e-10 * torch.linalg.matrix_norm(A, 2)
+
+
+def test_estimators_run_unchanged_on_ggn_and_fisher(mlp_problem):
+    """Lanczos equals numpy's eigh of the dense GGN; XTrace is exact on the rank-≤50 Fisher; SLQ's nodes lie in the spectrum."""
+    model, _, _, batches = mlp_problem
+    objective = _objective(model, batches)
+    G = dense_ggn(model, batches, "eval").numpy()
+    exact = np.linalg.eigh((G + G.T) / 2)[0][::-1]
+    top = lanczos(GGNOperator(objective), 4, tol=1e-10, seed=0)
+    np.testing.assert_allclose(top.values, exact[:4], rtol=1e-8)
+    Fd = dense_fisher(model, batches, "eval")
+    assert objective.n_params == 140 and objective.n_samples == 50
+    trace = xtrace(FisherOperator(objective), 120, seed=0)  # 60 test vectors > rank F ≤ 50: exact
+    assert trace.estimate == pytest.approx(float(Fd.trace()), rel=1e-10)
+    density = slq_density(GGNOperator(objective), n_runs=2, n_steps=20, seed=0)
+    nodes = np.asarray(density.nodes)[np.asarray(density.weights) > 1e-12]
+    assert nodes.min() >= exact[-1] - 1e-8 and nodes.max() <= exact[0] + 1e-8
+
+
+# --------------------------------------------------------------------------------- loss functions
+def test_fisher_of_a_custom_loss_uses_per_sample_losses(mlp_problem):
+    model, _, _, batches = mlp_problem
+    reference = as_matrix(FisherOperator(_objective(model, batches)))
+    custom = _objective(model, batches, loss_fn=lambda f, y: -(f.log_softmax(dim=1).gather(1, y[:, None])).mean())
+    assert rel_err(as_matrix(FisherOperator(custom)), reference) <= 1e-12  # evaluated one sample at a time
+    summed = _objective(model, batches, loss_fn=lambda f, y: F.cross_entropy(f, y, reduction="sum"))
+    with pytest.raises(CurvatureError, match="mean over samples"):
+        FisherOperator(summed)
+    opaque = _objective(model, batches, loss_fn=lambda f, y: F.cross_entropy(f, y) * float(f.sum().item() != 0))
+    with pytest.raises(CurvatureError, match="per-sample losses"):
+        FisherOperator(opaque)
+    per_sample = FisherOperator(opaque, per_sample_loss=lambda f, y: F.cross_entropy(f, y, reduction="none"))
+    assert rel_err(as_matrix(per_sample), reference) <= 1e-12
+
+
+def test_ggn_of_a_squared_error_loss(mlp_problem):
+    """Any loss: H_ℓ comes from the loss itself; for ½‖f − t‖²/n it is I/n, so G = (1/N) Σ JᵀJ."""
+    model, _, _, batches = mlp_problem
+    targets = [(x, torch.nn.functional.one_hot(y, 4).double()) for x, y in batches]
+    objective = _objective(model, targets, loss_fn=lambda f, t: 0.5 * ((f - t) ** 2).sum(dim=1).mean())
+    outputs, w0 = dense_outputs(model, "eval")
+    J = torch.cat([jacobian(lambda w: outputs(w, x), w0).reshape(-1, len(w0)) for x, _ in targets])
+    assert rel_err(as_matrix(GGNOperator(objective)), J.T @ J / 50) <= 1e-10
+
+
+# ------------------------------------------------------------------------------------ distributed
+def _sharded_products(distributed: bool) -> dict:
+    _, _, batches = classification_batches(45, (1, 4, 4), 3, [10, 10, 10, 10, 5], seed=1)
+    out = {}
+    for mode in ("eval", "train"):
+        objective = Objective(tiny_convnet_bn(), ranks.shard(batches) if distributed else batches, mode=mode,
+                              dtype=torch.float64, device="cpu", distributed=distributed)
+        V = torch.randn(objective.n_params, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        for kind in ("ggn", "fisher"):
+            out[f"{mode}-{kind}"] = curvature_operator(objective, kind).matmat(V)
+    return out
+
+
+def _worker(rank: int, port: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LANDSCAPE_DIST_TIMEOUT="60")
+    torch.set_num_threads(1)
+    assert ranks.init_from_env("cpu")
+    try:
+        torch.save(_sharded_products(distributed=True), out / f"rank{rank}.pt")
+    finally:
+        ranks.shutdown()
+
+
+def test_two_ranks_give_the_one_process_products(tmp_path):
+    """Batches sharded 3 + 2 over two gloo ranks: the all-reduced products equal one process's, on every rank."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, tmp_path), nprocs=2, join=True)
+    single = _sharded_products(distributed=False)
+    for rank in range(2):
+        products = torch.load(tmp_path / f"rank{rank}.pt")
+        for key, value in single.items():
+            assert rel_err(products[key], value) <= 1e-12, (rank, key)
+
