@@ -10,15 +10,19 @@ Empirical Fisher (Kunstner et al. 2019 on what it is and is not):   F = (1/N) Σ
     batch; ℓ_i is then sample i's loss inside its batch (batch statistics from the whole batch), and g_i its
     gradient — what the per-item losses of the objective's own forward pass give.
 
-Each product is one jvp and one vjp per batch (torch.func), with H_b applied in output space as a jvp of the
-loss's gradient w.r.t. the outputs; no Jacobian is ever formed. Under torch.distributed each rank sums its
+Each product is one jvp and one vjp per batch (torch.func), with H_b applied in output space: for cross-entropy
+on class labels in closed form, (diag(p) − ppᵀ)/n per sample, for any other loss as a jvp of the loss's gradient
+w.r.t. the outputs; no Jacobian is ever formed. Under torch.distributed each rank sums its
 batches and the products are all-reduced, as the Objective's HVPs are.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,28 +63,119 @@ def per_sample_loss_function(loss_fn: Callable) -> PerSampleLoss:
     return vmap(lambda f, y: loss_fn(f[None], y[None]))
 
 
-def ggn_products(objective: "Objective", V: torch.Tensor) -> torch.Tensor:
-    """G vᵢ for each row vᵢ of V (k, n), summed over this rank's batches and all-reduced over the ranks."""
-    V = _probes(objective, V)
-    total = torch.zeros_like(V)
-    for c, (x, y) in zip(objective.batch_weights, objective.batches):
-        def middle(outputs: torch.Tensor, JV: torch.Tensor, y: torch.Tensor = y) -> torch.Tensor:
-            return output_hessian_product(objective.loss_fn, outputs, y, JV)
+class JacobianSandwich:
+    """V ↦ Σ_b s_b · J_bᵀ M_b(J_b vᵢ) for each row vᵢ of V (k, n), over an Objective's batches, all-reduced over ranks.
 
-        total += c * _sandwich(lambda w, x=x: objective._outputs(w, x), objective.w.detach(), V, middle)
-    return objective._reduced(total)
+    J_b is the Jacobian of `function(w, x, y)` (model outputs, or per-sample losses) at the objective's point,
+    M_b(value, JV) the middle factor in that function's output space, s_b the batch's weight. Per batch the
+    function is linearized once (functionalized torch.func.linearize: a traced in-place op would otherwise
+    corrupt later products, issue 20; an eager jvp where it cannot be traced) and its vjp kept, so a product
+    costs one tangent pass and one backward. `keep` holds these linearizations for every batch between calls
+    (default: when the objective's HVP path keeps a graph, i.e. a kept graph fits in memory); otherwise each
+    call recomputes them, batch by batch.
+    """
+
+    def __init__(self, objective: "Objective", function: Callable, middle: Callable, weights: Sequence[float],
+                 keep: bool | None = None) -> None:
+        self.objective, self.function, self.middle, self.weights = objective, function, middle, list(weights)
+        self.keep = objective.hvp_method in ("linearize", "reuse") if keep is None else keep
+        self._kept: list[_Linearization] | None = None
+        self._batch_probes = True  # vmap over probes until an op without a batching rule is met
+
+    def __call__(self, V: torch.Tensor) -> torch.Tensor:
+        objective = self.objective
+        V = V.to(device=objective.device, dtype=objective.dtype)
+        if V.ndim != 2 or V.shape[1] != objective.n_params:
+            raise ObjectiveError(f"probe block has shape {tuple(V.shape)}, expected (k, {objective.n_params})")
+        total = torch.zeros_like(V)
+        for b, weight in enumerate(self.weights):
+            total += weight * self._apply(self._linearization(b), V)
+        return objective._reduced(total)
+
+    def _linearization(self, b: int) -> "_Linearization":
+        if not self.keep:
+            return self._linearize(b)
+        if self._kept is None:
+            self._kept = [self._linearize(i) for i in range(len(self.weights))]
+        return self._kept[b]
+
+    def _linearize(self, b: int) -> "_Linearization":
+        x, y = self.objective.batches[b]
+        w = self.objective.w.detach()
+
+        def fn(w: torch.Tensor) -> torch.Tensor:
+            return self.function(w, x, y)
+
+        value, pullback = vjp(fn, w)
+        value = value.detach()
+        middle = partial(self.middle, value, y)
+        if self.keep:  # tracing pays off over many products
+            try:
+                with warnings.catch_warnings():  # torch.fx const folding warns about its own graph attributes
+                    warnings.simplefilter("ignore", UserWarning)
+                    return _Linearization(torch.func.linearize(torch.func.functionalize(fn), w)[1], pullback, False, middle)
+            except Exception:  # not functionalizable (a custom autograd Function): an eager jvp, same numbers
+                pass
+
+        def tangent(v: torch.Tensor) -> torch.Tensor:
+            return jvp(fn, (w,), (v,))[1]
+
+        return _Linearization(tangent, pullback, True, middle)
+
+    def _apply(self, lin: "_Linearization", V: torch.Tensor) -> torch.Tensor:
+        """Jᵀ M(J vᵢ) for the rows of V: probes vmapped where the ops allow it, else one at a time."""
+        if len(V) > 1 and self._batch_probes:
+            try:
+                JV = vmap(lin.tangent)(V) if lin.vmappable else torch.stack([lin.tangent(v) for v in V])
+                return vmap(lin.pullback)(lin.middle(JV))[0]
+            except RuntimeError:
+                self._batch_probes = False
+        return torch.stack([lin.pullback(lin.middle(lin.tangent(v)[None])[0])[0] for v in V])
 
 
-def fisher_products(objective: "Objective", V: torch.Tensor, per_sample_loss: PerSampleLoss) -> torch.Tensor:
-    """F vᵢ = (1/N) J_ℓᵀ J_ℓ vᵢ for each row vᵢ of V (k, n), J_ℓ the Jacobian of the per-sample losses, all-reduced."""
-    V = _probes(objective, V)
-    total = torch.zeros_like(V)
-    for x, y in objective.batches:
-        def losses(w: torch.Tensor, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-            return per_sample_loss(objective._outputs(w, x), y)
+@dataclass(frozen=True)
+class _Linearization:
+    tangent: Callable[[torch.Tensor], torch.Tensor]  # v ↦ J v
+    pullback: Callable[[torch.Tensor], tuple[torch.Tensor]]  # u ↦ (Jᵀ u,)
+    vmappable: bool
+    middle: Callable[[torch.Tensor], torch.Tensor]  # J V (k, *value.shape) ↦ M J V
 
-        total += _sandwich(losses, objective.w.detach(), V, lambda _, JV: JV)
-    return objective._reduced(total) / objective.n_samples
+
+def ggn(objective: "Objective", keep: bool | None = None) -> JacobianSandwich:
+    """G v = Σ_b (n_b/N)·J_bᵀ H_b J_b v, H_b the Hessian of the batch's mean loss w.r.t. its outputs."""
+    def outputs(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return objective._outputs(w, x)
+
+    def middle(value: torch.Tensor, y: torch.Tensor, JV: torch.Tensor) -> torch.Tensor:
+        if objective.loss_fn in (cross_entropy, F.cross_entropy) and _class_indices(value, y):
+            return _cross_entropy_hessian_product(value, JV)
+        return output_hessian_product(objective.loss_fn, value, y, JV)
+
+    return JacobianSandwich(objective, outputs, middle, objective.batch_weights, keep)
+
+
+def empirical_fisher(objective: "Objective", per_sample_loss: PerSampleLoss, keep: bool | None = None) -> JacobianSandwich:
+    """F v = (1/N) Σ_b J_ℓ,bᵀ J_ℓ,b v, J_ℓ,b the Jacobian of batch b's per-sample losses (each within its batch)."""
+    def losses(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return per_sample_loss(objective._outputs(w, x), y)
+
+    def identity(value: torch.Tensor, y: torch.Tensor, JV: torch.Tensor) -> torch.Tensor:
+        return JV
+
+    weights = [1 / objective.n_samples] * len(objective.batches)
+    return JacobianSandwich(objective, losses, identity, weights, keep)
+
+
+def _class_indices(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Logits (n, C) with integer labels in [0, C): the case cross-entropy's Hessian has a closed form for."""
+    return (outputs.ndim == 2 and targets.ndim == 1 and not targets.is_floating_point()
+            and bool(((targets >= 0) & (targets < outputs.shape[1])).all()))
+
+
+def _cross_entropy_hessian_product(logits: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """(diag(p) − ppᵀ) u / n per sample, p = softmax(logits): the Hessian of mean cross-entropy w.r.t. the logits."""
+    p = logits.softmax(dim=1)
+    return (p * U - p * (p * U).sum(dim=-1, keepdim=True)) / len(logits)
 
 
 def check_per_sample_loss(objective: "Objective", per_sample_loss: PerSampleLoss) -> None:
@@ -106,27 +201,3 @@ def check_per_sample_loss(objective: "Objective", per_sample_loss: PerSampleLoss
         raise CurvatureError(
             f"the mean of the per-sample losses ({float(items.mean()):.6g}) is not the batch loss ({float(batch):.6g}): "
             "the empirical Fisher needs a loss that is a mean over samples; pass per_sample_loss to FisherOperator")
-
-
-def _probes(objective: "Objective", V: torch.Tensor) -> torch.Tensor:
-    V = V.to(device=objective.device, dtype=objective.dtype)
-    if V.ndim != 2 or V.shape[1] != objective.n_params:
-        raise ObjectiveError(f"probe block has shape {tuple(V.shape)}, expected (k, {objective.n_params})")
-    return V
-
-
-def _sandwich(fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, V: torch.Tensor,
-              middle: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Jᵀ M(J vᵢ) for each row vᵢ of V, J = ∂fn/∂w at w: one forward kept for the vjp, one jvp for all probes.
-
-    Probes are batched with vmap; where an op has no batching rule (a custom autograd Function without
-    one) they go one at a time.
-    """
-    value, pullback = vjp(fn, w)
-    if len(V) > 1:
-        try:
-            JV = vmap(lambda v: jvp(fn, (w,), (v,))[1])(V)
-            return vmap(pullback)(middle(value, JV))[0]
-        except RuntimeError:  # an op without a batching rule
-            pass
-    return torch.stack([pullback(middle(value, jvp(fn, (w,), (v,))[1][None])[0])[0] for v in V])

@@ -17,8 +17,8 @@ from landscape.curvature import (
     CURVATURES,
     PerSampleLoss,
     check_per_sample_loss,
-    fisher_products,
-    ggn_products,
+    empirical_fisher,
+    ggn,
     per_sample_loss_function,
 )
 
@@ -82,16 +82,18 @@ class HessianOperator(LinearOperator):
 class GGNOperator(LinearOperator):
     """G = Σ_b (n_b/N)·J_bᵀ H_b J_b, the generalized Gauss-Newton matrix of an Objective (Schraudolph 2002).
 
-    One jvp and one vjp of the model per batch, the loss Hessian applied in output space (landscape.curvature).
+    One jvp and one vjp of the model per batch, the loss Hessian applied in output space (landscape.curvature);
+    `keep`: hold each batch's linearization between products (default: when the objective's HVP path keeps a graph).
     """
 
-    def __init__(self, objective: "Objective") -> None:
+    def __init__(self, objective: "Objective", keep: bool | None = None) -> None:
         super().__init__(objective.n_params, objective.dtype, objective.device)
         self.objective = objective
+        self.products = ggn(objective, keep)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         self.n_matvecs += V.shape[1]
-        return ggn_products(self.objective, V.T).T
+        return self.products(V.T).T
 
 
 class FisherOperator(LinearOperator):
@@ -101,15 +103,17 @@ class FisherOperator(LinearOperator):
     closed-form for cross-entropy, else the loss evaluated one sample at a time (checked on the first batch).
     """
 
-    def __init__(self, objective: "Objective", per_sample_loss: PerSampleLoss | None = None) -> None:
+    def __init__(self, objective: "Objective", per_sample_loss: PerSampleLoss | None = None,
+                 keep: bool | None = None) -> None:
         super().__init__(objective.n_params, objective.dtype, objective.device)
         self.objective = objective
         self.per_sample_loss = per_sample_loss or per_sample_loss_function(objective.loss_fn)
         check_per_sample_loss(objective, self.per_sample_loss)
+        self.products = empirical_fisher(objective, self.per_sample_loss, keep)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         self.n_matvecs += V.shape[1]
-        return fisher_products(self.objective, V.T, self.per_sample_loss).T
+        return self.products(V.T).T
 
 
 def curvature_operator(objective: "Objective", curvature: str = "hessian") -> LinearOperator:

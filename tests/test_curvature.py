@@ -19,7 +19,7 @@ from torch.func import functional_call
 from torch.autograd.functional import hessian, jacobian
 
 from landscape import distributed as ranks
-from landscape.curvature import CurvatureError, output_hessian_product
+from landscape.curvature import CurvatureError, _cross_entropy_hessian_product, output_hessian_product
 from landscape.objective import Objective, cross_entropy
 from landscape.operators import FisherOperator, GGNOperator, HessianOperator, curvature_operator
 from landscape.params import FlatLayout
@@ -27,6 +27,8 @@ from landscape.spectrum import lanczos, slq_density
 from landscape.trace import xtrace
 from tests.conftest import classification_batches, tiny_convnet_bn, tiny_mlp
 from tests.ground_truth import dense_hessian, rel_err
+from tests.model_zoo import ZOO, CustomFunctionResidual
+from tests.test_zoo import zoo_batches
 
 PROBLEMS = {"mlp": (tiny_mlp, (12,), 4, [20, 20, 10]), "convnet-bn": (tiny_convnet_bn, (1, 4, 4), 3, [16, 16, 8])}
 
@@ -94,7 +96,8 @@ def test_output_hessian_of_cross_entropy_is_diag_p_minus_ppT(n):
     p = logits.softmax(dim=1)
     blocks = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / n  # (n, 4, 4)
     want = torch.einsum("nij,knj->kni", blocks, U)
-    assert rel_err(output_hessian_product(cross_entropy, logits, y, U), want) <= 1e-12
+    assert rel_err(output_hessian_product(cross_entropy, logits, y, U), want) <= 1e-12  # any loss: jvp of its gradient
+    assert rel_err(_cross_entropy_hessian_product(logits, U), want) <= 1e-12  # the closed form GGNOperator uses
     wrong = torch.einsum("nij,knj->kni", torch.diag_embed(p) / n, U)  # diag(p) alone: the check can tell
     assert rel_err(wrong, want) > 0.1
 
@@ -102,19 +105,39 @@ def test_output_hessian_of_cross_entropy_is_diag_p_minus_ppT(n):
 # ---------------------------------------------------------------------------- operators against dense
 @pytest.mark.parametrize("name", list(PROBLEMS))
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_ggn_and_fisher_match_dense_matrices(name, mode):
-    """Uneven batches (…, 10 or 8 samples), weighted by their sizes; BN in both modes."""
+@pytest.mark.parametrize("keep", [True, False])
+def test_ggn_and_fisher_match_dense_matrices(name, mode, keep):
+    """Uneven batches (…, 10 or 8 samples), weighted by their sizes; BN in both modes; linearizations kept or not."""
     model, batches = _problem(name)
     objective = _objective(model, batches, mode)
     V = torch.randn(3, objective.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    for op, dense in ((GGNOperator(objective), dense_ggn(model, batches, mode)),
-                      (FisherOperator(objective), dense_fisher(model, batches, mode))):
-        assert rel_err(op.matvec(V[0]), dense @ V[0]) <= 1e-10, type(op).__name__
+    for op, dense in ((GGNOperator(objective, keep=keep), dense_ggn(model, batches, mode)),
+                      (FisherOperator(objective, keep=keep), dense_fisher(model, batches, mode))):
+        for repeat in range(2):  # a kept linearization gives the same answer every time
+            assert rel_err(op.matvec(V[repeat]), dense @ V[repeat]) <= 1e-10, (type(op).__name__, repeat)
         assert rel_err(op.matmat(V.T), dense @ V.T) <= 1e-10, type(op).__name__
-        assert op.n_matvecs == 4
+        assert op.n_matvecs == 5
     if name == "convnet-bn":  # the modes define different matrices: train mode is not eval mode relabelled
         other = "train" if mode == "eval" else "eval"
         assert rel_err(dense_ggn(model, batches, other), dense_ggn(model, batches, mode)) > 0.05
+
+
+ZOO_CASES = [(name, mode) for name, idiom in ZOO.items() for mode in (("eval", "train") if idiom.has_batchnorm else ("eval",))]
+
+
+@pytest.mark.parametrize("name, mode", ZOO_CASES + [("custom-function-inplace", "eval")])
+def test_every_model_idiom(name, mode):
+    """In-place adds and ReLUs, tied weights, written buffers, norms, a custom Function (with `out += h`: not
+    functionalizable, so its jvp runs eagerly): kept linearizations give the dense GGN and Fisher, product after product."""
+    model = CustomFunctionResidual((6,), 3) if name == "custom-function-inplace" else ZOO[name].build()
+    batches = zoo_batches("custom-function" if name == "custom-function-inplace" else name)
+    objective = _objective(model, batches, mode)
+    V = torch.randn(3, objective.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for op, dense in ((GGNOperator(objective, keep=True), dense_ggn(model, batches, mode)),
+                      (FisherOperator(objective, keep=True), dense_fisher(model, batches, mode))):
+        for repeat in range(2):
+            assert rel_err(op.matvec(V[0]), dense @ V[0]) <= 1e-10, (type(op).__name__, repeat)
+        assert rel_err(op.matmat(V.T), dense @ V.T) <= 1e-10, type(op).__name__
 
 
 def test_weights_are_batch_sizes_not_batch_means(conv_problem):
@@ -202,8 +225,8 @@ def _sharded_products(distributed: bool) -> dict:
         objective = Objective(tiny_convnet_bn(), ranks.shard(batches) if distributed else batches, mode=mode,
                               dtype=torch.float64, device="cpu", distributed=distributed)
         V = torch.randn(objective.n_params, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-        for kind in ("ggn", "fisher"):
-            out[f"{mode}-{kind}"] = curvature_operator(objective, kind).matmat(V)
+        out[f"{mode}-ggn"] = GGNOperator(objective, keep=False).matmat(V)
+        out[f"{mode}-fisher"] = FisherOperator(objective, keep=False).matmat(V)
     return out
 
 
