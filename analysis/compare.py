@@ -73,7 +73,9 @@ def measure_checkpoint(path: str, label: str, meta: dict, args: argparse.Namespa
     objective = build_objective(path, args, distributed=parallel)
     test = build_objective(path, argparse.Namespace(**{**vars(args), "split": "test", "n_samples": None}), distributed=parallel)
     clean, held_out = objective.evaluate(), test.evaluate()
-    quantities = {"train loss": {"value": clean.loss, "stderr": 0.0}}
+    # train loss and gradient norm beside every sharpness number: a minimum's sharpness means little without them
+    quantities = {"train loss": {"value": clean.loss, "stderr": 0.0},
+                  "gradient norm": {"value": float(objective.grad().norm()), "stderr": 0.0}}
     if held_out.accuracy is not None:
         p = held_out.accuracy
         quantities["test accuracy"] = {"value": p, "stderr": math.sqrt(p * (1 - p) / held_out.n_samples)}

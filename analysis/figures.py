@@ -33,7 +33,7 @@ from landscape.problem import objective_from_checkpoint
 from landscape.spectrum import slq_density
 from landscape.surface import compute_surface, grid_axis, read_surface
 
-TABLE_QUANTITIES = ("test accuracy", "λ1", "trace", "ΔL a=0.02", "ε-sharpness")
+TABLE_QUANTITIES = ("train loss", "gradient norm", "test accuracy", "λ1", "trace", "ΔL a=0.02", "ε-sharpness")
 FULL = {"seeds": 3, "epoch_fraction": 1.0, "n_samples": None, "k": "1", "probes": "60", "noise_samples": "40",
         "restarts": "3", "line": 41, "plane": 21, "density_steps": 80}
 QUICK = {"seeds": 1, "epoch_fraction": 0.1, "n_samples": 500, "k": "1", "probes": "10", "noise_samples": "8",

@@ -74,6 +74,9 @@ def test_compare_writes_a_paired_report(two_runs, tmp_path):
     objective = Objective(ckpt.build_model(), MeasurementSet("train", 300, 256).batches(load_data("digits")), device="cpu")
     expected = lanczos(HessianOperator(objective), 2, seed=0)
     assert results["groups"]["sgd B=32"]["λ1"]["mean"] == pytest.approx(float(expected.values[0]), rel=1e-4)
+    # train loss and gradient norm stand beside the sharpness numbers
+    assert results["groups"]["sgd B=32"]["gradient norm"]["mean"] == pytest.approx(float(objective.grad().norm()), rel=1e-4)
+    assert results["groups"]["sgd B=32"]["train loss"]["mean"] == pytest.approx(objective.loss(), rel=1e-5)
     # common random numbers: every paired interval on the expected-loss difference beats independent runs
     diffs = results["differences"]["sgd B=512"]
     radii = [k for k in diffs if k.startswith("ΔL")]
