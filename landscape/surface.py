@@ -170,8 +170,8 @@ def read_surface(path: str | os.PathLike) -> Surface:
     path = Path(path)
     if not path.exists():
         raise SurfaceError(f"{path}: no such file")
-    try:
-        with h5py.File(path, "r") as f:
+    try:  # without HDF5's file lock, so a surface can be read (plotted) while a run is still writing it
+        with h5py.File(path, "r", locking=False) as f:
             if f.attrs.get("format") != FORMAT:
                 raise SurfaceError(f"{path} is not a landscape surface file (no format={FORMAT!r} attribute)")
             axes = tuple(f["axes"][name][()] for name in sorted(f["axes"]))

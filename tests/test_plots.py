@@ -207,3 +207,21 @@ def test_many_planes_wrap_into_rows_readable_at_page_width(files, tmp_path):
     width, _ = fig.get_size_inches()
     assert width <= 4.4 * 3 + 1.4
     save(fig, tmp_path / "five.png")
+
+
+def test_a_surface_being_written_can_be_read(files, tmp_path):
+    """Another process holds the file open for writing (HDF5's own lock): plotting it meanwhile still works."""
+    import shutil
+    import subprocess
+    import sys
+
+    path = shutil.copy(files / "a-2d.h5", tmp_path / "busy.h5")
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'a'); "
+                               "print('open', flush=True); time.sleep(60)", str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        surface = read_surface(path)
+        assert surface.loss["train"].shape == read_surface(files / "a-2d.h5").loss["train"].shape
+    finally:
+        holder.kill()
+        holder.wait()
