@@ -315,15 +315,17 @@ class NSO(PerturbationMethod):
     """Noise stability optimization (Zhang, Li, Ju 2023, arXiv 2306.08553): λ·∇f(W) + (1−λ)/(2k)·Σ_i[∇f(W+U_i) + ∇f(W−U_i)].
 
     U_i = σ·(unit-variance noise of `distribution`): gaussian N(0,1), uniform U(−√3,√3), laplace.
-    `clean_weight` λ: 0 as the authors' scripts (their trainer's default is 0.5); the clean pass is
-    skipped when λ = 0. BN statistics: `bn_update="first"` lets the first pass of each chunk update
-    them (clean pass if λ>0, else W+U_1); "clean" (the reference) only a clean pass, so with λ=0 they never change.
+    `clean_weight` λ: 0 as the authors' scripts (their trainer's default is 0.5). BN statistics:
+    `bn_update="clean"` (default, the authors' trainer) moves them in a clean pass at W on every
+    chunk, even at λ = 0, where that pass is a forward only (its gradient would weigh 0); the
+    perturbed passes freeze them. `"first"` lets the first pass of each chunk move them instead
+    (the clean pass if λ > 0, else W + U_1).
     """
 
     name = "nso"
 
     def __init__(self, model: nn.Module, *, sigma: float = 0.01, k: int = 1, clean_weight: float = 0.0,
-                 distribution: str = "gaussian", two_point: bool = True, bn_update: str = "first", **kwargs) -> None:
+                 distribution: str = "gaussian", two_point: bool = True, bn_update: str = "clean", **kwargs) -> None:
         if sigma < 0 or k < 1 or not 0 <= clean_weight <= 1:
             raise ValueError(f"need sigma ≥ 0, k ≥ 1 and 0 ≤ clean_weight ≤ 1; got {sigma}, {k}, {clean_weight}")
         if distribution not in DISTRIBUTIONS:
@@ -343,6 +345,9 @@ class NSO(PerturbationMethod):
         if self.clean_weight > 0:
             loss, logits, grads = self._gradient(model, x, y, loss_fn)
             terms.append((self.clean_weight, loss, grads))
+        elif self.bn_update == "clean":  # the reference's clean pass at weight 0: it only moves the BN statistics
+            with torch.no_grad():
+                logits = self._objective(model, x, y, loss_fn)[1].detach()
         signs = (1.0, -1.0) if self.two_point else (1.0,)
         weight = (1 - self.clean_weight) / (self.k * len(signs))
         factor = self.sigma * UNIT_VARIANCE[self.distribution]
@@ -366,8 +371,10 @@ class SSGD(NSO):
 
     name = "ssgd"
 
-    def __init__(self, model: nn.Module, *, sigma: float = 0.01, distribution: str = "rademacher", **kwargs) -> None:
-        super().__init__(model, sigma=sigma, distribution=distribution, **kwargs)
+    def __init__(self, model: nn.Module, *, sigma: float = 0.01, distribution: str = "rademacher",
+                 bn_update: str = "first", **kwargs) -> None:
+        # no reference code: the BN statistics move in the first pass (W + δ), as in the first release
+        super().__init__(model, sigma=sigma, distribution=distribution, bn_update=bn_update, **kwargs)
 
 
 class NRS(PerturbationMethod):

@@ -268,14 +268,36 @@ def test_nso_combines_clean_and_two_point_gradients():
         assert torch.equal(b, clean_buffers[n]), n
 
 
-def test_nso_bn_statistics_without_a_clean_pass():
+def test_nso_clean_pass_moves_bn_statistics_even_at_weight_zero():
+    """The authors' trainer runs the clean pass with running statistics on at λ = 0 too (their scripts' setting):
+    after a step the statistics are those of a clean forward at W, the gradient is the two-point average alone."""
     x, y = batch()
     model = mlp(bn=True)
-    untouched = {n: b.clone() for n, b in model.named_buffers()}
-    make_optimizer("nso", model, lr=LR, bn_update="clean").step(model, x, y, F.cross_entropy)
-    assert all(torch.equal(b, untouched[n]) for n, b in model.named_buffers())  # reference: frozen throughout
+    opt = make_optimizer("nso", model, lr=LR, seed=2)  # defaults: λ = 0, bn_update="clean"
+    assert opt.config()["bn_update"] == "clean"
+    for _ in range(5):
+        model.zero_grad()
+        opt.step(model, x, y, F.cross_entropy)
+    counts = [int(b) for n, b in model.named_buffers() if n.endswith("num_batches_tracked")]
+    assert counts and all(c == 5 for c in counts)  # was 0: the statistics never moved
     model, ref = mlp(bn=True), mlp(bn=True)
-    make_optimizer("nso", model, lr=LR, seed=1).step(model, x, y, F.cross_entropy)
+    opt = make_optimizer("nso", model, lr=LR, seed=2)
+    before = weights(model)
+    opt.step(model, x, y, F.cross_entropy)
+    _, clean_buffers = grad_at(ref, x, y)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, clean_buffers[n]), n
+    gen = torch.Generator().manual_seed(2)
+    u = {n: draw("gaussian", w, gen) * 0.01 for n, w in before.items()}
+    plus, _ = grad_at(ref, x, y, u)
+    minus, _ = grad_at(ref, x, y, {n: -d for n, d in u.items()})
+    assert_grads(model, {n: 0.5 * (plus[n] + minus[n]) for n in plus})
+
+
+def test_nso_bn_statistics_from_the_first_pass_on_request():
+    x, y = batch()
+    model, ref = mlp(bn=True), mlp(bn=True)
+    make_optimizer("nso", model, lr=LR, seed=1, bn_update="first").step(model, x, y, F.cross_entropy)
     gen = torch.Generator().manual_seed(1)
     u = {n: draw("gaussian", p, gen) * 0.01 for n, p in ref.named_parameters()}
     _, first = grad_at(ref, x, y, u)  # default: the first pass, at W + U_1
