@@ -62,26 +62,43 @@ class ConvNet(nn.Module):
 
 
 class C3(nn.Module):
-    """Shallow conv net in the style of SmoothOut's C3 (Wen et al. 2018): (5x5 conv-BN-ReLU-maxpool) x2, FC 384-192 with BN.
+    """SmoothOut's shallow CIFAR net "C3" (Wen et al. 2018; `cifar_shallow.py` of their code).
 
-    Max pooling is 3x3 with stride 2 (the TensorFlow CIFAR-10 tutorial net C3 derives from).
+    layout "reference" (default): (5x5 conv → 3x3/2 max-pool without padding → BN → ReLU) x2, a 7x7
+    map on 32x32 inputs, then FC 384 and 192 (each BN, ReLU, Dropout(0.5)) and the classifier:
+    1,405,860 parameters on CIFAR-100. layout "first-release": conv → BN → ReLU → padded pool, an 8x8
+    map, no dropout (1.76M on CIFAR-100), kept to load checkpoints trained with landscape 0.1.
     """
 
+    LAYOUTS = ("reference", "first-release")
+
     def __init__(self, input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, channels: Sequence[int] = (64, 64),
-                 hidden: Sequence[int] = (384, 192)):
+                 hidden: Sequence[int] = (384, 192), layout: str = "reference", dropout: float = 0.5):
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(f"c3 needs input shape (C, H, W); got {tuple(input_shape)}")
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"c3 layout must be one of {', '.join(self.LAYOUTS)}; got {layout!r}")
+        reference = layout == "reference"
         layers: list[nn.Module] = []
         c_in, (h, w) = input_shape[0], input_shape[1:]
         for c in channels:
-            layers += [nn.Conv2d(c_in, c, 5, padding=2, bias=False), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1)]
-            c_in, h, w = c, (h - 1) // 2 + 1, (w - 1) // 2 + 1
+            conv = nn.Conv2d(c_in, c, 5, padding=2, bias=False)
+            if reference:
+                layers += [conv, nn.MaxPool2d(3, 2), nn.BatchNorm2d(c), nn.ReLU()]
+                h, w = (h - 3) // 2 + 1, (w - 3) // 2 + 1
+            else:
+                layers += [conv, nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1)]
+                h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+            c_in = c
+        if h < 1 or w < 1:
+            raise ValueError(f"c3: inputs of shape {tuple(input_shape)} are too small for {len(channels)} pooling stages")
         self.features = nn.Sequential(*layers)
         fc: list[nn.Module] = []
         width = c_in * h * w
         for units in hidden:
             fc += [nn.Linear(width, units, bias=False), nn.BatchNorm1d(units), nn.ReLU()]
+            fc += [nn.Dropout(dropout)] if reference and dropout > 0 else []
             width = units
         self.classifier = nn.Sequential(*fc, nn.Linear(width, num_classes))
 

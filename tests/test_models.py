@@ -131,3 +131,18 @@ def test_module_factory_models(tmp_path, monkeypatch):
         build_model("usermodels_tiny:not_a_model")
     with pytest.raises(ValueError, match="cannot import module"):
         build_model("usermodels_missing_xyz:make")
+
+
+def test_c3_is_smoothouts_cifar_shallow_net():
+    """The reference layout: conv → pool (no padding) → BN → ReLU twice, a 7x7 map, dropout in the classifier."""
+    model, _ = model_for_data("c3", (3, 32, 32), num_classes=100)
+    kinds = [type(m).__name__ for m in model.features]
+    assert kinds == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"] * 2
+    assert model.features[1].padding == 0 and model.classifier[0].in_features == 64 * 7 * 7
+    assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in model.classifier) == 2
+    expected = (3 * 64 + 64 * 64) * 25 + 2 * 2 * 64 + 3136 * 384 + 2 * 384 + 384 * 192 + 2 * 192 + 192 * 100 + 100
+    assert sum(p.numel() for p in model.parameters()) == expected == 1_405_860
+    old, _ = model_for_data("c3", (3, 32, 32), num_classes=100, layout="first-release")
+    assert old.classifier[0].in_features == 64 * 8 * 8 and not any(isinstance(m, torch.nn.Dropout) for m in old.modules())
+    with pytest.raises(ValueError, match="layout"):
+        model_for_data("c3", (3, 32, 32), num_classes=10, layout="tf")
