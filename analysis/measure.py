@@ -15,7 +15,8 @@ from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
 from landscape.epsilon_sharpness import METHODS as EPS_METHODS
 from landscape.objective import Objective
-from landscape.operators import HessianOperator
+from landscape.curvature import CURVATURES
+from landscape.operators import curvature_operator
 from landscape.perturb import epsilon_sharpness, expected_loss, sharpness_curve
 from landscape.problem import objective_from_checkpoint, parse_dtype
 from landscape.results import Result
@@ -48,6 +49,10 @@ def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
 def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("metrics")
     group.add_argument("--metrics", default="eig,trace", help=f"comma list of {', '.join(METRICS)} (default eig,trace)")
+    group.add_argument("--curvature", default="hessian", choices=list(CURVATURES),
+                       help="the matrix eig, trace and density measure: hessian (default), ggn (generalized Gauss-Newton "
+                            "JᵀH_ℓJ, positive semi-definite) or fisher (empirical Fisher (1/N)·Σ gᵢgᵢᵀ, gᵢ a sample's "
+                            "gradient within its batch); the other metrics ignore it (the sharpness curve's ½·tr(ΣH) stays the Hessian's)")
     group.add_argument("--k", type=int, default=5, help="number of eigenvalues (default 5)")
     group.add_argument("--which", default="LA", choices=["LA", "SA", "LM"], help="largest, smallest or largest-magnitude eigenvalues")
     group.add_argument("--tol", type=float, default=1e-3, help="relative Ritz residual tolerance of Lanczos (default 1e-3)")
@@ -100,18 +105,23 @@ def build_objective(path: str, args: argparse.Namespace, *, distributed: bool = 
     return objective
 
 
+def _operator(objective: Objective, args: argparse.Namespace):
+    """The matrix eig, trace and density measure (--curvature; the Hessian where the option is absent)."""
+    return curvature_operator(objective, getattr(args, "curvature", "hessian"))
+
+
 def _eig(objective: Objective, args: argparse.Namespace) -> Result:
-    return lanczos(HessianOperator(objective), args.k, which=args.which, tol=args.tol,
+    return lanczos(_operator(objective, args), args.k, which=args.which, tol=args.tol,
                    max_matvecs=args.max_matvecs, seed=args.seed, progress=args.progress)
 
 
 def _trace(objective: Objective, args: argparse.Namespace) -> Result:
-    return TRACE_METHODS[args.trace_method](HessianOperator(objective), args.probes, seed=args.seed,
+    return TRACE_METHODS[args.trace_method](_operator(objective, args), args.probes, seed=args.seed,
                                             blocks=objective.layout.slices(), progress=args.progress)
 
 
 def _density(objective: Objective, args: argparse.Namespace) -> Result:
-    return slq_density(HessianOperator(objective), n_runs=args.density_runs, n_steps=args.density_steps, seed=args.seed,
+    return slq_density(_operator(objective, args), n_runs=args.density_runs, n_steps=args.density_steps, seed=args.seed,
                        progress=args.progress)
 
 
@@ -172,7 +182,7 @@ def measure_checkpoint(path: str, args: argparse.Namespace, *, previous: dict | 
         evaluation = objective.evaluate()
         report = {
             "checkpoint": path,
-            "setup": objective.describe(),
+            "setup": {**objective.describe(), "curvature": getattr(args, "curvature", "hessian")},
             "loss": evaluation.loss,
             "accuracy": evaluation.accuracy,
             "grad_norm": float(objective.grad().norm()),
@@ -227,6 +237,11 @@ def measure_all(args: argparse.Namespace) -> list[dict]:
     return reports
 
 
+# how the table names each curvature and its matrix-vector products
+CURVATURE_NAMES = {"hessian": ("Hessian", "HVPs"), "ggn": ("generalized Gauss-Newton", "GGN products"),
+                   "fisher": ("empirical Fisher", "Fisher products")}
+
+
 def _pm(value: float, err: float) -> str:
     return f"{value:.6g} ± {err:.2g}"
 
@@ -235,11 +250,13 @@ def format_measurement(report: dict) -> str:
     """A human-readable block per checkpoint: measurement set, then value ± uncertainty and cost."""
     setup = report["setup"]
     m = setup["measurement"]
+    curvature, products = CURVATURE_NAMES[setup.get("curvature", "hessian")]
     lines = [
         report["checkpoint"],
         f"  measured on the {m['split']} split of {setup['data']['spec']}: {setup['n_samples']} samples in "
         f"{setup['n_batches']} batches of ≤{m['batch_size']} (seed {m['seed']}), BN {setup['mode']} mode, "
-        f"{setup['dtype']} on {setup['device']}, params={setup['params']} ({report['n_params']}), HVP {setup['hvp_method']}"
+        f"{setup['dtype']} on {setup['device']}, params={setup['params']} ({report['n_params']}), HVP {setup['hvp_method']}, "
+        f"curvature: {curvature}"
         + (f", sharded over {setup['world_size']} ranks" if setup.get("sharded") else ""),
     ]
     check = report.get("hvp_check")
@@ -258,15 +275,15 @@ def format_measurement(report: dict) -> str:
         r = results["eig"]
         label = {"LA": "λ", "SA": "λ_min,", "LM": "|λ|"}[r["which"]]
         for i, (v, res) in enumerate(zip(r["values"], r["residuals"]), 1):
-            cost = f"{r['n_matvecs']} HVPs, {r['seconds']:.1f}s" if i == 1 else ""
-            note = "" if r["converged"] else f"not converged in {r['n_matvecs']} HVPs; raise --max-matvecs"
+            cost = f"{r['n_matvecs']} {products}, {r['seconds']:.1f}s" if i == 1 else ""
+            note = "" if r["converged"] else f"not converged in {r['n_matvecs']} {products}; raise --max-matvecs"
             rows.append((f"{label}{i}", _pm(v, res), cost, note))
     if "trace" in results:
         r = results["trace"]
-        rows.append((f"trace ({r['method']})", _pm(r["estimate"], r["stderr"]), f"{r['n_matvecs']} HVPs, {r['seconds']:.1f}s", ""))
+        rows.append((f"trace ({r['method']})", _pm(r["estimate"], r["stderr"]), f"{r['n_matvecs']} {products}, {r['seconds']:.1f}s", ""))
     if "density" in results:
         r = results["density"]
-        rows.append(("spectral density", f"{len(r['nodes'])} SLQ runs, σ={r['sigma']:.3g}", f"{r['n_matvecs']} HVPs, {r['seconds']:.1f}s", ""))
+        rows.append(("spectral density", f"{len(r['nodes'])} SLQ runs, σ={r['sigma']:.3g}", f"{r['n_matvecs']} {products}, {r['seconds']:.1f}s", ""))
     if "expected-loss" in results:
         r = results["expected-loss"]
         lo, hi = r["increase_ci"]

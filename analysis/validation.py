@@ -49,6 +49,9 @@ def validate_arguments(args: argparse.Namespace) -> None:
         parse_radii(args.radius)
     if getattr(args, "metrics", None) is not None:
         metric_names(args)
+    if getattr(args, "command", None) == "compare" and getattr(args, "curvature", "hessian") != "hessian":
+        raise ValueError(f"--curvature {args.curvature}: landscape compare measures the Hessian only; "
+                         f"use landscape measure --curvature {args.curvature} on each checkpoint")
     if getattr(args, "device", None):
         check_device(args.device)
 

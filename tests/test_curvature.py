@@ -6,6 +6,7 @@ gradients. BatchNorm's train mode is built here by setting only the BN modules t
 """
 
 import copy
+import json
 import os
 import socket
 
@@ -18,8 +19,12 @@ from torch import nn
 from torch.func import functional_call
 from torch.autograd.functional import hessian, jacobian
 
+from analysis.cli import build_parser, main
+from analysis.measure import build_objective
 from landscape import distributed as ranks
+from landscape.checkpoints import save_checkpoint
 from landscape.curvature import CurvatureError, _cross_entropy_hessian_product, output_hessian_product
+from landscape.models import model_for_data
 from landscape.objective import Objective, cross_entropy
 from landscape.operators import FisherOperator, GGNOperator, HessianOperator, curvature_operator
 from landscape.params import FlatLayout
@@ -253,3 +258,42 @@ def test_two_ranks_give_the_one_process_products(tmp_path):
         for key, value in single.items():
             assert rel_err(products[key], value) <= 1e-12, (rank, key)
 
+
+
+# ------------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model, spec = model_for_data("mlp", (1, 8, 8), 10, hidden=(8,))
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "net.pt", model, model_spec=spec,
+                           data_spec={"spec": "digits", "seed": 0, "normalize": None})
+
+
+MEASURE = ["--dtype", "float64", "--n-samples", "100", "--batch-size", "40", "--k", "2", "--tol", "1e-10",
+           "--metrics", "eig,trace", "--trace-method", "hutchinson", "--probes", "4", "--quiet"]
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "fisher"])
+def test_measure_reports_the_chosen_curvature(checkpoint, curvature, capsys):
+    """λ1, λ2 of `landscape measure --curvature` are the operator's (not the Hessian's); the JSON and table say which."""
+    assert main(["measure", str(checkpoint), "--curvature", curvature, "--json", *MEASURE]) == 0
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report["setup"]["curvature"] == curvature
+    args = build_parser().parse_args(["measure", str(checkpoint), *MEASURE])
+    objective = build_objective(str(checkpoint), args)
+    exact = {}
+    for kind in (curvature, "hessian"):
+        A = as_matrix(curvature_operator(objective, kind))
+        exact[kind] = torch.linalg.eigvalsh((A + A.T) / 2).flip(0)[:2].tolist()
+    assert report["metrics"]["eig"]["values"] == pytest.approx(exact[curvature], rel=1e-8)
+    assert exact["hessian"] != pytest.approx(exact[curvature], rel=1e-2)
+    assert main(["measure", str(checkpoint), "--curvature", curvature, *MEASURE]) == 0
+    table = capsys.readouterr().out
+    name, products = {"ggn": ("generalized Gauss-Newton", "GGN products"), "fisher": ("empirical Fisher", "Fisher products")}[curvature]
+    assert f"curvature: {name}" in table and products in table and "HVPs" not in table.split("curvature:")[1]
+
+
+def test_compare_refuses_another_curvature_in_one_line(checkpoint, capsys):
+    assert main(["compare", str(checkpoint), "--curvature", "ggn", "--out", str(checkpoint.parent / "cmp")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--curvature ggn" in err[0] and "landscape measure --curvature ggn" in err[0]
