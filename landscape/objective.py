@@ -153,15 +153,7 @@ class Objective:
         self.mode = mode
         self.loss_fn = loss_fn or cross_entropy
         self.model = _prepare_model(model, mode, self.device, dtype)
-        self.batches = [self._to_device(x, y) for x, y in batches]
-        sizes = [len(y) for _, y in self.batches]
-        all_sizes = [n for part in ranks.all_gather(sizes) for n in part] if distributed else sizes
-        if not all_sizes:
-            raise ObjectiveError("the measurement set is empty: give at least one batch")
-        self.n_samples, self.n_batches = sum(all_sizes), len(all_sizes)
-        self.batch_sizes = sorted(set(all_sizes))
-        self.batch_weights = [n / self.n_samples for n in sizes]
-        self._eval_chunks: list[Batch] | None = None
+        self._set_batches(batches)
         self._saved_bytes_per_sample: float | None = None
         self.param_selection = params
         names = select_parameters(self.model, params)
@@ -180,6 +172,30 @@ class Objective:
         self._check_pending = hvp_check
         self._batch_probes = True  # probes batched with vmap until an op without a batching rule is met
         self.hvp_check_result: HVPCheck | None = None
+
+    def _set_batches(self, batches: Sequence[Batch]) -> None:
+        self.batches = [self._to_device(x, y) for x, y in batches]
+        sizes = [len(y) for _, y in self.batches]
+        all_sizes = [n for part in ranks.all_gather(sizes) for n in part] if self.distributed else sizes
+        if not all_sizes:
+            raise ObjectiveError("the measurement set is empty: give at least one batch")
+        self.n_samples, self.n_batches = sum(all_sizes), len(all_sizes)
+        self.batch_sizes = sorted(set(all_sizes))
+        self.batch_weights = [n / self.n_samples for n in sizes]
+        self._eval_chunks: list[Batch] | None = None
+
+    def restricted(self, batches: Sequence[Batch]) -> "Objective":
+        """The same prepared model, point, parameters and settings over other `batches`, without copying the model.
+
+        For measures over parts of the measurement set (m-sharpness: each batch of m samples on its own).
+        Not for a sharded objective, whose batches are spread over the ranks.
+        """
+        if self.distributed:
+            raise ObjectiveError("a sharded objective cannot be restricted to some batches: run without torchrun")
+        sub = copy.copy(self)
+        sub._set_batches(batches)
+        sub.metadata, sub._cache = dict(self.metadata), None
+        return sub
 
     # ----------------------------------------------------------------- basics
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
