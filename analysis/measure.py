@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from typing import Callable, Iterable
 
 from analysis.options import parse_options
@@ -22,6 +23,7 @@ from landscape.problem import objective_from_checkpoint, parse_dtype
 from landscape.results import Result
 from landscape.spectrum import lanczos, slq_density
 from landscape.trace import hutchinson, hutchpp, xtrace
+from landscape.worst_case import DEFAULT_AVERAGE_RHO, DEFAULT_RHO, average_case, m_sharpness, worst_case
 
 TRACE_METHODS = {"xtrace": xtrace, "hutchpp": hutchpp, "hutchinson": hutchinson}
 
@@ -79,6 +81,27 @@ def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
                        help="ε-sharpness maximizer: projected sign ascent (default: higher φ per pass than L-BFGS-B "
                             "on mnist1d MLPs, benchmarks/epsilon_sharpness.py) or lbfgsb (Keskar's)")
     group.add_argument("--eps-iters", type=int, default=20, help="ε-sharpness ascent iterations per start (default 20)")
+    group.add_argument("--rho", type=float, default=None,
+                       help="radius ρ of worst-case, m- and average-case sharpness (default per measure: worst case "
+                            f"{_radii_help(DEFAULT_RHO)}: SAM's 0.05 (Foret et al. 2021), ASAM's 0.5 on CIFAR-10 (Kwon et al. "
+                            "2021), ℓ∞ within Andriushchenko et al. (2023)'s grids; average case "
+                            f"{_radii_help(DEFAULT_AVERAGE_RHO)})")
+    group.add_argument("--p", default="2", help="ball of worst-case, m- and average-case sharpness: 2 (ℓ2, average case "
+                                                "δ ~ N(0, ρ²I)) or inf (ℓ∞ box, average case U[−ρ, ρ]^d) (default 2)")
+    group.add_argument("--m", type=int, default=128,
+                       help="samples per batch of m-sharpness (default 128, Andriushchenko et al.'s); each batch's own "
+                            "maximum is averaged; samples after the last whole batch are left out")
+    group.add_argument("--ascent-steps", type=int, default=20,
+                       help="APGD iterations per start of worst-case and m-sharpness (default 20, as Andriushchenko et al.)")
+    group.add_argument("--ascent-restarts", type=int, default=1,
+                       help="worst-case and m-sharpness random starts besides the gradient direction (default 1)")
+    group.add_argument("--eta", type=float, default=0.0,
+                       help="adaptive ball T = |w| + η (default 0, as Andriushchenko et al.; ASAM uses 0.01)")
+
+
+def _radii_help(radii: dict) -> str:
+    names = {("2", False): "ℓ2", ("2", True): "adaptive ℓ2", ("inf", False): "ℓ∞", ("inf", True): "adaptive ℓ∞"}
+    return ", ".join(f"{names[key]} {rho:g}" for key, rho in radii.items())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +124,7 @@ def build_objective(path: str, args: argparse.Namespace, *, distributed: bool = 
         measurement=measurement, params=args.params, mode=args.mode, dtype=parse_dtype(args.dtype),
         device=args.device, hvp_method=args.hvp, distributed=distributed, hvp_check=not args.no_hvp_check,
     )
-    check_against_objective(args, objective.n_params)
+    check_against_objective(args, objective.n_params, objective.n_samples)
     return objective
 
 
@@ -147,6 +170,21 @@ def _eps_sharpness(objective: Objective, args: argparse.Namespace) -> Result:
                              restarts=args.restarts, seed=args.seed, method=args.eps_method, progress=args.progress)
 
 
+def _worst_case(objective: Objective, args: argparse.Namespace, *, adaptive: bool = False) -> Result:
+    return worst_case(objective, args.rho, p=args.p, adaptive=adaptive, eta=args.eta if adaptive else 0.0,
+                      steps=args.ascent_steps, restarts=args.ascent_restarts, seed=args.seed, progress=args.progress)
+
+
+def _m_sharpness(objective: Objective, args: argparse.Namespace, *, adaptive: bool = False) -> Result:
+    return m_sharpness(objective, args.m, args.rho, p=args.p, adaptive=adaptive, eta=args.eta if adaptive else 0.0,
+                       steps=args.ascent_steps, restarts=args.ascent_restarts, seed=args.seed, progress=args.progress)
+
+
+def _average_case(objective: Objective, args: argparse.Namespace, *, adaptive: bool = False) -> Result:
+    return average_case(objective, args.rho, p=args.p, adaptive=adaptive, n_samples=args.noise_samples, seed=args.seed,
+                        progress=args.progress)
+
+
 METRICS: dict[str, Callable[[Objective, argparse.Namespace], Result]] = {
     "eig": _eig,
     "trace": _trace,
@@ -154,6 +192,12 @@ METRICS: dict[str, Callable[[Objective, argparse.Namespace], Result]] = {
     "expected-loss": _expected_loss,
     "sharpness-curve": _sharpness_curve,
     "eps-sharpness": _eps_sharpness,
+    "worst-case": _worst_case,
+    "adaptive-worst-case": partial(_worst_case, adaptive=True),
+    "m-sharpness": _m_sharpness,
+    "adaptive-m-sharpness": partial(_m_sharpness, adaptive=True),
+    "average-case": _average_case,
+    "adaptive-average-case": partial(_average_case, adaptive=True),
 }
 
 
@@ -303,8 +347,52 @@ def format_measurement(report: dict) -> str:
         rows.append((f"ε-sharpness, ε={r['eps']:g}", f"{r['value']:.4g} (best of {len(r['values'])} starts, spread {r['spread']:.2g})",
                      f"{r['n_forward']} forwards, {r['n_grad']} gradients, {r['seconds']:.1f}s",
                      f"{r['method']}, {r['max_iter']} iterations, {space}; starts: {starts}"))
+    rows += _worst_case_rows(results)
     lines.append(format_table(["quantity", "value ± uncertainty", "cost", "note"], rows))
     if "trace" in results and results["trace"]["blocks"]:
         block_rows = [(name, _pm(*est)) for name, est in results["trace"]["blocks"].items()]
         lines.append("\ntrace by parameter tensor (same probes)\n" + format_table(["parameter", "trace ± stderr"], block_rows))
     return "\n".join(lines)
+
+
+def _worst_case_rows(results: dict) -> list[tuple]:
+    """Rows of worst-case, m- and average-case sharpness (Foret et al. 2021; Kwon et al. 2021; Andriushchenko et al. 2023)."""
+    rows = []
+    for name in ("worst-case", "adaptive-worst-case"):
+        if name in results:
+            r = results[name]
+            starts = ", ".join(f"{kind} {v:.4g}" for kind, v in zip(r["start_kinds"], r["values"]))
+            rows.append((f"{_ball(name, r['p'])}, ρ={r['rho']:g}",
+                         f"{r['value']:.4g} (best of {len(r['values'])} starts, spread {r['spread']:.2g})",
+                         f"{r['n_forward']} forwards, {r['n_grad']} gradients, {r['seconds']:.1f}s",
+                         f"APGD {r['steps']} steps{_scaled(r)}; starts: {starts}"))
+    for name in ("m-sharpness", "adaptive-m-sharpness"):
+        if name in results:
+            r = results[name]
+            spread = "" if r["stderr"] is None else f" ± {r['stderr']:.2g}"
+            value = f"{r['value']:.4g}{spread} (mean ± stderr over {r['n_batches']} batches)"
+            unused = f", {r['n_unused']} samples left out" if r["n_unused"] else ""
+            rows.append((f"{_ball(name, r['p'])}, ρ={r['rho']:g}, m={r['m']}", value,
+                         f"{r['n_forward']} forwards, {r['n_grad']} gradients on {r['m']}-sample batches, {r['seconds']:.1f}s",
+                         f"{r['n_batches']} batches of {r['m']}{unused}; APGD {r['steps']} steps, {1 + r['restarts']} starts"
+                         f"{_scaled(r)}; mean start spread {sum(r['batch_spreads']) / len(r['batch_spreads']):.2g}"))
+    for name in ("average-case", "adaptive-average-case"):
+        if name in results:
+            r = results[name]
+            p = "2" if r["distribution"] == "gaussian" else "inf"
+            lo, hi = r["increase_ci"]
+            noise = "N(0, ρ²I)" if p == "2" else "U[−ρ, ρ]^d"
+            rows.append((f"{_ball(name, p)}, ρ={r['radius']:g}", f"{r['increase']:.4g} [95% CI {lo:.4g}, {hi:.4g}]",
+                         f"{r['n_forward']} forwards, {r['seconds']:.1f}s",
+                         f"E L(w + T⊙δ') − L(w), δ' ~ {noise}, T = {'|w|' if r['scale'] == 'weight' else '1'}"))
+    return rows
+
+
+def _ball(name: str, p: str) -> str:
+    """The row label: ("adaptive-worst-case", "inf") → adaptive worst-case ℓ∞."""
+    adaptive = name.startswith("adaptive-")
+    return f"{'adaptive ' if adaptive else ''}{name.removeprefix('adaptive-')} ℓ{'∞' if p == 'inf' else '2'}"
+
+
+def _scaled(r: dict) -> str:
+    return "" if not r["adaptive"] else f", T = |w| + {r['eta']:g}" if r["eta"] else ", T = |w|"

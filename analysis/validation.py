@@ -17,7 +17,7 @@ import torch
 INT_MINIMUMS = {
     "k": 1, "max_matvecs": 1, "density_runs": 1, "density_steps": 1, "restarts": 0, "eps_iters": 1, "subspace_dim": 1,
     "bn_recalibration": 1, "n_samples": 1, "batch_size": 1, "epochs": 1, "save_every": 1, "lr_reference_batch": 1,
-    "ghost_batch_size": 1, "seeds": 1,
+    "ghost_batch_size": 1, "seeds": 1, "m": 1, "ascent_steps": 1, "ascent_restarts": 0,
 }
 PROBE_MINIMUMS = {"xtrace": 4, "hutchpp": 4, "hutchinson": 2}  # matvecs each trace method needs at least
 MIN_NOISE_SAMPLES = 4  # two antithetic pairs: the stderr needs at least two
@@ -45,6 +45,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
         _number("--tol", args.tol, allow_zero=True)
     if getattr(args, "eps", None) is not None:
         _number("--eps", args.eps, allow_zero=False)
+    _check_worst_case(args)
     if getattr(args, "radius", None) is not None:
         parse_radii(args.radius)
     if getattr(args, "metrics", None) is not None:
@@ -98,9 +99,9 @@ def check_device(name: str) -> None:
             raise ValueError(f"--device {name}: not available on this machine ({str(error).splitlines()[0]}); use --device cpu") from None
 
 
-def check_against_objective(args: argparse.Namespace, n_params: int) -> None:
+def check_against_objective(args: argparse.Namespace, n_params: int, n_samples: int | None = None) -> None:
     """Options that must fit the model: --k and --subspace-dim at most the number of parameters measured,
-    and a Lanczos budget (--max-matvecs) of at least --k."""
+    a Lanczos budget (--max-matvecs) of at least --k, and --m at most the `n_samples` measured."""
     metrics = metric_names(args) if getattr(args, "metrics", None) is not None else []
     where = f"the {n_params} parameters measured (--params {getattr(args, 'params', 'all')})"
     if "eig" in metrics and getattr(args, "k", None) is not None:
@@ -110,6 +111,24 @@ def check_against_objective(args: argparse.Namespace, n_params: int) -> None:
             raise ValueError(f"--max-matvecs {args.max_matvecs} cannot find --k {args.k} eigenvalues; give at least {args.k}")
     if "eps-sharpness" in metrics and getattr(args, "subspace_dim", None) is not None and args.subspace_dim > n_params:
         raise ValueError(f"--subspace-dim {args.subspace_dim} exceeds {where}; give at most {n_params}")
+    m_metrics = {"m-sharpness", "adaptive-m-sharpness"} & set(metrics)
+    if m_metrics and n_samples is not None and getattr(args, "m", None) is not None and args.m > n_samples:
+        raise ValueError(f"--m {args.m} exceeds the {n_samples} samples of the measurement set (--n-samples, --split); "
+                         f"give at most {n_samples}")
+
+
+def _check_worst_case(args: argparse.Namespace) -> None:
+    """--rho, --p and --eta of worst-case, m- and average-case sharpness."""
+    if getattr(args, "rho", None) is not None:
+        _number("--rho", args.rho, allow_zero=False)
+    if getattr(args, "p", None) is not None and args.p.strip().lower() not in ("2", "inf"):
+        raise ValueError(f"--p must be 2 or inf, got {args.p}")
+    if getattr(args, "eta", None) is not None:
+        _number("--eta", args.eta, allow_zero=True)
+        metrics = metric_names(args) if getattr(args, "metrics", None) is not None else []
+        if args.eta > 0 and "adaptive-average-case" in metrics:
+            raise ValueError(f"--eta {args.eta:g}: adaptive-average-case scales its noise by |w| alone (η = 0); "
+                             "measure it in a run without --eta")
 
 
 def _number(name: str, value: float, *, allow_zero: bool) -> float:
