@@ -80,7 +80,6 @@ class JacobianSandwich:
         self.objective, self.function, self.middle, self.weights = objective, function, middle, list(weights)
         self.keep = objective.hvp_method in ("linearize", "reuse") if keep is None else keep
         self._kept: list[_Linearization] | None = None
-        self._batch_probes = True  # vmap over probes until an op without a batching rule is met
 
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
         objective = self.objective
@@ -113,23 +112,19 @@ class JacobianSandwich:
             try:
                 with warnings.catch_warnings():  # torch.fx const folding warns about its own graph attributes
                     warnings.simplefilter("ignore", UserWarning)
-                    return _Linearization(torch.func.linearize(torch.func.functionalize(fn), w)[1], pullback, False, middle)
+                    return _Linearization(torch.func.linearize(torch.func.functionalize(fn), w)[1], pullback, middle)
             except Exception:  # not functionalizable (a custom autograd Function): an eager jvp, same numbers
                 pass
 
         def tangent(v: torch.Tensor) -> torch.Tensor:
             return jvp(fn, (w,), (v,))[1]
 
-        return _Linearization(tangent, pullback, True, middle)
+        return _Linearization(tangent, pullback, middle)
 
-    def _apply(self, lin: "_Linearization", V: torch.Tensor) -> torch.Tensor:
-        """Jᵀ M(J vᵢ) for the rows of V: probes vmapped where the ops allow it, else one at a time."""
-        if len(V) > 1 and self._batch_probes:
-            try:
-                JV = vmap(lin.tangent)(V) if lin.vmappable else torch.stack([lin.tangent(v) for v in V])
-                return vmap(lin.pullback)(lin.middle(JV))[0]
-            except RuntimeError:
-                self._batch_probes = False
+    @staticmethod
+    def _apply(lin: "_Linearization", V: torch.Tensor) -> torch.Tensor:
+        """Jᵀ M(J vᵢ) for the rows of V, one probe at a time: faster per probe than vmap over a block on the
+        digits MLP and ConvNet (5.4 vs 6.5 and 7.4 vs 8.4 ms for the GGN with 16 probes, one CPU thread)."""
         return torch.stack([lin.pullback(lin.middle(lin.tangent(v)[None])[0])[0] for v in V])
 
 
@@ -137,7 +132,6 @@ class JacobianSandwich:
 class _Linearization:
     tangent: Callable[[torch.Tensor], torch.Tensor]  # v ↦ J v
     pullback: Callable[[torch.Tensor], tuple[torch.Tensor]]  # u ↦ (Jᵀ u,)
-    vmappable: bool
     middle: Callable[[torch.Tensor], torch.Tensor]  # J V (k, *value.shape) ↦ M J V
 
 
