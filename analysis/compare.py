@@ -30,7 +30,8 @@ from landscape.directions import random_directions
 from landscape.results import to_jsonable
 from landscape.surface import compute_surface
 
-COMPARE_METRICS = ("eig", "trace", "density", "sharpness-curve", "eps-sharpness", "surface", "surface2d")
+COMPARE_METRICS = ("eig", "trace", "density", "sharpness-curve", "eps-sharpness", "worst-case", "adaptive-worst-case",
+                   "m-sharpness", "adaptive-m-sharpness", "average-case", "adaptive-average-case", "surface", "surface2d")
 DEFAULT_METRICS = "eig,trace,sharpness-curve,surface"
 
 
@@ -114,8 +115,15 @@ def _quantities(metric: str, result: dict) -> dict:
         return {f"ΔL a={point['radius']:g}": {
             "value": point["increase"], "stderr": point["stderr"],
             "samples": (np.asarray(point["samples"]) - point["clean_loss"]).tolist()} for point in result["points"]}
-    if metric == "eps-sharpness":  # a best-of-starts maximum has no standard error: how much the start mattered stands in
-        return {"ε-sharpness": {"value": result["value"], "stderr": result["spread"]}}
+    if metric in ("eps-sharpness", "worst-case", "adaptive-worst-case"):
+        # a best-of-starts maximum has no standard error: how much the start mattered stands in
+        name = "ε-sharpness" if metric == "eps-sharpness" else metric
+        return {name: {"value": result["value"], "stderr": result["spread"]}}
+    if metric in ("m-sharpness", "adaptive-m-sharpness"):  # the same batches for every checkpoint: paired per batch
+        return {metric: {"value": result["value"], "stderr": result["stderr"] or 0.0, "samples": result["batch_values"]}}
+    if metric in ("average-case", "adaptive-average-case"):  # the same noise draws for every checkpoint: paired per draw
+        samples = (np.asarray(result["samples"]) - result["clean_loss"]).tolist()
+        return {metric: {"value": result["increase"], "stderr": result["stderr"], "samples": samples}}
     return {}
 
 

@@ -48,7 +48,7 @@ def difference(baseline: list[dict], other: list[dict], name: str) -> dict | Non
         if "samples" in a[0] and "samples" in b[0] and len(a[0]["samples"]) == len(b[0]["samples"]):
             d = np.array(b[0]["samples"]) - np.array(a[0]["samples"])
             t = _t(len(d) - 1)  # the same quantile for the interval independent draws would give
-            half, basis = t * d.std(ddof=1) / math.sqrt(len(d)), "paired noise draws (one seed each)"
+            half, basis = t * d.std(ddof=1) / math.sqrt(len(d)), "paired over shared noise draws or batches (one seed each)"
             unpaired = t * math.hypot(a[0]["stderr"], b[0]["stderr"])
         else:
             half, basis = 1.96 * math.hypot(a[0]["stderr"], b[0]["stderr"]), "estimator error (one seed each)"
