@@ -77,3 +77,14 @@ def cli_command() -> list[str]:
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """Run `landscape ARGS` as a real process."""
     return subprocess.run(cli_command() + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def digits_mlp_checkpoint(folder: Path, hidden: tuple[int, ...], seed: int = 0) -> Path:
+    """An untrained digits MLP saved as FOLDER/net.pt, a toolkit checkpoint, for CLI tests that need any checkpoint."""
+    from landscape.checkpoints import save_checkpoint
+    from landscape.models import model_for_data
+
+    torch.manual_seed(seed)
+    model, spec = model_for_data("mlp", (1, 8, 8), 10, hidden=hidden)
+    return save_checkpoint(Path(folder) / "net.pt", model, model_spec=spec,
+                           data_spec={"spec": "digits", "seed": 0, "normalize": None})

@@ -22,15 +22,13 @@ from torch.autograd.functional import hessian, jacobian
 from analysis.cli import build_parser, main
 from analysis.measure import build_objective
 from landscape import distributed as ranks
-from landscape.checkpoints import save_checkpoint
 from landscape.curvature import CurvatureError, _cross_entropy_hessian_product, output_hessian_product
-from landscape.models import model_for_data
 from landscape.objective import Objective, cross_entropy
 from landscape.operators import FisherOperator, GGNOperator, HessianOperator, curvature_operator
 from landscape.params import FlatLayout
 from landscape.spectrum import lanczos, slq_density
 from landscape.trace import xtrace
-from tests.conftest import classification_batches, tiny_convnet_bn, tiny_mlp
+from tests.conftest import classification_batches, digits_mlp_checkpoint, tiny_convnet_bn, tiny_mlp
 from tests.ground_truth import dense_hessian, rel_err
 from tests.model_zoo import ZOO, CustomFunctionResidual
 from tests.test_zoo import zoo_batches
@@ -263,10 +261,7 @@ def test_two_ranks_give_the_one_process_products(tmp_path):
 # ------------------------------------------------------------------------------------------- CLI
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model, spec = model_for_data("mlp", (1, 8, 8), 10, hidden=(8,))
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "net.pt", model, model_spec=spec,
-                           data_spec={"spec": "digits", "seed": 0, "normalize": None})
+    return digits_mlp_checkpoint(tmp_path_factory.mktemp("ckpt"), hidden=(8,))
 
 
 MEASURE = ["--dtype", "float64", "--n-samples", "100", "--batch-size", "40", "--k", "2", "--tol", "1e-10",

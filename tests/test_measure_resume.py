@@ -8,12 +8,10 @@ import subprocess
 
 import pytest
 import torch
-from conftest import cli_command
+from conftest import cli_command, digits_mlp_checkpoint
 
 from analysis.cli import main
 
-from landscape.checkpoints import save_checkpoint
-from landscape.models import model_for_data
 
 # eig first, then expected-loss: 1000 noisy forwards, each a plain progress line at interval 0, far more lines than
 # the 4 KiB stderr pipe `_start` sets up holds, so a stopped reader pauses the run inside expected-loss
@@ -23,10 +21,7 @@ ARGS = ["--metrics", "eig,expected-loss,trace", "--n-samples", "100", "--noise-s
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model, spec = model_for_data("mlp", (1, 8, 8), 10, hidden=(32,))
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "net.pt", model, model_spec=spec,
-                           data_spec={"spec": "digits", "seed": 0, "normalize": None})
+    return digits_mlp_checkpoint(tmp_path_factory.mktemp("ckpt"), hidden=(32,))
 
 
 def _start(checkpoint, out, *extra):
@@ -127,9 +122,7 @@ def test_resume_refuses_other_settings_or_a_changed_checkpoint(tmp_path, checkpo
     changed = tmp_path / "net.pt"
     changed.write_bytes(checkpoint.read_bytes())
     assert measure(changed, tmp_path / "c.json")[0] == 0
-    torch.manual_seed(1)
-    model, spec = model_for_data("mlp", (1, 8, 8), 10, hidden=(32,))
-    save_checkpoint(changed, model, model_spec=spec, data_spec={"spec": "digits", "seed": 0, "normalize": None})
+    assert digits_mlp_checkpoint(tmp_path, hidden=(32,), seed=1) == changed
     code, stderr = measure(changed, tmp_path / "c.json", "--resume")
     assert code == 2 and f"{changed} changed since its results were saved" in stderr
     assert measure(checkpoint, tmp_path / "x.json", "--resume", "--out", "") == (
