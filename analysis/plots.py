@@ -217,8 +217,8 @@ def plot_surfaces(surfaces: Mapping[str, Surface], *, kind: str = "contour", spl
     grids = {label: _loss(s, split, label, log) for label, s in surfaces.items()}
     norm, contour_levels = shared_scale(list(grids.values()), log, levels)
     projection = {"projection": "3d"} if kind == "surface3d" else {}
-    ncols = max(1, min(columns, len(surfaces)))
-    nrows = -(-len(surfaces) // ncols)
+    nrows = -(-len(surfaces) // max(1, columns))
+    ncols = -(-len(surfaces) // nrows)  # balanced rows: four panels are 2x2, five are 3+2
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols + 1.4, 4.0 * nrows + 0.2), squeeze=False,
                              layout="constrained", subplot_kw=projection)
     panels = list(axes.flat)

@@ -225,3 +225,9 @@ def test_a_surface_being_written_can_be_read(files, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_four_planes_are_two_by_two(files):
+    a = read_surface(files / "a-2d.h5")
+    fig = plot_surfaces({f"m{i}": a for i in range(4)}, kind="contour")
+    assert len(panels(fig)) == 4 and all(ax.get_visible() for ax in panels(fig))
