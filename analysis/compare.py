@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from analysis.differences import aggregate, difference, verdict
+from analysis.differences import aggregate, difference, holm, verdict
 from analysis.measure import METRICS, build_objective
 from analysis.report import Report
 from analysis.surfaces import parse_range
@@ -201,16 +201,17 @@ def comparison_tables(result: dict) -> tuple[list[str], list[list[str]], list[st
     """(headers, rows) of the value table and of the difference table."""
     names = result["quantities"]
     value_rows = [[g, *[format_value(agg[n]) for n in names]] for g, agg in result["groups"].items()]
+    shown = [(g, n, diffs[n]) for g, diffs in result["differences"].items() for n in names if diffs[n] is not None]
+    adjusted = holm([d["p_value"] for _, _, d in shown])  # the whole table is one family of tests
     diff_rows = []
-    for g, diffs in result["differences"].items():
-        for n in names:
-            d = diffs[n]
-            if d is not None:
-                basis = d["basis"] + ("" if d["unpaired_halfwidth"] is None
-                                      else f"; independent draws would give ±{d['unpaired_halfwidth']:.2g}")
-                diff_rows.append([g, result["baselines"][g], n, format_difference(d), verdict(d), basis])
+    for (g, n, d), p_holm in zip(shown, adjusted):
+        basis = d["basis"] + ("" if d["unpaired_halfwidth"] is None
+                              else f"; independent draws would give ±{d['unpaired_halfwidth']:.2g}")
+        diff_rows.append([g, result["baselines"][g], n, format_difference(d), verdict(d),
+                          f"{d['p_value']:.2g} / {p_holm:.2g}", basis])
     return (["method", *names], value_rows,
-            ["method", "vs", "quantity", "difference [95% CI] (relative)", "clears seed spread?", "interval from"],
+            ["method", "vs", "quantity", "difference [95% CI] (relative)", "clears seed spread?",
+             f"p / Holm-adjusted p ({len(shown)} tests)", "interval from"],
             diff_rows)
 
 
@@ -301,7 +302,10 @@ def build_report(result: dict, out: Path) -> Report:
                          "over training seeds, excludes zero; with one seed per method the interval reflects estimator "
                          "noise only and says whether these two checkpoints differ, not whether the methods do; there "
                          "the interval from shared noise draws is printed beside the one independent draws would give. "
-                         "Each method is compared with the baseline in the 'vs' column (by default plain SGD at its own batch size).")
+                         "Each method is compared with the baseline in the 'vs' column (by default plain SGD at its own batch size). "
+                         "p: two-sided, from the same t (or normal) statistic as the interval; Holm-adjusted p controls the "
+                         "family-wise error over every row of this table (Holm 1979): with many rows, read a difference as "
+                         "established only where the adjusted p is small.")
     figures = make_figures(result, out)
     if figures:
         report.heading("Figures")

@@ -9,6 +9,7 @@ estimators' own errors, which say whether two checkpoints differ, not whether tw
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import scipy.stats
@@ -28,7 +29,11 @@ def aggregate(members: list[dict], name: str) -> dict | None:
 
 
 def difference(baseline: list[dict], other: list[dict], name: str) -> dict | None:
-    """other − baseline with a 95% interval: Welch over seeds, paired draws for single runs, else estimator errors."""
+    """other − baseline with a 95% interval and a two-sided p-value.
+
+    Welch over seeds, the one multi-seed group's spread, paired draws for single runs (Student t), else
+    the two estimators' errors (normal).
+    """
     a = [m["quantities"][name] for m in baseline if name in m["quantities"]]
     b = [m["quantities"][name] for m in other if name in m["quantities"]]
     if not a or not b:
@@ -39,27 +44,45 @@ def difference(baseline: list[dict], other: list[dict], name: str) -> dict | Non
     if len(a) > 1 and len(b) > 1:
         sa, sb = va.var(ddof=1) / len(a), vb.var(ddof=1) / len(b)
         df = (sa + sb) ** 2 / (sa**2 / (len(a) - 1) + sb**2 / (len(b) - 1)) if sa + sb > 0 else 1.0
-        half, basis = _t(df) * math.sqrt(sa + sb), f"seed spread (Welch, {len(a)} vs {len(b)} seeds)"
+        se, basis = math.sqrt(sa + sb), f"seed spread (Welch, {len(a)} vs {len(b)} seeds)"
     elif len(a) > 1 or len(b) > 1:
         seeds = va if len(a) > 1 else vb
-        half = _t(len(seeds) - 1) * seeds.std(ddof=1) * math.sqrt(1 / len(a) + 1 / len(b))
+        df, se = len(seeds) - 1, seeds.std(ddof=1) * math.sqrt(1 / len(a) + 1 / len(b))
         basis = f"seed spread of the {len(seeds)}-seed group"
+    elif "samples" in a[0] and "samples" in b[0] and len(a[0]["samples"]) == len(b[0]["samples"]):
+        d = np.array(b[0]["samples"]) - np.array(a[0]["samples"])
+        df, se = len(d) - 1, d.std(ddof=1) / math.sqrt(len(d))
+        basis = "paired over shared noise draws or batches (one seed each)"
+        unpaired = _t(df) * math.hypot(a[0]["stderr"], b[0]["stderr"])  # the same quantile, independent draws
     else:
-        if "samples" in a[0] and "samples" in b[0] and len(a[0]["samples"]) == len(b[0]["samples"]):
-            d = np.array(b[0]["samples"]) - np.array(a[0]["samples"])
-            t = _t(len(d) - 1)  # the same quantile for the interval independent draws would give
-            half, basis = t * d.std(ddof=1) / math.sqrt(len(d)), "paired over shared noise draws or batches (one seed each)"
-            unpaired = t * math.hypot(a[0]["stderr"], b[0]["stderr"])
-        else:
-            half, basis = 1.96 * math.hypot(a[0]["stderr"], b[0]["stderr"]), "estimator error (one seed each)"
+        df, se, basis = None, math.hypot(a[0]["stderr"], b[0]["stderr"]), "estimator error (one seed each)"
+    half = (_t(df) if df is not None else 1.96) * se
     scale = abs(float(va.mean()))
     return {"diff": diff, "halfwidth": half, "unpaired_halfwidth": unpaired, "basis": basis,
             "relative": diff / scale if scale else None, "relative_halfwidth": half / scale if scale else None,
-            "significant": abs(diff) > half, "seeds": len(a) > 1 or len(b) > 1}
+            "significant": abs(diff) > half, "seeds": len(a) > 1 or len(b) > 1, "p_value": _p_value(diff, se, df)}
+
+
+def _p_value(diff: float, se: float, df: float | None) -> float:
+    """Two-sided p of diff/se under Student's t with `df` (normal when None); 0 or 1 when se is 0."""
+    if se == 0:
+        return 0.0 if diff != 0 else 1.0
+    z = abs(diff) / se
+    return float(2 * (scipy.stats.t.sf(z, max(df, 1.0)) if df is not None else scipy.stats.norm.sf(z)))
 
 
 def _t(df: float) -> float:
     return float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, max(df, 1.0)))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979): family-wise error control over the given tests."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [1.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def verdict(d: dict) -> str:

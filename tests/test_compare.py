@@ -151,3 +151,17 @@ def test_sharpness_maxima_and_batch_measures_enter_the_comparison_paired():
     assert m["samples"] == [0.1, 0.3] and m["stderr"] == 0.01
     a = _quantities("average-case", {"increase": 0.05, "stderr": 0.004, "samples": [1.1, 1.0], "clean_loss": 1.0})
     assert a["average-case"]["samples"] == pytest.approx([0.1, 0.0]) and a["average-case"]["value"] == 0.05
+
+
+def test_p_values_match_scipy_and_holm_controls_the_family():
+    from analysis.differences import holm
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.0, 1.0, 3), rng.normal(1.5, 0.5, 4)
+    d = difference([_member(v) for v in a], [_member(v) for v in b], "x")
+    assert d["p_value"] == pytest.approx(scipy.stats.ttest_ind(b, a, equal_var=False).pvalue, rel=1e-10)
+    single = difference([_member(1.0, 0.3)], [_member(1.9, 0.4)], "x")
+    assert single["p_value"] == pytest.approx(2 * scipy.stats.norm.sf(0.9 / 0.5), rel=1e-10)
+    # Holm (1979): sorted p·(k − rank), made monotone, capped at 1
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert holm([]) == []
