@@ -19,7 +19,6 @@ batches and the products are all-reduced, as the Objective's HVPs are.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, jvp, vjp, vmap
 
-from landscape.objective import ObjectiveError, cross_entropy
+from landscape.objective import ObjectiveError, cross_entropy, linearized
 
 if TYPE_CHECKING:
     from landscape.objective import Objective
@@ -106,20 +105,10 @@ class JacobianSandwich:
             return self.function(w, x, y)
 
         value, pullback = vjp(fn, w)
-        value = value.detach()
-        middle = partial(self.middle, value, y)
+        middle = partial(self.middle, value.detach(), y)
         if self.keep:  # tracing pays off over many products
-            try:
-                with warnings.catch_warnings():  # torch.fx const folding warns about its own graph attributes
-                    warnings.simplefilter("ignore", UserWarning)
-                    return _Linearization(torch.func.linearize(torch.func.functionalize(fn), w)[1], pullback, middle)
-            except Exception:  # not functionalizable (a custom autograd Function): an eager jvp, same numbers
-                pass
-
-        def tangent(v: torch.Tensor) -> torch.Tensor:
-            return jvp(fn, (w,), (v,))[1]
-
-        return _Linearization(tangent, pullback, middle)
+            return _Linearization(linearized(fn, w), pullback, middle)
+        return _Linearization(lambda v: jvp(fn, (w,), (v,))[1], pullback, middle)
 
     @staticmethod
     def _apply(lin: "_Linearization", V: torch.Tensor) -> torch.Tensor:

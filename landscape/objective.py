@@ -447,22 +447,8 @@ class Objective:
         return torch.stack([jvp_fn(v) for v in V])
 
     def _linearized_gradient(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """v ↦ H v from one linearization of the gradient at w.
-
-        Functionalized first: a traced in-place op (`out += h`, ReLU(inplace=True)) otherwise writes into
-        the graph's saved constants, so every product after the first came out wrong (issue 20). Models
-        functionalization cannot trace (custom autograd Functions, in torch 2.13) are linearized as they
-        are; the run-time self-check (HVPCheck) then guards against in-place writes.
-        """
-        gradient = self._gradient_function()
-        with warnings.catch_warnings():  # torch.fx const folding warns about its own graph attributes
-            warnings.simplefilter("ignore", UserWarning)
-            try:
-                return torch.func.linearize(torch.func.functionalize(gradient), self.w.detach())[1]
-            except RuntimeError as error:
-                if "Functionalize" not in str(error) and "functionaliz" not in str(error):
-                    raise
-                return torch.func.linearize(gradient, self.w.detach())[1]
+        """v ↦ H v from one linearization of the gradient at w (see `linearized`)."""
+        return linearized(self._gradient_function(), self.w.detach())
 
     def graph_bytes(self) -> int:
         """Memory a kept gradient graph needs for this rank's batches (all of them unless distributed), from the first."""
@@ -531,6 +517,24 @@ def _default_memory_budget(device: torch.device) -> float:
     if device.type == "cuda":
         return 0.5 * torch.cuda.mem_get_info(device)[0]
     return 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def linearized(fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v ↦ J_fn(w) v, from one trace of `fn` at w (torch.func.linearize), replayed for every v.
+
+    Functionalized first: a traced in-place op (`out += h`, ReLU(inplace=True)) otherwise writes into the
+    graph's saved constants, so every product after the first came out wrong (issue 20). A function that
+    functionalization cannot trace (a custom autograd Function, in torch 2.13) gets an eager jvp per
+    product instead: slower, never wrong.
+    """
+    with warnings.catch_warnings():  # torch.fx const folding warns about its own graph attributes
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            return torch.func.linearize(torch.func.functionalize(fn), w)[1]
+        except RuntimeError as error:
+            if "functionaliz" not in str(error).lower():
+                raise
+    return lambda v: torch.func.jvp(fn, (w,), (v,))[1]
 
 
 def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -200,6 +200,7 @@ ZOO: dict[str, Idiom] = {
     "groupnorm": Idiom(lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Softplus(), nn.Flatten(), nn.Linear(16, 3)), (2, 4, 4)),
     "dropout-eval": Idiom(lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)), (6,)),
     "custom-function": Idiom(CustomFunctionNet, (6,)),
+    "custom-function-inplace": Idiom(lambda: CustomFunctionResidual((6,), 3), (6,)),
     "non-contiguous-views": Idiom(NonContiguousViews, (6,)),
     "channels-last": Idiom(ChannelsLast, (2, 4, 4)),
 }
@@ -258,8 +259,8 @@ class CifarResNet(nn.Module):
 class CustomFunctionResidual(nn.Module):
     """A custom autograd Function (which functionalization cannot trace) and an in-place residual add in one net.
 
-    torch.func.linearize then runs unfunctionalized, and its products after the first are wrong: the
-    case the run-time HVP self-check exists for. Digits-shaped by default (64 inputs, 10 classes).
+    The linearized paths then replay an eager jvp instead of a trace (a plain trace would be wrong after its
+    first product). Digits-shaped by default (64 inputs, 10 classes).
     """
 
     def __init__(self, input_shape: tuple[int, ...] = (64,), num_classes: int = 10) -> None:

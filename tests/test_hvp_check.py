@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,13 +102,16 @@ def test_the_check_can_be_turned_off_and_double_backward_needs_none(residual):
 
 
 def test_the_cli_says_so_in_one_line_and_measures_with_a_correct_path(tmp_path):
-    """A custom Function (no functionalization) plus `out += h`: linearize goes wrong, the check catches it in a real run."""
+    """A real `landscape measure` process with functionalization switched off (the first release's linearize) on
+    `out += h`: the check catches the wrong products, says so in one line, and the result equals double backward."""
     torch.manual_seed(0)
     torch.save(CustomFunctionResidual().state_dict(), tmp_path / "weights.pt")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    common = [*cli_command(), "measure", str(tmp_path / "weights.pt"), "--model", "tests.model_zoo:CustomFunctionResidual",
-              "--data", "digits", "--n-samples", "256", "--metrics", "eig", "--k", "2", "--json", "--quiet"]
-    checked = subprocess.run(common, capture_output=True, text=True, env=env, timeout=600)
+    args = ["measure", str(tmp_path / "weights.pt"), "--model", "tests.model_zoo:CustomFunctionResidual",
+            "--data", "digits", "--n-samples", "256", "--metrics", "eig", "--k", "2", "--json", "--quiet"]
+    released = ("import sys, torch; torch.func.functionalize = lambda f: f; "
+                "from analysis.cli import main; sys.exit(main(sys.argv[1:]))")
+    checked = subprocess.run([sys.executable, "-c", released, *args], capture_output=True, text=True, env=env, timeout=600)
     assert checked.returncode == 0, checked.stderr
     (line,) = checked.stderr.strip().splitlines()
     assert line.startswith("landscape measure: warning: HVP self-check: the linearize path differs from double backward")
@@ -115,7 +119,11 @@ def test_the_cli_says_so_in_one_line_and_measures_with_a_correct_path(tmp_path):
     (report,) = json.loads(checked.stdout)
     assert report["hvp_check"]["passed"] is False and report["hvp_check"]["repeat_difference"] > 0.01
     assert report["setup"]["hvp_method"] == "double-backward"
-    reference = subprocess.run(common + ["--hvp", "double-backward"], capture_output=True, text=True, env=env, timeout=600)
+    reference = subprocess.run([*cli_command(), *args, "--hvp", "double-backward"], capture_output=True, text=True,
+                               env=env, timeout=600)
     assert reference.returncode == 0 and reference.stderr == ""
     expected = json.loads(reference.stdout)[0]["metrics"]["eig"]["values"]
     assert report["metrics"]["eig"]["values"] == pytest.approx(expected, rel=1e-5)
+    fixed = subprocess.run([*cli_command(), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert fixed.returncode == 0 and fixed.stderr == ""  # functionalized (eager jvp here): no warning
+    assert json.loads(fixed.stdout)[0]["hvp_check"]["passed"] is True
