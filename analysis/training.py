@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-scaling", default=d.lr_scaling, choices=LR_SCALINGS, help="large-batch learning-rate scaling")
     parser.add_argument("--lr-reference-batch", type=int, default=d.lr_reference_batch)
     parser.add_argument("--save-every", type=int, default=d.save_every, help="write a trajectory checkpoint every N epochs")
+    parser.add_argument("--validation", type=int, default=d.validation, metavar="N",
+                        help="hold out N training samples (seeded by --data-seed) and log their loss and accuracy, for tuning")
     parser.add_argument("--out", required=True, help="run directory for checkpoints, trajectory and log")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
 
@@ -65,6 +67,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
         seed=args.seed, lr_schedule=args.lr_schedule, lr_milestones=milestones, lr_gamma=args.lr_gamma,
         lr_scaling=args.lr_scaling, lr_reference_batch=args.lr_reference_batch, save_every=args.save_every,
+        validation=args.validation,
     )
 
 

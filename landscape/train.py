@@ -48,6 +48,8 @@ class TrainConfig:
     lr_scaling: str = "none"
     lr_reference_batch: int = 128
     save_every: int = 1
+    validation: int = 0  # training samples held out (seeded by data_seed) and logged as validation_loss/accuracy
+    recipe: str = ""  # the named recipe or preset this run follows, recorded in every checkpoint
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -56,6 +58,8 @@ class TrainConfig:
             raise ValueError(f"unknown lr_scaling {self.lr_scaling!r}; use {', '.join(LR_SCALINGS)}")
         if self.epochs < 1 or self.batch_size < 1 or self.save_every < 1:
             raise ValueError("epochs, batch_size and save_every must be at least 1")
+        if self.validation < 0:
+            raise ValueError(f"validation must be a number of samples >= 0, got {self.validation}")
 
     @property
     def scaled_lr(self) -> float:
@@ -71,6 +75,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
+        d.setdefault("validation", 0)  # checkpoints written before these fields existed
+        d.setdefault("recipe", "")
         d["lr_milestones"] = tuple(d.get("lr_milestones", ()))
         return cls(**d)
 
@@ -83,16 +89,28 @@ def _lr_factor(config: TrainConfig, epoch: int) -> float:
     return 1.0
 
 
-def _metrics(model: torch.nn.Module, dataset: Dataset) -> dict:
-    """Train and test loss/accuracy in eval mode, through the same Objective every measurement uses."""
+def _metrics(model: torch.nn.Module, dataset: Dataset, validation: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Train, test (and validation) loss/accuracy in eval mode, through the same Objective every measurement uses."""
+    splits = {s: MeasurementSet(s, batch_size=1024).batches(dataset) for s in ("train", "test") if len(dataset.split(s)[1])}
+    if validation is not None:
+        splits["validation"] = list(zip(validation[0].split(1024), validation[1].split(1024)))
     out = {}
-    for split in ("train", "test"):
-        if len(dataset.split(split)[1]) == 0:
-            continue
-        batches = MeasurementSet(split, batch_size=1024).batches(dataset)
+    for split, batches in splits.items():
         e = Objective(model, batches, device="cpu", hvp_method="double-backward").evaluate()
         out[f"{split}_loss"], out[f"{split}_accuracy"] = e.loss, e.accuracy
     return out
+
+
+def hold_out(dataset: Dataset, n: int, seed: int) -> tuple[Dataset, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The data set without `n` training samples (a seeded choice), and those samples: a validation split for tuning."""
+    if n == 0:
+        return dataset, None
+    if n >= len(dataset.y_train):
+        raise ValueError(f"validation={n} leaves no training samples (the training split has {len(dataset.y_train)})")
+    order = torch.randperm(len(dataset.y_train), generator=torch.Generator().manual_seed(10_000 + seed))
+    keep, held = order[n:].sort().values, order[:n].sort().values
+    return (dataclasses.replace(dataset, x_train=dataset.x_train[keep], y_train=dataset.y_train[keep]),
+            (dataset.x_train[held], dataset.y_train[held]))
 
 
 def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool | str = True) -> Path:
@@ -100,7 +118,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     out = Path(out_dir)
     state_path, log_path = out / "state.pt", out / "log.jsonl"
     data_spec = DataSpec(config.data, config.data_seed)
-    dataset = data_spec.load()
+    dataset, validation = hold_out(data_spec.load(), config.validation, config.data_seed)
     torch.manual_seed(config.seed)
     model, model_spec = model_for_data(config.model, dataset, **config.model_kwargs)
     optimizer = make_optimizer(
@@ -119,7 +137,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     n_steps = math.ceil(len(y_train) / config.batch_size)
     meta = {"train": config.to_dict(), "optimizer": optimizer.config()}
     if start_epoch == 0:
-        _save(out / "trajectory" / "epoch_0000.pt", model, model_spec, data_spec, meta, 0, _metrics(model, dataset))
+        _save(out / "trajectory" / "epoch_0000.pt", model, model_spec, data_spec, meta, 0, _metrics(model, dataset, validation))
     bar = Progress(config.epochs, f"train {config.optimizer}", "epoch", progress, initial=start_epoch)
     for epoch in bar.iterate(range(start_epoch, config.epochs)):
         for group in optimizer.param_groups:
@@ -133,7 +151,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
             total += float(loss) * len(idx)
         if not math.isfinite(total):
             raise ValueError(f"training diverged at epoch {epoch + 1} (non-finite loss); lower the learning rate")
-        metrics = {"epoch": epoch + 1, "running_train_loss": total / len(y_train), **_metrics(model, dataset),
+        metrics = {"epoch": epoch + 1, "running_train_loss": total / len(y_train), **_metrics(model, dataset, validation),
                    "seconds": time.perf_counter() - started}
         bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", test_acc=f"{metrics.get('test_accuracy', float('nan')):.3f}")
         if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
@@ -168,7 +186,10 @@ def config_differences(stored: dict, asked: dict) -> str:
 
 def _restore(state_path: Path, config: TrainConfig, model, optimizer, shuffle: torch.Generator) -> int:
     state = torch.load(state_path, map_location="cpu", weights_only=True)
-    differences = config_differences(state["config"], config.to_dict())
+    # stored configs from before a field existed read as its default; the recipe name is a label, not a setting
+    stored, asked = TrainConfig.from_dict(state["config"]).to_dict(), config.to_dict()
+    stored["recipe"] = asked["recipe"]
+    differences = config_differences(stored, asked)
     if differences:
         raise CheckpointError(f"{state_path} belongs to a run with different settings ({differences}); "
                               "resume with the run's options")

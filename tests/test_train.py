@@ -67,3 +67,33 @@ def test_learning_rate_scaling_and_bad_settings():
 def test_divergence_is_reported(tmp_path):
     with pytest.raises(ValueError, match="diverged"):
         train(TrainConfig(**{**SMALL, "lr": 1e38}, epochs=1), tmp_path / "boom", progress=False)
+
+
+def test_validation_hold_out_trains_on_the_rest_and_logs_validation_metrics(tmp_path):
+    from landscape.data import load_data
+    from landscape.train import hold_out
+
+    full = load_data("digits")
+    rest, (xv, yv) = hold_out(full, 100, seed=0)
+    assert len(rest.y_train) == len(full.y_train) - 100 and len(yv) == 100
+    # the held-out samples are exactly the training samples missing from the rest
+    joined = torch.cat([rest.x_train, xv]).sort(dim=0).values
+    assert torch.equal(joined, full.x_train.sort(dim=0).values)
+    assert torch.equal(hold_out(full, 100, seed=0)[1][0], xv) and not torch.equal(hold_out(full, 100, seed=1)[1][0], xv)
+    train(TrainConfig(**SMALL, epochs=1, validation=100), tmp_path / "run", progress=False)
+    logged = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert 0 <= logged["validation_accuracy"] <= 1 and logged["validation_loss"] > 0
+    with pytest.raises(ValueError, match="leaves no training samples"):
+        hold_out(full, len(full.y_train), seed=0)
+
+
+def test_runs_written_before_the_validation_and_recipe_fields_still_resume(tmp_path):
+    config = TrainConfig(**SMALL, epochs=1)
+    train(config, tmp_path / "run", progress=False)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    for key in ("validation", "recipe"):
+        del state["config"][key]
+    state["epoch"] = 0  # as if killed before its first epoch ended
+    torch.save(state, tmp_path / "run" / "state.pt")
+    train(TrainConfig(**SMALL, epochs=1, recipe="named later"), tmp_path / "run", resume=True, progress=False)
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
