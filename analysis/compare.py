@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from analysis.differences import aggregate, difference, holm, verdict
+from analysis.matched_loss import at_train_loss, parse_target
 from analysis.measure import METRICS, build_objective
 from analysis.report import Report
 from analysis.surfaces import parse_range
@@ -43,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--baseline", default=None, metavar="LABEL",
                        help="compare every method with this one (default: each method with the first method's optimizer "
                             "at its own batch size, e.g. SmoothOut B=2000 with SGD B=2000; same optimizer: with the first)")
+    group.add_argument("--at-train-loss", default=None, metavar="LOSS|matched",
+                       help="measure each run at its trajectory checkpoint whose recorded train loss is closest to LOSS; "
+                            "'matched': the lowest loss every run reaches (compares methods at equal train loss)")
     group.add_argument("--surface-range", default="-1:1:21", metavar="START:STOP:NUM", help="1-D surface grid (default -1:1:21)")
     group.add_argument("--surface2d-range", default="-1:1:11", metavar="START:STOP:NUM", help="2-D surface grid (default -1:1:11)")
     parser.set_defaults(metrics=DEFAULT_METRICS, k=3, radius="0.005,0.01,0.02", noise_samples=40, probes=60)
@@ -137,9 +141,16 @@ def compare(paths: Sequence[str], args: argparse.Namespace) -> dict:
     labels = args.labels.split(",") if args.labels else [checkpoint_label(p, c.meta) for p, c in zip(paths, checkpoints)]
     if len(labels) != len(paths):
         raise ValueError(f"--labels has {len(labels)} names for {len(paths)} checkpoints")
+    chosen, target = list(paths), None
+    if getattr(args, "at_train_loss", None):
+        points, target = at_train_loss(list(paths), parse_target(args.at_train_loss))
+        chosen = [p.path for p in points]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    members = [measure_checkpoint(p, label, c.meta, args, out) for p, label, c in zip(paths, labels, checkpoints)]
+    members = [measure_checkpoint(p, label, c.meta, args, out) for p, label, c in zip(chosen, labels, checkpoints)]
+    if target is not None:
+        for m, given, point in zip(members, paths, points):
+            m["at_train_loss"] = {"target": target, "run": str(given), "epoch": point.epoch, "recorded_train_loss": point.train_loss}
     groups: dict[str, list[dict]] = {}
     for m in members:
         groups.setdefault(m["label"], []).append(m)
@@ -152,6 +163,7 @@ def compare(paths: Sequence[str], args: argparse.Namespace) -> dict:
         "baselines": against,
         "differences": {g: {n: difference(groups[b], groups[g], n) for n in names} for g, b in against.items()},
         "quantities": names,
+        "at_train_loss": target,
         "settings": {k: v for k, v in vars(args).items() if k not in ("run", "checkpoints")},
     }
 
@@ -206,7 +218,7 @@ def comparison_tables(result: dict) -> tuple[list[str], list[list[str]], list[st
     diff_rows = []
     for (g, n, d), p_holm in zip(shown, adjusted):
         basis = d["basis"] + ("" if d["unpaired_halfwidth"] is None
-                              else f"; independent draws would give ±{d['unpaired_halfwidth']:.2g}")
+                              else f"; unpaired it would be ±{d['unpaired_halfwidth']:.2g}")
         diff_rows.append([g, result["baselines"][g], n, format_difference(d), verdict(d),
                           f"{d['p_value']:.2g} / {p_holm:.2g}", basis])
     return (["method", *names], value_rows,
@@ -290,7 +302,14 @@ def build_report(result: dict, out: Path) -> Report:
         f"parameters: {setup['params']} ({setup['n_params']}). Test quantities use the whole test split "
         f"({first['test_setup']['n_samples']} samples). Probes, noise draws and surface directions share seed "
         f"{result['settings']['seed']} across checkpoints (common random numbers).")
-    report.table(["label", "checkpoint", "training seed"], [[c["label"], c["path"], str(c["seed"])] for c in result["checkpoints"]])
+    if result.get("at_train_loss") is not None:
+        report.paragraph(f"At matched train loss: each run is measured at its trajectory checkpoint whose recorded train loss "
+                         f"is closest to {result['at_train_loss']:.4g} (the epoch column), not at the end of training.")
+        report.table(["label", "checkpoint", "training seed", "epoch", "recorded train loss"],
+                     [[c["label"], c["path"], str(c["seed"]), str(c["at_train_loss"]["epoch"]),
+                       f"{c['at_train_loss']['recorded_train_loss']:.4g}"] for c in result["checkpoints"]])
+    else:
+        report.table(["label", "checkpoint", "training seed"], [[c["label"], c["path"], str(c["seed"])] for c in result["checkpoints"]])
     h1, r1, h2, r2 = comparison_tables(result)
     report.heading("Values")
     report.table(h1, r1, "One seed: estimate ± its standard error (λ: Lanczos residual bound; accuracy: binomial; "

@@ -1,7 +1,8 @@
 """Uncertainty of a comparison: one method's value over seeds, and the difference between two methods.
 
-A difference between methods is called only when its 95% interval excludes zero: Welch's
-interval over training seeds when both methods have several, the pooled seed spread when one
+A difference between methods is called only when its 95% interval excludes zero: paired over
+training seeds when both methods ran the same seeds (same initial weights and batch order), Welch's
+interval over seeds when both have several others, the pooled seed spread when one
 has, and with one checkpoint each the paired noise draws (common random numbers) or the two
 estimators' own errors, which say whether two checkpoints differ, not whether two methods do.
 """
@@ -31,7 +32,7 @@ def aggregate(members: list[dict], name: str) -> dict | None:
 def difference(baseline: list[dict], other: list[dict], name: str) -> dict | None:
     """other − baseline with a 95% interval and a two-sided p-value.
 
-    Welch over seeds, the one multi-seed group's spread, paired draws for single runs (Student t), else
+    Paired t over shared training seeds, Welch over unshared seeds, the one multi-seed group's spread, paired draws for single runs (Student t), else
     the two estimators' errors (normal).
     """
     a = [m["quantities"][name] for m in baseline if name in m["quantities"]]
@@ -41,10 +42,15 @@ def difference(baseline: list[dict], other: list[dict], name: str) -> dict | Non
     va, vb = np.array([q["value"] for q in a]), np.array([q["value"] for q in b])
     diff = float(vb.mean() - va.mean())
     unpaired = None
+    pairs = _paired_by_seed(baseline, other, name)
     if len(a) > 1 and len(b) > 1:
         sa, sb = va.var(ddof=1) / len(a), vb.var(ddof=1) / len(b)
         df = (sa + sb) ** 2 / (sa**2 / (len(a) - 1) + sb**2 / (len(b) - 1)) if sa + sb > 0 else 1.0
         se, basis = math.sqrt(sa + sb), f"seed spread (Welch, {len(a)} vs {len(b)} seeds)"
+        if pairs is not None:  # the same seeds start both methods from the same weights and batch order
+            unpaired = _t(df) * se
+            d = pairs[1] - pairs[0]
+            df, se, basis = len(d) - 1, float(d.std(ddof=1)) / math.sqrt(len(d)), f"paired over {len(d)} shared training seeds"
     elif len(a) > 1 or len(b) > 1:
         seeds = va if len(a) > 1 else vb
         df, se = len(seeds) - 1, seeds.std(ddof=1) * math.sqrt(1 / len(a) + 1 / len(b))
@@ -61,6 +67,21 @@ def difference(baseline: list[dict], other: list[dict], name: str) -> dict | Non
     return {"diff": diff, "halfwidth": half, "unpaired_halfwidth": unpaired, "basis": basis,
             "relative": diff / scale if scale else None, "relative_halfwidth": half / scale if scale else None,
             "significant": abs(diff) > half, "seeds": len(a) > 1 or len(b) > 1, "p_value": _p_value(diff, se, df)}
+
+
+def _paired_by_seed(baseline: list[dict], other: list[dict], name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The two groups' values in seed order when both hold the same (two or more, distinct) training seeds."""
+    def by_seed(members: list[dict]) -> dict | None:
+        seeds = [m.get("seed") for m in members]
+        if None in seeds or len(set(seeds)) != len(seeds) or any(name not in m["quantities"] for m in members):
+            return None
+        return {m["seed"]: m["quantities"][name]["value"] for m in members}
+
+    a, b = by_seed(baseline), by_seed(other)
+    if a is None or b is None or set(a) != set(b) or len(a) < 2:
+        return None
+    seeds = sorted(a)
+    return np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds])
 
 
 def _p_value(diff: float, se: float, df: float | None) -> float:

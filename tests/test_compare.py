@@ -165,3 +165,65 @@ def test_p_values_match_scipy_and_holm_controls_the_family():
     # Holm (1979): sorted p·(k − rank), made monotone, capped at 1
     assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
     assert holm([]) == []
+
+
+def _seeded(values, seeds):
+    return [{**_member(v), "seed": s} for v, s in zip(values, seeds)]
+
+
+def test_shared_training_seeds_are_compared_paired():
+    # seed-to-seed variation shared by both methods (same initial weights) dominates their difference
+    base = [1.0, 2.0, 3.0, 4.0]
+    other = [1.3, 2.25, 3.35, 4.3]
+    d = difference(_seeded(base, [0, 1, 2, 3]), _seeded(other, [0, 1, 2, 3]), "x")
+    ci = scipy.stats.ttest_rel(other, base).confidence_interval(0.95)
+    assert d["diff"] - d["halfwidth"] == pytest.approx(ci.low, rel=1e-10)
+    assert d["p_value"] == pytest.approx(scipy.stats.ttest_rel(other, base).pvalue, rel=1e-10)
+    assert "paired over 4 shared training seeds" in d["basis"] and d["significant"]
+    assert d["unpaired_halfwidth"] > 5 * d["halfwidth"]  # Welch would drown it in the seed spread
+    # pairs are matched by seed, not by order
+    shuffled = difference(_seeded(base, [0, 1, 2, 3]), _seeded(other[::-1], [3, 2, 1, 0]), "x")
+    assert shuffled["halfwidth"] == pytest.approx(d["halfwidth"], rel=1e-12)
+    # different seed sets: unpaired Welch
+    welch = difference(_seeded(base, [0, 1, 2, 3]), _seeded(other, [4, 5, 6, 7]), "x")
+    assert welch["basis"].startswith("seed spread (Welch") and not welch["significant"]
+
+
+def test_at_train_loss_picks_each_runs_checkpoint_closest_to_the_target(tmp_path):
+    from analysis.matched_loss import at_train_loss, parse_target, trajectory
+
+    paths = []
+    for name, lr in (("fast", 0.2), ("slow", 0.02)):
+        config = TrainConfig(data="digits", model="mlp", model_kwargs={"hidden": (16,)}, batch_size=256, lr=lr, epochs=6, seed=0)
+        paths.append(str(train(config, tmp_path / name, progress=False)))
+    runs = [trajectory(p) for p in paths]
+    assert [len(r) for r in runs] == [7, 7] and runs[0][0].epoch == 0
+    target = max(min(p.train_loss for p in r) for r in runs)
+    chosen, used = at_train_loss(paths, "matched")
+    assert used == target
+    for run, point in zip(runs, chosen):
+        assert abs(point.train_loss - target) == min(abs(p.train_loss - target) for p in run)
+        # the loss it recorded is the loss of those weights on the whole training split
+        objective = Objective(load_checkpoint(point.path).build_model(), MeasurementSet("train", None, 1024).batches(load_data("digits")), device="cpu")
+        assert objective.loss() == pytest.approx(point.train_loss, rel=1e-5)
+    assert chosen[0].epoch < 6  # the fast run is taken before its end
+    assert at_train_loss(paths, 1e-9)[0][0] == min(runs[0], key=lambda p: p.train_loss)  # below every loss: the lowest
+    with pytest.raises(ValueError, match="positive train loss or 'matched'"):
+        parse_target("lowest")
+    # through the CLI: the report says where each run was measured
+    out = tmp_path / "cmp"
+    result = run_cli("compare", *paths, "--labels", "fast,slow", "--at-train-loss", "matched", "--metrics", "eig",
+                     "--k", "1", "--n-samples", "200", "--out", out, "--quiet", "--json")
+    assert result.returncode == 0, result.stderr
+    members = json.loads(result.stdout)["checkpoints"]
+    assert [m["at_train_loss"]["epoch"] for m in members] == [p.epoch for p in chosen]
+    assert "At matched train loss" in (out / "report.md").read_text()
+
+
+def test_at_train_loss_needs_a_trajectory(two_runs, tmp_path):
+    lone = tmp_path / "lone" / "model.pt"
+    lone.parent.mkdir()
+    lone.write_bytes(Path(two_runs[0]).read_bytes())
+    result = run_cli("compare", str(lone), two_runs[1], "--at-train-loss", "matched", "--out", tmp_path / "x")
+    assert result.returncode != 0 and "no trajectory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
