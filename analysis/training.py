@@ -3,40 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from analysis.options import parse_options
 from analysis.tables import format_table
 from landscape.checkpoints import load_checkpoint
+from landscape.presets import PRESETS, apply_preset
 from landscape.train import LR_SCALINGS, LR_SCHEDULES, TrainConfig, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    parser.add_argument("--data", default=d.data, help="data spec (default digits)")
-    parser.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of the train/test split")
-    parser.add_argument("--model", default=d.model, help="model name or module:factory (default mlp)")
+    # options left out stay None: TrainConfig's defaults fill them, or --preset's settings
+    parser.add_argument("--preset", metavar="NAME",
+                        help="named training preset filling every option not given on the command line: "
+                             + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()))
+    parser.add_argument("--data", default=None, help="data spec (default digits)")
+    parser.add_argument("--data-seed", type=int, default=None, help="seed of the train/test split")
+    parser.add_argument("--model", default=None, help="model name or module:factory (default mlp)")
     parser.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="model option, e.g. hidden=(64,64)")
-    parser.add_argument("--optimizer", default=d.optimizer, help="sgd, adam, smoothout, adasmoothout, ssgd, nso, nrs, sam, asam")
+    parser.add_argument("--optimizer", default=None, help="sgd, adam, smoothout, adasmoothout, ssgd, nso, nrs, sam, asam")
     parser.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. a=0.02 (SmoothOut), rho=0.05 (SAM)")
     parser.add_argument("--noise", type=float, default=None,
                         help="the method's perturbation size: a (smoothout), sigma (ssgd, nso), radius (nrs), rho (sam, asam)")
     parser.add_argument("--ghost-batch-size", type=int, default=None, help="split each batch into chunks of this size (fresh noise per chunk)")
     parser.add_argument("--clip-grad-norm", type=float, default=None, help="clip the global gradient norm (SmoothOut's reference: 5.0)")
-    parser.add_argument("--base", default=d.base, choices=["sgd", "adam"], help="base optimizer the method steps with (default sgd)")
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--momentum", type=float, default=d.momentum)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of initialization, shuffling and noise")
-    parser.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES)
-    parser.add_argument("--lr-milestones", default="", help="epochs where the step schedule multiplies lr by --lr-gamma, e.g. 81,122")
-    parser.add_argument("--lr-gamma", type=float, default=d.lr_gamma)
-    parser.add_argument("--lr-scaling", default=d.lr_scaling, choices=LR_SCALINGS, help="large-batch learning-rate scaling")
-    parser.add_argument("--lr-reference-batch", type=int, default=d.lr_reference_batch)
-    parser.add_argument("--save-every", type=int, default=d.save_every, help="write a trajectory checkpoint every N epochs")
-    parser.add_argument("--validation", type=int, default=d.validation, metavar="N",
+    parser.add_argument("--base", default=None, choices=["sgd", "adam"], help="base optimizer the method steps with (default sgd)")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--momentum", type=float, default=None)
+    parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed of initialization, shuffling and noise")
+    parser.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES)
+    parser.add_argument("--lr-milestones", default=None, help="epochs where the step schedule multiplies lr by --lr-gamma, e.g. 81,122")
+    parser.add_argument("--lr-gamma", type=float, default=None)
+    parser.add_argument("--lr-scaling", default=None, choices=LR_SCALINGS, help="large-batch learning-rate scaling")
+    parser.add_argument("--lr-reference-batch", type=int, default=None)
+    parser.add_argument("--save-every", type=int, default=None, help="write a trajectory checkpoint every N epochs")
+    parser.add_argument("--validation", type=int, default=None, metavar="N",
                         help="hold out N training samples (seeded by --data-seed) and log their loss and accuracy, for tuning")
     parser.add_argument("--out", required=True, help="run directory for checkpoints, trajectory and log")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
@@ -46,29 +51,46 @@ NOISE_OPTION = {"smoothout": "a", "adasmoothout": "a", "ssgd": "sigma", "nso": "
                 "sam": "rho", "asam": "rho"}
 
 
-def method_options(args: argparse.Namespace) -> dict:
-    """--opt KEY=VALUE pairs plus the named shortcuts --noise, --ghost-batch-size and --clip-grad-norm."""
+def method_options(args: argparse.Namespace, optimizer: str | None = None) -> dict:
+    """--opt KEY=VALUE pairs plus the named shortcuts --noise, --ghost-batch-size and --clip-grad-norm.
+
+    `optimizer` is the method --noise belongs to (default --optimizer).
+    """
     options = parse_options(args.opt)
+    optimizer = optimizer or args.optimizer
     if args.noise is not None:
-        if args.optimizer not in NOISE_OPTION:
-            raise ValueError(f"--noise has no meaning for optimizer {args.optimizer!r}")
-        options[NOISE_OPTION[args.optimizer]] = args.noise
+        if optimizer not in NOISE_OPTION:
+            raise ValueError(f"--noise has no meaning for optimizer {optimizer!r}")
+        options[NOISE_OPTION[optimizer]] = args.noise
     for key in ("ghost_batch_size", "clip_grad_norm"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     return options
 
 
+# TrainConfig fields whose option is not --field-name with the value as parsed
+DERIVED = {"model_kwargs", "optimizer_kwargs", "lr_milestones", "recipe"}
+
+
+def given_settings(args: argparse.Namespace) -> dict:
+    """The TrainConfig settings given on the command line (an option left out is None), method options aside."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if f.name not in DERIVED and getattr(args, f.name, None) is not None}
+    if args.model_opt is not None:
+        given["model_kwargs"] = parse_options(args.model_opt)
+    if args.lr_milestones is not None:
+        given["lr_milestones"] = tuple(int(m) for m in args.lr_milestones.split(",") if m.strip())
+    return given
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    milestones = tuple(int(m) for m in args.lr_milestones.split(",") if m.strip())
-    return TrainConfig(
-        data=args.data, data_seed=args.data_seed, model=args.model, model_kwargs=parse_options(args.model_opt),
-        optimizer=args.optimizer, optimizer_kwargs=method_options(args), base=args.base, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
-        seed=args.seed, lr_schedule=args.lr_schedule, lr_milestones=milestones, lr_gamma=args.lr_gamma,
-        lr_scaling=args.lr_scaling, lr_reference_batch=args.lr_reference_batch, save_every=args.save_every,
-        validation=args.validation,
-    )
+    """The run's TrainConfig: the options given, then --preset's settings, then TrainConfig's defaults."""
+    settings = given_settings(args)
+    if args.preset is not None:
+        settings = apply_preset(args.preset, settings)
+    explicit = method_options(args, settings.get("optimizer", TrainConfig.optimizer))
+    settings["optimizer_kwargs"] = {**settings.get("optimizer_kwargs", {}), **explicit}  # explicit options win
+    return TrainConfig(**settings)
 
 
 def run(args: argparse.Namespace) -> None:
