@@ -267,11 +267,15 @@ def make_figures(result: dict, out: Path) -> list[tuple[str, str]]:
     m = members[0]["setup"]["measurement"]
     where = f"{m['split']} split, {m['n_samples']} samples of {members[0]['setup']['data']['spec']}"
     figures = []
+    seeds: dict[str, list[dict]] = {}
+    for c in members:
+        seeds.setdefault(c["label"], []).append(c)
+    bands = " Several seeds: their mean, band: 95% CI of the mean over seeds." if several else ""
     if all("surface" in c["raw"] for c in members):
-        fig = plot_lines({label: read_surface(c["raw"]["surface"]) for label, c in firsts.items()}, log=True)
+        fig = plot_lines({label: [read_surface(c["raw"]["surface"]) for c in cs] for label, cs in seeds.items()}, log=True)
         figures.append((save(fig, out / "surface-1d.png").name,
                         f"Loss along one filter-normalized random direction (seed {result['settings']['seed']}, the same "
-                        f"Gaussian draw for every checkpoint){which}; train solid, test dashed; cross-entropy, log scale."))
+                        f"Gaussian draw for every checkpoint); train solid, test dashed; cross-entropy, log scale.{bands}"))
     if all("surface2d" in c["raw"] for c in members):
         fig = plot_surfaces({label: read_surface(c["raw"]["surface2d"]) for label, c in firsts.items()}, kind="contour", log=True)
         figures.append((save(fig, out / "surface-2d.png").name,
@@ -282,12 +286,14 @@ def make_figures(result: dict, out: Path) -> list[tuple[str, str]]:
             curves.setdefault(c["label"], []).append(c["raw"]["sharpness-curve"])
         figures.append((save(plot_sharpness_curves(curves), out / "sharpness.png").name,
                         f"Expected loss increase under uniform weight noise of radius a ({where}); bands: 95% CI "
-                        "(one seed) or ± one std over seeds; dotted: the second-order prediction ½·tr(ΣH), Σ the covariance of the noise."))
+                        "(one seed: over its noise draws; several: Student-t over seeds); dotted: the second-order prediction "
+                        "½·tr(ΣH), Σ the covariance of the noise, averaged over the same seeds."))
     if all("density" in c["raw"] for c in members):
-        tops = {label: c["raw"]["eig"]["values"] for label, c in firsts.items() if "eig" in c["raw"]}
-        fig = plot_spectral_densities({label: c["raw"]["density"] for label, c in firsts.items()}, tops)
+        tops = {label: [c["raw"]["eig"]["values"] for c in cs if "eig" in c["raw"]] for label, cs in seeds.items()}
+        fig = plot_spectral_densities({label: [c["raw"]["density"] for c in cs] for label, cs in seeds.items()}, tops)
         figures.append((save(fig, out / "spectra.png").name,
-                        f"Hessian spectral density by stochastic Lanczos quadrature ({where}){which}; dotted: Lanczos top eigenvalues."))
+                        f"Hessian spectral density by stochastic Lanczos quadrature ({where}), every seed as its own line; "
+                        "dotted: Lanczos top eigenvalues of each seed."))
     return figures
 
 

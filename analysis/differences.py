@@ -92,6 +92,15 @@ def _p_value(diff: float, se: float, df: float | None) -> float:
     return float(2 * (scipy.stats.t.sf(z, max(df, 1.0)) if df is not None else scipy.stats.norm.sf(z)))
 
 
+def ci_halfwidth(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Half-width of the 95% Student-t interval of the mean along `axis` (at least two values)."""
+    values = np.asarray(values, dtype=float)
+    n = values.shape[axis]
+    if n < 2:
+        raise ValueError("a confidence interval over seeds needs at least two values")
+    return _t(n - 1) * values.std(axis=axis, ddof=1) / math.sqrt(n)
+
+
 def _t(df: float) -> float:
     return float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, max(df, 1.0)))
 

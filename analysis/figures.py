@@ -1,43 +1,53 @@
-"""`landscape figures`: regenerate every figure in figures/ from scratch (training cached between runs).
+"""`landscape figures`: regenerate every figure in figures/ from scratch (training and measurements cached between runs).
 
-Small-scale versions of the seed papers' figures, on the recipes of analysis/recipes.py:
-(a) Keskar et al. (2017)'s interpolation between small- and large-batch minima; (b) Li et al.
-(2018)'s filter-normalized 1-D curves for SGD, SmoothOut and AdaSmoothOut (Wen et al. 2018);
-(c) 2-D contours on one colour scale; (d) expected-loss increase against the noise radius;
-(e) Hessian spectral densities; (f) the method table over several seeds.
+Small-scale versions of the seed papers' figures, on the converged recipe of analysis/recipes.py:
+(0) each method's noise size from a validation sweep; (a) Keskar et al. (2017)'s interpolation between
+small- and large-batch minima; (b) Li et al. (2018)'s filter-normalized 1-D curves for SGD, SmoothOut
+and AdaSmoothOut (Wen et al. 2018); (c) 2-D contours on one colour scale; (d) expected-loss increase
+against the noise radius; (e) Hessian spectral densities; (f) the method tables over seeds, at the end
+of training and at matched train loss, with paired differences and Holm's correction per table.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
 from analysis.compare import compare, format_difference, format_value
-from analysis.differences import aggregate, difference, verdict
+from analysis.differences import aggregate, difference, holm
+from analysis.noise_sweep import GRID, chosen, noise_sweep, sweep_table
+from analysis.noise_sweep import to_jsonable as sweep_json
 from analysis.plots import (
     plot_lines,
-    plot_sharpness_curves,
+    plot_sharpness_panels,
     plot_spectral_densities,
     plot_surfaces,
     save,
 )
-from analysis.recipes import LARGE, METHODS, SMALL, label, train_runs
+from analysis.recipes import CONVERGED, LARGE, METHODS, SMALL, label, train_runs
 from analysis.report import Report
 from analysis.tables import format_table
+from analysis.training import NOISE_OPTION
 from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
 from landscape.directions import between, random_directions
 from landscape.operators import HessianOperator
 from landscape.problem import objective_from_checkpoint
+from landscape.results import to_jsonable
 from landscape.spectrum import slq_density
 from landscape.surface import compute_surface, grid_axis, read_surface
 
-TABLE_QUANTITIES = ("train loss", "gradient norm", "test accuracy", "λ1", "trace", "ΔL a=0.02", "ε-sharpness")
-FULL = {"seeds": 3, "epoch_fraction": 1.0, "n_samples": None, "k": "1", "probes": "60", "noise_samples": "40",
-        "restarts": "3", "line": 41, "plane": 21, "density_steps": 80}
-QUICK = {"seeds": 1, "epoch_fraction": 0.1, "n_samples": 500, "k": "1", "probes": "10", "noise_samples": "8",
-         "restarts": "2", "line": 9, "plane": 5, "density_steps": 20}
+VALUE_QUANTITIES = ("train loss", "gradient norm", "test accuracy", "test loss", "λ1", "trace", "ΔL a=0.02", "ε-sharpness")
+TESTED = ("test accuracy", "λ1", "trace", "ΔL a=0.02", "ε-sharpness")  # the quantities each comparison table tests
+MEASURED = "eig,trace,sharpness-curve,eps-sharpness"
+FULL = {"seeds": 3, "epoch_fraction": 1.0, "grid": GRID, "n_samples": None, "k": "1", "probes": "60",
+        "noise_samples": "40", "restarts": "3", "line": 41, "plane": 21, "density_steps": 80, "interpolation": 31, "extend": 2}
+QUICK = {"seeds": 2, "epoch_fraction": 0.04, "grid": {m: v[1:3] for m, v in GRID.items()}, "n_samples": 500, "k": "1",
+         "probes": "10", "noise_samples": "8", "restarts": "2", "line": 9, "plane": 5, "density_steps": 20,
+         "interpolation": 7, "extend": 0}
+ALPHA = 0.05  # family-wise error rate of each table (Holm)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for the figures (default figures/; with --quick runs/figures-quick/figures, so a "
                              "quick run never overwrites the README's figures unless --out figures is given)")
     parser.add_argument("--cache", default=None,
-                        help="folder for cached training runs and surfaces (default runs/figures, with --quick runs/figures-quick)")
-    parser.add_argument("--quick", action="store_true", help="a smaller version (one seed, a tenth of the training), for tests")
+                        help="folder for cached training runs, measurements and surfaces (default runs/figures, with "
+                             "--quick runs/figures-quick)")
+    parser.add_argument("--quick", action="store_true", help="a smaller version (two seeds, 4%% of the training), for tests")
+    parser.add_argument("--jobs", type=int, default=1, help="training runs at a time, each in its own process (default 1)")
 
 
 def output_folders(out: str | None, cache: str | None, quick: bool) -> tuple[Path, Path]:
@@ -55,145 +67,244 @@ def output_folders(out: str | None, cache: str | None, quick: bool) -> tuple[Pat
     return Path(out or (cache_path / "figures" if quick else "figures")), cache_path
 
 
-def measure_all(paths: list[str], labels: list[str], budget: dict, cache: Path, progress: bool | str) -> dict:
-    """Every checkpoint through `landscape compare` (shared probes, noise and directions)."""
+def measure_all(paths: list[str], labels: list[str], budget: dict, out: Path, progress: bool | str, *,
+                metrics: str = MEASURED + ",surface", at_train_loss: str | None = None) -> dict:
+    """Every checkpoint through `landscape compare` (shared probes, noise and directions), cached in `out`.
+
+    The cache holds while the checkpoints' files and the settings are unchanged.
+    """
     from analysis.cli import build_parser
 
-    argv = ["compare", *paths, "--labels", ",".join(labels), "--out", str(cache / "compare"), "--batch-size", "1000",
-            "--metrics", "eig,trace,sharpness-curve,eps-sharpness,surface", "--k", budget["k"], "--probes", budget["probes"],
-            "--noise-samples", budget["noise_samples"], "--restarts", budget["restarts"], "--radius", "0.005,0.01,0.02",
+    argv = ["compare", *paths, "--labels", ",".join(labels), "--out", str(out), "--batch-size", "1000",
+            "--metrics", metrics, "--k", budget["k"], "--probes", budget["probes"], "--noise-samples",
+            budget["noise_samples"], "--restarts", budget["restarts"], "--radius", "0.005,0.01,0.02",
             f"--surface-range=-1:1:{budget['line']}"]
     if budget["n_samples"]:
         argv += ["--n-samples", str(budget["n_samples"])]
+    if at_train_loss:
+        argv += ["--at-train-loss", at_train_loss]
+    key = hashlib.sha256(json.dumps([argv, [Path(p).stat().st_mtime_ns for p in paths]]).encode()).hexdigest()
+    cached = out / "figures-cache.json"
+    if cached.exists():
+        stored = json.loads(cached.read_text())
+        if stored.get("key") == key:
+            return stored["result"]
     args = build_parser().parse_args(argv)
     args.progress = progress
-    return compare(paths, args)
+    result = to_jsonable(compare(paths, args))
+    cached.write_text(json.dumps({"key": key, "result": result}) + "\n")
+    return result
 
 
-def first_seed(result: dict, wanted: list[str]) -> dict[str, dict]:
-    """The first checkpoint of each wanted label."""
-    found: dict[str, dict] = {}
+def by_label(result: dict) -> dict[str, list[dict]]:
+    """The measured checkpoints of each label (its seeds), in order."""
+    groups: dict[str, list[dict]] = {}
     for c in result["checkpoints"]:
-        if c["label"] in wanted:
-            found.setdefault(c["label"], c)
-    return {w: found[w] for w in wanted}
+        groups.setdefault(c["label"], []).append(c)
+    return groups
 
 
-def interpolation_figure(small: str, large: str, budget: dict, cache: Path, out: Path, progress: bool | str = False) -> dict:
-    """(a) Keskar's parametric plot: θ(α) = θ_SB + α(θ_LB − θ_SB), train and test loss and accuracy."""
-    measurement = MeasurementSet("train", budget["n_samples"], 1000)
-    train = objective_from_checkpoint(load_checkpoint(small), measurement=measurement)
-    test = objective_from_checkpoint(load_checkpoint(small), measurement=MeasurementSet("test", None, 1000))
-    surface = compute_surface({"train": train, "test": test},
-                              between(train, load_checkpoint(large).build_model(), f"SGD B={LARGE}"),
-                              [grid_axis(-1.0, 2.0, 31 if budget["seeds"] > 1 else 7)],
-                              path=cache / "surfaces" / f"interpolation-{budget['n_samples'] or 'all'}.h5",
-                              resume=True, progress=progress)
-    fig = plot_lines({f"SGD B={SMALL} (α=0) → SGD B={LARGE} (α=1)": surface}, log=True, accuracy=True,
+def interpolation_figure(pairs: list[tuple[str, str]], budget: dict, cache: Path, out: Path,
+                         progress: bool | str = False) -> dict:
+    """(a) Keskar's parametric plot θ(α) = θ_SB + α(θ_LB − θ_SB) for each seed's pair: mean and 95% band over seeds."""
+    surfaces = []
+    for small, large in pairs:
+        measurement = MeasurementSet("train", budget["n_samples"], 1000)
+        train = objective_from_checkpoint(load_checkpoint(small), measurement=measurement)
+        test = objective_from_checkpoint(load_checkpoint(small), measurement=MeasurementSet("test", None, 1000))
+        name = f"interpolation-{Path(small).parent.name}-{Path(large).parent.name}-{budget['n_samples'] or 'all'}.h5"
+        surfaces.append(compute_surface({"train": train, "test": test},
+                                        between(train, load_checkpoint(large).build_model(), f"SGD B={LARGE}"),
+                                        [grid_axis(-1.0, 2.0, budget["interpolation"])],
+                                        path=cache / "surfaces" / name, resume=True, progress=progress))
+    name = f"SGD B={SMALL} (α=0) → SGD B={LARGE} (α=1)" + (f", {len(pairs)} seed pairs" if len(pairs) > 1 else "")
+    fig = plot_lines({name: surfaces}, log=True, accuracy=True,
                      title="Keskar et al. (2017) interpolation between small- and large-batch minima")
     save(fig, out / "interpolation.png")
-    alphas = list(surface.axes[0])
-    return {split: {"loss_at_0": float(surface.loss[split][alphas.index(0.0)]),
-                    "loss_at_1": float(surface.loss[split][alphas.index(1.0)])} for split in surface.loss}
+    alphas = list(surfaces[0].axes[0])
+    return {split: {"loss_at_0": [float(s.loss[split][alphas.index(0.0)]) for s in surfaces],
+                    "loss_at_1": [float(s.loss[split][alphas.index(1.0)]) for s in surfaces]} for split in surfaces[0].loss}
 
 
 def random_direction_figures(result: dict, out: Path) -> None:
-    """(b) 1-D filter-normalized curves of SGD, SmoothOut and AdaSmoothOut, one figure per batch size."""
+    """(b) 1-D filter-normalized curves of SGD, SmoothOut and AdaSmoothOut, every seed, one figure per batch size."""
+    groups = by_label(result)
     for batch, name in ((SMALL, "small"), (LARGE, "large")):
-        chosen = first_seed(result, [label(m, batch) for m in ("sgd", "smoothout", "adasmoothout")])
-        fig = plot_lines({k: read_surface(c["raw"]["surface"]) for k, c in chosen.items()}, log=True,
+        wanted = [label(m, batch) for m in ("sgd", "smoothout", "adasmoothout")]
+        fig = plot_lines({w: [read_surface(c["raw"]["surface"]) for c in groups[w]] for w in wanted}, log=True,
                          title=f"Filter-normalized random direction (Li et al. 2018), batch {batch}")
         save(fig, out / f"random-1d-{name}-batch.png")
 
 
 def contour_figure(result: dict, budget: dict, cache: Path, out: Path, progress: bool | str = False) -> None:
-    """(c) 2-D filter-normalized planes side by side on one colour scale."""
-    chosen = first_seed(result, [label("sgd", SMALL), label("sgd", LARGE), label("smoothout", LARGE), label("adasmoothout", LARGE)])
+    """(c) 2-D filter-normalized planes side by side on one colour scale (training seed 0: a plane does not average)."""
+    groups = by_label(result)
+    wanted = [label("sgd", SMALL), label("sgd", LARGE), label("smoothout", LARGE), label("adasmoothout", LARGE)]
     surfaces = {}
-    for name, c in chosen.items():
+    for name in wanted:
+        c = groups[name][0]
         objective = objective_from_checkpoint(load_checkpoint(c["path"]), measurement=MeasurementSet("train", budget["n_samples"], 1000))
         axis = grid_axis(-1.0, 1.0, budget["plane"])
         surfaces[name] = compute_surface(objective, random_directions(objective, 2, seed=0), [axis, axis], resume=True,
                                          path=cache / "surfaces" / f"plane-{Path(c['path']).parent.name}-{budget['plane']}.h5",
                                          progress=progress)
-    save(plot_surfaces(surfaces, kind="contour", log=True, title="Train loss on a filter-normalized random plane"),
+    save(plot_surfaces(surfaces, kind="contour", log=True,
+                       title="Train loss on a filter-normalized random plane (training seed 0 of each method)"),
          out / "contours.png")
 
 
-def sharpness_figures(result: dict, out: Path) -> None:
-    """(d) Expected-loss increase against the radius, every method, one figure per batch size."""
+def sharpness_figures(result: dict, noise: dict[str, float], out: Path) -> None:
+    """(d) Expected-loss increase against the radius: one panel per method beside SGD at the same batch size."""
+    groups = by_label(result)
     for batch, name in ((SMALL, "small"), (LARGE, "large")):
-        curves: dict[str, list[dict]] = {}
-        for c in result["checkpoints"]:
-            if c["label"].endswith(f"B={batch}"):
-                curves.setdefault(c["label"], []).append(c["raw"]["sharpness-curve"])
-        save(plot_sharpness_curves(curves), out / f"sharpness-{name}-batch.png")
+        curves = {_named(m, batch, noise): [c["raw"]["sharpness-curve"] for c in groups[label(m, batch)]] for m in METHODS}
+        fig = plot_sharpness_panels(curves, _named("sgd", batch, noise),
+                                    title=f"Expected loss increase under uniform weight noise, batch {batch}")
+        save(fig, out / f"sharpness-{name}-batch.png")
 
 
 def spectra_figure(result: dict, budget: dict, out: Path, progress: bool | str = False) -> dict:
-    """(e) Hessian spectral densities by SLQ with the Lanczos λ1 marked."""
-    chosen = first_seed(result, [label("sgd", SMALL), label("sgd", LARGE), label("smoothout", LARGE)])
+    """(e) Hessian spectral densities by SLQ of every seed, with each seed's Lanczos λ1 marked."""
+    groups = by_label(result)
     spectra, tops = {}, {}
-    for name, c in chosen.items():
-        objective = objective_from_checkpoint(load_checkpoint(c["path"]), measurement=MeasurementSet("train", budget["n_samples"], 1000))
-        spectra[name] = slq_density(HessianOperator(objective), n_runs=4, n_steps=budget["density_steps"], seed=0,
-                                    progress=progress).to_dict()
-        tops[name] = c["raw"]["eig"]["values"]
-    save(plot_spectral_densities(spectra, tops, title="Hessian spectral density, MLP on mnist1d (dotted: λ1)"), out / "spectra.png")
+    for name in (label("sgd", SMALL), label("sgd", LARGE), label("smoothout", LARGE)):
+        spectra[name], tops[name] = [], []
+        for c in groups[name]:
+            objective = objective_from_checkpoint(load_checkpoint(c["path"]), measurement=MeasurementSet("train", budget["n_samples"], 1000))
+            spectra[name].append(slq_density(HessianOperator(objective), n_runs=4, n_steps=budget["density_steps"], seed=0,
+                                             progress=progress).to_dict())
+            tops[name].append(c["raw"]["eig"]["values"])
+    seeds = len(next(iter(spectra.values())))
+    save(plot_spectral_densities(spectra, tops, title=f"Hessian spectral density, MLP on mnist1d ({seeds} seed(s) each; "
+                                                      "dotted: each seed's λ1)"), out / "spectra.png")
     return tops
 
 
-def method_table(result: dict) -> tuple[list[str], list[list[str]]]:
-    """(f) Every method at both batch sizes: mean ± std over seeds, and the ΔL difference against SGD at that batch."""
-    groups: dict[str, list[dict]] = {}
-    for c in result["checkpoints"]:
-        groups.setdefault(c["label"], []).append(c)
-    headers = ["method", "batch", *TABLE_QUANTITIES, "ΔL a=0.02 vs SGD (95% CI)", "flatter than SGD?"]
+def _named(method: str, batch: int, noise: dict[str, float]) -> str:
+    """A method's label with its noise size: 'smoothout a=0.02 B=2000'."""
+    return label(method, batch) if method not in noise else f"{method} {NOISE_OPTION[method]}={noise[method]:g} B={batch}"
+
+
+def value_table(result: dict, noise: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+    """Every method at both batch sizes: mean ± std over seeds of each quantity."""
+    groups = by_label(result)
     rows = []
     for batch in (SMALL, LARGE):
-        baseline = groups[label("sgd", batch)]
         for method in METHODS:
-            members = groups[label(method, batch)]
-            d = difference(baseline, members, "ΔL a=0.02") if method != "sgd" else None
-            rows.append([method, str(batch), *[format_value(aggregate(members, q)) for q in TABLE_QUANTITIES],
-                         "" if d is None else format_difference(d), "" if d is None else _flatter(d)])
+            members = groups.get(label(method, batch))
+            if members:
+                size = f"{NOISE_OPTION[method]}={noise[method]:g}" if method in noise else ""
+                rows.append([method, size, str(batch), *[format_value(aggregate(members, q)) for q in VALUE_QUANTITIES]])
+    return ["method", "noise", "batch", *VALUE_QUANTITIES], rows
+
+
+def comparison_family(result: dict, pairs: list[tuple[str, str]], quantities=TESTED) -> list[dict]:
+    """One table's tests: other − baseline for each pair and quantity, paired over seeds, Holm-adjusted together."""
+    groups = by_label(result)
+    tests = []
+    for other, base in pairs:
+        for q in quantities:
+            d = difference(groups[base], groups[other], q)
+            if d is not None:
+                tests.append({"comparison": f"{other} vs {base}", "quantity": q, **d})
+    for t, p in zip(tests, holm([t["p_value"] for t in tests])):
+        t["holm_p"] = p
+        t["established"] = p < ALPHA
+    return tests
+
+
+def family_rows(tests: list[dict]) -> tuple[list[str], list[list[str]]]:
+    headers = ["comparison", "quantity", "difference [95% CI] (relative)", "interval from", "p", "Holm p",
+               f"established? (Holm p < {ALPHA:g})"]
+    rows = [[t["comparison"], t["quantity"], format_difference(t), t["basis"], f"{t['p_value']:.2g}", f"{t['holm_p']:.2g}",
+             ("yes: " + ("higher" if t["diff"] > 0 else "lower")) if t["established"] else "no"] for t in tests]
     return headers, rows
 
 
-def _flatter(d: dict) -> str:
-    if not d["seeds"]:
-        return verdict(d)
-    if not d["significant"]:
-        return "no clear difference"
-    return "flatter" if d["diff"] < 0 else "sharper"
+def matched_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Where each run was measured at matched train loss: the target, and the epochs and losses chosen."""
+    rows = []
+    for name, members in by_label(result).items():
+        epochs = ", ".join(str(m["at_train_loss"]["epoch"]) for m in members)
+        losses = ", ".join(f"{m['at_train_loss']['recorded_train_loss']:.3g}" for m in members)
+        rows.append([name, f"{members[0]['at_train_loss']['target']:.3g}", epochs, losses])
+    return ["method", "target train loss", "epoch of each seed", "its train loss"], rows
 
 
 def run(args: argparse.Namespace) -> None:
     out, cache = output_folders(args.out, args.cache, args.quick)
     budget = QUICK if args.quick else FULL
+    jobs = getattr(args, "jobs", 1)
+    swept = noise_sweep(cache / "sweep", grid=budget["grid"], epoch_fraction=budget["epoch_fraction"], jobs=jobs,
+                        extend=budget["extend"], progress=args.progress)
+    noise = {m: chosen(points).value for m, points in swept.items()}
     specs = [(m, b) for b in (SMALL, LARGE) for m in METHODS]
-    paths, labels = train_runs(specs, budget["seeds"], cache / "runs", epoch_fraction=budget["epoch_fraction"], progress=args.progress)
-    result = measure_all(paths, labels, budget, cache, args.progress)
+    paths, labels = train_runs(specs, budget["seeds"], cache / "runs", recipe=CONVERGED, noise=noise,
+                               epoch_fraction=budget["epoch_fraction"], jobs=jobs, progress=args.progress)
+    result = measure_all(paths, labels, budget, cache / "compare", args.progress)
+    batch_of = {p: int(lab.rsplit("=", 1)[1]) for p, lab in zip(paths, labels)}
+    matched = {}
+    for batch in (SMALL, LARGE):
+        chosen_paths = [p for p in paths if batch_of[p] == batch]
+        matched[batch] = measure_all(chosen_paths, [lab for p, lab in zip(paths, labels) if batch_of[p] == batch], budget,
+                                     cache / f"compare-matched-b{batch}", args.progress, metrics=MEASURED, at_train_loss="matched")
+    sgd = [(p, lab) for p, lab in zip(paths, labels) if lab.startswith("sgd ")]
+    matched["sgd"] = measure_all([p for p, _ in sgd], [lab for _, lab in sgd], budget, cache / "compare-matched-sgd",
+                                 args.progress, metrics=MEASURED, at_train_loss="matched")
     out.mkdir(parents=True, exist_ok=True)
-    small, large = (first_seed(result, [label("sgd", b)])[label("sgd", b)]["path"] for b in (SMALL, LARGE))
-    summary = {"interpolation": interpolation_figure(small, large, budget, cache, out, args.progress)}
+
+    groups = by_label(result)
+    pairs = list(zip(*(sorted((c["path"] for c in groups[label("sgd", b)]), key=lambda p: Path(p).parent.name)
+                       for b in (SMALL, LARGE))))
+    summary: dict = {"recipe": CONVERGED.name, "seeds": budget["seeds"], "noise_sweep": sweep_json(swept),
+                     "interpolation": interpolation_figure(pairs, budget, cache, out, args.progress)}
     random_direction_figures(result, out)
     contour_figure(result, budget, cache, out, args.progress)
-    sharpness_figures(result, out)
+    sharpness_figures(result, noise, out)
     summary["top_eigenvalues"] = spectra_figure(result, budget, out, args.progress)
-    headers, rows = method_table(result)
-    table = Report("Method table")
-    table.paragraph(f"{budget['seeds']} seed(s) per method; mean ± std over seeds (± stderr for one seed); measured on "
-                    f"{result['checkpoints'][0]['setup']['n_samples']} training samples of mnist1d. The last two columns: "
-                    "the difference from SGD at the same batch size, 95% Welch interval over seeds.")
-    table.table(headers, rows)
-    (out / "methods.md").write_text(table.markdown())
+
+    batch_question = [(label("sgd", LARGE), label("sgd", SMALL))]
+    method_questions = {b: [(label(m, b), label("sgd", b)) for m in METHODS if m != "sgd"] for b in (SMALL, LARGE)}
+    families = {
+        "large vs small batch (SGD), end of training": comparison_family(result, batch_question, (*TESTED, "test loss")),
+        "large vs small batch (SGD), matched train loss": comparison_family(matched["sgd"], batch_question, (*TESTED, "test loss")),
+    }
+    for b in (LARGE, SMALL):
+        families[f"each method vs SGD at batch {b}, end of training"] = comparison_family(result, method_questions[b])
+        families[f"each method vs SGD at batch {b}, matched train loss"] = comparison_family(matched[b], method_questions[b])
+    summary["families"] = families
     summary["groups"] = result["groups"]
-    (out / "figures.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    summary["matched_groups"] = {str(k): v["groups"] for k, v in matched.items()}
+
+    report = Report("Method tables")
+    report.paragraph(
+        f"Recipe `{CONVERGED.name}`: {CONVERGED.note}. {budget['seeds']} training seed(s) per method; seed s starts every "
+        "method from the same initial weights and batch order, so differences are paired over seeds. Measured on "
+        f"{result['checkpoints'][0]['setup']['measurement']['n_samples']} training samples of mnist1d (eval mode) and the "
+        "1000 test samples. ΔL a=0.02 is SmoothOut's own training objective at a = 0.02, so it favours SmoothOut.")
+    report.heading("Noise sizes: validation sweep")
+    report.table(*sweep_table(swept),
+                 f"Each method trained at batch {LARGE}, seed 0, on 3500 training samples; accuracy on the 500 held out "
+                 "(never the test split). The chosen size is used at both batch sizes.")
+    report.heading("Values at the end of training")
+    report.table(*value_table(result, noise), "mean ± std over seeds (n).")
+    report.heading("Values at matched train loss")
+    for batch in (SMALL, LARGE):
+        report.table(*matched_table(matched[batch]))
+        report.table(*value_table(matched[batch], noise), f"batch {batch}: every run measured at its trajectory checkpoint "
+                     "whose recorded train loss is closest to the lowest loss all of them reach; mean ± std over seeds (n).")
+    for title, tests in families.items():
+        report.heading(title[0].upper() + title[1:])
+        report.table(*family_rows(tests), f"95% intervals and two-sided p from the paired t over seeds; Holm's "
+                     f"correction over the {len(tests)} tests of this table (family-wise error {ALPHA:g}).")
+    (out / "methods.md").write_text(report.markdown())
+    (out / "figures.json").write_text(json.dumps(to_jsonable(summary), indent=1, default=str) + "\n")
     if args.json:
         from analysis.cli import print_json
 
         print_json({**summary, "figures": sorted(p.name for p in out.iterdir())})
         return
-    print(format_table(headers, rows))
-    print(f"wrote figures to {out}/ (training runs and surfaces cached in {cache}/)")
+    print(format_table(*value_table(result, noise)))
+    for title, tests in families.items():
+        print(f"\n{title}\n" + format_table(*family_rows(tests)))
+    print(f"wrote figures to {out}/ (training runs, measurements and surfaces cached in {cache}/)")

@@ -1,8 +1,9 @@
 """Each flat-minimum method's noise size, chosen by a validation sweep as the papers tune it.
 
-Every method is trained at a few sizes around its default, at batch 2000 with one seed, on the
-training set less a held-out validation split, and the size with the best validation accuracy
-(ties: lower validation loss) is used for every run of `landscape figures`. The test split is never
+Every method is trained at a few sizes around its default (the grid grown past an end where the
+best size sits there), at batch 2000 with one seed, on the training set less a held-out validation
+split, and the size with the best validation accuracy (ties: lower validation loss) is used for every
+run of `landscape figures`. The test split is never
 looked at. So no method is compared at a size that happens to suit the measurement, e.g. SmoothOut
 at the a of the ΔL a=0.02 metric while AdaSmoothOut's relative noise is several times smaller.
 """
@@ -42,9 +43,29 @@ class SweepPoint:
 
 
 def noise_sweep(cache: Path, *, grid: dict[str, tuple[float, ...]] = GRID, batch: int = LARGE,
-                recipe: Recipe = CONVERGED, epoch_fraction: float = 1.0, jobs: int = 1,
+                recipe: Recipe = CONVERGED, epoch_fraction: float = 1.0, jobs: int = 1, extend: int = 2,
                 progress: bool | str = False) -> dict[str, list[SweepPoint]]:
-    """Train every (method, size) of `grid` with a validation hold-out; the final validation metrics per size."""
+    """Train every (method, size) of `grid` with a validation hold-out; the final validation metrics per size.
+
+    Where the best size is at an end of its grid, the grid grows by a factor of 2 past that end, up to
+    `extend` times, so the choice is not an artifact of where the grid stopped.
+    """
+    grid = {m: tuple(sorted(v)) for m, v in grid.items()}
+    found = _train_grid(grid, cache, batch, recipe, epoch_fraction, jobs, progress)
+    for _ in range(extend):
+        grown = {}
+        for m, points in found.items():
+            best, values = chosen(points).value, [p.value for p in points]
+            if best in (values[0], values[-1]):
+                grown[m] = (*values, best * 2) if best == values[-1] else (best / 2, *values)
+        if not grown:
+            break
+        found.update(_train_grid(grown, cache, batch, recipe, epoch_fraction, jobs, progress))
+    return found
+
+
+def _train_grid(grid: dict[str, tuple[float, ...]], cache: Path, batch: int, recipe: Recipe, epoch_fraction: float,
+                jobs: int, progress: bool | str) -> dict[str, list[SweepPoint]]:
     runs = [config(m, batch, 0, epoch_fraction, recipe=recipe, noise=v, validation=VALIDATION)
             for m, values in grid.items() for v in values]
     finals = train_all(runs, cache, jobs=jobs, progress=progress)
@@ -56,7 +77,7 @@ def noise_sweep(cache: Path, *, grid: dict[str, tuple[float, ...]] = GRID, batch
         found.setdefault(run.optimizer, []).append(SweepPoint(
             run.optimizer, option, run.optimizer_kwargs[option], p, math.sqrt(p * (1 - p) / VALIDATION),
             last["validation_loss"], last["train_loss"]))
-    return found
+    return {m: sorted(points, key=lambda p: p.value) for m, points in found.items()}
 
 
 def chosen(points: list[SweepPoint]) -> SweepPoint:

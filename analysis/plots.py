@@ -31,16 +31,27 @@ def save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_spectral_densities(spectra: Mapping[str, dict], top_eigenvalues: Mapping[str, list] | None = None,
+def plot_spectral_densities(spectra: Mapping[str, dict | Sequence[dict]], top_eigenvalues: Mapping[str, list] | None = None,
                             *, title: str = "Hessian spectral density (SLQ)") -> plt.Figure:
-    """Overlay SLQ densities on a log scale, marking each run's top eigenvalues from Lanczos."""
+    """Overlay SLQ densities on a log scale, marking each run's top eigenvalues from Lanczos (dotted).
+
+    A label may carry several seeds' densities (and a list of top eigenvalues per seed): each seed is
+    drawn as its own thinner line in the label's colour, so their spread shows.
+    """
     fig, ax = plt.subplots(figsize=(7, 3.8))
     colors = label_colors(list(spectra))
-    for label, spectrum in spectra.items():
-        density = np.maximum(np.asarray(spectrum["density"]), 1e-8)
-        ax.plot(spectrum["grid"], density, color=colors[label], label=label, lw=1.6)
-        for value in (top_eigenvalues or {}).get(label, []):
-            ax.axvline(value, color=colors[label], ls=":", lw=1.0)
+    for label, found in spectra.items():
+        runs = [found] if isinstance(found, Mapping) else list(found)
+        tops = (top_eigenvalues or {}).get(label, [])
+        per_seed = tops if tops and isinstance(tops[0], (list, tuple)) else [tops]
+        name = label + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
+        for i, spectrum in enumerate(runs):
+            density = np.maximum(np.asarray(spectrum["density"]), 1e-8)
+            ax.plot(spectrum["grid"], density, color=colors[label], label=name if i == 0 else None,
+                    lw=1.6 if len(runs) == 1 else 1.0, alpha=1.0 if len(runs) == 1 else 0.8)
+        for values in per_seed:
+            for value in values:
+                ax.axvline(value, color=colors[label], ls=":", lw=1.0)
     ax.set_yscale("log")
     ax.set_ylim(bottom=1e-6)
     ax.set_xlabel("eigenvalue")
@@ -63,38 +74,98 @@ def plain_log_ticks(axis: matplotlib.axis.Axis) -> None:
     axis.set_minor_formatter(FuncFormatter(label))
 
 
+PREDICTION_NOTE = "dotted: second-order prediction ½·tr(ΣH), Σ = Cov(u)"
+
+
 def plot_sharpness_curves(curves: Mapping[str, Sequence[dict]], *, caption: str = "") -> plt.Figure:
     """Expected-loss increase E[L(w+u)] − L(w) against the noise radius (SmoothOut's C̄(w) − L(w)), log-log.
 
-    `curves` maps a label to the sharpness-curve results of its seeds: one seed is drawn with its
-    95% CI band, several with their mean and the band of ± one standard deviation over seeds.
-    The dotted line is the second-order prediction ½·tr(ΣH) (Σ = Cov(u)) of the first seed.
+    `curves` maps a label to the sharpness-curve results of its seeds. Every band is a 95% interval:
+    one seed's from its noise draws, several seeds' the Student-t interval of their mean. The dotted line
+    is the second-order prediction ½·tr(ΣH) (Σ = Cov(u)), averaged over the same seeds.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colors = label_colors(list(curves))
     for label, runs in curves.items():
-        radii = np.asarray(runs[0]["radii"])
-        increase = np.array([r["increase"] for r in runs])
-        mean = increase.mean(axis=0)
-        if len(runs) == 1:
-            low, high = np.asarray(runs[0]["increase_ci"]).T
-        else:
-            low, high = mean - increase.std(axis=0, ddof=1), mean + increase.std(axis=0, ddof=1)
-        ax.plot(radii, mean, "o-", color=colors[label], label=label + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
-        ax.fill_between(radii, np.maximum(low, 1e-12), high, color=colors[label], alpha=0.2, lw=0)
-        if runs[0].get("prediction") is not None:
-            ax.plot(radii, runs[0]["prediction"], ":", color=colors[label], lw=1.2)
+        _draw_sharpness(ax, runs, colors[label], label)
+    _sharpness_axes(ax, next(iter(curves.values()))[0])
+    _fit_log_range([ax])
+    ax.legend(handles=[*ax.get_legend_handles_labels()[0], _prediction_handle()], frameon=False, fontsize=8)
+    if caption:
+        fig.text(0.01, -0.02, caption, fontsize=7.5, va="top", wrap=True)
+    return fig
+
+
+def plot_sharpness_panels(curves: Mapping[str, Sequence[dict]], reference: str, *, title: str = "",
+                          columns: int = 3) -> plt.Figure:
+    """One panel per label, each beside the `reference` label (grey), on shared axes: many methods stay readable."""
+    others = [label for label in curves if label != reference]
+    nrows = -(-len(others) // columns)
+    ncols = -(-len(others) // nrows)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows + 0.4), squeeze=False, sharex=True,
+                             sharey=True, layout="constrained")
+    colors = label_colors(others)
+    for ax, label in zip(axes.flat, others):
+        _draw_sharpness(ax, curves[reference], "#7f7f7f", reference)
+        _draw_sharpness(ax, curves[label], colors[label], label)
+        _sharpness_axes(ax, curves[label][0], labels=False)
+        ax.legend(frameon=False, fontsize=7, loc="upper left")
+    for ax in list(axes.flat)[len(others):]:
+        ax.set_visible(False)
+    _fit_log_range(list(axes.flat)[:len(others)])
+    first = curves[reference][0]
+    fig.supxlabel(f"noise radius a ({first['distribution']}, {first['scale']}); bands: 95% CI; {PREDICTION_NOTE}", fontsize=9)
+    fig.supylabel("E[L(w+u)] − L(w)  (nats)", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _draw_sharpness(ax: plt.Axes, runs: Sequence[dict], color: str, label: str) -> None:
+    """Mean curve with its 95% band and the mean second-order prediction (dotted) of one label's seeds."""
+    from analysis.differences import ci_halfwidth
+
+    radii = np.asarray(runs[0]["radii"])
+    increase = np.array([r["increase"] for r in runs])
+    mean = increase.mean(axis=0)
+    if len(runs) == 1:
+        low, high = np.asarray(runs[0]["increase_ci"]).T
+    else:
+        half = ci_halfwidth(increase)
+        low, high = mean - half, mean + half
+    ax.plot(radii, mean, "o-", color=color, ms=3.5, label=label + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
+    # an interval reaching zero or below runs off the bottom of the log axis, which _sharpness_axes sets from the means
+    ax.fill_between(radii, np.where(low > 0, low, 1e-30), high, color=color, alpha=0.2, lw=0)
+    predictions = [r["prediction"] for r in runs if r.get("prediction") is not None]
+    if predictions:
+        ax.plot(radii, np.mean(predictions, axis=0), ":", color=color, lw=1.2)
+
+
+def _sharpness_axes(ax: plt.Axes, first: dict, labels: bool = True) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     plain_log_ticks(ax.xaxis)
     plain_log_ticks(ax.yaxis)
-    ax.set_xlabel(f"noise radius a ({runs[0]['distribution']}, {runs[0]['scale']})")
-    ax.set_ylabel("E[L(w+u)] − L(w)  (nats)")
+    if labels:
+        ax.set_xlabel(f"noise radius a ({first['distribution']}, {first['scale']}); bands: 95% CI")
+        ax.set_ylabel("E[L(w+u)] − L(w)  (nats)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(frameon=False, fontsize=8)
-    if caption:
-        fig.text(0.01, -0.02, caption, fontsize=7.5, va="top", wrap=True)
-    return fig
+
+
+def _fit_log_range(axes: Sequence[plt.Axes]) -> None:
+    """A y range set by the curves, not the bands: a band whose interval reaches zero runs off the bottom."""
+    lines = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for ax in axes for line in ax.lines])
+    lines = lines[np.isfinite(lines) & (lines > 0)]
+    if not lines.size:
+        return
+    tops = [c.get_paths()[0].vertices[:, 1].max() for ax in axes for c in ax.collections if c.get_paths()]
+    top = min(max([lines.max(), *tops]), lines.max() * 10)
+    for ax in axes:
+        ax.set_ylim(lines.min() / 3, top * 1.3)
+
+
+def _prediction_handle() -> Line2D:
+    return Line2D([], [], color="black", ls=":", lw=1.2, label=PREDICTION_NOTE)
 
 
 # ------------------------------------------------------------------ method colours
@@ -167,9 +238,15 @@ def describe_measurement(surface: Surface) -> str:
     return " · ".join(str(p) for p in parts if p)
 
 
-def plot_lines(surfaces: Mapping[str, Surface], *, splits: Sequence[str] | None = None, log: bool = False,
-               accuracy: bool = False, title: str | None = None) -> plt.Figure:
-    """Overlay labelled 1-D surfaces: method colours, train solid and test dashed, accuracy on a twin axis."""
+def plot_lines(surfaces: Mapping[str, Surface | Sequence[Surface]], *, splits: Sequence[str] | None = None,
+               log: bool = False, accuracy: bool = False, title: str | None = None) -> plt.Figure:
+    """Overlay labelled 1-D surfaces: method colours, train solid and test dashed, accuracy on a twin axis.
+
+    A label may carry several seeds' surfaces on one grid: their mean is drawn with a band of the 95%
+    Student-t interval of the mean.
+    """
+    seeds = {label: [s] if isinstance(s, Surface) else list(s) for label, s in surfaces.items()}
+    surfaces = {label: runs[0] for label, runs in seeds.items()}
     _check_dims(surfaces, 1)
     kinds = {s.directions.kind for s in surfaces.values()}
     if len(kinds) > 1:
@@ -182,13 +259,21 @@ def plot_lines(surfaces: Mapping[str, Surface], *, splits: Sequence[str] | None 
         for split in _splits(surface, label, splits):
             used.append(split)
             style = {"color": colors[label], "ls": SPLIT_STYLES.get(split, ":"),
-                     "marker": None if surface.complete else "."}
-            ax.plot(surface.axes[0], _loss(surface, split, label, log), lw=1.8, **style)
+                     "marker": None if all(s.complete for s in seeds[label]) else "."}
+            losses = np.array([_loss(s, split, label, log) for s in seeds[label]])
+            ax.plot(surface.axes[0], losses.mean(axis=0), lw=1.8, **style)
+            if len(losses) > 1:
+                from analysis.differences import ci_halfwidth
+
+                half = ci_halfwidth(losses)
+                low = losses.mean(axis=0) - half
+                ax.fill_between(surface.axes[0], np.where(low > 0, low, np.nan) if log else low,
+                                losses.mean(axis=0) + half, color=colors[label], alpha=0.18, lw=0)
             if twin is not None:
-                twin.plot(surface.axes[0], surface.accuracy[split], lw=1.0, alpha=0.45, **style)
+                twin.plot(surface.axes[0], np.mean([s.accuracy[split] for s in seeds[label]], axis=0), lw=1.0, alpha=0.45, **style)
     surface = next(iter(surfaces.values()))
-    if surface.directions.kind == "between":
-        _mark_endpoints(ax, surfaces)
+    if surface.directions.kind == "between":  # several seeds: no one pair of checkpoints to name
+        _mark_endpoints(ax, surfaces if all(len(runs) == 1 for runs in seeds.values()) else {})
     ax.set_yscale("log" if log else "linear")
     if log:
         plain_log_ticks(ax.yaxis)
@@ -200,7 +285,9 @@ def plot_lines(surfaces: Mapping[str, Surface], *, splits: Sequence[str] | None 
         twin.set_ylim(0, 1.02)
         ax.set_zorder(twin.get_zorder() + 1)  # the legend in front of the accuracy lines
         ax.patch.set_visible(False)
-    ax.legend(handles=_legend_handles(colors, dict.fromkeys(used), accuracy), frameon=False, fontsize=8)
+    n = {len(runs) for runs in seeds.values()}
+    band = f"mean of {n.pop()} seeds, band: 95% CI" if n != {1} and len(n) == 1 else None
+    ax.legend(handles=_legend_handles(colors, dict.fromkeys(used), accuracy, band), frameon=False, fontsize=8)
     _titles(fig, surfaces, title)
     return fig
 
@@ -377,9 +464,12 @@ def _short_path(path: str) -> str:
     return "/".join(Path(path).parts[-2:])
 
 
-def _legend_handles(colors: Mapping[str, str], splits: Iterable[str], accuracy: bool) -> list[Line2D]:
+def _legend_handles(colors: Mapping[str, str], splits: Iterable[str], accuracy: bool,
+                    band: str | None = None) -> list[Line2D]:
     """One entry per label (its colour) and one per split (its line style), plus the accuracy lines' look."""
     handles = [Line2D([], [], color=c, lw=2, label=label) for label, c in colors.items()]
+    if band:
+        handles.append(Line2D([], [], color="#999999", lw=6, alpha=0.4, label=band))
     handles += [Line2D([], [], color="black", ls=SPLIT_STYLES.get(s, ":"), label=s) for s in splits]
     if accuracy:
         handles.append(Line2D([], [], color="black", alpha=0.45, lw=1, label="accuracy (right axis)"))

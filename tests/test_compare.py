@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -101,21 +102,39 @@ def test_compare_refuses_mixed_architectures(two_runs, tmp_path):
 
 
 def test_figures_quick_writes_every_figure(tmp_path):
-    result = run_cli("figures", "--quick", "--out", tmp_path / "fig", "--cache", tmp_path / "cache", "--quiet")
+    from analysis.noise_sweep import GRID
+
+    result = run_cli("figures", "--quick", "--out", tmp_path / "fig", "--cache", tmp_path / "cache", "--quiet", "--jobs", "2")
     assert result.returncode == 0, result.stderr
     names = ["interpolation.png", "random-1d-small-batch.png", "random-1d-large-batch.png", "contours.png",
              "sharpness-small-batch.png", "sharpness-large-batch.png", "spectra.png"]
     for name in names:
         assert (tmp_path / "fig" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     table = (tmp_path / "fig" / "methods.md").read_text()
-    for method in ("sgd", "smoothout", "adasmoothout", "ssgd", "nso", "nrs", "sam"):
-        assert f"| {method} | 32 |" in table and f"| {method} | 2000 |" in table
     summary = json.loads((tmp_path / "fig" / "figures.json").read_text())
+    for method in ("sgd", "smoothout", "adasmoothout", "ssgd", "nso", "nrs", "sam"):
+        noise = "" if method == "sgd" else f"={summary['noise_sweep'][method]['chosen']:g}"
+        for batch in (32, 2000):
+            assert re.search(rf"\| {method} \| [a-z]*{re.escape(noise)} \| {batch} \|", table), (method, batch)
+        if method != "sgd":  # the size chosen is one the sweep trained, the best on the validation split
+            points = summary["noise_sweep"][method]["points"]
+            assert summary["noise_sweep"][method]["chosen"] in GRID[method]
+            assert max(p["validation_accuracy"] for p in points) == next(
+                p["validation_accuracy"] for p in points if p["value"] == summary["noise_sweep"][method]["chosen"])
+    assert "matched train loss" in table and "Holm" in table
+    for title, tests in summary["families"].items():
+        assert tests and all(t["holm_p"] >= t["p_value"] for t in tests), title
+        assert all("paired over 2 shared training seeds" in t["basis"] for t in tests), title
     data = load_data("mnist1d")
-    for alpha, batch, epochs in (("loss_at_0", 32, 2), ("loss_at_1", 2000, 20)):  # the interpolation's end points
-        model = load_checkpoint(tmp_path / "cache" / "runs" / f"sgd-b{batch}-e{epochs}-seed0" / "final.pt").build_model()
-        objective = Objective(model, MeasurementSet("train", 500, 1000).batches(data), device="cpu")
-        assert summary["interpolation"]["train"][alpha] == pytest.approx(objective.loss(), rel=1e-5), alpha
+    for alpha, batch, epochs in (("loss_at_0", 32, 2), ("loss_at_1", 2000, 24)):  # the interpolation's ends
+        for seed in (0, 1):
+            model = load_checkpoint(tmp_path / "cache" / "runs" / f"sgd-b{batch}-e{epochs}-seed{seed}" / "final.pt").build_model()
+            objective = Objective(model, MeasurementSet("train", 500, 1000).batches(data), device="cpu")
+            assert summary["interpolation"]["train"][alpha][seed] == pytest.approx(objective.loss(), rel=1e-5), (alpha, seed)
+    # a second run reuses every training run and measurement
+    again = run_cli("figures", "--quick", "--out", tmp_path / "fig2", "--cache", tmp_path / "cache", "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "fig2" / "figures.json").read_text())["families"] == summary["families"]
 
 
 def test_figures_quick_never_writes_into_figures_unless_asked():

@@ -231,3 +231,50 @@ def test_four_planes_are_two_by_two(files):
     a = read_surface(files / "a-2d.h5")
     fig = plot_surfaces({f"m{i}": a for i in range(4)}, kind="contour")
     assert len(panels(fig)) == 4 and all(ax.get_visible() for ax in panels(fig))
+
+
+def test_several_seeds_draw_their_mean_and_a_95_percent_band(files):
+    import scipy.stats
+
+    seeds = [read_surface(files / "a-1d.h5"), read_surface(files / "b-1d.h5")]
+    fig = plot_lines({"sgd": seeds}, log=True)
+    ax = fig.axes[0]
+    train = np.array([s.loss["train"] for s in seeds])
+    solid = next(line for line in ax.lines if line.get_linestyle() == "-")
+    np.testing.assert_allclose(solid.get_ydata(), train.mean(axis=0))
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]  # the train band: the first one drawn
+    half = scipy.stats.t.ppf(0.975, 1) * train.std(axis=0, ddof=1) / np.sqrt(2)
+    assert band.max() == pytest.approx((train.mean(axis=0) + half).max(), rel=1e-9)
+    assert any("95% CI" in text.get_text() for text in ax.get_legend().get_texts())
+
+
+def _curve(increase, prediction):
+    radii = [0.005, 0.01, 0.02]
+    return {"radii": radii, "increase": increase, "increase_ci": [[v * 0.9, v * 1.1] for v in increase],
+            "prediction": prediction, "distribution": "uniform", "scale": "absolute"}
+
+
+def test_sharpness_panels_put_each_method_beside_the_reference_with_95_percent_bands():
+    import scipy.stats
+
+    from analysis.plots import plot_sharpness_panels
+
+    base = [_curve([1e-3, 4e-3, 1.6e-2], [1e-3, 4e-3, 1.6e-2]), _curve([2e-3, 6e-3, 2e-2], [1e-3, 5e-3, 2.2e-2])]
+    curves = {"sgd B=2000": base, **{f"{m} B=2000": [_curve([5e-4, 2e-3, 8e-3], None)] * 2 for m in ("smoothout", "nso", "sam")}}
+    fig = plot_sharpness_panels(curves, "sgd B=2000")
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(shown) == 3
+    for ax, name in zip(shown, ("smoothout", "nso", "sam")):
+        texts = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert texts[0].startswith("sgd B=2000") and texts[1].startswith(name)
+    ax = shown[0]
+    mean_line = ax.lines[0]
+    increase = np.array([c["increase"] for c in base])
+    np.testing.assert_allclose(mean_line.get_ydata(), increase.mean(axis=0))
+    # the dotted prediction is the mean over seeds, not the first seed's
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), np.mean([c["prediction"] for c in base], axis=0))
+    assert ax.lines[1].get_linestyle() == ":"
+    half = scipy.stats.t.ppf(0.975, 1) * increase.std(axis=0, ddof=1) / np.sqrt(2)
+    top = ax.collections[0].get_paths()[0].vertices[:, 1].max()
+    assert top == pytest.approx((increase.mean(axis=0) + half).max(), rel=1e-9)
+    assert "95% CI" in fig._supxlabel.get_text() and "second-order prediction" in fig._supxlabel.get_text()
