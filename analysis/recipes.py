@@ -53,7 +53,9 @@ def config(method: str, batch: int, seed: int, epoch_fraction: float = 1.0, *, r
     """One run of `recipe`: `noise` sets the method's noise size (its NOISE_OPTION), `epoch_fraction` < 1 shortens
     the run (quick versions for tests), `validation` holds out training samples for tuning."""
     epochs = max(1, round(recipe.epochs[batch] * epoch_fraction))
-    options = dict(DEFAULT_NOISE if method in DEFAULT_NOISE else {}) if noise is None else {NOISE_OPTION[method]: noise}
+    if noise is None:
+        noise = DEFAULT_NOISE.get(method)
+    options = {} if noise is None else {NOISE_OPTION[method]: noise}
     return TrainConfig(data="mnist1d", model="mlp", optimizer=method, optimizer_kwargs=options, batch_size=batch,
                        lr=LR[batch], epochs=epochs, seed=seed, validation=validation, recipe=recipe.name,
                        save_every=max(1, round(recipe.save_every[batch] * epoch_fraction)) if epochs > 1 else 1)
