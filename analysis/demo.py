@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from analysis.compare import build_report, compare, comparison_tables, format_difference
-from analysis.differences import difference, verdict
+from analysis.differences import difference, holm, verdict
 from analysis.recipes import DEMO, LARGE, SMALL, train_runs
 from analysis.tables import format_table
 
@@ -23,7 +23,9 @@ CLAIMS = (  # (question, baseline, other)
     ("Does SmoothOut flatten the small-batch minimum?", f"sgd B={SMALL}", f"smoothout B={SMALL}"),
 )
 SHARPNESS = ("λ1", "trace", "ΔL a=0.02", "test accuracy")
-HEADERS = ("quantity", "difference [95% CI] (relative)", "clears the seed spread?")
+ALPHA = 0.05
+HEADERS = ("quantity", "difference [95% CI] (relative)", "p / Holm p (all questions' tests)",
+           f"established? (Holm p < {ALPHA:g})")
 SETUP = ("landscape demo: an MLP 40-100-100-10 on mnist1d (4000 train / 1000 test), SGD with momentum 0.9 at batch "
          f"{SMALL} (lr 0.01, {DEMO.epochs[SMALL]} epochs) and {LARGE} (lr 0.1, {DEMO.epochs[LARGE]} epochs), and SmoothOut "
          "(uniform weight noise a = 0.02, de-noised) with the same settings; {seeds} training seed(s) per method. λ1: top "
@@ -44,11 +46,18 @@ def findings(result: dict) -> dict[str, dict[str, dict]]:
     for question, base, other in CLAIMS:
         diffs = {name: difference(groups[base], groups[other], name) for name in SHARPNESS}
         answers[f"{question} ({other} vs {base})"] = {name: d for name, d in diffs.items() if d is not None}
+    tests = [d for diffs in answers.values() for d in diffs.values()]
+    for d, p in zip(tests, holm([d["p_value"] for d in tests])):  # every question's tests are one family
+        d["holm_p"] = p
     return answers
 
 
 def finding_rows(diffs: dict[str, dict]) -> list[list[str]]:
-    return [[name, format_difference(d), verdict(d)] for name, d in diffs.items()]
+    rows = []
+    for name, d in diffs.items():
+        called = verdict(d) if not d["seeds"] else "yes" if d["holm_p"] < ALPHA else "no"
+        rows.append([name, format_difference(d), f"{d['p_value']:.2g} / {d['holm_p']:.2g}", called])
+    return rows
 
 
 def run(args: argparse.Namespace) -> None:

@@ -246,3 +246,26 @@ def test_at_train_loss_needs_a_trajectory(two_runs, tmp_path):
     result = run_cli("compare", str(lone), two_runs[1], "--at-train-loss", "matched", "--out", tmp_path / "x")
     assert result.returncode != 0 and "no trajectory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_demo_calls_a_difference_only_after_holms_correction_over_all_its_questions():
+    from analysis.demo import CLAIMS, SHARPNESS, finding_rows, findings
+
+    checkpoints = []
+    for label, shift, jitter in (("sgd B=32", 0.0, (0, 0, 0)), ("sgd B=2000", 1.0, (0.1, -0.1, 0)),
+                                 ("smoothout B=32", 0.04, (-0.01, 0.01, 0)), ("smoothout B=2000", 0.5, (0.1, -0.08, 0))):
+        for seed in range(3):
+            base = 1.0 + seed  # seed effects shared by every method: the paired test removes them
+            checkpoints.append({"label": label, "seed": seed, "quantities": {
+                q: {"value": base + shift + jitter[seed], "stderr": 0.0} for q in SHARPNESS}})
+    answers = findings({"checkpoints": checkpoints})
+    tests = [d for diffs in answers.values() for d in diffs.values()]
+    assert len(tests) == len(CLAIMS) * len(SHARPNESS)
+    assert all(d["holm_p"] >= d["p_value"] for d in tests)
+    ranked = sorted(d["p_value"] for d in tests)
+    assert min(d["holm_p"] for d in tests) == pytest.approx(min(1.0, len(tests) * ranked[0]))
+    for question, diffs in answers.items():
+        for row, d in zip(finding_rows(diffs), diffs.values()):
+            assert row[-1] == ("yes" if d["holm_p"] < 0.05 else "no")
+    small = next(diffs for q, diffs in answers.items() if "small-batch minimum" in q)
+    assert all(row[-1] == "no" for row in finding_rows(small)) and any(d["p_value"] < 0.05 for d in small.values())
