@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--quick runs/figures-quick)")
     parser.add_argument("--quick", action="store_true", help="a smaller version (two seeds, 4%% of the training), for tests")
     parser.add_argument("--jobs", type=int, default=1, help="training runs at a time, each in its own process (default 1)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="training seeds per method (default 3, with --quick 2); more seeds, more power per comparison")
 
 
 def output_folders(out: str | None, cache: str | None, quick: bool) -> tuple[Path, Path]:
@@ -126,12 +128,13 @@ def interpolation_figure(pairs: list[tuple[str, str]], budget: dict, cache: Path
                     "loss_at_1": [float(s.loss[split][alphas.index(1.0)]) for s in surfaces]} for split in surfaces[0].loss}
 
 
-def random_direction_figures(result: dict, out: Path) -> None:
+def random_direction_figures(result: dict, noise: dict[str, float], out: Path) -> None:
     """(b) 1-D filter-normalized curves of SGD, SmoothOut and AdaSmoothOut, every seed, one figure per batch size."""
     groups = by_label(result)
     for batch, name in ((SMALL, "small"), (LARGE, "large")):
-        wanted = [label(m, batch) for m in ("sgd", "smoothout", "adasmoothout")]
-        fig = plot_lines({w: [read_surface(c["raw"]["surface"]) for c in groups[w]] for w in wanted}, log=True,
+        methods = ("sgd", "smoothout", "adasmoothout")
+        fig = plot_lines({_named(m, batch, noise): [read_surface(c["raw"]["surface"]) for c in groups[label(m, batch)]]
+                          for m in methods}, log=True,
                          title=f"Filter-normalized random direction (Li et al. 2018), batch {batch}")
         save(fig, out / f"random-1d-{name}-batch.png")
 
@@ -233,7 +236,11 @@ def matched_table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 def run(args: argparse.Namespace) -> None:
     out, cache = output_folders(args.out, args.cache, args.quick)
-    budget = QUICK if args.quick else FULL
+    budget = dict(QUICK if args.quick else FULL)
+    if getattr(args, "seeds", None) is not None:
+        if args.seeds < 2:
+            raise ValueError(f"--seeds must be at least 2 (paired comparisons over seeds), got {args.seeds}")
+        budget["seeds"] = args.seeds
     jobs = getattr(args, "jobs", 1)
     swept = noise_sweep(cache / "sweep", grid=budget["grid"], epoch_fraction=budget["epoch_fraction"], jobs=jobs,
                         extend=budget["extend"], progress=args.progress)
@@ -258,7 +265,7 @@ def run(args: argparse.Namespace) -> None:
                        for b in (SMALL, LARGE))))
     summary: dict = {"recipe": CONVERGED.name, "seeds": budget["seeds"], "noise_sweep": sweep_json(swept),
                      "interpolation": interpolation_figure(pairs, budget, cache, out, args.progress)}
-    random_direction_figures(result, out)
+    random_direction_figures(result, noise, out)
     contour_figure(result, budget, cache, out, args.progress)
     sharpness_figures(result, noise, out)
     summary["top_eigenvalues"] = spectra_figure(result, budget, out, args.progress)

@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, default=None, help="write a trajectory checkpoint every N epochs")
     parser.add_argument("--validation", type=int, default=None, metavar="N",
                         help="hold out N training samples (seeded by --data-seed) and log their loss and accuracy, for tuning")
+    parser.add_argument("--track-every", type=int, default=None, metavar="N",
+                        help="measure the Hessian's λ1 (and --track trace) of the training loss every N epochs, "
+                             "warm-started, into log.jsonl with its cost (default 0: off)")
+    parser.add_argument("--track", default=None, metavar="eig[,trace]", help="what --track-every measures (default eig)")
+    parser.add_argument("--track-samples", type=int, default=None,
+                        help="training samples the tracked curvature is measured on (default 1000, a fixed seeded subset)")
     parser.add_argument("--out", required=True, help="run directory for checkpoints, trajectory and log")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
 

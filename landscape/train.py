@@ -20,6 +20,7 @@ from landscape.objective import Objective
 from landscape.optim import make_optimizer
 from landscape.problem import DataSpec
 from landscape.progress import Progress
+from landscape.train_tracking import CurvatureTracker
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 LR_SCALINGS = ("none", "sqrt", "linear")
@@ -50,6 +51,9 @@ class TrainConfig:
     save_every: int = 1
     validation: int = 0  # training samples held out (seeded by data_seed) and logged as validation_loss/accuracy
     recipe: str = ""  # the named recipe or preset this run follows, recorded in every checkpoint
+    track_every: int = 0  # every N epochs: λ1 (and the trace) of the training loss into log.jsonl (0: off)
+    track: str = "eig"  # what track_every measures: "eig" and/or "trace", comma-separated
+    track_samples: int = 1000  # the fixed seeded subset of the training split the tracked curvature is measured on
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -58,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"unknown lr_scaling {self.lr_scaling!r}; use {', '.join(LR_SCALINGS)}")
         if self.epochs < 1 or self.batch_size < 1 or self.save_every < 1:
             raise ValueError("epochs, batch_size and save_every must be at least 1")
+        if self.track_every < 0 or self.track_samples < 1:
+            raise ValueError("track_every must be >= 0 and track_samples >= 1")
         if self.validation < 0:
             raise ValueError(f"validation must be a number of samples >= 0, got {self.validation}")
 
@@ -77,6 +83,8 @@ class TrainConfig:
         d = dict(d)
         d.setdefault("validation", 0)  # checkpoints written before these fields existed
         d.setdefault("recipe", "")
+        for key, value in (("track_every", 0), ("track", "eig"), ("track_samples", 1000)):
+            d.setdefault(key, value)
         d["lr_milestones"] = tuple(d.get("lr_milestones", ()))
         return cls(**d)
 
@@ -136,8 +144,17 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     x_train, y_train = dataset.split("train")
     n_steps = math.ceil(len(y_train) / config.batch_size)
     meta = {"train": config.to_dict(), "optimizer": optimizer.config()}
+    tracker = None
+    if config.track_every:  # after a resume the first measurement starts cold
+        subset = MeasurementSet("train", min(config.track_samples, len(y_train)), 1024, seed=0).batches(dataset)
+        tracker = CurvatureTracker(subset, measures=tuple(m for m in config.track.split(",") if m))
     if start_epoch == 0:
-        _save(out / "trajectory" / "epoch_0000.pt", model, model_spec, data_spec, meta, 0, _metrics(model, dataset, validation))
+        first = _metrics(model, dataset, validation)
+        if tracker is not None:
+            first.update(tracker.measure(model))
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"epoch": 0, **first}) + "\n")
+        _save(out / "trajectory" / "epoch_0000.pt", model, model_spec, data_spec, meta, 0, first)
     bar = Progress(config.epochs, f"train {config.optimizer}", "epoch", progress, initial=start_epoch)
     for epoch in bar.iterate(range(start_epoch, config.epochs)):
         for group in optimizer.param_groups:
@@ -151,8 +168,12 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
             total += float(loss) * len(idx)
         if not math.isfinite(total):
             raise ValueError(f"training diverged at epoch {epoch + 1} (non-finite loss); lower the learning rate")
+        stepped = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "running_train_loss": total / len(y_train), **_metrics(model, dataset, validation),
                    "seconds": time.perf_counter() - started}
+        if tracker is not None and (epoch + 1) % config.track_every == 0:
+            metrics.update(tracker.measure(model))
+            metrics["track_fraction"] = metrics["track_seconds"] / max(stepped, 1e-9)  # of the epoch's training steps
         bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", test_acc=f"{metrics.get('test_accuracy', float('nan')):.3f}")
         if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
             _save(out / "trajectory" / f"epoch_{epoch + 1:04d}.pt", model, model_spec, data_spec, meta, epoch + 1, metrics)
@@ -161,7 +182,8 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         atomic_save({"epoch": epoch + 1, "config": config.to_dict(), "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "shuffle": shuffle.get_state()}, state_path)
     final = out / "final.pt"
-    atomic_save(torch.load(out / "trajectory" / f"epoch_{config.epochs:04d}.pt", weights_only=True), final)
+    if start_epoch < config.epochs or not final.exists():  # a finished run's final.pt stays untouched (caches key on it)
+        atomic_save(torch.load(out / "trajectory" / f"epoch_{config.epochs:04d}.pt", weights_only=True), final)
     return final
 
 

@@ -97,3 +97,41 @@ def test_runs_written_before_the_validation_and_recipe_fields_still_resume(tmp_p
     torch.save(state, tmp_path / "run" / "state.pt")
     train(TrainConfig(**SMALL, epochs=1, recipe="named later"), tmp_path / "run", resume=True, progress=False)
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_resuming_a_finished_run_leaves_its_files_untouched(tmp_path):
+    config = TrainConfig(**SMALL, epochs=1)
+    final = train(config, tmp_path / "run", progress=False)
+    before = final.stat().st_mtime_ns, final.read_bytes()
+    time.sleep(0.01)
+    assert train(config, tmp_path / "run", resume=True, progress=False) == final
+    assert (final.stat().st_mtime_ns, final.read_bytes()) == before
+
+
+def test_tracked_curvature_is_the_checkpoints_and_leaves_training_unchanged(tmp_path):
+    from landscape.data import MeasurementSet, load_data
+    from landscape.objective import Objective
+    from landscape.operators import HessianOperator
+    from landscape.spectrum import lanczos
+    from landscape.trace import xtrace
+
+    base = dict(SMALL, epochs=3, save_every=1)
+    plain = train(TrainConfig(**base), tmp_path / "plain", progress=False)
+    tracked = train(TrainConfig(**base, track_every=1, track="eig,trace", track_samples=300), tmp_path / "tracked",
+                    progress=False)
+    a, b = (torch.load(p, weights_only=True)["state_dict"] for p in (plain, tracked))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # measuring never touches the weights, gradients or random state
+    logged = [json.loads(line) for line in (tmp_path / "tracked" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in logged] == [0, 1, 2, 3]
+    batches = MeasurementSet("train", 300, 1024, seed=0).batches(load_data("digits"))
+    for row in logged:
+        model = load_checkpoint(tmp_path / "tracked" / "trajectory" / f"epoch_{row['epoch']:04d}.pt").build_model()
+        op = HessianOperator(Objective(model, batches, device="cpu", hvp_method="double-backward"))
+        cold = lanczos(op, 1, tol=1e-8, stop="residual")
+        assert row["lambda1"] == pytest.approx(float(cold.values[0]), rel=2e-3)
+        assert row["lambda1_residual"] <= 1e-3 * row["lambda1"] * 1.01
+        assert row["trace"] == pytest.approx(xtrace(op, 30, seed=0).estimate, rel=1e-4)
+        assert row["track_hvps"] == row["lambda1_hvps"] + 30 and row["track_seconds"] > 0
+    assert all(r["track_fraction"] > 0 for r in logged[1:])
+    with pytest.raises(ValueError, match="--track takes"):
+        train(TrainConfig(**base, track_every=1, track="hessian"), tmp_path / "bad", progress=False)
