@@ -97,7 +97,7 @@ def measure_checkpoint(path: str, label: str, meta: dict, args: argparse.Namespa
             continue
         result = METRICS[name](objective, args).to_dict()
         raw[name] = result
-        quantities.update(_quantities(name, result))
+        quantities.update(scalar_quantities(name, result))
     return {"label": label, "path": path, "seed": meta.get("train", {}).get("seed"), "config": meta.get("train"),
             "setup": objective.describe(), "test_setup": test.describe(), "quantities": quantities, "raw": raw}
 
@@ -109,7 +109,7 @@ def _surface_file(out: Path, objective, args: argparse.Namespace, dim: int) -> P
     return out / "surfaces" / f"{Path(objective.metadata['checkpoint']).parent.name}-{key}-{dim}d.h5"
 
 
-def _quantities(metric: str, result: dict) -> dict:
+def scalar_quantities(metric: str, result: dict) -> dict:
     """Scalar quantities (value, stderr, and the paired samples where there are any) of one metric's result."""
     if metric == "eig":
         return {f"λ{i}": {"value": v, "stderr": r} for i, (v, r) in enumerate(zip(result["values"], result["residuals"]), 1)}

@@ -168,6 +168,45 @@ def _prediction_handle() -> Line2D:
     return Line2D([], [], color="black", ls=":", lw=1.2, label=PREDICTION_NOTE)
 
 
+def plot_track(series: Mapping[str, Sequence[float]], *, stability_line: tuple[float, str] | None = None,
+               title: str = "") -> plt.Figure:
+    """Each measured quantity against epoch with a ±1.96·stderr band (λ: the Lanczos residual), losses beside them."""
+    epoch = np.asarray(series["epoch"])
+    measured = [n for n in series if n not in ("epoch", "measured loss") and not n.startswith("recorded")
+                and not n.endswith(" stderr") and n not in ("train loss", "gradient norm")]
+    n = len(measured) + 1
+    ncols = min(n, 3)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows + 0.4), squeeze=False, sharex=True,
+                             layout="constrained")
+    panels = list(axes.flat)
+    loss_ax = panels[0]
+    for name, style in (("recorded train loss", "-"), ("recorded test loss", "--")):
+        values = np.asarray(series.get(name, []), dtype=float)
+        if values.size and np.isfinite(values).any():
+            loss_ax.plot(epoch, values, style, color="black", label=name.replace("recorded ", ""))
+    loss_ax.set_yscale("log")
+    loss_ax.set_title("loss (recorded by training)", fontsize=10)
+    loss_ax.legend(frameon=False, fontsize=8)
+    for ax, name in zip(panels[1:], measured):
+        values = np.asarray(series[name], dtype=float)
+        err = 1.96 * np.nan_to_num(np.asarray(series.get(f"{name} stderr", np.zeros_like(values)), dtype=float))
+        ax.plot(epoch, values, "o-", ms=3, color="#1f77b4")
+        ax.fill_between(epoch, values - err, values + err, color="#1f77b4", alpha=0.2, lw=0)
+        if stability_line is not None and name == "λ1":
+            ax.axhline(stability_line[0], color="black", ls="--", lw=1, label=stability_line[1])
+            ax.legend(frameon=False, fontsize=8)
+        ax.set_title(name, fontsize=10)
+    for ax in panels:
+        ax.grid(alpha=0.3)
+    for ax in panels[n:]:
+        ax.set_visible(False)
+    fig.supxlabel("epoch; bands: ±1.96 × the estimate's error (λ: Lanczos residual bound)", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 # ------------------------------------------------------------------ method colours
 METHOD_COLORS = {
     "sgd": "#1f77b4", "smoothout": "#d62728", "adasmoothout": "#ff7f0e", "ssgd": "#2ca02c",

@@ -162,13 +162,13 @@ def test_each_method_is_compared_with_sgd_at_its_own_batch_size():
 
 
 def test_sharpness_maxima_and_batch_measures_enter_the_comparison_paired():
-    from analysis.compare import _quantities
+    from analysis.compare import scalar_quantities
 
     worst = {"value": 0.3, "spread": 0.02}
-    assert _quantities("adaptive-worst-case", worst) == {"adaptive-worst-case": {"value": 0.3, "stderr": 0.02}}
-    m = _quantities("m-sharpness", {"value": 0.2, "stderr": 0.01, "batch_values": [0.1, 0.3]})["m-sharpness"]
+    assert scalar_quantities("adaptive-worst-case", worst) == {"adaptive-worst-case": {"value": 0.3, "stderr": 0.02}}
+    m = scalar_quantities("m-sharpness", {"value": 0.2, "stderr": 0.01, "batch_values": [0.1, 0.3]})["m-sharpness"]
     assert m["samples"] == [0.1, 0.3] and m["stderr"] == 0.01
-    a = _quantities("average-case", {"increase": 0.05, "stderr": 0.004, "samples": [1.1, 1.0], "clean_loss": 1.0})
+    a = scalar_quantities("average-case", {"increase": 0.05, "stderr": 0.004, "samples": [1.1, 1.0], "clean_loss": 1.0})
     assert a["average-case"]["samples"] == pytest.approx([0.1, 0.0]) and a["average-case"]["value"] == 0.05
 
 

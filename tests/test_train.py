@@ -5,6 +5,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +136,43 @@ def test_tracked_curvature_is_the_checkpoints_and_leaves_training_unchanged(tmp_
     assert all(r["track_fraction"] > 0 for r in logged[1:])
     with pytest.raises(ValueError, match="--track takes"):
         train(TrainConfig(**base, track_every=1, track="hessian"), tmp_path / "bad", progress=False)
+
+
+def test_track_measures_every_trajectory_checkpoint_warm_started_and_resumes(tmp_path):
+    import h5py
+
+    from analysis.track import stability_threshold
+    from landscape.data import MeasurementSet, load_data
+    from landscape.objective import Objective
+    from landscape.operators import HessianOperator
+    from landscape.spectrum import lanczos
+
+    train(TrainConfig(**SMALL, epochs=3, save_every=1), tmp_path / "run", progress=False)
+    args = ("track", tmp_path / "run", "--metrics", "eig,trace", "--k", "1", "--n-samples", "300", "--probes", "20",
+            "--stability-line", "--quiet", "--json")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    series = json.loads(result.stdout)["series"]
+    assert series["epoch"] == [0.0, 1.0, 2.0, 3.0]
+    batches = MeasurementSet("train", 300, 256, 0).batches(load_data("digits"))
+    for epoch, value in zip(series["epoch"], series["λ1"]):  # the warm-started series equals cold Lanczos per checkpoint
+        model = load_checkpoint(tmp_path / "run" / "trajectory" / f"epoch_{int(epoch):04d}.pt").build_model()
+        cold = lanczos(HessianOperator(Objective(model, batches, device="cpu")), 1, tol=1e-8, stop="residual")
+        assert value == pytest.approx(float(cold.values[0]), rel=2e-3)
+    stored = json.loads((tmp_path / "run" / "track" / "track.json").read_text())
+    hvps = [c["metrics"]["eig"]["n_matvecs"] for c in stored["checkpoints"]]
+    assert stored["complete"] and sum(hvps[1:]) / 3 < hvps[0]  # the warm starts need fewer products than the cold one
+    with h5py.File(tmp_path / "run" / "track" / "track.h5") as f:
+        np.testing.assert_allclose(f["λ1"][()], series["λ1"])
+    assert (tmp_path / "run" / "track" / "track.png").read_bytes()[:4] == b"\x89PNG"
+    # killed after two checkpoints: the rerun keeps them and measures the rest
+    stored["checkpoints"], stored["complete"] = stored["checkpoints"][:2], False
+    (tmp_path / "run" / "track" / "track.json").write_text(json.dumps(stored))
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    np.testing.assert_allclose(json.loads(again.stdout)["series"]["λ1"], series["λ1"], rtol=2e-3)
+    changed = run_cli("track", tmp_path / "run", "--metrics", "eig", "--k", "2", "--quiet")
+    assert changed.returncode == 2 and "resume with the same options" in changed.stderr
+    assert stability_threshold({"lr": 0.1, "momentum": 0.9})[0] == pytest.approx(38.0)
+    assert stability_threshold({"lr": 0.5, "momentum": 0.0}) == (4.0, "2/η = 4")
+    assert stability_threshold({"lr": 0.1, "base": "adam"}) is None

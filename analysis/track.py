@@ -1,0 +1,108 @@
+"""`landscape track RUN_DIR`: every trajectory checkpoint of a training run measured alike, as a time series.
+
+Progressive sharpening and the edge of stability (Cohen et al. 2021) show in how λ1 moves over
+training. Every checkpoint is measured on one fixed measurement set with the same seed, so probes
+and noise draws are shared across checkpoints (common random numbers: the series is smooth where
+the model is). Lanczos starts from the previous checkpoint's top eigenvector (a warm start, with
+the residual stopping rule: a warm start under the error-estimate rule can stop on λ2 where λ1 and
+λ2 are close). Each finished metric is saved at once to `track.json` (the `landscape measure
+--out` format), so a killed run resumes; `track.h5` holds the series and `track.png` draws them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from analysis.compare import scalar_quantities
+from analysis.matched_loss import trajectory
+from analysis.measure import NOT_SETTINGS, measure_checkpoint, parse_metrics
+from analysis.results_file import ResultsFile
+from landscape.checkpoints import load_checkpoint
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a `landscape train` run folder (its trajectory/ checkpoints)")
+    parser.add_argument("--out", default=None, help="folder for track.json, track.h5 and track.png (default RUN_DIR/track)")
+    parser.add_argument("--stability-line", action="store_true",
+                        help="draw 2(1+β)/η on the λ1 panel (η the run's learning rate, β its momentum): where full-batch "
+                             "GD turns unstable (Cohen et al. 2021); stochastic runs may sit below it")
+
+
+def run(args: argparse.Namespace) -> None:
+    run_dir = Path(args.run_dir)
+    points = trajectory(run_dir / "final.pt")
+    metrics = parse_metrics(args.metrics)
+    out = Path(args.out) if args.out else run_dir / "track"
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in (*NOT_SETTINGS, "stability_line")}
+    results = ResultsFile.open(out / "track.json", {**settings, "checkpoints": [p.path for p in points]}, resume=True)
+    args.warm_start = "eig" in metrics  # measure's eig reads and updates args.eig_start (see analysis/measure.py)
+    args.eig_start = None
+    reports = []
+    for point in points:
+        report = measure_checkpoint(point.path, args, previous=results.previous(point.path), saved=results.save)
+        meta = load_checkpoint(point.path).meta
+        report.update(epoch=point.epoch, recorded=meta.get("metrics", {}))
+        results.save(report)
+        reports.append(report)
+    results.complete = True
+    results.write()
+    series = time_series(reports)
+    write_hdf5(series, out / "track.h5")
+    from analysis.plots import plot_track, save
+
+    line = stability_threshold(load_checkpoint(points[-1].path).meta.get("train", {})) if args.stability_line else None
+    save(plot_track(series, stability_line=line, title=f"{run_dir.name}: measured at every trajectory checkpoint"),
+         out / "track.png")
+    if args.json:
+        from analysis.cli import print_json
+
+        print_json({"series": series, "files": [str(out / n) for n in ("track.json", "track.h5", "track.png")]})
+        return
+    names = [n for n in series if n not in ("epoch",) and not n.endswith(" stderr")]
+    columns = ["epoch", *names]
+    widths = [max(len(n), 10) for n in columns]
+    print("  ".join(f"{n:>{w}}" for n, w in zip(columns, widths)))
+    for i in range(len(series["epoch"])):
+        print("  ".join(f"{series[n][i]:>{w}.5g}" for n, w in zip(columns, widths)))
+    hvps = [r["metrics"]["eig"]["n_matvecs"] for r in reports if "eig" in r["metrics"]]
+    if hvps:
+        print(f"Lanczos HVPs per checkpoint (warm-started after the first): {', '.join(map(str, hvps))}")
+    print(f"wrote {out / 'track.json'}, {out / 'track.h5'} and {out / 'track.png'}")
+
+
+def stability_threshold(config: dict) -> tuple[float, str] | None:
+    """Where gradient descent with heavy-ball momentum β and step η turns unstable on a quadratic: λ1 = 2(1 + β)/η
+    (2/η without momentum; Cohen et al. 2021). None for runs not stepped by SGD."""
+    if not config or (config.get("base") or "sgd") != "sgd" or not config.get("lr"):
+        return None
+    eta, beta = float(config["lr"]), float(config.get("momentum") or 0.0)
+    label = f"2/η = {2 / eta:g}" if beta == 0 else f"2(1+β)/η = {2 * (1 + beta) / eta:g} (β = {beta:g})"
+    return 2 * (1 + beta) / eta, label
+
+
+def time_series(reports: list[dict]) -> dict[str, list[float]]:
+    """Per checkpoint, in epoch order: epoch, recorded train/test loss, measured loss, and each scalar quantity ± stderr."""
+    series: dict[str, list[float]] = {"epoch": [float(r["epoch"]) for r in reports]}
+    for key in ("train_loss", "test_loss"):
+        series[f"recorded {key.replace('_', ' ')}"] = [float(r["recorded"].get(key, np.nan)) for r in reports]
+    series["measured loss"] = [float(r["loss"]) for r in reports]
+    for r_index, report in enumerate(reports):
+        for metric, result in report["metrics"].items():
+            for name, q in scalar_quantities(metric, result).items():
+                for column, value in ((name, q["value"]), (f"{name} stderr", q["stderr"])):
+                    series.setdefault(column, [np.nan] * len(reports))[r_index] = float(value)
+    return series
+
+
+def write_hdf5(series: dict[str, list[float]], path: Path) -> None:
+    """One float64 dataset per column (names as in track.json's quantities), written whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.attrs["columns"] = json.dumps(list(series))
+        for name, values in series.items():
+            f.create_dataset(name.replace("/", "_"), data=np.asarray(values, dtype=np.float64))
