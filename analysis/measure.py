@@ -134,15 +134,11 @@ def _operator(objective: Objective, args: argparse.Namespace):
 
 
 def _eig(objective: Objective, args: argparse.Namespace) -> Result:
-    """Lanczos; with `args.warm_start` (`landscape track`) it starts from and then keeps `args.eig_start`, the last
-    top eigenvector, and stops on the residual (a warm start under the error-estimate rule can stop on λ2)."""
-    warm = getattr(args, "warm_start", False)
-    result = lanczos(_operator(objective, args), args.k, which=args.which, tol=args.tol, max_matvecs=args.max_matvecs,
-                     seed=args.seed, progress=args.progress, start=getattr(args, "eig_start", None) if warm else None,
-                     stop="residual" if warm else "error", return_vectors=warm)
-    if warm:
-        args.eig_start = result.vectors[:, 0].detach().clone()
-    return result
+    """Lanczos; warm-started from the last top eigenvector when `args.warm_start` holds a WarmStart (`landscape track`)."""
+    warm = getattr(args, "warm_start", None)
+    run = warm.lanczos if warm is not None else lanczos
+    return run(_operator(objective, args), args.k, which=args.which, tol=args.tol, max_matvecs=args.max_matvecs,
+               seed=args.seed, progress=args.progress)
 
 
 def _trace(objective: Objective, args: argparse.Namespace) -> Result:

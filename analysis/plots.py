@@ -18,6 +18,7 @@ from matplotlib.colors import Colormap, LogNorm, Normalize, to_hex, to_rgb  # no
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
+from analysis.differences import ci_halfwidth  # noqa: E402
 from landscape.directions import Directions  # noqa: E402
 from landscape.surface import Surface  # noqa: E402
 
@@ -123,8 +124,6 @@ def plot_sharpness_panels(curves: Mapping[str, Sequence[dict]], reference: str, 
 
 def _draw_sharpness(ax: plt.Axes, runs: Sequence[dict], color: str, label: str) -> None:
     """Mean curve with its 95% band and the mean second-order prediction (dotted) of one label's seeds."""
-    from analysis.differences import ci_halfwidth
-
     radii = np.asarray(runs[0]["radii"])
     increase = np.array([r["increase"] for r in runs])
     mean = increase.mean(axis=0)
@@ -302,8 +301,6 @@ def plot_lines(surfaces: Mapping[str, Surface | Sequence[Surface]], *, splits: S
             losses = np.array([_loss(s, split, label, log) for s in seeds[label]])
             ax.plot(surface.axes[0], losses.mean(axis=0), lw=1.8, **style)
             if len(losses) > 1:
-                from analysis.differences import ci_halfwidth
-
                 half = ci_halfwidth(losses)
                 low = losses.mean(axis=0) - half
                 ax.fill_between(surface.axes[0], np.where(low > 0, low, np.nan) if log else low,

@@ -23,6 +23,7 @@ from analysis.matched_loss import trajectory
 from analysis.measure import NOT_SETTINGS, measure_checkpoint, parse_metrics
 from analysis.results_file import ResultsFile
 from landscape.checkpoints import load_checkpoint
+from landscape.spectrum import WarmStart
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +41,7 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else run_dir / "track"
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in (*NOT_SETTINGS, "stability_line")}
     results = ResultsFile.open(out / "track.json", {**settings, "checkpoints": [p.path for p in points]}, resume=True)
-    args.warm_start = "eig" in metrics  # measure's eig reads and updates args.eig_start (see analysis/measure.py)
-    args.eig_start = None
+    args.warm_start = WarmStart()  # measure's eig starts each Lanczos from the previous checkpoint's top eigenvector
     reports = []
     for point in points:
         report = measure_checkpoint(point.path, args, previous=results.previous(point.path), saved=results.save)

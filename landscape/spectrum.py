@@ -363,3 +363,24 @@ def slq_density(op: LinearOperator, *, n_runs: int = 4, n_steps: int = 60, n_gri
     density = kernel @ weights.reshape(-1) / n_runs
     return Spectrum(grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma,
                     n_matvecs=recurrence.n_matvecs, seconds=time.perf_counter() - start, seed=int(seed))
+
+
+@dataclass
+class WarmStart:
+    """Lanczos on a sequence of nearby matrices (training steps, trajectory checkpoints), each started from the
+    previous top eigenvector: one home for the warm start of `landscape track`, `train --track-every` and
+    `landscape.stability` (Cohen et al. 2021's edge of stability).
+
+    The default stop is the rigorous residual rule: near the edge of stability λ1 and λ2 lie a few
+    percent apart, and from a warm start the gap-based "error" rule then often stops on λ2.
+    `enabled=False` starts every Lanczos cold (for comparisons), keeping everything else equal.
+    """
+
+    enabled: bool = True
+    vector: torch.Tensor | None = None
+
+    def lanczos(self, op: LinearOperator, k: int = 1, *, stop: str = "residual", **options) -> EigResult:
+        result = lanczos(op, k, stop=stop, start=self.vector if self.enabled else None, return_vectors=True, **options)
+        self.vector = result.vectors[:, 0].detach().clone()
+        return result
+

@@ -25,7 +25,7 @@ from landscape.objective import Objective
 from landscape.operators import HessianOperator
 from landscape.probes import check_int
 from landscape.results import Result
-from landscape.spectrum import STOPS, lanczos
+from landscape.spectrum import STOPS, WarmStart
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -98,7 +98,7 @@ def gradient_descent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config:
     x, y = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype), y.to(device)
     params = list(net.parameters())
     losses, recorded, sharpness, residuals, hvps, converged = [], [], [], [], [], []
-    vector = None
+    warm = WarmStart(enabled=config.warm_start)
     for step in range(config.steps + 1):
         loss = loss_fn(net(x), y)
         if not torch.isfinite(loss):
@@ -107,9 +107,7 @@ def gradient_descent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config:
         if step % config.every == 0 or step == config.steps:
             objective = Objective(net, [(x, y)], loss_fn=loss_fn, dtype=dtype, device=device,
                                   hvp_method=config.hvp_method, hvp_check=not recorded)
-            top = lanczos(HessianOperator(objective), 1, tol=config.tol, stop=config.stop, seed=config.seed,
-                          return_vectors=True, start=vector if config.warm_start else None)
-            vector = top.vectors[:, 0]
+            top = warm.lanczos(HessianOperator(objective), 1, tol=config.tol, stop=config.stop, seed=config.seed)
             recorded.append(step)
             sharpness.append(float(top.values[0]))
             residuals.append(float(top.residuals[0]))

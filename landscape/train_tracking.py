@@ -3,9 +3,7 @@
 Progressive sharpening and the edge of stability (Cohen et al. 2021) are read off λ1 over training.
 Each measurement builds an Objective on a fixed subset of the training split (eval mode, the
 training model itself, never its gradients or random state), and Lanczos starts from the previous
-measurement's top eigenvector (a warm start), with the residual stopping rule: at the edge of
-stability λ1 and λ2 lie a few percent apart, and the error-estimate rule then stops early on λ2
-from a warm start (see landscape/stability.py). The trace, when asked, is XTrace with fixed probes.
+measurement's top eigenvector (`landscape.spectrum.WarmStart`, residual stopping rule). The trace, when asked, is XTrace with fixed probes.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from torch import nn
 
 from landscape.objective import Objective
 from landscape.operators import HessianOperator
-from landscape.spectrum import lanczos
+from landscape.spectrum import WarmStart
 from landscape.trace import xtrace
 
 TRACKED = ("eig", "trace")
@@ -33,7 +31,7 @@ class CurvatureTracker:
     tol: float = 1e-3
     trace_matvecs: int = 30
     seed: int = 0
-    _vector: torch.Tensor | None = field(default=None, repr=False)
+    warm: WarmStart = field(default_factory=WarmStart, repr=False)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.measures if m not in TRACKED]
@@ -49,8 +47,7 @@ class CurvatureTracker:
         out: dict = {}
         hvps = 0
         if "eig" in self.measures:
-            eig = lanczos(op, 1, tol=self.tol, stop="residual", seed=self.seed, start=self._vector, return_vectors=True)
-            self._vector = eig.vectors[:, 0].detach().clone()
+            eig = self.warm.lanczos(op, 1, tol=self.tol, seed=self.seed)
             out.update(lambda1=float(eig.values[0]), lambda1_residual=float(eig.residuals[0]), lambda1_hvps=int(eig.n_matvecs))
             hvps += eig.n_matvecs
         if "trace" in self.measures:

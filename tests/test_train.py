@@ -116,7 +116,7 @@ def test_tracked_curvature_is_the_checkpoints_and_leaves_training_unchanged(tmp_
     from landscape.spectrum import lanczos
     from landscape.trace import xtrace
 
-    base = dict(SMALL, epochs=3, save_every=1)
+    base = dict(SMALL, model_kwargs={}, epochs=3, save_every=1)  # the default 64-100-100-10 MLP: 17,610 parameters
     plain = train(TrainConfig(**base), tmp_path / "plain", progress=False)
     tracked = train(TrainConfig(**base, track_every=1, track="eig,trace", track_samples=300), tmp_path / "tracked",
                     progress=False)
@@ -147,7 +147,7 @@ def test_track_measures_every_trajectory_checkpoint_warm_started_and_resumes(tmp
     from landscape.operators import HessianOperator
     from landscape.spectrum import lanczos
 
-    train(TrainConfig(**SMALL, epochs=3, save_every=1), tmp_path / "run", progress=False)
+    train(TrainConfig(**dict(SMALL, model_kwargs={}), epochs=3, save_every=1), tmp_path / "run", progress=False)  # 17,610 params
     args = ("track", tmp_path / "run", "--metrics", "eig,trace", "--k", "1", "--n-samples", "300", "--probes", "20",
             "--stability-line", "--quiet", "--json")
     result = run_cli(*args)
