@@ -18,7 +18,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from analysis import compare, demo, figures, measure, plot_cli, surfaces, track, training
+    from analysis import compare, correlate, demo, figures, measure, plot_cli, surfaces, track, training
 
     def checkpoints(p: argparse.ArgumentParser) -> None:
         p.add_argument("checkpoints", nargs="+", metavar="CKPT")
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train a model with a chosen optimizer, writing checkpoints", [training.add_arguments], training.run),
         ("track", "measure every trajectory checkpoint of a training run: curvature over training, resumable",
          [objective, metrics, track.add_arguments], track.run),
+        ("correlate", "rank sharpness measures against the generalization gap over a sweep of runs (Kendall's τ, "
+         "granulated τ, bootstrap CIs)", [objective, metrics, correlate.add_arguments], correlate.run),
         ("figures", "regenerate every figure in figures/ from scratch", [figures.add_arguments], figures.run),
     ]
     parser = argparse.ArgumentParser(prog="landscape", description="How sharp is the minimum a trained network sits in?")

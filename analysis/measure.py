@@ -216,15 +216,17 @@ def parse_metrics(text: str, choices: Iterable[str] = METRICS) -> list[str]:
 
 
 def measure_checkpoint(path: str, args: argparse.Namespace, *, previous: dict | None = None,
-                       saved: Callable[[dict], None] | None = None) -> dict:
+                       saved: Callable[[dict], None] | None = None, distributed: bool | None = None) -> dict:
     """Loss, accuracy, gradient norm and the chosen curvature metrics of one checkpoint.
 
     `previous` is this checkpoint's report from an interrupted run: its metrics are kept, only the
     missing ones computed. `saved(report)` is called once the loss is known and after each metric.
+    `distributed`: data-parallel over the ranks (default: whenever a process group is active); False
+    when the checkpoints themselves are split over the ranks.
     """
     metrics = parse_metrics(args.metrics)
     start = time.perf_counter()
-    objective = build_objective(path, args, distributed=ranks.active())
+    objective = build_objective(path, args, distributed=ranks.active() if distributed is None else distributed)
     if previous is None:
         evaluation = objective.evaluate()
         report = {

@@ -206,6 +206,46 @@ def plot_track(series: Mapping[str, Sequence[float]], *, stability_line: tuple[f
     return fig
 
 
+def plot_correlation(result: Mapping, *, gap: str | None = None, title: str = "") -> plt.Figure:
+    """Each measure against the generalization gap, one panel per measure, one point per run (colour: method,
+    marker: batch size), with τ and Ψ and their bootstrap intervals in the panel's title (`landscape correlate`)."""
+    gap = gap or result["gaps"][0]
+    runs = result["runs"]
+    found = {c["measure"]: c for c in result["correlations"] if c["gap"] == gap}
+    names = list(found)
+    ncols = 2 if len(names) in (2, 4) else min(len(names), 3)
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.4 * nrows + 0.6), squeeze=False, layout="constrained")
+    methods = list(dict.fromkeys(str(r["hyperparameters"].get("method")) for r in runs))
+    batches = list(dict.fromkeys(r["hyperparameters"].get("batch_size") for r in runs))
+    colors = label_colors(methods)
+    markers = dict(zip(batches, "os^Dv<>p*"))
+    x = np.array([np.nan if r["generalization"][gap] is None else r["generalization"][gap] for r in runs], float)
+    for ax, name in zip(axes.flat, names):
+        y = np.array([r["measures"].get(name, {}).get("value", np.nan) for r in runs], float)
+        for i, r in enumerate(runs):
+            h = r["hyperparameters"]
+            ax.scatter(x[i], y[i], color=colors[str(h.get("method"))], marker=markers[h.get("batch_size")], s=26,
+                       alpha=0.85, edgecolors="none")
+        if np.all(y[np.isfinite(y)] > 0) and np.nanmax(y) / np.nanmin(y) > 20:
+            ax.set_yscale("log")
+        c = found[name]
+        psi = "" if c["psi"] is None else f"\nΨ = {c['psi']['value']:+.2f} [{c['psi']['low']:+.2f}, {c['psi']['high']:+.2f}]"
+        ax.set_title(f"{name}: τ = {c['tau']['value']:+.2f} [{c['tau']['low']:+.2f}, {c['tau']['high']:+.2f}]{psi}",
+                     fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], ls="", marker="o", color=colors[m], label=m) for m in methods]
+    if len(batches) > 1:
+        handles += [Line2D([], [], ls="", marker=markers[b], color="grey", label=f"B={b}") for b in batches]
+    fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize=8)
+    fig.supxlabel(f"generalization gap ({gap}: test − train); brackets: 95% bootstrap interval over runs", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 # ------------------------------------------------------------------ method colours
 METHOD_COLORS = {
     "sgd": "#1f77b4", "smoothout": "#d62728", "adasmoothout": "#ff7f0e", "ssgd": "#2ca02c",

@@ -69,9 +69,9 @@ class Report:
         return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
                 f"<style>{_STYLE}</style></head><body>{''.join(body)}</body></html>\n")
 
-    def write(self, folder: Path) -> tuple[Path, Path]:
-        """report.md and report.html in `folder` (figure paths are relative to it)."""
-        md, page = folder / "report.md", folder / "report.html"
+    def write(self, folder: Path, name: str = "report") -> tuple[Path, Path]:
+        """NAME.md and NAME.html in `folder` (figure paths are relative to it)."""
+        md, page = folder / f"{name}.md", folder / f"{name}.html"
         md.write_text(self.markdown())
         page.write_text(self.html(folder))
         return md, page

@@ -6,7 +6,8 @@ and noise draws are shared across checkpoints (common random numbers: the series
 the model is). Lanczos starts from the previous checkpoint's top eigenvector (a warm start, with
 the residual stopping rule: a warm start under the error-estimate rule can stop on λ2 where λ1 and
 λ2 are close). Each finished metric is saved at once to `track.json` (the `landscape measure
---out` format), so a killed run resumes; `track.h5` holds the series and `track.png` draws them.
+--out` format), so a killed run resumes; `track.h5` holds the series and `track.png` draws them. Under torchrun each rank measures one block
+of consecutive checkpoints, warm-starting within it, and rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import h5py
 import numpy as np
 
 from analysis.compare import scalar_quantities
-from analysis.matched_loss import trajectory
+from analysis.matched_loss import TrajectoryPoint, trajectory
 from analysis.measure import NOT_SETTINGS, measure_checkpoint, parse_metrics
 from analysis.results_file import ResultsFile
+from landscape import distributed as ranks
 from landscape.checkpoints import load_checkpoint
 from landscape.spectrum import WarmStart
 
@@ -42,15 +44,19 @@ def run(args: argparse.Namespace) -> None:
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in (*NOT_SETTINGS, "stability_line")}
     results = ResultsFile.open(out / "track.json", {**settings, "checkpoints": [p.path for p in points]}, resume=True)
     args.warm_start = WarmStart()  # measure's eig starts each Lanczos from the previous checkpoint's top eigenvector
-    reports = []
-    for point in points:
-        report = measure_checkpoint(point.path, args, previous=results.previous(point.path), saved=results.save)
-        meta = load_checkpoint(point.path).meta
-        report.update(epoch=point.epoch, recorded=meta.get("metrics", {}))
-        results.save(report)
-        reports.append(report)
+
+    def one(point: TrajectoryPoint) -> dict:
+        save = results.save if ranks.is_main() else None
+        report = measure_checkpoint(point.path, args, previous=results.previous(point.path), saved=save, distributed=False)
+        report.update(epoch=point.epoch, recorded=load_checkpoint(point.path).meta.get("metrics", {}))
+        return report
+
+    # under torchrun each rank measures one block of consecutive checkpoints (its warm starts chain within the block)
+    reports = ranks.map_split(points, one, contiguous=True, done=results.save)
     results.complete = True
     results.write()
+    if not ranks.is_main():
+        return
     series = time_series(reports)
     write_hdf5(series, out / "track.h5")
     from analysis.plots import plot_track, save
@@ -71,7 +77,8 @@ def run(args: argparse.Namespace) -> None:
         print("  ".join(f"{series[n][i]:>{w}.5g}" for n, w in zip(columns, widths)))
     hvps = [r["metrics"]["eig"]["n_matvecs"] for r in reports if "eig" in r["metrics"]]
     if hvps:
-        print(f"Lanczos HVPs per checkpoint (warm-started after the first): {', '.join(map(str, hvps))}")
+        first = "the first" if ranks.world_size() == 1 else f"the first of each of the {ranks.world_size()} ranks' blocks"
+        print(f"Lanczos HVPs per checkpoint (warm-started after {first}): {', '.join(map(str, hvps))}")
     print(f"wrote {out / 'track.json'}, {out / 'track.h5'} and {out / 'track.png'}")
 
 

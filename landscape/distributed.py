@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
-from typing import Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,6 +19,7 @@ TIMEOUT_ENV = "LANDSCAPE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0  # seconds a collective may wait for the other ranks
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def launched() -> bool:
@@ -114,6 +115,32 @@ def unshard(local: Sequence[T], count: int) -> list[T]:
     world = world_size()
     parts = all_gather([t.cpu() if isinstance(t, torch.Tensor) else t for t in local[: -(-count // world)]])
     return [parts[j % world][j // world] for j in range(count)]
+
+
+def map_split(items: Sequence[T], work: Callable[[T], R], *, contiguous: bool = False,
+              done: Callable[[R], None] | None = None) -> list[R]:
+    """`work` on every item, the items split over the ranks; every rank gets all results, in item order.
+
+    Round-robin by default; `contiguous` gives each rank one block of consecutive items (so work that
+    carries state from one item to the next, such as a warm start, keeps most of it). Ranks work in
+    lockstep rounds of one item each: after each round the results are gathered and `done(result)`
+    is called on every rank for each finished item, in item order, so rank 0 can save them as they come.
+    Results must be picklable. Without a process group: a plain loop.
+    """
+    world, me = world_size(), rank()
+    block = -(-len(items) // world) if contiguous else 1
+    owner = [(i // block) if contiguous else (i % world) for i in range(len(items))]
+    mine = [i for i in range(len(items)) if owner[i] == me]
+    rounds = max(owner.count(r) for r in range(world)) if items else 0
+    results: list = [None] * len(items)
+    for step in range(rounds):
+        local = (mine[step], work(items[mine[step]])) if step < len(mine) else None
+        for finished in (all_gather(local) if world > 1 else [local]):
+            if finished is not None:
+                results[finished[0]] = finished[1]
+                if done is not None:
+                    done(finished[1])
+    return results
 
 
 def is_failure(error: BaseException) -> bool:

@@ -1,0 +1,238 @@
+"""`landscape correlate RUNS...`: does a sharpness measure predict the generalization gap across a sweep of runs?
+
+Jiang et al. (2019), "Fantastic generalization measures and where to find them", and Andriushchenko
+et al. (2023), "A modern look at the relationship between sharpness and generalization". Every run is
+measured alike (one measurement set, one seed: shared probes and noise), its generalization gap taken
+on the whole train and test splits, and each measure ranked against the gap by Kendall's τ and by
+Jiang's granulated τ (analysis/correlation.py), with bootstrap intervals over runs. The measurements
+are saved as they finish (measurements.json, the `landscape measure --out` format), so a killed run
+resumes. Under torchrun the runs are split over the ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from analysis.compare import checkpoint_label, scalar_quantities
+from analysis.correlation import RESAMPLES, Correlation, correlate, varying
+from analysis.matched_loss import at_train_loss, parse_target
+from analysis.measure import NOT_SETTINGS, build_objective, measure_checkpoint, parse_metrics
+from analysis.report import Report
+from analysis.results_file import ResultsFile
+from analysis.tables import format_table
+from landscape import distributed as ranks
+from landscape.checkpoints import load_checkpoint
+from landscape.results import to_jsonable
+
+CORRELATE_METRICS = ("eig", "trace", "sharpness-curve", "eps-sharpness", "worst-case", "adaptive-worst-case",
+                     "m-sharpness", "adaptive-m-sharpness", "average-case", "adaptive-average-case")
+DEFAULT_METRICS = "eig,trace,sharpness-curve,eps-sharpness"
+GAPS = {"error": "test error − train error", "loss": "test loss − train loss"}
+# hyperparameters a sweep may vary, from each run's training config; `epochs` is left out by default because recipes
+# tie it to the batch size (varying one alone would leave no group)
+AXES = ("method", "batch_size", "lr", "momentum", "weight_decay", "epochs")
+DEFAULT_AXES = "method,batch_size,lr,momentum,weight_decay"
+CORRELATE_OPTIONS = ("gap", "axes", "resamples", "stability_line")  # options that change no measurement
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="`landscape train` run folders (their final.pt) or checkpoint files; at least 3")
+    group = parser.add_argument_group("correlation")
+    group.add_argument("--measures", dest="metrics", help="the same as --metrics")
+    group.add_argument("--gap", default="error,loss",
+                       help="generalization gaps, comma list: error (test − train error), loss (test − train loss); default both")
+    group.add_argument("--axes", default=DEFAULT_AXES,
+                       help=f"hyperparameters for the granulated τ, those of {','.join(AXES)} that vary across the runs "
+                            f"(default {DEFAULT_AXES}); runs are grouped by the others and their training seed")
+    group.add_argument("--at-train-loss", default=None, metavar="LOSS|matched",
+                       help="measure each run at its trajectory checkpoint whose recorded train loss is closest to LOSS "
+                            "(Jiang et al. stop every run at one train loss); 'matched': the lowest loss every run reaches")
+    group.add_argument("--resamples", type=int, default=RESAMPLES, help=f"bootstrap resamples over runs (default {RESAMPLES})")
+    group.add_argument("--out", default="correlation",
+                       help="folder for measurements.json (resumable), correlation.json, correlation.md and correlation.png")
+    parser.set_defaults(metrics=DEFAULT_METRICS, k=1, radius="0.02", noise_samples=40, probes=60)
+
+
+def run_paths(runs: list[str]) -> list[str]:
+    """A run folder's final.pt; a file as given."""
+    paths = []
+    for run in runs:
+        path = Path(run)
+        if path.is_dir():
+            if not (path / "final.pt").exists():
+                raise FileNotFoundError(f"{run}: a run folder needs final.pt (written by `landscape train` at its end)")
+            path = path / "final.pt"
+        elif not path.exists():
+            raise FileNotFoundError(f"{run}: no such run folder or checkpoint")
+        paths.append(str(path))
+    if len(paths) < 3:
+        raise ValueError(f"correlate needs at least 3 runs, got {len(paths)}")
+    return paths
+
+
+def hyperparameters(config: dict | None, axes: list[str]) -> dict:
+    """The run's value of each axis, and its training seed (groups for the granulated τ share the seed)."""
+    if not config:
+        return {}
+    values = {"method": checkpoint_label("", {"train": {**config, "batch_size": 0}}).removesuffix(" B=0"), **config}
+    return {**{a: values.get(a) for a in axes}, "seed": config.get("seed")}
+
+
+def generalization(path: str, args: argparse.Namespace) -> dict:
+    """Loss and error on the whole train and test splits (eval mode as measured), and the gaps."""
+    out = {}
+    for split in ("train", "test"):
+        whole = argparse.Namespace(**{**vars(args), "split": split, "n_samples": None})
+        result = build_objective(path, whole).evaluate()
+        out[f"{split}_loss"] = result.loss
+        out[f"{split}_error"] = None if result.accuracy is None else 1.0 - result.accuracy
+    out["loss"] = out["test_loss"] - out["train_loss"]
+    out["error"] = None if out["test_error"] is None else out["test_error"] - out["train_error"]
+    return out
+
+
+def measure_runs(paths: list[str], args: argparse.Namespace, out: Path) -> list[dict]:
+    """Every run's report (metrics on the measurement set, gaps on the whole splits), saved as each finishes."""
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in (*NOT_SETTINGS, *CORRELATE_OPTIONS, "runs")}
+    results = ResultsFile.open(out / "measurements.json", {**settings, "checkpoints": paths}, resume=True)
+
+    def one(path: str) -> dict:
+        save = results.save if ranks.is_main() else None
+        report = measure_checkpoint(path, args, previous=results.previous(path), saved=save, distributed=False)
+        if "generalization" not in report:
+            report["generalization"] = generalization(path, args)
+        return report
+
+    reports = ranks.map_split(paths, one, done=results.save)
+    results.complete = True
+    results.write()
+    return reports
+
+
+def correlations(reports: list[dict], gaps: list[str], axes: list[str], resamples: int, seed: int) -> list[Correlation]:
+    """Each scalar quantity of the reports against each gap."""
+    configs = [load_checkpoint(r["checkpoint"]).meta.get("train") for r in reports]
+    hypers = [hyperparameters(c, axes) for c in configs]
+    quantities = [{n: q["value"] for m, res in r["metrics"].items() for n, q in scalar_quantities(m, res).items()}
+                  for r in reports]
+    names = list(dict.fromkeys(n for q in quantities for n in q))
+    out = []
+    for gap in gaps:
+        values = np.array([np.nan if r["generalization"][gap] is None else r["generalization"][gap] for r in reports])
+        if not np.isfinite(values).any():
+            raise ValueError(f"--gap {gap}: the runs have no {gap} (no accuracy for this loss?); use --gap loss")
+        for name in names:
+            measure = np.array([q.get(name, np.nan) for q in quantities], float)
+            out.append(correlate(measure, values, hypers, axes, name=name, gap_name=gap, resamples=resamples, seed=seed))
+    return out
+
+
+def correlate_runs(args: argparse.Namespace) -> dict:
+    """Measure the runs and rank every measure against every gap: the JSON `landscape correlate --json` prints."""
+    parse_metrics(args.metrics, CORRELATE_METRICS)
+    gaps = [g for g in args.gap.split(",") if g]
+    axes = [a for a in args.axes.split(",") if a]
+    for what, names, choices in (("--gap", gaps, GAPS), ("--axes", axes, AXES)):
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise ValueError(f"{what} {','.join(unknown) or '(empty)'}: choose from {', '.join(choices)}")
+    if args.resamples < 100:
+        raise ValueError(f"--resamples {args.resamples}: a 95% bootstrap interval needs at least 100")
+    given = run_paths(args.runs)
+    paths, target, points = given, None, None
+    if args.at_train_loss:
+        points, target = at_train_loss(given, parse_target(args.at_train_loss))
+        paths = [p.path for p in points]
+    out = Path(args.out)
+    reports = measure_runs(paths, args, out)
+    found = correlations(reports, gaps, axes, args.resamples, args.seed)
+    configs = [load_checkpoint(p).meta.get("train") for p in paths]
+    runs = []
+    for i, (report, config) in enumerate(zip(reports, configs)):
+        run = {"run": given[i], "checkpoint": report["checkpoint"], "hyperparameters": hyperparameters(config, list(AXES)),
+               "generalization": report["generalization"],
+               "measures": {n: q for m, r in report["metrics"].items() for n, q in scalar_quantities(m, r).items()}}
+        if points is not None:
+            run["at_train_loss"] = {"epoch": points[i].epoch, "recorded_train_loss": points[i].train_loss}
+        runs.append(run)
+    return {"runs": runs, "correlations": [c.to_dict() for c in found], "gaps": gaps,
+            "axes": varying([hyperparameters(c, axes) for c in configs], axes), "at_train_loss": target,
+            "setup": reports[0]["setup"], "resamples": args.resamples}
+
+
+def _interval(e: dict | None) -> str:
+    return "" if e is None or e["value"] != e["value"] else f"{e['value']:+.2f} [{e['low']:+.2f}, {e['high']:+.2f}]"
+
+
+def correlation_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per measure and gap: τ, ψ per varying hyperparameter (with its groups), Ψ; each with its 95% interval."""
+    axes = result["axes"]
+    headers = ["measure", "gap", "τ [95% CI]", *[f"ψ {a}" for a in axes], "Ψ [95% CI]"]
+    rows = []
+    for c in result["correlations"]:
+        cells = [f"{_interval(c['granulated'].get(a))} ({c['groups'].get(a, 0)})" if a in c["granulated"] else "—"
+                 for a in axes]
+        rows.append([c["measure"], c["gap"], _interval(c["tau"]), *cells, _interval(c["psi"])])
+    return headers, rows
+
+
+def build_report(result: dict, figure: str | None) -> Report:
+    setup, m = result["setup"], result["setup"]["measurement"]
+    report = Report("Sharpness against generalization")
+    when = ("at the end of training" if result["at_train_loss"] is None else
+            f"at the trajectory checkpoint whose recorded train loss is closest to {result['at_train_loss']:.4g}")
+    report.paragraph(
+        f"{len(result['runs'])} runs, measured {when} on {m['n_samples']} samples of the {m['split']} split of "
+        f"{setup['data']['spec']} (seed {m['seed']}; the same probes and noise for every run). The gaps use the whole "
+        f"train and test splits: {'; '.join(f'{g}: {GAPS[g]}' for g in result['gaps'])}.")
+    headers, rows = correlation_table(result)
+    report.table(headers, rows,
+                 "Kendall's τ-b over all runs; ψ: Jiang et al. (2019)'s granulated τ for one hyperparameter (the τ over "
+                 "runs that differ only in it, averaged over the settings of the others and the training seed; groups "
+                 "in brackets); Ψ: the mean of the ψ. Intervals: 95% percentile bootstrap over runs "
+                 f"({result['resamples']} resamples). τ > 0: a larger measure goes with a larger gap.")
+    report.heading("Runs")
+    gaps = result["gaps"]
+    names = list(dict.fromkeys(n for r in result["runs"] for n in r["measures"]))
+    report.table(["run", *[a for a in AXES if any(r["hyperparameters"].get(a) is not None for r in result["runs"])],
+                  "train loss", *[f"{g} gap" for g in gaps], *names],
+                 [[r["run"], *[str(r["hyperparameters"][a]) for a in AXES
+                               if any(x["hyperparameters"].get(a) is not None for x in result["runs"])],
+                   f"{r['generalization']['train_loss']:.3g}",
+                   *[f"{r['generalization'][g]:.3g}" if r["generalization"][g] is not None else "" for g in gaps],
+                   *[f"{r['measures'][n]['value']:.4g}" if n in r["measures"] else "" for n in names]]
+                  for r in result["runs"]])
+    if figure:
+        report.heading("Figure")
+        report.figure(figure, f"Each measure against the {gaps[0]} gap, one point per run; τ and Ψ with their 95% intervals.")
+    return report
+
+
+def write_outputs(result: dict, out: Path) -> list[Path]:
+    """correlation.json, correlation.png and correlation.md/html in `out`."""
+    from analysis.plots import plot_correlation, save
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "correlation.json").write_text(json.dumps(to_jsonable(result), indent=1) + "\n")
+    figure = save(plot_correlation(result), out / "correlation.png")
+    md, page = build_report(result, figure.name).write(out, name="correlation")
+    return [out / "correlation.json", figure, md, page]
+
+
+def run(args: argparse.Namespace) -> None:
+    result = correlate_runs(args)
+    if not ranks.is_main():
+        return
+    files = write_outputs(result, Path(args.out))
+    if args.json:
+        from analysis.cli import print_json
+
+        print_json(result)
+        return
+    print(format_table(*correlation_table(result)))
+    print(f"\nwrote {', '.join(map(str, files))}")
