@@ -23,7 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-CONFIDENCE = 0.95
+from analysis.differences import CONFIDENCE
+
 RESAMPLES = 2000
 _PAIRS_PER_CHUNK = 4_000_000  # resample × pair entries held at once
 

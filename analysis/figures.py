@@ -5,7 +5,9 @@ Small-scale versions of the seed papers' figures, on the converged recipe of ana
 small- and large-batch minima; (b) Li et al. (2018)'s filter-normalized 1-D curves for SGD, SmoothOut
 and AdaSmoothOut (Wen et al. 2018); (c) 2-D contours on one colour scale; (d) expected-loss increase
 against the noise radius; (e) Hessian spectral densities; (f) the method tables over seeds, at the end
-of training and at matched train loss, with paired differences and Holm's correction per table.
+of training and at matched train loss, with paired differences and Holm's correction per table; (g) Jiang
+et al. (2019)'s rank correlation between sharpness and the generalization gap over a learning-rate ×
+batch-size sweep.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from analysis.differences import aggregate, difference, holm
 from analysis.noise_sweep import GRID, chosen, noise_sweep, sweep_table
 from analysis.noise_sweep import to_jsonable as sweep_json
 from analysis.plots import (
+    plot_correlation,
     plot_lines,
     plot_sharpness_panels,
     plot_spectral_densities,
     plot_surfaces,
     save,
 )
-from analysis.recipes import CONVERGED, LARGE, METHODS, SMALL, label, train_runs
+from analysis.recipes import CONVERGED, LARGE, LR_SWEEP, METHODS, SMALL, SWEEP_LRS, config, label, train_all, train_runs
 from analysis.report import Report
 from analysis.tables import format_table
 from analysis.training import NOISE_OPTION
@@ -42,9 +45,9 @@ from landscape.surface import compute_surface, grid_axis, read_surface
 VALUE_QUANTITIES = ("train loss", "gradient norm", "test accuracy", "test loss", "λ1", "trace", "ΔL a=0.02", "ε-sharpness")
 TESTED = ("test accuracy", "λ1", "trace", "ΔL a=0.02", "ε-sharpness")  # the quantities each comparison table tests
 MEASURED = "eig,trace,sharpness-curve,eps-sharpness"
-FULL = {"seeds": 3, "epoch_fraction": 1.0, "grid": GRID, "n_samples": None, "k": "1", "probes": "60",
+FULL = {"lrs": SWEEP_LRS, "seeds": 3, "epoch_fraction": 1.0, "grid": GRID, "n_samples": None, "k": "1", "probes": "60",
         "noise_samples": "40", "restarts": "3", "line": 41, "plane": 21, "density_steps": 80, "interpolation": 31, "extend": 2}
-QUICK = {"seeds": 2, "epoch_fraction": 0.04, "grid": {m: v[1:3] for m, v in GRID.items()}, "n_samples": 500, "k": "1",
+QUICK = {"lrs": SWEEP_LRS[1:], "seeds": 2, "epoch_fraction": 0.04, "grid": {m: v[1:3] for m, v in GRID.items()}, "n_samples": 500, "k": "1",
          "probes": "10", "noise_samples": "8", "restarts": "2", "line": 9, "plane": 5, "density_steps": 20,
          "interpolation": 7, "extend": 0}
 ALPHA = 0.05  # family-wise error rate of each table (Holm)
@@ -95,6 +98,37 @@ def measure_all(paths: list[str], labels: list[str], budget: dict, out: Path, pr
     args.progress = progress
     result = to_jsonable(compare(paths, args))
     cached.write_text(json.dumps({"key": key, "result": result}) + "\n")
+    return result
+
+
+CORRELATED = "eig,trace,sharpness-curve,eps-sharpness,adaptive-worst-case"
+
+
+def correlation_sweep(smoothout_noise: float, budget: dict, cache: Path, out: Path, jobs: int,
+                      progress: bool | str = False) -> dict:
+    """(g) Jiang et al. (2019)'s question on a small sweep: SGD and SmoothOut × batch 32, 256 × three learning rates ×
+    seeds, every measure ranked against the generalization gap (`landscape correlate`); correlation.png/.md in `out`."""
+    from analysis.cli import build_parser
+    from analysis.correlate import build_report, correlate_runs
+
+    runs = [config(m, b, s, budget["epoch_fraction"], recipe=LR_SWEEP, lr=lr,
+                   noise=smoothout_noise if m == "smoothout" else None)
+            for m in ("sgd", "smoothout") for b in LR_SWEEP.epochs for lr in budget["lrs"] for s in range(budget["seeds"])]
+    paths = [str(p) for p in train_all(runs, cache / "sweep-runs", jobs=jobs, progress=progress)]
+    argv = ["correlate", *paths, "--metrics", CORRELATED, "--k", "1", "--probes", budget["probes"], "--noise-samples",
+            budget["noise_samples"], "--restarts", budget["restarts"], "--radius", "0.02", "--batch-size", "1000"]
+    if budget["n_samples"]:
+        argv += ["--n-samples", str(budget["n_samples"])]
+    key = hashlib.sha256(json.dumps([argv, [Path(p).stat().st_mtime_ns for p in paths]]).encode()).hexdigest()[:16]
+    args = build_parser().parse_args([*argv, "--out", str(cache / f"correlate-{key}")])
+    args.progress = progress
+    result = correlate_runs(args)
+    save(plot_correlation(result, title=f"{len(paths)} runs on mnist1d: does sharpness rank them by their gap?"),
+         out / "correlation.png")
+    report = build_report(result, "correlation.png")
+    report.paragraph(f"Recipe `{LR_SWEEP.name}`: {LR_SWEEP.note}. SmoothOut at its validation-tuned a = {smoothout_noise:g}. "
+                     f"Every run measured at the end of training.")
+    (out / "correlation.md").write_text(report.markdown())
     return result
 
 
@@ -280,6 +314,7 @@ def run(args: argparse.Namespace) -> None:
         families[f"each method vs SGD at batch {b}, end of training"] = comparison_family(result, method_questions[b])
         families[f"each method vs SGD at batch {b}, matched train loss"] = comparison_family(matched[b], method_questions[b])
     summary["families"] = families
+    summary["correlation"] = correlation_sweep(noise["smoothout"], budget, cache, out, jobs, args.progress)
     summary["groups"] = result["groups"]
     summary["matched_groups"] = {str(k): v["groups"] for k, v in matched.items()}
 

@@ -41,7 +41,13 @@ DEMO = Recipe("demo", {SMALL: 20, LARGE: 200}, {SMALL: 2, LARGE: 20},
               "a third of METHODS.md's epochs (20 at batch 32, 200 at batch 2000), to fit the demo's few minutes: the "
               "batch-32 runs stop underfit (train loss about 0.6 against 0.24 at batch 2000), so the demo cannot say "
               "whether small or large batches generalize better")
-RECIPES = {r.name: r for r in (CONVERGED, DEMO)}
+# the learning-rate × batch-size sweep behind figures/correlation.png: equal step counts at both batch sizes
+# (100 epochs × 125 steps at batch 32, 800 × 16 at batch 256 on mnist1d's 4000 training samples)
+LR_SWEEP = Recipe("lr-sweep", {SMALL: 100, 256: 800}, {SMALL: 5, 256: 40},
+                  "batch 32 and 256 at learning rates 0.005, 0.01 and 0.02 (momentum 0.9), 100 and 800 epochs: about "
+                  "12,500 steps each; no schedule")
+SWEEP_LRS = (0.005, 0.01, 0.02)
+RECIPES = {r.name: r for r in (CONVERGED, DEMO, LR_SWEEP)}
 
 
 def label(method: str, batch: int) -> str:
@@ -49,23 +55,26 @@ def label(method: str, batch: int) -> str:
 
 
 def config(method: str, batch: int, seed: int, epoch_fraction: float = 1.0, *, recipe: Recipe = CONVERGED,
-           noise: float | None = None, validation: int = 0) -> TrainConfig:
+           noise: float | None = None, validation: int = 0, lr: float | None = None) -> TrainConfig:
     """One run of `recipe`: `noise` sets the method's noise size (its NOISE_OPTION), `epoch_fraction` < 1 shortens
-    the run (quick versions for tests), `validation` holds out training samples for tuning."""
+    the run (quick versions for tests), `validation` holds out training samples for tuning, `lr` replaces the
+    batch size's learning rate."""
     epochs = max(1, round(recipe.epochs[batch] * epoch_fraction))
     if noise is None:
         noise = DEFAULT_NOISE.get(method)
     options = {} if noise is None else {NOISE_OPTION[method]: noise}
     return TrainConfig(data="mnist1d", model="mlp", optimizer=method, optimizer_kwargs=options, batch_size=batch,
-                       lr=LR[batch], epochs=epochs, seed=seed, validation=validation, recipe=recipe.name,
+                       lr=LR[batch] if lr is None else lr, epochs=epochs, seed=seed, validation=validation, recipe=recipe.name,
                        save_every=max(1, round(recipe.save_every[batch] * epoch_fraction)) if epochs > 1 else 1)
 
 
 def run_name(run: TrainConfig) -> str:
-    """A folder name that differs whenever the run does: method, noise size, batch, epochs, seed, hold-out."""
+    """A folder name that differs whenever the run does: method, noise size, batch, learning rate (where it is not
+    the batch size's default), epochs, seed, hold-out."""
     noise = "".join(f"-{k}{v:g}" for k, v in run.optimizer_kwargs.items() if k == NOISE_OPTION.get(run.optimizer))
+    lr = "" if LR.get(run.batch_size) == run.lr else f"-lr{run.lr:g}"
     held = f"-val{run.validation}" if run.validation else ""
-    return f"{run.optimizer}{noise}-b{run.batch_size}-e{run.epochs}-seed{run.seed}{held}"
+    return f"{run.optimizer}{noise}-b{run.batch_size}{lr}-e{run.epochs}-seed{run.seed}{held}"
 
 
 def train_all(runs: list[TrainConfig], cache: Path, *, jobs: int = 1, progress: bool | str = False) -> list[Path]:

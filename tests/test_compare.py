@@ -107,7 +107,7 @@ def test_figures_quick_writes_every_figure(tmp_path):
     result = run_cli("figures", "--quick", "--out", tmp_path / "fig", "--cache", tmp_path / "cache", "--quiet", "--jobs", "2")
     assert result.returncode == 0, result.stderr
     names = ["interpolation.png", "random-1d-small-batch.png", "random-1d-large-batch.png", "contours.png",
-             "sharpness-small-batch.png", "sharpness-large-batch.png", "spectra.png"]
+             "sharpness-small-batch.png", "sharpness-large-batch.png", "spectra.png", "correlation.png"]
     for name in names:
         assert (tmp_path / "fig" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     table = (tmp_path / "fig" / "methods.md").read_text()
@@ -122,6 +122,11 @@ def test_figures_quick_writes_every_figure(tmp_path):
             assert max(p["validation_accuracy"] for p in points) == next(
                 p["validation_accuracy"] for p in points if p["value"] == summary["noise_sweep"][method]["chosen"])
     assert "matched train loss" in table and "Holm" in table
+    correlation = summary["correlation"]  # 2 methods × 2 batch sizes × 2 learning rates × 2 seeds, ranked by their gaps
+    assert len(correlation["runs"]) == 16 and correlation["axes"] == ["method", "batch_size", "lr"]
+    assert {c["measure"] for c in correlation["correlations"]} == {"λ1", "trace", "ΔL a=0.02", "ε-sharpness",
+                                                                  "adaptive-worst-case"}
+    assert "granulated" in (tmp_path / "fig" / "correlation.md").read_text()
     for title, tests in summary["families"].items():
         assert tests and all(t["holm_p"] >= t["p_value"] for t in tests), title
         assert all("paired over 2 shared training seeds" in t["basis"] for t in tests), title
