@@ -3,10 +3,13 @@
 A toolkit checkpoint is a plain dict of tensors, strings and numbers, so
 `torch.load(weights_only=True)` reads it without running pickled code. Foreign
 checkpoints (a bare state dict, or one nested under a common key) need a model spec.
+safetensors files (a bare state dict) and HuggingFace `save_pretrained` folders (config.json
+and safetensors weights, one file or shards) hold no pickle at all: safe by construction.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import pickletools
@@ -42,6 +45,7 @@ class Checkpoint:
     model_spec: dict | None = None
     data_spec: dict | None = None
     meta: dict = field(default_factory=dict)
+    builds_own_weights: bool = False  # a save_pretrained folder: the model loads its weights from the folder itself
 
     @property
     def is_native(self) -> bool:
@@ -56,7 +60,8 @@ class Checkpoint:
             model = model_from_spec(spec)
         except (ValueError, TypeError, ImportError) as error:
             raise CheckpointError(f"{self.path}: cannot build model {spec.get('name')!r}: {error}") from error
-        load_weights(model, self.state_dict, self.path)
+        if not (self.builds_own_weights and spec is self.model_spec):
+            load_weights(model, self.state_dict, self.path)
         return model
 
 
@@ -99,7 +104,12 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} not found")
     if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+        if os.path.exists(os.path.join(path, "config.json")):
+            return huggingface_folder(path)
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file (a HuggingFace save_pretrained folder "
+                              "holds config.json)")
+    if path.endswith(".safetensors"):
+        return Checkpoint(path, read_safetensors(path))
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
             warnings.simplefilter("ignore", UserWarning)
@@ -120,6 +130,42 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
     except Exception as error:  # anything torch.load raises on a foreign file
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {error})") from None
     return _interpret(path, obj)
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file (no pickle: nothing in the file can run)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package: pip install -e '.[hf]'") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # safetensors raises its own SafetensorError on a damaged header
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path} is not a readable safetensors file ({message})") from None
+
+
+def huggingface_folder(path: str) -> Checkpoint:
+    """A `save_pretrained` folder: its config names the architecture; its safetensors weights (one file or shards)
+    are read here for their hash and checks, and by transformers when the model is built. Pickled weights
+    (pytorch_model.bin) are refused: re-save the model with safe_serialization=True."""
+    folder = Path(path)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{folder}/config.json cannot be read as JSON ({error})") from None
+    architectures = config.get("architectures") or []
+    if not architectures:
+        raise CheckpointError(f"{folder}/config.json names no architecture (its 'architectures' list is empty); "
+                              "save the model with model.save_pretrained(folder)")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        binary = " (pytorch_model.bin is a pickle, not read)" if (folder / "pytorch_model.bin").exists() else ""
+        raise CheckpointError(f"{folder} holds no *.safetensors weights{binary}: re-save it with "
+                              "save_pretrained(folder, safe_serialization=True)")
+    state = {k: v for file in files for k, v in read_safetensors(file).items()}
+    spec = {"name": "huggingface", "kwargs": {"folder": str(folder.resolve()), "architecture": architectures[0]}}
+    return Checkpoint(str(folder), state, model_spec=spec, meta={"format": "huggingface"}, builds_own_weights=True)
 
 
 def _refused_globals(path: str, message: str, limit: int = 3) -> list[str]:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, jvp, vjp, vmap
 
+from landscape.batches import targets
 from landscape.objective import ObjectiveError, cross_entropy, linearized
 
 if TYPE_CHECKING:
@@ -57,6 +58,9 @@ def per_sample_loss_function(loss_fn: Callable) -> PerSampleLoss:
     loss is evaluated on one sample at a time (vmap over the leading axis), which is exact for a loss that is a
     mean over samples — FisherOperator checks that the mean of these equals the batch loss.
     """
+    if loss_fn is None:
+        raise CurvatureError("the empirical Fisher needs per-sample losses, and this objective's loss is not a mean "
+                             "over samples (a token-level or custom loss); pass per_sample_loss to FisherOperator")
     if loss_fn in (cross_entropy, F.cross_entropy):
         return lambda outputs, targets: F.cross_entropy(outputs, targets, reduction="none")
     return vmap(lambda f, y: loss_fn(f[None], y[None]))
@@ -65,8 +69,8 @@ def per_sample_loss_function(loss_fn: Callable) -> PerSampleLoss:
 class JacobianSandwich:
     """V ↦ Σ_b s_b · J_bᵀ M_b(J_b vᵢ) for each row vᵢ of V (k, n), over an Objective's batches, all-reduced over ranks.
 
-    J_b is the Jacobian of `function(w, x, y)` (model outputs, or per-sample losses) at the objective's point,
-    M_b(value, JV) the middle factor in that function's output space, s_b the batch's weight. Per batch the
+    J_b is the Jacobian of `function(w, batch)` (model outputs, or per-sample losses) at the objective's point,
+    M_b(value, batch, JV) the middle factor in that function's output space, s_b the batch's weight. Per batch the
     function is linearized once (functionalized torch.func.linearize: a traced in-place op would otherwise
     corrupt later products, issue 20; an eager jvp where it cannot be traced) and its vjp kept, so a product
     costs one tangent pass and one backward. `keep` holds these linearizations for every batch between calls
@@ -98,14 +102,14 @@ class JacobianSandwich:
         return self._kept[b]
 
     def _linearize(self, b: int) -> "_Linearization":
-        x, y = self.objective.batches[b]
+        batch = self.objective.batches[b]
         w = self.objective.w.detach()
 
         def fn(w: torch.Tensor) -> torch.Tensor:
-            return self.function(w, x, y)
+            return self.function(w, batch)
 
         value, pullback = vjp(fn, w)
-        middle = partial(self.middle, value.detach(), y)
+        middle = partial(self.middle, value.detach(), batch)
         if self.keep:  # tracing pays off over many products
             return _Linearization(linearized(fn, w), pullback, middle)
         return _Linearization(lambda v: jvp(fn, (w,), (v,))[1], pullback, middle)
@@ -125,11 +129,14 @@ class _Linearization:
 
 
 def ggn(objective: "Objective", keep: bool | None = None) -> JacobianSandwich:
-    """G v = Σ_b (n_b/N)·J_bᵀ H_b J_b v, H_b the Hessian of the batch's mean loss w.r.t. its outputs."""
-    def outputs(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return objective._outputs(w, x)
+    """G v = Σ_b (n_b/N)·J_bᵀ H_b J_b v, H_b the Hessian of the batch's mean loss w.r.t. its outputs (n_b its items)."""
+    def outputs(w: torch.Tensor, batch) -> torch.Tensor:
+        return objective._outputs(w, batch)
 
-    def middle(value: torch.Tensor, y: torch.Tensor, JV: torch.Tensor) -> torch.Tensor:
+    def middle(value: torch.Tensor, batch, JV: torch.Tensor) -> torch.Tensor:
+        if objective.loss_fn is None:  # a loss over the whole batch (token-level, custom): its mean over the items
+            return output_hessian_product(lambda f, b: objective._batch_mean(f, b)[0], value, batch, JV)
+        y = targets(batch)
         if objective.loss_fn in (cross_entropy, F.cross_entropy) and _class_indices(value, y):
             return _cross_entropy_hessian_product(value, JV)
         return output_hessian_product(objective.loss_fn, value, y, JV)
@@ -139,10 +146,10 @@ def ggn(objective: "Objective", keep: bool | None = None) -> JacobianSandwich:
 
 def empirical_fisher(objective: "Objective", per_sample_loss: PerSampleLoss, keep: bool | None = None) -> JacobianSandwich:
     """F v = (1/N) Σ_b J_ℓ,bᵀ J_ℓ,b v, J_ℓ,b the Jacobian of batch b's per-sample losses (each within its batch)."""
-    def losses(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return per_sample_loss(objective._outputs(w, x), y)
+    def losses(w: torch.Tensor, batch) -> torch.Tensor:
+        return per_sample_loss(objective._outputs(w, batch), targets(batch))
 
-    def identity(value: torch.Tensor, y: torch.Tensor, JV: torch.Tensor) -> torch.Tensor:
+    def identity(value: torch.Tensor, batch, JV: torch.Tensor) -> torch.Tensor:
         return JV
 
     weights = [1 / objective.n_samples] * len(objective.batches)
@@ -165,10 +172,11 @@ def check_per_sample_loss(objective: "Objective", per_sample_loss: PerSampleLoss
     """Raise CurvatureError unless the per-sample losses of the first batch average to the objective's batch loss."""
     if not objective.batches:
         return
-    x, y = objective.batches[0]
+    first = objective.batches[0]
+    y = targets(first)
     with torch.no_grad():
-        outputs = objective._outputs(objective.w, x)
-        batch = objective.loss_fn(outputs, y)
+        outputs = objective._outputs(objective.w, first)
+        batch = objective._batch_mean(outputs, first)[0]
         try:
             items = per_sample_loss(outputs, y)
         except Exception as error:

@@ -77,7 +77,32 @@ class Dataset:
         }
 
 
-def load_data(spec: str, *, normalize: bool | None = None, seed: int = 0) -> Dataset:
+@dataclass(frozen=True, eq=False)
+class BatchSet:
+    """Batches a `module:callable` made itself, for models whose batches are not (x, y) arrays: HuggingFace dicts,
+    token sequences of several lengths, tuples. The measurement set is these batches, in order, as given."""
+
+    spec: str
+    train: tuple
+    test: tuple = ()
+
+    def batches(self, split: str) -> list:
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; use 'train' or 'test'")
+        chosen = list(self.train if split == "train" else self.test)
+        if not chosen:
+            raise DataError(f"data {self.spec!r} has no {split} batches: return a dict with 'train' and 'test' lists "
+                            "to measure both")
+        return chosen
+
+    def describe(self) -> dict:
+        from landscape.batches import batch_size
+
+        return {"spec": self.spec, "n_train": sum(batch_size(b) for b in self.train),
+                "n_test": sum(batch_size(b) for b in self.test), "batches": True}
+
+
+def load_data(spec: str, *, normalize: bool | None = None, seed: int = 0) -> Dataset | BatchSet:
     """Load a data set from its spec string.
 
     `normalize=None` takes the spec's default: per-channel standardization with train
@@ -263,6 +288,32 @@ def _inputs(x: Any, where: str) -> torch.Tensor:
     return x
 
 
+def _batch_set(spec: str, out: Any) -> BatchSet | None:
+    """`out` as a BatchSet if it is a list of batches or {"train": [...], "test": [...]}; None otherwise."""
+    if isinstance(out, dict) and "train" in out and set(out) <= {"train", "test"}:
+        train, test = out["train"], out.get("test", ())
+    elif isinstance(out, list):
+        train, test = out, ()
+    else:
+        return None
+    for name, batches in (("train", train), ("test", test)):
+        if not isinstance(batches, (list, tuple)):
+            raise DataError(f"{spec}: {name} batches must be a list, got {type(batches).__name__}")
+        for i, batch in enumerate(batches):
+            if not _is_batch(batch):
+                raise DataError(f"{spec}: {name} batch {i} is a {type(batch).__name__}; a batch is an (x, y) tuple of "
+                                "tensors or a dict of tensors (HuggingFace style)")
+    if not train:
+        raise DataError(f"{spec}: returned no train batches")
+    return BatchSet(spec, tuple(train), tuple(test))
+
+
+def _is_batch(batch: Any) -> bool:
+    if isinstance(batch, dict):
+        return bool(batch) and all(isinstance(v, torch.Tensor) for v in batch.values())
+    return isinstance(batch, (tuple, list)) and bool(batch) and all(isinstance(v, torch.Tensor) for v in batch)
+
+
 def _user_arrays(where: str, x: Any, y: Any, x_test: Any = None, y_test: Any = None, *, seed: int,
                  num_classes: int | None = None) -> tuple[tuple[torch.Tensor, ...], int, str]:
     """Checked tensors; without a test split, a seeded 20% hold-out of x/y."""
@@ -309,11 +360,15 @@ def _npz(spec: str, path: Path, seed: int, normalize: bool) -> Dataset:
     return _finish(spec, *parts, num_classes=num_classes, normalize=normalize, test_source=source)
 
 
-def _module(spec: str, seed: int, normalize: bool | None) -> Dataset:
-    """A user callable returning a Dataset, or x_train, y_train, x_test, y_test (dict or tuple, optional num_classes)."""
+def _module(spec: str, seed: int, normalize: bool | None) -> Dataset | BatchSet:
+    """A user callable returning a Dataset, x_train, y_train, x_test, y_test (dict or tuple, optional num_classes),
+    or its own batches: a list of batches, or a dict with "train" (and "test") lists of them (a BatchSet)."""
     fn = import_callable(spec, DataError)
     out = fn(seed=seed) if accepts(fn, "seed") else fn()
     keys = ("x_train", "y_train", "x_test", "y_test")
+    batch_set = _batch_set(spec, out)
+    if batch_set is not None:
+        return batch_set
     if isinstance(out, Dataset):
         if normalize and out.normalization is None:
             return _finish(spec, out.x_train, out.y_train, out.x_test, out.y_test, num_classes=out.num_classes,
@@ -325,7 +380,8 @@ def _module(spec: str, seed: int, normalize: bool | None) -> Dataset:
         arrays, num_classes = list(out[:4]), (out[4] if len(out) == 5 else None)
     else:
         raise DataError(f"{spec}: returned {type(out).__name__}; return a landscape.data.Dataset, a dict with "
-                        f"{', '.join(keys)} (optional num_classes), or a tuple (x_train, y_train, x_test, y_test[, num_classes])")
+                        f"{', '.join(keys)} (optional num_classes), a tuple (x_train, y_train, x_test, y_test[, num_classes]), "
+                        "or batches: a list of them or a dict with 'train' and 'test' lists (a batch: (x, y) or a dict)")
     parts, num_classes, source = _user_arrays(spec, *arrays, seed=seed, num_classes=num_classes)
     return _finish(spec, *parts, num_classes=num_classes, normalize=bool(normalize), test_source=source)
 
@@ -385,14 +441,26 @@ class MeasurementSet:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         return order[: self.n_samples].sort().values
 
-    def batches(self, dataset: Dataset) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The fixed (x, y) batches in index order; the last one may be smaller and is kept."""
+    def batches(self, dataset: Dataset | BatchSet) -> list:
+        """The fixed (x, y) batches in index order; the last one may be smaller and is kept. A BatchSet's own batches
+        as given (a user's batches are the measurement set: --n-samples does not apply to them)."""
+        if isinstance(dataset, BatchSet):
+            if self.n_samples is not None:
+                raise DataError(f"--n-samples {self.n_samples}: data {dataset.spec!r} gives its own batches; choose "
+                                "the samples in the callable")
+            return dataset.batches(self.split)
         x, y = dataset.split(self.split)
         idx = self.indices(dataset)
         return [(x[chunk], y[chunk]) for chunk in idx.split(self.batch_size)]
 
     def describe(self, dataset: Dataset | None = None) -> dict:
         """JSON-ready record: split, actual n_samples, whether it is a subset, batch_size, seed, n_batches, data spec."""
+        if isinstance(dataset, BatchSet):
+            from landscape.batches import batch_size
+
+            batches = self.batches(dataset)
+            return {"split": self.split, "n_samples": sum(batch_size(b) for b in batches), "subset": False,
+                    "batch_size": None, "seed": self.seed, "n_batches": len(batches), "data": dataset.spec}
         n = len(self.indices(dataset)) if dataset is not None else self.n_samples
         return {
             "split": self.split,

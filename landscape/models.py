@@ -226,6 +226,30 @@ def model_for_data(name: str, dataset_or_shape: Dataset | Sequence[int], num_cla
     return model_from_spec(spec), spec
 
 
+def huggingface(folder: str, architecture: str) -> nn.Module:
+    """A transformers model from a save_pretrained folder (its safetensors weights; nothing is downloaded)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(f"{folder} is a HuggingFace model: pip install -e '.[hf]' to measure it") from None
+    model_class = getattr(transformers, architecture, None)
+    if model_class is None:
+        raise ValueError(f"transformers {transformers.__version__} has no model class {architecture!r}")
+    logging = transformers.utils.logging
+    bars, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()  # no "Loading weights" bars or notes on stderr: the CLI keeps stderr to one line
+    logging.set_verbosity_error()
+    try:
+        return model_class.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+MODELS["huggingface"] = huggingface  # what a save_pretrained folder's checkpoint spec names
+
+
 def model_from_spec(spec: dict) -> nn.Module:
     """Rebuild a model from its {"name", "kwargs"} spec."""
     return build_model(spec["name"], **spec.get("kwargs", {}))

@@ -1,8 +1,10 @@
-"""The Objective: L(w) = Σ_i n_i·ℓ_i(w) / Σ_i n_i over a fixed list of batches, with exact HVPs.
+"""The Objective: L(w) = Σ_b sum_b(w) / Σ_b count_b over a fixed list of batches, with exact HVPs.
 
-Every number in the toolkit comes from here (DESIGN.md). The model is evaluated
-functionally (torch.func.functional_call) at a flat parameter vector, so loss, gradient
-and Hessian-vector products never mutate the user's model.
+Every number in the toolkit comes from here (DESIGN.md). A batch is an (x, y) pair, a tuple or a
+HuggingFace-style dict, and a loss gives each batch's sum of per-item losses and its number of
+items, samples or real tokens (landscape.batches). The model is evaluated functionally
+(torch.func.functional_call) at a flat parameter vector, so loss, gradient and Hessian-vector
+products never mutate the user's model.
 """
 
 from __future__ import annotations
@@ -20,29 +22,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from landscape import distributed as ranks
+from landscape.batches import (
+    Batch,
+    Loss,
+    accuracy,
+    batch_size,
+    class_cross_entropy,
+    from_mean,
+    logits,
+    loss_name,
+    model_arguments,
+    targets,
+    to_device,
+)
+from landscape.batches import mean_cross_entropy as cross_entropy
 from landscape.params import FlatLayout, select_parameters
 from landscape.results import Result
 
 HVP_METHODS = ("auto", "reuse", "linearize", "fwd-rev", "double-backward")
 MODES = ("eval", "train")
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of class-index targets: F.cross_entropy, taken along the sample axis for few classes on a CPU.
-
-    PyTorch's CPU log_softmax vectorizes along the class axis, which leaves the vector units idle
-    for fewer than 16 classes: 1437x10 logits take 0.22 ms forward and 0.65 ms through an HVP's
-    double backward, against 0.04 and 0.26 ms with the samples on the vectorized axis. Same value
-    to rounding; for a few samples the transpose costs more than it saves, so they keep F.cross_entropy.
-    """
-    few_classes = logits.ndim == 2 and logits.shape[1] < 16 and logits.shape[0] >= 256
-    if few_classes and logits.device.type == "cpu" and targets.dtype == torch.int64 and targets.ndim == 1:
-        return -torch.log_softmax(logits.t().contiguous(), dim=0).gather(0, targets[None]).mean()
-    return F.cross_entropy(logits, targets)
+__all__ = ["Objective", "ObjectiveError", "Evaluation", "HVPCheck", "cross_entropy", "linearized"]
 
 
 class ObjectiveError(ValueError):
@@ -113,7 +116,11 @@ def _prepare_model(model: nn.Module, mode: str, device: torch.device, dtype: tor
 
 
 class Objective:
-    """Sample-weighted mean loss of `model` over fixed `batches`, as a function of flat parameters.
+    """Item-weighted mean loss of `model` over fixed `batches`, as a function of flat parameters.
+
+    `loss` is `(model output, batch) → (sum of per-item losses, number of items)` (landscape.batches:
+    class cross-entropy by default, token cross-entropy for causal language models, mean squared
+    error, or your own); `loss_fn(output, targets) → batch mean` is the older form for (x, y) batches.
 
     `params` selects the parameters that vary (see landscape.params.select_parameters);
     the rest and all buffers stay fixed. `hvp_method` picks the exact Hessian-vector
@@ -130,6 +137,7 @@ class Objective:
         batches: Sequence[Batch],
         *,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        loss: Loss | None = None,
         params: str = "all",
         mode: str = "eval",
         dtype: torch.dtype = torch.float32,
@@ -151,9 +159,11 @@ class Objective:
             self.device = ranks.local_device(self.device)
         self.dtype = dtype
         self.mode = mode
-        self.loss_fn = loss_fn or cross_entropy
+        if loss is not None and loss_fn is not None:
+            raise ObjectiveError("give loss (output, batch) → (sum, count) or loss_fn (output, targets) → mean, not both")
+        self.loss_function: Loss = loss if loss is not None else from_mean(loss_fn) if loss_fn else class_cross_entropy
+        self.loss_fn = getattr(self.loss_function, "mean_loss", None)  # the per-batch mean loss, where the loss is one
         self.model = _prepare_model(model, mode, self.device, dtype)
-        self._set_batches(batches)
         self._saved_bytes_per_sample: float | None = None
         self.param_selection = params
         names = select_parameters(self.model, params)
@@ -165,6 +175,7 @@ class Objective:
         if not torch.isfinite(self.w).all():
             bad = [n for n, t in self.layout.unflatten(self.w).items() if not torch.isfinite(t).all()]
             raise ObjectiveError(f"non-finite weights in {', '.join(bad)}")
+        self._set_batches(batches)
         self.graph_memory_budget = graph_memory_budget
         self.hvp_method = self._resolve_hvp_method(hvp_method)
         self.metadata = dict(metadata or {})
@@ -174,15 +185,27 @@ class Objective:
         self.hvp_check_result: HVPCheck | None = None
 
     def _set_batches(self, batches: Sequence[Batch]) -> None:
-        self.batches = [self._to_device(x, y) for x, y in batches]
-        sizes = [len(y) for _, y in self.batches]
-        all_sizes = [n for part in ranks.all_gather(sizes) for n in part] if self.distributed else sizes
+        moved = [to_device(b, self.device, self.dtype) for b in batches]
+        counts = [self._count(b) for b in moved]
+        self.batches = [b for b, c in zip(moved, counts) if c > 0]  # a batch of ignored tokens only adds nothing
+        sizes, counts = [batch_size(b) for b in self.batches], [c for c in counts if c > 0]
+        gathered = ranks.all_gather((sizes, counts)) if self.distributed else [(sizes, counts)]
+        all_sizes = [n for part, _ in gathered for n in part]
         if not all_sizes:
-            raise ObjectiveError("the measurement set is empty: give at least one batch")
+            raise ObjectiveError("the measurement set is empty: give at least one batch (with at least one item the loss counts)")
         self.n_samples, self.n_batches = sum(all_sizes), len(all_sizes)
+        self.n_items = sum(c for _, part in gathered for c in part)  # samples, or real tokens for a language model
         self.batch_sizes = sorted(set(all_sizes))
-        self.batch_weights = [n / self.n_samples for n in sizes]
+        self.batch_weights = [c / self.n_items for c in counts]
         self._eval_chunks: list[Batch] | None = None
+
+    def _count(self, batch: Batch) -> int:
+        """Items the loss counts in `batch`: from the loss's `count`, else from one forward pass."""
+        count = getattr(self.loss_function, "count", None)
+        if count is not None:
+            return int(count(batch))
+        with torch.no_grad():
+            return int(self.loss_function(self._call(self.w, batch), batch)[1])
 
     def restricted(self, batches: Sequence[Batch]) -> "Objective":
         """The same prepared model, point, parameters and settings over other `batches`, without copying the model.
@@ -198,12 +221,6 @@ class Objective:
         return sub
 
     # ----------------------------------------------------------------- basics
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
-        x = torch.as_tensor(x).to(self.device)
-        if x.is_floating_point():
-            x = x.to(self.dtype)
-        return x, torch.as_tensor(y).to(self.device)
-
     @property
     def n_params(self) -> int:
         return self.layout.size
@@ -212,12 +229,14 @@ class Objective:
         """What was measured and how: recorded in every result's metadata."""
         return {
             "n_samples": self.n_samples,
+            **({} if self.n_items == self.n_samples else {"n_items": self.n_items}),
             "n_batches": self.n_batches,
             "batch_sizes": self.batch_sizes,
             "world_size": self.world_size,
             "sharded": self.distributed,
             "mode": self.mode,
             "params": self.param_selection,
+            **({} if self.loss_function is class_cross_entropy else {"loss": loss_name(self.loss_function)}),
             "n_params": self.n_params,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
@@ -237,10 +256,25 @@ class Objective:
         return {**self._fixed, **own, **(buffers or {}), **self.layout.unflatten(w)}
 
     def _outputs(self, w: torch.Tensor, x: torch.Tensor, buffers: dict | None = None) -> torch.Tensor:
-        return functional_call(self.model, self._state(w, buffers), (x,))
+        """The model's output tensor (its .logits for a HuggingFace model) on one batch, or on inputs alone."""
+        return logits(self._call(w, x, buffers))
 
-    def _batch_loss(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self._outputs(w, x), y)
+    def _call(self, w: torch.Tensor, batch: Batch, buffers: dict | None = None):
+        """The model called on a batch (its inputs; a tensor is the input itself), as it returns."""
+        args, kwargs = ((batch,), {}) if isinstance(batch, torch.Tensor) else model_arguments(batch)
+        return _forward(self.model, self._state(w, buffers), args, kwargs)
+
+    def _batch_loss(self, w: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The mean loss over the batch's items (weighted by batch_weights into L)."""
+        return self._batch_mean(self._call(w, batch), batch)[0]
+
+    def _batch_mean(self, output, batch: Batch) -> tuple[torch.Tensor, int]:
+        """(mean loss over the batch's items, their number) from the model's output on it."""
+        if self.loss_fn is not None:  # a per-batch mean loss: as computed before losses took whole batches
+            y = targets(batch)
+            return self.loss_fn(logits(output), y), len(y)
+        total, count = self.loss_function(output, batch)
+        return total / count, int(count)
 
     def _point(self, w: torch.Tensor | None) -> torch.Tensor:
         if w is None:
@@ -253,26 +287,29 @@ class Objective:
         """This rank's partial sum summed over the ranks (itself when not distributed)."""
         return ranks.all_reduce_sum(tensor) if self.distributed else tensor
 
-    def _weighted_sum(self, per_batch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        return sum(c * per_batch(x, y) for c, (x, y) in zip(self.batch_weights, self.batches))
+    def _weighted_sum(self, per_batch: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
+        return sum(c * per_batch(batch) for c, batch in zip(self.batch_weights, self.batches))
 
     # ----------------------------------------------------------- loss, grad
     @torch.no_grad()
     def evaluate(self, w: torch.Tensor | None = None, buffers: dict[str, torch.Tensor] | None = None,
                  check_finite: bool = True) -> Evaluation:
-        """Loss and top-1 accuracy (when targets are class labels) at `w` (default: the checkpoint).
+        """Loss and accuracy (top-1 for class labels, next-token for a language model) at `w` (default: the checkpoint).
 
         `buffers` replaces fixed tensors by name, e.g. BN statistics from `bn_statistics(w)`.
         A non-finite loss raises unless `check_finite` is False (far points of a surface may diverge).
         """
         state = self._state(self._point(w), buffers)
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # weighted loss, correct, labelled
-        for x, y in self._forward_batches():
-            out = functional_call(self.model, state, (x,))
-            totals[0] += len(y) / self.n_samples * self.loss_fn(out, y).double()
-            if out.ndim == 2 and not y.is_floating_point():
-                totals[1] += (out.argmax(dim=1) == y).sum()
-                totals[2] += len(y)
+        for batch in self._forward_batches():
+            out = _forward(self.model, state, *model_arguments(batch))
+            mean, count = self._batch_mean(out, batch)
+            if count:
+                totals[0] += count / self.n_items * mean.double()
+            correct = accuracy(self.loss_function, out, batch)
+            if correct is not None:
+                totals[1] += correct[0]
+                totals[2] += correct[1]
         loss, correct, labelled = self._reduced(totals).tolist()
         if check_finite and not math.isfinite(loss):
             raise ObjectiveError("the loss is not finite at this point (NaN or inf): check the weights and the data")
@@ -302,22 +339,22 @@ class Objective:
             for m in norms.values():
                 m.momentum, m.training = None, True  # cumulative average, batch statistics
             for x in inputs:  # train-mode BN updates the fresh buffers in place
-                self._outputs(self._point(w), x.to(self.device, self.dtype), fresh)
+                self._call(self._point(w), to_device(x, self.device, self.dtype), fresh)
         finally:
             for m, momentum in saved:
                 m.momentum, m.training = momentum, False
         return fresh
 
     def loss(self, w: torch.Tensor | None = None) -> float:
-        """L(w), the sample-weighted mean loss over the measurement set."""
+        """L(w), the item-weighted mean loss over the measurement set (samples, or real tokens)."""
         return self.evaluate(w).loss
 
     def grad(self, w: torch.Tensor | None = None) -> torch.Tensor:
         """∇L(w) as a flat vector."""
         w = self._point(w).detach().requires_grad_(True)
         total = torch.zeros_like(w)
-        for c, (x, y) in zip(self.batch_weights, self.batches):
-            (g,) = torch.autograd.grad(self._batch_loss(w, x, y), w)
+        for c, batch in zip(self.batch_weights, self.batches):
+            (g,) = torch.autograd.grad(self._batch_loss(w, batch), w)
             total += c * g
         return self._reduced(total)
 
@@ -377,10 +414,13 @@ class Objective:
         try:
             return getattr(self, "_hvp_" + self.hvp_method.replace("-", "_"))(V)
         except Exception as error:  # torch.func cannot trace every model; autograd can
-            if not self._auto or self.hvp_method not in _TORCH_FUNC_METHODS:
+            if self.hvp_method not in _TORCH_FUNC_METHODS:
                 raise
             fallback = "reuse" if self.hvp_method == "linearize" else "double-backward"
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            if not self._auto:  # asked for by name: say so in one line rather than switch paths behind the caller's back
+                raise ObjectiveError(f"hvp_method {self.hvp_method!r}: torch.func could not trace the model ({reason}); "
+                                     f"use auto, {fallback} or double-backward") from error
             warnings.warn(f"torch.func could not trace the model ({reason}); using {fallback}", HVPFallbackNote)
             self.hvp_method, self._cache = fallback, None
             return self._local_hvp(V)
@@ -388,9 +428,9 @@ class Objective:
     def _hvp_double_backward(self, V: torch.Tensor) -> torch.Tensor:
         """Double backward, recomputing the gradient graph on every call (least memory)."""
         out = torch.zeros_like(V)
-        for c, (x, y) in zip(self.batch_weights, self.batches):
+        for c, batch in zip(self.batch_weights, self.batches):
             w = self.w.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self._batch_loss(w, x, y), w, create_graph=True)
+            (g,) = torch.autograd.grad(self._batch_loss(w, batch), w, create_graph=True)
             out += c * self._backward_rows(g, w, V, retain_graph=False)
         return out
 
@@ -398,7 +438,7 @@ class Objective:
         """Double backward through one create_graph gradient built once and kept (fast, memory-hungry)."""
         if self._cache is None or self._cache[0] != "reuse":
             w = self.w.detach().requires_grad_(True)
-            g = self._weighted_sum(lambda x, y: torch.autograd.grad(self._batch_loss(w, x, y), w, create_graph=True)[0])
+            g = self._weighted_sum(lambda batch: torch.autograd.grad(self._batch_loss(w, batch), w, create_graph=True)[0])
             self._cache = ("reuse", w, g)
         _, w, g = self._cache
         return self._backward_rows(g, w, V, retain_graph=True)
@@ -420,7 +460,7 @@ class Objective:
 
     def _gradient_function(self) -> Callable[[torch.Tensor], torch.Tensor]:
         def gradient(w: torch.Tensor) -> torch.Tensor:
-            return self._weighted_sum(lambda x, y: torch.func.grad(self._batch_loss)(w, x, y))
+            return self._weighted_sum(lambda batch: torch.func.grad(self._batch_loss)(w, batch))
 
         return gradient
 
@@ -452,7 +492,7 @@ class Objective:
 
     def graph_bytes(self) -> int:
         """Memory a kept gradient graph needs for this rank's batches (all of them unless distributed), from the first."""
-        return int(self._graph_bytes_per_sample() * sum(len(b) for _, b in self.batches))
+        return int(self._graph_bytes_per_sample() * sum(batch_size(b) for b in self.batches))
 
     def _graph_bytes_per_sample(self) -> float:
         """Bytes of tensors a create_graph gradient keeps per sample, measured once on the first batch."""
@@ -465,11 +505,11 @@ class Objective:
                 return t
 
             if self.batches:
-                x, y = self.batches[0]
+                first = self.batches[0]
                 w = self.w.detach().requires_grad_(True)
                 with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # also inside evaluate
-                    torch.autograd.grad(self._batch_loss(w, x, y), w, create_graph=True)
-                saved /= len(y)
+                    torch.autograd.grad(self._batch_loss(w, first), w, create_graph=True)
+                saved /= batch_size(first)
             self._saved_bytes_per_sample = saved
         return self._saved_bytes_per_sample
 
@@ -500,6 +540,8 @@ def _merged(batches: list[Batch], bytes_per_sample: float) -> list[Batch]:
     of a small model can take fewer, larger calls (fewer Python round trips per grid point);
     a model whose activations outgrow the cache keeps its batches, which run faster there.
     """
+    if not all(_is_pair(b) for b in batches) or len({tuple(x.shape[1:]) for x, _ in batches}) > 1:
+        return list(batches)  # dicts and tuples (token sequences of different lengths) are kept as they are
     chunks: list[list[Batch]] = []
     size = EVAL_CHUNK_BYTES
     for x, y in batches:
@@ -510,6 +552,19 @@ def _merged(batches: list[Batch], bytes_per_sample: float) -> list[Batch]:
         chunks[-1].append((x, y))
         size += nbytes
     return [(torch.cat([x for x, _ in c]), torch.cat([y for _, y in c])) if len(c) > 1 else c[0] for c in chunks]
+
+
+def _forward(model: nn.Module, state: dict[str, torch.Tensor], args: tuple, kwargs: dict):
+    """The model at `state`, with scaled_dot_product_attention on its math kernel: the fused kernels (flash attention
+    on CPU and GPU) have neither a second derivative nor a forward-mode one, so no HVP could pass through them. The
+    math kernel computes the same attention (to rounding) and every number here uses it, forward-only ones too."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return functional_call(model, state, args, kwargs)
+
+
+def _is_pair(batch: Batch) -> bool:
+    return (isinstance(batch, tuple) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)
+            and batch[0].ndim > 0 and batch[1].ndim > 0)
 
 
 def _default_memory_budget(device: torch.device) -> float:

@@ -280,9 +280,14 @@ def recalibration_inputs(objective: Objective, bn_recalibration: int,
     if available < bn_recalibration:
         raise ValueError(f"bn_recalibration = {bn_recalibration} batches, but only {available} are available")
     if batches is None and objective.distributed:
-        local = [x for x, _ in objective.batches]
+        local = [_inputs(b) for b in objective.batches]
         return [x.to(objective.device) for x in ranks.unshard(local, bn_recalibration)]
-    return [x for x, _ in list(objective.batches if batches is None else batches)[:bn_recalibration]]
+    return [_inputs(b) for b in list(objective.batches if batches is None else batches)[:bn_recalibration]]
+
+
+def _inputs(batch: Batch):
+    """What the model takes from a batch: x of an (x, y) pair, the batch itself (a dict of keyword arguments) else."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _evaluator(objective: Objective, bn_recalibration: int | None,

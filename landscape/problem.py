@@ -10,7 +10,8 @@ import torch
 
 from landscape import distributed as ranks
 from landscape.checkpoints import Checkpoint, CheckpointError
-from landscape.data import DataError, Dataset, MeasurementSet, load_data
+from landscape.batches import BatchError, logits, model_arguments
+from landscape.data import BatchSet, DataError, Dataset, MeasurementSet, load_data
 from landscape.models import model_for_data
 from landscape.objective import Objective
 
@@ -23,7 +24,7 @@ class DataSpec:
     seed: int = 0
     normalize: bool | None = None
 
-    def load(self) -> Dataset:
+    def load(self) -> Dataset | BatchSet:
         return load_data(self.spec, normalize=self.normalize, seed=self.seed)
 
     def to_dict(self) -> dict:
@@ -35,11 +36,17 @@ class DataSpec:
 
 
 def file_sha256(path: str | Path) -> str:
-    """Content hash of a file (recorded so a result can be traced to exact weights)."""
+    """Content hash of a file, or of a folder's files (a save_pretrained folder): names and bytes, in name order
+    (recorded so a result can be traced to exact weights)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -93,12 +100,15 @@ def objective_from_checkpoint(
     return Objective(net, batches, metadata=metadata, distributed=distributed, **objective_options)
 
 
-def check_data_fits(net: torch.nn.Module, dataset: Dataset, checkpoint: Checkpoint, model_spec: dict | None) -> None:
+def check_data_fits(net: torch.nn.Module, dataset: Dataset | BatchSet, checkpoint: Checkpoint,
+                    model_spec: dict | None) -> None:
     """One forward pass on one sample: inputs the model cannot take, or labels beyond its outputs, are one clear error.
 
     Without it a feature-size mismatch surfaces as a matmul error deep in the first loss, and a
     label ≥ the number of outputs as an IndexError inside cross-entropy.
     """
+    if isinstance(dataset, BatchSet):
+        return _check_batches_fit(net, dataset, checkpoint)
     x = dataset.x_train[:1] if len(dataset.x_train) else dataset.x_test[:1]
     model = f"the model in {checkpoint.path}" + (f" ({model_spec['name']})" if model_spec else "")
     fix = "pass --data matching the checkpoint" + (f" (it was made with {checkpoint.data_spec['spec']!r})" if checkpoint.data_spec else "")
@@ -114,6 +124,7 @@ def check_data_fits(net: torch.nn.Module, dataset: Dataset, checkpoint: Checkpoi
         raise CheckpointError(f"data {dataset.spec!r} gives inputs of shape {tuple(x.shape[1:])} but {model} {wants}: {fix}") from None
     finally:
         net.train(training)
+    out = logits(out)
     labels = [y for y in (dataset.y_train, dataset.y_test) if len(y)]
     if out.ndim == 2 and labels:
         top = max(int(y.max()) for y in labels)
@@ -122,8 +133,30 @@ def check_data_fits(net: torch.nn.Module, dataset: Dataset, checkpoint: Checkpoi
                                   f"has {out.shape[1]} outputs: {fix}")
 
 
-def check_measurement_fits(measurement: MeasurementSet, dataset: Dataset) -> None:
+def _check_batches_fit(net: torch.nn.Module, data: BatchSet, checkpoint: Checkpoint) -> None:
+    """The model called on the first batch of a user's own batches; what it cannot take is one line."""
+    args, kwargs = model_arguments(data.train[0])
+    training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            logits(net(*args, **kwargs))
+    except BatchError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        given = ", ".join(kwargs) if kwargs else f"a tensor of shape {tuple(args[0].shape)}"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"the model in {checkpoint.path} cannot take the batches of {data.spec!r} ({given}): "
+                              f"{reason}") from None
+    finally:
+        net.train(training)
+
+
+def check_measurement_fits(measurement: MeasurementSet, dataset: Dataset | BatchSet) -> None:
     """A subset no larger than its split, in the command line's words."""
+    if isinstance(dataset, BatchSet):
+        measurement.batches(dataset)  # refuses --n-samples, and a split the callable did not give
+        return
     available = len(dataset.split(measurement.split)[1])
     if measurement.n_samples is not None and measurement.n_samples > available:
         raise DataError(f"--n-samples {measurement.n_samples}: the {measurement.split} split of {dataset.spec!r} "

@@ -237,7 +237,7 @@ def _samples_digest(objective: Objective) -> str:
     A sharded objective gathers every rank's batch digests (rank r holds batches r, r+world, ...),
     so a file started under torchrun resumes in one process, and the other way round.
     """
-    batches = [tensor_digest({"x": x, "y": y}) for x, y in objective.batches]
+    batches = [tensor_digest(_named_tensors(batch)) for batch in objective.batches]
     if objective.distributed:
         batches = ranks.unshard(batches, objective.n_batches)
     return hashlib.sha256("".join(batches).encode()).hexdigest()
@@ -451,3 +451,12 @@ def _short(value: object, limit: int = 60) -> str:
         return value[:12]
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _named_tensors(batch) -> dict[str, torch.Tensor]:
+    """A batch's tensors by name: {"x", "y"} for a pair (the digests of files written before other batches existed)."""
+    if isinstance(batch, dict):
+        return {f"{k}": v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if isinstance(batch, tuple) and len(batch) == 2:
+        return {"x": batch[0], "y": batch[1]}
+    return {f"{i}": v for i, v in enumerate(batch) if isinstance(v, torch.Tensor)}

@@ -143,6 +143,8 @@ def m_sharpness(objective: Objective, m: int, rho: float | None = None, *, p: st
         raise ValueError("m-sharpness needs the whole measurement set in one process: run it without torchrun")
     start = time.perf_counter()
     generator = seeded_generator(objective, seed)
+    if not all(isinstance(b, tuple) and len(b) == 2 for b in objective.batches):
+        raise ValueError("m-sharpness re-batches the measurement set into m samples and needs (x, y) batches")
     x = torch.cat([x for x, _ in objective.batches])
     y = torch.cat([y for _, y in objective.batches])
     n_batches = objective.n_samples // m
