@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 from analysis.options import parse_options
 from analysis.results_file import ResultsFile
 from analysis.tables import format_table
-from analysis.validation import check_against_objective, parse_radii
+from analysis.validation import check_against_objective, parse_radii, per_layer_names
 from landscape import distributed as ranks
 from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
@@ -18,6 +18,7 @@ from landscape.epsilon_sharpness import METHODS as EPS_METHODS
 from landscape.objective import Objective
 from landscape.curvature import CURVATURES
 from landscape.operators import curvature_operator
+from landscape.per_layer import module_blocks, per_layer
 from landscape.perturb import epsilon_sharpness, expected_loss, sharpness_curve
 from landscape.problem import objective_from_checkpoint, parse_dtype
 from landscape.results import Result
@@ -40,7 +41,10 @@ def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=256, help="batch size of the measurement set (default 256)")
     group.add_argument("--seed", type=int, default=0, help="seed of the measurement subset and of every random probe")
     group.add_argument("--mode", default="eval", choices=["eval", "train"], help="BatchNorm running statistics (eval) or batch statistics (train)")
-    group.add_argument("--params", default="all", help="parameter selection: all, weights, no-bn, no-bn-bias, re:PATTERN")
+    group.add_argument("--params", default="all",
+                       help="parameter selection: all, weights, no-bn, no-bn-bias, re:PATTERN, glob:PATTERN[,PATTERN] "
+                            "(e.g. glob:*.attn.*), module:TYPE[,TYPE] (e.g. module:Linear,Conv2d); parameters with "
+                            "requires_grad=False are never measured, so a LoRA model measures its adapters")
     group.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
     group.add_argument("--hvp", default="auto", help="HVP path: auto, linearize, reuse, fwd-rev, double-backward")
@@ -113,6 +117,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true",
                        help="continue --out FILE.json: keep its finished metrics if the checkpoints' SHA-256 and every "
                             "measurement option match (refused otherwise, naming the option), compute the rest")
+    group = parser.add_argument_group("per-layer curvature")
+    group.add_argument("--per-layer", metavar="eig,trace", default=None,
+                       help="also measure each block of parameters, one block per module that owns parameters directly "
+                            "(fc1: fc1.weight and fc1.bias): eig = λ1 of the block's diagonal Hessian block (Lanczos on "
+                            "the restricted operator, --tol, --max-matvecs per block), trace = its trace (one "
+                            "--trace-method run of --probes matvecs, probes split by block); saved as per_layer")
 
 
 def build_objective(path: str, args: argparse.Namespace, *, distributed: bool = False) -> Objective:
@@ -144,6 +154,13 @@ def _eig(objective: Objective, args: argparse.Namespace) -> Result:
 def _trace(objective: Objective, args: argparse.Namespace) -> Result:
     return TRACE_METHODS[args.trace_method](_operator(objective, args), args.probes, seed=args.seed,
                                             blocks=objective.layout.slices(), progress=args.progress)
+
+
+def _per_layer(objective: Objective, args: argparse.Namespace) -> Result:
+    """--per-layer: λ1 and trace of each module's diagonal block of the curvature (landscape.per_layer)."""
+    return per_layer(_operator(objective, args), module_blocks(objective.layout), per_layer_names(args.per_layer),
+                     tol=args.tol, max_matvecs=args.max_matvecs, trace=TRACE_METHODS[args.trace_method],
+                     n_probes=args.probes, seed=args.seed, progress=args.progress)
 
 
 def _density(objective: Objective, args: argparse.Namespace) -> Result:
@@ -204,14 +221,14 @@ METRICS: dict[str, Callable[[Objective, argparse.Namespace], Result]] = {
 }
 
 
-def parse_metrics(text: str, choices: Iterable[str] = METRICS) -> list[str]:
-    """--metrics as a list of names from `choices`; an empty list is an error, not a run that measures nothing."""
+def parse_metrics(text: str, choices: Iterable[str] = METRICS, option: str = "--metrics") -> list[str]:
+    """--metrics (or `option`) as a list of names from `choices`; an empty list is an error, not a run that measures nothing."""
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
-        raise ValueError(f"--metrics {text!r} names no metric; choose from {', '.join(choices)}")
+        raise ValueError(f"{option} {text!r} names no metric; choose from {', '.join(choices)}")
     unknown = [m for m in names if m not in choices]
     if unknown:
-        raise ValueError(f"unknown metric {', '.join(unknown)}; choose from {', '.join(choices)}")
+        raise ValueError(f"{option}: unknown metric {', '.join(unknown)}; choose from {', '.join(choices)}")
     return names
 
 
@@ -256,6 +273,9 @@ def measure_checkpoint(path: str, args: argparse.Namespace, *, previous: dict | 
         if name not in report["metrics"]:
             report["metrics"][name] = METRICS[name](objective, args).to_dict()
             save()
+    if getattr(args, "per_layer", None) and "per_layer" not in report:
+        report["per_layer"] = _per_layer(objective, args).to_dict()
+        save()
     report["metrics"] = {name: report["metrics"][name] for name in metrics}
     return report
 
@@ -357,7 +377,21 @@ def format_measurement(report: dict) -> str:
     if "trace" in results and results["trace"]["blocks"]:
         block_rows = [(name, _pm(*est)) for name, est in results["trace"]["blocks"].items()]
         lines.append("\ntrace by parameter tensor (same probes)\n" + format_table(["parameter", "trace ± stderr"], block_rows))
+    if report.get("per_layer"):
+        lines.append(format_per_layer(report["per_layer"], curvature))
     return "\n".join(lines)
+
+
+def format_per_layer(result: dict, curvature: str = "Hessian") -> str:
+    """One row per block: its parameter count, λ1 ± Lanczos residual and trace ± stderr (— where not measured)."""
+    rows = []
+    for b in result["blocks"]:
+        eig = "—" if b["lambda1"] is None else _pm(b["lambda1"], b["residual"]) + ("" if b["converged"] else " (not converged)")
+        trace = "—" if b["trace"] is None else _pm(b["trace"], b["trace_stderr"])
+        rows.append((b["name"], b["n_params"], eig, trace))
+    title = (f"\nper-layer {curvature} (diagonal block of each module's own parameters; "
+             f"{result['n_matvecs']} products, {result['seconds']:.1f}s)")
+    return title + "\n" + format_table(["block", "n params", "λ1 ± residual", "trace ± stderr"], rows)
 
 
 def _worst_case_rows(results: dict) -> list[tuple]:

@@ -560,3 +560,46 @@ def _titles(fig: plt.Figure, surfaces: Mapping[str, Surface], title: str | None)
     lines = set(captions.values())
     caption = lines.pop() if len(lines) == 1 else "\n".join(f"{k}: {v}" for k, v in captions.items())
     fig.supxlabel(caption, fontsize=8, color="#444444")
+
+
+# ------------------------------------------------------------------ per-layer curvature
+PER_LAYER_PANELS = (("lambda1", "residual", 1.0, "λ1 of each block (± Lanczos residual)"),
+                    ("trace", "trace_stderr", 1.96, "trace of each block (± 1.96 stderr)"))
+
+
+def plot_per_layer(results: Mapping[str, dict]) -> plt.Figure:
+    """λ1 and trace of each parameter block (`landscape measure --per-layer`), checkpoints side by side.
+
+    `results` maps a checkpoint label to its report["per_layer"]: grouped bars, one colour per label, one panel
+    per measured quantity, log y (symmetric log where a value is ≤ 0), error bars from each estimate's uncertainty.
+    """
+    labels = list(results)
+    blocks = list(dict.fromkeys(b["name"] for r in results.values() for b in r["blocks"]))
+    rows = {label: {b["name"]: b for b in r["blocks"]} for label, r in results.items()}
+    panels = [p for p in PER_LAYER_PANELS if any(b[p[0]] is not None for r in results.values() for b in r["blocks"])]
+    colors = label_colors(labels)
+    x, width = np.arange(len(blocks)), 0.8 / len(labels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 0.5 + 0.35 * len(blocks) * len(labels)) * len(panels), 3.8),
+                             squeeze=False, layout="constrained")
+    for ax, (key, error_key, factor, title) in zip(axes.flat, panels):
+        values = []
+        for i, label in enumerate(labels):
+            found = [rows[label].get(name, {}) for name in blocks]
+            value = np.array([np.nan if b.get(key) is None else b[key] for b in found], float)
+            error = factor * np.array([np.nan if b.get(error_key) is None else b[error_key] for b in found], float)
+            ax.bar(x + (i - (len(labels) - 1) / 2) * width, value, width, yerr=error, color=colors[label], label=label,
+                   capsize=2, error_kw={"lw": 0.8})
+            values.append(value)
+        finite = np.concatenate(values)[np.isfinite(np.concatenate(values))]
+        log = finite.size and (finite > 0).all()
+        ax.set_yscale("log" if log else "symlog")
+        if log:
+            plain_log_ticks(ax.yaxis)
+        tilted = max(map(len, blocks)) > 6
+        ax.set_xticks(x, blocks, rotation=30 if tilted else 0, ha="right" if tilted else "center")
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(labels), frameon=False,
+               fontsize=8)
+    fig.supxlabel("parameter block (a module's own parameters)", fontsize=9)
+    return fig

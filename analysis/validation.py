@@ -50,6 +50,8 @@ def validate_arguments(args: argparse.Namespace) -> None:
         parse_radii(args.radius)
     if getattr(args, "metrics", None) is not None:
         metric_names(args)
+    if getattr(args, "per_layer", None) is not None:
+        per_layer_names(args.per_layer)
     if getattr(args, "command", None) == "compare" and getattr(args, "curvature", "hessian") != "hessian":
         raise ValueError(f"--curvature {args.curvature}: landscape compare measures the Hessian only; "
                          f"use landscape measure --curvature {args.curvature} on each checkpoint")
@@ -78,6 +80,14 @@ def metric_names(args: argparse.Namespace) -> list[str]:
     from analysis.measure import METRICS, parse_metrics
 
     return parse_metrics(args.metrics, COMPARE_METRICS if getattr(args, "command", None) == "compare" else METRICS)
+
+
+def per_layer_names(text: str) -> list[str]:
+    """--per-layer as a list of eig and trace (at least one)."""
+    from analysis.measure import parse_metrics
+    from landscape.per_layer import PER_LAYER_METRICS
+
+    return parse_metrics(text, PER_LAYER_METRICS, "--per-layer")
 
 
 def check_device(name: str) -> None:

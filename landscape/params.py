@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import importlib
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -12,6 +15,7 @@ from torch import nn
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 SELECTIONS = ("all", "weights", "no-bn", "no-bn-bias")
+CHOICES = ", ".join((*SELECTIONS, "re:PATTERN", "glob:PATTERN[,PATTERN]", "module:TYPE[,TYPE]"))
 
 
 def norm_layer_parameter_names(model: nn.Module) -> set[str]:
@@ -29,26 +33,85 @@ def select_parameters(model: nn.Module, selection: str = "all") -> list[str]:
 
     `all`; `weights` (tensors with ≥2 dims: conv/linear weights); `no-bn` (all but
     norm-layer affine parameters); `no-bn-bias` (also without biases, as NSO's Hessian
-    measurements); or `re:PATTERN` (names matching a regular expression).
+    measurements); `re:PATTERN` (names matching a regular expression); `glob:PATTERN[,PATTERN]`
+    (names matching any shell-style pattern, e.g. `glob:*.attn.*`); `module:TYPE[,TYPE]`
+    (parameters owned directly by modules of a type: a class name such as `Linear` matches
+    that class and its subclasses, a dotted path such as `torch.nn.Conv2d` is imported).
+
+    Only parameters with requires_grad=True are ever selected, whatever the selection: a
+    model whose base weights are frozen (LoRA adapters added by peft) is measured over its
+    adapters alone, and `all` means all trainable parameters. Tied parameters count once.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    norm_names = norm_layer_parameter_names(model)
-    if selection == "all":
-        keep = [n for n, _ in named]
-    elif selection == "weights":
-        keep = [n for n, p in named if p.ndim >= 2]
-    elif selection == "no-bn":
-        keep = [n for n, _ in named if n not in norm_names]
-    elif selection == "no-bn-bias":
-        keep = [n for n, _ in named if n not in norm_names and not n.endswith("bias")]
-    elif selection.startswith("re:"):
-        pattern = re.compile(selection[3:])
-        keep = [n for n, _ in named if pattern.search(n)]
-    else:
-        raise ValueError(f"unknown parameter selection {selection!r}; use one of {', '.join(SELECTIONS)} or re:PATTERN")
+    named = list(model.named_parameters())  # tied parameters appear once, under their first name
+    rule = _rule(model, selection)
+    keep = [n for n, p in named if p.requires_grad and rule(n, p)]
     if not keep:
-        raise ValueError(f"parameter selection {selection!r} matches no trainable parameter")
+        frozen = sum(1 for n, p in named if not p.requires_grad and rule(n, p))
+        why = f" (it matches {frozen} with requires_grad=False, which are never measured)" if frozen else ""
+        raise ValueError(f"parameter selection {selection!r} matches no trainable parameter{why}; choose from {CHOICES}")
     return keep
+
+
+def _rule(model: nn.Module, selection: str) -> Callable[[str, torch.Tensor], bool]:
+    """The test `selection` puts to each (name, parameter)."""
+    kind, _, argument = selection.partition(":")
+    if selection == "all":
+        return lambda name, p: True
+    if selection == "weights":
+        return lambda name, p: p.ndim >= 2
+    if selection in ("no-bn", "no-bn-bias"):
+        norm_names = norm_layer_parameter_names(model)
+        return lambda name, p: name not in norm_names and not (selection == "no-bn-bias" and name.endswith("bias"))
+    if kind == "re":
+        try:
+            pattern = re.compile(argument)
+        except re.error as error:
+            raise ValueError(f"parameter selection {selection!r}: not a regular expression ({error})") from None
+        return lambda name, p: pattern.search(name) is not None
+    if kind == "glob":
+        patterns = _items(selection, argument)
+        return lambda name, p: any(fnmatch.fnmatchcase(name, q) for q in patterns)
+    if kind == "module":
+        owned = {id(p) for m in _modules_of_types(model, selection, _items(selection, argument))
+                 for p in m.parameters(recurse=False)}
+        return lambda name, p: id(p) in owned
+    raise ValueError(f"unknown parameter selection {selection!r}; choose from {CHOICES}")
+
+
+def _items(selection: str, argument: str) -> list[str]:
+    """The comma-separated patterns or types after `glob:` / `module:` (at least one)."""
+    items = [item.strip() for item in argument.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"parameter selection {selection!r} names nothing after the colon; choose from {CHOICES}")
+    return items
+
+
+def _modules_of_types(model: nn.Module, selection: str, types: list[str]) -> list[nn.Module]:
+    """Submodules that are instances of any of `types` (class names, or dotted import paths); each type must match one."""
+    modules = list(model.modules())
+    found = []
+    for name in types:
+        cls = _import_class(selection, name) if "." in name else None
+        matches = [m for m in modules if isinstance(m, cls)] if cls is not None else \
+            [m for m in modules if any(c.__name__ == name for c in type(m).__mro__)]
+        if not matches:
+            present = sorted({type(m).__name__ for m in modules if next(m.parameters(recurse=False), None) is not None})
+            raise ValueError(f"parameter selection {selection!r}: no module of type {name}; "
+                             f"the model's modules with parameters are {', '.join(present)}")
+        found += matches
+    return found
+
+
+def _import_class(selection: str, path: str) -> type:
+    """A module class from its dotted import path (torch.nn.Linear)."""
+    module_name, _, attribute = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"parameter selection {selection!r}: cannot import {path} ({error})") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"parameter selection {selection!r}: {path} is not a torch.nn.Module class")
+    return cls
 
 
 @dataclass(frozen=True)
