@@ -12,6 +12,7 @@ from analysis.results_file import ResultsFile
 from analysis.tables import format_table
 from analysis.validation import check_against_objective, parse_radii, per_layer_names
 from landscape import distributed as ranks
+from landscape.batches import resolve_loss
 from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
 from landscape.epsilon_sharpness import METHODS as EPS_METHODS
@@ -41,6 +42,10 @@ def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=256, help="batch size of the measurement set (default 256)")
     group.add_argument("--seed", type=int, default=0, help="seed of the measurement subset and of every random probe")
     group.add_argument("--mode", default="eval", choices=["eval", "train"], help="BatchNorm running statistics (eval) or batch statistics (train)")
+    group.add_argument("--loss", default=None, metavar="NAME|module:callable",
+                       help="cross-entropy (default; class labels, reads .logits), token-cross-entropy (causal language "
+                            "models: shifted labels, -100 ignored), mse, or module:callable (model output, batch) → "
+                            "(sum of per-item losses, number of items)")
     group.add_argument("--params", default="all",
                        help="parameter selection: all, weights, no-bn, no-bn-bias, re:PATTERN, glob:PATTERN[,PATTERN] "
                             "(e.g. glob:*.attn.*), module:TYPE[,TYPE] (e.g. module:Linear,Conv2d); parameters with "
@@ -54,12 +59,12 @@ def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("metrics")
-    group.add_argument("--metrics", default="eig,trace", help=f"comma list of {', '.join(METRICS)} (default eig,trace)")
+    group.add_argument("--metrics", default="eig,trace", help=f"comma list of {', '.join(METRICS)} (default %(default)s)")
     group.add_argument("--curvature", default="hessian", choices=list(CURVATURES),
                        help="the matrix eig, trace and density measure: hessian (default), ggn (generalized Gauss-Newton "
                             "JᵀH_ℓJ, positive semi-definite) or fisher (empirical Fisher (1/N)·Σ gᵢgᵢᵀ, gᵢ a sample's "
                             "gradient within its batch); the other metrics ignore it (the sharpness curve's ½·tr(ΣH) stays the Hessian's)")
-    group.add_argument("--k", type=int, default=5, help="number of eigenvalues (default 5)")
+    group.add_argument("--k", type=int, default=5, help="number of eigenvalues (default %(default)s)")
     group.add_argument("--which", default="LA", choices=["LA", "SA", "LM"], help="largest, smallest or largest-magnitude eigenvalues")
     group.add_argument("--tol", type=float, default=1e-3, help="relative Ritz residual tolerance of Lanczos (default 1e-3)")
     group.add_argument("--max-matvecs", type=int, default=None,
@@ -67,14 +72,14 @@ def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
                             "count and what a 2 GiB Lanczos basis holds); a run that spends it is marked not converged")
     group.add_argument("--trace-method", default="xtrace", choices=list(TRACE_METHODS),
                        help="xtrace (default: lowest error per matvec in benchmarks/curvature.py), hutchpp, hutchinson")
-    group.add_argument("--probes", type=int, default=100, help="matvec budget of the trace estimate (default 100)")
+    group.add_argument("--probes", type=int, default=100, help="matvec budget of the trace estimate (default %(default)s)")
     group.add_argument("--density-runs", type=int, default=4, help="SLQ runs (default 4)")
     group.add_argument("--density-steps", type=int, default=60, help="Lanczos steps per SLQ run (default 60)")
-    group.add_argument("--radius", default="0.001,0.005,0.01", help="weight-noise radii a (default 0.001,0.005,0.01)")
+    group.add_argument("--radius", default="0.001,0.005,0.01", help="weight-noise radii a (default %(default)s)")
     group.add_argument("--distribution", default="uniform", choices=["uniform", "gaussian"], help="U[-a,a] or N(0,a²) noise")
     group.add_argument("--scale", default="absolute", choices=["absolute", "weight", "filter"],
                        help="noise per coordinate (absolute), ∝|w| (weight) or per filter ∝‖w_filter‖ (filter, AdaSmoothOut)")
-    group.add_argument("--noise-samples", type=int, default=100, help="perturbed forward passes per radius (default 100)")
+    group.add_argument("--noise-samples", type=int, default=100, help="perturbed forward passes per radius (default %(default)s)")
     group.add_argument("--bn-recalibration", type=int, default=None, metavar="K",
                        help="re-estimate BN statistics from K batches at each perturbed point")
     group.add_argument("--eps", type=float, default=5e-4, help="box size of Keskar's ε-sharpness (default 5e-4)")
@@ -133,6 +138,7 @@ def build_objective(path: str, args: argparse.Namespace, *, distributed: bool = 
         checkpoint, data=args.data, model=args.model, model_kwargs=parse_options(args.model_opt),
         measurement=measurement, params=args.params, mode=args.mode, dtype=parse_dtype(args.dtype),
         device=args.device, hvp_method=args.hvp, distributed=distributed, hvp_check=not args.no_hvp_check,
+        loss=resolve_loss(getattr(args, "loss", None)),
     )
     check_against_objective(args, objective.n_params, objective.n_samples)
     return objective

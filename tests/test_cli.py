@@ -111,3 +111,24 @@ def test_surface_on_the_pca_plane_of_a_training_run(trained_run, tmp_path):
     assert 0 < ratios[1] <= ratios[0] and sum(ratios) <= 1 + 1e-9
     assert max(report["axes"][0]) >= trajectory.abs().max().item()  # the grid covers the trajectory
     assert report["n_done"] == report["n_points"] == 21 * 21
+
+
+@pytest.mark.parametrize("command, defaults", [
+    ("measure", {"--metrics": "eig,trace", "--k": "5", "--radius": "0.001,0.005,0.01", "--noise-samples": "100", "--probes": "100"}),
+    ("compare", {"--metrics": "eig,trace,sharpness-curve,surface", "--k": "3", "--radius": "0.005,0.01,0.02",
+                 "--noise-samples": "40", "--probes": "60"}),
+    ("correlate", {"--metrics": "eig,trace,sharpness-curve,eps-sharpness", "--k": "1", "--radius": "0.02",
+                   "--noise-samples": "40", "--probes": "60"}),
+])
+def test_help_shows_the_defaults_each_command_uses(command, defaults):
+    """Commands share the metric options but set their own defaults; --help states the ones that command uses."""
+    from analysis.cli import build_parser
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    text = " ".join(sub.format_help().split())
+    used = vars(parser.parse_args([command, "x", "y", "z"] if command == "correlate" else [command, "x"]))
+    for option, value in defaults.items():
+        assert str(used[option.lstrip("-").replace("-", "_")]) == value, option
+        help_text = next(a.help for a in sub._actions if option in a.option_strings)
+        assert "%(default)s" in help_text and f"(default {value})" in text, option
