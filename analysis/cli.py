@@ -66,7 +66,14 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_measure(args: argparse.Namespace) -> None:
     from analysis.measure import format_measurement, measure_all
 
+    if getattr(args, "per_layer_figure", None) and not args.per_layer:
+        raise ValueError("--per-layer-figure draws --per-layer results: pass --per-layer eig,trace too")
     results = measure_all(args)
+    if args.per_layer_figure and distributed.is_main():
+        from analysis.plots import plot_per_layer, save
+
+        labels = [f"{i}: {r['checkpoint']}" if len(results) > 1 else r["checkpoint"] for i, r in enumerate(results, 1)]
+        save(plot_per_layer({label: r["per_layer"] for label, r in zip(labels, results)}), args.per_layer_figure)
     if args.json:
         print_json(results)
     else:

@@ -128,6 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(fc1: fc1.weight and fc1.bias): eig = λ1 of the block's diagonal Hessian block (Lanczos on "
                             "the restricted operator, --tol, --max-matvecs per block), trace = its trace (one "
                             "--trace-method run of --probes matvecs, probes split by block); saved as per_layer")
+    group.add_argument("--per-layer-figure", metavar="FILE.png", default=None,
+                       help="with --per-layer: a bar chart of each block's λ1 and trace, the checkpoints side by side")
 
 
 def build_objective(path: str, args: argparse.Namespace, *, distributed: bool = False) -> Objective:
@@ -287,7 +289,8 @@ def measure_checkpoint(path: str, args: argparse.Namespace, *, previous: dict | 
 
 
 # options that do not change what `landscape measure` computes (the rest must match for --resume)
-NOT_SETTINGS = ("run", "command", "json", "quiet", "debug", "progress", "out", "resume", "trust_checkpoint")
+NOT_SETTINGS = ("run", "command", "json", "quiet", "debug", "progress", "out", "resume", "trust_checkpoint",
+                "per_layer_figure")
 
 
 def measure_all(args: argparse.Namespace) -> list[dict]:

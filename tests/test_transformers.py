@@ -343,15 +343,63 @@ def test_measure_a_save_pretrained_gpt2_from_the_command_line(saved):
     assert grid.loss["train"][1] == pytest.approx(objective.loss(), rel=1e-10) and np.isfinite(grid.loss["test"]).all()
 
 
-@pytest.mark.parametrize("name, data", [("bert", "hfdata:sentences"), ("vit", "hfdata:images")])
-def test_measure_save_pretrained_classifiers_on_dict_and_tuple_batches(saved, name, data):
+@pytest.mark.parametrize("name, data, loss", [("gpt2", "hfdata:tokens", "token-cross-entropy"),
+                                              ("bert", "hfdata:sentences", "cross-entropy"),
+                                              ("vit", "hfdata:images", "cross-entropy")])
+def test_every_measure_and_a_plane_run_on_each_model_from_the_command_line(saved, name, data, loss):
+    """Lanczos, trace, expected loss, ε-sharpness, per-layer curvature with its figure, and a 2-D surface."""
     import json
 
+    from landscape.surface import read_surface
+
     root, folders = saved
-    result = _cli(root, "measure", folders[name], "--data", data, "--metrics", "eig", "--k", "1", "--json", "--quiet")
+    figure = root / f"{name}-layers.png"
+    result = _cli(root, "measure", folders[name], "--data", data, "--loss", loss, "--metrics",
+                  "eig,trace,expected-loss,eps-sharpness", "--k", "1", "--probes", "8", "--radius", "0.001",
+                  "--noise-samples", "4", "--restarts", "1", "--eps-iters", "3", "--per-layer", "eig,trace",
+                  "--per-layer-figure", figure, "--json", "--quiet")
     assert result.returncode == 0, result.stderr
     (report,) = json.loads(result.stdout)
-    assert report["metrics"]["eig"]["values"][0] > 0 and 0 <= report["accuracy"] <= 1
+    metrics = report["metrics"]
+    assert metrics["eig"]["values"][0] > 0 and math.isfinite(metrics["trace"]["estimate"])
+    assert math.isfinite(metrics["expected-loss"]["mean"]) and metrics["eps-sharpness"]["value"] >= 0
+    blocks = report["per_layer"]["blocks"]
+    assert sum(b["n_params"] for b in blocks) == report["n_params"]
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    plane = _cli(root, "surface", folders[name], "--data", data, "--loss", loss, "--dim", "2", "--range=-0.5:0.5:3",
+                 "--out", root / f"{name}-plane.h5", "--quiet")
+    assert plane.returncode == 0, plane.stderr
+    grid = read_surface(root / f"{name}-plane.h5").loss["train"]
+    assert grid.shape == (3, 3) and np.isfinite(grid).all()
+    assert grid[1, 1] == pytest.approx(report["loss"], rel=1e-5)
+
+
+def test_safetensors_state_dicts_and_sharded_folders_load(saved, tmp_path):
+    """A bare .safetensors state dict measures like the same weights in a .pt; a folder saved in shards like one file."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from tests.conftest import digits_mlp_checkpoint, run_cli
+
+    checkpoint = digits_mlp_checkpoint(tmp_path, (16,))
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "net.safetensors")
+    options = ["--data", "digits", "--metrics", "eig", "--k", "1", "--n-samples", "200", "--json", "--quiet"]
+    bare = run_cli("measure", tmp_path / "net.safetensors", "--model", "mlp", "--model-opt", "hidden=(16,)", *options)
+    native = run_cli("measure", checkpoint, *options)
+    assert bare.returncode == 0 and native.returncode == 0, bare.stderr + native.stderr
+    assert json.loads(bare.stdout)[0]["loss"] == json.loads(native.stdout)[0]["loss"]
+    root, folders = saved
+    model = transformers.BertForSequenceClassification.from_pretrained(folders["bert"])
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="1KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    results = [json.loads(_cli(root, "measure", folder, "--data", "hfdata:sentences", "--metrics", "eig", "--k", "1",
+                               "--json", "--quiet").stdout)[0] for folder in (folders["bert"], tmp_path / "sharded")]
+    assert results[0]["loss"] == results[1]["loss"] and results[0]["n_params"] == results[1]["n_params"]
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    broken = run_cli("measure", tmp_path / "broken.safetensors", "--model", "mlp", "--data", "digits", "--quiet")
+    assert broken.returncode == 2 and "not a readable safetensors file" in broken.stderr
 
 
 @pytest.mark.parametrize("args, message", [
