@@ -178,8 +178,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 def build_model(name: str, **kwargs) -> nn.Module:
     """A registered model by name, or `module:factory` imported and called with `kwargs`."""
-    if name in MODELS:
-        factory = MODELS[name]
+    if name in MODELS or name in FOLDER_MODELS:
+        factory = MODELS.get(name) or FOLDER_MODELS[name]
     elif ":" in name:
         factory = import_callable(name)
     else:
@@ -247,7 +247,7 @@ def huggingface(folder: str, architecture: str) -> nn.Module:
             logging.enable_progress_bar()
 
 
-MODELS["huggingface"] = huggingface  # what a save_pretrained folder's checkpoint spec names
+FOLDER_MODELS: dict[str, Callable[..., nn.Module]] = {"huggingface": huggingface}  # rebuilt from files, not data shapes
 
 
 def model_from_spec(spec: dict) -> nn.Module:

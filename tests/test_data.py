@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from landscape.data import DataError, Dataset, MeasurementSet, load_data
+from landscape.data import BatchSet, DataError, Dataset, MeasurementSet, load_data
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,6 +199,10 @@ def as_dataset():
 
 def wrong():
     return [1, 2, 3]
+
+
+def as_batches():
+    return [(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)), (torch.zeros(2, 2), torch.ones(2, dtype=torch.long))]
 '''
 
 
@@ -212,8 +216,12 @@ def test_module_callable_forms(tmp_path, monkeypatch):
     assert t.num_classes == 2 and t.x_train.dtype == torch.float32
     d = load_data("userdata_forms:as_dataset")
     assert isinstance(d, Dataset) and d.spec == "userdata_forms:as_dataset" and len(d.y_train) == 2
-    with pytest.raises(DataError, match="returned list"):
+    with pytest.raises(DataError, match="train batch 0 is a int; a batch is an"):  # a list is read as batches
         load_data("userdata_forms:wrong")
+    batches = load_data("userdata_forms:as_batches")  # a callable's own batches: the measurement set as given
+    assert isinstance(batches, BatchSet) and len(batches.batches("train")) == 2 and batches.describe()["n_train"] == 5
+    with pytest.raises(DataError, match="has no test batches"):
+        batches.batches("test")
     with pytest.raises(DataError, match="has no attribute 'nothing'"):
         load_data("userdata_forms:nothing")
     with pytest.raises(DataError, match="cannot import module 'no_such_module_xyz'"):
