@@ -45,9 +45,9 @@ from landscape.surface import compute_surface, grid_axis, read_surface
 VALUE_QUANTITIES = ("train loss", "gradient norm", "test accuracy", "test loss", "λ1", "trace", "ΔL a=0.02", "ε-sharpness")
 TESTED = ("test accuracy", "λ1", "trace", "ΔL a=0.02", "ε-sharpness")  # the quantities each comparison table tests
 MEASURED = "eig,trace,sharpness-curve,eps-sharpness"
-FULL = {"lrs": SWEEP_LRS, "seeds": 3, "epoch_fraction": 1.0, "grid": GRID, "n_samples": None, "k": "1", "probes": "60",
+FULL = {"lrs": SWEEP_LRS, "sweep_seeds": 3, "seeds": 3, "epoch_fraction": 1.0, "grid": GRID, "n_samples": None, "k": "1", "probes": "60",
         "noise_samples": "40", "restarts": "3", "line": 41, "plane": 21, "density_steps": 80, "interpolation": 31, "extend": 2}
-QUICK = {"lrs": SWEEP_LRS[1:], "seeds": 2, "epoch_fraction": 0.04, "grid": {m: v[1:3] for m, v in GRID.items()}, "n_samples": 500, "k": "1",
+QUICK = {"lrs": SWEEP_LRS[1:], "sweep_seeds": 1, "seeds": 2, "epoch_fraction": 0.04, "grid": {m: v[1:3] for m, v in GRID.items()}, "n_samples": 500, "k": "1",
          "probes": "10", "noise_samples": "8", "restarts": "2", "line": 9, "plane": 5, "density_steps": 20,
          "interpolation": 7, "extend": 0}
 ALPHA = 0.05  # family-wise error rate of each table (Holm)
@@ -113,7 +113,7 @@ def correlation_sweep(smoothout_noise: float, budget: dict, cache: Path, out: Pa
 
     runs = [config(m, b, s, budget["epoch_fraction"], recipe=LR_SWEEP, lr=lr,
                    noise=smoothout_noise if m == "smoothout" else None)
-            for m in ("sgd", "smoothout") for b in LR_SWEEP.epochs for lr in budget["lrs"] for s in range(budget["seeds"])]
+            for m in ("sgd", "smoothout") for b in LR_SWEEP.epochs for lr in budget["lrs"] for s in range(budget["sweep_seeds"])]
     paths = [str(p) for p in train_all(runs, cache / "sweep-runs", jobs=jobs, progress=progress)]
     argv = ["correlate", *paths, "--metrics", CORRELATED, "--k", "1", "--probes", budget["probes"], "--noise-samples",
             budget["noise_samples"], "--restarts", budget["restarts"], "--radius", "0.02", "--batch-size", "1000"]

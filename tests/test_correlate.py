@@ -85,22 +85,35 @@ def test_correlate_at_matched_train_loss_picks_trajectory_checkpoints(runs, tmp_
     assert [c["gap"] for c in found["correlations"]] == ["loss"]
 
 
+def _main(*args) -> tuple[int, str]:
+    """The command line's entry point in this process (the tests above run it as a program): exit code, stderr."""
+    import contextlib
+    import io
+
+    from analysis.cli import main
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main([str(a) for a in args])
+    return code, stderr.getvalue()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--gap", "accuracy"], "--gap accuracy: choose from error, loss"),
     (["--metrics", "surface"], "unknown metric surface"),
     (["--resamples", "20"], "at least 100"),
 ])
 def test_correlate_refuses_bad_options_in_one_line(runs, tmp_path, extra, message):
-    result = run_cli("correlate", *runs[:3], *OPTIONS, *extra, "--out", tmp_path)
-    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    code, stderr = _main("correlate", *runs[:3], *OPTIONS, *extra, "--out", tmp_path)
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
 
 
 def test_correlate_refuses_too_few_runs_and_a_folder_without_final(runs, tmp_path):
-    two = run_cli("correlate", *runs[:2], *OPTIONS, "--out", tmp_path)
-    assert two.returncode == 2 and "at least 3 runs" in two.stderr
+    code, stderr = _main("correlate", *runs[:2], *OPTIONS, "--out", tmp_path)
+    assert code == 2 and "at least 3 runs" in stderr
     (tmp_path / "empty").mkdir()
-    empty = run_cli("correlate", *runs[:3], tmp_path / "empty", *OPTIONS, "--out", tmp_path)
-    assert empty.returncode == 2 and "needs final.pt" in empty.stderr
+    code, stderr = _main("correlate", *runs[:3], tmp_path / "empty", *OPTIONS, "--out", tmp_path)
+    assert code == 2 and "needs final.pt" in stderr
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), "--no-python"]
