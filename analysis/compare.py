@@ -57,8 +57,13 @@ def checkpoint_label(path: str, meta: dict) -> str:
     config = meta.get("train")
     if not config:
         return Path(path).resolve().parent.name
+    return f"{method_label(config)} B={config['batch_size']}"
+
+
+def method_label(config: dict) -> str:
+    """The optimizer and its numeric options from a training config: "smoothout a=0.08"."""
     noise = "".join(f" {k}={v:g}" for k, v in config.get("optimizer_kwargs", {}).items() if isinstance(v, (int, float)))
-    return f"{config['optimizer']}{noise} B={config['batch_size']}"
+    return f"{config['optimizer']}{noise}"
 
 
 def check_compatible(checkpoints: Sequence, allow_mixed: bool) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.compare import checkpoint_label, scalar_quantities
+from analysis.compare import method_label, scalar_quantities
 from analysis.correlation import RESAMPLES, Correlation, correlate, varying
 from analysis.matched_loss import at_train_loss, parse_target
 from analysis.measure import NOT_SETTINGS, build_objective, measure_checkpoint, parse_metrics
@@ -36,7 +36,7 @@ GAPS = {"error": "test error − train error", "loss": "test loss − train loss
 # tie it to the batch size (varying one alone would leave no group)
 AXES = ("method", "batch_size", "lr", "momentum", "weight_decay", "epochs")
 DEFAULT_AXES = "method,batch_size,lr,momentum,weight_decay"
-CORRELATE_OPTIONS = ("gap", "axes", "resamples", "stability_line")  # options that change no measurement
+CORRELATE_OPTIONS = ("gap", "axes", "resamples")  # options that change no measurement
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +79,7 @@ def hyperparameters(config: dict | None, axes: list[str]) -> dict:
     """The run's value of each axis, and its training seed (groups for the granulated τ share the seed)."""
     if not config:
         return {}
-    values = {"method": checkpoint_label("", {"train": {**config, "batch_size": 0}}).removesuffix(" B=0"), **config}
+    values = {"method": method_label(config), **config}
     return {**{a: values.get(a) for a in axes}, "seed": config.get("seed")}
 
 
@@ -101,9 +101,8 @@ def measure_runs(paths: list[str], args: argparse.Namespace, out: Path) -> list[
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in (*NOT_SETTINGS, *CORRELATE_OPTIONS, "runs")}
     results = ResultsFile.open(out / "measurements.json", {**settings, "checkpoints": paths}, resume=True)
 
-    def one(path: str) -> dict:
-        save = results.save if ranks.is_main() else None
-        report = measure_checkpoint(path, args, previous=results.previous(path), saved=save, distributed=False)
+    def one(path: str) -> dict:  # results.save writes on rank 0 only
+        report = measure_checkpoint(path, args, previous=results.previous(path), saved=results.save, distributed=False)
         if "generalization" not in report:
             report["generalization"] = generalization(path, args)
         return report
@@ -114,10 +113,9 @@ def measure_runs(paths: list[str], args: argparse.Namespace, out: Path) -> list[
     return reports
 
 
-def correlations(reports: list[dict], gaps: list[str], axes: list[str], resamples: int, seed: int) -> list[Correlation]:
-    """Each scalar quantity of the reports against each gap."""
-    configs = [load_checkpoint(r["checkpoint"]).meta.get("train") for r in reports]
-    hypers = [hyperparameters(c, axes) for c in configs]
+def correlations(reports: list[dict], hypers: list[dict], gaps: list[str], axes: list[str], resamples: int,
+                 seed: int) -> list[Correlation]:
+    """Each scalar quantity of the reports against each gap; `hypers[r]`: run r's hyperparameters and seed."""
     quantities = [{n: q["value"] for m, res in r["metrics"].items() for n, q in scalar_quantities(m, res).items()}
                   for r in reports]
     names = list(dict.fromkeys(n for q in quantities for n in q))
@@ -150,8 +148,9 @@ def correlate_runs(args: argparse.Namespace) -> dict:
         paths = [p.path for p in points]
     out = Path(args.out)
     reports = measure_runs(paths, args, out)
-    found = correlations(reports, gaps, axes, args.resamples, args.seed)
     configs = [load_checkpoint(p).meta.get("train") for p in paths]
+    hypers = [hyperparameters(c, axes) for c in configs]
+    found = correlations(reports, hypers, gaps, axes, args.resamples, args.seed)
     runs = []
     for i, (report, config) in enumerate(zip(reports, configs)):
         run = {"run": given[i], "checkpoint": report["checkpoint"], "hyperparameters": hyperparameters(config, list(AXES)),
@@ -161,7 +160,7 @@ def correlate_runs(args: argparse.Namespace) -> dict:
             run["at_train_loss"] = {"epoch": points[i].epoch, "recorded_train_loss": points[i].train_loss}
         runs.append(run)
     return {"runs": runs, "correlations": [c.to_dict() for c in found], "gaps": gaps,
-            "axes": varying([hyperparameters(c, axes) for c in configs], axes), "at_train_loss": target,
+            "axes": varying(hypers, axes), "at_train_loss": target,
             "setup": reports[0]["setup"], "resamples": args.resamples}
 
 

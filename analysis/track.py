@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> None:
     results = ResultsFile.open(out / "track.json", {**settings, "checkpoints": [p.path for p in points]}, resume=True)
     args.warm_start = WarmStart()  # measure's eig starts each Lanczos from the previous checkpoint's top eigenvector
 
-    def one(point: TrajectoryPoint) -> dict:
-        save = results.save if ranks.is_main() else None
-        report = measure_checkpoint(point.path, args, previous=results.previous(point.path), saved=save, distributed=False)
+    def one(point: TrajectoryPoint) -> dict:  # results.save writes on rank 0 only
+        report = measure_checkpoint(point.path, args, previous=results.previous(point.path), saved=results.save,
+                                    distributed=False)
         report.update(epoch=point.epoch, recorded=load_checkpoint(point.path).meta.get("metrics", {}))
         return report
 

@@ -134,21 +134,31 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a .safetensors file (no pickle: nothing in the file can run)."""
+    return _safetensors(path, lambda f: {name: f.get_tensor(name) for name in f.keys()})
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """A .safetensors file whose header reads (no weights are loaded); one line naming the file otherwise."""
+    _safetensors(path, lambda f: list(f.keys()))
+
+
+def _safetensors(path: str | os.PathLike, read: Any) -> Any:
     try:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
     except ImportError:
         raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package: pip install -e '.[hf]'") from None
     try:
-        return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return read(f)
     except Exception as error:  # safetensors raises its own SafetensorError on a damaged header
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(f"{path} is not a readable safetensors file ({message})") from None
 
 
 def huggingface_folder(path: str) -> Checkpoint:
-    """A `save_pretrained` folder: its config names the architecture; its safetensors weights (one file or shards)
-    are read here for their hash and checks, and by transformers when the model is built. Pickled weights
-    (pytorch_model.bin) are refused: re-save the model with safe_serialization=True."""
+    """A `save_pretrained` folder: its config names the architecture; transformers reads its safetensors weights (one
+    file or shards) when the model is built, so here only their headers are checked (no second copy of the weights
+    in memory). Pickled weights (pytorch_model.bin) are refused: re-save the model with safe_serialization=True."""
     folder = Path(path)
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -163,9 +173,10 @@ def huggingface_folder(path: str) -> Checkpoint:
         binary = " (pytorch_model.bin is a pickle, not read)" if (folder / "pytorch_model.bin").exists() else ""
         raise CheckpointError(f"{folder} holds no *.safetensors weights{binary}: re-save it with "
                               "save_pretrained(folder, safe_serialization=True)")
-    state = {k: v for file in files for k, v in read_safetensors(file).items()}
+    for file in files:
+        check_safetensors(file)
     spec = {"name": "huggingface", "kwargs": {"folder": str(folder.resolve()), "architecture": architectures[0]}}
-    return Checkpoint(str(folder), state, model_spec=spec, meta={"format": "huggingface"}, builds_own_weights=True)
+    return Checkpoint(str(folder), {}, model_spec=spec, meta={"format": "huggingface"}, builds_own_weights=True)
 
 
 def _refused_globals(path: str, message: str, limit: int = 3) -> list[str]:

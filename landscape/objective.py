@@ -304,8 +304,7 @@ class Objective:
         for batch in self._forward_batches():
             out = _forward(self.model, state, *model_arguments(batch))
             mean, count = self._batch_mean(out, batch)
-            if count:
-                totals[0] += count / self.n_items * mean.double()
+            totals[0] += count / self.n_items * mean.double()
             correct = accuracy(self.loss_function, out, batch)
             if correct is not None:
                 totals[1] += correct[0]

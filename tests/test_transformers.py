@@ -432,3 +432,45 @@ def test_a_folder_without_safetensors_weights_is_refused(saved, tmp_path):
     (tmp_path / "config.json").write_text((folders["bert"] / "config.json").read_text())
     result = _cli(root, "measure", tmp_path, "--data", "hfdata:sentences", "--quiet")
     assert result.returncode == 2 and "holds no *.safetensors weights" in result.stderr
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")  # a damaged header
+    from landscape.checkpoints import CheckpointError, load_checkpoint
+
+    with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors file"):
+        load_checkpoint(tmp_path)
+
+
+def test_hvps_at_readme_size_equal_finite_differences_of_an_independent_loss():
+    """The README's GPT-2 (30,720 parameters, 16 sequences, right padding) in float64: every path's H v equals central
+    differences of the gradient of a separately written token loss (masked log-softmax), to their h² error."""
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    ids = torch.randint(0, 100, (16, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[::2, 16:] = 0
+    batches = [{"input_ids": ids[i:i + 8], "attention_mask": mask[i:i + 8],
+                "labels": ids[i:i + 8].masked_fill(mask[i:i + 8] == 0, -100)} for i in (0, 8)]
+    w0, unflatten = flat_parameters(model)
+    assert w0.numel() > 30_000
+
+    def loss(w):
+        total, count = 0.0, 0
+        for b in batches:
+            with sdpa_kernel(SDPBackend.MATH):
+                out = functional_call(model, unflatten(w), (), {"input_ids": b["input_ids"],
+                                                                 "attention_mask": b["attention_mask"]})
+            logp = torch.log_softmax(out.logits[:, :-1], dim=-1).gather(-1, b["input_ids"][:, 1:, None])[..., 0]
+            real = b["attention_mask"][:, 1:].double()
+            total, count = total - (logp * real).sum(), count + real.sum()
+        return total / count
+
+    v = torch.randn(w0.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    h = 1e-6  # truncation error ~h²: 1e-6 relative at h = 1e-5, 1e-8 here
+    fd = (torch.func.grad(loss)(w0 + h * v) - torch.func.grad(loss)(w0 - h * v)) / (2 * h)
+    for method in ("auto", "reuse", "fwd-rev", "double-backward"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", HVPFallbackNote)
+            objective = Objective(model, batches, loss=token_cross_entropy, dtype=torch.float64, device="cpu",
+                                  hvp_method=method)
+            assert objective.n_items == 304 and objective.loss() == pytest.approx(float(loss(w0)), rel=1e-12)
+            assert float((objective.hvp(v) - fd).norm() / fd.norm()) < 1e-7, method
