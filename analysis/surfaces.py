@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="re-estimate BN statistics from K train batches at every point")
     group.add_argument("--out", default=None, help="HDF5 file (default: next to CKPT, named after the directions)")
     group.add_argument("--resume", action="store_true", help="finish an interrupted file instead of refusing to overwrite it")
+    group.add_argument("--points-per-call", type=points_per_call, default="auto", metavar="K|auto",
+                       help="grid points per vmapped forward pass; auto: 1 on a CPU, as many as fit in memory on a GPU "
+                            "(default %(default)s)")
 
 
 def parse_range(text: str) -> np.ndarray:
@@ -43,6 +46,15 @@ def parse_range(text: str) -> np.ndarray:
         return grid_axis(float(start), float(stop), int(num))
     except ValueError as error:
         raise ValueError(f"grid range {text!r}: {error} (expected START:STOP:NUM, e.g. -1:1:51)") from None
+
+
+def points_per_call(text: str) -> int | str:
+    """--points-per-call: a positive integer or 'auto'."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return int(text)
 
 
 def build_directions(objective: Objective, args: argparse.Namespace) -> Directions:
@@ -92,7 +104,8 @@ def run(args: argparse.Namespace) -> None:
     path = Path(args.out) if args.out else default_path(args.checkpoint, directions)
     start = time.perf_counter()
     surface = compute_surface(objectives, directions, axes, path=path, resume=args.resume,
-                              bn_recalibration=args.bn_recalibration, progress=args.progress)
+                              bn_recalibration=args.bn_recalibration, progress=args.progress,
+                              points_per_call=args.points_per_call)
     seconds = time.perf_counter() - start
     if args.json:
         from analysis.cli import print_json

@@ -3,17 +3,23 @@
 Per problem, in one process at one thread: one forward pass over the measurement set (the
 floor any exact evaluation pays per point), `compute_surface` (HDF5 file included), a naive loop
 (deep copy + load_state_dict + eval per point, as a script would do) and, where it installs,
-loss-landscapes' `random_plane` on the same model and data. Writes benchmarks/results/surface.json.
-Usage: python benchmarks/surface.py [--problems mlp-digits,convnet-digits,resnet20]
+loss-landscapes' `random_plane` on the same model and data. A second table: points per second at
+several points per call (vmapped forward, landscape.batched_points) on the digits MLP and ConvNet;
+`points_per_second` measures one setting on any device (benchmarks/gpu.py runs it on a GPU).
+Writes benchmarks/results/surface.json.
+Usage: python benchmarks/surface.py [--problems mlp-digits,convnet-digits,resnet20] [--tables peers,batched]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import seconds_per_call, write_results  # noqa: E402
+from common import RESULTS, seconds_per_call, write_results  # noqa: E402
 
+from landscape.batched_points import BatchedPointsNote  # noqa: E402
 from landscape.data import MeasurementSet, load_data  # noqa: E402
 from landscape.directions import random_directions  # noqa: E402
 from landscape.models import model_for_data  # noqa: E402
@@ -30,6 +37,7 @@ from landscape.objective import Objective  # noqa: E402
 from landscape.surface import compute_surface, grid_axis  # noqa: E402
 
 GRID = {"mlp-digits": 15, "convnet-digits": 7, "resnet20": 3}  # points per axis of the 2-D grid
+BATCHED_POINTS = {"mlp-digits": 256, "convnet-digits": 32}  # points per timed 1-D grid in the points-per-call table
 
 
 def problem(name: str):
@@ -135,15 +143,78 @@ def run_problem(name: str, rounds: int) -> dict:
     return result
 
 
+@functools.cache
+def _surface_problem(name: str, device: str):
+    """(objective, one random direction) of a problem on `device`, built once per process."""
+    model, batches = problem(name)
+    objective = Objective(model.eval(), batches, device=device)
+    return objective, random_directions(objective, 1, seed=0)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def points_per_second(problem: str, device: str, points_per_call: int, n_points: int) -> dict:
+    """Grid points per second of compute_surface (no file) on a 1-D grid of `n_points`, `points_per_call` per call.
+
+    One untimed warm-up grid first; the device is synchronized before and after the timed grid.
+    `fallback` names why points went one per call instead, if vmap could not batch them.
+    """
+    objective, directions = _surface_problem(problem, device)
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", BatchedPointsNote)
+        compute_surface(objective, directions, [grid_axis(-1, 1, max(2, min(n_points, 2 * points_per_call)))],
+                        points_per_call=points_per_call)
+        _synchronize(objective.device)
+        start = time.perf_counter()
+        compute_surface(objective, directions, [grid_axis(-1, 1, n_points)], points_per_call=points_per_call)
+        _synchronize(objective.device)
+        seconds = time.perf_counter() - start
+    fallback = next((str(n.message) for n in notes if issubclass(n.category, BatchedPointsNote)), None)
+    return {"problem": problem, "device": str(objective.device), "points_per_call": points_per_call,
+            "n_points": n_points, "n_params": objective.n_params, "n_samples": objective.n_samples,
+            "seconds": seconds, "points_per_second": n_points / seconds, "fallback": fallback}
+
+
+def run_points_per_call(name: str, settings: list[int], rounds: int) -> dict:
+    """Median points per second per setting over `rounds` interleaved rounds, on the CPU; speedup over one per call."""
+    runs: dict[int, list[dict]] = {k: [] for k in settings}
+    for _ in range(rounds):
+        for k in settings:
+            runs[k].append(points_per_second(name, "cpu", k, BATCHED_POINTS[name]))
+    speeds = {k: float(np.median([r["points_per_second"] for r in rows])) for k, rows in runs.items()}
+    result = {"device": "cpu", "n_points": BATCHED_POINTS[name], "rounds": rounds,
+              "points_per_second": {str(k): v for k, v in speeds.items()},
+              "speedup_vs_one_per_call": {str(k): v / speeds[settings[0]] for k, v in speeds.items()},
+              "fallback": next((r["fallback"] for rows in runs.values() for r in rows if r["fallback"]), None)}
+    print(f"{name} (cpu): " + ", ".join(f"{k} per call {v:.1f} points/s" for k, v in speeds.items()), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", default=",".join(GRID))
+    parser.add_argument("--tables", default="peers,batched",
+                        help="peers: vs naive and loss-landscapes; batched: points per call (default %(default)s)")
+    parser.add_argument("--points-per-call", default="1,4,16", help="settings of the batched table (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    results = {name: run_problem(name, args.rounds) for name in args.problems.split(",")}
+    names, tables = args.problems.split(","), args.tables.split(",")
+    old = json.loads((RESULTS / "surface.json").read_text()) if (RESULTS / "surface.json").exists() else {}
+    results = old.get("problems", {})  # a table not run keeps its rows from the last run
+    batched = old.get("points_per_call", {})
+    if "peers" in tables:
+        results = {name: run_problem(name, args.rounds) for name in names}
+    if "batched" in tables:
+        settings = [int(k) for k in args.points_per_call.split(",")]
+        batched = {name: run_points_per_call(name, settings, args.rounds) for name in names if name in BATCHED_POINTS}
     path = write_results("surface", {
         "what": "2-D surface grid points per second; cost per point in forward passes over the same measurement set",
         "problems": results,
+        "points_per_call_what": "1-D grid points per second of compute_surface at k points per vmapped call (CPU, one thread)",
+        "points_per_call": batched,
     })
     print(f"wrote {path}")
 

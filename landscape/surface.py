@@ -1,7 +1,8 @@
 """1-D and 2-D loss surfaces around a checkpoint, stored in resumable HDF5 files.
 
 Each grid point is origin + Σ_j c_j·d_j (landscape.directions), evaluated by the Objective's
-functional forward pass: no model copies, no state-dict loads, the caller's model untouched.
+functional forward pass: no model copies, no state-dict loads, the caller's model untouched; on a GPU
+several points share one vmapped forward (landscape.batched_points).
 Every finished block of points is flushed to the file before it is marked done, so a killed run
 resumes with `resume=True` and computes only what is missing. Under torch.distributed the grid
 points are split across ranks (each evaluating its points on the whole measurement set) and
@@ -17,25 +18,28 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks
     fcntl = None
-import h5py
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import landscape
 from landscape import distributed as ranks
+from landscape.batched_points import PointEvaluator, points_per_call as resolve_points_per_call
 from landscape.directions import Directions
 from landscape.objective import Objective
 from landscape.params import tensor_digest
 from landscape.perturb import recalibration_inputs
 from landscape.progress import Progress
 from landscape.results import Result, to_jsonable
+
+if TYPE_CHECKING:  # h5py is imported where a file is read or written: `landscape --help` stays fast
+    import h5py
 
 FORMAT = "landscape-surface"
 VERSION = 1
@@ -96,21 +100,26 @@ def compute_surface(
     resume: bool = False,
     bn_recalibration: int | None = None,
     progress: bool | str = False,
+    points_per_call: int | str = "auto",
 ) -> Surface:
     """Loss and accuracy at every grid point, for each objective (one per split, e.g. train and test).
 
     With `path`, results go to an HDF5 file as they finish; an existing file is refused unless
     `resume`, and then only if it was made with the same checkpoint, data, measurement set,
     directions, grid and options. `bn_recalibration=k` re-estimates BN running statistics at each
-    point from the first k batches of the first objective (the train split).
+    point from the first k batches of the first objective (the train split). `points_per_call` grid points
+    go through one vmapped forward (landscape.batched_points; "auto": 1 on a CPU, as many as fit on a GPU);
+    the file and its resume do not depend on it.
     """
     objectives = {"train": objectives} if isinstance(objectives, Objective) else dict(objectives)
     axes = tuple(np.asarray(a, dtype=np.float64) for a in axes)
     first = next(iter(objectives.values()))
     _check_inputs(objectives, directions, axes)
     inputs = recalibration_inputs(first, bn_recalibration) if bn_recalibration else None
+    per_call = resolve_points_per_call(list(objectives.values()), points_per_call)
     fingerprint = _fingerprint(objectives, directions, axes, bn_recalibration)
     metadata = {"splits": {s: o.describe() for s, o in objectives.items()}, "bn_recalibration": bn_recalibration,
+                "points_per_call": per_call,
                 "library_version": landscape.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     shape = tuple(len(a) for a in axes)
     values = {f"{s}/{q}": np.full(shape, np.nan) for s in objectives for q in ("loss", "accuracy")}
@@ -139,13 +148,16 @@ def compute_surface(
     origin = first.w.detach().clone()
     origin_buffers = {n: b for n, b in first.model.named_buffers() if n in directions.buffers}
     coords = torch.as_tensor(points, dtype=first.dtype, device=first.device)
-    per_rank = 1
+    evaluators = {split: PointEvaluator(o) for split, o in objectives.items()}
+    per_rank = per_call
     with Progress(len(points), "surface", "point", progress, initial=len(points) - len(pending)) as bar:
         while pending:
             block, pending = pending[: per_rank * shards], pending[per_rank * shards:]
             start = time.perf_counter()
-            mine = [(i, _evaluate_point(objectives, directions, origin, origin_buffers, coords[i], inputs))
-                    for i in block[rank % shards::shards]]
+            mine = []
+            for call in _calls(block[rank % shards::shards], per_call):
+                rows = _evaluate_points(evaluators, directions, origin, origin_buffers, coords[call], inputs)
+                mine.extend(zip(call, rows))
             part = (mine, time.perf_counter() - start)
             gathered = ranks.all_gather(part) if shards > 1 else [part]
             results = [r for chunk, _ in gathered for r in chunk]
@@ -157,7 +169,7 @@ def compute_surface(
                 store.write(values, done)
             bar.update(len(results))
             if max(seconds for _, seconds in gathered) < FLUSH_SECONDS / 2:
-                per_rank = min(2 * per_rank, 1024)
+                per_rank = min(2 * per_rank, max(1024, per_call))
     if store is not None:
         store.close()
     loss = {s: values[f"{s}/loss"] for s in objectives}
@@ -170,6 +182,8 @@ def read_surface(path: str | os.PathLike) -> Surface:
     path = Path(path)
     if not path.exists():
         raise SurfaceError(f"{path}: no such file")
+    import h5py
+
     try:  # without HDF5's file lock, so a surface can be read (plotted) while a run is still writing it
         with h5py.File(path, "r", locking=False) as f:
             if f.attrs.get("format") != FORMAT:
@@ -200,21 +214,36 @@ def _check_inputs(objectives: dict[str, Objective], directions: Directions, axes
             raise SurfaceError(f"the {split} objective is at a different point than the first: give objectives of one checkpoint")
 
 
-def _evaluate_point(objectives: dict[str, Objective], directions: Directions, origin: torch.Tensor,
-                    origin_buffers: dict[str, torch.Tensor], c: torch.Tensor,
-                    inputs: list[torch.Tensor] | None) -> dict[str, float]:
-    """Loss and accuracy of each split at origin + Σ c_j d_j (exactly the origin when c = 0)."""
+def _calls(indices: list[int], per_call: int) -> list[list[int]]:
+    """Consecutive groups of at most `per_call` point indices: one evaluation call each."""
+    return [indices[i:i + per_call] for i in range(0, len(indices), per_call)]
+
+
+def _point_state(objective: Objective, directions: Directions, origin: torch.Tensor,
+                 origin_buffers: dict[str, torch.Tensor], c: torch.Tensor,
+                 inputs: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weights origin + Σ c_j d_j (exactly the origin when c = 0) and the buffers that point replaces."""
     w = torch.addmv(origin, directions.vectors.T, c)
     buffers = {n: origin_buffers[n] + torch.tensordot(c, d, dims=1) for n, d in directions.buffers.items()}
-    first = next(iter(objectives.values()))
     if inputs is not None:
-        buffers.update(first.bn_statistics(w, inputs))
-    row = {}
-    for split, objective in objectives.items():
-        evaluation = objective.evaluate(w, buffers or None, check_finite=False)
-        row[f"{split}/loss"] = evaluation.loss
-        row[f"{split}/accuracy"] = np.nan if evaluation.accuracy is None else evaluation.accuracy
-    return row
+        buffers.update(objective.bn_statistics(w, inputs))
+    return w, buffers
+
+
+def _evaluate_points(evaluators: dict[str, PointEvaluator], directions: Directions, origin: torch.Tensor,
+                     origin_buffers: dict[str, torch.Tensor], coords: torch.Tensor,
+                     inputs: list[torch.Tensor] | None) -> list[dict[str, float]]:
+    """Loss and accuracy of each split at each row of `coords`, all of them in one evaluation call per split."""
+    first = next(iter(evaluators.values())).objective
+    states = [_point_state(first, directions, origin, origin_buffers, c, inputs) for c in coords]
+    W = torch.stack([w for w, _ in states])
+    buffers = {n: torch.stack([b[n] for _, b in states]) for n in states[0][1]}
+    rows: list[dict[str, float]] = [{} for _ in states]
+    for split, evaluator in evaluators.items():
+        for row, evaluation in zip(rows, evaluator.evaluate(W, buffers or None)):
+            row[f"{split}/loss"] = evaluation.loss
+            row[f"{split}/accuracy"] = np.nan if evaluation.accuracy is None else evaluation.accuracy
+    return rows
 
 
 def _fingerprint(objectives: dict[str, Objective], directions: Directions, axes: tuple[np.ndarray, ...],
@@ -364,6 +393,8 @@ class _Lock:
 
 
 def _open(path: Path, mode: str) -> h5py.File:
+    import h5py
+
     try:
         return h5py.File(path, mode)
     except OSError as error:
@@ -374,6 +405,8 @@ def _create(path: Path, fingerprint: dict, metadata: dict, directions: Direction
             axes: tuple[np.ndarray, ...], values: dict[str, np.ndarray]) -> None:
     """Write the whole empty file under a temporary name, then rename: a kill leaves no half-made file.
     Its folder exists: the file's lock made it."""
+    import h5py
+
     tmp = path.with_name(path.name + ".tmp")
     try:
         with h5py.File(tmp, "w") as f:
