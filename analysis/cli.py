@@ -3,56 +3,88 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import warnings
-from typing import Callable, NoReturn
+from typing import Callable, Iterable, NoReturn, Sequence
 
 import landscape
-from analysis.validation import validate_arguments
-from landscape import distributed, progress
-from landscape.results import to_jsonable
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, OSError)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from analysis import compare, correlate, demo, figures, measure, plot_cli, surfaces, track, training
+def _checkpoints(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT")
 
-    def checkpoints(p: argparse.ArgumentParser) -> None:
-        p.add_argument("checkpoints", nargs="+", metavar="CKPT")
 
-    def checkpoint(p: argparse.ArgumentParser) -> None:
-        p.add_argument("checkpoint", metavar="CKPT")
+def _checkpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT")
 
-    objective, metrics = measure.add_objective_arguments, measure.add_metric_arguments
-    table = [  # name, help, argument adders, run
-        ("demo", "train SGD and SmoothOut at small and large batch, compare them, write a report", [demo.add_arguments], demo.run),
-        ("measure", "loss, gradient and curvature of checkpoints", [checkpoints, objective, metrics, measure.add_arguments],
-         _run_measure),
-        ("surface", "1-D/2-D loss surface around a checkpoint, to a resumable HDF5 file",
-         [checkpoint, objective, surfaces.add_arguments], surfaces.run),
-        ("plot", "draw surface files: line, contour, heatmap, 3-D, PCA trajectory → PNG/PDF", [plot_cli.add_arguments], plot_cli.run),
-        ("compare", "the same measurements on several checkpoints, side by side with CIs, as a report",
-         [checkpoints, objective, metrics, compare.add_arguments], compare.run),
-        ("train", "train a model with a chosen optimizer, writing checkpoints", [training.add_arguments], training.run),
-        ("track", "measure every trajectory checkpoint of a training run: curvature over training, resumable",
-         [objective, metrics, track.add_arguments], track.run),
-        ("correlate", "rank sharpness measures against the generalization gap over a sweep of runs (Kendall's τ, "
-         "granulated τ, bootstrap CIs)", [objective, metrics, correlate.add_arguments], correlate.run),
-        ("figures", "regenerate every figure in figures/ from scratch", [figures.add_arguments], figures.run),
-    ]
+
+def _objective(parser: argparse.ArgumentParser) -> None:
+    from analysis.measure import add_objective_arguments
+
+    add_objective_arguments(parser)
+
+
+def _metrics(parser: argparse.ArgumentParser) -> None:
+    from analysis.measure import add_metric_arguments
+
+    add_metric_arguments(parser)
+
+
+# name: (one-line help, its module in analysis/, shared argument adders before the module's add_arguments).
+# The top-level --help reads only this table: a command's module (and torch) is imported when it is configured.
+COMMANDS: dict[str, tuple[str, str, tuple[Callable[[argparse.ArgumentParser], None], ...]]] = {
+    "demo": ("train SGD and SmoothOut at small and large batch, compare them, write a report", "demo", ()),
+    "measure": ("loss, gradient and curvature of checkpoints", "measure", (_checkpoints, _objective, _metrics)),
+    "surface": ("1-D/2-D loss surface around a checkpoint, to a resumable HDF5 file", "surfaces",
+                (_checkpoint, _objective)),
+    "plot": ("draw surface files: line, contour, heatmap, 3-D, PCA trajectory → PNG/PDF", "plot_cli", ()),
+    "compare": ("the same measurements on several checkpoints, side by side with CIs, as a report", "compare",
+                (_checkpoints, _objective, _metrics)),
+    "train": ("train a model with a chosen optimizer, writing checkpoints", "training", ()),
+    "track": ("measure every trajectory checkpoint of a training run: curvature over training, resumable", "track",
+              (_objective, _metrics)),
+    "correlate": ("rank sharpness measures against the generalization gap over a sweep of runs (Kendall's τ, "
+                  "granulated τ, bootstrap CIs)", "correlate", (_objective, _metrics)),
+    "figures": ("regenerate every figure in figures/ from scratch", "figures", ()),
+}
+
+
+def build_parser(configured: Iterable[str] = COMMANDS) -> argparse.ArgumentParser:
+    """The `landscape` parser: every command listed, with the arguments of the `configured` ones (by default all).
+
+    A command left unconfigured has no arguments and no run function, and its module is not imported.
+    """
     parser = argparse.ArgumentParser(prog="landscape", description="How sharp is the minimum a trained network sits in?")
     parser.add_argument("--version", action="version", version=f"landscape {landscape.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text, adders, run in table:
-        p = commands.add_parser(name, help=text)
-        for add in adders:
-            add(p)
-        _add_output_arguments(p)
-        p.set_defaults(run=run)
+    subparsers = {name: commands.add_parser(name, help=text) for name, (text, _, _) in COMMANDS.items()}
+    for name in configured:
+        _configure(name, subparsers[name])
     return parser
+
+
+def _configure(name: str, parser: argparse.ArgumentParser) -> None:
+    """Import command `name`'s module; add its arguments and its run function to its subparser."""
+    _, module_name, adders = COMMANDS[name]
+    module = importlib.import_module(f"analysis.{module_name}")
+    for add in (*adders, module.add_arguments):
+        add(parser)
+    _add_output_arguments(parser)
+    parser.set_defaults(run=_run_measure if name == "measure" else module.run)
+
+
+def invoked_command(argv: Sequence[str]) -> list[str]:
+    """The command `argv` runs, as a list of zero or one name for `build_parser`.
+
+    Only the first token can name it: the top-level options (--help, --version) take no value and exit,
+    so anything else before a command is an error either way.
+    """
+    return list(argv[:1]) if argv and argv[0] in COMMANDS else []
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +97,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_measure(args: argparse.Namespace) -> None:
     from analysis.measure import format_measurement, measure_all
+    from landscape import distributed
 
     if getattr(args, "per_layer_figure", None) and not args.per_layer:
         raise ValueError("--per-layer-figure draws --per-layer results: pass --per-layer eig,trace too")
@@ -81,6 +114,8 @@ def _run_measure(args: argparse.Namespace) -> None:
 
 
 def print_json(value: object) -> None:
+    from landscape.results import to_jsonable
+
     json.dump(to_jsonable(value), sys.stdout, indent=2)
     sys.stdout.write("\n")
 
@@ -101,7 +136,11 @@ def _join_signed_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(_join_signed_values(sys.argv[1:] if argv is None else argv))
+    argv = _join_signed_values(sys.argv[1:] if argv is None else argv)
+    args = build_parser(invoked_command(argv)).parse_args(argv)
+    from analysis.validation import validate_arguments  # torch: after --help and usage errors have exited
+    from landscape import progress
+
     joined = False
     shown = warnings.showwarning
     warnings.showwarning = _one_line_notes(args.command, shown)
@@ -156,6 +195,8 @@ def _leave_process_group(args: argparse.Namespace, code: int) -> NoReturn:
     a barrier (a rank that died after the last collective then shows up as exit 1 here), and every
     rank exits at once. Its files are already closed and flushed, as after any run.
     """
+    from landscape import distributed
+
     if code == 0:
         try:
             distributed.barrier()
@@ -168,6 +209,8 @@ def _leave_process_group(args: argparse.Namespace, code: int) -> NoReturn:
 
 def _report_distributed_failure(args: argparse.Namespace, error: RuntimeError) -> int:
     """One line for a collective that failed (exit code 1); any other RuntimeError is re-raised."""
+    from landscape import distributed
+
     if not distributed.is_failure(error):
         raise error
     print(f"landscape {args.command}: error: distributed: {distributed.failure_message(error)}", file=sys.stderr)
@@ -176,6 +219,7 @@ def _report_distributed_failure(args: argparse.Namespace, error: RuntimeError) -
 
 def _join_process_group(args: argparse.Namespace) -> bool:
     """Under torchrun, join the process group (True); then only rank 0 prints: the others get no stdout or progress bars."""
+    from landscape import distributed
     from landscape.objective import default_device
 
     joined = distributed.init_from_env(getattr(args, "device", None) or default_device())

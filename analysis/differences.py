@@ -13,7 +13,6 @@ import math
 from typing import Sequence
 
 import numpy as np
-import scipy.stats
 
 CONFIDENCE = 0.95
 
@@ -86,6 +85,8 @@ def _paired_by_seed(baseline: list[dict], other: list[dict], name: str) -> tuple
 
 def _p_value(diff: float, se: float, df: float | None) -> float:
     """Two-sided p of diff/se under Student's t with `df` (normal when None); 0 or 1 when se is 0."""
+    import scipy.stats  # here, not at the top: ~0.3 s that the CLI's start-up should not pay
+
     if se == 0:
         return 0.0 if diff != 0 else 1.0
     z = abs(diff) / se
@@ -102,6 +103,8 @@ def ci_halfwidth(values: np.ndarray, axis: int = 0) -> np.ndarray:
 
 
 def _t(df: float) -> float:
+    import scipy.stats
+
     return float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, max(df, 1.0)))
 
 

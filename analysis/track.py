@@ -16,7 +16,6 @@ import argparse
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from analysis.compare import scalar_quantities
@@ -108,6 +107,8 @@ def time_series(reports: list[dict]) -> dict[str, list[float]]:
 
 def write_hdf5(series: dict[str, list[float]], path: Path) -> None:
     """One float64 dataset per column (names as in track.json's quantities), written whole."""
+    import h5py  # here, not at the top: the CLI's start-up should not pay for it
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         f.attrs["columns"] = json.dumps(list(series))

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.optimize
 import torch
 
 from landscape.ascent import Ascent, Neighbourhood, apgd, maximize
@@ -125,6 +124,8 @@ def _lbfgsb(box: Neighbourhood, u0: torch.Tensor, max_iter: int) -> Ascent:
         if loss > best[0]:
             best[:] = loss, z / box.scale
         return -loss, -box.grad_at(z).double().cpu().numpy()
+
+    import scipy.optimize  # here, not at the top: `landscape measure --help` should not pay for it
 
     limit = bound.double().cpu().numpy()
     res = scipy.optimize.minimize(negative_loss, box.raw(u0).double().cpu().numpy(), jac=True, method="L-BFGS-B",

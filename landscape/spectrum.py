@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import torch
 
 from landscape.operators import LinearOperator
@@ -126,6 +125,8 @@ class _Lanczos:
 
     def ritz(self, row: int) -> tuple[np.ndarray, np.ndarray, float]:
         """Ritz values (ascending), eigenvectors S of the tridiagonal T, and the last β of one recurrence."""
+        import scipy.linalg  # here, not at the top: the CLI's start-up should not pay for it
+
         alpha, beta = np.array(self.alpha[row]), np.array(self.beta[row])
         theta, s = scipy.linalg.eigh_tridiagonal(alpha, beta[:-1])
         return theta, s, beta[-1]
