@@ -175,13 +175,16 @@ def token_cross_entropy(output: Any, batch: Batch) -> tuple[torch.Tensor, torch.
 token_cross_entropy.count = lambda batch: int((language_model_labels(batch)[:, 1:] != IGNORE_INDEX).sum())
 
 
-def accuracy(loss: Loss, output: Any, batch: Batch) -> tuple[int, int] | None:
-    """(correct, counted) under `loss`'s notion of a prediction: top-1 class, next token; None where there is none."""
+def accuracy(loss: Loss, output: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | int] | None:
+    """(correct, counted) under `loss`'s notion of a prediction: top-1 class, next token; None where there is none.
+
+    Counts stay tensors on the output's device (0-dim), so a forward pass per batch adds no device synchronization.
+    """
     if loss is token_cross_entropy:
         scores, labels = logits(output), language_model_labels(batch)
         shifted = labels[:, 1:]
         real = shifted != IGNORE_INDEX
-        return int((scores[:, :-1].argmax(-1) == shifted)[real].sum()), int(real.sum())
+        return ((scores[:, :-1].argmax(-1) == shifted) & real).sum(), real.sum()
     if loss is mean_squared_error:
         return None
     try:
@@ -189,7 +192,7 @@ def accuracy(loss: Loss, output: Any, batch: Batch) -> tuple[int, int] | None:
     except BatchError:
         return None
     if scores.ndim == 2 and y.ndim == 1 and not y.is_floating_point():
-        return int((scores.argmax(dim=1) == y).sum()), len(y)
+        return (scores.argmax(dim=1) == y).sum(), len(y)
     return None
 
 

@@ -266,7 +266,7 @@ def _cifar(kind: str, root: Path, spec: str) -> tuple[torch.Tensor, ...]:
 
 def _labels(y: Any, where: str) -> torch.Tensor:
     """int64 labels from an integer (or integer-valued) 1-D array; DataError otherwise."""
-    y = np.asarray(y.numpy() if isinstance(y, torch.Tensor) else y)
+    y = np.asarray(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y)  # a callable's CUDA tensors too
     if y.ndim != 1:
         raise DataError(f"{where}: labels must be 1-D class indices; got shape {y.shape}")
     if y.dtype.kind not in "iub":
@@ -280,7 +280,7 @@ def _labels(y: Any, where: str) -> torch.Tensor:
 def _inputs(x: Any, where: str) -> torch.Tensor:
     """float32 inputs of shape (N, ...) with at least one feature axis."""
     try:
-        x = torch.as_tensor(np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x), dtype=torch.float32)
+        x = torch.as_tensor(np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x), dtype=torch.float32)
     except (TypeError, ValueError) as e:
         raise DataError(f"{where}: inputs must be a numeric array ({e})") from e
     if x.ndim < 2:

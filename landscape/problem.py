@@ -10,7 +10,7 @@ import torch
 
 from landscape import distributed as ranks
 from landscape.checkpoints import Checkpoint, CheckpointError
-from landscape.batches import BatchError, logits, model_arguments
+from landscape.batches import BatchError, logits, model_arguments, to_device
 from landscape.data import BatchSet, DataError, Dataset, MeasurementSet, load_data
 from landscape.models import model_for_data
 from landscape.objective import Objective
@@ -135,7 +135,9 @@ def check_data_fits(net: torch.nn.Module, dataset: Dataset | BatchSet, checkpoin
 
 def _check_batches_fit(net: torch.nn.Module, data: BatchSet, checkpoint: Checkpoint) -> None:
     """The model called on the first batch of a user's own batches; what it cannot take is one line."""
-    args, kwargs = model_arguments(data.train[0])
+    # the net is on the CPU here; a callable's batches may be on a GPU (the Objective moves them to its device)
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    args, kwargs = model_arguments(to_device(data.train[0], torch.device("cpu"), dtype))
     training = net.training
     net.eval()
     try:

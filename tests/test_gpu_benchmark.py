@@ -1,0 +1,33 @@
+"""benchmarks/gpu.py, the one prepared GPU script, checked on the CPU: --smoke runs every section in under a minute."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_benchmark_smoke_run_writes_every_section(tmp_path):
+    out = tmp_path / "gpu.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--device", "cpu",
+                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {"machine", "settings", "hvp", "lanczos", "surface", "complete", "seconds"} <= set(report)
+    assert report["complete"] and report["settings"]["smoke"] and report["settings"]["device"] == "cpu"
+    rows = report["hvp"]["rows"]
+    from landscape import objective
+
+    compiled = getattr(objective, "COMPILED_HVP", None)  # every Objective path, the torch.compile'd one too
+    paths = [*objective.HVP_METHODS, *([compiled] if compiled and compiled not in objective.HVP_METHODS else [])]
+    assert [r["path"] for r in rows] == [*paths, "pyhessian"] == [*report["settings"]["hvp_paths"], "pyhessian"]
+    for row in rows:  # each path measured, or its failure or skip recorded as a string
+        assert "hvp_over_gradient" in row or isinstance(row.get("error") or row.get("skipped"), str), row
+    measured = [r for r in rows if "hvp_over_gradient" in r]
+    assert measured and all(r["hvp_s"] > 0 and r["peak_mb"] > 0 for r in measured)
+    lanczos = report["lanczos"]  # run, or skipped by the time guard on a very busy machine; never an error
+    assert lanczos == "skipped: time budget" or ("seconds" in lanczos and lanczos["n_matvecs"] >= 5), lanczos
+    surface = report["surface"]  # "not available" until benchmarks/surface.py has points_per_second
+    assert isinstance(surface, str) or ("rows" in surface and "error" not in surface), surface
+    assert not (ROOT / "benchmarks" / "results" / "gpu.json.tmp").exists()
