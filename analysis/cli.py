@@ -156,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error) or type(error).__name__
         print(f"landscape {args.command}: error: {message.splitlines()[0]}", file=sys.stderr)
         code = 2
-    except RuntimeError as error:  # a collective failed: another rank died or hung past the timeout
+    except (RuntimeError, MemoryError) as error:  # out of memory, or a collective failed (another rank died or hung)
         if args.debug:
             raise
-        code = _report_distributed_failure(args, error)
+        code = _report_out_of_memory(args, error) if _out_of_memory(error) else _report_distributed_failure(args, error)
     except KeyboardInterrupt as interrupt:  # a command may say what it kept, e.g. "2 of 4 metrics saved to F"
         print(f"landscape {args.command}: interrupted" + (f"; {interrupt}" if str(interrupt) else ""), file=sys.stderr)
         code = 130
@@ -169,12 +169,26 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error, or a CPU allocation the system refused."""
+    text = str(error)
+    return isinstance(error, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text
+
+
+def _report_out_of_memory(args: argparse.Namespace, error: BaseException) -> int:
+    """One line instead of the allocator's traceback, with the options that need less memory."""
+    first = (str(error).splitlines() or [type(error).__name__])[0]
+    print(f"landscape {args.command}: error: out of memory ({first[:160]}); use a smaller --batch-size, "
+          f"--hvp double-backward or fewer --n-samples", file=sys.stderr)
+    return 2
+
+
 def _one_line_notes(command: str, show: Callable) -> Callable:
     """A warnings.showwarning that prints the library's notes and warnings as one line each, others as before."""
     from landscape.checkpoints import CheckpointNote
-    from landscape.objective import HVPCheckWarning, HVPFallbackNote
+    from landscape.objective import HVPCheckWarning
 
-    kinds = {CheckpointNote: "note", HVPFallbackNote: "note", HVPCheckWarning: "warning"}
+    kinds = {CheckpointNote: "note", HVPCheckWarning: "warning"}
 
     def show_note(message, category, filename, lineno, file=None, line=None):
         kind = next((word for cls, word in kinds.items() if issubclass(category, cls)), None)

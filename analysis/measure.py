@@ -16,6 +16,7 @@ from landscape.batches import resolve_loss
 from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
 from landscape.epsilon_sharpness import METHODS as EPS_METHODS
+from landscape.memory import parse_size
 from landscape.objective import Objective
 from landscape.curvature import CURVATURES
 from landscape.operators import curvature_operator
@@ -52,7 +53,12 @@ def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
                             "requires_grad=False are never measured, so a LoRA model measures its adapters")
     group.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
-    group.add_argument("--hvp", default="auto", help="HVP path: auto, linearize, reuse, fwd-rev, double-backward")
+    group.add_argument("--hvp", default="auto",
+                       help="HVP path: auto (= reuse), reuse (gradient graphs kept for as many batches as --hvp-memory "
+                            "holds, the rest rebuilt per product), double-backward (least memory), linearize, fwd-rev, "
+                            "compiled (torch.compile, for GPUs) (default %(default)s)")
+    group.add_argument("--hvp-memory", default=None, metavar="SIZE",
+                       help="memory the kept gradient graphs may take, e.g. 8GiB (default: half the free memory)")
     group.add_argument("--no-hvp-check", action="store_true",
                        help="skip the run-time check of the HVP path against double backward (two extra products, once)")
 
@@ -140,6 +146,7 @@ def build_objective(path: str, args: argparse.Namespace, *, distributed: bool = 
         checkpoint, data=args.data, model=args.model, model_kwargs=parse_options(args.model_opt),
         measurement=measurement, params=args.params, mode=args.mode, dtype=parse_dtype(args.dtype),
         device=args.device, hvp_method=args.hvp, distributed=distributed, hvp_check=not args.no_hvp_check,
+        graph_memory_budget=parse_size(args.hvp_memory) if getattr(args, "hvp_memory", None) else None,
         loss=resolve_loss(getattr(args, "loss", None)),
     )
     check_against_objective(args, objective.n_params, objective.n_samples)
@@ -273,6 +280,7 @@ def measure_checkpoint(path: str, args: argparse.Namespace, *, previous: dict | 
         if objective.hvp_check_result is not None:  # the path the HVPs took, after the run-time self-check
             report["setup"]["hvp_method"] = objective.hvp_method
             report["hvp_check"] = objective.hvp_check_result.to_dict()
+            report["hvp_memory"] = {**objective.memory_plan.to_dict(), "summary": objective.memory_plan.describe()}
         if saved is not None:
             saved(report)
 
@@ -337,6 +345,8 @@ def format_measurement(report: dict) -> str:
         f"curvature: {curvature}"
         + (f", sharded over {setup['world_size']} ranks" if setup.get("sharded") else ""),
     ]
+    if report.get("hvp_memory"):
+        lines.append(f"  HVP memory: {report['hvp_memory']['summary']}")
     check = report.get("hvp_check")
     if check:
         verdict = (f"agrees with double backward to {check['difference']:.1g} (a repeat to {check['repeat_difference']:.1g})"

@@ -39,13 +39,15 @@ from landscape.batches import (
     to_device,
 )
 from landscape.batches import mean_cross_entropy as cross_entropy
+from landscape.memory import InsufficientMemory, available_bytes, format_size
 from landscape.params import FlatLayout, select_parameters
 from landscape.results import Result
 
 HVP_METHODS = ("auto", "reuse", "linearize", "fwd-rev", "double-backward")
+COMPILED_HVP = "compiled"  # torch.compile'd forward-over-reverse: for GPUs, measured by benchmarks/gpu.py
 MODES = ("eval", "train")
 
-__all__ = ["Objective", "ObjectiveError", "Evaluation", "HVPCheck", "cross_entropy", "linearized"]
+__all__ = ["Objective", "ObjectiveError", "Evaluation", "HVPCheck", "MemoryPlan", "cross_entropy", "linearized"]
 
 
 class ObjectiveError(ValueError):
@@ -54,10 +56,6 @@ class ObjectiveError(ValueError):
 
 class HVPCheckWarning(UserWarning):
     """The chosen HVP path failed its run-time self-check and was replaced by double backward."""
-
-
-class HVPFallbackNote(UserWarning):
-    """`auto`'s torch.func path could not trace the model; an autograd path is used instead (same numbers)."""
 
 
 def hvp_check_tolerance(dtype: torch.dtype) -> float:
@@ -98,6 +96,41 @@ class Evaluation(Result):
     n_samples: int
 
 
+@dataclass(frozen=True)
+class MemoryPlan(Result):
+    """What the HVP path keeps in memory, and the peak it is predicted to add to what the objective holds already.
+
+    `reuse` keeps the create_graph gradient of the first `kept_batches` batches (as many as fit in `budget_bytes`)
+    and rebuilds the others' per product (`streamed`). Predictions come from the bytes autograd saves for a gradient
+    graph, measured on slices of the first batch (Objective._graph_bytes), times the factors in GRAPH_OVERHEAD.
+    """
+
+    path: str
+    kept_batches: int
+    n_batches: int
+    kept_bytes: int
+    predicted_peak_bytes: int
+    budget_bytes: int
+    available_bytes: int
+
+    @property
+    def streamed_batches(self) -> int:
+        return self.n_batches - self.kept_batches
+
+    def describe(self) -> str:
+        kept = (f"gradient graphs of {self.kept_batches}/{self.n_batches} batches kept ({format_size(self.kept_bytes)})"
+                if self.path == "reuse" else self.path)
+        return (f"{kept}; predicted peak {format_size(self.predicted_peak_bytes)} of "
+                f"{format_size(self.available_bytes)} free")
+
+
+# Measured peak ÷ autograd's saved bytes (benchmarks/hvp.py, memory table): a kept graph holds its saved tensors and
+# the gradient's own buffers; building or streaming one adds the backward's work space; linearize's functionalized
+# trace keeps every intermediate of forward and backward (8.3× on ResNet-20); forward-over-reverse holds tangents.
+GRAPH_OVERHEAD = {"kept": 1.2, "transient": 2.5, "linearize": 9.0, "fwd-rev": 2.5}
+WORKSPACE_BYTES = 40 * 2**20  # allocator arenas and autograd's first use: the whole peak of the digits MLP's HVPs
+
+
 def default_device() -> torch.device:
     """CUDA when present, otherwise CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,11 +141,24 @@ def _prepare_model(model: nn.Module, mode: str, device: torch.device, dtype: tor
     if mode not in MODES:
         raise ObjectiveError(f"unknown mode {mode!r}; use 'eval' (BN running statistics) or 'train' (BN batch statistics)")
     model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    if device.type == "cuda":
+        _full_float32_precision()
     if mode == "train":
         # BatchNorm without running statistics normalizes with the batch's own statistics,
         # in eval() as well, so the Hessian of the train-mode loss is exact and dropout stays off.
         torch.func.replace_all_batch_norm_modules_(model)
     return model
+
+
+def _full_float32_precision() -> None:
+    """Turn TensorFloat-32 off for cuDNN convolutions and matrix products (process-wide).
+
+    On Ampere and later GPUs cuDNN convolutions default to TF32 (10-bit mantissa): float32 HVPs then differ from
+    the CPU's by ~1e-3, as much as the run-time self-check allows between two exact paths. A measurement asked
+    for in float32 gets float32.
+    """
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 class Objective:
@@ -124,8 +170,11 @@ class Objective:
 
     `params` selects the parameters that vary (see landscape.params.select_parameters);
     the rest and all buffers stay fixed. `hvp_method` picks the exact Hessian-vector
-    product path; `auto` takes the fastest one measured for the model size and device
-    (benchmarks/hvp.py) and falls back to double backward where torch.func cannot trace.
+    product path (benchmarks/hvp.py); `auto` is `reuse`: the create_graph gradient of as
+    many batches as fit in `graph_memory_budget` bytes (default: half the free memory) is
+    kept across products and the rest rebuilt per product, so any measurement set fits.
+    Peak memory is predicted at construction (`memory_plan`); a plan that cannot fit the
+    free memory raises InsufficientMemory at once, naming the option that would fit.
     With `distributed=True` (under torchrun) `batches` is this rank's shard of the measurement set
     (landscape.distributed.shard) and every loss, gradient and HVP is summed over the ranks, so
     each rank sees the global objective and seeded estimators run identically everywhere.
@@ -148,8 +197,8 @@ class Objective:
         distributed: bool = False,
         hvp_check: bool = True,
     ) -> None:
-        if hvp_method not in HVP_METHODS:
-            raise ObjectiveError(f"unknown hvp_method {hvp_method!r}; use one of {', '.join(HVP_METHODS)}")
+        if hvp_method not in (*HVP_METHODS, COMPILED_HVP):
+            raise ObjectiveError(f"unknown hvp_method {hvp_method!r}; use one of {', '.join(HVP_METHODS)} or {COMPILED_HVP}")
         if distributed and not ranks.active():
             raise ObjectiveError("distributed=True needs an initialised process group: launch with torchrun")
         self.distributed = distributed
@@ -164,7 +213,7 @@ class Objective:
         self.loss_function: Loss = loss if loss is not None else from_mean(loss_fn) if loss_fn else class_cross_entropy
         self.loss_fn = getattr(self.loss_function, "mean_loss", None)  # the per-batch mean loss, where the loss is one
         self.model = _prepare_model(model, mode, self.device, dtype)
-        self._saved_bytes_per_sample: float | None = None
+        self._graph_size: tuple[float, float] | None = None  # saved bytes of a gradient graph: fixed, per item
         self.param_selection = params
         names = select_parameters(self.model, params)
         state = dict(self.model.named_parameters())
@@ -176,8 +225,8 @@ class Objective:
             bad = [n for n, t in self.layout.unflatten(self.w).items() if not torch.isfinite(t).all()]
             raise ObjectiveError(f"non-finite weights in {', '.join(bad)}")
         self._set_batches(batches)
-        self.graph_memory_budget = graph_memory_budget
-        self.hvp_method = self._resolve_hvp_method(hvp_method)
+        self.hvp_method = "reuse" if hvp_method == "auto" else hvp_method
+        self.memory_plan = self._plan_memory(graph_memory_budget)
         self.metadata = dict(metadata or {})
         self._cache: tuple | None = None
         self._check_pending = hvp_check
@@ -218,6 +267,7 @@ class Objective:
         sub = copy.copy(self)
         sub._set_batches(batches)
         sub.metadata, sub._cache = dict(self.metadata), None
+        sub.memory_plan = sub._plan_memory(self.memory_plan.budget_bytes)
         return sub
 
     # ----------------------------------------------------------------- basics
@@ -413,42 +463,50 @@ class Objective:
         try:
             return getattr(self, "_hvp_" + self.hvp_method.replace("-", "_"))(V)
         except Exception as error:  # torch.func cannot trace every model; autograd can
-            if self.hvp_method not in _TORCH_FUNC_METHODS:
+            if self.hvp_method not in _TORCH_FUNC_METHODS or isinstance(error, torch.OutOfMemoryError):
                 raise
-            fallback = "reuse" if self.hvp_method == "linearize" else "double-backward"
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            if not self._auto:  # asked for by name: say so in one line rather than switch paths behind the caller's back
-                raise ObjectiveError(f"hvp_method {self.hvp_method!r}: torch.func could not trace the model ({reason}); "
-                                     f"use auto, {fallback} or double-backward") from error
-            warnings.warn(f"torch.func could not trace the model ({reason}); using {fallback}", HVPFallbackNote)
-            self.hvp_method, self._cache = fallback, None
-            return self._local_hvp(V)
+            raise ObjectiveError(f"hvp_method {self.hvp_method!r}: torch.func could not trace the model ({reason}); "
+                                 f"use auto or double-backward") from error
 
     def _hvp_double_backward(self, V: torch.Tensor) -> torch.Tensor:
-        """Double backward, recomputing the gradient graph on every call (least memory)."""
+        """Double backward, rebuilding each batch's gradient graph per call (least memory: one batch's graph)."""
+        return self._streamed_hvp(V, self.batches, self.batch_weights)
+
+    def _streamed_hvp(self, V: torch.Tensor, batches: Sequence[Batch], weights: Sequence[float]) -> torch.Tensor:
         out = torch.zeros_like(V)
-        for c, batch in zip(self.batch_weights, self.batches):
+        for c, batch in zip(weights, batches):
             w = self.w.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(self._batch_loss(w, batch), w, create_graph=True)
             out += c * self._backward_rows(g, w, V, retain_graph=False)
         return out
 
     def _hvp_reuse(self, V: torch.Tensor) -> torch.Tensor:
-        """Double backward through one create_graph gradient built once and kept (fast, memory-hungry)."""
+        """Double backward through the gradient graph of the batches kept (memory_plan), the rest rebuilt per call.
+
+        The kept batches' weighted gradients are summed into one graph built on the first call, so each
+        product is one backward pass through it; batches beyond the budget are streamed as double backward.
+        """
+        kept = self.memory_plan.kept_batches
         if self._cache is None or self._cache[0] != "reuse":
             w = self.w.detach().requires_grad_(True)
-            g = self._weighted_sum(lambda batch: torch.autograd.grad(self._batch_loss(w, batch), w, create_graph=True)[0])
+            g = sum(c * torch.autograd.grad(self._batch_loss(w, batch), w, create_graph=True)[0]
+                    for c, batch in zip(self.batch_weights[:kept], self.batches[:kept]))
             self._cache = ("reuse", w, g)
         _, w, g = self._cache
-        return self._backward_rows(g, w, V, retain_graph=True)
+        out = self._backward_rows(g, w, V, retain_graph=True) if kept else torch.zeros_like(V)
+        if kept < len(self.batches):
+            out += self._streamed_hvp(V, self.batches[kept:], self.batch_weights[kept:])
+        return out
 
     def _backward_rows(self, g: torch.Tensor, w: torch.Tensor, V: torch.Tensor, retain_graph: bool) -> torch.Tensor:
-        """Rows of ∂(g·vᵢ)/∂w for the rows vᵢ of V: one batched backward for several rows where autograd can batch it.
+        """Rows of ∂(g·vᵢ)/∂w for the rows vᵢ of V.
 
-        Some double-backward formulas have no vmap rule (GroupNorm's, in torch 2.13): then the rows go
-        one at a time from then on.
+        On a GPU in one batched backward (is_grads_batched); on a CPU one row at a time, which measures
+        faster there (benchmarks/hvp.py: 1.5 against 2.6 gradients per product on the digits MLP). Some
+        double-backward formulas have no vmap rule (GroupNorm's, in torch 2.13): their rows go one at a time.
         """
-        if len(V) > 1 and self._batch_probes:
+        if len(V) > 1 and self._batch_probes and self.device.type != "cpu":
             try:
                 return torch.autograd.grad(g, w, V, retain_graph=True, is_grads_batched=True)[0]
             except RuntimeError:
@@ -478,6 +536,20 @@ class Objective:
                 self._batch_probes = False
         return torch.stack([one(v) for v in V])
 
+    def _hvp_compiled(self, V: torch.Tensor) -> torch.Tensor:
+        """Forward-over-reverse per batch, compiled by torch.compile (inductor) on first use of each batch shape.
+
+        For GPUs (curvlinops reports 8× → 1.8× a gradient for a ResNet-18 there); on a CPU compiling ResNet-20
+        takes ~90 s and the product still costs ~3 gradients (benchmarks/hvp.py), so `auto` never picks it.
+        """
+        if self._cache is None or self._cache[0] != "compiled":
+            def product(w: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
+                return torch.func.jvp(lambda u: torch.func.grad(self._batch_loss)(u, batch), (w,), (v,))[1]
+
+            self._cache = ("compiled", torch.compile(product))
+        product, w = self._cache[1], self.w.detach()
+        return torch.stack([self._weighted_sum(lambda batch: product(w, v, batch)) for v in V])
+
     def _hvp_linearize(self, V: torch.Tensor) -> torch.Tensor:
         """Forward-over-reverse with the primal pass linearized once and reused (torch.func.linearize, functionalized)."""
         if self._cache is None or self._cache[0] != "linearize":
@@ -489,28 +561,96 @@ class Objective:
         """v ↦ H v from one linearization of the gradient at w (see `linearized`)."""
         return linearized(self._gradient_function(), self.w.detach())
 
+    # ---------------------------------------------------------------- memory
     def graph_bytes(self) -> int:
-        """Memory a kept gradient graph needs for this rank's batches (all of them unless distributed), from the first."""
-        return int(self._graph_bytes_per_sample() * sum(batch_size(b) for b in self.batches))
+        """Bytes autograd saves for the gradient graphs of this rank's batches (all of them unless distributed)."""
+        return int(sum(self._graph_bytes(batch) for batch in self.batches))
+
+    def _graph_bytes(self, batch: Batch) -> float:
+        fixed, per_item = self._graph_size_model()
+        return fixed + per_item * batch_size(batch)
 
     def _graph_bytes_per_sample(self) -> float:
-        """Bytes of tensors a create_graph gradient keeps per sample, measured once on the first batch."""
-        if self._saved_bytes_per_sample is None:
-            saved = 0
+        """Bytes a create_graph gradient saves per sample (the slope of _graph_size_model)."""
+        return self._graph_size_model()[1]
 
-            def pack(t: torch.Tensor) -> torch.Tensor:
-                nonlocal saved
-                saved += t.numel() * t.element_size()
-                return t
+    def _graph_size_model(self) -> tuple[float, float]:
+        """(fixed, per-item) bytes of the tensors a create_graph gradient saves, from two slices of the first batch.
 
+        Saved tensors are counted once per storage, without the weights and the batch itself, which exist
+        anyway; slices of 4 and 8 items give the line, so a batch too large to differentiate is sized
+        without building its graph. A batch that cannot be sliced (unequal leading dimensions) is measured whole.
+        """
+        if self._graph_size is None:
+            self._graph_size = (0.0, 0.0)
             if self.batches:
                 first = self.batches[0]
-                w = self.w.detach().requires_grad_(True)
-                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # also inside evaluate
-                    torch.autograd.grad(self._batch_loss(w, first), w, create_graph=True)
-                saved /= batch_size(first)
-            self._saved_bytes_per_sample = saved
-        return self._saved_bytes_per_sample
+                n = batch_size(first)
+                small, large = (_leading(first, 4), _leading(first, 8)) if n > 8 else (None, None)
+                if small is None or large is None:
+                    self._graph_size = (0.0, self._saved_bytes(first) / max(n, 1))
+                else:
+                    a, b = self._saved_bytes(small), self._saved_bytes(large)
+                    per_item = max(b - a, 0.0) / 4
+                    self._graph_size = (max(a - 4 * per_item, 0.0), per_item)
+        return self._graph_size
+
+    def _saved_bytes(self, batch: Batch) -> float:
+        """Distinct bytes autograd saves for one create_graph gradient on `batch` (weights and inputs left out)."""
+        exclude = {t.untyped_storage().data_ptr() for t in [self.w, *self._fixed.values(), *_tensors(batch)]}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.layout == torch.strided and t.device.type != "meta":
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in exclude:
+                    saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        w = self.w.detach().requires_grad_(True)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # also inside evaluate
+            torch.autograd.grad(self._batch_loss(w, batch), w, create_graph=True)
+        return float(sum(saved.values()))
+
+    def _plan_memory(self, budget: float | None) -> MemoryPlan:
+        """How many batches `reuse` keeps, the predicted peak of the chosen path, and a one-line refusal if it cannot fit."""
+        free = available_bytes(self.device)
+        budget = int(budget if budget is not None else 0.5 * free)
+        sizes = [self._graph_bytes(b) for b in self.batches]
+        largest = max(sizes, default=0.0)
+        transient = GRAPH_OVERHEAD["transient"] * largest
+        kept, kept_bytes = 0, 0.0
+        if self.hvp_method == "reuse":
+            for size in sizes:
+                if kept_bytes + GRAPH_OVERHEAD["kept"] * size > budget:
+                    break
+                kept, kept_bytes = kept + 1, kept_bytes + GRAPH_OVERHEAD["kept"] * size
+            peak = kept_bytes + transient * (0.5 if kept == len(sizes) else 1.0)
+        elif self.hvp_method == "linearize":
+            peak = GRAPH_OVERHEAD["linearize"] * sum(sizes) + transient
+        elif self.hvp_method in ("fwd-rev", "compiled"):
+            peak = GRAPH_OVERHEAD["fwd-rev"] * sum(sizes) if self.hvp_method == "fwd-rev" else transient
+        else:
+            peak = transient
+        plan = MemoryPlan(path=self.hvp_method, kept_batches=kept, n_batches=len(sizes), kept_bytes=int(kept_bytes),
+                          predicted_peak_bytes=int(peak + WORKSPACE_BYTES), budget_bytes=budget, available_bytes=int(free))
+        if peak > free:
+            raise InsufficientMemory(self._memory_advice(plan, largest))
+        return plan
+
+    def _memory_advice(self, plan: MemoryPlan, largest: float) -> str:
+        """One line: what the path needs, what is free, and the options that would fit."""
+        need, free = format_size(plan.predicted_peak_bytes), format_size(plan.available_bytes)
+        per_item = self._graph_bytes_per_sample() * GRAPH_OVERHEAD["transient"]
+        fitting = int(0.8 * plan.available_bytes / per_item) if per_item else 0
+        options = []
+        if plan.path in ("linearize", "fwd-rev") and GRAPH_OVERHEAD["transient"] * largest <= plan.available_bytes:
+            options.append("--hvp auto (keeps what fits, streams the rest)")
+        if GRAPH_OVERHEAD["transient"] * largest > plan.available_bytes or not options:
+            options.append(f"--batch-size {max(fitting, 1)} or smaller" if fitting >= 1 else
+                           "a smaller model or a larger device (not even one sample's gradient graph fits)")
+        return (f"not enough memory on {self.device}: HVPs by {plan.path} need about {need} but {free} is free; "
+                f"use {' or '.join(options)}")
 
     def _forward_batches(self) -> list[Batch]:
         """The batches forward-only evaluation runs over: in eval mode, small batches merged (see _merged)."""
@@ -519,16 +659,8 @@ class Objective:
             self._eval_chunks = _merged(self.batches, self._graph_bytes_per_sample()) if merge else self.batches
         return self._eval_chunks
 
-    def _resolve_hvp_method(self, method: str) -> str:
-        """`auto`: reuse a linearized gradient when it fits in memory (fastest on CPU, benchmarks/hvp.py)."""
-        self._auto = method == "auto"
-        if not self._auto:
-            return method
-        budget = self.graph_memory_budget if self.graph_memory_budget is not None else _default_memory_budget(self.device)
-        return "linearize" if 2 * self.graph_bytes() <= budget else "double-backward"
 
-
-_TORCH_FUNC_METHODS = ("linearize", "fwd-rev")
+_TORCH_FUNC_METHODS = ("linearize", "fwd-rev", "compiled")
 EVAL_CHUNK_BYTES = 8 * 2**20
 
 
@@ -566,13 +698,6 @@ def _is_pair(batch: Batch) -> bool:
             and batch[0].ndim > 0 and batch[1].ndim > 0)
 
 
-def _default_memory_budget(device: torch.device) -> float:
-    """Half of the memory free now on the device."""
-    if device.type == "cuda":
-        return 0.5 * torch.cuda.mem_get_info(device)[0]
-    return 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def linearized(fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """v ↦ J_fn(w) v, from one trace of `fn` at w (torch.func.linearize), replayed for every v.
 
@@ -604,3 +729,23 @@ def _random_probe(objective: "Objective") -> torch.Tensor:
     """A seeded Gaussian probe (1, n), for a first probe block that is all zeros."""
     g = torch.Generator(device=objective.device).manual_seed(0)
     return torch.randn(1, objective.n_params, generator=g, device=objective.device, dtype=objective.dtype)
+
+
+def _tensors(batch: Batch) -> list[torch.Tensor]:
+    """The tensors of a batch (a tensor, a tuple or a dict)."""
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    values = batch.values() if isinstance(batch, dict) else batch
+    return [t for t in values if isinstance(t, torch.Tensor)]
+
+
+def _leading(batch: Batch, n: int) -> Batch | None:
+    """The first n items of a batch whose tensors all share their leading dimension; None otherwise."""
+    tensors = _tensors(batch)
+    if not tensors or len({t.shape[0] if t.ndim else -1 for t in tensors}) != 1:
+        return None
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, dict):
+        return {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return tuple(t[:n] if isinstance(t, torch.Tensor) else t for t in batch)

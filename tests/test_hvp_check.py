@@ -59,8 +59,7 @@ def test_the_original_defect_is_caught_when_functionalization_is_off(residual, m
     """Linearizing `out += h` without functionalization (the released behaviour): the check must catch it."""
     model, batches, H = residual
     monkeypatch.setattr(torch.func, "functionalize", lambda f: f)
-    objective = Objective(model, batches, dtype=torch.float64, device="cpu")
-    assert objective.hvp_method == "linearize"
+    objective = Objective(model, batches, dtype=torch.float64, device="cpu", hvp_method="linearize")
     v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     with pytest.warns(HVPCheckWarning):
         hv = objective.hvp(v)
@@ -111,7 +110,7 @@ def test_the_cli_says_so_in_one_line_and_measures_with_a_correct_path(tmp_path):
             "--data", "digits", "--n-samples", "256", "--metrics", "eig", "--k", "2", "--json", "--quiet"]
     released = ("import sys, torch; torch.func.functionalize = lambda f: f; "
                 "from analysis.cli import main; sys.exit(main(sys.argv[1:]))")
-    checked = subprocess.run([sys.executable, "-c", released, *args], capture_output=True, text=True, env=env, timeout=600)
+    checked = subprocess.run([sys.executable, "-c", released, *args, "--hvp", "linearize"], capture_output=True, text=True, env=env, timeout=600)
     assert checked.returncode == 0, checked.stderr
     (line,) = checked.stderr.strip().splitlines()
     assert line.startswith("landscape measure: warning: HVP self-check: the linearize path differs from double backward")
@@ -124,6 +123,6 @@ def test_the_cli_says_so_in_one_line_and_measures_with_a_correct_path(tmp_path):
     assert reference.returncode == 0 and reference.stderr == ""
     expected = json.loads(reference.stdout)[0]["metrics"]["eig"]["values"]
     assert report["metrics"]["eig"]["values"] == pytest.approx(expected, rel=1e-5)
-    fixed = subprocess.run([*cli_command(), *args], capture_output=True, text=True, env=env, timeout=600)
+    fixed = subprocess.run([*cli_command(), *args, "--hvp", "linearize"], capture_output=True, text=True, env=env, timeout=600)
     assert fixed.returncode == 0 and fixed.stderr == ""  # functionalized (eager jvp here): no warning
     assert json.loads(fixed.stdout)[0]["hvp_check"]["passed"] is True

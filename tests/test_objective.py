@@ -1,6 +1,7 @@
 """The Objective's loss, gradient and every HVP path against dense ground truth."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from landscape.objective import HVP_METHODS, Objective, ObjectiveError, cross_entropy
+from landscape.objective import GRAPH_OVERHEAD, HVP_METHODS, Objective, ObjectiveError, cross_entropy
 from landscape.operators import HessianOperator
 from landscape.params import FlatLayout, select_parameters
 
@@ -134,22 +135,35 @@ class _LegacyNet(nn.Module):
         return self.b(_LegacyScale.apply(self.a(x)))
 
 
-def test_auto_falls_back_to_autograd_where_torch_func_cannot_trace(mlp_problem):
+def test_auto_uses_autograd_so_models_torch_func_cannot_trace_just_work(mlp_problem):
     _, _, _, batches = mlp_problem
     model = _LegacyNet()
     obj = Objective(model, batches, dtype=torch.float64, device="cpu")
-    assert obj.hvp_method == "linearize"
-    with pytest.warns(UserWarning, match="torch.func could not trace"):
-        hv = obj.hvp(torch.ones(obj.n_params, dtype=torch.float64))
     assert obj.hvp_method == "reuse"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hv = obj.hvp(torch.ones(obj.n_params, dtype=torch.float64))
     H = dense_hessian(model, batches, "eval")
     assert rel_err(hv, H @ torch.ones(H.shape[0], dtype=torch.float64)) <= 1e-10
+    named = Objective(model, batches, dtype=torch.float64, device="cpu", hvp_method="linearize")
+    with pytest.raises(ObjectiveError, match="could not trace") as error:
+        named.hvp(torch.ones(obj.n_params, dtype=torch.float64))
+    assert "\n" not in str(error.value)
 
 
-def test_auto_avoids_kept_graphs_that_do_not_fit(mlp_problem):
+def test_auto_keeps_the_graphs_that_fit_and_streams_the_rest(mlp_problem):
+    """Issue 15: a budget of one batch keeps one batch's gradient graph; none keeps none; the products stay exact."""
     model, _, _, batches = mlp_problem
-    assert Objective(model, batches, device="cpu").hvp_method == "linearize"
-    assert Objective(model, batches, device="cpu", graph_memory_budget=1.0).hvp_method == "double-backward"
+    H = dense_hessian(model, batches, "eval")
+    V = torch.randn(3, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    full = Objective(model, batches, dtype=torch.float64, device="cpu")
+    assert full.memory_plan.kept_batches == 3 and full.memory_plan.streamed_batches == 0
+    one_batch = GRAPH_OVERHEAD["kept"] * full._graph_bytes(batches[0])
+    for budget, kept in [(1.0, 0), (one_batch * 1.01, 1), (one_batch * 2.5, 2), (None, 3)]:
+        obj = Objective(model, batches, dtype=torch.float64, device="cpu", graph_memory_budget=budget)
+        assert obj.memory_plan.kept_batches == kept, budget
+        assert rel_err(obj.hvp_batched(V), V @ H) <= 1e-10
+        assert rel_err(obj.hvp_batched(V), V @ H) <= 1e-10  # again, through the kept graph
 
 
 def test_hessian_operator_and_scipy_view(mlp_problem):

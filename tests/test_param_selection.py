@@ -92,7 +92,7 @@ def test_a_bad_selection_is_a_one_line_error(selection, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.filterwarnings("ignore::landscape.objective.HVPFallbackNote", "ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_lora_adapters_are_the_measured_parameters_and_their_hvp_is_exact():
     """peft's LoRA on GPT-2's c_attn: the frozen base stays fixed and the Objective's Hessian equals the dense Hessian
     of the token-by-token reference loss over the adapter vector alone."""
