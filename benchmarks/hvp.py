@@ -1,8 +1,14 @@
 """Cost of one exact Hessian-vector product, per path, relative to one gradient (measured in one run).
 
-Each (problem, path) runs in its own process so its peak memory is its own, --rounds times
-interleaved over the paths; each number is the median over the rounds. Writes
-benchmarks/results/hvp.json. Usage: python benchmarks/hvp.py [--problems resnet20,convnet,mlp-digits]
+Three tables, each written into benchmarks/results/hvp.json (a table not rerun keeps its rows):
+- `paths`: one batch per problem; HVP ÷ gradient per path, side by side with PyHessian and curvlinops;
+- `large`: ResNet-20 on 2,048 CIFAR-shaped samples in batches of 128 (issue 15): steady-state HVP ÷ gradient
+  over the whole set, predicted and measured peak memory per path, against PyHessian's data-loader HVP;
+- `short`: wall time of a whole short run as a user starts it (process start-up included):
+  `landscape measure --metrics eig` against PyHessian's `eigenvalues(top_n=5)` on the digits models.
+Each (problem, path) runs in its own process so its peak memory is its own, --rounds times interleaved over
+the paths; each number is the median over the rounds.
+Usage: python benchmarks/hvp.py [--tables paths,large,short] [--problems resnet20,convnet-digits,mlp-digits]
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -20,7 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, rss_bytes, seconds_per_call, write_results  # noqa: E402
 
+from landscape.checkpoints import save_checkpoint  # noqa: E402
 from landscape.data import MeasurementSet, load_data  # noqa: E402
+from landscape.memory import parse_size  # noqa: E402
 from landscape.models import model_for_data  # noqa: E402
 from landscape.objective import Objective  # noqa: E402
 
@@ -110,36 +120,190 @@ def median_row(runs: list[dict]) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--problems", default="resnet20,c3,convnet-digits,mlp-digits")
-    parser.add_argument("--paths", default=",".join(PATHS))
-    parser.add_argument("--rounds", type=int, default=3, help="runs per (problem, path), interleaved; medians reported")
-    parser.add_argument("--update", action="store_true", help="replace only these rows in the existing results file")
-    parser.add_argument("--one", nargs=2, metavar=("PROBLEM", "PATH"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(run_one(*args.one)))
-        return
+LARGE_PATHS = ["auto", "double-backward", "linearize", "pyhessian"]
+LARGE_SAMPLES, LARGE_BATCH, LARGE_BUDGET = 2048, 128, "8GiB"
+
+
+def large_problem() -> tuple[torch.nn.Module, list]:
+    """ResNet-20 and LARGE_SAMPLES seeded CIFAR-shaped samples in batches of LARGE_BATCH."""
+    torch.manual_seed(0)
+    model, _ = model_for_data("resnet20", (3, 32, 32), num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    return model, [(torch.randn(LARGE_BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (LARGE_BATCH,), generator=g))
+                   for _ in range(LARGE_SAMPLES // LARGE_BATCH)]
+
+
+def run_large(path: str) -> dict:
+    """Steady-state HVP over the whole large set by one path (auto within LARGE_BUDGET), its first call and its peak.
+
+    The products run first, so the peak is measured from a clean start; the gradient is timed afterwards.
+    """
+    warnings.simplefilter("ignore")
+    model, batches = large_problem()
+    row = {"problem": f"resnet20 x {LARGE_SAMPLES}", "path": path, "n_samples": LARGE_SAMPLES, "batch_size": LARGE_BATCH}
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(1))
+    base = rss_bytes()
+    if path == "pyhessian":
+        try:
+            from pyhessian import hessian
+        except ImportError as error:
+            return {**row, "skipped": f"not installed ({error})"}
+        h = hessian(model.eval(), torch.nn.CrossEntropyLoss(), dataloader=batches, cuda=False)
+        chunks = [c.view_as(p) for c, p in zip(torch.split(v, [p.numel() for p in h.params]), h.params)]
+        matvec = lambda: h.dataloader_hv_product(chunks)  # noqa: E731
+    else:
+        budget = parse_size(LARGE_BUDGET) if path == "auto" else None
+        try:
+            objective = Objective(model, batches, device="cpu", hvp_method=path, hvp_check=False,
+                                  graph_memory_budget=budget)
+        except ValueError as error:  # the plan does not fit: the one-line refusal is the result
+            return {**row, "refused": str(error)}
+        plan = objective.memory_plan
+        row.update(kept_batches=plan.kept_batches, n_batches=plan.n_batches, predicted_peak_mb=plan.predicted_peak_bytes / 2**20)
+        matvec = lambda: objective.hvp(v)  # noqa: E731
+    start = time.perf_counter()
+    matvec()
+    row["first_hvp_s"] = time.perf_counter() - start
+    hvp = seconds_per_call(matvec, warmup=0, min_seconds=0, min_calls=2)
+    row["peak_extra_mb"] = (rss_bytes("VmHWM") - base) / 2**20
+    if "predicted_peak_mb" in row:
+        row["measured_over_predicted"] = row["peak_extra_mb"] / row["predicted_peak_mb"]
+    gradient = Objective(model, batches, device="cpu", hvp_method="double-backward", hvp_check=False).grad
+    row["gradient_s"] = seconds_per_call(gradient, warmup=1, min_seconds=0, min_calls=2)
+    row.update(hvp_s=hvp, hvp_over_gradient=hvp / row["gradient_s"])
+    return row
+
+
+SHORT_PROBLEMS = {"mlp-digits": ("mlp", {"hidden": [100, 100]}), "mlp32-digits": ("mlp", {"hidden": [32, 32]}),
+                  "convnet-digits": ("convnet", {})}
+# PyHessian at its cheapest: the data as saved tensors (no data-set code at start-up), all of it in one batch
+PYHESSIAN_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from pyhessian import hessian
+from landscape.models import model_from_spec
+checkpoint = torch.load(sys.argv[1], weights_only=True)
+model = model_from_spec(checkpoint["model_spec"])
+model.load_state_dict(checkpoint["state_dict"])
+x, y = torch.load(sys.argv[2], weights_only=True)
+h = hessian(model.eval(), torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+values, _ = h.eigenvalues(top_n=5)
+print(max(values))
+"""
+
+
+def short_checkpoint(name: str, folder: Path) -> Path:
+    """A freshly initialised digits model saved as a toolkit checkpoint (the same weights for every tool)."""
+    arch, kwargs = SHORT_PROBLEMS[name]
+    torch.manual_seed(0)
+    data = load_data("digits")
+    model, spec = model_for_data(arch, data, **kwargs)
+    torch.save((data.x_train, data.y_train), folder / f"{name}.data.pt")
+    return save_checkpoint(folder / f"{name}.pt", model, model_spec=spec, data_spec={"spec": "digits", "seed": 0, "normalize": None})
+
+
+def run_short(name: str, tool: str, checkpoint: Path) -> dict:
+    """Wall time of one whole process, start-up included, and the λ1 it reports."""
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    if tool == "pyhessian":
+        command = [sys.executable, "-c", PYHESSIAN_SCRIPT, str(checkpoint), str(checkpoint.with_suffix(".data.pt"))]
+    else:
+        landscape = Path(sys.executable).with_name("landscape")
+        command = [str(landscape), "measure", str(checkpoint), "--metrics", "eig", "--k", "5", "--json", "--quiet",
+                   *(["--hvp", tool.split(":")[1]] if ":" in tool else [])]
+    start = time.perf_counter()
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if out.returncode != 0:
+        return {"problem": name, "tool": tool, "error": (out.stderr.strip().splitlines() or ["?"])[-1]}
+    if tool == "pyhessian":
+        lambda1, products = float(out.stdout.strip().splitlines()[-1]), None
+    else:
+        eig = json.loads(out.stdout)[0]["metrics"]["eig"]
+        lambda1, products = eig["values"][0], eig["n_matvecs"]
+    return {"problem": name, "tool": tool, "wall_s": seconds, "lambda1": lambda1, "n_hvps": products}
+
+
+def short_table(problems: list[str], rounds: int) -> list[dict]:
+    tools = ["landscape", "landscape:linearize", "pyhessian"]
+    runs: dict[tuple[str, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoints = {name: short_checkpoint(name, Path(folder)) for name in problems}
+        for _ in range(rounds):  # interleaved: a busy spell hits every tool alike
+            for name in problems:
+                for tool in tools:
+                    runs.setdefault((name, tool), []).append(run_short(name, tool, checkpoints[name]))
     rows = []
-    for name in args.problems.split(","):
-        rounds: dict[str, list[dict]] = {}
-        for _ in range(args.rounds):  # interleaved, so a busy spell on a shared machine hits every path alike
-            for path in args.paths.split(","):
+    for (name, tool), results in runs.items():
+        ok = [r for r in results if "error" not in r]
+        row = dict(results[0], rounds=len(results)) if not ok else {
+            **ok[0], "rounds": len(ok), "wall_s": statistics.median(r["wall_s"] for r in ok),
+            "wall_s_min": min(r["wall_s"] for r in ok)}
+        rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return rows
+
+
+def large_table(rounds: int) -> list[dict]:
+    runs: dict[str, list[dict]] = {}
+    for _ in range(rounds):
+        for path in LARGE_PATHS:
+            out = subprocess.run([sys.executable, __file__, "--one-large", path], capture_output=True, text=True)
+            runs.setdefault(path, []).append(json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else
+                                             {"path": path, "error": (out.stderr.strip().splitlines() or ["?"])[-1]})
+    rows = []
+    for path, results in runs.items():
+        row = median_row(results)
+        rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return rows
+
+
+def paths_table(problems: list[str], paths: list[str], rounds: int) -> list[dict]:
+    rows = []
+    for name in problems:
+        rounds_of: dict[str, list[dict]] = {}
+        for _ in range(rounds):  # interleaved, so a busy spell on a shared machine hits every path alike
+            for path in paths:
                 out = subprocess.run([sys.executable, __file__, "--one", name, path], capture_output=True, text=True)
-                rounds.setdefault(path, []).append(json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0
-                                                   else {"problem": name, "path": path,
-                                                         "error": out.stderr.strip().splitlines()[-1]})
-        for path, runs in rounds.items():
+                rounds_of.setdefault(path, []).append(json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0
+                                                      else {"problem": name, "path": path,
+                                                            "error": out.stderr.strip().splitlines()[-1]})
+        for path, runs in rounds_of.items():
             row = median_row(runs)
             rows.append(row)
-            shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
-            print(shown, flush=True)
-    if args.update:
-        fresh = {(r["problem"], r["path"]) for r in rows}
-        old = json.loads((RESULTS / "hvp.json").read_text())["rows"]
-        rows = [r for r in old if (r["problem"], r["path"]) not in fresh] + rows
-    print("wrote", write_results("hvp", {"rows": rows}))
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tables", default="paths,large,short", help="which tables to run (default %(default)s)")
+    parser.add_argument("--problems", default="resnet20,c3,convnet-digits,mlp-digits")
+    parser.add_argument("--short-problems", default="mlp-digits,mlp32-digits,convnet-digits")
+    parser.add_argument("--paths", default=",".join(PATHS))
+    parser.add_argument("--rounds", type=int, default=3, help="runs per (problem, path), interleaved; medians reported")
+    parser.add_argument("--update", action="store_true", help="replace only these rows of the paths table")
+    parser.add_argument("--one", nargs=2, metavar=("PROBLEM", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--one-large", metavar="PATH", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one or args.one_large:
+        print(json.dumps(run_one(*args.one) if args.one else run_large(args.one_large)))
+        return
+    tables = args.tables.split(",")
+    previous = json.loads((RESULTS / "hvp.json").read_text()) if (RESULTS / "hvp.json").exists() else {}
+    results = {key: previous.get(key, []) for key in ("rows", "large", "short")}
+    if "paths" in tables:
+        rows = paths_table(args.problems.split(","), args.paths.split(","), args.rounds)
+        if args.update:
+            fresh = {(r["problem"], r["path"]) for r in rows}
+            rows = [r for r in results["rows"] if (r["problem"], r["path"]) not in fresh] + rows
+        results["rows"] = rows
+    if "large" in tables:
+        results["large"] = large_table(args.rounds)
+    if "short" in tables:
+        results["short"] = short_table(args.short_problems.split(","), max(args.rounds, 3))
+    print("wrote", write_results("hvp", results))
 
 
 if __name__ == "__main__":

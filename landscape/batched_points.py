@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from landscape.batches import accuracy, batch_size, logits, model_arguments
+from landscape.memory import available_bytes
 from landscape.objective import Evaluation, Objective, _forward
 
 MAX_POINTS_PER_CALL = 32  # beyond this a GPU is saturated by the small models batching helps
@@ -36,7 +37,7 @@ def points_per_call(objectives: list[Objective], requested: int | str = "auto") 
         return requested
     if any(o.device.type != "cuda" or o.distributed for o in objectives):
         return 1
-    free = torch.cuda.mem_get_info(objectives[0].device)[0]
+    free = available_bytes(objectives[0].device)
     per_point = max(_activation_bytes(o) for o in objectives)
     return max(1, min(MAX_POINTS_PER_CALL, int(ACTIVATION_MEMORY_FRACTION * free // per_point)))
 

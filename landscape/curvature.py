@@ -74,14 +74,16 @@ class JacobianSandwich:
     function is linearized once (functionalized torch.func.linearize: a traced in-place op would otherwise
     corrupt later products, issue 20; an eager jvp where it cannot be traced) and its vjp kept, so a product
     costs one tangent pass and one backward. `keep` holds these linearizations for every batch between calls
-    (default: when the objective's HVP path keeps a graph, i.e. a kept graph fits in memory); otherwise each
-    call recomputes them, batch by batch.
+    (default: when the objective's HVP path keeps a graph for every batch, i.e. the whole set's graphs fit in its
+    memory budget); otherwise each call recomputes them, batch by batch.
     """
 
     def __init__(self, objective: "Objective", function: Callable, middle: Callable, weights: Sequence[float],
                  keep: bool | None = None) -> None:
         self.objective, self.function, self.middle, self.weights = objective, function, middle, list(weights)
-        self.keep = objective.hvp_method in ("linearize", "reuse") if keep is None else keep
+        plan = objective.memory_plan
+        everything_kept = plan.path == "linearize" or (plan.path == "reuse" and plan.streamed_batches == 0)
+        self.keep = everything_kept if keep is None else keep
         self._kept: list[_Linearization] | None = None
 
     def __call__(self, V: torch.Tensor) -> torch.Tensor:

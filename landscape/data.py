@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import importlib
 import inspect
+import os
 import pickle
 import random
 from dataclasses import dataclass, replace
@@ -158,44 +159,83 @@ def accepts(fn: Callable, name: str) -> bool:
 # ---------------------------------------------------------------- built-in sets
 
 def _digits(seed: int) -> tuple[torch.Tensor, ...]:
-    """scikit-learn's 8x8 digits in [0, 1], split 1437/360 stratified by class with `seed`."""
+    """scikit-learn's 8x8 digits in [0, 1], split 1437/360 stratified by class with `seed` (cached on disk)."""
+    x, y, train, test = _disk_cached(f"digits-seed{seed}", lambda: _digits_arrays(seed))
+    x, y = torch.tensor(x).unsqueeze(1), torch.tensor(y)
+    train, test = torch.tensor(train), torch.tensor(test)
+    return x[train], y[train], x[test], y[test]
+
+
+def _digits_arrays(seed: int) -> tuple[np.ndarray, ...]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(digits.target, dtype=torch.int64)
-    train, test = train_test_split(np.arange(len(y)), test_size=360, stratify=digits.target, random_state=seed)
-    train, test = torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(test))
-    return x[train], y[train], x[test], y[test]
+    train, test = train_test_split(np.arange(len(digits.target)), test_size=360, stratify=digits.target,
+                                   random_state=seed)
+    return ((digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64), np.sort(train), np.sort(test))
 
 
 MNIST1D_DEFAULT_SEED = 42
-_MNIST1D_CACHE: dict[tuple[str, int], tuple[np.ndarray, ...]] = {}
 
 
 def _mnist1d(seed: int) -> tuple[torch.Tensor, ...]:
-    """mnist1d's procedural data set (Greydanus 2020), inputs shaped (1, 40).
+    """mnist1d's procedural data set (Greydanus 2020), inputs shaped (1, 40), cached on disk.
 
     The generator runs with seed 42 + `seed`, so seed 0 gives mnist1d's standard set. It
     reseeds numpy's and Python's global RNGs; their state is restored afterwards.
     """
-    key = ("mnist1d", seed)
-    if key not in _MNIST1D_CACHE:
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        args = get_dataset_args()
-        args.seed = MNIST1D_DEFAULT_SEED + seed
-        np_state, py_state = np.random.get_state(), random.getstate()
-        try:
-            d = make_dataset(args)
-        finally:
-            np.random.set_state(np_state)
-            random.setstate(py_state)
-        _MNIST1D_CACHE[key] = (d["x"], d["y"], d["x_test"], d["y_test"])
-    x, y, x_test, y_test = _MNIST1D_CACHE[key]  # copied into fresh tensors, so the cache cannot be modified
+    x, y, x_test, y_test = _disk_cached(f"mnist1d-seed{seed}", lambda: _mnist1d_arrays(seed))
     return (torch.tensor(x, dtype=torch.float32).unsqueeze(1), torch.tensor(y, dtype=torch.int64),
             torch.tensor(x_test, dtype=torch.float32).unsqueeze(1), torch.tensor(y_test, dtype=torch.int64))
+
+
+def _mnist1d_arrays(seed: int) -> tuple[np.ndarray, ...]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.seed = MNIST1D_DEFAULT_SEED + seed
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return d["x"], d["y"], d["x_test"], d["y_test"]
+
+
+_MEMORY_CACHE: dict[str, tuple[np.ndarray, ...]] = {}
+
+
+def cache_dir() -> Path:
+    """Where built-in data sets are cached: $LANDSCAPE_CACHE, else $XDG_CACHE_HOME/landscape, else ~/.cache/landscape."""
+    if os.environ.get("LANDSCAPE_CACHE"):
+        return Path(os.environ["LANDSCAPE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "landscape"
+
+
+def _disk_cached(name: str, compute: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """Arrays built once per machine: a generator run (mnist1d) or scikit-learn's loader and split (digits), whose
+    import alone costs ~1 s of every command's start-up. Read back from an .npz file written atomically; a file
+    that cannot be read or written is rebuilt or skipped, never an error. Copies are returned, so no caller can
+    modify the cache."""
+    if name not in _MEMORY_CACHE:
+        path = cache_dir() / f"{name}.npz"
+        try:
+            with np.load(path) as stored:
+                arrays = tuple(stored[f"a{i}"] for i in range(len(stored.files)))
+        except (OSError, ValueError, KeyError):
+            arrays = tuple(np.asarray(a) for a in compute())
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                with open(partial, "wb") as f:
+                    np.savez(f, **{f"a{i}": a for i, a in enumerate(arrays)})
+                os.replace(partial, path)
+            except OSError:
+                pass
+        _MEMORY_CACHE[name] = arrays
+    return tuple(a.copy() for a in _MEMORY_CACHE[name])
 
 
 # ---------------------------------------------------------------- CIFAR pickles

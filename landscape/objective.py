@@ -621,8 +621,9 @@ class Objective:
         transient = GRAPH_OVERHEAD["transient"] * largest
         kept, kept_bytes = 0, 0.0
         if self.hvp_method == "reuse":
+            room = min(budget, free - transient - WORKSPACE_BYTES)  # kept graphs never crowd out a streamed batch
             for size in sizes:
-                if kept_bytes + GRAPH_OVERHEAD["kept"] * size > budget:
+                if kept_bytes + GRAPH_OVERHEAD["kept"] * size > room:
                     break
                 kept, kept_bytes = kept + 1, kept_bytes + GRAPH_OVERHEAD["kept"] * size
             peak = kept_bytes + transient * (0.5 if kept == len(sizes) else 1.0)
@@ -641,8 +642,8 @@ class Objective:
     def _memory_advice(self, plan: MemoryPlan, largest: float) -> str:
         """One line: what the path needs, what is free, and the options that would fit."""
         need, free = format_size(plan.predicted_peak_bytes), format_size(plan.available_bytes)
-        per_item = self._graph_bytes_per_sample() * GRAPH_OVERHEAD["transient"]
-        fitting = int(0.8 * plan.available_bytes / per_item) if per_item else 0
+        fixed, per_item = (GRAPH_OVERHEAD["transient"] * b for b in self._graph_size_model())
+        fitting = int((0.8 * plan.available_bytes - WORKSPACE_BYTES - fixed) / per_item) if per_item else 0
         options = []
         if plan.path in ("linearize", "fwd-rev") and GRAPH_OVERHEAD["transient"] * largest <= plan.available_bytes:
             options.append("--hvp auto (keeps what fits, streams the rest)")

@@ -4,10 +4,13 @@ import json
 import os
 import pickle
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from landscape import data as data_module
 from landscape.data import BatchSet, DataError, Dataset, MeasurementSet, load_data
 
 
@@ -44,7 +47,9 @@ def test_digits_split_is_seeded_and_stratified():
 
 # ---------------------------------------------------------------- mnist1d
 
-def test_mnist1d_shapes_cache_and_global_rng_untouched():
+def test_mnist1d_shapes_cache_and_global_rng_untouched(tmp_path, monkeypatch):
+    monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path))  # an empty cache: the generator runs here
+    monkeypatch.setattr(data_module, "_MEMORY_CACHE", {})
     np.random.seed(123)
     random.seed(123)
     expected_np, expected_py = np.random.rand(), random.random()
@@ -59,6 +64,30 @@ def test_mnist1d_shapes_cache_and_global_rng_untouched():
     assert torch.equal(again.x_train, data.x_train)
     again.x_train.zero_()  # the cache hands out copies
     assert torch.equal(load_data("mnist1d").x_train, data.x_train)
+
+
+def test_built_in_sets_are_cached_on_disk_and_read_back_without_scikit_learn(tmp_path, monkeypatch):
+    """The digits split is computed once by scikit-learn (whose import costs ~1 s of every start); later processes
+    read identical tensors from the cache; a damaged cache file is rebuilt and an unwritable cache is skipped."""
+    monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data_module, "_MEMORY_CACHE", {})
+    first = load_data("digits", seed=2)
+    assert (tmp_path / "cache" / "digits-seed2.npz").is_file()
+    script = ("import sys, torch; from landscape.data import load_data; d = load_data('digits', seed=2); "
+              "torch.save((d.x_train, d.y_train, d.x_test, d.y_test), sys.argv[1]); print('sklearn' in sys.modules)")
+    env = {**os.environ, "LANDSCAPE_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "read.pt")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+    for a, b in zip(torch.load(tmp_path / "read.pt"), (first.x_train, first.y_train, first.x_test, first.y_test)):
+        assert torch.equal(a, b)
+    (tmp_path / "cache" / "digits-seed2.npz").write_bytes(b"not an npz")
+    monkeypatch.setattr(data_module, "_MEMORY_CACHE", {})
+    assert torch.equal(load_data("digits", seed=2).x_train, first.x_train)
+    monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("")  # the cache folder cannot be made
+    monkeypatch.setattr(data_module, "_MEMORY_CACHE", {})
+    assert torch.equal(load_data("digits", seed=2).x_test, first.x_test)
 
 
 # ---------------------------------------------------------------- CIFAR

@@ -1,0 +1,139 @@
+"""Memory (issue 15): sizes, free memory under a real address-space limit, the predicted peak of each HVP path against
+the measured one at ResNet-20 size, exact products when only some gradient graphs fit, and the one-line refusal of a
+real `landscape measure` process that cannot fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from landscape.checkpoints import save_checkpoint
+from landscape.memory import available_bytes, format_size, parse_size
+from landscape.models import model_for_data
+from landscape.objective import GRAPH_OVERHEAD, Objective
+from model_zoo import CifarResNet
+from ground_truth import rel_err
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_sizes_read_and_written_for_people():
+    assert parse_size("8GiB") == 8 * 2**30 and parse_size("512MB") == 512 * 10**6 and parse_size("2G") == 2 * 2**30
+    assert parse_size("1e9") == 10**9 and parse_size(4096) == 4096 and parse_size("1.5 KiB") == 1536
+    with pytest.raises(ValueError, match="cannot read '8 apples' as a memory size"):
+        parse_size("8 apples")
+    assert format_size(3 * 2**30) == "3.0 GiB" and format_size(340 * 2**20) == "340 MiB" and format_size(12) == "12 B"
+
+
+def test_free_memory_respects_the_address_space_limit():
+    """Under `ulimit -v`, what a process may still map is the limit less its size, not the machine's free memory."""
+    script = ("import resource; from landscape.memory import available_bytes, _mapped_bytes; "
+              "print(available_bytes('cpu'), _mapped_bytes(), resource.getrlimit(resource.RLIMIT_AS)[0])")
+    limit_kib = 6 * 2**20
+    out = subprocess.run(["bash", "-c", f"ulimit -v {limit_kib}; {sys.executable} -c \"{script}\""],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr
+    free, mapped, limit = map(int, out.stdout.split())
+    assert limit == limit_kib * 1024 and 0 < free <= limit - mapped + 2**20
+    assert available_bytes("cpu") > 0
+
+
+def test_products_stay_exact_when_only_some_graphs_fit():
+    """At real size (ResNet-20, in-place residual adds): one batch's graph kept and two streamed, against double backward."""
+    torch.manual_seed(0)
+    model = CifarResNet()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(3)]
+    reference = Objective(model, batches, device="cpu", hvp_method="double-backward")
+    budget = 1.5 * GRAPH_OVERHEAD["kept"] * reference._graph_bytes(batches[0])
+    partial = Objective(model, batches, device="cpu", graph_memory_budget=budget)
+    assert partial.hvp_method == "reuse" and partial.memory_plan.kept_batches == 1
+    V = torch.randn(2, reference.n_params, generator=g)
+    expected = reference.hvp_batched(V)
+    for _ in range(2):
+        assert rel_err(partial.hvp_batched(V), expected) <= 1e-4
+    assert partial.hvp_check_result.passed
+
+
+PEAK_SCRIPT = """
+import gc, json, sys, torch
+torch.set_num_threads(1)
+from landscape.models import model_for_data
+from landscape.objective import Objective, GRAPH_OVERHEAD
+path, keep = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+model, _ = model_for_data("resnet20", (3, 32, 32), num_classes=10)
+g = torch.Generator().manual_seed(0)
+batches = [(torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(3)]
+probe = Objective(model, batches, device="cpu", hvp_method="double-backward", hvp_check=False)
+budget = (keep + 0.5) * GRAPH_OVERHEAD["kept"] * probe._graph_bytes(batches[0]) if path == "reuse" else None
+del probe
+objective = Objective(model, batches, device="cpu", hvp_method=path, hvp_check=False, graph_memory_budget=budget)
+def rss(field):
+    return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
+gc.collect()
+base = rss("VmRSS")
+v = torch.randn(2, objective.n_params, generator=g)
+for _ in range(2):
+    objective.hvp_batched(v)
+print(json.dumps({"kept": objective.memory_plan.kept_batches, "predicted": objective.memory_plan.predicted_peak_bytes,
+                  "measured": rss("VmHWM") - base}))
+"""
+
+
+@pytest.mark.parametrize("path, keep", [("reuse", 1), ("reuse", 3), ("double-backward", 0)])
+def test_predicted_peak_is_within_30_percent_of_the_measured_one(path, keep):
+    """ResNet-20 on 3 batches of 64 CIFAR-shaped images, each path in its own process, peak resident memory measured."""
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, path, str(keep)], capture_output=True, text=True,
+                         env=ENV, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["kept"] == keep
+    assert 0.7 <= result["measured"] / result["predicted"] <= 1.3, result
+
+
+DATA_MODULE = """
+import torch
+
+def cifar_shaped():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(512, 3, 32, 32, generator=g), torch.randint(0, 10, (512,), generator=g)
+    return x, y, x[:16], y[:16]
+"""
+
+
+def test_a_measurement_that_cannot_fit_is_refused_at_once_in_one_line(tmp_path):
+    """A real `landscape measure` process under an address-space limit: ResNet-20 on batches of 512 images needs
+    ~4 GiB for one batch's gradient graph; it stops before any product with one line naming the need, what is
+    free and a batch size that fits, and the same command with that batch size runs."""
+    (tmp_path / "cifar_shaped_data.py").write_text(DATA_MODULE)
+    torch.manual_seed(0)
+    model, spec = model_for_data("resnet20", (3, 32, 32), num_classes=10)
+    checkpoint = save_checkpoint(tmp_path / "resnet20.pt", model, model_spec=spec,
+                                 data_spec={"spec": "cifar_shaped_data:cifar_shaped", "seed": 0, "normalize": None})
+    env = {**ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    sized = subprocess.run([sys.executable, "-c", "import analysis.measure, landscape.problem, landscape.memory as m; "
+                            "print(m._mapped_bytes())"], capture_output=True, text=True, env=env, timeout=300)
+    limit_kib = (int(sized.stdout.strip()) + 1200 * 2**20) // 1024  # start-up, the data, and ~1 GiB to spare
+    command = f"{sys.executable} -m analysis.cli measure {checkpoint} --metrics eig --k 1 --max-matvecs 4 --quiet"
+    out = subprocess.run(["bash", "-c", f"ulimit -v {limit_kib}; {command} --batch-size 512"], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("landscape measure: error: not enough memory on cpu: HVPs by reuse need about ")
+    assert "GiB but " in line and " is free; use --batch-size " in line
+    fitting = int(line.split("--batch-size ")[1].split()[0])
+    assert 8 <= fitting < 512
+    ran = subprocess.run(["bash", "-c", f"ulimit -v {limit_kib}; {command} --batch-size {fitting} --n-samples 128 --json"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert ran.returncode == 0, ran.stderr
+    plan = json.loads(ran.stdout)[0]["hvp_memory"]
+    assert plan["path"] == "reuse" and plan["predicted_peak_bytes"] <= plan["available_bytes"]
