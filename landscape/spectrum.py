@@ -1,7 +1,7 @@
 """Eigenvalues and spectral density of a symmetric operator: Lanczos, power iteration, SLQ.
 
 Vectors stay torch tensors on the operator's device; only the small Lanczos tridiagonal
-goes to numpy/scipy in float64. One Lanczos recurrence (`_Lanczos`, full
+goes to numpy in float64. One Lanczos recurrence (`_Lanczos`, full
 reorthogonalization) serves both `lanczos` and `slq_density`.
 """
 
@@ -125,10 +125,10 @@ class _Lanczos:
 
     def ritz(self, row: int) -> tuple[np.ndarray, np.ndarray, float]:
         """Ritz values (ascending), eigenvectors S of the tridiagonal T, and the last β of one recurrence."""
-        import scipy.linalg  # here, not at the top: the CLI's start-up should not pay for it
-
         alpha, beta = np.array(self.alpha[row]), np.array(self.beta[row])
-        theta, s = scipy.linalg.eigh_tridiagonal(alpha, beta[:-1])
+        # numpy's dense eigh on the (≤ a few hundred)² tridiagonal: as accurate as scipy's eigh_tridiagonal,
+        # and a short run does not pay scipy.linalg's import (0.18 s of a 2 s `landscape measure`)
+        theta, s = np.linalg.eigh(np.diag(alpha) + np.diag(beta[:-1], 1) + np.diag(beta[:-1], -1))
         return theta, s, beta[-1]
 
     def _reserve(self, slot: int) -> None:
