@@ -13,6 +13,9 @@ import math
 
 import torch
 
+from landscape.memory import parse_size
+from landscape.objective import COMPILED_HVP, HVP_METHODS
+
 # dest: smallest allowed value, for every integer option of every command that has it
 INT_MINIMUMS = {
     "k": 1, "max_matvecs": 1, "density_runs": 1, "density_steps": 1, "restarts": 0, "eps_iters": 1, "subspace_dim": 1,
@@ -50,6 +53,10 @@ def validate_arguments(args: argparse.Namespace) -> None:
         parse_radii(args.radius)
     if getattr(args, "metrics", None) is not None:
         metric_names(args)
+    if getattr(args, "hvp", None) is not None and args.hvp not in (*HVP_METHODS, COMPILED_HVP):
+        raise ValueError(f"--hvp {args.hvp}: use one of {', '.join(HVP_METHODS)} or {COMPILED_HVP}")
+    if getattr(args, "hvp_memory", None) is not None:
+        parse_size(args.hvp_memory)
     if getattr(args, "per_layer", None) is not None:
         per_layer_names(args.per_layer)
     if getattr(args, "command", None) == "compare" and getattr(args, "curvature", "hessian") != "hessian":

@@ -259,6 +259,8 @@ def test_version():
     (["--metrics", ""], "--metrics '' names no metric"),
     (["--metrics", "eig,bogus"], "unknown metric bogus"),
     (["--device", "nonsense"], "--device nonsense: not a device name"),
+    (["--hvp", "magic"], "--hvp magic: use one of auto, reuse"),
+    (["--hvp-memory", "8 apples"], "cannot read '8 apples' as a memory size"),
 ])
 def test_measure_options_are_checked_by_name(argv, wanted):
     args = build_parser().parse_args(["measure", "x.pt", *argv])
