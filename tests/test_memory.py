@@ -137,3 +137,55 @@ def test_a_measurement_that_cannot_fit_is_refused_at_once_in_one_line(tmp_path):
     assert ran.returncode == 0, ran.stderr
     plan = json.loads(ran.stdout)[0]["hvp_memory"]
     assert plan["path"] == "reuse" and plan["predicted_peak_bytes"] <= plan["available_bytes"]
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.2 GiB total capacity)\nmore"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_running_out_of_memory_mid_run_is_one_line(tmp_path, monkeypatch, capsys, error):
+    """An allocation that fails inside a product (CUDA, or a CPU allocator refused) ends the command with one line
+    naming the options that need less memory, not a traceback."""
+    from analysis.cli import main
+
+    torch.manual_seed(0)
+    model, spec = model_for_data("mlp", (1, 8, 8), num_classes=10)
+    checkpoint = save_checkpoint(tmp_path / "mlp.pt", model, model_spec=spec,
+                                 data_spec={"spec": "digits", "seed": 0, "normalize": None})
+
+    def fails(self, V):
+        raise error
+
+    monkeypatch.setattr(Objective, "hvp_batched", fails)
+    assert main(["measure", str(checkpoint), "--metrics", "eig", "--n-samples", "64", "--quiet"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("landscape measure: error: out of memory (")
+    assert line.endswith("use a smaller --batch-size, --hvp double-backward or fewer --n-samples")
+
+
+COMPILED_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from conftest import classification_batches, tiny_mlp
+from ground_truth import dense_hessian
+from landscape.objective import Objective
+_, _, batches = classification_batches(50, (12,), 4, [20, 20, 10])
+model = tiny_mlp()
+H = dense_hessian(model, batches, "eval")
+objective = Objective(model, batches, dtype=torch.float64, device="cpu", hvp_method="compiled")
+V = torch.randn(2, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+for _ in range(2):
+    error = float((objective.hvp_batched(V) - V @ H).norm() / (V @ H).norm())
+    assert error <= 1e-10, error
+assert objective.hvp_check_result.passed and objective.hvp_method == "compiled"
+print("ok")
+"""
+
+
+def test_the_compiled_path_equals_the_dense_hessian():
+    """`--hvp compiled` (torch.compile'd forward-over-reverse, meant for GPUs) in a fresh process, against a dense
+    Hessian, twice (the second call replays the compiled graph)."""
+    out = subprocess.run([sys.executable, "-c", COMPILED_SCRIPT, str(ROOT / "tests")], capture_output=True, text=True,
+                         env=ENV, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
