@@ -547,7 +547,9 @@ class Objective:
             def product(w: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
                 return torch.func.jvp(lambda u: torch.func.grad(self._batch_loss)(u, batch), (w,), (v,))[1]
 
-            self._cache = ("compiled", torch.compile(product))
+            # static shapes: a recompile (another model, or the last, smaller batch) would otherwise go dynamic, and
+            # jvp's dual tensors cannot take symbolic sizes in torch 2.13
+            self._cache = ("compiled", torch.compile(product, dynamic=False))
         product, w = self._cache[1], self.w.detach()
         return torch.stack([self._weighted_sum(lambda batch: product(w, v, batch)) for v in V])
 

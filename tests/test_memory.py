@@ -167,25 +167,27 @@ def test_running_out_of_memory_mid_run_is_one_line(tmp_path, monkeypatch, capsys
 COMPILED_SCRIPT = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from conftest import classification_batches, tiny_mlp
+from conftest import classification_batches, tiny_convnet_bn, tiny_mlp
 from ground_truth import dense_hessian
 from landscape.objective import Objective
-_, _, batches = classification_batches(50, (12,), 4, [20, 20, 10])
-model = tiny_mlp()
-H = dense_hessian(model, batches, "eval")
-objective = Objective(model, batches, dtype=torch.float64, device="cpu", hvp_method="compiled")
-V = torch.randn(2, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-for _ in range(2):
-    error = float((objective.hvp_batched(V) - V @ H).norm() / (V @ H).norm())
-    assert error <= 1e-10, error
-assert objective.hvp_check_result.passed and objective.hvp_method == "compiled"
+cases = [(tiny_mlp(), (12,), 4, [20, 20, 10], "eval"), (tiny_convnet_bn(), (1, 4, 4), 3, [16, 16, 8], "train")]
+for model, shape, classes, sizes, mode in cases:  # the second model recompiles in the same process
+    _, _, batches = classification_batches(sum(sizes), shape, classes, sizes)
+    H = dense_hessian(model, batches, mode)
+    objective = Objective(model, batches, dtype=torch.float64, device="cpu", hvp_method="compiled", mode=mode)
+    V = torch.randn(2, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        error = float((objective.hvp_batched(V) - V @ H).norm() / (V @ H).norm())
+        assert error <= 1e-10, error
+    assert objective.hvp_check_result.passed and objective.hvp_method == "compiled"
 print("ok")
 """
 
 
 def test_the_compiled_path_equals_the_dense_hessian():
-    """`--hvp compiled` (torch.compile'd forward-over-reverse, meant for GPUs) in a fresh process, against a dense
-    Hessian, twice (the second call replays the compiled graph)."""
+    """`--hvp compiled` (torch.compile'd forward-over-reverse, meant for GPUs) in a fresh process, against dense
+    Hessians: an MLP, then a BN ConvNet in train mode (a recompile, which went to dynamic shapes and failed before
+    compilation was made static), each twice (the second call replays the compiled graph)."""
     out = subprocess.run([sys.executable, "-c", COMPILED_SCRIPT, str(ROOT / "tests")], capture_output=True, text=True,
                          env=ENV, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
