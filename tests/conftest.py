@@ -11,6 +11,26 @@ from torch import nn
 
 from landscape.operators import DenseOperator
 
+EDIT_LOOP_SKIPS = ("slow", "cli", "distributed")  # what the default run leaves out; `pytest --all` (CI) runs everything
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--all", action="store_true",
+                     help="run every test, the slow, cli and distributed ones too (CI); by default they are left out")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The default run is the edit-test loop (about 2 minutes on 2 cores): tests marked slow, cli or distributed are
+    deselected unless --all or a -m expression is given."""
+    if config.getoption("--all") or config.getoption("markexpr"):
+        return
+    kept, left_out = [], []
+    for item in items:
+        (left_out if any(item.get_closest_marker(m) for m in EDIT_LOOP_SKIPS) else kept).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
+
 
 def dense(eigenvalues, seed=0, dtype=torch.float64):
     """Q diag(λ) Qᵀ with a random orthogonal Q: (numpy matrix, DenseOperator)."""

@@ -47,6 +47,7 @@ def trained(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ data that does not fit the model
+@pytest.mark.cli
 def test_data_with_other_inputs_names_both_shapes(trained, tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "wide.npz", x=rng.standard_normal((80, 40)).astype(np.float32), y=np.arange(80) % 10)
@@ -54,6 +55,7 @@ def test_data_with_other_inputs_names_both_shapes(trained, tmp_path):
     assert "inputs of shape (40,)" in line and "expects (1, 8, 8)" in line and "--data" in line and "'digits'" in line
 
 
+@pytest.mark.cli
 def test_labels_beyond_the_outputs_name_both_numbers(trained, tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "twelve.npz", x=rng.standard_normal((80, 64)).astype(np.float32), y=np.arange(80) % 12)
@@ -62,12 +64,14 @@ def test_labels_beyond_the_outputs_name_both_numbers(trained, tmp_path):
 
 
 # ------------------------------------------------------------------ options
+@pytest.mark.cli
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda(trained):
     line = one_line(run_cli("measure", trained[0] / "final.pt", "--device", "cuda", "--n-samples", "64"))
     assert "--device cuda: CUDA is not available" in line and "--device cpu" in line
 
 
+@pytest.mark.cli
 def test_k_above_the_parameter_count(trained):
     line = one_line(run_cli("measure", trained[0] / "final.pt", "--metrics", "eig", "--k", "5000", "--max-matvecs", "6000",
                             "--n-samples", "64"))
@@ -75,11 +79,13 @@ def test_k_above_the_parameter_count(trained):
     assert "--k 5000" in line and f"{n_params} parameters" in line
 
 
+@pytest.mark.cli
 def test_empty_metrics(trained):  # --metrics "" too, in process below
     line = one_line(run_cli("measure", trained[0] / "final.pt", "--metrics", ",", "--n-samples", "64"))
     assert "--metrics ',' names no metric" in line
 
 
+@pytest.mark.cli
 def test_estimator_limits_use_the_option_names(trained):
     line = one_line(run_cli("measure", trained[0] / "final.pt", "--probes", "2"))
     assert "--probes must be at least 4" in line and "n_matvecs" not in line  # xtrace's own check says n_matvecs
@@ -97,6 +103,7 @@ class Custom:
     """A class of our own: torch's weights-only loader refuses to import it."""
 
 
+@pytest.mark.cli
 def test_a_pickle_that_runs_code_is_refused_by_name(tmp_path):
     marker = tmp_path / "ran"
     torch.save({"state_dict": {"w": torch.zeros(2)}, "extra": Exploit(marker)}, tmp_path / "bad.pt")
@@ -194,6 +201,7 @@ def busy_surface(trained, tmp_path_factory):
     return args, out, second, waited, hashlib.sha256((trained[0] / "final.pt").read_bytes()).hexdigest()[:12]
 
 
+@pytest.mark.slow
 def test_a_surface_file_in_use_is_refused_at_once(busy_surface):
     _, out, second, waited, _ = busy_surface
     line = one_line(second)
@@ -201,12 +209,14 @@ def test_a_surface_file_in_use_is_refused_at_once(busy_surface):
     assert waited < 120  # it did not wait for the first run's 361,201 points
 
 
+@pytest.mark.cli
 def test_surface_resume_with_other_axes_names_both_grids(busy_surface):
     args, out, *_ = busy_surface
     line = one_line(run_cli(*args, "--range", "-1:1:41", "--out", out, "--resume"))
     assert "axes: -1:1:601 × -1:1:601 in the file, -1:1:41 × -1:1:41 asked" in line
 
 
+@pytest.mark.cli
 def test_surface_resume_from_another_checkpoint_names_both_hashes(busy_surface, trained):
     args, out, _, _, sha = busy_surface
     other = trained[0] / "trajectory" / "epoch_0000.pt"
@@ -225,12 +235,14 @@ def test_train_reports_final_loss_and_accuracy(trained, capsys):
     assert row == ["test", f"{last['test_loss']:.4f}", f"{last['test_accuracy']:.4f}"]
 
 
+@pytest.mark.cli
 def test_train_resume_with_other_settings_names_each_one(trained):
     line = one_line(run_cli("train", *TRAIN, "--lr", "0.1", "--seed", "3", "--out", trained[0], "--resume"))
     assert "--lr 0.05 in the run, 0.1 asked" in line and "--seed 0 in the run, 3 asked" in line
     assert "--epochs" not in line
 
 
+@pytest.mark.cli
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == "landscape 0.1.0"

@@ -21,6 +21,7 @@ def trained_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.cli
 def test_train_then_measure_reports_the_objective(trained_run):
     final = trained_run / "final.pt"
     assert sorted(p.name for p in (trained_run / "trajectory").iterdir()) == ["epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt"]
@@ -41,6 +42,7 @@ def test_train_then_measure_reports_the_objective(trained_run):
     assert "λ1" in table.stdout and "trace (xtrace)" in table.stdout and "1437 samples" in table.stdout
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("kind", ["missing.pt", "truncated.pt", "text.pt", "garbage.pt", "legacy.pt", "nostate.pt",
                                   "bare.pt", "mismatch.pt", "nan.pt", "pickled-module.pt"])
 def test_bad_checkpoints_exit_with_one_line(tmp_path, kind):
@@ -64,16 +66,19 @@ def test_bad_checkpoints_exit_with_one_line(tmp_path, kind):
     assert any(m in lines[0] for m in messages[kind].split("|")), lines[0]
 
 
+@pytest.mark.cli
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("measure", tmp_path / "none.pt", "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+@pytest.mark.cli
 def test_resume_refuses_an_existing_run_without_flag(trained_run):
     result = run_cli("train", "--data", "digits", "--model", "mlp", "--epochs", "1", "--out", trained_run, "--quiet")
     assert result.returncode == 2 and "--resume" in result.stderr
 
 
+@pytest.mark.cli
 def test_measure_curvature_and_noise_metrics_match_ground_truth(trained_run):
     """λ1..λ3 and the trace printed by the CLI agree with the dense Hessian of the same measurement set."""
     final = trained_run / "final.pt"
@@ -97,6 +102,7 @@ def test_measure_curvature_and_noise_metrics_match_ground_truth(trained_run):
     assert report["metrics"]["eps-sharpness"]["value"] >= 0
 
 
+@pytest.mark.cli
 def test_surface_on_the_pca_plane_of_a_training_run(trained_run, tmp_path):
     """`landscape surface --pca DIR`: the plane of the run's own trajectory, which the default grid covers."""
     result = run_cli("surface", trained_run / "final.pt", "--pca", trained_run / "trajectory", "--n-samples", "200",

@@ -63,6 +63,7 @@ def two_runs(tmp_path_factory):
     return paths
 
 
+@pytest.mark.cli
 def test_compare_writes_a_paired_report(two_runs, tmp_path):
     out = tmp_path / "cmp"
     result = run_cli("compare", *two_runs, "--metrics", "eig,trace,sharpness-curve,surface", "--n-samples", "300",
@@ -92,6 +93,7 @@ def test_compare_writes_a_paired_report(two_runs, tmp_path):
     assert "![" in md and "95%" in md and "300 samples" in md
 
 
+@pytest.mark.cli
 def test_compare_refuses_mixed_architectures(two_runs, tmp_path):
     model, spec = model_for_data("convnet", (1, 8, 8), 10)
     other = save_checkpoint(tmp_path / "conv.pt", model, model_spec=spec, data_spec={"spec": "digits"})
@@ -101,6 +103,7 @@ def test_compare_refuses_mixed_architectures(two_runs, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.cli
 def test_figures_quick_writes_every_figure(tmp_path):
     from analysis.noise_sweep import GRID
 
@@ -213,6 +216,7 @@ def test_shared_training_seeds_are_compared_paired():
     assert welch["basis"].startswith("seed spread (Welch") and not welch["significant"]
 
 
+@pytest.mark.cli
 def test_at_train_loss_picks_each_runs_checkpoint_closest_to_the_target(tmp_path):
     from analysis.matched_loss import at_train_loss, parse_target, trajectory
 
@@ -244,6 +248,7 @@ def test_at_train_loss_picks_each_runs_checkpoint_closest_to_the_target(tmp_path
     assert "At matched train loss" in (out / "report.md").read_text()
 
 
+@pytest.mark.cli
 def test_at_train_loss_needs_a_trajectory(two_runs, tmp_path):
     lone = tmp_path / "lone" / "model.pt"
     lone.parent.mkdir()

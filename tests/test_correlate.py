@@ -33,6 +33,7 @@ def runs(tmp_path_factory):
     return folders
 
 
+@pytest.mark.cli
 def test_correlate_measures_every_run_alike_and_ranks_against_the_gaps(runs, tmp_path):
     out = tmp_path / "out"
     result = run_cli("correlate", *runs, *OPTIONS, "--out", out, "--json")
@@ -72,6 +73,7 @@ def test_correlate_measures_every_run_alike_and_ranks_against_the_gaps(runs, tmp
     assert changed.returncode == 2 and "resume with the same options" in changed.stderr
 
 
+@pytest.mark.cli
 def test_correlate_at_matched_train_loss_picks_trajectory_checkpoints(runs, tmp_path):
     result = run_cli("correlate", *runs, *OPTIONS, "--metrics", "trace", "--at-train-loss", "matched", "--gap", "loss",
                      "--out", tmp_path, "--json")
@@ -119,6 +121,7 @@ def test_correlate_refuses_too_few_runs_and_a_folder_without_final(runs, tmp_pat
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), "--no-python"]
 
 
+@pytest.mark.distributed
 def test_torchrun_splits_correlate_runs_and_track_checkpoints_over_ranks(runs, tmp_path):
     """Each rank measures its share alone (not data-parallel): correlate's numbers equal one process exactly; track's
     trace too (the same probes), and its λ1 to Lanczos' tolerance (each rank's first checkpoint starts cold)."""

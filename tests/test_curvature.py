@@ -106,6 +106,7 @@ def test_output_hessian_of_cross_entropy_is_diag_p_minus_ppT(n):
 
 
 # ---------------------------------------------------------------------------- operators against dense
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PROBLEMS))
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("keep", [True, False])
@@ -128,6 +129,7 @@ def test_ggn_and_fisher_match_dense_matrices(name, mode, keep):
 ZOO_CASES = [(name, mode) for name, idiom in ZOO.items() for mode in (("eval", "train") if idiom.has_batchnorm else ("eval",))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, mode", ZOO_CASES + [("custom-function-inplace", "eval")])
 def test_every_model_idiom(name, mode):
     """In-place adds and ReLUs, tied weights, written buffers, norms, a custom Function (with `out += h`: not
@@ -143,6 +145,7 @@ def test_every_model_idiom(name, mode):
         assert rel_err(op.matmat(V.T), dense @ V.T) <= 1e-10, type(op).__name__
 
 
+@pytest.mark.slow
 def test_weights_are_batch_sizes_not_batch_means(conv_problem):
     """Eval mode: 16 + 16 + 8 samples in three batches give the one-big-batch GGN and Fisher; equal weights per batch would not."""
     model, x, y, batches = conv_problem
@@ -165,6 +168,7 @@ def test_ggn_equals_hessian_for_a_model_linear_in_its_weights(mlp_problem):
     assert rel_err(as_matrix(GGNOperator(_objective(model, batches))), dense_hessian(model, batches, "eval")) > 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PROBLEMS))
 def test_ggn_and_fisher_are_psd_where_the_hessian_is_not(name):
     model, batches = _problem(name)
@@ -244,6 +248,7 @@ def _worker(rank: int, port: int, out) -> None:
         ranks.shutdown()
 
 
+@pytest.mark.distributed
 def test_two_ranks_give_the_one_process_products(tmp_path):
     """Batches sharded 3 + 2 over two gloo ranks: the all-reduced products equal one process's, on every rank."""
     with socket.socket() as s:
@@ -268,6 +273,7 @@ MEASURE = ["--dtype", "float64", "--n-samples", "100", "--batch-size", "40", "--
            "--metrics", "eig,trace", "--trace-method", "hutchinson", "--probes", "4", "--quiet"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("curvature", ["ggn", "fisher"])
 def test_measure_reports_the_chosen_curvature(checkpoint, curvature, capsys):
     """λ1, λ2 of `landscape measure --curvature` are the operator's (not the Hessian's); the JSON and table say which."""

@@ -66,6 +66,7 @@ def test_mnist1d_shapes_cache_and_global_rng_untouched(tmp_path, monkeypatch):
     assert torch.equal(load_data("mnist1d").x_train, data.x_train)
 
 
+@pytest.mark.cli
 def test_built_in_sets_are_cached_on_disk_and_read_back_without_scikit_learn(tmp_path, monkeypatch):
     """The digits split is computed once by scikit-learn (whose import costs ~1 s of every start); later processes
     read identical tensors from the cache; a damaged cache file is rebuilt and an unwritable cache is skipped."""

@@ -29,6 +29,8 @@ from landscape.spectrum import lanczos, slq_density
 from landscape.surface import compute_surface, grid_axis, read_surface
 from landscape.trace import hutchinson, hutchpp, xtrace
 
+pytestmark = pytest.mark.distributed  # every test here starts real process groups
+
 WORLD = 2
 REL = 1e-8  # float64: only the order of the per-rank partial sums differs from one process
 ROOT = Path(__file__).resolve().parents[1]

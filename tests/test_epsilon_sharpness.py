@@ -143,6 +143,7 @@ def test_brute_force_best_corner_of_a_dense_quadratic(method):
     assert np.all(r.values <= truth * (1 + 1e-9)) and np.all(r.values >= 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eps", [1e-4, 5e-4, 1e-3])
 def test_trained_network_beats_the_corner_and_twenty_sign_steps(trained, eps):
     assert trained.n_params >= 10_000

@@ -39,6 +39,7 @@ def residual():
     return model, batches, dense_hessian(model, batches, "eval")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broken", [DriftingLinearize, ScaledLinearize])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_a_broken_path_is_caught_and_replaced(broken, dtype, residual):
@@ -100,6 +101,7 @@ def test_the_check_can_be_turned_off_and_double_backward_needs_none(residual):
     assert reference.hvp_check_result is None
 
 
+@pytest.mark.cli
 def test_the_cli_says_so_in_one_line_and_measures_with_a_correct_path(tmp_path):
     """A real `landscape measure` process with functionalization switched off (the first release's linearize) on
     `out += h`: the check catches the wrong products, says so in one line, and the result equals double backward."""

@@ -65,6 +65,7 @@ def _without_seconds(value):
     return value
 
 
+@pytest.mark.slow
 def test_killed_then_interrupted_measure_resumes_to_the_uninterrupted_result(tmp_path, checkpoint, capsys, monkeypatch):
     straight = tmp_path / "straight.json"
     monkeypatch.setenv("LANDSCAPE_PROGRESS_INTERVAL", "0")

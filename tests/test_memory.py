@@ -33,6 +33,7 @@ def test_sizes_read_and_written_for_people():
     assert format_size(3 * 2**30) == "3.0 GiB" and format_size(340 * 2**20) == "340 MiB" and format_size(12) == "12 B"
 
 
+@pytest.mark.cli
 def test_free_memory_respects_the_address_space_limit():
     """Under `ulimit -v`, what a process may still map is the limit less its size, not the machine's free memory."""
     script = ("import resource; from landscape.memory import available_bytes, _mapped_bytes; "
@@ -89,6 +90,7 @@ print(json.dumps({"kept": objective.memory_plan.kept_batches, "predicted": objec
 """
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("path, keep", [("reuse", 1), ("reuse", 3), ("double-backward", 0)])
 def test_predicted_peak_is_within_30_percent_of_the_measured_one(path, keep):
     """ResNet-20 on 3 batches of 64 CIFAR-shaped images, each path in its own process, peak resident memory measured."""
@@ -110,6 +112,7 @@ def cifar_shaped():
 """
 
 
+@pytest.mark.cli
 def test_a_measurement_that_cannot_fit_is_refused_at_once_in_one_line(tmp_path):
     """A real `landscape measure` process under an address-space limit: ResNet-20 on batches of 512 images needs
     ~4 GiB for one batch's gradient graph; it stops before any product with one line naming the need, what is
@@ -184,6 +187,7 @@ print("ok")
 """
 
 
+@pytest.mark.cli
 def test_the_compiled_path_equals_the_dense_hessian():
     """`--hvp compiled` (torch.compile'd forward-over-reverse, meant for GPUs) in a fresh process, against dense
     Hessians: an MLP, then a BN ConvNet in train mode (a recompile, which went to dynamic shapes and failed before

@@ -45,6 +45,7 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem", ["mlp_problem", "conv_problem"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_every_hvp_path_matches_dense_hessian(problem, mode, request):

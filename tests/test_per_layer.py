@@ -94,6 +94,7 @@ def checkpoint(tmp_path_factory):
     return digits_mlp_checkpoint(tmp_path_factory.mktemp("ckpt"), hidden=(8,))
 
 
+@pytest.mark.cli
 def test_measure_per_layer_rows_name_the_models_layers(checkpoint):
     result = run_cli("measure", checkpoint, "--per-layer", "eig,trace", "--json", *MEASURE)
     assert result.returncode == 0, result.stderr
@@ -109,6 +110,7 @@ def test_measure_per_layer_rows_name_the_models_layers(checkpoint):
     assert lines[3].split()[:3] == ["1", "520", "—"] and lines[4].split()[:3] == ["3", "90", "—"]
 
 
+@pytest.mark.cli
 def test_measure_without_per_layer_is_unchanged_and_a_bad_list_is_one_line(checkpoint):
     plain = run_cli("measure", checkpoint, "--json", *MEASURE)
     assert plain.returncode == 0 and "per_layer" not in json.loads(plain.stdout)[0]

@@ -147,6 +147,7 @@ def test_plot_refuses_missing_splits_and_wrong_dimensions(files):
         plot_surfaces({"a": surface}, split="validation")
 
 
+@pytest.mark.cli
 def test_cli_writes_figures_and_warns_on_incomplete_files(files, tmp_path):
     partial = tmp_path / "partial.h5"
     shutil.copy(files / "a-2d.h5", partial)
@@ -169,6 +170,7 @@ def assert_one_line_error(stderr: str, message: str) -> None:
     assert line.startswith("landscape plot: error: ") and message in line
 
 
+@pytest.mark.cli
 def test_cli_process_refuses_a_mismatched_kind_with_one_line(files):
     result = run_cli(*plot_args(files, ["b-2d.h5", "--kind", "line"]))
     assert result.returncode == 2
@@ -209,6 +211,7 @@ def test_many_planes_wrap_into_rows_readable_at_page_width(files, tmp_path):
     save(fig, tmp_path / "five.png")
 
 
+@pytest.mark.cli
 def test_a_surface_being_written_can_be_read(files, tmp_path):
     """Another process holds the file open for writing (HDF5's own lock): plotting it meanwhile still works."""
     import shutil

@@ -105,6 +105,7 @@ def test_bn_affine_parameters_get_no_noise_and_biases_do():
     assert opt.config()["perturbed"] == ["0.weight", "0.bias", "3.weight", "3.bias"]
 
 
+@pytest.mark.cli
 def test_cli_preset_is_recorded_and_explicit_options_win(tmp_path):
     common = ["--preset", PRESET, "--model-opt", "hidden=(16,)", "--batch-size", "256", "--epochs", "1", "--quiet"]
     done = run_cli("train", *common, "--out", tmp_path / "preset")
@@ -125,6 +126,7 @@ def test_cli_preset_is_recorded_and_explicit_options_win(tmp_path):
     assert meta["train"]["recipe"] == PRESET and meta["optimizer"]["ghost_batch_size"] == 128
 
 
+@pytest.mark.cli
 def test_unknown_preset_is_a_one_line_error(tmp_path):
     done = run_cli("train", "--preset", "smoothout-paper", "--out", tmp_path / "run")
     assert done.returncode != 0 and not (tmp_path / "run").exists()

@@ -51,6 +51,7 @@ def test_measure_arguments_skip_plotting_and_data_libraries():
     assert code == 0 and imported == []
 
 
+@pytest.mark.cli
 def test_help_lists_every_command():
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr

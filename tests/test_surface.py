@@ -147,6 +147,7 @@ def convnet_checkpoint(tmp_path_factory):
                            data_spec={"spec": "digits", "seed": 0, "normalize": None})
 
 
+@pytest.mark.cli
 def test_killed_run_resumes_to_the_same_file(tmp_path, convnet_checkpoint):
     """kill -9 a real `landscape surface` process mid-grid; --resume finishes it with identical values."""
     args = [convnet_checkpoint, "--dim", "2", "--range", "-1:1:15", "--n-samples", "400", "--test", "--quiet"]
@@ -181,6 +182,7 @@ def test_killed_run_resumes_to_the_same_file(tmp_path, convnet_checkpoint):
     assert len(other.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.cli
 def test_cli_between_and_unwritable_output(tmp_path, convnet_checkpoint):
     torch.manual_seed(1)
     model, spec = model_for_data("convnet", (1, 8, 8), 10)

@@ -97,6 +97,7 @@ def test_gd_config_is_validated():
             GDConfig(**{"lr": 0.1, "steps": 10, **bad})
 
 
+@pytest.mark.slow
 def test_gradient_descent_sharpens_to_the_edge_of_stability():
     """Cohen et al. 2021 at laptop scale: λ1 rises from well below 2/η to it and stays within ±15% of it.
 

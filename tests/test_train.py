@@ -29,6 +29,7 @@ def test_checkpoints_record_config_metrics_and_optimizer(tmp_path):
     assert log[1]["train_loss"] < load_checkpoint(tmp_path / "run" / "trajectory" / "epoch_0000.pt").meta["metrics"]["train_loss"]
 
 
+@pytest.mark.cli
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     """kill -9 a real `landscape train` process mid-run, resume it, compare with an uninterrupted run."""
     args = ["--data", "digits", "--model", "mlp", "--model-opt", "hidden=(16,)", "--optimizer", "smoothout",
@@ -138,6 +139,7 @@ def test_tracked_curvature_is_the_checkpoints_and_leaves_training_unchanged(tmp_
         train(TrainConfig(**base, track_every=1, track="hessian"), tmp_path / "bad", progress=False)
 
 
+@pytest.mark.cli
 def test_track_measures_every_trajectory_checkpoint_warm_started_and_resumes(tmp_path):
     import h5py
 

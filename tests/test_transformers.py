@@ -121,6 +121,7 @@ def gpt2_truth():
     return model, batches, loss, w0, n_tokens, dense_hessian(loss, w0)
 
 
+@pytest.mark.slow
 def test_token_loss_is_the_mean_over_real_tokens_across_batches(gpt2_truth):
     model, batches, loss, w0, n_tokens, _ = gpt2_truth
     objective = Objective(model, batches, loss=token_cross_entropy, dtype=torch.float64, device="cpu")
@@ -174,6 +175,7 @@ def test_sdpa_attention_is_differentiated_through_its_math_kernel():
     assert objective.loss() == pytest.approx(float(loss(w0)), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_estimators_on_gpt2_agree_with_the_dense_hessian(gpt2_truth, tmp_path):
     model, batches, _, w0, _, H = gpt2_truth
     true = np.linalg.eigvalsh(H.numpy())
@@ -188,6 +190,7 @@ def test_estimators_on_gpt2_agree_with_the_dense_hessian(gpt2_truth, tmp_path):
     _check_perturbation_and_surfaces(objective, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [bert, vit], ids=["bert-dict-batches", "vit-pairs"])
 def test_classifiers_measure_like_any_model(build, tmp_path):
     model, batches = build()
@@ -310,6 +313,7 @@ def _cli(root, *args):
     return subprocess.run([*cli_command(), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_measure_a_save_pretrained_gpt2_from_the_command_line(saved):
     import json
     import sys
@@ -332,6 +336,7 @@ def test_measure_a_save_pretrained_gpt2_from_the_command_line(saved):
     assert report["metrics"]["eig"]["values"][0] == pytest.approx(top.values[0], rel=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, data, loss", [("gpt2", "hfdata:tokens", "token-cross-entropy"),
                                               ("bert", "hfdata:sentences", "cross-entropy"),
                                               ("vit", "hfdata:images", "cross-entropy")])

@@ -354,6 +354,7 @@ def test_measure_prints_a_row_per_measure(trained_run):  # noqa: F811
     json.dumps(report, default=str)
 
 
+@pytest.mark.cli
 def test_measure_as_a_real_process_prints_and_writes_json(trained_run):  # noqa: F811
     common = ["measure", trained_run, "--metrics", ",".join(WORST), "--n-samples", "200", "--ascent-steps", "2",
               "--m", "100", "--noise-samples", "4", "--device", "cpu", "--quiet"]
@@ -368,6 +369,7 @@ def test_measure_as_a_real_process_prints_and_writes_json(trained_run):  # noqa:
     assert set(metrics) == set(WORST) and metrics["m-sharpness"]["n_batches"] == 2
 
 
+@pytest.mark.cli
 def test_bad_worst_case_options_as_a_real_process(trained_run):  # noqa: F811
     line = one_line(run_cli("measure", trained_run, "--metrics", "m-sharpness", "--n-samples", "64", "--m", "65"))
     assert "--m 65" in line and "64 samples" in line

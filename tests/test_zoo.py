@@ -24,6 +24,7 @@ def zoo_batches(name: str, sizes=(10, 6)):
              torch.randint(0, idiom.classes, (n,), generator=g)) for n in sizes]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, mode", CASES)
 def test_every_path_matches_the_dense_hessian(name, mode):
     model, batches = ZOO[name].build(), zoo_batches(name)
@@ -52,6 +53,7 @@ def test_the_default_path_passes_its_self_check_on_every_idiom(name, mode):
     assert rel_err(hv, dense_hessian(model, batches, mode) @ v) <= 1e-10
 
 
+@pytest.mark.slow
 def test_full_size_resnet20_with_inplace_residual_adds():
     """At real size (270k parameters, float32, CIFAR-shaped): the default path's successive products equal double backward.
 
