@@ -13,6 +13,7 @@ import inspect
 import os
 import pickle
 import random
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -224,7 +225,7 @@ def _disk_cached(name: str, compute: Callable[[], tuple[np.ndarray, ...]]) -> tu
         try:
             with np.load(path) as stored:
                 arrays = tuple(stored[f"a{i}"] for i in range(len(stored.files)))
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, damaged or foreign
             arrays = tuple(np.asarray(a) for a in compute())
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -563,11 +563,8 @@ class Objective:
         return linearized(self._gradient_function(), self.w.detach())
 
     # ---------------------------------------------------------------- memory
-    def graph_bytes(self) -> int:
-        """Bytes autograd saves for the gradient graphs of this rank's batches (all of them unless distributed)."""
-        return int(sum(self._graph_bytes(batch) for batch in self.batches))
-
     def _graph_bytes(self, batch: Batch) -> float:
+        """Bytes autograd saves for the gradient graph of one batch (from _graph_size_model)."""
         fixed, per_item = self._graph_size_model()
         return fixed + per_item * batch_size(batch)
 
@@ -630,13 +627,13 @@ class Objective:
             peak = kept_bytes + transient * (0.5 if kept == len(sizes) else 1.0)
         elif self.hvp_method == "linearize":
             peak = GRAPH_OVERHEAD["linearize"] * sum(sizes) + transient
-        elif self.hvp_method in ("fwd-rev", "compiled"):
-            peak = GRAPH_OVERHEAD["fwd-rev"] * sum(sizes) if self.hvp_method == "fwd-rev" else transient
-        else:
+        elif self.hvp_method == "fwd-rev":
+            peak = GRAPH_OVERHEAD["fwd-rev"] * sum(sizes)
+        else:  # double backward, and compiled forward-over-reverse: one batch at a time
             peak = transient
         plan = MemoryPlan(path=self.hvp_method, kept_batches=kept, n_batches=len(sizes), kept_bytes=int(kept_bytes),
                           predicted_peak_bytes=int(peak + WORKSPACE_BYTES), budget_bytes=budget, available_bytes=int(free))
-        if peak > free:
+        if plan.predicted_peak_bytes > free:
             raise InsufficientMemory(self._memory_advice(plan, largest))
         return plan
 

@@ -82,9 +82,11 @@ def test_built_in_sets_are_cached_on_disk_and_read_back_without_scikit_learn(tmp
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
     for a, b in zip(torch.load(tmp_path / "read.pt"), (first.x_train, first.y_train, first.x_test, first.y_test)):
         assert torch.equal(a, b)
-    (tmp_path / "cache" / "digits-seed2.npz").write_bytes(b"not an npz")
-    monkeypatch.setattr(data_module, "_MEMORY_CACHE", {})
-    assert torch.equal(load_data("digits", seed=2).x_train, first.x_train)
+    stored = (tmp_path / "cache" / "digits-seed2.npz").read_bytes()
+    for damaged in (b"not an npz", stored[: len(stored) // 2]):  # foreign, and truncated (a broken zip)
+        (tmp_path / "cache" / "digits-seed2.npz").write_bytes(damaged)
+        monkeypatch.setattr(data_module, "_MEMORY_CACHE", {})
+        assert torch.equal(load_data("digits", seed=2).x_train, first.x_train)
     monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "a-file"))
     (tmp_path / "a-file").write_text("")  # the cache folder cannot be made
     monkeypatch.setattr(data_module, "_MEMORY_CACHE", {})
