@@ -14,9 +14,9 @@ from landscape.train import LR_SCALINGS, LR_SCHEDULES, TrainConfig, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # options left out stay None: TrainConfig's defaults fill them, or --preset's settings
-    parser.add_argument("--preset", metavar="NAME",
-                        help="named training preset filling every option not given on the command line: "
+    # options left out stay None: TrainConfig's defaults fill them, or --recipe's settings
+    parser.add_argument("--recipe", "--preset", dest="preset", metavar="NAME",
+                        help="named training recipe filling every option not given on the command line: "
                              + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()))
     parser.add_argument("--data", default=None, help="data spec (default digits)")
     parser.add_argument("--data-seed", type=int, default=None, help="seed of the train/test split")
@@ -90,7 +90,7 @@ def given_settings(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's TrainConfig: the options given, then --preset's settings, then TrainConfig's defaults."""
+    """The run's TrainConfig: the options given, then --recipe's settings, then TrainConfig's defaults."""
     settings = given_settings(args)
     if args.preset is not None:
         settings = apply_preset(args.preset, settings)

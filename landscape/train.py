@@ -24,6 +24,7 @@ from landscape.train_tracking import CurvatureTracker
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 LR_SCALINGS = ("none", "sqrt", "linear")
+AMP_MODES = ("none", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class TrainConfig:
     track_every: int = 0  # every N epochs: λ1 (and the trace) of the training loss into log.jsonl (0: off)
     track: str = "eig"  # what track_every measures: "eig" and/or "trace", comma-separated
     track_samples: int = 1000  # the fixed seeded subset of the training split the tracked curvature is measured on
+    accumulate: int = 1  # micro-batches per step: each batch in `accumulate` sequential pieces, gradients summed
+    amp: str = "none"  # mixed precision of the forward passes: none, bf16, or fp16 (with a loss scaler)
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -64,6 +67,10 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and save_every must be at least 1")
         if self.track_every < 0 or self.track_samples < 1:
             raise ValueError("track_every must be >= 0 and track_samples >= 1")
+        if self.accumulate < 1:
+            raise ValueError(f"accumulate must be at least 1, got {self.accumulate}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"unknown amp {self.amp!r}; use {', '.join(AMP_MODES)}")
         if self.validation < 0:
             raise ValueError(f"validation must be a number of samples >= 0, got {self.validation}")
 
@@ -83,7 +90,7 @@ class TrainConfig:
         d = dict(d)
         d.setdefault("validation", 0)  # checkpoints written before these fields existed
         d.setdefault("recipe", "")
-        for key, value in (("track_every", 0), ("track", "eig"), ("track_samples", 1000)):
+        for key, value in (("track_every", 0), ("track", "eig"), ("track_samples", 1000), ("accumulate", 1), ("amp", "none")):
             d.setdefault(key, value)
         d["lr_milestones"] = tuple(d.get("lr_milestones", ()))
         return cls(**d)
