@@ -15,6 +15,7 @@ from analysis.compare import build_report, compare, comparison_tables, format_di
 from analysis.differences import difference, holm, verdict
 from analysis.recipes import DEMO, LARGE, SMALL, train_runs
 from analysis.tables import format_table
+from landscape import distributed as ranks
 
 RUNS = [("sgd", SMALL), ("sgd", LARGE), ("smoothout", SMALL), ("smoothout", LARGE)]
 CLAIMS = (  # (question, baseline, other)
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> None:
                                               "--batch-size", "1000", "--metrics", "eig,trace,sharpness-curve,surface,surface2d"])
     compare_args.progress = args.progress
     result = compare(paths, compare_args)
+    if not ranks.is_main():  # under torchrun rank 0 alone writes the report
+        return
     report = build_report(result, out / "report")
     answers = findings(result)
     for question, diffs in reversed(answers.items()):

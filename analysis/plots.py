@@ -24,10 +24,13 @@ from landscape.surface import Surface  # noqa: E402
 
 
 def save(fig: plt.Figure, path: str | Path) -> Path:
-    """Write PNG or PDF (by suffix), creating the folder; close the figure."""
+    """Write PNG or PDF (by suffix), creating the folder; close the figure. Under torchrun only rank 0 writes."""
+    from landscape import distributed
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
     return path
 

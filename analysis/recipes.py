@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.training import NOISE_OPTION
+from landscape import distributed as ranks
 from landscape.train import TrainConfig, train
 
 SMALL, LARGE = 32, 2000
@@ -78,12 +79,22 @@ def run_name(run: TrainConfig) -> str:
 
 
 def train_all(runs: list[TrainConfig], cache: Path, *, jobs: int = 1, progress: bool | str = False) -> list[Path]:
-    """Train (or reuse from `cache`) every run, `jobs` at a time in separate processes; their final checkpoints, in order."""
+    """Train (or reuse from `cache`) every run, `jobs` at a time in separate processes; their final checkpoints, in order.
+
+    Under torchrun the runs are split over the ranks instead, each run trained whole by one rank; every rank
+    gets every path.
+    """
     folders = [cache / run_name(run) for run in runs]
+    if ranks.world_size() > 1:
+        return ranks.map_split(list(zip(runs, folders)), _train_on_this_rank)
     if jobs <= 1:
         return [train(run, folder, resume=True, progress=progress) for run, folder in zip(runs, folders)]
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
         return list(pool.map(_train_quietly, runs, folders))
+
+
+def _train_on_this_rank(item: tuple[TrainConfig, Path]) -> Path:
+    return train(item[0], item[1], resume=True, progress=False, data_parallel=False)
 
 
 def _one_thread() -> None:

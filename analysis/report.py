@@ -70,10 +70,13 @@ class Report:
                 f"<style>{_STYLE}</style></head><body>{''.join(body)}</body></html>\n")
 
     def write(self, folder: Path, name: str = "report") -> tuple[Path, Path]:
-        """NAME.md and NAME.html in `folder` (figure paths are relative to it)."""
+        """NAME.md and NAME.html in `folder` (figure paths are relative to it); under torchrun only rank 0 writes."""
+        from landscape import distributed
+
         md, page = folder / f"{name}.md", folder / f"{name}.html"
-        md.write_text(self.markdown())
-        page.write_text(self.html(folder))
+        if distributed.is_main():
+            md.write_text(self.markdown())
+            page.write_text(self.html(folder))
         return md, page
 
 

@@ -10,7 +10,7 @@ from analysis.options import parse_options
 from analysis.tables import format_table
 from landscape.checkpoints import load_checkpoint
 from landscape.presets import PRESETS, apply_preset
-from landscape.train import LR_SCALINGS, LR_SCHEDULES, TrainConfig, train
+from landscape.train import AMP_MODES, LR_SCALINGS, LR_SCHEDULES, TrainConfig, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--track", default=None, metavar="eig[,trace]", help="what --track-every measures (default eig)")
     parser.add_argument("--track-samples", type=int, default=None,
                         help="training samples the tracked curvature is measured on (default 1000, a fixed seeded subset)")
+    parser.add_argument("--accumulate", type=int, default=None, metavar="K",
+                        help="split each batch into K micro-batches run one after another, gradients summed: the "
+                             "same step as the whole batch in 1/K of the activation memory (default 1; a noisy "
+                             "method draws fresh noise per micro-batch)")
+    parser.add_argument("--amp", default=None, choices=AMP_MODES,
+                        help="mixed-precision forward passes: bf16, or fp16 with loss scaling (default none)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default cuda when present); under torchrun cuda means each rank's "
+                             "own GPU (LOCAL_RANK)")
     parser.add_argument("--out", required=True, help="run directory for checkpoints, trajectory and log")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
 
@@ -101,7 +110,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> None:
     config = config_from_args(args)
-    final = train(config, args.out, resume=args.resume, progress=args.progress)
+    from landscape.objective import default_device
+
+    final = train(config, args.out, resume=args.resume, progress=args.progress, device=args.device or default_device())
     metrics = final_metrics(final)
     if args.json:
         from analysis.cli import print_json

@@ -8,6 +8,24 @@ they are bitwise what they were. Only one pass per chunk updates BatchNorm runni
 first); every later pass restores all buffers exactly. `loss_fn(logits, y)` must return the batch
 mean: chunks are combined with weights n_chunk / n_batch. Noise comes from a torch.Generator seeded
 with `seed`, drawn per chunk and per parameter in `model.named_parameters()` order.
+
+The pieces of one step: `accumulate=K` cuts the batch into K micro-batches, each cut again into ghost
+batches when `ghost_batch_size` is smaller; the passes run piece by piece and their gradients are summed
+as they come, so only one piece's activations are alive at a time. For SGD/Adam, K micro-batches equal
+the K-times-larger batch (to float rounding; BatchNorm sees each micro-batch's statistics). A noisy
+method draws fresh noise per piece, so `accumulate=K` means noise per micro-batch, as ghost batches of
+n/K would (SmoothOut, S-SGD, NSO, NRS); SAM's ascent follows `ascent_gradient`.
+
+Data-parallel (`distribute`, landscape/data_parallel.py): each rank makes the passes on its share of the
+global batch with its own noise stream; SmoothOut, S-SGD and NSO draw independent noise per rank, NSO's
+±U pairs stay together on one rank, and de-noising restores each rank's (identical) weights exactly.
+The pieces' gradients are weighted by n_piece / N_global and summed over the ranks once per step.
+
+Mixed precision (`amp`): the forward passes run under torch.autocast in bf16 or fp16; the gradients,
+the weights and the optimizer state stay in float32. With fp16 a GradScaler scales every pass's loss,
+and the combined gradient is unscaled, checked for inf/nan and stepped once per step: a pass that
+overflows skips the whole step (the weights are restored from their saved copy either way). SAM's
+ε̂ = ρ·g/‖g‖ does not depend on the scale.
 """
 
 from __future__ import annotations
@@ -22,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from landscape.data_parallel import GradientSync, rank_seed
 from landscape.params import norm_layer_parameter_names, rescale_filters
 from landscape.results import to_jsonable
 
@@ -37,6 +56,8 @@ SCHEDULES = ("constant", "anneal", "tanh")
 NRS_DISTRIBUTIONS = ("box", "ball", "gaussian")
 KL_DIRECTIONS = ("forward", "reverse")
 ASAM_RULES = ("name", "ndim")
+ASCENTS = ("local", "global")
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def draw(distribution: str, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -131,13 +152,17 @@ class Method:
 
     def __init__(self, model: nn.Module, *, base: str = "sgd", lr: float, momentum: float | None = None,
                  weight_decay: float = 0.0, base_kwargs: dict | None = None, clip_grad_norm: float | None = None,
-                 ghost_batch_size: int | None = None, seed: int = 0) -> None:
+                 ghost_batch_size: int | None = None, accumulate: int = 1, amp: str = "none", seed: int = 0) -> None:
         if base not in BASES:
             raise ValueError(f"unknown base optimizer {base!r}; use one of {', '.join(BASES)}")
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm}")
         if ghost_batch_size is not None and ghost_batch_size < 1:
             raise ValueError(f"ghost_batch_size must be at least 1 or None, got {ghost_batch_size}")
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be at least 1, got {accumulate}")
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"unknown amp {amp!r}; use one of {', '.join(AMP_DTYPES)}")
         self.model = model
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named:
@@ -154,8 +179,12 @@ class Method:
         self.base_hyperparameters = {k: v for k, v in self.base.param_groups[0].items() if k != "params"}
         self.clip_grad_norm = clip_grad_norm
         self.ghost_batch_size = ghost_batch_size
+        self.accumulate, self.amp = accumulate, amp
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+        self.scaler = torch.amp.GradScaler(self.params[0].device.type) if amp == "fp16" else None
         self.seed = seed
         self.generator = torch.Generator(device=self.params[0].device).manual_seed(seed)
+        self.sync: GradientSync | None = None
         self.steps = 0
 
     @property
@@ -171,47 +200,115 @@ class Method:
         """Every hyperparameter and option, JSON-ready (stored in checkpoints)."""
         return to_jsonable({"method": self.name, "base": self.base_name, "base_hyperparameters": self.base_hyperparameters,
                             "clip_grad_norm": self.clip_grad_norm, "ghost_batch_size": self.ghost_batch_size,
-                            "seed": self.seed, **self.options()})
+                            "accumulate": self.accumulate, "amp": self.amp, "seed": self.seed, **self.options()})
+
+    def distribute(self, sync: GradientSync) -> None:
+        """Train data-parallel: gradients summed over the ranks by `sync` each step, and this rank's own noise stream
+        (seeded `landscape.data_parallel.rank_seed(seed, rank)`; rank 0 keeps the one-process stream)."""
+        self.sync = sync
+        self.generator.manual_seed(rank_seed(self.seed, sync.rank))
 
     def state_dict(self) -> dict:
-        """Base optimizer state, step counter and noise generator state: resuming repeats the run exactly."""
-        return {"config": self.config(), "base": self.base.state_dict(), "steps": self.steps,
-                "generator": self.generator.get_state()}
+        """Base optimizer state, step counter, noise generator and loss-scaler state: resuming repeats the run exactly."""
+        state = {"config": self.config(), "base": self.base.state_dict(), "steps": self.steps,
+                 "generator": self.generator.get_state()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from `state_dict()`; settings that differ from this optimizer's are an error."""
-        if state["config"] != self.config():
-            differ = sorted(k for k in set(state["config"]) | set(self.config())
-                            if state["config"].get(k) != self.config().get(k))
+        """Resume from `state_dict()`; settings that differ from this optimizer's are an error.
+
+        Settings a state written by an older version lacks are read as this optimizer's.
+        """
+        stored = {**self.config(), **state["config"]}
+        if stored != self.config():
+            differ = sorted(k for k in set(stored) | set(self.config()) if stored.get(k) != self.config().get(k))
             raise ValueError(f"optimizer state belongs to different settings ({', '.join(differ)}); resume with the same options")
         self.base.load_state_dict(state["base"])
         self.steps = int(state["steps"])
         self.generator.set_state(state["generator"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
         """One update on the mini-batch (x, y): the method's gradient in `p.grad`, clipped, then a base step.
 
-        Returns the method's loss (the weighted losses of the passes its gradient combines, detached)
-        and the logits of each chunk's first pass.
+        Data-parallel (after `distribute`), (x, y) is this rank's share of the global batch and the
+        gradient is the global batch's. Returns the method's loss (the weighted losses of the passes its
+        gradient combines, detached; the global batch's when data-parallel) and the logits of each
+        chunk's first pass on this rank.
         """
         if model is not self.model:
             raise ValueError("step() got a different model from the one this optimizer was built for")
-        n = len(y)
-        size = self.ghost_batch_size or n
-        terms, logits = [], []
-        for xc, yc in zip(torch.split(x, size), torch.split(y, size)):
-            chunk_logits, chunk_terms = self._chunk(model, xc, yc, loss_fn)
-            loss, grads = _combine(chunk_terms)
-            terms.append((len(yc) / n, loss, grads))
+        total = len(y) if self.sync is None else self.sync.global_count(len(y), self.params[0].device)
+        loss, grads, logits = self._sweep(model, self.chunks(x, y), total, loss_fn)
+        loss, grads = self._reduce(loss, grads)
+        self._descend(grads)
+        return loss, logits
+
+    def chunks(self, x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The pieces one step makes its passes on, in order: `accumulate` micro-batches (sizes ⌈n/K⌉), each split
+        into ghost batches of `ghost_batch_size`. A method draws fresh noise per piece."""
+        if len(y) == 0:
+            return []
+        micro = -(-len(y) // self.accumulate)
+        pieces = []
+        for xm, ym in zip(torch.split(x, micro), torch.split(y, micro)):
+            size = min(self.ghost_batch_size or len(ym), len(ym))
+            pieces += list(zip(torch.split(xm, size), torch.split(ym, size)))
+        return pieces
+
+    def _sweep(self, model: nn.Module, pieces: list[tuple[torch.Tensor, torch.Tensor]], total: int, loss_fn: LossFn,
+               chunk: Callable | None = None) -> tuple[torch.Tensor, Grads, torch.Tensor]:
+        """Σ (n_piece/total)·(loss, grads) of `chunk` (default `_chunk`) over the pieces, summed as they come (one
+        piece's gradients alive at a time), and the pieces' first-pass logits."""
+        chunk = chunk or self._chunk
+        loss: torch.Tensor = torch.zeros((), device=self.params[0].device)
+        grads: Grads = [None] * len(self.params)
+        logits = []
+        for i, (xc, yc) in enumerate(pieces):
+            chunk_logits, chunk_terms = chunk(model, xc, yc, loss_fn)
+            chunk_loss, chunk_grads = _combine(chunk_terms)
+            weight = len(yc) / total
+            if weight == 1.0:  # the whole batch in one piece: unweighted, as one pass
+                loss, grads = chunk_loss, chunk_grads
+            elif i == 0:
+                loss, grads = _combine([(weight, chunk_loss, chunk_grads)])
+            else:  # the same operations, in the same order, as _combine over all pieces at once
+                loss = loss + weight * chunk_loss
+                for j, g in enumerate(chunk_grads):
+                    if g is not None:
+                        grads[j] = g * weight if grads[j] is None else grads[j].add_(g, alpha=weight)
             logits.append(chunk_logits)
-        loss, grads = _combine(terms)
+        return loss, grads, torch.cat(logits) if logits else torch.empty(0)
+
+    def _reduce(self, loss: torch.Tensor, grads: Grads) -> tuple[torch.Tensor, Grads]:
+        """Loss and gradients summed over the ranks when data-parallel (unchanged otherwise)."""
+        if self.sync is None:
+            return loss, grads
+        return self.sync.sum_gradients(loss, grads, self.params)
+
+    def _descend(self, grads: Grads) -> None:
+        """`grads` into p.grad, unscaled (fp16), clipped, and the base step at the current weights."""
         for p, g in zip(self.params, grads):
             p.grad = g
+        if self.scaler is not None:
+            self.scaler.unscale_(self.base)  # once per step, whatever number of passes the gradient combines
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.clip_grad_norm)
-        self.base.step()
+        if self.scaler is not None:
+            self.scaler.step(self.base)  # skipped when a pass overflowed: the gradient then holds inf or nan
+            self.scaler.update()
+        else:
+            self.base.step()
         self.steps += 1
-        return loss, torch.cat(logits)
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The forward passes' mixed-precision context (a no-op with amp="none")."""
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=AMP_DTYPES[self.amp])
 
     def _chunk(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                loss_fn: LossFn) -> tuple[torch.Tensor, list[tuple[float, torch.Tensor, Grads]]]:
@@ -229,8 +326,10 @@ class Method:
                   freeze_buffers: bool = False) -> tuple[torch.Tensor, torch.Tensor, Grads]:
         """One forward/backward pass at the current weights: (loss, logits, grads of all trainable params)."""
         with frozen_buffers(model) if freeze_buffers else contextlib.nullcontext():
-            loss, logits = self._objective(model, x, y, loss_fn)
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            with self.autocast(x.device):
+                loss, logits = self._objective(model, x, y, loss_fn)
+            scaled = loss if self.scaler is None else self.scaler.scale(loss)
+            grads = torch.autograd.grad(scaled, self.params, allow_unused=True)
         return loss.detach(), logits.detach(), list(grads)
 
 
@@ -346,7 +445,7 @@ class NSO(PerturbationMethod):
             loss, logits, grads = self._gradient(model, x, y, loss_fn)
             terms.append((self.clean_weight, loss, grads))
         elif self.bn_update == "clean":  # the reference's clean pass at weight 0: it only moves the BN statistics
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast(x.device):
                 logits = self._objective(model, x, y, loss_fn)[1].detach()
         signs = (1.0, -1.0) if self.two_point else (1.0,)
         weight = (1 - self.clean_weight) / (self.k * len(signs))
@@ -433,23 +532,45 @@ class SAM(PerturbationMethod):
     (Kwon et al. 2021): ε = ρ·T²g/‖Tg‖, T = |w|+η where `asam_rule` says a weight, 1 for biases.
 
     `asam_rule` "name": parameters whose name contains 'weight' (the ASAM reference code, BN scales
-    included); "ndim": tensors with ≥ 2 dims. With ghost batches each chunk has its own ε (m-sharpness).
+    included); "ndim": tensors with ≥ 2 dims. `ascent_gradient` "local" (default): each piece (ghost batch,
+    micro-batch of `accumulate`, this rank's share of the batch) ascends along its own gradient, m-sharpness
+    with m the piece size, as Foret et al. ran it per accelerator; "global": one ε̂ from the whole step's
+    gradient, over all pieces and ranks (one more all-reduce and a second sweep). BatchNorm statistics
+    move in the first pass only, either way.
     """
 
     name = "sam"
 
     def __init__(self, model: nn.Module, *, rho: float = 0.05, adaptive: bool = False, eta: float = 0.01,
-                 asam_rule: str = "name", **kwargs) -> None:
+                 asam_rule: str = "name", ascent_gradient: str = "local", **kwargs) -> None:
         if rho < 0 or eta < 0:
             raise ValueError(f"rho and eta must be non-negative, got {rho}, {eta}")
         if asam_rule not in ASAM_RULES:
             raise ValueError(f"asam_rule must be one of {', '.join(ASAM_RULES)}, got {asam_rule!r}")
+        if ascent_gradient not in ASCENTS:
+            raise ValueError(f"ascent_gradient must be one of {', '.join(ASCENTS)}, got {ascent_gradient!r}")
         super().__init__(model, **kwargs)
         self.rho, self.adaptive, self.eta, self.asam_rule = rho, adaptive, eta, asam_rule
+        self.ascent_gradient = ascent_gradient
 
     def options(self) -> dict:
         return {"rho": self.rho, "adaptive": self.adaptive, "eta": self.eta, "asam_rule": self.asam_rule,
-                **super().options()}
+                "ascent_gradient": self.ascent_gradient, **super().options()}
+
+    def _sweep(self, model, pieces, total, loss_fn, chunk=None):
+        """`ascent_gradient="global"`: ε̂ from the whole step's gradient (every piece, summed over the ranks), then
+        the gradient at w + ε̂ piece by piece: two sweeps, BatchNorm statistics moved in the first only."""
+        if self.ascent_gradient == "local" or chunk is not None:
+            return super()._sweep(model, pieces, total, loss_fn, chunk)
+        _, grads, logits = super()._sweep(model, pieces, total, loss_fn, Method._chunk.__get__(self))
+        _, grads = self._reduce(torch.zeros((), device=self.params[0].device), grads)
+        with displaced(self.perturbed_params, self.ascent(grads)):
+            loss, grads, _ = super()._sweep(model, pieces, total, loss_fn, self._perturbed_pass)
+        return loss, grads, logits
+
+    def _perturbed_pass(self, model, x, y, loss_fn):
+        loss, logits, grads = self._gradient(model, x, y, loss_fn, freeze_buffers=True)
+        return logits, [(1.0, loss, grads)]
 
     def ascent(self, grads: Grads) -> list[torch.Tensor]:
         """ε̂ for the perturbed parameters from the gradients of all trainable ones (zero where no gradient)."""
@@ -466,8 +587,7 @@ class SAM(PerturbationMethod):
     def _chunk(self, model, x, y, loss_fn):
         _, logits, grads = self._gradient(model, x, y, loss_fn)
         with displaced(self.perturbed_params, self.ascent(grads)):
-            loss, _, grads = self._gradient(model, x, y, loss_fn, freeze_buffers=True)
-        return logits, [(1.0, loss, grads)]
+            return logits, self._perturbed_pass(model, x, y, loss_fn)[1]
 
 
 class ASAM(SAM):

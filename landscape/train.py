@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -13,7 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from landscape import distributed
 from landscape.checkpoints import CheckpointError, atomic_save, save_checkpoint
+from landscape.data_parallel import GradientSync
 from landscape.data import Dataset, MeasurementSet
 from landscape.models import model_for_data
 from landscape.objective import Objective
@@ -104,14 +107,19 @@ def _lr_factor(config: TrainConfig, epoch: int) -> float:
     return 1.0
 
 
-def _metrics(model: torch.nn.Module, dataset: Dataset, validation: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-    """Train, test (and validation) loss/accuracy in eval mode, through the same Objective every measurement uses."""
+def _metrics(model: torch.nn.Module, dataset: Dataset, validation: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+             device: torch.device | str = "cpu", sharded: bool = False) -> dict:
+    """Train, test (and validation) loss/accuracy in eval mode, through the same Objective every measurement uses.
+
+    `sharded`: each rank evaluates its share of the batches and the sums are all-reduced (data-parallel training).
+    """
     splits = {s: MeasurementSet(s, batch_size=1024).batches(dataset) for s in ("train", "test") if len(dataset.split(s)[1])}
     if validation is not None:
         splits["validation"] = list(zip(validation[0].split(1024), validation[1].split(1024)))
     out = {}
     for split, batches in splits.items():
-        e = Objective(model, batches, device="cpu", hvp_method="double-backward").evaluate()
+        e = Objective(model, distributed.shard(batches) if sharded else batches, device=device,
+                      hvp_method="double-backward", distributed=sharded).evaluate()
         out[f"{split}_loss"], out[f"{split}_accuracy"] = e.loss, e.accuracy
     return out
 
@@ -128,69 +136,101 @@ def hold_out(dataset: Dataset, n: int, seed: int) -> tuple[Dataset, tuple[torch.
             (dataset.x_train[held], dataset.y_train[held]))
 
 
-def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool | str = True) -> Path:
-    """Train, writing `trajectory/epoch_NNNN.pt`, `final.pt`, `state.pt` (for resuming) and `log.jsonl`; returns final.pt."""
+def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool | str = True,
+          device: torch.device | str = "cpu", data_parallel: bool | None = None) -> Path:
+    """Train, writing `trajectory/epoch_NNNN.pt`, `final.pt`, `state.pt` (for resuming) and `log.jsonl`; returns final.pt.
+
+    `data_parallel` (default: whenever torchrun's process group has more than one rank): every rank trains
+    on its contiguous share of each batch, gradients summed over the ranks once per step
+    (landscape/data_parallel.py), and rank 0 alone writes. False trains this whole run in this process.
+    """
     out = Path(out_dir)
     state_path, log_path = out / "state.pt", out / "log.jsonl"
+    parallel = distributed.world_size() > 1 if data_parallel is None else data_parallel
+    sync = GradientSync() if parallel else None
+    world, main = (sync.world_size, sync.rank == 0) if sync else (1, True)
+    device = distributed.local_device(device)
     data_spec = DataSpec(config.data, config.data_seed)
     dataset, validation = hold_out(data_spec.load(), config.validation, config.data_seed)
     torch.manual_seed(config.seed)
     model, model_spec = model_for_data(config.model, dataset, **config.model_kwargs)
+    model.to(device)
     optimizer = make_optimizer(
         config.optimizer, model, base=config.base, lr=config.scaled_lr, momentum=config.momentum,
-        weight_decay=config.weight_decay, seed=config.seed, **config.optimizer_kwargs,
+        weight_decay=config.weight_decay, seed=config.seed, accumulate=config.accumulate, amp=config.amp,
+        **config.optimizer_kwargs,
     )
+    if sync is not None:
+        optimizer.distribute(sync)
     shuffle = torch.Generator().manual_seed(config.seed)
     start_epoch = 0
     if resume and state_path.exists():
-        start_epoch = _restore(state_path, config, model, optimizer, shuffle)
+        start_epoch = _restore(state_path, config, model, optimizer, shuffle, world, sync.rank if sync else 0)
     elif out.exists() and any(out.iterdir()) and not resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "trajectory").mkdir(exist_ok=True)
-    x_train, y_train = dataset.split("train")
+    if sync is not None:
+        distributed.barrier()  # every rank has checked and read the folder before rank 0 writes to it
+        sync.broadcast_module(model)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "trajectory").mkdir(exist_ok=True)
+    x_train, y_train = (t.to(device) for t in dataset.split("train"))
     n_steps = math.ceil(len(y_train) / config.batch_size)
-    meta = {"train": config.to_dict(), "optimizer": optimizer.config()}
+    meta = {"train": config.to_dict(), "optimizer": optimizer.config(), "world_size": world}
     tracker = None
     if config.track_every:  # after a resume the first measurement starts cold
         subset = MeasurementSet("train", min(config.track_samples, len(y_train)), 1024, seed=0).batches(dataset)
-        tracker = CurvatureTracker(subset, measures=tuple(m for m in config.track.split(",") if m))
+        tracker = CurvatureTracker(distributed.shard(subset) if sync else subset, device=device, distributed=sync is not None,
+                                   measures=tuple(m for m in config.track.split(",") if m))
+    evaluate = functools.partial(_metrics, dataset=dataset, validation=validation, device=device, sharded=sync is not None)
     if start_epoch == 0:
-        first = _metrics(model, dataset, validation)
+        first = evaluate(model)
         if tracker is not None:
             first.update(tracker.measure(model))
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"epoch": 0, **first}) + "\n")
-        _save(out / "trajectory" / "epoch_0000.pt", model, model_spec, data_spec, meta, 0, first)
-    bar = Progress(config.epochs, f"train {config.optimizer}", "epoch", progress, initial=start_epoch)
+            if main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"epoch": 0, **first}) + "\n")
+        if main:
+            _save(out / "trajectory" / "epoch_0000.pt", model, model_spec, data_spec, meta, 0, first)
+    bar = Progress(config.epochs, f"train {config.optimizer}", "epoch", progress if main else False, initial=start_epoch)
     for epoch in bar.iterate(range(start_epoch, config.epochs)):
         for group in optimizer.param_groups:
             group["lr"] = config.scaled_lr * _lr_factor(config, epoch)
         model.train()
-        order = torch.randperm(len(y_train), generator=shuffle)
+        order = torch.randperm(len(y_train), generator=shuffle).to(device)
         started, total = time.perf_counter(), 0.0
         for i in range(n_steps):
             idx = order[i * config.batch_size:(i + 1) * config.batch_size]
-            loss, _ = optimizer.step(model, x_train[idx], y_train[idx], F.cross_entropy)
+            mine = sync.share(idx) if sync else idx
+            loss, _ = optimizer.step(model, x_train[mine], y_train[mine], F.cross_entropy)
+            if sync is not None:
+                sync.average_buffers(model)
             total += float(loss) * len(idx)
         if not math.isfinite(total):
             raise ValueError(f"training diverged at epoch {epoch + 1} (non-finite loss); lower the learning rate")
         stepped = time.perf_counter() - started
-        metrics = {"epoch": epoch + 1, "running_train_loss": total / len(y_train), **_metrics(model, dataset, validation),
-                   "seconds": time.perf_counter() - started}
+        metrics = {"epoch": epoch + 1, "running_train_loss": total / len(y_train), **evaluate(model),
+                   "seconds": time.perf_counter() - started, "train_seconds": stepped}
         if tracker is not None and (epoch + 1) % config.track_every == 0:
             metrics.update(tracker.measure(model))
             metrics["track_fraction"] = metrics["track_seconds"] / max(stepped, 1e-9)  # of the epoch's training steps
         bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", test_acc=f"{metrics.get('test_accuracy', float('nan')):.3f}")
-        if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
-            _save(out / "trajectory" / f"epoch_{epoch + 1:04d}.pt", model, model_spec, data_spec, meta, epoch + 1, metrics)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        atomic_save({"epoch": epoch + 1, "config": config.to_dict(), "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "shuffle": shuffle.get_state()}, state_path)
+        generators = distributed.all_gather(optimizer.generator.get_state()) if sync else None
+        if main:
+            if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
+                _save(out / "trajectory" / f"epoch_{epoch + 1:04d}.pt", model, model_spec, data_spec, meta, epoch + 1, metrics)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            state = {"epoch": epoch + 1, "config": config.to_dict(), "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "shuffle": shuffle.get_state(), "world_size": world}
+            if generators is not None:
+                state["rank_generators"] = generators
+            atomic_save(state, state_path)
     final = out / "final.pt"
-    if start_epoch < config.epochs or not final.exists():  # a finished run's final.pt stays untouched (caches key on it)
+    if main and (start_epoch < config.epochs or not final.exists()):  # a finished run's final.pt stays untouched
         atomic_save(torch.load(out / "trajectory" / f"epoch_{config.epochs:04d}.pt", weights_only=True), final)
+    if sync is not None:
+        distributed.barrier()  # final.pt is written before any rank returns it
     return final
 
 
@@ -213,7 +253,8 @@ def config_differences(stored: dict, asked: dict) -> str:
                      for key in [*asked, *(k for k in stored if k not in asked)] if stored.get(key) != asked.get(key))
 
 
-def _restore(state_path: Path, config: TrainConfig, model, optimizer, shuffle: torch.Generator) -> int:
+def _restore(state_path: Path, config: TrainConfig, model, optimizer, shuffle: torch.Generator, world: int = 1,
+             rank: int = 0) -> int:
     state = torch.load(state_path, map_location="cpu", weights_only=True)
     # stored configs from before a field existed read as its default; the recipe name is a label, not a setting
     stored, asked = TrainConfig.from_dict(state["config"]).to_dict(), config.to_dict()
@@ -222,7 +263,14 @@ def _restore(state_path: Path, config: TrainConfig, model, optimizer, shuffle: t
     if differences:
         raise CheckpointError(f"{state_path} belongs to a run with different settings ({differences}); "
                               "resume with the run's options")
+    trained_on = int(state.get("world_size", 1))
+    if trained_on != world and int(state["epoch"]) < config.epochs:  # each rank's noise stream goes on where it stopped
+        raise CheckpointError(f"{state_path} belongs to a run trained on {trained_on} process(es), not {world}; "
+                              f"resume it with torchrun --nproc_per_node {trained_on}" if trained_on > 1 else
+                              f"{state_path} belongs to a run trained in one process; resume it without torchrun")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if "rank_generators" in state:
+        optimizer.generator.set_state(state["rank_generators"][rank])
     shuffle.set_state(state["shuffle"])
     return int(state["epoch"])

@@ -31,6 +31,8 @@ class CurvatureTracker:
     tol: float = 1e-3
     trace_matvecs: int = 30
     seed: int = 0
+    device: torch.device | str = "cpu"
+    distributed: bool = False  # `batches` is this rank's shard; products are summed over the ranks
     warm: WarmStart = field(default_factory=WarmStart, repr=False)
 
     def __post_init__(self) -> None:
@@ -42,7 +44,8 @@ class CurvatureTracker:
         """λ1 with its Lanczos residual (and the trace ± stderr), the HVPs spent and the seconds taken."""
         began = time.perf_counter()
         # double backward: a fresh Objective each time, where tracing a linearized gradient would cost more than it saves
-        objective = Objective(model, self.batches, device="cpu", hvp_method="double-backward", hvp_check=False)
+        objective = Objective(model, self.batches, device=self.device, hvp_method="double-backward", hvp_check=False,
+                              distributed=self.distributed)
         op = HessianOperator(objective)
         out: dict = {}
         hvps = 0

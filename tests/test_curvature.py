@@ -7,13 +7,10 @@ gradients. BatchNorm's train mode is built here by setting only the BN modules t
 
 import copy
 import json
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
@@ -32,6 +29,7 @@ from tests.conftest import classification_batches, digits_mlp_checkpoint, tiny_c
 from tests.ground_truth import dense_hessian, rel_err
 from tests.model_zoo import ZOO, CustomFunctionResidual
 from tests.test_zoo import zoo_batches
+from tests.process_groups import run_on_ranks
 
 PROBLEMS = {"mlp": (tiny_mlp, (12,), 4, [20, 20, 10]), "convnet-bn": (tiny_convnet_bn, (1, 4, 4), 3, [16, 16, 8])}
 
@@ -237,27 +235,15 @@ def _sharded_products(distributed: bool) -> dict:
     return out
 
 
-def _worker(rank: int, port: int, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2", LANDSCAPE_DIST_TIMEOUT="60")
-    torch.set_num_threads(1)
-    assert ranks.init_from_env("cpu")
-    try:
-        torch.save(_sharded_products(distributed=True), out / f"rank{rank}.pt")
-    finally:
-        ranks.shutdown()
+def _sharded_on_a_rank() -> dict:
+    return _sharded_products(distributed=True)
 
 
 @pytest.mark.distributed
 def test_two_ranks_give_the_one_process_products(tmp_path):
     """Batches sharded 3 + 2 over two gloo ranks: the all-reduced products equal one process's, on every rank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, tmp_path), nprocs=2, join=True)
     single = _sharded_products(distributed=False)
-    for rank in range(2):
-        products = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, products in enumerate(run_on_ranks(_sharded_on_a_rank, tmp_path)):
         for key, value in single.items():
             assert rel_err(products[key], value) <= 1e-12, (rank, key)
 

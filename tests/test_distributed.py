@@ -1,8 +1,8 @@
 """Data-parallel measurement on real 2-process gloo groups: the same numbers as one process, and clean failures."""
 
+import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +12,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from conftest import classification_batches, cli_command, tiny_convnet_bn
 
 from analysis.cli import build_parser
@@ -28,6 +27,7 @@ from landscape.results import to_jsonable
 from landscape.spectrum import lanczos, slq_density
 from landscape.surface import compute_surface, grid_axis, read_surface
 from landscape.trace import hutchinson, hutchpp, xtrace
+from tests.process_groups import free_port, run_on_ranks
 
 pytestmark = pytest.mark.distributed  # every test here starts real process groups
 
@@ -38,12 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ API: estimators and surfaces
@@ -96,23 +90,14 @@ def _surface(path) -> np.ndarray:
     return surface.loss["train"]
 
 
-def _worker(rank: int, port: int, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LANDSCAPE_DIST_TIMEOUT="60")
-    torch.set_num_threads(1)
-    assert ranks.init_from_env("cpu")
-    try:
-        result = {"measurements": _measurements(distributed=True), "surface": _surface(out / "surface.h5")}
-        torch.save(result, out / f"rank{rank}.pt")
-    finally:
-        ranks.shutdown()
+def _on_a_rank(out: Path) -> dict:
+    return {"measurements": _measurements(distributed=True), "surface": _surface(out / "surface.h5")}
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return out, run_on_ranks(functools.partial(_on_a_rank, out), out, WORLD)
 
 
 def _flatten(tree, prefix=""):
@@ -270,7 +255,7 @@ def test_a_failed_rank_ends_the_job_with_one_line(tmp_path, checkpoint, fault, t
     """A dead rank (connection reset; also after the last collective) or a hung one (timeout): rank 0 exits 1, one line."""
     script = tmp_path / "faulty.py"
     script.write_text(FAULTY_RANK)
-    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
+    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
                LANDSCAPE_DIST_TIMEOUT=str(timeout))
     command = [sys.executable, str(script), fault, "measure", str(checkpoint), "--n-samples", "100", "--metrics", "eig",
                "--quiet"]  # no progress line on a loaded machine: stderr is the one error line
