@@ -4,6 +4,8 @@ Sections, each recorded on its own (a failure is an error string in its place, t
   hvp      HVP ÷ gradient per Objective path (landscape.objective.HVP_METHODS, "compiled" included where
            present) and PyHessian's hessian_vector_product where importable, on ResNet-20 and ResNet-44 at
            batch 128 and 512 (CIFAR-shaped random data), with the run-time self-check and peak memory per row;
+  train    seconds per training step per method (sgd, sam, smoothout, nso) with AMP off, bf16 and fp16, ResNet-20 at
+           batch 128, as a ratio to float32 SGD, with peak memory;
   lanczos  top-5 Lanczos wall time on a 10,000-sample CIFAR-shaped set (ResNet-20, batches of 256, `auto`);
   surface  grid points per second at 1 and 16 points per call on the digits MLP and ConvNet
            (benchmarks/surface.py's points_per_second, where it exists).
@@ -45,7 +47,11 @@ PATHS = [*HVP_METHODS, *([COMPILED] if COMPILED and COMPILED not in HVP_METHODS 
 
 FULL = {
     "budget_s": 330.0,  # the guard: no row starts after this; the H200 limit is 6 minutes
-    "hvp_budget_s": 190.0,  # the hvp section stops starting rows after this, so lanczos and surface get their turn
+    "hvp_budget_s": 160.0,  # the hvp section stops starting rows after this, so the others get their turn
+    "train_budget_s": 40.0,
+    "train_model": "resnet20",
+    "train_batch": 128,
+    "train_methods": ["sgd", "sam", "smoothout", "nso"],
     "lanczos_budget_s": 80.0,
     "shape": [3, 32, 32],  # CIFAR-shaped random inputs, 10 classes
     "hvp_models": ["resnet20", "resnet44"],
@@ -62,7 +68,8 @@ FULL = {
 }
 SMOKE = {
     **FULL,
-    "budget_s": 50.0, "hvp_budget_s": 30.0, "lanczos_budget_s": 8.0,
+    "budget_s": 60.0, "hvp_budget_s": 30.0, "lanczos_budget_s": 8.0, "train_budget_s": 8.0, "train_model": "convnet",
+    "train_batch": 8, "train_methods": ["sgd", "sam"],
     "shape": [3, 8, 8], "hvp_models": ["convnet"], "hvp_batches": [4], "probes_per_block": 2,
     "lanczos_samples": 16, "lanczos_batch_size": 8, "lanczos_model": "convnet", "lanczos_max_matvecs": 6,
     "surface_points_per_call": [1, 4], "surface_points": 8, "calls": 2,
@@ -138,6 +145,42 @@ def model(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     net, _ = model_for_data(name, SHAPE, num_classes=10)
     return net
+
+
+# ----------------------------------------------------------------------------------------- train
+def train_section(settings: dict, device: torch.device, clock: Clock, save: Callable[[], None], rows: list) -> None:
+    """Seconds per optimizer step per method and mixed-precision mode (landscape.optim, ResNet-20 at batch 128), the
+    ratio to float32 SGD, peak memory, and the loss after the timed steps (a finite loss: the mode trains)."""
+    import torch.nn.functional as F
+
+    from landscape.optim import make_optimizer
+
+    x, y = (t.to(device) for t in cifar_like(settings["train_batch"], seed=3))
+    deadline = settings["train_budget_s"] + clock.elapsed()
+    for method in settings["train_methods"]:
+        for amp in ("none", "bf16", "fp16"):
+            if clock.left(deadline) < 5:
+                rows.append({"method": method, "amp": amp, "skipped": "time budget"})
+                continue
+            row: dict = {"model": settings["train_model"], "batch": settings["train_batch"], "method": method, "amp": amp}
+            try:
+                reset_memory(device)
+                net = model(settings["train_model"]).to(device).train()
+                opt = make_optimizer(method, net, lr=0.01, momentum=0.9, amp=amp)
+                row["step_s"] = median_seconds(lambda: opt.step(net, x, y, F.cross_entropy), device,
+                                               calls=settings["calls"])
+                row["loss"] = float(opt.step(net, x, y, F.cross_entropy)[0])
+                row["peak_mb"] = peak_mb(device)
+                del net, opt
+            except Exception as error:  # noqa: BLE001
+                row["error"] = error_text(error)
+            rows.append(row)
+            print("train:", json.dumps(row), flush=True)
+            save()
+    sgd = next((r["step_s"] for r in rows if r.get("method") == "sgd" and r.get("amp") == "none" and "step_s" in r), None)
+    for row in rows:
+        if sgd and "step_s" in row:
+            row["over_sgd_float32"] = row["step_s"] / sgd
 
 
 # ----------------------------------------------------------------------------------------- hvp
@@ -332,14 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     clock = Clock(settings["budget_s"])
     payload: dict = {
-        "what": "HVP ÷ gradient per path (ResNet-20/44, batch 128/512), Lanczos top-5 wall time on 10,000 CIFAR-shaped "
+        "what": "HVP ÷ gradient per path (ResNet-20/44, batch 128/512), training step per method and AMP mode, Lanczos top-5 wall time on 10,000 CIFAR-shaped "
                 "samples, surface points per second, peak memory per row; medians after warm-up, synchronized",
         "settings": {
             "device": str(device), **settings, "hvp_paths": PATHS,
             "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
         },
-        "hvp": {"rows": []}, "lanczos": "not run yet", "surface": "not run yet", "complete": False,
+        "hvp": {"rows": []}, "train": {"rows": []}, "lanczos": "not run yet", "surface": "not run yet", "complete": False,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -355,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         hvp_rows(settings, device, clock, save, payload["hvp"]["rows"])
     except Exception as error:  # noqa: BLE001
         payload["hvp"]["error"] = error_text(error)
+    save()
+    try:
+        train_section(settings, device, clock, save, payload["train"]["rows"])
+    except Exception as error:  # noqa: BLE001
+        payload["train"]["error"] = error_text(error)
     save()
     try:
         payload["lanczos"] = lanczos_section(settings, device, clock) if clock.left() > 15 else "skipped: time budget"

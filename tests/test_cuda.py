@@ -310,3 +310,39 @@ def test_cuda_out_of_memory_mid_run_is_one_line(tmp_path, capsys):
     assert code != 0
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("landscape measure: error:") and "memory" in lines[0].lower(), lines[0]
+
+
+# ------------------------------------------------------------------- training on the GPU (issue 19)
+@pytest.mark.parametrize("method", ["sgd", "sam", "smoothout", "nso", "nrs"])
+def test_cuda_training_steps_match_the_cpu_in_float64(method):
+    """One method's steps on the GPU equal the CPU's in float64 (noise methods: deterministic methods only, since the
+    device generator's stream differs; the noisy ones must at least train and keep their weights finite)."""
+    import torch.nn.functional as F
+
+    from landscape.optim import make_optimizer
+
+    results = {}
+    for device in ("cpu", CUDA):
+        torch.manual_seed(0)
+        model = tiny_convnet_bn().double().to(device)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(32, 1, 4, 4, generator=g, dtype=torch.float64).to(device), torch.randint(0, 3, (32,), generator=g).to(device)
+        opt = make_optimizer(method, model, lr=0.1, momentum=0.9)
+        losses = [float(opt.step(model, x, y, F.cross_entropy)[0]) for _ in range(5)]
+        results[device] = (losses, [p.detach().cpu() for p in model.parameters()])
+    assert all(np.isfinite(results[CUDA][0])) and results[CUDA][0][-1] < results[CUDA][0][0]
+    if method in ("sgd", "sam"):
+        for a, b in zip(results["cpu"][1], results[CUDA][1]):
+            assert rel_err(b, a) < 1e-10
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
+def test_cuda_train_with_amp_and_accumulation_writes_a_trained_checkpoint(tmp_path, amp):
+    from landscape.checkpoints import load_checkpoint
+    from landscape.train import TrainConfig, train
+
+    config = TrainConfig(model="convnet", optimizer="sam", amp=amp, accumulate=2, epochs=2, batch_size=64)
+    meta = load_checkpoint(train(config, tmp_path / amp, progress=False, device=CUDA)).meta
+    first = load_checkpoint(tmp_path / amp / "trajectory" / "epoch_0000.pt").meta["metrics"]["train_loss"]
+    assert meta["metrics"]["train_loss"] < 0.7 * first
+    assert meta["optimizer"]["amp"] == amp

@@ -17,7 +17,7 @@ def test_gpu_benchmark_smoke_run_writes_every_section(tmp_path):
                              "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert {"machine", "settings", "hvp", "lanczos", "surface", "complete", "seconds"} <= set(report)
+    assert {"machine", "settings", "hvp", "train", "lanczos", "surface", "complete", "seconds"} <= set(report)
     assert report["complete"] and report["settings"]["smoke"] and report["settings"]["device"] == "cpu"
     rows = report["hvp"]["rows"]
     from landscape import objective
@@ -29,6 +29,9 @@ def test_gpu_benchmark_smoke_run_writes_every_section(tmp_path):
         assert "hvp_over_gradient" in row or isinstance(row.get("error") or row.get("skipped"), str), row
     measured = [r for r in rows if "hvp_over_gradient" in r]
     assert measured and all(r["hvp_s"] > 0 and r["peak_mb"] > 0 for r in measured)
+    train = report["train"]["rows"]  # every method × AMP mode measured (a finite loss), or skipped by the guard
+    assert [(r["method"], r["amp"]) for r in train] == [(m, a) for m in ("sgd", "sam") for a in ("none", "bf16", "fp16")]
+    assert all(("step_s" in r and r["loss"] == r["loss"] and r["over_sgd_float32"] > 0) or "skipped" in r for r in train), train
     lanczos = report["lanczos"]  # run, or skipped by the time guard on a very busy machine; never an error
     assert lanczos == "skipped: time budget" or ("seconds" in lanczos and lanczos["n_matvecs"] >= 5), lanczos
     surface = report["surface"]  # "not available" until benchmarks/surface.py has points_per_second
