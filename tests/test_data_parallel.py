@@ -232,6 +232,12 @@ def test_torchrun_train_equals_one_process_and_writes_once(tmp_path):
     assert b.meta["world_size"] == 2 and a.meta["world_size"] == 1
     log = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
     assert len(log) == 2  # one line per epoch: rank 1 did not write
+    # and torchrun with one process is the plain one-process run, bit for bit
+    alone = subprocess.run(_torchrun("train", *TRAIN, "--epochs", "2", "--out", tmp_path / "alone", nproc=1), env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr
+    c = load_checkpoint(tmp_path / "alone" / "final.pt").state_dict
+    assert all(torch.equal(c[k], v) for k, v in a.state_dict.items())
 
 
 def _kill_tree(pid: int) -> None:
