@@ -50,7 +50,8 @@ COMMANDS: dict[str, tuple[str, str, tuple[Callable[[argparse.ArgumentParser], No
               (_objective, _metrics)),
     "correlate": ("rank sharpness measures against the generalization gap over a sweep of runs (Kendall's τ, "
                   "granulated τ, bootstrap CIs)", "correlate", (_objective, _metrics)),
-    "figures": ("regenerate every figure in figures/ from scratch", "figures", ()),
+    "figures": ("regenerate every figure in figures/ from scratch (--paper DIR: SmoothOut's CIFAR comparison)", "figures",
+                ()),
 }
 
 

@@ -8,6 +8,7 @@ against the noise radius; (e) Hessian spectral densities; (f) the method tables 
 of training and at matched train loss, with paired differences and Holm's correction per table; (g) Jiang
 et al. (2019)'s rank correlation between sharpness and the generalization gap over a learning-rate ×
 batch-size sweep.
+`--paper DIR` instead regenerates SmoothOut's CIFAR comparison under the paper recipes (analysis/paper.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from analysis.recipes import CONVERGED, LARGE, LR_SWEEP, METHODS, SMALL, SWEEP_L
 from analysis.report import Report
 from analysis.tables import format_table
 from analysis.training import NOISE_OPTION
+from landscape import distributed as ranks
 from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
 from landscape.directions import between, random_directions
@@ -64,12 +66,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="training runs at a time, each in its own process (default 1)")
     parser.add_argument("--seeds", type=int, default=None,
                         help="training seeds per method (default 3, with --quick 2); more seeds, more power per comparison")
+    parser.add_argument("--epoch-fraction", type=fraction, default=None, metavar="F",
+                        help="train F of each recipe's epochs (default 1; --quick: 0.04, with --paper 0.005, i.e. one epoch)")
+    paper = parser.add_argument_group(
+        "SmoothOut's CIFAR comparison (--paper DIR)",
+        "--paper DIR trains SGD and SmoothOut under the paper recipes (landscape train --help lists them) for each data "
+        "set in DIR: ResNet-44 on CIFAR-10 (DIR/cifar-10-batches-py) and C3 on CIFAR-100 (DIR/cifar-100-python), batch "
+        "128 and 4096, --seeds seeds each; measures them alike on a subset of the training set and writes paper.md with "
+        "the tables and figures to --out (default runs/paper/figures, with --quick runs/paper-quick/figures). An epoch "
+        "fraction (--quick, --epoch-fraction) is not the paper's result; the report says how much was trained.")
+    paper.add_argument("--paper", metavar="DIR", default=None,
+                       help="folder holding cifar-10-batches-py and/or cifar-100-python (or one archive's files)")
+    paper.add_argument("--model", default=None, help="with --paper: train this model instead of each recipe's (e.g. for tests)")
+    paper.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="with --paper: model option, e.g. channels=(8,8)")
+    paper.add_argument("--noise", type=float, default=None,
+                       help="with --paper: SmoothOut's noise size a (default 0.02; the paper's value on CIFAR is unconfirmed)")
 
 
-def output_folders(out: str | None, cache: str | None, quick: bool) -> tuple[Path, Path]:
-    """(figures folder, cache folder): figures/ and runs/figures, or a scratch pair for --quick unless given."""
-    cache_path = Path(cache or ("runs/figures-quick" if quick else "runs/figures"))
-    return Path(out or (cache_path / "figures" if quick else "figures")), cache_path
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def output_folders(out: str | None, cache: str | None, quick: bool, paper: bool = False) -> tuple[Path, Path]:
+    """(figures folder, cache folder): figures/ and runs/figures, or a scratch pair for --quick unless given; with
+    --paper runs/paper (runs/paper-quick) and its figures/ subfolder, so the README's figures are never touched."""
+    name = "paper" if paper else "figures"
+    cache_path = Path(cache or (f"runs/{name}-quick" if quick else f"runs/{name}"))
+    return Path(out or (cache_path / "figures" if quick or paper else "figures")), cache_path
+
+
+def seeds_given(args: argparse.Namespace) -> int | None:
+    """--seeds, at least 2 (the comparisons pair over seeds); None where not given."""
+    seeds = getattr(args, "seeds", None)
+    if seeds is not None and seeds < 2:
+        raise ValueError(f"--seeds must be at least 2 (paired comparisons over seeds), got {seeds}")
+    return seeds
 
 
 def measure_all(paths: list[str], labels: list[str], budget: dict, out: Path, progress: bool | str, *,
@@ -141,22 +176,24 @@ def by_label(result: dict) -> dict[str, list[dict]]:
 
 
 def interpolation_figure(pairs: list[tuple[str, str]], budget: dict, cache: Path, out: Path,
-                         progress: bool | str = False) -> dict:
-    """(a) Keskar's parametric plot θ(α) = θ_SB + α(θ_LB − θ_SB) for each seed's pair: mean and 95% band over seeds."""
+                         progress: bool | str = False, *, batches: tuple[int, int] = (SMALL, LARGE),
+                         name: str = "interpolation.png") -> dict:
+    """(a) Keskar's parametric plot θ(α) = θ_SB + α(θ_LB − θ_SB) for each seed's pair (SGD at `batches`): mean and 95%
+    band over seeds, drawn to out/`name`."""
     surfaces = []
     for small, large in pairs:
         measurement = MeasurementSet("train", budget["n_samples"], 1000)
         train = objective_from_checkpoint(load_checkpoint(small), measurement=measurement)
         test = objective_from_checkpoint(load_checkpoint(small), measurement=MeasurementSet("test", None, 1000))
-        name = f"interpolation-{Path(small).parent.name}-{Path(large).parent.name}-{budget['n_samples'] or 'all'}.h5"
+        cached = f"interpolation-{Path(small).parent.name}-{Path(large).parent.name}-{budget['n_samples'] or 'all'}.h5"
         surfaces.append(compute_surface({"train": train, "test": test},
-                                        between(train, load_checkpoint(large).build_model(), f"SGD B={LARGE}"),
+                                        between(train, load_checkpoint(large).build_model(), f"SGD B={batches[1]}"),
                                         [grid_axis(-1.0, 2.0, budget["interpolation"])],
-                                        path=cache / "surfaces" / name, resume=True, progress=progress))
-    name = f"SGD B={SMALL} (α=0) → SGD B={LARGE} (α=1)" + (f", {len(pairs)} seed pairs" if len(pairs) > 1 else "")
-    fig = plot_lines({name: surfaces}, log=True, accuracy=True,
+                                        path=cache / "surfaces" / cached, resume=True, progress=progress))
+    line = f"SGD B={batches[0]} (α=0) → SGD B={batches[1]} (α=1)" + (f", {len(pairs)} seed pairs" if len(pairs) > 1 else "")
+    fig = plot_lines({line: surfaces}, log=True, accuracy=True,
                      title="Keskar et al. (2017) interpolation between small- and large-batch minima")
-    save(fig, out / "interpolation.png")
+    save(fig, out / name)
     alphas = list(surfaces[0].axes[0])
     return {split: {"loss_at_0": [float(s.loss[split][alphas.index(0.0)]) for s in surfaces],
                     "loss_at_1": [float(s.loss[split][alphas.index(1.0)]) for s in surfaces]} for split in surfaces[0].loss}
@@ -222,12 +259,13 @@ def _named(method: str, batch: int, noise: dict[str, float]) -> str:
     return label(method, batch) if method not in noise else f"{method} {NOISE_OPTION[method]}={noise[method]:g} B={batch}"
 
 
-def value_table(result: dict, noise: dict[str, float]) -> tuple[list[str], list[list[str]]]:
-    """Every method at both batch sizes: mean ± std over seeds of each quantity."""
+def value_table(result: dict, noise: dict[str, float], batches: tuple[int, ...] = (SMALL, LARGE),
+                methods: tuple[str, ...] = METHODS) -> tuple[list[str], list[list[str]]]:
+    """Every method at every batch size: mean ± std over seeds of each quantity."""
     groups = by_label(result)
     rows = []
-    for batch in (SMALL, LARGE):
-        for method in METHODS:
+    for batch in batches:
+        for method in methods:
             members = groups.get(label(method, batch))
             if members:
                 size = f"{NOISE_OPTION[method]}={noise[method]:g}" if method in noise else ""
@@ -269,12 +307,30 @@ def matched_table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def run(args: argparse.Namespace) -> None:
-    out, cache = output_folders(args.out, args.cache, args.quick)
+    paper = getattr(args, "paper", None) is not None
+    out, cache = output_folders(args.out, args.cache, args.quick, paper)
+    seeds = seeds_given(args)
+    if paper:
+        from analysis.paper import run_paper
+
+        summary = run_paper(args, out, cache, seeds)
+        if not ranks.is_main():
+            return
+        if args.json:
+            from analysis.cli import print_json
+
+            print_json(summary)
+        else:
+            print(f"wrote {out / 'paper.md'} and its figures (training runs and measurements cached in {cache}/)")
+        return
+    given = [name for name in ("model", "model_opt", "noise") if getattr(args, name, None) is not None]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} only applies with --paper DIR")
     budget = dict(QUICK if args.quick else FULL)
-    if getattr(args, "seeds", None) is not None:
-        if args.seeds < 2:
-            raise ValueError(f"--seeds must be at least 2 (paired comparisons over seeds), got {args.seeds}")
-        budget["seeds"] = args.seeds
+    if seeds is not None:
+        budget["seeds"] = seeds
+    if getattr(args, "epoch_fraction", None) is not None:
+        budget["epoch_fraction"] = args.epoch_fraction
     jobs = getattr(args, "jobs", 1)
     swept = noise_sweep(cache / "sweep", grid=budget["grid"], epoch_fraction=budget["epoch_fraction"], jobs=jobs,
                         extend=budget["extend"], progress=args.progress)

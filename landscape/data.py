@@ -275,20 +275,34 @@ def _read_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     return data, labels
 
 
+# each CIFAR kind's "python version" archive: (its folder, its label key, its training files, its test file)
+CIFAR_LAYOUTS = {
+    "cifar10": ("cifar-10-batches-py", b"labels", tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch"),
+    "cifar100": ("cifar-100-python", b"fine_labels", ("train",), "test"),
+}
+
+
+def cifar_folder(kind: str, root: Path) -> Path:
+    """Where the `kind` batches are read from: `root` itself, or its cifar-*-python subfolder when `root` has no test file."""
+    folder, _, _, test_file = CIFAR_LAYOUTS[kind]
+    return root / folder if not (root / test_file).exists() and (root / folder).is_dir() else root
+
+
+def has_cifar(kind: str, root: Path) -> bool:
+    """Whether `root` (or its cifar-*-python subfolder) holds every file of the `kind` archive."""
+    _, _, train_files, test_file = CIFAR_LAYOUTS[kind]
+    found = cifar_folder(kind, root)
+    return all((found / name).is_file() for name in [*train_files, test_file])
+
+
 def _cifar(kind: str, root: Path, spec: str) -> tuple[torch.Tensor, ...]:
     """CIFAR-10/100 "python version" batches (Krizhevsky 2009) in `root` or `root`/cifar-*-python, as (3, 32, 32) in [0, 1]."""
-    if kind == "cifar10":
-        folder, label_key = "cifar-10-batches-py", b"labels"
-        train_files, test_file = [f"data_batch_{i}" for i in range(1, 6)], "test_batch"
-    else:
-        folder, label_key = "cifar-100-python", b"fine_labels"
-        train_files, test_file = ["train"], "test"
+    folder, label_key, train_files, test_file = CIFAR_LAYOUTS[kind]
     if not root.is_dir():
         raise DataError(f"{spec}: directory {root} not found; point it at the extracted {folder} folder (or its parent)")
-    if not (root / test_file).exists() and (root / folder).is_dir():
-        root = root / folder
+    root = cifar_folder(kind, root)
     expected = f"{kind} needs {', '.join(train_files)} and {test_file} (the python-version archive, extracted)"
-    for name in train_files + [test_file]:
+    for name in [*train_files, test_file]:
         if not (root / name).is_file():
             raise DataError(f"{spec}: missing {root / name}; {expected}")
 

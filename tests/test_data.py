@@ -12,6 +12,7 @@ import pytest
 import torch
 from landscape import data as data_module
 from landscape.data import BatchSet, DataError, Dataset, MeasurementSet, load_data
+from tests.cifar_files import fake_cifar10, write_cifar_batch
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,22 +95,6 @@ def test_built_in_sets_are_cached_on_disk_and_read_back_without_scikit_learn(tmp
 
 
 # ---------------------------------------------------------------- CIFAR
-
-def write_cifar_batch(path, data: np.ndarray, labels: list[int], label_key: bytes) -> None:
-    with open(path, "wb") as f:
-        pickle.dump({b"batch_label": b"test", label_key: labels, b"data": data}, f, protocol=2)
-
-
-def fake_cifar10(root, n=4):
-    rng = np.random.default_rng(0)
-    batches = {}
-    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
-        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        labels = [(i + j) % 10 for j in range(n)]
-        write_cifar_batch(root / name, data, labels, b"labels")
-        batches[name] = (data, labels)
-    return batches
-
 
 def test_cifar10_layout_labels_and_normalization(tmp_path):
     batches = fake_cifar10(tmp_path)
