@@ -31,7 +31,7 @@ from analysis.plots import (
     save,
 )
 from analysis.recipes import CONVERGED, LARGE, LR_SWEEP, METHODS, SMALL, SWEEP_LRS, config, label, train_all, train_runs
-from analysis.report import Report
+from analysis.report import Report, write_text
 from analysis.tables import format_table
 from analysis.training import NOISE_OPTION
 from landscape import distributed as ranks
@@ -132,7 +132,7 @@ def measure_all(paths: list[str], labels: list[str], budget: dict, out: Path, pr
     args = build_parser().parse_args(argv)
     args.progress = progress
     result = to_jsonable(compare(paths, args))
-    cached.write_text(json.dumps({"key": key, "result": result}) + "\n")
+    write_text(cached, json.dumps({"key": key, "result": result}) + "\n")
     return result
 
 
@@ -163,7 +163,7 @@ def correlation_sweep(smoothout_noise: float, budget: dict, cache: Path, out: Pa
     report = build_report(result, "correlation.png")
     report.paragraph(f"Recipe `{LR_SWEEP.name}`: {LR_SWEEP.note}. SmoothOut at its validation-tuned a = {smoothout_noise:g}. "
                      f"Every run measured at the end of training.")
-    (out / "correlation.md").write_text(report.markdown())
+    write_text(out / "correlation.md", report.markdown())
     return result
 
 
@@ -395,8 +395,8 @@ def run(args: argparse.Namespace) -> None:
         report.heading(title[0].upper() + title[1:])
         report.table(*family_rows(tests), f"95% intervals and two-sided p from the paired t over seeds; Holm's "
                      f"correction over the {len(tests)} tests of this table (family-wise error {ALPHA:g}).")
-    (out / "methods.md").write_text(report.markdown())
-    (out / "figures.json").write_text(json.dumps(to_jsonable(summary), indent=1, default=str) + "\n")
+    write_text(out / "methods.md", report.markdown())
+    write_text(out / "figures.json", json.dumps(to_jsonable(summary), indent=1, default=str) + "\n")
     if args.json:
         from analysis.cli import print_json
 

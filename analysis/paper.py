@@ -37,7 +37,7 @@ from analysis.figures import (
 )
 from analysis.options import parse_options
 from analysis.recipes import DEFAULT_NOISE, label, train_all
-from analysis.report import Report
+from analysis.report import Report, write_text
 from analysis.tables import format_table
 from analysis.training import NOISE_OPTION
 from landscape import distributed as ranks
@@ -82,6 +82,7 @@ def shortened(preset: Preset, fraction: float) -> dict:
     epochs = max(1, round(preset.settings["epochs"] * fraction))
     milestones = tuple(sorted({round(m * fraction) for m in preset.settings.get("lr_milestones", ())} - {0}))
     return {"epochs": epochs, "lr_milestones": tuple(m for m in milestones if m < epochs),
+            "lr_warmup_epochs": round(preset.settings.get("lr_warmup_epochs", 0) * fraction),
             "save_every": max(1, epochs // 20)}
 
 
@@ -135,7 +136,7 @@ def run_paper(args: argparse.Namespace, out: Path, cache: Path, seeds: int | Non
         summary["recipes"][kind] = _one_data_set(kind, spec, budget, overrides, args, out, cache, report)
     report.write(out, "paper")
     if ranks.is_main():  # under torchrun every rank trains and measures its share; rank 0 alone writes
-        (out / "paper.json").write_text(json.dumps(to_jsonable(summary), indent=1, default=str) + "\n")
+        write_text(out / "paper.json", json.dumps(to_jsonable(summary), indent=1, default=str) + "\n")
     return summary
 
 
@@ -165,6 +166,8 @@ def _one_data_set(kind: str, spec: str, budget: dict, overrides: dict, args: arg
     setup, first = result["checkpoints"][0]["setup"], runs[0]
     report.heading(f"{first.model} on {kind}: recipes {small.name} and {large.name}")
     trained = "; ".join(f"batch {r.batch_size}: {r.epochs} of {p.settings['epochs']} epochs, lr {r.scaled_lr:.4g} "
+                        + (f"×{r.lr_warmup_factor:g} for the first {r.lr_warmup_epochs} epoch(s), "
+                           if r.lr_warmup_epochs else "")
                         + (f"×{r.lr_gamma:g} at epochs {', '.join(map(str, r.lr_milestones))}" if r.lr_milestones
                            else "without a decay in the epochs trained")
                         for p, r in ((small, runs[0]), (large, runs[-1])))

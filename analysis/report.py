@@ -71,13 +71,19 @@ class Report:
 
     def write(self, folder: Path, name: str = "report") -> tuple[Path, Path]:
         """NAME.md and NAME.html in `folder` (figure paths are relative to it); under torchrun only rank 0 writes."""
-        from landscape import distributed
-
         md, page = folder / f"{name}.md", folder / f"{name}.html"
-        if distributed.is_main():
-            md.write_text(self.markdown())
-            page.write_text(self.html(folder))
+        write_text(md, self.markdown())
+        write_text(page, self.html(folder))
         return md, page
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write a report's text file; under torchrun only rank 0 writes (the others computed the same text)."""
+    from landscape import distributed
+
+    if distributed.is_main():
+        path.write_text(text)
+    return path
 
 
 _STYLE = (

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES)
     parser.add_argument("--lr-milestones", default=None, help="epochs where the step schedule multiplies lr by --lr-gamma, e.g. 81,122")
     parser.add_argument("--lr-gamma", type=float, default=None)
+    parser.add_argument("--lr-warmup-epochs", type=int, default=None, metavar="N",
+                        help="a first phase of N epochs at lr × --lr-warmup-factor (default 0: none)")
+    parser.add_argument("--lr-warmup-factor", type=float, default=None, help="the first phase's lr multiple (default 1)")
     parser.add_argument("--lr-scaling", default=None, choices=LR_SCALINGS, help="large-batch learning-rate scaling")
     parser.add_argument("--lr-reference-batch", type=int, default=None)
     parser.add_argument("--save-every", type=int, default=None, help="write a trajectory checkpoint every N epochs")

@@ -57,7 +57,7 @@ def one_run(data: Path, model: str, method: str, nproc: int, out: Path, epochs: 
     peak = 0
     while process.poll() is None:
         peak = max([peak, *(peak_rss(pid) for pid in descendants(process.pid))])
-        time.sleep(0.05)
+        time.sleep(0.5)  # VmHWM is a high-water mark: rare polls miss nothing but the last half second
     wall = time.perf_counter() - started
     if process.returncode != 0:
         raise RuntimeError(process.stderr.read().strip().splitlines()[-1])

@@ -50,6 +50,8 @@ class TrainConfig:
     lr_schedule: str = "constant"
     lr_milestones: tuple[int, ...] = ()
     lr_gamma: float = 0.1
+    lr_warmup_epochs: int = 0  # a first phase at lr × lr_warmup_factor (SmoothOut's C3 regime: 60 epochs at 0.1×)
+    lr_warmup_factor: float = 1.0
     lr_scaling: str = "none"
     lr_reference_batch: int = 128
     save_every: int = 1
@@ -70,6 +72,9 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and save_every must be at least 1")
         if self.track_every < 0 or self.track_samples < 1:
             raise ValueError("track_every must be >= 0 and track_samples >= 1")
+        if self.lr_warmup_epochs < 0 or not self.lr_warmup_factor > 0:
+            raise ValueError("lr_warmup_epochs must be >= 0 and lr_warmup_factor > 0, got "
+                             f"{self.lr_warmup_epochs} and {self.lr_warmup_factor}")
         if self.accumulate < 1:
             raise ValueError(f"accumulate must be at least 1, got {self.accumulate}")
         if self.amp not in AMP_MODES:
@@ -93,13 +98,20 @@ class TrainConfig:
         d = dict(d)
         d.setdefault("validation", 0)  # checkpoints written before these fields existed
         d.setdefault("recipe", "")
-        for key, value in (("track_every", 0), ("track", "eig"), ("track_samples", 1000), ("accumulate", 1), ("amp", "none")):
+        for key, value in (("track_every", 0), ("track", "eig"), ("track_samples", 1000), ("accumulate", 1), ("amp", "none"),
+                           ("lr_warmup_epochs", 0), ("lr_warmup_factor", 1.0)):
             d.setdefault(key, value)
         d["lr_milestones"] = tuple(d.get("lr_milestones", ()))
         return cls(**d)
 
 
 def _lr_factor(config: TrainConfig, epoch: int) -> float:
+    """The schedule's multiple of the (scaled) learning rate in `epoch` (from 0), the warm-up phase included."""
+    warmup = config.lr_warmup_factor if epoch < config.lr_warmup_epochs else 1.0
+    return warmup * _schedule_factor(config, epoch)
+
+
+def _schedule_factor(config: TrainConfig, epoch: int) -> float:
     if config.lr_schedule == "step":
         return config.lr_gamma ** sum(epoch >= m for m in config.lr_milestones)
     if config.lr_schedule == "cosine":

@@ -12,6 +12,7 @@
 
 import copy
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -219,19 +220,24 @@ def _torchrun(*args, nproc: int = WORLD) -> list[str]:
 
 @pytest.mark.cli
 def test_torchrun_train_equals_one_process_and_writes_once(tmp_path):
-    two = subprocess.run(_torchrun("train", *TRAIN, "--epochs", "2", "--out", tmp_path / "two"), env=_env(),
+    """Weights, the logged metrics and the tracked λ1 (measured data-parallel, on each rank's shard) agree."""
+    tracked = ["--track-every", "2", "--track-samples", "500"]
+    two = subprocess.run(_torchrun("train", *TRAIN, *tracked, "--epochs", "2", "--out", tmp_path / "two"), env=_env(),
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("wrote ") == 1  # rank 0 alone prints
-    one = subprocess.run(cli_command() + ["train", *TRAIN, "--epochs", "2", "--out", str(tmp_path / "one")], env=_env(),
-                         capture_output=True, text=True, timeout=600)
+    one = subprocess.run(cli_command() + ["train", *TRAIN, *tracked, "--epochs", "2", "--out", str(tmp_path / "one")],
+                         env=_env(), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr
     a, b = load_checkpoint(tmp_path / "one" / "final.pt"), load_checkpoint(tmp_path / "two" / "final.pt")
     for key, value in a.state_dict.items():
         torch.testing.assert_close(b.state_dict[key], value, rtol=1e-5, atol=1e-6)
     assert b.meta["world_size"] == 2 and a.meta["world_size"] == 1
-    log = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
-    assert len(log) == 2  # one line per epoch: rank 1 did not write
+    log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [0, 1, 2]  # one line per epoch: rank 1 did not write
+    single = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    for key in ("train_loss", "test_accuracy", "lambda1"):
+        assert log[-1][key] == pytest.approx(single[-1][key], rel=1e-3), key
     # and torchrun with one process is the plain one-process run, bit for bit
     alone = subprocess.run(_torchrun("train", *TRAIN, "--epochs", "2", "--out", tmp_path / "alone", nproc=1), env=_env(),
                            capture_output=True, text=True, timeout=600)
