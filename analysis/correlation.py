@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from analysis.differences import CONFIDENCE
+from landscape.statistics import CONFIDENCE
 
 RESAMPLES = 2000
 _PAIRS_PER_CHUNK = 4_000_000  # resample × pair entries held at once

@@ -10,11 +10,22 @@ estimators' own errors, which say whether two checkpoints differ, not whether tw
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import numpy as np
 
-CONFIDENCE = 0.95
+from landscape.statistics import (
+    CONFIDENCE,
+    holm,
+    paired,
+    t_halfwidth,
+    t_quantile,
+    two_sided_p,
+    welch,
+)
+
+# The math lives in landscape.statistics; these names stay importable from here for the reports.
+ci_halfwidth = t_halfwidth  # 95% Student-t half-width of the mean over seeds (at least two values)
+__all__ = ["CONFIDENCE", "aggregate", "ci_halfwidth", "difference", "holm", "verdict"]
 
 
 def aggregate(members: list[dict], name: str) -> dict | None:
@@ -43,29 +54,28 @@ def difference(baseline: list[dict], other: list[dict], name: str) -> dict | Non
     unpaired = None
     pairs = _paired_by_seed(baseline, other, name)
     if len(a) > 1 and len(b) > 1:
-        sa, sb = va.var(ddof=1) / len(a), vb.var(ddof=1) / len(b)
-        df = (sa + sb) ** 2 / (sa**2 / (len(a) - 1) + sb**2 / (len(b) - 1)) if sa + sb > 0 else 1.0
-        se, basis = math.sqrt(sa + sb), f"seed spread (Welch, {len(a)} vs {len(b)} seeds)"
+        test = welch(va, vb)
+        df, se, basis = test.df, test.stderr, f"seed spread (Welch, {len(a)} vs {len(b)} seeds)"
         if pairs is not None:  # the same seeds start both methods from the same weights and batch order
-            unpaired = _t(df) * se
-            d = pairs[1] - pairs[0]
-            df, se, basis = len(d) - 1, float(d.std(ddof=1)) / math.sqrt(len(d)), f"paired over {len(d)} shared training seeds"
+            unpaired = test.halfwidth
+            test = paired(*pairs)
+            df, se, basis = test.df, test.stderr, f"paired over {len(pairs[0])} shared training seeds"
     elif len(a) > 1 or len(b) > 1:
         seeds = va if len(a) > 1 else vb
         df, se = len(seeds) - 1, seeds.std(ddof=1) * math.sqrt(1 / len(a) + 1 / len(b))
         basis = f"seed spread of the {len(seeds)}-seed group"
     elif "samples" in a[0] and "samples" in b[0] and len(a[0]["samples"]) == len(b[0]["samples"]):
-        d = np.array(b[0]["samples"]) - np.array(a[0]["samples"])
-        df, se = len(d) - 1, d.std(ddof=1) / math.sqrt(len(d))
+        test = paired(a[0]["samples"], b[0]["samples"])
+        df, se = test.df, test.stderr
         basis = "paired over shared noise draws or batches (one seed each)"
-        unpaired = _t(df) * math.hypot(a[0]["stderr"], b[0]["stderr"])  # the same quantile, independent draws
+        unpaired = t_quantile(df) * math.hypot(a[0]["stderr"], b[0]["stderr"])  # the same quantile, independent draws
     else:
         df, se, basis = None, math.hypot(a[0]["stderr"], b[0]["stderr"]), "estimator error (one seed each)"
-    half = (_t(df) if df is not None else 1.96) * se
+    half = (t_quantile(df) if df is not None else 1.96) * se
     scale = abs(float(va.mean()))
     return {"diff": diff, "halfwidth": half, "unpaired_halfwidth": unpaired, "basis": basis,
             "relative": diff / scale if scale else None, "relative_halfwidth": half / scale if scale else None,
-            "significant": abs(diff) > half, "seeds": len(a) > 1 or len(b) > 1, "p_value": _p_value(diff, se, df)}
+            "significant": abs(diff) > half, "seeds": len(a) > 1 or len(b) > 1, "p_value": two_sided_p(diff, se, df)}
 
 
 def _paired_by_seed(baseline: list[dict], other: list[dict], name: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -81,41 +91,6 @@ def _paired_by_seed(baseline: list[dict], other: list[dict], name: str) -> tuple
         return None
     seeds = sorted(a)
     return np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds])
-
-
-def _p_value(diff: float, se: float, df: float | None) -> float:
-    """Two-sided p of diff/se under Student's t with `df` (normal when None); 0 or 1 when se is 0."""
-    import scipy.stats  # here, not at the top: ~0.3 s that the CLI's start-up should not pay
-
-    if se == 0:
-        return 0.0 if diff != 0 else 1.0
-    z = abs(diff) / se
-    return float(2 * (scipy.stats.t.sf(z, max(df, 1.0)) if df is not None else scipy.stats.norm.sf(z)))
-
-
-def ci_halfwidth(values: np.ndarray, axis: int = 0) -> np.ndarray:
-    """Half-width of the 95% Student-t interval of the mean along `axis` (at least two values)."""
-    values = np.asarray(values, dtype=float)
-    n = values.shape[axis]
-    if n < 2:
-        raise ValueError("a confidence interval over seeds needs at least two values")
-    return _t(n - 1) * values.std(axis=axis, ddof=1) / math.sqrt(n)
-
-
-def _t(df: float) -> float:
-    import scipy.stats
-
-    return float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, max(df, 1.0)))
-
-
-def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (Holm 1979): family-wise error control over the given tests."""
-    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
-    adjusted, running = [1.0] * len(p_values), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
 
 
 def verdict(d: dict) -> str:

@@ -27,11 +27,11 @@ from landscape.params import rescale_filters
 from landscape.probes import check_int, seeded_generator
 from landscape.progress import Progress
 from landscape.results import Result
+from landscape.statistics import stderr as _stderr, t_halfwidth  # `stderr` is a local name in expected_loss
 from landscape.trace import TraceResult, hutchinson
 
 DISTRIBUTIONS = ("uniform", "gaussian")
 SCALES = ("absolute", "weight", "filter")
-CONFIDENCE = 0.95  # every CI here is a two-sided Student-t interval with (units − 1) degrees of freedom
 _UNIT_VARIANCE = {"uniform": 1 / 3, "gaussian": 1.0}  # per-coordinate variance of U[−1, 1] and N(0, 1)
 _BLOCK = 10  # noise draws (or antithetic pairs) generated at once; the stopping rule is checked after each block
 _MIN_UNITS = 10  # fewest draws (or pairs) before a CI may stop the sampling
@@ -42,8 +42,8 @@ class ExpectedLoss(Result):
     """C̄(w) = E_u L(w+u) under random weight noise (SmoothOut, Wen et al. 2018), with its uncertainty.
 
     `samples` are the iid units whose mean is `mean` and whose spread gives `stderr`: the loss of
-    each draw, or the mean of L(w+u) and L(w−u) for each antithetic pair. CIs are 95% Student-t.
-    The clean loss is exact on the fixed measurement set, so `increase` = C̄ − L(w) has the same stderr.
+    each draw, or the mean of L(w+u) and L(w−u) for each antithetic pair. CIs are 95% Student-t with
+    (units − 1) df (landscape.statistics.t_halfwidth). The clean loss is exact on the fixed measurement set, so `increase` = C̄ − L(w) has the same stderr.
     """
 
     mean: float
@@ -185,10 +185,10 @@ def expected_loss(objective: Objective, radius: float, *, distribution: str = "u
                 losses.append(sum(p.loss for p in points) / len(points))
                 if clean.accuracy is not None:
                     accuracies.append(sum(p.accuracy for p in points) / len(points))
-            if target_ci_halfwidth is not None and len(losses) >= _MIN_UNITS and _halfwidth(losses) <= target_ci_halfwidth:
+            if target_ci_halfwidth is not None and len(losses) >= _MIN_UNITS and t_halfwidth(losses) <= target_ci_halfwidth:
                 break
     samples = np.array(losses)
-    mean, stderr, half = float(samples.mean()), _stderr(samples), _halfwidth(samples)
+    mean, stderr, half = float(samples.mean()), _stderr(samples), t_halfwidth(samples)
     acc = np.array(accuracies) if clean.accuracy is not None else None
     n_draws = len(samples) * (2 if antithetic else 1)
     return ExpectedLoss(
@@ -253,18 +253,6 @@ def _check_number(name: str, value: float, *, allow_zero: bool) -> float:
     if not real or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be a finite number {'≥' if allow_zero else '>'} 0, got {value!r}")
     return float(value)
-
-
-def _stderr(samples: np.ndarray) -> float:
-    return float(np.std(samples, ddof=1) / math.sqrt(len(samples)))
-
-
-def _halfwidth(samples: Sequence[float]) -> float:
-    """Half-width of the two-sided Student-t CI of the mean at level CONFIDENCE."""
-    import scipy.stats  # here, not at the top: ~0.3 s that `landscape measure --help` should not pay
-
-    samples = np.asarray(samples)
-    return float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, len(samples) - 1)) * _stderr(samples)
 
 
 def recalibration_inputs(objective: Objective, bn_recalibration: int,

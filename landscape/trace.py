@@ -9,7 +9,6 @@ matvecs as each `matmat` returns.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from landscape.operators import LinearOperator
 from landscape.probes import check_int, rademacher, seeded_generator, sphere
 from landscape.progress import Progress
 from landscape.results import Result
+from landscape.statistics import stderr
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _block_sums(contributions: torch.Tensor, blocks: dict[str, slice]) -> dict[s
 
 
 def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:
-    return float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(len(samples)))
+    return float(samples.mean()), stderr(samples)
 
 
 def _result(method: str, samples: torch.Tensor, block_samples: dict[str, torch.Tensor] | None,
