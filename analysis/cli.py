@@ -4,54 +4,30 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 import warnings
 from typing import Callable, Iterable, NoReturn, Sequence
 
 import landscape
+from analysis.command_line import OptionNote, add_output_arguments
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, OSError)
 
 
-def _checkpoints(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoints", nargs="+", metavar="CKPT")
-
-
-def _checkpoint(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT")
-
-
-def _objective(parser: argparse.ArgumentParser) -> None:
-    from analysis.measure import add_objective_arguments
-
-    add_objective_arguments(parser)
-
-
-def _metrics(parser: argparse.ArgumentParser) -> None:
-    from analysis.measure import add_metric_arguments
-
-    add_metric_arguments(parser)
-
-
 # name: (one-line help, its module in analysis/, shared argument adders before the module's add_arguments).
 # The top-level --help reads only this table: a command's module (and torch) is imported when it is configured.
-COMMANDS: dict[str, tuple[str, str, tuple[Callable[[argparse.ArgumentParser], None], ...]]] = {
-    "demo": ("train SGD and SmoothOut at small and large batch, compare them, write a report", "demo", ()),
-    "measure": ("loss, gradient and curvature of checkpoints", "measure", (_checkpoints, _objective, _metrics)),
-    "surface": ("1-D/2-D loss surface around a checkpoint, to a resumable HDF5 file", "surfaces",
-                (_checkpoint, _objective)),
-    "plot": ("draw surface files: line, contour, heatmap, 3-D, PCA trajectory → PNG/PDF", "plot_cli", ()),
-    "compare": ("the same measurements on several checkpoints, side by side with CIs, as a report", "compare",
-                (_checkpoints, _objective, _metrics)),
-    "train": ("train a model with a chosen optimizer, writing checkpoints", "training", ()),
-    "track": ("measure every trajectory checkpoint of a training run: curvature over training, resumable", "track",
-              (_objective, _metrics)),
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("train SGD and SmoothOut at small and large batch, compare them, write a report", "demo"),
+    "measure": ("loss, gradient and curvature of checkpoints", "measure"),
+    "surface": ("1-D/2-D loss surface around a checkpoint, to a resumable HDF5 file", "surfaces"),
+    "plot": ("draw surface files: line, contour, heatmap, 3-D, PCA trajectory → PNG/PDF", "plot_cli"),
+    "compare": ("the same measurements on several checkpoints, side by side with CIs, as a report", "compare"),
+    "train": ("train a model with a chosen optimizer, writing checkpoints", "training"),
+    "track": ("measure every trajectory checkpoint of a training run: curvature over training, resumable", "track"),
     "correlate": ("rank sharpness measures against the generalization gap over a sweep of runs (Kendall's τ, "
-                  "granulated τ, bootstrap CIs)", "correlate", (_objective, _metrics)),
-    "figures": ("regenerate every figure in figures/ from scratch (--paper DIR: SmoothOut's CIFAR comparison)", "figures",
-                ()),
+                  "granulated τ, bootstrap CIs)", "correlate"),
+    "figures": ("regenerate every figure in figures/ from scratch", "figures"),
 }
 
 
@@ -63,7 +39,7 @@ def build_parser(configured: Iterable[str] = COMMANDS) -> argparse.ArgumentParse
     parser = argparse.ArgumentParser(prog="landscape", description="How sharp is the minimum a trained network sits in?")
     parser.add_argument("--version", action="version", version=f"landscape {landscape.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    subparsers = {name: commands.add_parser(name, help=text) for name, (text, _, _) in COMMANDS.items()}
+    subparsers = {name: commands.add_parser(name, help=text) for name, (text, _) in COMMANDS.items()}
     for name in configured:
         _configure(name, subparsers[name])
     return parser
@@ -71,12 +47,10 @@ def build_parser(configured: Iterable[str] = COMMANDS) -> argparse.ArgumentParse
 
 def _configure(name: str, parser: argparse.ArgumentParser) -> None:
     """Import command `name`'s module; add its arguments and its run function to its subparser."""
-    _, module_name, adders = COMMANDS[name]
-    module = importlib.import_module(f"analysis.{module_name}")
-    for add in (*adders, module.add_arguments):
-        add(parser)
-    _add_output_arguments(parser)
-    parser.set_defaults(run=_run_measure if name == "measure" else module.run)
+    module = importlib.import_module(f"analysis.{COMMANDS[name][1]}")
+    module.add_arguments(parser)
+    add_output_arguments(parser)
+    parser.set_defaults(run=module.run)
 
 
 def invoked_command(argv: Sequence[str]) -> list[str]:
@@ -86,39 +60,6 @@ def invoked_command(argv: Sequence[str]) -> list[str]:
     so anything else before a command is an error either way.
     """
     return list(argv[:1]) if argv and argv[0] in COMMANDS else []
-
-
-def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress (otherwise bars on a terminal, else a line per phase every "
-                             "$LANDSCAPE_PROGRESS_INTERVAL seconds, default 10)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
-def _run_measure(args: argparse.Namespace) -> None:
-    from analysis.measure import format_measurement, measure_all
-    from landscape import distributed
-
-    if getattr(args, "per_layer_figure", None) and not args.per_layer:
-        raise ValueError("--per-layer-figure draws --per-layer results: pass --per-layer eig,trace too")
-    results = measure_all(args)
-    if args.per_layer_figure and distributed.is_main():
-        from analysis.plots import plot_per_layer, save
-
-        labels = [f"{i}: {r['checkpoint']}" if len(results) > 1 else r["checkpoint"] for i, r in enumerate(results, 1)]
-        save(plot_per_layer({label: r["per_layer"] for label, r in zip(labels, results)}), args.per_layer_figure)
-    if args.json:
-        print_json(results)
-    else:
-        print("\n\n".join(format_measurement(r) for r in results))
-
-
-def print_json(value: object) -> None:
-    from landscape.results import to_jsonable
-
-    json.dump(to_jsonable(value), sys.stdout, indent=2)
-    sys.stdout.write("\n")
 
 
 # Options whose value may start with "-" (argparse would read "--range -1:1:51" as two options).
@@ -139,7 +80,9 @@ def _join_signed_values(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = _join_signed_values(sys.argv[1:] if argv is None else argv)
     args = build_parser(invoked_command(argv)).parse_args(argv)
-    from analysis.validation import validate_arguments  # torch: after --help and usage errors have exited
+    from analysis.validation import (
+        validate_arguments,  # torch: after --help and usage errors have exited
+    )
     from landscape import progress
 
     joined = False
@@ -189,7 +132,7 @@ def _one_line_notes(command: str, show: Callable) -> Callable:
     from landscape.checkpoints import CheckpointNote
     from landscape.objective import HVPCheckWarning
 
-    kinds = {CheckpointNote: "note", HVPCheckWarning: "warning"}
+    kinds = {CheckpointNote: "note", OptionNote: "note", HVPCheckWarning: "warning"}
 
     def show_note(message, category, filename, lineno, file=None, line=None):
         kind = next((word for cls, word in kinds.items() if issubclass(category, cls)), None)

@@ -19,9 +19,15 @@ from typing import Sequence
 
 import numpy as np
 
+from analysis.command_line import print_json
 from analysis.differences import aggregate, difference, holm, verdict
 from analysis.matched_loss import at_train_loss, parse_target
-from analysis.measure import METRICS, build_objective
+from analysis.measure import (
+    METRICS,
+    add_metric_arguments,
+    add_objective_arguments,
+    build_objective,
+)
 from analysis.report import Report
 from analysis.surfaces import parse_range
 from analysis.tables import format_table
@@ -37,6 +43,9 @@ DEFAULT_METRICS = "eig,trace,sharpness-curve,surface"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    add_objective_arguments(parser)
+    add_metric_arguments(parser, COMPARE_METRICS)
     group = parser.add_argument_group("comparison")
     group.add_argument("--labels", help="comma list, one per checkpoint; equal labels = seeds of one method (default: method and batch size)")
     group.add_argument("--out", default="comparison", help="folder for report.md, report.html, results.json and figures")
@@ -241,8 +250,6 @@ def run(args: argparse.Namespace) -> None:
     report = build_report(result, out)
     md, page = report.write(out)
     if args.json:
-        from analysis.cli import print_json
-
         print_json(result)
         return
     h1, r1, h2, r2 = comparison_tables(result)

@@ -17,13 +17,21 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.command_line import print_json
 from analysis.compare import method_label, scalar_quantities
 from analysis.correlation import RESAMPLES, Correlation, correlate, varying
 from analysis.matched_loss import at_train_loss, parse_target
-from analysis.measure import NOT_SETTINGS, build_objective, measure_checkpoint, parse_metrics
+from analysis.measure import (
+    NOT_SETTINGS,
+    add_metric_arguments,
+    add_objective_arguments,
+    build_objective,
+    measure_checkpoint,
+)
 from analysis.report import Report
 from analysis.results_file import ResultsFile
 from analysis.tables import format_table
+from analysis.validation import parse_metrics
 from landscape import distributed as ranks
 from landscape.checkpoints import load_checkpoint
 from landscape.results import to_jsonable
@@ -40,6 +48,8 @@ CORRELATE_OPTIONS = ("gap", "axes", "resamples")  # options that change no measu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_objective_arguments(parser)
+    add_metric_arguments(parser)
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="`landscape train` run folders (their final.pt) or checkpoint files; at least 3")
     group = parser.add_argument_group("correlation")
@@ -229,8 +239,6 @@ def run(args: argparse.Namespace) -> None:
         return
     files = write_outputs(result, Path(args.out))
     if args.json:
-        from analysis.cli import print_json
-
         print_json(result)
         return
     print(format_table(*correlation_table(result)))

@@ -11,6 +11,8 @@ import argparse
 import time
 from pathlib import Path
 
+from analysis.command_line import command_arguments, print_json
+from analysis.compare import add_arguments as add_compare_arguments
 from analysis.compare import build_report, compare, comparison_tables, format_difference
 from analysis.differences import difference, holm, verdict
 from analysis.recipes import DEMO, LARGE, SMALL, train_runs
@@ -62,13 +64,11 @@ def finding_rows(diffs: dict[str, dict]) -> list[list[str]]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from analysis.cli import build_parser
-
     start = time.perf_counter()
     out = Path(args.out)
     paths, labels = train_runs(RUNS, args.seeds, out / "runs", recipe=DEMO, progress=args.progress)
     trained = time.perf_counter() - start
-    compare_args = build_parser().parse_args(["compare", *paths, "--labels", ",".join(labels), "--out", str(out / "report"),
+    compare_args = command_arguments("compare", add_compare_arguments, [*paths, "--labels", ",".join(labels), "--out", str(out / "report"),
                                               "--batch-size", "1000", "--metrics", "eig,trace,sharpness-curve,surface,surface2d"])
     compare_args.progress = args.progress
     result = compare(paths, compare_args)
@@ -83,8 +83,6 @@ def run(args: argparse.Namespace) -> None:
     md, page = report.write(out / "report")
     seconds = time.perf_counter() - start
     if args.json:
-        from analysis.cli import print_json
-
         print_json({"findings": answers, "groups": result["groups"], "report": [str(md), str(page)],
                     "train_seconds": trained, "measure_seconds": seconds - trained})
         return

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from analysis.plots import plt, save

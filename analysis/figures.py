@@ -18,8 +18,18 @@ import hashlib
 import json
 from pathlib import Path
 
-from analysis.compare import compare, format_difference, format_value
-from analysis.differences import aggregate, difference, holm
+from analysis.command_line import command_arguments, print_json
+from analysis.method_comparison import (
+    ALPHA,
+    MEASURED,
+    TESTED,
+    by_label,
+    comparison_family,
+    family_rows,
+    interpolation_figure,
+    measure_all,
+    value_table,
+)
 from analysis.noise_sweep import GRID, chosen, noise_sweep, sweep_table
 from analysis.noise_sweep import to_jsonable as sweep_json
 from analysis.plots import (
@@ -30,29 +40,36 @@ from analysis.plots import (
     plot_surfaces,
     save,
 )
-from analysis.recipes import CONVERGED, LARGE, LR_SWEEP, METHODS, SMALL, SWEEP_LRS, config, label, train_all, train_runs
+from analysis.recipes import (
+    CONVERGED,
+    LARGE,
+    LR_SWEEP,
+    METHODS,
+    SMALL,
+    SWEEP_LRS,
+    config,
+    label,
+    train_all,
+    train_runs,
+)
 from analysis.report import Report, write_text
 from analysis.tables import format_table
 from analysis.training import NOISE_OPTION
 from landscape import distributed as ranks
 from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
-from landscape.directions import between, random_directions
+from landscape.directions import random_directions
 from landscape.operators import HessianOperator
 from landscape.problem import objective_from_checkpoint
 from landscape.results import to_jsonable
 from landscape.spectrum import slq_density
 from landscape.surface import compute_surface, grid_axis, read_surface
 
-VALUE_QUANTITIES = ("train loss", "gradient norm", "test accuracy", "test loss", "λ1", "trace", "ΔL a=0.02", "ε-sharpness")
-TESTED = ("test accuracy", "λ1", "trace", "ΔL a=0.02", "ε-sharpness")  # the quantities each comparison table tests
-MEASURED = "eig,trace,sharpness-curve,eps-sharpness"
 FULL = {"lrs": SWEEP_LRS, "sweep_seeds": 3, "seeds": 3, "epoch_fraction": 1.0, "grid": GRID, "n_samples": None, "k": "1", "probes": "60",
         "noise_samples": "40", "restarts": "3", "line": 41, "plane": 21, "density_steps": 80, "interpolation": 31, "extend": 2}
 QUICK = {"lrs": SWEEP_LRS[1:], "sweep_seeds": 1, "seeds": 2, "epoch_fraction": 0.04, "grid": {m: v[1:3] for m, v in GRID.items()}, "n_samples": 500, "k": "1",
          "probes": "10", "noise_samples": "8", "restarts": "2", "line": 9, "plane": 5, "density_steps": 20,
          "interpolation": 7, "extend": 0}
-ALPHA = 0.05  # family-wise error rate of each table (Holm)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     paper.add_argument("--model", default=None, help="with --paper: train this model instead of each recipe's (e.g. for tests)")
     paper.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="with --paper: model option, e.g. channels=(8,8)")
     paper.add_argument("--noise", type=float, default=None,
-                       help="with --paper: SmoothOut's noise size a (default 0.02; the paper's value on CIFAR is unconfirmed)")
+                       help="with --paper: SmoothOut's noise size a (default: SmoothOut's 0.02; the paper's value on CIFAR is "
+                            "unconfirmed)")
 
 
 def fraction(text: str) -> float:
@@ -107,35 +125,6 @@ def seeds_given(args: argparse.Namespace) -> int | None:
     return seeds
 
 
-def measure_all(paths: list[str], labels: list[str], budget: dict, out: Path, progress: bool | str, *,
-                metrics: str = MEASURED + ",surface", at_train_loss: str | None = None) -> dict:
-    """Every checkpoint through `landscape compare` (shared probes, noise and directions), cached in `out`.
-
-    The cache holds while the checkpoints' files and the settings are unchanged.
-    """
-    from analysis.cli import build_parser
-
-    argv = ["compare", *paths, "--labels", ",".join(labels), "--out", str(out), "--batch-size", "1000",
-            "--metrics", metrics, "--k", budget["k"], "--probes", budget["probes"], "--noise-samples",
-            budget["noise_samples"], "--restarts", budget["restarts"], "--radius", "0.005,0.01,0.02",
-            f"--surface-range=-1:1:{budget['line']}"]
-    if budget["n_samples"]:
-        argv += ["--n-samples", str(budget["n_samples"])]
-    if at_train_loss:
-        argv += ["--at-train-loss", at_train_loss]
-    key = hashlib.sha256(json.dumps([argv, [Path(p).stat().st_mtime_ns for p in paths]]).encode()).hexdigest()
-    cached = out / "figures-cache.json"
-    if cached.exists():
-        stored = json.loads(cached.read_text())
-        if stored.get("key") == key:
-            return stored["result"]
-    args = build_parser().parse_args(argv)
-    args.progress = progress
-    result = to_jsonable(compare(paths, args))
-    write_text(cached, json.dumps({"key": key, "result": result}) + "\n")
-    return result
-
-
 CORRELATED = "eig,trace,sharpness-curve,eps-sharpness,adaptive-worst-case"
 
 
@@ -143,7 +132,7 @@ def correlation_sweep(smoothout_noise: float, budget: dict, cache: Path, out: Pa
                       progress: bool | str = False) -> dict:
     """(g) Jiang et al. (2019)'s question on a small sweep: SGD and SmoothOut × batch 32, 256 × three learning rates ×
     seeds, every measure ranked against the generalization gap (`landscape correlate`); correlation.png/.md in `out`."""
-    from analysis.cli import build_parser
+    from analysis.correlate import add_arguments as add_correlate_arguments
     from analysis.correlate import build_report, correlate_runs
 
     runs = [config(m, b, s, budget["epoch_fraction"], recipe=LR_SWEEP, lr=lr,
@@ -155,7 +144,7 @@ def correlation_sweep(smoothout_noise: float, budget: dict, cache: Path, out: Pa
     if budget["n_samples"]:
         argv += ["--n-samples", str(budget["n_samples"])]
     key = hashlib.sha256(json.dumps([argv, [Path(p).stat().st_mtime_ns for p in paths]]).encode()).hexdigest()[:16]
-    args = build_parser().parse_args([*argv, "--out", str(cache / f"correlate-{key}")])
+    args = command_arguments("correlate", add_correlate_arguments, [*argv[1:], "--out", str(cache / f"correlate-{key}")])
     args.progress = progress
     result = correlate_runs(args)
     save(plot_correlation(result, title=f"{len(paths)} runs on mnist1d: does sharpness rank them by their gap?"),
@@ -165,38 +154,6 @@ def correlation_sweep(smoothout_noise: float, budget: dict, cache: Path, out: Pa
                      f"Every run measured at the end of training.")
     write_text(out / "correlation.md", report.markdown())
     return result
-
-
-def by_label(result: dict) -> dict[str, list[dict]]:
-    """The measured checkpoints of each label (its seeds), in order."""
-    groups: dict[str, list[dict]] = {}
-    for c in result["checkpoints"]:
-        groups.setdefault(c["label"], []).append(c)
-    return groups
-
-
-def interpolation_figure(pairs: list[tuple[str, str]], budget: dict, cache: Path, out: Path,
-                         progress: bool | str = False, *, batches: tuple[int, int] = (SMALL, LARGE),
-                         name: str = "interpolation.png") -> dict:
-    """(a) Keskar's parametric plot θ(α) = θ_SB + α(θ_LB − θ_SB) for each seed's pair (SGD at `batches`): mean and 95%
-    band over seeds, drawn to out/`name`."""
-    surfaces = []
-    for small, large in pairs:
-        measurement = MeasurementSet("train", budget["n_samples"], 1000)
-        train = objective_from_checkpoint(load_checkpoint(small), measurement=measurement)
-        test = objective_from_checkpoint(load_checkpoint(small), measurement=MeasurementSet("test", None, 1000))
-        cached = f"interpolation-{Path(small).parent.name}-{Path(large).parent.name}-{budget['n_samples'] or 'all'}.h5"
-        surfaces.append(compute_surface({"train": train, "test": test},
-                                        between(train, load_checkpoint(large).build_model(), f"SGD B={batches[1]}"),
-                                        [grid_axis(-1.0, 2.0, budget["interpolation"])],
-                                        path=cache / "surfaces" / cached, resume=True, progress=progress))
-    line = f"SGD B={batches[0]} (α=0) → SGD B={batches[1]} (α=1)" + (f", {len(pairs)} seed pairs" if len(pairs) > 1 else "")
-    fig = plot_lines({line: surfaces}, log=True, accuracy=True,
-                     title="Keskar et al. (2017) interpolation between small- and large-batch minima")
-    save(fig, out / name)
-    alphas = list(surfaces[0].axes[0])
-    return {split: {"loss_at_0": [float(s.loss[split][alphas.index(0.0)]) for s in surfaces],
-                    "loss_at_1": [float(s.loss[split][alphas.index(1.0)]) for s in surfaces]} for split in surfaces[0].loss}
 
 
 def random_direction_figures(result: dict, noise: dict[str, float], out: Path) -> None:
@@ -259,43 +216,6 @@ def _named(method: str, batch: int, noise: dict[str, float]) -> str:
     return label(method, batch) if method not in noise else f"{method} {NOISE_OPTION[method]}={noise[method]:g} B={batch}"
 
 
-def value_table(result: dict, noise: dict[str, float], batches: tuple[int, ...] = (SMALL, LARGE),
-                methods: tuple[str, ...] = METHODS) -> tuple[list[str], list[list[str]]]:
-    """Every method at every batch size: mean ± std over seeds of each quantity."""
-    groups = by_label(result)
-    rows = []
-    for batch in batches:
-        for method in methods:
-            members = groups.get(label(method, batch))
-            if members:
-                size = f"{NOISE_OPTION[method]}={noise[method]:g}" if method in noise else ""
-                rows.append([method, size, str(batch), *[format_value(aggregate(members, q)) for q in VALUE_QUANTITIES]])
-    return ["method", "noise", "batch", *VALUE_QUANTITIES], rows
-
-
-def comparison_family(result: dict, pairs: list[tuple[str, str]], quantities=TESTED) -> list[dict]:
-    """One table's tests: other − baseline for each pair and quantity, paired over seeds, Holm-adjusted together."""
-    groups = by_label(result)
-    tests = []
-    for other, base in pairs:
-        for q in quantities:
-            d = difference(groups[base], groups[other], q)
-            if d is not None:
-                tests.append({"comparison": f"{other} vs {base}", "quantity": q, **d})
-    for t, p in zip(tests, holm([t["p_value"] for t in tests])):
-        t["holm_p"] = p
-        t["established"] = p < ALPHA
-    return tests
-
-
-def family_rows(tests: list[dict]) -> tuple[list[str], list[list[str]]]:
-    headers = ["comparison", "quantity", "difference [95% CI] (relative)", "interval from", "p", "Holm p",
-               f"established? (Holm p < {ALPHA:g})"]
-    rows = [[t["comparison"], t["quantity"], format_difference(t), t["basis"], f"{t['p_value']:.2g}", f"{t['holm_p']:.2g}",
-             ("yes: " + ("higher" if t["diff"] > 0 else "lower")) if t["established"] else "no"] for t in tests]
-    return headers, rows
-
-
 def matched_table(result: dict) -> tuple[list[str], list[list[str]]]:
     """Where each run was measured at matched train loss: the target, and the epochs and losses chosen."""
     rows = []
@@ -317,8 +237,6 @@ def run(args: argparse.Namespace) -> None:
         if not ranks.is_main():
             return
         if args.json:
-            from analysis.cli import print_json
-
             print_json(summary)
         else:
             print(f"wrote {out / 'paper.md'} and its figures (training runs and measurements cached in {cache}/)")
@@ -398,8 +316,6 @@ def run(args: argparse.Namespace) -> None:
     write_text(out / "methods.md", report.markdown())
     write_text(out / "figures.json", json.dumps(to_jsonable(summary), indent=1, default=str) + "\n")
     if args.json:
-        from analysis.cli import print_json
-
         print_json({**summary, "figures": sorted(p.name for p in out.iterdir())})
         return
     print(format_table(*value_table(result, noise)))

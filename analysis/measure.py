@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from functools import partial
 from typing import Callable, Iterable
 
+from analysis.command_line import OptionNote, print_json
 from analysis.options import parse_options
 from analysis.results_file import ResultsFile
 from analysis.tables import format_table
-from analysis.validation import check_against_objective, parse_radii, per_layer_names
+from analysis.validation import (
+    check_against_objective,
+    parse_metrics,
+    parse_radii,
+    per_layer_names,
+)
 from landscape import distributed as ranks
 from landscape.batches import resolve_loss
 from landscape.checkpoints import load_checkpoint
+from landscape.curvature import CURVATURES
 from landscape.data import MeasurementSet
 from landscape.epsilon_sharpness import METHODS as EPS_METHODS
 from landscape.memory import parse_size
 from landscape.objective import Objective
-from landscape.curvature import CURVATURES
 from landscape.operators import curvature_operator
 from landscape.per_layer import module_blocks, per_layer
 from landscape.perturb import epsilon_sharpness, expected_loss, sharpness_curve
@@ -26,9 +33,34 @@ from landscape.problem import objective_from_checkpoint, parse_dtype
 from landscape.results import Result
 from landscape.spectrum import lanczos, slq_density
 from landscape.trace import hutchinson, hutchpp, xtrace
-from landscape.worst_case import DEFAULT_AVERAGE_RHO, DEFAULT_RHO, average_case, m_sharpness, worst_case
+from landscape.worst_case import (
+    DEFAULT_AVERAGE_RHO,
+    DEFAULT_RHO,
+    average_case,
+    m_sharpness,
+    worst_case,
+)
 
 TRACE_METHODS = {"xtrace": xtrace, "hutchpp": hutchpp, "hutchinson": hutchinson}
+
+
+DEFAULT_RADII = "0.001,0.005,0.01"
+
+
+def run(args: argparse.Namespace) -> None:
+    """`landscape measure`: every checkpoint's metrics, printed (or as JSON), saved as they finish with --out."""
+    if getattr(args, "per_layer_figure", None) and not args.per_layer:
+        raise ValueError("--per-layer-figure draws --per-layer results: pass --per-layer eig,trace too")
+    results = measure_all(args)
+    if args.per_layer_figure and ranks.is_main():
+        from analysis.plots import plot_per_layer, save
+
+        labels = [f"{i}: {r['checkpoint']}" if len(results) > 1 else r["checkpoint"] for i, r in enumerate(results, 1)]
+        save(plot_per_layer({label: r["per_layer"] for label, r in zip(labels, results)}), args.per_layer_figure)
+    if args.json:
+        print_json(results)
+    else:
+        print("\n\n".join(format_measurement(r) for r in results))
 
 
 def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,9 +95,12 @@ def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
                        help="skip the run-time check of the HVP path against double backward (two extra products, once)")
 
 
-def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
+def add_metric_arguments(parser: argparse.ArgumentParser, metrics: Iterable[str] | None = None) -> None:
+    """The metric options shared by measure, compare, track and correlate; `metrics`: the names the command takes."""
     group = parser.add_argument_group("metrics")
-    group.add_argument("--metrics", default="eig,trace", help=f"comma list of {', '.join(METRICS)} (default %(default)s)")
+    group.add_argument("--metrics", default="eig,trace",
+                       help=f"comma list of {', '.join(metrics or METRICS)} (default %(default)s)")
+    parser.set_defaults(metric_choices=tuple(metrics or METRICS))
     group.add_argument("--curvature", default="hessian", choices=list(CURVATURES),
                        help="the matrix eig, trace and density measure: hessian (default), ggn (generalized Gauss-Newton "
                             "JᵀH_ℓJ, positive semi-definite) or fisher (empirical Fisher (1/N)·Σ gᵢgᵢᵀ, gᵢ a sample's "
@@ -81,7 +116,8 @@ def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--probes", type=int, default=100, help="matvec budget of the trace estimate (default %(default)s)")
     group.add_argument("--density-runs", type=int, default=4, help="SLQ runs (default 4)")
     group.add_argument("--density-steps", type=int, default=60, help="Lanczos steps per SLQ run (default 60)")
-    group.add_argument("--radius", default="0.001,0.005,0.01", help="weight-noise radii a (default %(default)s)")
+    group.add_argument("--radius", default=DEFAULT_RADII,
+                       help="weight-noise radii a (default %(default)s); expected-loss takes the largest")
     group.add_argument("--distribution", default="uniform", choices=["uniform", "gaussian"], help="U[-a,a] or N(0,a²) noise")
     group.add_argument("--scale", default="absolute", choices=["absolute", "weight", "filter"],
                        help="noise per coordinate (absolute), ∝|w| (weight) or per filter ∝‖w_filter‖ (filter, AdaSmoothOut)")
@@ -93,7 +129,7 @@ def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--restarts", type=int, default=2,
                        help="ε-sharpness random starts besides z = 0 and the corner b·sign(∇L) (default 2)")
     group.add_argument("--eps-method", default="sign-ascent", choices=list(EPS_METHODS),
-                       help="ε-sharpness maximizer: projected sign ascent (default: higher φ per pass than L-BFGS-B "
+                       help="ε-sharpness maximizer: sign-ascent (default: projected sign ascent, higher φ per pass than L-BFGS-B "
                             "on mnist1d MLPs, benchmarks/epsilon_sharpness.py) or lbfgsb (Keskar's)")
     group.add_argument("--eps-iters", type=int, default=20, help="ε-sharpness ascent iterations per start (default 20)")
     group.add_argument("--rho", type=float, default=None,
@@ -120,7 +156,11 @@ def _radii_help(radii: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `landscape measure` alone: where results are saved as they finish, and resuming them."""
+    """`landscape measure`: the checkpoints, the objective and metric options, where results are saved as they
+    finish, and resuming them."""
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    add_objective_arguments(parser)
+    add_metric_arguments(parser)
     group = parser.add_argument_group("saving and resuming")
     group.add_argument("--out", metavar="FILE.json",
                        help="write the results to this JSON file as each metric finishes (atomically), so Ctrl-C or a "
@@ -188,7 +228,11 @@ def _radii(args: argparse.Namespace) -> list[float]:
 
 
 def _expected_loss(objective: Objective, args: argparse.Namespace) -> Result:
-    radius = _radii(args)[-1]
+    radii = _radii(args)
+    radius = max(radii)
+    if len(radii) > 1 and args.radius != DEFAULT_RADII:  # the default's use is in --radius's help
+        warnings.warn(OptionNote(f"expected-loss is measured at the largest --radius, {radius:g} "
+                                 "(sharpness-curve measures every radius)"), stacklevel=2)
     return expected_loss(objective, radius, distribution=args.distribution, scale=args.scale,
                          n_samples=args.noise_samples, seed=args.seed, bn_recalibration=args.bn_recalibration,
                          progress=args.progress)
@@ -236,17 +280,6 @@ METRICS: dict[str, Callable[[Objective, argparse.Namespace], Result]] = {
 }
 
 
-def parse_metrics(text: str, choices: Iterable[str] = METRICS, option: str = "--metrics") -> list[str]:
-    """--metrics (or `option`) as a list of names from `choices`; an empty list is an error, not a run that measures nothing."""
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    if not names:
-        raise ValueError(f"{option} {text!r} names no metric; choose from {', '.join(choices)}")
-    unknown = [m for m in names if m not in choices]
-    if unknown:
-        raise ValueError(f"{option}: unknown metric {', '.join(unknown)}; choose from {', '.join(choices)}")
-    return names
-
-
 def measure_checkpoint(path: str, args: argparse.Namespace, *, previous: dict | None = None,
                        saved: Callable[[dict], None] | None = None, distributed: bool | None = None) -> dict:
     """Loss, accuracy, gradient norm and the chosen curvature metrics of one checkpoint.
@@ -256,7 +289,7 @@ def measure_checkpoint(path: str, args: argparse.Namespace, *, previous: dict | 
     `distributed`: data-parallel over the ranks (default: whenever a process group is active); False
     when the checkpoints themselves are split over the ranks.
     """
-    metrics = parse_metrics(args.metrics)
+    metrics = parse_metrics(args.metrics, METRICS)
     start = time.perf_counter()
     objective = build_objective(path, args, distributed=ranks.active() if distributed is None else distributed)
     if previous is None:
@@ -314,7 +347,7 @@ def measure_all(args: argparse.Namespace) -> list[dict]:
         reports = [measure_checkpoint(path, args, previous=results.previous(path), saved=results.save)
                    for path in args.checkpoints]
     except KeyboardInterrupt:
-        total = len(args.checkpoints) * len(parse_metrics(args.metrics))
+        total = len(args.checkpoints) * len(parse_metrics(args.metrics, METRICS))
         where = (f"saved to {results.path}; rerun with --resume" if results.path is not None
                  else "finished, none saved (pass --out FILE.json to keep finished metrics)")
         raise KeyboardInterrupt(f"{results.n_metrics} of {total} metrics {where}") from None

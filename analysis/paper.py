@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 
 from analysis.compare import build_report
-from analysis.figures import (
+from analysis.method_comparison import (
     TESTED,
     comparison_family,
     family_rows,

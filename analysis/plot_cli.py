@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from analysis.command_line import print_json
 from analysis.plots import SURFACE_KINDS, plot_lines, plot_surfaces, save
 from landscape.surface import Surface, read_surface
 
@@ -41,8 +42,6 @@ def run(args: argparse.Namespace) -> None:
         fig = plot_surfaces(surfaces, kind=kind, split=args.split or "train", log=args.log, title=args.title)
     out = save(fig, args.out or Path(args.files[0]).with_suffix(".png"))
     if args.json:
-        from analysis.cli import print_json
-
         print_json({"out": str(out), "kind": kind, "files": list(args.files), "labels": list(surfaces)})
     else:
         print(f"wrote {out}")

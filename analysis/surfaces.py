@@ -8,15 +8,25 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.measure import build_objective
+from analysis.command_line import print_json
+from analysis.measure import add_objective_arguments, build_objective
 from analysis.tables import format_table
 from landscape.checkpoints import load_checkpoint
-from landscape.directions import NORMALIZATIONS, ONE_D_POLICIES, Directions, between, pca_directions, random_directions
+from landscape.directions import (
+    NORMALIZATIONS,
+    ONE_D_POLICIES,
+    Directions,
+    between,
+    pca_directions,
+    random_directions,
+)
 from landscape.objective import Objective
 from landscape.surface import Surface, compute_surface, grid_axis
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT")
+    add_objective_arguments(parser)
     group = parser.add_argument_group("surface")
     group.add_argument("--dim", type=int, choices=[1, 2], default=1, help="random directions: 1 or 2 (default 1)")
     group.add_argument("--range", default=None, metavar="START:STOP:NUM",
@@ -108,8 +118,6 @@ def run(args: argparse.Namespace) -> None:
                               points_per_call=args.points_per_call)
     seconds = time.perf_counter() - start
     if args.json:
-        from analysis.cli import print_json
-
         print_json({**surface.to_dict(), "seconds": seconds})
     else:
         print(format_surface(surface, seconds))

@@ -18,16 +18,26 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.command_line import print_json
 from analysis.compare import scalar_quantities
 from analysis.matched_loss import TrajectoryPoint, trajectory
-from analysis.measure import NOT_SETTINGS, measure_checkpoint, parse_metrics
+from analysis.measure import (
+    METRICS,
+    NOT_SETTINGS,
+    add_metric_arguments,
+    add_objective_arguments,
+    measure_checkpoint,
+)
 from analysis.results_file import ResultsFile
+from analysis.validation import parse_metrics
 from landscape import distributed as ranks
 from landscape.checkpoints import load_checkpoint
 from landscape.spectrum import WarmStart
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_objective_arguments(parser)
+    add_metric_arguments(parser)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a `landscape train` run folder (its trajectory/ checkpoints)")
     parser.add_argument("--out", default=None, help="folder for track.json, track.h5 and track.png (default RUN_DIR/track)")
     parser.add_argument("--stability-line", action="store_true",
@@ -38,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
     points = trajectory(run_dir / "final.pt")
-    metrics = parse_metrics(args.metrics)
+    parse_metrics(args.metrics, METRICS)  # an unknown or empty --metrics fails here, before any work
     out = Path(args.out) if args.out else run_dir / "track"
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in (*NOT_SETTINGS, "stability_line")}
     results = ResultsFile.open(out / "track.json", {**settings, "checkpoints": [p.path for p in points]}, resume=True)
@@ -64,8 +74,6 @@ def run(args: argparse.Namespace) -> None:
     save(plot_track(series, stability_line=line, title=f"{run_dir.name}: measured at every trajectory checkpoint"),
          out / "track.png")
     if args.json:
-        from analysis.cli import print_json
-
         print_json({"series": series, "files": [str(out / n) for n in ("track.json", "track.h5", "track.png")]})
         return
     names = [n for n in series if n not in ("epoch",) and not n.endswith(" stderr")]

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from analysis.command_line import print_json
 from analysis.options import parse_options
 from analysis.tables import format_table
 from landscape.checkpoints import load_checkpoint
@@ -118,8 +119,6 @@ def run(args: argparse.Namespace) -> None:
     final = train(config, args.out, resume=args.resume, progress=args.progress, device=args.device or default_device())
     metrics = final_metrics(final)
     if args.json:
-        from analysis.cli import print_json
-
         print_json({"final": str(final), "config": config.to_dict(), "metrics": metrics})
     else:
         print(f"wrote {final} (trajectory in {final.parent / 'trajectory'}, log in {final.parent / 'log.jsonl'})")

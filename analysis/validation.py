@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Iterable
 
 import torch
 
@@ -81,17 +82,24 @@ def parse_radii(text: str) -> list[float]:
     return radii
 
 
-def metric_names(args: argparse.Namespace) -> list[str]:
-    """--metrics as a list of names valid for the command (at least one)."""
-    from analysis.compare import COMPARE_METRICS
-    from analysis.measure import METRICS, parse_metrics
+def parse_metrics(text: str, choices: Iterable[str], option: str = "--metrics") -> list[str]:
+    """--metrics (or `option`) as a list of names from `choices`; an empty list is an error, not a run that measures nothing."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise ValueError(f"{option} {text!r} names no metric; choose from {', '.join(choices)}")
+    unknown = [m for m in names if m not in choices]
+    if unknown:
+        raise ValueError(f"{option}: unknown metric {', '.join(unknown)}; choose from {', '.join(choices)}")
+    return names
 
-    return parse_metrics(args.metrics, COMPARE_METRICS if getattr(args, "command", None) == "compare" else METRICS)
+
+def metric_names(args: argparse.Namespace) -> list[str]:
+    """--metrics as a list of names the command takes (its parser records them as `metric_choices`; at least one)."""
+    return parse_metrics(args.metrics, args.metric_choices)
 
 
 def per_layer_names(text: str) -> list[str]:
     """--per-layer as a list of eig and trace (at least one)."""
-    from analysis.measure import parse_metrics
     from landscape.per_layer import PER_LAYER_METRICS
 
     return parse_metrics(text, PER_LAYER_METRICS, "--per-layer")
