@@ -207,7 +207,7 @@ def resolve_loss(name: str | None) -> Loss:
     if name in LOSSES:
         return LOSSES[name]
     if ":" in name:
-        from landscape.data import import_callable
+        from landscape.user_code import import_callable
 
         return import_callable(name)
     raise ValueError(f"unknown loss {name!r}; use {', '.join(LOSSES)} or module:callable "

@@ -8,8 +8,6 @@ tensors, and a `MeasurementSet` fixes which samples, in which batches, a measure
 from __future__ import annotations
 
 import codecs
-import importlib
-import inspect
 import os
 import pickle
 import random
@@ -20,6 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from landscape.user_code import accepts, import_callable
 
 SPLITS = ("train", "test")
 SPEC_FORMS = "digits, mnist1d, cifar10:DIR, cifar100:DIR, npz:FILE, module:callable"
@@ -128,33 +128,6 @@ def load_data(spec: str, *, normalize: bool | None = None, seed: int = 0) -> Dat
     if rest and kind not in ("digits", "mnist1d", "cifar10", "cifar100", "npz"):
         return _module(spec, seed, normalize)
     raise DataError(f"unknown data spec {spec!r}; use one of: {SPEC_FORMS}")
-
-
-def import_callable(target: str, error: type[Exception] = ValueError) -> Callable:
-    """The object named by 'package.module:attr' (attr may be dotted); `error` is raised on failure."""
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise error(f"{target!r} is not of the form module:callable")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise error(f"cannot import module {module_name!r} for {target!r} ({e}); install it or add its folder to PYTHONPATH") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise error(f"module {module_name!r} has no attribute {attr!r} (from {target!r})")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise error(f"{target!r} is not callable")
-    return obj
-
-
-def accepts(fn: Callable, name: str) -> bool:
-    """Whether `fn` takes a keyword argument `name` (explicitly or through **kwargs)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 # ---------------------------------------------------------------- built-in sets

@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from landscape.data import Dataset, accepts, import_callable
+from landscape.data import Dataset
+from landscape.user_code import accepts, import_callable
 
 
 class MLP(nn.Sequential):

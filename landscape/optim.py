@@ -49,8 +49,8 @@ Grads = list[torch.Tensor | None]
 
 BASES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 DISTRIBUTIONS = ("uniform", "gaussian", "laplace", "rademacher", "sphere")
-# factor that gives each distribution of `draw` unit variance (per coordinate)
-UNIT_VARIANCE = {"uniform": math.sqrt(3.0), "gaussian": 1.0, "laplace": math.sqrt(0.5), "rademacher": 1.0, "sphere": 1.0}
+# the factor that scales a draw of each `draw` distribution to standard deviation 1 (per coordinate)
+TO_UNIT_STD = {"uniform": math.sqrt(3.0), "gaussian": 1.0, "laplace": math.sqrt(0.5), "rademacher": 1.0, "sphere": 1.0}
 NOISE_SCALES = ("absolute", "weight", "filter")
 SCHEDULES = ("constant", "anneal", "tanh")
 NRS_DISTRIBUTIONS = ("box", "ball", "gaussian")
@@ -449,7 +449,7 @@ class NSO(PerturbationMethod):
                 logits = self._objective(model, x, y, loss_fn)[1].detach()
         signs = (1.0, -1.0) if self.two_point else (1.0,)
         weight = (1 - self.clean_weight) / (self.k * len(signs))
-        factor = self.sigma * UNIT_VARIANCE[self.distribution]
+        factor = self.sigma * TO_UNIT_STD[self.distribution]
         for _ in range(self.k):
             noise = [draw(self.distribution, p, self.generator).mul_(factor) for p in self.perturbed_params]
             for sign in signs:
