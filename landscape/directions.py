@@ -66,12 +66,42 @@ def random_directions(objective: Objective, dim: int = 2, *, seed: int = 0, norm
                       one_d: str = "ignore", states: bool = False) -> Directions:
     """Gaussian directions normalized per filter, layer or weight (Li et al. 2018, "Visualizing the Loss Landscape").
 
-    filter: each filter (row of the weight reshaped to (out, −1)) gets the norm of the matching weight
-    filter; layer: each tensor gets its weight tensor's norm; weight: d ← d·w elementwise; none: raw.
-    Tensors with ≤ 1 dimension (biases, BN affine) follow `one_d`: "ignore" (zero, the reference's
-    `biasbn`) or "copy" (d = w). With `states=True` the BN running statistics get a direction too,
-    by the same rules — so they stay fixed unless one_d="copy", as in the reference. Drawn on the
-    CPU from `seed`, so the same seed gives the same directions on every device.
+    Filter normalization makes surfaces of differently scaled networks comparable: each filter
+    of the direction gets the norm of the weight filter it moves. Drawn in float64 on the CPU
+    from `seed`, so the same seed gives the same directions on every device.
+
+    Args:
+        objective: the checkpoint (its parameter layout and weights) the directions start from.
+        dim: 1 or 2 directions.
+        seed: seed of the Gaussian draw.
+        normalization: "filter" (default): each filter (row of the weight reshaped to (out, −1))
+            gets the norm of the matching weight filter; "layer": each tensor gets its weight
+            tensor's norm; "weight": d ← d·w elementwise; "none": raw Gaussian.
+        one_d: tensors with ≤ 1 dimension (biases, BN affine): "ignore" (zero, the reference's
+            `biasbn`) or "copy" (d = w).
+        states: give the BN running statistics a direction too, by the same rules, so they stay
+            fixed unless one_d="copy", as in the reference.
+
+    Returns:
+        Directions: `vectors` of shape (dim, n_params) on the objective's device and dtype, BN
+            `buffers` directions if `states`, and the `spec` (seed, normalization, policies).
+
+    Raises:
+        DirectionError: an unknown normalization or 1-D policy, or dim not 1 or 2.
+
+    Examples:
+        A (1, 2) weight is one filter of norm √2, so the direction gets norm √2 too:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from landscape.objective import Objective
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> _ = nn.init.ones_(model.weight)
+        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
+        >>> objective = Objective(model, [(x, y)], dtype=torch.float64, device="cpu")
+        >>> directions = random_directions(objective, 1, seed=0)
+        >>> directions.vectors.shape, round(float(directions.vectors.norm()), 4)
+        (torch.Size([1, 2]), 1.4142)
     """
     if normalization not in NORMALIZATIONS:
         raise DirectionError(f"unknown normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
@@ -96,7 +126,33 @@ def random_directions(objective: Objective, dim: int = 2, *, seed: int = 0, norm
 def between(objective: Objective, other: nn.Module, label: str = "other") -> Directions:
     """The 1-D direction θ_B − θ_A from the objective's checkpoint A to model B, BN buffers included.
 
-    Keskar et al. (2017)'s parametric plot: θ(α) = θ_A + α(θ_B − θ_A), α = 1 is checkpoint B.
+    The linear interpolation of Goodfellow, Vinyals & Saxe (2015), as Keskar et al. (2017)'s
+    parametric plot: θ(α) = θ_A + α(θ_B − θ_A), α = 1 is checkpoint B. Floating-point buffers
+    (BN running statistics) are interpolated with the weights.
+
+    Args:
+        objective: checkpoint A (the origin, α = 0).
+        other: model B, of the same architecture.
+        label: B's name in errors and in the direction's spec.
+
+    Returns:
+        Directions: one vector θ_B − θ_A in the objective's layout, and the buffers' differences.
+
+    Raises:
+        DirectionError: B lacks a parameter or buffer of A, has other shapes, or non-finite weights.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from landscape.objective import Objective
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> _ = nn.init.ones_(model.weight)
+        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
+        >>> objective = Objective(model, [(x, y)], dtype=torch.float64, device="cpu")
+        >>> other = nn.Linear(2, 1, bias=False)
+        >>> _ = other.weight.data.copy_(torch.tensor([[0.0, 1.0]]))
+        >>> between(objective, other).vectors
+        tensor([[-1.,  0.]], dtype=torch.float64)
     """
     w_other, buffers_other = flat_state(objective, other, label)
     vectors = (w_other - objective.w).unsqueeze(0)

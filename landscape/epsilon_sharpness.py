@@ -66,15 +66,52 @@ def epsilon_sharpness(objective: Objective, eps: float = 1e-3, *, subspace_dim: 
                       method: str = "sign-ascent", progress: bool | str = False) -> EpsilonSharpness:
     """Keskar et al. (2017) ε-sharpness: ascent of L(w+Az) over the box |z_i| ≤ ε(|(A⁺w)_i| + 1) in raw units.
 
-    Starts: z = 0, the corner b·sign(Aᵀ∇L(w)) (exact for a separable convex quadratic), and `restarts`
-    uniform random points of the box; each runs `max_iter` iterations. `method`: "sign-ascent"
-    (default), APGD's projected sign ascent with momentum and step halving (Croce & Hein 2020), one
-    loss and one gradient per iteration; or "lbfgsb", scipy's L-BFGS-B on −L with the box as bounds
-    (Keskar's choice, ~10 iterations there), float64 on the scipy side. On mnist1d and digits MLPs
-    sign ascent reached a higher φ than L-BFGS-B at equal iterations and fewer passes
-    (benchmarks/epsilon_sharpness.py); 20 iterations (not 10) are needed for it never to end below
-    20 fixed sign steps from z = 0. A = I, or with `subspace_dim` = p a random n×p matrix with
-    orthonormal columns (A⁺ = Aᵀ).
+    φ = 100·(max_{z∈C_ε} L(w+Az) − L(w))/(1 + L(w)), Keskar et al.'s sharpness metric. Starts:
+    z = 0, the corner b·sign(Aᵀ∇L(w)) (exact for a separable convex quadratic), and `restarts`
+    uniform random points of the box; each runs `max_iter` iterations, and each start's value is
+    the largest loss its ascent visited (a lower bound on the box maximum). On mnist1d and digits
+    MLPs sign ascent reached a higher φ than L-BFGS-B at equal iterations and fewer passes
+    (benchmarks/epsilon_sharpness.py); 20 iterations (not 10) are needed for it never to end
+    below 20 fixed sign steps from z = 0.
+
+    Args:
+        objective: the loss L and the point w.
+        eps: the box size ε (> 0); Keskar et al. use 1e-3 and 5e-4.
+        subspace_dim: None: the full space (A = I); p: a random n×p matrix A with orthonormal
+            columns (A⁺ = Aᵀ), Keskar et al.'s subspace variant.
+        max_iter: iterations per start.
+        restarts: random starts besides z = 0 and the corner.
+        seed: seed of the random starts and of the subspace.
+        method: "sign-ascent" (default): APGD's projected sign ascent with momentum and step
+            halving (Croce & Hein 2020), one loss and one gradient per iteration; "lbfgsb":
+            scipy's L-BFGS-B on −L with the box as bounds (Keskar's choice, about 10
+            iterations there), float64 on the scipy side.
+        progress: a progress bar (True, or a label), off by default.
+
+    Returns:
+        EpsilonSharpness: `value` (the best φ over starts), each start's `values` and
+            `start_kinds`, their `spread` and `std`, `max_losses`, `clean_loss`, the settings,
+            and the cost (`n_forward`, `n_grad`, `seconds`).
+
+    Raises:
+        ValueError: eps not a finite positive number, a subspace larger than the parameter
+            count, bad counts, or an unknown method.
+
+    Examples:
+        L(w) = ((2w₁ − 2)² + (w₂ − 1)²)/2 sits at its minimum w = (1, 1) with Hessian diag(4, 1);
+        the box |z_i| ≤ 2ε peaks at a corner, 100·(4 + 1)·(2ε)²/2 = 0.1 for ε = 0.01:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from landscape.batches import mean_squared_error
+        >>> from landscape.objective import Objective
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> _ = nn.init.ones_(model.weight)
+        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
+        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+        >>> result = epsilon_sharpness(objective, eps=0.01)
+        >>> round(result.value, 6), result.start_kinds
+        (0.1, ('zero', 'corner', 'random', 'random'))
     """
     eps = _check_eps(eps)
     if subspace_dim is not None:

@@ -145,12 +145,12 @@ def expected_loss(objective: Objective, radius: float, *, distribution: str = "u
                   recalibration_batches: Sequence[Batch] | None = None, progress: bool | str = False) -> ExpectedLoss:
     """Monte Carlo C̄(w) = E_u L(w+u), u = radius·unit_noise (SmoothOut, Wen et al. 2018), with a 95% CI.
 
-    `n_samples` counts perturbed forward passes; antithetic pairs (u, −u) cancel the gradient term
-    and odd-order terms, and their pair means are the iid units of the stderr. They are the default:
-    at equal forwards they cut the stderr 1.5–15× wherever the gradient is not negligible (test
-    split, partly trained nets, small radii) and cost at most √2 at an exact minimum. With
-    `target_ci_halfwidth` sampling stops once the CI half-width reaches it (checked every 10
-    draws/pairs, after at least 10), capped at `n_samples`.
+    SmoothOut trains on this smoothed loss; measured here, its increase C̄(w) − L(w) is a
+    sharpness: about ½·tr(ΣH) for small noise of covariance Σ (see `sharpness_curve`).
+    Antithetic pairs (u, −u) cancel the gradient term and odd-order terms, and their pair means
+    are the iid units of the stderr. They are the default: at equal forwards they cut the stderr
+    1.5–15× wherever the gradient is not negligible (test split, partly trained nets, small radii)
+    and cost at most √2 at an exact minimum.
 
     BatchNorm uses the objective's running statistics unless `bn_recalibration=k`: then at every
     point (the clean one too, so radius 0 changes nothing) BN statistics are re-estimated from k
@@ -158,6 +158,48 @@ def expected_loss(objective: Objective, radius: float, *, distribution: str = "u
     mode, then the loss is taken in eval mode (SWA-style, Izmailov et al. 2018). This matters at
     large radii, where noise shifts activation statistics and stale running statistics overstate
     the loss increase of a network that would simply renormalize.
+
+    Args:
+        objective: the loss L and the point w.
+        radius: the noise size a ≥ 0.
+        distribution: "uniform" (U[−a, a] per coordinate, SmoothOut's) or "gaussian" (N(0, a²)).
+        scale: "absolute" (the same size everywhere), "weight" (∝ |w_i|, SmoothOut's adaptive
+            noise) or "filter" (each filter's draw rescaled to a·‖w_filter‖, AdaSmoothOut,
+            filter-normalized as Li et al. 2018).
+        n_samples: perturbed forward passes, even with antithetic pairs (at least 4; 2 without).
+        antithetic: draw (u, −u) pairs.
+        target_ci_halfwidth: stop once the CI half-width reaches it (checked every 10
+            draws/pairs, after at least 10), capped at `n_samples`; None: spend them all.
+        seed: seed of the noise.
+        bn_recalibration: k: re-estimate BN statistics at every point from k batches; None: off.
+        recalibration_batches: the batches BN statistics are re-estimated from (default: the objective's).
+        progress: a progress bar (True, or a label), off by default.
+
+    Returns:
+        ExpectedLoss: `mean` C̄(w) with `stderr` and `ci`, `clean_loss`, `increase` C̄(w) − L(w)
+            with `increase_ci`, accuracy under noise where targets are classes, the per-unit
+            `samples`, the settings and the cost (`n_forward`, `seconds`).
+
+    Raises:
+        ValueError: a negative radius, an unknown distribution or scale, an odd or too small
+            n_samples, or a non-positive target.
+
+    Examples:
+        L(w) = ((2w₁ − 2)² + (w₂ − 1)²)/2 at its minimum w = (1, 1), H = diag(4, 1): under
+        U[−a, a] noise the increase is exactly (a²/6)·tr(H) = 5a²/6.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from landscape.batches import mean_squared_error
+        >>> from landscape.objective import Objective
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> _ = nn.init.ones_(model.weight)
+        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
+        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+        >>> result = expected_loss(objective, 0.1)
+        >>> low, high = result.increase_ci
+        >>> bool(low < 5 * 0.1**2 / 6 < high), result.n_forward
+        (True, 101)
     """
     radius = _check_number("radius", radius, allow_zero=True)
     _check_noise(distribution, scale)
@@ -210,9 +252,48 @@ def sharpness_curve(objective: Objective, radii: Sequence[float], *, distributio
     """Expected-loss increase at each radius (SmoothOut, Wen et al. 2018) and its second-order prediction.
 
     Every radius scales the same unit draws (common random numbers: the same seed and block
-    sizes replay the generator), so the curve is smooth in the radius; the prediction
-    ½·tr(ΣH) (see SharpnessCurve) takes tr(SHS) from `n_probes` Hutchinson probes; it
-    describes running-statistics BN, not `bn_recalibration`.
+    sizes replay the generator), so the curve is smooth in the radius. The prediction
+    ½·tr(ΣH) (see SharpnessCurve) takes tr(SHS) from `n_probes` Hutchinson (1989) probes; it
+    describes running-statistics BN, not `bn_recalibration`. Where the two disagree, the noise
+    sees more than the Hessian (e.g. ReLU kinks, or radii past the quadratic regime).
+
+    Args:
+        objective: the loss L and the point w.
+        radii: the noise sizes a, at least one, each ≥ 0.
+        distribution: "uniform" or "gaussian" (see `expected_loss`).
+        scale: "absolute", "weight" or "filter" (see `expected_loss`).
+        n_samples: perturbed forward passes per radius.
+        seed: seed of the noise (shared by every radius) and of the trace probes.
+        antithetic: draw (u, −u) pairs.
+        with_prediction: also compute ½·tr(ΣH) (n_probes Hessian-vector products).
+        n_probes: Hutchinson probes for tr(SHS).
+        bn_recalibration: k: re-estimate BN statistics at every point from k batches; None: off.
+        progress: a progress bar (True, or a label), off by default.
+
+    Returns:
+        SharpnessCurve: `radii`, `increase` with `increase_stderr` and `increase_ci` per radius,
+            `prediction` with `prediction_stderr` (None without), the trace estimate, every
+            radius's ExpectedLoss in `points`, and the cost.
+
+    Raises:
+        ValueError: no radii, a negative radius, or the arguments `expected_loss` refuses.
+
+    Examples:
+        On a quadratic the prediction is exact, 5a²/6 for L of the `expected_loss` example:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from landscape.batches import mean_squared_error
+        >>> from landscape.objective import Objective
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> _ = nn.init.ones_(model.weight)
+        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
+        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+        >>> curve = sharpness_curve(objective, [0.05, 0.1])
+        >>> curve.prediction.round(6)
+        array([0.002083, 0.008333])
+        >>> bool(((curve.increase_ci[:, 0] < curve.prediction) & (curve.prediction < curve.increase_ci[:, 1])).all())
+        True
     """
     radii = [_check_number("radius", a, allow_zero=True) for a in radii]
     if not radii:

@@ -203,31 +203,56 @@ def default_max_matvecs(n: int, k: int, dtype: torch.dtype = torch.float32) -> i
 def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1e-3, max_matvecs: int | None = None,
             seed: int = 0, return_vectors: bool = False, progress: bool | str = False, stop: str = "error",
             start: torch.Tensor | None = None) -> EigResult:
-    """k extreme eigenvalues by Lanczos with full reorthogonalization (Lanczos 1950; Parlett 1998).
+    """k extreme eigenvalues by Lanczos with full reorthogonalization (Lanczos 1950; Golub & Van Loan 2013, §10.1).
 
     Each wanted Ritz value θ_i has residual r_i = |β_m s_{m,i}| = ‖Ay_i − θ_i y_i‖, a rigorous
     bound on the distance from θ_i to an eigenvalue of A, and the sharper error estimate
-    min(r_i, r_i²/gap_i) (`EigResult.error_bounds`; the eigenvalue error shrinks like r², so
-    waiting for r_i itself to reach tol overspends matvecs). `stop="error"` (default) stops
-    when every wanted error estimate ≤ tol·max(|θ_i|, √eps·‖T‖); `stop="residual"` applies the
-    same test to r_i, the rigorous but costlier rule. Neither rule can see an eigenvalue the
-    Krylov space has not found yet (e.g. a close neighbour of a found one); "error" stops a few
-    matvecs earlier, so it is a little more exposed to such misses. Otherwise it stops when
-    the budget is spent (converged=False); the default budget is `default_max_matvecs`, which
-    grows with k and is held to n and to a 2 GiB basis. `which`: "LA" largest, "SA" smallest
-    algebraic, "LM" largest magnitude. k > n is clipped to n. After an invariant subspace the recurrence
-    restarts from a fresh random vector while fewer than k Ritz values exist; a single Krylov
-    space sees each distinct eigenvalue once, so exact multiplicities beyond that are only
-    resolved by such restarts.
+    min(r_i, r_i²/gap_i) (Kato–Temple, Parlett 1998, Thm 11.7.1; `EigResult.error_bounds`: the
+    eigenvalue error shrinks like r², so waiting for r_i itself to reach tol overspends matvecs).
+    Neither stopping rule can see an eigenvalue the Krylov space has not found yet (e.g. a close
+    neighbour of a found one); "error" stops a few matvecs earlier, so it is a little more exposed
+    to such misses. A run that spends its budget returns converged=False. After an invariant
+    subspace the recurrence restarts from a fresh random vector while fewer than k Ritz values
+    exist; a single Krylov space sees each distinct eigenvalue once, so exact multiplicities
+    beyond that are only resolved by such restarts.
 
-    `start`: the first Krylov vector (n entries, normalized here), e.g. the top eigenvector of
-    the previous training checkpoint: a warm start near the wanted eigenvectors converges in
-    fewer matvecs. None (default) starts from a seeded Rademacher vector; `seed` then also
-    drives any restart. A start (nearly) orthogonal to a wanted eigenvector hides it from the
-    Krylov space, as it would from any start, so pass a previous eigenvector, not a
-    hand-made vector with structure. Where the top eigenvalues crowd together (e.g. at the edge
-    of stability) a warm start makes the gap-based "error" rule stop on an underestimate far
-    more often than a cold start does; warm-start with stop="residual" there (landscape.stability).
+    Args:
+        op: a symmetric operator (HessianOperator, GGNOperator, FisherOperator, DenseOperator, ...).
+        k: how many eigenvalues; k > n is clipped to n.
+        which: "LA" largest algebraic (default), "SA" smallest algebraic, "LM" largest magnitude.
+        tol: relative tolerance: stop when every wanted value's error measure ≤ tol·max(|θ_i|, √eps·‖T‖).
+        max_matvecs: budget of operator products; None: `default_max_matvecs` (max(300, 60k), held
+            to n and to what a 2 GiB basis stores).
+        seed: seed of the Rademacher start vector (when `start` is None) and of any restart.
+        return_vectors: also return the (n, k) unit Ritz vectors.
+        progress: a progress bar (True, or a label), off by default.
+        stop: "error" (default) tests the gap-refined error estimates; "residual" tests the
+            residuals r_i themselves, the rigorous but costlier rule.
+        start: the first Krylov vector (n entries, normalized here), e.g. the top eigenvector of
+            the previous training checkpoint: a warm start near the wanted eigenvectors converges
+            in fewer matvecs. A start (nearly) orthogonal to a wanted eigenvector hides it, as it
+            would from any start, so pass a previous eigenvector, not a hand-made vector with
+            structure. Where the top eigenvalues crowd together (the edge of stability) a warm
+            start makes the "error" rule stop on an underestimate far more often than a cold
+            start; warm-start with stop="residual" there (landscape.stability).
+
+    Returns:
+        EigResult: `values` in the order of `which`, their `residuals` (rigorous) and
+            `error_bounds` (estimates), `vectors` if asked, `n_matvecs`, `converged`, `seconds`.
+
+    Raises:
+        ValueError: an unknown `which` or `stop`, a non-positive k or budget, a budget below k,
+            or a `start` of the wrong size, non-finite or zero.
+
+    Examples:
+        The two largest eigenvalues of a diagonal matrix, exact once the Krylov space holds it:
+
+        >>> import torch
+        >>> from landscape.operators import DenseOperator
+        >>> op = DenseOperator(torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5], dtype=torch.float64)))
+        >>> result = lanczos(op, k=2)
+        >>> result.values.round(6), result.converged, result.n_matvecs
+        (array([5., 3.]), True, 4)
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
@@ -326,13 +351,41 @@ def _deflate(v: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
 def slq_density(op: LinearOperator, *, n_runs: int = 4, n_steps: int = 60, n_grid: int = 500,
                 sigma: float | None = None, seed: int = 0, grid_margin: float = 0.05,
                 progress: bool | str = False) -> Spectrum:
-    """Spectral density by stochastic Lanczos quadrature (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019).
+    """Spectral density by stochastic Lanczos quadrature (Lin, Saad & Yang 2016; Ubaru, Chen & Saad 2017).
 
-    Each run starts Lanczos from a normalized Rademacher vector (all runs share one matmat
-    per step); nodes are the Ritz values, weights the squared first components of T's
-    eigenvectors. The density averages Σ_j w_j·N(x; θ_j, σ²) over runs; by default
-    σ = (max node − min node)/100. The grid extends grid_margin·range + 3σ past the extreme
-    nodes. A run that hits an invariant subspace early is padded with zero-weight nodes.
+    The Hessian spectral densities of Ghorbani, Krishnan & Xiao (2019). Each run starts Lanczos
+    (full reorthogonalization) from a normalized Rademacher vector, all runs sharing one matmat per
+    step; nodes are the Ritz values, weights the squared first components of T's eigenvectors
+    (Gauss quadrature of the probe's spectral measure). The density averages Σ_j w_j·N(x; θ_j, σ²)
+    over runs. A run that hits an invariant subspace early is padded with zero-weight nodes.
+
+    Args:
+        op: a symmetric operator (HessianOperator, GGNOperator, FisherOperator, DenseOperator, ...).
+        n_runs: independent probe vectors; their spread is the density's uncertainty.
+        n_steps: Lanczos steps (quadrature nodes) per run, at most n; one matvec per run and step.
+        n_grid: points of the grid the density is evaluated on.
+        sigma: width of the Gaussian kernel; None: (max node − min node)/100.
+        seed: seed of the probe vectors.
+        grid_margin: the grid extends grid_margin·range + 3σ past the extreme nodes.
+        progress: a progress bar (True, or a label), off by default.
+
+    Returns:
+        Spectrum: `grid` and `density` (integrating to about 1), the raw quadrature `nodes` and
+            `weights` of every run (n_runs, n_steps), `sigma`, `n_matvecs`, `seconds`, `seed`.
+
+    Raises:
+        ValueError: a non-positive count, sigma or a negative grid_margin.
+
+    Examples:
+        With as many steps as the dimension the nodes are the eigenvalues and each run's
+        weights (the squared probe components along the eigenvectors) sum to 1:
+
+        >>> import torch
+        >>> from landscape.operators import DenseOperator
+        >>> op = DenseOperator(torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5], dtype=torch.float64)))
+        >>> spectrum = slq_density(op, n_runs=2, n_steps=4)
+        >>> spectrum.nodes[0].round(6), spectrum.weights.sum(axis=1).round(6), spectrum.n_matvecs
+        (array([0.5, 1. , 3. , 5. ]), array([1., 1.]), 8)
     """
     check_int("n_runs", n_runs, 1)
     check_int("n_steps", n_steps, 1)

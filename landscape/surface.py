@@ -55,7 +55,7 @@ class Surface(Result):
     """Loss and accuracy on a 1-D or 2-D grid, per split; NaN where a point is not computed yet.
 
     `loss[split]` and `accuracy[split]` have shape (len(axes[0]),) or (len(axes[0]), len(axes[1]));
-    entry [i, j] is the point origin + axes[0][i]·d_0 + axes[1][j]·d_1.
+    entry [i, j] is the point `origin + axes[0][i]·d_0 + axes[1][j]·d_1`.
     """
 
     axes: tuple[np.ndarray, ...]
@@ -83,7 +83,23 @@ class Surface(Result):
 
 
 def grid_axis(start: float, stop: float, num: int) -> np.ndarray:
-    """`num` evenly spaced values from start to stop, computed so a symmetric odd grid holds exactly 0."""
+    """`num` evenly spaced values from start to stop, computed so a symmetric odd grid holds exactly 0.
+
+    Args:
+        start: the first value.
+        stop: the last value, greater than start.
+        num: how many values, at least 2.
+
+    Returns:
+        np.ndarray: the float64 values; entry i is start + (stop − start)·i/(num − 1).
+
+    Raises:
+        SurfaceError: fewer than 2 points, or start ≥ stop.
+
+    Examples:
+        >>> grid_axis(-1, 1, 5)
+        array([-1. , -0.5,  0. ,  0.5,  1. ])
+    """
     if num < 2:
         raise SurfaceError(f"a grid axis needs at least 2 points, got {num}")
     if not start < stop:
@@ -104,12 +120,54 @@ def compute_surface(
 ) -> Surface:
     """Loss and accuracy at every grid point, for each objective (one per split, e.g. train and test).
 
-    With `path`, results go to an HDF5 file as they finish; an existing file is refused unless
-    `resume`, and then only if it was made with the same checkpoint, data, measurement set,
-    directions, grid and options. `bn_recalibration=k` re-estimates BN running statistics at each
-    point from the first k batches of the first objective (the train split). `points_per_call` grid points
-    go through one vmapped forward (landscape.batched_points; "auto": 1 on a CPU, as many as fit on a GPU);
-    the file and its resume do not depend on it.
+    The loss-surface plots of Li et al. (2018) (with filter-normalized `random_directions`) and the
+    1-D interpolations of Goodfellow, Vinyals & Saxe (2015) and Keskar et al. (2017) (with
+    `between`). Point c is origin + Σ_j c_j·d_j, evaluated through the Objective's functional
+    forward pass (no model copies); under torch.distributed the points are split across ranks and
+    rank 0 writes the file. Points where the loss diverges are stored as inf/NaN.
+
+    Args:
+        objectives: an Objective, or {split name: Objective} over one checkpoint (e.g. train and test).
+        directions: 1 or 2 directions (landscape.directions), one per axis.
+        axes: one grid per direction (e.g. `grid_axis(-1, 1, 51)`).
+        path: an HDF5 file the results go to as they finish (blocks flushed before they are marked
+            done, so a killed run loses at most about a second); None: memory only.
+        resume: finish an existing `path`, computing only the missing points; refused unless it was
+            made with the same checkpoint, data, measurement set, directions, grid and options.
+            Without resume an existing file is refused.
+        bn_recalibration: k: re-estimate BN running statistics at each point from the first k
+            batches of the first objective (the train split); None: the checkpoint's statistics.
+        progress: a progress bar (True, or a label), off by default.
+        points_per_call: grid points per vmapped forward (landscape.batched_points); "auto": 1 on
+            a CPU, as many as fit on a GPU. The values and the file do not depend on it.
+
+    Returns:
+        Surface: `axes`, `loss[split]` and `accuracy[split]` of shape (len(axes[0]),) or
+            (len(axes[0]), len(axes[1])), the `done` mask, the directions, metadata
+            (measurement set, checkpoint, options) and the file's `path`.
+
+    Raises:
+        SurfaceError: mismatched axes, directions or objectives, or a file that exists (without
+            resume), does not match (with resume), is held by another run, or cannot be written.
+
+    Examples:
+        L(w) = ((2w₁ − 2)² + (w₂ − 1)²)/2 at w = (1, 1), along the line to w' = (0, 1): 2α².
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from landscape.batches import mean_squared_error
+        >>> from landscape.directions import between
+        >>> from landscape.objective import Objective
+        >>> model, other = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
+        >>> _ = nn.init.ones_(model.weight)
+        >>> _ = other.weight.data.copy_(torch.tensor([[0.0, 1.0]]))
+        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
+        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+        >>> surface = compute_surface(objective, between(objective, other), [grid_axis(-1, 1, 3)])
+        >>> surface.loss["train"], surface.complete
+        (array([2., 0., 2.]), True)
+
+        Accuracy is NaN here: a regression target has none.
     """
     objectives = {"train": objectives} if isinstance(objectives, Objective) else dict(objectives)
     axes = tuple(np.asarray(a, dtype=np.float64) for a in axes)
@@ -178,7 +236,41 @@ def compute_surface(
 
 
 def read_surface(path: str | os.PathLike) -> Surface:
-    """A surface (complete or not) from its HDF5 file; refuses files that are not landscape surfaces."""
+    """A surface (complete or not) from its HDF5 file; refuses files that are not landscape surfaces.
+
+    The file is read without HDF5's lock, so a surface can be read (plotted) while a run is
+    still writing it; points not computed yet are NaN and False in `done`.
+
+    Args:
+        path: a file written by `compute_surface` (or `landscape surface`).
+
+    Returns:
+        Surface: the axes, losses, accuracies, done mask, directions (vectors included) and
+            metadata stored in the file.
+
+    Raises:
+        SurfaceError: no such file, not HDF5, or not a landscape surface file.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from landscape.batches import mean_squared_error
+        >>> from landscape.directions import between
+        >>> from landscape.objective import Objective
+        >>> model, other = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
+        >>> _ = nn.init.ones_(model.weight)
+        >>> _ = other.weight.data.copy_(torch.tensor([[0.0, 1.0]]))
+        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
+        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+        >>> import os, tempfile
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> path = os.path.join(folder.name, "line.h5")
+        >>> _ = compute_surface(objective, between(objective, other), [grid_axis(-1, 1, 3)], path=path)
+        >>> surface = read_surface(path)
+        >>> surface.loss["train"], surface.directions.kind
+        (array([2., 0., 2.]), 'between')
+        >>> folder.cleanup()
+    """
     path = Path(path)
     if not path.exists():
         raise SurfaceError(f"{path}: no such file")

@@ -103,9 +103,49 @@ def worst_case(objective: Objective, rho: float | None = None, *, p: str | float
                progress: bool | str = False) -> WorstCase:
     """Worst-case sharpness S(w, ρ) over the ℓ2 (SAM, Foret et al. 2021) or ℓ∞ ball, adaptive with T = |w| + η (Kwon et al. 2021).
 
-    APGD (Croce & Hein 2020, 20 iterations in Andriushchenko et al. 2023) from ρ·direction(T ⊙ ∇L), the
-    maximizer of the linear model (SAM's perturbation for ℓ2, the box's corner for ℓ∞), and from `restarts`
-    uniform random points of the ball; each iteration costs a loss and a gradient. ρ defaults to DEFAULT_RHO.
+    S(w, ρ) = max_{‖δ'‖_p ≤ ρ} L(w + T ⊙ δ') − L(w), as Andriushchenko et al. (2023) measure it:
+    APGD (Croce & Hein 2020; 20 iterations in Andriushchenko et al.) from ρ·direction(T ⊙ ∇L), the
+    maximizer of the linear model (SAM's perturbation for ℓ2, the box's corner for ℓ∞), and from
+    `restarts` uniform random points of the ball; each iteration costs a loss and a gradient. Each
+    start's value is the largest loss its ascent visited: a lower bound on the true maximum.
+
+    Args:
+        objective: the loss L and the point w (the checkpoint) it is measured at.
+        rho: radius ρ of the ball; None: DEFAULT_RHO for (p, adaptive) (ℓ2 0.05, adaptive ℓ2 0.5,
+            ℓ∞ 1e-3, adaptive ℓ∞ 2e-3).
+        p: the norm, 2 or "inf" (also "2" or math.inf).
+        adaptive: scale the ball by T = |w| + η (ASAM's adaptive sharpness), invariant to
+            rescaling a ReLU network's layers.
+        eta: η of the adaptive ball (0 as in Andriushchenko et al.; ASAM uses 0.01); only with adaptive.
+        steps: APGD iterations per start.
+        restarts: random starts besides the gradient start.
+        seed: seed of the random starts.
+        progress: a progress bar (True, or a label), off by default.
+
+    Returns:
+        WorstCase: `value` (the best increase over starts), each start's `values` and
+            `start_kinds`, their `spread` and `std`, `clean_loss`, the settings, and the cost
+            (`n_forward`, `n_grad`, `seconds`).
+
+    Raises:
+        ValueError: a non-positive rho, a negative eta (or eta > 0 without adaptive), or bad counts.
+
+    Examples:
+        L(w) = ((2w₁ − 2)² + (w₂ − 1)²)/2 sits at its minimum w = (1, 1) with Hessian diag(4, 1):
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from landscape.batches import mean_squared_error
+        >>> from landscape.objective import Objective
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> _ = nn.init.ones_(model.weight)
+        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
+        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+        >>> result = worst_case(objective, rho=0.1)        # ρ²·λ1/2 = 0.01·4/2
+        >>> round(result.value, 6), result.start_kinds
+        (0.02, ('gradient', 'random'))
+
+        At a minimum the gradient start is w itself; the random start finds the top eigenvector.
     """
     p, rho, eta = _check(objective, p, rho, adaptive, eta, steps, restarts)
     start = time.perf_counter()
@@ -130,9 +170,48 @@ def m_sharpness(objective: Objective, m: int, rho: float | None = None, *, p: st
                 progress: bool | str = False) -> MSharpness:
     """m-sharpness (Foret et al. 2021; Andriushchenko et al. 2023): each m-sample batch's own worst case, averaged.
 
-    The batches are consecutive runs of m samples of the measurement set (a seeded random subset when
-    measured from a checkpoint); each is maximized as `worst_case` does, on an objective over that batch
-    alone (BN mode and parameter selection as the measurement set's). One random generator serves all batches.
+    The batches are consecutive runs of m samples of the measurement set (a seeded random subset
+    when measured from a checkpoint; the last n − m·⌊n/m⌋ samples are left out); each is maximized
+    as `worst_case` does, on an objective over that batch alone (BN mode and parameter selection as
+    the measurement set's). One random generator serves all batches. Foret et al. found that small m
+    correlates better with generalization; Andriushchenko et al. use m = 128.
+
+    Args:
+        objective: the loss L and the point w; its batches must be (x, y) pairs, in one process.
+        m: samples per batch, at most the measurement set's size.
+        rho: radius ρ of the ball; None: DEFAULT_RHO for (p, adaptive).
+        p: the norm, 2 or "inf".
+        adaptive: scale the ball by T = |w| + η.
+        eta: η of the adaptive ball; only with adaptive.
+        steps: APGD iterations per start.
+        restarts: random starts besides the gradient start, per batch.
+        seed: seed of the random starts.
+        progress: a progress bar (True, or a label), off by default.
+
+    Returns:
+        MSharpness: `value` (the mean over batches), its `stderr` (None for one batch), each
+            batch's `batch_values`, `batch_spreads` and `batch_clean_losses`, `n_batches`,
+            `n_unused`, the settings and the cost.
+
+    Raises:
+        ValueError: m larger than the measurement set, a distributed objective, batches that
+            are not (x, y) pairs, or the arguments `worst_case` refuses.
+
+    Examples:
+        With m = 1 each sample is its own batch: L₁ = (2w₁ − 2)² (Hessian diag(8, 0)) and
+        L₂ = (w₂ − 1)² (diag(0, 2)) have worst cases 0.04 and 0.01 at ρ = 0.1:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from landscape.batches import mean_squared_error
+        >>> from landscape.objective import Objective
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> _ = nn.init.ones_(model.weight)
+        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
+        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+        >>> result = m_sharpness(objective, 1, rho=0.1)
+        >>> round(result.value, 6), result.batch_values.round(6), round(result.stderr, 6)
+        (0.025, array([0.04, 0.01]), 0.015)
     """
     p, rho, eta = _check(objective, p, rho, adaptive, eta, steps, restarts)
     check_int("m", m, 1)
@@ -175,8 +254,41 @@ def average_case(objective: Objective, rho: float | None = None, *, p: str | flo
     """The average-case counterpart E_δ' L(w + T ⊙ δ') − L(w) (Andriushchenko et al. 2023), with a 95% CI.
 
     δ' ~ N(0, ρ²I) for p = 2 and uniform on the box [−ρ, ρ]^d for p = ∞; T = |w| when adaptive (η is
-    not supported here). This is landscape.perturb.expected_loss with distribution gaussian/uniform and
-    scale absolute/weight, antithetic pairs; its `increase` and `increase_ci` are the answer.
+    not supported here). This is landscape.perturb.expected_loss with distribution gaussian/uniform
+    and scale absolute/weight, in antithetic pairs; its `increase` and `increase_ci` are the answer.
+
+    Args:
+        objective: the loss L and the point w.
+        rho: the noise size ρ; None: DEFAULT_AVERAGE_RHO for (p, adaptive) (ℓ2 0.01, adaptive ℓ2
+            0.1, ℓ∞ 0.02, adaptive ℓ∞ 0.2).
+        p: 2 (Gaussian noise) or "inf" (uniform noise on the box).
+        adaptive: noise scaled by |w| per coordinate.
+        n_samples: perturbed forward passes (antithetic pairs).
+        seed: seed of the noise.
+        progress: a progress bar (True, or a label), off by default.
+
+    Returns:
+        ExpectedLoss: the mean loss under noise, its `increase` over L(w) with `increase_ci`, the
+            samples and the cost.
+
+    Raises:
+        ValueError: a non-positive rho or an unknown p.
+
+    Examples:
+        L(w) = ((2w₁ − 2)² + (w₂ − 1)²)/2 sits at its minimum w = (1, 1) with Hessian diag(4, 1):
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from landscape.batches import mean_squared_error
+        >>> from landscape.objective import Objective
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> _ = nn.init.ones_(model.weight)
+        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
+        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+        >>> result = average_case(objective, rho=0.1)      # E ½δᵀHδ = ρ²·tr(H)/2 = 0.025
+        >>> low, high = result.increase_ci
+        >>> bool(low < 0.025 < high)
+        True
     """
     p = norm_name(p)
     rho = default_rho(p, adaptive, average=True) if rho is None else _check_number("rho", rho, allow_zero=False)
