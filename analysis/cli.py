@@ -7,7 +7,8 @@ import importlib
 import os
 import sys
 import warnings
-from typing import Callable, Iterable, NoReturn, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import NoReturn
 
 import landscape
 from analysis.command_line import OptionNote, add_output_arguments

@@ -18,8 +18,8 @@ minutes for a sweep's worth of groups).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Callable, Iterable
 
 from analysis.command_line import OptionNote, print_json
 from analysis.options import parse_options

@@ -34,7 +34,7 @@ class ResultsFile:
         self.complete = False
 
     @classmethod
-    def open(cls, path: str | os.PathLike, settings: dict, *, resume: bool) -> "ResultsFile":
+    def open(cls, path: str | os.PathLike, settings: dict, *, resume: bool) -> ResultsFile:
         """A new file (written at once, so an unwritable --out fails before any work) or, with `resume`, an existing one."""
         path, settings = Path(path), to_jsonable(settings)
         store, state = None, None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

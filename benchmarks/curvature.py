@@ -194,7 +194,7 @@ class Replay(LinearOperator):
         super().__init__(op.shape[0], op.dtype, op.device)
         self.op, self.cache, self.position, self.n_real = op, [], 0, 0
 
-    def rewind(self) -> "Replay":
+    def rewind(self) -> Replay:
         self.position, self.n_matvecs = 0, 0
         return self
 
@@ -367,7 +367,8 @@ def eig_eigenthings(problem: dict, seed: int) -> dict:
     """hessian-eigenthings' lanczos on our operator (a LambdaOperator). It runs a fixed max_iter (default 2k)
     and only flags convergence (residual < tol·|λ|), so the self-certified count is the smallest max_iter
     whose flags are all set, found by sweeping; reorthogonalization on, as its docs advise."""
-    from hessian_eigenthings import LambdaOperator, lanczos as he_lanczos
+    from hessian_eigenthings import LambdaOperator
+    from hessian_eigenthings import lanczos as he_lanczos
 
     ref, replay = problem["top"], Replay(problem["op"])
     peer = LambdaOperator(lambda v: replay.matvec(v), problem["n"], dtype=replay.dtype)
@@ -404,7 +405,9 @@ def eig_eigsh(problem: dict, seed: int) -> dict:
 
 def end_to_end(problem: dict) -> dict:
     """PyHessian and hessian-eigenthings on the model itself (seed 0), against the same-operator runs."""
-    from hessian_eigenthings import HessianOperator as HEOperator, lanczos as he_lanczos, supervised_loss
+    from hessian_eigenthings import HessianOperator as HEOperator
+    from hessian_eigenthings import lanczos as he_lanczos
+    from hessian_eigenthings import supervised_loss
     from pyhessian import hessian
 
     model = problem["model"].double().eval()
@@ -472,7 +475,8 @@ def curvlinops_view(op: LinearOperator):
 def trace_methods(problem: dict) -> dict:
     """name → f(budget, seed) → estimate; each call's matvecs are counted on the operator."""
     import curvlinops
-    from hessian_eigenthings import LambdaOperator, hutch_plus_plus, hutchinson as he_hutchinson
+    from hessian_eigenthings import LambdaOperator, hutch_plus_plus
+    from hessian_eigenthings import hutchinson as he_hutchinson
 
     op = problem["op"]
     view = curvlinops_view(op)

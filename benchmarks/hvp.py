@@ -234,7 +234,7 @@ def short_table(problems: list[str], rounds: int) -> list[dict]:
                 for tool in tools:
                     runs.setdefault((name, tool), []).append(run_short(name, tool, checkpoints[name]))
     rows = []
-    for (name, tool), results in runs.items():
+    for results in runs.values():
         ok = [r for r in results if "error" not in r]
         row = dict(results[0], rounds=len(results)) if not ok else {
             **ok[0], "rounds": len(ok), "wall_s": statistics.median(r["wall_s"] for r in ok),
@@ -252,7 +252,7 @@ def large_table(rounds: int) -> list[dict]:
             runs.setdefault(path, []).append(json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else
                                              {"path": path, "error": (out.stderr.strip().splitlines() or ["?"])[-1]})
     rows = []
-    for path, results in runs.items():
+    for results in runs.values():
         row = median_row(results)
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
@@ -269,7 +269,7 @@ def paths_table(problems: list[str], paths: list[str], rounds: int) -> list[dict
                 rounds_of.setdefault(path, []).append(json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0
                                                       else {"problem": name, "path": path,
                                                             "error": out.stderr.strip().splitlines()[-1]})
-        for path, runs in rounds_of.items():
+        for runs in rounds_of.values():
             row = median_row(runs)
             rows.append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)

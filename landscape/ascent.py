@@ -9,8 +9,8 @@ ball is round (or a cube): the gradient there is T ⊙ Aᵀ∇L, the step its si
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

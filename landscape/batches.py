@@ -14,8 +14,8 @@ models: shifted labels, ignore_index −100), `mean_squared_error`. `accuracy(ou
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F

@@ -277,7 +277,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], path: st
     if optional:
         names = sorted({k.rpartition(".")[2] for k in optional})
         warnings.warn(CheckpointNote(f"{path} has no {', '.join(names)} for {len(optional)} BatchNorm layers "
-                                     "(saved by PyTorch < 0.4.1); kept the model's defaults, as PyTorch does"))
+                                     "(saved by PyTorch < 0.4.1); kept the model's defaults, as PyTorch does"), stacklevel=2)
 
 
 def _short_list(items: list[str], limit: int = 5) -> str:

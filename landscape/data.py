@@ -12,9 +12,10 @@ import os
 import pickle
 import random
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -501,7 +502,7 @@ class MeasurementSet:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MeasurementSet":
+    def from_dict(cls, d: dict) -> MeasurementSet:
         """Rebuild from `describe()` output (extra keys ignored); it selects the same samples."""
         n = d.get("n_samples") if d.get("subset", True) else None
         return cls(d.get("split", "train"), None if n is None else int(n), int(d.get("batch_size", 256)), int(d.get("seed", 0)))

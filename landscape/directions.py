@@ -8,8 +8,8 @@ floating-point buffers such as BN running statistics).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -92,13 +92,8 @@ def random_directions(objective: Objective, dim: int = 2, *, seed: int = 0, norm
     Examples:
         A (1, 2) weight is one filter of norm √2, so the direction gets norm √2 too:
 
-        >>> import torch
-        >>> from torch import nn
-        >>> from landscape.objective import Objective
-        >>> model = nn.Linear(2, 1, bias=False)
-        >>> _ = nn.init.ones_(model.weight)
-        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
-        >>> objective = Objective(model, [(x, y)], dtype=torch.float64, device="cpu")
+        >>> from landscape.examples import quadratic
+        >>> objective = quadratic()                  # one Linear(2, 1) layer at w = (1, 1)
         >>> directions = random_directions(objective, 1, seed=0)
         >>> directions.vectors.shape, round(float(directions.vectors.norm()), 4)
         (torch.Size([1, 2]), 1.4142)
@@ -144,11 +139,8 @@ def between(objective: Objective, other: nn.Module, label: str = "other") -> Dir
     Examples:
         >>> import torch
         >>> from torch import nn
-        >>> from landscape.objective import Objective
-        >>> model = nn.Linear(2, 1, bias=False)
-        >>> _ = nn.init.ones_(model.weight)
-        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
-        >>> objective = Objective(model, [(x, y)], dtype=torch.float64, device="cpu")
+        >>> from landscape.examples import quadratic
+        >>> objective = quadratic()                  # one Linear(2, 1) layer at w = (1, 1)
         >>> other = nn.Linear(2, 1, bias=False)
         >>> _ = other.weight.data.copy_(torch.tensor([[0.0, 1.0]]))
         >>> between(objective, other).vectors

@@ -10,7 +10,8 @@ from __future__ import annotations
 import datetime
 import os
 import re
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist

@@ -101,14 +101,8 @@ def epsilon_sharpness(objective: Objective, eps: float = 1e-3, *, subspace_dim: 
         L(w) = ((2w₁ − 2)² + (w₂ − 1)²)/2 sits at its minimum w = (1, 1) with Hessian diag(4, 1);
         the box |z_i| ≤ 2ε peaks at a corner, 100·(4 + 1)·(2ε)²/2 = 0.1 for ε = 0.01:
 
-        >>> import torch
-        >>> from torch import nn
-        >>> from landscape.batches import mean_squared_error
-        >>> from landscape.objective import Objective
-        >>> model = nn.Linear(2, 1, bias=False)
-        >>> _ = nn.init.ones_(model.weight)
-        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
-        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+        >>> from landscape.examples import quadratic
+        >>> objective = quadratic()                  # L = ((2w₀ − 2)² + (w₁ − 1)²)/2, H = diag(4, 1)
         >>> result = epsilon_sharpness(objective, eps=0.01)
         >>> round(result.value, 6), result.start_kinds
         (0.1, ('zero', 'corner', 'random', 'random'))

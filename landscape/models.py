@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

@@ -14,8 +14,8 @@ import dataclasses
 import math
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -254,7 +254,7 @@ class Objective:
         with torch.no_grad():
             return int(self.loss_function(self._call(self.w, batch), batch)[1])
 
-    def restricted(self, batches: Sequence[Batch]) -> "Objective":
+    def restricted(self, batches: Sequence[Batch]) -> Objective:
         """The same prepared model, point, parameters and settings over other `batches`, without copying the model.
 
         For measures over parts of the measurement set (m-sharpness: each batch of m samples on its own).
@@ -724,7 +724,7 @@ def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return difference / scale if scale > 0 else difference
 
 
-def _random_probe(objective: "Objective") -> torch.Tensor:
+def _random_probe(objective: Objective) -> torch.Tensor:
     """A seeded Gaussian probe (1, n), for a first probe block that is all zeros."""
     g = torch.Generator(device=objective.device).manual_seed(0)
     return torch.randn(1, objective.n_params, generator=g, device=objective.device, dtype=objective.dtype)

@@ -72,7 +72,7 @@ class DenseOperator(LinearOperator):
 class HessianOperator(LinearOperator):
     """H = ∇²L(w) of an Objective at its point, applied through exact Hessian-vector products."""
 
-    def __init__(self, objective: "Objective") -> None:
+    def __init__(self, objective: Objective) -> None:
         super().__init__(objective.n_params, objective.dtype, objective.device)
         self.objective = objective
 
@@ -88,7 +88,7 @@ class GGNOperator(LinearOperator):
     `keep`: hold each batch's linearization between products (default: when the objective's HVP path keeps a graph).
     """
 
-    def __init__(self, objective: "Objective", keep: bool | None = None) -> None:
+    def __init__(self, objective: Objective, keep: bool | None = None) -> None:
         super().__init__(objective.n_params, objective.dtype, objective.device)
         self.objective = objective
         self.products = ggn(objective, keep)
@@ -105,7 +105,7 @@ class FisherOperator(LinearOperator):
     closed-form for cross-entropy, else the loss evaluated one sample at a time (checked on the first batch).
     """
 
-    def __init__(self, objective: "Objective", per_sample_loss: PerSampleLoss | None = None,
+    def __init__(self, objective: Objective, per_sample_loss: PerSampleLoss | None = None,
                  keep: bool | None = None) -> None:
         super().__init__(objective.n_params, objective.dtype, objective.device)
         self.objective = objective
@@ -118,7 +118,7 @@ class FisherOperator(LinearOperator):
         return self.products(V.T).T
 
 
-def curvature_operator(objective: "Objective", curvature: str = "hessian") -> LinearOperator:
+def curvature_operator(objective: Objective, curvature: str = "hessian") -> LinearOperator:
     """The operator of `curvature` (hessian, ggn or fisher) on an Objective."""
     kinds = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": FisherOperator}
     if curvature not in kinds:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,11 @@ KL_DIRECTIONS = ("forward", "reverse")
 ASAM_RULES = ("name", "ndim")
 ASCENTS = ("local", "global")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _check_one_of(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def draw(distribution: str, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -492,8 +497,7 @@ class NRS(PerturbationMethod):
             raise ValueError(f"alpha and radius must be non-negative, got {alpha}, {radius}")
         if distribution not in NRS_DISTRIBUTIONS:
             raise ValueError(f"unknown NRS distribution {distribution!r}; use one of {', '.join(NRS_DISTRIBUTIONS)}")
-        if kl_direction not in KL_DIRECTIONS:
-            raise ValueError(f"kl_direction must be one of {', '.join(KL_DIRECTIONS)}, got {kl_direction!r}")
+        _check_one_of("kl_direction", kl_direction, KL_DIRECTIONS)
         super().__init__(model, **kwargs)
         self.alpha, self.radius, self.distribution, self.kl_direction = alpha, radius, distribution, kl_direction
 
@@ -545,10 +549,8 @@ class SAM(PerturbationMethod):
                  asam_rule: str = "name", ascent_gradient: str = "local", **kwargs) -> None:
         if rho < 0 or eta < 0:
             raise ValueError(f"rho and eta must be non-negative, got {rho}, {eta}")
-        if asam_rule not in ASAM_RULES:
-            raise ValueError(f"asam_rule must be one of {', '.join(ASAM_RULES)}, got {asam_rule!r}")
-        if ascent_gradient not in ASCENTS:
-            raise ValueError(f"ascent_gradient must be one of {', '.join(ASCENTS)}, got {ascent_gradient!r}")
+        _check_one_of("asam_rule", asam_rule, ASAM_RULES)
+        _check_one_of("ascent_gradient", ascent_gradient, ASCENTS)
         super().__init__(model, **kwargs)
         self.rho, self.adaptive, self.eta, self.asam_rule = rho, adaptive, eta, asam_rule
         self.ascent_gradient = ascent_gradient

@@ -6,8 +6,8 @@ import fnmatch
 import hashlib
 import importlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -122,7 +122,7 @@ class FlatLayout:
     shapes: tuple[torch.Size, ...]
 
     @classmethod
-    def of(cls, tensors: dict[str, torch.Tensor]) -> "FlatLayout":
+    def of(cls, tensors: dict[str, torch.Tensor]) -> FlatLayout:
         return cls(tuple(tensors), tuple(t.shape for t in tensors.values()))
 
     @property

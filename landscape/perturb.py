@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,8 @@ from landscape.params import rescale_filters
 from landscape.probes import check_int, seeded_generator
 from landscape.progress import Progress
 from landscape.results import Result
-from landscape.statistics import stderr as _stderr, t_halfwidth  # `stderr` is a local name in expected_loss
+from landscape.statistics import stderr as _stderr  # `stderr` is a local name in expected_loss
+from landscape.statistics import t_halfwidth
 from landscape.trace import TraceResult, hutchinson
 
 DISTRIBUTIONS = ("uniform", "gaussian")
@@ -188,14 +189,8 @@ def expected_loss(objective: Objective, radius: float, *, distribution: str = "u
         L(w) = ((2w₁ − 2)² + (w₂ − 1)²)/2 at its minimum w = (1, 1), H = diag(4, 1): under
         U[−a, a] noise the increase is exactly (a²/6)·tr(H) = 5a²/6.
 
-        >>> import torch
-        >>> from torch import nn
-        >>> from landscape.batches import mean_squared_error
-        >>> from landscape.objective import Objective
-        >>> model = nn.Linear(2, 1, bias=False)
-        >>> _ = nn.init.ones_(model.weight)
-        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
-        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+        >>> from landscape.examples import quadratic
+        >>> objective = quadratic()                  # L = ((2w₀ − 2)² + (w₁ − 1)²)/2, H = diag(4, 1)
         >>> result = expected_loss(objective, 0.1)
         >>> low, high = result.increase_ci
         >>> bool(low < 5 * 0.1**2 / 6 < high), result.n_forward
@@ -281,14 +276,8 @@ def sharpness_curve(objective: Objective, radii: Sequence[float], *, distributio
     Examples:
         On a quadratic the prediction is exact, 5a²/6 for L of the `expected_loss` example:
 
-        >>> import torch
-        >>> from torch import nn
-        >>> from landscape.batches import mean_squared_error
-        >>> from landscape.objective import Objective
-        >>> model = nn.Linear(2, 1, bias=False)
-        >>> _ = nn.init.ones_(model.weight)
-        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
-        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+        >>> from landscape.examples import quadratic
+        >>> objective = quadratic()                  # L = ((2w₀ − 2)² + (w₁ − 1)²)/2, H = diag(4, 1)
         >>> curve = sharpness_curve(objective, [0.05, 0.1])
         >>> curve.prediction.round(6)
         array([0.002083, 0.008333])

@@ -36,8 +36,9 @@ add a model, a data set and a schedule to those trainer rules. Their sources, in
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from landscape import distributed as ranks
-from landscape.checkpoints import Checkpoint, CheckpointError
 from landscape.batches import BatchError, logits, model_arguments, to_device
+from landscape.checkpoints import Checkpoint, CheckpointError
 from landscape.data import BatchSet, DataError, Dataset, MeasurementSet, load_data
 from landscape.models import model_for_data
 from landscape.objective import Objective
@@ -31,7 +31,7 @@ class DataSpec:
         return {"spec": self.spec, "seed": self.seed, "normalize": self.normalize}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DataSpec":
+    def from_dict(cls, d: dict) -> DataSpec:
         return cls(d["spec"], int(d.get("seed", 0)), d.get("normalize"))
 
 

@@ -13,7 +13,8 @@ import os
 import sys
 import threading
 import time
-from typing import Iterable, Iterator, TextIO, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TextIO, TypeVar
 
 from landscape import distributed as ranks
 
@@ -128,7 +129,7 @@ class Progress:
             self._line(final=True)
         self.style = "off"
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:

@@ -8,8 +8,9 @@ scipy is imported inside the functions that need it: the CLI's start-up must not
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 

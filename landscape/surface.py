@@ -16,9 +16,10 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 try:
     import fcntl
@@ -30,7 +31,8 @@ import torch.distributed as dist
 
 import landscape
 from landscape import distributed as ranks
-from landscape.batched_points import PointEvaluator, points_per_call as resolve_points_per_call
+from landscape.batched_points import PointEvaluator
+from landscape.batched_points import points_per_call as resolve_points_per_call
 from landscape.directions import Directions
 from landscape.objective import Objective
 from landscape.params import tensor_digest
@@ -155,14 +157,11 @@ def compute_surface(
 
         >>> import torch
         >>> from torch import nn
-        >>> from landscape.batches import mean_squared_error
         >>> from landscape.directions import between
-        >>> from landscape.objective import Objective
-        >>> model, other = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
-        >>> _ = nn.init.ones_(model.weight)
+        >>> from landscape.examples import quadratic
+        >>> objective = quadratic()
+        >>> other = nn.Linear(2, 1, bias=False)
         >>> _ = other.weight.data.copy_(torch.tensor([[0.0, 1.0]]))
-        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
-        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
         >>> surface = compute_surface(objective, between(objective, other), [grid_axis(-1, 1, 3)])
         >>> surface.loss["train"], surface.complete
         (array([2., 0., 2.]), True)
@@ -252,23 +251,17 @@ def read_surface(path: str | os.PathLike) -> Surface:
         SurfaceError: no such file, not HDF5, or not a landscape surface file.
 
     Examples:
-        >>> import torch
-        >>> from torch import nn
-        >>> from landscape.batches import mean_squared_error
-        >>> from landscape.directions import between
-        >>> from landscape.objective import Objective
-        >>> model, other = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
-        >>> _ = nn.init.ones_(model.weight)
-        >>> _ = other.weight.data.copy_(torch.tensor([[0.0, 1.0]]))
-        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
-        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+        A file written by `compute_surface` reads back whole, directions included:
+
         >>> import os, tempfile
-        >>> folder = tempfile.TemporaryDirectory()
+        >>> from landscape.directions import random_directions
+        >>> from landscape.examples import quadratic
+        >>> objective, folder = quadratic(), tempfile.TemporaryDirectory()
         >>> path = os.path.join(folder.name, "line.h5")
-        >>> _ = compute_surface(objective, between(objective, other), [grid_axis(-1, 1, 3)], path=path)
+        >>> written = compute_surface(objective, random_directions(objective, 1, seed=0), [grid_axis(-1, 1, 5)], path=path)
         >>> surface = read_surface(path)
-        >>> surface.loss["train"], surface.directions.kind
-        (array([2., 0., 2.]), 'between')
+        >>> bool((surface.loss["train"] == written.loss["train"]).all()), surface.directions.kind, surface.complete
+        (True, 'random', True)
         >>> folder.cleanup()
     """
     path = Path(path)
@@ -378,13 +371,13 @@ def _broadcast(obj: object) -> object:
 class _SurfaceFile:
     """The HDF5 file of one surface: preallocated arrays, a done mask written after the values it covers."""
 
-    def __init__(self, path: Path, file: h5py.File, lock: "_Lock") -> None:
+    def __init__(self, path: Path, file: h5py.File, lock: _Lock) -> None:
         self.path, self.file, self.lock = path, file, lock
         self.last_flush = time.perf_counter()
 
     @classmethod
     def open_or_create(cls, path: Path, resume: bool, fingerprint: dict, metadata: dict, directions: Directions,
-                       axes: tuple[np.ndarray, ...], values: dict[str, np.ndarray]) -> "_SurfaceFile":
+                       axes: tuple[np.ndarray, ...], values: dict[str, np.ndarray]) -> _SurfaceFile:
         """The file, locked for this process until `close` (a second run on it fails at once, naming it)."""
         lock = _Lock(path)
         try:

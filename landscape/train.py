@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from landscape import distributed
 from landscape.checkpoints import CheckpointError, atomic_save, save_checkpoint
-from landscape.data_parallel import GradientSync
 from landscape.data import Dataset, MeasurementSet
+from landscape.data_parallel import GradientSync
 from landscape.models import model_for_data
 from landscape.objective import Objective
 from landscape.optim import make_optimizer
@@ -94,7 +94,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
         d.setdefault("validation", 0)  # checkpoints written before these fields existed
         d.setdefault("recipe", "")

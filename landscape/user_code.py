@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def import_callable(target: str, error: type[Exception] = ValueError) -> Callable:

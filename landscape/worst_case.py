@@ -133,14 +133,8 @@ def worst_case(objective: Objective, rho: float | None = None, *, p: str | float
     Examples:
         L(w) = ((2w₁ − 2)² + (w₂ − 1)²)/2 sits at its minimum w = (1, 1) with Hessian diag(4, 1):
 
-        >>> import torch
-        >>> from torch import nn
-        >>> from landscape.batches import mean_squared_error
-        >>> from landscape.objective import Objective
-        >>> model = nn.Linear(2, 1, bias=False)
-        >>> _ = nn.init.ones_(model.weight)
-        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
-        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+        >>> from landscape.examples import quadratic
+        >>> objective = quadratic()                  # L = ((2w₀ − 2)² + (w₁ − 1)²)/2, H = diag(4, 1)
         >>> result = worst_case(objective, rho=0.1)        # ρ²·λ1/2 = 0.01·4/2
         >>> round(result.value, 6), result.start_kinds
         (0.02, ('gradient', 'random'))
@@ -201,14 +195,8 @@ def m_sharpness(objective: Objective, m: int, rho: float | None = None, *, p: st
         With m = 1 each sample is its own batch: L₁ = (2w₁ − 2)² (Hessian diag(8, 0)) and
         L₂ = (w₂ − 1)² (diag(0, 2)) have worst cases 0.04 and 0.01 at ρ = 0.1:
 
-        >>> import torch
-        >>> from torch import nn
-        >>> from landscape.batches import mean_squared_error
-        >>> from landscape.objective import Objective
-        >>> model = nn.Linear(2, 1, bias=False)
-        >>> _ = nn.init.ones_(model.weight)
-        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
-        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+        >>> from landscape.examples import quadratic
+        >>> objective = quadratic()                  # L = ((2w₀ − 2)² + (w₁ − 1)²)/2, H = diag(4, 1)
         >>> result = m_sharpness(objective, 1, rho=0.1)
         >>> round(result.value, 6), result.batch_values.round(6), round(result.stderr, 6)
         (0.025, array([0.04, 0.01]), 0.015)
@@ -277,14 +265,8 @@ def average_case(objective: Objective, rho: float | None = None, *, p: str | flo
     Examples:
         L(w) = ((2w₁ − 2)² + (w₂ − 1)²)/2 sits at its minimum w = (1, 1) with Hessian diag(4, 1):
 
-        >>> import torch
-        >>> from torch import nn
-        >>> from landscape.batches import mean_squared_error
-        >>> from landscape.objective import Objective
-        >>> model = nn.Linear(2, 1, bias=False)
-        >>> _ = nn.init.ones_(model.weight)
-        >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0], [1.0]])
-        >>> objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+        >>> from landscape.examples import quadratic
+        >>> objective = quadratic()                  # L = ((2w₀ − 2)² + (w₁ − 1)²)/2, H = diag(4, 1)
         >>> result = average_case(objective, rho=0.1)      # E ½δᵀHδ = ρ²·tr(H)/2 = 0.025
         >>> low, high = result.increase_ci
         >>> bool(low < 0.025 < high)
