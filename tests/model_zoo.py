@@ -7,8 +7,8 @@ against the dense Hessian, in both BatchNorm modes (tests/test_zoo.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -275,3 +275,11 @@ class CustomFunctionResidual(nn.Module):
         h = torch.tanh(self.b(_SmoothStep.apply(torch.tanh(out))))
         out += h
         return self.c(torch.tanh(out))
+
+
+def zoo_batches(name: str, sizes=(10, 6)):
+    """float64 batches of `sizes` samples for the idiom NAME (seed 3)."""
+    idiom = ZOO[name]
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(n, *idiom.in_shape, generator=g, dtype=torch.float64),
+             torch.randint(0, idiom.classes, (n,), generator=g)) for n in sizes]

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 
 from landscape import distributed as ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def process_env(**extra) -> dict:
+    """The environment for a process a test starts: one thread, this checkout importable, `extra` on top."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+
+
+def torchrun(nproc: int) -> list[str]:
+    """`torchrun --standalone --nproc_per_node NPROC --no-python`, to put before a command."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "--no-python"]
 
 
 def free_port() -> int:

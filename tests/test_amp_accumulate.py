@@ -18,7 +18,7 @@ from landscape.checkpoints import load_checkpoint
 from landscape.models import MLP
 from landscape.optim import make_optimizer
 from landscape.train import TrainConfig, train
-from tests.conftest import tiny_convnet_bn
+from tests.helpers import tiny_convnet_bn
 
 N = 60
 

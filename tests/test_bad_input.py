@@ -16,25 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli_command, run_cli
-from test_data import Exploit  # unpickling it calls os.system
 
 from analysis.cli import build_parser, main
 from analysis.measure import build_objective
 from analysis.validation import validate_arguments
 from landscape.checkpoints import CheckpointError, load_checkpoint
 from landscape.data import MeasurementSet, load_data
+from tests.helpers import Exploit, cli_command, one_line, run_cli
 from tests.model_zoo import CifarResNet
 
 TRAIN = ["--data", "digits", "--model", "mlp", "--model-opt", "hidden=(16,)", "--epochs", "1", "--batch-size", "128"]
-
-
-def one_line(result: subprocess.CompletedProcess, code: int = 2) -> str:
-    """The single stderr line of a process that exited with `code` (no traceback)."""
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == code, result.stderr
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

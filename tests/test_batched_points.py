@@ -5,7 +5,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_convnet_bn
 
 from landscape.batched_points import BatchedPointsNote, PointEvaluator, points_per_call
 from landscape.data import MeasurementSet, load_data
@@ -13,6 +12,7 @@ from landscape.directions import random_directions
 from landscape.models import model_for_data
 from landscape.objective import Objective
 from landscape.surface import compute_surface, grid_axis, read_surface
+from tests.helpers import tiny_convnet_bn
 
 TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12}
 
@@ -64,9 +64,8 @@ def test_resnet20_with_bn_in_eval_mode_and_per_point_bn_buffers():
 
 def test_tiny_gpt2_with_dict_batches():
     pytest.importorskip("transformers")
-    from test_transformers import gpt2, token_batches
-
     from landscape.batches import token_cross_entropy
+    from tests.helpers import gpt2, token_batches
 
     objective = Objective(gpt2(), token_batches(), loss=token_cross_entropy, dtype=torch.float64, device="cpu")
     _assert_same_as_one_per_call(objective, _points(objective, 3))

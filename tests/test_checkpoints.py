@@ -1,11 +1,12 @@
 """Checkpoints: safe loading, foreign formats, and one clear error per kind of bad file."""
 
-import pickle
 
 import pytest
 import torch
+
 from landscape.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from landscape.models import model_for_data
+from tests.helpers import bad_files
 
 
 @pytest.fixture
@@ -48,25 +49,6 @@ def test_full_pickles_need_trust(tmp_path, mlp_and_spec):
         load_checkpoint(tmp_path / "whole.pt")
     ckpt = load_checkpoint(tmp_path / "whole.pt", trust=True)
     assert set(ckpt.state_dict) == set(model.state_dict())
-
-
-def bad_files(tmp_path, model, spec):
-    good = save_checkpoint(tmp_path / "good.pt", model, model_spec=spec)
-    data = good.read_bytes()
-    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    (tmp_path / "text.pt").write_text("hello, I am not a checkpoint\n")
-    (tmp_path / "garbage.pt").write_bytes(bytes(range(256)) * 10)
-    with open(tmp_path / "legacy.pt", "wb") as f:
-        pickle.dump({"weights": [1, 2, 3]}, f)
-    torch.save({"epoch": 3, "note": "no tensors"}, tmp_path / "nostate.pt")
-    return {
-        "missing.pt": "not found",
-        "truncated.pt": "truncated or corrupt",
-        "text.pt": "not a PyTorch checkpoint",
-        "garbage.pt": "not a PyTorch checkpoint",
-        "legacy.pt": "not a PyTorch checkpoint|holds no state dict",
-        "nostate.pt": "holds no state dict",
-    }
 
 
 def test_every_bad_file_gets_its_own_message(tmp_path, mlp_and_spec):

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,8 +11,8 @@ from analysis.cli import build_parser
 from analysis.measure import measure_checkpoint
 from landscape.checkpoints import load_checkpoint
 from landscape.train import TrainConfig, train
-from tests.conftest import cli_command, run_cli
-from tests.test_distributed import WORLD, _env
+from tests.helpers import cli_command, run_cli
+from tests.process_groups import process_env, torchrun
 
 OPTIONS = ["--metrics", "eig,trace", "--k", "1", "--n-samples", "300", "--probes", "10", "--resamples", "200", "--quiet"]
 
@@ -118,7 +117,7 @@ def test_correlate_refuses_too_few_runs_and_a_folder_without_final(runs, tmp_pat
     assert code == 2 and "needs final.pt" in stderr
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), "--no-python"]
+TORCHRUN = torchrun(2)
 
 
 @pytest.mark.distributed
@@ -130,7 +129,7 @@ def test_torchrun_splits_correlate_runs_and_track_checkpoints_over_ranks(runs, t
     for name, prefix in (("two", TORCHRUN), ("one", [])):
         out = tmp_path / name
         result = subprocess.run([*prefix, *cli_command(), "correlate", *map(str, runs[:5]), *options, "--out", str(out)],
-                                capture_output=True, text=True, env=_env(), timeout=300)
+                                capture_output=True, text=True, env=process_env(), timeout=300)
         assert result.returncode == 0, result.stderr
         assert result.stdout.count("wrote ") == 1  # one rank printed
         outputs[name] = json.loads((out / "correlation.json").read_text())
@@ -144,7 +143,7 @@ def test_torchrun_splits_correlate_runs_and_track_checkpoints_over_ranks(runs, t
         result = subprocess.run([*prefix, *cli_command(), "track", str(runs[0]), "--metrics", "eig,trace", "--k", "1",
                                  "--n-samples", "300", "--probes", "10", "--dtype", "float64", "--tol", "1e-6",
                                  "--out", str(out), "--json", "--quiet"],
-                                capture_output=True, text=True, env=_env(), timeout=300)
+                                capture_output=True, text=True, env=process_env(), timeout=300)
         assert result.returncode == 0, result.stderr
         series[name] = json.loads(result.stdout)["series"]
     assert series["two"]["epoch"] == series["one"]["epoch"] == [0.0, 1.0, 2.0]

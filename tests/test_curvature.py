@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from torch.autograd.functional import hessian, jacobian
+from torch.func import functional_call
 
 from analysis.cli import build_parser, main
 from analysis.measure import build_objective
@@ -25,10 +25,9 @@ from landscape.operators import FisherOperator, GGNOperator, HessianOperator, cu
 from landscape.params import FlatLayout
 from landscape.spectrum import lanczos, slq_density
 from landscape.trace import xtrace
-from tests.conftest import classification_batches, digits_mlp_checkpoint, tiny_convnet_bn, tiny_mlp
 from tests.ground_truth import dense_hessian, rel_err
-from tests.model_zoo import ZOO, CustomFunctionResidual
-from tests.test_zoo import zoo_batches
+from tests.helpers import classification_batches, digits_mlp_checkpoint, tiny_convnet_bn, tiny_mlp
+from tests.model_zoo import ZOO, CustomFunctionResidual, zoo_batches
 from tests.process_groups import run_on_ranks
 
 PROBLEMS = {"mlp": (tiny_mlp, (12,), 4, [20, 20, 10]), "convnet-bn": (tiny_convnet_bn, (1, 4, 4), 3, [16, 16, 8])}

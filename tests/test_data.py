@@ -10,9 +10,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from landscape import data as data_module
 from landscape.data import BatchSet, DataError, Dataset, MeasurementSet, load_data
 from tests.cifar_files import fake_cifar10, write_cifar_batch
+from tests.helpers import Exploit
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,14 +135,6 @@ def test_cifar_missing_file_names_it(tmp_path):
         load_data(f"cifar10:{tmp_path}")
     with pytest.raises(DataError, match="not found"):
         load_data(f"cifar100:{tmp_path / 'nowhere'}")
-
-
-class Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def test_malicious_pickle_is_refused(tmp_path):

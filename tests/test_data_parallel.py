@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,15 +29,14 @@ from landscape.data_parallel import GradientSync, rank_seed
 from landscape.models import MLP
 from landscape.optim import make_optimizer
 from landscape.train import TrainConfig, train
-from tests.conftest import cli_command, tiny_convnet_bn
-from tests.process_groups import run_on_ranks
+from tests.helpers import cli_command, tiny_convnet_bn
+from tests.process_groups import process_env, run_on_ranks, torchrun
 
 pytestmark = pytest.mark.distributed
 
 WORLD = 2
 STEPS = 3
 N = 48  # global batch: 24 samples per rank
-ROOT = Path(__file__).resolve().parents[1]
 REL = 1e-10  # float64: only the order of the partial sums differs
 
 # name: (optimizer, options, model) — every method in landscape.optim, on float64 models
@@ -210,12 +208,11 @@ TRAIN = ["--data", "digits", "--model", "mlp", "--model-opt", "hidden=(16,)", "-
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LANDSCAPE_DIST_TIMEOUT": "120"}
+    return process_env(LANDSCAPE_DIST_TIMEOUT="120")
 
 
 def _torchrun(*args, nproc: int = WORLD) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "--no-python",
-            *cli_command(), *map(str, args)]
+    return [*torchrun(nproc), *cli_command(), *map(str, args)]
 
 
 @pytest.mark.cli

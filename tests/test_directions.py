@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
-from conftest import classification_batches, tiny_convnet_bn, tiny_mlp
 
 from landscape.directions import DirectionError, between, flat_state, pca_directions, random_directions
 from landscape.objective import Objective
+from tests.helpers import classification_batches, tiny_convnet_bn, tiny_mlp
 
 
 @pytest.fixture

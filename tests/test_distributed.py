@@ -2,7 +2,6 @@
 
 import functools
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,7 +11,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import classification_batches, cli_command, tiny_convnet_bn
 
 from analysis.cli import build_parser
 from analysis.measure import measure_checkpoint
@@ -27,17 +25,13 @@ from landscape.results import to_jsonable
 from landscape.spectrum import lanczos, slq_density
 from landscape.surface import compute_surface, grid_axis, read_surface
 from landscape.trace import hutchinson, hutchpp, xtrace
-from tests.process_groups import free_port, run_on_ranks
+from tests.helpers import classification_batches, cli_command, tiny_convnet_bn
+from tests.process_groups import free_port, process_env, run_on_ranks, torchrun
 
 pytestmark = pytest.mark.distributed  # every test here starts real process groups
 
 WORLD = 2
 REL = 1e-8  # float64: only the order of the per-rank partial sums differs from one process
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
 
 
 # ------------------------------------------------------------------ API: estimators and surfaces
@@ -171,9 +165,8 @@ def checkpoint(tmp_path_factory):
 
 
 def test_torchrun_measure_prints_once_and_matches_one_process(checkpoint):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-               "--no-python", *cli_command(), "measure", str(checkpoint), "--json", *MEASURE]
-    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+    command = [*torchrun(WORLD), *cli_command(), "measure", str(checkpoint), "--json", *MEASURE]
+    result = subprocess.run(command, capture_output=True, text=True, env=process_env(), timeout=300)
     assert result.returncode == 0, result.stderr
     (report,) = json.loads(result.stdout)  # one JSON document: only rank 0 printed
     args = build_parser().parse_args(["measure", str(checkpoint), *MEASURE])
@@ -201,12 +194,11 @@ def test_torchrun_compare_and_surface_match_one_process(checkpoint, tmp_path):
     options = ["--dtype", "float64", "--n-samples", "250", "--batch-size", "64", "--k", "1", "--probes", "8",
                "--radius", "0.05", "--noise-samples", "6", "--metrics", "eig,sharpness-curve,surface",
                "--surface-range=-1:1:5", "--quiet"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), "--no-python"]
     runs = {}
-    for name, prefix in (("two", torchrun), ("one", [])):
+    for name, prefix in (("two", torchrun(WORLD)), ("one", [])):
         out = tmp_path / name
         result = subprocess.run([*prefix, *cli_command(), "compare", str(checkpoint), str(other), "--out", str(out), *options],
-                                capture_output=True, text=True, env=_env(), timeout=300)
+                                capture_output=True, text=True, env=process_env(), timeout=300)
         assert result.returncode == 0, result.stderr
         assert result.stdout.count("report:") == 1  # one rank printed
         runs[name] = json.loads((out / "results.json").read_text())
@@ -220,11 +212,11 @@ def test_torchrun_compare_and_surface_match_one_process(checkpoint, tmp_path):
         with h5py.File(a["raw"]["surface"]) as sharded, h5py.File(b["raw"]["surface"]) as whole:
             assert sharded.attrs["fingerprint"] == whole.attrs["fingerprint"]  # either file resumes in either mode
     surfaces = {}
-    for name, prefix in (("two", torchrun), ("one", [])):
+    for name, prefix in (("two", torchrun(WORLD)), ("one", [])):
         path = tmp_path / f"{name}.h5"
         result = subprocess.run([*prefix, *cli_command(), "surface", str(checkpoint), "--dim", "2", "--range=-1:1:5",
                                  "--n-samples", "250", "--out", str(path), "--quiet"], capture_output=True, text=True,
-                                env=_env(), timeout=300)
+                                env=process_env(), timeout=300)
         assert result.returncode == 0, result.stderr
         surfaces[name] = read_surface(path)
     assert surfaces["two"].complete
@@ -255,7 +247,7 @@ def test_a_failed_rank_ends_the_job_with_one_line(tmp_path, checkpoint, fault, t
     """A dead rank (connection reset; also after the last collective) or a hung one (timeout): rank 0 exits 1, one line."""
     script = tmp_path / "faulty.py"
     script.write_text(FAULTY_RANK)
-    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+    env = process_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
                LANDSCAPE_DIST_TIMEOUT=str(timeout))
     command = [sys.executable, str(script), fault, "measure", str(checkpoint), "--n-samples", "100", "--metrics", "eig",
                "--quiet"]  # no progress line on a loaded machine: stderr is the one error line

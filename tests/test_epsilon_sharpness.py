@@ -4,6 +4,7 @@ and, on a trained 17k-parameter network at the real ε, the two trivial lower bo
 import itertools
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -140,7 +141,12 @@ def test_brute_force_best_corner_of_a_dense_quadratic(method):
     truth = 100 * max(corners) / (1 + objective.loss())
     r = epsilon_sharpness(objective, eps, max_iter=100, restarts=8, method=method, seed=0)
     assert r.value == pytest.approx(truth, rel=1e-6)
-    assert np.all(r.values <= truth * (1 + 1e-9)) and np.all(r.values >= 0)
+    assert np.all(r.values <= truth * (1 + 1e-9))
+    # a convex quadratic's local maxima on the box are its vertices: every start ends on one, but for z = 0, which
+    # L-BFGS-B cannot leave at this minimum (g = 0)
+    vertices = 100 * np.array(corners) / (1 + objective.loss())
+    for kind, value in zip(r.start_kinds, r.values):
+        assert np.abs(vertices - value).min() <= 1e-9 * truth or (kind == "zero" and value == 0), (kind, value)
 
 
 @pytest.mark.slow
@@ -164,12 +170,15 @@ def test_same_seed_same_numbers_and_the_seed_moves_only_random_starts(trained):
 
 
 def test_result_fields_and_json(trained):
+    start = time.perf_counter()
     r = epsilon_sharpness(trained, 5e-4, restarts=1, max_iter=3, seed=0)
+    elapsed = time.perf_counter() - start
     assert r.best == r.value == r.values.max() and r.spread == pytest.approx(r.values.max() - r.values.min())
     assert r.std == pytest.approx(np.std(r.values, ddof=1)) and len(r.iterations) == len(r.converged) == 3
     assert np.allclose(r.values, 100 * (r.max_losses - r.clean_loss) / (1 + r.clean_loss))
     d = json.loads(json.dumps(r.to_dict()))
-    assert d["method"] == "sign-ascent" and d["start_kinds"] == ["zero", "corner", "random"] and d["seconds"] >= 0
+    assert d["method"] == "sign-ascent" and d["start_kinds"] == ["zero", "corner", "random"]
+    assert 0 < d["seconds"] == r.seconds <= elapsed  # the call's own wall time, in seconds
     only_fixed = epsilon_sharpness(trained, 5e-4, restarts=0, max_iter=2)
     assert only_fixed.start_kinds == ("zero", "corner")
 
@@ -178,7 +187,7 @@ def test_subspace_is_not_sharper_than_the_full_space():
     objective, _ = least_squares_objective(d=8)
     full = epsilon_sharpness(objective, 1e-3, max_iter=50, restarts=3)
     sub = epsilon_sharpness(objective, 1e-3, subspace_dim=2, max_iter=50, restarts=3)
-    assert 0 <= sub.value <= full.value
+    assert 0 < sub.value <= full.value  # at the minimum the subspace's corners still raise the loss
     assert sub.subspace_dim == 2 and full.subspace_dim is None
 
 

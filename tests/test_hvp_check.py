@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_command
 
 from landscape.objective import HVPCheckWarning, Objective
 from tests.ground_truth import dense_hessian, rel_err
-from tests.model_zoo import ZOO, CustomFunctionResidual
-from tests.test_zoo import zoo_batches
+from tests.helpers import cli_command
+from tests.model_zoo import ZOO, CustomFunctionResidual, zoo_batches
 
 
 class DriftingLinearize(Objective):

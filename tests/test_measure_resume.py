@@ -8,10 +8,9 @@ import subprocess
 
 import pytest
 import torch
-from conftest import cli_command, digits_mlp_checkpoint
 
 from analysis.cli import main
-
+from tests.helpers import cli_command, digits_mlp_checkpoint
 
 # eig first, then expected-loss: 1000 noisy forwards, each a plain progress line at interval 0, far more lines than
 # the 4 KiB stderr pipe `_start` sets up holds, so a stopped reader pauses the run inside expected-loss

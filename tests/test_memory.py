@@ -17,8 +17,8 @@ from landscape.checkpoints import save_checkpoint
 from landscape.memory import available_bytes, format_size, parse_size
 from landscape.models import model_for_data
 from landscape.objective import GRAPH_OVERHEAD, Objective
-from model_zoo import CifarResNet
-from ground_truth import rel_err
+from tests.ground_truth import rel_err
+from tests.model_zoo import CifarResNet
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -167,11 +167,10 @@ def test_running_out_of_memory_mid_run_is_one_line(tmp_path, monkeypatch, capsys
 
 
 COMPILED_SCRIPT = """
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-from conftest import classification_batches, tiny_convnet_bn, tiny_mlp
-from ground_truth import dense_hessian
+import torch
 from landscape.objective import Objective
+from tests.ground_truth import dense_hessian
+from tests.helpers import classification_batches, tiny_convnet_bn, tiny_mlp
 cases = [(tiny_mlp(), (12,), 4, [20, 20, 10], "eval"), (tiny_convnet_bn(), (1, 4, 4), 3, [16, 16, 8], "train")]
 for model, shape, classes, sizes, mode in cases:  # the second model recompiles in the same process
     _, _, batches = classification_batches(sum(sizes), shape, classes, sizes)
@@ -191,6 +190,5 @@ def test_the_compiled_path_equals_the_dense_hessian():
     """`--hvp compiled` (torch.compile'd forward-over-reverse, meant for GPUs) in a fresh process, against dense
     Hessians: an MLP, then a BN ConvNet in train mode (a recompile, which went to dynamic shapes and failed before
     compilation was made static), each twice (the second call replays the compiled graph)."""
-    out = subprocess.run([sys.executable, "-c", COMPILED_SCRIPT, str(ROOT / "tests")], capture_output=True, text=True,
-                         env=ENV, timeout=600)
+    out = subprocess.run([sys.executable, "-c", COMPILED_SCRIPT], capture_output=True, text=True, env=ENV, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -16,7 +16,7 @@ from landscape.optim import make_optimizer
 from landscape.presets import PRESETS, apply_preset, get_preset
 from landscape.train import TrainConfig, _lr_factor
 from tests.cifar_files import fake_cifar10, synthetic_cifar
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 RESNET, RESNET_LARGE = "smoothout-resnet44-cifar10", "smoothout-resnet44-cifar10-large"
 C3, C3_LARGE = "smoothout-c3-cifar100", "smoothout-c3-cifar100-large"

@@ -98,7 +98,7 @@ def test_lora_adapters_are_the_measured_parameters_and_their_hvp_is_exact():
     of the token-by-token reference loss over the adapter vector alone."""
     peft = pytest.importorskip("peft")
     from landscape.batches import token_cross_entropy
-    from tests.test_transformers import gpt2, reference_lm_loss, token_batches
+    from tests.helpers import gpt2, reference_lm_loss, token_batches
 
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
                              init_lora_weights=False)  # random A and B: a point where both adapters matter

@@ -14,8 +14,8 @@ from landscape.operators import DenseOperator, HessianOperator
 from landscape.params import FlatLayout, select_parameters
 from landscape.per_layer import BlockOperator, module_blocks, per_layer
 from landscape.trace import hutchinson, hutchpp, xtrace
-from tests.conftest import classification_batches, dense, digits_mlp_checkpoint, run_cli, tiny_mlp
 from tests.ground_truth import dense_hessian
+from tests.helpers import classification_batches, dense, digits_mlp_checkpoint, run_cli, tiny_mlp
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

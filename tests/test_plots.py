@@ -9,14 +9,13 @@ import torch
 from matplotlib.colors import LogNorm, to_hex
 
 from analysis.cli import main
-from analysis.plots import (label_colors, method_color, method_of, plot_lines, plot_surfaces, round_levels, save,
-                            shared_scale)
+from analysis.plots import label_colors, method_color, method_of, plot_lines, plot_surfaces, round_levels, save, shared_scale
 from landscape.data import MeasurementSet, load_data
 from landscape.directions import Directions, between, random_directions
 from landscape.models import model_for_data
 from landscape.objective import Objective
 from landscape.surface import compute_surface, grid_axis, read_surface
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -14,7 +14,7 @@ from landscape.checkpoints import load_checkpoint
 from landscape.optim import make_optimizer
 from landscape.presets import PRESETS, apply_preset, get_preset
 from landscape.train import TrainConfig, train
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 PRESET = "smoothout-reference"
 A, LR, SEED = 0.05, 0.1, 3

@@ -10,8 +10,7 @@ from scipy.integrate import trapezoid
 from landscape.objective import Objective
 from landscape.operators import DenseOperator, HessianOperator
 from landscape.spectrum import lanczos, power_iteration, slq_density
-from tests.conftest import dense
-
+from tests.helpers import dense
 
 # outliers, a near-degenerate cluster, negative eigenvalues and a bulk
 MIXED = np.concatenate([[40, 25, 18, 12, 9, 6, 6 + 1e-5, 6 + 2e-5, -20, -7],

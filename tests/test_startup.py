@@ -11,7 +11,7 @@ import pytest
 
 import landscape
 from analysis.cli import COMMANDS, build_parser, invoked_command
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 PROBE = """
 import json, sys

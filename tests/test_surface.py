@@ -10,7 +10,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import cli_command, run_cli, tiny_convnet_bn
 from torch import nn
 
 from landscape.checkpoints import save_checkpoint
@@ -18,6 +17,7 @@ from landscape.directions import between, random_directions
 from landscape.models import model_for_data
 from landscape.objective import Objective
 from landscape.surface import SurfaceError, compute_surface, grid_axis, read_surface
+from tests.helpers import cli_command, run_cli, tiny_convnet_bn
 
 
 def _mse(out, y):

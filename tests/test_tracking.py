@@ -11,7 +11,7 @@ from landscape.operators import HessianOperator
 from landscape.probes import rademacher, seeded_generator
 from landscape.spectrum import lanczos
 from landscape.stability import GDConfig, gradient_descent
-from tests.conftest import dense
+from tests.helpers import dense
 
 
 def hessian(model, batches):

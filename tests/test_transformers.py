@@ -18,37 +18,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from landscape.batches import BatchError, class_cross_entropy, mean_squared_error, token_cross_entropy
 from landscape.directions import random_directions
+from landscape.epsilon_sharpness import epsilon_sharpness
 from landscape.objective import HVP_METHODS, Objective, ObjectiveError
 from landscape.operators import GGNOperator, HessianOperator
-from landscape.epsilon_sharpness import epsilon_sharpness
 from landscape.perturb import expected_loss
 from landscape.spectrum import lanczos
 from landscape.surface import compute_surface, grid_axis
 from landscape.trace import hutchinson
+from tests.helpers import cli_command, digits_mlp_checkpoint, flat_parameters, gpt2, reference_lm_loss, token_batches
 
 transformers = pytest.importorskip("transformers")
-VOCAB = 23
-
-
-def gpt2(attention: str = "eager"):
-    config = transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=VOCAB, n_positions=16, bos_token_id=0,
-                                     eos_token_id=0, attn_implementation=attention)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config).double().eval()
-
-
-def token_batches(seed: int = 1) -> list[dict]:
-    """Two batches of different shapes, with right padding (attention_mask 0, labels −100): 24 real next tokens."""
-    g = torch.Generator().manual_seed(seed)
-
-    def batch(n, length, padded_rows):
-        ids = torch.randint(0, VOCAB, (n, length), generator=g)
-        mask = torch.ones(n, length, dtype=torch.long)
-        for r in padded_rows:
-            mask[r, length // 2:] = 0
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-    return [batch(3, 8, [1]), batch(2, 6, [0])]
 
 
 def bert():
@@ -75,38 +54,6 @@ def vit():
     batches = [(torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
                for n in (5, 3)]
     return model, batches
-
-
-def flat_parameters(model):
-    params = dict(model.named_parameters())  # tied weights (GPT-2's lm_head = wte) appear once
-    w = torch.cat([p.detach().reshape(-1) for p in params.values()])
-
-    def unflatten(w):
-        out, i = {}, 0
-        for name, p in params.items():
-            out[name] = w[i:i + p.numel()].view_as(p)
-            i += p.numel()
-        return out
-
-    return w, unflatten
-
-
-def reference_lm_loss(model, batches):
-    """Mean next-token cross-entropy over every real token of all batches, written out token by token."""
-    w0, unflatten = flat_parameters(model)
-    n_tokens = sum(int(b["attention_mask"][:, 1:].sum()) for b in batches)
-
-    def loss(w):
-        total = 0.0
-        for b in batches:
-            out = functional_call(model, unflatten(w), (), {"input_ids": b["input_ids"],
-                                                             "attention_mask": b["attention_mask"]})
-            logp = torch.log_softmax(out.logits, dim=-1)
-            for i, j in (b["attention_mask"][:, 1:] == 1).nonzero().tolist():
-                total = total - logp[i, j, b["input_ids"][i, j + 1]]
-        return total / n_tokens
-
-    return loss, w0, n_tokens
 
 
 def dense_hessian(loss, w0):
@@ -212,8 +159,10 @@ def test_classifiers_measure_like_any_model(build, tmp_path):
     assert float((objective.hvp(v) - H @ v).norm() / (H @ v).norm()) <= 1e-10
     top = lanczos(HessianOperator(objective), 1, tol=1e-8)
     assert top.values[0] == pytest.approx(np.linalg.eigvalsh(H.numpy())[-1], rel=1e-6)
-    accuracy = objective.evaluate().accuracy
-    assert accuracy is not None and 0 <= accuracy <= 1
+    with torch.no_grad():  # top-1 hits counted here from HuggingFace's own logits
+        pairs = [(b, b["labels"]) if isinstance(b, dict) else ({"pixel_values": b[0]}, b[1]) for b in batches]
+        correct = sum(int((model(**inputs).logits.argmax(-1) == labels).sum()) for inputs, labels in pairs)
+    assert objective.evaluate().accuracy == pytest.approx(correct / objective.n_samples, abs=1e-12)
     _check_perturbation_and_surfaces(objective, tmp_path)
 
 
@@ -232,9 +181,12 @@ def _check_perturbation_and_surfaces(objective, tmp_path):
     """Expected loss, ε-sharpness and 1-D/2-D surfaces run, and agree with the loss where they must."""
     clean = objective.loss()
     curve = expected_loss(objective, 1e-3, n_samples=8, seed=0)
-    assert abs(curve.increase) < 1e-2 and curve.stderr >= 0 and curve.clean_loss == pytest.approx(clean)
+    assert abs(curve.increase) < 1e-2 and curve.clean_loss == pytest.approx(clean)
+    assert curve.stderr == pytest.approx(np.std(curve.samples, ddof=1) / math.sqrt(len(curve.samples)), rel=1e-12)
     eps = epsilon_sharpness(objective, 1e-3, restarts=1, seed=0)
-    assert eps.value >= -1e-12 and math.isfinite(eps.value)
+    w = objective.w  # the box's corner along the gradient, evaluated here: a lower bound the maximum must reach
+    corner = 100 * (objective.loss(w + 1e-3 * (w.abs() + 1) * torch.sign(objective.grad())) - clean) / (1 + clean)
+    assert corner > 0 and eps.value >= corner * (1 - 1e-9)
     for dim, n in ((1, 5), (2, 3)):
         surface = compute_surface({"train": objective}, random_directions(objective, dim, seed=0),
                                   [grid_axis(-0.1, 0.1, n)] * dim, path=tmp_path / f"s{dim}.h5")
@@ -307,8 +259,6 @@ def _cli(root, *args):
     import os
     import subprocess
 
-    from tests.conftest import cli_command
-
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     return subprocess.run([*cli_command(), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
 
@@ -357,7 +307,10 @@ def test_every_measure_and_a_plane_run_on_each_model_from_the_command_line(saved
     (report,) = json.loads(result.stdout)
     metrics = report["metrics"]
     assert metrics["eig"]["values"][0] > 0 and math.isfinite(metrics["trace"]["estimate"])
-    assert math.isfinite(metrics["expected-loss"]["mean"]) and metrics["eps-sharpness"]["value"] >= 0
+    eps = metrics["eps-sharpness"]
+    assert math.isfinite(metrics["expected-loss"]["mean"])
+    assert eps["clean_loss"] == pytest.approx(report["loss"], rel=1e-6)
+    assert eps["value"] > 0  # the box's corner along the gradient raises the loss of any model with a gradient
     blocks = report["per_layer"]["blocks"]
     assert sum(b["n_params"] for b in blocks) == report["n_params"]
     assert figure.read_bytes()[:4] == b"\x89PNG"
@@ -382,7 +335,6 @@ def test_safetensors_state_dicts_and_sharded_folders_load(saved, tmp_path, monke
     from safetensors.torch import save_file
 
     from analysis.cli import main
-    from tests.conftest import digits_mlp_checkpoint
 
     def measure(*args) -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()

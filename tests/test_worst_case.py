@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
-from conftest import run_cli
-from test_bad_input import one_line
 from test_epsilon_sharpness import trained, trained_run  # noqa: F401 (module fixtures: a digits MLP, 17,610 parameters)
 from torch import nn
 
@@ -26,6 +24,7 @@ from landscape.ascent import Neighbourhood
 from landscape.objective import Objective
 from landscape.perturb import expected_loss
 from landscape.worst_case import DEFAULT_RHO, average_case, m_sharpness, worst_case
+from tests.helpers import one_line, run_cli
 
 F64 = {"dtype": torch.float64, "device": "cpu"}
 BATCH = (torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))

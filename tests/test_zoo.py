@@ -11,17 +11,10 @@ import torch
 
 from landscape.objective import HVP_METHODS, Objective
 from tests.ground_truth import dense_hessian, rel_err
-from tests.model_zoo import ZOO, CifarResNet
+from tests.model_zoo import ZOO, CifarResNet, zoo_batches
 
 PATHS = [m for m in HVP_METHODS if m != "auto"]
 CASES = [(name, mode) for name, idiom in ZOO.items() for mode in (("eval", "train") if idiom.has_batchnorm else ("eval",))]
-
-
-def zoo_batches(name: str, sizes=(10, 6)):
-    idiom = ZOO[name]
-    g = torch.Generator().manual_seed(3)
-    return [(torch.randn(n, *idiom.in_shape, generator=g, dtype=torch.float64),
-             torch.randint(0, idiom.classes, (n,), generator=g)) for n in sizes]
 
 
 @pytest.mark.slow
