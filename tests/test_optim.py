@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape.optim import (DISTRIBUTIONS, METHODS, UNIT_VARIANCE, draw, kl_divergence, make_optimizer,
+from landscape.optim import (DISTRIBUTIONS, METHODS, TO_UNIT_STD, draw, kl_divergence, make_optimizer,
                              smoothout_noise)
 
 LR = 0.1
@@ -126,7 +126,7 @@ def test_noise_statistics():
         torch.testing.assert_close(smoothout_noise(bias, a, "filter", gen, distribution).abs(), a * bias.abs(),
                                    rtol=1e-6, atol=0)
     for distribution in DISTRIBUTIONS:  # NSO's unit-variance noise
-        u = draw(distribution, w, gen) * UNIT_VARIANCE[distribution]
+        u = draw(distribution, w, gen) * TO_UNIT_STD[distribution]
         assert float(u.var()) == pytest.approx(1.0, rel=0.03), distribution
     assert set(draw("rademacher", w, gen).unique().tolist()) == {-1.0, 1.0}
     assert float(draw("sphere", w, gen).norm()) == pytest.approx(math.sqrt(w.numel()), rel=1e-5)
@@ -254,7 +254,7 @@ def test_nso_combines_clean_and_two_point_gradients():
     opt = make_optimizer("nso", model, lr=LR, sigma=sigma, k=k, clean_weight=lam, seed=4, distribution="laplace")
     before = weights(model)
     gen = torch.Generator().manual_seed(4)
-    draws = [{n: draw("laplace", w, gen) * (sigma * UNIT_VARIANCE["laplace"]) for n, w in before.items()} for _ in range(k)]
+    draws = [{n: draw("laplace", w, gen) * (sigma * TO_UNIT_STD["laplace"]) for n, w in before.items()} for _ in range(k)]
     opt.step(model, x, y, F.cross_entropy)
     clean, clean_buffers = grad_at(ref, x, y)
     expected = {n: lam * g for n, g in clean.items()}
