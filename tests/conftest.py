@@ -2,9 +2,7 @@
 
 import pytest
 
-# The fixtures below build on the first three; all five are also re-exported for test_trace.py, test_compare.py and
-# test_perturb.py, which still import helpers from conftest: drop the re-export once they import from tests.helpers.
-from tests.helpers import classification_batches, dense, run_cli, tiny_convnet_bn, tiny_mlp  # noqa: F401
+from tests.helpers import classification_batches, tiny_convnet_bn, tiny_mlp  # what the fixtures below build on
 
 EDIT_LOOP_SKIPS = ("slow", "cli", "distributed")  # what the default run leaves out; `pytest --all` (CI) runs everything
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.stats
-from conftest import run_cli
 
 from analysis.differences import aggregate, difference
 from landscape.checkpoints import load_checkpoint, save_checkpoint
@@ -18,6 +17,7 @@ from landscape.objective import Objective
 from landscape.operators import HessianOperator
 from landscape.spectrum import lanczos
 from landscape.train import TrainConfig, train
+from tests.helpers import run_cli
 
 
 def _member(value, stderr=0.0, samples=None):
@@ -274,7 +274,7 @@ def test_the_demo_calls_a_difference_only_after_holms_correction_over_all_its_qu
     assert all(d["holm_p"] >= d["p_value"] for d in tests)
     ranked = sorted(d["p_value"] for d in tests)
     assert min(d["holm_p"] for d in tests) == pytest.approx(min(1.0, len(tests) * ranked[0]))
-    for question, diffs in answers.items():
+    for diffs in answers.values():
         for row, d in zip(finding_rows(diffs), diffs.values()):
             assert row[-1] == ("yes" if d["holm_p"] < 0.05 else "no")
     small = next(diffs for q, diffs in answers.items() if "small-batch minimum" in q)

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape.optim import (DISTRIBUTIONS, METHODS, TO_UNIT_STD, draw, kl_divergence, make_optimizer,
-                             smoothout_noise)
+from landscape.optim import DISTRIBUTIONS, METHODS, TO_UNIT_STD, draw, kl_divergence, make_optimizer, smoothout_noise
 
 LR = 0.1
 
@@ -181,7 +180,7 @@ def test_ghost_batches_without_noise_equal_the_full_batch_step():
     loss_plain, _ = make_optimizer("sgd", plain, lr=LR).step(plain, x, y, F.cross_entropy)
     loss_ghost, logits = make_optimizer("smoothout", ghost, lr=LR, a=0.0, ghost_batch_size=7).step(ghost, x, y, F.cross_entropy)
     assert logits.shape == (32, 3) and float(loss_ghost) == pytest.approx(float(loss_plain), rel=1e-6)
-    for (n, p), q in zip(plain.named_parameters(), ghost.parameters()):
+    for p, q in zip(plain.parameters(), ghost.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
 

@@ -10,7 +10,7 @@ import torch
 from landscape.objective import Objective
 from landscape.operators import DenseOperator, HessianOperator
 from landscape.trace import hutchinson, hutchpp, xtrace
-from tests.conftest import dense
+from tests.helpers import dense
 
 ESTIMATORS = {"hutchinson": hutchinson, "hutchpp": hutchpp, "xtrace": xtrace}
 BLOCKS = {"w1": slice(0, 20), "b1": slice(20, 25), "w2": slice(25, 60)}
@@ -41,7 +41,7 @@ def budget_kwargs(method, budget):
     return {"n_probes": budget} if method == "hutchinson" else {"n_matvecs": budget}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sweep(method, matrix, budget, n_seeds=N_SEEDS, blocks=False):
     """Estimates, stderrs and (optionally) per-block estimates over seeds 0..n_seeds-1."""
     _, op = MATRICES[matrix]()
