@@ -16,6 +16,7 @@ from analysis.compare import add_arguments as add_compare_arguments
 from analysis.compare import build_report, compare, comparison_tables, format_difference
 from analysis.differences import difference, holm, verdict
 from analysis.recipes import DEMO, LARGE, SMALL, train_runs
+from analysis.report import Report
 from analysis.tables import format_table
 from landscape import distributed as ranks
 
@@ -76,10 +77,12 @@ def run(args: argparse.Namespace) -> None:
         return
     report = build_report(result, out / "report")
     answers = findings(result)
-    for question, diffs in reversed(answers.items()):
-        report.blocks.insert(0, ("table", list(HEADERS), finding_rows(diffs), ""))
-        report.blocks.insert(0, ("heading", question))
-    report.blocks.insert(0, ("paragraph", SETUP.format(seeds=args.seeds)))
+    findings_first = Report(report.title)  # the set-up and the answers above the measured tables
+    findings_first.paragraph(SETUP.format(seeds=args.seeds))
+    for question, diffs in answers.items():
+        findings_first.heading(question)
+        findings_first.table(HEADERS, finding_rows(diffs))
+    report.prepend(findings_first)
     md, page = report.write(out / "report")
     seconds = time.perf_counter() - start
     if args.json:

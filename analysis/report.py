@@ -28,6 +28,10 @@ class Report:
     def figure(self, path: str, caption: str) -> None:
         self.blocks.append(("figure", path, caption))
 
+    def prepend(self, section: Report) -> None:
+        """Place `section`'s blocks before this report's (its title is not used): e.g. findings above the tables."""
+        self.blocks[:0] = section.blocks
+
     def markdown(self) -> str:
         out = [f"# {self.title}", ""]
         for block in self.blocks:
