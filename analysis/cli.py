@@ -21,10 +21,10 @@ USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, OSError)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("train SGD and SmoothOut at small and large batch, compare them, write a report", "demo"),
     "measure": ("loss, gradient and curvature of checkpoints", "measure"),
-    "surface": ("1-D/2-D loss surface around a checkpoint, to a resumable HDF5 file", "surfaces"),
-    "plot": ("draw surface files: line, contour, heatmap, 3-D, PCA trajectory → PNG/PDF", "plot_cli"),
+    "surface": ("1-D/2-D loss surface around a checkpoint, to a resumable HDF5 file", "surface_command"),
+    "plot": ("draw surface files: line, contour, heatmap, 3-D, PCA trajectory → PNG/PDF", "plot_command"),
     "compare": ("the same measurements on several checkpoints, side by side with CIs, as a report", "compare"),
-    "train": ("train a model with a chosen optimizer, writing checkpoints", "training"),
+    "train": ("train a model with a chosen optimizer, writing checkpoints", "train_command"),
     "track": ("measure every trajectory checkpoint of a training run: curvature over training, resumable", "track"),
     "correlate": ("rank sharpness measures against the generalization gap over a sweep of runs (Kendall's τ, "
                   "granulated τ, bootstrap CIs)", "correlate"),

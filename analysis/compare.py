@@ -29,7 +29,7 @@ from analysis.measure import (
     build_objective,
 )
 from analysis.report import Report
-from analysis.surfaces import parse_range
+from analysis.surface_command import parse_range
 from analysis.tables import format_table
 from landscape import distributed as ranks
 from landscape.checkpoints import load_checkpoint

@@ -54,13 +54,13 @@ from analysis.recipes import (
 )
 from analysis.report import Report, write_text
 from analysis.tables import format_table
-from analysis.training import NOISE_OPTION
+from analysis.train_command import NOISE_OPTION
 from landscape import distributed as ranks
 from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
 from landscape.directions import random_directions
+from landscape.from_checkpoint import objective_from_checkpoint
 from landscape.operators import HessianOperator
-from landscape.problem import objective_from_checkpoint
 from landscape.results import to_jsonable
 from landscape.spectrum import slq_density
 from landscape.surface import compute_surface, grid_axis, read_surface

@@ -24,12 +24,12 @@ from landscape.checkpoints import load_checkpoint
 from landscape.curvature import CURVATURES
 from landscape.data import MeasurementSet
 from landscape.epsilon_sharpness import METHODS as EPS_METHODS
+from landscape.from_checkpoint import objective_from_checkpoint, parse_dtype
 from landscape.memory import parse_size
 from landscape.objective import Objective
 from landscape.operators import curvature_operator
 from landscape.per_layer import module_blocks, per_layer
 from landscape.perturb import epsilon_sharpness, expected_loss, sharpness_curve
-from landscape.problem import objective_from_checkpoint, parse_dtype
 from landscape.results import Result
 from landscape.spectrum import lanczos, slq_density
 from landscape.trace import hutchinson, hutchpp, xtrace

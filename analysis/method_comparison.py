@@ -18,11 +18,11 @@ from analysis.differences import aggregate, difference, holm
 from analysis.plots import plot_lines, save
 from analysis.recipes import LARGE, METHODS, SMALL, label
 from analysis.report import write_text
-from analysis.training import NOISE_OPTION
+from analysis.train_command import NOISE_OPTION
 from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
 from landscape.directions import between
-from landscape.problem import objective_from_checkpoint
+from landscape.from_checkpoint import objective_from_checkpoint
 from landscape.results import to_jsonable
 from landscape.surface import compute_surface, grid_axis
 

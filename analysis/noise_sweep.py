@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from analysis.recipes import CONVERGED, LARGE, Recipe, config, train_all
-from analysis.training import NOISE_OPTION
+from analysis.train_command import NOISE_OPTION
 
 GRID = {  # around each default (SmoothOut a=0.02; landscape.optim: σ=0.01, radius 0.01, ρ=0.05), by factors of 2
     "smoothout": (0.005, 0.01, 0.02, 0.04),

@@ -39,7 +39,7 @@ from analysis.options import parse_options
 from analysis.recipes import DEFAULT_NOISE, label, train_all
 from analysis.report import Report, write_text
 from analysis.tables import format_table
-from analysis.training import NOISE_OPTION
+from analysis.train_command import NOISE_OPTION
 from landscape import distributed as ranks
 from landscape.data import CIFAR_LAYOUTS, cifar_folder, has_cifar
 from landscape.presets import PRESETS, Preset, apply_preset

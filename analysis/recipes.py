@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.training import NOISE_OPTION
+from analysis.train_command import NOISE_OPTION
 from landscape import distributed as ranks
 from landscape.train import TrainConfig, train
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from landscape import distributed as ranks
-from landscape.problem import file_sha256
+from landscape.from_checkpoint import file_sha256
 from landscape.results import to_jsonable
 
 FORMAT = "landscape-measure"

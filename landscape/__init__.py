@@ -22,7 +22,7 @@ _EXPORTS = {
     # data and checkpoints
     "load_data": "landscape.data", "MeasurementSet": "landscape.data", "Dataset": "landscape.data",
     "load_checkpoint": "landscape.checkpoints", "save_checkpoint": "landscape.checkpoints",
-    "objective_from_checkpoint": "landscape.problem",
+    "objective_from_checkpoint": "landscape.from_checkpoint",
     # the objective and its curvature operators
     "Objective": "landscape.objective",
     "HessianOperator": "landscape.operators", "GGNOperator": "landscape.operators",

@@ -18,10 +18,10 @@ from landscape import distributed
 from landscape.checkpoints import CheckpointError, atomic_save, save_checkpoint
 from landscape.data import Dataset, MeasurementSet
 from landscape.data_parallel import GradientSync
+from landscape.from_checkpoint import DataSpec
 from landscape.models import model_for_data
 from landscape.objective import Objective
 from landscape.optim import make_optimizer
-from landscape.problem import DataSpec
 from landscape.progress import Progress
 from landscape.train_tracking import CurvatureTracker
 

@@ -16,8 +16,8 @@ from analysis.measure import format_measurement, measure_checkpoint
 from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
 from landscape.epsilon_sharpness import METHODS, epsilon_sharpness
+from landscape.from_checkpoint import objective_from_checkpoint
 from landscape.objective import Objective
-from landscape.problem import objective_from_checkpoint
 from landscape.train import TrainConfig, train
 
 F64 = {"dtype": torch.float64, "device": "cpu"}

@@ -122,7 +122,7 @@ def test_a_measurement_that_cannot_fit_is_refused_at_once_in_one_line(tmp_path):
     checkpoint = save_checkpoint(tmp_path / "resnet20.pt", model, model_spec=spec,
                                  data_spec={"spec": "cifar_shaped_data:cifar_shaped", "seed": 0, "normalize": None})
     env = {**ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
-    sized = subprocess.run([sys.executable, "-c", "import analysis.measure, landscape.problem, landscape.memory as m; "
+    sized = subprocess.run([sys.executable, "-c", "import analysis.measure, landscape.from_checkpoint, landscape.memory as m; "
                             "print(m._mapped_bytes())"], capture_output=True, text=True, env=env, timeout=300)
     limit_kib = (int(sized.stdout.strip()) + 1200 * 2**20) // 1024  # start-up, the data, and ~1 GiB to spare
     command = f"{sys.executable} -m analysis.cli measure {checkpoint} --metrics eig --k 1 --max-matvecs 4 --quiet"

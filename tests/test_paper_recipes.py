@@ -10,7 +10,7 @@ from torch import nn
 
 from analysis.cli import build_parser, main
 from analysis.paper import caveat, cifar_specs, recipes_for, shortened
-from analysis.training import config_from_args
+from analysis.train_command import config_from_args
 from landscape.checkpoints import load_checkpoint
 from landscape.optim import make_optimizer
 from landscape.presets import PRESETS, apply_preset, get_preset

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis.cli import build_parser, main
-from analysis.training import config_from_args
+from analysis.train_command import config_from_args
 from landscape.checkpoints import load_checkpoint
 from landscape.optim import make_optimizer
 from landscape.presets import PRESETS, apply_preset, get_preset

@@ -3,7 +3,7 @@
 import pytest
 
 from analysis.recipes import CONVERGED, DEMO, LARGE, METHODS, SMALL, config, run_name
-from analysis.training import NOISE_OPTION
+from analysis.train_command import NOISE_OPTION
 from landscape.models import model_for_data
 from landscape.optim import make_optimizer
 
