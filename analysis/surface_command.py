@@ -35,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--between", metavar="OTHER_CKPT", help="interpolate from CKPT (α=0) to OTHER_CKPT (α=1), BN buffers too")
     group.add_argument("--pca", metavar="TRAJECTORY_DIR", help="plane of the top-2 principal components of the checkpoints in this folder")
     group.add_argument("--norm", default="filter", choices=NORMALIZATIONS, help="normalization of random directions (default filter)")
-    group.add_argument("--one-d", default="ignore", choices=ONE_D_POLICIES,
-                       help="biases and BN affine in random directions: ignore (zero, default) or copy the weights")
+    group.add_argument("--bias-bn", "--one-d", dest="one_d", default="ignore", choices=ONE_D_POLICIES,
+                       help="the 1-D tensors (biases, BatchNorm affine) in random directions: ignore (zero, default; Li "
+                            "et al.'s xignore=biasbn) or copy the weights")
     group.add_argument("--states", action="store_true", help="random directions move BN running statistics too")
     group.add_argument("--direction-seed", type=int, default=None, help="seed of the random directions (default: --seed)")
     group.add_argument("--test", action="store_true", help="evaluate the whole test split too")

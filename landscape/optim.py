@@ -147,7 +147,9 @@ def _combine(terms: list[tuple[float, torch.Tensor, Grads]]) -> tuple[torch.Tens
 
 
 class Method:
-    """Plain SGD/Adam through the common interface: the baseline every flat-minimum method is compared with.
+    """What every training method shares: the base optimizer (SGD or Adam), the step's pieces, the loss scaler, the
+    data-parallel reduction, the noise generator and resuming. A method changes `_chunk`: the passes it makes on one
+    piece. The plain baseline, one clean pass, is `Plain`.
 
     `momentum` is SGD's momentum or Adam's β1; `clip_grad_norm` clips the global gradient norm before the
     base step (SmoothOut's reference: 5.0); `ghost_batch_size` splits each batch into chunks (None: one).
@@ -179,7 +181,7 @@ class Method:
             kwargs = {"betas": (0.9 if momentum is None else momentum, 0.999)}
         self.base = BASES[base](self.params, lr=lr, weight_decay=weight_decay, **kwargs, **(base_kwargs or {}))
         self.base_name = base
-        if type(self) is Method:  # the baseline is named after its base optimizer
+        if type(self) is Plain:  # the baseline is named after its base optimizer
             self.name = base
         self.base_hyperparameters = {k: v for k, v in self.base.param_groups[0].items() if k != "params"}
         self.clip_grad_norm = clip_grad_norm
@@ -336,6 +338,10 @@ class Method:
             scaled = loss if self.scaler is None else self.scaler.scale(loss)
             grads = torch.autograd.grad(scaled, self.params, allow_unused=True)
         return loss.detach(), logits.detach(), list(grads)
+
+
+class Plain(Method):
+    """Plain SGD/Adam through the common interface: the baseline every flat-minimum method is compared with."""
 
 
 class PerturbationMethod(Method):
@@ -601,7 +607,7 @@ class ASAM(SAM):
         super().__init__(model, rho=rho, adaptive=adaptive, **kwargs)
 
 
-METHODS = {"sgd": Method, "adam": Method, "smoothout": SmoothOut, "adasmoothout": AdaSmoothOut, "ssgd": SSGD,
+METHODS = {"sgd": Plain, "adam": Plain, "smoothout": SmoothOut, "adasmoothout": AdaSmoothOut, "ssgd": SSGD,
            "nso": NSO, "nrs": NRS, "sam": SAM, "asam": ASAM}
 
 

@@ -124,3 +124,10 @@ def test_no_module_imports_the_cli_and_the_import_graph_has_no_cycle():
         if module not in state:
             visit(module, [])
     assert set(COMMANDS) and all(f"analysis.{m}" in graph for _, m in COMMANDS.values())
+
+
+def test_renamed_options_keep_their_old_spelling():
+    for spelling in ("--bias-bn", "--one-d"):
+        assert build_parser().parse_args(["surface", "c.pt", spelling, "copy"]).one_d == "copy"
+    for spelling in ("--recipe", "--preset"):
+        assert build_parser().parse_args(["train", "--out", "o", spelling, "smoothout-reference"]).preset == "smoothout-reference"
