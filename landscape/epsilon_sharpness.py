@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from landscape.ascent import Ascent, Neighbourhood, apgd, maximize
+from landscape.checks import check_int
 from landscape.objective import Objective
-from landscape.probes import check_int, seeded_generator
+from landscape.probes import seeded_generator
 from landscape.progress import Progress
 from landscape.results import Result
 
@@ -116,7 +117,7 @@ def epsilon_sharpness(objective: Objective, eps: float = 1e-3, *, subspace_dim: 
     check_int("restarts", restarts, 0)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    generator = seeded_generator(objective, seed)
+    generator = seeded_generator(objective.device, seed)
     start = time.perf_counter()
     w = objective.w
     basis = None

@@ -369,7 +369,7 @@ class Objective:
         After a large weight perturbation the stored running statistics no longer match the
         activations, so eval-mode BN overstates the loss; re-estimating them (as for SWA, Izmailov
         et al. 2018) measures the perturbed network as it would be used. Returns fresh tensors by name.
-        No collective: a distributed objective needs the same `inputs` on every rank (perturb.recalibration_inputs).
+        No collective: a distributed objective needs the same `inputs` on every rank (landscape.recalibration.recalibration_inputs).
         """
         norms = {name: m for name, m in self.model.named_modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from landscape import distributed as ranks
+from landscape.checks import check_int, check_number
 from landscape.epsilon_sharpness import EpsilonSharpness, epsilon_sharpness  # noqa: F401 (re-exported)
 from landscape.objective import Batch, Evaluation, Objective
 from landscape.operators import DiagonalScaledOperator, HessianOperator
 from landscape.params import rescale_filters
-from landscape.probes import check_int, seeded_generator
+from landscape.probes import seeded_generator
 from landscape.progress import Progress
+from landscape.recalibration import recalibration_inputs
 from landscape.results import Result
 from landscape.statistics import stderr as _stderr  # `stderr` is a local name in expected_loss
 from landscape.statistics import t_halfwidth
@@ -196,14 +197,14 @@ def expected_loss(objective: Objective, radius: float, *, distribution: str = "u
         >>> bool(low < 5 * 0.1**2 / 6 < high), result.n_forward
         (True, 101)
     """
-    radius = _check_number("radius", radius, allow_zero=True)
+    radius = check_number("radius", radius, allow_zero=True)
     _check_noise(distribution, scale)
     check_int("n_samples", n_samples, 4 if antithetic else 2)
     if antithetic and n_samples % 2:
         raise ValueError(f"n_samples must be even with antithetic pairs (each pair is 2 forward passes), got {n_samples}")
     if target_ci_halfwidth is not None:
-        target_ci_halfwidth = _check_number("target_ci_halfwidth", target_ci_halfwidth, allow_zero=False)
-    generator = seeded_generator(objective, seed)  # only the objective's device is used
+        target_ci_halfwidth = check_number("target_ci_halfwidth", target_ci_halfwidth, allow_zero=False)
+    generator = seeded_generator(objective.device, seed)
     evaluate, recalibration_cost = _evaluator(objective, bn_recalibration, recalibration_batches)
     start = time.perf_counter()
     n_units = n_samples // 2 if antithetic else n_samples
@@ -284,7 +285,7 @@ def sharpness_curve(objective: Objective, radii: Sequence[float], *, distributio
         >>> bool(((curve.increase_ci[:, 0] < curve.prediction) & (curve.prediction < curve.increase_ci[:, 1])).all())
         True
     """
-    radii = [_check_number("radius", a, allow_zero=True) for a in radii]
+    radii = [check_number("radius", a, allow_zero=True) for a in radii]
     if not radii:
         raise ValueError("radii is empty: give at least one radius")
     check_int("n_probes", n_probes, 2)
@@ -315,38 +316,6 @@ def _check_noise(distribution: str, scale: str) -> None:
         raise ValueError(f"unknown distribution {distribution!r}; use one of {', '.join(DISTRIBUTIONS)}")
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
-
-
-def _check_number(name: str, value: float, *, allow_zero: bool) -> float:
-    """A finite real number, > 0 (or ≥ 0 with allow_zero), as a float."""
-    real = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    if not real or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {'≥' if allow_zero else '>'} 0, got {value!r}")
-    return float(value)
-
-
-def recalibration_inputs(objective: Objective, bn_recalibration: int,
-                         batches: Sequence[Batch] | None = None) -> list[torch.Tensor]:
-    """The inputs BN statistics are re-estimated from at each perturbed point: the first k batches.
-
-    A data-parallel objective gathers the first k batches of the whole measurement set from the
-    ranks that hold them, so every rank re-estimates the statistics one process would.
-    """
-    check_int("bn_recalibration", bn_recalibration, 1)
-    if objective.mode != "eval":
-        raise ValueError("bn_recalibration needs an eval-mode objective: in train mode BN already uses batch statistics")
-    available = objective.n_batches if batches is None else len(batches)
-    if available < bn_recalibration:
-        raise ValueError(f"bn_recalibration = {bn_recalibration} batches, but only {available} are available")
-    if batches is None and objective.distributed:
-        local = [_inputs(b) for b in objective.batches]
-        return [x.to(objective.device) for x in ranks.unshard(local, bn_recalibration)]
-    return [_inputs(b) for b in list(objective.batches if batches is None else batches)[:bn_recalibration]]
-
-
-def _inputs(batch: Batch):
-    """What the model takes from a batch: x of an (x, y) pair, the batch itself (a dict of keyword arguments) else."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _evaluator(objective: Objective, bn_recalibration: int | None,

@@ -1,4 +1,4 @@
-"""Seeded random probes and argument checks shared by the estimators."""
+"""Seeded random probes shared by the estimators: the generator, Rademacher vectors, sphere columns."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import torch
 from landscape.operators import LinearOperator
 
 
-def seeded_generator(op: LinearOperator, seed: int) -> torch.Generator:
-    """A torch.Generator on the operator's device, seeded: same seed, same probes."""
+def seeded_generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """A torch.Generator on `device` (an operator's or an objective's), seeded: same seed, same probes."""
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    return torch.Generator(device=op.device).manual_seed(int(seed))
+    return torch.Generator(device=device).manual_seed(int(seed))
 
 
 def rademacher(generator: torch.Generator, shape: tuple[int, ...], op: LinearOperator) -> torch.Tensor:
@@ -25,9 +25,3 @@ def sphere(generator: torch.Generator, shape: tuple[int, int], op: LinearOperato
     """Columns uniform on the sphere of radius √n (normalized Gaussians), on the operator's device."""
     g = torch.randn(shape, generator=generator, dtype=op.dtype, device=op.device)
     return g * (shape[0] ** 0.5 / g.norm(dim=0))
-
-
-def check_int(name: str, value: int, minimum: int) -> None:
-    """Raise a ValueError naming `name` unless `value` is an integer ≥ `minimum`."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")

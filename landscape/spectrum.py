@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from landscape.checks import check_int
 from landscape.operators import LinearOperator
-from landscape.probes import check_int, rademacher, seeded_generator
+from landscape.probes import rademacher, seeded_generator
 from landscape.progress import Progress
 from landscape.results import Result
 
@@ -263,7 +264,7 @@ def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1
         max_matvecs = default_max_matvecs(op.shape[0], k, op.dtype)
     k = _check_common(op, k, tol, max_matvecs)
     began = time.perf_counter()
-    generator = seeded_generator(op, seed)
+    generator = seeded_generator(op.device, seed)
     n = op.shape[0]
     first = rademacher(generator, (1, n), op) if start is None else _start_vector(start, op)
     recurrence = _Lanczos(op, first, max_steps=min(max_matvecs, n))
@@ -314,7 +315,7 @@ def power_iteration(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_ma
     """
     k = _check_common(op, k, tol, max_matvecs)
     start = time.perf_counter()
-    generator = seeded_generator(op, seed)
+    generator = seeded_generator(op.device, seed)
     n = op.shape[0]
     found = torch.zeros(n, 0, dtype=op.dtype, device=op.device)
     values, residuals, used, all_converged = [], [], 0, True
@@ -397,7 +398,7 @@ def slq_density(op: LinearOperator, *, n_runs: int = 4, n_steps: int = 60, n_gri
     start = time.perf_counter()
     n = op.shape[0]
     n_steps = min(n_steps, n)
-    recurrence = _Lanczos(op, rademacher(seeded_generator(op, seed), (n_runs, n), op), max_steps=n_steps)
+    recurrence = _Lanczos(op, rademacher(seeded_generator(op.device, seed), (n_runs, n), op), max_steps=n_steps)
     with Progress(n_runs * n_steps, "density (SLQ)", "matvec", progress) as bar:
         while recurrence.steps < n_steps and len(recurrence.rows):
             running = len(recurrence.rows)

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from landscape.checks import check_int
 from landscape.objective import Objective
 from landscape.operators import HessianOperator
-from landscape.probes import check_int
 from landscape.results import Result
 from landscape.spectrum import STOPS, WarmStart
 

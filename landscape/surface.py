@@ -36,8 +36,8 @@ from landscape.batched_points import points_per_call as resolve_points_per_call
 from landscape.directions import Directions
 from landscape.objective import Objective
 from landscape.params import tensor_digest
-from landscape.perturb import recalibration_inputs
 from landscape.progress import Progress
+from landscape.recalibration import recalibration_inputs
 from landscape.results import Result, to_jsonable
 
 if TYPE_CHECKING:  # h5py is imported where a file is read or written: `landscape --help` stays fast

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from landscape.checks import check_int
 from landscape.operators import LinearOperator
-from landscape.probes import check_int, rademacher, seeded_generator, sphere
+from landscape.probes import rademacher, seeded_generator, sphere
 from landscape.progress import Progress
 from landscape.results import Result
 from landscape.statistics import stderr
@@ -116,7 +117,7 @@ def hutchinson(op: LinearOperator, n_probes: int = 100, *, block_size: int = 10,
         raise ValueError(f"target_rel_stderr must be positive, got {target_rel_stderr!r}")
     _check_blocks(blocks, n)
     start = time.perf_counter()
-    generator = seeded_generator(op, seed)
+    generator = seeded_generator(op.device, seed)
     totals, per_block, used, n_blocks = [], {name: [] for name in blocks or {}}, 0, 0
     with Progress(n_probes, "hutchinson", "matvec", progress) as bar:
         while used < n_probes:
@@ -171,7 +172,7 @@ def hutchpp(op: LinearOperator, n_matvecs: int = 102, *, seed: int = 0,
     check_int("n_matvecs", n_matvecs, 4)
     _check_blocks(blocks, n)
     start = time.perf_counter()
-    generator = seeded_generator(op, seed)
+    generator = seeded_generator(op.device, seed)
     n_sketch = min(n_matvecs // 3, n)
     n_probes = n_matvecs - 2 * n_sketch
     with Progress(2 * n_sketch + n_probes, "hutchpp", "matvec", progress) as bar:
@@ -239,7 +240,7 @@ def xtrace(op: LinearOperator, n_matvecs: int = 100, *, seed: int = 0,
     if n < 2:
         raise ValueError("xtrace needs an operator of size ≥ 2 (leave-one-out needs two test vectors)")
     start = time.perf_counter()
-    generator = seeded_generator(op, seed)
+    generator = seeded_generator(op.device, seed)
     m = min(n_matvecs // 2, n)
     omega = sphere(generator, (n, m), op)
     with Progress(2 * m, "xtrace", "matvec", progress) as bar:

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from landscape.ascent import Neighbourhood, Starts, maximize, norm_name
+from landscape.checks import check_int, check_number
 from landscape.objective import Objective
-from landscape.perturb import ExpectedLoss, _check_number, expected_loss
-from landscape.probes import check_int, seeded_generator
+from landscape.perturb import ExpectedLoss, expected_loss
+from landscape.probes import seeded_generator
 from landscape.progress import Progress
 from landscape.results import Result
 
@@ -143,7 +144,7 @@ def worst_case(objective: Objective, rho: float | None = None, *, p: str | float
     """
     p, rho, eta = _check(objective, p, rho, adaptive, eta, steps, restarts)
     start = time.perf_counter()
-    generator = seeded_generator(objective, seed)
+    generator = seeded_generator(objective.device, seed)
     clean_loss = objective.loss()
     nb = Neighbourhood(objective, p, rho, scale=_scale(objective, adaptive, eta))
     with Progress(1 + restarts, f"worst-case sharpness (ℓ{_symbol(p)}{', adaptive' if adaptive else ''})", "start",
@@ -209,7 +210,7 @@ def m_sharpness(objective: Objective, m: int, rho: float | None = None, *, p: st
     if objective.distributed:
         raise ValueError("m-sharpness needs the whole measurement set in one process: run it without torchrun")
     start = time.perf_counter()
-    generator = seeded_generator(objective, seed)
+    generator = seeded_generator(objective.device, seed)
     if not all(isinstance(b, tuple) and len(b) == 2 for b in objective.batches):
         raise ValueError("m-sharpness re-batches the measurement set into m samples and needs (x, y) batches")
     x = torch.cat([x for x, _ in objective.batches])
@@ -273,7 +274,7 @@ def average_case(objective: Objective, rho: float | None = None, *, p: str | flo
         True
     """
     p = norm_name(p)
-    rho = default_rho(p, adaptive, average=True) if rho is None else _check_number("rho", rho, allow_zero=False)
+    rho = default_rho(p, adaptive, average=True) if rho is None else check_number("rho", rho, allow_zero=False)
     return expected_loss(objective, rho, distribution="gaussian" if p == "2" else "uniform",
                          scale="weight" if adaptive else "absolute", n_samples=n_samples, seed=seed, progress=progress)
 
@@ -293,8 +294,8 @@ def _scale(objective: Objective, adaptive: bool, eta: float) -> torch.Tensor | N
 def _check(objective: Objective, p: str | float, rho: float | None, adaptive: bool, eta: float, steps: int,
            restarts: int) -> tuple[str, float, float]:
     p = norm_name(p)
-    rho = default_rho(p, adaptive) if rho is None else _check_number("rho", rho, allow_zero=False)
-    eta = _check_number("eta", eta, allow_zero=True)
+    rho = default_rho(p, adaptive) if rho is None else check_number("rho", rho, allow_zero=False)
+    eta = check_number("eta", eta, allow_zero=True)
     if eta > 0 and not adaptive:
         raise ValueError(f"eta = {eta} scales the adaptive ball T = |w| + eta; pass adaptive=True or eta = 0")
     check_int("steps", steps, 1)
