@@ -21,6 +21,7 @@ import torch
 
 from landscape.checks import check_int, check_number
 from landscape.epsilon_sharpness import EpsilonSharpness, epsilon_sharpness  # noqa: F401 (re-exported)
+from landscape.noise import draw
 from landscape.objective import Batch, Evaluation, Objective
 from landscape.operators import DiagonalScaledOperator, HessianOperator
 from landscape.params import rescale_filters
@@ -113,8 +114,7 @@ def unit_noise(objective: Objective, n_draws: int, *, distribution: str = "unifo
     _check_noise(distribution, scale)
     check_int("n_draws", n_draws, 1)
     shape = (n_draws, objective.n_params)
-    options = {"generator": generator, "dtype": objective.dtype, "device": objective.device}
-    raw = torch.rand(shape, **options).mul_(2).sub_(1) if distribution == "uniform" else torch.randn(shape, **options)
+    raw = draw(distribution, torch.empty(shape, dtype=objective.dtype, device=objective.device), generator)
     if scale == "absolute":
         return raw
     if scale == "weight":
