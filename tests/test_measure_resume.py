@@ -25,8 +25,11 @@ def checkpoint(tmp_path_factory):
 
 def _start(checkpoint, out, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LANDSCAPE_PROGRESS_INTERVAL": "0"}
+    # SIGINT at its default in the child, so Python installs its Ctrl-C handler even where this test runs as a
+    # background job, whose SIGINT the shell sets to ignored (inherited by every child)
     process = subprocess.Popen(cli_command() + ["measure", str(checkpoint), *ARGS, "--out", str(out), *extra], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux: a small pipe, so the child waits for the reader
         fcntl.fcntl(process.stderr.fileno(), fcntl.F_SETPIPE_SZ, 4096)
     return process
