@@ -58,10 +58,10 @@ class GradientSync:
         distributed.all_reduce_sum(flat)
         out: list[torch.Tensor | None] = []
         offset = 0
-        for p, here in zip(params, flat[-len(params):].tolist()):
-            out.append(flat[offset:offset + p.numel()].view_as(p).clone() if here > 0 else None)
+        for p, here in zip(params, flat[-len(params):].tolist()):  # views of the summed buffer: no copy
+            out.append(flat[offset:offset + p.numel()].view_as(p) if here > 0 else None)
             offset += p.numel()
-        return flat[offset].clone(), out
+        return flat[offset], out
 
     def broadcast_module(self, model: nn.Module) -> None:
         """Rank 0's parameters and buffers on every rank."""
@@ -70,6 +70,13 @@ class GradientSync:
 
     def average_buffers(self, model: nn.Module) -> None:
         """Floating-point buffers (BatchNorm running statistics) averaged over the ranks; integer counters agree already."""
-        for buffer in model.buffers():
-            if buffer.is_floating_point():
-                distributed.all_reduce_sum(buffer.data).div_(self.world_size)
+        buffers = [b for b in model.buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        flat = torch.cat([b.detach().reshape(-1) for b in buffers])  # one all-reduce, not one per BatchNorm layer
+        distributed.all_reduce_sum(flat).div_(self.world_size)
+        offset = 0
+        with torch.no_grad():
+            for b in buffers:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()

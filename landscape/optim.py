@@ -202,17 +202,22 @@ class Method:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
-    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+             global_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One update on the mini-batch (x, y): the method's gradient in `p.grad`, clipped, then a base step.
 
         Data-parallel (after `distribute`), (x, y) is this rank's share of the global batch and the
-        gradient is the global batch's. Returns the method's loss (the weighted losses of the passes its
+        gradient is the global batch's; `global_size`, the global batch's size where the caller knows it,
+        saves the collective that counts it. Returns the method's loss (the weighted losses of the passes its
         gradient combines, detached; the global batch's when data-parallel) and the logits of each
         chunk's first pass on this rank.
         """
         if model is not self.model:
             raise ValueError("step() got a different model from the one this optimizer was built for")
-        total = len(y) if self.sync is None else self.sync.global_count(len(y), self.params[0].device)
+        if self.sync is None:
+            total = len(y)
+        else:
+            total = global_size if global_size is not None else self.sync.global_count(len(y), self.params[0].device)
         loss, grads, logits = self._sweep(model, self.chunks(x, y), total, loss_fn)
         loss, grads = self._reduce(loss, grads)
         self._descend(grads)

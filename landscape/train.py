@@ -214,7 +214,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         for i in range(n_steps):
             idx = order[i * config.batch_size:(i + 1) * config.batch_size]
             mine = sync.share(idx) if sync else idx
-            loss, _ = optimizer.step(model, x_train[mine], y_train[mine], F.cross_entropy)
+            loss, _ = optimizer.step(model, x_train[mine], y_train[mine], F.cross_entropy, global_size=len(idx))
             if sync is not None:
                 sync.average_buffers(model)
             total += float(loss) * len(idx)
