@@ -135,8 +135,7 @@ def run_paper(args: argparse.Namespace, out: Path, cache: Path, seeds: int | Non
     for kind, spec in specs.items():
         summary["recipes"][kind] = _one_data_set(kind, spec, budget, overrides, args, out, cache, report)
     report.write(out, "paper")
-    if ranks.is_main():  # under torchrun every rank trains and measures its share; rank 0 alone writes
-        write_text(out / "paper.json", json.dumps(to_jsonable(summary), indent=1, default=str) + "\n")
+    write_text(out / "paper.json", json.dumps(to_jsonable(summary), indent=1, default=str) + "\n")  # rank 0 writes
     return summary
 
 
@@ -175,7 +174,6 @@ def _one_data_set(kind: str, spec: str, budget: dict, overrides: dict, args: arg
     report.paragraph(
         f"Data {spec}. Trained: {trained}; {budget['seeds']} seed(s) per method, model {first.model} {options}. Measured on "
         f"{setup['measurement']['n_samples']} training samples (eval mode) and the whole test split. "
-        + (f"Deviation from the reference: {small.deviations}. " if small.deviations else "")
         + f"Every value and difference, with the 1-D surface and sharpness figures: {folder.name}/report.md.")
     report.table(*value_table(result, noise, batches, METHODS), "mean ± std over seeds (n).")
     for title, tests in families.items():

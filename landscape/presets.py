@@ -50,7 +50,6 @@ class Preset:
     `method_options` maps each method the preset was written for to its own options, which apply only
     under that method; `baselines` are further optimizers it allows, with none of the method options.
     `data_kind` (cifar10, cifar100): the data the preset is for, given as `--data KIND:DIR`.
-    `deviations`: where the preset knowingly differs from its source.
     """
 
     name: str
@@ -60,7 +59,6 @@ class Preset:
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     baselines: tuple[str, ...] = ()
     data_kind: str | None = None
-    deviations: str = ""
 
     @property
     def optimizers(self) -> tuple[str, ...]:
@@ -96,8 +94,7 @@ LARGE_NOTE = ("ghost batches of 128 one at a time, so it fits one GPU as is; --a
               "micro-batches where a run needs less memory")
 
 
-def paper_recipe(name: str, what: str, schedule: Mapping[str, Any], batch: int, data_kind: str,
-                 deviations: str = "") -> Preset:
+def paper_recipe(name: str, what: str, schedule: Mapping[str, Any], batch: int, data_kind: str) -> Preset:
     """One of the SmoothOut paper's CIFAR recipes: `schedule` at batch size `batch` under the reference trainer."""
     large = f" (every lr ×{math.sqrt(batch / SMALL_BATCH):.3g} by sqrt(B/128); {LARGE_NOTE})" if batch > SMALL_BATCH else ""
     return Preset(
@@ -105,7 +102,7 @@ def paper_recipe(name: str, what: str, schedule: Mapping[str, Any], batch: int, 
               f"needs --data {data_kind}:DIR",
         settings={"optimizer": "smoothout", **TRAINER_SETTINGS, **schedule, "batch_size": batch},
         optimizer_kwargs=TRAINER_OPTIONS, method_options=SMOOTHOUT_OPTIONS, baselines=("sgd",),
-        data_kind=data_kind, deviations=deviations)
+        data_kind=data_kind)
 
 
 RESNET44_WHAT = "ResNet-44 on CIFAR-10, SGD lr 0.1 ×0.1 at epochs 81/122/164, wd 1e-4, 200 epochs"

@@ -68,7 +68,6 @@ def test_the_recipes_reuse_the_reference_trainers_rules():
         assert {**preset.optimizer_kwargs, **preset.method_options["smoothout"]} == dict(reference.optimizer_kwargs)
     assert [p.name for p in recipes_for("cifar10")] == [RESNET, RESNET_LARGE]
     assert [p.name for p in recipes_for("cifar100")] == [C3, C3_LARGE]
-    assert not get_preset(C3).deviations and not get_preset(RESNET).deviations
 
 
 @pytest.mark.parametrize("name, data", [(RESNET, None), (RESNET, "digits"), (RESNET, "cifar100:/data"), (RESNET, "cifar10:"),
