@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
 
 
 class OptionNote(UserWarning):
@@ -31,14 +30,3 @@ def print_json(value: object) -> None:
 
     json.dump(to_jsonable(value), sys.stdout, indent=2)
     sys.stdout.write("\n")
-
-
-def command_arguments(command: str, add_arguments: Callable[[argparse.ArgumentParser], None],
-                      argv: Sequence[str]) -> argparse.Namespace:
-    """The options of `landscape COMMAND ARGV`, parsed by that command's own arguments, with their defaults: how one
-    command's library function is called from another (demo and figures call compare and correlate this way)."""
-    parser = argparse.ArgumentParser(prog=f"landscape {command}")
-    add_arguments(parser)
-    add_output_arguments(parser)
-    parser.set_defaults(command=command)
-    return parser.parse_args(list(argv))

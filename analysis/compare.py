@@ -17,10 +17,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from analysis.command_line import print_json
-from analysis.differences import aggregate, difference, holm, verdict
+from analysis.differences import Aggregate, Difference, aggregate, difference, holm, verdict
 from analysis.matched_loss import at_train_loss, parse_target
 from analysis.measure import (
     METRICS,
@@ -28,24 +26,28 @@ from analysis.measure import (
     add_objective_arguments,
     build_objective,
 )
+from analysis.quantities import metric_quantities
 from analysis.report import Report
+from analysis.specs import CompareSpec, MetricSpec
 from analysis.surface_command import parse_range
 from analysis.tables import format_table
 from landscape import distributed as ranks
 from landscape.checkpoints import load_checkpoint
 from landscape.directions import random_directions
-from landscape.results import to_jsonable
+from landscape.results import Quantity, to_jsonable
 from landscape.surface import compute_surface
 
 COMPARE_METRICS = ("eig", "trace", "density", "sharpness-curve", "eps-sharpness", "worst-case", "adaptive-worst-case",
                    "m-sharpness", "adaptive-m-sharpness", "average-case", "adaptive-average-case", "surface", "surface2d")
-DEFAULT_METRICS = "eig,trace,sharpness-curve,surface"
+# compare's own defaults (a cheaper, wider set than measure's: several checkpoints, each measured alike)
+COMPARE_DEFAULTS = MetricSpec(metrics=("eig", "trace", "sharpness-curve", "surface"), k=3, radius=(0.005, 0.01, 0.02),
+                              noise_samples=40, probes=60)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoints", nargs="+", metavar="CKPT")
     add_objective_arguments(parser)
-    add_metric_arguments(parser, COMPARE_METRICS)
+    add_metric_arguments(parser, COMPARE_METRICS, COMPARE_DEFAULTS)
     group = parser.add_argument_group("comparison")
     group.add_argument("--labels", help="comma list, one per checkpoint; equal labels = seeds of one method (default: method and batch size)")
     group.add_argument("--out", default="comparison", help="folder for report.md, report.html, results.json and figures")
@@ -56,9 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--at-train-loss", default=None, metavar="LOSS|matched",
                        help="measure each run at its trajectory checkpoint whose recorded train loss is closest to LOSS; "
                             "'matched': the lowest loss every run reaches (compares methods at equal train loss)")
-    group.add_argument("--surface-range", default="-1:1:21", metavar="START:STOP:NUM", help="1-D surface grid (default -1:1:21)")
-    group.add_argument("--surface2d-range", default="-1:1:11", metavar="START:STOP:NUM", help="2-D surface grid (default -1:1:11)")
-    parser.set_defaults(metrics=DEFAULT_METRICS, k=3, radius="0.005,0.01,0.02", noise_samples=40, probes=60)
+    group.add_argument("--surface-range", default=CompareSpec.surface_range, metavar="START:STOP:NUM",
+                       help="1-D surface grid (default %(default)s)")
+    group.add_argument("--surface2d-range", default=CompareSpec.surface2d_range, metavar="START:STOP:NUM",
+                       help="2-D surface grid (default %(default)s)")
 
 
 def checkpoint_label(path: str, meta: dict) -> str:
@@ -85,83 +88,61 @@ def check_compatible(checkpoints: Sequence, allow_mixed: bool) -> None:
                                  "pass --allow-mixed to compare them anyway")
 
 
-def measure_checkpoint(path: str, label: str, meta: dict, args: argparse.Namespace, out: Path) -> dict:
+def measure_checkpoint(path: str, label: str, meta: dict, spec: CompareSpec) -> dict:
     """Accuracy, losses and the chosen metrics of one checkpoint, as quantities with uncertainties."""
-    metrics = [m for m in args.metrics.split(",") if m]
+    measure = spec.measure
     parallel = ranks.active()  # under torchrun: every measurement data-parallel, surfaces included
-    objective = build_objective(path, args, distributed=parallel)
-    test = build_objective(path, argparse.Namespace(**{**vars(args), "split": "test", "n_samples": None}), distributed=parallel)
+    objective = build_objective(path, measure.objective, distributed=parallel, metrics=measure.metrics)
+    test = build_objective(path, measure.objective.whole("test"), distributed=parallel)
     clean, held_out = objective.evaluate(), test.evaluate()
     # train loss and gradient norm beside every sharpness number: a minimum's sharpness means little without them
-    quantities = {"train loss": {"value": clean.loss, "stderr": 0.0},
-                  "gradient norm": {"value": float(objective.grad().norm()), "stderr": 0.0}}
+    found = [Quantity("train loss", clean.loss), Quantity("gradient norm", float(objective.grad().norm()))]
     if held_out.accuracy is not None:
         p = held_out.accuracy
-        quantities["test accuracy"] = {"value": p, "stderr": math.sqrt(p * (1 - p) / held_out.n_samples)}
-    quantities["test loss"] = {"value": held_out.loss, "stderr": 0.0}
+        found.append(Quantity("test accuracy", p, math.sqrt(p * (1 - p) / held_out.n_samples)))
+    found.append(Quantity("test loss", held_out.loss))
+    quantities = {q.label: q for q in found}
     raw: dict = {}
-    for name in metrics:
+    for name in measure.metrics.metrics:
         if name in ("surface", "surface2d"):
             dim = 1 if name == "surface" else 2
-            axis = parse_range(args.surface_range if dim == 1 else args.surface2d_range)
-            surface = compute_surface({"train": objective, "test": test}, random_directions(objective, dim, seed=args.seed),
-                                      [axis] * dim, path=_surface_file(out, objective, args, dim), resume=True,
-                                      progress=args.progress)
+            grid = spec.surface_range if dim == 1 else spec.surface2d_range
+            seed = measure.metrics.seed
+            surface = compute_surface({"train": objective, "test": test}, random_directions(objective, dim, seed=seed),
+                                      [parse_range(grid)] * dim, path=_surface_file(spec.out, objective, seed, grid, dim),
+                                      resume=True, progress=measure.metrics.progress)
             raw[name] = surface.path
             continue
-        result = METRICS[name](objective, args).to_dict()
-        raw[name] = result
-        quantities.update(scalar_quantities(name, result))
+        result = METRICS[name](objective, measure.metrics)
+        raw[name] = result.to_dict()
+        quantities.update(metric_quantities(name, result))
     return {"label": label, "path": path, "seed": meta.get("train", {}).get("seed"), "config": meta.get("train"),
             "setup": objective.describe(), "test_setup": test.describe(), "quantities": quantities, "raw": raw}
 
 
-def _surface_file(out: Path, objective, args: argparse.Namespace, dim: int) -> Path:
+def _surface_file(out: Path, objective, seed: int, grid: str, dim: int) -> Path:
     """A file name unique to the checkpoint and every setting the surface depends on, so reruns resume it."""
-    settings = [objective.describe(), args.seed, args.surface_range if dim == 1 else args.surface2d_range]
+    settings = [objective.describe(), seed, grid]
     key = hashlib.sha256(json.dumps(to_jsonable(settings), sort_keys=True).encode()).hexdigest()[:16]
     return out / "surfaces" / f"{Path(objective.metadata['checkpoint']).parent.name}-{key}-{dim}d.h5"
 
 
-def scalar_quantities(metric: str, result: dict) -> dict:
-    """Scalar quantities (value, stderr, and the paired samples where there are any) of one metric's result."""
-    if metric == "eig":
-        return {f"λ{i}": {"value": v, "stderr": r} for i, (v, r) in enumerate(zip(result["values"], result["residuals"]), 1)}
-    if metric == "trace":
-        return {"trace": {"value": result["estimate"], "stderr": result["stderr"]}}
-    if metric == "sharpness-curve":
-        return {f"ΔL a={point['radius']:g}": {
-            "value": point["increase"], "stderr": point["stderr"],
-            "samples": (np.asarray(point["samples"]) - point["clean_loss"]).tolist()} for point in result["points"]}
-    if metric in ("eps-sharpness", "worst-case", "adaptive-worst-case"):
-        # a best-of-starts maximum has no standard error: how much the start mattered stands in
-        name = "ε-sharpness" if metric == "eps-sharpness" else metric
-        return {name: {"value": result["value"], "stderr": result["spread"]}}
-    if metric in ("m-sharpness", "adaptive-m-sharpness"):  # the same batches for every checkpoint: paired per batch
-        return {metric: {"value": result["value"], "stderr": result["stderr"] or 0.0, "samples": result["batch_values"]}}
-    if metric in ("average-case", "adaptive-average-case"):  # the same noise draws for every checkpoint: paired per draw
-        samples = (np.asarray(result["samples"]) - result["clean_loss"]).tolist()
-        return {metric: {"value": result["increase"], "stderr": result["stderr"], "samples": samples}}
-    return {}
-
-
-def compare(paths: Sequence[str], args: argparse.Namespace) -> dict:
+def compare(paths: Sequence[str], spec: CompareSpec) -> dict:
     """Measure every checkpoint alike, group seeds, and compute differences against the first group."""
-    unknown = [m for m in args.metrics.split(",") if m and m not in COMPARE_METRICS]
+    unknown = [m for m in spec.measure.metrics.metrics if m not in COMPARE_METRICS]
     if unknown:
         raise ValueError(f"unknown metric {', '.join(unknown)}; choose from {', '.join(COMPARE_METRICS)}")
-    checkpoints = [load_checkpoint(p, trust=args.trust_checkpoint) for p in paths]
-    check_compatible(checkpoints, args.allow_mixed)
-    labels = args.labels.split(",") if args.labels else [checkpoint_label(p, c.meta) for p, c in zip(paths, checkpoints)]
+    checkpoints = [load_checkpoint(p, trust=spec.measure.objective.trust_checkpoint) for p in paths]
+    check_compatible(checkpoints, spec.allow_mixed)
+    labels = list(spec.labels) if spec.labels else [checkpoint_label(p, c.meta) for p, c in zip(paths, checkpoints)]
     if len(labels) != len(paths):
         raise ValueError(f"--labels has {len(labels)} names for {len(paths)} checkpoints")
     chosen, target = list(paths), None
-    if getattr(args, "at_train_loss", None):
-        points, target = at_train_loss(list(paths), parse_target(args.at_train_loss))
+    if spec.at_train_loss:
+        points, target = at_train_loss(list(paths), parse_target(spec.at_train_loss))
         chosen = [p.path for p in points]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    members = [measure_checkpoint(p, label, c.meta, args, out) for p, label, c in zip(chosen, labels, checkpoints)]
+    spec.out.mkdir(parents=True, exist_ok=True)
+    members = [measure_checkpoint(p, label, c.meta, spec) for p, label, c in zip(chosen, labels, checkpoints)]
     if target is not None:
         for m, given, point in zip(members, paths, points):
             m["at_train_loss"] = {"target": target, "run": str(given), "epoch": point.epoch, "recorded_train_loss": point.train_loss}
@@ -169,16 +150,16 @@ def compare(paths: Sequence[str], args: argparse.Namespace) -> dict:
     for m in members:
         groups.setdefault(m["label"], []).append(m)
     names = list(dict.fromkeys(n for m in members for n in m["quantities"]))
-    against = baselines({g: ms[0]["config"] for g, ms in groups.items()}, args.baseline)
+    against = baselines({g: ms[0]["config"] for g, ms in groups.items()}, spec.baseline)
     return {
         "checkpoints": members,
         "groups": {g: {n: aggregate(ms, n) for n in names} for g, ms in groups.items()},
-        "baseline": next(iter(groups)) if args.baseline is None else args.baseline,
+        "baseline": next(iter(groups)) if spec.baseline is None else spec.baseline,
         "baselines": against,
         "differences": {g: {n: difference(groups[b], groups[g], n) for n in names} for g, b in against.items()},
         "quantities": names,
         "at_train_loss": target,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("run", "checkpoints")},
+        "settings": spec.settings(),
     }
 
 
@@ -207,19 +188,19 @@ def baselines(configs: dict[str, dict | None], chosen: str | None = None) -> dic
     return out
 
 
-def format_value(agg: dict | None) -> str:
+def format_value(agg: Aggregate | None) -> str:
     if agg is None:
         return ""
-    n = f" (n={agg['n']})" if agg["n"] > 1 else ""
-    return f"{agg['mean']:.4g} ± {agg['spread']:.2g}{n}"
+    n = f" (n={agg.n})" if agg.n > 1 else ""
+    return f"{agg.mean:.4g} ± {agg.spread:.2g}{n}"
 
 
-def format_difference(d: dict | None) -> str:
+def format_difference(d: Difference | None) -> str:
     if d is None:
         return ""
-    text = f"{d['diff']:+.3g} [{d['diff'] - d['halfwidth']:+.3g}, {d['diff'] + d['halfwidth']:+.3g}]"
-    if d["relative"] is not None:
-        text += f" ({d['relative']:+.0%} ± {d['relative_halfwidth']:.0%})"
+    text = f"{d.diff:+.3g} [{d.diff - d.halfwidth:+.3g}, {d.diff + d.halfwidth:+.3g}]"
+    if d.relative is not None:
+        text += f" ({d.relative:+.0%} ± {d.relative_halfwidth:.0%})"
     return text
 
 
@@ -228,13 +209,12 @@ def comparison_tables(result: dict) -> tuple[list[str], list[list[str]], list[st
     names = result["quantities"]
     value_rows = [[g, *[format_value(agg[n]) for n in names]] for g, agg in result["groups"].items()]
     shown = [(g, n, diffs[n]) for g, diffs in result["differences"].items() for n in names if diffs[n] is not None]
-    adjusted = holm([d["p_value"] for _, _, d in shown])  # the whole table is one family of tests
+    adjusted = holm([d.p_value for _, _, d in shown])  # the whole table is one family of tests
     diff_rows = []
     for (g, n, d), p_holm in zip(shown, adjusted):
-        basis = d["basis"] + ("" if d["unpaired_halfwidth"] is None
-                              else f"; unpaired it would be ±{d['unpaired_halfwidth']:.2g}")
+        basis = d.basis + ("" if d.unpaired_halfwidth is None else f"; unpaired it would be ±{d.unpaired_halfwidth:.2g}")
         diff_rows.append([g, result["baselines"][g], n, format_difference(d), verdict(d),
-                          f"{d['p_value']:.2g} / {p_holm:.2g}", basis])
+                          f"{d.p_value:.2g} / {p_holm:.2g}", basis])
     return (["method", *names], value_rows,
             ["method", "vs", "quantity", "difference [95% CI] (relative)", "clears seed spread?",
              f"p / Holm-adjusted p ({len(shown)} tests)", "interval from"],
@@ -242,10 +222,11 @@ def comparison_tables(result: dict) -> tuple[list[str], list[list[str]], list[st
 
 
 def run(args: argparse.Namespace) -> None:
-    result = compare(args.checkpoints, args)
+    spec = CompareSpec.from_args(args)
+    result = compare(args.checkpoints, spec)
     if not ranks.is_main():
         return
-    out = Path(args.out)
+    out = spec.out
     (out / "results.json").write_text(json.dumps(to_jsonable(result), indent=1) + "\n")
     report = build_report(result, out)
     md, page = report.write(out)

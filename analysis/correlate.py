@@ -18,54 +18,55 @@ from pathlib import Path
 import numpy as np
 
 from analysis.command_line import print_json
-from analysis.compare import method_label, scalar_quantities
-from analysis.correlation import RESAMPLES, Correlation, correlate, varying
+from analysis.compare import method_label
+from analysis.correlation import Correlation, correlate, varying
 from analysis.matched_loss import at_train_loss, parse_target
 from analysis.measure import (
-    NOT_SETTINGS,
     add_metric_arguments,
     add_objective_arguments,
     build_objective,
     measure_checkpoint,
 )
+from analysis.quantities import metric_quantities
 from analysis.report import Report
 from analysis.results_file import ResultsFile
+from analysis.specs import CorrelateSpec, MeasureSpec, MetricSpec, ObjectiveSpec
 from analysis.tables import format_table
-from analysis.validation import parse_metrics
 from landscape import distributed as ranks
 from landscape.checkpoints import load_checkpoint
 from landscape.results import to_jsonable
 
 CORRELATE_METRICS = ("eig", "trace", "sharpness-curve", "eps-sharpness", "worst-case", "adaptive-worst-case",
                      "m-sharpness", "adaptive-m-sharpness", "average-case", "adaptive-average-case")
-DEFAULT_METRICS = "eig,trace,sharpness-curve,eps-sharpness"
+CORRELATE_DEFAULTS = MetricSpec(metrics=("eig", "trace", "sharpness-curve", "eps-sharpness"), k=1, radius=(0.02,),
+                                noise_samples=40, probes=60)
 GAPS = {"error": "test error − train error", "loss": "test loss − train loss"}
 # hyperparameters a sweep may vary, from each run's training config; `epochs` is left out by default because recipes
 # tie it to the batch size (varying one alone would leave no group)
 AXES = ("method", "batch_size", "lr", "momentum", "weight_decay", "epochs")
-DEFAULT_AXES = "method,batch_size,lr,momentum,weight_decay"
-CORRELATE_OPTIONS = ("gap", "axes", "resamples")  # options that change no measurement
+DEFAULTS = CorrelateSpec(MeasureSpec())  # the correlation's own defaults (its metrics': CORRELATE_DEFAULTS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_objective_arguments(parser)
-    add_metric_arguments(parser)
+    add_metric_arguments(parser, CORRELATE_METRICS, CORRELATE_DEFAULTS)
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="`landscape train` run folders (their final.pt) or checkpoint files; at least 3")
     group = parser.add_argument_group("correlation")
     group.add_argument("--measures", dest="metrics", help="the same as --metrics")
-    group.add_argument("--gap", default="error,loss",
-                       help="generalization gaps, comma list: error (test − train error), loss (test − train loss); default both")
-    group.add_argument("--axes", default=DEFAULT_AXES,
+    group.add_argument("--gap", default=",".join(DEFAULTS.gaps),
+                       help="generalization gaps, comma list: error (test − train error), loss (test − train loss) "
+                            "(default %(default)s)")
+    group.add_argument("--axes", default=",".join(DEFAULTS.axes),
                        help=f"hyperparameters for the granulated τ, those of {','.join(AXES)} that vary across the runs "
-                            f"(default {DEFAULT_AXES}); runs are grouped by the others and their training seed")
+                            "(default %(default)s); runs are grouped by the others and their training seed")
     group.add_argument("--at-train-loss", default=None, metavar="LOSS|matched",
                        help="measure each run at its trajectory checkpoint whose recorded train loss is closest to LOSS "
                             "(Jiang et al. stop every run at one train loss); 'matched': the lowest loss every run reaches")
-    group.add_argument("--resamples", type=int, default=RESAMPLES, help=f"bootstrap resamples over runs (default {RESAMPLES})")
-    group.add_argument("--out", default="correlation",
+    group.add_argument("--resamples", type=int, default=DEFAULTS.resamples,
+                       help="bootstrap resamples over runs (default %(default)s)")
+    group.add_argument("--out", default=str(DEFAULTS.out),
                        help="folder for measurements.json (resumable), correlation.json, correlation.md and correlation.png")
-    parser.set_defaults(metrics=DEFAULT_METRICS, k=1, radius="0.02", noise_samples=40, probes=60)
 
 
 def run_paths(runs: list[str]) -> list[str]:
@@ -93,12 +94,11 @@ def hyperparameters(config: dict | None, axes: list[str]) -> dict:
     return {**{a: values.get(a) for a in axes}, "seed": config.get("seed")}
 
 
-def generalization(path: str, args: argparse.Namespace) -> dict:
+def generalization(path: str, spec: ObjectiveSpec) -> dict:
     """Loss and error on the whole train and test splits (eval mode as measured), and the gaps."""
     out = {}
     for split in ("train", "test"):
-        whole = argparse.Namespace(**{**vars(args), "split": split, "n_samples": None})
-        result = build_objective(path, whole).evaluate()
+        result = build_objective(path, spec.whole(split)).evaluate()
         out[f"{split}_loss"] = result.loss
         out[f"{split}_error"] = None if result.accuracy is None else 1.0 - result.accuracy
     out["loss"] = out["test_loss"] - out["train_loss"]
@@ -106,15 +106,16 @@ def generalization(path: str, args: argparse.Namespace) -> dict:
     return out
 
 
-def measure_runs(paths: list[str], args: argparse.Namespace, out: Path) -> list[dict]:
+def measure_runs(paths: list[str], spec: CorrelateSpec) -> list[dict]:
     """Every run's report (metrics on the measurement set, gaps on the whole splits), saved as each finishes."""
-    settings = {k: v for k, v in sorted(vars(args).items()) if k not in (*NOT_SETTINGS, *CORRELATE_OPTIONS, "runs")}
-    results = ResultsFile.open(out / "measurements.json", {**settings, "checkpoints": paths}, resume=True)
+    settings = {**spec.measure.settings(), "at_train_loss": spec.at_train_loss}  # gaps, axes, resamples: no measurement
+    results = ResultsFile.open(spec.out / "measurements.json", {**settings, "checkpoints": paths}, resume=True)
 
     def one(path: str) -> dict:  # results.save writes on rank 0 only
-        report = measure_checkpoint(path, args, previous=results.previous(path), saved=results.save, distributed=False)
+        report = measure_checkpoint(path, spec.measure, previous=results.previous(path), saved=results.save,
+                                    distributed=False)
         if "generalization" not in report:
-            report["generalization"] = generalization(path, args)
+            report["generalization"] = generalization(path, spec.measure.objective)
         return report
 
     reports = ranks.map_split(paths, one, done=results.save)
@@ -126,7 +127,7 @@ def measure_runs(paths: list[str], args: argparse.Namespace, out: Path) -> list[
 def correlations(reports: list[dict], hypers: list[dict], gaps: list[str], axes: list[str], resamples: int,
                  seed: int) -> list[Correlation]:
     """Each scalar quantity of the reports against each gap; `hypers[r]`: run r's hyperparameters and seed."""
-    quantities = [{n: q["value"] for m, res in r["metrics"].items() for n, q in scalar_quantities(m, res).items()}
+    quantities = [{n: q.value for m, res in r["metrics"].items() for n, q in metric_quantities(m, res).items()}
                   for r in reports]
     names = list(dict.fromkeys(n for q in quantities for n in q))
     out = []
@@ -140,38 +141,35 @@ def correlations(reports: list[dict], hypers: list[dict], gaps: list[str], axes:
     return out
 
 
-def correlate_runs(args: argparse.Namespace) -> dict:
+def correlate_runs(runs: list[str], spec: CorrelateSpec) -> dict:
     """Measure the runs and rank every measure against every gap: the JSON `landscape correlate --json` prints."""
-    parse_metrics(args.metrics, CORRELATE_METRICS)
-    gaps = [g for g in args.gap.split(",") if g]
-    axes = [a for a in args.axes.split(",") if a]
+    gaps, axes = list(spec.gaps), list(spec.axes)
     for what, names, choices in (("--gap", gaps, GAPS), ("--axes", axes, AXES)):
         unknown = [n for n in names if n not in choices]
         if unknown or not names:
             raise ValueError(f"{what} {','.join(unknown) or '(empty)'}: choose from {', '.join(choices)}")
-    if args.resamples < 100:
-        raise ValueError(f"--resamples {args.resamples}: a 95% bootstrap interval needs at least 100")
-    given = run_paths(args.runs)
+    if spec.resamples < 100:
+        raise ValueError(f"--resamples {spec.resamples}: a 95% bootstrap interval needs at least 100")
+    given = run_paths(runs)
     paths, target, points = given, None, None
-    if args.at_train_loss:
-        points, target = at_train_loss(given, parse_target(args.at_train_loss))
+    if spec.at_train_loss:
+        points, target = at_train_loss(given, parse_target(spec.at_train_loss))
         paths = [p.path for p in points]
-    out = Path(args.out)
-    reports = measure_runs(paths, args, out)
+    reports = measure_runs(paths, spec)
     configs = [load_checkpoint(p).meta.get("train") for p in paths]
     hypers = [hyperparameters(c, axes) for c in configs]
-    found = correlations(reports, hypers, gaps, axes, args.resamples, args.seed)
+    found = correlations(reports, hypers, gaps, axes, spec.resamples, spec.measure.metrics.seed)
     runs = []
     for i, (report, config) in enumerate(zip(reports, configs)):
         run = {"run": given[i], "checkpoint": report["checkpoint"], "hyperparameters": hyperparameters(config, list(AXES)),
                "generalization": report["generalization"],
-               "measures": {n: q for m, r in report["metrics"].items() for n, q in scalar_quantities(m, r).items()}}
+               "measures": {n: q for m, r in report["metrics"].items() for n, q in metric_quantities(m, r).items()}}
         if points is not None:
             run["at_train_loss"] = {"epoch": points[i].epoch, "recorded_train_loss": points[i].train_loss}
         runs.append(run)
     return {"runs": runs, "correlations": [c.to_dict() for c in found], "gaps": gaps,
             "axes": varying(hypers, axes), "at_train_loss": target,
-            "setup": reports[0]["setup"], "resamples": args.resamples}
+            "setup": reports[0]["setup"], "resamples": spec.resamples}
 
 
 def _interval(e: dict | None) -> str:
@@ -214,7 +212,7 @@ def build_report(result: dict, figure: str | None) -> Report:
                                if any(x["hyperparameters"].get(a) is not None for x in result["runs"])],
                    f"{r['generalization']['train_loss']:.3g}",
                    *[f"{r['generalization'][g]:.3g}" if r["generalization"][g] is not None else "" for g in gaps],
-                   *[f"{r['measures'][n]['value']:.4g}" if n in r["measures"] else "" for n in names]]
+                   *[f"{r['measures'][n].value:.4g}" if n in r["measures"] else "" for n in names]]
                   for r in result["runs"]])
     if figure:
         report.heading("Figure")
@@ -234,10 +232,11 @@ def write_outputs(result: dict, out: Path) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> None:
-    result = correlate_runs(args)
+    spec = CorrelateSpec.from_args(args)
+    result = correlate_runs(args.runs, spec)
     if not ranks.is_main():
         return
-    files = write_outputs(result, Path(args.out))
+    files = write_outputs(result, spec.out)
     if args.json:
         print_json(result)
         return

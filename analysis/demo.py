@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from analysis.command_line import command_arguments, print_json
-from analysis.compare import add_arguments as add_compare_arguments
-from analysis.compare import build_report, compare, comparison_tables, format_difference
-from analysis.differences import difference, holm, verdict
+from analysis.command_line import print_json
+from analysis.compare import COMPARE_DEFAULTS, build_report, compare, comparison_tables, format_difference
+from analysis.differences import Difference, difference, holm, verdict
+from analysis.quantities import eigenvalue_label, noise_increase_label
 from analysis.recipes import DEMO, LARGE, SMALL, train_runs
 from analysis.report import Report
+from analysis.specs import CompareSpec, MeasureSpec, ObjectiveSpec
 from analysis.tables import format_table
 from landscape import distributed as ranks
 
@@ -26,7 +28,10 @@ CLAIMS = (  # (question, baseline, other)
     ("Does SmoothOut flatten the large-batch minimum?", f"sgd B={LARGE}", f"smoothout B={LARGE}"),
     ("Does SmoothOut flatten the small-batch minimum?", f"sgd B={SMALL}", f"smoothout B={SMALL}"),
 )
-SHARPNESS = ("λ1", "trace", "ΔL a=0.02", "test accuracy")
+MEASURED = ("eig", "trace", "sharpness-curve", "surface", "surface2d")  # compare's other options at its defaults
+NOISE = noise_increase_label(0.02)  # SmoothOut's own a: the demo's expected-loss quantity
+SHARPNESS = (eigenvalue_label(1), "trace", NOISE, "test accuracy")
+HEADLINE = (CLAIMS[0], NOISE)  # the finding CI checks: large-batch SGD sharper in expected loss, clearing the seed spread
 ALPHA = 0.05
 HEADERS = ("quantity", "difference [95% CI] (relative)", "p / Holm p (all questions' tests)",
            f"established? (Holm p < {ALPHA:g})")
@@ -43,24 +48,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per method (default 3: differences must clear the seed spread)")
 
 
-def findings(result: dict) -> dict[str, dict[str, dict]]:
-    """For each question, the differences (with intervals and seed verdicts) that answer it."""
+def question_title(claim: tuple[str, str, str]) -> str:
+    question, base, other = claim
+    return f"{question} ({other} vs {base})"
+
+
+def findings(result: dict) -> dict[str, dict[str, Difference]]:
+    """For each question, the differences (with intervals, seed verdicts and Holm-adjusted p) that answer it."""
     groups = {m["label"]: [c for c in result["checkpoints"] if c["label"] == m["label"]] for m in result["checkpoints"]}
     answers = {}
-    for question, base, other in CLAIMS:
+    for claim in CLAIMS:
+        _, base, other = claim
         diffs = {name: difference(groups[base], groups[other], name) for name in SHARPNESS}
-        answers[f"{question} ({other} vs {base})"] = {name: d for name, d in diffs.items() if d is not None}
-    tests = [d for diffs in answers.values() for d in diffs.values()]
-    for d, p in zip(tests, holm([d["p_value"] for d in tests])):  # every question's tests are one family
-        d["holm_p"] = p
+        answers[question_title(claim)] = {name: d for name, d in diffs.items() if d is not None}
+    keys = [(q, name) for q, diffs in answers.items() for name in diffs]
+    adjusted = holm([answers[q][name].p_value for q, name in keys])  # every question's tests are one family
+    for (q, name), p in zip(keys, adjusted):
+        answers[q][name] = replace(answers[q][name], holm_p=p)
     return answers
 
 
-def finding_rows(diffs: dict[str, dict]) -> list[list[str]]:
+def finding_rows(diffs: dict[str, Difference]) -> list[list[str]]:
     rows = []
     for name, d in diffs.items():
-        called = verdict(d) if not d["seeds"] else "yes" if d["holm_p"] < ALPHA else "no"
-        rows.append([name, format_difference(d), f"{d['p_value']:.2g} / {d['holm_p']:.2g}", called])
+        called = verdict(d) if not d.seeds else "yes" if d.holm_p < ALPHA else "no"
+        rows.append([name, format_difference(d), f"{d.p_value:.2g} / {d.holm_p:.2g}", called])
     return rows
 
 
@@ -69,10 +81,9 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     paths, labels = train_runs(RUNS, args.seeds, out / "runs", recipe=DEMO, progress=args.progress)
     trained = time.perf_counter() - start
-    compare_args = command_arguments("compare", add_compare_arguments, [*paths, "--labels", ",".join(labels), "--out", str(out / "report"),
-                                              "--batch-size", "1000", "--metrics", "eig,trace,sharpness-curve,surface,surface2d"])
-    compare_args.progress = args.progress
-    result = compare(paths, compare_args)
+    measure = MeasureSpec(ObjectiveSpec(batch_size=1000),
+                          COMPARE_DEFAULTS.with_defaults(metrics=MEASURED, progress=args.progress))
+    result = compare(paths, CompareSpec(measure, out=out / "report", labels=tuple(labels)))
     if not ranks.is_main():  # under torchrun rank 0 alone writes the report
         return
     report = build_report(result, out / "report")
@@ -86,7 +97,10 @@ def run(args: argparse.Namespace) -> None:
     md, page = report.write(out / "report")
     seconds = time.perf_counter() - start
     if args.json:
-        print_json({"findings": answers, "groups": result["groups"], "report": [str(md), str(page)],
+        claim, quantity = HEADLINE
+        headline = {"question": question_title(claim), "quantity": quantity,
+                    **answers[question_title(claim)][quantity].to_dict()}
+        print_json({"findings": answers, "headline": headline, "groups": result["groups"], "report": [str(md), str(page)],
                     "train_seconds": trained, "measure_seconds": seconds - trained})
         return
     h1, r1, _, _ = comparison_tables(result)

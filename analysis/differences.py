@@ -10,9 +10,11 @@ estimators' own errors, which say whether two checkpoints differ, not whether tw
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
+from landscape.results import Quantity, Result
 from landscape.statistics import (
     CONFIDENCE,
     holm,
@@ -25,31 +27,67 @@ from landscape.statistics import (
 
 # The math lives in landscape.statistics; these names stay importable from here for the reports.
 ci_halfwidth = t_halfwidth  # 95% Student-t half-width of the mean over seeds (at least two values)
-__all__ = ["CONFIDENCE", "aggregate", "ci_halfwidth", "difference", "holm", "verdict"]
+__all__ = ["CONFIDENCE", "Aggregate", "Difference", "aggregate", "ci_halfwidth", "difference", "holm", "verdict"]
 
 
-def aggregate(members: list[dict], name: str) -> dict | None:
-    """One method's value of a quantity: the estimate ± its own stderr for one seed, mean ± std over seeds."""
+@dataclass(frozen=True)
+class Aggregate(Result):
+    """One method's value of a quantity: one seed's estimate ± its stderr, or the mean ± std over n seeds."""
+
+    mean: float
+    spread: float
+    n: int
+    kind: str  # "stderr" (one seed) or "std over seeds"
+
+
+@dataclass(frozen=True)
+class Difference(Result):
+    """other − baseline of one quantity, with its 95% interval, what the interval is built from, and its p-value.
+
+    `seeds`: the interval comes from the spread over training seeds (a difference between methods); otherwise
+    from one checkpoint each (a difference between two checkpoints). `holm_p`: the p-value after Holm's
+    correction over the family the difference was tested in, once a report has set it.
+    """
+
+    diff: float
+    halfwidth: float
+    unpaired_halfwidth: float | None  # what independent draws or unshared seeds would give, where pairing was used
+    basis: str
+    relative: float | None  # diff / |baseline|
+    relative_halfwidth: float | None
+    significant: bool
+    seeds: bool
+    p_value: float
+    holm_p: float | None = None
+
+
+def _quantities(members: list[dict], name: str) -> list[Quantity]:
+    """The members' Quantity `name`, where measured (a stored member's quantities made Quantity again)."""
     found = [m["quantities"][name] for m in members if name in m["quantities"]]
+    return [q if isinstance(q, Quantity) else Quantity.from_dict(q) for q in found]
+
+
+def aggregate(members: list[dict], name: str) -> Aggregate | None:
+    """One method's value of a quantity: the estimate ± its own stderr for one seed, mean ± std over seeds."""
+    found = _quantities(members, name)
     if not found:
         return None
-    values = np.array([q["value"] for q in found])
+    values = np.array([q.value for q in found])
     if len(found) == 1:
-        return {"mean": float(values[0]), "spread": found[0]["stderr"], "n": 1, "kind": "stderr"}
-    return {"mean": float(values.mean()), "spread": float(values.std(ddof=1)), "n": len(found), "kind": "std over seeds"}
+        return Aggregate(float(values[0]), found[0].stderr, 1, "stderr")
+    return Aggregate(float(values.mean()), float(values.std(ddof=1)), len(found), "std over seeds")
 
 
-def difference(baseline: list[dict], other: list[dict], name: str) -> dict | None:
+def difference(baseline: list[dict], other: list[dict], name: str) -> Difference | None:
     """other − baseline with a 95% interval and a two-sided p-value.
 
     Paired t over shared training seeds, Welch over unshared seeds, the one multi-seed group's spread, paired draws for single runs (Student t), else
     the two estimators' errors (normal).
     """
-    a = [m["quantities"][name] for m in baseline if name in m["quantities"]]
-    b = [m["quantities"][name] for m in other if name in m["quantities"]]
+    a, b = _quantities(baseline, name), _quantities(other, name)
     if not a or not b:
         return None
-    va, vb = np.array([q["value"] for q in a]), np.array([q["value"] for q in b])
+    va, vb = np.array([q.value for q in a]), np.array([q.value for q in b])
     diff = float(vb.mean() - va.mean())
     unpaired = None
     pairs = _paired_by_seed(baseline, other, name)
@@ -64,18 +102,17 @@ def difference(baseline: list[dict], other: list[dict], name: str) -> dict | Non
         seeds = va if len(a) > 1 else vb
         df, se = len(seeds) - 1, seeds.std(ddof=1) * math.sqrt(1 / len(a) + 1 / len(b))
         basis = f"seed spread of the {len(seeds)}-seed group"
-    elif "samples" in a[0] and "samples" in b[0] and len(a[0]["samples"]) == len(b[0]["samples"]):
-        test = paired(a[0]["samples"], b[0]["samples"])
+    elif a[0].samples is not None and b[0].samples is not None and len(a[0].samples) == len(b[0].samples):
+        test = paired(np.asarray(a[0].samples), np.asarray(b[0].samples))
         df, se = test.df, test.stderr
         basis = "paired over shared noise draws or batches (one seed each)"
-        unpaired = t_quantile(df) * math.hypot(a[0]["stderr"], b[0]["stderr"])  # the same quantile, independent draws
+        unpaired = t_quantile(df) * math.hypot(a[0].stderr, b[0].stderr)  # the same quantile, independent draws
     else:
-        df, se, basis = None, math.hypot(a[0]["stderr"], b[0]["stderr"]), "estimator error (one seed each)"
+        df, se, basis = None, math.hypot(a[0].stderr, b[0].stderr), "estimator error (one seed each)"
     half = (t_quantile(df) if df is not None else 1.96) * se
     scale = abs(float(va.mean()))
-    return {"diff": diff, "halfwidth": half, "unpaired_halfwidth": unpaired, "basis": basis,
-            "relative": diff / scale if scale else None, "relative_halfwidth": half / scale if scale else None,
-            "significant": abs(diff) > half, "seeds": len(a) > 1 or len(b) > 1, "p_value": two_sided_p(diff, se, df)}
+    return Difference(diff, half, unpaired, basis, diff / scale if scale else None, half / scale if scale else None,
+                      abs(diff) > half, len(a) > 1 or len(b) > 1, two_sided_p(diff, se, df))
 
 
 def _paired_by_seed(baseline: list[dict], other: list[dict], name: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -84,7 +121,7 @@ def _paired_by_seed(baseline: list[dict], other: list[dict], name: str) -> tuple
         seeds = [m.get("seed") for m in members]
         if None in seeds or len(set(seeds)) != len(seeds) or any(name not in m["quantities"] for m in members):
             return None
-        return {m["seed"]: m["quantities"][name]["value"] for m in members}
+        return {m["seed"]: q.value for m, q in zip(members, _quantities(members, name))}
 
     a, b = by_seed(baseline), by_seed(other)
     if a is None or b is None or set(a) != set(b) or len(a) < 2:
@@ -93,8 +130,8 @@ def _paired_by_seed(baseline: list[dict], other: list[dict], name: str) -> tuple
     return np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds])
 
 
-def verdict(d: dict) -> str:
+def verdict(d: Difference) -> str:
     """Whether a difference clears the seed spread; with one seed per method, only whether the two checkpoints differ."""
-    if d["seeds"]:
-        return "yes" if d["significant"] else "no"
-    return "one seed: checkpoints differ" if d["significant"] else "one seed: within noise"
+    if d.seeds:
+        return "yes" if d.significant else "no"
+    return "one seed: checkpoints differ" if d.significant else "one seed: within noise"

@@ -18,16 +18,17 @@ import hashlib
 import json
 from pathlib import Path
 
-from analysis.command_line import command_arguments, print_json
+from analysis.command_line import print_json
 from analysis.method_comparison import (
     ALPHA,
     MEASURED,
     TESTED,
+    budget_metrics,
     by_label,
+    compare_cached,
     comparison_family,
     family_rows,
     interpolation_figure,
-    measure_all,
     value_table,
 )
 from analysis.noise_sweep import GRID, chosen, noise_sweep, sweep_table
@@ -53,6 +54,7 @@ from analysis.recipes import (
     train_runs,
 )
 from analysis.report import Report, write_text
+from analysis.specs import CorrelateSpec
 from analysis.tables import format_table
 from analysis.train_command import NOISE_OPTION
 from landscape import distributed as ranks
@@ -65,10 +67,10 @@ from landscape.results import to_jsonable
 from landscape.spectrum import slq_density
 from landscape.surface import compute_surface, grid_axis, read_surface
 
-FULL = {"lrs": SWEEP_LRS, "sweep_seeds": 3, "seeds": 3, "epoch_fraction": 1.0, "grid": GRID, "n_samples": None, "k": "1", "probes": "60",
-        "noise_samples": "40", "restarts": "3", "line": 41, "plane": 21, "density_steps": 80, "interpolation": 31, "extend": 2}
-QUICK = {"lrs": SWEEP_LRS[1:], "sweep_seeds": 1, "seeds": 2, "epoch_fraction": 0.04, "grid": {m: v[1:3] for m, v in GRID.items()}, "n_samples": 500, "k": "1",
-         "probes": "10", "noise_samples": "8", "restarts": "2", "line": 9, "plane": 5, "density_steps": 20,
+FULL = {"lrs": SWEEP_LRS, "sweep_seeds": 3, "seeds": 3, "epoch_fraction": 1.0, "grid": GRID, "n_samples": None, "k": 1, "probes": 60,
+        "noise_samples": 40, "restarts": 3, "line": 41, "plane": 21, "density_steps": 80, "interpolation": 31, "extend": 2}
+QUICK = {"lrs": SWEEP_LRS[1:], "sweep_seeds": 1, "seeds": 2, "epoch_fraction": 0.04, "grid": {m: v[1:3] for m, v in GRID.items()}, "n_samples": 500, "k": 1,
+         "probes": 10, "noise_samples": 8, "restarts": 2, "line": 9, "plane": 5, "density_steps": 20,
          "interpolation": 7, "extend": 0}
 
 
@@ -132,21 +134,15 @@ def correlation_sweep(smoothout_noise: float, budget: dict, cache: Path, out: Pa
                       progress: bool | str = False) -> dict:
     """(g) Jiang et al. (2019)'s question on a small sweep: SGD and SmoothOut × batch 32, 256 × three learning rates ×
     seeds, every measure ranked against the generalization gap (`landscape correlate`); correlation.png/.md in `out`."""
-    from analysis.correlate import add_arguments as add_correlate_arguments
     from analysis.correlate import build_report, correlate_runs
 
     runs = [config(m, b, s, budget["epoch_fraction"], recipe=LR_SWEEP, lr=lr,
                    noise=smoothout_noise if m == "smoothout" else None)
             for m in ("sgd", "smoothout") for b in LR_SWEEP.epochs for lr in budget["lrs"] for s in range(budget["sweep_seeds"])]
     paths = [str(p) for p in train_all(runs, cache / "sweep-runs", jobs=jobs, progress=progress)]
-    argv = ["correlate", *paths, "--metrics", CORRELATED, "--k", "1", "--probes", budget["probes"], "--noise-samples",
-            budget["noise_samples"], "--restarts", budget["restarts"], "--radius", "0.02", "--batch-size", "1000"]
-    if budget["n_samples"]:
-        argv += ["--n-samples", str(budget["n_samples"])]
-    key = hashlib.sha256(json.dumps([argv, [Path(p).stat().st_mtime_ns for p in paths]]).encode()).hexdigest()[:16]
-    args = command_arguments("correlate", add_correlate_arguments, [*argv[1:], "--out", str(cache / f"correlate-{key}")])
-    args.progress = progress
-    result = correlate_runs(args)
+    measure = budget_metrics({**budget, "k": 1}, CORRELATED, (0.02,), progress)
+    key = hashlib.sha256(json.dumps([measure.settings(), paths, [Path(p).stat().st_mtime_ns for p in paths]]).encode()).hexdigest()[:16]
+    result = correlate_runs(paths, CorrelateSpec(measure, out=cache / f"correlate-{key}"))
     save(plot_correlation(result, title=f"{len(paths)} runs on mnist1d: does sharpness rank them by their gap?"),
          out / "correlation.png")
     report = build_report(result, "correlation.png")
@@ -256,15 +252,15 @@ def run(args: argparse.Namespace) -> None:
     specs = [(m, b) for b in (SMALL, LARGE) for m in METHODS]
     paths, labels = train_runs(specs, budget["seeds"], cache / "runs", recipe=CONVERGED, noise=noise,
                                epoch_fraction=budget["epoch_fraction"], jobs=jobs, progress=args.progress)
-    result = measure_all(paths, labels, budget, cache / "compare", args.progress)
+    result = compare_cached(paths, labels, budget, cache / "compare", args.progress)
     batch_of = {p: int(lab.rsplit("=", 1)[1]) for p, lab in zip(paths, labels)}
     matched = {}
     for batch in (SMALL, LARGE):
         chosen_paths = [p for p in paths if batch_of[p] == batch]
-        matched[batch] = measure_all(chosen_paths, [lab for p, lab in zip(paths, labels) if batch_of[p] == batch], budget,
+        matched[batch] = compare_cached(chosen_paths, [lab for p, lab in zip(paths, labels) if batch_of[p] == batch], budget,
                                      cache / f"compare-matched-b{batch}", args.progress, metrics=MEASURED, at_train_loss="matched")
     sgd = [(p, lab) for p, lab in zip(paths, labels) if lab.startswith("sgd ")]
-    matched["sgd"] = measure_all([p for p, _ in sgd], [lab for _, lab in sgd], budget, cache / "compare-matched-sgd",
+    matched["sgd"] = compare_cached([p for p, _ in sgd], [lab for _, lab in sgd], budget, cache / "compare-matched-sgd",
                                  args.progress, metrics=MEASURED, at_train_loss="matched")
     out.mkdir(parents=True, exist_ok=True)
 

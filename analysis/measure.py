@@ -5,19 +5,15 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
 from analysis.command_line import OptionNote, print_json
 from analysis.options import parse_options
+from analysis.quantities import as_result
 from analysis.results_file import ResultsFile
+from analysis.specs import MeasureSpec, MetricSpec, ObjectiveSpec
 from analysis.tables import format_table
-from analysis.validation import (
-    check_against_objective,
-    parse_metrics,
-    parse_radii,
-    per_layer_names,
-)
 from landscape import distributed as ranks
 from landscape.batches import resolve_loss
 from landscape.checkpoints import load_checkpoint
@@ -28,7 +24,7 @@ from landscape.from_checkpoint import objective_from_checkpoint, parse_dtype
 from landscape.memory import parse_size
 from landscape.objective import Objective
 from landscape.operators import curvature_operator
-from landscape.per_layer import module_blocks, per_layer
+from landscape.per_layer import PerLayerResult, module_blocks, per_layer
 from landscape.perturb import epsilon_sharpness, expected_loss, sharpness_curve
 from landscape.results import Result
 from landscape.spectrum import lanczos, slq_density
@@ -36,6 +32,8 @@ from landscape.trace import hutchinson, hutchpp, xtrace
 from landscape.worst_case import (
     DEFAULT_AVERAGE_RHO,
     DEFAULT_RHO,
+    MSharpness,
+    WorstCase,
     average_case,
     m_sharpness,
     worst_case,
@@ -44,14 +42,13 @@ from landscape.worst_case import (
 TRACE_METHODS = {"xtrace": xtrace, "hutchpp": hutchpp, "hutchinson": hutchinson}
 
 
-DEFAULT_RADII = "0.001,0.005,0.01"
 
 
 def run(args: argparse.Namespace) -> None:
     """`landscape measure`: every checkpoint's metrics, printed (or as JSON), saved as they finish with --out."""
     if getattr(args, "per_layer_figure", None) and not args.per_layer:
         raise ValueError("--per-layer-figure draws --per-layer results: pass --per-layer eig,trace too")
-    results = measure_all(args)
+    results = measure_all(args.checkpoints, MeasureSpec.from_args(args), out=args.out, resume=args.resume)
     if args.per_layer_figure and ranks.is_main():
         from analysis.plots import plot_per_layer, save
 
@@ -65,27 +62,28 @@ def run(args: argparse.Namespace) -> None:
 
 def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that measures a checkpoint."""
+    O = ObjectiveSpec()  # the defaults
     group = parser.add_argument_group("checkpoint and measurement set")
     group.add_argument("--model", help="model for a bare state dict: registry name or module:factory")
     group.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="option of --model, e.g. hidden=(64,64)")
     group.add_argument("--data", help="data spec (digits, mnist1d, cifar10:DIR, cifar100:DIR, npz:FILE, module:callable); default: the checkpoint's")
     group.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints holding arbitrary pickled objects (runs their code)")
-    group.add_argument("--split", default="train", choices=["train", "test"], help="which split to measure on (default train)")
+    group.add_argument("--split", default=O.split, choices=["train", "test"], help="which split to measure on (default %(default)s)")
     group.add_argument("--n-samples", type=int, default=None, help="seeded random subset of the split (default: all of it)")
-    group.add_argument("--batch-size", type=int, default=256, help="batch size of the measurement set (default 256)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the measurement subset and of every random probe")
-    group.add_argument("--mode", default="eval", choices=["eval", "train"], help="BatchNorm running statistics (eval) or batch statistics (train)")
+    group.add_argument("--batch-size", type=int, default=O.batch_size, help="batch size of the measurement set (default %(default)s)")
+    group.add_argument("--seed", type=int, default=O.seed, help="seed of the measurement subset and of every random probe")
+    group.add_argument("--mode", default=O.mode, choices=["eval", "train"], help="BatchNorm running statistics (eval) or batch statistics (train)")
     group.add_argument("--loss", default=None, metavar="NAME|module:callable",
                        help="cross-entropy (default; class labels, reads .logits), token-cross-entropy (causal language "
                             "models: shifted labels, -100 ignored), mse, or module:callable (model output, batch) → "
                             "(sum of per-item losses, number of items)")
-    group.add_argument("--params", default="all",
+    group.add_argument("--params", default=O.params,
                        help="parameter selection: all, weights, no-bn, no-bn-bias, re:PATTERN, glob:PATTERN[,PATTERN] "
                             "(e.g. glob:*.attn.*), module:TYPE[,TYPE] (e.g. module:Linear,Conv2d); parameters with "
                             "requires_grad=False are never measured, so a LoRA model measures its adapters")
-    group.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    group.add_argument("--dtype", default=O.dtype, choices=["float32", "float64"])
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
-    group.add_argument("--hvp", default="auto",
+    group.add_argument("--hvp", default=O.hvp,
                        help="HVP path: auto (= reuse), reuse (gradient graphs kept for as many batches as --hvp-memory "
                             "holds, the rest rebuilt per product), double-backward (least memory), linearize, fwd-rev, "
                             "compiled (torch.compile, for GPUs) (default %(default)s)")
@@ -95,59 +93,62 @@ def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
                        help="skip the run-time check of the HVP path against double backward (two extra products, once)")
 
 
-def add_metric_arguments(parser: argparse.ArgumentParser, metrics: Iterable[str] | None = None) -> None:
-    """The metric options shared by measure, compare, track and correlate; `metrics`: the names the command takes."""
+def add_metric_arguments(parser: argparse.ArgumentParser, metrics: Iterable[str] | None = None,
+                         defaults: MetricSpec = MetricSpec()) -> None:
+    """The metric options shared by measure, compare, track and correlate; `metrics`: the names the command takes,
+    `defaults`: its defaults (each command's in one place: measure's are MetricSpec's own)."""
+    D = defaults
     group = parser.add_argument_group("metrics")
-    group.add_argument("--metrics", default="eig,trace",
+    group.add_argument("--metrics", default=D.help_default("metrics"),
                        help=f"comma list of {', '.join(metrics or METRICS)} (default %(default)s)")
     parser.set_defaults(metric_choices=tuple(metrics or METRICS))
-    group.add_argument("--curvature", default="hessian", choices=list(CURVATURES),
+    group.add_argument("--curvature", default=D.curvature, choices=list(CURVATURES),
                        help="the matrix eig, trace and density measure: hessian (default), ggn (generalized Gauss-Newton "
                             "JᵀH_ℓJ, positive semi-definite) or fisher (empirical Fisher (1/N)·Σ gᵢgᵢᵀ, gᵢ a sample's "
                             "gradient within its batch); the other metrics ignore it (the sharpness curve's ½·tr(ΣH) stays the Hessian's)")
-    group.add_argument("--k", type=int, default=5, help="number of eigenvalues (default %(default)s)")
-    group.add_argument("--which", default="LA", choices=["LA", "SA", "LM"], help="largest, smallest or largest-magnitude eigenvalues")
-    group.add_argument("--tol", type=float, default=1e-3, help="relative Ritz residual tolerance of Lanczos (default 1e-3)")
-    group.add_argument("--max-matvecs", type=int, default=None,
+    group.add_argument("--k", type=int, default=D.k, help="number of eigenvalues (default %(default)s)")
+    group.add_argument("--which", default=D.which, choices=["LA", "SA", "LM"], help="largest, smallest or largest-magnitude eigenvalues")
+    group.add_argument("--tol", type=float, default=D.tol, help="relative Ritz residual tolerance of Lanczos (default %(default)s)")
+    group.add_argument("--max-matvecs", type=int, default=D.max_matvecs,
                        help="Lanczos budget of Hessian-vector products (default: max(300, 60·k), at most the parameter "
                             "count and what a 2 GiB Lanczos basis holds); a run that spends it is marked not converged")
-    group.add_argument("--trace-method", default="xtrace", choices=list(TRACE_METHODS),
+    group.add_argument("--trace-method", default=D.trace_method, choices=list(TRACE_METHODS),
                        help="xtrace (default: lowest error per matvec in benchmarks/curvature.py), hutchpp, hutchinson")
-    group.add_argument("--probes", type=int, default=100, help="matvec budget of the trace estimate (default %(default)s)")
-    group.add_argument("--density-runs", type=int, default=4, help="SLQ runs (default 4)")
-    group.add_argument("--density-steps", type=int, default=60, help="Lanczos steps per SLQ run (default 60)")
-    group.add_argument("--radius", default=DEFAULT_RADII,
+    group.add_argument("--probes", type=int, default=D.probes, help="matvec budget of the trace estimate (default %(default)s)")
+    group.add_argument("--density-runs", type=int, default=D.density_runs, help="SLQ runs (default %(default)s)")
+    group.add_argument("--density-steps", type=int, default=D.density_steps, help="Lanczos steps per SLQ run (default %(default)s)")
+    group.add_argument("--radius", default=D.help_default("radius"),
                        help="weight-noise radii a (default %(default)s); expected-loss takes the largest")
-    group.add_argument("--distribution", default="uniform", choices=["uniform", "gaussian"], help="U[-a,a] or N(0,a²) noise")
-    group.add_argument("--scale", default="absolute", choices=["absolute", "weight", "filter"],
+    group.add_argument("--distribution", default=D.distribution, choices=["uniform", "gaussian"], help="U[-a,a] or N(0,a²) noise")
+    group.add_argument("--scale", default=D.scale, choices=["absolute", "weight", "filter"],
                        help="noise per coordinate (absolute), ∝|w| (weight) or per filter ∝‖w_filter‖ (filter, AdaSmoothOut)")
-    group.add_argument("--noise-samples", type=int, default=100, help="perturbed forward passes per radius (default %(default)s)")
-    group.add_argument("--bn-recalibration", type=int, default=None, metavar="K",
+    group.add_argument("--noise-samples", type=int, default=D.noise_samples, help="perturbed forward passes per radius (default %(default)s)")
+    group.add_argument("--bn-recalibration", type=int, default=D.bn_recalibration, metavar="K",
                        help="re-estimate BN statistics from K batches at each perturbed point")
-    group.add_argument("--eps", type=float, default=5e-4, help="box size of Keskar's ε-sharpness (default 5e-4)")
-    group.add_argument("--subspace-dim", type=int, default=None, help="ε-sharpness in a random p-dim subspace (default: full space)")
-    group.add_argument("--restarts", type=int, default=2,
-                       help="ε-sharpness random starts besides z = 0 and the corner b·sign(∇L) (default 2)")
-    group.add_argument("--eps-method", default="sign-ascent", choices=list(EPS_METHODS),
+    group.add_argument("--eps", type=float, default=D.eps, help="box size of Keskar's ε-sharpness (default %(default)s)")
+    group.add_argument("--subspace-dim", type=int, default=D.subspace_dim, help="ε-sharpness in a random p-dim subspace (default: full space)")
+    group.add_argument("--restarts", type=int, default=D.restarts,
+                       help="ε-sharpness random starts besides z = 0 and the corner b·sign(∇L) (default %(default)s)")
+    group.add_argument("--eps-method", default=D.eps_method, choices=list(EPS_METHODS),
                        help="ε-sharpness maximizer: sign-ascent (default: projected sign ascent, higher φ per pass than L-BFGS-B "
                             "on mnist1d MLPs, benchmarks/epsilon_sharpness.py) or lbfgsb (Keskar's)")
-    group.add_argument("--eps-iters", type=int, default=20, help="ε-sharpness ascent iterations per start (default 20)")
-    group.add_argument("--rho", type=float, default=None,
+    group.add_argument("--eps-iters", type=int, default=D.eps_iters, help="ε-sharpness ascent iterations per start (default %(default)s)")
+    group.add_argument("--rho", type=float, default=D.rho,
                        help="radius ρ of worst-case, m- and average-case sharpness (default per measure: worst case "
                             f"{_radii_help(DEFAULT_RHO)}: SAM's 0.05 (Foret et al. 2021), ASAM's 0.5 on CIFAR-10 (Kwon et al. "
                             "2021), ℓ∞ within Andriushchenko et al. (2023)'s grids; average case "
                             f"{_radii_help(DEFAULT_AVERAGE_RHO)})")
-    group.add_argument("--p", default="2", help="ball of worst-case, m- and average-case sharpness: 2 (ℓ2, average case "
-                                                "δ ~ N(0, ρ²I)) or inf (ℓ∞ box, average case U[−ρ, ρ]^d) (default 2)")
-    group.add_argument("--m", type=int, default=128,
-                       help="samples per batch of m-sharpness (default 128, Andriushchenko et al.'s); each batch's own "
+    group.add_argument("--p", default=D.p, help="ball of worst-case, m- and average-case sharpness: 2 (ℓ2, average case "
+                                                "δ ~ N(0, ρ²I)) or inf (ℓ∞ box, average case U[−ρ, ρ]^d) (default %(default)s)")
+    group.add_argument("--m", type=int, default=D.m,
+                       help="samples per batch of m-sharpness (default %(default)s, Andriushchenko et al.'s); each batch's own "
                             "maximum is averaged; samples after the last whole batch are left out")
-    group.add_argument("--ascent-steps", type=int, default=20,
-                       help="APGD iterations per start of worst-case and m-sharpness (default 20, as Andriushchenko et al.)")
-    group.add_argument("--ascent-restarts", type=int, default=1,
-                       help="worst-case and m-sharpness random starts besides the gradient direction (default 1)")
-    group.add_argument("--eta", type=float, default=0.0,
-                       help="adaptive ball T = |w| + η (default 0, as Andriushchenko et al.; ASAM uses 0.01)")
+    group.add_argument("--ascent-steps", type=int, default=D.ascent_steps,
+                       help="APGD iterations per start of worst-case and m-sharpness (default %(default)s, as Andriushchenko et al.)")
+    group.add_argument("--ascent-restarts", type=int, default=D.ascent_restarts,
+                       help="worst-case and m-sharpness random starts besides the gradient direction (default %(default)s)")
+    group.add_argument("--eta", type=float, default=D.eta,
+                       help="adaptive ball T = |w| + η (default %(default)s, as Andriushchenko et al.; ASAM uses 0.01)")
 
 
 def _radii_help(radii: dict) -> str:
@@ -178,93 +179,92 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="with --per-layer: a bar chart of each block's λ1 and trace, the checkpoints side by side")
 
 
-def build_objective(path: str, args: argparse.Namespace, *, distributed: bool = False) -> Objective:
-    """The Objective for one checkpoint from the shared command-line options (data-parallel over ranks if `distributed`)."""
-    checkpoint = load_checkpoint(path, trust=args.trust_checkpoint)
-    measurement = MeasurementSet(args.split, args.n_samples, args.batch_size, args.seed)
+def build_objective(path: str, spec: ObjectiveSpec, *, distributed: bool = False,
+                    metrics: MetricSpec | None = None) -> Objective:
+    """The Objective for one checkpoint (data-parallel over ranks if `distributed`); `metrics`' options that must fit
+    the model (--k, --subspace-dim, --m) are checked against it."""
+    checkpoint = load_checkpoint(path, trust=spec.trust_checkpoint)
+    measurement = MeasurementSet(spec.split, spec.n_samples, spec.batch_size, spec.seed)
     objective = objective_from_checkpoint(
-        checkpoint, data=args.data, model=args.model, model_kwargs=parse_options(args.model_opt),
-        measurement=measurement, params=args.params, mode=args.mode, dtype=parse_dtype(args.dtype),
-        device=args.device, hvp_method=args.hvp, distributed=distributed, hvp_check=not args.no_hvp_check,
-        graph_memory_budget=parse_size(args.hvp_memory) if getattr(args, "hvp_memory", None) else None,
-        loss=resolve_loss(getattr(args, "loss", None)),
+        checkpoint, data=spec.data, model=spec.model, model_kwargs=parse_options(list(spec.model_opt)),
+        measurement=measurement, params=spec.params, mode=spec.mode, dtype=parse_dtype(spec.dtype),
+        device=spec.device, hvp_method=spec.hvp, distributed=distributed, hvp_check=not spec.no_hvp_check,
+        graph_memory_budget=parse_size(spec.hvp_memory) if spec.hvp_memory else None,
+        loss=resolve_loss(spec.loss),
     )
-    check_against_objective(args, objective.n_params, objective.n_samples)
+    if metrics is not None:
+        metrics.check_fits(spec.params, objective.n_params, objective.n_samples)
     return objective
 
 
-def _operator(objective: Objective, args: argparse.Namespace):
+def _operator(objective: Objective, spec: MetricSpec):
     """The matrix eig, trace and density measure (--curvature; the Hessian where the option is absent)."""
-    return curvature_operator(objective, getattr(args, "curvature", "hessian"))
+    return curvature_operator(objective, spec.curvature)
 
 
-def _eig(objective: Objective, args: argparse.Namespace) -> Result:
-    """Lanczos; warm-started from the last top eigenvector when `args.warm_start` holds a WarmStart (`landscape track`)."""
-    warm = getattr(args, "warm_start", None)
+def _eig(objective: Objective, spec: MetricSpec) -> Result:
+    """Lanczos; warm-started from the last top eigenvector when `spec.warm_start` holds a WarmStart (`landscape track`)."""
+    warm = spec.warm_start
     run = warm.lanczos if warm is not None else lanczos
-    return run(_operator(objective, args), args.k, which=args.which, tol=args.tol, max_matvecs=args.max_matvecs,
-               seed=args.seed, progress=args.progress)
+    return run(_operator(objective, spec), spec.k, which=spec.which, tol=spec.tol, max_matvecs=spec.max_matvecs,
+               seed=spec.seed, progress=spec.progress)
 
 
-def _trace(objective: Objective, args: argparse.Namespace) -> Result:
-    return TRACE_METHODS[args.trace_method](_operator(objective, args), args.probes, seed=args.seed,
-                                            blocks=objective.layout.slices(), progress=args.progress)
+def _trace(objective: Objective, spec: MetricSpec) -> Result:
+    return TRACE_METHODS[spec.trace_method](_operator(objective, spec), spec.probes, seed=spec.seed,
+                                            blocks=objective.layout.slices(), progress=spec.progress)
 
 
-def _per_layer(objective: Objective, args: argparse.Namespace) -> Result:
+def _per_layer(objective: Objective, spec: MetricSpec) -> Result:
     """--per-layer: λ1 and trace of each module's diagonal block of the curvature (landscape.per_layer)."""
-    return per_layer(_operator(objective, args), module_blocks(objective.layout), per_layer_names(args.per_layer),
-                     tol=args.tol, max_matvecs=args.max_matvecs, trace=TRACE_METHODS[args.trace_method],
-                     n_probes=args.probes, seed=args.seed, progress=args.progress)
+    return per_layer(_operator(objective, spec), module_blocks(objective.layout), list(spec.per_layer),
+                     tol=spec.tol, max_matvecs=spec.max_matvecs, trace=TRACE_METHODS[spec.trace_method],
+                     n_probes=spec.probes, seed=spec.seed, progress=spec.progress)
 
 
-def _density(objective: Objective, args: argparse.Namespace) -> Result:
-    return slq_density(_operator(objective, args), n_runs=args.density_runs, n_steps=args.density_steps, seed=args.seed,
-                       progress=args.progress)
+def _density(objective: Objective, spec: MetricSpec) -> Result:
+    return slq_density(_operator(objective, spec), n_runs=spec.density_runs, n_steps=spec.density_steps, seed=spec.seed,
+                       progress=spec.progress)
 
 
-def _radii(args: argparse.Namespace) -> list[float]:
-    return parse_radii(args.radius)
-
-
-def _expected_loss(objective: Objective, args: argparse.Namespace) -> Result:
-    radii = _radii(args)
+def _expected_loss(objective: Objective, spec: MetricSpec) -> Result:
+    radii = list(spec.radius)
     radius = max(radii)
-    if len(radii) > 1 and args.radius != DEFAULT_RADII:  # the default's use is in --radius's help
+    if len(radii) > 1 and spec.radius != MetricSpec.radius:  # the default's use is in --radius's help
         warnings.warn(OptionNote(f"expected-loss is measured at the largest --radius, {radius:g} "
                                  "(sharpness-curve measures every radius)"), stacklevel=2)
-    return expected_loss(objective, radius, distribution=args.distribution, scale=args.scale,
-                         n_samples=args.noise_samples, seed=args.seed, bn_recalibration=args.bn_recalibration,
-                         progress=args.progress)
+    return expected_loss(objective, radius, distribution=spec.distribution, scale=spec.scale,
+                         n_samples=spec.noise_samples, seed=spec.seed, bn_recalibration=spec.bn_recalibration,
+                         progress=spec.progress)
 
 
-def _sharpness_curve(objective: Objective, args: argparse.Namespace) -> Result:
-    return sharpness_curve(objective, _radii(args), distribution=args.distribution, scale=args.scale,
-                           n_samples=args.noise_samples, seed=args.seed, bn_recalibration=args.bn_recalibration,
-                           progress=args.progress)
+def _sharpness_curve(objective: Objective, spec: MetricSpec) -> Result:
+    return sharpness_curve(objective, list(spec.radius), distribution=spec.distribution, scale=spec.scale,
+                           n_samples=spec.noise_samples, seed=spec.seed, bn_recalibration=spec.bn_recalibration,
+                           progress=spec.progress)
 
 
-def _eps_sharpness(objective: Objective, args: argparse.Namespace) -> Result:
-    return epsilon_sharpness(objective, args.eps, subspace_dim=args.subspace_dim, max_iter=args.eps_iters,
-                             restarts=args.restarts, seed=args.seed, method=args.eps_method, progress=args.progress)
+def _eps_sharpness(objective: Objective, spec: MetricSpec) -> Result:
+    return epsilon_sharpness(objective, spec.eps, subspace_dim=spec.subspace_dim, max_iter=spec.eps_iters,
+                             restarts=spec.restarts, seed=spec.seed, method=spec.eps_method, progress=spec.progress)
 
 
-def _worst_case(objective: Objective, args: argparse.Namespace, *, adaptive: bool = False) -> Result:
-    return worst_case(objective, args.rho, p=args.p, adaptive=adaptive, eta=args.eta if adaptive else 0.0,
-                      steps=args.ascent_steps, restarts=args.ascent_restarts, seed=args.seed, progress=args.progress)
+def _worst_case(objective: Objective, spec: MetricSpec, *, adaptive: bool = False) -> Result:
+    return worst_case(objective, spec.rho, p=spec.p, adaptive=adaptive, eta=spec.eta if adaptive else 0.0,
+                      steps=spec.ascent_steps, restarts=spec.ascent_restarts, seed=spec.seed, progress=spec.progress)
 
 
-def _m_sharpness(objective: Objective, args: argparse.Namespace, *, adaptive: bool = False) -> Result:
-    return m_sharpness(objective, args.m, args.rho, p=args.p, adaptive=adaptive, eta=args.eta if adaptive else 0.0,
-                       steps=args.ascent_steps, restarts=args.ascent_restarts, seed=args.seed, progress=args.progress)
+def _m_sharpness(objective: Objective, spec: MetricSpec, *, adaptive: bool = False) -> Result:
+    return m_sharpness(objective, spec.m, spec.rho, p=spec.p, adaptive=adaptive, eta=spec.eta if adaptive else 0.0,
+                       steps=spec.ascent_steps, restarts=spec.ascent_restarts, seed=spec.seed, progress=spec.progress)
 
 
-def _average_case(objective: Objective, args: argparse.Namespace, *, adaptive: bool = False) -> Result:
-    return average_case(objective, args.rho, p=args.p, adaptive=adaptive, n_samples=args.noise_samples, seed=args.seed,
-                        progress=args.progress)
+def _average_case(objective: Objective, spec: MetricSpec, *, adaptive: bool = False) -> Result:
+    return average_case(objective, spec.rho, p=spec.p, adaptive=adaptive, n_samples=spec.noise_samples, seed=spec.seed,
+                        progress=spec.progress)
 
 
-METRICS: dict[str, Callable[[Objective, argparse.Namespace], Result]] = {
+METRICS: dict[str, Callable[[Objective, MetricSpec], Result]] = {
     "eig": _eig,
     "trace": _trace,
     "density": _density,
@@ -280,7 +280,7 @@ METRICS: dict[str, Callable[[Objective, argparse.Namespace], Result]] = {
 }
 
 
-def measure_checkpoint(path: str, args: argparse.Namespace, *, previous: dict | None = None,
+def measure_checkpoint(path: str, spec: MeasureSpec, *, previous: dict | None = None,
                        saved: Callable[[dict], None] | None = None, distributed: bool | None = None) -> dict:
     """Loss, accuracy, gradient norm and the chosen curvature metrics of one checkpoint.
 
@@ -289,14 +289,15 @@ def measure_checkpoint(path: str, args: argparse.Namespace, *, previous: dict | 
     `distributed`: data-parallel over the ranks (default: whenever a process group is active); False
     when the checkpoints themselves are split over the ranks.
     """
-    metrics = parse_metrics(args.metrics, METRICS)
+    metrics = spec.metrics.metrics
     start = time.perf_counter()
-    objective = build_objective(path, args, distributed=ranks.active() if distributed is None else distributed)
+    objective = build_objective(path, spec.objective, distributed=ranks.active() if distributed is None else distributed,
+                                metrics=spec.metrics)
     if previous is None:
         evaluation = objective.evaluate()
         report = {
             "checkpoint": path,
-            "setup": {**objective.describe(), "curvature": getattr(args, "curvature", "hessian")},
+            "setup": {**objective.describe(), "curvature": spec.metrics.curvature},
             "loss": evaluation.loss,
             "accuracy": evaluation.accuracy,
             "grad_norm": float(objective.grad().norm()),
@@ -320,34 +321,28 @@ def measure_checkpoint(path: str, args: argparse.Namespace, *, previous: dict | 
     save()
     for name in metrics:
         if name not in report["metrics"]:
-            report["metrics"][name] = METRICS[name](objective, args).to_dict()
+            report["metrics"][name] = METRICS[name](objective, spec.metrics).to_dict()
             save()
-    if getattr(args, "per_layer", None) and "per_layer" not in report:
-        report["per_layer"] = _per_layer(objective, args).to_dict()
+    if spec.metrics.per_layer and "per_layer" not in report:
+        report["per_layer"] = _per_layer(objective, spec.metrics).to_dict()
         save()
     report["metrics"] = {name: report["metrics"][name] for name in metrics}
     return report
 
 
-# options that do not change what `landscape measure` computes (the rest must match for --resume)
-NOT_SETTINGS = ("run", "command", "json", "quiet", "debug", "progress", "out", "resume", "trust_checkpoint",
-                "per_layer_figure")
-
-
-def measure_all(args: argparse.Namespace) -> list[dict]:
-    """`landscape measure`: every checkpoint, each finished metric saved at once to --out (and kept by --resume).
+def measure_all(paths: Sequence[str], spec: MeasureSpec, *, out: str | None = None, resume: bool = False) -> list[dict]:
+    """`landscape measure`: every checkpoint, each finished metric saved at once to `out` (and kept by `resume`).
 
     Ctrl-C raises KeyboardInterrupt with one line saying how many metrics are saved and where.
     """
-    settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
-    if args.resume and not args.out:
+    settings = spec.settings()
+    if resume and not out:
         raise ValueError("--resume continues a results file: give it as --out FILE.json")
-    results = ResultsFile.open(args.out, settings, resume=args.resume) if args.out else ResultsFile(None, settings, [])
+    results = ResultsFile.open(out, settings, resume=resume) if out else ResultsFile(None, settings, [])
     try:
-        reports = [measure_checkpoint(path, args, previous=results.previous(path), saved=results.save)
-                   for path in args.checkpoints]
+        reports = [measure_checkpoint(path, spec, previous=results.previous(path), saved=results.save) for path in paths]
     except KeyboardInterrupt:
-        total = len(args.checkpoints) * len(parse_metrics(args.metrics, METRICS))
+        total = len(paths) * len(spec.metrics.metrics)
         where = (f"saved to {results.path}; rerun with --resume" if results.path is not None
                  else "finished, none saved (pass --out FILE.json to keep finished metrics)")
         raise KeyboardInterrupt(f"{results.n_metrics} of {total} metrics {where}") from None
@@ -391,91 +386,95 @@ def format_measurement(report: dict) -> str:
         ("accuracy", "" if report["accuracy"] is None else f"{report['accuracy']:.4f}", "", ""),
         ("gradient norm", f"{report['grad_norm']:.4g}", "", ""),
     ]
-    results = report["metrics"]
+    results = {name: as_result(name, r) for name, r in report["metrics"].items()}  # typed, fresh or resumed
     if "eig" in results:
         r = results["eig"]
-        label = {"LA": "λ", "SA": "λ_min,", "LM": "|λ|"}[r["which"]]
-        for i, (v, res) in enumerate(zip(r["values"], r["residuals"]), 1):
-            cost = f"{r['n_matvecs']} {products}, {r['seconds']:.1f}s" if i == 1 else ""
-            note = "" if r["converged"] else f"not converged in {r['n_matvecs']} {products}; raise --max-matvecs"
+        label = {"LA": "λ", "SA": "λ_min,", "LM": "|λ|"}[r.which]
+        for i, (v, res) in enumerate(zip(r.values, r.residuals), 1):
+            cost = f"{r.n_matvecs} {products}, {r.seconds:.1f}s" if i == 1 else ""
+            note = "" if r.converged else f"not converged in {r.n_matvecs} {products}; raise --max-matvecs"
             rows.append((f"{label}{i}", _pm(v, res), cost, note))
     if "trace" in results:
         r = results["trace"]
-        rows.append((f"trace ({r['method']})", _pm(r["estimate"], r["stderr"]), f"{r['n_matvecs']} {products}, {r['seconds']:.1f}s", ""))
+        rows.append((f"trace ({r.method})", _pm(r.estimate, r.stderr), f"{r.n_matvecs} {products}, {r.seconds:.1f}s", ""))
     if "density" in results:
         r = results["density"]
-        rows.append(("spectral density", f"{len(r['nodes'])} SLQ runs, σ={r['sigma']:.3g}", f"{r['n_matvecs']} {products}, {r['seconds']:.1f}s", ""))
+        rows.append(("spectral density", f"{len(r.nodes)} SLQ runs, σ={r.sigma:.3g}", f"{r.n_matvecs} {products}, {r.seconds:.1f}s", ""))
     if "expected-loss" in results:
         r = results["expected-loss"]
-        lo, hi = r["increase_ci"]
-        rows.append((f"E[L(w+u)] − L(w), a={r['radius']:g}", f"{r['increase']:.4g} [95% CI {lo:.4g}, {hi:.4g}]",
-                     f"{r['n_forward']} forwards, {r['seconds']:.1f}s", f"{r['distribution']}, {r['scale']}"))
+        lo, hi = r.increase_ci
+        rows.append((f"E[L(w+u)] − L(w), a={r.radius:g}", f"{r.increase:.4g} [95% CI {lo:.4g}, {hi:.4g}]",
+                     f"{r.n_forward} forwards, {r.seconds:.1f}s", f"{r.distribution}, {r.scale}"))
     if "sharpness-curve" in results:
         r = results["sharpness-curve"]
-        for i, radius in enumerate(r["radii"]):
-            lo, hi = r["increase_ci"][i]
-            note = "" if r["prediction"] is None else f"½·tr(ΣH): {r['prediction'][i]:.4g} ± {r['prediction_stderr'][i]:.2g}"
-            cost = f"{r['n_forward']} forwards, {r['n_matvecs']} HVPs, {r['seconds']:.1f}s" if i == 0 else ""
-            rows.append((f"increase at a={radius:g}", f"{r['increase'][i]:.4g} [95% CI {lo:.4g}, {hi:.4g}]", cost, note))
+        for i, radius in enumerate(r.radii):
+            lo, hi = r.increase_ci[i]
+            note = "" if r.prediction is None else f"½·tr(ΣH): {r.prediction[i]:.4g} ± {r.prediction_stderr[i]:.2g}"
+            cost = f"{r.n_forward} forwards, {r.n_matvecs} HVPs, {r.seconds:.1f}s" if i == 0 else ""
+            rows.append((f"increase at a={radius:g}", f"{r.increase[i]:.4g} [95% CI {lo:.4g}, {hi:.4g}]", cost, note))
     if "eps-sharpness" in results:
         r = results["eps-sharpness"]
-        space = "full space" if r["subspace_dim"] is None else f"{r['subspace_dim']}-dim subspace"
-        starts = ", ".join(f"{kind} {v:.4g}" for kind, v in zip(r["start_kinds"], r["values"]))
-        rows.append((f"ε-sharpness, ε={r['eps']:g}", f"{r['value']:.4g} (best of {len(r['values'])} starts, spread {r['spread']:.2g})",
-                     f"{r['n_forward']} forwards, {r['n_grad']} gradients, {r['seconds']:.1f}s",
-                     f"{r['method']}, {r['max_iter']} iterations, {space}; starts: {starts}"))
+        space = "full space" if r.subspace_dim is None else f"{r.subspace_dim}-dim subspace"
+        starts = ", ".join(f"{kind} {v:.4g}" for kind, v in zip(r.start_kinds, r.values))
+        rows.append((f"ε-sharpness, ε={r.eps:g}", f"{r.value:.4g} (best of {len(r.values)} starts, spread {r.spread:.2g})",
+                     f"{r.n_forward} forwards, {r.n_grad} gradients, {r.seconds:.1f}s",
+                     f"{r.method}, {r.max_iter} iterations, {space}; starts: {starts}"))
     rows += _worst_case_rows(results)
     lines.append(format_table(["quantity", "value ± uncertainty", "cost", "note"], rows))
-    if "trace" in results and results["trace"]["blocks"]:
-        block_rows = [(name, _pm(*est)) for name, est in results["trace"]["blocks"].items()]
+    if "trace" in results and results["trace"].blocks:
+        block_rows = [(name, _pm(*est)) for name, est in results["trace"].blocks.items()]
         lines.append("\ntrace by parameter tensor (same probes)\n" + format_table(["parameter", "trace ± stderr"], block_rows))
     if report.get("per_layer"):
-        lines.append(format_per_layer(report["per_layer"], curvature))
+        lines.append(format_per_layer(as_per_layer(report["per_layer"]), curvature))
     return "\n".join(lines)
 
 
-def format_per_layer(result: dict, curvature: str = "Hessian") -> str:
+def as_per_layer(result: PerLayerResult | dict) -> PerLayerResult:
+    return result if isinstance(result, PerLayerResult) else PerLayerResult.from_dict(result)
+
+
+def format_per_layer(result: PerLayerResult, curvature: str = "Hessian") -> str:
     """One row per block: its parameter count, λ1 ± Lanczos residual and trace ± stderr (— where not measured)."""
     rows = []
-    for b in result["blocks"]:
-        eig = "—" if b["lambda1"] is None else _pm(b["lambda1"], b["residual"]) + ("" if b["converged"] else " (not converged)")
-        trace = "—" if b["trace"] is None else _pm(b["trace"], b["trace_stderr"])
-        rows.append((b["name"], b["n_params"], eig, trace))
+    for b in result.blocks:
+        eig = "—" if b.lambda1 is None else _pm(b.lambda1, b.residual) + ("" if b.converged else " (not converged)")
+        trace = "—" if b.trace is None else _pm(b.trace, b.trace_stderr)
+        rows.append((b.name, b.n_params, eig, trace))
     title = (f"\nper-layer {curvature} (diagonal block of each module's own parameters; "
-             f"{result['n_matvecs']} products, {result['seconds']:.1f}s)")
+             f"{result.n_matvecs} products, {result.seconds:.1f}s)")
     return title + "\n" + format_table(["block", "n params", "λ1 ± residual", "trace ± stderr"], rows)
 
 
-def _worst_case_rows(results: dict) -> list[tuple]:
+def _worst_case_rows(results: dict[str, Result]) -> list[tuple]:
     """Rows of worst-case, m- and average-case sharpness (Foret et al. 2021; Kwon et al. 2021; Andriushchenko et al. 2023)."""
     rows = []
     for name in ("worst-case", "adaptive-worst-case"):
         if name in results:
             r = results[name]
-            starts = ", ".join(f"{kind} {v:.4g}" for kind, v in zip(r["start_kinds"], r["values"]))
-            rows.append((f"{_ball(name, r['p'])}, ρ={r['rho']:g}",
-                         f"{r['value']:.4g} (best of {len(r['values'])} starts, spread {r['spread']:.2g})",
-                         f"{r['n_forward']} forwards, {r['n_grad']} gradients, {r['seconds']:.1f}s",
-                         f"APGD {r['steps']} steps{_scaled(r)}; starts: {starts}"))
+            starts = ", ".join(f"{kind} {v:.4g}" for kind, v in zip(r.start_kinds, r.values))
+            rows.append((f"{_ball(name, r.p)}, ρ={r.rho:g}",
+                         f"{r.value:.4g} (best of {len(r.values)} starts, spread {r.spread:.2g})",
+                         f"{r.n_forward} forwards, {r.n_grad} gradients, {r.seconds:.1f}s",
+                         f"APGD {r.steps} steps{_scaled(r)}; starts: {starts}"))
     for name in ("m-sharpness", "adaptive-m-sharpness"):
         if name in results:
             r = results[name]
-            spread = "" if r["stderr"] is None else f" ± {r['stderr']:.2g}"
-            value = f"{r['value']:.4g}{spread} (mean ± stderr over {r['n_batches']} batches)"
-            unused = f", {r['n_unused']} samples left out" if r["n_unused"] else ""
-            rows.append((f"{_ball(name, r['p'])}, ρ={r['rho']:g}, m={r['m']}", value,
-                         f"{r['n_forward']} forwards, {r['n_grad']} gradients on {r['m']}-sample batches, {r['seconds']:.1f}s",
-                         f"{r['n_batches']} batches of {r['m']}{unused}; APGD {r['steps']} steps, {1 + r['restarts']} starts"
-                         f"{_scaled(r)}; mean start spread {sum(r['batch_spreads']) / len(r['batch_spreads']):.2g}"))
+            spread = "" if r.stderr is None else f" ± {r.stderr:.2g}"
+            value = f"{r.value:.4g}{spread} (mean ± stderr over {r.n_batches} batches)"
+            unused = f", {r.n_unused} samples left out" if r.n_unused else ""
+            rows.append((f"{_ball(name, r.p)}, ρ={r.rho:g}, m={r.m}", value,
+                         f"{r.n_forward} forwards, {r.n_grad} gradients on {r.m}-sample batches, {r.seconds:.1f}s",
+                         f"{r.n_batches} batches of {r.m}{unused}; APGD {r.steps} steps, {1 + r.restarts} starts"
+                         f"{_scaled(r)}; mean start spread {sum(r.batch_spreads) / len(r.batch_spreads):.2g}"))
     for name in ("average-case", "adaptive-average-case"):
         if name in results:
             r = results[name]
-            p = "2" if r["distribution"] == "gaussian" else "inf"
-            lo, hi = r["increase_ci"]
+            p = "2" if r.distribution == "gaussian" else "inf"
+            lo, hi = r.increase_ci
             noise = "N(0, ρ²I)" if p == "2" else "U[−ρ, ρ]^d"
-            rows.append((f"{_ball(name, p)}, ρ={r['radius']:g}", f"{r['increase']:.4g} [95% CI {lo:.4g}, {hi:.4g}]",
-                         f"{r['n_forward']} forwards, {r['seconds']:.1f}s",
-                         f"E L(w + T⊙δ') − L(w), δ' ~ {noise}, T = {'|w|' if r['scale'] == 'weight' else '1'}"))
+            rows.append((f"{_ball(name, p)}, ρ={r.radius:g}", f"{r.increase:.4g} [95% CI {lo:.4g}, {hi:.4g}]",
+                         f"{r.n_forward} forwards, {r.seconds:.1f}s",
+                         f"E L(w + T⊙δ') − L(w), δ' ~ {noise}, T = {'|w|' if r.scale == 'weight' else '1'}"))
     return rows
 
 
@@ -485,5 +484,5 @@ def _ball(name: str, p: str) -> str:
     return f"{'adaptive ' if adaptive else ''}{name.removeprefix('adaptive-')} ℓ{'∞' if p == 'inf' else '2'}"
 
 
-def _scaled(r: dict) -> str:
-    return "" if not r["adaptive"] else f", T = |w| + {r['eta']:g}" if r["eta"] else ", T = |w|"
+def _scaled(r: WorstCase | MSharpness) -> str:
+    return "" if not r.adaptive else f", T = |w| + {r.eta:g}" if r.eta else ", T = |w|"

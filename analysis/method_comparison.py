@@ -9,52 +9,57 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from analysis.command_line import command_arguments
-from analysis.compare import add_arguments as add_compare_arguments
 from analysis.compare import compare, format_difference, format_value
-from analysis.differences import aggregate, difference, holm
+from analysis.differences import Difference, aggregate, difference, holm
 from analysis.plots import plot_lines, save
+from analysis.quantities import EPSILON_SHARPNESS, eigenvalue_label, noise_increase_label
 from analysis.recipes import LARGE, METHODS, SMALL, label
 from analysis.report import write_text
+from analysis.specs import CompareSpec, MeasureSpec, MetricSpec, ObjectiveSpec
 from analysis.train_command import NOISE_OPTION
 from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
 from landscape.directions import between
 from landscape.from_checkpoint import objective_from_checkpoint
-from landscape.results import to_jsonable
+from landscape.results import Result, to_jsonable
 from landscape.surface import compute_surface, grid_axis
 
-VALUE_QUANTITIES = ("train loss", "gradient norm", "test accuracy", "test loss", "λ1", "trace", "ΔL a=0.02", "ε-sharpness")
-TESTED = ("test accuracy", "λ1", "trace", "ΔL a=0.02", "ε-sharpness")  # the quantities each comparison table tests
+NOISE = noise_increase_label(0.02)
+VALUE_QUANTITIES = ("train loss", "gradient norm", "test accuracy", "test loss", eigenvalue_label(1), "trace", NOISE,
+                    EPSILON_SHARPNESS)
+TESTED = ("test accuracy", eigenvalue_label(1), "trace", NOISE, EPSILON_SHARPNESS)  # what each comparison table tests
 MEASURED = "eig,trace,sharpness-curve,eps-sharpness"
 ALPHA = 0.05  # family-wise error rate of each table (Holm)
 
 
-def measure_all(paths: list[str], labels: list[str], budget: dict, out: Path, progress: bool | str, *,
-                metrics: str = MEASURED + ",surface", at_train_loss: str | None = None) -> dict:
+def budget_metrics(budget: dict, metrics: str, radius: tuple[float, ...], progress: bool | str = False) -> MeasureSpec:
+    """The measurement a figures budget pays for: `metrics` (comma list) at `radius`, on the budget's training
+    samples (None: all) in batches of 1000."""
+    return MeasureSpec(
+        ObjectiveSpec(n_samples=budget["n_samples"] or None, batch_size=1000),
+        MetricSpec(metrics=tuple(metrics.split(",")), k=budget["k"], probes=budget["probes"],
+                   noise_samples=budget["noise_samples"], restarts=budget["restarts"], radius=radius, progress=progress))
+
+
+def compare_cached(paths: list[str], labels: list[str], budget: dict, out: Path, progress: bool | str, *,
+                   metrics: str = MEASURED + ",surface", at_train_loss: str | None = None) -> dict:
     """Every checkpoint through `landscape compare` (shared probes, noise and directions), cached in `out`.
 
     The cache holds while the checkpoints' files and the settings are unchanged.
     """
-    argv = ["compare", *paths, "--labels", ",".join(labels), "--out", str(out), "--batch-size", "1000",
-            "--metrics", metrics, "--k", budget["k"], "--probes", budget["probes"], "--noise-samples",
-            budget["noise_samples"], "--restarts", budget["restarts"], "--radius", "0.005,0.01,0.02",
-            f"--surface-range=-1:1:{budget['line']}"]
-    if budget["n_samples"]:
-        argv += ["--n-samples", str(budget["n_samples"])]
-    if at_train_loss:
-        argv += ["--at-train-loss", at_train_loss]
-    key = hashlib.sha256(json.dumps([argv, [Path(p).stat().st_mtime_ns for p in paths]]).encode()).hexdigest()
+    spec = CompareSpec(budget_metrics(budget, metrics, (0.005, 0.01, 0.02), progress), out=out, labels=tuple(labels),
+                       at_train_loss=at_train_loss, surface_range=f"-1:1:{budget['line']}")
+    key = hashlib.sha256(json.dumps([spec.settings(), paths, [Path(p).stat().st_mtime_ns for p in paths]],
+                                    default=str).encode()).hexdigest()
     cached = out / "figures-cache.json"
     if cached.exists():
         stored = json.loads(cached.read_text())
         if stored.get("key") == key:
             return stored["result"]
-    args = command_arguments("compare", add_compare_arguments, argv[1:])
-    args.progress = progress
-    result = to_jsonable(compare(paths, args))
+    result = to_jsonable(compare(paths, spec))
     write_text(cached, json.dumps({"key": key, "result": result}) + "\n")
     return result
 
@@ -105,24 +110,34 @@ def value_table(result: dict, noise: dict[str, float], batches: tuple[int, ...] 
     return ["method", "noise", "batch", *VALUE_QUANTITIES], rows
 
 
-def comparison_family(result: dict, pairs: list[tuple[str, str]], quantities=TESTED) -> list[dict]:
+@dataclass(frozen=True)
+class FamilyTest(Result):
+    """One test of a table's family: `comparison` ("other vs base") in `quantity`, Holm-adjusted within the table."""
+
+    comparison: str
+    quantity: str
+    difference: Difference
+    holm_p: float
+    established: bool  # Holm p < ALPHA
+
+
+def comparison_family(result: dict, pairs: list[tuple[str, str]], quantities=TESTED) -> list[FamilyTest]:
     """One table's tests: other − baseline for each pair and quantity, paired over seeds, Holm-adjusted together."""
     groups = by_label(result)
-    tests = []
+    found = []
     for other, base in pairs:
         for q in quantities:
             d = difference(groups[base], groups[other], q)
             if d is not None:
-                tests.append({"comparison": f"{other} vs {base}", "quantity": q, **d})
-    for t, p in zip(tests, holm([t["p_value"] for t in tests])):
-        t["holm_p"] = p
-        t["established"] = p < ALPHA
-    return tests
+                found.append((f"{other} vs {base}", q, d))
+    adjusted = holm([d.p_value for _, _, d in found])
+    return [FamilyTest(c, q, replace(d, holm_p=p), p, p < ALPHA) for (c, q, d), p in zip(found, adjusted)]
 
 
-def family_rows(tests: list[dict]) -> tuple[list[str], list[list[str]]]:
+def family_rows(tests: list[FamilyTest]) -> tuple[list[str], list[list[str]]]:
     headers = ["comparison", "quantity", "difference [95% CI] (relative)", "interval from", "p", "Holm p",
                f"established? (Holm p < {ALPHA:g})"]
-    rows = [[t["comparison"], t["quantity"], format_difference(t), t["basis"], f"{t['p_value']:.2g}", f"{t['holm_p']:.2g}",
-             ("yes: " + ("higher" if t["diff"] > 0 else "lower")) if t["established"] else "no"] for t in tests]
+    rows = [[t.comparison, t.quantity, format_difference(t.difference), t.difference.basis,
+             f"{t.difference.p_value:.2g}", f"{t.holm_p:.2g}",
+             ("yes: " + ("higher" if t.difference.diff > 0 else "lower")) if t.established else "no"] for t in tests]
     return headers, rows

@@ -29,10 +29,10 @@ from pathlib import Path
 from analysis.compare import build_report
 from analysis.method_comparison import (
     TESTED,
+    compare_cached,
     comparison_family,
     family_rows,
     interpolation_figure,
-    measure_all,
     value_table,
 )
 from analysis.options import parse_options
@@ -47,10 +47,10 @@ from landscape.results import to_jsonable
 from landscape.train import TrainConfig
 
 METHODS = ("sgd", "smoothout")
-FULL = {"seeds": 3, "epoch_fraction": 1.0, "n_samples": 5000, "k": "1", "probes": "30", "noise_samples": "20",
-        "restarts": "3", "line": 41, "interpolation": 31}
-QUICK = {"seeds": 2, "epoch_fraction": 0.005, "n_samples": 100, "k": "1", "probes": "4", "noise_samples": "4",
-         "restarts": "1", "line": 5, "interpolation": 7}
+FULL = {"seeds": 3, "epoch_fraction": 1.0, "n_samples": 5000, "k": 1, "probes": 30, "noise_samples": 20,
+        "restarts": 3, "line": 41, "interpolation": 31}
+QUICK = {"seeds": 2, "epoch_fraction": 0.005, "n_samples": 100, "k": 1, "probes": 4, "noise_samples": 4,
+         "restarts": 1, "line": 5, "interpolation": 7}
 REGENERATES = ("the CIFAR part of the paper's generalization comparison (test accuracy of SGD against SmoothOut at "
                "small and large batch: ResNet-44 on CIFAR-10, C3 on CIFAR-100), the sharpness measures behind it (expected "
                "loss under uniform weight noise, the paper's own measure; Keskar's ε-sharpness; λ1; the Hessian trace), and "
@@ -149,7 +149,7 @@ def _one_data_set(kind: str, spec: str, budget: dict, overrides: dict, args: arg
     where = cache / f"{kind}-{key}"
     paths = [str(p) for p in train_all(runs, where / "runs", jobs=args.jobs, progress=args.progress)]
     labels = [label(r.optimizer, r.batch_size) for r in runs]
-    result = measure_all(paths, labels, budget, where / "compare", args.progress)
+    result = compare_cached(paths, labels, budget, where / "compare", args.progress)
     folder = out / f"{runs[0].model}-{kind}"
     folder.mkdir(parents=True, exist_ok=True)
     build_report(result, folder).write(folder)  # every measured value and difference, with its figures

@@ -19,6 +19,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from analysis.differences import ci_halfwidth  # noqa: E402
+from analysis.quantities import eigenvalue_label  # noqa: E402
 from landscape.directions import Directions  # noqa: E402
 from landscape.surface import Surface  # noqa: E402
 
@@ -195,7 +196,7 @@ def plot_track(series: Mapping[str, Sequence[float]], *, stability_line: tuple[f
         err = 1.96 * np.nan_to_num(np.asarray(series.get(f"{name} stderr", np.zeros_like(values)), dtype=float))
         ax.plot(epoch, values, "o-", ms=3, color="#1f77b4")
         ax.fill_between(epoch, values - err, values + err, color="#1f77b4", alpha=0.2, lw=0)
-        if stability_line is not None and name == "λ1":
+        if stability_line is not None and name == eigenvalue_label(1):
             ax.axhline(stability_line[0], color="black", ls="--", lw=1, label=stability_line[1])
             ax.legend(frameon=False, fontsize=8)
         ax.set_title(name, fontsize=10)
@@ -225,7 +226,7 @@ def plot_correlation(result: Mapping, *, gap: str | None = None, title: str = ""
     markers = dict(zip(batches, "os^Dv<>p*"))
     x = np.array([np.nan if r["generalization"][gap] is None else r["generalization"][gap] for r in runs], float)
     for ax, name in zip(axes.flat, names):
-        y = np.array([r["measures"].get(name, {}).get("value", np.nan) for r in runs], float)
+        y = np.array([r["measures"][name].value if name in r["measures"] else np.nan for r in runs], float)
         for i, r in enumerate(runs):
             h = r["hyperparameters"]
             ax.scatter(x[i], y[i], color=colors[str(h.get("method"))], marker=markers[h.get("batch_size")], s=26,

@@ -10,6 +10,7 @@ import numpy as np
 
 from analysis.command_line import print_json
 from analysis.measure import add_objective_arguments, build_objective
+from analysis.specs import ObjectiveSpec
 from analysis.tables import format_table
 from landscape.checkpoints import load_checkpoint
 from landscape.directions import (
@@ -107,9 +108,10 @@ def default_path(checkpoint: str, directions: Directions) -> Path:
 
 
 def run(args: argparse.Namespace) -> None:
-    objectives = {"train": build_objective(args.checkpoint, args)}
+    spec = ObjectiveSpec.from_args(args)
+    objectives = {"train": build_objective(args.checkpoint, spec)}
     if args.test:
-        objectives["test"] = build_objective(args.checkpoint, argparse.Namespace(**{**vars(args), "split": "test", "n_samples": None}))
+        objectives["test"] = build_objective(args.checkpoint, spec.whole("test"))
     directions = build_directions(objectives["train"], args)
     axes = grid_axes(directions, args)
     path = Path(args.out) if args.out else default_path(args.checkpoint, directions)

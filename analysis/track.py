@@ -14,22 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from analysis.command_line import print_json
-from analysis.compare import scalar_quantities
 from analysis.matched_loss import TrajectoryPoint, trajectory
 from analysis.measure import (
     METRICS,
-    NOT_SETTINGS,
     add_metric_arguments,
     add_objective_arguments,
     measure_checkpoint,
 )
+from analysis.quantities import metric_quantities
 from analysis.results_file import ResultsFile
-from analysis.validation import parse_metrics
+from analysis.specs import MeasureSpec
 from landscape import distributed as ranks
 from landscape.checkpoints import load_checkpoint
 from landscape.spectrum import WarmStart
@@ -48,14 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
     points = trajectory(run_dir / "final.pt")
-    parse_metrics(args.metrics, METRICS)  # an unknown or empty --metrics fails here, before any work
+    spec = MeasureSpec.from_args(args, METRICS)  # an unknown or empty --metrics fails here, before any work
     out = Path(args.out) if args.out else run_dir / "track"
-    settings = {k: v for k, v in sorted(vars(args).items()) if k not in (*NOT_SETTINGS, "stability_line")}
-    results = ResultsFile.open(out / "track.json", {**settings, "checkpoints": [p.path for p in points]}, resume=True)
-    args.warm_start = WarmStart()  # measure's eig starts each Lanczos from the previous checkpoint's top eigenvector
+    results = ResultsFile.open(out / "track.json", {**spec.settings(), "checkpoints": [p.path for p in points]}, resume=True)
+    # measure's eig starts each Lanczos from the previous checkpoint's top eigenvector
+    spec = replace(spec, metrics=replace(spec.metrics, warm_start=WarmStart()))
 
     def one(point: TrajectoryPoint) -> dict:  # results.save writes on rank 0 only
-        report = measure_checkpoint(point.path, args, previous=results.previous(point.path), saved=results.save,
+        report = measure_checkpoint(point.path, spec, previous=results.previous(point.path), saved=results.save,
                                     distributed=False)
         report.update(epoch=point.epoch, recorded=load_checkpoint(point.path).meta.get("metrics", {}))
         return report
@@ -107,8 +107,8 @@ def time_series(reports: list[dict]) -> dict[str, list[float]]:
     series["measured loss"] = [float(r["loss"]) for r in reports]
     for r_index, report in enumerate(reports):
         for metric, result in report["metrics"].items():
-            for name, q in scalar_quantities(metric, result).items():
-                for column, value in ((name, q["value"]), (f"{name} stderr", q["stderr"])):
+            for name, q in metric_quantities(metric, result).items():
+                for column, value in ((name, q.value), (f"{name} stderr", q.stderr)):
                     series.setdefault(column, [np.nan] * len(reports))[r_index] = float(value)
     return series
 

@@ -3,7 +3,7 @@
 The estimators check their own arguments too, but with their own names (n_matvecs, n_samples);
 checking here first means `--probes 2` is reported as `--probes`, in one line, before a checkpoint
 is even loaded. Checks that need the model (`--k` against the parameter count) run once the
-Objective exists (`check_against_objective`).
+Objective exists (`MetricSpec.check_fits`).
 """
 
 from __future__ import annotations
@@ -122,24 +122,6 @@ def check_device(name: str) -> None:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as error:
             raise ValueError(f"--device {name}: not available on this machine ({str(error).splitlines()[0]}); use --device cpu") from None
-
-
-def check_against_objective(args: argparse.Namespace, n_params: int, n_samples: int | None = None) -> None:
-    """Options that must fit the model: --k and --subspace-dim at most the number of parameters measured,
-    a Lanczos budget (--max-matvecs) of at least --k, and --m at most the `n_samples` measured."""
-    metrics = metric_names(args) if getattr(args, "metrics", None) is not None else []
-    where = f"the {n_params} parameters measured (--params {getattr(args, 'params', 'all')})"
-    if "eig" in metrics and getattr(args, "k", None) is not None:
-        if args.k > n_params:
-            raise ValueError(f"--k {args.k} asks for more eigenvalues than {where}; give at most {n_params}")
-        if args.max_matvecs is not None and args.max_matvecs < args.k:  # None: the default budget, ≥ k
-            raise ValueError(f"--max-matvecs {args.max_matvecs} cannot find --k {args.k} eigenvalues; give at least {args.k}")
-    if "eps-sharpness" in metrics and getattr(args, "subspace_dim", None) is not None and args.subspace_dim > n_params:
-        raise ValueError(f"--subspace-dim {args.subspace_dim} exceeds {where}; give at most {n_params}")
-    m_metrics = {"m-sharpness", "adaptive-m-sharpness"} & set(metrics)
-    if m_metrics and n_samples is not None and getattr(args, "m", None) is not None and args.m > n_samples:
-        raise ValueError(f"--m {args.m} exceeds the {n_samples} samples of the measurement set (--n-samples, --split); "
-                         f"give at most {n_samples}")
 
 
 def _check_worst_case(args: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ import torch
 
 from analysis.cli import build_parser, main
 from analysis.measure import build_objective
+from analysis.specs import ObjectiveSpec
 from analysis.validation import validate_arguments
 from landscape.checkpoints import CheckpointError, load_checkpoint
 from landscape.data import MeasurementSet, load_data
@@ -85,7 +86,7 @@ def test_estimator_limits_use_the_option_names(trained):
 def test_a_subset_larger_than_the_split_names_the_option(trained):
     args = build_parser().parse_args(["measure", str(trained[0] / "final.pt"), "--n-samples", "5000"])
     with pytest.raises(ValueError) as info:
-        build_objective(args.checkpoints[0], args)
+        build_objective(args.checkpoints[0], ObjectiveSpec.from_args(args))
     assert "--n-samples 5000: the train split of 'digits' has 1437 samples" in str(info.value)  # data.py says n_samples=
 
 

@@ -15,28 +15,26 @@ from landscape.data import MeasurementSet, load_data
 from landscape.models import model_for_data
 from landscape.objective import Objective
 from landscape.operators import HessianOperator
+from landscape.results import Quantity
 from landscape.spectrum import lanczos
 from landscape.train import TrainConfig, train
 from tests.helpers import run_cli
 
 
 def _member(value, stderr=0.0, samples=None):
-    q = {"value": value, "stderr": stderr}
-    if samples is not None:
-        q["samples"] = list(samples)
-    return {"quantities": {"x": q}}
+    return {"quantities": {"x": Quantity("x", value, stderr, samples=None if samples is None else tuple(samples))}}
 
 
 def test_seed_groups_use_welch_intervals():
     a, b = [1.0, 1.2, 0.9, 1.1], [1.7, 1.5, 1.9]
     d = difference([_member(v) for v in a], [_member(v) for v in b], "x")
     ci = scipy.stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
-    assert d["diff"] == pytest.approx(np.mean(b) - np.mean(a))
-    assert d["diff"] - d["halfwidth"] == pytest.approx(ci.low, rel=1e-10)
-    assert d["diff"] + d["halfwidth"] == pytest.approx(ci.high, rel=1e-10)
-    assert d["significant"] and d["seeds"]
+    assert d.diff == pytest.approx(np.mean(b) - np.mean(a))
+    assert d.diff - d.halfwidth == pytest.approx(ci.low, rel=1e-10)
+    assert d.diff + d.halfwidth == pytest.approx(ci.high, rel=1e-10)
+    assert d.significant and d.seeds
     agg = aggregate([_member(v) for v in b], "x")
-    assert agg["n"] == 3 and agg["spread"] == pytest.approx(np.std(b, ddof=1))
+    assert agg.n == 3 and agg.spread == pytest.approx(np.std(b, ddof=1))
 
 
 def test_single_runs_pair_their_noise_draws():
@@ -46,10 +44,10 @@ def test_single_runs_pair_their_noise_draws():
     se = lambda s: s.std(ddof=1) / math.sqrt(len(s))  # noqa: E731
     d = difference([_member(a.mean(), se(a), a)], [_member(b.mean(), se(b), b)], "x")
     t = scipy.stats.t.ppf(0.975, 49)
-    assert d["halfwidth"] == pytest.approx(t * se(b - a), rel=1e-12)
-    assert d["unpaired_halfwidth"] == pytest.approx(t * math.hypot(se(a), se(b)), rel=1e-12)
-    assert d["halfwidth"] < d["unpaired_halfwidth"] / 5
-    assert d["significant"] and not d["seeds"]
+    assert d.halfwidth == pytest.approx(t * se(b - a), rel=1e-12)
+    assert d.unpaired_halfwidth == pytest.approx(t * math.hypot(se(a), se(b)), rel=1e-12)
+    assert d.halfwidth < d.unpaired_halfwidth / 5
+    assert d.significant and not d.seeds
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +129,8 @@ def test_figures_quick_writes_every_figure(tmp_path):
                                                                   "adaptive-worst-case"}
     assert "granulated" in (tmp_path / "fig" / "correlation.md").read_text()
     for title, tests in summary["families"].items():
-        assert tests and all(t["holm_p"] >= t["p_value"] for t in tests), title
-        assert all("paired over 2 shared training seeds" in t["basis"] for t in tests), title
+        assert tests and all(t["holm_p"] >= t["difference"]["p_value"] for t in tests), title
+        assert all("paired over 2 shared training seeds" in t["difference"]["basis"] for t in tests), title
     data = load_data("mnist1d")
     for alpha, batch, epochs in (("loss_at_0", 32, 2), ("loss_at_1", 2000, 24)):  # the interpolation's ends
         for seed in (0, 1):
@@ -170,14 +168,51 @@ def test_each_method_is_compared_with_sgd_at_its_own_batch_size():
 
 
 def test_sharpness_maxima_and_batch_measures_enter_the_comparison_paired():
-    from analysis.compare import scalar_quantities
+    from analysis.quantities import metric_quantities
+    from landscape.results import Quantity
 
-    worst = {"value": 0.3, "spread": 0.02}
-    assert scalar_quantities("adaptive-worst-case", worst) == {"adaptive-worst-case": {"value": 0.3, "stderr": 0.02}}
-    m = scalar_quantities("m-sharpness", {"value": 0.2, "stderr": 0.01, "batch_values": [0.1, 0.3]})["m-sharpness"]
-    assert m["samples"] == [0.1, 0.3] and m["stderr"] == 0.01
-    a = scalar_quantities("average-case", {"increase": 0.05, "stderr": 0.004, "samples": [1.1, 1.0], "clean_loss": 1.0})
-    assert a["average-case"]["samples"] == pytest.approx([0.1, 0.0]) and a["average-case"]["value"] == 0.05
+    worst = {"value": 0.3, "spread": 0.02, "adaptive": True}
+    q = metric_quantities("adaptive-worst-case", worst_case_result(**worst))["adaptive-worst-case"]
+    assert q == Quantity("adaptive-worst-case", 0.3, 0.02, "adaptive-worst-case")  # the start spread stands in
+    m = metric_quantities("m-sharpness", m_sharpness_result(value=0.2, stderr=0.01, batch_values=[0.1, 0.3]))["m-sharpness"]
+    assert m.samples == (0.1, 0.3) and m.stderr == 0.01  # paired per batch
+    average = expected_loss_result(increase=0.05, stderr=0.004, samples=[1.1, 1.0], clean_loss=1.0)
+    a = metric_quantities("average-case", average)["average-case"]
+    assert a.samples == pytest.approx((0.1, 0.0)) and a.value == 0.05  # paired per draw, as increases
+    assert metric_quantities("expected-loss", average) == {}  # measure's row only; compare reads the sharpness curve
+
+
+def _result(cls, **given):
+    """A result of type `cls` with `given` fields and zeros (None where allowed) elsewhere, through from_dict."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    data = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        data[f.name] = given.get(f.name, None if type(None) in typing.get_args(kind) else
+                                 "" if kind is str else [] if typing.get_origin(kind) is tuple or kind is np.ndarray else
+                                 {} if kind is dict else 0)
+    return cls.from_dict(data)
+
+
+def worst_case_result(**given):
+    from landscape.worst_case import WorstCase
+
+    return _result(WorstCase, p="2", **given)
+
+
+def m_sharpness_result(**given):
+    from landscape.worst_case import MSharpness
+
+    return _result(MSharpness, p="2", **given)
+
+
+def expected_loss_result(**given):
+    from landscape.perturb import ExpectedLoss
+
+    return _result(ExpectedLoss, ci=[0, 0], increase_ci=[0, 0], **given)
 
 
 def test_p_values_match_scipy_and_holm_controls_the_family():
@@ -186,9 +221,9 @@ def test_p_values_match_scipy_and_holm_controls_the_family():
     rng = np.random.default_rng(3)
     a, b = rng.normal(0.0, 1.0, 3), rng.normal(1.5, 0.5, 4)
     d = difference([_member(v) for v in a], [_member(v) for v in b], "x")
-    assert d["p_value"] == pytest.approx(scipy.stats.ttest_ind(b, a, equal_var=False).pvalue, rel=1e-10)
+    assert d.p_value == pytest.approx(scipy.stats.ttest_ind(b, a, equal_var=False).pvalue, rel=1e-10)
     single = difference([_member(1.0, 0.3)], [_member(1.9, 0.4)], "x")
-    assert single["p_value"] == pytest.approx(2 * scipy.stats.norm.sf(0.9 / 0.5), rel=1e-10)
+    assert single.p_value == pytest.approx(2 * scipy.stats.norm.sf(0.9 / 0.5), rel=1e-10)
     # Holm (1979): sorted p·(k − rank), made monotone, capped at 1
     assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
     assert holm([]) == []
@@ -204,16 +239,16 @@ def test_shared_training_seeds_are_compared_paired():
     other = [1.3, 2.25, 3.35, 4.3]
     d = difference(_seeded(base, [0, 1, 2, 3]), _seeded(other, [0, 1, 2, 3]), "x")
     ci = scipy.stats.ttest_rel(other, base).confidence_interval(0.95)
-    assert d["diff"] - d["halfwidth"] == pytest.approx(ci.low, rel=1e-10)
-    assert d["p_value"] == pytest.approx(scipy.stats.ttest_rel(other, base).pvalue, rel=1e-10)
-    assert "paired over 4 shared training seeds" in d["basis"] and d["significant"]
-    assert d["unpaired_halfwidth"] > 5 * d["halfwidth"]  # Welch would drown it in the seed spread
+    assert d.diff - d.halfwidth == pytest.approx(ci.low, rel=1e-10)
+    assert d.p_value == pytest.approx(scipy.stats.ttest_rel(other, base).pvalue, rel=1e-10)
+    assert "paired over 4 shared training seeds" in d.basis and d.significant
+    assert d.unpaired_halfwidth > 5 * d.halfwidth  # Welch would drown it in the seed spread
     # pairs are matched by seed, not by order
     shuffled = difference(_seeded(base, [0, 1, 2, 3]), _seeded(other[::-1], [3, 2, 1, 0]), "x")
-    assert shuffled["halfwidth"] == pytest.approx(d["halfwidth"], rel=1e-12)
+    assert shuffled.halfwidth == pytest.approx(d.halfwidth, rel=1e-12)
     # different seed sets: unpaired Welch
     welch = difference(_seeded(base, [0, 1, 2, 3]), _seeded(other, [4, 5, 6, 7]), "x")
-    assert welch["basis"].startswith("seed spread (Welch") and not welch["significant"]
+    assert welch.basis.startswith("seed spread (Welch") and not welch.significant
 
 
 @pytest.mark.cli
@@ -267,15 +302,15 @@ def test_the_demo_calls_a_difference_only_after_holms_correction_over_all_its_qu
         for seed in range(3):
             base = 1.0 + seed  # seed effects shared by every method: the paired test removes them
             checkpoints.append({"label": label, "seed": seed, "quantities": {
-                q: {"value": base + shift + jitter[seed], "stderr": 0.0} for q in SHARPNESS}})
+                q: Quantity(q, base + shift + jitter[seed]) for q in SHARPNESS}})
     answers = findings({"checkpoints": checkpoints})
     tests = [d for diffs in answers.values() for d in diffs.values()]
     assert len(tests) == len(CLAIMS) * len(SHARPNESS)
-    assert all(d["holm_p"] >= d["p_value"] for d in tests)
-    ranked = sorted(d["p_value"] for d in tests)
-    assert min(d["holm_p"] for d in tests) == pytest.approx(min(1.0, len(tests) * ranked[0]))
+    assert all(d.holm_p >= d.p_value for d in tests)
+    ranked = sorted(d.p_value for d in tests)
+    assert min(d.holm_p for d in tests) == pytest.approx(min(1.0, len(tests) * ranked[0]))
     for diffs in answers.values():
         for row, d in zip(finding_rows(diffs), diffs.values()):
-            assert row[-1] == ("yes" if d["holm_p"] < 0.05 else "no")
+            assert row[-1] == ("yes" if d.holm_p < 0.05 else "no")
     small = next(diffs for q, diffs in answers.items() if "small-batch minimum" in q)
-    assert all(row[-1] == "no" for row in finding_rows(small)) and any(d["p_value"] < 0.05 for d in small.values())
+    assert all(row[-1] == "no" for row in finding_rows(small)) and any(d.p_value < 0.05 for d in small.values())

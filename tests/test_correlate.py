@@ -9,6 +9,7 @@ from scipy.stats import kendalltau
 
 from analysis.cli import build_parser
 from analysis.measure import measure_checkpoint
+from analysis.specs import MeasureSpec
 from landscape.checkpoints import load_checkpoint
 from landscape.train import TrainConfig, train
 from tests.helpers import cli_command, run_cli
@@ -42,8 +43,7 @@ def test_correlate_measures_every_run_alike_and_ranks_against_the_gaps(runs, tmp
     assert [(c["measure"], c["gap"]) for c in found["correlations"]] == [
         ("λ1", "error"), ("trace", "error"), ("λ1", "loss"), ("trace", "loss")]
     args = build_parser().parse_args(["measure", str(runs[0] / "final.pt"), *OPTIONS[:8]])
-    args.progress = False
-    alone = measure_checkpoint(str(runs[0] / "final.pt"), args)  # `landscape measure` on one run: the same numbers
+    alone = measure_checkpoint(str(runs[0] / "final.pt"), MeasureSpec.from_args(args))  # `landscape measure` on one run: the same numbers
     assert found["runs"][0]["measures"]["λ1"]["value"] == pytest.approx(alone["metrics"]["eig"]["values"][0], rel=1e-6)
     for run, folder in zip(found["runs"], runs):
         g, recorded = run["generalization"], load_checkpoint(folder / "final.pt").meta["metrics"]

@@ -13,6 +13,7 @@ from torch import nn
 
 from analysis.cli import build_parser
 from analysis.measure import format_measurement, measure_checkpoint
+from analysis.specs import MeasureSpec
 from landscape.checkpoints import load_checkpoint
 from landscape.data import MeasurementSet
 from landscape.epsilon_sharpness import METHODS, epsilon_sharpness
@@ -206,8 +207,7 @@ def test_bad_arguments_are_one_line_value_errors(kwargs, match):
 def test_measure_shows_best_spread_and_start_values(trained_run):
     args = build_parser().parse_args(["measure", str(trained_run), "--metrics", "eps-sharpness", "--n-samples", "300",
                                       "--eps", "5e-4", "--restarts", "1", "--eps-iters", "3", "--device", "cpu"])
-    args.progress = False
-    report = measure_checkpoint(str(trained_run), args)
+    report = measure_checkpoint(str(trained_run), MeasureSpec.from_args(args))
     result = report["metrics"]["eps-sharpness"]
     assert result["start_kinds"] == ["zero", "corner", "random"] and result["max_iter"] == 3
     text = format_measurement(report)

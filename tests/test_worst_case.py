@@ -19,6 +19,7 @@ from torch import nn
 
 from analysis.cli import build_parser
 from analysis.measure import format_measurement, measure_checkpoint
+from analysis.specs import MeasureSpec
 from analysis.validation import validate_arguments
 from landscape.ascent import Neighbourhood
 from landscape.objective import Objective
@@ -335,8 +336,7 @@ def test_measure_prints_a_row_per_measure(trained_run):  # noqa: F811
     args = build_parser().parse_args(["measure", str(trained_run), "--metrics", ",".join(WORST), "--n-samples", "300",
                                       "--ascent-steps", "3", "--m", "100", "--p", "inf", "--noise-samples", "20",
                                       "--device", "cpu"])
-    args.progress = False
-    report = measure_checkpoint(str(trained_run), args)
+    report = measure_checkpoint(str(trained_run), MeasureSpec.from_args(args))
     metrics = report["metrics"]
     assert metrics["worst-case"]["rho"] == DEFAULT_RHO[("inf", False)] and metrics["worst-case"]["p"] == "inf"
     assert metrics["adaptive-m-sharpness"]["n_batches"] == 3 and metrics["adaptive-m-sharpness"]["adaptive"]
