@@ -26,7 +26,7 @@ from analysis.measure import (
     add_objective_arguments,
     build_objective,
 )
-from analysis.quantities import metric_quantities
+from analysis.quantities import as_result, metric_quantities
 from analysis.report import Report
 from analysis.specs import CompareSpec, MetricSpec
 from analysis.surface_command import parse_range
@@ -276,14 +276,15 @@ def make_figures(result: dict, out: Path) -> list[tuple[str, str]]:
     if all("sharpness-curve" in c["raw"] for c in members):
         curves: dict[str, list[dict]] = {}
         for c in members:
-            curves.setdefault(c["label"], []).append(c["raw"]["sharpness-curve"])
+            curves.setdefault(c["label"], []).append(as_result("sharpness-curve", c["raw"]["sharpness-curve"]))
         figures.append((save(plot_sharpness_curves(curves), out / "sharpness.png").name,
                         f"Expected loss increase under uniform weight noise of radius a ({where}); bands: 95% CI "
                         "(one seed: over its noise draws; several: Student-t over seeds); dotted: the second-order prediction "
                         "½·tr(ΣH), Σ the covariance of the noise, averaged over the same seeds."))
     if all("density" in c["raw"] for c in members):
         tops = {label: [c["raw"]["eig"]["values"] for c in cs if "eig" in c["raw"]] for label, cs in seeds.items()}
-        fig = plot_spectral_densities({label: [c["raw"]["density"] for c in cs] for label, cs in seeds.items()}, tops)
+        fig = plot_spectral_densities({label: [as_result("density", c["raw"]["density"]) for c in cs]
+                                       for label, cs in seeds.items()}, tops)
         figures.append((save(fig, out / "spectra.png").name,
                         f"Hessian spectral density by stochastic Lanczos quadrature ({where}), every seed as its own line; "
                         "dotted: Lanczos top eigenvalues of each seed."))

@@ -41,6 +41,7 @@ from analysis.plots import (
     plot_surfaces,
     save,
 )
+from analysis.quantities import as_result
 from analysis.recipes import (
     CONVERGED,
     LARGE,
@@ -184,7 +185,8 @@ def sharpness_figures(result: dict, noise: dict[str, float], out: Path) -> None:
     """(d) Expected-loss increase against the radius: one panel per method beside SGD at the same batch size."""
     groups = by_label(result)
     for batch, name in ((SMALL, "small"), (LARGE, "large")):
-        curves = {_named(m, batch, noise): [c["raw"]["sharpness-curve"] for c in groups[label(m, batch)]] for m in METHODS}
+        curves = {_named(m, batch, noise): [as_result("sharpness-curve", c["raw"]["sharpness-curve"]) for c in groups[label(m, batch)]]
+                  for m in METHODS}
         fig = plot_sharpness_panels(curves, _named("sgd", batch, noise),
                                     title=f"Expected loss increase under uniform weight noise, batch {batch}")
         save(fig, out / f"sharpness-{name}-batch.png")
@@ -199,7 +201,7 @@ def spectra_figure(result: dict, budget: dict, out: Path, progress: bool | str =
         for c in groups[name]:
             objective = objective_from_checkpoint(load_checkpoint(c["path"]), measurement=MeasurementSet("train", budget["n_samples"], 1000))
             spectra[name].append(slq_density(HessianOperator(objective), n_runs=4, n_steps=budget["density_steps"], seed=0,
-                                             progress=progress).to_dict())
+                                             progress=progress))
             tops[name].append(c["raw"]["eig"]["values"])
     seeds = len(next(iter(spectra.values())))
     save(plot_spectral_densities(spectra, tops, title=f"Hessian spectral density, MLP on mnist1d ({seeds} seed(s) each; "

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> None:
         from analysis.plots import plot_per_layer, save
 
         labels = [f"{i}: {r['checkpoint']}" if len(results) > 1 else r["checkpoint"] for i, r in enumerate(results, 1)]
-        save(plot_per_layer({label: r["per_layer"] for label, r in zip(labels, results)}), args.per_layer_figure)
+        save(plot_per_layer({label: as_per_layer(r["per_layer"]) for label, r in zip(labels, results)}), args.per_layer_figure)
     if args.json:
         print_json(results)
     else:

@@ -21,6 +21,9 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 from analysis.differences import ci_halfwidth  # noqa: E402
 from analysis.quantities import eigenvalue_label  # noqa: E402
 from landscape.directions import Directions  # noqa: E402
+from landscape.per_layer import BlockCurvature, PerLayerResult  # noqa: E402
+from landscape.perturb import SharpnessCurve  # noqa: E402
+from landscape.spectrum import Spectrum  # noqa: E402
 from landscape.surface import Surface  # noqa: E402
 
 
@@ -36,7 +39,7 @@ def save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_spectral_densities(spectra: Mapping[str, dict | Sequence[dict]], top_eigenvalues: Mapping[str, list] | None = None,
+def plot_spectral_densities(spectra: Mapping[str, Spectrum | Sequence[Spectrum]], top_eigenvalues: Mapping[str, list] | None = None,
                             *, title: str = "Hessian spectral density (SLQ)") -> plt.Figure:
     """Overlay SLQ densities on a log scale, marking each run's top eigenvalues from Lanczos (dotted).
 
@@ -46,13 +49,13 @@ def plot_spectral_densities(spectra: Mapping[str, dict | Sequence[dict]], top_ei
     fig, ax = plt.subplots(figsize=(7, 3.8))
     colors = label_colors(list(spectra))
     for label, found in spectra.items():
-        runs = [found] if isinstance(found, Mapping) else list(found)
+        runs = [found] if isinstance(found, Spectrum) else list(found)
         tops = (top_eigenvalues or {}).get(label, [])
         per_seed = tops if tops and isinstance(tops[0], (list, tuple)) else [tops]
         name = label + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
         for i, spectrum in enumerate(runs):
-            density = np.maximum(np.asarray(spectrum["density"]), 1e-8)
-            ax.plot(spectrum["grid"], density, color=colors[label], label=name if i == 0 else None,
+            density = np.maximum(np.asarray(spectrum.density), 1e-8)
+            ax.plot(spectrum.grid, density, color=colors[label], label=name if i == 0 else None,
                     lw=1.6 if len(runs) == 1 else 1.0, alpha=1.0 if len(runs) == 1 else 0.8)
         for values in per_seed:
             for value in values:
@@ -82,7 +85,7 @@ def plain_log_ticks(axis: matplotlib.axis.Axis) -> None:
 PREDICTION_NOTE = "dotted: second-order prediction ½·tr(ΣH), Σ = Cov(u)"
 
 
-def plot_sharpness_curves(curves: Mapping[str, Sequence[dict]], *, caption: str = "") -> plt.Figure:
+def plot_sharpness_curves(curves: Mapping[str, Sequence[SharpnessCurve]], *, caption: str = "") -> plt.Figure:
     """Expected-loss increase E[L(w+u)] − L(w) against the noise radius (SmoothOut's C̄(w) − L(w)), log-log.
 
     `curves` maps a label to the sharpness-curve results of its seeds. Every band is a 95% interval:
@@ -101,7 +104,7 @@ def plot_sharpness_curves(curves: Mapping[str, Sequence[dict]], *, caption: str 
     return fig
 
 
-def plot_sharpness_panels(curves: Mapping[str, Sequence[dict]], reference: str, *, title: str = "",
+def plot_sharpness_panels(curves: Mapping[str, Sequence[SharpnessCurve]], reference: str, *, title: str = "",
                           columns: int = 3) -> plt.Figure:
     """One panel per label, each beside the `reference` label (grey), on shared axes: many methods stay readable."""
     others = [label for label in curves if label != reference]
@@ -119,38 +122,38 @@ def plot_sharpness_panels(curves: Mapping[str, Sequence[dict]], reference: str, 
         ax.set_visible(False)
     _fit_log_range(list(axes.flat)[:len(others)])
     first = curves[reference][0]
-    fig.supxlabel(f"noise radius a ({first['distribution']}, {first['scale']}); bands: 95% CI; {PREDICTION_NOTE}", fontsize=9)
+    fig.supxlabel(f"noise radius a ({first.distribution}, {first.scale}); bands: 95% CI; {PREDICTION_NOTE}", fontsize=9)
     fig.supylabel("E[L(w+u)] − L(w)  (nats)", fontsize=9)
     if title:
         fig.suptitle(title)
     return fig
 
 
-def _draw_sharpness(ax: plt.Axes, runs: Sequence[dict], color: str, label: str) -> None:
+def _draw_sharpness(ax: plt.Axes, runs: Sequence[SharpnessCurve], color: str, label: str) -> None:
     """Mean curve with its 95% band and the mean second-order prediction (dotted) of one label's seeds."""
-    radii = np.asarray(runs[0]["radii"])
-    increase = np.array([r["increase"] for r in runs])
+    radii = np.asarray(runs[0].radii)
+    increase = np.array([r.increase for r in runs])
     mean = increase.mean(axis=0)
     if len(runs) == 1:
-        low, high = np.asarray(runs[0]["increase_ci"]).T
+        low, high = np.asarray(runs[0].increase_ci).T
     else:
         half = ci_halfwidth(increase)
         low, high = mean - half, mean + half
     ax.plot(radii, mean, "o-", color=color, ms=3.5, label=label + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
     # an interval reaching zero or below runs off the bottom of the log axis, which _sharpness_axes sets from the means
     ax.fill_between(radii, np.where(low > 0, low, 1e-30), high, color=color, alpha=0.2, lw=0)
-    predictions = [r["prediction"] for r in runs if r.get("prediction") is not None]
+    predictions = [r.prediction for r in runs if r.prediction is not None]
     if predictions:
         ax.plot(radii, np.mean(predictions, axis=0), ":", color=color, lw=1.2)
 
 
-def _sharpness_axes(ax: plt.Axes, first: dict, labels: bool = True) -> None:
+def _sharpness_axes(ax: plt.Axes, first: SharpnessCurve, labels: bool = True) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     plain_log_ticks(ax.xaxis)
     plain_log_ticks(ax.yaxis)
     if labels:
-        ax.set_xlabel(f"noise radius a ({first['distribution']}, {first['scale']}); bands: 95% CI")
+        ax.set_xlabel(f"noise radius a ({first.distribution}, {first.scale}); bands: 95% CI")
         ax.set_ylabel("E[L(w+u)] − L(w)  (nats)")
     ax.grid(alpha=0.3, which="both")
 
@@ -567,20 +570,26 @@ def _titles(fig: plt.Figure, surfaces: Mapping[str, Surface], title: str | None)
 
 
 # ------------------------------------------------------------------ per-layer curvature
+def _or_nan(block: BlockCurvature | None, name: str) -> float:
+    """A block's measured value, NaN where the block or the value is missing (no bar drawn)."""
+    value = None if block is None else getattr(block, name)
+    return np.nan if value is None else value
+
+
 PER_LAYER_PANELS = (("lambda1", "residual", 1.0, "λ1 of each block (± Lanczos residual)"),
                     ("trace", "trace_stderr", 1.96, "trace of each block (± 1.96 stderr)"))
 
 
-def plot_per_layer(results: Mapping[str, dict]) -> plt.Figure:
+def plot_per_layer(results: Mapping[str, PerLayerResult]) -> plt.Figure:
     """λ1 and trace of each parameter block (`landscape measure --per-layer`), checkpoints side by side.
 
-    `results` maps a checkpoint label to its report["per_layer"]: grouped bars, one colour per label, one panel
+    `results` maps a checkpoint label to its per-layer result: grouped bars, one colour per label, one panel
     per measured quantity, log y (symmetric log where a value is ≤ 0), error bars from each estimate's uncertainty.
     """
     labels = list(results)
-    blocks = list(dict.fromkeys(b["name"] for r in results.values() for b in r["blocks"]))
-    rows = {label: {b["name"]: b for b in r["blocks"]} for label, r in results.items()}
-    panels = [p for p in PER_LAYER_PANELS if any(b[p[0]] is not None for r in results.values() for b in r["blocks"])]
+    blocks = list(dict.fromkeys(b.name for r in results.values() for b in r.blocks))
+    rows = {label: {b.name: b for b in r.blocks} for label, r in results.items()}
+    panels = [p for p in PER_LAYER_PANELS if any(getattr(b, p[0]) is not None for r in results.values() for b in r.blocks)]
     colors = label_colors(labels)
     x, width = np.arange(len(blocks)), 0.8 / len(labels)
     fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 0.5 + 0.35 * len(blocks) * len(labels)) * len(panels), 3.8),
@@ -588,9 +597,9 @@ def plot_per_layer(results: Mapping[str, dict]) -> plt.Figure:
     for ax, (key, error_key, factor, title) in zip(axes.flat, panels):
         values = []
         for i, label in enumerate(labels):
-            found = [rows[label].get(name, {}) for name in blocks]
-            value = np.array([np.nan if b.get(key) is None else b[key] for b in found], float)
-            error = factor * np.array([np.nan if b.get(error_key) is None else b[error_key] for b in found], float)
+            found = [rows[label].get(name) for name in blocks]
+            value = np.array([_or_nan(b, key) for b in found], float)
+            error = factor * np.array([_or_nan(b, error_key) for b in found], float)
             ax.bar(x + (i - (len(labels) - 1) / 2) * width, value, width, yerr=error, color=colors[label], label=label,
                    capsize=2, error_kw={"lw": 0.8})
             values.append(value)

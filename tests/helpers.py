@@ -176,3 +176,19 @@ def reference_lm_loss(model, batches):
         return total / n_tokens
 
     return loss, w0, n_tokens
+
+
+def result_of(cls, **given):
+    """A result of type `cls` with the `given` fields, and empty or zero ones elsewhere (None where the type allows),
+    built through `from_dict` as a stored result would be: for tests of what reads results (tables, plots)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    data = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        empty = (None if type(None) in typing.get_args(kind) else "" if kind is str
+                 else [] if typing.get_origin(kind) is tuple or kind is np.ndarray else {} if kind is dict else 0)
+        data[f.name] = given.get(f.name, empty)
+    return cls.from_dict(data)

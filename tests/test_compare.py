@@ -18,7 +18,7 @@ from landscape.operators import HessianOperator
 from landscape.results import Quantity
 from landscape.spectrum import lanczos
 from landscape.train import TrainConfig, train
-from tests.helpers import run_cli
+from tests.helpers import result_of, run_cli
 
 
 def _member(value, stderr=0.0, samples=None):
@@ -182,37 +182,22 @@ def test_sharpness_maxima_and_batch_measures_enter_the_comparison_paired():
     assert metric_quantities("expected-loss", average) == {}  # measure's row only; compare reads the sharpness curve
 
 
-def _result(cls, **given):
-    """A result of type `cls` with `given` fields and zeros (None where allowed) elsewhere, through from_dict."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    data = {}
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        data[f.name] = given.get(f.name, None if type(None) in typing.get_args(kind) else
-                                 "" if kind is str else [] if typing.get_origin(kind) is tuple or kind is np.ndarray else
-                                 {} if kind is dict else 0)
-    return cls.from_dict(data)
-
-
 def worst_case_result(**given):
     from landscape.worst_case import WorstCase
 
-    return _result(WorstCase, p="2", **given)
+    return result_of(WorstCase, p="2", **given)
 
 
 def m_sharpness_result(**given):
     from landscape.worst_case import MSharpness
 
-    return _result(MSharpness, p="2", **given)
+    return result_of(MSharpness, p="2", **given)
 
 
 def expected_loss_result(**given):
     from landscape.perturb import ExpectedLoss
 
-    return _result(ExpectedLoss, ci=[0, 0], increase_ci=[0, 0], **given)
+    return result_of(ExpectedLoss, ci=[0, 0], increase_ci=[0, 0], **given)
 
 
 def test_p_values_match_scipy_and_holm_controls_the_family():

@@ -15,7 +15,7 @@ from landscape.directions import Directions, between, random_directions
 from landscape.models import model_for_data
 from landscape.objective import Objective
 from landscape.surface import compute_surface, grid_axis, read_surface
-from tests.helpers import run_cli
+from tests.helpers import result_of, run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -251,9 +251,11 @@ def test_several_seeds_draw_their_mean_and_a_95_percent_band(files):
 
 
 def _curve(increase, prediction):
-    radii = [0.005, 0.01, 0.02]
-    return {"radii": radii, "increase": increase, "increase_ci": [[v * 0.9, v * 1.1] for v in increase],
-            "prediction": prediction, "distribution": "uniform", "scale": "absolute"}
+    from landscape.perturb import SharpnessCurve
+
+    return result_of(SharpnessCurve, radii=[0.005, 0.01, 0.02], increase=increase,
+                     increase_ci=[[v * 0.9, v * 1.1] for v in increase], prediction=prediction, distribution="uniform",
+                     scale="absolute")
 
 
 def test_sharpness_panels_put_each_method_beside_the_reference_with_95_percent_bands():
@@ -271,10 +273,10 @@ def test_sharpness_panels_put_each_method_beside_the_reference_with_95_percent_b
         assert texts[0].startswith("sgd B=2000") and texts[1].startswith(name)
     ax = shown[0]
     mean_line = ax.lines[0]
-    increase = np.array([c["increase"] for c in base])
+    increase = np.array([c.increase for c in base])
     np.testing.assert_allclose(mean_line.get_ydata(), increase.mean(axis=0))
     # the dotted prediction is the mean over seeds, not the first seed's
-    np.testing.assert_allclose(ax.lines[1].get_ydata(), np.mean([c["prediction"] for c in base], axis=0))
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), np.mean([c.prediction for c in base], axis=0))
     assert ax.lines[1].get_linestyle() == ":"
     half = scipy.stats.t.ppf(0.975, 1) * increase.std(axis=0, ddof=1) / np.sqrt(2)
     top = ax.collections[0].get_paths()[0].vertices[:, 1].max()
