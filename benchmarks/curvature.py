@@ -98,9 +98,10 @@ def train(model: torch.nn.Module, data, *, epochs: int = 5, lr: float = 0.1, bat
 
 
 def dense_hessian(op: LinearOperator, chunk: int) -> np.ndarray:
-    """H = op·I, `chunk` columns at a time (not yet symmetrized: the caller records the asymmetry)."""
+    """The rows H e_i, `chunk` at a time: Hᵀ, H for a symmetric operator (not yet symmetrized: the caller records
+    the asymmetry)."""
     eye = torch.eye(op.shape[0], dtype=op.dtype)
-    return torch.cat([op.matmat(eye[:, i:i + chunk]) for i in range(0, op.shape[0], chunk)], dim=1).numpy()
+    return torch.cat([op.products(eye[i:i + chunk]) for i in range(0, op.shape[0], chunk)]).numpy()
 
 
 def network(name: str, spec: dict, data) -> tuple[torch.nn.Module, list, dict]:
@@ -160,10 +161,10 @@ def exact_trace(op: LinearOperator, chunk: int) -> float:
     """tr(H) = Σ_i e_iᵀHe_i from n HVPs, `chunk` at a time, without storing H."""
     n, total = op.shape[0], 0.0
     for i in range(0, n, chunk):
-        columns = torch.arange(i, min(i + chunk, n))
-        block = torch.zeros(n, len(columns), dtype=op.dtype)
-        block[columns, torch.arange(len(columns))] = 1
-        total += float(op.matmat(block)[columns, torch.arange(len(columns))].sum())
+        coordinates = torch.arange(i, min(i + chunk, n))
+        block = torch.zeros(len(coordinates), n, dtype=op.dtype)  # row j: e_(i+j)
+        block[torch.arange(len(coordinates)), coordinates] = 1
+        total += float(op.products(block)[torch.arange(len(coordinates)), coordinates].sum())
     return total
 
 
@@ -198,9 +199,9 @@ class Replay(LinearOperator):
         self.position, self.n_matvecs = 0, 0
         return self
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def products(self, V: torch.Tensor) -> torch.Tensor:
         out = []
-        for v in V.T:
+        for v in V:
             i, self.position = self.position, self.position + 1
             if i < len(self.cache) and torch.equal(self.cache[i][0], v):
                 out.append(self.cache[i][1])
@@ -210,8 +211,8 @@ class Replay(LinearOperator):
             self.cache.append((v.clone(), product))
             self.n_real += 1
             out.append(product)
-        self.n_matvecs += V.shape[1]
-        return torch.stack(out, dim=1)
+        self.n_matvecs += V.shape[0]
+        return torch.stack(out)
 
 
 def errors(values, reference: np.ndarray) -> tuple[float, float]:
@@ -466,8 +467,8 @@ def curvlinops_view(op: LinearOperator):
         SELF_ADJOINT = True
         device, dtype = op.device, op.dtype
 
-        def _matmat(self, X):
-            return [op.matmat(X[0])]
+        def _matmat(self, X):  # curvlinops hands columns (n, k): its convention met here, as scipy's in to_scipy
+            return [op.products(X[0].T).T]
 
     return View([(op.shape[0],)], [(op.shape[0],)])
 

@@ -45,7 +45,7 @@ def time_round(name: str) -> dict:
     objective = Objective(model, batches, device="cpu", hvp_check=False)
     v = torch.randn(objective.n_params, generator=torch.Generator().manual_seed(1))
     k = PROBES_PER_BLOCK.get(name, 16)
-    V = torch.randn(objective.n_params, k, generator=torch.Generator().manual_seed(2))
+    V = torch.randn(k, objective.n_params, generator=torch.Generator().manual_seed(2))  # k probes, as rows
     row = {"problem": name, "n_params": objective.n_params, "n_samples": objective.n_samples,
            "hvp_path": objective.hvp_method, "probes_per_block": k,
            "forward_s": seconds_per_call(lambda: objective.evaluate()),
@@ -56,7 +56,7 @@ def time_round(name: str) -> dict:
         op.matvec(v)  # the first product pays the set-up (linearization, tracing)
         row[f"{product}_first_s"] = time.perf_counter() - start
         row[f"{product}_s"] = seconds_per_call(lambda: op.matvec(v))
-        row[f"{product}_block_s"] = seconds_per_call(lambda: op.matmat(V), warmup=1, min_calls=2) / k
+        row[f"{product}_block_s"] = seconds_per_call(lambda: op.products(V), warmup=1, min_calls=2) / k
         del op
     for product in PRODUCTS:
         row[f"{product}_over_gradient"] = row[f"{product}_s"] / row["gradient_s"]

@@ -1,8 +1,15 @@
 """Linear operators on flat parameter vectors: the Hessian, GGN or empirical Fisher of an Objective, or a dense matrix.
 
-Estimators (spectrum.py, trace.py) only use `matvec`, `matmat`, `shape`, `dtype`
+Estimators (spectrum.py, trace.py) only use `matvec`, `products`, `shape`, `dtype`
 and `device`, so they run on a HessianOperator, a GGNOperator, a FisherOperator and on
 a DenseOperator in tests alike.
+
+Probe blocks are ROWS, everywhere in the engine: `products(V)` takes V of shape (k, n), one probe
+vᵢ per row, and returns the (k, n) block whose row i is A vᵢ (for a symmetric A that is V A, so a
+block of rows needs no transposes: Objective.hvp_batched, the GGN/Fisher products, the Lanczos
+basis and the trace estimators' probes and bases all hold one vector per row). `matvec(v)` is the
+single-vector case, v of shape (n,). The one place that meets the column convention of scipy
+(A @ X for X of shape (n, k)) is `LinearOperator.to_scipy`, which transposes there, once.
 """
 
 from __future__ import annotations
@@ -38,10 +45,10 @@ class LinearOperator:
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """A @ v for a vector of shape (n,)."""
-        return self.matmat(v.reshape(-1, 1)).reshape(-1)
+        return self.products(v.reshape(1, -1)).reshape(-1)
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """A @ V for a block of probes of shape (n, k)."""
+    def products(self, V: torch.Tensor) -> torch.Tensor:
+        """A vᵢ for each row vᵢ of a block of probes V of shape (k, n): the (k, n) block of products (rows)."""
         raise NotImplementedError
 
     def to_scipy(self) -> spla.LinearOperator:
@@ -49,8 +56,9 @@ class LinearOperator:
         import scipy.sparse.linalg as spla  # here, not at the top: ~0.5 s that the CLI's start-up should not pay
 
         def apply(x: np.ndarray) -> np.ndarray:
+            # scipy hands a vector (n,) or columns (n, k): the one transpose to and from the engine's rows
             X = torch.as_tensor(np.asarray(x).reshape(self.shape[0], -1), dtype=self.dtype, device=self.device)
-            return self.matmat(X).double().cpu().numpy().reshape(np.shape(x))
+            return self.products(X.T).T.double().cpu().numpy().reshape(np.shape(x))
 
         return spla.LinearOperator(self.shape, matvec=apply, matmat=apply, rmatvec=apply, dtype=np.float64)
 
@@ -64,9 +72,9 @@ class DenseOperator(LinearOperator):
         super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
         self.matrix = matrix
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self.n_matvecs += V.shape[1]
-        return self.matrix @ V
+    def products(self, V: torch.Tensor) -> torch.Tensor:
+        self.n_matvecs += V.shape[0]
+        return V @ self.matrix.T  # row i: A vᵢ
 
 
 class HessianOperator(LinearOperator):
@@ -76,9 +84,9 @@ class HessianOperator(LinearOperator):
         super().__init__(objective.n_params, objective.dtype, objective.device)
         self.objective = objective
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self.n_matvecs += V.shape[1]
-        return self.objective.hvp_batched(V.T).T
+    def products(self, V: torch.Tensor) -> torch.Tensor:
+        self.n_matvecs += V.shape[0]
+        return self.objective.hvp_batched(V)
 
 
 class GGNOperator(LinearOperator):
@@ -91,11 +99,11 @@ class GGNOperator(LinearOperator):
     def __init__(self, objective: Objective, keep: bool | None = None) -> None:
         super().__init__(objective.n_params, objective.dtype, objective.device)
         self.objective = objective
-        self.products = ggn(objective, keep)
+        self.sandwich = ggn(objective, keep)
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self.n_matvecs += V.shape[1]
-        return self.products(V.T).T
+    def products(self, V: torch.Tensor) -> torch.Tensor:
+        self.n_matvecs += V.shape[0]
+        return self.sandwich(V)
 
 
 class FisherOperator(LinearOperator):
@@ -111,11 +119,11 @@ class FisherOperator(LinearOperator):
         self.objective = objective
         self.per_sample_loss = per_sample_loss or per_sample_loss_function(objective.loss_fn)
         check_per_sample_loss(objective, self.per_sample_loss)
-        self.products = empirical_fisher(objective, self.per_sample_loss, keep)
+        self.sandwich = empirical_fisher(objective, self.per_sample_loss, keep)
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self.n_matvecs += V.shape[1]
-        return self.products(V.T).T
+    def products(self, V: torch.Tensor) -> torch.Tensor:
+        self.n_matvecs += V.shape[0]
+        return self.sandwich(V)
 
 
 def curvature_operator(objective: Objective, curvature: str = "hessian") -> LinearOperator:
@@ -134,8 +142,8 @@ class DiagonalScaledOperator(LinearOperator):
             raise ValueError(f"diagonal has shape {tuple(diagonal.shape)}, expected ({op.shape[0]},)")
         super().__init__(op.shape[0], op.dtype, op.device)
         self.op = op
-        self.diagonal = diagonal.to(dtype=op.dtype, device=op.device).reshape(-1, 1)
+        self.diagonal = diagonal.to(dtype=op.dtype, device=op.device)
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self.n_matvecs += V.shape[1]
-        return self.diagonal * self.op.matmat(self.diagonal * V)
+    def products(self, V: torch.Tensor) -> torch.Tensor:
+        self.n_matvecs += V.shape[0]
+        return self.diagonal * self.op.products(self.diagonal * V)

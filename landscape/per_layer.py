@@ -42,17 +42,18 @@ def module_blocks(layout: FlatLayout) -> dict[str, slice]:
 
 
 class BlockOperator(LinearOperator):
-    """H_bb: `op` restricted to the coordinates `block` (zero elsewhere on the way in, those rows on the way out)."""
+    """H_bb: `op` restricted to the coordinates `block` (each probe row zero elsewhere on the way in, each product
+    row cut to those coordinates on the way out)."""
 
     def __init__(self, op: LinearOperator, block: slice) -> None:
         super().__init__(len(range(*block.indices(op.shape[0]))), op.dtype, op.device)
         self.op, self.block = op, block
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self.n_matvecs += V.shape[1]
-        padded = torch.zeros(self.op.shape[0], V.shape[1], dtype=V.dtype, device=V.device)
-        padded[self.block] = V
-        return self.op.matmat(padded)[self.block]
+    def products(self, V: torch.Tensor) -> torch.Tensor:
+        self.n_matvecs += V.shape[0]
+        padded = torch.zeros(V.shape[0], self.op.shape[0], dtype=V.dtype, device=V.device)
+        padded[:, self.block] = V
+        return self.op.products(padded)[:, self.block]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,11 @@
-"""Seeded random probes shared by the estimators: the generator, Rademacher vectors, sphere columns."""
+"""Seeded random probes shared by the estimators: the generator, Rademacher vectors, blocks of probe rows.
+
+A block of probes is a (k, n) tensor, one probe per row, as the operators' `products` take it.
+The block helpers fill it from the generator coordinate by coordinate (the first entry of every
+probe, then the second, ...), the order the trace estimators have always drawn in, so a seed
+gives the same probes, and the same estimates, as it did when the blocks were columns. (Lanczos and
+SLQ draw their start rows probe by probe, `rademacher(generator, (k, n), op)`, as they always have.)
+"""
 
 from __future__ import annotations
 
@@ -21,7 +28,13 @@ def rademacher(generator: torch.Generator, shape: tuple[int, ...], op: LinearOpe
     return bits.to(op.dtype).mul_(2).sub_(1)
 
 
-def sphere(generator: torch.Generator, shape: tuple[int, int], op: LinearOperator) -> torch.Tensor:
-    """Columns uniform on the sphere of radius √n (normalized Gaussians), on the operator's device."""
-    g = torch.randn(shape, generator=generator, dtype=op.dtype, device=op.device)
-    return g * (shape[0] ** 0.5 / g.norm(dim=0))
+def rademacher_rows(generator: torch.Generator, k: int, op: LinearOperator) -> torch.Tensor:
+    """k Rademacher probes as the rows of a (k, n) block, in the operator's dtype and on its device."""
+    return rademacher(generator, (op.shape[0], k), op).T  # drawn coordinate-major: see the module docstring
+
+
+def sphere_rows(generator: torch.Generator, k: int, op: LinearOperator) -> torch.Tensor:
+    """k probes uniform on the sphere of radius √n (normalized Gaussians) as the rows of a (k, n) block."""
+    n = op.shape[0]
+    g = torch.randn((n, k), generator=generator, dtype=op.dtype, device=op.device).T  # coordinate-major, as above
+    return g * (n**0.5 / g.norm(dim=1, keepdim=True))

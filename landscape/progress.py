@@ -65,7 +65,7 @@ class Progress:
     """Progress of one phase (`total` units of `unit`): a context manager with `update(n)` and `set_postfix(**values)`.
 
     `enabled` is an estimator's `progress` argument (see `resolve`). In "lines" style a background
-    thread keeps printing while a single long step runs (one matmat of 50 probes, one training epoch).
+    thread keeps printing while a single long step runs (one `products` call of 50 probes, one training epoch).
     """
 
     def __init__(self, total: int | None, desc: str, unit: str = "step", enabled: bool | str = True, *,

@@ -41,7 +41,7 @@ class EigResult(Result):
     values: np.ndarray  # float64, ordered: largest first ("LA"), smallest first ("SA"), by |.| ("LM")
     residuals: np.ndarray  # ‖Ay − θy‖ per value: some eigenvalue of A lies within it of θ (rigorous)
     error_bounds: np.ndarray  # min(r, r²/gap) per value, gap from the Ritz values: an ESTIMATE of |θ − λ|
-    vectors: torch.Tensor | None  # (n, k) unit eigenvector estimates if requested
+    vectors: torch.Tensor | None  # (k, n) unit eigenvector estimates if requested, one per row (as `values`)
     n_matvecs: int
     converged: bool
     seconds: float
@@ -67,8 +67,8 @@ class Spectrum(Result):
 class _Lanczos:
     """b independent Lanczos recurrences (rows of `start`) with full reorthogonalization.
 
-    Each step costs one `matmat` over the running recurrences and orthogonalizes the new
-    vector twice (classical Gram–Schmidt) against the whole basis. A breakdown (β ≈ 0,
+    Each step costs one `products` call over the running recurrences (a row each) and orthogonalizes the
+    new vector twice (classical Gram–Schmidt) against the whole basis. A breakdown (β ≈ 0,
     invariant subspace) is recorded as β = 0 exactly; the caller then drops the recurrence
     (`drop`) or continues it from a fresh orthogonal vector (`restart`).
     """
@@ -91,7 +91,7 @@ class _Lanczos:
         """Advance every running recurrence by one matvec; return which of them broke down."""
         j = self.steps
         q = self.basis[:, j]
-        w = self.op.matmat(q.T).T
+        w = self.op.products(q)
         self.n_matvecs += q.shape[0]
         alpha = (q * w).sum(1)
         w = w - alpha[:, None] * q
@@ -225,7 +225,7 @@ def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1
         max_matvecs: budget of operator products; None: `default_max_matvecs` (max(300, 60k), held
             to n and to what a 2 GiB basis stores).
         seed: seed of the Rademacher start vector (when `start` is None) and of any restart.
-        return_vectors: also return the (n, k) unit Ritz vectors.
+        return_vectors: also return the unit Ritz vectors, the rows of a (k, n) block.
         progress: a progress bar (True, or a label), off by default.
         stop: "error" (default) tests the gap-refined error estimates; "residual" tests the
             residuals r_i themselves, the rigorous but costlier rule.
@@ -286,8 +286,8 @@ def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1
                 recurrence.restart(rademacher(generator, (1, n), op))
     vectors = None
     if return_vectors:
-        ritz = torch.as_tensor(s[:, wanted], dtype=op.dtype, device=op.device)
-        vectors = recurrence.basis[0, : recurrence.steps].T @ ritz
+        ritz = torch.as_tensor(s[:, wanted].T, dtype=op.dtype, device=op.device)  # row i: T's eigenvector of θ_i
+        vectors = ritz @ recurrence.basis[0, : recurrence.steps]
     return EigResult(values=theta[wanted], residuals=residuals[wanted], error_bounds=bounds[wanted], vectors=vectors,
                      n_matvecs=recurrence.n_matvecs, converged=converged, seconds=time.perf_counter() - began,
                      method="lanczos", seed=int(seed), which=which)
@@ -317,7 +317,7 @@ def power_iteration(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_ma
     start = time.perf_counter()
     generator = seeded_generator(op.device, seed)
     n = op.shape[0]
-    found = torch.zeros(n, 0, dtype=op.dtype, device=op.device)
+    found = torch.zeros(0, n, dtype=op.dtype, device=op.device)  # the eigenvectors found so far, as rows
     values, residuals, used, all_converged = [], [], 0, True
     for _ in range(k):
         v = _deflate(rademacher(generator, (n,), op), found)
@@ -338,15 +338,15 @@ def power_iteration(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_ma
         all_converged &= converged
         values.append(theta)
         residuals.append(residual)
-        found = torch.cat([found, vector[:, None]], dim=1)
+        found = torch.cat([found, vector[None]])
     return EigResult(values=np.array(values), residuals=np.array(residuals), error_bounds=np.array(residuals),
                      vectors=found if return_vectors else None, n_matvecs=used, converged=all_converged,
                      seconds=time.perf_counter() - start, method="power_iteration", seed=int(seed), which="LM")
 
 
 def _deflate(v: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
-    """Remove the components along the already found (orthonormal) eigenvectors."""
-    return v - found @ (found.T @ v)
+    """Remove the components along the already found (orthonormal) eigenvectors, the rows of `found`."""
+    return v - (found @ v) @ found
 
 
 def slq_density(op: LinearOperator, *, n_runs: int = 4, n_steps: int = 60, n_grid: int = 500,
@@ -355,8 +355,8 @@ def slq_density(op: LinearOperator, *, n_runs: int = 4, n_steps: int = 60, n_gri
     """Spectral density by stochastic Lanczos quadrature (Lin, Saad & Yang 2016; Ubaru, Chen & Saad 2017).
 
     The Hessian spectral densities of Ghorbani, Krishnan & Xiao (2019). Each run starts Lanczos
-    (full reorthogonalization) from a normalized Rademacher vector, all runs sharing one matmat per
-    step; nodes are the Ritz values, weights the squared first components of T's eigenvectors
+    (full reorthogonalization) from a normalized Rademacher vector, all runs sharing one `products`
+    call per step; nodes are the Ritz values, weights the squared first components of T's eigenvectors
     (Gauss quadrature of the probe's spectral measure). The density averages Σ_j w_j·N(x; θ_j, σ²)
     over runs. A run that hits an invariant subspace early is padded with zero-weight nodes.
 
@@ -436,6 +436,6 @@ class WarmStart:
 
     def lanczos(self, op: LinearOperator, k: int = 1, *, stop: str = "residual", **options) -> EigResult:
         result = lanczos(op, k, stop=stop, start=self.vector if self.enabled else None, return_vectors=True, **options)
-        self.vector = result.vectors[:, 0].detach().clone()
+        self.vector = result.vectors[0].detach().clone()
         return result
 

@@ -1,10 +1,12 @@
 """Stochastic trace estimators over a symmetric linear operator: Hutchinson, Hutch++, XTrace.
 
 Pure functions: each draws its probes from a torch.Generator seeded with `seed` on the
-operator's device, counts its own matvecs (columns passed to `matmat`), and returns a
+operator's device, counts its own matvecs (rows passed to `products`), and returns a
 TraceResult with the estimate, its standard error and, optionally, per-block traces
 (e.g. one block per parameter tensor of a Hessian). `progress` (landscape.progress) counts
-matvecs as each `matmat` returns.
+matvecs as each `products` call returns. Probes, sketches and bases are row blocks (k, n), one
+vector per row (landscape.operators): in the code and its comments a basis Q holds its vectors
+as rows, so the papers' QᵀAQ and I − QQᵀ (column bases) read QAQᵀ = Q (AQᵀ) and I − QᵀQ here.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from landscape.checks import check_int
 from landscape.operators import LinearOperator
-from landscape.probes import rademacher, seeded_generator, sphere
+from landscape.probes import rademacher_rows, seeded_generator, sphere_rows
 from landscape.progress import Progress
 from landscape.results import Result
 from landscape.statistics import stderr
@@ -52,8 +54,8 @@ def _check_blocks(blocks: dict[str, slice] | None, n: int) -> None:
 
 
 def _block_sums(contributions: torch.Tensor, blocks: dict[str, slice]) -> dict[str, torch.Tensor]:
-    """Column sums of an (n, k) tensor of per-coordinate contributions over each block's rows."""
-    return {name: contributions[block].sum(0) for name, block in blocks.items()}
+    """Row sums of a (k, n) tensor of per-coordinate contributions (one row per probe) over each block's coordinates."""
+    return {name: contributions[:, block].sum(1) for name, block in blocks.items()}
 
 
 def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:
@@ -79,13 +81,13 @@ def hutchinson(op: LinearOperator, n_probes: int = 100, *, block_size: int = 10,
 
     Unbiased, with variance 2·Σ_{i≠j} A_ij² per probe: exact for a diagonal matrix, slow where
     the off-diagonal mass is large (Hutch++ and XTrace then need fewer matvecs). Probes go
-    through `op.matmat` `block_size` at a time. Per-block traces use the same probes: the mean
-    of z_bᵀ(Az)_b, unbiased for the trace of diagonal block b.
+    through `op.products` `block_size` at a time, as the rows of a block. Per-block traces use
+    the same probes: the mean of z_bᵀ(Az)_b, unbiased for the trace of diagonal block b.
 
     Args:
         op: a symmetric operator (HessianOperator, GGNOperator, DenseOperator, ...).
         n_probes: the most probes (matvecs) to spend, at least 2.
-        block_size: probes per `matmat` call.
+        block_size: probes per `products` call.
         target_rel_stderr: stop once stderr ≤ target·|estimate| (checked after each block of
             probes, from the second on); None: spend all `n_probes`.
         blocks: {name: slice of the vector} for per-block traces from the same probes (e.g. one
@@ -121,10 +123,10 @@ def hutchinson(op: LinearOperator, n_probes: int = 100, *, block_size: int = 10,
     totals, per_block, used, n_blocks = [], {name: [] for name in blocks or {}}, 0, 0
     with Progress(n_probes, "hutchinson", "matvec", progress) as bar:
         while used < n_probes:
-            z = rademacher(generator, (n, min(block_size, n_probes - used)), op)
+            z = rademacher_rows(generator, min(block_size, n_probes - used), op)
             contributions = z * _counted(op, z, bar)
-            used, n_blocks = used + z.shape[1], n_blocks + 1
-            totals.append(contributions.sum(0))
+            used, n_blocks = used + z.shape[0], n_blocks + 1
+            totals.append(contributions.sum(1))
             for name, sums in _block_sums(contributions, blocks or {}).items():
                 per_block[name].append(sums)
             if target_rel_stderr is not None and n_blocks >= 2:
@@ -176,19 +178,19 @@ def hutchpp(op: LinearOperator, n_matvecs: int = 102, *, seed: int = 0,
     n_sketch = min(n_matvecs // 3, n)
     n_probes = n_matvecs - 2 * n_sketch
     with Progress(2 * n_sketch + n_probes, "hutchpp", "matvec", progress) as bar:
-        q = torch.linalg.qr(_counted(op, rademacher(generator, (n, n_sketch), op), bar)).Q
-        aq = _counted(op, q, bar)
-        small = q.T @ aq
-        z = rademacher(generator, (n, n_probes), op)
-        a_deflated = _counted(op, z - q @ (q.T @ z), bar)
-    # z ⊙ (I−QQᵀ)A(I−QQᵀ)z: per-coordinate Hutchinson contributions of the deflated part
-    contributions = z * (a_deflated - q @ (q.T @ a_deflated))
-    samples = torch.trace(small) + contributions.sum(0)
+        q, _ = _orthonormal_rows(_counted(op, rademacher_rows(generator, n_sketch, op), bar))
+        aq = _counted(op, q, bar)  # row i: A q_i, i.e. (AQᵀ)ᵀ
+        small = q @ aq.T  # QAQᵀ
+        z = rademacher_rows(generator, n_probes, op)
+        a_deflated = _counted(op, z - (z @ q.T) @ q, bar)
+    # z ⊙ (I−QᵀQ)A(I−QᵀQ)z: per-coordinate Hutchinson contributions of the deflated part, one row per probe
+    contributions = z * (a_deflated - (a_deflated @ q.T) @ q)
+    samples = torch.trace(small) + contributions.sum(1)
     block_samples = None
     if blocks is not None:
-        # diag(PAP + PAP⊥ + P⊥AP) for P = QQᵀ: the low-rank part's exact diagonal, cross terms included
-        # (they vanish in the total trace but not in a diagonal block); it sums to tr(QᵀAQ).
-        low_rank_diag = (q * (2 * aq - q @ small)).sum(1, keepdim=True)
+        # diag(PAP + PAP⊥ + P⊥AP) for P = QᵀQ: the low-rank part's exact diagonal, cross terms included
+        # (they vanish in the total trace but not in a diagonal block); it sums to tr(QAQᵀ).
+        low_rank_diag = (q * (2 * aq - small.T @ q)).sum(0, keepdim=True)
         low_rank = _block_sums(low_rank_diag, blocks)
         block_samples = {name: low_rank[name] + s for name, s in _block_sums(contributions, blocks).items()}
     return _result("hutchpp", samples, block_samples, 2 * n_sketch + n_probes, seed, start)
@@ -199,7 +201,7 @@ def xtrace(op: LinearOperator, n_matvecs: int = 100, *, seed: int = 0,
     """XTrace (Epperly, Tropp & Webber 2024, SIAM J. Matrix Anal. Appl.): exchangeable Hutch++.
 
     m = n_matvecs/2 test vectors ω_i uniform on the sphere of radius √n. For each i, the range
-    of AΩ without column i gives a low-rank part whose trace is exact, and ω_i projected onto
+    of AΩ without Aω_i gives a low-rank part whose trace is exact, and ω_i projected onto
     its complement and renormalized there (the paper's improved normalization, exactly
     unbiased for spherical vectors but not for Rademacher ones) estimates the rest. The m
     estimates are averaged; their standard deviation / √m is the error estimate. If rank A < m
@@ -242,65 +244,77 @@ def xtrace(op: LinearOperator, n_matvecs: int = 100, *, seed: int = 0,
     start = time.perf_counter()
     generator = seeded_generator(op.device, seed)
     m = min(n_matvecs // 2, n)
-    omega = sphere(generator, (n, m), op)
+    omega = sphere_rows(generator, m, op)  # row i: ω_i
     with Progress(2 * m, "xtrace", "matvec", progress) as bar:
-        y = _counted(op, omega, bar)
+        y = _counted(op, omega, bar)  # row i: y_i = Aω_i
         q, r, s, codim = _xtrace_basis(y, op)
         aq = _counted(op, q, bar)
-    h = (q.T @ aq).double().cpu().numpy()
+    h = (q @ aq.T).double().cpu().numpy()  # QAQᵀ
     h = (h + h.T) / 2
-    w = (q.T @ omega).double().cpu().numpy()  # Qᵀω_i
+    w = (q @ omega.T).double().cpu().numpy()  # column i: w_i = Qω_i
     c = w - s * (s * w).sum(0)  # Π_i w_i, Π_i = I − s_i s_iᵀ
-    e = r - h @ c  # Qᵀ A (I − P_i) ω_i, using QᵀAω_i = Qᵀy_i = R_i
+    e = r - h @ c  # Q A (I − P_i) ω_i, using QAω_i = Qy_i = R_i (column i of R)
     f = e - s * (s * e).sum(0)  # Π_i e_i
-    residual_sq = (omega * omega).sum(0).double().cpu().numpy() - (w * c).sum(0)  # ‖(I − P_i)ω_i‖²
+    residual_sq = (omega * omega).sum(1).double().cpu().numpy() - (w * c).sum(0)  # ‖(I − P_i)ω_i‖²
     scale = codim / residual_sq
     parts = (s, h, c, f, scale)
     samples = torch.as_tensor(_xtrace_samples(_xtrace_grams(q, aq, omega, y), *parts))
     block_samples = None
     if blocks is not None:
-        block_samples = {name: torch.as_tensor(_xtrace_samples(_xtrace_grams(q[b], aq[b], omega[b], y[b]), *parts))
+        block_samples = {name: torch.as_tensor(_xtrace_samples(
+                             _xtrace_grams(q[:, b], aq[:, b], omega[:, b], y[:, b]), *parts))
                          for name, b in blocks.items()}
-    return _result("xtrace", samples, block_samples, m + q.shape[1], seed, start)
+    return _result("xtrace", samples, block_samples, m + q.shape[0], seed, start)
 
 
 def _counted(op: LinearOperator, V: torch.Tensor, bar: Progress) -> torch.Tensor:
-    """op.matmat(V), its columns counted on the progress bar."""
-    out = op.matmat(V)
-    bar.update(V.shape[1])
+    """op.products(V) for a (k, n) block of probe rows, its k rows counted on the progress bar."""
+    out = op.products(V)
+    bar.update(V.shape[0])
     return out
 
 
-def _xtrace_basis(y: torch.Tensor, op: LinearOperator) -> tuple[torch.Tensor, np.ndarray, np.ndarray, int]:
-    """Q, R of the sketch Y = AΩ, the leave-one-out directions s_i and the codimension XTrace rescales by.
+def _orthonormal_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q, R with Y = RᵀQ for a (k, n) block of rows Y: orthonormal rows Q (k, n) spanning Y's rows, R (k, k) upper
+    triangular. The QR factorization of Yᵀ (the column convention is LAPACK's; the transposes are views)."""
+    q, r = torch.linalg.qr(y.T)
+    return q.T, r
 
-    Q_(i)Q_(i)ᵀ = Q(I − s_i s_iᵀ)Qᵀ with s_i the normalized i-th column of R⁻ᵀ = U Σ⁻¹ Vᵀ. If Y is
+
+def _xtrace_basis(y: torch.Tensor, op: LinearOperator) -> tuple[torch.Tensor, np.ndarray, np.ndarray, int]:
+    """Q, R of the sketch Y = AΩ (rows y_i = Aω_i), the leave-one-out directions s_i and the codimension XTrace rescales by.
+
+    Q holds the orthonormal basis as rows (k, n); R is the triangular factor of the column sketch, AΩ = QᵀR.
+    Q_(i)ᵀQ_(i) = Qᵀ(I − s_i s_iᵀ)Q with s_i the normalized i-th column of R⁻ᵀ = U Σ⁻¹ Vᵀ. If Y is
     rank-deficient every leave-one-out range equals range(AΩ) = range(A): one basis, s_i = 0.
     """
-    n, m = y.shape
-    q, r = torch.linalg.qr(y)
+    m, n = y.shape
+    q, r = _orthonormal_rows(y)
     r = r.double().cpu().numpy()
     u, sv, vt = np.linalg.svd(r)
     rank = int((sv > sv[0] * m * torch.finfo(op.dtype).eps).sum())
     if rank == m:
         s = u @ (vt / sv[:, None])
         return q, r, s / np.linalg.norm(s, axis=0), n - m + 1
-    q = q @ torch.as_tensor(u[:, :rank], dtype=op.dtype, device=op.device)
+    q = torch.as_tensor(u[:, :rank].T, dtype=op.dtype, device=op.device) @ q
     return q, sv[:rank, None] * vt[:rank], np.zeros((rank, m)), n - rank
 
 
 def _xtrace_grams(q: torch.Tensor, aq: torch.Tensor, omega: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, ...]:
-    """Gram matrices of a set of rows (all, or one block) that XTrace's per-i diagonal sums need."""
-    grams = (q.T @ aq, q.T @ q, omega.T @ q, omega.T @ aq, (omega * y).sum(0))
+    """Gram matrices over a set of coordinates (all, or one block's) that XTrace's per-i diagonal sums need.
+
+    q, aq, omega, y: row blocks (basis, its products, test vectors, theirs) restricted to those coordinates.
+    """
+    grams = (q @ aq.T, q @ q.T, omega @ q.T, omega @ aq.T, (omega * y).sum(1))
     return tuple(g.double().cpu().numpy() for g in grams)
 
 
 def _xtrace_samples(grams: tuple[np.ndarray, ...], s: np.ndarray, h: np.ndarray, c: np.ndarray,
                     f: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """The m leave-one-out XTrace estimates, summed over the rows the Gram matrices cover.
+    """The m leave-one-out XTrace estimates, summed over the coordinates the Gram matrices cover.
 
-    Estimate i is tr_b(2·P_iA − P_iAP_i) + scale_i·ω_i,bᵀ[(I−P_i)A(I−P_i)ω_i]_b with P_i = QΠ_iQᵀ;
-    over all rows it is tr(Π_i QᵀAQ) + scale_i·ω_iᵀ(I−P_i)A(I−P_i)ω_i, the paper's estimator.
+    Estimate i is tr_b(2·P_iA − P_iAP_i) + scale_i·ω_i,bᵀ[(I−P_i)A(I−P_i)ω_i]_b with P_i = QᵀΠ_iQ (Q's rows
+    the basis); over all coordinates it is tr(Π_i QAQᵀ) + scale_i·ω_iᵀ(I−P_i)A(I−P_i)ω_i, the paper's estimator.
     """
     qaq, qq, omega_q, omega_aq, omega_y = grams
     shs = (s * (h @ s)).sum(0)

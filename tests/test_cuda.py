@@ -127,8 +127,8 @@ def test_ggn_and_fisher_products_on_cuda_match_the_cpu(curvature):
     model, batches = problem("convnet-bn")
     kind = {"ggn": GGNOperator, "fisher": FisherOperator}[curvature]
     ops = [kind(Objective(model, batches, device=device, dtype=torch.float64)) for device in (CPU, CUDA)]
-    V = torch.randn(ops[0].shape[0], 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    on_cpu, on_cuda = ops[0].matmat(V), ops[1].matmat(V.to(CUDA))
+    V = torch.randn(3, ops[0].shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    on_cpu, on_cuda = ops[0].products(V), ops[1].products(V.to(CUDA))
     assert on_cuda.is_cuda
     assert rel_err(on_cuda.cpu(), on_cpu) <= 1e-10
 

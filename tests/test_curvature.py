@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 from analysis.cli import build_parser, main
 from analysis.measure import build_objective
+from analysis.specs import ObjectiveSpec
 from landscape import distributed as ranks
 from landscape.curvature import CurvatureError, _cross_entropy_hessian_product, output_hessian_product
 from landscape.objective import Objective, cross_entropy
@@ -79,7 +80,7 @@ def dense_fisher(model, batches, mode):
 
 
 def as_matrix(op):
-    return op.matmat(torch.eye(op.shape[0], dtype=torch.float64))
+    return op.products(torch.eye(op.shape[0], dtype=torch.float64))
 
 
 def _objective(model, batches, mode="eval", **kwargs):
@@ -116,7 +117,7 @@ def test_ggn_and_fisher_match_dense_matrices(name, mode, keep):
                       (FisherOperator(objective, keep=keep), dense_fisher(model, batches, mode))):
         for repeat in range(2):  # a kept linearization gives the same answer every time
             assert rel_err(op.matvec(V[repeat]), dense @ V[repeat]) <= 1e-10, (type(op).__name__, repeat)
-        assert rel_err(op.matmat(V.T), dense @ V.T) <= 1e-10, type(op).__name__
+        assert rel_err(op.products(V), V @ dense.T) <= 1e-10, type(op).__name__
         assert op.n_matvecs == 5
     if name == "convnet-bn":  # the modes define different matrices: train mode is not eval mode relabelled
         other = "train" if mode == "eval" else "eval"
@@ -139,7 +140,7 @@ def test_every_model_idiom(name, mode):
                       (FisherOperator(objective, keep=True), dense_fisher(model, batches, mode))):
         for repeat in range(2):
             assert rel_err(op.matvec(V[0]), dense @ V[0]) <= 1e-10, (type(op).__name__, repeat)
-        assert rel_err(op.matmat(V.T), dense @ V.T) <= 1e-10, type(op).__name__
+        assert rel_err(op.products(V), V @ dense.T) <= 1e-10, type(op).__name__
 
 
 @pytest.mark.slow
@@ -228,9 +229,9 @@ def _sharded_products(distributed: bool) -> dict:
     for mode in ("eval", "train"):
         objective = Objective(tiny_convnet_bn(), ranks.shard(batches) if distributed else batches, mode=mode,
                               dtype=torch.float64, device="cpu", distributed=distributed)
-        V = torch.randn(objective.n_params, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-        out[f"{mode}-ggn"] = GGNOperator(objective, keep=False).matmat(V)
-        out[f"{mode}-fisher"] = FisherOperator(objective, keep=False).matmat(V)
+        V = torch.randn(3, objective.n_params, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        out[f"{mode}-ggn"] = GGNOperator(objective, keep=False).products(V)
+        out[f"{mode}-fisher"] = FisherOperator(objective, keep=False).products(V)
     return out
 
 
@@ -266,7 +267,7 @@ def test_measure_reports_the_chosen_curvature(checkpoint, curvature, capsys):
     (report,) = json.loads(capsys.readouterr().out)
     assert report["setup"]["curvature"] == curvature
     args = build_parser().parse_args(["measure", str(checkpoint), *MEASURE])
-    objective = build_objective(str(checkpoint), args)
+    objective = build_objective(str(checkpoint), ObjectiveSpec.from_args(args))
     exact = {}
     for kind in (curvature, "hessian"):
         A = as_matrix(curvature_operator(objective, kind))

@@ -116,5 +116,5 @@ def test_lora_adapters_are_the_measured_parameters_and_their_hvp_is_exact():
     with sdpa_kernel(SDPBackend.MATH):
         dense = torch.autograd.functional.hessian(lambda a: loss(w_all.scatter(0, where, a)), w_all[where])
     assert objective.loss() == pytest.approx(float(loss(w_all)), rel=1e-12)
-    product = HessianOperator(objective).matmat(torch.eye(objective.n_params, dtype=torch.float64))
+    product = HessianOperator(objective).products(torch.eye(objective.n_params, dtype=torch.float64))
     assert float((product - dense).norm() / dense.norm()) <= 1e-10

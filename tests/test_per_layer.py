@@ -46,10 +46,10 @@ def test_one_block_per_module_that_owns_parameters(mlp):
 
 def test_block_operator_is_the_diagonal_block():
     a, op = dense(np.linspace(-1, 3, 9), seed=1)
-    V = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    V = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))  # 3 probes, as rows
     restricted = BlockOperator(op, slice(2, 6))
     assert restricted.shape == (4, 4)
-    np.testing.assert_allclose(restricted.matmat(V).numpy(), a[2:6, 2:6] @ V.numpy(), rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(restricted.products(V).numpy(), V.numpy() @ a[2:6, 2:6].T, rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("trace", [xtrace, hutchinson, hutchpp], ids=lambda f: f.__name__)
@@ -121,8 +121,8 @@ def test_measure_without_per_layer_is_unchanged_and_a_bad_list_is_one_line(check
 def test_plot_per_layer_draws_two_checkpoints(mlp, tmp_path):
     objective, _ = mlp
     op, blocks = HessianOperator(objective), module_blocks(objective.layout)
-    results = {"SGD": per_layer(op, blocks, n_probes=20, seed=0).to_dict(),
-               "SmoothOut": per_layer(DiagonalHalf(op), blocks, n_probes=20, seed=1).to_dict()}
+    results = {"SGD": per_layer(op, blocks, n_probes=20, seed=0),
+               "SmoothOut": per_layer(DiagonalHalf(op), blocks, n_probes=20, seed=1)}
     fig = plot_per_layer(results)
     assert [ax.get_yscale() for ax in fig.axes] == ["log", "log"]
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1", "3"]
@@ -134,4 +134,4 @@ class DiagonalHalf(DenseOperator):
     """H/2 as a second 'checkpoint' with smaller curvature."""
 
     def __init__(self, op: HessianOperator) -> None:
-        super().__init__(op.matmat(torch.eye(op.shape[0], dtype=op.dtype)) / 2)
+        super().__init__(op.products(torch.eye(op.shape[0], dtype=op.dtype)) / 2)

@@ -245,8 +245,8 @@ def test_diagonal_scaled_operator_is_dad():
     a = a + a.T
     d = torch.rand(6, generator=g, dtype=torch.float64)
     op = DiagonalScaledOperator(DenseOperator(a), d)
-    v = torch.randn(6, 3, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(op.matmat(v), torch.diag(d) @ a @ torch.diag(d) @ v)
+    v = torch.randn(3, 6, generator=g, dtype=torch.float64)  # 3 probes, as rows
+    torch.testing.assert_close(op.products(v), v @ (torch.diag(d) @ a @ torch.diag(d)).T)
     assert op.n_matvecs == 3
     with pytest.raises(ValueError, match="diagonal"):
         DiagonalScaledOperator(DenseOperator(a), d[:5])

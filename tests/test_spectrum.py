@@ -39,9 +39,10 @@ def test_lanczos_residuals_bound_the_errors_and_match_true_residuals(stop):
         assert result.converged and np.all(stopped_on <= 1e-2 * np.abs(result.values))
         assert np.all(result.error_bounds <= result.residuals)
         assert np.all(np.abs(true[:5] - result.values) <= result.residuals)
-        y = result.vectors.numpy()
-        np.testing.assert_allclose(y.T @ y, np.eye(5), atol=1e-10)
-        true_residuals = np.linalg.norm(a @ y - y * result.values, axis=0)
+        y = result.vectors.numpy()  # one eigenvector per row
+        assert y.shape == (5, a.shape[0])
+        np.testing.assert_allclose(y @ y.T, np.eye(5), atol=1e-10)
+        true_residuals = np.linalg.norm(y @ a.T - result.values[:, None] * y, axis=1)
         np.testing.assert_allclose(result.residuals, true_residuals, rtol=1e-3, atol=1e-10)
 
 
@@ -187,9 +188,10 @@ def test_power_iteration_top_three_with_a_gap():
     result = power_iteration(op, 3, tol=1e-7, return_vectors=True)
     assert result.converged and result.method == "power_iteration"
     np.testing.assert_allclose(result.values, [10, 5, 2.5], rtol=1e-4)
-    v = result.vectors.numpy()
-    np.testing.assert_allclose(v.T @ v, np.eye(3), atol=1e-6)
-    np.testing.assert_allclose(result.residuals, np.linalg.norm(a @ v - v * result.values, axis=0), rtol=1e-8)
+    v = result.vectors.numpy()  # one eigenvector per row
+    assert v.shape == (3, a.shape[0])
+    np.testing.assert_allclose(v @ v.T, np.eye(3), atol=1e-6)
+    np.testing.assert_allclose(result.residuals, np.linalg.norm(v @ a.T - result.values[:, None] * v, axis=1), rtol=1e-8)
     assert result.n_matvecs == op.n_matvecs
     assert not power_iteration(op, 3, tol=1e-12, max_matvecs=9).converged
 
@@ -240,7 +242,7 @@ def test_estimators_on_a_network_hessian(mlp_problem):
     """The real operator: a tiny MLP's HessianOperator (HVPs are checked against autograd in test_objective)."""
     model, _, _, batches = mlp_problem
     op = HessianOperator(Objective(model, batches, dtype=torch.float64, device="cpu", hvp_method="double-backward"))
-    h = op.matmat(torch.eye(op.shape[0], dtype=torch.float64)).numpy()
+    h = op.products(torch.eye(op.shape[0], dtype=torch.float64)).numpy()
     true = np.linalg.eigvalsh((h + h.T) / 2)
     top = lanczos(op, 3, tol=1e-10)
     np.testing.assert_allclose(top.values, true[::-1][:3], rtol=1e-8)

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from landscape.objective import Objective
-from landscape.operators import DenseOperator, HessianOperator
+from landscape.operators import DenseOperator, DiagonalScaledOperator, HessianOperator
+from landscape.per_layer import BlockOperator
 from landscape.trace import hutchinson, hutchpp, xtrace
+from tests.ground_truth import dense_hessian
 from tests.helpers import dense
 
 ESTIMATORS = {"hutchinson": hutchinson, "hutchpp": hutchpp, "xtrace": xtrace}
@@ -167,7 +169,7 @@ def test_per_layer_traces_of_a_network_hessian(method, mlp_problem):
     model, _, _, batches = mlp_problem
     objective = Objective(model, batches, dtype=torch.float64, device="cpu", hvp_method="double-backward")
     op = HessianOperator(objective)
-    h = op.matmat(torch.eye(op.shape[0], dtype=torch.float64)).numpy()
+    h = op.products(torch.eye(op.shape[0], dtype=torch.float64)).numpy()
     calls = op.n_matvecs
     blocks = objective.layout.slices()
     result = ESTIMATORS[method](op, **budget_kwargs(method, 60), blocks=blocks)
@@ -177,3 +179,28 @@ def test_per_layer_traces_of_a_network_hessian(method, mlp_problem):
     for name, block in blocks.items():
         est, stderr = result.blocks[name]
         assert abs(est - np.trace(h[block, block])) <= 4 * stderr + 1e-10
+
+
+def test_operators_take_and_return_probe_rows(mlp_problem):
+    """products(V): V holds k probes as ROWS (k, n) and row i of the answer is A vᵢ. With k ≠ n and non-symmetric
+    dense matrices, a column-oriented (A @ V) or transposed (V @ A) implementation fails here."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 7, generator=g, dtype=torch.float64)  # not symmetric: A vᵢ and Aᵀvᵢ differ
+    d = torch.rand(7, generator=g, dtype=torch.float64) + 0.5
+    model, _, _, batches = mlp_problem
+    cases = {"dense": (DenseOperator(a), a),
+             "diagonal-scaled": (DiagonalScaledOperator(DenseOperator(a), d), torch.diag(d) @ a @ torch.diag(d)),
+             "block": (BlockOperator(DenseOperator(a), slice(2, 6)), a[2:6, 2:6]),
+             "hessian": (HessianOperator(Objective(model, batches, dtype=torch.float64, device="cpu")),
+                         dense_hessian(model, batches, "eval"))}
+    for name, (op, matrix) in cases.items():
+        n = matrix.shape[0]
+        V = torch.randn(3, n, generator=g, dtype=torch.float64)
+        expected = torch.stack([matrix @ v for v in V])
+        products = op.products(V)
+        assert products.shape == (3, n) and op.n_matvecs == 3, name
+        torch.testing.assert_close(products, expected, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(op.matvec(V[1]), expected[1], rtol=1e-10, atol=1e-12, msg=name)
+        # scipy's convention is columns: its adapter transposes there, once
+        torch.testing.assert_close(torch.as_tensor(op.to_scipy() @ V.T.numpy()), expected.T, rtol=1e-10, atol=1e-12,
+                                   msg=name)

@@ -44,9 +44,9 @@ def test_warm_started_lanczos_equals_cold_on_a_network_hessian(mlp_problem):
     """Warm-started from another model's eigenvectors, Lanczos finds the same λ1..λ3, to its tolerance, as cold starts."""
     model, _, _, batches = mlp_problem
     op = hessian(model, batches)
-    h = op.matmat(torch.eye(op.shape[0], dtype=torch.float64)).numpy()
+    h = op.products(torch.eye(op.shape[0], dtype=torch.float64)).numpy()
     true = np.linalg.eigvalsh((h + h.T) / 2)[::-1][:3]
-    start = lanczos(hessian(perturbed(model, 0.05), batches), 1, tol=1e-6, return_vectors=True).vectors[:, 0]
+    start = lanczos(hessian(perturbed(model, 0.05), batches), 1, tol=1e-6, return_vectors=True).vectors[0]
     tol = 1e-6
     warm = lanczos(op, 3, tol=tol, start=start)
     assert warm.converged
@@ -59,7 +59,7 @@ def test_warm_started_lanczos_equals_cold_on_a_network_hessian(mlp_problem):
 def test_warm_start_from_the_unperturbed_eigenvector_saves_matvecs(mlp_problem):
     """After a small step in weight space the previous top eigenvector is a better start than any random one."""
     model, _, _, batches = mlp_problem
-    previous = lanczos(hessian(model, batches), 1, tol=1e-8, return_vectors=True).vectors[:, 0]
+    previous = lanczos(hessian(model, batches), 1, tol=1e-8, return_vectors=True).vectors[0]
     op = hessian(perturbed(model, 0.01), batches)
     for stop in ("error", "residual"):
         warm = lanczos(op, 1, tol=1e-6, stop=stop, start=previous)
