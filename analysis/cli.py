@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from analysis.validation import (
         validate_arguments,  # torch: after --help and usage errors have exited
     )
-    from landscape import progress
+    from landscape.engine import progress
 
     joined = False
     shown = warnings.showwarning
@@ -130,8 +130,8 @@ def _report_out_of_memory(args: argparse.Namespace, error: BaseException) -> int
 
 def _one_line_notes(command: str, show: Callable) -> Callable:
     """A warnings.showwarning that prints the library's notes and warnings as one line each, others as before."""
-    from landscape.checkpoints import CheckpointNote
-    from landscape.objective import HVPCheckWarning
+    from landscape.engine.objective import HVPCheckWarning
+    from landscape.inputs.checkpoints import CheckpointNote
 
     kinds = {CheckpointNote: "note", OptionNote: "note", HVPCheckWarning: "warning"}
 
@@ -154,7 +154,7 @@ def _leave_process_group(args: argparse.Namespace, code: int) -> NoReturn:
     a barrier (a rank that died after the last collective then shows up as exit 1 here), and every
     rank exits at once. Its files are already closed and flushed, as after any run.
     """
-    from landscape import distributed
+    from landscape.engine import distributed
 
     if code == 0:
         try:
@@ -168,7 +168,7 @@ def _leave_process_group(args: argparse.Namespace, code: int) -> NoReturn:
 
 def _report_distributed_failure(args: argparse.Namespace, error: RuntimeError) -> int:
     """One line for a collective that failed (exit code 1); any other RuntimeError is re-raised."""
-    from landscape import distributed
+    from landscape.engine import distributed
 
     if not distributed.is_failure(error):
         raise error
@@ -178,8 +178,8 @@ def _report_distributed_failure(args: argparse.Namespace, error: RuntimeError) -
 
 def _join_process_group(args: argparse.Namespace) -> bool:
     """Under torchrun, join the process group (True); then only rank 0 prints: the others get no stdout or progress bars."""
-    from landscape import distributed
-    from landscape.objective import default_device
+    from landscape.engine import distributed
+    from landscape.engine.objective import default_device
 
     joined = distributed.init_from_env(getattr(args, "device", None) or default_device())
     if joined and not distributed.is_main():

@@ -31,11 +31,11 @@ from analysis.report import Report
 from analysis.specs import CompareSpec, MetricSpec
 from analysis.surface_command import parse_range
 from analysis.tables import format_table
-from landscape import distributed as ranks
-from landscape.checkpoints import load_checkpoint
-from landscape.directions import random_directions
+from landscape.engine import distributed as ranks
+from landscape.inputs.checkpoints import load_checkpoint
 from landscape.results import Quantity, to_jsonable
-from landscape.surface import compute_surface
+from landscape.surfaces.directions import random_directions
+from landscape.surfaces.surface import compute_surface
 
 COMPARE_METRICS = ("eig", "trace", "density", "sharpness-curve", "eps-sharpness", "worst-case", "adaptive-worst-case",
                    "m-sharpness", "adaptive-m-sharpness", "average-case", "adaptive-average-case", "surface", "surface2d")
@@ -249,7 +249,7 @@ def make_figures(result: dict, out: Path) -> list[tuple[str, str]]:
         plot_surfaces,
         save,
     )
-    from landscape.surface import read_surface
+    from landscape.surfaces.surface import read_surface
 
     members = result["checkpoints"]
     firsts = {}  # surfaces: the first seed of each label, so the figures stay readable

@@ -32,8 +32,8 @@ from analysis.report import Report
 from analysis.results_file import ResultsFile
 from analysis.specs import CorrelateSpec, MeasureSpec, MetricSpec, ObjectiveSpec
 from analysis.tables import format_table
-from landscape import distributed as ranks
-from landscape.checkpoints import load_checkpoint
+from landscape.engine import distributed as ranks
+from landscape.inputs.checkpoints import load_checkpoint
 from landscape.results import to_jsonable
 
 CORRELATE_METRICS = ("eig", "trace", "sharpness-curve", "eps-sharpness", "worst-case", "adaptive-worst-case",

@@ -20,7 +20,7 @@ from analysis.recipes import DEMO, LARGE, SMALL, train_runs
 from analysis.report import Report
 from analysis.specs import CompareSpec, MeasureSpec, ObjectiveSpec
 from analysis.tables import format_table
-from landscape import distributed as ranks
+from landscape.engine import distributed as ranks
 
 RUNS = [("sgd", SMALL), ("sgd", LARGE), ("smoothout", SMALL), ("smoothout", LARGE)]
 CLAIMS = (  # (question, baseline, other)

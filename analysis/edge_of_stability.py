@@ -3,7 +3,7 @@
 A tanh MLP (40-32-32-10) is trained by full-batch gradient descent with the squared loss on
 500 mnist1d training samples, at three step sizes η. The top Hessian eigenvalue λ1 is
 measured every 10 steps by Lanczos, warm-started from the previous top eigenvector
-(landscape.stability). Each run shows progressive sharpening (λ1 grows from about 2 while
+(landscape.curvature.stability). Each run shows progressive sharpening (λ1 grows from about 2 while
 the loss falls) until λ1 reaches 2/η, where it then stays. About 30 s on one CPU thread:
 
     python -m analysis.edge_of_stability --out figures      # writes figures/edge-of-stability.png
@@ -21,9 +21,9 @@ import torch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from analysis.plots import plt, save
-from landscape.data import load_data
-from landscape.models import MLP
-from landscape.stability import GDConfig, GDRun, gradient_descent
+from landscape.curvature.stability import GDConfig, GDRun, gradient_descent
+from landscape.inputs.data import load_data
+from landscape.inputs.models import MLP
 
 STEP_SIZES = (0.15, 0.25, 0.4)
 DATA, N_SAMPLES, HIDDEN = "mnist1d", 500, (32, 32)

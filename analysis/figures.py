@@ -58,15 +58,15 @@ from analysis.report import Report, write_text
 from analysis.specs import CorrelateSpec
 from analysis.tables import format_table
 from analysis.train_command import NOISE_OPTION
-from landscape import distributed as ranks
-from landscape.checkpoints import load_checkpoint
-from landscape.data import MeasurementSet
-from landscape.directions import random_directions
-from landscape.from_checkpoint import objective_from_checkpoint
-from landscape.operators import HessianOperator
+from landscape.curvature.spectrum import slq_density
+from landscape.engine import distributed as ranks
+from landscape.engine.from_checkpoint import objective_from_checkpoint
+from landscape.engine.operators import HessianOperator
+from landscape.inputs.checkpoints import load_checkpoint
+from landscape.inputs.data import MeasurementSet
 from landscape.results import to_jsonable
-from landscape.spectrum import slq_density
-from landscape.surface import compute_surface, grid_axis, read_surface
+from landscape.surfaces.directions import random_directions
+from landscape.surfaces.surface import compute_surface, grid_axis, read_surface
 
 FULL = {"lrs": SWEEP_LRS, "sweep_seeds": 3, "seeds": 3, "epoch_fraction": 1.0, "grid": GRID, "n_samples": None, "k": 1, "probes": 60,
         "noise_samples": 40, "restarts": 3, "line": 41, "plane": 21, "density_steps": 80, "interpolation": 31, "extend": 2}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from landscape.checkpoints import CheckpointError, load_checkpoint
+from landscape.inputs.checkpoints import CheckpointError, load_checkpoint
 
 
 @dataclass(frozen=True)

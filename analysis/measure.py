@@ -14,22 +14,22 @@ from analysis.quantities import as_result
 from analysis.results_file import ResultsFile
 from analysis.specs import MeasureSpec, MetricSpec, ObjectiveSpec
 from analysis.tables import format_table
-from landscape import distributed as ranks
-from landscape.batches import resolve_loss
-from landscape.checkpoints import load_checkpoint
-from landscape.curvature import CURVATURES
-from landscape.data import MeasurementSet
-from landscape.epsilon_sharpness import METHODS as EPS_METHODS
-from landscape.from_checkpoint import objective_from_checkpoint, parse_dtype
-from landscape.memory import parse_size
-from landscape.objective import Objective
-from landscape.operators import curvature_operator
-from landscape.per_layer import PerLayerResult, module_blocks, per_layer
-from landscape.perturb import epsilon_sharpness, expected_loss, sharpness_curve
+from landscape.curvature.per_layer import PerLayerResult, module_blocks, per_layer
+from landscape.curvature.spectrum import lanczos, slq_density
+from landscape.curvature.trace import hutchinson, hutchpp, xtrace
+from landscape.engine import distributed as ranks
+from landscape.engine.from_checkpoint import objective_from_checkpoint, parse_dtype
+from landscape.engine.gauss_newton import CURVATURES
+from landscape.engine.memory import parse_size
+from landscape.engine.objective import Objective
+from landscape.engine.operators import curvature_operator
+from landscape.inputs.batches import resolve_loss
+from landscape.inputs.checkpoints import load_checkpoint
+from landscape.inputs.data import MeasurementSet
 from landscape.results import Result
-from landscape.spectrum import lanczos, slq_density
-from landscape.trace import hutchinson, hutchpp, xtrace
-from landscape.worst_case import (
+from landscape.sharpness.epsilon_sharpness import METHODS as EPS_METHODS
+from landscape.sharpness.perturb import epsilon_sharpness, expected_loss, sharpness_curve
+from landscape.sharpness.worst_case import (
     DEFAULT_AVERAGE_RHO,
     DEFAULT_RHO,
     MSharpness,
@@ -216,7 +216,7 @@ def _trace(objective: Objective, spec: MetricSpec) -> Result:
 
 
 def _per_layer(objective: Objective, spec: MetricSpec) -> Result:
-    """--per-layer: λ1 and trace of each module's diagonal block of the curvature (landscape.per_layer)."""
+    """--per-layer: λ1 and trace of each module's diagonal block of the curvature (landscape.curvature.per_layer)."""
     return per_layer(_operator(objective, spec), module_blocks(objective.layout), list(spec.per_layer),
                      tol=spec.tol, max_matvecs=spec.max_matvecs, trace=TRACE_METHODS[spec.trace_method],
                      n_probes=spec.probes, seed=spec.seed, progress=spec.progress)

@@ -20,12 +20,12 @@ from analysis.recipes import LARGE, METHODS, SMALL, label
 from analysis.report import write_text
 from analysis.specs import CompareSpec, MeasureSpec, MetricSpec, ObjectiveSpec
 from analysis.train_command import NOISE_OPTION
-from landscape.checkpoints import load_checkpoint
-from landscape.data import MeasurementSet
-from landscape.directions import between
-from landscape.from_checkpoint import objective_from_checkpoint
+from landscape.engine.from_checkpoint import objective_from_checkpoint
+from landscape.inputs.checkpoints import load_checkpoint
+from landscape.inputs.data import MeasurementSet
 from landscape.results import Result, to_jsonable
-from landscape.surface import compute_surface, grid_axis
+from landscape.surfaces.directions import between
+from landscape.surfaces.surface import compute_surface, grid_axis
 
 NOISE = noise_increase_label(0.02)
 VALUE_QUANTITIES = ("train loss", "gradient norm", "test accuracy", "test loss", eigenvalue_label(1), "trace", NOISE,

@@ -18,7 +18,7 @@ from pathlib import Path
 from analysis.recipes import CONVERGED, LARGE, Recipe, config, train_all
 from analysis.train_command import NOISE_OPTION
 
-GRID = {  # around each default (SmoothOut a=0.02; landscape.optim: σ=0.01, radius 0.01, ρ=0.05), by factors of 2
+GRID = {  # around each default (SmoothOut a=0.02; landscape.training.optim: σ=0.01, radius 0.01, ρ=0.05), by factors of 2
     "smoothout": (0.005, 0.01, 0.02, 0.04),
     "adasmoothout": (0.01, 0.02, 0.05, 0.1),
     "ssgd": (0.0025, 0.005, 0.01, 0.02),

@@ -1,7 +1,7 @@
 """`landscape figures --paper DIR`: SmoothOut's CIFAR comparison (Wen et al. 2018, arXiv 1805.07898) under its recipes.
 
 For each data set found in DIR (CIFAR-10 in DIR/cifar-10-batches-py, CIFAR-100 in DIR/cifar-100-python, or either
-archive's files in DIR itself) it trains SGD and SmoothOut under the paper recipes of landscape.presets
+archive's files in DIR itself) it trains SGD and SmoothOut under the paper recipes of landscape.training.presets
 (`smoothout-resnet44-cifar10` and its `-large` variant on CIFAR-10, `smoothout-c3-cifar100` and `-large` on
 CIFAR-100; batch 128 and 4096, ghost batches of 128, clip 5.0, lr scaled by sqrt(B/128)), `--seeds` seeds each
 (seed s starts both methods from the same weights and batch order), measures every final checkpoint alike with
@@ -40,11 +40,11 @@ from analysis.recipes import DEFAULT_NOISE, label, train_all
 from analysis.report import Report, write_text
 from analysis.tables import format_table
 from analysis.train_command import NOISE_OPTION
-from landscape import distributed as ranks
-from landscape.data import CIFAR_LAYOUTS, cifar_folder, has_cifar
-from landscape.presets import PRESETS, Preset, apply_preset
+from landscape.engine import distributed as ranks
+from landscape.inputs.data import CIFAR_LAYOUTS, cifar_folder, has_cifar
 from landscape.results import to_jsonable
-from landscape.train import TrainConfig
+from landscape.training.presets import PRESETS, Preset, apply_preset
+from landscape.training.train import TrainConfig
 
 METHODS = ("sgd", "smoothout")
 FULL = {"seeds": 3, "epoch_fraction": 1.0, "n_samples": 5000, "k": 1, "probes": 30, "noise_samples": 20,

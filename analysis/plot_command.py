@@ -8,7 +8,7 @@ from pathlib import Path
 
 from analysis.command_line import print_json
 from analysis.plots import SURFACE_KINDS, plot_lines, plot_surfaces, save
-from landscape.surface import Surface, read_surface
+from landscape.surfaces.surface import Surface, read_surface
 
 KINDS = ("line", *SURFACE_KINDS)
 

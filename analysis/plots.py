@@ -20,16 +20,16 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from analysis.differences import ci_halfwidth  # noqa: E402
 from analysis.quantities import eigenvalue_label  # noqa: E402
-from landscape.directions import Directions  # noqa: E402
-from landscape.per_layer import BlockCurvature, PerLayerResult  # noqa: E402
-from landscape.perturb import SharpnessCurve  # noqa: E402
-from landscape.spectrum import Spectrum  # noqa: E402
-from landscape.surface import Surface  # noqa: E402
+from landscape.curvature.per_layer import BlockCurvature, PerLayerResult  # noqa: E402
+from landscape.curvature.spectrum import Spectrum  # noqa: E402
+from landscape.sharpness.perturb import SharpnessCurve  # noqa: E402
+from landscape.surfaces.directions import Directions  # noqa: E402
+from landscape.surfaces.surface import Surface  # noqa: E402
 
 
 def save(fig: plt.Figure, path: str | Path) -> Path:
     """Write PNG or PDF (by suffix), creating the folder; close the figure. Under torchrun only rank 0 writes."""
-    from landscape import distributed
+    from landscape.engine import distributed
 
     path = Path(path)
     if distributed.is_main():

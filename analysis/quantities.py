@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from landscape.epsilon_sharpness import EpsilonSharpness
-from landscape.perturb import ExpectedLoss, SharpnessCurve
+from landscape.curvature.spectrum import EigResult, Spectrum
+from landscape.curvature.trace import TraceResult
 from landscape.results import Quantity, Result
-from landscape.spectrum import EigResult, Spectrum
-from landscape.trace import TraceResult
-from landscape.worst_case import MSharpness, WorstCase
+from landscape.sharpness.epsilon_sharpness import EpsilonSharpness
+from landscape.sharpness.perturb import ExpectedLoss, SharpnessCurve
+from landscape.sharpness.worst_case import MSharpness, WorstCase
 
 # the result type of each metric of `landscape measure` (and compare, track, correlate)
 METRIC_RESULTS: dict[str, type[Result]] = {

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.train_command import NOISE_OPTION
-from landscape import distributed as ranks
-from landscape.train import TrainConfig, train
+from landscape.engine import distributed as ranks
+from landscape.training.train import TrainConfig, train
 
 SMALL, LARGE = 32, 2000
 LR = {SMALL: 0.01, LARGE: 0.1}
 METHODS = ("sgd", "smoothout", "adasmoothout", "ssgd", "nso", "nrs", "sam")
-DEFAULT_NOISE = {"smoothout": 0.02}  # the others at landscape.optim's defaults
+DEFAULT_NOISE = {"smoothout": 0.02}  # the others at landscape.training.optim's defaults
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ class Report:
 
 def write_text(path: Path, text: str) -> Path:
     """Write a report's text file; under torchrun only rank 0 writes (the others computed the same text)."""
-    from landscape import distributed
+    from landscape.engine import distributed
 
     if distributed.is_main():
         path.write_text(text)

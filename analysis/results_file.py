@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from landscape import distributed as ranks
-from landscape.from_checkpoint import file_sha256
+from landscape.engine import distributed as ranks
+from landscape.engine.from_checkpoint import file_sha256
 from landscape.results import to_jsonable
 
 FORMAT = "landscape-measure"

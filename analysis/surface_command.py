@@ -12,8 +12,9 @@ from analysis.command_line import print_json
 from analysis.measure import add_objective_arguments, build_objective
 from analysis.specs import ObjectiveSpec
 from analysis.tables import format_table
-from landscape.checkpoints import load_checkpoint
-from landscape.directions import (
+from landscape.engine.objective import Objective
+from landscape.inputs.checkpoints import load_checkpoint
+from landscape.surfaces.directions import (
     NORMALIZATIONS,
     ONE_D_POLICIES,
     Directions,
@@ -21,8 +22,7 @@ from landscape.directions import (
     pca_directions,
     random_directions,
 )
-from landscape.objective import Objective
-from landscape.surface import Surface, compute_surface, grid_axis
+from landscape.surfaces.surface import Surface, compute_surface, grid_axis
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

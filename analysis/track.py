@@ -30,9 +30,9 @@ from analysis.measure import (
 from analysis.quantities import metric_quantities
 from analysis.results_file import ResultsFile
 from analysis.specs import MeasureSpec
-from landscape import distributed as ranks
-from landscape.checkpoints import load_checkpoint
-from landscape.spectrum import WarmStart
+from landscape.curvature.spectrum import WarmStart
+from landscape.engine import distributed as ranks
+from landscape.inputs.checkpoints import load_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""`landscape train`: command-line front of landscape.train."""
+"""`landscape train`: command-line front of landscape.training.train."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 from analysis.command_line import print_json
 from analysis.options import parse_options
 from analysis.tables import format_table
-from landscape.checkpoints import load_checkpoint
-from landscape.presets import PRESETS, apply_preset
-from landscape.train import AMP_MODES, LR_SCALINGS, LR_SCHEDULES, TrainConfig, train
+from landscape.inputs.checkpoints import load_checkpoint
+from landscape.training.presets import PRESETS, apply_preset
+from landscape.training.train import AMP_MODES, LR_SCALINGS, LR_SCHEDULES, TrainConfig, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +114,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> None:
     config = config_from_args(args)
-    from landscape.objective import default_device
+    from landscape.engine.objective import default_device
 
     final = train(config, args.out, resume=args.resume, progress=args.progress, device=args.device or default_device())
     metrics = final_metrics(final)

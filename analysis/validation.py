@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 import torch
 
-from landscape.memory import parse_size
-from landscape.objective import COMPILED_HVP, HVP_METHODS
+from landscape.engine.memory import parse_size
+from landscape.engine.objective import COMPILED_HVP, HVP_METHODS
 
 # dest: smallest allowed value, for every integer option of every command that has it
 INT_MINIMUMS = {
@@ -100,7 +100,7 @@ def metric_names(args: argparse.Namespace) -> list[str]:
 
 def per_layer_names(text: str) -> list[str]:
     """--per-layer as a list of eig and trace (at least one)."""
-    from landscape.per_layer import PER_LAYER_METRICS
+    from landscape.curvature.per_layer import PER_LAYER_METRICS
 
     return parse_metrics(text, PER_LAYER_METRICS, "--per-layer")
 

@@ -42,13 +42,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
-from landscape.data import MeasurementSet, load_data  # noqa: E402
-from landscape.models import model_for_data  # noqa: E402
-from landscape.objective import Objective  # noqa: E402
-from landscape.operators import DenseOperator, HessianOperator, LinearOperator  # noqa: E402
+from landscape.curvature.spectrum import lanczos, power_iteration  # noqa: E402
+from landscape.curvature.trace import hutchinson, hutchpp, xtrace  # noqa: E402
+from landscape.engine.objective import Objective  # noqa: E402
+from landscape.engine.operators import DenseOperator, HessianOperator, LinearOperator  # noqa: E402
+from landscape.inputs.data import MeasurementSet, load_data  # noqa: E402
+from landscape.inputs.models import model_for_data  # noqa: E402
 from landscape.results import to_jsonable  # noqa: E402
-from landscape.spectrum import lanczos, power_iteration  # noqa: E402
-from landscape.trace import hutchinson, hutchpp, xtrace  # noqa: E402
 
 K, TOL = 5, 1e-3
 EIG_SEEDS = range(3)

@@ -1,7 +1,7 @@
 """Scale-out on torch.distributed: 1 vs N processes (one thread each) for Lanczos top-5 and a 2-D surface.
 
 Lanczos runs on a data-parallel Objective (batches sharded, every HVP all-reduced); the surface
-shards grid points (landscape.surface). Each configuration is its own job: a plain process for
+shards grid points (landscape.surfaces.surface). Each configuration is its own job: a plain process for
 N = 1, `torchrun --standalone --nproc_per_node N` otherwise. Also writes the on-paper scaling to
 N GPUs from the measured per-HVP compute time and all-reduce size. Writes
 benchmarks/results/distributed.json. Usage: python benchmarks/distributed.py [--quick] [--problem c3]
@@ -26,14 +26,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402  (also sets one thread per process)
 
-from landscape import distributed as ranks  # noqa: E402
-from landscape.data import MeasurementSet, load_data  # noqa: E402
-from landscape.directions import random_directions  # noqa: E402
-from landscape.models import model_for_data  # noqa: E402
-from landscape.objective import Objective  # noqa: E402
-from landscape.operators import HessianOperator  # noqa: E402
-from landscape.spectrum import lanczos  # noqa: E402
-from landscape.surface import compute_surface, grid_axis  # noqa: E402
+from landscape.curvature.spectrum import lanczos  # noqa: E402
+from landscape.engine import distributed as ranks  # noqa: E402
+from landscape.engine.objective import Objective  # noqa: E402
+from landscape.engine.operators import HessianOperator  # noqa: E402
+from landscape.inputs.data import MeasurementSet, load_data  # noqa: E402
+from landscape.inputs.models import model_for_data  # noqa: E402
+from landscape.surfaces.directions import random_directions  # noqa: E402
+from landscape.surfaces.surface import compute_surface, grid_axis  # noqa: E402
 
 # Assumed interconnects for the on-paper model: NCCL ring all-reduce moves 2(N−1)/N × bytes per rank.
 LINKS = {"nvlink-node": {"bus_bandwidth_GBps": 100.0, "latency_us": 20.0},

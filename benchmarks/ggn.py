@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import rss_bytes, seconds_per_call, write_results  # noqa: E402
 from hvp import PROBES_PER_BLOCK, problem  # noqa: E402
 
-from landscape.objective import Objective  # noqa: E402
-from landscape.operators import FisherOperator, GGNOperator, HessianOperator  # noqa: E402
+from landscape.engine.objective import Objective  # noqa: E402
+from landscape.engine.operators import FisherOperator, GGNOperator, HessianOperator  # noqa: E402
 
 PROBLEMS = ["mlp-digits", "convnet-digits", "resnet20"]
 PRODUCTS = ["ggn", "fisher", "ggn-recompute", "hvp"]  # the HVP last: its kept graph is the largest

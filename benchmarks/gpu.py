@@ -1,7 +1,7 @@
 """The GPU benchmark: one prepared script for a session that is lent a device (≤ 6 minutes on one H200).
 
 Sections, each recorded on its own (a failure is an error string in its place, the rest still runs):
-  hvp      HVP ÷ gradient per Objective path (landscape.objective.HVP_METHODS, "compiled" included where
+  hvp      HVP ÷ gradient per Objective path (landscape.engine.objective.HVP_METHODS, "compiled" included where
            present) and PyHessian's hessian_vector_product where importable, on ResNet-20 and ResNet-44 at
            batch 128 and 512 (CIFAR-shaped random data), with the run-time self-check and peak memory per row;
   train    seconds per training step per method (sgd, sam, smoothout, nso) with AMP off, bf16 and fp16, ResNet-20 at
@@ -36,11 +36,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, rss_bytes  # noqa: E402
 
-from landscape import objective as objective_module  # noqa: E402
-from landscape.models import model_for_data  # noqa: E402
-from landscape.objective import HVP_METHODS, Objective  # noqa: E402
-from landscape.operators import HessianOperator  # noqa: E402
-from landscape.spectrum import lanczos  # noqa: E402
+from landscape.curvature.spectrum import lanczos  # noqa: E402
+from landscape.engine import objective as objective_module  # noqa: E402
+from landscape.engine.objective import HVP_METHODS, Objective  # noqa: E402
+from landscape.engine.operators import HessianOperator  # noqa: E402
+from landscape.inputs.models import model_for_data  # noqa: E402
 
 COMPILED = getattr(objective_module, "COMPILED_HVP", None)  # the torch.compile'd path, where the Objective has one
 PATHS = [*HVP_METHODS, *([COMPILED] if COMPILED and COMPILED not in HVP_METHODS else [])]
@@ -149,11 +149,11 @@ def model(name: str) -> torch.nn.Module:
 
 # ----------------------------------------------------------------------------------------- train
 def train_section(settings: dict, device: torch.device, clock: Clock, save: Callable[[], None], rows: list) -> None:
-    """Seconds per optimizer step per method and mixed-precision mode (landscape.optim, ResNet-20 at batch 128), the
+    """Seconds per optimizer step per method and mixed-precision mode (landscape.training.optim, ResNet-20 at batch 128), the
     ratio to float32 SGD, peak memory, and the loss after the timed steps (a finite loss: the mode trains)."""
     import torch.nn.functional as F
 
-    from landscape.optim import make_optimizer
+    from landscape.training.optim import make_optimizer
 
     x, y = (t.to(device) for t in cifar_like(settings["train_batch"], seed=3))
     deadline = settings["train_budget_s"] + clock.elapsed()

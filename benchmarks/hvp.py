@@ -28,11 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, rss_bytes, seconds_per_call, write_results  # noqa: E402
 
-from landscape.checkpoints import save_checkpoint  # noqa: E402
-from landscape.data import MeasurementSet, load_data  # noqa: E402
-from landscape.memory import parse_size  # noqa: E402
-from landscape.models import model_for_data  # noqa: E402
-from landscape.objective import Objective  # noqa: E402
+from landscape.engine.memory import parse_size  # noqa: E402
+from landscape.engine.objective import Objective  # noqa: E402
+from landscape.inputs.checkpoints import save_checkpoint  # noqa: E402
+from landscape.inputs.data import MeasurementSet, load_data  # noqa: E402
+from landscape.inputs.models import model_for_data  # noqa: E402
 
 PATHS = ["linearize", "reuse", "fwd-rev", "double-backward", "auto", "pyhessian", "curvlinops"]
 PROBES_PER_BLOCK = {"resnet20": 4, "c3": 4}  # batched probes per call; 16 on the small models
@@ -181,7 +181,7 @@ PYHESSIAN_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
 from pyhessian import hessian
-from landscape.models import model_from_spec
+from landscape.inputs.models import model_from_spec
 checkpoint = torch.load(sys.argv[1], weights_only=True)
 model = model_from_spec(checkpoint["model_spec"])
 model.load_state_dict(checkpoint["state_dict"])

@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 from hvp import problem  # noqa: E402
 
-from landscape.objective import Objective  # noqa: E402
-from landscape.operators import HessianOperator  # noqa: E402
-from landscape.spectrum import lanczos  # noqa: E402
+from landscape.curvature.spectrum import lanczos  # noqa: E402
+from landscape.engine.objective import Objective  # noqa: E402
+from landscape.engine.operators import HessianOperator  # noqa: E402
 
 PROBLEMS = ["mlp-digits", "convnet-digits", "resnet20"]
 

@@ -4,7 +4,7 @@ Per problem, in one process at one thread: one forward pass over the measurement
 floor any exact evaluation pays per point), `compute_surface` (HDF5 file included), a naive loop
 (deep copy + load_state_dict + eval per point, as a script would do) and, where it installs,
 loss-landscapes' `random_plane` on the same model and data. A second table: points per second at
-several points per call (vmapped forward, landscape.batched_points) on the digits MLP and ConvNet;
+several points per call (vmapped forward, landscape.engine.batched_points) on the digits MLP and ConvNet;
 `points_per_second` measures one setting on any device (benchmarks/gpu.py runs it on a GPU).
 Writes benchmarks/results/surface.json.
 Usage: python benchmarks/surface.py [--problems mlp-digits,convnet-digits,resnet20] [--tables peers,batched]
@@ -29,12 +29,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, seconds_per_call, write_results  # noqa: E402
 
-from landscape.batched_points import BatchedPointsNote  # noqa: E402
-from landscape.data import MeasurementSet, load_data  # noqa: E402
-from landscape.directions import random_directions  # noqa: E402
-from landscape.models import model_for_data  # noqa: E402
-from landscape.objective import Objective  # noqa: E402
-from landscape.surface import compute_surface, grid_axis  # noqa: E402
+from landscape.engine.batched_points import BatchedPointsNote  # noqa: E402
+from landscape.engine.objective import Objective  # noqa: E402
+from landscape.inputs.data import MeasurementSet, load_data  # noqa: E402
+from landscape.inputs.models import model_for_data  # noqa: E402
+from landscape.surfaces.directions import random_directions  # noqa: E402
+from landscape.surfaces.surface import compute_surface, grid_axis  # noqa: E402
 
 GRID = {"mlp-digits": 15, "convnet-digits": 7, "resnet20": 3}  # points per axis of the 2-D grid
 BATCHED_POINTS = {"mlp-digits": 256, "convnet-digits": 32}  # points per timed 1-D grid in the points-per-call table

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import seconds_per_call, write_results  # noqa: E402
 
-from landscape.checkpoints import load_checkpoint  # noqa: E402
-from landscape.data import load_data  # noqa: E402
-from landscape.models import model_for_data  # noqa: E402
-from landscape.optim import make_optimizer  # noqa: E402
-from landscape.train import TrainConfig, train  # noqa: E402
+from landscape.inputs.checkpoints import load_checkpoint  # noqa: E402
+from landscape.inputs.data import load_data  # noqa: E402
+from landscape.inputs.models import model_for_data  # noqa: E402
+from landscape.training.optim import make_optimizer  # noqa: E402
+from landscape.training.train import TrainConfig, train  # noqa: E402
 
 METHODS = {  # the method's main option at a typical value for this scale
     "sgd": {},

@@ -118,7 +118,7 @@ def accumulation_memory(quick: bool) -> list[dict]:
     batch = 256 if quick else 512
     code = (
         "import resource, torch, torch.nn.functional as F\n"
-        "from landscape.models import model_for_data\nfrom landscape.optim import make_optimizer\n"
+        "from landscape.inputs.models import model_for_data\nfrom landscape.training.optim import make_optimizer\n"
         "torch.manual_seed(0); m, _ = model_for_data('resnet20', (3, 32, 32), num_classes=10)\n"
         f"x = torch.randn({batch}, 3, 32, 32); y = torch.randint(0, 10, ({batch},))\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

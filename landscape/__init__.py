@@ -1,12 +1,13 @@
 """landscape: how sharp is the minimum a trained network sits in?
 
-The measurement engine, in the order every number takes (docs/architecture.md):
-data and checkpoints → Objective → curvature operators → estimators (spectrum, trace, perturbation and
-sharpness, surfaces) → typed results; the trainer apart. The names below are the public API:
+The measurement engine, in the order every number takes (docs/architecture.md), one folder per stage:
+inputs/ (data and checkpoints) → engine/ (the Objective and its curvature operators) → the estimators in
+curvature/ (spectrum, trace, per-layer), sharpness/ (perturbation and sharpness) and surfaces/ → typed results
+(results.py, statistics.py); training/ apart. The names below are the public API:
 `from landscape import Objective, HessianOperator, lanczos`. They load on first use (PEP 562), so
 `import landscape` alone stays free of torch and the command line's `--help` stays fast. Functions
-named like their module (`landscape.train.train`, `landscape.per_layer.per_layer`,
-`landscape.perturb.epsilon_sharpness`, `landscape.worst_case.worst_case`) are imported from
+named like their module (`landscape.training.train.train`, `landscape.curvature.per_layer.per_layer`,
+`landscape.sharpness.perturb.epsilon_sharpness`, `landscape.sharpness.worst_case.worst_case`) are imported from
 the module: a package attribute of that name is the module once anything imports it.
 """
 
@@ -20,23 +21,23 @@ __version__ = "0.1.0"
 # public name → the module that defines it
 _EXPORTS = {
     # data and checkpoints
-    "load_data": "landscape.data", "MeasurementSet": "landscape.data", "Dataset": "landscape.data",
-    "load_checkpoint": "landscape.checkpoints", "save_checkpoint": "landscape.checkpoints",
-    "objective_from_checkpoint": "landscape.from_checkpoint",
+    "load_data": "landscape.inputs.data", "MeasurementSet": "landscape.inputs.data", "Dataset": "landscape.inputs.data",
+    "load_checkpoint": "landscape.inputs.checkpoints", "save_checkpoint": "landscape.inputs.checkpoints",
+    "objective_from_checkpoint": "landscape.engine.from_checkpoint",
     # the objective and its curvature operators
-    "Objective": "landscape.objective",
-    "HessianOperator": "landscape.operators", "GGNOperator": "landscape.operators",
-    "FisherOperator": "landscape.operators", "curvature_operator": "landscape.operators",
+    "Objective": "landscape.engine.objective",
+    "HessianOperator": "landscape.engine.operators", "GGNOperator": "landscape.engine.operators",
+    "FisherOperator": "landscape.engine.operators", "curvature_operator": "landscape.engine.operators",
     # estimators
-    "lanczos": "landscape.spectrum", "slq_density": "landscape.spectrum",
-    "hutchinson": "landscape.trace", "hutchpp": "landscape.trace", "xtrace": "landscape.trace",
-    "expected_loss": "landscape.perturb", "sharpness_curve": "landscape.perturb",
-    "average_case": "landscape.worst_case", "m_sharpness": "landscape.worst_case",
+    "lanczos": "landscape.curvature.spectrum", "slq_density": "landscape.curvature.spectrum",
+    "hutchinson": "landscape.curvature.trace", "hutchpp": "landscape.curvature.trace", "xtrace": "landscape.curvature.trace",
+    "expected_loss": "landscape.sharpness.perturb", "sharpness_curve": "landscape.sharpness.perturb",
+    "average_case": "landscape.sharpness.worst_case", "m_sharpness": "landscape.sharpness.worst_case",
     # surfaces
-    "random_directions": "landscape.directions", "between": "landscape.directions",
-    "compute_surface": "landscape.surface", "grid_axis": "landscape.surface", "read_surface": "landscape.surface",
+    "random_directions": "landscape.surfaces.directions", "between": "landscape.surfaces.directions",
+    "compute_surface": "landscape.surfaces.surface", "grid_axis": "landscape.surfaces.surface", "read_surface": "landscape.surfaces.surface",
     # training
-    "make_optimizer": "landscape.optim", "TrainConfig": "landscape.train",
+    "make_optimizer": "landscape.training.optim", "TrainConfig": "landscape.training.train",
 }
 __all__ = ["__version__", *_EXPORTS]
 

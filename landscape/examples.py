@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from landscape.batches import mean_squared_error
-from landscape.objective import Objective
+from landscape.engine.objective import Objective
+from landscape.inputs.batches import mean_squared_error
 
 
 def quadratic() -> Objective:

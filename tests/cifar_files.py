@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from landscape.data import CIFAR_LAYOUTS
+from landscape.inputs.data import CIFAR_LAYOUTS
 
 
 def write_cifar_batch(path, data: np.ndarray, labels: list[int], label_key: bytes) -> None:

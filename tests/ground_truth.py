@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from landscape.params import FlatLayout, select_parameters
+from landscape.engine.params import FlatLayout, select_parameters
 
 
 def dense_reference(model: nn.Module, batches, mode: str, selection: str = "all"):

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from landscape.checkpoints import save_checkpoint
-from landscape.models import model_for_data
-from landscape.operators import DenseOperator
+from landscape.engine.operators import DenseOperator
+from landscape.inputs.checkpoints import save_checkpoint
+from landscape.inputs.models import model_for_data
 
 
 def dense(eigenvalues, seed=0, dtype=torch.float64):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from landscape import distributed as ranks
+from landscape.engine import distributed as ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 

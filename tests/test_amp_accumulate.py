@@ -1,4 +1,4 @@
-"""Gradient accumulation and mixed precision in every method's step (landscape/optim.py).
+"""Gradient accumulation and mixed precision in every method's step (landscape/training/optim.py).
 
 Accumulation: K micro-batches give the whole batch's step for SGD/Adam (float64, to rounding), a noisy
 method's micro-batches are its noise pieces (the same bits as ghost batches of n/K), and SAM's global
@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from landscape.checkpoints import load_checkpoint
-from landscape.models import MLP
-from landscape.optim import make_optimizer
-from landscape.train import TrainConfig, train
+from landscape.inputs.checkpoints import load_checkpoint
+from landscape.inputs.models import MLP
+from landscape.training.optim import make_optimizer
+from landscape.training.train import TrainConfig, train
 from tests.helpers import tiny_convnet_bn
 
 N = 60

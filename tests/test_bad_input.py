@@ -21,8 +21,8 @@ from analysis.cli import build_parser, main
 from analysis.measure import build_objective
 from analysis.specs import ObjectiveSpec
 from analysis.validation import validate_arguments
-from landscape.checkpoints import CheckpointError, load_checkpoint
-from landscape.data import MeasurementSet, load_data
+from landscape.inputs.checkpoints import CheckpointError, load_checkpoint
+from landscape.inputs.data import MeasurementSet, load_data
 from tests.helpers import Exploit, cli_command, one_line, run_cli
 from tests.model_zoo import CifarResNet
 

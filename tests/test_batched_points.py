@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from landscape.batched_points import BatchedPointsNote, PointEvaluator, points_per_call
-from landscape.data import MeasurementSet, load_data
-from landscape.directions import random_directions
-from landscape.models import model_for_data
-from landscape.objective import Objective
-from landscape.surface import compute_surface, grid_axis, read_surface
+from landscape.engine.batched_points import BatchedPointsNote, PointEvaluator, points_per_call
+from landscape.engine.objective import Objective
+from landscape.inputs.data import MeasurementSet, load_data
+from landscape.inputs.models import model_for_data
+from landscape.surfaces.directions import random_directions
+from landscape.surfaces.surface import compute_surface, grid_axis, read_surface
 from tests.helpers import tiny_convnet_bn
 
 TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12}
@@ -64,7 +64,7 @@ def test_resnet20_with_bn_in_eval_mode_and_per_point_bn_buffers():
 
 def test_tiny_gpt2_with_dict_batches():
     pytest.importorskip("transformers")
-    from landscape.batches import token_cross_entropy
+    from landscape.inputs.batches import token_cross_entropy
     from tests.helpers import gpt2, token_batches
 
     objective = Objective(gpt2(), token_batches(), loss=token_cross_entropy, dtype=torch.float64, device="cpu")
@@ -106,7 +106,7 @@ def test_points_per_call_auto_is_one_on_the_cpu_and_bad_values_are_refused(mlp_p
 
 def test_points_per_call_auto_on_cuda_fits_k_copies_of_the_activations(mlp_problem, monkeypatch):
     """On CUDA, auto takes the k whose activations fill a quarter of the free memory, between 1 and 32."""
-    from landscape import batched_points
+    from landscape.engine import batched_points
 
     model, _, _, batches = mlp_problem
     objective = Objective(model, batches, device="cpu")

@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from landscape.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from landscape.models import model_for_data
+from landscape.inputs.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from landscape.inputs.models import model_for_data
 from tests.helpers import bad_files
 
 

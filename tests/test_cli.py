@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from landscape.checkpoints import load_checkpoint
-from landscape.data import MeasurementSet, load_data
-from landscape.epsilon_sharpness import epsilon_sharpness
-from landscape.objective import Objective
+from landscape.engine.objective import Objective
+from landscape.inputs.checkpoints import load_checkpoint
+from landscape.inputs.data import MeasurementSet, load_data
+from landscape.sharpness.epsilon_sharpness import epsilon_sharpness
 from tests.helpers import bad_files, run_cli
 
 
@@ -46,7 +46,7 @@ def test_train_then_measure_reports_the_objective(trained_run):
 @pytest.mark.parametrize("kind", ["missing.pt", "truncated.pt", "text.pt", "garbage.pt", "legacy.pt", "nostate.pt",
                                   "bare.pt", "mismatch.pt", "nan.pt", "pickled-module.pt"])
 def test_bad_checkpoints_exit_with_one_line(tmp_path, kind):
-    from landscape.models import model_for_data
+    from landscape.inputs.models import model_for_data
 
     model, spec = model_for_data("mlp", (1, 8, 8), num_classes=10, hidden=(16,))
     messages = bad_files(tmp_path, model, spec)

@@ -10,14 +10,14 @@ import pytest
 import scipy.stats
 
 from analysis.differences import aggregate, difference
-from landscape.checkpoints import load_checkpoint, save_checkpoint
-from landscape.data import MeasurementSet, load_data
-from landscape.models import model_for_data
-from landscape.objective import Objective
-from landscape.operators import HessianOperator
+from landscape.curvature.spectrum import lanczos
+from landscape.engine.objective import Objective
+from landscape.engine.operators import HessianOperator
+from landscape.inputs.checkpoints import load_checkpoint, save_checkpoint
+from landscape.inputs.data import MeasurementSet, load_data
+from landscape.inputs.models import model_for_data
 from landscape.results import Quantity
-from landscape.spectrum import lanczos
-from landscape.train import TrainConfig, train
+from landscape.training.train import TrainConfig, train
 from tests.helpers import result_of, run_cli
 
 
@@ -183,19 +183,19 @@ def test_sharpness_maxima_and_batch_measures_enter_the_comparison_paired():
 
 
 def worst_case_result(**given):
-    from landscape.worst_case import WorstCase
+    from landscape.sharpness.worst_case import WorstCase
 
     return result_of(WorstCase, p="2", **given)
 
 
 def m_sharpness_result(**given):
-    from landscape.worst_case import MSharpness
+    from landscape.sharpness.worst_case import MSharpness
 
     return result_of(MSharpness, p="2", **given)
 
 
 def expected_loss_result(**given):
-    from landscape.perturb import ExpectedLoss
+    from landscape.sharpness.perturb import ExpectedLoss
 
     return result_of(ExpectedLoss, ci=[0, 0], increase_ci=[0, 0], **given)
 

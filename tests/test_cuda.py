@@ -3,7 +3,7 @@
 Every test here is marked `cuda` and skipped without a CUDA device: they run in a session lent a GPU,
 through benchmarks/gpu_session.sh (`python -m pytest -m cuda tests/test_cuda.py`).
 
-- every HVP path of landscape.objective.HVP_METHODS, float64 and float32, BN eval and train mode, on a small
+- every HVP path of landscape.engine.objective.HVP_METHODS, float64 and float32, BN eval and train mode, on a small
   MLP, a small ConvNet with BN and ResNet-20, against an independent float64 CPU Hessian-vector product
   (tests/ground_truth.py); float32 on CUDA must be as accurate as float32 on the CPU (TF32 would not be);
 - GGN and empirical Fisher products, Lanczos, Hutchinson/Hutch++/XTrace and SLQ on CUDA against the CPU;
@@ -22,11 +22,11 @@ import pytest
 import torch
 from torch import nn
 
-from landscape import objective as objective_module
-from landscape.objective import HVP_METHODS, Objective
-from landscape.operators import DenseOperator, FisherOperator, GGNOperator, HessianOperator
-from landscape.spectrum import lanczos, slq_density
-from landscape.trace import hutchinson, hutchpp, xtrace
+from landscape.curvature.spectrum import lanczos, slq_density
+from landscape.curvature.trace import hutchinson, hutchpp, xtrace
+from landscape.engine import objective as objective_module
+from landscape.engine.objective import HVP_METHODS, Objective
+from landscape.engine.operators import DenseOperator, FisherOperator, GGNOperator, HessianOperator
 from tests.ground_truth import dense_hessian, dense_reference, rel_err
 from tests.helpers import classification_batches, digits_mlp_checkpoint, tiny_convnet_bn, tiny_mlp
 from tests.model_zoo import _randomize_norms
@@ -42,7 +42,7 @@ CPU = "cpu"
 
 # ---------------------------------------------------------------------------------------------- problems
 def _resnet20() -> nn.Module:
-    from landscape.models import model_for_data
+    from landscape.inputs.models import model_for_data
 
     torch.manual_seed(0)
     net, _ = model_for_data("resnet20", (3, 32, 32), num_classes=10)
@@ -206,8 +206,8 @@ def test_slq_density_on_cuda_matches_the_cpu_on_a_dense_matrix():
 def test_surface_on_cuda_matches_the_cpu(dim, tmp_path):
     """Directions are drawn on the CPU, so both devices walk the same grid: equal losses and accuracies, the CUDA run
     written to HDF5 and read back; the 2-D case re-estimates BN statistics at every point on the device."""
-    from landscape.directions import random_directions
-    from landscape.surface import compute_surface, grid_axis, read_surface
+    from landscape.surfaces.directions import random_directions
+    from landscape.surfaces.surface import compute_surface, grid_axis, read_surface
 
     model, batches = problem("convnet-bn")
     axes = [grid_axis(-1, 1, 5)] * dim
@@ -230,8 +230,8 @@ def test_surface_on_cuda_matches_the_cpu(dim, tmp_path):
 
 
 def test_surface_float32_on_cuda_agrees_with_the_cpu_on_resnet20():
-    from landscape.directions import random_directions
-    from landscape.surface import compute_surface, grid_axis
+    from landscape.surfaces.directions import random_directions
+    from landscape.surfaces.surface import compute_surface, grid_axis
 
     model, batches = problem("resnet20")
     losses = {}
@@ -287,8 +287,8 @@ def test_cuda_out_of_memory_mid_run_is_one_line(tmp_path, capsys):
     """ResNet-20 on one batch of 2,048 CIFAR-shaped images with the CUDA allocator held to ~1.5 GiB: the loss fits,
     the gradient does not. The CLI must say so in one line (exit code ≠ 0), not print a traceback."""
     from analysis.cli import main
-    from landscape.checkpoints import save_checkpoint
-    from landscape.models import model_for_data
+    from landscape.inputs.checkpoints import save_checkpoint
+    from landscape.inputs.models import model_for_data
 
     g = torch.Generator().manual_seed(0)
     data = tmp_path / "cifar-shaped.npz"
@@ -323,7 +323,7 @@ def test_cuda_training_steps_match_the_cpu_in_float64(method):
     device generator's stream differs; the noisy ones must at least train and keep their weights finite)."""
     import torch.nn.functional as F
 
-    from landscape.optim import make_optimizer
+    from landscape.training.optim import make_optimizer
 
     results = {}
     for device in ("cpu", CUDA):
@@ -342,8 +342,8 @@ def test_cuda_training_steps_match_the_cpu_in_float64(method):
 
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
 def test_cuda_train_with_amp_and_accumulation_writes_a_trained_checkpoint(tmp_path, amp):
-    from landscape.checkpoints import load_checkpoint
-    from landscape.train import TrainConfig, train
+    from landscape.inputs.checkpoints import load_checkpoint
+    from landscape.training.train import TrainConfig, train
 
     config = TrainConfig(model="convnet", optimizer="sam", amp=amp, accumulate=2, epochs=2, batch_size=64)
     meta = load_checkpoint(train(config, tmp_path / amp, progress=False, device=CUDA)).meta

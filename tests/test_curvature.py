@@ -19,13 +19,13 @@ from torch.func import functional_call
 from analysis.cli import build_parser, main
 from analysis.measure import build_objective
 from analysis.specs import ObjectiveSpec
-from landscape import distributed as ranks
-from landscape.curvature import CurvatureError, _cross_entropy_hessian_product, output_hessian_product
-from landscape.objective import Objective, cross_entropy
-from landscape.operators import FisherOperator, GGNOperator, HessianOperator, curvature_operator
-from landscape.params import FlatLayout
-from landscape.spectrum import lanczos, slq_density
-from landscape.trace import xtrace
+from landscape.curvature.spectrum import lanczos, slq_density
+from landscape.curvature.trace import xtrace
+from landscape.engine import distributed as ranks
+from landscape.engine.gauss_newton import CurvatureError, _cross_entropy_hessian_product, output_hessian_product
+from landscape.engine.objective import Objective, cross_entropy
+from landscape.engine.operators import FisherOperator, GGNOperator, HessianOperator, curvature_operator
+from landscape.engine.params import FlatLayout
 from tests.ground_truth import dense_hessian, rel_err
 from tests.helpers import classification_batches, digits_mlp_checkpoint, tiny_convnet_bn, tiny_mlp
 from tests.model_zoo import ZOO, CustomFunctionResidual, zoo_batches

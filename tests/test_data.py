@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from landscape import data as data_module
-from landscape.data import BatchSet, DataError, Dataset, MeasurementSet, load_data
+from landscape.inputs import data as data_module
+from landscape.inputs.data import BatchSet, DataError, Dataset, MeasurementSet, load_data
 from tests.cifar_files import fake_cifar10, write_cifar_batch
 from tests.helpers import Exploit
 
@@ -77,7 +77,7 @@ def test_built_in_sets_are_cached_on_disk_and_read_back_without_scikit_learn(tmp
     monkeypatch.setattr(data_module, "_MEMORY_CACHE", {})
     first = load_data("digits", seed=2)
     assert (tmp_path / "cache" / "digits-seed2.npz").is_file()
-    script = ("import sys, torch; from landscape.data import load_data; d = load_data('digits', seed=2); "
+    script = ("import sys, torch; from landscape.inputs.data import load_data; d = load_data('digits', seed=2); "
               "torch.save((d.x_train, d.y_train, d.x_test, d.y_test), sys.argv[1]); print('sklearn' in sys.modules)")
     env = {**os.environ, "LANDSCAPE_CACHE": str(tmp_path / "cache")}
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "read.pt")], capture_output=True, text=True,
@@ -195,7 +195,7 @@ def test_missing_npz_and_unknown_spec(tmp_path):
 MODULE_SOURCE = '''
 import numpy as np
 import torch
-from landscape.data import Dataset
+from landscape.inputs.data import Dataset
 
 def with_seed(seed):
     rng = np.random.default_rng(seed)

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from analysis.recipes import run_name, train_all
-from landscape.checkpoints import load_checkpoint
-from landscape.data_parallel import GradientSync, rank_seed
-from landscape.models import MLP
-from landscape.optim import make_optimizer
-from landscape.train import TrainConfig, train
+from landscape.inputs.checkpoints import load_checkpoint
+from landscape.inputs.models import MLP
+from landscape.training.data_parallel import GradientSync, rank_seed
+from landscape.training.optim import make_optimizer
+from landscape.training.train import TrainConfig, train
 from tests.helpers import cli_command, tiny_convnet_bn
 from tests.process_groups import process_env, run_on_ranks, torchrun
 
@@ -39,7 +39,7 @@ STEPS = 3
 N = 48  # global batch: 24 samples per rank
 REL = 1e-10  # float64: only the order of the partial sums differs
 
-# name: (optimizer, options, model) — every method in landscape.optim, on float64 models
+# name: (optimizer, options, model) — every method in landscape.training.optim, on float64 models
 SCENARIOS = {
     "sgd": ("sgd", {"weight_decay": 1e-3}, "mlp"),
     "adam-accumulate": ("adam", {"accumulate": 2}, "mlp"),

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from landscape.directions import DirectionError, between, flat_state, pca_directions, random_directions
-from landscape.objective import Objective
+from landscape.engine.objective import Objective
+from landscape.surfaces.directions import DirectionError, between, flat_state, pca_directions, random_directions
 from tests.helpers import classification_batches, tiny_convnet_bn, tiny_mlp
 
 

@@ -15,17 +15,17 @@ import torch
 from analysis.cli import build_parser
 from analysis.measure import measure_checkpoint
 from analysis.specs import MeasureSpec
-from landscape import distributed as ranks
-from landscape.checkpoints import save_checkpoint
-from landscape.directions import random_directions
-from landscape.models import model_for_data
-from landscape.objective import Objective, ObjectiveError
-from landscape.operators import HessianOperator
-from landscape.perturb import epsilon_sharpness, expected_loss, sharpness_curve
+from landscape.curvature.spectrum import lanczos, slq_density
+from landscape.curvature.trace import hutchinson, hutchpp, xtrace
+from landscape.engine import distributed as ranks
+from landscape.engine.objective import Objective, ObjectiveError
+from landscape.engine.operators import HessianOperator
+from landscape.inputs.checkpoints import save_checkpoint
+from landscape.inputs.models import model_for_data
 from landscape.results import to_jsonable
-from landscape.spectrum import lanczos, slq_density
-from landscape.surface import compute_surface, grid_axis, read_surface
-from landscape.trace import hutchinson, hutchpp, xtrace
+from landscape.sharpness.perturb import epsilon_sharpness, expected_loss, sharpness_curve
+from landscape.surfaces.directions import random_directions
+from landscape.surfaces.surface import compute_surface, grid_axis, read_surface
 from tests.helpers import classification_batches, cli_command, tiny_convnet_bn
 from tests.process_groups import free_port, process_env, run_on_ranks, torchrun
 
@@ -226,8 +226,8 @@ def test_torchrun_compare_and_surface_match_one_process(checkpoint, tmp_path):
 FAULTY_RANK = """
 import os, sys, time
 from analysis.cli import main
-from landscape import distributed
-from landscape.objective import Objective
+from landscape.engine import distributed
+from landscape.engine.objective import Objective
 
 if os.environ["RANK"] == "1":  # rank 1 fails at its first Hessian-vector product, or after its last collective
     def fail(*args):

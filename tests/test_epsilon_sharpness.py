@@ -14,12 +14,12 @@ from torch import nn
 from analysis.cli import build_parser
 from analysis.measure import format_measurement, measure_checkpoint
 from analysis.specs import MeasureSpec
-from landscape.checkpoints import load_checkpoint
-from landscape.data import MeasurementSet
-from landscape.epsilon_sharpness import METHODS, epsilon_sharpness
-from landscape.from_checkpoint import objective_from_checkpoint
-from landscape.objective import Objective
-from landscape.train import TrainConfig, train
+from landscape.engine.from_checkpoint import objective_from_checkpoint
+from landscape.engine.objective import Objective
+from landscape.inputs.checkpoints import load_checkpoint
+from landscape.inputs.data import MeasurementSet
+from landscape.sharpness.epsilon_sharpness import METHODS, epsilon_sharpness
+from landscape.training.train import TrainConfig, train
 
 F64 = {"dtype": torch.float64, "device": "cpu"}
 

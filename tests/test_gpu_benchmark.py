@@ -20,7 +20,7 @@ def test_gpu_benchmark_smoke_run_writes_every_section(tmp_path):
     assert {"machine", "settings", "hvp", "train", "lanczos", "surface", "complete", "seconds"} <= set(report)
     assert report["complete"] and report["settings"]["smoke"] and report["settings"]["device"] == "cpu"
     rows = report["hvp"]["rows"]
-    from landscape import objective
+    from landscape.engine import objective
 
     compiled = getattr(objective, "COMPILED_HVP", None)  # every Objective path, the torch.compile'd one too
     paths = [*objective.HVP_METHODS, *([compiled] if compiled and compiled not in objective.HVP_METHODS else [])]

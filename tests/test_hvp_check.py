@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from landscape.objective import HVPCheckWarning, Objective
+from landscape.engine.objective import HVPCheckWarning, Objective
 from tests.ground_truth import dense_hessian, rel_err
 from tests.helpers import cli_command
 from tests.model_zoo import ZOO, CustomFunctionResidual, zoo_batches

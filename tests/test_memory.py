@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from landscape.checkpoints import save_checkpoint
-from landscape.memory import available_bytes, format_size, parse_size
-from landscape.models import model_for_data
-from landscape.objective import GRAPH_OVERHEAD, Objective
+from landscape.engine.memory import available_bytes, format_size, parse_size
+from landscape.engine.objective import GRAPH_OVERHEAD, Objective
+from landscape.inputs.checkpoints import save_checkpoint
+from landscape.inputs.models import model_for_data
 from tests.ground_truth import rel_err
 from tests.model_zoo import CifarResNet
 
@@ -35,7 +35,7 @@ def test_sizes_read_and_written_for_people():
 @pytest.mark.cli
 def test_free_memory_respects_the_address_space_limit():
     """Under `ulimit -v`, what a process may still map is the limit less its size, not the machine's free memory."""
-    script = ("import resource; from landscape.memory import available_bytes, _mapped_bytes; "
+    script = ("import resource; from landscape.engine.memory import available_bytes, _mapped_bytes; "
               "print(available_bytes('cpu'), _mapped_bytes(), resource.getrlimit(resource.RLIMIT_AS)[0])")
     limit_kib = 6 * 2**20
     out = subprocess.run(["bash", "-c", f"ulimit -v {limit_kib}; {sys.executable} -c \"{script}\""],
@@ -66,8 +66,8 @@ def test_products_stay_exact_when_only_some_graphs_fit():
 PEAK_SCRIPT = """
 import gc, json, sys, torch
 torch.set_num_threads(1)
-from landscape.models import model_for_data
-from landscape.objective import Objective, GRAPH_OVERHEAD
+from landscape.inputs.models import model_for_data
+from landscape.engine.objective import Objective, GRAPH_OVERHEAD
 path, keep = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)
 model, _ = model_for_data("resnet20", (3, 32, 32), num_classes=10)
@@ -122,7 +122,7 @@ def test_a_measurement_that_cannot_fit_is_refused_at_once_in_one_line(tmp_path):
     checkpoint = save_checkpoint(tmp_path / "resnet20.pt", model, model_spec=spec,
                                  data_spec={"spec": "cifar_shaped_data:cifar_shaped", "seed": 0, "normalize": None})
     env = {**ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
-    sized = subprocess.run([sys.executable, "-c", "import analysis.measure, landscape.from_checkpoint, landscape.memory as m; "
+    sized = subprocess.run([sys.executable, "-c", "import analysis.measure, landscape.engine.from_checkpoint, landscape.engine.memory as m; "
                             "print(m._mapped_bytes())"], capture_output=True, text=True, env=env, timeout=300)
     limit_kib = (int(sized.stdout.strip()) + 1200 * 2**20) // 1024  # start-up, the data, and ~1 GiB to spare
     command = f"{sys.executable} -m analysis.cli measure {checkpoint} --metrics eig --k 1 --max-matvecs 4 --quiet"
@@ -168,7 +168,7 @@ def test_running_out_of_memory_mid_run_is_one_line(tmp_path, monkeypatch, capsys
 
 COMPILED_SCRIPT = """
 import torch
-from landscape.objective import Objective
+from landscape.engine.objective import Objective
 from tests.ground_truth import dense_hessian
 from tests.helpers import classification_batches, tiny_convnet_bn, tiny_mlp
 cases = [(tiny_mlp(), (12,), 4, [20, 20, 10], "eval"), (tiny_convnet_bn(), (1, 4, 4), 3, [16, 16, 8], "train")]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.func import functional_call, jvp, vmap
 
-from landscape.data import Dataset
-from landscape.models import MODELS, build_model, model_for_data, model_from_spec
+from landscape.inputs.data import Dataset
+from landscape.inputs.models import MODELS, build_model, model_for_data, model_from_spec
 
 # small settings per model so the whole file runs in seconds; each model on the input it is meant for
 CASES = {

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from landscape.objective import GRAPH_OVERHEAD, HVP_METHODS, Objective, ObjectiveError, cross_entropy
-from landscape.operators import HessianOperator
-from landscape.params import FlatLayout, select_parameters
+from landscape.engine.objective import GRAPH_OVERHEAD, HVP_METHODS, Objective, ObjectiveError, cross_entropy
+from landscape.engine.operators import HessianOperator
+from landscape.engine.params import FlatLayout, select_parameters
 
 EXACT_METHODS = [m for m in HVP_METHODS if m != "auto"]
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape.optim import DISTRIBUTIONS, METHODS, TO_UNIT_STD, draw, kl_divergence, make_optimizer, smoothout_noise
+from landscape.training.optim import DISTRIBUTIONS, METHODS, TO_UNIT_STD, draw, kl_divergence, make_optimizer, smoothout_noise
 
 LR = 0.1
 

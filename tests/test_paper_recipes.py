@@ -1,4 +1,4 @@
-"""The SmoothOut paper's CIFAR recipes (landscape.presets) and `landscape figures --paper DIR` (analysis.paper)."""
+"""The SmoothOut paper's CIFAR recipes (landscape.training.presets) and `landscape figures --paper DIR` (analysis.paper)."""
 
 import json
 import math
@@ -11,10 +11,10 @@ from torch import nn
 from analysis.cli import build_parser, main
 from analysis.paper import caveat, cifar_specs, recipes_for, shortened
 from analysis.train_command import config_from_args
-from landscape.checkpoints import load_checkpoint
-from landscape.optim import make_optimizer
-from landscape.presets import PRESETS, apply_preset, get_preset
-from landscape.train import TrainConfig, _lr_factor
+from landscape.inputs.checkpoints import load_checkpoint
+from landscape.training.optim import make_optimizer
+from landscape.training.presets import PRESETS, apply_preset, get_preset
+from landscape.training.train import TrainConfig, _lr_factor
 from tests.cifar_files import fake_cifar10, synthetic_cifar
 from tests.helpers import run_cli
 
@@ -28,7 +28,7 @@ def recipe_config(name: str, **given) -> TrainConfig:
 
 
 def lr_at(config: TrainConfig, epoch: int) -> float:
-    """The learning rate the trainer sets for `epoch` (0-based), as landscape.train.train does."""
+    """The learning rate the trainer sets for `epoch` (0-based), as landscape.training.train.train does."""
     return config.scaled_lr * _lr_factor(config, epoch)
 
 

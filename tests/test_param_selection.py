@@ -1,4 +1,4 @@
-"""Parameter selections (landscape.params.select_parameters) against known name lists, their errors, and LoRA adapters
+"""Parameter selections (landscape.engine.params.select_parameters) against known name lists, their errors, and LoRA adapters
 (requires_grad) on a tiny GPT-2: the Objective differentiates the adapters alone, exactly."""
 
 import numpy as np
@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from landscape.objective import Objective
-from landscape.operators import HessianOperator
-from landscape.params import select_parameters
+from landscape.engine.objective import Objective
+from landscape.engine.operators import HessianOperator
+from landscape.engine.params import select_parameters
 
 
 class Block(nn.Module):
@@ -97,7 +97,7 @@ def test_lora_adapters_are_the_measured_parameters_and_their_hvp_is_exact():
     """peft's LoRA on GPT-2's c_attn: the frozen base stays fixed and the Objective's Hessian equals the dense Hessian
     of the token-by-token reference loss over the adapter vector alone."""
     peft = pytest.importorskip("peft")
-    from landscape.batches import token_cross_entropy
+    from landscape.inputs.batches import token_cross_entropy
     from tests.helpers import gpt2, reference_lm_loss, token_batches
 
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,

@@ -1,4 +1,4 @@
-"""Per-layer curvature (landscape.per_layer, `landscape measure --per-layer`, analysis.plots.plot_per_layer) against the
+"""Per-layer curvature (landscape.curvature.per_layer, `landscape measure --per-layer`, analysis.plots.plot_per_layer) against the
 dense Hessian's diagonal blocks of a small MLP."""
 
 import json
@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from analysis.plots import plot_per_layer, save
-from landscape.objective import Objective
-from landscape.operators import DenseOperator, HessianOperator
-from landscape.params import FlatLayout, select_parameters
-from landscape.per_layer import BlockOperator, module_blocks, per_layer
-from landscape.trace import hutchinson, hutchpp, xtrace
+from landscape.curvature.per_layer import BlockOperator, module_blocks, per_layer
+from landscape.curvature.trace import hutchinson, hutchpp, xtrace
+from landscape.engine.objective import Objective
+from landscape.engine.operators import DenseOperator, HessianOperator
+from landscape.engine.params import FlatLayout, select_parameters
 from tests.ground_truth import dense_hessian
 from tests.helpers import classification_batches, dense, digits_mlp_checkpoint, run_cli, tiny_mlp
 

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from landscape.objective import Objective
-from landscape.operators import DenseOperator, DiagonalScaledOperator
-from landscape.params import rescale_filters
-from landscape.perturb import expected_loss, noise_std, sharpness_curve, unit_noise
+from landscape.engine.objective import Objective
+from landscape.engine.operators import DenseOperator, DiagonalScaledOperator
+from landscape.engine.params import rescale_filters
+from landscape.sharpness.perturb import expected_loss, noise_std, sharpness_curve, unit_noise
 from tests.helpers import classification_batches, tiny_convnet_bn, tiny_mlp
 
 F64 = {"dtype": torch.float64, "device": "cpu"}
@@ -61,7 +61,7 @@ def dense_hessian(objective, loss_fn=F.cross_entropy):
 
 
 def reference_std(objective, distribution, scale):
-    """Per-coordinate noise std computed here from the definitions (not from landscape.perturb)."""
+    """Per-coordinate noise std computed here from the definitions (not from landscape.sharpness.perturb)."""
     w = objective.layout.unflatten(objective.w)
     if scale == "absolute":
         return torch.full_like(objective.w, SIGMA[distribution])

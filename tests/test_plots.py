@@ -10,11 +10,11 @@ from matplotlib.colors import LogNorm, to_hex
 
 from analysis.cli import main
 from analysis.plots import label_colors, method_color, method_of, plot_lines, plot_surfaces, round_levels, save, shared_scale
-from landscape.data import MeasurementSet, load_data
-from landscape.directions import Directions, between, random_directions
-from landscape.models import model_for_data
-from landscape.objective import Objective
-from landscape.surface import compute_surface, grid_axis, read_surface
+from landscape.engine.objective import Objective
+from landscape.inputs.data import MeasurementSet, load_data
+from landscape.inputs.models import model_for_data
+from landscape.surfaces.directions import Directions, between, random_directions
+from landscape.surfaces.surface import compute_surface, grid_axis, read_surface
 from tests.helpers import result_of, run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -251,7 +251,7 @@ def test_several_seeds_draw_their_mean_and_a_95_percent_band(files):
 
 
 def _curve(increase, prediction):
-    from landscape.perturb import SharpnessCurve
+    from landscape.sharpness.perturb import SharpnessCurve
 
     return result_of(SharpnessCurve, radii=[0.005, 0.01, 0.02], increase=increase,
                      increase_ci=[[v * 0.9, v * 1.1] for v in increase], prediction=prediction, distribution="uniform",

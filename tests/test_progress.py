@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from landscape import progress
-from landscape.progress import Progress
+from landscape.engine import progress
+from landscape.engine.progress import Progress
 
 
 @pytest.fixture

@@ -24,8 +24,40 @@ def test_every_export_is_the_object_its_module_defines():
 
 def test_no_export_is_shadowed_by_a_submodule_of_the_same_name():
     """`landscape.X` becomes the submodule X as soon as anything imports it: an export must not share a module's name."""
-    modules = {p.stem for p in (ROOT / "landscape").glob("*.py")}
+    modules = {p.stem for p in (ROOT / "landscape").rglob("*.py")} | {p.name for p in (ROOT / "landscape").iterdir() if p.is_dir()}
     assert not set(landscape._EXPORTS) & modules
+
+
+# which stage folders of landscape/ each folder may import (results.py, statistics.py and examples.py: any)
+LAYERS = {"inputs": set(), "engine": {"inputs"}, "curvature": {"engine", "inputs"},
+          "sharpness": {"engine", "inputs", "curvature"}, "surfaces": {"engine", "inputs"},
+          "training": {"engine", "inputs", "curvature"}}
+
+
+def _imported_stages(path: Path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "landscape" and len(parts) > 1 and parts[1] in LAYERS:
+                found.add(parts[1])
+    return found
+
+
+def test_the_folders_are_the_stages_and_imports_go_downward():
+    """inputs → engine → curvature | sharpness | surfaces; training apart (docs/architecture.md)."""
+    assert {p.name for p in (ROOT / "landscape").iterdir() if (p / "__init__.py").exists()} == set(LAYERS)
+    assert {p.name for p in (ROOT / "landscape").glob("*.py")} == {"__init__.py", "examples.py", "results.py", "statistics.py"}
+    for stage, allowed in LAYERS.items():
+        for path in (ROOT / "landscape" / stage).glob("*.py"):
+            wrong = _imported_stages(path) - allowed - {stage}
+            assert not wrong, f"{path.relative_to(ROOT)} imports landscape.{', landscape.'.join(sorted(wrong))}"
+    for name in ("results.py", "statistics.py"):  # the results import no stage: every stage may import them
+        assert not _imported_stages(ROOT / "landscape" / name), name
 
 
 def test_a_measurement_through_the_public_names(tmp_path):

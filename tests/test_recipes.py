@@ -4,8 +4,8 @@ import pytest
 
 from analysis.recipes import CONVERGED, DEMO, LARGE, METHODS, SMALL, config, run_name
 from analysis.train_command import NOISE_OPTION
-from landscape.models import model_for_data
-from landscape.optim import make_optimizer
+from landscape.inputs.models import model_for_data
+from landscape.training.optim import make_optimizer
 
 
 def test_the_converged_recipe_is_methods_md_and_the_demo_a_third():

@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy.integrate import trapezoid
 
-from landscape.objective import Objective
-from landscape.operators import DenseOperator, HessianOperator
-from landscape.spectrum import lanczos, power_iteration, slq_density
+from landscape.curvature.spectrum import lanczos, power_iteration, slq_density
+from landscape.engine.objective import Objective
+from landscape.engine.operators import DenseOperator, HessianOperator
 from tests.helpers import dense
 
 # outliers, a near-degenerate cluster, negative eigenvalues and a bulk
@@ -85,7 +85,7 @@ def test_lanczos_error_stop_is_cheaper_than_residual_stop():
 
 def test_error_bounds_use_the_gap_to_the_other_ritz_values():
     """min(r, r²/gap) with gap = distance to the nearest other Ritz value minus that value's residual."""
-    from landscape.spectrum import _error_bounds
+    from landscape.curvature.spectrum import _error_bounds
 
     theta, r = np.array([10.0, 6.0, 1.0]), np.array([0.1, 1.0, 3.0])
     # θ=10: nearest other interval edge 6+1 → gap 3; θ=6: 10−0.1 = 3.9 vs 1+3 → gap 2; θ=1: 6−1 → gap 4

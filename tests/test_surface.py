@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from landscape.checkpoints import save_checkpoint
-from landscape.directions import between, random_directions
-from landscape.models import model_for_data
-from landscape.objective import Objective
-from landscape.surface import SurfaceError, compute_surface, grid_axis, read_surface
+from landscape.engine.objective import Objective
+from landscape.inputs.checkpoints import save_checkpoint
+from landscape.inputs.models import model_for_data
+from landscape.surfaces.directions import between, random_directions
+from landscape.surfaces.surface import SurfaceError, compute_surface, grid_axis, read_surface
 from tests.helpers import cli_command, run_cli, tiny_convnet_bn
 
 

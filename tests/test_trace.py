@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from landscape.objective import Objective
-from landscape.operators import DenseOperator, DiagonalScaledOperator, HessianOperator
-from landscape.per_layer import BlockOperator
-from landscape.trace import hutchinson, hutchpp, xtrace
+from landscape.curvature.per_layer import BlockOperator
+from landscape.curvature.trace import hutchinson, hutchpp, xtrace
+from landscape.engine.objective import Objective
+from landscape.engine.operators import DenseOperator, DiagonalScaledOperator, HessianOperator
 from tests.ground_truth import dense_hessian
 from tests.helpers import dense
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from landscape.objective import Objective
-from landscape.operators import HessianOperator
-from landscape.probes import rademacher, seeded_generator
-from landscape.spectrum import lanczos
-from landscape.stability import GDConfig, gradient_descent
+from landscape.curvature.spectrum import lanczos
+from landscape.curvature.stability import GDConfig, gradient_descent
+from landscape.engine.objective import Objective
+from landscape.engine.operators import HessianOperator
+from landscape.engine.probes import rademacher, seeded_generator
 from tests.helpers import dense
 
 
@@ -106,8 +106,8 @@ def test_gradient_descent_sharpens_to_the_edge_of_stability():
     [1.005, 1.063] and [1.022, 1.105] of 2/η for η = 0.3 and 0.4 (other initialization seeds: 0.95–1.16).
     """
     from analysis.edge_of_stability import squared_loss
-    from landscape.data import load_data
-    from landscape.models import MLP
+    from landscape.inputs.data import load_data
+    from landscape.inputs.models import MLP
 
     data = load_data("mnist1d")
     x, y = data.x_train[:200], data.y_train[:200]

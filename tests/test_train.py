@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from landscape.checkpoints import load_checkpoint
-from landscape.train import TrainConfig, _lr_factor, train
+from landscape.inputs.checkpoints import load_checkpoint
+from landscape.training.train import TrainConfig, _lr_factor, train
 from tests.helpers import cli_command, run_cli
 
 SMALL = dict(data="digits", model="mlp", model_kwargs={"hidden": [16]}, batch_size=256, lr=0.1)
 
 
 def test_checkpoints_record_config_metrics_and_optimizer(tmp_path):
-    from landscape.data import load_data
+    from landscape.inputs.data import load_data
 
     config = TrainConfig(**SMALL, optimizer="smoothout", optimizer_kwargs={"a": 0.01}, epochs=2)
     final = train(config, tmp_path / "run", progress=False)
@@ -77,8 +77,8 @@ def test_divergence_is_reported(tmp_path):
 
 
 def test_validation_hold_out_trains_on_the_rest_and_logs_validation_metrics(tmp_path):
-    from landscape.data import load_data
-    from landscape.train import hold_out
+    from landscape.inputs.data import load_data
+    from landscape.training.train import hold_out
 
     full = load_data("digits")
     rest, (xv, yv) = hold_out(full, 100, seed=0)
@@ -119,11 +119,11 @@ def test_resuming_a_finished_run_leaves_its_files_untouched(tmp_path):
 
 
 def test_tracked_curvature_is_the_checkpoints_and_leaves_training_unchanged(tmp_path):
-    from landscape.data import MeasurementSet, load_data
-    from landscape.objective import Objective
-    from landscape.operators import HessianOperator
-    from landscape.spectrum import lanczos
-    from landscape.trace import xtrace
+    from landscape.curvature.spectrum import lanczos
+    from landscape.curvature.trace import xtrace
+    from landscape.engine.objective import Objective
+    from landscape.engine.operators import HessianOperator
+    from landscape.inputs.data import MeasurementSet, load_data
 
     base = dict(SMALL, model_kwargs={}, epochs=3, save_every=1)  # the default 64-100-100-10 MLP: 17,610 parameters
     plain = train(TrainConfig(**base), tmp_path / "plain", progress=False)
@@ -154,10 +154,10 @@ def test_track_measures_every_trajectory_checkpoint_warm_started_and_resumes(tmp
     import h5py
 
     from analysis.track import stability_threshold
-    from landscape.data import MeasurementSet, load_data
-    from landscape.objective import Objective
-    from landscape.operators import HessianOperator
-    from landscape.spectrum import lanczos
+    from landscape.curvature.spectrum import lanczos
+    from landscape.engine.objective import Objective
+    from landscape.engine.operators import HessianOperator
+    from landscape.inputs.data import MeasurementSet, load_data
 
     train(TrainConfig(**dict(SMALL, model_kwargs={}), epochs=3, save_every=1), tmp_path / "run", progress=False)  # 17,610 params
     args = ("track", tmp_path / "run", "--metrics", "eig,trace", "--k", "1", "--n-samples", "300", "--probes", "20",

@@ -16,15 +16,15 @@ import torch
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from landscape.batches import BatchError, class_cross_entropy, mean_squared_error, token_cross_entropy
-from landscape.directions import random_directions
-from landscape.epsilon_sharpness import epsilon_sharpness
-from landscape.objective import HVP_METHODS, Objective, ObjectiveError
-from landscape.operators import GGNOperator, HessianOperator
-from landscape.perturb import expected_loss
-from landscape.spectrum import lanczos
-from landscape.surface import compute_surface, grid_axis
-from landscape.trace import hutchinson
+from landscape.curvature.spectrum import lanczos
+from landscape.curvature.trace import hutchinson
+from landscape.engine.objective import HVP_METHODS, Objective, ObjectiveError
+from landscape.engine.operators import GGNOperator, HessianOperator
+from landscape.inputs.batches import BatchError, class_cross_entropy, mean_squared_error, token_cross_entropy
+from landscape.sharpness.epsilon_sharpness import epsilon_sharpness
+from landscape.sharpness.perturb import expected_loss
+from landscape.surfaces.directions import random_directions
+from landscape.surfaces.surface import compute_surface, grid_axis
 from tests.helpers import cli_command, digits_mlp_checkpoint, flat_parameters, gpt2, reference_lm_loss, token_batches
 
 transformers = pytest.importorskip("transformers")
@@ -295,7 +295,7 @@ def test_every_measure_and_a_plane_run_on_each_model_from_the_command_line(saved
     the test batches its data callable also returns)."""
     import json
 
-    from landscape.surface import read_surface
+    from landscape.surfaces.surface import read_surface
 
     root, folders = saved
     figure = root / f"{name}-layers.png"
@@ -387,7 +387,7 @@ def test_a_folder_without_safetensors_weights_is_refused(saved, tmp_path):
     result = _cli(root, "measure", tmp_path, "--data", "hfdata:sentences", "--quiet")
     assert result.returncode == 2 and "holds no *.safetensors weights" in result.stderr
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")  # a damaged header
-    from landscape.checkpoints import CheckpointError, load_checkpoint
+    from landscape.inputs.checkpoints import CheckpointError, load_checkpoint
 
     with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors file"):
         load_checkpoint(tmp_path)

@@ -21,10 +21,10 @@ from analysis.cli import build_parser
 from analysis.measure import format_measurement, measure_checkpoint
 from analysis.specs import MeasureSpec
 from analysis.validation import validate_arguments
-from landscape.ascent import Neighbourhood
-from landscape.objective import Objective
-from landscape.perturb import expected_loss
-from landscape.worst_case import DEFAULT_RHO, average_case, m_sharpness, worst_case
+from landscape.engine.objective import Objective
+from landscape.sharpness.ascent import Neighbourhood
+from landscape.sharpness.perturb import expected_loss
+from landscape.sharpness.worst_case import DEFAULT_RHO, average_case, m_sharpness, worst_case
 from tests.helpers import one_line, run_cli
 
 F64 = {"dtype": torch.float64, "device": "cpu"}

@@ -1,0 +1,441 @@
+"""Eigenvalues and spectral density of a symmetric operator: Lanczos, power iteration, SLQ.
+
+Vectors stay torch tensors on the operator's device; only the small Lanczos tridiagonal
+goes to numpy in float64. One Lanczos recurrence (`_Lanczos`, full
+reorthogonalization) serves both `lanczos` and `slq_density`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from landscape.engine.checks import check_int
+from landscape.engine.operators import LinearOperator
+from landscape.engine.probes import rademacher, seeded_generator
+from landscape.engine.progress import Progress
+from landscape.results import Result
+
+WHICH = ("LA", "SA", "LM")
+STOPS = ("error", "residual")
+_BREAKDOWN_ULPS = 100  # β ≤ this many machine epsilons of ‖T‖: an invariant subspace was found
+_INITIAL_BASIS = 32  # basis slots allocated up front; doubled as the recurrence grows
+BASIS_BYTES = 2 * 2**30  # the default Lanczos budget stops growing where its stored basis would pass this
+
+
+@dataclass(frozen=True)
+class EigResult(Result):
+    """Eigenvalue estimates with their error bounds, cost and provenance.
+
+    `residuals` are rigorous: some eigenvalue of A lies within r_i of θ_i. `error_bounds`
+    are the sharper gap-refined min(r_i, r_i²/gap_i) (Kato–Temple; Parlett 1998, Thm 11.7.1),
+    with gap_i estimated from the other Ritz values (`_error_bounds`). The true gap is to
+    the nearest other EIGENVALUE, which the Krylov space may not have found yet, so
+    `error_bounds` are ESTIMATES, not guarantees; power iteration has no gap information
+    and reports its residuals there.
+    """
+
+    values: np.ndarray  # float64, ordered: largest first ("LA"), smallest first ("SA"), by |.| ("LM")
+    residuals: np.ndarray  # ‖Ay − θy‖ per value: some eigenvalue of A lies within it of θ (rigorous)
+    error_bounds: np.ndarray  # min(r, r²/gap) per value, gap from the Ritz values: an ESTIMATE of |θ − λ|
+    vectors: torch.Tensor | None  # (k, n) unit eigenvector estimates if requested, one per row (as `values`)
+    n_matvecs: int
+    converged: bool
+    seconds: float
+    method: str  # "lanczos" / "power_iteration"
+    seed: int
+    which: str  # "LA", "SA" or "LM": which end of the spectrum `values` come from
+
+
+@dataclass(frozen=True)
+class Spectrum(Result):
+    """A smoothed spectral density from stochastic Lanczos quadrature, with its raw quadrature."""
+
+    grid: np.ndarray
+    density: np.ndarray  # on `grid`, integrates to ~1
+    nodes: np.ndarray  # (n_runs, n_steps) Ritz values per run
+    weights: np.ndarray  # (n_runs, n_steps) quadrature weights per run, each row sums to 1
+    sigma: float  # width of the Gaussian kernel
+    n_matvecs: int
+    seconds: float
+    seed: int
+
+
+class _Lanczos:
+    """b independent Lanczos recurrences (rows of `start`) with full reorthogonalization.
+
+    Each step costs one `products` call over the running recurrences (a row each) and orthogonalizes the
+    new vector twice (classical Gram–Schmidt) against the whole basis. A breakdown (β ≈ 0,
+    invariant subspace) is recorded as β = 0 exactly; the caller then drops the recurrence
+    (`drop`) or continues it from a fresh orthogonal vector (`restart`).
+    """
+
+    def __init__(self, op: LinearOperator, start: torch.Tensor, max_steps: int) -> None:
+        b, n = start.shape
+        self.op, self.n, self.max_steps = op, n, max_steps
+        self.basis = start.new_zeros(b, min(max_steps, _INITIAL_BASIS) + 1, n)
+        self.basis[:, 0] = start / start.norm(dim=1, keepdim=True)
+        self.rows = np.arange(b)  # which original recurrence each basis row belongs to
+        self.alpha: list[list[float]] = [[] for _ in range(b)]
+        self.beta: list[list[float]] = [[] for _ in range(b)]
+        self.last_beta = np.zeros(b)
+        self.norm_estimate = np.zeros(b)  # running Gershgorin bound on ‖T‖
+        self.steps = 0
+        self.n_matvecs = 0
+        self.tiny = _BREAKDOWN_ULPS * torch.finfo(start.dtype).eps
+
+    def step(self) -> np.ndarray:
+        """Advance every running recurrence by one matvec; return which of them broke down."""
+        j = self.steps
+        q = self.basis[:, j]
+        w = self.op.products(q)
+        self.n_matvecs += q.shape[0]
+        alpha = (q * w).sum(1)
+        w = w - alpha[:, None] * q
+        if j:
+            w -= torch.as_tensor(self.last_beta, dtype=w.dtype, device=w.device)[:, None] * self.basis[:, j - 1]
+        w = _orthogonalize(w, self.basis[:, : j + 1])
+        beta = w.norm(dim=1)
+        alpha_np, beta_np = alpha.double().cpu().numpy(), beta.double().cpu().numpy()
+        self.norm_estimate = np.maximum(self.norm_estimate, np.abs(alpha_np) + beta_np + self.last_beta)
+        broken = (beta_np <= self.tiny * self.norm_estimate) | (j + 1 >= self.n)
+        beta_np[broken] = 0.0
+        for row, a, bt in zip(self.rows, alpha_np, beta_np):
+            self.alpha[row].append(float(a))
+            self.beta[row].append(float(bt))
+        if j + 1 < self.n:  # a broken row's slot is overwritten by `restart` or removed by `drop`
+            self._reserve(j + 1)
+            self.basis[:, j + 1] = w / beta.clamp_min(torch.finfo(w.dtype).tiny)[:, None]
+        self.last_beta = beta_np
+        self.steps += 1
+        return broken
+
+    def restart(self, v: torch.Tensor) -> None:
+        """After a breakdown, continue from `v` (shape (b, n)) orthogonalized against the basis."""
+        v = _orthogonalize(v, self.basis[:, : self.steps])
+        self.basis[:, self.steps] = v / v.norm(dim=1, keepdim=True)
+
+    def drop(self, broken: np.ndarray) -> None:
+        """Stop the recurrences that broke down."""
+        keep = ~broken
+        self.basis = self.basis[torch.as_tensor(keep, device=self.basis.device)]
+        self.rows, self.last_beta, self.norm_estimate = self.rows[keep], self.last_beta[keep], self.norm_estimate[keep]
+
+    def ritz(self, row: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Ritz values (ascending), eigenvectors S of the tridiagonal T, and the last β of one recurrence."""
+        alpha, beta = np.array(self.alpha[row]), np.array(self.beta[row])
+        # numpy's dense eigh on the (≤ a few hundred)² tridiagonal: as accurate as scipy's eigh_tridiagonal,
+        # and a short run does not pay scipy.linalg's import (0.18 s of a 2 s `landscape measure`)
+        theta, s = np.linalg.eigh(np.diag(alpha) + np.diag(beta[:-1], 1) + np.diag(beta[:-1], -1))
+        return theta, s, beta[-1]
+
+    def _reserve(self, slot: int) -> None:
+        capacity = self.basis.shape[1]
+        if slot >= capacity:
+            grown = self.basis.new_zeros(self.basis.shape[0], min(2 * (capacity - 1), self.max_steps) + 1, self.n)
+            grown[:, :capacity] = self.basis
+            self.basis = grown
+
+
+def _orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Remove from each row of w (b, n) its components along basis (b, j, n), twice."""
+    for _ in range(2):
+        w = w - torch.bmm(torch.bmm(basis, w.unsqueeze(2)).transpose(1, 2), basis).squeeze(1)
+    return w
+
+
+def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
+    """Indices of the k wanted Ritz values in output order."""
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")[:k]
+    if which == "SA":
+        return np.argsort(theta, kind="stable")[:k]
+    return np.argsort(-np.abs(theta), kind="stable")[:k]
+
+
+def _error_bounds(theta: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+    """min(r_i, r_i²/gap_i): the gap-refined error estimate of each Ritz value (Parlett 1998, Thm 11.7.1).
+
+    Kato–Temple: if no eigenvalue other than λ lies within gap of θ, |θ − λ| ≤ r²/gap. The
+    unknown eigenvalue gap is estimated from the other Ritz values: θ_j's interval
+    [θ_j − r_j, θ_j + r_j] holds an eigenvalue, so gap_i = min_{j≠i} |θ_i − θ_j| − r_j (an
+    unconverged neighbour thus shrinks the gap instead of inflating it). An eigenvalue the
+    Krylov space has not found yet is invisible here, so this is an estimate, not a bound.
+    With no positive gap (a single Ritz value, overlapping intervals) it is the residual.
+    """
+    if len(theta) < 2:
+        return residuals.copy()
+    distance = np.abs(theta[:, None] - theta[None, :]) - residuals[None, :]
+    np.fill_diagonal(distance, np.inf)
+    gap = distance.min(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        refined = np.where(gap > 0, residuals**2 / gap, np.inf)
+    return np.minimum(residuals, refined)
+
+
+def _check_common(op: LinearOperator, k: int, tol: float, max_matvecs: int) -> int:
+    """Validate shared arguments; return k clipped to the operator size."""
+    check_int("k", k, 1)
+    check_int("max_matvecs", max_matvecs, 1)
+    if not tol >= 0:
+        raise ValueError(f"tol must be ≥ 0, got {tol!r}")
+    k = min(k, op.shape[0])
+    if max_matvecs < k:
+        raise ValueError(f"max_matvecs={max_matvecs} cannot produce k={k} eigenvalues; give at least k")
+    return k
+
+
+def default_max_matvecs(n: int, k: int, dtype: torch.dtype = torch.float32) -> int:
+    """Lanczos's default budget for k eigenvalues of an n×n operator: max(300, 60k) matvecs, at most n.
+
+    With full reorthogonalization every step keeps an n-vector, so the budget is also held to
+    what a BASIS_BYTES (2 GiB) basis stores, but never below max(50, 4k): past about 1.8M
+    float32 parameters the budget shrinks with the model (a run that spends it says converged=False).
+    """
+    check_int("n", n, 1)
+    check_int("k", k, 1)
+    memory = BASIS_BYTES // (n * torch.finfo(dtype).bits // 8)
+    return min(n, max(300, 60 * k), max(memory, 50, 4 * k))
+
+
+def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1e-3, max_matvecs: int | None = None,
+            seed: int = 0, return_vectors: bool = False, progress: bool | str = False, stop: str = "error",
+            start: torch.Tensor | None = None) -> EigResult:
+    """k extreme eigenvalues by Lanczos with full reorthogonalization (Lanczos 1950; Golub & Van Loan 2013, §10.1).
+
+    Each wanted Ritz value θ_i has residual r_i = |β_m s_{m,i}| = ‖Ay_i − θ_i y_i‖, a rigorous
+    bound on the distance from θ_i to an eigenvalue of A, and the sharper error estimate
+    min(r_i, r_i²/gap_i) (Kato–Temple, Parlett 1998, Thm 11.7.1; `EigResult.error_bounds`: the
+    eigenvalue error shrinks like r², so waiting for r_i itself to reach tol overspends matvecs).
+    Neither stopping rule can see an eigenvalue the Krylov space has not found yet (e.g. a close
+    neighbour of a found one); "error" stops a few matvecs earlier, so it is a little more exposed
+    to such misses. A run that spends its budget returns converged=False. After an invariant
+    subspace the recurrence restarts from a fresh random vector while fewer than k Ritz values
+    exist; a single Krylov space sees each distinct eigenvalue once, so exact multiplicities
+    beyond that are only resolved by such restarts.
+
+    Args:
+        op: a symmetric operator (HessianOperator, GGNOperator, FisherOperator, DenseOperator, ...).
+        k: how many eigenvalues; k > n is clipped to n.
+        which: "LA" largest algebraic (default), "SA" smallest algebraic, "LM" largest magnitude.
+        tol: relative tolerance: stop when every wanted value's error measure ≤ tol·max(|θ_i|, √eps·‖T‖).
+        max_matvecs: budget of operator products; None: `default_max_matvecs` (max(300, 60k), held
+            to n and to what a 2 GiB basis stores).
+        seed: seed of the Rademacher start vector (when `start` is None) and of any restart.
+        return_vectors: also return the unit Ritz vectors, the rows of a (k, n) block.
+        progress: a progress bar (True, or a label), off by default.
+        stop: "error" (default) tests the gap-refined error estimates; "residual" tests the
+            residuals r_i themselves, the rigorous but costlier rule.
+        start: the first Krylov vector (n entries, normalized here), e.g. the top eigenvector of
+            the previous training checkpoint: a warm start near the wanted eigenvectors converges
+            in fewer matvecs. A start (nearly) orthogonal to a wanted eigenvector hides it, as it
+            would from any start, so pass a previous eigenvector, not a hand-made vector with
+            structure. Where the top eigenvalues crowd together (the edge of stability) a warm
+            start makes the "error" rule stop on an underestimate far more often than a cold
+            start; warm-start with stop="residual" there (landscape.curvature.stability).
+
+    Returns:
+        EigResult: `values` in the order of `which`, their `residuals` (rigorous) and
+            `error_bounds` (estimates), `vectors` if asked, `n_matvecs`, `converged`, `seconds`.
+
+    Raises:
+        ValueError: an unknown `which` or `stop`, a non-positive k or budget, a budget below k,
+            or a `start` of the wrong size, non-finite or zero.
+
+    Examples:
+        The two largest eigenvalues of a diagonal matrix, exact once the Krylov space holds it:
+
+        >>> import torch
+        >>> from landscape.engine.operators import DenseOperator
+        >>> op = DenseOperator(torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5], dtype=torch.float64)))
+        >>> result = lanczos(op, k=2)
+        >>> result.values.round(6), result.converged, result.n_matvecs
+        (array([5., 3.]), True, 4)
+    """
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if stop not in STOPS:
+        raise ValueError(f"stop must be one of {STOPS}, got {stop!r}")
+    if max_matvecs is None:
+        check_int("k", k, 1)
+        max_matvecs = default_max_matvecs(op.shape[0], k, op.dtype)
+    k = _check_common(op, k, tol, max_matvecs)
+    began = time.perf_counter()
+    generator = seeded_generator(op.device, seed)
+    n = op.shape[0]
+    first = rademacher(generator, (1, n), op) if start is None else _start_vector(start, op)
+    recurrence = _Lanczos(op, first, max_steps=min(max_matvecs, n))
+    floor = np.sqrt(torch.finfo(op.dtype).eps)
+    with Progress(recurrence.max_steps, "lanczos", "matvec", progress) as bar:
+        while True:
+            broken = recurrence.step()[0]
+            bar.update(1)
+            theta, s, beta = recurrence.ritz(0)
+            residuals = np.abs(beta * s[-1])
+            bounds = _error_bounds(theta, residuals)
+            wanted = _wanted(theta, k, which)
+            scale = np.maximum(np.abs(theta[wanted]), floor * recurrence.norm_estimate[0])
+            measure = bounds if stop == "error" else residuals
+            converged = len(wanted) == k and bool(np.all(measure[wanted] <= tol * scale))
+            if converged or recurrence.steps >= recurrence.max_steps:
+                break
+            if broken:
+                recurrence.restart(rademacher(generator, (1, n), op))
+    vectors = None
+    if return_vectors:
+        ritz = torch.as_tensor(s[:, wanted].T, dtype=op.dtype, device=op.device)  # row i: T's eigenvector of θ_i
+        vectors = ritz @ recurrence.basis[0, : recurrence.steps]
+    return EigResult(values=theta[wanted], residuals=residuals[wanted], error_bounds=bounds[wanted], vectors=vectors,
+                     n_matvecs=recurrence.n_matvecs, converged=converged, seconds=time.perf_counter() - began,
+                     method="lanczos", seed=int(seed), which=which)
+
+
+def _start_vector(start: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+    """A caller's first Krylov vector as a (1, n) row in the operator's dtype and device; finite and nonzero."""
+    if not isinstance(start, torch.Tensor):
+        raise ValueError(f"start must be a torch.Tensor or None, got {type(start).__name__}")
+    n = op.shape[0]
+    if start.numel() != n:
+        raise ValueError(f"start has {start.numel()} entries, the operator acts on vectors of {n}")
+    row = start.detach().reshape(1, n).to(dtype=op.dtype, device=op.device)
+    if not torch.isfinite(row).all() or not bool(row.any()):
+        raise ValueError("start must be finite and nonzero")
+    return row
+
+
+def power_iteration(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvecs: int = 1000, seed: int = 0,
+                    return_vectors: bool = False) -> EigResult:
+    """Power iteration with deflation, the PyHessian baseline (Yao et al. 2020): top-|λ| eigenpairs one by one.
+
+    Each pair gets max_matvecs // k matvecs and stops when the Rayleigh quotient's relative
+    change |Δθ| < tol·(|θ| + 1e-6) (PyHessian's rule); residuals are ‖Av − θv‖.
+    """
+    k = _check_common(op, k, tol, max_matvecs)
+    start = time.perf_counter()
+    generator = seeded_generator(op.device, seed)
+    n = op.shape[0]
+    found = torch.zeros(0, n, dtype=op.dtype, device=op.device)  # the eigenvectors found so far, as rows
+    values, residuals, used, all_converged = [], [], 0, True
+    for _ in range(k):
+        v = _deflate(rademacher(generator, (n,), op), found)
+        v = v / v.norm()
+        theta, converged = None, False
+        for _ in range(max_matvecs // k):
+            av = op.matvec(v)
+            used += 1
+            previous, theta, vector = theta, float(v @ av), v
+            residual = float((av - theta * v).norm())
+            converged = previous is not None and abs(theta - previous) < tol * (abs(previous) + 1e-6)
+            following = _deflate(av, found)
+            norm = following.norm()
+            if converged or norm == 0:  # Av = 0 after deflation: v is an exact null vector
+                converged = True
+                break
+            v = following / norm
+        all_converged &= converged
+        values.append(theta)
+        residuals.append(residual)
+        found = torch.cat([found, vector[None]])
+    return EigResult(values=np.array(values), residuals=np.array(residuals), error_bounds=np.array(residuals),
+                     vectors=found if return_vectors else None, n_matvecs=used, converged=all_converged,
+                     seconds=time.perf_counter() - start, method="power_iteration", seed=int(seed), which="LM")
+
+
+def _deflate(v: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+    """Remove the components along the already found (orthonormal) eigenvectors, the rows of `found`."""
+    return v - (found @ v) @ found
+
+
+def slq_density(op: LinearOperator, *, n_runs: int = 4, n_steps: int = 60, n_grid: int = 500,
+                sigma: float | None = None, seed: int = 0, grid_margin: float = 0.05,
+                progress: bool | str = False) -> Spectrum:
+    """Spectral density by stochastic Lanczos quadrature (Lin, Saad & Yang 2016; Ubaru, Chen & Saad 2017).
+
+    The Hessian spectral densities of Ghorbani, Krishnan & Xiao (2019). Each run starts Lanczos
+    (full reorthogonalization) from a normalized Rademacher vector, all runs sharing one `products`
+    call per step; nodes are the Ritz values, weights the squared first components of T's eigenvectors
+    (Gauss quadrature of the probe's spectral measure). The density averages Σ_j w_j·N(x; θ_j, σ²)
+    over runs. A run that hits an invariant subspace early is padded with zero-weight nodes.
+
+    Args:
+        op: a symmetric operator (HessianOperator, GGNOperator, FisherOperator, DenseOperator, ...).
+        n_runs: independent probe vectors; their spread is the density's uncertainty.
+        n_steps: Lanczos steps (quadrature nodes) per run, at most n; one matvec per run and step.
+        n_grid: points of the grid the density is evaluated on.
+        sigma: width of the Gaussian kernel; None: (max node − min node)/100.
+        seed: seed of the probe vectors.
+        grid_margin: the grid extends grid_margin·range + 3σ past the extreme nodes.
+        progress: a progress bar (True, or a label), off by default.
+
+    Returns:
+        Spectrum: `grid` and `density` (integrating to about 1), the raw quadrature `nodes` and
+            `weights` of every run (n_runs, n_steps), `sigma`, `n_matvecs`, `seconds`, `seed`.
+
+    Raises:
+        ValueError: a non-positive count, sigma or a negative grid_margin.
+
+    Examples:
+        With as many steps as the dimension the nodes are the eigenvalues and each run's
+        weights (the squared probe components along the eigenvectors) sum to 1:
+
+        >>> import torch
+        >>> from landscape.engine.operators import DenseOperator
+        >>> op = DenseOperator(torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5], dtype=torch.float64)))
+        >>> spectrum = slq_density(op, n_runs=2, n_steps=4)
+        >>> spectrum.nodes[0].round(6), spectrum.weights.sum(axis=1).round(6), spectrum.n_matvecs
+        (array([0.5, 1. , 3. , 5. ]), array([1., 1.]), 8)
+    """
+    check_int("n_runs", n_runs, 1)
+    check_int("n_steps", n_steps, 1)
+    check_int("n_grid", n_grid, 2)
+    if sigma is not None and not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    if not grid_margin >= 0:
+        raise ValueError(f"grid_margin must be ≥ 0, got {grid_margin!r}")
+    start = time.perf_counter()
+    n = op.shape[0]
+    n_steps = min(n_steps, n)
+    recurrence = _Lanczos(op, rademacher(seeded_generator(op.device, seed), (n_runs, n), op), max_steps=n_steps)
+    with Progress(n_runs * n_steps, "density (SLQ)", "matvec", progress) as bar:
+        while recurrence.steps < n_steps and len(recurrence.rows):
+            running = len(recurrence.rows)
+            recurrence.drop(recurrence.step())
+            bar.update(running)
+    nodes, weights = np.zeros((n_runs, n_steps)), np.zeros((n_runs, n_steps))
+    for run in range(n_runs):
+        theta, s, _ = recurrence.ritz(run)
+        nodes[run] = np.pad(theta, (0, n_steps - len(theta)), mode="edge")
+        weights[run, : len(theta)] = s[0] ** 2
+    spread = nodes.max() - nodes.min()
+    scale = spread if spread > 0 else max(np.abs(nodes).max(), 1.0)
+    sigma = float(sigma if sigma is not None else scale / 100)
+    pad = grid_margin * scale + 3 * sigma
+    grid = np.linspace(nodes.min() - pad, nodes.max() + pad, n_grid)
+    kernel = np.exp(-0.5 * ((grid[:, None] - nodes.reshape(1, -1)) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
+    density = kernel @ weights.reshape(-1) / n_runs
+    return Spectrum(grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma,
+                    n_matvecs=recurrence.n_matvecs, seconds=time.perf_counter() - start, seed=int(seed))
+
+
+@dataclass
+class WarmStart:
+    """Lanczos on a sequence of nearby matrices (training steps, trajectory checkpoints), each started from the
+    previous top eigenvector: one home for the warm start of `landscape track`, `train --track-every` and
+    `landscape.curvature.stability` (Cohen et al. 2021's edge of stability).
+
+    The default stop is the rigorous residual rule: near the edge of stability λ1 and λ2 lie a few
+    percent apart, and from a warm start the gap-based "error" rule then often stops on λ2.
+    `enabled=False` starts every Lanczos cold (for comparisons), keeping everything else equal.
+    """
+
+    enabled: bool = True
+    vector: torch.Tensor | None = None
+
+    def lanczos(self, op: LinearOperator, k: int = 1, *, stop: str = "residual", **options) -> EigResult:
+        result = lanczos(op, k, stop=stop, start=self.vector if self.enabled else None, return_vectors=True, **options)
+        self.vector = result.vectors[0].detach().clone()
+        return result
+

@@ -1,0 +1,324 @@
+"""Stochastic trace estimators over a symmetric linear operator: Hutchinson, Hutch++, XTrace.
+
+Pure functions: each draws its probes from a torch.Generator seeded with `seed` on the
+operator's device, counts its own matvecs (rows passed to `products`), and returns a
+TraceResult with the estimate, its standard error and, optionally, per-block traces
+(e.g. one block per parameter tensor of a Hessian). `progress` (landscape.engine.progress) counts
+matvecs as each `products` call returns. Probes, sketches and bases are row blocks (k, n), one
+vector per row (landscape.engine.operators): in the code and its comments a basis Q holds its vectors
+as rows, so the papers' QᵀAQ and I − QQᵀ (column bases) read QAQᵀ = Q (AQᵀ) and I − QᵀQ here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from landscape.engine.checks import check_int
+from landscape.engine.operators import LinearOperator
+from landscape.engine.probes import rademacher_rows, seeded_generator, sphere_rows
+from landscape.engine.progress import Progress
+from landscape.results import Result
+from landscape.statistics import stderr
+
+
+@dataclass(frozen=True)
+class TraceResult(Result):
+    """A trace estimate with its standard error, cost and provenance."""
+
+    estimate: float
+    stderr: float  # standard error of the estimate
+    n_matvecs: int
+    seconds: float
+    method: str  # "hutchinson" / "hutchpp" / "xtrace"
+    seed: int
+    samples: np.ndarray | None  # per-sample estimates whose mean is `estimate` and whose spread gives `stderr`
+    blocks: dict[str, tuple[float, float]] | None  # per-block (estimate, stderr) of the diagonal-block traces
+
+
+def _check_blocks(blocks: dict[str, slice] | None, n: int) -> None:
+    """Blocks must be named, non-empty, forward slices inside [0, n]."""
+    if blocks is None:
+        return
+    if not isinstance(blocks, dict) or not blocks:
+        raise ValueError("blocks must be a non-empty dict mapping names to slices of the flat vector")
+    for name, block in blocks.items():
+        if not isinstance(block, slice):
+            raise ValueError(f"block {name!r} must be a slice, got {type(block).__name__}")
+        bounds_ok = all(b is None or (isinstance(b, (int, np.integer)) and 0 <= b <= n) for b in (block.start, block.stop))
+        if not bounds_ok or (block.step is not None and block.step < 1) or not range(*block.indices(n)):
+            raise ValueError(f"block {name!r} = {block} is not a non-empty forward slice of [0, {n})")
+
+
+def _block_sums(contributions: torch.Tensor, blocks: dict[str, slice]) -> dict[str, torch.Tensor]:
+    """Row sums of a (k, n) tensor of per-coordinate contributions (one row per probe) over each block's coordinates."""
+    return {name: contributions[:, block].sum(1) for name, block in blocks.items()}
+
+
+def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:
+    return float(samples.mean()), stderr(samples)
+
+
+def _result(method: str, samples: torch.Tensor, block_samples: dict[str, torch.Tensor] | None,
+            n_matvecs: int, seed: int, start: float) -> TraceResult:
+    """Estimate = mean of the samples, stderr = their standard deviation / √count (also per block)."""
+    values = samples.double().cpu().numpy()
+    estimate, stderr = _mean_stderr(values)
+    per_block = None
+    if block_samples is not None:
+        per_block = {name: _mean_stderr(s.double().cpu().numpy()) for name, s in block_samples.items()}
+    return TraceResult(estimate=estimate, stderr=stderr, n_matvecs=n_matvecs, seconds=time.perf_counter() - start,
+                       method=method, seed=int(seed), samples=values, blocks=per_block)
+
+
+def hutchinson(op: LinearOperator, n_probes: int = 100, *, block_size: int = 10,
+               target_rel_stderr: float | None = None, blocks: dict[str, slice] | None = None,
+               seed: int = 0, progress: bool | str = False) -> TraceResult:
+    """Girard–Hutchinson estimator (Girard 1989; Hutchinson 1989): mean of zᵀAz over Rademacher probes z.
+
+    Unbiased, with variance 2·Σ_{i≠j} A_ij² per probe: exact for a diagonal matrix, slow where
+    the off-diagonal mass is large (Hutch++ and XTrace then need fewer matvecs). Probes go
+    through `op.products` `block_size` at a time, as the rows of a block. Per-block traces use
+    the same probes: the mean of z_bᵀ(Az)_b, unbiased for the trace of diagonal block b.
+
+    Args:
+        op: a symmetric operator (HessianOperator, GGNOperator, DenseOperator, ...).
+        n_probes: the most probes (matvecs) to spend, at least 2.
+        block_size: probes per `products` call.
+        target_rel_stderr: stop once stderr ≤ target·|estimate| (checked after each block of
+            probes, from the second on); None: spend all `n_probes`.
+        blocks: {name: slice of the vector} for per-block traces from the same probes (e.g. one
+            block per parameter tensor); None: the total only.
+        seed: seed of the probes.
+        progress: a progress bar (True, or a label), off by default.
+
+    Returns:
+        TraceResult: `estimate`, its `stderr` (from the spread of the per-probe values in
+            `samples`), `blocks` {name: (estimate, stderr)} if asked, `n_matvecs`, `seconds`.
+
+    Raises:
+        ValueError: bad counts, a non-positive target, or blocks outside the operator.
+
+    Examples:
+        On a diagonal matrix every Rademacher probe gives the exact trace:
+
+        >>> import torch
+        >>> from landscape.engine.operators import DenseOperator
+        >>> op = DenseOperator(torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)))
+        >>> result = hutchinson(op, 10)
+        >>> result.estimate, result.stderr, result.n_matvecs
+        (10.0, 0.0, 10)
+    """
+    n = op.shape[0]
+    check_int("n_probes", n_probes, 2)
+    check_int("block_size", block_size, 1)
+    if target_rel_stderr is not None and not target_rel_stderr > 0:
+        raise ValueError(f"target_rel_stderr must be positive, got {target_rel_stderr!r}")
+    _check_blocks(blocks, n)
+    start = time.perf_counter()
+    generator = seeded_generator(op.device, seed)
+    totals, per_block, used, n_blocks = [], {name: [] for name in blocks or {}}, 0, 0
+    with Progress(n_probes, "hutchinson", "matvec", progress) as bar:
+        while used < n_probes:
+            z = rademacher_rows(generator, min(block_size, n_probes - used), op)
+            contributions = z * _counted(op, z, bar)
+            used, n_blocks = used + z.shape[0], n_blocks + 1
+            totals.append(contributions.sum(1))
+            for name, sums in _block_sums(contributions, blocks or {}).items():
+                per_block[name].append(sums)
+            if target_rel_stderr is not None and n_blocks >= 2:
+                estimate, stderr = _mean_stderr(torch.cat(totals).double().cpu().numpy())
+                if stderr <= target_rel_stderr * abs(estimate):
+                    break
+    block_samples = {name: torch.cat(s) for name, s in per_block.items()} if blocks else None
+    return _result("hutchinson", torch.cat(totals), block_samples, used, seed, start)
+
+
+def hutchpp(op: LinearOperator, n_matvecs: int = 102, *, seed: int = 0,
+            blocks: dict[str, slice] | None = None, progress: bool | str = False) -> TraceResult:
+    """Hutch++ (Meyer, Musco, Musco & Woodruff 2021): exact trace on a sketched range plus Hutchinson on the rest.
+
+    A third of the budget sketches S, Q = orth(AS); tr(QᵀAQ) is exact and the remaining probes
+    estimate tr((I−QQᵀ)A(I−QQᵀ)). A matrix of rank ≤ n_matvecs // 3 gets its exact trace; for a
+    positive semi-definite matrix the relative error falls like 1/matvecs, not Hutchinson's 1/√matvecs.
+
+    Args:
+        op: a symmetric operator (HessianOperator, GGNOperator, DenseOperator, ...).
+        n_matvecs: the budget, at least 4: n_matvecs // 3 for the sketch, as many for A·Q, the
+            rest Hutchinson probes.
+        seed: seed of the sketch and the probes.
+        blocks: {name: slice of the vector} for per-block traces from the same probes (e.g. one
+            block per parameter tensor); None: the total only.
+        progress: a progress bar (True, or a label), off by default.
+
+    Returns:
+        TraceResult: `estimate`, its `stderr` over the deflated probes, `blocks` if asked (the
+            low-rank part's exact block diagonal plus the probes'), `n_matvecs`, `seconds`.
+
+    Raises:
+        ValueError: a budget below 4, or blocks outside the operator.
+
+    Examples:
+        The all-ones 6×6 matrix has rank 1, so the sketch holds all of it:
+
+        >>> import torch
+        >>> from landscape.engine.operators import DenseOperator
+        >>> result = hutchpp(DenseOperator(torch.ones(6, 6, dtype=torch.float64)), 6)
+        >>> round(result.estimate, 6), result.stderr
+        (6.0, 0.0)
+    """
+    n = op.shape[0]
+    check_int("n_matvecs", n_matvecs, 4)
+    _check_blocks(blocks, n)
+    start = time.perf_counter()
+    generator = seeded_generator(op.device, seed)
+    n_sketch = min(n_matvecs // 3, n)
+    n_probes = n_matvecs - 2 * n_sketch
+    with Progress(2 * n_sketch + n_probes, "hutchpp", "matvec", progress) as bar:
+        q, _ = _orthonormal_rows(_counted(op, rademacher_rows(generator, n_sketch, op), bar))
+        aq = _counted(op, q, bar)  # row i: A q_i, i.e. (AQᵀ)ᵀ
+        small = q @ aq.T  # QAQᵀ
+        z = rademacher_rows(generator, n_probes, op)
+        a_deflated = _counted(op, z - (z @ q.T) @ q, bar)
+    # z ⊙ (I−QᵀQ)A(I−QᵀQ)z: per-coordinate Hutchinson contributions of the deflated part, one row per probe
+    contributions = z * (a_deflated - (a_deflated @ q.T) @ q)
+    samples = torch.trace(small) + contributions.sum(1)
+    block_samples = None
+    if blocks is not None:
+        # diag(PAP + PAP⊥ + P⊥AP) for P = QᵀQ: the low-rank part's exact diagonal, cross terms included
+        # (they vanish in the total trace but not in a diagonal block); it sums to tr(QAQᵀ).
+        low_rank_diag = (q * (2 * aq - small.T @ q)).sum(0, keepdim=True)
+        low_rank = _block_sums(low_rank_diag, blocks)
+        block_samples = {name: low_rank[name] + s for name, s in _block_sums(contributions, blocks).items()}
+    return _result("hutchpp", samples, block_samples, 2 * n_sketch + n_probes, seed, start)
+
+
+def xtrace(op: LinearOperator, n_matvecs: int = 100, *, seed: int = 0,
+           blocks: dict[str, slice] | None = None, progress: bool | str = False) -> TraceResult:
+    """XTrace (Epperly, Tropp & Webber 2024, SIAM J. Matrix Anal. Appl.): exchangeable Hutch++.
+
+    m = n_matvecs/2 test vectors ω_i uniform on the sphere of radius √n. For each i, the range
+    of AΩ without Aω_i gives a low-rank part whose trace is exact, and ω_i projected onto
+    its complement and renormalized there (the paper's improved normalization, exactly
+    unbiased for spherical vectors but not for Rademacher ones) estimates the rest. The m
+    estimates are averaged; their standard deviation / √m is the error estimate. If rank A < m
+    the sketch holds all of range(A) and the estimate is exact. The toolkit's default trace
+    estimator: the lowest error per matvec of the three in benchmarks/curvature.py.
+
+    Args:
+        op: a symmetric operator of size ≥ 2 (HessianOperator, GGNOperator, DenseOperator, ...).
+        n_matvecs: the budget, at least 4: n_matvecs // 2 test vectors (at most n) and as many
+            products with the basis; a rank-deficient sketch spends fewer.
+        seed: seed of the test vectors.
+        blocks: {name: slice of the vector} for per-block traces from the same probes (e.g. one
+            block per parameter tensor); None: the total only.
+        progress: a progress bar (True, or a label), off by default.
+
+    Returns:
+        TraceResult: `estimate` (the mean of the m leave-one-out estimates in `samples`), its
+            `stderr`, `blocks` if asked, `n_matvecs` (the products actually made), `seconds`.
+
+    Raises:
+        ValueError: a budget below 4, an operator of size 1, or blocks outside the operator.
+
+    Examples:
+        The all-ones 6×6 matrix has rank 1: exact, per block too, after 4 products:
+
+        >>> import torch
+        >>> from landscape.engine.operators import DenseOperator
+        >>> op = DenseOperator(torch.ones(6, 6, dtype=torch.float64))
+        >>> result = xtrace(op, 6, blocks={"first two": slice(0, 2), "rest": slice(2, 6)})
+        >>> round(result.estimate, 6), result.n_matvecs
+        (6.0, 4)
+        >>> {name: round(estimate, 6) for name, (estimate, stderr) in result.blocks.items()}
+        {'first two': 2.0, 'rest': 4.0}
+    """
+    n = op.shape[0]
+    check_int("n_matvecs", n_matvecs, 4)
+    _check_blocks(blocks, n)
+    if n < 2:
+        raise ValueError("xtrace needs an operator of size ≥ 2 (leave-one-out needs two test vectors)")
+    start = time.perf_counter()
+    generator = seeded_generator(op.device, seed)
+    m = min(n_matvecs // 2, n)
+    omega = sphere_rows(generator, m, op)  # row i: ω_i
+    with Progress(2 * m, "xtrace", "matvec", progress) as bar:
+        y = _counted(op, omega, bar)  # row i: y_i = Aω_i
+        q, r, s, codim = _xtrace_basis(y, op)
+        aq = _counted(op, q, bar)
+    h = (q @ aq.T).double().cpu().numpy()  # QAQᵀ
+    h = (h + h.T) / 2
+    w = (q @ omega.T).double().cpu().numpy()  # column i: w_i = Qω_i
+    c = w - s * (s * w).sum(0)  # Π_i w_i, Π_i = I − s_i s_iᵀ
+    e = r - h @ c  # Q A (I − P_i) ω_i, using QAω_i = Qy_i = R_i (column i of R)
+    f = e - s * (s * e).sum(0)  # Π_i e_i
+    residual_sq = (omega * omega).sum(1).double().cpu().numpy() - (w * c).sum(0)  # ‖(I − P_i)ω_i‖²
+    scale = codim / residual_sq
+    parts = (s, h, c, f, scale)
+    samples = torch.as_tensor(_xtrace_samples(_xtrace_grams(q, aq, omega, y), *parts))
+    block_samples = None
+    if blocks is not None:
+        block_samples = {name: torch.as_tensor(_xtrace_samples(
+                             _xtrace_grams(q[:, b], aq[:, b], omega[:, b], y[:, b]), *parts))
+                         for name, b in blocks.items()}
+    return _result("xtrace", samples, block_samples, m + q.shape[0], seed, start)
+
+
+def _counted(op: LinearOperator, V: torch.Tensor, bar: Progress) -> torch.Tensor:
+    """op.products(V) for a (k, n) block of probe rows, its k rows counted on the progress bar."""
+    out = op.products(V)
+    bar.update(V.shape[0])
+    return out
+
+
+def _orthonormal_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q, R with Y = RᵀQ for a (k, n) block of rows Y: orthonormal rows Q (k, n) spanning Y's rows, R (k, k) upper
+    triangular. The QR factorization of Yᵀ (the column convention is LAPACK's; the transposes are views)."""
+    q, r = torch.linalg.qr(y.T)
+    return q.T, r
+
+
+def _xtrace_basis(y: torch.Tensor, op: LinearOperator) -> tuple[torch.Tensor, np.ndarray, np.ndarray, int]:
+    """Q, R of the sketch Y = AΩ (rows y_i = Aω_i), the leave-one-out directions s_i and the codimension XTrace rescales by.
+
+    Q holds the orthonormal basis as rows (k, n); R is the triangular factor of the column sketch, AΩ = QᵀR.
+    Q_(i)ᵀQ_(i) = Qᵀ(I − s_i s_iᵀ)Q with s_i the normalized i-th column of R⁻ᵀ = U Σ⁻¹ Vᵀ. If Y is
+    rank-deficient every leave-one-out range equals range(AΩ) = range(A): one basis, s_i = 0.
+    """
+    m, n = y.shape
+    q, r = _orthonormal_rows(y)
+    r = r.double().cpu().numpy()
+    u, sv, vt = np.linalg.svd(r)
+    rank = int((sv > sv[0] * m * torch.finfo(op.dtype).eps).sum())
+    if rank == m:
+        s = u @ (vt / sv[:, None])
+        return q, r, s / np.linalg.norm(s, axis=0), n - m + 1
+    q = torch.as_tensor(u[:, :rank].T, dtype=op.dtype, device=op.device) @ q
+    return q, sv[:rank, None] * vt[:rank], np.zeros((rank, m)), n - rank
+
+
+def _xtrace_grams(q: torch.Tensor, aq: torch.Tensor, omega: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """Gram matrices over a set of coordinates (all, or one block's) that XTrace's per-i diagonal sums need.
+
+    q, aq, omega, y: row blocks (basis, its products, test vectors, theirs) restricted to those coordinates.
+    """
+    grams = (q @ aq.T, q @ q.T, omega @ q.T, omega @ aq.T, (omega * y).sum(1))
+    return tuple(g.double().cpu().numpy() for g in grams)
+
+
+def _xtrace_samples(grams: tuple[np.ndarray, ...], s: np.ndarray, h: np.ndarray, c: np.ndarray,
+                    f: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The m leave-one-out XTrace estimates, summed over the coordinates the Gram matrices cover.
+
+    Estimate i is tr_b(2·P_iA − P_iAP_i) + scale_i·ω_i,bᵀ[(I−P_i)A(I−P_i)ω_i]_b with P_i = QᵀΠ_iQ (Q's rows
+    the basis); over all coordinates it is tr(Π_i QAQᵀ) + scale_i·ω_iᵀ(I−P_i)A(I−P_i)ω_i, the paper's estimator.
+    """
+    qaq, qq, omega_q, omega_aq, omega_y = grams
+    shs = (s * (h @ s)).sum(0)
+    low_rank = (2 * (np.trace(qaq) - (s * (qaq @ s)).sum(0))
+                - (np.sum(h * qq) - 2 * (s * (qq @ h @ s)).sum(0) + shs * (s * (qq @ s)).sum(0)))
+    deflated = omega_y - (omega_aq * c.T).sum(1) - (omega_q * f.T).sum(1)
+    return low_rank + scale * deflated

@@ -1,0 +1,1 @@
+"""Data sets, measurement sets, models, batches and losses, and checkpoints: what a measurement starts from."""
