@@ -26,8 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("the same measurements on several checkpoints, side by side with CIs, as a report", "compare"),
     "train": ("train a model with a chosen optimizer, writing checkpoints", "train_command"),
     "track": ("measure every trajectory checkpoint of a training run: curvature over training, resumable", "track"),
-    "correlate": ("rank sharpness measures against the generalization gap over a sweep of runs (Kendall's τ, "
-                  "granulated τ, bootstrap CIs)", "correlate"),
+    "correlate": (
+        "rank sharpness measures against the generalization gap over a sweep of runs (Kendall's τ, granulated τ, bootstrap CIs)",
+        "correlate",
+    ),
     "figures": ("regenerate every figure in figures/ from scratch", "figures"),
 }
 
@@ -123,8 +125,11 @@ def _out_of_memory(error: BaseException) -> bool:
 def _report_out_of_memory(args: argparse.Namespace, error: BaseException) -> int:
     """One line instead of the allocator's traceback, with the options that need less memory."""
     first = (str(error).splitlines() or [type(error).__name__])[0]
-    print(f"landscape {args.command}: error: out of memory ({first[:160]}); use a smaller --batch-size, "
-          f"--hvp double-backward or fewer --n-samples", file=sys.stderr)
+    print(
+        f"landscape {args.command}: error: out of memory ({first[:160]}); use a smaller --batch-size, "
+        f"--hvp double-backward or fewer --n-samples",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -18,9 +18,12 @@ class OptionNote(UserWarning):
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """--json, --quiet and --debug: on every command."""
     parser.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress (otherwise bars on a terminal, else a line per phase every "
-                             "$LANDSCAPE_PROGRESS_INTERVAL seconds, default 10)")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress (otherwise bars on a terminal, else a line per phase every "
+        "$LANDSCAPE_PROGRESS_INTERVAL seconds, default 10)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 

@@ -37,11 +37,25 @@ from landscape.results import Quantity, to_jsonable
 from landscape.surfaces.directions import random_directions
 from landscape.surfaces.surface import compute_surface
 
-COMPARE_METRICS = ("eig", "trace", "density", "sharpness-curve", "eps-sharpness", "worst-case", "adaptive-worst-case",
-                   "m-sharpness", "adaptive-m-sharpness", "average-case", "adaptive-average-case", "surface", "surface2d")
+COMPARE_METRICS = (
+    "eig",
+    "trace",
+    "density",
+    "sharpness-curve",
+    "eps-sharpness",
+    "worst-case",
+    "adaptive-worst-case",
+    "m-sharpness",
+    "adaptive-m-sharpness",
+    "average-case",
+    "adaptive-average-case",
+    "surface",
+    "surface2d",
+)
 # compare's own defaults (a cheaper, wider set than measure's: several checkpoints, each measured alike)
-COMPARE_DEFAULTS = MetricSpec(metrics=("eig", "trace", "sharpness-curve", "surface"), k=3, radius=(0.005, 0.01, 0.02),
-                              noise_samples=40, probes=60)
+COMPARE_DEFAULTS = MetricSpec(
+    metrics=("eig", "trace", "sharpness-curve", "surface"), k=3, radius=(0.005, 0.01, 0.02), noise_samples=40, probes=60
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,19 +63,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_objective_arguments(parser)
     add_metric_arguments(parser, COMPARE_METRICS, COMPARE_DEFAULTS)
     group = parser.add_argument_group("comparison")
-    group.add_argument("--labels", help="comma list, one per checkpoint; equal labels = seeds of one method (default: method and batch size)")
+    group.add_argument(
+        "--labels", help="comma list, one per checkpoint; equal labels = seeds of one method (default: method and batch size)"
+    )
     group.add_argument("--out", default="comparison", help="folder for report.md, report.html, results.json and figures")
     group.add_argument("--allow-mixed", action="store_true", help="compare checkpoints of different models or data sets")
-    group.add_argument("--baseline", default=None, metavar="LABEL",
-                       help="compare every method with this one (default: each method with the first method's optimizer "
-                            "at its own batch size, e.g. SmoothOut B=2000 with SGD B=2000; same optimizer: with the first)")
-    group.add_argument("--at-train-loss", default=None, metavar="LOSS|matched",
-                       help="measure each run at its trajectory checkpoint whose recorded train loss is closest to LOSS; "
-                            "'matched': the lowest loss every run reaches (compares methods at equal train loss)")
-    group.add_argument("--surface-range", default=CompareSpec.surface_range, metavar="START:STOP:NUM",
-                       help="1-D surface grid (default %(default)s)")
-    group.add_argument("--surface2d-range", default=CompareSpec.surface2d_range, metavar="START:STOP:NUM",
-                       help="2-D surface grid (default %(default)s)")
+    group.add_argument(
+        "--baseline",
+        default=None,
+        metavar="LABEL",
+        help="compare every method with this one (default: each method with the first method's optimizer "
+        "at its own batch size, e.g. SmoothOut B=2000 with SGD B=2000; same optimizer: with the first)",
+    )
+    group.add_argument(
+        "--at-train-loss",
+        default=None,
+        metavar="LOSS|matched",
+        help="measure each run at its trajectory checkpoint whose recorded train loss is closest to LOSS; "
+        "'matched': the lowest loss every run reaches (compares methods at equal train loss)",
+    )
+    group.add_argument(
+        "--surface-range",
+        default=CompareSpec.surface_range,
+        metavar="START:STOP:NUM",
+        help="1-D surface grid (default %(default)s)",
+    )
+    group.add_argument(
+        "--surface2d-range",
+        default=CompareSpec.surface2d_range,
+        metavar="START:STOP:NUM",
+        help="2-D surface grid (default %(default)s)",
+    )
 
 
 def checkpoint_label(path: str, meta: dict) -> str:
@@ -84,8 +116,10 @@ def check_compatible(checkpoints: Sequence, allow_mixed: bool) -> None:
     for other in checkpoints[1:]:
         for what, a, b in (("model", first.model_spec, other.model_spec), ("data", first.data_spec, other.data_spec)):
             if a != b and not allow_mixed:
-                raise ValueError(f"{first.path} and {other.path} differ in {what} ({_short(a)} vs {_short(b)}); "
-                                 "pass --allow-mixed to compare them anyway")
+                raise ValueError(
+                    f"{first.path} and {other.path} differ in {what} ({_short(a)} vs {_short(b)}); "
+                    "pass --allow-mixed to compare them anyway"
+                )
 
 
 def measure_checkpoint(path: str, label: str, meta: dict, spec: CompareSpec) -> dict:
@@ -108,16 +142,29 @@ def measure_checkpoint(path: str, label: str, meta: dict, spec: CompareSpec) -> 
             dim = 1 if name == "surface" else 2
             grid = spec.surface_range if dim == 1 else spec.surface2d_range
             seed = measure.metrics.seed
-            surface = compute_surface({"train": objective, "test": test}, random_directions(objective, dim, seed=seed),
-                                      [parse_range(grid)] * dim, path=_surface_file(spec.out, objective, seed, grid, dim),
-                                      resume=True, progress=measure.metrics.progress)
+            surface = compute_surface(
+                {"train": objective, "test": test},
+                random_directions(objective, dim, seed=seed),
+                [parse_range(grid)] * dim,
+                path=_surface_file(spec.out, objective, seed, grid, dim),
+                resume=True,
+                progress=measure.metrics.progress,
+            )
             raw[name] = surface.path
             continue
         result = METRICS[name](objective, measure.metrics)
         raw[name] = result.to_dict()
         quantities.update(metric_quantities(name, result))
-    return {"label": label, "path": path, "seed": meta.get("train", {}).get("seed"), "config": meta.get("train"),
-            "setup": objective.describe(), "test_setup": test.describe(), "quantities": quantities, "raw": raw}
+    return {
+        "label": label,
+        "path": path,
+        "seed": meta.get("train", {}).get("seed"),
+        "config": meta.get("train"),
+        "setup": objective.describe(),
+        "test_setup": test.describe(),
+        "quantities": quantities,
+        "raw": raw,
+    }
 
 
 def _surface_file(out: Path, objective, seed: int, grid: str, dim: int) -> Path:
@@ -145,7 +192,12 @@ def compare(paths: Sequence[str], spec: CompareSpec) -> dict:
     members = [measure_checkpoint(p, label, c.meta, spec) for p, label, c in zip(chosen, labels, checkpoints)]
     if target is not None:
         for m, given, point in zip(members, paths, points):
-            m["at_train_loss"] = {"target": target, "run": str(given), "epoch": point.epoch, "recorded_train_loss": point.train_loss}
+            m["at_train_loss"] = {
+                "target": target,
+                "run": str(given),
+                "epoch": point.epoch,
+                "recorded_train_loss": point.train_loss,
+            }
     groups: dict[str, list[dict]] = {}
     for m in members:
         groups.setdefault(m["label"], []).append(m)
@@ -181,8 +233,12 @@ def baselines(configs: dict[str, dict | None], chosen: str | None = None) -> dic
     out = {}
     for g in labels[1:]:
         config = configs[g] or {}
-        same_batch = [h for h in labels if (configs[h] or {}).get("optimizer") == reference.get("optimizer")
-                      and (configs[h] or {}).get("batch_size") == config.get("batch_size")]
+        same_batch = [
+            h
+            for h in labels
+            if (configs[h] or {}).get("optimizer") == reference.get("optimizer")
+            and (configs[h] or {}).get("batch_size") == config.get("batch_size")
+        ]
         differs = config.get("optimizer") != reference.get("optimizer")
         out[g] = same_batch[0] if differs and same_batch and reference else first
     return out
@@ -213,12 +269,23 @@ def comparison_tables(result: dict) -> tuple[list[str], list[list[str]], list[st
     diff_rows = []
     for (g, n, d), p_holm in zip(shown, adjusted):
         basis = d.basis + ("" if d.unpaired_halfwidth is None else f"; unpaired it would be ±{d.unpaired_halfwidth:.2g}")
-        diff_rows.append([g, result["baselines"][g], n, format_difference(d), verdict(d),
-                          f"{d.p_value:.2g} / {p_holm:.2g}", basis])
-    return (["method", *names], value_rows,
-            ["method", "vs", "quantity", "difference [95% CI] (relative)", "clears seed spread?",
-             f"p / Holm-adjusted p ({len(shown)} tests)", "interval from"],
-            diff_rows)
+        diff_rows.append(
+            [g, result["baselines"][g], n, format_difference(d), verdict(d), f"{d.p_value:.2g} / {p_holm:.2g}", basis]
+        )
+    return (
+        ["method", *names],
+        value_rows,
+        [
+            "method",
+            "vs",
+            "quantity",
+            "difference [95% CI] (relative)",
+            "clears seed spread?",
+            f"p / Holm-adjusted p ({len(shown)} tests)",
+            "interval from",
+        ],
+        diff_rows,
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -266,28 +333,45 @@ def make_figures(result: dict, out: Path) -> list[tuple[str, str]]:
     bands = " Several seeds: their mean, band: 95% CI of the mean over seeds." if several else ""
     if all("surface" in c["raw"] for c in members):
         fig = plot_lines({label: [read_surface(c["raw"]["surface"]) for c in cs] for label, cs in seeds.items()}, log=True)
-        figures.append((save(fig, out / "surface-1d.png").name,
-                        f"Loss along one filter-normalized random direction (seed {result['settings']['seed']}, the same "
-                        f"Gaussian draw for every checkpoint); train solid, test dashed; cross-entropy, log scale.{bands}"))
+        figures.append(
+            (
+                save(fig, out / "surface-1d.png").name,
+                f"Loss along one filter-normalized random direction (seed {result['settings']['seed']}, the same "
+                f"Gaussian draw for every checkpoint); train solid, test dashed; cross-entropy, log scale.{bands}",
+            )
+        )
     if all("surface2d" in c["raw"] for c in members):
         fig = plot_surfaces({label: read_surface(c["raw"]["surface2d"]) for label, c in firsts.items()}, kind="contour", log=True)
-        figures.append((save(fig, out / "surface-2d.png").name,
-                        f"Train loss on a filter-normalized random plane ({where}){which}; one shared colour scale and level set."))
+        figures.append(
+            (
+                save(fig, out / "surface-2d.png").name,
+                f"Train loss on a filter-normalized random plane ({where}){which}; one shared colour scale and level set.",
+            )
+        )
     if all("sharpness-curve" in c["raw"] for c in members):
         curves: dict[str, list[dict]] = {}
         for c in members:
             curves.setdefault(c["label"], []).append(as_result("sharpness-curve", c["raw"]["sharpness-curve"]))
-        figures.append((save(plot_sharpness_curves(curves), out / "sharpness.png").name,
-                        f"Expected loss increase under uniform weight noise of radius a ({where}); bands: 95% CI "
-                        "(one seed: over its noise draws; several: Student-t over seeds); dotted: the second-order prediction "
-                        "½·tr(ΣH), Σ the covariance of the noise, averaged over the same seeds."))
+        figures.append(
+            (
+                save(plot_sharpness_curves(curves), out / "sharpness.png").name,
+                f"Expected loss increase under uniform weight noise of radius a ({where}); bands: 95% CI "
+                "(one seed: over its noise draws; several: Student-t over seeds); dotted: the second-order prediction "
+                "½·tr(ΣH), Σ the covariance of the noise, averaged over the same seeds.",
+            )
+        )
     if all("density" in c["raw"] for c in members):
         tops = {label: [c["raw"]["eig"]["values"] for c in cs if "eig" in c["raw"]] for label, cs in seeds.items()}
-        fig = plot_spectral_densities({label: [as_result("density", c["raw"]["density"]) for c in cs]
-                                       for label, cs in seeds.items()}, tops)
-        figures.append((save(fig, out / "spectra.png").name,
-                        f"Hessian spectral density by stochastic Lanczos quadrature ({where}), every seed as its own line; "
-                        "dotted: Lanczos top eigenvalues of each seed."))
+        fig = plot_spectral_densities(
+            {label: [as_result("density", c["raw"]["density"]) for c in cs] for label, cs in seeds.items()}, tops
+        )
+        figures.append(
+            (
+                save(fig, out / "spectra.png").name,
+                f"Hessian spectral density by stochastic Lanczos quadrature ({where}), every seed as its own line; "
+                "dotted: Lanczos top eigenvalues of each seed.",
+            )
+        )
     return figures
 
 
@@ -301,30 +385,53 @@ def build_report(result: dict, out: Path) -> Report:
         f"(batches of ≤{m['batch_size']}, subset seed {m['seed']}), BN {setup['mode']} mode, {setup['dtype']}, "
         f"parameters: {setup['params']} ({setup['n_params']}). Test quantities use the whole test split "
         f"({first['test_setup']['n_samples']} samples). Probes, noise draws and surface directions share seed "
-        f"{result['settings']['seed']} across checkpoints (common random numbers).")
+        f"{result['settings']['seed']} across checkpoints (common random numbers)."
+    )
     if result.get("at_train_loss") is not None:
-        report.paragraph(f"At matched train loss: each run is measured at its trajectory checkpoint whose recorded train loss "
-                         f"is closest to {result['at_train_loss']:.4g} (the epoch column), not at the end of training.")
-        report.table(["label", "checkpoint", "training seed", "epoch", "recorded train loss"],
-                     [[c["label"], c["path"], str(c["seed"]), str(c["at_train_loss"]["epoch"]),
-                       f"{c['at_train_loss']['recorded_train_loss']:.4g}"] for c in result["checkpoints"]])
+        report.paragraph(
+            f"At matched train loss: each run is measured at its trajectory checkpoint whose recorded train loss "
+            f"is closest to {result['at_train_loss']:.4g} (the epoch column), not at the end of training."
+        )
+        report.table(
+            ["label", "checkpoint", "training seed", "epoch", "recorded train loss"],
+            [
+                [
+                    c["label"],
+                    c["path"],
+                    str(c["seed"]),
+                    str(c["at_train_loss"]["epoch"]),
+                    f"{c['at_train_loss']['recorded_train_loss']:.4g}",
+                ]
+                for c in result["checkpoints"]
+            ],
+        )
     else:
-        report.table(["label", "checkpoint", "training seed"], [[c["label"], c["path"], str(c["seed"])] for c in result["checkpoints"]])
+        report.table(
+            ["label", "checkpoint", "training seed"], [[c["label"], c["path"], str(c["seed"])] for c in result["checkpoints"]]
+        )
     h1, r1, h2, r2 = comparison_tables(result)
     report.heading("Values")
-    report.table(h1, r1, "One seed: estimate ± its standard error (λ: Lanczos residual bound; accuracy: binomial; "
-                         "ε-sharpness: best of its starts ± best − worst). "
-                         "Several seeds: mean ± standard deviation over seeds (n). ΔL a=r: E[L(w+u)] − L(w), u ~ U[−r, r] "
-                         "per weight (train split, cross-entropy nats).")
+    report.table(
+        h1,
+        r1,
+        "One seed: estimate ± its standard error (λ: Lanczos residual bound; accuracy: binomial; "
+        "ε-sharpness: best of its starts ± best − worst). "
+        "Several seeds: mean ± standard deviation over seeds (n). ΔL a=r: E[L(w+u)] − L(w), u ~ U[−r, r] "
+        "per weight (train split, cross-entropy nats).",
+    )
     report.heading("Differences")
-    report.table(h2, r2, "95% intervals. A method difference is called only when its interval, built from the spread "
-                         "over training seeds, excludes zero; with one seed per method the interval reflects estimator "
-                         "noise only and says whether these two checkpoints differ, not whether the methods do; there "
-                         "the interval from shared noise draws is printed beside the one independent draws would give. "
-                         "Each method is compared with the baseline in the 'vs' column (by default plain SGD at its own batch size). "
-                         "p: two-sided, from the same t (or normal) statistic as the interval; Holm-adjusted p controls the "
-                         "family-wise error over every row of this table (Holm 1979): with many rows, read a difference as "
-                         "established only where the adjusted p is small.")
+    report.table(
+        h2,
+        r2,
+        "95% intervals. A method difference is called only when its interval, built from the spread "
+        "over training seeds, excludes zero; with one seed per method the interval reflects estimator "
+        "noise only and says whether these two checkpoints differ, not whether the methods do; there "
+        "the interval from shared noise draws is printed beside the one independent draws would give. "
+        "Each method is compared with the baseline in the 'vs' column (by default plain SGD at its own batch size). "
+        "p: two-sided, from the same t (or normal) statistic as the interval; Holm-adjusted p controls the "
+        "family-wise error over every row of this table (Holm 1979): with many rows, read a difference as "
+        "established only where the adjusted p is small.",
+    )
     figures = make_figures(result, out)
     if figures:
         report.heading("Figures")

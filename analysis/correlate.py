@@ -36,10 +36,21 @@ from landscape.engine import distributed as ranks
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.results import to_jsonable
 
-CORRELATE_METRICS = ("eig", "trace", "sharpness-curve", "eps-sharpness", "worst-case", "adaptive-worst-case",
-                     "m-sharpness", "adaptive-m-sharpness", "average-case", "adaptive-average-case")
-CORRELATE_DEFAULTS = MetricSpec(metrics=("eig", "trace", "sharpness-curve", "eps-sharpness"), k=1, radius=(0.02,),
-                                noise_samples=40, probes=60)
+CORRELATE_METRICS = (
+    "eig",
+    "trace",
+    "sharpness-curve",
+    "eps-sharpness",
+    "worst-case",
+    "adaptive-worst-case",
+    "m-sharpness",
+    "adaptive-m-sharpness",
+    "average-case",
+    "adaptive-average-case",
+)
+CORRELATE_DEFAULTS = MetricSpec(
+    metrics=("eig", "trace", "sharpness-curve", "eps-sharpness"), k=1, radius=(0.02,), noise_samples=40, probes=60
+)
 GAPS = {"error": "test error − train error", "loss": "test loss − train loss"}
 # hyperparameters a sweep may vary, from each run's training config; `epochs` is left out by default because recipes
 # tie it to the batch size (varying one alone would leave no group)
@@ -50,23 +61,37 @@ DEFAULTS = CorrelateSpec(MeasureSpec())  # the correlation's own defaults (its m
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_objective_arguments(parser)
     add_metric_arguments(parser, CORRELATE_METRICS, CORRELATE_DEFAULTS)
-    parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="`landscape train` run folders (their final.pt) or checkpoint files; at least 3")
+    parser.add_argument(
+        "runs", nargs="+", metavar="RUN", help="`landscape train` run folders (their final.pt) or checkpoint files; at least 3"
+    )
     group = parser.add_argument_group("correlation")
     group.add_argument("--measures", dest="metrics", help="the same as --metrics")
-    group.add_argument("--gap", default=",".join(DEFAULTS.gaps),
-                       help="generalization gaps, comma list: error (test − train error), loss (test − train loss) "
-                            "(default %(default)s)")
-    group.add_argument("--axes", default=",".join(DEFAULTS.axes),
-                       help=f"hyperparameters for the granulated τ, those of {','.join(AXES)} that vary across the runs "
-                            "(default %(default)s); runs are grouped by the others and their training seed")
-    group.add_argument("--at-train-loss", default=None, metavar="LOSS|matched",
-                       help="measure each run at its trajectory checkpoint whose recorded train loss is closest to LOSS "
-                            "(Jiang et al. stop every run at one train loss); 'matched': the lowest loss every run reaches")
-    group.add_argument("--resamples", type=int, default=DEFAULTS.resamples,
-                       help="bootstrap resamples over runs (default %(default)s)")
-    group.add_argument("--out", default=str(DEFAULTS.out),
-                       help="folder for measurements.json (resumable), correlation.json, correlation.md and correlation.png")
+    group.add_argument(
+        "--gap",
+        default=",".join(DEFAULTS.gaps),
+        help="generalization gaps, comma list: error (test − train error), loss (test − train loss) (default %(default)s)",
+    )
+    group.add_argument(
+        "--axes",
+        default=",".join(DEFAULTS.axes),
+        help=f"hyperparameters for the granulated τ, those of {','.join(AXES)} that vary across the runs "
+        "(default %(default)s); runs are grouped by the others and their training seed",
+    )
+    group.add_argument(
+        "--at-train-loss",
+        default=None,
+        metavar="LOSS|matched",
+        help="measure each run at its trajectory checkpoint whose recorded train loss is closest to LOSS "
+        "(Jiang et al. stop every run at one train loss); 'matched': the lowest loss every run reaches",
+    )
+    group.add_argument(
+        "--resamples", type=int, default=DEFAULTS.resamples, help="bootstrap resamples over runs (default %(default)s)"
+    )
+    group.add_argument(
+        "--out",
+        default=str(DEFAULTS.out),
+        help="folder for measurements.json (resumable), correlation.json, correlation.md and correlation.png",
+    )
 
 
 def run_paths(runs: list[str]) -> list[str]:
@@ -112,8 +137,7 @@ def measure_runs(paths: list[str], spec: CorrelateSpec) -> list[dict]:
     results = ResultsFile.open(spec.out / "measurements.json", {**settings, "checkpoints": paths}, resume=True)
 
     def one(path: str) -> dict:  # results.save writes on rank 0 only
-        report = measure_checkpoint(path, spec.measure, previous=results.previous(path), saved=results.save,
-                                    distributed=False)
+        report = measure_checkpoint(path, spec.measure, previous=results.previous(path), saved=results.save, distributed=False)
         if "generalization" not in report:
             report["generalization"] = generalization(path, spec.measure.objective)
         return report
@@ -124,11 +148,11 @@ def measure_runs(paths: list[str], spec: CorrelateSpec) -> list[dict]:
     return reports
 
 
-def correlations(reports: list[dict], hypers: list[dict], gaps: list[str], axes: list[str], resamples: int,
-                 seed: int) -> list[Correlation]:
+def correlations(
+    reports: list[dict], hypers: list[dict], gaps: list[str], axes: list[str], resamples: int, seed: int
+) -> list[Correlation]:
     """Each scalar quantity of the reports against each gap; `hypers[r]`: run r's hyperparameters and seed."""
-    quantities = [{n: q.value for m, res in r["metrics"].items() for n, q in metric_quantities(m, res).items()}
-                  for r in reports]
+    quantities = [{n: q.value for m, res in r["metrics"].items() for n, q in metric_quantities(m, res).items()} for r in reports]
     names = list(dict.fromkeys(n for q in quantities for n in q))
     out = []
     for gap in gaps:
@@ -161,15 +185,25 @@ def correlate_runs(runs: list[str], spec: CorrelateSpec) -> dict:
     found = correlations(reports, hypers, gaps, axes, spec.resamples, spec.measure.metrics.seed)
     runs = []
     for i, (report, config) in enumerate(zip(reports, configs)):
-        run = {"run": given[i], "checkpoint": report["checkpoint"], "hyperparameters": hyperparameters(config, list(AXES)),
-               "generalization": report["generalization"],
-               "measures": {n: q for m, r in report["metrics"].items() for n, q in metric_quantities(m, r).items()}}
+        run = {
+            "run": given[i],
+            "checkpoint": report["checkpoint"],
+            "hyperparameters": hyperparameters(config, list(AXES)),
+            "generalization": report["generalization"],
+            "measures": {n: q for m, r in report["metrics"].items() for n, q in metric_quantities(m, r).items()},
+        }
         if points is not None:
             run["at_train_loss"] = {"epoch": points[i].epoch, "recorded_train_loss": points[i].train_loss}
         runs.append(run)
-    return {"runs": runs, "correlations": [c.to_dict() for c in found], "gaps": gaps,
-            "axes": varying(hypers, axes), "at_train_loss": target,
-            "setup": reports[0]["setup"], "resamples": spec.resamples}
+    return {
+        "runs": runs,
+        "correlations": [c.to_dict() for c in found],
+        "gaps": gaps,
+        "axes": varying(hypers, axes),
+        "at_train_loss": target,
+        "setup": reports[0]["setup"],
+        "resamples": spec.resamples,
+    }
 
 
 def _interval(e: dict | None) -> str:
@@ -182,8 +216,7 @@ def correlation_table(result: dict) -> tuple[list[str], list[list[str]]]:
     headers = ["measure", "gap", "τ [95% CI]", *[f"ψ {a}" for a in axes], "Ψ [95% CI]"]
     rows = []
     for c in result["correlations"]:
-        cells = [f"{_interval(c['granulated'].get(a))} ({c['groups'].get(a, 0)})" if a in c["granulated"] else "—"
-                 for a in axes]
+        cells = [f"{_interval(c['granulated'].get(a))} ({c['groups'].get(a, 0)})" if a in c["granulated"] else "—" for a in axes]
         rows.append([c["measure"], c["gap"], _interval(c["tau"]), *cells, _interval(c["psi"])])
     return headers, rows
 
@@ -191,29 +224,51 @@ def correlation_table(result: dict) -> tuple[list[str], list[list[str]]]:
 def build_report(result: dict, figure: str | None) -> Report:
     setup, m = result["setup"], result["setup"]["measurement"]
     report = Report("Sharpness against generalization")
-    when = ("at the end of training" if result["at_train_loss"] is None else
-            f"at the trajectory checkpoint whose recorded train loss is closest to {result['at_train_loss']:.4g}")
+    when = (
+        "at the end of training"
+        if result["at_train_loss"] is None
+        else f"at the trajectory checkpoint whose recorded train loss is closest to {result['at_train_loss']:.4g}"
+    )
     report.paragraph(
         f"{len(result['runs'])} runs, measured {when} on {m['n_samples']} samples of the {m['split']} split of "
         f"{setup['data']['spec']} (seed {m['seed']}; the same probes and noise for every run). The gaps use the whole "
-        f"train and test splits: {'; '.join(f'{g}: {GAPS[g]}' for g in result['gaps'])}.")
+        f"train and test splits: {'; '.join(f'{g}: {GAPS[g]}' for g in result['gaps'])}."
+    )
     headers, rows = correlation_table(result)
-    report.table(headers, rows,
-                 "Kendall's τ-b over all runs; ψ: Jiang et al. (2019)'s granulated τ for one hyperparameter (the τ over "
-                 "runs that differ only in it, averaged over the settings of the others and the training seed; groups "
-                 "in brackets); Ψ: the mean of the ψ. Intervals: 95% percentile bootstrap over runs "
-                 f"({result['resamples']} resamples). τ > 0: a larger measure goes with a larger gap.")
+    report.table(
+        headers,
+        rows,
+        "Kendall's τ-b over all runs; ψ: Jiang et al. (2019)'s granulated τ for one hyperparameter (the τ over "
+        "runs that differ only in it, averaged over the settings of the others and the training seed; groups "
+        "in brackets); Ψ: the mean of the ψ. Intervals: 95% percentile bootstrap over runs "
+        f"({result['resamples']} resamples). τ > 0: a larger measure goes with a larger gap.",
+    )
     report.heading("Runs")
     gaps = result["gaps"]
     names = list(dict.fromkeys(n for r in result["runs"] for n in r["measures"]))
-    report.table(["run", *[a for a in AXES if any(r["hyperparameters"].get(a) is not None for r in result["runs"])],
-                  "train loss", *[f"{g} gap" for g in gaps], *names],
-                 [[r["run"], *[str(r["hyperparameters"][a]) for a in AXES
-                               if any(x["hyperparameters"].get(a) is not None for x in result["runs"])],
-                   f"{r['generalization']['train_loss']:.3g}",
-                   *[f"{r['generalization'][g]:.3g}" if r["generalization"][g] is not None else "" for g in gaps],
-                   *[f"{r['measures'][n].value:.4g}" if n in r["measures"] else "" for n in names]]
-                  for r in result["runs"]])
+    report.table(
+        [
+            "run",
+            *[a for a in AXES if any(r["hyperparameters"].get(a) is not None for r in result["runs"])],
+            "train loss",
+            *[f"{g} gap" for g in gaps],
+            *names,
+        ],
+        [
+            [
+                r["run"],
+                *[
+                    str(r["hyperparameters"][a])
+                    for a in AXES
+                    if any(x["hyperparameters"].get(a) is not None for x in result["runs"])
+                ],
+                f"{r['generalization']['train_loss']:.3g}",
+                *[f"{r['generalization'][g]:.3g}" if r["generalization"][g] is not None else "" for g in gaps],
+                *[f"{r['measures'][n].value:.4g}" if n in r["measures"] else "" for n in names],
+            ]
+            for r in result["runs"]
+        ],
+    )
     if figure:
         report.heading("Figure")
         report.figure(figure, f"Each measure against the {gaps[0]} gap, one point per run; τ and Ψ with their 95% intervals.")

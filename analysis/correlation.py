@@ -54,9 +54,15 @@ class Correlation:
     psi: Estimate | None = None
 
     def to_dict(self) -> dict:
-        return {"measure": self.measure, "gap": self.gap, "n_runs": self.n_runs, "tau": self.tau.to_dict(),
-                "granulated": {h: e.to_dict() for h, e in self.granulated.items()}, "groups": dict(self.groups),
-                "psi": None if self.psi is None else self.psi.to_dict()}
+        return {
+            "measure": self.measure,
+            "gap": self.gap,
+            "n_runs": self.n_runs,
+            "tau": self.tau.to_dict(),
+            "granulated": {h: e.to_dict() for h, e in self.granulated.items()},
+            "groups": dict(self.groups),
+            "psi": None if self.psi is None else self.psi.to_dict(),
+        }
 
 
 def grouped_tau(x: np.ndarray, y: np.ndarray, groups: np.ndarray, index: np.ndarray, n_groups: int) -> np.ndarray:
@@ -72,7 +78,7 @@ def grouped_tau(x: np.ndarray, y: np.ndarray, groups: np.ndarray, index: np.ndar
     out = np.empty((n_resamples, n_groups))
     chunk = max(1, _PAIRS_PER_CHUNK // max(1, len(first)))
     for start in range(0, n_resamples, chunk):
-        rows = index[start:start + chunk]
+        rows = index[start : start + chunk]
         g = groups[rows]
         same = g[:, first] == g[:, second]
         sx = np.sign(x[rows][:, first] - x[rows][:, second])[same]
@@ -86,7 +92,7 @@ def grouped_tau(x: np.ndarray, y: np.ndarray, groups: np.ndarray, index: np.ndar
         pairs = total(np.ones_like(sx))
         denominator = np.sqrt((pairs - total(sx == 0)) * (pairs - total(sy == 0)))
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[start:start + len(rows)] = np.where(denominator > 0, total(sx * sy) / denominator, np.nan)
+            out[start : start + len(rows)] = np.where(denominator > 0, total(sx * sy) / denominator, np.nan)
     return out
 
 
@@ -111,8 +117,17 @@ def _interval(samples: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def correlate(measure: np.ndarray, gap: np.ndarray, hyperparameters: Sequence[dict], axes: Sequence[str], *,
-              name: str = "measure", gap_name: str = "gap", resamples: int = RESAMPLES, seed: int = 0) -> Correlation:
+def correlate(
+    measure: np.ndarray,
+    gap: np.ndarray,
+    hyperparameters: Sequence[dict],
+    axes: Sequence[str],
+    *,
+    name: str = "measure",
+    gap_name: str = "gap",
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> Correlation:
     """Kendall's τ, ψ_i for each axis in `axes` that varies, and Ψ, each with a bootstrap interval over runs.
 
     `hyperparameters[r]` holds run r's settings. For ψ_i, runs are grouped by every other key of

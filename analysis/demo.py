@@ -33,19 +33,27 @@ NOISE = noise_increase_label(0.02)  # SmoothOut's own a: the demo's expected-los
 SHARPNESS = (eigenvalue_label(1), "trace", NOISE, "test accuracy")
 HEADLINE = (CLAIMS[0], NOISE)  # the finding CI checks: large-batch SGD sharper in expected loss, clearing the seed spread
 ALPHA = 0.05
-HEADERS = ("quantity", "difference [95% CI] (relative)", "p / Holm p (all questions' tests)",
-           f"established? (Holm p < {ALPHA:g})")
-SETUP = ("landscape demo: an MLP 40-100-100-10 on mnist1d (4000 train / 1000 test), SGD with momentum 0.9 at batch "
-         f"{SMALL} (lr 0.01, {DEMO.epochs[SMALL]} epochs) and {LARGE} (lr 0.1, {DEMO.epochs[LARGE]} epochs), and SmoothOut "
-         "(uniform weight noise a = 0.02, de-noised) with the same settings; {seeds} training seed(s) per method. λ1: top "
-         "Hessian eigenvalue; trace: Hessian trace (XTrace); ΔL a=0.02: expected increase of the train loss under uniform "
-         "weight noise of radius 0.02 (SmoothOut's own training objective at its own a, so this metric favours it). "
-         f"The recipe: {DEMO.note}; `landscape figures` trains the full recipe.")
+HEADERS = (
+    "quantity",
+    "difference [95% CI] (relative)",
+    "p / Holm p (all questions' tests)",
+    f"established? (Holm p < {ALPHA:g})",
+)
+SETUP = (
+    "landscape demo: an MLP 40-100-100-10 on mnist1d (4000 train / 1000 test), SGD with momentum 0.9 at batch "
+    f"{SMALL} (lr 0.01, {DEMO.epochs[SMALL]} epochs) and {LARGE} (lr 0.1, {DEMO.epochs[LARGE]} epochs), and SmoothOut "
+    "(uniform weight noise a = 0.02, de-noised) with the same settings; {seeds} training seed(s) per method. λ1: top "
+    "Hessian eigenvalue; trace: Hessian trace (XTrace); ΔL a=0.02: expected increase of the train loss under uniform "
+    "weight noise of radius 0.02 (SmoothOut's own training objective at its own a, so this metric favours it). "
+    f"The recipe: {DEMO.note}; `landscape figures` trains the full recipe."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="landscape-demo", help="folder for the runs, the report and its figures")
-    parser.add_argument("--seeds", type=int, default=3, help="training seeds per method (default 3: differences must clear the seed spread)")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="training seeds per method (default 3: differences must clear the seed spread)"
+    )
 
 
 def question_title(claim: tuple[str, str, str]) -> str:
@@ -81,8 +89,9 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     paths, labels = train_runs(RUNS, args.seeds, out / "runs", recipe=DEMO, progress=args.progress)
     trained = time.perf_counter() - start
-    measure = MeasureSpec(ObjectiveSpec(batch_size=1000),
-                          COMPARE_DEFAULTS.with_defaults(metrics=MEASURED, progress=args.progress))
+    measure = MeasureSpec(
+        ObjectiveSpec(batch_size=1000), COMPARE_DEFAULTS.with_defaults(metrics=MEASURED, progress=args.progress)
+    )
     result = compare(paths, CompareSpec(measure, out=out / "report", labels=tuple(labels)))
     if not ranks.is_main():  # under torchrun rank 0 alone writes the report
         return
@@ -98,10 +107,17 @@ def run(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     if args.json:
         claim, quantity = HEADLINE
-        headline = {"question": question_title(claim), "quantity": quantity,
-                    **answers[question_title(claim)][quantity].to_dict()}
-        print_json({"findings": answers, "headline": headline, "groups": result["groups"], "report": [str(md), str(page)],
-                    "train_seconds": trained, "measure_seconds": seconds - trained})
+        headline = {"question": question_title(claim), "quantity": quantity, **answers[question_title(claim)][quantity].to_dict()}
+        print_json(
+            {
+                "findings": answers,
+                "headline": headline,
+                "groups": result["groups"],
+                "report": [str(md), str(page)],
+                "train_seconds": trained,
+                "measure_seconds": seconds - trained,
+            }
+        )
         return
     h1, r1, _, _ = comparison_tables(result)
     print(format_table(h1, r1))

@@ -111,12 +111,22 @@ def difference(baseline: list[dict], other: list[dict], name: str) -> Difference
         df, se, basis = None, math.hypot(a[0].stderr, b[0].stderr), "estimator error (one seed each)"
     half = (t_quantile(df) if df is not None else 1.96) * se
     scale = abs(float(va.mean()))
-    return Difference(diff, half, unpaired, basis, diff / scale if scale else None, half / scale if scale else None,
-                      abs(diff) > half, len(a) > 1 or len(b) > 1, two_sided_p(diff, se, df))
+    return Difference(
+        diff,
+        half,
+        unpaired,
+        basis,
+        diff / scale if scale else None,
+        half / scale if scale else None,
+        abs(diff) > half,
+        len(a) > 1 or len(b) > 1,
+        two_sided_p(diff, se, df),
+    )
 
 
 def _paired_by_seed(baseline: list[dict], other: list[dict], name: str) -> tuple[np.ndarray, np.ndarray] | None:
     """The two groups' values in seed order when both hold the same (two or more, distinct) training seeds."""
+
     def by_seed(members: list[dict]) -> dict | None:
         seeds = [m.get("seed") for m in members]
         if None in seeds or len(set(seeds)) != len(seeds) or any(name not in m["quantities"] for m in members):

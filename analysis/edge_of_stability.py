@@ -37,9 +37,17 @@ def squared_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return 0.5 * (outputs - targets).pow(2).sum(1).mean()
 
 
-def run_experiment(step_sizes: Sequence[float] = STEP_SIZES, *, steps: int = STEPS, every: int = EVERY,
-                   n_samples: int = N_SAMPLES, hidden: Sequence[int] = HIDDEN, data: str = DATA, seed: int = 0,
-                   warm_start: bool = True) -> list[GDRun]:
+def run_experiment(
+    step_sizes: Sequence[float] = STEP_SIZES,
+    *,
+    steps: int = STEPS,
+    every: int = EVERY,
+    n_samples: int = N_SAMPLES,
+    hidden: Sequence[int] = HIDDEN,
+    data: str = DATA,
+    seed: int = 0,
+    warm_start: bool = True,
+) -> list[GDRun]:
     """One GD run per step size, all from the same seeded initialization and the first `n_samples` training samples."""
     dataset = load_data(data)
     x, y = dataset.x_train[:n_samples], dataset.y_train[:n_samples]
@@ -60,8 +68,14 @@ def window_ratio(run: GDRun, start: int | None = None) -> np.ndarray:
 
 def plot_edge_of_stability(runs: Sequence[GDRun], title: str = "") -> plt.Figure:
     """One column per step size: λ1 against step with its 2/η line above, the train loss beneath."""
-    fig, axes = plt.subplots(2, len(runs), figsize=(4.2 * len(runs), 5.6), sharex="col", squeeze=False,
-                             gridspec_kw={"height_ratios": [2, 1], "hspace": 0.08, "wspace": 0.22})
+    fig, axes = plt.subplots(
+        2,
+        len(runs),
+        figsize=(4.2 * len(runs), 5.6),
+        sharex="col",
+        squeeze=False,
+        gridspec_kw={"height_ratios": [2, 1], "hspace": 0.08, "wspace": 0.22},
+    )
     for column, run in enumerate(runs):
         top, bottom = axes[0, column], axes[1, column]
         color = f"C{column}"
@@ -70,9 +84,16 @@ def plot_edge_of_stability(runs: Sequence[GDRun], title: str = "") -> plt.Figure
         ratio = window_ratio(run)
         half = run.config.steps // 2
         top.axvspan(half, run.config.steps, color="0.92", zorder=0)
-        top.text(0.97, 0.04, f"steps {half}–{run.config.steps}:\nλ1/(2/η) = {ratio.mean():.2f} "
-                 f"[{ratio.min():.2f}, {ratio.max():.2f}]", transform=top.transAxes, ha="right", va="bottom",
-                 fontsize=8.5, bbox={"facecolor": "white", "edgecolor": "0.7", "alpha": 0.9})
+        top.text(
+            0.97,
+            0.04,
+            f"steps {half}–{run.config.steps}:\nλ1/(2/η) = {ratio.mean():.2f} [{ratio.min():.2f}, {ratio.max():.2f}]",
+            transform=top.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=8.5,
+            bbox={"facecolor": "white", "edgecolor": "0.7", "alpha": 0.9},
+        )
         top.set_ylim(0, 1.9 * run.threshold)
         top.set_title(f"η = {run.config.lr:g}")
         top.legend(loc="upper right", fontsize=8.5, frameon=False)
@@ -96,24 +117,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("figures"), help="folder for edge-of-stability.png")
     parser.add_argument("--steps", type=int, default=STEPS, help="GD steps per step size")
     parser.add_argument("--every", type=int, default=EVERY, help="measure λ1 every this many steps")
-    parser.add_argument("--cold", action="store_true",
-                        help="also measure every λ1 by a cold-started Lanczos, to report the HVPs warm starts save")
+    parser.add_argument(
+        "--cold", action="store_true", help="also measure every λ1 by a cold-started Lanczos, to report the HVPs warm starts save"
+    )
     args = parser.parse_args(argv)
     began = time.perf_counter()
     runs = run_experiment(steps=args.steps, every=args.every)
-    title = (f"Edge of stability: full-batch GD, tanh MLP 40-{'-'.join(map(str, HIDDEN))}-10, squared loss, "
-             f"{N_SAMPLES} {DATA} samples (λ1 every {args.every} steps)")
+    title = (
+        f"Edge of stability: full-batch GD, tanh MLP 40-{'-'.join(map(str, HIDDEN))}-10, squared loss, "
+        f"{N_SAMPLES} {DATA} samples (λ1 every {args.every} steps)"
+    )
     path = save(plot_edge_of_stability(runs, title), args.out / FILENAME)
     cold = run_experiment(steps=args.steps, every=args.every, warm_start=False) if args.cold else [None] * len(runs)
     for run, reference in zip(runs, cold):
         ratio = window_ratio(run)
-        line = (f"η = {run.config.lr:g}: λ1/(2/η) over steps {run.config.steps // 2}–{run.config.steps}: "
-                f"mean {ratio.mean():.3f}, range [{ratio.min():.3f}, {ratio.max():.3f}]; "
-                f"λ1 at step 0 = {run.sharpness[0]:.2f}; {run.hvps.sum()} HVPs over {len(run.hvps)} Lanczos runs")
+        line = (
+            f"η = {run.config.lr:g}: λ1/(2/η) over steps {run.config.steps // 2}–{run.config.steps}: "
+            f"mean {ratio.mean():.3f}, range [{ratio.min():.3f}, {ratio.max():.3f}]; "
+            f"λ1 at step 0 = {run.sharpness[0]:.2f}; {run.hvps.sum()} HVPs over {len(run.hvps)} Lanczos runs"
+        )
         if reference is not None:
             differ = np.abs(run.sharpness - reference.sharpness) / reference.sharpness
-            line += (f" (cold starts: {reference.hvps.sum()}; warm and cold λ1 differ by more than the tolerance "
-                     f"{run.config.tol:g} at {int((differ > run.config.tol).sum())} steps, by at most {differ.max():.2g})")
+            line += (
+                f" (cold starts: {reference.hvps.sum()}; warm and cold λ1 differ by more than the tolerance "
+                f"{run.config.tol:g} at {int((differ > run.config.tol).sum())} steps, by at most {differ.max():.2g})"
+            )
         print(line)
     print(f"wrote {path} in {time.perf_counter() - began:.0f} s")
 

@@ -68,40 +68,93 @@ from landscape.results import to_jsonable
 from landscape.surfaces.directions import random_directions
 from landscape.surfaces.surface import compute_surface, grid_axis, read_surface
 
-FULL = {"lrs": SWEEP_LRS, "sweep_seeds": 3, "seeds": 3, "epoch_fraction": 1.0, "grid": GRID, "n_samples": None, "k": 1, "probes": 60,
-        "noise_samples": 40, "restarts": 3, "line": 41, "plane": 21, "density_steps": 80, "interpolation": 31, "extend": 2}
-QUICK = {"lrs": SWEEP_LRS[1:], "sweep_seeds": 1, "seeds": 2, "epoch_fraction": 0.04, "grid": {m: v[1:3] for m, v in GRID.items()}, "n_samples": 500, "k": 1,
-         "probes": 10, "noise_samples": 8, "restarts": 2, "line": 9, "plane": 5, "density_steps": 20,
-         "interpolation": 7, "extend": 0}
+FULL = {
+    "lrs": SWEEP_LRS,
+    "sweep_seeds": 3,
+    "seeds": 3,
+    "epoch_fraction": 1.0,
+    "grid": GRID,
+    "n_samples": None,
+    "k": 1,
+    "probes": 60,
+    "noise_samples": 40,
+    "restarts": 3,
+    "line": 41,
+    "plane": 21,
+    "density_steps": 80,
+    "interpolation": 31,
+    "extend": 2,
+}
+QUICK = {
+    "lrs": SWEEP_LRS[1:],
+    "sweep_seeds": 1,
+    "seeds": 2,
+    "epoch_fraction": 0.04,
+    "grid": {m: v[1:3] for m, v in GRID.items()},
+    "n_samples": 500,
+    "k": 1,
+    "probes": 10,
+    "noise_samples": 8,
+    "restarts": 2,
+    "line": 9,
+    "plane": 5,
+    "density_steps": 20,
+    "interpolation": 7,
+    "extend": 0,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=None,
-                        help="folder for the figures (default figures/; with --quick runs/figures-quick/figures, so a "
-                             "quick run never overwrites the README's figures unless --out figures is given)")
-    parser.add_argument("--cache", default=None,
-                        help="folder for cached training runs, measurements and surfaces (default runs/figures, with "
-                             "--quick runs/figures-quick)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for the figures (default figures/; with --quick runs/figures-quick/figures, so a "
+        "quick run never overwrites the README's figures unless --out figures is given)",
+    )
+    parser.add_argument(
+        "--cache",
+        default=None,
+        help="folder for cached training runs, measurements and surfaces (default runs/figures, with --quick runs/figures-quick)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smaller version (two seeds, 4%% of the training), for tests")
     parser.add_argument("--jobs", type=int, default=1, help="training runs at a time, each in its own process (default 1)")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="training seeds per method (default 3, with --quick 2); more seeds, more power per comparison")
-    parser.add_argument("--epoch-fraction", type=fraction, default=None, metavar="F",
-                        help="train F of each recipe's epochs (default 1; --quick: 0.04, with --paper 0.005, i.e. one epoch)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="training seeds per method (default 3, with --quick 2); more seeds, more power per comparison",
+    )
+    parser.add_argument(
+        "--epoch-fraction",
+        type=fraction,
+        default=None,
+        metavar="F",
+        help="train F of each recipe's epochs (default 1; --quick: 0.04, with --paper 0.005, i.e. one epoch)",
+    )
     paper = parser.add_argument_group(
         "SmoothOut's CIFAR comparison (--paper DIR)",
         "--paper DIR trains SGD and SmoothOut under the paper recipes (landscape train --help lists them) for each data "
         "set in DIR: ResNet-44 on CIFAR-10 (DIR/cifar-10-batches-py) and C3 on CIFAR-100 (DIR/cifar-100-python), batch "
         "128 and 4096, --seeds seeds each; measures them alike on a subset of the training set and writes paper.md with "
         "the tables and figures to --out (default runs/paper/figures, with --quick runs/paper-quick/figures). An epoch "
-        "fraction (--quick, --epoch-fraction) is not the paper's result; the report says how much was trained.")
-    paper.add_argument("--paper", metavar="DIR", default=None,
-                       help="folder holding cifar-10-batches-py and/or cifar-100-python (or one archive's files)")
+        "fraction (--quick, --epoch-fraction) is not the paper's result; the report says how much was trained.",
+    )
+    paper.add_argument(
+        "--paper",
+        metavar="DIR",
+        default=None,
+        help="folder holding cifar-10-batches-py and/or cifar-100-python (or one archive's files)",
+    )
     paper.add_argument("--model", default=None, help="with --paper: train this model instead of each recipe's (e.g. for tests)")
-    paper.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="with --paper: model option, e.g. channels=(8,8)")
-    paper.add_argument("--noise", type=float, default=None,
-                       help="with --paper: SmoothOut's noise size a (default: SmoothOut's 0.02; the paper's value on CIFAR is "
-                            "unconfirmed)")
+    paper.add_argument(
+        "--model-opt", action="append", metavar="KEY=VALUE", help="with --paper: model option, e.g. channels=(8,8)"
+    )
+    paper.add_argument(
+        "--noise",
+        type=float,
+        default=None,
+        help="with --paper: SmoothOut's noise size a (default: SmoothOut's 0.02; the paper's value on CIFAR is unconfirmed)",
+    )
 
 
 def fraction(text: str) -> float:
@@ -131,24 +184,35 @@ def seeds_given(args: argparse.Namespace) -> int | None:
 CORRELATED = "eig,trace,sharpness-curve,eps-sharpness,adaptive-worst-case"
 
 
-def correlation_sweep(smoothout_noise: float, budget: dict, cache: Path, out: Path, jobs: int,
-                      progress: bool | str = False) -> dict:
+def correlation_sweep(
+    smoothout_noise: float, budget: dict, cache: Path, out: Path, jobs: int, progress: bool | str = False
+) -> dict:
     """(g) Jiang et al. (2019)'s question on a small sweep: SGD and SmoothOut × batch 32, 256 × three learning rates ×
     seeds, every measure ranked against the generalization gap (`landscape correlate`); correlation.png/.md in `out`."""
     from analysis.correlate import build_report, correlate_runs
 
-    runs = [config(m, b, s, budget["epoch_fraction"], recipe=LR_SWEEP, lr=lr,
-                   noise=smoothout_noise if m == "smoothout" else None)
-            for m in ("sgd", "smoothout") for b in LR_SWEEP.epochs for lr in budget["lrs"] for s in range(budget["sweep_seeds"])]
+    runs = [
+        config(m, b, s, budget["epoch_fraction"], recipe=LR_SWEEP, lr=lr, noise=smoothout_noise if m == "smoothout" else None)
+        for m in ("sgd", "smoothout")
+        for b in LR_SWEEP.epochs
+        for lr in budget["lrs"]
+        for s in range(budget["sweep_seeds"])
+    ]
     paths = [str(p) for p in train_all(runs, cache / "sweep-runs", jobs=jobs, progress=progress)]
     measure = budget_metrics({**budget, "k": 1}, CORRELATED, (0.02,), progress)
-    key = hashlib.sha256(json.dumps([measure.settings(), paths, [Path(p).stat().st_mtime_ns for p in paths]]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([measure.settings(), paths, [Path(p).stat().st_mtime_ns for p in paths]]).encode()
+    ).hexdigest()[:16]
     result = correlate_runs(paths, CorrelateSpec(measure, out=cache / f"correlate-{key}"))
-    save(plot_correlation(result, title=f"{len(paths)} runs on mnist1d: does sharpness rank them by their gap?"),
-         out / "correlation.png")
+    save(
+        plot_correlation(result, title=f"{len(paths)} runs on mnist1d: does sharpness rank them by their gap?"),
+        out / "correlation.png",
+    )
     report = build_report(result, "correlation.png")
-    report.paragraph(f"Recipe `{LR_SWEEP.name}`: {LR_SWEEP.note}. SmoothOut at its validation-tuned a = {smoothout_noise:g}. "
-                     f"Every run measured at the end of training.")
+    report.paragraph(
+        f"Recipe `{LR_SWEEP.name}`: {LR_SWEEP.note}. SmoothOut at its validation-tuned a = {smoothout_noise:g}. "
+        f"Every run measured at the end of training."
+    )
     write_text(out / "correlation.md", report.markdown())
     return result
 
@@ -158,9 +222,11 @@ def random_direction_figures(result: dict, noise: dict[str, float], out: Path) -
     groups = by_label(result)
     for batch, name in ((SMALL, "small"), (LARGE, "large")):
         methods = ("sgd", "smoothout", "adasmoothout")
-        fig = plot_lines({_named(m, batch, noise): [read_surface(c["raw"]["surface"]) for c in groups[label(m, batch)]]
-                          for m in methods}, log=True,
-                         title=f"Filter-normalized random direction (Li et al. 2018), batch {batch}")
+        fig = plot_lines(
+            {_named(m, batch, noise): [read_surface(c["raw"]["surface"]) for c in groups[label(m, batch)]] for m in methods},
+            log=True,
+            title=f"Filter-normalized random direction (Li et al. 2018), batch {batch}",
+        )
         save(fig, out / f"random-1d-{name}-batch.png")
 
 
@@ -171,24 +237,40 @@ def contour_figure(result: dict, budget: dict, cache: Path, out: Path, progress:
     surfaces = {}
     for name in wanted:
         c = groups[name][0]
-        objective = objective_from_checkpoint(load_checkpoint(c["path"]), measurement=MeasurementSet("train", budget["n_samples"], 1000))
+        objective = objective_from_checkpoint(
+            load_checkpoint(c["path"]), measurement=MeasurementSet("train", budget["n_samples"], 1000)
+        )
         axis = grid_axis(-1.0, 1.0, budget["plane"])
-        surfaces[name] = compute_surface(objective, random_directions(objective, 2, seed=0), [axis, axis], resume=True,
-                                         path=cache / "surfaces" / f"plane-{Path(c['path']).parent.name}-{budget['plane']}.h5",
-                                         progress=progress)
-    save(plot_surfaces(surfaces, kind="contour", log=True,
-                       title="Train loss on a filter-normalized random plane (training seed 0 of each method)"),
-         out / "contours.png")
+        surfaces[name] = compute_surface(
+            objective,
+            random_directions(objective, 2, seed=0),
+            [axis, axis],
+            resume=True,
+            path=cache / "surfaces" / f"plane-{Path(c['path']).parent.name}-{budget['plane']}.h5",
+            progress=progress,
+        )
+    save(
+        plot_surfaces(
+            surfaces,
+            kind="contour",
+            log=True,
+            title="Train loss on a filter-normalized random plane (training seed 0 of each method)",
+        ),
+        out / "contours.png",
+    )
 
 
 def sharpness_figures(result: dict, noise: dict[str, float], out: Path) -> None:
     """(d) Expected-loss increase against the radius: one panel per method beside SGD at the same batch size."""
     groups = by_label(result)
     for batch, name in ((SMALL, "small"), (LARGE, "large")):
-        curves = {_named(m, batch, noise): [as_result("sharpness-curve", c["raw"]["sharpness-curve"]) for c in groups[label(m, batch)]]
-                  for m in METHODS}
-        fig = plot_sharpness_panels(curves, _named("sgd", batch, noise),
-                                    title=f"Expected loss increase under uniform weight noise, batch {batch}")
+        curves = {
+            _named(m, batch, noise): [as_result("sharpness-curve", c["raw"]["sharpness-curve"]) for c in groups[label(m, batch)]]
+            for m in METHODS
+        }
+        fig = plot_sharpness_panels(
+            curves, _named("sgd", batch, noise), title=f"Expected loss increase under uniform weight noise, batch {batch}"
+        )
         save(fig, out / f"sharpness-{name}-batch.png")
 
 
@@ -199,13 +281,20 @@ def spectra_figure(result: dict, budget: dict, out: Path, progress: bool | str =
     for name in (label("sgd", SMALL), label("sgd", LARGE), label("smoothout", LARGE)):
         spectra[name], tops[name] = [], []
         for c in groups[name]:
-            objective = objective_from_checkpoint(load_checkpoint(c["path"]), measurement=MeasurementSet("train", budget["n_samples"], 1000))
-            spectra[name].append(slq_density(HessianOperator(objective), n_runs=4, n_steps=budget["density_steps"], seed=0,
-                                             progress=progress))
+            objective = objective_from_checkpoint(
+                load_checkpoint(c["path"]), measurement=MeasurementSet("train", budget["n_samples"], 1000)
+            )
+            spectra[name].append(
+                slq_density(HessianOperator(objective), n_runs=4, n_steps=budget["density_steps"], seed=0, progress=progress)
+            )
             tops[name].append(c["raw"]["eig"]["values"])
     seeds = len(next(iter(spectra.values())))
-    save(plot_spectral_densities(spectra, tops, title=f"Hessian spectral density, MLP on mnist1d ({seeds} seed(s) each; "
-                                                      "dotted: each seed's λ1)"), out / "spectra.png")
+    save(
+        plot_spectral_densities(
+            spectra, tops, title=f"Hessian spectral density, MLP on mnist1d ({seeds} seed(s) each; dotted: each seed's λ1)"
+        ),
+        out / "spectra.png",
+    )
     return tops
 
 
@@ -248,29 +337,62 @@ def run(args: argparse.Namespace) -> None:
     if getattr(args, "epoch_fraction", None) is not None:
         budget["epoch_fraction"] = args.epoch_fraction
     jobs = getattr(args, "jobs", 1)
-    swept = noise_sweep(cache / "sweep", grid=budget["grid"], epoch_fraction=budget["epoch_fraction"], jobs=jobs,
-                        extend=budget["extend"], progress=args.progress)
+    swept = noise_sweep(
+        cache / "sweep",
+        grid=budget["grid"],
+        epoch_fraction=budget["epoch_fraction"],
+        jobs=jobs,
+        extend=budget["extend"],
+        progress=args.progress,
+    )
     noise = {m: chosen(points).value for m, points in swept.items()}
     specs = [(m, b) for b in (SMALL, LARGE) for m in METHODS]
-    paths, labels = train_runs(specs, budget["seeds"], cache / "runs", recipe=CONVERGED, noise=noise,
-                               epoch_fraction=budget["epoch_fraction"], jobs=jobs, progress=args.progress)
+    paths, labels = train_runs(
+        specs,
+        budget["seeds"],
+        cache / "runs",
+        recipe=CONVERGED,
+        noise=noise,
+        epoch_fraction=budget["epoch_fraction"],
+        jobs=jobs,
+        progress=args.progress,
+    )
     result = compare_cached(paths, labels, budget, cache / "compare", args.progress)
     batch_of = {p: int(lab.rsplit("=", 1)[1]) for p, lab in zip(paths, labels)}
     matched = {}
     for batch in (SMALL, LARGE):
         chosen_paths = [p for p in paths if batch_of[p] == batch]
-        matched[batch] = compare_cached(chosen_paths, [lab for p, lab in zip(paths, labels) if batch_of[p] == batch], budget,
-                                     cache / f"compare-matched-b{batch}", args.progress, metrics=MEASURED, at_train_loss="matched")
+        matched[batch] = compare_cached(
+            chosen_paths,
+            [lab for p, lab in zip(paths, labels) if batch_of[p] == batch],
+            budget,
+            cache / f"compare-matched-b{batch}",
+            args.progress,
+            metrics=MEASURED,
+            at_train_loss="matched",
+        )
     sgd = [(p, lab) for p, lab in zip(paths, labels) if lab.startswith("sgd ")]
-    matched["sgd"] = compare_cached([p for p, _ in sgd], [lab for _, lab in sgd], budget, cache / "compare-matched-sgd",
-                                 args.progress, metrics=MEASURED, at_train_loss="matched")
+    matched["sgd"] = compare_cached(
+        [p for p, _ in sgd],
+        [lab for _, lab in sgd],
+        budget,
+        cache / "compare-matched-sgd",
+        args.progress,
+        metrics=MEASURED,
+        at_train_loss="matched",
+    )
     out.mkdir(parents=True, exist_ok=True)
 
     groups = by_label(result)
-    pairs = list(zip(*(sorted((c["path"] for c in groups[label("sgd", b)]), key=lambda p: Path(p).parent.name)
-                       for b in (SMALL, LARGE))))
-    summary: dict = {"recipe": CONVERGED.name, "seeds": budget["seeds"], "noise_sweep": sweep_json(swept),
-                     "interpolation": interpolation_figure(pairs, budget, cache, out, args.progress)}
+    pairs = list(
+        zip(*(sorted((c["path"] for c in groups[label("sgd", b)]), key=lambda p: Path(p).parent.name) for b in (SMALL, LARGE)))
+    )
+    summary: dict = {
+        "recipe": CONVERGED.name,
+        "seeds": budget["seeds"],
+        "noise_sweep": sweep_json(swept),
+        "interpolation": interpolation_figure(pairs, budget, cache, out, args.progress),
+    }
     random_direction_figures(result, noise, out)
     contour_figure(result, budget, cache, out, args.progress)
     sharpness_figures(result, noise, out)
@@ -280,7 +402,9 @@ def run(args: argparse.Namespace) -> None:
     method_questions = {b: [(label(m, b), label("sgd", b)) for m in METHODS if m != "sgd"] for b in (SMALL, LARGE)}
     families = {
         "large vs small batch (SGD), end of training": comparison_family(result, batch_question, (*TESTED, "test loss")),
-        "large vs small batch (SGD), matched train loss": comparison_family(matched["sgd"], batch_question, (*TESTED, "test loss")),
+        "large vs small batch (SGD), matched train loss": comparison_family(
+            matched["sgd"], batch_question, (*TESTED, "test loss")
+        ),
     }
     for b in (LARGE, SMALL):
         families[f"each method vs SGD at batch {b}, end of training"] = comparison_family(result, method_questions[b])
@@ -295,22 +419,31 @@ def run(args: argparse.Namespace) -> None:
         f"Recipe `{CONVERGED.name}`: {CONVERGED.note}. {budget['seeds']} training seed(s) per method; seed s starts every "
         "method from the same initial weights and batch order, so differences are paired over seeds. Measured on "
         f"{result['checkpoints'][0]['setup']['measurement']['n_samples']} training samples of mnist1d (eval mode) and the "
-        "1000 test samples. ΔL a=0.02 is SmoothOut's own training objective at a = 0.02, so it favours SmoothOut.")
+        "1000 test samples. ΔL a=0.02 is SmoothOut's own training objective at a = 0.02, so it favours SmoothOut."
+    )
     report.heading("Noise sizes: validation sweep")
-    report.table(*sweep_table(swept),
-                 f"Each method trained at batch {LARGE}, seed 0, on 3500 training samples; accuracy on the 500 held out "
-                 "(never the test split). The chosen size is used at both batch sizes.")
+    report.table(
+        *sweep_table(swept),
+        f"Each method trained at batch {LARGE}, seed 0, on 3500 training samples; accuracy on the 500 held out "
+        "(never the test split). The chosen size is used at both batch sizes.",
+    )
     report.heading("Values at the end of training")
     report.table(*value_table(result, noise), "mean ± std over seeds (n).")
     report.heading("Values at matched train loss")
     for batch in (SMALL, LARGE):
         report.table(*matched_table(matched[batch]))
-        report.table(*value_table(matched[batch], noise), f"batch {batch}: every run measured at its trajectory checkpoint "
-                     "whose recorded train loss is closest to the lowest loss all of them reach; mean ± std over seeds (n).")
+        report.table(
+            *value_table(matched[batch], noise),
+            f"batch {batch}: every run measured at its trajectory checkpoint "
+            "whose recorded train loss is closest to the lowest loss all of them reach; mean ± std over seeds (n).",
+        )
     for title, tests in families.items():
         report.heading(title[0].upper() + title[1:])
-        report.table(*family_rows(tests), f"95% intervals and two-sided p from the paired t over seeds; Holm's "
-                     f"correction over the {len(tests)} tests of this table (family-wise error {ALPHA:g}).")
+        report.table(
+            *family_rows(tests),
+            f"95% intervals and two-sided p from the paired t over seeds; Holm's "
+            f"correction over the {len(tests)} tests of this table (family-wise error {ALPHA:g}).",
+        )
     write_text(out / "methods.md", report.markdown())
     write_text(out / "figures.json", json.dumps(to_jsonable(summary), indent=1, default=str) + "\n")
     if args.json:

@@ -29,8 +29,9 @@ def trajectory(path: str | Path) -> list[TrajectoryPoint]:
     folder = final.parent.parent if final.parent.name == "trajectory" else final.parent
     files = sorted((folder / "trajectory").glob("epoch_*.pt"))
     if not files:
-        raise CheckpointError(f"{path}: no trajectory/epoch_*.pt beside it; --at-train-loss needs runs written by "
-                              "`landscape train`")
+        raise CheckpointError(
+            f"{path}: no trajectory/epoch_*.pt beside it; --at-train-loss needs runs written by `landscape train`"
+        )
     points = []
     for file in files:
         meta = load_checkpoint(file).meta

@@ -42,8 +42,6 @@ from landscape.sharpness.worst_case import (
 TRACE_METHODS = {"xtrace": xtrace, "hutchpp": hutchpp, "hutchinson": hutchinson}
 
 
-
-
 def run(args: argparse.Namespace) -> None:
     """`landscape measure`: every checkpoint's metrics, printed (or as JSON), saved as they finish with --out."""
     if getattr(args, "per_layer_figure", None) and not args.per_layer:
@@ -66,89 +64,192 @@ def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("checkpoint and measurement set")
     group.add_argument("--model", help="model for a bare state dict: registry name or module:factory")
     group.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="option of --model, e.g. hidden=(64,64)")
-    group.add_argument("--data", help="data spec (digits, mnist1d, cifar10:DIR, cifar100:DIR, npz:FILE, module:callable); default: the checkpoint's")
-    group.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints holding arbitrary pickled objects (runs their code)")
-    group.add_argument("--split", default=O.split, choices=["train", "test"], help="which split to measure on (default %(default)s)")
+    group.add_argument(
+        "--data",
+        help="data spec (digits, mnist1d, cifar10:DIR, cifar100:DIR, npz:FILE, module:callable); default: the checkpoint's",
+    )
+    group.add_argument(
+        "--trust-checkpoint", action="store_true", help="allow checkpoints holding arbitrary pickled objects (runs their code)"
+    )
+    group.add_argument(
+        "--split", default=O.split, choices=["train", "test"], help="which split to measure on (default %(default)s)"
+    )
     group.add_argument("--n-samples", type=int, default=None, help="seeded random subset of the split (default: all of it)")
-    group.add_argument("--batch-size", type=int, default=O.batch_size, help="batch size of the measurement set (default %(default)s)")
+    group.add_argument(
+        "--batch-size", type=int, default=O.batch_size, help="batch size of the measurement set (default %(default)s)"
+    )
     group.add_argument("--seed", type=int, default=O.seed, help="seed of the measurement subset and of every random probe")
-    group.add_argument("--mode", default=O.mode, choices=["eval", "train"], help="BatchNorm running statistics (eval) or batch statistics (train)")
-    group.add_argument("--loss", default=None, metavar="NAME|module:callable",
-                       help="cross-entropy (default; class labels, reads .logits), token-cross-entropy (causal language "
-                            "models: shifted labels, -100 ignored), mse, or module:callable (model output, batch) → "
-                            "(sum of per-item losses, number of items)")
-    group.add_argument("--params", default=O.params,
-                       help="parameter selection: all, weights, no-bn, no-bn-bias, re:PATTERN, glob:PATTERN[,PATTERN] "
-                            "(e.g. glob:*.attn.*), module:TYPE[,TYPE] (e.g. module:Linear,Conv2d); parameters with "
-                            "requires_grad=False are never measured, so a LoRA model measures its adapters")
+    group.add_argument(
+        "--mode",
+        default=O.mode,
+        choices=["eval", "train"],
+        help="BatchNorm running statistics (eval) or batch statistics (train)",
+    )
+    group.add_argument(
+        "--loss",
+        default=None,
+        metavar="NAME|module:callable",
+        help="cross-entropy (default; class labels, reads .logits), token-cross-entropy (causal language "
+        "models: shifted labels, -100 ignored), mse, or module:callable (model output, batch) → "
+        "(sum of per-item losses, number of items)",
+    )
+    group.add_argument(
+        "--params",
+        default=O.params,
+        help="parameter selection: all, weights, no-bn, no-bn-bias, re:PATTERN, glob:PATTERN[,PATTERN] "
+        "(e.g. glob:*.attn.*), module:TYPE[,TYPE] (e.g. module:Linear,Conv2d); parameters with "
+        "requires_grad=False are never measured, so a LoRA model measures its adapters",
+    )
     group.add_argument("--dtype", default=O.dtype, choices=["float32", "float64"])
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
-    group.add_argument("--hvp", default=O.hvp,
-                       help="HVP path: auto (= reuse), reuse (gradient graphs kept for as many batches as --hvp-memory "
-                            "holds, the rest rebuilt per product), double-backward (least memory), linearize, fwd-rev, "
-                            "compiled (torch.compile, for GPUs) (default %(default)s)")
-    group.add_argument("--hvp-memory", default=None, metavar="SIZE",
-                       help="memory the kept gradient graphs may take, e.g. 8GiB (default: half the free memory)")
-    group.add_argument("--no-hvp-check", action="store_true",
-                       help="skip the run-time check of the HVP path against double backward (two extra products, once)")
+    group.add_argument(
+        "--hvp",
+        default=O.hvp,
+        help="HVP path: auto (= reuse), reuse (gradient graphs kept for as many batches as --hvp-memory "
+        "holds, the rest rebuilt per product), double-backward (least memory), linearize, fwd-rev, "
+        "compiled (torch.compile, for GPUs) (default %(default)s)",
+    )
+    group.add_argument(
+        "--hvp-memory",
+        default=None,
+        metavar="SIZE",
+        help="memory the kept gradient graphs may take, e.g. 8GiB (default: half the free memory)",
+    )
+    group.add_argument(
+        "--no-hvp-check",
+        action="store_true",
+        help="skip the run-time check of the HVP path against double backward (two extra products, once)",
+    )
 
 
-def add_metric_arguments(parser: argparse.ArgumentParser, metrics: Iterable[str] | None = None,
-                         defaults: MetricSpec = MetricSpec()) -> None:
+def add_metric_arguments(
+    parser: argparse.ArgumentParser, metrics: Iterable[str] | None = None, defaults: MetricSpec = MetricSpec()
+) -> None:
     """The metric options shared by measure, compare, track and correlate; `metrics`: the names the command takes,
     `defaults`: its defaults (each command's in one place: measure's are MetricSpec's own)."""
     D = defaults
     group = parser.add_argument_group("metrics")
-    group.add_argument("--metrics", default=D.help_default("metrics"),
-                       help=f"comma list of {', '.join(metrics or METRICS)} (default %(default)s)")
+    group.add_argument(
+        "--metrics",
+        default=D.help_default("metrics"),
+        help=f"comma list of {', '.join(metrics or METRICS)} (default %(default)s)",
+    )
     parser.set_defaults(metric_choices=tuple(metrics or METRICS))
-    group.add_argument("--curvature", default=D.curvature, choices=list(CURVATURES),
-                       help="the matrix eig, trace and density measure: hessian (default), ggn (generalized Gauss-Newton "
-                            "JᵀH_ℓJ, positive semi-definite) or fisher (empirical Fisher (1/N)·Σ gᵢgᵢᵀ, gᵢ a sample's "
-                            "gradient within its batch); the other metrics ignore it (the sharpness curve's ½·tr(ΣH) stays the Hessian's)")
+    group.add_argument(
+        "--curvature",
+        default=D.curvature,
+        choices=list(CURVATURES),
+        help="the matrix eig, trace and density measure: hessian (default), ggn (generalized Gauss-Newton "
+        "JᵀH_ℓJ, positive semi-definite) or fisher (empirical Fisher (1/N)·Σ gᵢgᵢᵀ, gᵢ a sample's "
+        "gradient within its batch); the other metrics ignore it (the sharpness curve's ½·tr(ΣH) stays the Hessian's)",
+    )
     group.add_argument("--k", type=int, default=D.k, help="number of eigenvalues (default %(default)s)")
-    group.add_argument("--which", default=D.which, choices=["LA", "SA", "LM"], help="largest, smallest or largest-magnitude eigenvalues")
-    group.add_argument("--tol", type=float, default=D.tol, help="relative Ritz residual tolerance of Lanczos (default %(default)s)")
-    group.add_argument("--max-matvecs", type=int, default=D.max_matvecs,
-                       help="Lanczos budget of Hessian-vector products (default: max(300, 60·k), at most the parameter "
-                            "count and what a 2 GiB Lanczos basis holds); a run that spends it is marked not converged")
-    group.add_argument("--trace-method", default=D.trace_method, choices=list(TRACE_METHODS),
-                       help="xtrace (default: lowest error per matvec in benchmarks/curvature.py), hutchpp, hutchinson")
+    group.add_argument(
+        "--which", default=D.which, choices=["LA", "SA", "LM"], help="largest, smallest or largest-magnitude eigenvalues"
+    )
+    group.add_argument(
+        "--tol", type=float, default=D.tol, help="relative Ritz residual tolerance of Lanczos (default %(default)s)"
+    )
+    group.add_argument(
+        "--max-matvecs",
+        type=int,
+        default=D.max_matvecs,
+        help="Lanczos budget of Hessian-vector products (default: max(300, 60·k), at most the parameter "
+        "count and what a 2 GiB Lanczos basis holds); a run that spends it is marked not converged",
+    )
+    group.add_argument(
+        "--trace-method",
+        default=D.trace_method,
+        choices=list(TRACE_METHODS),
+        help="xtrace (default: lowest error per matvec in benchmarks/curvature.py), hutchpp, hutchinson",
+    )
     group.add_argument("--probes", type=int, default=D.probes, help="matvec budget of the trace estimate (default %(default)s)")
     group.add_argument("--density-runs", type=int, default=D.density_runs, help="SLQ runs (default %(default)s)")
-    group.add_argument("--density-steps", type=int, default=D.density_steps, help="Lanczos steps per SLQ run (default %(default)s)")
-    group.add_argument("--radius", default=D.help_default("radius"),
-                       help="weight-noise radii a (default %(default)s); expected-loss takes the largest")
+    group.add_argument(
+        "--density-steps", type=int, default=D.density_steps, help="Lanczos steps per SLQ run (default %(default)s)"
+    )
+    group.add_argument(
+        "--radius",
+        default=D.help_default("radius"),
+        help="weight-noise radii a (default %(default)s); expected-loss takes the largest",
+    )
     group.add_argument("--distribution", default=D.distribution, choices=["uniform", "gaussian"], help="U[-a,a] or N(0,a²) noise")
-    group.add_argument("--scale", default=D.scale, choices=["absolute", "weight", "filter"],
-                       help="noise per coordinate (absolute), ∝|w| (weight) or per filter ∝‖w_filter‖ (filter, AdaSmoothOut)")
-    group.add_argument("--noise-samples", type=int, default=D.noise_samples, help="perturbed forward passes per radius (default %(default)s)")
-    group.add_argument("--bn-recalibration", type=int, default=D.bn_recalibration, metavar="K",
-                       help="re-estimate BN statistics from K batches at each perturbed point")
+    group.add_argument(
+        "--scale",
+        default=D.scale,
+        choices=["absolute", "weight", "filter"],
+        help="noise per coordinate (absolute), ∝|w| (weight) or per filter ∝‖w_filter‖ (filter, AdaSmoothOut)",
+    )
+    group.add_argument(
+        "--noise-samples", type=int, default=D.noise_samples, help="perturbed forward passes per radius (default %(default)s)"
+    )
+    group.add_argument(
+        "--bn-recalibration",
+        type=int,
+        default=D.bn_recalibration,
+        metavar="K",
+        help="re-estimate BN statistics from K batches at each perturbed point",
+    )
     group.add_argument("--eps", type=float, default=D.eps, help="box size of Keskar's ε-sharpness (default %(default)s)")
-    group.add_argument("--subspace-dim", type=int, default=D.subspace_dim, help="ε-sharpness in a random p-dim subspace (default: full space)")
-    group.add_argument("--restarts", type=int, default=D.restarts,
-                       help="ε-sharpness random starts besides z = 0 and the corner b·sign(∇L) (default %(default)s)")
-    group.add_argument("--eps-method", default=D.eps_method, choices=list(EPS_METHODS),
-                       help="ε-sharpness maximizer: sign-ascent (default: projected sign ascent, higher φ per pass than L-BFGS-B "
-                            "on mnist1d MLPs, benchmarks/epsilon_sharpness.py) or lbfgsb (Keskar's)")
-    group.add_argument("--eps-iters", type=int, default=D.eps_iters, help="ε-sharpness ascent iterations per start (default %(default)s)")
-    group.add_argument("--rho", type=float, default=D.rho,
-                       help="radius ρ of worst-case, m- and average-case sharpness (default per measure: worst case "
-                            f"{_radii_help(DEFAULT_RHO)}: SAM's 0.05 (Foret et al. 2021), ASAM's 0.5 on CIFAR-10 (Kwon et al. "
-                            "2021), ℓ∞ within Andriushchenko et al. (2023)'s grids; average case "
-                            f"{_radii_help(DEFAULT_AVERAGE_RHO)})")
-    group.add_argument("--p", default=D.p, help="ball of worst-case, m- and average-case sharpness: 2 (ℓ2, average case "
-                                                "δ ~ N(0, ρ²I)) or inf (ℓ∞ box, average case U[−ρ, ρ]^d) (default %(default)s)")
-    group.add_argument("--m", type=int, default=D.m,
-                       help="samples per batch of m-sharpness (default %(default)s, Andriushchenko et al.'s); each batch's own "
-                            "maximum is averaged; samples after the last whole batch are left out")
-    group.add_argument("--ascent-steps", type=int, default=D.ascent_steps,
-                       help="APGD iterations per start of worst-case and m-sharpness (default %(default)s, as Andriushchenko et al.)")
-    group.add_argument("--ascent-restarts", type=int, default=D.ascent_restarts,
-                       help="worst-case and m-sharpness random starts besides the gradient direction (default %(default)s)")
-    group.add_argument("--eta", type=float, default=D.eta,
-                       help="adaptive ball T = |w| + η (default %(default)s, as Andriushchenko et al.; ASAM uses 0.01)")
+    group.add_argument(
+        "--subspace-dim", type=int, default=D.subspace_dim, help="ε-sharpness in a random p-dim subspace (default: full space)"
+    )
+    group.add_argument(
+        "--restarts",
+        type=int,
+        default=D.restarts,
+        help="ε-sharpness random starts besides z = 0 and the corner b·sign(∇L) (default %(default)s)",
+    )
+    group.add_argument(
+        "--eps-method",
+        default=D.eps_method,
+        choices=list(EPS_METHODS),
+        help="ε-sharpness maximizer: sign-ascent (default: projected sign ascent, higher φ per pass than L-BFGS-B "
+        "on mnist1d MLPs, benchmarks/epsilon_sharpness.py) or lbfgsb (Keskar's)",
+    )
+    group.add_argument(
+        "--eps-iters", type=int, default=D.eps_iters, help="ε-sharpness ascent iterations per start (default %(default)s)"
+    )
+    group.add_argument(
+        "--rho",
+        type=float,
+        default=D.rho,
+        help="radius ρ of worst-case, m- and average-case sharpness (default per measure: worst case "
+        f"{_radii_help(DEFAULT_RHO)}: SAM's 0.05 (Foret et al. 2021), ASAM's 0.5 on CIFAR-10 (Kwon et al. "
+        "2021), ℓ∞ within Andriushchenko et al. (2023)'s grids; average case "
+        f"{_radii_help(DEFAULT_AVERAGE_RHO)})",
+    )
+    group.add_argument(
+        "--p",
+        default=D.p,
+        help="ball of worst-case, m- and average-case sharpness: 2 (ℓ2, average case "
+        "δ ~ N(0, ρ²I)) or inf (ℓ∞ box, average case U[−ρ, ρ]^d) (default %(default)s)",
+    )
+    group.add_argument(
+        "--m",
+        type=int,
+        default=D.m,
+        help="samples per batch of m-sharpness (default %(default)s, Andriushchenko et al.'s); each batch's own "
+        "maximum is averaged; samples after the last whole batch are left out",
+    )
+    group.add_argument(
+        "--ascent-steps",
+        type=int,
+        default=D.ascent_steps,
+        help="APGD iterations per start of worst-case and m-sharpness (default %(default)s, as Andriushchenko et al.)",
+    )
+    group.add_argument(
+        "--ascent-restarts",
+        type=int,
+        default=D.ascent_restarts,
+        help="worst-case and m-sharpness random starts besides the gradient direction (default %(default)s)",
+    )
+    group.add_argument(
+        "--eta",
+        type=float,
+        default=D.eta,
+        help="adaptive ball T = |w| + η (default %(default)s, as Andriushchenko et al.; ASAM uses 0.01)",
+    )
 
 
 def _radii_help(radii: dict) -> str:
@@ -163,32 +264,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_objective_arguments(parser)
     add_metric_arguments(parser)
     group = parser.add_argument_group("saving and resuming")
-    group.add_argument("--out", metavar="FILE.json",
-                       help="write the results to this JSON file as each metric finishes (atomically), so Ctrl-C or a "
-                            "killed run keeps every finished metric (default: no file, results on stdout only)")
-    group.add_argument("--resume", action="store_true",
-                       help="continue --out FILE.json: keep its finished metrics if the checkpoints' SHA-256 and every "
-                            "measurement option match (refused otherwise, naming the option), compute the rest")
+    group.add_argument(
+        "--out",
+        metavar="FILE.json",
+        help="write the results to this JSON file as each metric finishes (atomically), so Ctrl-C or a "
+        "killed run keeps every finished metric (default: no file, results on stdout only)",
+    )
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue --out FILE.json: keep its finished metrics if the checkpoints' SHA-256 and every "
+        "measurement option match (refused otherwise, naming the option), compute the rest",
+    )
     group = parser.add_argument_group("per-layer curvature")
-    group.add_argument("--per-layer", metavar="eig,trace", default=None,
-                       help="also measure each block of parameters, one block per module that owns parameters directly "
-                            "(fc1: fc1.weight and fc1.bias): eig = λ1 of the block's diagonal Hessian block (Lanczos on "
-                            "the restricted operator, --tol, --max-matvecs per block), trace = its trace (one "
-                            "--trace-method run of --probes matvecs, probes split by block); saved as per_layer")
-    group.add_argument("--per-layer-figure", metavar="FILE.png", default=None,
-                       help="with --per-layer: a bar chart of each block's λ1 and trace, the checkpoints side by side")
+    group.add_argument(
+        "--per-layer",
+        metavar="eig,trace",
+        default=None,
+        help="also measure each block of parameters, one block per module that owns parameters directly "
+        "(fc1: fc1.weight and fc1.bias): eig = λ1 of the block's diagonal Hessian block (Lanczos on "
+        "the restricted operator, --tol, --max-matvecs per block), trace = its trace (one "
+        "--trace-method run of --probes matvecs, probes split by block); saved as per_layer",
+    )
+    group.add_argument(
+        "--per-layer-figure",
+        metavar="FILE.png",
+        default=None,
+        help="with --per-layer: a bar chart of each block's λ1 and trace, the checkpoints side by side",
+    )
 
 
-def build_objective(path: str, spec: ObjectiveSpec, *, distributed: bool = False,
-                    metrics: MetricSpec | None = None) -> Objective:
+def build_objective(path: str, spec: ObjectiveSpec, *, distributed: bool = False, metrics: MetricSpec | None = None) -> Objective:
     """The Objective for one checkpoint (data-parallel over ranks if `distributed`); `metrics`' options that must fit
     the model (--k, --subspace-dim, --m) are checked against it."""
     checkpoint = load_checkpoint(path, trust=spec.trust_checkpoint)
     measurement = MeasurementSet(spec.split, spec.n_samples, spec.batch_size, spec.seed)
     objective = objective_from_checkpoint(
-        checkpoint, data=spec.data, model=spec.model, model_kwargs=parse_options(list(spec.model_opt)),
-        measurement=measurement, params=spec.params, mode=spec.mode, dtype=parse_dtype(spec.dtype),
-        device=spec.device, hvp_method=spec.hvp, distributed=distributed, hvp_check=not spec.no_hvp_check,
+        checkpoint,
+        data=spec.data,
+        model=spec.model,
+        model_kwargs=parse_options(list(spec.model_opt)),
+        measurement=measurement,
+        params=spec.params,
+        mode=spec.mode,
+        dtype=parse_dtype(spec.dtype),
+        device=spec.device,
+        hvp_method=spec.hvp,
+        distributed=distributed,
+        hvp_check=not spec.no_hvp_check,
         graph_memory_budget=parse_size(spec.hvp_memory) if spec.hvp_memory else None,
         loss=resolve_loss(spec.loss),
     )
@@ -206,62 +329,123 @@ def _eig(objective: Objective, spec: MetricSpec) -> Result:
     """Lanczos; warm-started from the last top eigenvector when `spec.warm_start` holds a WarmStart (`landscape track`)."""
     warm = spec.warm_start
     run = warm.lanczos if warm is not None else lanczos
-    return run(_operator(objective, spec), spec.k, which=spec.which, tol=spec.tol, max_matvecs=spec.max_matvecs,
-               seed=spec.seed, progress=spec.progress)
+    return run(
+        _operator(objective, spec),
+        spec.k,
+        which=spec.which,
+        tol=spec.tol,
+        max_matvecs=spec.max_matvecs,
+        seed=spec.seed,
+        progress=spec.progress,
+    )
 
 
 def _trace(objective: Objective, spec: MetricSpec) -> Result:
-    return TRACE_METHODS[spec.trace_method](_operator(objective, spec), spec.probes, seed=spec.seed,
-                                            blocks=objective.layout.slices(), progress=spec.progress)
+    return TRACE_METHODS[spec.trace_method](
+        _operator(objective, spec), spec.probes, seed=spec.seed, blocks=objective.layout.slices(), progress=spec.progress
+    )
 
 
 def _per_layer(objective: Objective, spec: MetricSpec) -> Result:
     """--per-layer: λ1 and trace of each module's diagonal block of the curvature (landscape.curvature.per_layer)."""
-    return per_layer(_operator(objective, spec), module_blocks(objective.layout), list(spec.per_layer),
-                     tol=spec.tol, max_matvecs=spec.max_matvecs, trace=TRACE_METHODS[spec.trace_method],
-                     n_probes=spec.probes, seed=spec.seed, progress=spec.progress)
+    return per_layer(
+        _operator(objective, spec),
+        module_blocks(objective.layout),
+        list(spec.per_layer),
+        tol=spec.tol,
+        max_matvecs=spec.max_matvecs,
+        trace=TRACE_METHODS[spec.trace_method],
+        n_probes=spec.probes,
+        seed=spec.seed,
+        progress=spec.progress,
+    )
 
 
 def _density(objective: Objective, spec: MetricSpec) -> Result:
-    return slq_density(_operator(objective, spec), n_runs=spec.density_runs, n_steps=spec.density_steps, seed=spec.seed,
-                       progress=spec.progress)
+    return slq_density(
+        _operator(objective, spec), n_runs=spec.density_runs, n_steps=spec.density_steps, seed=spec.seed, progress=spec.progress
+    )
 
 
 def _expected_loss(objective: Objective, spec: MetricSpec) -> Result:
     radii = list(spec.radius)
     radius = max(radii)
     if len(radii) > 1 and spec.radius != MetricSpec.radius:  # the default's use is in --radius's help
-        warnings.warn(OptionNote(f"expected-loss is measured at the largest --radius, {radius:g} "
-                                 "(sharpness-curve measures every radius)"), stacklevel=2)
-    return expected_loss(objective, radius, distribution=spec.distribution, scale=spec.scale,
-                         n_samples=spec.noise_samples, seed=spec.seed, bn_recalibration=spec.bn_recalibration,
-                         progress=spec.progress)
+        warnings.warn(
+            OptionNote(f"expected-loss is measured at the largest --radius, {radius:g} (sharpness-curve measures every radius)"),
+            stacklevel=2,
+        )
+    return expected_loss(
+        objective,
+        radius,
+        distribution=spec.distribution,
+        scale=spec.scale,
+        n_samples=spec.noise_samples,
+        seed=spec.seed,
+        bn_recalibration=spec.bn_recalibration,
+        progress=spec.progress,
+    )
 
 
 def _sharpness_curve(objective: Objective, spec: MetricSpec) -> Result:
-    return sharpness_curve(objective, list(spec.radius), distribution=spec.distribution, scale=spec.scale,
-                           n_samples=spec.noise_samples, seed=spec.seed, bn_recalibration=spec.bn_recalibration,
-                           progress=spec.progress)
+    return sharpness_curve(
+        objective,
+        list(spec.radius),
+        distribution=spec.distribution,
+        scale=spec.scale,
+        n_samples=spec.noise_samples,
+        seed=spec.seed,
+        bn_recalibration=spec.bn_recalibration,
+        progress=spec.progress,
+    )
 
 
 def _eps_sharpness(objective: Objective, spec: MetricSpec) -> Result:
-    return epsilon_sharpness(objective, spec.eps, subspace_dim=spec.subspace_dim, max_iter=spec.eps_iters,
-                             restarts=spec.restarts, seed=spec.seed, method=spec.eps_method, progress=spec.progress)
+    return epsilon_sharpness(
+        objective,
+        spec.eps,
+        subspace_dim=spec.subspace_dim,
+        max_iter=spec.eps_iters,
+        restarts=spec.restarts,
+        seed=spec.seed,
+        method=spec.eps_method,
+        progress=spec.progress,
+    )
 
 
 def _worst_case(objective: Objective, spec: MetricSpec, *, adaptive: bool = False) -> Result:
-    return worst_case(objective, spec.rho, p=spec.p, adaptive=adaptive, eta=spec.eta if adaptive else 0.0,
-                      steps=spec.ascent_steps, restarts=spec.ascent_restarts, seed=spec.seed, progress=spec.progress)
+    return worst_case(
+        objective,
+        spec.rho,
+        p=spec.p,
+        adaptive=adaptive,
+        eta=spec.eta if adaptive else 0.0,
+        steps=spec.ascent_steps,
+        restarts=spec.ascent_restarts,
+        seed=spec.seed,
+        progress=spec.progress,
+    )
 
 
 def _m_sharpness(objective: Objective, spec: MetricSpec, *, adaptive: bool = False) -> Result:
-    return m_sharpness(objective, spec.m, spec.rho, p=spec.p, adaptive=adaptive, eta=spec.eta if adaptive else 0.0,
-                       steps=spec.ascent_steps, restarts=spec.ascent_restarts, seed=spec.seed, progress=spec.progress)
+    return m_sharpness(
+        objective,
+        spec.m,
+        spec.rho,
+        p=spec.p,
+        adaptive=adaptive,
+        eta=spec.eta if adaptive else 0.0,
+        steps=spec.ascent_steps,
+        restarts=spec.ascent_restarts,
+        seed=spec.seed,
+        progress=spec.progress,
+    )
 
 
 def _average_case(objective: Objective, spec: MetricSpec, *, adaptive: bool = False) -> Result:
-    return average_case(objective, spec.rho, p=spec.p, adaptive=adaptive, n_samples=spec.noise_samples, seed=spec.seed,
-                        progress=spec.progress)
+    return average_case(
+        objective, spec.rho, p=spec.p, adaptive=adaptive, n_samples=spec.noise_samples, seed=spec.seed, progress=spec.progress
+    )
 
 
 METRICS: dict[str, Callable[[Objective, MetricSpec], Result]] = {
@@ -280,8 +464,14 @@ METRICS: dict[str, Callable[[Objective, MetricSpec], Result]] = {
 }
 
 
-def measure_checkpoint(path: str, spec: MeasureSpec, *, previous: dict | None = None,
-                       saved: Callable[[dict], None] | None = None, distributed: bool | None = None) -> dict:
+def measure_checkpoint(
+    path: str,
+    spec: MeasureSpec,
+    *,
+    previous: dict | None = None,
+    saved: Callable[[dict], None] | None = None,
+    distributed: bool | None = None,
+) -> dict:
     """Loss, accuracy, gradient norm and the chosen curvature metrics of one checkpoint.
 
     `previous` is this checkpoint's report from an interrupted run: its metrics are kept, only the
@@ -291,8 +481,9 @@ def measure_checkpoint(path: str, spec: MeasureSpec, *, previous: dict | None = 
     """
     metrics = spec.metrics.metrics
     start = time.perf_counter()
-    objective = build_objective(path, spec.objective, distributed=ranks.active() if distributed is None else distributed,
-                                metrics=spec.metrics)
+    objective = build_objective(
+        path, spec.objective, distributed=ranks.active() if distributed is None else distributed, metrics=spec.metrics
+    )
     if previous is None:
         evaluation = objective.evaluate()
         report = {
@@ -343,8 +534,11 @@ def measure_all(paths: Sequence[str], spec: MeasureSpec, *, out: str | None = No
         reports = [measure_checkpoint(path, spec, previous=results.previous(path), saved=results.save) for path in paths]
     except KeyboardInterrupt:
         total = len(paths) * len(spec.metrics.metrics)
-        where = (f"saved to {results.path}; rerun with --resume" if results.path is not None
-                 else "finished, none saved (pass --out FILE.json to keep finished metrics)")
+        where = (
+            f"saved to {results.path}; rerun with --resume"
+            if results.path is not None
+            else "finished, none saved (pass --out FILE.json to keep finished metrics)"
+        )
         raise KeyboardInterrupt(f"{results.n_metrics} of {total} metrics {where}") from None
     results.complete = True
     results.write()
@@ -352,8 +546,11 @@ def measure_all(paths: Sequence[str], spec: MeasureSpec, *, out: str | None = No
 
 
 # how the table names each curvature and its matrix-vector products
-CURVATURE_NAMES = {"hessian": ("Hessian", "HVPs"), "ggn": ("generalized Gauss-Newton", "GGN products"),
-                   "fisher": ("empirical Fisher", "Fisher products")}
+CURVATURE_NAMES = {
+    "hessian": ("Hessian", "HVPs"),
+    "ggn": ("generalized Gauss-Newton", "GGN products"),
+    "fisher": ("empirical Fisher", "Fisher products"),
+}
 
 
 def _pm(value: float, err: float) -> str:
@@ -370,16 +567,17 @@ def format_measurement(report: dict) -> str:
         f"  measured on the {m['split']} split of {setup['data']['spec']}: {setup['n_samples']} samples in "
         f"{setup['n_batches']} batches of ≤{m['batch_size']} (seed {m['seed']}), BN {setup['mode']} mode, "
         f"{setup['dtype']} on {setup['device']}, params={setup['params']} ({report['n_params']}), HVP {setup['hvp_method']}, "
-        f"curvature: {curvature}"
-        + (f", sharded over {setup['world_size']} ranks" if setup.get("sharded") else ""),
+        f"curvature: {curvature}" + (f", sharded over {setup['world_size']} ranks" if setup.get("sharded") else ""),
     ]
     if report.get("hvp_memory"):
         lines.append(f"  HVP memory: {report['hvp_memory']['summary']}")
     check = report.get("hvp_check")
     if check:
-        verdict = (f"agrees with double backward to {check['difference']:.1g} (a repeat to {check['repeat_difference']:.1g})"
-                   if check["passed"] else
-                   f"{check['path']} differed from double backward by {check['difference']:.2g}, so double backward was used")
+        verdict = (
+            f"agrees with double backward to {check['difference']:.1g} (a repeat to {check['repeat_difference']:.1g})"
+            if check["passed"]
+            else f"{check['path']} differed from double backward by {check['difference']:.2g}, so double backward was used"
+        )
         lines.append(f"  HVP self-check: {verdict}; {check['seconds']:.2f}s")
     rows: list[tuple] = [
         ("loss", f"{report['loss']:.6g}", "", ""),
@@ -399,12 +597,20 @@ def format_measurement(report: dict) -> str:
         rows.append((f"trace ({r.method})", _pm(r.estimate, r.stderr), f"{r.n_matvecs} {products}, {r.seconds:.1f}s", ""))
     if "density" in results:
         r = results["density"]
-        rows.append(("spectral density", f"{len(r.nodes)} SLQ runs, σ={r.sigma:.3g}", f"{r.n_matvecs} {products}, {r.seconds:.1f}s", ""))
+        rows.append(
+            ("spectral density", f"{len(r.nodes)} SLQ runs, σ={r.sigma:.3g}", f"{r.n_matvecs} {products}, {r.seconds:.1f}s", "")
+        )
     if "expected-loss" in results:
         r = results["expected-loss"]
         lo, hi = r.increase_ci
-        rows.append((f"E[L(w+u)] − L(w), a={r.radius:g}", f"{r.increase:.4g} [95% CI {lo:.4g}, {hi:.4g}]",
-                     f"{r.n_forward} forwards, {r.seconds:.1f}s", f"{r.distribution}, {r.scale}"))
+        rows.append(
+            (
+                f"E[L(w+u)] − L(w), a={r.radius:g}",
+                f"{r.increase:.4g} [95% CI {lo:.4g}, {hi:.4g}]",
+                f"{r.n_forward} forwards, {r.seconds:.1f}s",
+                f"{r.distribution}, {r.scale}",
+            )
+        )
     if "sharpness-curve" in results:
         r = results["sharpness-curve"]
         for i, radius in enumerate(r.radii):
@@ -416,9 +622,14 @@ def format_measurement(report: dict) -> str:
         r = results["eps-sharpness"]
         space = "full space" if r.subspace_dim is None else f"{r.subspace_dim}-dim subspace"
         starts = ", ".join(f"{kind} {v:.4g}" for kind, v in zip(r.start_kinds, r.values))
-        rows.append((f"ε-sharpness, ε={r.eps:g}", f"{r.value:.4g} (best of {len(r.values)} starts, spread {r.spread:.2g})",
-                     f"{r.n_forward} forwards, {r.n_grad} gradients, {r.seconds:.1f}s",
-                     f"{r.method}, {r.max_iter} iterations, {space}; starts: {starts}"))
+        rows.append(
+            (
+                f"ε-sharpness, ε={r.eps:g}",
+                f"{r.value:.4g} (best of {len(r.values)} starts, spread {r.spread:.2g})",
+                f"{r.n_forward} forwards, {r.n_grad} gradients, {r.seconds:.1f}s",
+                f"{r.method}, {r.max_iter} iterations, {space}; starts: {starts}",
+            )
+        )
     rows += _worst_case_rows(results)
     lines.append(format_table(["quantity", "value ± uncertainty", "cost", "note"], rows))
     if "trace" in results and results["trace"].blocks:
@@ -440,8 +651,10 @@ def format_per_layer(result: PerLayerResult, curvature: str = "Hessian") -> str:
         eig = "—" if b.lambda1 is None else _pm(b.lambda1, b.residual) + ("" if b.converged else " (not converged)")
         trace = "—" if b.trace is None else _pm(b.trace, b.trace_stderr)
         rows.append((b.name, b.n_params, eig, trace))
-    title = (f"\nper-layer {curvature} (diagonal block of each module's own parameters; "
-             f"{result.n_matvecs} products, {result.seconds:.1f}s)")
+    title = (
+        f"\nper-layer {curvature} (diagonal block of each module's own parameters; "
+        f"{result.n_matvecs} products, {result.seconds:.1f}s)"
+    )
     return title + "\n" + format_table(["block", "n params", "λ1 ± residual", "trace ± stderr"], rows)
 
 
@@ -452,29 +665,43 @@ def _worst_case_rows(results: dict[str, Result]) -> list[tuple]:
         if name in results:
             r = results[name]
             starts = ", ".join(f"{kind} {v:.4g}" for kind, v in zip(r.start_kinds, r.values))
-            rows.append((f"{_ball(name, r.p)}, ρ={r.rho:g}",
-                         f"{r.value:.4g} (best of {len(r.values)} starts, spread {r.spread:.2g})",
-                         f"{r.n_forward} forwards, {r.n_grad} gradients, {r.seconds:.1f}s",
-                         f"APGD {r.steps} steps{_scaled(r)}; starts: {starts}"))
+            rows.append(
+                (
+                    f"{_ball(name, r.p)}, ρ={r.rho:g}",
+                    f"{r.value:.4g} (best of {len(r.values)} starts, spread {r.spread:.2g})",
+                    f"{r.n_forward} forwards, {r.n_grad} gradients, {r.seconds:.1f}s",
+                    f"APGD {r.steps} steps{_scaled(r)}; starts: {starts}",
+                )
+            )
     for name in ("m-sharpness", "adaptive-m-sharpness"):
         if name in results:
             r = results[name]
             spread = "" if r.stderr is None else f" ± {r.stderr:.2g}"
             value = f"{r.value:.4g}{spread} (mean ± stderr over {r.n_batches} batches)"
             unused = f", {r.n_unused} samples left out" if r.n_unused else ""
-            rows.append((f"{_ball(name, r.p)}, ρ={r.rho:g}, m={r.m}", value,
-                         f"{r.n_forward} forwards, {r.n_grad} gradients on {r.m}-sample batches, {r.seconds:.1f}s",
-                         f"{r.n_batches} batches of {r.m}{unused}; APGD {r.steps} steps, {1 + r.restarts} starts"
-                         f"{_scaled(r)}; mean start spread {sum(r.batch_spreads) / len(r.batch_spreads):.2g}"))
+            rows.append(
+                (
+                    f"{_ball(name, r.p)}, ρ={r.rho:g}, m={r.m}",
+                    value,
+                    f"{r.n_forward} forwards, {r.n_grad} gradients on {r.m}-sample batches, {r.seconds:.1f}s",
+                    f"{r.n_batches} batches of {r.m}{unused}; APGD {r.steps} steps, {1 + r.restarts} starts"
+                    f"{_scaled(r)}; mean start spread {sum(r.batch_spreads) / len(r.batch_spreads):.2g}",
+                )
+            )
     for name in ("average-case", "adaptive-average-case"):
         if name in results:
             r = results[name]
             p = "2" if r.distribution == "gaussian" else "inf"
             lo, hi = r.increase_ci
             noise = "N(0, ρ²I)" if p == "2" else "U[−ρ, ρ]^d"
-            rows.append((f"{_ball(name, p)}, ρ={r.radius:g}", f"{r.increase:.4g} [95% CI {lo:.4g}, {hi:.4g}]",
-                         f"{r.n_forward} forwards, {r.seconds:.1f}s",
-                         f"E L(w + T⊙δ') − L(w), δ' ~ {noise}, T = {'|w|' if r.scale == 'weight' else '1'}"))
+            rows.append(
+                (
+                    f"{_ball(name, p)}, ρ={r.radius:g}",
+                    f"{r.increase:.4g} [95% CI {lo:.4g}, {hi:.4g}]",
+                    f"{r.n_forward} forwards, {r.seconds:.1f}s",
+                    f"E L(w + T⊙δ') − L(w), δ' ~ {noise}, T = {'|w|' if r.scale == 'weight' else '1'}",
+                )
+            )
     return rows
 
 

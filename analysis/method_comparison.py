@@ -28,8 +28,16 @@ from landscape.surfaces.directions import between
 from landscape.surfaces.surface import compute_surface, grid_axis
 
 NOISE = noise_increase_label(0.02)
-VALUE_QUANTITIES = ("train loss", "gradient norm", "test accuracy", "test loss", eigenvalue_label(1), "trace", NOISE,
-                    EPSILON_SHARPNESS)
+VALUE_QUANTITIES = (
+    "train loss",
+    "gradient norm",
+    "test accuracy",
+    "test loss",
+    eigenvalue_label(1),
+    "trace",
+    NOISE,
+    EPSILON_SHARPNESS,
+)
 TESTED = ("test accuracy", eigenvalue_label(1), "trace", NOISE, EPSILON_SHARPNESS)  # what each comparison table tests
 MEASURED = "eig,trace,sharpness-curve,eps-sharpness"
 ALPHA = 0.05  # family-wise error rate of each table (Holm)
@@ -40,20 +48,42 @@ def budget_metrics(budget: dict, metrics: str, radius: tuple[float, ...], progre
     samples (None: all) in batches of 1000."""
     return MeasureSpec(
         ObjectiveSpec(n_samples=budget["n_samples"] or None, batch_size=1000),
-        MetricSpec(metrics=tuple(metrics.split(",")), k=budget["k"], probes=budget["probes"],
-                   noise_samples=budget["noise_samples"], restarts=budget["restarts"], radius=radius, progress=progress))
+        MetricSpec(
+            metrics=tuple(metrics.split(",")),
+            k=budget["k"],
+            probes=budget["probes"],
+            noise_samples=budget["noise_samples"],
+            restarts=budget["restarts"],
+            radius=radius,
+            progress=progress,
+        ),
+    )
 
 
-def compare_cached(paths: list[str], labels: list[str], budget: dict, out: Path, progress: bool | str, *,
-                   metrics: str = MEASURED + ",surface", at_train_loss: str | None = None) -> dict:
+def compare_cached(
+    paths: list[str],
+    labels: list[str],
+    budget: dict,
+    out: Path,
+    progress: bool | str,
+    *,
+    metrics: str = MEASURED + ",surface",
+    at_train_loss: str | None = None,
+) -> dict:
     """Every checkpoint through `landscape compare` (shared probes, noise and directions), cached in `out`.
 
     The cache holds while the checkpoints' files and the settings are unchanged.
     """
-    spec = CompareSpec(budget_metrics(budget, metrics, (0.005, 0.01, 0.02), progress), out=out, labels=tuple(labels),
-                       at_train_loss=at_train_loss, surface_range=f"-1:1:{budget['line']}")
-    key = hashlib.sha256(json.dumps([spec.settings(), paths, [Path(p).stat().st_mtime_ns for p in paths]],
-                                    default=str).encode()).hexdigest()
+    spec = CompareSpec(
+        budget_metrics(budget, metrics, (0.005, 0.01, 0.02), progress),
+        out=out,
+        labels=tuple(labels),
+        at_train_loss=at_train_loss,
+        surface_range=f"-1:1:{budget['line']}",
+    )
+    key = hashlib.sha256(
+        json.dumps([spec.settings(), paths, [Path(p).stat().st_mtime_ns for p in paths]], default=str).encode()
+    ).hexdigest()
     cached = out / "figures-cache.json"
     if cached.exists():
         stored = json.loads(cached.read_text())
@@ -72,9 +102,16 @@ def by_label(result: dict) -> dict[str, list[dict]]:
     return groups
 
 
-def interpolation_figure(pairs: list[tuple[str, str]], budget: dict, cache: Path, out: Path,
-                         progress: bool | str = False, *, batches: tuple[int, int] = (SMALL, LARGE),
-                         name: str = "interpolation.png") -> dict:
+def interpolation_figure(
+    pairs: list[tuple[str, str]],
+    budget: dict,
+    cache: Path,
+    out: Path,
+    progress: bool | str = False,
+    *,
+    batches: tuple[int, int] = (SMALL, LARGE),
+    name: str = "interpolation.png",
+) -> dict:
     """(a) Keskar's parametric plot θ(α) = θ_SB + α(θ_LB − θ_SB) for each seed's pair (SGD at `batches`): mean and 95%
     band over seeds, drawn to out/`name`."""
     surfaces = []
@@ -83,21 +120,37 @@ def interpolation_figure(pairs: list[tuple[str, str]], budget: dict, cache: Path
         train = objective_from_checkpoint(load_checkpoint(small), measurement=measurement)
         test = objective_from_checkpoint(load_checkpoint(small), measurement=MeasurementSet("test", None, 1000))
         cached = f"interpolation-{Path(small).parent.name}-{Path(large).parent.name}-{budget['n_samples'] or 'all'}.h5"
-        surfaces.append(compute_surface({"train": train, "test": test},
-                                        between(train, load_checkpoint(large).build_model(), f"SGD B={batches[1]}"),
-                                        [grid_axis(-1.0, 2.0, budget["interpolation"])],
-                                        path=cache / "surfaces" / cached, resume=True, progress=progress))
+        surfaces.append(
+            compute_surface(
+                {"train": train, "test": test},
+                between(train, load_checkpoint(large).build_model(), f"SGD B={batches[1]}"),
+                [grid_axis(-1.0, 2.0, budget["interpolation"])],
+                path=cache / "surfaces" / cached,
+                resume=True,
+                progress=progress,
+            )
+        )
     line = f"SGD B={batches[0]} (α=0) → SGD B={batches[1]} (α=1)" + (f", {len(pairs)} seed pairs" if len(pairs) > 1 else "")
-    fig = plot_lines({line: surfaces}, log=True, accuracy=True,
-                     title="Keskar et al. (2017) interpolation between small- and large-batch minima")
+    fig = plot_lines(
+        {line: surfaces},
+        log=True,
+        accuracy=True,
+        title="Keskar et al. (2017) interpolation between small- and large-batch minima",
+    )
     save(fig, out / name)
     alphas = list(surfaces[0].axes[0])
-    return {split: {"loss_at_0": [float(s.loss[split][alphas.index(0.0)]) for s in surfaces],
-                    "loss_at_1": [float(s.loss[split][alphas.index(1.0)]) for s in surfaces]} for split in surfaces[0].loss}
+    return {
+        split: {
+            "loss_at_0": [float(s.loss[split][alphas.index(0.0)]) for s in surfaces],
+            "loss_at_1": [float(s.loss[split][alphas.index(1.0)]) for s in surfaces],
+        }
+        for split in surfaces[0].loss
+    }
 
 
-def value_table(result: dict, noise: dict[str, float], batches: tuple[int, ...] = (SMALL, LARGE),
-                methods: tuple[str, ...] = METHODS) -> tuple[list[str], list[list[str]]]:
+def value_table(
+    result: dict, noise: dict[str, float], batches: tuple[int, ...] = (SMALL, LARGE), methods: tuple[str, ...] = METHODS
+) -> tuple[list[str], list[list[str]]]:
     """Every method at every batch size: mean ± std over seeds of each quantity."""
     groups = by_label(result)
     rows = []
@@ -135,9 +188,25 @@ def comparison_family(result: dict, pairs: list[tuple[str, str]], quantities=TES
 
 
 def family_rows(tests: list[FamilyTest]) -> tuple[list[str], list[list[str]]]:
-    headers = ["comparison", "quantity", "difference [95% CI] (relative)", "interval from", "p", "Holm p",
-               f"established? (Holm p < {ALPHA:g})"]
-    rows = [[t.comparison, t.quantity, format_difference(t.difference), t.difference.basis,
-             f"{t.difference.p_value:.2g}", f"{t.holm_p:.2g}",
-             ("yes: " + ("higher" if t.difference.diff > 0 else "lower")) if t.established else "no"] for t in tests]
+    headers = [
+        "comparison",
+        "quantity",
+        "difference [95% CI] (relative)",
+        "interval from",
+        "p",
+        "Holm p",
+        f"established? (Holm p < {ALPHA:g})",
+    ]
+    rows = [
+        [
+            t.comparison,
+            t.quantity,
+            format_difference(t.difference),
+            t.difference.basis,
+            f"{t.difference.p_value:.2g}",
+            f"{t.holm_p:.2g}",
+            ("yes: " + ("higher" if t.difference.diff > 0 else "lower")) if t.established else "no",
+        ]
+        for t in tests
+    ]
     return headers, rows

@@ -42,9 +42,17 @@ class SweepPoint:
     train_loss: float
 
 
-def noise_sweep(cache: Path, *, grid: dict[str, tuple[float, ...]] = GRID, batch: int = LARGE,
-                recipe: Recipe = CONVERGED, epoch_fraction: float = 1.0, jobs: int = 1, extend: int = 2,
-                progress: bool | str = False) -> dict[str, list[SweepPoint]]:
+def noise_sweep(
+    cache: Path,
+    *,
+    grid: dict[str, tuple[float, ...]] = GRID,
+    batch: int = LARGE,
+    recipe: Recipe = CONVERGED,
+    epoch_fraction: float = 1.0,
+    jobs: int = 1,
+    extend: int = 2,
+    progress: bool | str = False,
+) -> dict[str, list[SweepPoint]]:
     """Train every (method, size) of `grid` with a validation hold-out; the final validation metrics per size.
 
     Where the best size is at an end of its grid, the grid grows by a factor of 2 past that end, up to
@@ -64,19 +72,37 @@ def noise_sweep(cache: Path, *, grid: dict[str, tuple[float, ...]] = GRID, batch
     return found
 
 
-def _train_grid(grid: dict[str, tuple[float, ...]], cache: Path, batch: int, recipe: Recipe, epoch_fraction: float,
-                jobs: int, progress: bool | str) -> dict[str, list[SweepPoint]]:
-    runs = [config(m, batch, 0, epoch_fraction, recipe=recipe, noise=v, validation=VALIDATION)
-            for m, values in grid.items() for v in values]
+def _train_grid(
+    grid: dict[str, tuple[float, ...]],
+    cache: Path,
+    batch: int,
+    recipe: Recipe,
+    epoch_fraction: float,
+    jobs: int,
+    progress: bool | str,
+) -> dict[str, list[SweepPoint]]:
+    runs = [
+        config(m, batch, 0, epoch_fraction, recipe=recipe, noise=v, validation=VALIDATION)
+        for m, values in grid.items()
+        for v in values
+    ]
     finals = train_all(runs, cache, jobs=jobs, progress=progress)
     found: dict[str, list[SweepPoint]] = {}
     for run, final in zip(runs, finals):
         last = json.loads((final.parent / "log.jsonl").read_text().splitlines()[-1])
         p = last["validation_accuracy"]
         option = NOISE_OPTION[run.optimizer]
-        found.setdefault(run.optimizer, []).append(SweepPoint(
-            run.optimizer, option, run.optimizer_kwargs[option], p, math.sqrt(p * (1 - p) / VALIDATION),
-            last["validation_loss"], last["train_loss"]))
+        found.setdefault(run.optimizer, []).append(
+            SweepPoint(
+                run.optimizer,
+                option,
+                run.optimizer_kwargs[option],
+                p,
+                math.sqrt(p * (1 - p) / VALIDATION),
+                last["validation_loss"],
+                last["train_loss"],
+            )
+        )
     return {m: sorted(points, key=lambda p: p.value) for m, points in found.items()}
 
 

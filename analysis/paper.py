@@ -47,17 +47,39 @@ from landscape.training.presets import PRESETS, Preset, apply_preset
 from landscape.training.train import TrainConfig
 
 METHODS = ("sgd", "smoothout")
-FULL = {"seeds": 3, "epoch_fraction": 1.0, "n_samples": 5000, "k": 1, "probes": 30, "noise_samples": 20,
-        "restarts": 3, "line": 41, "interpolation": 31}
-QUICK = {"seeds": 2, "epoch_fraction": 0.005, "n_samples": 100, "k": 1, "probes": 4, "noise_samples": 4,
-         "restarts": 1, "line": 5, "interpolation": 7}
-REGENERATES = ("the CIFAR part of the paper's generalization comparison (test accuracy of SGD against SmoothOut at "
-               "small and large batch: ResNet-44 on CIFAR-10, C3 on CIFAR-100), the sharpness measures behind it (expected "
-               "loss under uniform weight noise, the paper's own measure; Keskar's ε-sharpness; λ1; the Hessian trace), and "
-               "Keskar et al.'s small-to-large-batch interpolation plot that SmoothOut's reference code draws; the paper's "
-               "table and figure numbers were not checked")
-NOT_REGENERATED = ("the ImageNet (AlexNet) and MNIST rows, C1 on CIFAR-10 and other model/data pairings, the Adam-based "
-                   "runs, AdaSmoothOut, and the ablations (noise schedules, noise types, BN perturbation)")
+FULL = {
+    "seeds": 3,
+    "epoch_fraction": 1.0,
+    "n_samples": 5000,
+    "k": 1,
+    "probes": 30,
+    "noise_samples": 20,
+    "restarts": 3,
+    "line": 41,
+    "interpolation": 31,
+}
+QUICK = {
+    "seeds": 2,
+    "epoch_fraction": 0.005,
+    "n_samples": 100,
+    "k": 1,
+    "probes": 4,
+    "noise_samples": 4,
+    "restarts": 1,
+    "line": 5,
+    "interpolation": 7,
+}
+REGENERATES = (
+    "the CIFAR part of the paper's generalization comparison (test accuracy of SGD against SmoothOut at "
+    "small and large batch: ResNet-44 on CIFAR-10, C3 on CIFAR-100), the sharpness measures behind it (expected "
+    "loss under uniform weight noise, the paper's own measure; Keskar's ε-sharpness; λ1; the Hessian trace), and "
+    "Keskar et al.'s small-to-large-batch interpolation plot that SmoothOut's reference code draws; the paper's "
+    "table and figure numbers were not checked"
+)
+NOT_REGENERATED = (
+    "the ImageNet (AlexNet) and MNIST rows, C1 on CIFAR-10 and other model/data pairings, the Adam-based "
+    "runs, AdaSmoothOut, and the ablations (noise schedules, noise types, BN perturbation)"
+)
 
 
 def cifar_specs(root: Path) -> dict[str, str]:
@@ -66,8 +88,10 @@ def cifar_specs(root: Path) -> dict[str, str]:
         raise ValueError(f"--paper {root}: no such folder; give the folder holding cifar-10-batches-py and/or cifar-100-python")
     found = {kind: f"{kind}:{cifar_folder(kind, root)}" for kind in CIFAR_LAYOUTS if has_cifar(kind, root)}
     if not found:
-        raise ValueError(f"--paper {root}: no CIFAR python batches found (expected {root}/cifar-10-batches-py or "
-                         f"{root}/cifar-100-python, extracted from the python-version archives)")
+        raise ValueError(
+            f"--paper {root}: no CIFAR python batches found (expected {root}/cifar-10-batches-py or "
+            f"{root}/cifar-100-python, extracted from the python-version archives)"
+        )
     return found
 
 
@@ -81,19 +105,30 @@ def shortened(preset: Preset, fraction: float) -> dict:
     (those that would fall on the first or past the last epoch are dropped); about 20 trajectory checkpoints per run."""
     epochs = max(1, round(preset.settings["epochs"] * fraction))
     milestones = tuple(sorted({round(m * fraction) for m in preset.settings.get("lr_milestones", ())} - {0}))
-    return {"epochs": epochs, "lr_milestones": tuple(m for m in milestones if m < epochs),
-            "lr_warmup_epochs": round(preset.settings.get("lr_warmup_epochs", 0) * fraction),
-            "save_every": max(1, epochs // 20)}
+    return {
+        "epochs": epochs,
+        "lr_milestones": tuple(m for m in milestones if m < epochs),
+        "lr_warmup_epochs": round(preset.settings.get("lr_warmup_epochs", 0) * fraction),
+        "save_every": max(1, epochs // 20),
+    }
 
 
-def run_configs(preset: Preset, spec: str, seeds: int, fraction: float, overrides: dict, noise: float | None) -> list[TrainConfig]:
+def run_configs(
+    preset: Preset, spec: str, seeds: int, fraction: float, overrides: dict, noise: float | None
+) -> list[TrainConfig]:
     """SGD and SmoothOut under `preset` on `spec`, every seed; `overrides` are TrainConfig settings that win (the model)."""
     runs = []
     for method in METHODS:
         options = {} if method not in NOISE_OPTION else {NOISE_OPTION[method]: DEFAULT_NOISE[method] if noise is None else noise}
         for seed in range(seeds):
-            given = {"data": spec, "optimizer": method, "seed": seed, "optimizer_kwargs": options,
-                     **shortened(preset, fraction), **overrides}
+            given = {
+                "data": spec,
+                "optimizer": method,
+                "seed": seed,
+                "optimizer_kwargs": options,
+                **shortened(preset, fraction),
+                **overrides,
+            }
             runs.append(TrainConfig(**apply_preset(preset.name, given)))
     return runs
 
@@ -102,10 +137,15 @@ def caveat(fraction: float, overrides: dict) -> str:
     """What this run is and is not: a shortened or re-modelled run is never the paper's result."""
     changed = [f"{fraction:g} of each recipe's epochs"] if fraction < 1 else []
     changed += [f"{k} {v} instead of the recipe's" for k, v in overrides.items()]
-    head = (f"This run is NOT the paper's result: it trained {' and '.join(changed)}, so it only shows that the pipeline "
-            "runs. " if changed else "Full recipes; read the differences only where they clear the spread over seeds. ")
-    return head + ("Unlike the paper in any case: no data augmentation (the reference trains on random crops and flips), "
-                   "and SmoothOut's noise size on CIFAR is unconfirmed (a = 0.02 unless --noise is given).")
+    head = (
+        f"This run is NOT the paper's result: it trained {' and '.join(changed)}, so it only shows that the pipeline runs. "
+        if changed
+        else "Full recipes; read the differences only where they clear the spread over seeds. "
+    )
+    return head + (
+        "Unlike the paper in any case: no data augmentation (the reference trains on random crops and flips), "
+        "and SmoothOut's noise size on CIFAR is unconfirmed (a = 0.02 unless --noise is given)."
+    )
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
@@ -139,11 +179,14 @@ def run_paper(args: argparse.Namespace, out: Path, cache: Path, seeds: int | Non
     return summary
 
 
-def _one_data_set(kind: str, spec: str, budget: dict, overrides: dict, args: argparse.Namespace, out: Path,
-                  cache: Path, report: Report) -> dict:
+def _one_data_set(
+    kind: str, spec: str, budget: dict, overrides: dict, args: argparse.Namespace, out: Path, cache: Path, report: Report
+) -> dict:
     """Train, measure and report the small- and large-batch recipes of one data set; its section of `report`."""
     small, large = recipes_for(kind)
-    runs = [r for p in (small, large) for r in run_configs(p, spec, budget["seeds"], budget["epoch_fraction"], overrides, args.noise)]
+    runs = [
+        r for p in (small, large) for r in run_configs(p, spec, budget["seeds"], budget["epoch_fraction"], overrides, args.noise)
+    ]
     batches = (runs[0].batch_size, runs[-1].batch_size)
     key = hashlib.sha256(json.dumps([spec, overrides], sort_keys=True, default=str).encode()).hexdigest()[:8]
     where = cache / f"{kind}-{key}"
@@ -154,38 +197,59 @@ def _one_data_set(kind: str, spec: str, budget: dict, overrides: dict, args: arg
     folder.mkdir(parents=True, exist_ok=True)
     build_report(result, folder).write(folder)  # every measured value and difference, with its figures
     sgd = {b: [p for p, r in zip(paths, runs) if r.optimizer == "sgd" and r.batch_size == b] for b in batches}
-    interpolation = interpolation_figure(list(zip(sgd[batches[0]], sgd[batches[1]])), budget, where, folder,
-                                         args.progress, batches=batches)
-    families = {f"SmoothOut vs SGD at batch {b}": comparison_family(result, [(label("smoothout", b), label("sgd", b))])
-                for b in batches}
+    interpolation = interpolation_figure(
+        list(zip(sgd[batches[0]], sgd[batches[1]])), budget, where, folder, args.progress, batches=batches
+    )
+    families = {
+        f"SmoothOut vs SGD at batch {b}": comparison_family(result, [(label("smoothout", b), label("sgd", b))]) for b in batches
+    }
     families["large vs small batch"] = comparison_family(
-        result, [(label(m, batches[1]), label(m, batches[0])) for m in METHODS], (*TESTED, "test loss"))
+        result, [(label(m, batches[1]), label(m, batches[0])) for m in METHODS], (*TESTED, "test loss")
+    )
     noise = {"smoothout": runs[-1].optimizer_kwargs["a"]}
 
     setup, first = result["checkpoints"][0]["setup"], runs[0]
     report.heading(f"{first.model} on {kind}: recipes {small.name} and {large.name}")
-    trained = "; ".join(f"batch {r.batch_size}: {r.epochs} of {p.settings['epochs']} epochs, lr {r.scaled_lr:.4g} "
-                        + (f"×{r.lr_warmup_factor:g} for the first {r.lr_warmup_epochs} epoch(s), "
-                           if r.lr_warmup_epochs else "")
-                        + (f"×{r.lr_gamma:g} at epochs {', '.join(map(str, r.lr_milestones))}" if r.lr_milestones
-                           else "without a decay in the epochs trained")
-                        for p, r in ((small, runs[0]), (large, runs[-1])))
+    trained = "; ".join(
+        f"batch {r.batch_size}: {r.epochs} of {p.settings['epochs']} epochs, lr {r.scaled_lr:.4g} "
+        + (f"×{r.lr_warmup_factor:g} for the first {r.lr_warmup_epochs} epoch(s), " if r.lr_warmup_epochs else "")
+        + (
+            f"×{r.lr_gamma:g} at epochs {', '.join(map(str, r.lr_milestones))}"
+            if r.lr_milestones
+            else "without a decay in the epochs trained"
+        )
+        for p, r in ((small, runs[0]), (large, runs[-1]))
+    )
     options = json.dumps(first.model_kwargs) if first.model_kwargs else "with the recipe's options"
     report.paragraph(
         f"Data {spec}. Trained: {trained}; {budget['seeds']} seed(s) per method, model {first.model} {options}. Measured on "
         f"{setup['measurement']['n_samples']} training samples (eval mode) and the whole test split. "
-        + f"Every value and difference, with the 1-D surface and sharpness figures: {folder.name}/report.md.")
+        + f"Every value and difference, with the 1-D surface and sharpness figures: {folder.name}/report.md."
+    )
     report.table(*value_table(result, noise, batches, METHODS), "mean ± std over seeds (n).")
     for title, tests in families.items():
-        report.table(*family_rows(tests), f"{title}: paired over seeds, 95% intervals; Holm's correction over the "
-                     f"{len(tests)} tests of this table.")
-    report.figure(f"{folder.name}/interpolation.png", f"SGD: interpolation from batch {batches[0]} (α=0) to batch "
-                  f"{batches[1]} (α=1), train and test, mean and 95% band over seeds.")
-    for name, caption in (("sharpness.png", "Expected loss increase under uniform weight noise of radius a."),
-                          ("surface-1d.png", "Loss along one filter-normalized random direction.")):
+        report.table(
+            *family_rows(tests),
+            f"{title}: paired over seeds, 95% intervals; Holm's correction over the {len(tests)} tests of this table.",
+        )
+    report.figure(
+        f"{folder.name}/interpolation.png",
+        f"SGD: interpolation from batch {batches[0]} (α=0) to batch "
+        f"{batches[1]} (α=1), train and test, mean and 95% band over seeds.",
+    )
+    for name, caption in (
+        ("sharpness.png", "Expected loss increase under uniform weight noise of radius a."),
+        ("surface-1d.png", "Loss along one filter-normalized random direction."),
+    ):
         if (folder / name).exists():
             report.figure(f"{folder.name}/{name}", caption)
     if not args.json and ranks.is_main():
         print(f"\n{first.model} on {kind}\n" + format_table(*value_table(result, noise, batches, METHODS)))
-    return {"recipes": [small.name, large.name], "runs": [r.to_dict() for r in runs], "paths": paths,
-            "groups": result["groups"], "families": families, "interpolation": interpolation}
+    return {
+        "recipes": [small.name, large.name],
+        "runs": [r.to_dict() for r in runs],
+        "paths": paths,
+        "groups": result["groups"],
+        "families": families,
+        "interpolation": interpolation,
+    }

@@ -16,8 +16,12 @@ KINDS = ("line", *SURFACE_KINDS)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", metavar="FILE.h5", help="surface files; several are drawn on one scale")
     parser.add_argument("--kind", choices=KINDS, default=None, help="default: line for 1-D files, contour for 2-D")
-    parser.add_argument("--split", choices=["train", "test"], default=None,
-                        help="which split to draw (default: every split for lines, train for 2-D kinds)")
+    parser.add_argument(
+        "--split",
+        choices=["train", "test"],
+        default=None,
+        help="which split to draw (default: every split for lines, train for 2-D kinds)",
+    )
     parser.add_argument("--log", action="store_true", help="log-scale loss")
     parser.add_argument("--accuracy", action="store_true", help="accuracy on a second axis (line plots)")
     parser.add_argument("--labels", default=None, help="comma list of labels, one per file (default: file names)")
@@ -31,11 +35,15 @@ def run(args: argparse.Namespace) -> None:
     for surface in surfaces.values():
         if not surface.complete:
             missing = int((~surface.done).sum())
-            print(f"landscape plot: warning: {surface.path} is incomplete ({missing} of {surface.done.size} points "
-                  "missing); plotting what is there", file=sys.stderr)
+            print(
+                f"landscape plot: warning: {surface.path} is incomplete ({missing} of {surface.done.size} points "
+                "missing); plotting what is there",
+                file=sys.stderr,
+            )
     if kind == "line":
-        fig = plot_lines(surfaces, splits=[args.split] if args.split else None, log=args.log, accuracy=args.accuracy,
-                         title=args.title)
+        fig = plot_lines(
+            surfaces, splits=[args.split] if args.split else None, log=args.log, accuracy=args.accuracy, title=args.title
+        )
     elif args.accuracy:
         raise ValueError("--accuracy applies to line plots (1-D files)")
     else:

@@ -39,8 +39,12 @@ def save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_spectral_densities(spectra: Mapping[str, Spectrum | Sequence[Spectrum]], top_eigenvalues: Mapping[str, list] | None = None,
-                            *, title: str = "Hessian spectral density (SLQ)") -> plt.Figure:
+def plot_spectral_densities(
+    spectra: Mapping[str, Spectrum | Sequence[Spectrum]],
+    top_eigenvalues: Mapping[str, list] | None = None,
+    *,
+    title: str = "Hessian spectral density (SLQ)",
+) -> plt.Figure:
     """Overlay SLQ densities on a log scale, marking each run's top eigenvalues from Lanczos (dotted).
 
     A label may carry several seeds' densities (and a list of top eigenvalues per seed): each seed is
@@ -55,8 +59,14 @@ def plot_spectral_densities(spectra: Mapping[str, Spectrum | Sequence[Spectrum]]
         name = label + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
         for i, spectrum in enumerate(runs):
             density = np.maximum(np.asarray(spectrum.density), 1e-8)
-            ax.plot(spectrum.grid, density, color=colors[label], label=name if i == 0 else None,
-                    lw=1.6 if len(runs) == 1 else 1.0, alpha=1.0 if len(runs) == 1 else 0.8)
+            ax.plot(
+                spectrum.grid,
+                density,
+                color=colors[label],
+                label=name if i == 0 else None,
+                lw=1.6 if len(runs) == 1 else 1.0,
+                alpha=1.0 if len(runs) == 1 else 0.8,
+            )
         for values in per_seed:
             for value in values:
                 ax.axvline(value, color=colors[label], ls=":", lw=1.0)
@@ -72,6 +82,7 @@ def plot_spectral_densities(spectra: Mapping[str, Spectrum | Sequence[Spectrum]]
 
 def plain_log_ticks(axis: matplotlib.axis.Axis) -> None:
     """Log-axis tick labels as plain numbers (0.2, 0.5, 1, 2) instead of 2×10⁻¹; 2s and 5s only on narrow ranges."""
+
     def label(value: float, _: int) -> str:
         low, high = sorted(axis.get_view_interval())
         narrow = low > 0 and high / low < 100
@@ -104,23 +115,25 @@ def plot_sharpness_curves(curves: Mapping[str, Sequence[SharpnessCurve]], *, cap
     return fig
 
 
-def plot_sharpness_panels(curves: Mapping[str, Sequence[SharpnessCurve]], reference: str, *, title: str = "",
-                          columns: int = 3) -> plt.Figure:
+def plot_sharpness_panels(
+    curves: Mapping[str, Sequence[SharpnessCurve]], reference: str, *, title: str = "", columns: int = 3
+) -> plt.Figure:
     """One panel per label, each beside the `reference` label (grey), on shared axes: many methods stay readable."""
     others = [label for label in curves if label != reference]
     nrows = -(-len(others) // columns)
     ncols = -(-len(others) // nrows)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows + 0.4), squeeze=False, sharex=True,
-                             sharey=True, layout="constrained")
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows + 0.4), squeeze=False, sharex=True, sharey=True, layout="constrained"
+    )
     colors = label_colors(others)
     for ax, label in zip(axes.flat, others):
         _draw_sharpness(ax, curves[reference], "#7f7f7f", reference)
         _draw_sharpness(ax, curves[label], colors[label], label)
         _sharpness_axes(ax, curves[label][0], labels=False)
         ax.legend(frameon=False, fontsize=7, loc="upper left")
-    for ax in list(axes.flat)[len(others):]:
+    for ax in list(axes.flat)[len(others) :]:
         ax.set_visible(False)
-    _fit_log_range(list(axes.flat)[:len(others)])
+    _fit_log_range(list(axes.flat)[: len(others)])
     first = curves[reference][0]
     fig.supxlabel(f"noise radius a ({first.distribution}, {first.scale}); bands: 95% CI; {PREDICTION_NOTE}", fontsize=9)
     fig.supylabel("E[L(w+u)] − L(w)  (nats)", fontsize=9)
@@ -174,17 +187,25 @@ def _prediction_handle() -> Line2D:
     return Line2D([], [], color="black", ls=":", lw=1.2, label=PREDICTION_NOTE)
 
 
-def plot_track(series: Mapping[str, Sequence[float]], *, stability_line: tuple[float, str] | None = None,
-               title: str = "") -> plt.Figure:
+def plot_track(
+    series: Mapping[str, Sequence[float]], *, stability_line: tuple[float, str] | None = None, title: str = ""
+) -> plt.Figure:
     """Each measured quantity against epoch with a ±1.96·stderr band (λ: the Lanczos residual), losses beside them."""
     epoch = np.asarray(series["epoch"])
-    measured = [n for n in series if n not in ("epoch", "measured loss") and not n.startswith("recorded")
-                and not n.endswith(" stderr") and n not in ("train loss", "gradient norm")]
+    measured = [
+        n
+        for n in series
+        if n not in ("epoch", "measured loss")
+        and not n.startswith("recorded")
+        and not n.endswith(" stderr")
+        and n not in ("train loss", "gradient norm")
+    ]
     n = len(measured) + 1
     ncols = min(n, 3)
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows + 0.4), squeeze=False, sharex=True,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows + 0.4), squeeze=False, sharex=True, layout="constrained"
+    )
     panels = list(axes.flat)
     loss_ax = panels[0]
     for name, style in (("recorded train loss", "-"), ("recorded test loss", "--")):
@@ -232,16 +253,22 @@ def plot_correlation(result: Mapping, *, gap: str | None = None, title: str = ""
         y = np.array([r["measures"][name].value if name in r["measures"] else np.nan for r in runs], float)
         for i, r in enumerate(runs):
             h = r["hyperparameters"]
-            ax.scatter(x[i], y[i], color=colors[str(h.get("method"))], marker=markers[h.get("batch_size")], s=26,
-                       alpha=0.85, edgecolors="none")
+            ax.scatter(
+                x[i],
+                y[i],
+                color=colors[str(h.get("method"))],
+                marker=markers[h.get("batch_size")],
+                s=26,
+                alpha=0.85,
+                edgecolors="none",
+            )
         if np.all(y[np.isfinite(y)] > 0) and np.nanmax(y) / np.nanmin(y) > 20:
             ax.set_yscale("log")
         c = found[name]
         psi = "" if c["psi"] is None else f"\nΨ = {c['psi']['value']:+.2f} [{c['psi']['low']:+.2f}, {c['psi']['high']:+.2f}]"
-        ax.set_title(f"{name}: τ = {c['tau']['value']:+.2f} [{c['tau']['low']:+.2f}, {c['tau']['high']:+.2f}]{psi}",
-                     fontsize=9)
+        ax.set_title(f"{name}: τ = {c['tau']['value']:+.2f} [{c['tau']['low']:+.2f}, {c['tau']['high']:+.2f}]{psi}", fontsize=9)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)
     handles = [Line2D([], [], ls="", marker="o", color=colors[m], label=m) for m in methods]
     if len(batches) > 1:
@@ -255,8 +282,15 @@ def plot_correlation(result: Mapping, *, gap: str | None = None, title: str = ""
 
 # ------------------------------------------------------------------ method colours
 METHOD_COLORS = {
-    "sgd": "#1f77b4", "smoothout": "#d62728", "adasmoothout": "#ff7f0e", "ssgd": "#2ca02c",
-    "nso": "#9467bd", "nrs": "#8c564b", "sam": "#e377c2", "asam": "#bcbd22", "adam": "#17becf",
+    "sgd": "#1f77b4",
+    "smoothout": "#d62728",
+    "adasmoothout": "#ff7f0e",
+    "ssgd": "#2ca02c",
+    "nso": "#9467bd",
+    "nrs": "#8c564b",
+    "sam": "#e377c2",
+    "asam": "#bcbd22",
+    "adam": "#17becf",
 }
 OTHER_COLORS = ("#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d")
 
@@ -313,7 +347,8 @@ def describe_measurement(surface: Surface) -> str:
     recalibration = surface.metadata.get("bn_recalibration")
     parts = [
         data.get("spec") if isinstance(data, dict) else data,
-        ", ".join(f"{s} {d.get('n_samples')}" for s, d in splits.items()) + " samples"
+        ", ".join(f"{s} {d.get('n_samples')}" for s, d in splits.items())
+        + " samples"
         + (f" (subset, seed {measurement.get('seed')})" if measurement.get("subset") else ""),
         f"batch {batch}" if batch else None,
         f"BN {first['mode']}" if "mode" in first else None,
@@ -323,8 +358,14 @@ def describe_measurement(surface: Surface) -> str:
     return " · ".join(str(p) for p in parts if p)
 
 
-def plot_lines(surfaces: Mapping[str, Surface | Sequence[Surface]], *, splits: Sequence[str] | None = None,
-               log: bool = False, accuracy: bool = False, title: str | None = None) -> plt.Figure:
+def plot_lines(
+    surfaces: Mapping[str, Surface | Sequence[Surface]],
+    *,
+    splits: Sequence[str] | None = None,
+    log: bool = False,
+    accuracy: bool = False,
+    title: str | None = None,
+) -> plt.Figure:
     """Overlay labelled 1-D surfaces: method colours, train solid and test dashed, accuracy on a twin axis.
 
     A label may carry several seeds' surfaces on one grid: their mean is drawn with a band of the 95%
@@ -343,17 +384,28 @@ def plot_lines(surfaces: Mapping[str, Surface | Sequence[Surface]], *, splits: S
     for label, surface in surfaces.items():
         for split in _splits(surface, label, splits):
             used.append(split)
-            style = {"color": colors[label], "ls": SPLIT_STYLES.get(split, ":"),
-                     "marker": None if all(s.complete for s in seeds[label]) else "."}
+            style = {
+                "color": colors[label],
+                "ls": SPLIT_STYLES.get(split, ":"),
+                "marker": None if all(s.complete for s in seeds[label]) else ".",
+            }
             losses = np.array([_loss(s, split, label, log) for s in seeds[label]])
             ax.plot(surface.axes[0], losses.mean(axis=0), lw=1.8, **style)
             if len(losses) > 1:
                 half = ci_halfwidth(losses)
                 low = losses.mean(axis=0) - half
-                ax.fill_between(surface.axes[0], np.where(low > 0, low, np.nan) if log else low,
-                                losses.mean(axis=0) + half, color=colors[label], alpha=0.18, lw=0)
+                ax.fill_between(
+                    surface.axes[0],
+                    np.where(low > 0, low, np.nan) if log else low,
+                    losses.mean(axis=0) + half,
+                    color=colors[label],
+                    alpha=0.18,
+                    lw=0,
+                )
             if twin is not None:
-                twin.plot(surface.axes[0], np.mean([s.accuracy[split] for s in seeds[label]], axis=0), lw=1.0, alpha=0.45, **style)
+                twin.plot(
+                    surface.axes[0], np.mean([s.accuracy[split] for s in seeds[label]], axis=0), lw=1.0, alpha=0.45, **style
+                )
     surface = next(iter(surfaces.values()))
     if surface.directions.kind == "between":  # several seeds: no one pair of checkpoints to name
         _mark_endpoints(ax, surfaces if all(len(runs) == 1 for runs in seeds.values()) else {})
@@ -375,8 +427,16 @@ def plot_lines(surfaces: Mapping[str, Surface | Sequence[Surface]], *, splits: S
     return fig
 
 
-def plot_surfaces(surfaces: Mapping[str, Surface], *, kind: str = "contour", split: str = "train",
-                  log: bool = False, levels: int = 15, title: str | None = None, columns: int = 3) -> plt.Figure:
+def plot_surfaces(
+    surfaces: Mapping[str, Surface],
+    *,
+    kind: str = "contour",
+    split: str = "train",
+    log: bool = False,
+    levels: int = 15,
+    title: str | None = None,
+    columns: int = 3,
+) -> plt.Figure:
     """2-D surfaces on one colour scale and one set of contour levels, origin and PCA path marked.
 
     At most `columns` panels a row, so each stays readable at a page's width (an HTML report, a paper column).
@@ -389,16 +449,18 @@ def plot_surfaces(surfaces: Mapping[str, Surface], *, kind: str = "contour", spl
     projection = {"projection": "3d"} if kind == "surface3d" else {}
     nrows = -(-len(surfaces) // max(1, columns))
     ncols = -(-len(surfaces) // nrows)  # balanced rows: four panels are 2x2, five are 3+2
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols + 1.4, 4.0 * nrows + 0.2), squeeze=False,
-                             layout="constrained", subplot_kw=projection)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(4.4 * ncols + 1.4, 4.0 * nrows + 0.2), squeeze=False, layout="constrained", subplot_kw=projection
+    )
     panels = list(axes.flat)
     for ax, (label, surface) in zip(panels, surfaces.items()):
         mappable = _draw(ax, surface, grids[label], kind, norm, contour_levels, log)
         ax.set_title(label if len(surfaces) > 1 else f"{split} loss", fontsize=10)
-    for ax in panels[len(surfaces):]:
+    for ax in panels[len(surfaces) :]:
         ax.set_visible(False)
-    bar = fig.colorbar(mappable, ax=panels, shrink=0.85 if nrows == 1 else 0.6,
-                       label=f"{split} loss" + (" (log scale)" if log else ""))
+    bar = fig.colorbar(
+        mappable, ax=panels, shrink=0.85 if nrows == 1 else 0.6, label=f"{split} loss" + (" (log scale)" if log else "")
+    )
     ticks = round_levels(norm.vmin, norm.vmax, 6, log)
     bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
     bar.minorticks_off()
@@ -423,7 +485,7 @@ def round_levels(low: float, high: float, n: int, log: bool) -> np.ndarray:
         return ticks[(ticks > low) & (ticks < high)]
     decades = np.arange(np.floor(np.log10(low)), np.ceil(np.log10(high)) + 1)
     for mantissas in (range(1, 10), (1, 1.5, 2, 3, 5, 7), (1, 2, 5), (1, 3), (1,)):
-        ticks = np.array([m * 10.0 ** d for d in decades for m in mantissas])
+        ticks = np.array([m * 10.0**d for d in decades for m in mantissas])
         ticks = ticks[(ticks > low) & (ticks < high)]
         if len(ticks) <= n:
             break
@@ -474,8 +536,9 @@ def _loss(surface: Surface, split: str, label: str, log: bool) -> np.ndarray:
     return values
 
 
-def _draw(ax: plt.Axes, surface: Surface, values: np.ndarray, kind: str, norm: Normalize, levels: np.ndarray,
-          log: bool) -> ScalarMappable:
+def _draw(
+    ax: plt.Axes, surface: Surface, values: np.ndarray, kind: str, norm: Normalize, levels: np.ndarray, log: bool
+) -> ScalarMappable:
     """One panel of a 2-D surface; returns what the shared colour bar describes."""
     x, y = np.meshgrid(*surface.axes, indexing="ij")
     z = np.ma.masked_invalid(values)
@@ -499,16 +562,24 @@ def _draw(ax: plt.Axes, surface: Surface, values: np.ndarray, kind: str, norm: N
     return mappable
 
 
-def _draw_3d(ax: plt.Axes, surface: Surface, z: np.ma.MaskedArray, norm: Normalize, cmap: Colormap,
-             log: bool) -> ScalarMappable:
+def _draw_3d(ax: plt.Axes, surface: Surface, z: np.ma.MaskedArray, norm: Normalize, cmap: Colormap, log: bool) -> ScalarMappable:
     """A 3-D surface with shared colours and heights (log₁₀ loss on a log scale), the origin drawn on top."""
     x, y = np.meshgrid(*surface.axes, indexing="ij")
     height = np.log10(z) if log else z
     ax.computed_zorder = False  # the origin marker stays visible in front of the surface
     ax.plot_surface(x, y, height, facecolors=cmap(norm(z)), rstride=1, cstride=1, linewidth=0, shade=False, zorder=1)
     i, j = (int(np.abs(a).argmin()) for a in surface.axes)
-    ax.scatter([surface.axes[0][i]], [surface.axes[1][j]], [height[i, j]], color="black", edgecolor="white",
-               marker="*", s=120, depthshade=False, zorder=5)
+    ax.scatter(
+        [surface.axes[0][i]],
+        [surface.axes[1][j]],
+        [height[i, j]],
+        color="black",
+        edgecolor="white",
+        marker="*",
+        s=120,
+        depthshade=False,
+        zorder=5,
+    )
     ax.set_zlim(*(np.log10([norm.vmin, norm.vmax]) if log else (norm.vmin, norm.vmax)))  # shared heights
     ax.set_zlabel("log₁₀ loss" if log else "loss", fontsize=9)
     ax.set_box_aspect(None, zoom=0.85)  # room for the axis labels inside the panel
@@ -525,8 +596,15 @@ def _overlay_trajectory(ax: plt.Axes, directions: Directions) -> None:
     ax.plot(path[:, 0], path[:, 1], color="#d62728", lw=1.5, marker="o", ms=3.5, label="trajectory")
     names = directions.labels or ("start", "end")
     for (px, py), name, offset in ((path[0], names[0], (6, 6)), (path[-1], names[-1], (6, -12))):
-        ax.annotate(name, (px, py), xytext=offset, textcoords="offset points", fontsize=8, color="#d62728",
-                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
+        ax.annotate(
+            name,
+            (px, py),
+            xytext=offset,
+            textcoords="offset points",
+            fontsize=8,
+            color="#d62728",
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7},
+        )
 
 
 def _mark_endpoints(ax: plt.Axes, surfaces: Mapping[str, Surface]) -> None:
@@ -547,8 +625,7 @@ def _short_path(path: str) -> str:
     return "/".join(Path(path).parts[-2:])
 
 
-def _legend_handles(colors: Mapping[str, str], splits: Iterable[str], accuracy: bool,
-                    band: str | None = None) -> list[Line2D]:
+def _legend_handles(colors: Mapping[str, str], splits: Iterable[str], accuracy: bool, band: str | None = None) -> list[Line2D]:
     """One entry per label (its colour) and one per split (its line style), plus the accuracy lines' look."""
     handles = [Line2D([], [], color=c, lw=2, label=label) for label, c in colors.items()]
     if band:
@@ -576,8 +653,10 @@ def _or_nan(block: BlockCurvature | None, name: str) -> float:
     return np.nan if value is None else value
 
 
-PER_LAYER_PANELS = (("lambda1", "residual", 1.0, "λ1 of each block (± Lanczos residual)"),
-                    ("trace", "trace_stderr", 1.96, "trace of each block (± 1.96 stderr)"))
+PER_LAYER_PANELS = (
+    ("lambda1", "residual", 1.0, "λ1 of each block (± Lanczos residual)"),
+    ("trace", "trace_stderr", 1.96, "trace of each block (± 1.96 stderr)"),
+)
 
 
 def plot_per_layer(results: Mapping[str, PerLayerResult]) -> plt.Figure:
@@ -592,16 +671,29 @@ def plot_per_layer(results: Mapping[str, PerLayerResult]) -> plt.Figure:
     panels = [p for p in PER_LAYER_PANELS if any(getattr(b, p[0]) is not None for r in results.values() for b in r.blocks)]
     colors = label_colors(labels)
     x, width = np.arange(len(blocks)), 0.8 / len(labels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 0.5 + 0.35 * len(blocks) * len(labels)) * len(panels), 3.8),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(max(4.0, 0.5 + 0.35 * len(blocks) * len(labels)) * len(panels), 3.8),
+        squeeze=False,
+        layout="constrained",
+    )
     for ax, (key, error_key, factor, title) in zip(axes.flat, panels):
         values = []
         for i, label in enumerate(labels):
             found = [rows[label].get(name) for name in blocks]
             value = np.array([_or_nan(b, key) for b in found], float)
             error = factor * np.array([_or_nan(b, error_key) for b in found], float)
-            ax.bar(x + (i - (len(labels) - 1) / 2) * width, value, width, yerr=error, color=colors[label], label=label,
-                   capsize=2, error_kw={"lw": 0.8})
+            ax.bar(
+                x + (i - (len(labels) - 1) / 2) * width,
+                value,
+                width,
+                yerr=error,
+                color=colors[label],
+                label=label,
+                capsize=2,
+                error_kw={"lw": 0.8},
+            )
             values.append(value)
         finite = np.concatenate(values)[np.isfinite(np.concatenate(values))]
         log = finite.size and (finite > 0).all()
@@ -612,7 +704,8 @@ def plot_per_layer(results: Mapping[str, PerLayerResult]) -> plt.Figure:
         ax.set_xticks(x, blocks, rotation=30 if tilted else 0, ha="right" if tilted else "center")
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(labels), frameon=False,
-               fontsize=8)
+    fig.legend(
+        *axes.flat[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(labels), frameon=False, fontsize=8
+    )
     fig.supxlabel("parameter block (a module's own parameters)", fontsize=9)
     return fig

@@ -22,10 +22,18 @@ from landscape.sharpness.worst_case import MSharpness, WorstCase
 
 # the result type of each metric of `landscape measure` (and compare, track, correlate)
 METRIC_RESULTS: dict[str, type[Result]] = {
-    "eig": EigResult, "trace": TraceResult, "density": Spectrum, "expected-loss": ExpectedLoss,
-    "sharpness-curve": SharpnessCurve, "eps-sharpness": EpsilonSharpness, "worst-case": WorstCase,
-    "adaptive-worst-case": WorstCase, "m-sharpness": MSharpness, "adaptive-m-sharpness": MSharpness,
-    "average-case": ExpectedLoss, "adaptive-average-case": ExpectedLoss,
+    "eig": EigResult,
+    "trace": TraceResult,
+    "density": Spectrum,
+    "expected-loss": ExpectedLoss,
+    "sharpness-curve": SharpnessCurve,
+    "eps-sharpness": EpsilonSharpness,
+    "worst-case": WorstCase,
+    "adaptive-worst-case": WorstCase,
+    "m-sharpness": MSharpness,
+    "adaptive-m-sharpness": MSharpness,
+    "average-case": ExpectedLoss,
+    "adaptive-average-case": ExpectedLoss,
 }
 
 
@@ -60,8 +68,10 @@ def quantities(result: Any, metric: str) -> list[Quantity]:
 
 @quantities.register
 def _(result: EigResult, metric: str) -> list[Quantity]:  # the Lanczos residual bounds each value
-    return [Quantity(eigenvalue_label(i), float(v), float(r), metric)
-            for i, (v, r) in enumerate(zip(result.values, result.residuals), 1)]
+    return [
+        Quantity(eigenvalue_label(i), float(v), float(r), metric)
+        for i, (v, r) in enumerate(zip(result.values, result.residuals), 1)
+    ]
 
 
 @quantities.register
@@ -71,8 +81,16 @@ def _(result: TraceResult, metric: str) -> list[Quantity]:
 
 @quantities.register
 def _(result: SharpnessCurve, metric: str) -> list[Quantity]:  # the same noise draws for every checkpoint: paired
-    return [Quantity(noise_increase_label(float(p.radius)), p.increase, p.stderr, metric,
-                     tuple((np.asarray(p.samples) - p.clean_loss).tolist())) for p in result.points]
+    return [
+        Quantity(
+            noise_increase_label(float(p.radius)),
+            p.increase,
+            p.stderr,
+            metric,
+            tuple((np.asarray(p.samples) - p.clean_loss).tolist()),
+        )
+        for p in result.points
+    ]
 
 
 @quantities.register

@@ -35,18 +35,30 @@ class Recipe:
     note: str
 
 
-CONVERGED = Recipe("converged", {SMALL: 60, LARGE: 600}, {SMALL: 1, LARGE: 10},
-                   "METHODS.md's recipe (60 epochs at batch 32, 600 at batch 2000), trained to the end; "
-                   "60 trajectory checkpoints per run, so runs can be compared at matched train loss")
-DEMO = Recipe("demo", {SMALL: 20, LARGE: 200}, {SMALL: 2, LARGE: 20},
-              "a third of METHODS.md's epochs (20 at batch 32, 200 at batch 2000), to fit the demo's few minutes: the "
-              "batch-32 runs stop underfit (train loss about 0.6 against 0.24 at batch 2000), so the demo cannot say "
-              "whether small or large batches generalize better")
+CONVERGED = Recipe(
+    "converged",
+    {SMALL: 60, LARGE: 600},
+    {SMALL: 1, LARGE: 10},
+    "METHODS.md's recipe (60 epochs at batch 32, 600 at batch 2000), trained to the end; "
+    "60 trajectory checkpoints per run, so runs can be compared at matched train loss",
+)
+DEMO = Recipe(
+    "demo",
+    {SMALL: 20, LARGE: 200},
+    {SMALL: 2, LARGE: 20},
+    "a third of METHODS.md's epochs (20 at batch 32, 200 at batch 2000), to fit the demo's few minutes: the "
+    "batch-32 runs stop underfit (train loss about 0.6 against 0.24 at batch 2000), so the demo cannot say "
+    "whether small or large batches generalize better",
+)
 # the learning-rate × batch-size sweep behind figures/correlation.png: equal step counts at both batch sizes
 # (100 epochs × 125 steps at batch 32, 800 × 16 at batch 256 on mnist1d's 4000 training samples)
-LR_SWEEP = Recipe("lr-sweep", {SMALL: 100, 256: 800}, {SMALL: 5, 256: 40},
-                  "batch 32 and 256 at learning rates 0.005, 0.01 and 0.02 (momentum 0.9), 100 and 800 epochs: about "
-                  "12,500 steps each; no schedule")
+LR_SWEEP = Recipe(
+    "lr-sweep",
+    {SMALL: 100, 256: 800},
+    {SMALL: 5, 256: 40},
+    "batch 32 and 256 at learning rates 0.005, 0.01 and 0.02 (momentum 0.9), 100 and 800 epochs: about "
+    "12,500 steps each; no schedule",
+)
 SWEEP_LRS = (0.005, 0.01, 0.02)
 RECIPES = {r.name: r for r in (CONVERGED, DEMO, LR_SWEEP)}
 
@@ -55,8 +67,17 @@ def label(method: str, batch: int) -> str:
     return f"{method} B={batch}"
 
 
-def config(method: str, batch: int, seed: int, epoch_fraction: float = 1.0, *, recipe: Recipe = CONVERGED,
-           noise: float | None = None, validation: int = 0, lr: float | None = None) -> TrainConfig:
+def config(
+    method: str,
+    batch: int,
+    seed: int,
+    epoch_fraction: float = 1.0,
+    *,
+    recipe: Recipe = CONVERGED,
+    noise: float | None = None,
+    validation: int = 0,
+    lr: float | None = None,
+) -> TrainConfig:
     """One run of `recipe`: `noise` sets the method's noise size (its NOISE_OPTION), `epoch_fraction` < 1 shortens
     the run (quick versions for tests), `validation` holds out training samples for tuning, `lr` replaces the
     batch size's learning rate."""
@@ -64,9 +85,19 @@ def config(method: str, batch: int, seed: int, epoch_fraction: float = 1.0, *, r
     if noise is None:
         noise = DEFAULT_NOISE.get(method)
     options = {} if noise is None else {NOISE_OPTION[method]: noise}
-    return TrainConfig(data="mnist1d", model="mlp", optimizer=method, optimizer_kwargs=options, batch_size=batch,
-                       lr=LR[batch] if lr is None else lr, epochs=epochs, seed=seed, validation=validation, recipe=recipe.name,
-                       save_every=max(1, round(recipe.save_every[batch] * epoch_fraction)) if epochs > 1 else 1)
+    return TrainConfig(
+        data="mnist1d",
+        model="mlp",
+        optimizer=method,
+        optimizer_kwargs=options,
+        batch_size=batch,
+        lr=LR[batch] if lr is None else lr,
+        epochs=epochs,
+        seed=seed,
+        validation=validation,
+        recipe=recipe.name,
+        save_every=max(1, round(recipe.save_every[batch] * epoch_fraction)) if epochs > 1 else 1,
+    )
 
 
 def run_name(run: TrainConfig) -> str:
@@ -108,9 +139,17 @@ def _train_quietly(run: TrainConfig, folder: Path) -> Path:
     return train(run, folder, resume=True, progress=False)
 
 
-def train_runs(specs: list[tuple[str, int]], seeds: int, cache: Path, *, recipe: Recipe = CONVERGED,
-               noise: dict[str, float] | None = None, epoch_fraction: float = 1.0, jobs: int = 1,
-               progress: bool | str = False) -> tuple[list[str], list[str]]:
+def train_runs(
+    specs: list[tuple[str, int]],
+    seeds: int,
+    cache: Path,
+    *,
+    recipe: Recipe = CONVERGED,
+    noise: dict[str, float] | None = None,
+    epoch_fraction: float = 1.0,
+    jobs: int = 1,
+    progress: bool | str = False,
+) -> tuple[list[str], list[str]]:
     """Every (method, batch) × seed of `recipe`: checkpoint paths and their labels, in order."""
     runs = [config(m, b, s, epoch_fraction, recipe=recipe, noise=(noise or {}).get(m)) for m, b in specs for s in range(seeds)]
     paths = train_all(runs, cache, jobs=jobs, progress=progress)

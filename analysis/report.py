@@ -68,10 +68,14 @@ class Report:
             else:
                 _, path, caption = block
                 data = base64.b64encode((folder / path).read_bytes()).decode()
-                body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
-                            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
-                f"<style>{_STYLE}</style></head><body>{''.join(body)}</body></html>\n")
+                body.append(
+                    f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                )
+        return (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+            f"<style>{_STYLE}</style></head><body>{''.join(body)}</body></html>\n"
+        )
 
     def write(self, folder: Path, name: str = "report") -> tuple[Path, Path]:
         """NAME.md and NAME.html in `folder` (figure paths are relative to it); under torchrun only rank 0 writes."""

@@ -65,8 +65,10 @@ class ResultsFile:
         for key in sorted(set(stored) | set(settings)):
             if stored.get(key) != settings.get(key):
                 name = "the checkpoint list" if key == "checkpoints" else "--" + key.replace("_", "-")
-                raise ResultsFileError(f"{path} was measured with {name} {_show(stored.get(key))}, not "
-                                       f"{_show(settings.get(key))}; resume with the same options, or choose another --out")
+                raise ResultsFileError(
+                    f"{path} was measured with {name} {_show(stored.get(key))}, not "
+                    f"{_show(settings.get(key))}; resume with the same options, or choose another --out"
+                )
         return data.get("checkpoints", [])
 
     def previous(self, checkpoint: str) -> dict | None:
@@ -76,8 +78,10 @@ class ResultsFile:
             return None
         saved, now = report["setup"].get("checkpoint_sha256"), file_sha256(checkpoint)
         if saved != now:
-            raise ResultsFileError(f"{checkpoint} changed since its results were saved in {self.path} (SHA-256 "
-                                   f"{str(saved)[:12]}… then, {now[:12]}… now); choose another --out to measure it afresh")
+            raise ResultsFileError(
+                f"{checkpoint} changed since its results were saved in {self.path} (SHA-256 "
+                f"{str(saved)[:12]}… then, {now[:12]}… now); choose another --out to measure it afresh"
+            )
         return report
 
     def save(self, report: dict) -> None:
@@ -93,8 +97,13 @@ class ResultsFile:
         """Replace the file by the current reports: a temporary file first, flushed to disk, then renamed over it."""
         if self.path is None or not ranks.is_main():
             return
-        payload = {"format": FORMAT, "version": VERSION, "settings": self.settings, "complete": self.complete,
-                   "checkpoints": list(self.reports.values())}
+        payload = {
+            "format": FORMAT,
+            "version": VERSION,
+            "settings": self.settings,
+            "complete": self.complete,
+            "checkpoints": list(self.reports.values()),
+        }
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

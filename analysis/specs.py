@@ -147,8 +147,10 @@ class MetricSpec:
             raise ValueError(f"--subspace-dim {self.subspace_dim} exceeds {where}; give at most {n_params}")
         m_metrics = {"m-sharpness", "adaptive-m-sharpness"} & set(metrics)
         if m_metrics and n_samples is not None and self.m > n_samples:
-            raise ValueError(f"--m {self.m} exceeds the {n_samples} samples of the measurement set (--n-samples, --split); "
-                             f"give at most {n_samples}")
+            raise ValueError(
+                f"--m {self.m} exceeds the {n_samples} samples of the measurement set (--n-samples, --split); "
+                f"give at most {n_samples}"
+            )
 
     def help_default(self, name: str) -> str:
         """Field `name` as --help and the parser's default spell it."""
@@ -192,8 +194,7 @@ class CompareSpec:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CompareSpec:
         labels = tuple(args.labels.split(",")) if getattr(args, "labels", None) else None
-        return _from_args(cls, args, measure=MeasureSpec.from_args(args), out=Path(args.out),
-                          labels=labels)
+        return _from_args(cls, args, measure=MeasureSpec.from_args(args), out=Path(args.out), labels=labels)
 
     def settings(self) -> dict[str, object]:
         """The measurement's settings and the comparison's own (not where the report goes)."""
@@ -215,8 +216,9 @@ class CorrelateSpec:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CorrelateSpec:
-        names = {name: tuple(a for a in getattr(args, option).split(",") if a) for name, option in
-                 (("gaps", "gap"), ("axes", "axes"))}
+        names = {
+            name: tuple(a for a in getattr(args, option).split(",") if a) for name, option in (("gaps", "gap"), ("axes", "axes"))
+        }
         return _from_args(cls, args, measure=MeasureSpec.from_args(args), out=Path(args.out), **names)
 
 

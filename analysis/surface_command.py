@@ -30,25 +30,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_objective_arguments(parser)
     group = parser.add_argument_group("surface")
     group.add_argument("--dim", type=int, choices=[1, 2], default=1, help="random directions: 1 or 2 (default 1)")
-    group.add_argument("--range", default=None, metavar="START:STOP:NUM",
-                       help="grid of the first axis (default -1:1:51; -1:2:31 with --between; the trajectory's extent with --pca)")
+    group.add_argument(
+        "--range",
+        default=None,
+        metavar="START:STOP:NUM",
+        help="grid of the first axis (default -1:1:51; -1:2:31 with --between; the trajectory's extent with --pca)",
+    )
     group.add_argument("--yrange", default=None, metavar="START:STOP:NUM", help="grid of the second axis (default: --range)")
     group.add_argument("--between", metavar="OTHER_CKPT", help="interpolate from CKPT (α=0) to OTHER_CKPT (α=1), BN buffers too")
-    group.add_argument("--pca", metavar="TRAJECTORY_DIR", help="plane of the top-2 principal components of the checkpoints in this folder")
-    group.add_argument("--norm", default="filter", choices=NORMALIZATIONS, help="normalization of random directions (default filter)")
-    group.add_argument("--bias-bn", "--one-d", dest="one_d", default="ignore", choices=ONE_D_POLICIES,
-                       help="the 1-D tensors (biases, BatchNorm affine) in random directions: ignore (zero, default; Li "
-                            "et al.'s xignore=biasbn) or copy the weights")
+    group.add_argument(
+        "--pca", metavar="TRAJECTORY_DIR", help="plane of the top-2 principal components of the checkpoints in this folder"
+    )
+    group.add_argument(
+        "--norm", default="filter", choices=NORMALIZATIONS, help="normalization of random directions (default filter)"
+    )
+    group.add_argument(
+        "--bias-bn",
+        "--one-d",
+        dest="one_d",
+        default="ignore",
+        choices=ONE_D_POLICIES,
+        help="the 1-D tensors (biases, BatchNorm affine) in random directions: ignore (zero, default; Li "
+        "et al.'s xignore=biasbn) or copy the weights",
+    )
     group.add_argument("--states", action="store_true", help="random directions move BN running statistics too")
     group.add_argument("--direction-seed", type=int, default=None, help="seed of the random directions (default: --seed)")
     group.add_argument("--test", action="store_true", help="evaluate the whole test split too")
-    group.add_argument("--bn-recalibration", type=int, default=None, metavar="K",
-                       help="re-estimate BN statistics from K train batches at every point")
+    group.add_argument(
+        "--bn-recalibration",
+        type=int,
+        default=None,
+        metavar="K",
+        help="re-estimate BN statistics from K train batches at every point",
+    )
     group.add_argument("--out", default=None, help="HDF5 file (default: next to CKPT, named after the directions)")
     group.add_argument("--resume", action="store_true", help="finish an interrupted file instead of refusing to overwrite it")
-    group.add_argument("--points-per-call", type=points_per_call, default="auto", metavar="K|auto",
-                       help="grid points per vmapped forward pass; auto: 1 on a CPU, as many as fit in memory on a GPU "
-                            "(default %(default)s)")
+    group.add_argument(
+        "--points-per-call",
+        type=points_per_call,
+        default="auto",
+        metavar="K|auto",
+        help="grid points per vmapped forward pass; auto: 1 on a CPU, as many as fit in memory on a GPU (default %(default)s)",
+    )
 
 
 def parse_range(text: str) -> np.ndarray:
@@ -94,7 +117,11 @@ def grid_axes(directions: Directions, args: argparse.Namespace) -> list[np.ndarr
         first = grid_axis(-1.0, 2.0, 31)
     elif directions.kind == "pca":
         extent = 1.2 * float(np.abs(directions.trajectory).max())
-        return [grid_axis(-extent, extent, 21)] * 2 if args.yrange is None else [grid_axis(-extent, extent, 21), parse_range(args.yrange)]
+        return (
+            [grid_axis(-extent, extent, 21)] * 2
+            if args.yrange is None
+            else [grid_axis(-extent, extent, 21), parse_range(args.yrange)]
+        )
     else:
         first = grid_axis(-1.0, 1.0, 51)
     if directions.dim == 1:
@@ -116,9 +143,16 @@ def run(args: argparse.Namespace) -> None:
     axes = grid_axes(directions, args)
     path = Path(args.out) if args.out else default_path(args.checkpoint, directions)
     start = time.perf_counter()
-    surface = compute_surface(objectives, directions, axes, path=path, resume=args.resume,
-                              bn_recalibration=args.bn_recalibration, progress=args.progress,
-                              points_per_call=args.points_per_call)
+    surface = compute_surface(
+        objectives,
+        directions,
+        axes,
+        path=path,
+        resume=args.resume,
+        bn_recalibration=args.bn_recalibration,
+        progress=args.progress,
+        points_per_call=args.points_per_call,
+    )
     seconds = time.perf_counter() - start
     if args.json:
         print_json({**surface.to_dict(), "seconds": seconds})
@@ -130,8 +164,10 @@ def format_surface(surface: Surface, seconds: float) -> str:
     """Where the file is, the grid, and the loss at the centre and at the grid's minimum, per split."""
     d = surface.directions
     grid = " × ".join(f"[{a[0]:g}, {a[-1]:g}] in {len(a)}" for a in surface.axes)
-    lines = [f"{surface.path}: {d.kind} {surface.dim}-D surface, grid {grid}, "
-             f"{int(surface.done.sum())}/{surface.done.size} points in {seconds:.1f}s"]
+    lines = [
+        f"{surface.path}: {d.kind} {surface.dim}-D surface, grid {grid}, "
+        f"{int(surface.done.sum())}/{surface.done.size} points in {seconds:.1f}s"
+    ]
     if d.kind == "pca":
         ratios = ", ".join(f"{r:.1%}" for r in d.spec["explained_variance_ratio"])
         lines.append(f"explained variance of the two components: {ratios}")
@@ -141,8 +177,15 @@ def format_surface(surface: Surface, seconds: float) -> str:
         i = np.unravel_index(np.nanargmin(loss), loss.shape)
         where = ", ".join(f"{a[k]:.3g}" for a, k in zip(surface.axes, i))
         acc = surface.accuracy[split][i]
-        rows.append((split, f"{centre:.6g}" if centre is not None else "not on grid", f"{loss[i]:.6g} at ({where})",
-                     "" if np.isnan(acc) else f"{acc:.4f}", f"{np.nanmax(loss):.6g}"))
+        rows.append(
+            (
+                split,
+                f"{centre:.6g}" if centre is not None else "not on grid",
+                f"{loss[i]:.6g} at ({where})",
+                "" if np.isnan(acc) else f"{acc:.4f}",
+                f"{np.nanmax(loss):.6g}",
+            )
+        )
     lines.append(format_table(["split", "loss at origin", "min loss", "accuracy there", "max loss"], rows))
     return "\n".join(lines)
 

@@ -40,9 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_metric_arguments(parser)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a `landscape train` run folder (its trajectory/ checkpoints)")
     parser.add_argument("--out", default=None, help="folder for track.json, track.h5 and track.png (default RUN_DIR/track)")
-    parser.add_argument("--stability-line", action="store_true",
-                        help="draw 2(1+β)/η on the λ1 panel (η the run's learning rate, β its momentum): where full-batch "
-                             "GD turns unstable (Cohen et al. 2021); stochastic runs may sit below it")
+    parser.add_argument(
+        "--stability-line",
+        action="store_true",
+        help="draw 2(1+β)/η on the λ1 panel (η the run's learning rate, β its momentum): where full-batch "
+        "GD turns unstable (Cohen et al. 2021); stochastic runs may sit below it",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -55,8 +58,9 @@ def run(args: argparse.Namespace) -> None:
     spec = replace(spec, metrics=replace(spec.metrics, warm_start=WarmStart()))
 
     def one(point: TrajectoryPoint) -> dict:  # results.save writes on rank 0 only
-        report = measure_checkpoint(point.path, spec, previous=results.previous(point.path), saved=results.save,
-                                    distributed=False)
+        report = measure_checkpoint(
+            point.path, spec, previous=results.previous(point.path), saved=results.save, distributed=False
+        )
         report.update(epoch=point.epoch, recorded=load_checkpoint(point.path).meta.get("metrics", {}))
         return report
 
@@ -71,8 +75,10 @@ def run(args: argparse.Namespace) -> None:
     from analysis.plots import plot_track, save
 
     line = stability_threshold(load_checkpoint(points[-1].path).meta.get("train", {})) if args.stability_line else None
-    save(plot_track(series, stability_line=line, title=f"{run_dir.name}: measured at every trajectory checkpoint"),
-         out / "track.png")
+    save(
+        plot_track(series, stability_line=line, title=f"{run_dir.name}: measured at every trajectory checkpoint"),
+        out / "track.png",
+    )
     if args.json:
         print_json({"series": series, "files": [str(out / n) for n in ("track.json", "track.h5", "track.png")]})
         return

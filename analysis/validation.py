@@ -19,9 +19,24 @@ from landscape.engine.objective import COMPILED_HVP, HVP_METHODS
 
 # dest: smallest allowed value, for every integer option of every command that has it
 INT_MINIMUMS = {
-    "k": 1, "max_matvecs": 1, "density_runs": 1, "density_steps": 1, "restarts": 0, "eps_iters": 1, "subspace_dim": 1,
-    "bn_recalibration": 1, "n_samples": 1, "batch_size": 1, "epochs": 1, "save_every": 1, "lr_reference_batch": 1,
-    "ghost_batch_size": 1, "seeds": 1, "m": 1, "ascent_steps": 1, "ascent_restarts": 0,
+    "k": 1,
+    "max_matvecs": 1,
+    "density_runs": 1,
+    "density_steps": 1,
+    "restarts": 0,
+    "eps_iters": 1,
+    "subspace_dim": 1,
+    "bn_recalibration": 1,
+    "n_samples": 1,
+    "batch_size": 1,
+    "epochs": 1,
+    "save_every": 1,
+    "lr_reference_batch": 1,
+    "ghost_batch_size": 1,
+    "seeds": 1,
+    "m": 1,
+    "ascent_steps": 1,
+    "ascent_restarts": 0,
 }
 PROBE_MINIMUMS = {"xtrace": 4, "hutchpp": 4, "hutchinson": 2}  # matvecs each trace method needs at least
 MIN_NOISE_SAMPLES = 4  # two antithetic pairs: the stderr needs at least two
@@ -61,8 +76,10 @@ def validate_arguments(args: argparse.Namespace) -> None:
     if getattr(args, "per_layer", None) is not None:
         per_layer_names(args.per_layer)
     if getattr(args, "command", None) == "compare" and getattr(args, "curvature", "hessian") != "hessian":
-        raise ValueError(f"--curvature {args.curvature}: landscape compare measures the Hessian only; "
-                         f"use landscape measure --curvature {args.curvature} on each checkpoint")
+        raise ValueError(
+            f"--curvature {args.curvature}: landscape compare measures the Hessian only; "
+            f"use landscape measure --curvature {args.curvature} on each checkpoint"
+        )
     if getattr(args, "device", None):
         check_device(args.device)
 
@@ -76,7 +93,9 @@ def parse_radii(text: str) -> list[float]:
         try:
             radii.append(_number("--radius", float(item), allow_zero=True))
         except ValueError:
-            raise ValueError(f"--radius {text!r}: {item!r} is not a finite number ≥ 0; give a comma list such as 0.005,0.01") from None
+            raise ValueError(
+                f"--radius {text!r}: {item!r} is not a finite number ≥ 0; give a comma list such as 0.005,0.01"
+            ) from None
     if not radii:
         raise ValueError(f"--radius {text!r} names no radius; give a comma list such as 0.005,0.01")
     return radii
@@ -121,7 +140,9 @@ def check_device(name: str) -> None:
         try:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as error:
-            raise ValueError(f"--device {name}: not available on this machine ({str(error).splitlines()[0]}); use --device cpu") from None
+            raise ValueError(
+                f"--device {name}: not available on this machine ({str(error).splitlines()[0]}); use --device cpu"
+            ) from None
 
 
 def _check_worst_case(args: argparse.Namespace) -> None:
@@ -134,8 +155,10 @@ def _check_worst_case(args: argparse.Namespace) -> None:
         _number("--eta", args.eta, allow_zero=True)
         metrics = metric_names(args) if getattr(args, "metrics", None) is not None else []
         if args.eta > 0 and "adaptive-average-case" in metrics:
-            raise ValueError(f"--eta {args.eta:g}: adaptive-average-case scales its noise by |w| alone (η = 0); "
-                             "measure it in a run without --eta")
+            raise ValueError(
+                f"--eta {args.eta:g}: adaptive-average-case scales its noise by |w| alone (η = 0); "
+                "measure it in a run without --eta"
+            )
 
 
 def _number(name: str, value: float, *, allow_zero: bool) -> float:

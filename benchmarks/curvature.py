@@ -79,6 +79,7 @@ NOT_RUN = {
 
 # ----------------------------------------------------------------------------- problems
 
+
 def train(model: torch.nn.Module, data, *, epochs: int = 5, lr: float = 0.1, batch_size: int = 32, seed: int = 0) -> dict:
     """A few epochs of plain SGD on the training split, so the spectrum looks like a trained net's."""
     x, y = data.split("train")
@@ -93,15 +94,20 @@ def train(model: torch.nn.Module, data, *, epochs: int = 5, lr: float = 0.1, bat
     model.eval()
     with torch.no_grad():
         out = model(x)
-    return {"epochs": epochs, "lr": lr, "batch_size": batch_size, "train_loss": F.cross_entropy(out, y).item(),
-            "train_accuracy": (out.argmax(1) == y).double().mean().item()}
+    return {
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "train_loss": F.cross_entropy(out, y).item(),
+        "train_accuracy": (out.argmax(1) == y).double().mean().item(),
+    }
 
 
 def dense_hessian(op: LinearOperator, chunk: int) -> np.ndarray:
     """The rows H e_i, `chunk` at a time: Hᵀ, H for a symmetric operator (not yet symmetrized: the caller records
     the asymmetry)."""
     eye = torch.eye(op.shape[0], dtype=op.dtype)
-    return torch.cat([op.products(eye[i:i + chunk]) for i in range(0, op.shape[0], chunk)]).numpy()
+    return torch.cat([op.products(eye[i : i + chunk]) for i in range(0, op.shape[0], chunk)]).numpy()
 
 
 def network(name: str, spec: dict, data) -> tuple[torch.nn.Module, list, dict]:
@@ -124,9 +130,22 @@ def build_problem(name: str, data) -> dict:
     dtype = spec.get("dtype", torch.float64)
     model, batches, info = network(name, spec, data)
     hessian = HessianOperator(Objective(model, batches, dtype=dtype, device="cpu"))
-    problem = {"name": name, "model": model, "batches": batches, "n": hessian.shape[0], "reduced": spec.get("reduced", False),
-               "info": {"model": spec["model"], "kwargs": spec["kwargs"], "n_params": hessian.shape[0],
-                        "dtype": str(dtype), "mode": "eval", "hvp_method": hessian.objective.hvp_method, **info}}
+    problem = {
+        "name": name,
+        "model": model,
+        "batches": batches,
+        "n": hessian.shape[0],
+        "reduced": spec.get("reduced", False),
+        "info": {
+            "model": spec["model"],
+            "kwargs": spec["kwargs"],
+            "n_params": hessian.shape[0],
+            "dtype": str(dtype),
+            "mode": "eval",
+            "hvp_method": hessian.objective.hvp_method,
+            **info,
+        },
+    }
     start = time.perf_counter()
     if spec["truth"] == "dense":
         h = dense_hessian(hessian, spec["chunk"])
@@ -136,15 +155,22 @@ def build_problem(name: str, data) -> dict:
         # the methods run on whichever is cheaper per matvec: the dense matrix (small n) or exact HVPs
         op = DenseOperator(torch.from_numpy(h)) if problem["n"] <= DENSE_MATVEC_MAX_N else hessian
         problem.update(op=op, top=eigenvalues[:K], trace=float(np.trace(h)))
-        problem["info"].update(reference="dense Hessian (n HVPs) + numpy eigh", asymmetry=asymmetry,
-                               top10=eigenvalues[:10], smallest=eigenvalues[-1],
-                               operator=f"{type(op).__name__} (the same for every method)")
+        problem["info"].update(
+            reference="dense Hessian (n HVPs) + numpy eigh",
+            asymmetry=asymmetry,
+            top10=eigenvalues[:10],
+            smallest=eigenvalues[-1],
+            operator=f"{type(op).__name__} (the same for every method)",
+        )
     else:
         tol = 1e-10 if dtype == torch.float64 else 1e-5
         ref = lanczos(hessian, 10, tol=tol, max_matvecs=400, stop="residual")
         problem.update(op=hessian, top=ref.values[:K])
-        problem["info"].update(reference=f"lanczos k=10, tol {tol:g}, stop='residual' (converged={ref.converged}, "
-                               f"{ref.n_matvecs} HVPs)", top10=ref.values, operator="HessianOperator (exact HVPs)")
+        problem["info"].update(
+            reference=f"lanczos k=10, tol {tol:g}, stop='residual' (converged={ref.converged}, {ref.n_matvecs} HVPs)",
+            top10=ref.values,
+            operator="HessianOperator (exact HVPs)",
+        )
         if dtype == torch.float64:
             arpack = spla.eigsh(hessian.to_scipy(), k=K, which="LA", tol=1e-10, v0=np.ones(problem["n"]))[0][::-1]
             problem["info"]["eigsh_tol1e-10_max_rel_diff"] = float(np.max(np.abs(arpack - problem["top"]) / problem["top"]))
@@ -177,12 +203,24 @@ def synthetic_problem(n: int = 500, seed: int = 0) -> dict:
     q, _ = np.linalg.qr(rng.standard_normal((n, n)))
     a = (q * eigenvalues) @ q.T
     a = (a + a.T) / 2
-    return {"name": "synthetic", "op": DenseOperator(torch.from_numpy(a)), "n": n, "trace": float(np.trace(a)),
-            "shapes": [(n,)], "info": {"n": n, "outliers": outliers, "bulk_sum": float(bulk.sum()),
-                                       "trace": float(np.trace(a)), "frobenius": float(np.linalg.norm(eigenvalues))}}
+    return {
+        "name": "synthetic",
+        "op": DenseOperator(torch.from_numpy(a)),
+        "n": n,
+        "trace": float(np.trace(a)),
+        "shapes": [(n,)],
+        "info": {
+            "n": n,
+            "outliers": outliers,
+            "bulk_sum": float(bulk.sum()),
+            "trace": float(np.trace(a)),
+            "frobenius": float(np.linalg.norm(eigenvalues)),
+        },
+    }
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 class Replay(LinearOperator):
     """Memoizes a deterministic run's matvecs, so re-running it with a larger budget only pays for the new ones.
@@ -230,8 +268,14 @@ def ghosts(values, reference: np.ndarray) -> int:
 
 def run_record(values, hvps: int, reference: np.ndarray, **extra) -> dict:
     err1, err5 = errors(values, reference)
-    return {"hvps": int(hvps), "err_l1": err1, "err_l1_5": err5, "ghosts": ghosts(values, reference),
-            "values": np.sort(np.asarray(values, dtype=float))[::-1], **extra}
+    return {
+        "hvps": int(hvps),
+        "err_l1": err1,
+        "err_l1_5": err5,
+        "ghosts": ghosts(values, reference),
+        "values": np.sort(np.asarray(values, dtype=float))[::-1],
+        **extra,
+    }
 
 
 def first_within(run, reference: np.ndarray, start: int = 1, stop: int = SWEEP) -> dict:
@@ -305,15 +349,21 @@ def param_shapes(problem: dict):
 
 # ----------------------------------------------------------------------------- (a) eigenvalues
 
+
 def eig_landscape(problem: dict, seed: int) -> dict:
     replay = Replay(problem["op"])
     ref = problem["top"]
     out = {}
     for stop in ("error", "residual"):
         r = lanczos(replay.rewind(), K, tol=TOL, seed=seed, stop=stop, max_matvecs=SWEEP)
-        out[f"lanczos-{stop}"] = run_record(r.values, r.n_matvecs, ref, converged=r.converged,
-                                            max_error_bound=float(np.max(r.error_bounds / np.abs(r.values))),
-                                            max_residual=float(np.max(r.residuals / np.abs(r.values))))
+        out[f"lanczos-{stop}"] = run_record(
+            r.values,
+            r.n_matvecs,
+            ref,
+            converged=r.converged,
+            max_error_bound=float(np.max(r.error_bounds / np.abs(r.values))),
+            max_residual=float(np.max(r.residuals / np.abs(r.values))),
+        )
     oracle = first_within(lambda m: lanczos(replay.rewind(), min(K, m), tol=0.0, seed=seed, max_matvecs=m).values, ref)
     for stop in ("error", "residual"):
         out[f"lanczos-{stop}"].update(oracle)
@@ -328,8 +378,7 @@ def eig_pyhessian(problem: dict, seed: int) -> dict:
     """PyHessian's eigenvalues() (power iteration + deflation, maxIter=100 per eigenvalue) on our operator."""
     with pyhessian_on(problem["op"]) as counter:
         torch.manual_seed(seed)
-        values, _ = pyhessian_shell(param_shapes(problem), problem["op"].dtype).eigenvalues(
-            maxIter=100, tol=TOL, top_n=K)
+        values, _ = pyhessian_shell(param_shapes(problem), problem["op"].dtype).eigenvalues(maxIter=100, tol=TOL, top_n=K)
     record = run_record(values, counter["hvps"], problem["top"])
     if not problem["reduced"]:
         record.update(oracle_power(problem, seed))
@@ -360,8 +409,7 @@ def oracle_power(problem: dict, seed: int) -> dict:
                 reached = False
             first = hvps if first is None else first
             found.append(v)
-    return {"oracle_l1": first, "oracle_l1_5": hvps if reached else None,
-            "oracle_capped_at": None if reached else POWER_CAP * K}
+    return {"oracle_l1": first, "oracle_l1_5": hvps if reached else None, "oracle_capped_at": None if reached else POWER_CAP * K}
 
 
 def eig_eigenthings(problem: dict, seed: int) -> dict:
@@ -379,8 +427,11 @@ def eig_eigenthings(problem: dict, seed: int) -> dict:
         return he_lanczos(peer, k=min(K, m), max_iter=m, tol=TOL, which="LA", seed=seed, **kwargs)
 
     default = run(2 * K)
-    out = {"default (max_iter=2k)": run_record(default.eigenvalues.numpy(), replay.n_matvecs, ref,
-                                                converged=bool(default.converged.all()))}
+    out = {
+        "default (max_iter=2k)": run_record(
+            default.eigenvalues.numpy(), replay.n_matvecs, ref, converged=bool(default.converged.all())
+        )
+    }
     certified = None
     for m in range(K, SWEEP + 1):  # its converged flags are only meaningful once it returns all k values
         r = run(m, reorthogonalize=True)
@@ -388,8 +439,7 @@ def eig_eigenthings(problem: dict, seed: int) -> dict:
             certified = run_record(r.eigenvalues.numpy(), m, ref, converged=True)
             break
     out["self-certified (sweep max_iter)"] = certified or {"hvps": None}
-    out["self-certified (sweep max_iter)"].update(
-        first_within(lambda m: run(m, reorthogonalize=True).eigenvalues.numpy(), ref))
+    out["self-certified (sweep max_iter)"].update(first_within(lambda m: run(m, reorthogonalize=True).eigenvalues.numpy(), ref))
     if not problem["reduced"]:
         long = run(80)  # its default for max_iter > 50: no reorthogonalization
         out["max_iter=80, default reorth (off)"] = run_record(long.eigenvalues.numpy(), 80, ref)
@@ -417,7 +467,8 @@ def end_to_end(problem: dict) -> dict:
     with pyhessian_on(None) as counter:
         torch.manual_seed(0)
         values, _ = hessian(model, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False).eigenvalues(
-            maxIter=100, tol=TOL, top_n=K)
+            maxIter=100, tol=TOL, top_n=K
+        )
     out = {"pyhessian": run_record(values, counter["hvps"], problem["top"])}
     peer = HEOperator(model, [(x, y)], supervised_loss(torch.nn.CrossEntropyLoss()))
     r = he_lanczos(peer, k=K, max_iter=20, tol=TOL, which="LA", seed=0, reorthogonalize=True)
@@ -440,24 +491,35 @@ def eigen_benchmark(problem: dict) -> dict:
             runs["scipy eigsh (ARPACK)"] = eig_eigsh(problem, seed)
         for label, record in runs.items():
             per_seed.setdefault(label, []).append(record)
-    return {"reference_top5": problem["top"], "methods": {label: summarize_eig(rs) for label, rs in per_seed.items()},
-            "end_to_end_seed0": {} if reduced else end_to_end(problem)}
+    return {
+        "reference_top5": problem["top"],
+        "methods": {label: summarize_eig(rs) for label, rs in per_seed.items()},
+        "end_to_end_seed0": {} if reduced else end_to_end(problem),
+    }
 
 
 def summarize_eig(records: list[dict]) -> dict:
     """Means and maxima over seeds, keeping the per-seed records."""
+
     def stat(key, fn):
         values = [r.get(key) for r in records]
         return None if any(v is None for v in values) else float(fn(values))
 
-    return {"hvps_mean": stat("hvps", np.mean), "err_l1_max": stat("err_l1", np.max),
-            "err_l1_5_max": stat("err_l1_5", np.max), "oracle_l1_mean": stat("oracle_l1", np.mean),
-            "oracle_l1_5_mean": stat("oracle_l1_5", np.mean), "ghosts_max": stat("ghosts", np.max),
-            "oracle_capped_at": max((r.get("oracle_capped_at") or 0 for r in records), default=0) or None,
-            "n_seeds": len(records), "per_seed": records}
+    return {
+        "hvps_mean": stat("hvps", np.mean),
+        "err_l1_max": stat("err_l1", np.max),
+        "err_l1_5_max": stat("err_l1_5", np.max),
+        "oracle_l1_mean": stat("oracle_l1", np.mean),
+        "oracle_l1_5_mean": stat("oracle_l1_5", np.mean),
+        "ghosts_max": stat("ghosts", np.max),
+        "oracle_capped_at": max((r.get("oracle_capped_at") or 0 for r in records), default=0) or None,
+        "n_seeds": len(records),
+        "per_seed": records,
+    }
 
 
 # ----------------------------------------------------------------------------- (b) trace
+
 
 def curvlinops_view(op: LinearOperator):
     """Our operator as a curvlinops PyTorchLinearOperator (curvlinops is a benchmark-only import)."""
@@ -487,6 +549,7 @@ def trace_methods(problem: dict) -> dict:
         def call(m, seed):
             torch.manual_seed(seed)
             return float(fn(m, seed))
+
         return call
 
     return {
@@ -531,14 +594,18 @@ def trace_benchmark(problem: dict, budgets=BUDGETS) -> dict:
         for m in budgets:
             rel = (np.array(estimates[name][m]) - exact) / abs(exact)
             table.setdefault(name, {})[str(m)] = {
-                "matvecs_mean": float(np.mean(matvecs[name][m])), "mean_rel_error": float(rel.mean()),
-                "rms_rel_error": float(np.sqrt(np.mean(rel**2))), "std_rel_error": float(rel.std(ddof=1)),
+                "matvecs_mean": float(np.mean(matvecs[name][m])),
+                "mean_rel_error": float(rel.mean()),
+                "rms_rel_error": float(np.sqrt(np.mean(rel**2))),
+                "std_rel_error": float(rel.std(ddof=1)),
                 "bias_z": float(rel.mean() / (rel.std(ddof=1) / np.sqrt(len(rel)))),  # mean / its standard error
-                "max_abs_rel_error": float(np.abs(rel).max())}
+                "max_abs_rel_error": float(np.abs(rel).max()),
+            }
     return {"exact_trace": exact, "n_seeds": len(TRACE_SEEDS), "methods": table}
 
 
 # ----------------------------------------------------------------------------- report
+
 
 def print_eigen(name: str, result: dict) -> None:
     print(f"\n== eigenvalues: {name}  λ1..λ5 = {np.round(result['reference_top5'], 4).tolist()}")
@@ -546,28 +613,41 @@ def print_eigen(name: str, result: dict) -> None:
     for label, s in result["methods"].items():
         fmt = lambda v, f: ("—" if v is None else format(v, f)).rjust(int(f.split(".")[0]))  # noqa: E731
         oracle5 = f">{s['oracle_capped_at']}".rjust(11) if s["oracle_capped_at"] else fmt(s["oracle_l1_5_mean"], "11.1f")
-        print(f"{label:52s} {fmt(s['hvps_mean'], '6.1f')} {fmt(s['err_l1_max'], '9.1e')} "
-              f"{fmt(s['err_l1_5_max'], '9.1e')} {fmt(s['oracle_l1_mean'], '9.1f')} "
-              f"{oracle5} {fmt(s['ghosts_max'], '6.0f')}" + ("" if s["n_seeds"] == len(EIG_SEEDS) else
-                                                            f"  ({s['n_seeds']} seed)"))
+        print(
+            f"{label:52s} {fmt(s['hvps_mean'], '6.1f')} {fmt(s['err_l1_max'], '9.1e')} "
+            f"{fmt(s['err_l1_5_max'], '9.1e')} {fmt(s['oracle_l1_mean'], '9.1f')} "
+            f"{oracle5} {fmt(s['ghosts_max'], '6.0f')}" + ("" if s["n_seeds"] == len(EIG_SEEDS) else f"  ({s['n_seeds']} seed)")
+        )
     for label, r in result["end_to_end_seed0"].items():
         print(f"  end-to-end on the model, seed 0: {label}: {r['hvps']} HVPs, err λ1-5 {r['err_l1_5']:.1e}")
 
 
 def print_trace(name: str, result: dict) -> None:
-    print(f"\n== trace: {name}  exact tr(H) = {result['exact_trace']:.6g}   RMS relative error (mean relative error) "
-          f"over {result['n_seeds']} seeds; * = |mean| > 3 standard errors")
+    print(
+        f"\n== trace: {name}  exact tr(H) = {result['exact_trace']:.6g}   RMS relative error (mean relative error) "
+        f"over {result['n_seeds']} seeds; * = |mean| > 3 standard errors"
+    )
     budgets = list(next(iter(result["methods"].values())))
     print(f"{'method':30s}" + "".join(f"{'@' + b:>22s}" for b in budgets))
     for label, row in result["methods"].items():
-        print(f"{label:30s}" + "".join(f"{row[b]['rms_rel_error']:>11.2e} ({row[b]['mean_rel_error']:+.1e})"
-                                        + ("*" if abs(row[b]["bias_z"]) > 3 else " ") for b in budgets))
+        print(
+            f"{label:30s}"
+            + "".join(
+                f"{row[b]['rms_rel_error']:>11.2e} ({row[b]['mean_rel_error']:+.1e})"
+                + ("*" if abs(row[b]["bias_z"]) > 3 else " ")
+                for b in budgets
+            )
+        )
 
 
-HEADLINE = {"landscape lanczos stop=error": "lanczos-error", "landscape lanczos stop=residual": "lanczos-residual",
-            "eigenthings lanczos (self-certified)": "eigenthings lanczos self-certified (sweep max_iter)",
-            "pyhessian eigenvalues()": "pyhessian eigenvalues()", "landscape power_iteration": "power_iteration",
-            "scipy eigsh": "scipy eigsh (ARPACK)"}
+HEADLINE = {
+    "landscape lanczos stop=error": "lanczos-error",
+    "landscape lanczos stop=residual": "lanczos-residual",
+    "eigenthings lanczos (self-certified)": "eigenthings lanczos self-certified (sweep max_iter)",
+    "pyhessian eigenvalues()": "pyhessian eigenvalues()",
+    "landscape power_iteration": "power_iteration",
+    "scipy eigsh": "scipy eigsh (ARPACK)",
+}
 
 
 def print_headline(results: dict) -> None:
@@ -582,16 +662,23 @@ def print_headline(results: dict) -> None:
             if s is None:
                 cells.append("—")
                 continue
-            oracle = (f">{s['oracle_capped_at']}" if s["oracle_capped_at"] else
-                      "—" if s["oracle_l1_5_mean"] is None else f"{s['oracle_l1_5_mean']:.1f}")
+            oracle = (
+                f">{s['oracle_capped_at']}"
+                if s["oracle_capped_at"]
+                else "—"
+                if s["oracle_l1_5_mean"] is None
+                else f"{s['oracle_l1_5_mean']:.1f}"
+            )
             cells.append(f"{s['hvps_mean']:.1f} [{s['err_l1_5_max']:.0e}] / {oracle}")
         print(f"{label:38s}" + "".join(f"{c:>26s}" for c in cells))
     print(f"\n== trace, RMS relative error at {max(BUDGETS)} matvecs over {len(TRACE_SEEDS)} seeds")
     traces = list(results["trace"])
     print(f"{'':30s}" + "".join(f"{p:>15s}" for p in traces))
     for label in next(iter(results["trace"].values()))["methods"]:
-        print(f"{label:30s}" + "".join(f"{results['trace'][p]['methods'][label][str(max(BUDGETS))]['rms_rel_error']:>15.2e}"
-                                       for p in traces))
+        print(
+            f"{label:30s}"
+            + "".join(f"{results['trace'][p]['methods'][label][str(max(BUDGETS))]['rms_rel_error']:>15.2e}" for p in traces)
+        )
 
 
 def main() -> None:
@@ -603,9 +690,21 @@ def main() -> None:
     torch.set_num_threads(1)  # on a shared 2-core machine, 2 threads oversubscribe: HVPs and training ran 10-100x slower
     start = time.perf_counter()
     data = load_data("digits")
-    results = {"problems": {}, "eigenvalues": {}, "trace": {}, "not_run": NOT_RUN,
-               "settings": {"k": K, "tol": TOL, "eig_seeds": len(EIG_SEEDS), "trace_seeds": len(TRACE_SEEDS),
-                            "budgets": BUDGETS, "sweep": SWEEP, "power_oracle_cap_per_eigenvalue": POWER_CAP}}
+    results = {
+        "problems": {},
+        "eigenvalues": {},
+        "trace": {},
+        "not_run": NOT_RUN,
+        "settings": {
+            "k": K,
+            "tol": TOL,
+            "eig_seeds": len(EIG_SEEDS),
+            "trace_seeds": len(TRACE_SEEDS),
+            "budgets": BUDGETS,
+            "sweep": SWEEP,
+            "power_oracle_cap_per_eigenvalue": POWER_CAP,
+        },
+    }
     for name in args.problems.split(","):
         t = time.perf_counter()
         problem = build_problem(name, data)

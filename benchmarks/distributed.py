@@ -36,8 +36,10 @@ from landscape.surfaces.directions import random_directions  # noqa: E402
 from landscape.surfaces.surface import compute_surface, grid_axis  # noqa: E402
 
 # Assumed interconnects for the on-paper model: NCCL ring all-reduce moves 2(N−1)/N × bytes per rank.
-LINKS = {"nvlink-node": {"bus_bandwidth_GBps": 100.0, "latency_us": 20.0},
-         "infiniband-100G": {"bus_bandwidth_GBps": 10.0, "latency_us": 50.0}}
+LINKS = {
+    "nvlink-node": {"bus_bandwidth_GBps": 100.0, "latency_us": 20.0},
+    "infiniband-100G": {"bus_bandwidth_GBps": 10.0, "latency_us": 50.0},
+}
 PAPER_RANKS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -77,11 +79,20 @@ def lanczos_job(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     result = lanczos(HessianOperator(objective), 5, tol=args.tol, max_matvecs=300, seed=0)
     seconds = time.perf_counter() - start
-    return {"n_params": objective.n_params, "n_samples": objective.n_samples, "n_batches": objective.n_batches,
-            "hvp_method": objective.hvp_method,
-            "allreduce_bytes_per_hvp": objective.n_params * objective.w.element_size(),
-            "hvp_s": hvp_s, "allreduce_s": allreduce_s, "lanczos_s": seconds, "n_matvecs": result.n_matvecs,
-            "s_per_matvec": seconds / result.n_matvecs, "values": result.values.tolist(), "converged": result.converged}
+    return {
+        "n_params": objective.n_params,
+        "n_samples": objective.n_samples,
+        "n_batches": objective.n_batches,
+        "hvp_method": objective.hvp_method,
+        "allreduce_bytes_per_hvp": objective.n_params * objective.w.element_size(),
+        "hvp_s": hvp_s,
+        "allreduce_s": allreduce_s,
+        "lanczos_s": seconds,
+        "n_matvecs": result.n_matvecs,
+        "s_per_matvec": seconds / result.n_matvecs,
+        "values": result.values.tolist(),
+        "converged": result.converged,
+    }
 
 
 def surface_job(args: argparse.Namespace) -> dict:
@@ -93,8 +104,13 @@ def surface_job(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     surface = compute_surface(objective, directions, [axis, axis])
     seconds = time.perf_counter() - start
-    return {"points": args.grid**2, "n_samples": objective.n_samples, "seconds": seconds,
-            "points_per_s": args.grid**2 / seconds, "loss": surface.loss["train"].tolist()}
+    return {
+        "points": args.grid**2,
+        "n_samples": objective.n_samples,
+        "seconds": seconds,
+        "points_per_s": args.grid**2 / seconds,
+        "loss": surface.loss["train"].tolist(),
+    }
 
 
 JOBS = {"lanczos": lanczos_job, "surface": surface_job}
@@ -114,10 +130,23 @@ def worker(args: argparse.Namespace) -> None:
 
 def launch(job: str, world: int, args: argparse.Namespace) -> dict:
     """Run one job on `world` processes, one thread each; returns rank 0's row."""
-    options = ["--one", job, "--problem", args.problem, "--grid", str(args.grid), "--tol", str(args.tol),
-               "--calls", str(args.calls)] + (["--n-samples", str(args.n_samples)] if args.n_samples else [])
-    launcher = [sys.executable] if world == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+    options = [
+        "--one",
+        job,
+        "--problem",
+        args.problem,
+        "--grid",
+        str(args.grid),
+        "--tol",
+        str(args.tol),
+        "--calls",
+        str(args.calls),
+    ] + (["--n-samples", str(args.n_samples)] if args.n_samples else [])
+    launcher = (
+        [sys.executable]
+        if world == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(launcher + [__file__] + options, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -137,17 +166,17 @@ def paper_scaling(hvp_s: float, nbytes: int, n_batches: int) -> dict:
         for n in PAPER_RANKS:
             allreduce = 0.0 if n == 1 else latency + 2 * (n - 1) / n * nbytes / bandwidth
             t = hvp_s * math.ceil(n_batches / n) / n_batches + allreduce
-            rows.append({"ranks": n, "hvp_s": t, "allreduce_s": allreduce, "speedup": hvp_s / t,
-                         "efficiency": hvp_s / (n * t)})
-        model[link] = {**spec, "rows": rows,
-                       "min_compute_s_for_90pct_at_8": 9 * 8 * (latency + 2 * 7 / 8 * nbytes / bandwidth)}
+            rows.append({"ranks": n, "hvp_s": t, "allreduce_s": allreduce, "speedup": hvp_s / t, "efficiency": hvp_s / (n * t)})
+        model[link] = {**spec, "rows": rows, "min_compute_s_for_90pct_at_8": 9 * 8 * (latency + 2 * 7 / 8 * nbytes / bandwidth)}
     return model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problem", default="convnet-digits", choices=["convnet-digits", "c3"])
-    parser.add_argument("--n-samples", type=int, default=None, help="measurement set size (default: all 1437 digits; 2048 for c3)")
+    parser.add_argument(
+        "--n-samples", type=int, default=None, help="measurement set size (default: all 1437 digits; 2048 for c3)"
+    )
     parser.add_argument("--grid", type=int, default=11, help="surface points per axis (default 11)")
     parser.add_argument("--tol", type=float, default=1e-3, help="Lanczos tolerance (default 1e-3)")
     parser.add_argument("--calls", type=int, default=10, help="timed HVP calls (default 10)")
@@ -177,13 +206,17 @@ def main() -> None:
     for name, value in summary.items():
         print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}")
     payload = {
-        "quick": args.quick, "problem": args.problem, "world": args.world, "threads_per_process": 1,
-        "load_average_at_end": os.getloadavg(), "rows": {job: list(r.values()) for job, r in rows.items()},
+        "quick": args.quick,
+        "problem": args.problem,
+        "world": args.world,
+        "threads_per_process": 1,
+        "load_average_at_end": os.getloadavg(),
+        "rows": {job: list(r.values()) for job, r in rows.items()},
         "summary": summary,
         "paper_scaling": paper_scaling(one["hvp_s"], one["allreduce_bytes_per_hvp"], one["n_batches"]),
         "note": "timed on a shared machine unless stated otherwise; paper_scaling uses the 1-process HVP time "
-                "as t_compute (CPU, one thread): divide it by the GPU speedup for GPU estimates "
-                "(min_compute_s_for_90pct_at_8 is the per-HVP compute time 8 ranks need for 90% efficiency)",
+        "as t_compute (CPU, one thread): divide it by the GPU speedup for GPU estimates "
+        "(min_compute_s_for_90pct_at_8 is the per-HVP compute time 8 ranks need for 90% efficiency)",
     }
     if args.quick:
         print("quick run: results not written")

@@ -71,8 +71,14 @@ def first_release(objective, eps, clean, restarts=3, max_iter=10, seed=0):
     start = time.perf_counter()
     for _ in range(restarts):
         t0 = 2 * torch.rand(len(bound), generator=generator, dtype=torch.float64).numpy() - 1
-        scipy.optimize.minimize(negative, t0, jac=True, method="L-BFGS-B", bounds=scipy.optimize.Bounds(-np.ones(len(bound)), np.ones(len(bound))),
-                                options={"maxiter": max_iter, "ftol": 0.0, "gtol": 0.0})
+        scipy.optimize.minimize(
+            negative,
+            t0,
+            jac=True,
+            method="L-BFGS-B",
+            bounds=scipy.optimize.Bounds(-np.ones(len(bound)), np.ones(len(bound))),
+            options={"maxiter": max_iter, "ftol": 0.0, "gtol": 0.0},
+        )
     best = 100 * (max([clean, *visited]) - clean) / (1 + clean)
     return {"phi": best, "forwards": len(visited) + 1, "grads": len(visited), "seconds": time.perf_counter() - start}
 
@@ -81,16 +87,18 @@ def problems(cache: Path) -> dict:
     runs = {
         "mnist1d MLP, SGD B=32": config("sgd", SMALL, 0, recipe=DEMO),
         "mnist1d MLP, SGD B=2000": config("sgd", LARGE, 0, recipe=DEMO),
-        "digits MLP, SGD B=512": TrainConfig(data="digits", model="mlp", batch_size=512, lr=0.1, epochs=40, seed=0,
-                                             save_every=1000),
+        "digits MLP, SGD B=512": TrainConfig(
+            data="digits", model="mlp", batch_size=512, lr=0.1, epochs=40, seed=0, save_every=1000
+        ),
     }
     out = {}
     for name, run in runs.items():
         folder = cache / f"{run.data}-b{run.batch_size}-e{run.epochs}"
         path = train(run, folder, resume=(folder / "state.pt").exists(), progress=False)
         n = 500 if run.data == "digits" else None
-        out[name] = objective_from_checkpoint(load_checkpoint(path), measurement=MeasurementSet("train", n, 1000, 0),
-                                              device="cpu")
+        out[name] = objective_from_checkpoint(
+            load_checkpoint(path), measurement=MeasurementSet("train", n, 1000, 0), device="cpu"
+        )
     return out
 
 
@@ -103,22 +111,45 @@ def main() -> None:
         clean = objective.loss()
         for eps in EPS:
             corner, steps = trivial_bounds(objective, eps, clean)
-            row = {"problem": name, "n_params": objective.n_params, "loss": clean, "eps": eps, "corner": corner,
-                   "sign_steps_20": steps, "first_release": first_release(objective, eps, clean), "runs": []}
+            row = {
+                "problem": name,
+                "n_params": objective.n_params,
+                "loss": clean,
+                "eps": eps,
+                "corner": corner,
+                "sign_steps_20": steps,
+                "first_release": first_release(objective, eps, clean),
+                "runs": [],
+            }
             settings = [(m, it, 0) for m in ("sign-ascent", "lbfgsb") for it in (5, 10, 20)]
             for method, max_iter, restarts in settings + [("sign-ascent", 20, 2), ("lbfgsb", 20, 2)]:
                 r = epsilon_sharpness(objective, eps, method=method, max_iter=max_iter, restarts=restarts, seed=0)
-                row["runs"].append({"method": method, "max_iter": max_iter, "restarts": restarts, "phi": r.value,
-                                    "per_start": dict(zip(r.start_kinds, np.round(r.values, 6).tolist())),
-                                    "forwards": r.n_forward, "grads": r.n_grad, "seconds": r.seconds,
-                                    "above_bounds": bool(r.value >= max(corner, steps))})
+                row["runs"].append(
+                    {
+                        "method": method,
+                        "max_iter": max_iter,
+                        "restarts": restarts,
+                        "phi": r.value,
+                        "per_start": dict(zip(r.start_kinds, np.round(r.values, 6).tolist())),
+                        "forwards": r.n_forward,
+                        "grads": r.n_grad,
+                        "seconds": r.seconds,
+                        "above_bounds": bool(r.value >= max(corner, steps)),
+                    }
+                )
             rows.append(row)
-            print(f"{name}, ε={eps:g}: corner {corner:.4g}, 20 sign steps {steps:.4g}, "
-                  f"first release {row['first_release']['phi']:.3g}", flush=True)
+            print(
+                f"{name}, ε={eps:g}: corner {corner:.4g}, 20 sign steps {steps:.4g}, "
+                f"first release {row['first_release']['phi']:.3g}",
+                flush=True,
+            )
             for run in row["runs"]:
-                print(f"  {run['method']:11s} {run['max_iter']:2d} it, {run['restarts']} random: φ {run['phi']:.5g} "
-                      f"({run['forwards']} fwd, {run['grads']} grad, {run['seconds']:.2f}s)"
-                      f"{'' if run['above_bounds'] else '  BELOW a trivial bound'}", flush=True)
+                print(
+                    f"  {run['method']:11s} {run['max_iter']:2d} it, {run['restarts']} random: φ {run['phi']:.5g} "
+                    f"({run['forwards']} fwd, {run['grads']} grad, {run['seconds']:.2f}s)"
+                    f"{'' if run['above_bounds'] else '  BELOW a trivial bound'}",
+                    flush=True,
+                )
     print("wrote", write_results("epsilon_sharpness", {"rows": rows}))
 
 

@@ -34,8 +34,12 @@ PRODUCTS = ["ggn", "fisher", "ggn-recompute", "hvp"]  # the HVP last: its kept g
 
 
 def operator(name: str, objective: Objective):
-    return {"hvp": lambda: HessianOperator(objective), "ggn": lambda: GGNOperator(objective),
-            "fisher": lambda: FisherOperator(objective), "ggn-recompute": lambda: GGNOperator(objective, keep=False)}[name]()
+    return {
+        "hvp": lambda: HessianOperator(objective),
+        "ggn": lambda: GGNOperator(objective),
+        "fisher": lambda: FisherOperator(objective),
+        "ggn-recompute": lambda: GGNOperator(objective, keep=False),
+    }[name]()
 
 
 def time_round(name: str) -> dict:
@@ -46,10 +50,15 @@ def time_round(name: str) -> dict:
     v = torch.randn(objective.n_params, generator=torch.Generator().manual_seed(1))
     k = PROBES_PER_BLOCK.get(name, 16)
     V = torch.randn(k, objective.n_params, generator=torch.Generator().manual_seed(2))  # k probes, as rows
-    row = {"problem": name, "n_params": objective.n_params, "n_samples": objective.n_samples,
-           "hvp_path": objective.hvp_method, "probes_per_block": k,
-           "forward_s": seconds_per_call(lambda: objective.evaluate()),
-           "gradient_s": seconds_per_call(lambda: objective.grad())}
+    row = {
+        "problem": name,
+        "n_params": objective.n_params,
+        "n_samples": objective.n_samples,
+        "hvp_path": objective.hvp_method,
+        "probes_per_block": k,
+        "forward_s": seconds_per_call(lambda: objective.evaluate()),
+        "gradient_s": seconds_per_call(lambda: objective.grad()),
+    }
     for product in PRODUCTS:
         op = operator(product, objective)
         start = time.perf_counter()
@@ -124,12 +133,16 @@ def main() -> None:
             for product in PRODUCTS:
                 row[f"{product}_peak_extra_mb"] = _subprocess("--memory", row["problem"], product).get("peak_extra_mb")
             print(row["problem"], {k: v for k, v in row.items() if k.endswith("_mb")}, flush=True)
-    path = write_results("ggn", {
-        "rows": rows,
-        "note": "CPU, one thread; *_s: median seconds per product (block: per probe of a block of probes_per_block); "
-                "*_first_s: the first product, set-up included; ratios to the gradient and to the default-path HVP "
-                "measured in the same process, then the median over rounds; peak_extra_mb: resident high-water mark "
-                "of two products above the set-up's and a gradient's, one process per product"})
+    path = write_results(
+        "ggn",
+        {
+            "rows": rows,
+            "note": "CPU, one thread; *_s: median seconds per product (block: per probe of a block of probes_per_block); "
+            "*_first_s: the first product, set-up included; ratios to the gradient and to the default-path HVP "
+            "measured in the same process, then the median over rounds; peak_extra_mb: resident high-water mark "
+            "of two products above the set-up's and a gradient's, one process per product",
+        },
+    )
     print("wrote", path)
 
 

@@ -68,11 +68,24 @@ FULL = {
 }
 SMOKE = {
     **FULL,
-    "budget_s": 60.0, "hvp_budget_s": 30.0, "lanczos_budget_s": 8.0, "train_budget_s": 8.0, "train_model": "convnet",
-    "train_batch": 8, "train_methods": ["sgd", "sam"],
-    "shape": [3, 8, 8], "hvp_models": ["convnet"], "hvp_batches": [4], "probes_per_block": 2,
-    "lanczos_samples": 16, "lanczos_batch_size": 8, "lanczos_model": "convnet", "lanczos_max_matvecs": 6,
-    "surface_points_per_call": [1, 4], "surface_points": 8, "calls": 2,
+    "budget_s": 60.0,
+    "hvp_budget_s": 30.0,
+    "lanczos_budget_s": 8.0,
+    "train_budget_s": 8.0,
+    "train_model": "convnet",
+    "train_batch": 8,
+    "train_methods": ["sgd", "sam"],
+    "shape": [3, 8, 8],
+    "hvp_models": ["convnet"],
+    "hvp_batches": [4],
+    "probes_per_block": 2,
+    "lanczos_samples": 16,
+    "lanczos_batch_size": 8,
+    "lanczos_model": "convnet",
+    "lanczos_max_matvecs": 6,
+    "surface_points_per_call": [1, 4],
+    "surface_points": 8,
+    "calls": 2,
 }
 
 
@@ -94,8 +107,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, calls: int = 5,
-                   min_seconds: float = 0.2, max_seconds: float = 10.0) -> float:
+def median_seconds(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    calls: int = 5,
+    min_seconds: float = 0.2,
+    max_seconds: float = 10.0,
+) -> float:
     """Median wall time of `fn` after `warmup` calls, each call between two synchronizations."""
     for _ in range(warmup):
         fn()
@@ -167,8 +187,7 @@ def train_section(settings: dict, device: torch.device, clock: Clock, save: Call
                 reset_memory(device)
                 net = model(settings["train_model"]).to(device).train()
                 opt = make_optimizer(method, net, lr=0.01, momentum=0.9, amp=amp)
-                row["step_s"] = median_seconds(lambda: opt.step(net, x, y, F.cross_entropy), device,
-                                               calls=settings["calls"])
+                row["step_s"] = median_seconds(lambda: opt.step(net, x, y, F.cross_entropy), device, calls=settings["calls"])
                 row["loss"] = float(opt.step(net, x, y, F.cross_entropy)[0])
                 row["peak_mb"] = peak_mb(device)
                 del net, opt
@@ -217,8 +236,7 @@ def hvp_rows(settings: dict, device: torch.device, clock: Clock, save: Callable[
                 reference = Objective(net, [(x, y)], device=device, hvp_method="double-backward", hvp_check=False)
                 forward = median_seconds(lambda: reference.evaluate(), device, calls=settings["calls"])
                 gradient = median_seconds(lambda: reference.grad(), device, calls=settings["calls"])
-                base.update(n_params=reference.n_params, forward_s=forward, gradient_s=gradient,
-                            gradient_peak_mb=peak_mb(device))
+                base.update(n_params=reference.n_params, forward_s=forward, gradient_s=gradient, gradient_peak_mb=peak_mb(device))
                 del reference
             except Exception as error:  # noqa: BLE001 - recorded, the other rows still run
                 rows.append({**base, "error": error_text(error)})
@@ -236,8 +254,9 @@ def hvp_rows(settings: dict, device: torch.device, clock: Clock, save: Callable[
                 save()
 
 
-def hvp_row(base: dict, path: str, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-            settings: dict) -> dict:
+def hvp_row(
+    base: dict, path: str, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, settings: dict
+) -> dict:
     row = {**base, "path": path}
     objective = matvec = None
     try:
@@ -267,8 +286,12 @@ def hvp_row(base: dict, path: str, net: torch.nn.Module, x: torch.Tensor, y: tor
             k = settings["probes_per_block"]
             V = torch.randn(k, n, generator=torch.Generator().manual_seed(2)).to(device)
             block = median_seconds(lambda: objective.hvp_batched(V), device, warmup=1, calls=2) / k
-            row.update(probes_per_block=k, batched_hvp_s=block, batched_hvp_over_gradient=block / base["gradient_s"],
-                       batched_peak_mb=peak_mb(device))
+            row.update(
+                probes_per_block=k,
+                batched_hvp_s=block,
+                batched_hvp_over_gradient=block / base["gradient_s"],
+                batched_peak_mb=peak_mb(device),
+            )
     except Exception as error:  # noqa: BLE001 - an out-of-memory error or a failed trace is this row's result
         row["error"] = error_text(error)
         row["peak_mb"] = peak_mb(device)
@@ -304,11 +327,20 @@ def lanczos_section(settings: dict, device: torch.device, clock: Clock) -> dict:
             began = time.perf_counter()
             result = lanczos(op, 5, tol=1e-3, max_matvecs=budget, seed=0)
             synchronize(device)
-            out.update(hvp_method=method, resolved_path=objective.hvp_method, setup_s=setup, seconds_per_matvec=per_matvec,
-                       seconds=time.perf_counter() - began, n_matvecs=result.n_matvecs, max_matvecs=budget,
-                       budget_cut_by_time=budget < settings["lanczos_max_matvecs"], converged=result.converged,
-                       values=[float(v) for v in result.values], residuals=[float(r) for r in result.residuals],
-                       peak_mb=peak_mb(device))
+            out.update(
+                hvp_method=method,
+                resolved_path=objective.hvp_method,
+                setup_s=setup,
+                seconds_per_matvec=per_matvec,
+                seconds=time.perf_counter() - began,
+                n_matvecs=result.n_matvecs,
+                max_matvecs=budget,
+                budget_cut_by_time=budget < settings["lanczos_max_matvecs"],
+                converged=result.converged,
+                values=[float(v) for v in result.values],
+                residuals=[float(r) for r in result.residuals],
+                peak_mb=peak_mb(device),
+            )
             return out
         except Exception as error:  # noqa: BLE001 - out of memory on `auto`: recorded, then double backward
             out[f"{method}_error"] = error_text(error)
@@ -321,8 +353,7 @@ def lanczos_section(settings: dict, device: torch.device, clock: Clock) -> dict:
 
 
 # ------------------------------------------------------------------------------------- surface
-def surface_section(settings: dict, device: torch.device, clock: Clock, save: Callable[[], None],
-                    out: dict) -> dict | str:
+def surface_section(settings: dict, device: torch.device, clock: Clock, save: Callable[[], None], out: dict) -> dict | str:
     """Points per second from benchmarks/surface.py's points_per_second(problem, device, points_per_call, n_points),
     filled into `out` row by row (saved after each); a string where the function does not exist."""
     import surface as surface_benchmark  # benchmarks/surface.py
@@ -369,20 +400,27 @@ def main(argv: list[str] | None = None) -> int:
     global SHAPE
     SHAPE = tuple(settings["shape"])
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("benchmarks/gpu.py: CUDA is not available here; use --device cpu (with --smoke to check the script)",
-              file=sys.stderr)
+        print(
+            "benchmarks/gpu.py: CUDA is not available here; use --device cpu (with --smoke to check the script)", file=sys.stderr
+        )
         return 2
     warnings.simplefilter("ignore")
     clock = Clock(settings["budget_s"])
     payload: dict = {
         "what": "HVP ÷ gradient per path (ResNet-20/44, batch 128/512), training step per method and AMP mode, Lanczos top-5 wall time on 10,000 CIFAR-shaped "
-                "samples, surface points per second, peak memory per row; medians after warm-up, synchronized",
+        "samples, surface points per second, peak memory per row; medians after warm-up, synchronized",
         "settings": {
-            "device": str(device), **settings, "hvp_paths": PATHS,
+            "device": str(device),
+            **settings,
+            "hvp_paths": PATHS,
             "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
         },
-        "hvp": {"rows": []}, "train": {"rows": []}, "lanczos": "not run yet", "surface": "not run yet", "complete": False,
+        "hvp": {"rows": []},
+        "train": {"rows": []},
+        "lanczos": "not run yet",
+        "surface": "not run yet",
+        "complete": False,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
 

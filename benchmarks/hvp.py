@@ -43,8 +43,11 @@ def problem(name: str):
     torch.manual_seed(0)
     if name.endswith("-digits"):
         data = load_data("digits")
-        arch, hidden = {"mlp-digits": ("mlp", (100, 100)), "mlp32-digits": ("mlp", (32, 32)),
-                        "convnet-digits": ("convnet", None)}[name]
+        arch, hidden = {
+            "mlp-digits": ("mlp", (100, 100)),
+            "mlp32-digits": ("mlp", (32, 32)),
+            "convnet-digits": ("convnet", None),
+        }[name]
         model, _ = model_for_data(arch, data, **({"hidden": hidden} if hidden else {}))
         # one batch each, so peers that take a single batch (PyHessian's `data=`) see the same data
         n = None if arch == "mlp" else 128
@@ -87,8 +90,14 @@ def run_one(name: str, path: str) -> dict:
     gradient = seconds_per_call(lambda: objective.grad())
     base_rss = rss_bytes()
     v = torch.randn(objective.n_params, generator=torch.Generator().manual_seed(1))
-    row = {"problem": name, "path": path, "n_params": objective.n_params, "n_samples": objective.n_samples,
-           "forward_s": forward, "gradient_s": gradient}
+    row = {
+        "problem": name,
+        "path": path,
+        "n_params": objective.n_params,
+        "n_samples": objective.n_samples,
+        "forward_s": forward,
+        "gradient_s": gradient,
+    }
     if path in ("pyhessian", "curvlinops"):
         try:
             matvec = peer_hvp(path, model, batches)
@@ -129,8 +138,10 @@ def large_problem() -> tuple[torch.nn.Module, list]:
     torch.manual_seed(0)
     model, _ = model_for_data("resnet20", (3, 32, 32), num_classes=10)
     g = torch.Generator().manual_seed(0)
-    return model, [(torch.randn(LARGE_BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (LARGE_BATCH,), generator=g))
-                   for _ in range(LARGE_SAMPLES // LARGE_BATCH)]
+    return model, [
+        (torch.randn(LARGE_BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (LARGE_BATCH,), generator=g))
+        for _ in range(LARGE_SAMPLES // LARGE_BATCH)
+    ]
 
 
 def run_large(path: str) -> dict:
@@ -154,8 +165,7 @@ def run_large(path: str) -> dict:
     else:
         budget = parse_size(LARGE_BUDGET) if path == "auto" else None
         try:
-            objective = Objective(model, batches, device="cpu", hvp_method=path, hvp_check=False,
-                                  graph_memory_budget=budget)
+            objective = Objective(model, batches, device="cpu", hvp_method=path, hvp_check=False, graph_memory_budget=budget)
         except ValueError as error:  # the plan does not fit: the one-line refusal is the result
             return {**row, "refused": str(error)}
         plan = objective.memory_plan
@@ -174,8 +184,11 @@ def run_large(path: str) -> dict:
     return row
 
 
-SHORT_PROBLEMS = {"mlp-digits": ("mlp", {"hidden": [100, 100]}), "mlp32-digits": ("mlp", {"hidden": [32, 32]}),
-                  "convnet-digits": ("convnet", {})}
+SHORT_PROBLEMS = {
+    "mlp-digits": ("mlp", {"hidden": [100, 100]}),
+    "mlp32-digits": ("mlp", {"hidden": [32, 32]}),
+    "convnet-digits": ("convnet", {}),
+}
 # PyHessian at its cheapest: the data as saved tensors (no data-set code at start-up), all of it in one batch
 PYHESSIAN_SCRIPT = """
 import sys, torch
@@ -199,7 +212,9 @@ def short_checkpoint(name: str, folder: Path) -> Path:
     data = load_data("digits")
     model, spec = model_for_data(arch, data, **kwargs)
     torch.save((data.x_train, data.y_train), folder / f"{name}.data.pt")
-    return save_checkpoint(folder / f"{name}.pt", model, model_spec=spec, data_spec={"spec": "digits", "seed": 0, "normalize": None})
+    return save_checkpoint(
+        folder / f"{name}.pt", model, model_spec=spec, data_spec={"spec": "digits", "seed": 0, "normalize": None}
+    )
 
 
 def run_short(name: str, tool: str, checkpoint: Path) -> dict:
@@ -209,8 +224,18 @@ def run_short(name: str, tool: str, checkpoint: Path) -> dict:
         command = [sys.executable, "-c", PYHESSIAN_SCRIPT, str(checkpoint), str(checkpoint.with_suffix(".data.pt"))]
     else:
         landscape = Path(sys.executable).with_name("landscape")
-        command = [str(landscape), "measure", str(checkpoint), "--metrics", "eig", "--k", "5", "--json", "--quiet",
-                   *(["--hvp", tool.split(":")[1]] if ":" in tool else [])]
+        command = [
+            str(landscape),
+            "measure",
+            str(checkpoint),
+            "--metrics",
+            "eig",
+            "--k",
+            "5",
+            "--json",
+            "--quiet",
+            *(["--hvp", tool.split(":")[1]] if ":" in tool else []),
+        ]
     start = time.perf_counter()
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
@@ -236,9 +261,16 @@ def short_table(problems: list[str], rounds: int) -> list[dict]:
     rows = []
     for results in runs.values():
         ok = [r for r in results if "error" not in r]
-        row = dict(results[0], rounds=len(results)) if not ok else {
-            **ok[0], "rounds": len(ok), "wall_s": statistics.median(r["wall_s"] for r in ok),
-            "wall_s_min": min(r["wall_s"] for r in ok)}
+        row = (
+            dict(results[0], rounds=len(results))
+            if not ok
+            else {
+                **ok[0],
+                "rounds": len(ok),
+                "wall_s": statistics.median(r["wall_s"] for r in ok),
+                "wall_s_min": min(r["wall_s"] for r in ok),
+            }
+        )
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return rows
@@ -249,8 +281,11 @@ def large_table(rounds: int) -> list[dict]:
     for _ in range(rounds):
         for path in LARGE_PATHS:
             out = subprocess.run([sys.executable, __file__, "--one-large", path], capture_output=True, text=True)
-            runs.setdefault(path, []).append(json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else
-                                             {"path": path, "error": (out.stderr.strip().splitlines() or ["?"])[-1]})
+            runs.setdefault(path, []).append(
+                json.loads(out.stdout.strip().splitlines()[-1])
+                if out.returncode == 0
+                else {"path": path, "error": (out.stderr.strip().splitlines() or ["?"])[-1]}
+            )
     rows = []
     for results in runs.values():
         row = median_row(results)
@@ -266,9 +301,11 @@ def paths_table(problems: list[str], paths: list[str], rounds: int) -> list[dict
         for _ in range(rounds):  # interleaved, so a busy spell on a shared machine hits every path alike
             for path in paths:
                 out = subprocess.run([sys.executable, __file__, "--one", name, path], capture_output=True, text=True)
-                rounds_of.setdefault(path, []).append(json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0
-                                                      else {"problem": name, "path": path,
-                                                            "error": out.stderr.strip().splitlines()[-1]})
+                rounds_of.setdefault(path, []).append(
+                    json.loads(out.stdout.strip().splitlines()[-1])
+                    if out.returncode == 0
+                    else {"problem": name, "path": path, "error": out.stderr.strip().splitlines()[-1]}
+                )
         for runs in rounds_of.values():
             row = median_row(runs)
             rows.append(row)

@@ -33,8 +33,13 @@ def one_run(name: str) -> dict:
     result = lanczos(HessianOperator(objective), 5, tol=1e-3, seed=0)
     total = time.perf_counter() - start
     check = objective.hvp_check_result
-    return {"path": objective.hvp_method, "check_seconds": check.seconds, "passed": check.passed,
-            "lanczos_seconds": total - check.seconds, "lanczos_matvecs": result.n_matvecs}
+    return {
+        "path": objective.hvp_method,
+        "check_seconds": check.seconds,
+        "passed": check.passed,
+        "lanczos_seconds": total - check.seconds,
+        "lanczos_matvecs": result.n_matvecs,
+    }
 
 
 def main() -> None:
@@ -53,16 +58,28 @@ def main() -> None:
     for name, values in runs.items():
         check = statistics.median(v["check_seconds"] for v in values)
         run = statistics.median(v["lanczos_seconds"] for v in values)
-        rows[name] = {"path": values[0]["path"], "all_passed": all(v["passed"] for v in values),
-                      "check_seconds": check, "lanczos_seconds": run,
-                      "lanczos_matvecs": statistics.median(v["lanczos_matvecs"] for v in values),
-                      "check_over_lanczos": check / run}
-    path = write_results("hvp_check", {"rounds": args.rounds, "problems": rows,
-                                       "note": "Lanczos top-5, tol 1e-3, seed 0; lanczos_seconds exclude the check; "
-                                               "the first call also pays the path's set-up (tracing), counted in lanczos_seconds"})
+        rows[name] = {
+            "path": values[0]["path"],
+            "all_passed": all(v["passed"] for v in values),
+            "check_seconds": check,
+            "lanczos_seconds": run,
+            "lanczos_matvecs": statistics.median(v["lanczos_matvecs"] for v in values),
+            "check_over_lanczos": check / run,
+        }
+    path = write_results(
+        "hvp_check",
+        {
+            "rounds": args.rounds,
+            "problems": rows,
+            "note": "Lanczos top-5, tol 1e-3, seed 0; lanczos_seconds exclude the check; "
+            "the first call also pays the path's set-up (tracing), counted in lanczos_seconds",
+        },
+    )
     for name, row in rows.items():
-        print(f"{name:16s} {row['path']:16s} check {row['check_seconds']:.3f}s  lanczos {row['lanczos_seconds']:.2f}s "
-              f"({row['lanczos_matvecs']:.0f} HVPs)  check/lanczos {row['check_over_lanczos']:.1%}")
+        print(
+            f"{name:16s} {row['path']:16s} check {row['check_seconds']:.3f}s  lanczos {row['lanczos_seconds']:.2f}s "
+            f"({row['lanczos_matvecs']:.0f} HVPs)  check/lanczos {row['check_over_lanczos']:.1%}"
+        )
     print(f"wrote {path}")
 
 

@@ -42,8 +42,10 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, command in COMMANDS.items():
             times[name].append(wall_seconds(command))
-    rows = [{"command": name, "median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "rounds": len(t)}
-            for name, t in times.items()]
+    rows = [
+        {"command": name, "median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "rounds": len(t)}
+        for name, t in times.items()
+    ]
     for row in rows:
         print(f"{row['command']:<28} {row['median_s']:6.2f} s  (min {row['min_s']:.2f}, max {row['max_s']:.2f})")
     print("wrote", write_results("startup", {"rows": rows}))

@@ -96,8 +96,9 @@ def loss_landscapes_seconds_per_point(model, batches, steps: int) -> float | str
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            loss_landscapes.random_plane(model.eval(), metric, distance=1, steps=steps, normalization="filter",
-                                         deepcopy_model=True)
+            loss_landscapes.random_plane(
+                model.eval(), metric, distance=1, steps=steps, normalization="filter", deepcopy_model=True
+            )
     except ZeroDivisionError as error:  # its filter normalization divides by an all-zero filter (BN bias at init)
         return f"fails: ZeroDivisionError ({error})"
     return (time.perf_counter() - start) / steps**2
@@ -129,17 +130,26 @@ def run_problem(name: str, rounds: int) -> dict:
     peers = times["peer"]
     peer = float(np.median(peers)) if all(isinstance(p, float) for p in peers) else peers[0]
     result = {
-        "n_params": objective.n_params, "n_samples": objective.n_samples, "grid": f"{n}x{n}", "rounds": rounds,
-        "forward_seconds": forward, "ours_seconds_per_point": ours, "naive_seconds_per_point": naive,
+        "n_params": objective.n_params,
+        "n_samples": objective.n_samples,
+        "grid": f"{n}x{n}",
+        "rounds": rounds,
+        "forward_seconds": forward,
+        "ours_seconds_per_point": ours,
+        "naive_seconds_per_point": naive,
         "loss_landscapes_seconds_per_point": peer,
-        "ours_points_per_second": 1 / ours, "ours_cost_in_forward_passes": ours / forward,
-        "speedup_vs_naive": naive / ours, "naive_cost_in_forward_passes": naive / forward,
+        "ours_points_per_second": 1 / ours,
+        "ours_cost_in_forward_passes": ours / forward,
+        "speedup_vs_naive": naive / ours,
+        "naive_cost_in_forward_passes": naive / forward,
         "speedup_vs_loss_landscapes": peer / ours if isinstance(peer, float) else peer,
     }
-    print(f"{name}: {1 / ours:.1f} points/s, {ours / forward:.2f} forward passes per point; "
-          f"naive {naive / ours:.2f}x slower" + (f", loss-landscapes {peer / ours:.2f}x slower" if isinstance(peer, float)
-                                                 else f", loss-landscapes: {peer}"),
-          flush=True)
+    print(
+        f"{name}: {1 / ours:.1f} points/s, {ours / forward:.2f} forward passes per point; "
+        f"naive {naive / ours:.2f}x slower"
+        + (f", loss-landscapes {peer / ours:.2f}x slower" if isinstance(peer, float) else f", loss-landscapes: {peer}"),
+        flush=True,
+    )
     return result
 
 
@@ -165,17 +175,26 @@ def points_per_second(problem: str, device: str, points_per_call: int, n_points:
     objective, directions = _surface_problem(problem, device)
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always", BatchedPointsNote)
-        compute_surface(objective, directions, [grid_axis(-1, 1, max(2, min(n_points, 2 * points_per_call)))],
-                        points_per_call=points_per_call)
+        compute_surface(
+            objective, directions, [grid_axis(-1, 1, max(2, min(n_points, 2 * points_per_call)))], points_per_call=points_per_call
+        )
         _synchronize(objective.device)
         start = time.perf_counter()
         compute_surface(objective, directions, [grid_axis(-1, 1, n_points)], points_per_call=points_per_call)
         _synchronize(objective.device)
         seconds = time.perf_counter() - start
     fallback = next((str(n.message) for n in notes if issubclass(n.category, BatchedPointsNote)), None)
-    return {"problem": problem, "device": str(objective.device), "points_per_call": points_per_call,
-            "n_points": n_points, "n_params": objective.n_params, "n_samples": objective.n_samples,
-            "seconds": seconds, "points_per_second": n_points / seconds, "fallback": fallback}
+    return {
+        "problem": problem,
+        "device": str(objective.device),
+        "points_per_call": points_per_call,
+        "n_points": n_points,
+        "n_params": objective.n_params,
+        "n_samples": objective.n_samples,
+        "seconds": seconds,
+        "points_per_second": n_points / seconds,
+        "fallback": fallback,
+    }
 
 
 def run_points_per_call(name: str, settings: list[int], rounds: int) -> dict:
@@ -185,10 +204,14 @@ def run_points_per_call(name: str, settings: list[int], rounds: int) -> dict:
         for k in settings:
             runs[k].append(points_per_second(name, "cpu", k, BATCHED_POINTS[name]))
     speeds = {k: float(np.median([r["points_per_second"] for r in rows])) for k, rows in runs.items()}
-    result = {"device": "cpu", "n_points": BATCHED_POINTS[name], "rounds": rounds,
-              "points_per_second": {str(k): v for k, v in speeds.items()},
-              "speedup_vs_one_per_call": {str(k): v / speeds[settings[0]] for k, v in speeds.items()},
-              "fallback": next((r["fallback"] for rows in runs.values() for r in rows if r["fallback"]), None)}
+    result = {
+        "device": "cpu",
+        "n_points": BATCHED_POINTS[name],
+        "rounds": rounds,
+        "points_per_second": {str(k): v for k, v in speeds.items()},
+        "speedup_vs_one_per_call": {str(k): v / speeds[settings[0]] for k, v in speeds.items()},
+        "fallback": next((r["fallback"] for rows in runs.values() for r in rows if r["fallback"]), None),
+    }
     print(f"{name} (cpu): " + ", ".join(f"{k} per call {v:.1f} points/s" for k, v in speeds.items()), flush=True)
     return result
 
@@ -196,8 +219,11 @@ def run_points_per_call(name: str, settings: list[int], rounds: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", default=",".join(GRID))
-    parser.add_argument("--tables", default="peers,batched",
-                        help="peers: vs naive and loss-landscapes; batched: points per call (default %(default)s)")
+    parser.add_argument(
+        "--tables",
+        default="peers,batched",
+        help="peers: vs naive and loss-landscapes; batched: points per call (default %(default)s)",
+    )
     parser.add_argument("--points-per-call", default="1,4,16", help="settings of the batched table (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -210,12 +236,15 @@ def main() -> None:
     if "batched" in tables:
         settings = [int(k) for k in args.points_per_call.split(",")]
         batched = {name: run_points_per_call(name, settings, args.rounds) for name in names if name in BATCHED_POINTS}
-    path = write_results("surface", {
-        "what": "2-D surface grid points per second; cost per point in forward passes over the same measurement set",
-        "problems": results,
-        "points_per_call_what": "1-D grid points per second of compute_surface at k points per vmapped call (CPU, one thread)",
-        "points_per_call": batched,
-    })
+    path = write_results(
+        "surface",
+        {
+            "what": "2-D surface grid points per second; cost per point in forward passes over the same measurement set",
+            "problems": results,
+            "points_per_call_what": "1-D grid points per second of compute_surface at k points per vmapped call (CPU, one thread)",
+            "points_per_call": batched,
+        },
+    )
     print(f"wrote {path}")
 
 

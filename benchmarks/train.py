@@ -40,12 +40,23 @@ METHODS = {  # the method's main option at a typical value for this scale
 def accuracy_runs(epochs: int) -> dict:
     rows = {}
     for name, options in METHODS.items():
-        config = TrainConfig(data="digits", model="mlp", optimizer=name, optimizer_kwargs=options,
-                             batch_size=64, lr=0.05, epochs=epochs, save_every=epochs)
+        config = TrainConfig(
+            data="digits",
+            model="mlp",
+            optimizer=name,
+            optimizer_kwargs=options,
+            batch_size=64,
+            lr=0.05,
+            epochs=epochs,
+            save_every=epochs,
+        )
         with tempfile.TemporaryDirectory() as tmp:
             meta = load_checkpoint(train(config, tmp, progress=False)).meta
-        rows[name] = {"options": options, "test_accuracy": meta["metrics"]["test_accuracy"],
-                      "train_loss": meta["metrics"]["train_loss"]}
+        rows[name] = {
+            "options": options,
+            "test_accuracy": meta["metrics"]["test_accuracy"],
+            "train_loss": meta["metrics"]["train_loss"],
+        }
         print(name, rows[name], flush=True)
     return rows
 
@@ -77,8 +88,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     args = parser.parse_args()
     payload = {
-        "accuracy": {"data": "digits", "model": "mlp", "batch_size": 64, "lr": 0.05, "epochs": args.epochs,
-                     "runs": accuracy_runs(args.epochs)},
+        "accuracy": {
+            "data": "digits",
+            "model": "mlp",
+            "batch_size": 64,
+            "lr": 0.05,
+            "epochs": args.epochs,
+            "runs": accuracy_runs(args.epochs),
+        },
         "step_cost": {"batch_size": 128, "problems": {p: step_costs(p) for p in ("mlp-digits", "c3")}},
     }
     print("wrote", write_results("train", payload))

@@ -34,26 +34,50 @@ CASES = [("c3", "sgd"), ("resnet20", "sgd"), ("c3", "sam"), ("c3", "smoothout")]
 
 def cifar_shaped(path: Path, n: int) -> Path:
     rng = np.random.default_rng(0)
-    np.savez(path, x=rng.standard_normal((n, 3, 32, 32)).astype(np.float32), y=rng.integers(0, 10, n),
-             x_test=rng.standard_normal((256, 3, 32, 32)).astype(np.float32), y_test=rng.integers(0, 10, 256))
+    np.savez(
+        path,
+        x=rng.standard_normal((n, 3, 32, 32)).astype(np.float32),
+        y=rng.integers(0, 10, n),
+        x_test=rng.standard_normal((256, 3, 32, 32)).astype(np.float32),
+        y_test=rng.integers(0, 10, 256),
+    )
     return path
 
 
 def landscape_command(nproc: int) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "analysis.cli"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
-            "analysis.cli"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "analysis.cli"]
 
 
 def one_run(data: Path, model: str, method: str, nproc: int, out: Path, epochs: int, extra: list[str]) -> dict:
     """One `landscape train` process tree: its wall time, its peak RSS, and the last epoch's step throughput."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    args = ["train", "--data", f"npz:{data}", "--model", model, "--optimizer", method, "--batch-size", "128",
-            "--lr", "0.01", "--epochs", str(epochs), "--device", "cpu", "--quiet", "--out", str(out), *extra]
+    args = [
+        "train",
+        "--data",
+        f"npz:{data}",
+        "--model",
+        model,
+        "--optimizer",
+        method,
+        "--batch-size",
+        "128",
+        "--lr",
+        "0.01",
+        "--epochs",
+        str(epochs),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(out),
+        *extra,
+    ]
     started = time.perf_counter()
-    process = subprocess.Popen(landscape_command(nproc) + args, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    process = subprocess.Popen(
+        landscape_command(nproc) + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
     peak = 0
     while process.poll() is None:
         peak = max([peak, *(peak_rss(pid) for pid in descendants(process.pid))])
@@ -128,8 +152,14 @@ def accumulation_memory(quick: bool) -> list[dict]:
     rows = []
     for k in (1, 2, 4, 8):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        done = subprocess.run([sys.executable, "-c", code.replace("accumulate=K", f"accumulate={k}")], env=env,
-                              capture_output=True, text=True, check=True, cwd=ROOT)
+        done = subprocess.run(
+            [sys.executable, "-c", code.replace("accumulate=K", f"accumulate={k}")],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
         rows.append({"model": "resnet20", "batch_size": batch, "accumulate": k, "step_peak_mb": float(done.stdout.split()[-1])})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -147,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = cifar_shaped(Path(tmp) / "cifar_shaped.npz", 256 if args.quick else args.samples)
         payload = {
-            "setup": {"samples": 256 if args.quick else args.samples, "batch_size": 128, "epochs": args.epochs,
-                      "rounds": 1 if args.quick else args.rounds, "threads_per_process": 1,
-                      "cores": os.cpu_count()},
+            "setup": {
+                "samples": 256 if args.quick else args.samples,
+                "batch_size": 128,
+                "epochs": args.epochs,
+                "rounds": 1 if args.quick else args.rounds,
+                "threads_per_process": 1,
+                "cores": os.cpu_count(),
+            },
             "throughput": throughput(data, 1 if args.quick else args.rounds, args.epochs, cases),
             "accumulation": accumulation_memory(args.quick),
         }

@@ -21,23 +21,37 @@ __version__ = "0.1.0"
 # public name → the module that defines it
 _EXPORTS = {
     # data and checkpoints
-    "load_data": "landscape.inputs.data", "MeasurementSet": "landscape.inputs.data", "Dataset": "landscape.inputs.data",
-    "load_checkpoint": "landscape.inputs.checkpoints", "save_checkpoint": "landscape.inputs.checkpoints",
+    "load_data": "landscape.inputs.data",
+    "MeasurementSet": "landscape.inputs.data",
+    "Dataset": "landscape.inputs.data",
+    "load_checkpoint": "landscape.inputs.checkpoints",
+    "save_checkpoint": "landscape.inputs.checkpoints",
     "objective_from_checkpoint": "landscape.engine.from_checkpoint",
     # the objective and its curvature operators
     "Objective": "landscape.engine.objective",
-    "HessianOperator": "landscape.engine.operators", "GGNOperator": "landscape.engine.operators",
-    "FisherOperator": "landscape.engine.operators", "curvature_operator": "landscape.engine.operators",
+    "HessianOperator": "landscape.engine.operators",
+    "GGNOperator": "landscape.engine.operators",
+    "FisherOperator": "landscape.engine.operators",
+    "curvature_operator": "landscape.engine.operators",
     # estimators
-    "lanczos": "landscape.curvature.spectrum", "slq_density": "landscape.curvature.spectrum",
-    "hutchinson": "landscape.curvature.trace", "hutchpp": "landscape.curvature.trace", "xtrace": "landscape.curvature.trace",
-    "expected_loss": "landscape.sharpness.perturb", "sharpness_curve": "landscape.sharpness.perturb",
-    "average_case": "landscape.sharpness.worst_case", "m_sharpness": "landscape.sharpness.worst_case",
+    "lanczos": "landscape.curvature.spectrum",
+    "slq_density": "landscape.curvature.spectrum",
+    "hutchinson": "landscape.curvature.trace",
+    "hutchpp": "landscape.curvature.trace",
+    "xtrace": "landscape.curvature.trace",
+    "expected_loss": "landscape.sharpness.perturb",
+    "sharpness_curve": "landscape.sharpness.perturb",
+    "average_case": "landscape.sharpness.worst_case",
+    "m_sharpness": "landscape.sharpness.worst_case",
     # surfaces
-    "random_directions": "landscape.surfaces.directions", "between": "landscape.surfaces.directions",
-    "compute_surface": "landscape.surfaces.surface", "grid_axis": "landscape.surfaces.surface", "read_surface": "landscape.surfaces.surface",
+    "random_directions": "landscape.surfaces.directions",
+    "between": "landscape.surfaces.directions",
+    "compute_surface": "landscape.surfaces.surface",
+    "grid_axis": "landscape.surfaces.surface",
+    "read_surface": "landscape.surfaces.surface",
     # training
-    "make_optimizer": "landscape.training.optim", "TrainConfig": "landscape.training.train",
+    "make_optimizer": "landscape.training.optim",
+    "TrainConfig": "landscape.training.train",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -76,7 +76,7 @@ def revive(kind: Any, value: Any) -> Any:
 
 
 def _finite_floats(value: Any) -> Any:
-    """"nan", "inf" and "-inf" (how to_jsonable writes them) back to floats, in nested lists."""
+    """ "nan", "inf" and "-inf" (how to_jsonable writes them) back to floats, in nested lists."""
     if isinstance(value, list):
         return [_finite_floats(v) for v in value]
     return float(value) if isinstance(value, str) else value

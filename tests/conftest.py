@@ -8,8 +8,11 @@ EDIT_LOOP_SKIPS = ("slow", "cli", "distributed")  # what the default run leaves 
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--all", action="store_true",
-                     help="run every test, the slow, cli and distributed ones too (CI); by default they are left out")
+    parser.addoption(
+        "--all",
+        action="store_true",
+        help="run every test, the slow, cli and distributed ones too (CI); by default they are left out",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

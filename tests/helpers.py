@@ -35,9 +35,14 @@ def tiny_convnet_bn(seed: int = 0) -> nn.Module:
     """Conv + BatchNorm + ReLU + linear head on 1x4x4 inputs (~150 parameters)."""
     torch.manual_seed(seed)
     net = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Softplus(),
-        nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.Softplus(),
-        nn.Flatten(), nn.Linear(8, 3),
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.Softplus(),
+        nn.Conv2d(3, 2, 3),
+        nn.BatchNorm2d(2),
+        nn.Softplus(),
+        nn.Flatten(),
+        nn.Linear(8, 3),
     )
     with torch.no_grad():  # non-trivial running statistics and affine parameters
         for m in net.modules():
@@ -55,7 +60,7 @@ def classification_batches(n: int, in_shape: tuple, n_classes: int, sizes: list[
     y = torch.randint(0, n_classes, (n,), generator=g)
     out, start = [], 0
     for s in sizes:
-        out.append((x[start:start + s], y[start:start + s]))
+        out.append((x[start : start + s], y[start : start + s]))
         start += s
     assert start == n
     return x, y, out
@@ -76,8 +81,9 @@ def digits_mlp_checkpoint(folder: Path, hidden: tuple[int, ...], seed: int = 0) 
     """An untrained digits MLP saved as FOLDER/net.pt, a toolkit checkpoint, for CLI tests that need any checkpoint."""
     torch.manual_seed(seed)
     model, spec = model_for_data("mlp", (1, 8, 8), 10, hidden=hidden)
-    return save_checkpoint(Path(folder) / "net.pt", model, model_spec=spec,
-                           data_spec={"spec": "digits", "seed": 0, "normalize": None})
+    return save_checkpoint(
+        Path(folder) / "net.pt", model, model_spec=spec, data_spec={"spec": "digits", "seed": 0, "normalize": None}
+    )
 
 
 def one_line(result: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -126,8 +132,16 @@ def gpt2(attention: str = "eager"):
     """A one-layer GPT-2 (HuggingFace transformers, built from a config) in float64, eval mode, seed 0."""
     import transformers  # optional: callers importorskip it
 
-    config = transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=VOCAB, n_positions=16, bos_token_id=0,
-                                     eos_token_id=0, attn_implementation=attention)
+    config = transformers.GPT2Config(
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation=attention,
+    )
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(config).double().eval()
 
@@ -140,7 +154,7 @@ def token_batches(seed: int = 1) -> list[dict]:
         ids = torch.randint(0, VOCAB, (n, length), generator=g)
         mask = torch.ones(n, length, dtype=torch.long)
         for r in padded_rows:
-            mask[r, length // 2:] = 0
+            mask[r, length // 2 :] = 0
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
     return [batch(3, 8, [1]), batch(2, 6, [0])]
@@ -153,7 +167,7 @@ def flat_parameters(model):
     def unflatten(w):
         out, i = {}, 0
         for name, p in params.items():
-            out[name] = w[i:i + p.numel()].view_as(p)
+            out[name] = w[i : i + p.numel()].view_as(p)
             i += p.numel()
         return out
 
@@ -168,8 +182,7 @@ def reference_lm_loss(model, batches):
     def loss(w):
         total = 0.0
         for b in batches:
-            out = functional_call(model, unflatten(w), (), {"input_ids": b["input_ids"],
-                                                             "attention_mask": b["attention_mask"]})
+            out = functional_call(model, unflatten(w), (), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
             logp = torch.log_softmax(out.logits, dim=-1)
             for i, j in (b["attention_mask"][:, 1:] == 1).nonzero().tolist():
                 total = total - logp[i, j, b["input_ids"][i, j + 1]]
@@ -188,7 +201,16 @@ def result_of(cls, **given):
     data = {}
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        empty = (None if type(None) in typing.get_args(kind) else "" if kind is str
-                 else [] if typing.get_origin(kind) is tuple or kind is np.ndarray else {} if kind is dict else 0)
+        empty = (
+            None
+            if type(None) in typing.get_args(kind)
+            else ""
+            if kind is str
+            else []
+            if typing.get_origin(kind) is tuple or kind is np.ndarray
+            else {}
+            if kind is dict
+            else 0
+        )
         data[f.name] = given.get(f.name, empty)
     return cls.from_dict(data)

@@ -189,15 +189,21 @@ class Idiom:
 
 ZOO: dict[str, Idiom] = {
     "inplace-residual-add": Idiom(InplaceResidualMLP, (6,)),
-    "inplace-relu": Idiom(lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)), (6,)),
+    "inplace-relu": Idiom(
+        lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)), (6,)
+    ),
     "torchvision-basic-block": Idiom(lambda: nn.Sequential(BasicBlock(2, 3, 2), nn.Flatten(), nn.Linear(12, 3)), (2, 4, 4)),
     "tied-weights": Idiom(TiedWeights, (6,)),
     "shared-module": Idiom(SharedHead, (6,)),
     "mutated-buffers": Idiom(MutatesBuffers, (6,)),
     "batchnorm1d": Idiom(lambda: nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)), (6,)),
-    "batchnorm2d": Idiom(lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Softplus(), nn.Flatten(), nn.Linear(12, 3)), (2, 4, 4)),
+    "batchnorm2d": Idiom(
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Softplus(), nn.Flatten(), nn.Linear(12, 3)), (2, 4, 4)
+    ),
     "layernorm": Idiom(lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)), (6,)),
-    "groupnorm": Idiom(lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Softplus(), nn.Flatten(), nn.Linear(16, 3)), (2, 4, 4)),
+    "groupnorm": Idiom(
+        lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Softplus(), nn.Flatten(), nn.Linear(16, 3)), (2, 4, 4)
+    ),
     "dropout-eval": Idiom(lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)), (6,)),
     "custom-function": Idiom(CustomFunctionNet, (6,)),
     "custom-function-inplace": Idiom(lambda: CustomFunctionResidual((6,), 3), (6,)),
@@ -281,5 +287,7 @@ def zoo_batches(name: str, sizes=(10, 6)):
     """float64 batches of `sizes` samples for the idiom NAME (seed 3)."""
     idiom = ZOO[name]
     g = torch.Generator().manual_seed(3)
-    return [(torch.randn(n, *idiom.in_shape, generator=g, dtype=torch.float64),
-             torch.randint(0, idiom.classes, (n,), generator=g)) for n in sizes]
+    return [
+        (torch.randn(n, *idiom.in_shape, generator=g, dtype=torch.float64), torch.randint(0, idiom.classes, (n,), generator=g))
+        for n in sizes
+    ]

@@ -24,8 +24,7 @@ def process_env(**extra) -> dict:
 
 def torchrun(nproc: int) -> list[str]:
     """`torchrun --standalone --nproc_per_node NPROC --no-python`, to put before a command."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "--no-python"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "--no-python"]
 
 
 def free_port() -> int:
@@ -36,8 +35,14 @@ def free_port() -> int:
 
 
 def _rank_main(rank: int, port: int, world: int, work: Callable[[], Any], out: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LANDSCAPE_DIST_TIMEOUT="60")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LANDSCAPE_DIST_TIMEOUT="60",
+    )
     torch.set_num_threads(1)
     assert ranks.init_from_env("cpu")
     try:

@@ -108,8 +108,9 @@ def test_amp_training_tracks_float32_training(amp, name):
     assert low[-1] == pytest.approx(reference[-1], rel=0.05)
 
 
-@pytest.mark.parametrize("name, options", [("sam", {}), ("nso", {"k": 2}), ("smoothout", {"ghost_batch_size": 20}),
-                                           ("sgd", {"accumulate": 3})])
+@pytest.mark.parametrize(
+    "name, options", [("sam", {}), ("nso", {"k": 2}), ("smoothout", {"ghost_batch_size": 20}), ("sgd", {"accumulate": 3})]
+)
 def test_the_fp16_scaler_unscales_and_steps_once_per_step(name, options, monkeypatch):
     model, x, y = _problem(torch.float32)
     opt = make_optimizer(name, model, lr=0.1, amp="fp16", **options)
@@ -134,12 +135,12 @@ def test_an_fp16_overflow_skips_the_step_and_leaves_the_weights_bitwise(name):
     x, y = torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,))
     opt = make_optimizer(name, model, lr=0.1, momentum=0.9, amp="fp16")
     state = opt.scaler.state_dict()
-    opt.scaler.load_state_dict({**state, "scale": 2.0 ** 24})  # loss × 2²⁴ overflows fp16's 65504 in backward
+    opt.scaler.load_state_dict({**state, "scale": 2.0**24})  # loss × 2²⁴ overflows fp16's 65504 in backward
     before = copy.deepcopy(model.state_dict())
     opt.step(model, x, y, F.cross_entropy)
     params = dict(model.named_parameters())
     assert all(torch.equal(params[k], v) for k, v in before.items() if k in params)
-    assert opt.scaler.get_scale() == 2.0 ** 23  # backed off once
+    assert opt.scaler.get_scale() == 2.0**23  # backed off once
     for _ in range(20):  # the scale halves until the products fit
         opt.step(model, x, y, F.cross_entropy)
     assert not all(torch.equal(params[k], v) for k, v in before.items() if k in params)  # later steps do move
@@ -150,8 +151,9 @@ def test_fp16_runs_resume_with_the_loss_scale(tmp_path):
     whole = load_checkpoint(train(config, tmp_path / "whole", progress=False))
     train(TrainConfig(**{**config.to_dict(), "epochs": 1, "lr_milestones": ()}), tmp_path / "half", progress=False)
     state = torch.load(tmp_path / "half" / "state.pt", weights_only=True)["optimizer"]
-    resumed = make_optimizer("sam", MLP((1, 8, 8), 10, (16,)), lr=config.lr, momentum=config.momentum, amp="fp16",
-                             seed=config.seed)
+    resumed = make_optimizer(
+        "sam", MLP((1, 8, 8), 10, (16,)), lr=config.lr, momentum=config.momentum, amp="fp16", seed=config.seed
+    )
     resumed.load_state_dict({**state, "scaler": {**state["scaler"], "scale": 1234.0}})
     assert resumed.scaler.get_scale() == 1234.0  # the scale (and growth tracker) come back with the state
     assert whole.meta["optimizer"]["amp"] == "fp16" and whole.meta["train"]["amp"] == "fp16"

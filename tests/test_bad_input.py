@@ -65,8 +65,11 @@ def test_cuda_device_without_cuda(trained):
 
 @pytest.mark.cli
 def test_k_above_the_parameter_count(trained):
-    line = one_line(run_cli("measure", trained[0] / "final.pt", "--metrics", "eig", "--k", "5000", "--max-matvecs", "6000",
-                            "--n-samples", "64"))
+    line = one_line(
+        run_cli(
+            "measure", trained[0] / "final.pt", "--metrics", "eig", "--k", "5000", "--max-matvecs", "6000", "--n-samples", "64"
+        )
+    )
     n_params = 64 * 16 + 16 + 16 * 10 + 10
     assert "--k 5000" in line and f"{n_params} parameters" in line
 
@@ -100,7 +103,9 @@ def test_a_pickle_that_runs_code_is_refused_by_name(tmp_path):
     marker = tmp_path / "ran"
     torch.save({"state_dict": {"w": torch.zeros(2)}, "extra": Exploit(marker)}, tmp_path / "bad.pt")
     line = one_line(run_cli("measure", tmp_path / "bad.pt", "--data", "digits"))
-    assert "bad.pt: unreadable pickle" in line and "posix.system" in line and "pass --trust-checkpoint only if you trust it" in line
+    assert (
+        "bad.pt: unreadable pickle" in line and "posix.system" in line and "pass --trust-checkpoint only if you trust it" in line
+    )
     assert not marker.exists()  # nothing ran
 
 
@@ -140,9 +145,33 @@ def akamaster(tmp_path):
 
 
 def _measure(path, data, env):
-    return subprocess.run(cli_command() + ["measure", str(path), "--model", "tests.model_zoo:CifarResNet", "--data", f"npz:{data}",
-                                           "--n-samples", "16", "--batch-size", "16", "--metrics", "expected-loss",
-                                           "--noise-samples", "4", "--radius", "0.001", "--json", "--quiet"], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        cli_command()
+        + [
+            "measure",
+            str(path),
+            "--model",
+            "tests.model_zoo:CifarResNet",
+            "--data",
+            f"npz:{data}",
+            "--n-samples",
+            "16",
+            "--batch-size",
+            "16",
+            "--metrics",
+            "expected-loss",
+            "--noise-samples",
+            "4",
+            "--radius",
+            "0.001",
+            "--json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_akamaster_resnet20_without_num_batches_tracked_loads_with_a_note(akamaster):
@@ -174,9 +203,13 @@ def busy_surface(trained, tmp_path_factory):
     folder = tmp_path_factory.mktemp("surface")
     out = folder / "s.h5"
     args = ["surface", trained[0] / "final.pt", "--n-samples", "64", "--dim", "2", "--quiet"]
-    first = subprocess.Popen(cli_command() + [str(a) for a in args + ["--range", "-1:1:601", "--out", out]],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=lambda: os.nice(19))  # the second run gets the core
+    first = subprocess.Popen(
+        cli_command() + [str(a) for a in args + ["--range", "-1:1:601", "--out", out]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: os.nice(19),
+    )  # the second run gets the core
     try:
         deadline = time.monotonic() + 300
         while not (out.exists() and (folder / "s.h5.lock").exists()):
@@ -241,31 +274,34 @@ def test_version():
 
 
 # ------------------------------------------------------------------ every validated option, in process
-@pytest.mark.parametrize("argv, wanted", [
-    (["--probes", "3"], "--probes must be at least 4"),
-    (["--probes", "1", "--trace-method", "hutchinson"], "--probes must be at least 2"),
-    (["--k", "0"], "--k must be at least 1"),
-    (["--max-matvecs", "0"], "--max-matvecs must be at least 1"),
-    (["--noise-samples", "5"], "--noise-samples must be an even number"),
-    (["--noise-samples", "2"], "--noise-samples must be an even number"),
-    (["--radius", "0.01,abc"], "--radius '0.01,abc': 'abc'"),
-    (["--radius", "-0.1"], "--radius"),
-    (["--radius", ","], "--radius ',' names no radius"),
-    (["--eps", "0"], "--eps must be a finite number > 0"),
-    (["--eps", "nan"], "--eps must be a finite number > 0"),
-    (["--tol", "-1"], "--tol must be a finite number ≥ 0"),
-    (["--restarts", "-1"], "--restarts must be at least 0"),
-    (["--density-runs", "0"], "--density-runs must be at least 1"),
-    (["--density-steps", "0"], "--density-steps must be at least 1"),
-    (["--n-samples", "0"], "--n-samples must be at least 1"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--subspace-dim", "0"], "--subspace-dim must be at least 1"),
-    (["--metrics", ""], "--metrics '' names no metric"),
-    (["--metrics", "eig,bogus"], "unknown metric bogus"),
-    (["--device", "nonsense"], "--device nonsense: not a device name"),
-    (["--hvp", "magic"], "--hvp magic: use one of auto, reuse"),
-    (["--hvp-memory", "8 apples"], "cannot read '8 apples' as a memory size"),
-])
+@pytest.mark.parametrize(
+    "argv, wanted",
+    [
+        (["--probes", "3"], "--probes must be at least 4"),
+        (["--probes", "1", "--trace-method", "hutchinson"], "--probes must be at least 2"),
+        (["--k", "0"], "--k must be at least 1"),
+        (["--max-matvecs", "0"], "--max-matvecs must be at least 1"),
+        (["--noise-samples", "5"], "--noise-samples must be an even number"),
+        (["--noise-samples", "2"], "--noise-samples must be an even number"),
+        (["--radius", "0.01,abc"], "--radius '0.01,abc': 'abc'"),
+        (["--radius", "-0.1"], "--radius"),
+        (["--radius", ","], "--radius ',' names no radius"),
+        (["--eps", "0"], "--eps must be a finite number > 0"),
+        (["--eps", "nan"], "--eps must be a finite number > 0"),
+        (["--tol", "-1"], "--tol must be a finite number ≥ 0"),
+        (["--restarts", "-1"], "--restarts must be at least 0"),
+        (["--density-runs", "0"], "--density-runs must be at least 1"),
+        (["--density-steps", "0"], "--density-steps must be at least 1"),
+        (["--n-samples", "0"], "--n-samples must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--subspace-dim", "0"], "--subspace-dim must be at least 1"),
+        (["--metrics", ""], "--metrics '' names no metric"),
+        (["--metrics", "eig,bogus"], "unknown metric bogus"),
+        (["--device", "nonsense"], "--device nonsense: not a device name"),
+        (["--hvp", "magic"], "--hvp magic: use one of auto, reuse"),
+        (["--hvp-memory", "8 apples"], "cannot read '8 apples' as a memory size"),
+    ],
+)
 def test_measure_options_are_checked_by_name(argv, wanted):
     args = build_parser().parse_args(["measure", "x.pt", *argv])
     with pytest.raises(ValueError) as info:

@@ -1,6 +1,5 @@
 """Checkpoints: safe loading, foreign formats, and one clear error per kind of bad file."""
 
-
 import pytest
 import torch
 
@@ -17,8 +16,13 @@ def mlp_and_spec():
 
 def test_round_trip_is_weights_only_loadable(tmp_path, mlp_and_spec):
     model, spec = mlp_and_spec
-    path = save_checkpoint(tmp_path / "a.pt", model, model_spec=spec, data_spec={"spec": "digits", "seed": 0},
-                           meta={"epoch": 3, "metrics": {"test_accuracy": 0.9}})
+    path = save_checkpoint(
+        tmp_path / "a.pt",
+        model,
+        model_spec=spec,
+        data_spec={"spec": "digits", "seed": 0},
+        meta={"epoch": 3, "metrics": {"test_accuracy": 0.9}},
+    )
     raw = torch.load(path, weights_only=True)  # no pickled code inside
     assert raw["format"] == "landscape-checkpoint" and raw["version"] == 1
     ckpt = load_checkpoint(path)
@@ -28,8 +32,15 @@ def test_round_trip_is_weights_only_loadable(tmp_path, mlp_and_spec):
     assert not (tmp_path / "a.pt.tmp").exists()
 
 
-@pytest.mark.parametrize("wrap", [lambda sd: sd, lambda sd: {"state_dict": sd, "epoch": 7},
-                                  lambda sd: {"model": sd}, lambda sd: {f"module.{k}": v for k, v in sd.items()}])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,
+        lambda sd: {"state_dict": sd, "epoch": 7},
+        lambda sd: {"model": sd},
+        lambda sd: {f"module.{k}": v for k, v in sd.items()},
+    ],
+)
 def test_foreign_state_dicts_load_with_a_model_spec(tmp_path, mlp_and_spec, wrap):
     model, spec = mlp_and_spec
     torch.save(wrap(model.state_dict()), tmp_path / "foreign.pt")
@@ -95,4 +106,3 @@ def test_newer_format_and_unwritable_path(tmp_path, mlp_and_spec):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="cannot write"):
         save_checkpoint(tmp_path / "file" / "sub" / "c.pt", model, model_spec=spec)
-

@@ -15,8 +15,24 @@ from tests.helpers import bad_files, run_cli
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    result = run_cli("train", "--data", "digits", "--model", "mlp", "--model-opt", "hidden=(16,)", "--epochs", "2",
-                     "--batch-size", "128", "--lr", "0.1", "--out", out, "--quiet")
+    result = run_cli(
+        "train",
+        "--data",
+        "digits",
+        "--model",
+        "mlp",
+        "--model-opt",
+        "hidden=(16,)",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "128",
+        "--lr",
+        "0.1",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     return out
 
@@ -43,8 +59,21 @@ def test_train_then_measure_reports_the_objective(trained_run):
 
 
 @pytest.mark.cli
-@pytest.mark.parametrize("kind", ["missing.pt", "truncated.pt", "text.pt", "garbage.pt", "legacy.pt", "nostate.pt",
-                                  "bare.pt", "mismatch.pt", "nan.pt", "pickled-module.pt"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "missing.pt",
+        "truncated.pt",
+        "text.pt",
+        "garbage.pt",
+        "legacy.pt",
+        "nostate.pt",
+        "bare.pt",
+        "mismatch.pt",
+        "nan.pt",
+        "pickled-module.pt",
+    ],
+)
 def test_bad_checkpoints_exit_with_one_line(tmp_path, kind):
     from landscape.inputs.models import model_for_data
 
@@ -56,8 +85,14 @@ def test_bad_checkpoints_exit_with_one_line(tmp_path, kind):
     next(iter(nan_state.values())).view(-1)[0] = float("nan")
     torch.save(nan_state, tmp_path / "nan.pt")
     torch.save(model, tmp_path / "pickled-module.pt")
-    messages.update({"bare.pt": "no model spec", "mismatch.pt": "shape mismatch", "nan.pt": "non-finite",
-                     "pickled-module.pt": "--trust-checkpoint"})
+    messages.update(
+        {
+            "bare.pt": "no model spec",
+            "mismatch.pt": "shape mismatch",
+            "nan.pt": "non-finite",
+            "pickled-module.pt": "--trust-checkpoint",
+        }
+    )
     extra = ["--model", "mlp", "--model-opt", "hidden=(16,)"] if kind in ("mismatch.pt", "nan.pt") else []
     result = run_cli("measure", tmp_path / kind, "--data", "digits", *extra)
     assert result.returncode == 2
@@ -82,9 +117,29 @@ def test_resume_refuses_an_existing_run_without_flag(trained_run):
 def test_measure_curvature_and_noise_metrics_match_ground_truth(trained_run):
     """λ1..λ3 and the trace printed by the CLI agree with the dense Hessian of the same measurement set."""
     final = trained_run / "final.pt"
-    result = run_cli("measure", final, "--json", "--dtype", "float64", "--n-samples", "200", "--batch-size", "64",
-                     "--metrics", "eig,trace,expected-loss,eps-sharpness", "--k", "3", "--tol", "1e-8",
-                     "--radius", "0.01", "--noise-samples", "20", "--restarts", "2")
+    result = run_cli(
+        "measure",
+        final,
+        "--json",
+        "--dtype",
+        "float64",
+        "--n-samples",
+        "200",
+        "--batch-size",
+        "64",
+        "--metrics",
+        "eig,trace,expected-loss,eps-sharpness",
+        "--k",
+        "3",
+        "--tol",
+        "1e-8",
+        "--radius",
+        "0.01",
+        "--noise-samples",
+        "20",
+        "--restarts",
+        "2",
+    )
     assert result.returncode == 0, result.stderr
     (report,) = json.loads(result.stdout)
     model = load_checkpoint(final).build_model()
@@ -106,8 +161,17 @@ def test_measure_curvature_and_noise_metrics_match_ground_truth(trained_run):
 @pytest.mark.cli
 def test_surface_on_the_pca_plane_of_a_training_run(trained_run, tmp_path):
     """`landscape surface --pca DIR`: the plane of the run's own trajectory, which the default grid covers."""
-    result = run_cli("surface", trained_run / "final.pt", "--pca", trained_run / "trajectory", "--n-samples", "200",
-                     "--out", tmp_path / "pca.h5", "--json")
+    result = run_cli(
+        "surface",
+        trained_run / "final.pt",
+        "--pca",
+        trained_run / "trajectory",
+        "--n-samples",
+        "200",
+        "--out",
+        tmp_path / "pca.h5",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     directions = report["directions"]
@@ -120,13 +184,35 @@ def test_surface_on_the_pca_plane_of_a_training_run(trained_run, tmp_path):
     assert report["n_done"] == report["n_points"] == 21 * 21
 
 
-@pytest.mark.parametrize("command, defaults", [
-    ("measure", {"--metrics": "eig,trace", "--k": "5", "--radius": "0.001,0.005,0.01", "--noise-samples": "100", "--probes": "100"}),
-    ("compare", {"--metrics": "eig,trace,sharpness-curve,surface", "--k": "3", "--radius": "0.005,0.01,0.02",
-                 "--noise-samples": "40", "--probes": "60"}),
-    ("correlate", {"--metrics": "eig,trace,sharpness-curve,eps-sharpness", "--k": "1", "--radius": "0.02",
-                   "--noise-samples": "40", "--probes": "60"}),
-])
+@pytest.mark.parametrize(
+    "command, defaults",
+    [
+        (
+            "measure",
+            {"--metrics": "eig,trace", "--k": "5", "--radius": "0.001,0.005,0.01", "--noise-samples": "100", "--probes": "100"},
+        ),
+        (
+            "compare",
+            {
+                "--metrics": "eig,trace,sharpness-curve,surface",
+                "--k": "3",
+                "--radius": "0.005,0.01,0.02",
+                "--noise-samples": "40",
+                "--probes": "60",
+            },
+        ),
+        (
+            "correlate",
+            {
+                "--metrics": "eig,trace,sharpness-curve,eps-sharpness",
+                "--k": "1",
+                "--radius": "0.02",
+                "--noise-samples": "40",
+                "--probes": "60",
+            },
+        ),
+    ],
+)
 def test_help_shows_the_defaults_each_command_uses(command, defaults):
     """Commands share the metric options but set their own defaults; --help states the ones that command uses."""
     from analysis.cli import build_parser

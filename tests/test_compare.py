@@ -55,8 +55,16 @@ def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     paths = []
     for seed, batch in ((0, 32), (1, 512)):
-        config = TrainConfig(data="digits", model="mlp", model_kwargs={"hidden": (16,)}, batch_size=batch, lr=0.05,
-                             epochs=3, seed=seed, save_every=100)
+        config = TrainConfig(
+            data="digits",
+            model="mlp",
+            model_kwargs={"hidden": (16,)},
+            batch_size=batch,
+            lr=0.05,
+            epochs=3,
+            seed=seed,
+            save_every=100,
+        )
         paths.append(train(config, root / f"b{batch}", progress=False))
     return paths
 
@@ -64,8 +72,24 @@ def two_runs(tmp_path_factory):
 @pytest.mark.cli
 def test_compare_writes_a_paired_report(two_runs, tmp_path):
     out = tmp_path / "cmp"
-    result = run_cli("compare", *two_runs, "--metrics", "eig,trace,sharpness-curve,surface", "--n-samples", "300",
-                     "--k", "2", "--probes", "20", "--noise-samples", "40", "--surface-range=-1:1:5", "--out", out, "--quiet")
+    result = run_cli(
+        "compare",
+        *two_runs,
+        "--metrics",
+        "eig,trace,sharpness-curve,surface",
+        "--n-samples",
+        "300",
+        "--k",
+        "2",
+        "--probes",
+        "20",
+        "--noise-samples",
+        "40",
+        "--surface-range=-1:1:5",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     assert "report:" in result.stdout and "sgd B=32" in result.stdout
     results = json.loads((out / "results.json").read_text())
@@ -107,8 +131,16 @@ def test_figures_quick_writes_every_figure(tmp_path):
 
     result = run_cli("figures", "--quick", "--out", tmp_path / "fig", "--cache", tmp_path / "cache", "--quiet", "--jobs", "2")
     assert result.returncode == 0, result.stderr
-    names = ["interpolation.png", "random-1d-small-batch.png", "random-1d-large-batch.png", "contours.png",
-             "sharpness-small-batch.png", "sharpness-large-batch.png", "spectra.png", "correlation.png"]
+    names = [
+        "interpolation.png",
+        "random-1d-small-batch.png",
+        "random-1d-large-batch.png",
+        "contours.png",
+        "sharpness-small-batch.png",
+        "sharpness-large-batch.png",
+        "spectra.png",
+        "correlation.png",
+    ]
     for name in names:
         assert (tmp_path / "fig" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     table = (tmp_path / "fig" / "methods.md").read_text()
@@ -121,12 +153,18 @@ def test_figures_quick_writes_every_figure(tmp_path):
             points = summary["noise_sweep"][method]["points"]
             assert summary["noise_sweep"][method]["chosen"] in GRID[method]
             assert max(p["validation_accuracy"] for p in points) == next(
-                p["validation_accuracy"] for p in points if p["value"] == summary["noise_sweep"][method]["chosen"])
+                p["validation_accuracy"] for p in points if p["value"] == summary["noise_sweep"][method]["chosen"]
+            )
     assert "matched train loss" in table and "Holm" in table
     correlation = summary["correlation"]  # 2 methods × 2 batch sizes × 2 learning rates × 1 seed, ranked by their gaps
     assert len(correlation["runs"]) == 8 and correlation["axes"] == ["method", "batch_size", "lr"]
-    assert {c["measure"] for c in correlation["correlations"]} == {"λ1", "trace", "ΔL a=0.02", "ε-sharpness",
-                                                                  "adaptive-worst-case"}
+    assert {c["measure"] for c in correlation["correlations"]} == {
+        "λ1",
+        "trace",
+        "ΔL a=0.02",
+        "ε-sharpness",
+        "adaptive-worst-case",
+    }
     assert "granulated" in (tmp_path / "fig" / "correlation.md").read_text()
     for title, tests in summary["families"].items():
         assert tests and all(t["holm_p"] >= t["difference"]["p_value"] for t in tests), title
@@ -158,10 +196,21 @@ def test_each_method_is_compared_with_sgd_at_its_own_batch_size():
     def cfg(optimizer, batch):
         return {"optimizer": optimizer, "batch_size": batch}
 
-    configs = {"sgd B=32": cfg("sgd", 32), "sgd B=2000": cfg("sgd", 2000), "smoothout B=32": cfg("smoothout", 32),
-               "smoothout B=2000": cfg("smoothout", 2000), "sam B=512": cfg("sam", 512), "foreign": None}
-    assert baselines(configs) == {"sgd B=2000": "sgd B=32", "smoothout B=32": "sgd B=32",
-                                  "smoothout B=2000": "sgd B=2000", "sam B=512": "sgd B=32", "foreign": "sgd B=32"}
+    configs = {
+        "sgd B=32": cfg("sgd", 32),
+        "sgd B=2000": cfg("sgd", 2000),
+        "smoothout B=32": cfg("smoothout", 32),
+        "smoothout B=2000": cfg("smoothout", 2000),
+        "sam B=512": cfg("sam", 512),
+        "foreign": None,
+    }
+    assert baselines(configs) == {
+        "sgd B=2000": "sgd B=32",
+        "smoothout B=32": "sgd B=32",
+        "smoothout B=2000": "sgd B=2000",
+        "sam B=512": "sgd B=32",
+        "foreign": "sgd B=32",
+    }
     assert set(baselines(configs, "smoothout B=2000").values()) == {"smoothout B=2000"}
     with pytest.raises(ValueError, match="--baseline 'adam'"):
         baselines(configs, "adam")
@@ -252,7 +301,11 @@ def test_at_train_loss_picks_each_runs_checkpoint_closest_to_the_target(tmp_path
     for run, point in zip(runs, chosen):
         assert abs(point.train_loss - target) == min(abs(p.train_loss - target) for p in run)
         # the loss it recorded is the loss of those weights on the whole training split
-        objective = Objective(load_checkpoint(point.path).build_model(), MeasurementSet("train", None, 1024).batches(load_data("digits")), device="cpu")
+        objective = Objective(
+            load_checkpoint(point.path).build_model(),
+            MeasurementSet("train", None, 1024).batches(load_data("digits")),
+            device="cpu",
+        )
         assert objective.loss() == pytest.approx(point.train_loss, rel=1e-5)
     assert chosen[0].epoch < 6  # the fast run is taken before its end
     assert at_train_loss(paths, 1e-9)[0][0] == min(runs[0], key=lambda p: p.train_loss)  # below every loss: the lowest
@@ -260,8 +313,24 @@ def test_at_train_loss_picks_each_runs_checkpoint_closest_to_the_target(tmp_path
         parse_target("lowest")
     # through the CLI: the report says where each run was measured
     out = tmp_path / "cmp"
-    result = run_cli("compare", *paths, "--labels", "fast,slow", "--at-train-loss", "matched", "--metrics", "eig",
-                     "--k", "1", "--n-samples", "200", "--out", out, "--quiet", "--json")
+    result = run_cli(
+        "compare",
+        *paths,
+        "--labels",
+        "fast,slow",
+        "--at-train-loss",
+        "matched",
+        "--metrics",
+        "eig",
+        "--k",
+        "1",
+        "--n-samples",
+        "200",
+        "--out",
+        out,
+        "--quiet",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     members = json.loads(result.stdout)["checkpoints"]
     assert [m["at_train_loss"]["epoch"] for m in members] == [p.epoch for p in chosen]
@@ -282,12 +351,17 @@ def test_the_demo_calls_a_difference_only_after_holms_correction_over_all_its_qu
     from analysis.demo import CLAIMS, SHARPNESS, finding_rows, findings
 
     checkpoints = []
-    for label, shift, jitter in (("sgd B=32", 0.0, (0, 0, 0)), ("sgd B=2000", 1.0, (0.1, -0.1, 0)),
-                                 ("smoothout B=32", 0.04, (-0.01, 0.01, 0)), ("smoothout B=2000", 0.5, (0.1, -0.08, 0))):
+    for label, shift, jitter in (
+        ("sgd B=32", 0.0, (0, 0, 0)),
+        ("sgd B=2000", 1.0, (0.1, -0.1, 0)),
+        ("smoothout B=32", 0.04, (-0.01, 0.01, 0)),
+        ("smoothout B=2000", 0.5, (0.1, -0.08, 0)),
+    ):
         for seed in range(3):
             base = 1.0 + seed  # seed effects shared by every method: the paired test removes them
-            checkpoints.append({"label": label, "seed": seed, "quantities": {
-                q: Quantity(q, base + shift + jitter[seed]) for q in SHARPNESS}})
+            checkpoints.append(
+                {"label": label, "seed": seed, "quantities": {q: Quantity(q, base + shift + jitter[seed]) for q in SHARPNESS}}
+            )
     answers = findings({"checkpoints": checkpoints})
     tests = [d for diffs in answers.values() for d in diffs.values()]
     assert len(tests) == len(CLAIMS) * len(SHARPNESS)

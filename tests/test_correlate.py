@@ -26,8 +26,17 @@ def runs(tmp_path_factory):
     for method in ("sgd", "smoothout"):
         for lr in (0.05, 0.3):
             for seed in (0, 1):
-                config = TrainConfig(data="digits", model="mlp", model_kwargs={"hidden": [24]}, optimizer=method,
-                                     batch_size=128, lr=lr, epochs=2, seed=seed, save_every=1)
+                config = TrainConfig(
+                    data="digits",
+                    model="mlp",
+                    model_kwargs={"hidden": [24]},
+                    optimizer=method,
+                    batch_size=128,
+                    lr=lr,
+                    epochs=2,
+                    seed=seed,
+                    save_every=1,
+                )
                 folders.append(root / f"{method}-{lr}-{seed}")
                 train(config, folders[-1], progress=False)
     return folders
@@ -41,9 +50,15 @@ def test_correlate_measures_every_run_alike_and_ranks_against_the_gaps(runs, tmp
     found = json.loads(result.stdout)
     assert len(found["runs"]) == 8 and found["axes"] == ["method", "lr"]
     assert [(c["measure"], c["gap"]) for c in found["correlations"]] == [
-        ("λ1", "error"), ("trace", "error"), ("λ1", "loss"), ("trace", "loss")]
+        ("λ1", "error"),
+        ("trace", "error"),
+        ("λ1", "loss"),
+        ("trace", "loss"),
+    ]
     args = build_parser().parse_args(["measure", str(runs[0] / "final.pt"), *OPTIONS[:8]])
-    alone = measure_checkpoint(str(runs[0] / "final.pt"), MeasureSpec.from_args(args))  # `landscape measure` on one run: the same numbers
+    alone = measure_checkpoint(
+        str(runs[0] / "final.pt"), MeasureSpec.from_args(args)
+    )  # `landscape measure` on one run: the same numbers
     assert found["runs"][0]["measures"]["λ1"]["value"] == pytest.approx(alone["metrics"]["eig"]["values"][0], rel=1e-6)
     for run, folder in zip(found["runs"], runs):
         g, recorded = run["generalization"], load_checkpoint(folder / "final.pt").meta["metrics"]
@@ -74,12 +89,23 @@ def test_correlate_measures_every_run_alike_and_ranks_against_the_gaps(runs, tmp
 
 @pytest.mark.cli
 def test_correlate_at_matched_train_loss_picks_trajectory_checkpoints(runs, tmp_path):
-    result = run_cli("correlate", *runs, *OPTIONS, "--metrics", "trace", "--at-train-loss", "matched", "--gap", "loss",
-                     "--out", tmp_path, "--json")
+    result = run_cli(
+        "correlate",
+        *runs,
+        *OPTIONS,
+        "--metrics",
+        "trace",
+        "--at-train-loss",
+        "matched",
+        "--gap",
+        "loss",
+        "--out",
+        tmp_path,
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
-    minima = [min(load_checkpoint(p).meta["metrics"]["train_loss"] for p in (f / "trajectory").glob("epoch_*.pt"))
-              for f in runs]
+    minima = [min(load_checkpoint(p).meta["metrics"]["train_loss"] for p in (f / "trajectory").glob("epoch_*.pt")) for f in runs]
     assert found["at_train_loss"] == pytest.approx(max(minima))
     assert all("/trajectory/epoch_" in r["checkpoint"] for r in found["runs"])
     assert {r["at_train_loss"]["epoch"] for r in found["runs"]} <= {0, 1, 2}
@@ -99,11 +125,14 @@ def _main(*args) -> tuple[int, str]:
     return code, stderr.getvalue()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--gap", "accuracy"], "--gap accuracy: choose from error, loss"),
-    (["--metrics", "surface"], "unknown metric surface"),
-    (["--resamples", "20"], "at least 100"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--gap", "accuracy"], "--gap accuracy: choose from error, loss"),
+        (["--metrics", "surface"], "unknown metric surface"),
+        (["--resamples", "20"], "at least 100"),
+    ],
+)
 def test_correlate_refuses_bad_options_in_one_line(runs, tmp_path, extra, message):
     code, stderr = _main("correlate", *runs[:3], *OPTIONS, *extra, "--out", tmp_path)
     assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
@@ -128,8 +157,13 @@ def test_torchrun_splits_correlate_runs_and_track_checkpoints_over_ranks(runs, t
     outputs = {}
     for name, prefix in (("two", TORCHRUN), ("one", [])):
         out = tmp_path / name
-        result = subprocess.run([*prefix, *cli_command(), "correlate", *map(str, runs[:5]), *options, "--out", str(out)],
-                                capture_output=True, text=True, env=process_env(), timeout=300)
+        result = subprocess.run(
+            [*prefix, *cli_command(), "correlate", *map(str, runs[:5]), *options, "--out", str(out)],
+            capture_output=True,
+            text=True,
+            env=process_env(),
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.count("wrote ") == 1  # one rank printed
         outputs[name] = json.loads((out / "correlation.json").read_text())
@@ -140,10 +174,34 @@ def test_torchrun_splits_correlate_runs_and_track_checkpoints_over_ranks(runs, t
     series = {}
     for name, prefix in (("two", TORCHRUN), ("one", [])):
         out = tmp_path / f"track-{name}"
-        result = subprocess.run([*prefix, *cli_command(), "track", str(runs[0]), "--metrics", "eig,trace", "--k", "1",
-                                 "--n-samples", "300", "--probes", "10", "--dtype", "float64", "--tol", "1e-6",
-                                 "--out", str(out), "--json", "--quiet"],
-                                capture_output=True, text=True, env=process_env(), timeout=300)
+        result = subprocess.run(
+            [
+                *prefix,
+                *cli_command(),
+                "track",
+                str(runs[0]),
+                "--metrics",
+                "eig,trace",
+                "--k",
+                "1",
+                "--n-samples",
+                "300",
+                "--probes",
+                "10",
+                "--dtype",
+                "float64",
+                "--tol",
+                "1e-6",
+                "--out",
+                str(out),
+                "--json",
+                "--quiet",
+            ],
+            capture_output=True,
+            text=True,
+            env=process_env(),
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
         series[name] = json.loads(result.stdout)["series"]
     assert series["two"]["epoch"] == series["one"]["epoch"] == [0.0, 1.0, 2.0]

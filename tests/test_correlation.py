@@ -13,8 +13,10 @@ AXES = ["method", "batch_size", "lr"]
 
 def sweep(seeds: int = 3) -> list[dict]:
     """Jiang-style grid: 2 methods × 2 batch sizes × 3 learning rates × seeds (36 runs at 3 seeds)."""
-    return [{"method": m, "batch_size": b, "lr": lr, "seed": s}
-            for m, b, lr, s in itertools.product(["sgd", "smoothout"], [32, 256], [0.01, 0.03, 0.1], range(seeds))]
+    return [
+        {"method": m, "batch_size": b, "lr": lr, "seed": s}
+        for m, b, lr, s in itertools.product(["sgd", "smoothout"], [32, 256], [0.01, 0.03, 0.1], range(seeds))
+    ]
 
 
 @pytest.mark.parametrize("n", [4, 36, 150])

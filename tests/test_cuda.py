@@ -87,11 +87,19 @@ def cpu_float32_error(name: str, mode: str) -> float:
 # every path of HVP_METHODS, ResNet-20 in float32 only (its float64 CPU reference is the slow part); the
 # torch.compile'd path, where the Objective has one, on three cases (each compiles for tens of seconds)
 COMPILED = getattr(objective_module, "COMPILED_HVP", None)
-HVP_CASES = [(name, mode, path, dtype) for name in PROBLEMS for mode in ("eval", "train") for path in HVP_METHODS
-             for dtype in (("float32",) if name == "resnet20" else ("float64", "float32"))]
+HVP_CASES = [
+    (name, mode, path, dtype)
+    for name in PROBLEMS
+    for mode in ("eval", "train")
+    for path in HVP_METHODS
+    for dtype in (("float32",) if name == "resnet20" else ("float64", "float32"))
+]
 if COMPILED and COMPILED not in HVP_METHODS:
-    HVP_CASES += [("mlp", "eval", COMPILED, "float64"), ("convnet-bn", "train", COMPILED, "float32"),
-                  ("resnet20", "eval", COMPILED, "float32")]
+    HVP_CASES += [
+        ("mlp", "eval", COMPILED, "float64"),
+        ("convnet-bn", "train", COMPILED, "float32"),
+        ("resnet20", "eval", COMPILED, "float32"),
+    ]
 
 
 # ------------------------------------------------------------------------------------------------- HVPs
@@ -113,9 +121,11 @@ def test_hvp_on_cuda_matches_the_float64_cpu_reference(name, mode, path, dtype):
     else:
         tolerance = max(50 * cpu_float32_error(name, mode), 1e-5)
     error = rel_err(product.double().cpu(), hv)
-    assert error <= tolerance, (f"{path} on CUDA ({dtype}, {mode}): {error:.2e} from the float64 CPU reference, "
-                                f"tolerance {tolerance:.1e} (TF32: torch.backends.cudnn.allow_tf32="
-                                f"{torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32})")
+    assert error <= tolerance, (
+        f"{path} on CUDA ({dtype}, {mode}): {error:.2e} from the float64 CPU reference, "
+        f"tolerance {tolerance:.1e} (TF32: torch.backends.cudnn.allow_tf32="
+        f"{torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32})"
+    )
     for row, expected in zip(block.double().cpu(), (hv, -2 * hv, hv_roll)):
         assert rel_err(row, expected) <= tolerance
     check = objective.hvp_check_result
@@ -242,10 +252,38 @@ def test_surface_float32_on_cuda_agrees_with_the_cpu_on_resnet20():
 
 
 # -------------------------------------------------------------------------------------------- the CLI
-MEASURE = ["--json", "--quiet", "--dtype", "float64", "--n-samples", "200", "--batch-size", "64", "--k", "3",
-           "--tol", "1e-8", "--metrics", "eig,trace,density,expected-loss,eps-sharpness,worst-case,m-sharpness",
-           "--density-steps", "10", "--noise-samples", "8", "--radius", "0.01", "--eps-iters", "3", "--restarts", "1",
-           "--ascent-steps", "3", "--m", "64", "--per-layer", "eig,trace"]
+MEASURE = [
+    "--json",
+    "--quiet",
+    "--dtype",
+    "float64",
+    "--n-samples",
+    "200",
+    "--batch-size",
+    "64",
+    "--k",
+    "3",
+    "--tol",
+    "1e-8",
+    "--metrics",
+    "eig,trace,density,expected-loss,eps-sharpness,worst-case,m-sharpness",
+    "--density-steps",
+    "10",
+    "--noise-samples",
+    "8",
+    "--radius",
+    "0.01",
+    "--eps-iters",
+    "3",
+    "--restarts",
+    "1",
+    "--ascent-steps",
+    "3",
+    "--m",
+    "64",
+    "--per-layer",
+    "eig,trace",
+]
 
 
 def _measure(capsys, checkpoint, device: str) -> dict:
@@ -295,15 +333,30 @@ def test_cuda_out_of_memory_mid_run_is_one_line(tmp_path, capsys):
     np.savez(data, x=torch.randn(2048, 3, 32, 32, generator=g).numpy(), y=torch.randint(0, 10, (2048,), generator=g).numpy())
     torch.manual_seed(0)
     model, spec = model_for_data("resnet20", (3, 32, 32), num_classes=10)
-    checkpoint = save_checkpoint(tmp_path / "resnet20.pt", model, model_spec=spec,
-                                 data_spec={"spec": f"npz:{data}", "seed": 0, "normalize": None})
+    checkpoint = save_checkpoint(
+        tmp_path / "resnet20.pt", model, model_spec=spec, data_spec={"spec": f"npz:{data}", "seed": 0, "normalize": None}
+    )
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(min(1.0, 1.5 * 2**30 / total), 0)
     capsys.readouterr()
     try:
-        code = main(["measure", str(checkpoint), "--device", CUDA, "--batch-size", "2048", "--metrics", "eig",
-                     "--hvp", "double-backward", "--quiet", "--json"])
+        code = main(
+            [
+                "measure",
+                str(checkpoint),
+                "--device",
+                CUDA,
+                "--batch-size",
+                "2048",
+                "--metrics",
+                "eig",
+                "--hvp",
+                "double-backward",
+                "--quiet",
+                "--json",
+            ]
+        )
     except torch.cuda.OutOfMemoryError as error:
         pytest.fail(f"CUDA out-of-memory escaped the CLI as a traceback: {str(error).splitlines()[0]}")
     finally:
@@ -330,7 +383,10 @@ def test_cuda_training_steps_match_the_cpu_in_float64(method):
         torch.manual_seed(0)
         model = tiny_convnet_bn().double().to(device)
         g = torch.Generator().manual_seed(1)
-        x, y = torch.randn(32, 1, 4, 4, generator=g, dtype=torch.float64).to(device), torch.randint(0, 3, (32,), generator=g).to(device)
+        x, y = (
+            torch.randn(32, 1, 4, 4, generator=g, dtype=torch.float64).to(device),
+            torch.randint(0, 3, (32,), generator=g).to(device),
+        )
         opt = make_optimizer(method, model, lr=0.1, momentum=0.9)
         losses = [float(opt.step(model, x, y, F.cross_entropy)[0]) for _ in range(5)]
         results[device] = (losses, [p.detach().cpu() for p in model.parameters()])

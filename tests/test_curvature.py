@@ -113,8 +113,10 @@ def test_ggn_and_fisher_match_dense_matrices(name, mode, keep):
     model, batches = _problem(name)
     objective = _objective(model, batches, mode)
     V = torch.randn(3, objective.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    for op, dense in ((GGNOperator(objective, keep=keep), dense_ggn(model, batches, mode)),
-                      (FisherOperator(objective, keep=keep), dense_fisher(model, batches, mode))):
+    for op, dense in (
+        (GGNOperator(objective, keep=keep), dense_ggn(model, batches, mode)),
+        (FisherOperator(objective, keep=keep), dense_fisher(model, batches, mode)),
+    ):
         for repeat in range(2):  # a kept linearization gives the same answer every time
             assert rel_err(op.matvec(V[repeat]), dense @ V[repeat]) <= 1e-10, (type(op).__name__, repeat)
         assert rel_err(op.products(V), V @ dense.T) <= 1e-10, type(op).__name__
@@ -136,8 +138,10 @@ def test_every_model_idiom(name, mode):
     batches = zoo_batches("custom-function" if name == "custom-function-inplace" else name)
     objective = _objective(model, batches, mode)
     V = torch.randn(3, objective.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    for op, dense in ((GGNOperator(objective, keep=True), dense_ggn(model, batches, mode)),
-                      (FisherOperator(objective, keep=True), dense_fisher(model, batches, mode))):
+    for op, dense in (
+        (GGNOperator(objective, keep=True), dense_ggn(model, batches, mode)),
+        (FisherOperator(objective, keep=True), dense_fisher(model, batches, mode)),
+    ):
         for repeat in range(2):
             assert rel_err(op.matvec(V[0]), dense @ V[0]) <= 1e-10, (type(op).__name__, repeat)
         assert rel_err(op.products(V), V @ dense.T) <= 1e-10, type(op).__name__
@@ -227,8 +231,14 @@ def _sharded_products(distributed: bool) -> dict:
     _, _, batches = classification_batches(45, (1, 4, 4), 3, [10, 10, 10, 10, 5], seed=1)
     out = {}
     for mode in ("eval", "train"):
-        objective = Objective(tiny_convnet_bn(), ranks.shard(batches) if distributed else batches, mode=mode,
-                              dtype=torch.float64, device="cpu", distributed=distributed)
+        objective = Objective(
+            tiny_convnet_bn(),
+            ranks.shard(batches) if distributed else batches,
+            mode=mode,
+            dtype=torch.float64,
+            device="cpu",
+            distributed=distributed,
+        )
         V = torch.randn(3, objective.n_params, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
         out[f"{mode}-ggn"] = GGNOperator(objective, keep=False).products(V)
         out[f"{mode}-fisher"] = FisherOperator(objective, keep=False).products(V)
@@ -248,15 +258,31 @@ def test_two_ranks_give_the_one_process_products(tmp_path):
             assert rel_err(products[key], value) <= 1e-12, (rank, key)
 
 
-
 # ------------------------------------------------------------------------------------------- CLI
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return digits_mlp_checkpoint(tmp_path_factory.mktemp("ckpt"), hidden=(8,))
 
 
-MEASURE = ["--dtype", "float64", "--n-samples", "100", "--batch-size", "40", "--k", "2", "--tol", "1e-10",
-           "--metrics", "eig,trace", "--trace-method", "hutchinson", "--probes", "4", "--quiet"]
+MEASURE = [
+    "--dtype",
+    "float64",
+    "--n-samples",
+    "100",
+    "--batch-size",
+    "40",
+    "--k",
+    "2",
+    "--tol",
+    "1e-10",
+    "--metrics",
+    "eig,trace",
+    "--trace-method",
+    "hutchinson",
+    "--probes",
+    "4",
+    "--quiet",
+]
 
 
 @pytest.mark.slow
@@ -276,7 +302,9 @@ def test_measure_reports_the_chosen_curvature(checkpoint, curvature, capsys):
     assert exact["hessian"] != pytest.approx(exact[curvature], rel=1e-2)
     assert main(["measure", str(checkpoint), "--curvature", curvature, *MEASURE]) == 0
     table = capsys.readouterr().out
-    name, products = {"ggn": ("generalized Gauss-Newton", "GGN products"), "fisher": ("empirical Fisher", "Fisher products")}[curvature]
+    name, products = {"ggn": ("generalized Gauss-Newton", "GGN products"), "fisher": ("empirical Fisher", "Fisher products")}[
+        curvature
+    ]
     assert f"curvature: {name}" in table and products in table and "HVPs" not in table.split("curvature:")[1]
 
 

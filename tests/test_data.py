@@ -24,6 +24,7 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---------------------------------------------------------------- digits
 
+
 def test_digits_shapes_and_train_normalization():
     data = load_data("digits")
     assert data.input_shape == (1, 8, 8) and data.num_classes == 10
@@ -49,6 +50,7 @@ def test_digits_split_is_seeded_and_stratified():
 
 
 # ---------------------------------------------------------------- mnist1d
+
 
 def test_mnist1d_shapes_cache_and_global_rng_untouched(tmp_path, monkeypatch):
     monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path))  # an empty cache: the generator runs here
@@ -77,11 +79,14 @@ def test_built_in_sets_are_cached_on_disk_and_read_back_without_scikit_learn(tmp
     monkeypatch.setattr(data_module, "_MEMORY_CACHE", {})
     first = load_data("digits", seed=2)
     assert (tmp_path / "cache" / "digits-seed2.npz").is_file()
-    script = ("import sys, torch; from landscape.inputs.data import load_data; d = load_data('digits', seed=2); "
-              "torch.save((d.x_train, d.y_train, d.x_test, d.y_test), sys.argv[1]); print('sklearn' in sys.modules)")
+    script = (
+        "import sys, torch; from landscape.inputs.data import load_data; d = load_data('digits', seed=2); "
+        "torch.save((d.x_train, d.y_train, d.x_test, d.y_test), sys.argv[1]); print('sklearn' in sys.modules)"
+    )
     env = {**os.environ, "LANDSCAPE_CACHE": str(tmp_path / "cache")}
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "read.pt")], capture_output=True, text=True,
-                         env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "read.pt")], capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
     for a, b in zip(torch.load(tmp_path / "read.pt"), (first.x_train, first.y_train, first.x_test, first.y_test)):
         assert torch.equal(a, b)
@@ -97,6 +102,7 @@ def test_built_in_sets_are_cached_on_disk_and_read_back_without_scikit_learn(tmp
 
 
 # ---------------------------------------------------------------- CIFAR
+
 
 def test_cifar10_layout_labels_and_normalization(tmp_path):
     batches = fake_cifar10(tmp_path)
@@ -149,6 +155,7 @@ def test_malicious_pickle_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- npz
 
+
 def test_npz_with_test_arrays_used_as_stored(tmp_path):
     x, y = np.random.default_rng(0).normal(size=(10, 5)) * 3 + 1, np.arange(10) % 3
     np.savez(tmp_path / "d.npz", x=x, y=y, x_test=x[:4], y_test=np.array([0, 1, 2, 4]))
@@ -157,7 +164,9 @@ def test_npz_with_test_arrays_used_as_stored(tmp_path):
     assert data.num_classes == 5 and data.test_source == "provided" and data.y_train.dtype == torch.int64
     normed = load_data(f"npz:{tmp_path / 'd.npz'}", normalize=True)
     mean, std = channel_stats(normed.x_train)  # 2-D inputs: per feature
-    assert mean.shape == (5,) and torch.allclose(mean, torch.zeros(5), atol=1e-5) and torch.allclose(std, torch.ones(5), atol=1e-5)
+    assert (
+        mean.shape == (5,) and torch.allclose(mean, torch.zeros(5), atol=1e-5) and torch.allclose(std, torch.ones(5), atol=1e-5)
+    )
 
 
 def test_npz_without_test_arrays_holds_out_20_percent(tmp_path):
@@ -170,13 +179,19 @@ def test_npz_without_test_arrays_holds_out_20_percent(tmp_path):
     assert torch.equal(a.x_test, load_data(f"npz:{tmp_path / 'd.npz'}", seed=0).x_test)
 
 
-@pytest.mark.parametrize("arrays, message", [
-    ({"x": np.zeros((3, 2))}, "no array 'y'"),
-    ({"x": np.zeros((3, 2)), "y": np.zeros(4, dtype=int)}, "x has 3 samples but y has 4"),
-    ({"x": np.zeros((3, 2)), "y": np.array([0.0, 1.5, 2.0])}, "integer class indices"),
-    ({"x": np.zeros((3, 2)), "y": np.zeros(3, dtype=int), "x_test": np.zeros((1, 2))}, "both x_test and y_test"),
-    ({"x": np.zeros((3, 2)), "y": np.zeros(3, dtype=int), "x_test": np.zeros((1, 3)), "y_test": np.zeros(1, dtype=int)}, "x_test samples have shape"),
-])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"x": np.zeros((3, 2))}, "no array 'y'"),
+        ({"x": np.zeros((3, 2)), "y": np.zeros(4, dtype=int)}, "x has 3 samples but y has 4"),
+        ({"x": np.zeros((3, 2)), "y": np.array([0.0, 1.5, 2.0])}, "integer class indices"),
+        ({"x": np.zeros((3, 2)), "y": np.zeros(3, dtype=int), "x_test": np.zeros((1, 2))}, "both x_test and y_test"),
+        (
+            {"x": np.zeros((3, 2)), "y": np.zeros(3, dtype=int), "x_test": np.zeros((1, 3)), "y_test": np.zeros(1, dtype=int)},
+            "x_test samples have shape",
+        ),
+    ],
+)
 def test_npz_errors_name_the_problem(tmp_path, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(DataError, match=message):
@@ -192,7 +207,7 @@ def test_missing_npz_and_unknown_spec(tmp_path):
 
 # ---------------------------------------------------------------- module:callable
 
-MODULE_SOURCE = '''
+MODULE_SOURCE = """
 import numpy as np
 import torch
 from landscape.inputs.data import Dataset
@@ -214,7 +229,7 @@ def wrong():
 
 def as_batches():
     return [(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)), (torch.zeros(2, 2), torch.ones(2, dtype=torch.long))]
-'''
+"""
 
 
 def test_module_callable_forms(tmp_path, monkeypatch):
@@ -240,6 +255,7 @@ def test_module_callable_forms(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- measurement set
+
 
 def small_dataset(n_train=10, n_test=3) -> Dataset:
     x = torch.arange(n_train, dtype=torch.float32).unsqueeze(1)

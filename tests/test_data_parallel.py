@@ -160,9 +160,12 @@ def test_every_rank_holds_the_same_bits_after_each_method(two_ranks, name):
 
 def test_fp16_steps_agree_across_ranks_and_with_one_process(two_ranks):
     """The scaled gradients are summed, then unscaled and checked once: every rank takes (or skips) the same step."""
-    torch.testing.assert_close(two_ranks[0]["sam-fp16"]["state"]["1.weight"],
-                               _one_process("sam-fp16", ghost_batch_size=N // WORLD)["state"]["1.weight"],
-                               rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(
+        two_ranks[0]["sam-fp16"]["state"]["1.weight"],
+        _one_process("sam-fp16", ghost_batch_size=N // WORLD)["state"]["1.weight"],
+        rtol=2e-3,
+        atol=2e-3,
+    )
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam-accumulate", "sam-global"])
@@ -203,8 +206,7 @@ def test_batchnorm_statistics_move_once_per_step(two_ranks, name):
 
 
 # ---------------------------------------------------------------- the trainer under torchrun
-TRAIN = ["--data", "digits", "--model", "mlp", "--model-opt", "hidden=(16,)", "--batch-size", "64", "--lr", "0.05",
-         "--quiet"]
+TRAIN = ["--data", "digits", "--model", "mlp", "--model-opt", "hidden=(16,)", "--batch-size", "64", "--lr", "0.05", "--quiet"]
 
 
 def _env() -> dict:
@@ -219,12 +221,22 @@ def _torchrun(*args, nproc: int = WORLD) -> list[str]:
 def test_torchrun_train_equals_one_process_and_writes_once(tmp_path):
     """Weights, the logged metrics and the tracked λ1 (measured data-parallel, on each rank's shard) agree."""
     tracked = ["--track-every", "2", "--track-samples", "500"]
-    two = subprocess.run(_torchrun("train", *TRAIN, *tracked, "--epochs", "2", "--out", tmp_path / "two"), env=_env(),
-                         capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        _torchrun("train", *TRAIN, *tracked, "--epochs", "2", "--out", tmp_path / "two"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("wrote ") == 1  # rank 0 alone prints
-    one = subprocess.run(cli_command() + ["train", *TRAIN, *tracked, "--epochs", "2", "--out", str(tmp_path / "one")],
-                         env=_env(), capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        cli_command() + ["train", *TRAIN, *tracked, "--epochs", "2", "--out", str(tmp_path / "one")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr
     a, b = load_checkpoint(tmp_path / "one" / "final.pt"), load_checkpoint(tmp_path / "two" / "final.pt")
     for key, value in a.state_dict.items():
@@ -236,8 +248,13 @@ def test_torchrun_train_equals_one_process_and_writes_once(tmp_path):
     for key in ("train_loss", "test_accuracy", "lambda1"):
         assert log[-1][key] == pytest.approx(single[-1][key], rel=1e-3), key
     # and torchrun with one process is the plain one-process run, bit for bit
-    alone = subprocess.run(_torchrun("train", *TRAIN, "--epochs", "2", "--out", tmp_path / "alone", nproc=1), env=_env(),
-                           capture_output=True, text=True, timeout=600)
+    alone = subprocess.run(
+        _torchrun("train", *TRAIN, "--epochs", "2", "--out", tmp_path / "alone", nproc=1),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert alone.returncode == 0, alone.stderr
     c = load_checkpoint(tmp_path / "alone" / "final.pt").state_dict
     assert all(torch.equal(c[k], v) for k, v in a.state_dict.items())
@@ -270,8 +287,9 @@ def test_torchrun_train_resumes_after_kill_to_the_same_bits(tmp_path):
     each rank's noise stream continuing where it stopped (SmoothOut, ghost batches)."""
     args = [*TRAIN, "--optimizer", "smoothout", "--noise", "0.01", "--ghost-batch-size", "16", "--epochs", "12"]
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_torchrun("train", *args, "--out", killed), env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _torchrun("train", *args, "--out", killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (killed / "trajectory" / "epoch_0003.pt").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -280,28 +298,39 @@ def test_torchrun_train_resumes_after_kill_to_the_same_bits(tmp_path):
     assert not (killed / "final.pt").exists()
     # resuming it in one process is a one-line refusal that names the command to use, and changes nothing
     state = (killed / "state.pt").read_bytes()
-    refused = subprocess.run(cli_command() + ["train", *args, "--out", str(killed), "--resume"],
-                             env=_env(), capture_output=True, text=True, timeout=600)
+    refused = subprocess.run(
+        cli_command() + ["train", *args, "--out", str(killed), "--resume"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "trained on 2 process(es)" in refused.stderr and "--nproc_per_node 2" in refused.stderr
     assert (killed / "state.pt").read_bytes() == state
-    resumed = subprocess.run(_torchrun("train", *args, "--out", killed, "--resume"), env=_env(), capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        _torchrun("train", *args, "--out", killed, "--resume"), env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr
-    whole = subprocess.run(_torchrun("train", *args, "--out", tmp_path / "whole"), env=_env(), capture_output=True,
-                           text=True, timeout=600)
+    whole = subprocess.run(
+        _torchrun("train", *args, "--out", tmp_path / "whole"), env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert whole.returncode == 0, whole.stderr
     a, b = load_checkpoint(killed / "final.pt").state_dict, load_checkpoint(tmp_path / "whole" / "final.pt").state_dict
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a finished run is reusable from one process (demo and figures caches): nothing left to train
-    single = subprocess.run(cli_command() + ["train", *args, "--out", str(killed), "--resume"],
-                            env=_env(), capture_output=True, text=True, timeout=600)
+    single = subprocess.run(
+        cli_command() + ["train", *args, "--out", str(killed), "--resume"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr
 
 
 # ---------------------------------------------------------------- demo and figures: runs split over the ranks
-RUNS = [TrainConfig(data="digits", model="mlp", model_kwargs={"hidden": [8]}, epochs=1, seed=s, batch_size=128)
-        for s in range(3)]
+RUNS = [TrainConfig(data="digits", model="mlp", model_kwargs={"hidden": [8]}, epochs=1, seed=s, batch_size=128) for s in range(3)]
 
 
 def _train_all(cache: Path) -> list[Path]:

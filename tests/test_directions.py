@@ -121,8 +121,9 @@ def test_pca_recovers_a_known_plane_and_projects_the_trajectory():
     d = pca_directions(objective, trajectory, [f"epoch {i}" for i in range(5)])
     v = d.vectors
     torch.testing.assert_close(v @ v.T, torch.eye(2, dtype=v.dtype), rtol=0, atol=1e-12)  # orthonormal
-    torch.testing.assert_close(torch.linalg.matrix_norm(v @ e), torch.tensor(2.0, dtype=v.dtype).sqrt(),
-                               rtol=0, atol=1e-10)  # spans the plane of the run
+    torch.testing.assert_close(
+        torch.linalg.matrix_norm(v @ e), torch.tensor(2.0, dtype=v.dtype).sqrt(), rtol=0, atol=1e-10
+    )  # spans the plane of the run
     offsets = torch.stack([a, b], 1) @ e.T
     torch.testing.assert_close(torch.from_numpy(d.trajectory) @ v, offsets, rtol=0, atol=1e-10)  # exact projection
     assert sum(d.spec["explained_variance_ratio"]) == pytest.approx(1.0, abs=1e-10)

@@ -43,17 +43,30 @@ def _problem(sizes):
 
 def _objective(sizes, mode, distributed, hvp="reuse"):
     model, batches = _problem(sizes)
-    return Objective(model, ranks.shard(batches) if distributed else batches, mode=mode, dtype=torch.float64,
-                     device="cpu", hvp_method=hvp, distributed=distributed)
+    return Objective(
+        model,
+        ranks.shard(batches) if distributed else batches,
+        mode=mode,
+        dtype=torch.float64,
+        device="cpu",
+        hvp_method=hvp,
+        distributed=distributed,
+    )
 
 
 def _basics(objective) -> dict:
     evaluation = objective.evaluate()
     V = torch.randn(3, objective.n_params, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     eig = lanczos(HessianOperator(objective), 3, tol=1e-10, seed=2)
-    return {"loss": evaluation.loss, "accuracy": evaluation.accuracy, "n_samples": evaluation.n_samples,
-            "grad": objective.grad().numpy(), "hvp": objective.hvp_batched(V).numpy(),
-            "eig": eig.values, "eig_matvecs": eig.n_matvecs}
+    return {
+        "loss": evaluation.loss,
+        "accuracy": evaluation.accuracy,
+        "n_samples": evaluation.n_samples,
+        "grad": objective.grad().numpy(),
+        "hvp": objective.hvp_batched(V).numpy(),
+        "eig": eig.values,
+        "eig_matvecs": eig.n_matvecs,
+    }
 
 
 def _measurements(distributed: bool) -> dict:
@@ -66,10 +79,16 @@ def _measurements(distributed: bool) -> dict:
     eps = epsilon_sharpness(objective, 1e-2, restarts=2, max_iter=3, seed=6)
     return {
         "eval": _basics(objective),
-        "hutchinson": hutchinson(op, 20, seed=1).estimate, "hutchpp": hutchpp(op, 30, seed=1).estimate,
-        "xtrace": xtrace(op, 30, seed=1).estimate, "density": density.density, "nodes": density.nodes,
-        "expected_loss": noise.samples, "curve": curve.increase, "prediction": curve.prediction,
-        "eps_sharpness": eps.max_losses, "describe": objective.describe(),
+        "hutchinson": hutchinson(op, 20, seed=1).estimate,
+        "hutchpp": hutchpp(op, 30, seed=1).estimate,
+        "xtrace": xtrace(op, 30, seed=1).estimate,
+        "density": density.density,
+        "nodes": density.nodes,
+        "expected_loss": noise.samples,
+        "curve": curve.increase,
+        "prediction": curve.prediction,
+        "eps_sharpness": eps.max_losses,
+        "describe": objective.describe(),
         "train_mode": _basics(_objective([10, 10, 10, 10, 5], "train", distributed, hvp="double-backward")),
         "one_batch": _basics(_objective([12], "eval", distributed)),
     }
@@ -79,8 +98,7 @@ def _surface(path) -> np.ndarray:
     """A 5×4 surface of a NON-distributed objective: grid points, not batches, are split over the ranks."""
     objective = _objective([10, 10, 10, 10, 5], "eval", distributed=False)
     directions = random_directions(objective, 2, seed=0)
-    surface = compute_surface(objective, directions, [grid_axis(-1, 1, 5), grid_axis(-0.5, 1, 4)], path=path,
-                              bn_recalibration=2)
+    surface = compute_surface(objective, directions, [grid_axis(-1, 1, 5), grid_axis(-0.5, 1, 4)], path=path, bn_recalibration=2)
     assert surface.complete
     return surface.loss["train"]
 
@@ -150,10 +168,36 @@ def test_bad_timeout_is_refused_in_one_line(monkeypatch, value):
 
 
 # ----------------------------------------------------------------------- CLI: torchrun and failures
-MEASURE = ["--dtype", "float64", "--n-samples", "250", "--batch-size", "64", "--k", "2", "--tol", "1e-6",
-           "--probes", "12", "--density-runs", "2", "--density-steps", "10", "--radius", "0.05",
-           "--noise-samples", "6", "--bn-recalibration", "2", "--restarts", "2", "--eps", "1e-3",
-           "--metrics", "eig,trace,density,expected-loss,eps-sharpness"]
+MEASURE = [
+    "--dtype",
+    "float64",
+    "--n-samples",
+    "250",
+    "--batch-size",
+    "64",
+    "--k",
+    "2",
+    "--tol",
+    "1e-6",
+    "--probes",
+    "12",
+    "--density-runs",
+    "2",
+    "--density-steps",
+    "10",
+    "--radius",
+    "0.05",
+    "--noise-samples",
+    "6",
+    "--bn-recalibration",
+    "2",
+    "--restarts",
+    "2",
+    "--eps",
+    "1e-3",
+    "--metrics",
+    "eig,trace,density,expected-loss,eps-sharpness",
+]
 
 
 @pytest.fixture(scope="module")
@@ -191,14 +235,36 @@ def test_torchrun_compare_and_surface_match_one_process(checkpoint, tmp_path):
     torch.manual_seed(1)
     model, spec = model_for_data("convnet", (1, 8, 8), num_classes=10, channels=(2, 3))
     save_checkpoint(other, model, model_spec=spec, data_spec={"spec": "digits", "seed": 0, "normalize": None})
-    options = ["--dtype", "float64", "--n-samples", "250", "--batch-size", "64", "--k", "1", "--probes", "8",
-               "--radius", "0.05", "--noise-samples", "6", "--metrics", "eig,sharpness-curve,surface",
-               "--surface-range=-1:1:5", "--quiet"]
+    options = [
+        "--dtype",
+        "float64",
+        "--n-samples",
+        "250",
+        "--batch-size",
+        "64",
+        "--k",
+        "1",
+        "--probes",
+        "8",
+        "--radius",
+        "0.05",
+        "--noise-samples",
+        "6",
+        "--metrics",
+        "eig,sharpness-curve,surface",
+        "--surface-range=-1:1:5",
+        "--quiet",
+    ]
     runs = {}
     for name, prefix in (("two", torchrun(WORLD)), ("one", [])):
         out = tmp_path / name
-        result = subprocess.run([*prefix, *cli_command(), "compare", str(checkpoint), str(other), "--out", str(out), *options],
-                                capture_output=True, text=True, env=process_env(), timeout=300)
+        result = subprocess.run(
+            [*prefix, *cli_command(), "compare", str(checkpoint), str(other), "--out", str(out), *options],
+            capture_output=True,
+            text=True,
+            env=process_env(),
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.count("report:") == 1  # one rank printed
         runs[name] = json.loads((out / "results.json").read_text())
@@ -207,16 +273,34 @@ def test_torchrun_compare_and_surface_match_one_process(checkpoint, tmp_path):
     for a, b in zip(two, one):
         for name in ("λ1", "ΔL a=0.05", "test accuracy"):
             assert a["quantities"][name]["value"] == pytest.approx(b["quantities"][name]["value"], rel=REL), name
-        np.testing.assert_allclose(read_surface(a["raw"]["surface"]).loss["train"],
-                                   read_surface(b["raw"]["surface"]).loss["train"], rtol=REL)
+        np.testing.assert_allclose(
+            read_surface(a["raw"]["surface"]).loss["train"], read_surface(b["raw"]["surface"]).loss["train"], rtol=REL
+        )
         with h5py.File(a["raw"]["surface"]) as sharded, h5py.File(b["raw"]["surface"]) as whole:
             assert sharded.attrs["fingerprint"] == whole.attrs["fingerprint"]  # either file resumes in either mode
     surfaces = {}
     for name, prefix in (("two", torchrun(WORLD)), ("one", [])):
         path = tmp_path / f"{name}.h5"
-        result = subprocess.run([*prefix, *cli_command(), "surface", str(checkpoint), "--dim", "2", "--range=-1:1:5",
-                                 "--n-samples", "250", "--out", str(path), "--quiet"], capture_output=True, text=True,
-                                env=process_env(), timeout=300)
+        result = subprocess.run(
+            [
+                *prefix,
+                *cli_command(),
+                "surface",
+                str(checkpoint),
+                "--dim",
+                "2",
+                "--range=-1:1:5",
+                "--n-samples",
+                "250",
+                "--out",
+                str(path),
+                "--quiet",
+            ],
+            capture_output=True,
+            text=True,
+            env=process_env(),
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
         surfaces[name] = read_surface(path)
     assert surfaces["two"].complete
@@ -247,13 +331,26 @@ def test_a_failed_rank_ends_the_job_with_one_line(tmp_path, checkpoint, fault, t
     """A dead rank (connection reset; also after the last collective) or a hung one (timeout): rank 0 exits 1, one line."""
     script = tmp_path / "faulty.py"
     script.write_text(FAULTY_RANK)
-    env = process_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
-               LANDSCAPE_DIST_TIMEOUT=str(timeout))
-    command = [sys.executable, str(script), fault, "measure", str(checkpoint), "--n-samples", "100", "--metrics", "eig",
-               "--quiet"]  # no progress line on a loaded machine: stderr is the one error line
+    env = process_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LANDSCAPE_DIST_TIMEOUT=str(timeout))
+    command = [
+        sys.executable,
+        str(script),
+        fault,
+        "measure",
+        str(checkpoint),
+        "--n-samples",
+        "100",
+        "--metrics",
+        "eig",
+        "--quiet",
+    ]  # no progress line on a loaded machine: stderr is the one error line
     start = time.perf_counter()
-    procs = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for r in range(2)
+    ]
     try:
         _, stderr = procs[0].communicate(timeout=timeout + 60)
         elapsed = time.perf_counter() - start

@@ -90,8 +90,7 @@ def trained_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(trained_run):
-    return objective_from_checkpoint(load_checkpoint(trained_run), measurement=MeasurementSet("train", 500, 500, 0),
-                                     device="cpu")
+    return objective_from_checkpoint(load_checkpoint(trained_run), measurement=MeasurementSet("train", 500, 500, 0), device="cpu")
 
 
 # ----------------------------------------------------------------- the trivial lower bounds
@@ -137,8 +136,10 @@ def test_brute_force_best_corner_of_a_dense_quadratic(method):
     objective, H = least_squares_objective(d=6)
     eps = 0.05
     b = eps * (objective.w.abs() + 1)
-    corners = [0.5 * float((s * b) @ H @ (s * b)) for s in
-               (torch.tensor(signs, dtype=torch.float64) for signs in itertools.product((-1, 1), repeat=6))]
+    corners = [
+        0.5 * float((s * b) @ H @ (s * b))
+        for s in (torch.tensor(signs, dtype=torch.float64) for signs in itertools.product((-1, 1), repeat=6))
+    ]
     truth = 100 * max(corners) / (1 + objective.loss())
     r = epsilon_sharpness(objective, eps, max_iter=100, restarts=8, method=method, seed=0)
     assert r.value == pytest.approx(truth, rel=1e-6)
@@ -192,11 +193,19 @@ def test_subspace_is_not_sharper_than_the_full_space():
     assert sub.subspace_dim == 2 and full.subspace_dim is None
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"eps": 0.0}, "eps"), ({"eps": -1e-3}, "eps"), ({"eps": math.nan}, "eps"), ({"restarts": -1}, "restarts"),
-    ({"method": "adam"}, "method"), ({"max_iter": 0}, "max_iter"), ({"subspace_dim": 7}, "subspace_dim"),
-    ({"seed": 1.5}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"eps": 0.0}, "eps"),
+        ({"eps": -1e-3}, "eps"),
+        ({"eps": math.nan}, "eps"),
+        ({"restarts": -1}, "restarts"),
+        ({"method": "adam"}, "method"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"subspace_dim": 7}, "subspace_dim"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
 def test_bad_arguments_are_one_line_value_errors(kwargs, match):
     objective, _ = least_squares_objective(d=6)
     with pytest.raises(ValueError, match=match) as error:
@@ -205,8 +214,24 @@ def test_bad_arguments_are_one_line_value_errors(kwargs, match):
 
 
 def test_measure_shows_best_spread_and_start_values(trained_run):
-    args = build_parser().parse_args(["measure", str(trained_run), "--metrics", "eps-sharpness", "--n-samples", "300",
-                                      "--eps", "5e-4", "--restarts", "1", "--eps-iters", "3", "--device", "cpu"])
+    args = build_parser().parse_args(
+        [
+            "measure",
+            str(trained_run),
+            "--metrics",
+            "eps-sharpness",
+            "--n-samples",
+            "300",
+            "--eps",
+            "5e-4",
+            "--restarts",
+            "1",
+            "--eps-iters",
+            "3",
+            "--device",
+            "cpu",
+        ]
+    )
     report = measure_checkpoint(str(trained_run), MeasureSpec.from_args(args))
     result = report["metrics"]["eps-sharpness"]
     assert result["start_kinds"] == ["zero", "corner", "random"] and result["max_iter"] == 3

@@ -13,8 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.cli
 def test_gpu_benchmark_smoke_run_writes_every_section(tmp_path):
     out = tmp_path / "gpu.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--device", "cpu",
-                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--device", "cpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert {"machine", "settings", "hvp", "train", "lanczos", "surface", "complete", "seconds"} <= set(report)

@@ -45,8 +45,12 @@ def _same(said: str, used: object) -> bool:
         return said == str(used)
 
 
-CASES = [(name, action) for name, parser in _subparsers().items() for action in parser._actions
-         if action.help and action.help != argparse.SUPPRESS]
+CASES = [
+    (name, action)
+    for name, parser in _subparsers().items()
+    for action in parser._actions
+    if action.help and action.help != argparse.SUPPRESS
+]
 
 
 @pytest.mark.parametrize("name, action", CASES, ids=[f"{n}{(a.option_strings or [a.dest])[0]}" for n, a in CASES])
@@ -88,8 +92,22 @@ def test_expected_loss_says_which_radius_it_takes(tmp_path, capsys):
     from tests.helpers import digits_mlp_checkpoint
 
     checkpoint = digits_mlp_checkpoint(tmp_path, (8,))
-    code = main(["measure", str(checkpoint), "--metrics", "expected-loss", "--radius", "0.01,0.002", "--noise-samples",
-                 "4", "--n-samples", "64", "--quiet", "--json"])
+    code = main(
+        [
+            "measure",
+            str(checkpoint),
+            "--metrics",
+            "expected-loss",
+            "--radius",
+            "0.01,0.002",
+            "--noise-samples",
+            "4",
+            "--n-samples",
+            "64",
+            "--quiet",
+            "--json",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0
     assert "landscape measure: note: expected-loss is measured at the largest --radius, 0.01" in err

@@ -107,11 +107,28 @@ def test_the_cli_says_so_in_one_line_and_measures_with_a_correct_path(tmp_path):
     torch.manual_seed(0)
     torch.save(CustomFunctionResidual().state_dict(), tmp_path / "weights.pt")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    args = ["measure", str(tmp_path / "weights.pt"), "--model", "tests.model_zoo:CustomFunctionResidual",
-            "--data", "digits", "--n-samples", "256", "--metrics", "eig", "--k", "2", "--json", "--quiet"]
-    released = ("import sys, torch; torch.func.functionalize = lambda f: f; "
-                "from analysis.cli import main; sys.exit(main(sys.argv[1:]))")
-    checked = subprocess.run([sys.executable, "-c", released, *args, "--hvp", "linearize"], capture_output=True, text=True, env=env, timeout=600)
+    args = [
+        "measure",
+        str(tmp_path / "weights.pt"),
+        "--model",
+        "tests.model_zoo:CustomFunctionResidual",
+        "--data",
+        "digits",
+        "--n-samples",
+        "256",
+        "--metrics",
+        "eig",
+        "--k",
+        "2",
+        "--json",
+        "--quiet",
+    ]
+    released = (
+        "import sys, torch; torch.func.functionalize = lambda f: f; from analysis.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    checked = subprocess.run(
+        [sys.executable, "-c", released, *args, "--hvp", "linearize"], capture_output=True, text=True, env=env, timeout=600
+    )
     assert checked.returncode == 0, checked.stderr
     (line,) = checked.stderr.strip().splitlines()
     assert line.startswith("landscape measure: warning: HVP self-check: the linearize path differs from double backward")
@@ -119,8 +136,9 @@ def test_the_cli_says_so_in_one_line_and_measures_with_a_correct_path(tmp_path):
     (report,) = json.loads(checked.stdout)
     assert report["hvp_check"]["passed"] is False and report["hvp_check"]["repeat_difference"] > 0.01
     assert report["setup"]["hvp_method"] == "double-backward"
-    reference = subprocess.run([*cli_command(), *args, "--hvp", "double-backward"], capture_output=True, text=True,
-                               env=env, timeout=600)
+    reference = subprocess.run(
+        [*cli_command(), *args, "--hvp", "double-backward"], capture_output=True, text=True, env=env, timeout=600
+    )
     assert reference.returncode == 0 and reference.stderr == ""
     expected = json.loads(reference.stdout)[0]["metrics"]["eig"]["values"]
     assert report["metrics"]["eig"]["values"] == pytest.approx(expected, rel=1e-5)

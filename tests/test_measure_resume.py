@@ -14,8 +14,22 @@ from tests.helpers import cli_command, digits_mlp_checkpoint
 
 # eig first, then expected-loss: 1000 noisy forwards, each a plain progress line at interval 0, far more lines than
 # the 4 KiB stderr pipe `_start` sets up holds, so a stopped reader pauses the run inside expected-loss
-ARGS = ["--metrics", "eig,expected-loss,trace", "--n-samples", "100", "--noise-samples", "1000", "--radius", "0.01",
-        "--k", "2", "--probes", "20", "--hvp", "double-backward"]  # (linearize costs seconds to set up per process)
+ARGS = [
+    "--metrics",
+    "eig,expected-loss,trace",
+    "--n-samples",
+    "100",
+    "--noise-samples",
+    "1000",
+    "--radius",
+    "0.01",
+    "--k",
+    "2",
+    "--probes",
+    "20",
+    "--hvp",
+    "double-backward",
+]  # (linearize costs seconds to set up per process)
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +41,14 @@ def _start(checkpoint, out, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LANDSCAPE_PROGRESS_INTERVAL": "0"}
     # SIGINT at its default in the child, so Python installs its Ctrl-C handler even where this test runs as a
     # background job, whose SIGINT the shell sets to ignored (inherited by every child)
-    process = subprocess.Popen(cli_command() + ["measure", str(checkpoint), *ARGS, "--out", str(out), *extra], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        cli_command() + ["measure", str(checkpoint), *ARGS, "--out", str(out), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     if hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux: a small pipe, so the child waits for the reader
         fcntl.fcntl(process.stderr.fileno(), fcntl.F_SETPIPE_SZ, 4096)
     return process
@@ -111,14 +130,30 @@ def test_killed_then_interrupted_measure_resumes_to_the_uninterrupted_result(tmp
 
 def test_resume_refuses_other_settings_or_a_changed_checkpoint(tmp_path, checkpoint, capsys):
     def measure(path, out, *extra):
-        code = main(["measure", str(path), "--metrics", "expected-loss", "--n-samples", "50", "--noise-samples", "4",
-                     "--quiet", "--out", str(out), *extra])
+        code = main(
+            [
+                "measure",
+                str(path),
+                "--metrics",
+                "expected-loss",
+                "--n-samples",
+                "50",
+                "--noise-samples",
+                "4",
+                "--quiet",
+                "--out",
+                str(out),
+                *extra,
+            ]
+        )
         return code, capsys.readouterr().err
 
     out = tmp_path / "run.json"
     assert measure(checkpoint, out) == (0, "")
-    assert measure(checkpoint, out) == (2, f"landscape measure: error: {out} exists; pass --resume to continue it, "
-                                           "or choose another --out\n")
+    assert measure(checkpoint, out) == (
+        2,
+        f"landscape measure: error: {out} exists; pass --resume to continue it, or choose another --out\n",
+    )
     code, stderr = measure(checkpoint, out, "--resume", "--noise-samples", "8")
     assert code == 2 and len(stderr.splitlines()) == 1 and f"{out} was measured with --noise-samples 4, not 8" in stderr
     assert measure(checkpoint, tmp_path / "new.json", "--resume")[0] == 0  # nothing to resume: a fresh file
@@ -129,4 +164,6 @@ def test_resume_refuses_other_settings_or_a_changed_checkpoint(tmp_path, checkpo
     code, stderr = measure(changed, tmp_path / "c.json", "--resume")
     assert code == 2 and f"{changed} changed since its results were saved" in stderr
     assert measure(checkpoint, tmp_path / "x.json", "--resume", "--out", "") == (
-        2, "landscape measure: error: --resume continues a results file: give it as --out FILE.json\n")
+        2,
+        "landscape measure: error: --resume continues a results file: give it as --out FILE.json\n",
+    )

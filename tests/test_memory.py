@@ -35,11 +35,18 @@ def test_sizes_read_and_written_for_people():
 @pytest.mark.cli
 def test_free_memory_respects_the_address_space_limit():
     """Under `ulimit -v`, what a process may still map is the limit less its size, not the machine's free memory."""
-    script = ("import resource; from landscape.engine.memory import available_bytes, _mapped_bytes; "
-              "print(available_bytes('cpu'), _mapped_bytes(), resource.getrlimit(resource.RLIMIT_AS)[0])")
+    script = (
+        "import resource; from landscape.engine.memory import available_bytes, _mapped_bytes; "
+        "print(available_bytes('cpu'), _mapped_bytes(), resource.getrlimit(resource.RLIMIT_AS)[0])"
+    )
     limit_kib = 6 * 2**20
-    out = subprocess.run(["bash", "-c", f"ulimit -v {limit_kib}; {sys.executable} -c \"{script}\""],
-                         capture_output=True, text=True, env=ENV, timeout=300)
+    out = subprocess.run(
+        ["bash", "-c", f'ulimit -v {limit_kib}; {sys.executable} -c "{script}"'],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     free, mapped, limit = map(int, out.stdout.split())
     assert limit == limit_kib * 1024 and 0 < free <= limit - mapped + 2**20
@@ -93,8 +100,9 @@ print(json.dumps({"kept": objective.memory_plan.kept_batches, "predicted": objec
 @pytest.mark.parametrize("path, keep", [("reuse", 1), ("reuse", 3), ("double-backward", 0)])
 def test_predicted_peak_is_within_30_percent_of_the_measured_one(path, keep):
     """ResNet-20 on 3 batches of 64 CIFAR-shaped images, each path in its own process, peak resident memory measured."""
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, path, str(keep)], capture_output=True, text=True,
-                         env=ENV, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, path, str(keep)], capture_output=True, text=True, env=ENV, timeout=600
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["kept"] == keep
@@ -119,33 +127,57 @@ def test_a_measurement_that_cannot_fit_is_refused_at_once_in_one_line(tmp_path):
     (tmp_path / "cifar_shaped_data.py").write_text(DATA_MODULE)
     torch.manual_seed(0)
     model, spec = model_for_data("resnet20", (3, 32, 32), num_classes=10)
-    checkpoint = save_checkpoint(tmp_path / "resnet20.pt", model, model_spec=spec,
-                                 data_spec={"spec": "cifar_shaped_data:cifar_shaped", "seed": 0, "normalize": None})
+    checkpoint = save_checkpoint(
+        tmp_path / "resnet20.pt",
+        model,
+        model_spec=spec,
+        data_spec={"spec": "cifar_shaped_data:cifar_shaped", "seed": 0, "normalize": None},
+    )
     env = {**ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
-    sized = subprocess.run([sys.executable, "-c", "import analysis.measure, landscape.engine.from_checkpoint, landscape.engine.memory as m; "
-                            "print(m._mapped_bytes())"], capture_output=True, text=True, env=env, timeout=300)
+    sized = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import analysis.measure, landscape.engine.from_checkpoint, landscape.engine.memory as m; print(m._mapped_bytes())",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     limit_kib = (int(sized.stdout.strip()) + 1200 * 2**20) // 1024  # start-up, the data, and ~1 GiB to spare
     command = f"{sys.executable} -m analysis.cli measure {checkpoint} --metrics eig --k 1 --max-matvecs 4 --quiet"
-    out = subprocess.run(["bash", "-c", f"ulimit -v {limit_kib}; {command} --batch-size 512"], capture_output=True,
-                         text=True, env=env, timeout=600)
+    out = subprocess.run(
+        ["bash", "-c", f"ulimit -v {limit_kib}; {command} --batch-size 512"], capture_output=True, text=True, env=env, timeout=600
+    )
     assert out.returncode == 2, out.stderr
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("landscape measure: error: not enough memory on cpu: HVPs by reuse need about ")
     assert "GiB but " in line and " is free; use --batch-size " in line
     fitting = int(line.split("--batch-size ")[1].split()[0])
     assert 8 <= fitting < 512
-    ran = subprocess.run(["bash", "-c", f"ulimit -v {limit_kib}; {command} --batch-size {fitting} --n-samples 128 --json"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    ran = subprocess.run(
+        ["bash", "-c", f"ulimit -v {limit_kib}; {command} --batch-size {fitting} --n-samples 128 --json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert ran.returncode == 0, ran.stderr
     plan = json.loads(ran.stdout)[0]["hvp_memory"]
     assert plan["path"] == "reuse" and plan["predicted_peak_bytes"] <= plan["available_bytes"]
 
 
-@pytest.mark.parametrize("error", [
-    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.2 GiB total capacity)\nmore"),
-    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
-                 "allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.2 GiB total capacity)\nmore"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)"
+        ),
+    ],
+)
 def test_running_out_of_memory_mid_run_is_one_line(tmp_path, monkeypatch, capsys, error):
     """An allocation that fails inside a product (CUDA, or a CPU allocator refused) ends the command with one line
     naming the options that need less memory, not a traceback."""
@@ -153,8 +185,9 @@ def test_running_out_of_memory_mid_run_is_one_line(tmp_path, monkeypatch, capsys
 
     torch.manual_seed(0)
     model, spec = model_for_data("mlp", (1, 8, 8), num_classes=10)
-    checkpoint = save_checkpoint(tmp_path / "mlp.pt", model, model_spec=spec,
-                                 data_spec={"spec": "digits", "seed": 0, "normalize": None})
+    checkpoint = save_checkpoint(
+        tmp_path / "mlp.pt", model, model_spec=spec, data_spec={"spec": "digits", "seed": 0, "normalize": None}
+    )
 
     def fails(self, V):
         raise error

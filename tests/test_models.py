@@ -102,7 +102,7 @@ def test_convnet_under_functional_call_jvp_and_vmap():
     assert torch.allclose(per_sample, out, atol=1e-10)
 
 
-FACTORY_SOURCE = '''
+FACTORY_SOURCE = """
 import torch
 
 def make_tiny(input_shape, num_classes, hidden=4):
@@ -114,7 +114,7 @@ def fixed():
 
 def not_a_model(**kwargs):
     return "nope"
-'''
+"""
 
 
 def test_module_factory_models(tmp_path, monkeypatch):

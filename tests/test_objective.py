@@ -29,8 +29,9 @@ def dense_reference(model, batches, mode, selection="all"):
     def loss(w):
         state = {**fixed, **layout.unflatten(w)}
         buffers = {n: b.clone() for n, b in net.named_buffers()}  # train mode updates running stats in place
-        return sum(len(y) / total * F.cross_entropy(functional_call(net, {**state, **buffers}, (x.double(),)), y)
-                   for x, y in batches)
+        return sum(
+            len(y) / total * F.cross_entropy(functional_call(net, {**state, **buffers}, (x.double(),)), y) for x, y in batches
+        )
 
     w0 = layout.flatten({n: params[n].detach() for n in names})
     return loss, w0
@@ -214,8 +215,11 @@ def test_default_loss_is_cross_entropy_with_its_derivatives(n, classes, soft):
     """The sample-axis path (many samples, few classes) and the F.cross_entropy fallback: value, gradient, Hessian."""
     g = torch.Generator().manual_seed(n + classes)
     logits = 3 * torch.randn(n, classes, generator=g, dtype=torch.float64)
-    targets = (torch.softmax(torch.randn(n, classes, generator=g, dtype=torch.float64), 1) if soft
-               else torch.randint(0, classes, (n,), generator=g))
+    targets = (
+        torch.softmax(torch.randn(n, classes, generator=g, dtype=torch.float64), 1)
+        if soft
+        else torch.randint(0, classes, (n,), generator=g)
+    )
     ours, reference = (lambda z: cross_entropy(z, targets)), (lambda z: F.cross_entropy(z, targets))
     assert ours(logits).item() == pytest.approx(reference(logits).item(), rel=1e-13)
     torch.testing.assert_close(torch.func.grad(ours)(logits), torch.func.grad(reference)(logits), rtol=1e-12, atol=1e-15)

@@ -67,8 +67,10 @@ def assert_differ(a, b):
 
 # ---------------------------------------------------------------- SmoothOut / AdaSmoothOut
 
-@pytest.mark.parametrize("name, scale, net", [("smoothout", "absolute", "mlp"), ("smoothout", "weight", "mlp"),
-                                              ("adasmoothout", "filter", "conv")])
+
+@pytest.mark.parametrize(
+    "name, scale, net", [("smoothout", "absolute", "mlp"), ("smoothout", "weight", "mlp"), ("adasmoothout", "filter", "conv")]
+)
 def test_smoothout_gradient_is_taken_at_w_plus_u_and_step_at_w(name, scale, net):
     model = mlp(bn=True) if net == "mlp" else convnet()
     x, y = batch() if net == "mlp" else batch(shape=(2, 4, 4))
@@ -122,8 +124,7 @@ def test_noise_statistics():
         rows = smoothout_noise(conv, a, "filter", gen, distribution).reshape(8, -1).norm(dim=1)
         torch.testing.assert_close(rows, a * conv.reshape(8, -1).norm(dim=1), rtol=1e-5, atol=0)
         bias = torch.randn(50, generator=gen)
-        torch.testing.assert_close(smoothout_noise(bias, a, "filter", gen, distribution).abs(), a * bias.abs(),
-                                   rtol=1e-6, atol=0)
+        torch.testing.assert_close(smoothout_noise(bias, a, "filter", gen, distribution).abs(), a * bias.abs(), rtol=1e-6, atol=0)
     for distribution in DISTRIBUTIONS:  # NSO's unit-variance noise
         u = draw(distribution, w, gen) * TO_UNIT_STD[distribution]
         assert float(u.var()) == pytest.approx(1.0, rel=0.03), distribution
@@ -139,7 +140,7 @@ def test_noise_schedules():
     assert tanh.noise_scale(T) == pytest.approx(a * (math.tanh(5) + 1) / 2) and tanh.noise_scale(T) > 0.9999 * a
     anneal = make_optimizer("smoothout", model, lr=LR, a=a, schedule="anneal")
     assert anneal.noise_scale(0) == a
-    assert anneal.noise_scale(99) == pytest.approx(a * 100 ** -0.275)
+    assert anneal.noise_scale(99) == pytest.approx(a * 100**-0.275)
     assert make_optimizer("smoothout", model, lr=LR, a=a).noise_scale(10_000) == a
     with pytest.raises(ValueError, match="total_steps"):
         make_optimizer("smoothout", model, lr=LR, schedule="tanh")
@@ -202,6 +203,7 @@ def test_ghost_batches_draw_fresh_noise_per_chunk():
 
 
 # ---------------------------------------------------------------- S-SGD and NSO
+
 
 def test_ssgd_gradient_is_the_symmetric_average():
     model, ref = mlp(bn=True), mlp(bn=True)
@@ -305,6 +307,7 @@ def test_nso_bn_statistics_from_the_first_pass_on_request():
 
 # ---------------------------------------------------------------- SAM / ASAM
 
+
 def test_sam_perturbs_by_rho_along_the_gradient_and_updates_bn_once():
     model, ref = mlp(bn=True), mlp(bn=True)
     x, y = batch()
@@ -313,12 +316,12 @@ def test_sam_perturbs_by_rho_along_the_gradient_and_updates_bn_once():
     before = weights(model)
     opt.step(model, x, y, F.cross_entropy)
     g, clean_buffers = grad_at(ref, x, y)
-    norm = torch.sqrt(sum((v ** 2).sum() for v in g.values()))
+    norm = torch.sqrt(sum((v**2).sum() for v in g.values()))
     eps = {n: rho * v / norm for n, v in g.items()}
     expected, _ = grad_at(ref, x, y, eps)
     assert_grads(model, expected)
     assert_base_step(model, before, momentum=0.9)
-    assert float(torch.sqrt(sum((e ** 2).sum() for e in opt.ascent(list(g.values()))))) == pytest.approx(rho, rel=1e-6)
+    assert float(torch.sqrt(sum((e**2).sum() for e in opt.ascent(list(g.values()))))) == pytest.approx(rho, rel=1e-6)
     for n, b in model.named_buffers():
         assert torch.equal(b, clean_buffers[n]), n
 
@@ -330,8 +333,10 @@ def test_asam_perturbation_formula(rule):
     assert opt.rho == 0.5 and opt.adaptive
     g, _ = grad_at(model, *batch())
     eta = 0.01
-    scaled = {n: (p.detach().abs() + eta if (("weight" in n) if rule == "name" else p.ndim >= 2) else torch.ones_like(p))
-              for n, p in model.named_parameters()}
+    scaled = {
+        n: (p.detach().abs() + eta if (("weight" in n) if rule == "name" else p.ndim >= 2) else torch.ones_like(p))
+        for n, p in model.named_parameters()
+    }
     tg_norm = torch.sqrt(sum(((scaled[n] * g[n]) ** 2).sum() for n in g))
     for (n, _), e in zip(model.named_parameters(), opt.ascent(list(g.values()))):
         torch.testing.assert_close(e, 0.5 * scaled[n] ** 2 * g[n] / tg_norm, rtol=1e-5, atol=1e-8)
@@ -339,6 +344,7 @@ def test_asam_perturbation_formula(rule):
 
 
 # ---------------------------------------------------------------- NRS
+
 
 def test_nrs_with_zero_alpha_is_plain_sgd():
     x, y = batch()
@@ -360,13 +366,15 @@ def test_nrs_kl_term(distribution):
     kls = [opt.regularizer(model, x, logits).item() for _ in range(5)]
     assert min(kls) > 0
     delta = opt.neighbour()
-    size = torch.sqrt(sum((d ** 2).sum() for d in delta))
+    size = torch.sqrt(sum((d**2).sum() for d in delta))
     bound = {"box": 0.5 * math.sqrt(sum(d.numel() for d in delta)), "ball": 0.5, "gaussian": 1.5}[distribution]
     assert 0 < float(size) <= bound and all(d.abs().max() <= 0.5 for d in delta if distribution == "box")
     zero = make_optimizer("nrs", model, lr=LR, radius=0.0, distribution=distribution)
     assert zero.regularizer(model, x, logits).item() == 0.0
     p, q = torch.randn(4, 3), torch.randn(4, 3)
-    assert float(kl_divergence(p, q)) == pytest.approx(float((p.softmax(1) * (p.log_softmax(1) - q.log_softmax(1))).sum(1).mean()))
+    assert float(kl_divergence(p, q)) == pytest.approx(
+        float((p.softmax(1) * (p.log_softmax(1) - q.log_softmax(1))).sum(1).mean())
+    )
 
 
 def test_nrs_gradient_includes_the_kl_term():
@@ -387,8 +395,11 @@ def test_nrs_gradient_includes_the_kl_term():
 
 # ---------------------------------------------------------------- shared machinery
 
-@pytest.mark.parametrize("name, options", [("smoothout", {"base": "adam", "ghost_batch_size": 10}),
-                                           ("nso", {"k": 2, "clean_weight": 0.5}), ("nrs", {}), ("asam", {})])
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("smoothout", {"base": "adam", "ghost_batch_size": 10}), ("nso", {"k": 2, "clean_weight": 0.5}), ("nrs", {}), ("asam", {})],
+)
 def test_state_dict_round_trip_reproduces_the_next_step(name, options):
     x, y = batch()
     model = mlp(bn=True)
@@ -416,13 +427,16 @@ def test_gradient_clipping_and_config():
     model = mlp()
     opt = make_optimizer("smoothout", model, lr=LR, clip_grad_norm=0.01)
     opt.step(model, x, y, F.cross_entropy)
-    assert float(torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))) == pytest.approx(0.01, rel=1e-4)
+    assert float(torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))) == pytest.approx(0.01, rel=1e-4)
     for name in METHODS:
         config = json.loads(json.dumps(make_optimizer(name, mlp(bn=True), lr=LR).config()))
         assert config["method"] == name and config["base_hyperparameters"]["lr"] == LR
     assert make_optimizer("adam", model, lr=LR).base_name == "adam"
     assert make_optimizer("nso", model, lr=LR).config()["clean_weight"] == 0.0
-    assert make_optimizer("smoothout", model, lr=LR, momentum=0.8, base="adam").config()["base_hyperparameters"]["betas"] == [0.8, 0.999]
+    assert make_optimizer("smoothout", model, lr=LR, momentum=0.8, base="adam").config()["base_hyperparameters"]["betas"] == [
+        0.8,
+        0.999,
+    ]
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_optimizer("lbfgs", model, lr=LR)
     with pytest.raises(ValueError, match="no option rho"):

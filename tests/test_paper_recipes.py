@@ -36,12 +36,15 @@ RESNET_REGIME = [(0, 0.1), (80, 0.1), (81, 0.01), (121, 0.01), (122, 1e-3), (163
 C3_REGIME = [(0, 1e-3), (59, 1e-3), (60, 0.01), (119, 0.01), (120, 1e-3), (179, 1e-3), (180, 1e-4), (199, 1e-4)]
 
 
-@pytest.mark.parametrize("name, batch, model, lr, wd, milestones, regime", [
-    (RESNET, 128, "resnet44", 0.1, 1e-4, (81, 122, 164), RESNET_REGIME),  # models/resnet.py's CIFAR regime; METHODS.md
-    (RESNET_LARGE, 4096, "resnet44", 0.1, 1e-4, (81, 122, 164), RESNET_REGIME),
-    (C3, 128, "c3", 0.01, 5e-4, (120, 180), C3_REGIME),  # models/cifar_shallow.py's regime, its 60 epochs at 0.001 too
-    (C3_LARGE, 4096, "c3", 0.01, 5e-4, (120, 180), C3_REGIME),
-])
+@pytest.mark.parametrize(
+    "name, batch, model, lr, wd, milestones, regime",
+    [
+        (RESNET, 128, "resnet44", 0.1, 1e-4, (81, 122, 164), RESNET_REGIME),  # models/resnet.py's CIFAR regime; METHODS.md
+        (RESNET_LARGE, 4096, "resnet44", 0.1, 1e-4, (81, 122, 164), RESNET_REGIME),
+        (C3, 128, "c3", 0.01, 5e-4, (120, 180), C3_REGIME),  # models/cifar_shallow.py's regime, its 60 epochs at 0.001 too
+        (C3_LARGE, 4096, "c3", 0.01, 5e-4, (120, 180), C3_REGIME),
+    ],
+)
 def test_recipe_settings_equal_the_documented_schedule(name, batch, model, lr, wd, milestones, regime):
     config = recipe_config(name)
     assert (config.model, config.batch_size, config.epochs, config.lr, config.weight_decay) == (model, batch, 200, lr, wd)
@@ -70,8 +73,17 @@ def test_the_recipes_reuse_the_reference_trainers_rules():
     assert [p.name for p in recipes_for("cifar100")] == [C3, C3_LARGE]
 
 
-@pytest.mark.parametrize("name, data", [(RESNET, None), (RESNET, "digits"), (RESNET, "cifar100:/data"), (RESNET, "cifar10:"),
-                                        (C3_LARGE, "cifar10:/data"), (C3, "npz:/data/cifar100.npz")])
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        (RESNET, None),
+        (RESNET, "digits"),
+        (RESNET, "cifar100:/data"),
+        (RESNET, "cifar10:"),
+        (C3_LARGE, "cifar10:/data"),
+        (C3, "npz:/data/cifar100.npz"),
+    ],
+)
 def test_a_recipe_for_other_data_is_a_one_line_error(name, data):
     kind = DATA[name].split(":")[0]
     with pytest.raises(ValueError) as error:
@@ -94,12 +106,18 @@ def test_sgd_under_a_recipe_is_the_baseline_with_the_same_schedule():
     assert differ == {"optimizer", "optimizer_kwargs"}
     ada = recipe_config(C3, optimizer="adasmoothout")
     assert ada.optimizer_kwargs["exclude_bn"] and "scale" not in ada.optimizer_kwargs  # AdaSmoothOut keeps its filter scale
-    parsed = config_from_args(build_parser().parse_args(
-        ["train", "--recipe", RESNET, "--data", "cifar10:/data", "--optimizer", "sgd", "--out", "unused"]))
+    parsed = config_from_args(
+        build_parser().parse_args(
+            ["train", "--recipe", RESNET, "--data", "cifar10:/data", "--optimizer", "sgd", "--out", "unused"]
+        )
+    )
     assert parsed == recipe_config(RESNET, optimizer="sgd")
     with pytest.raises(ValueError, match="--noise has no meaning for optimizer 'sgd'"):
-        config_from_args(build_parser().parse_args(
-            ["train", "--recipe", RESNET, "--data", "cifar10:/data", "--optimizer", "sgd", "--noise", "0.1", "--out", "u"]))
+        config_from_args(
+            build_parser().parse_args(
+                ["train", "--recipe", RESNET, "--data", "cifar10:/data", "--optimizer", "sgd", "--noise", "0.1", "--out", "u"]
+            )
+        )
     with pytest.raises(ValueError, match=r"trains with optimizer 'smoothout' \(or adasmoothout, sgd\), not 'sam'"):
         recipe_config(RESNET, optimizer="sam")
 
@@ -112,8 +130,16 @@ def test_sgd_under_a_recipe_is_the_baseline_with_the_same_schedule():
     after = {}
     for config, extra in ((sgd, {}), (smoothout, {"a": 0.0})):
         model.load_state_dict(start)
-        opt = make_optimizer(config.optimizer, model, base=config.base, lr=config.scaled_lr, momentum=config.momentum,
-                             weight_decay=config.weight_decay, **config.optimizer_kwargs, **extra)
+        opt = make_optimizer(
+            config.optimizer,
+            model,
+            base=config.base,
+            lr=config.scaled_lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            **config.optimizer_kwargs,
+            **extra,
+        )
         assert opt.config()["clip_grad_norm"] == 5.0 and opt.config()["ghost_batch_size"] == 128
         opt.step(model, x, y, F.cross_entropy)
         after[config.optimizer] = {k: v.clone() for k, v in model.state_dict().items()}
@@ -125,8 +151,10 @@ def test_sgd_under_a_recipe_is_the_baseline_with_the_same_schedule():
 def test_paper_folder_layouts_and_a_folder_without_cifar(tmp_path):
     synthetic_cifar(tmp_path / "both", "cifar10", 10, 5)
     synthetic_cifar(tmp_path / "both", "cifar100", 10, 5)
-    assert cifar_specs(tmp_path / "both") == {"cifar10": f"cifar10:{tmp_path / 'both' / 'cifar-10-batches-py'}",
-                                              "cifar100": f"cifar100:{tmp_path / 'both' / 'cifar-100-python'}"}
+    assert cifar_specs(tmp_path / "both") == {
+        "cifar10": f"cifar10:{tmp_path / 'both' / 'cifar-10-batches-py'}",
+        "cifar100": f"cifar100:{tmp_path / 'both' / 'cifar-100-python'}",
+    }
     (tmp_path / "flat").mkdir()
     fake_cifar10(tmp_path / "flat")  # the archive's files in DIR itself
     assert cifar_specs(tmp_path / "flat") == {"cifar10": f"cifar10:{tmp_path / 'flat'}"}
@@ -138,10 +166,13 @@ def test_paper_folder_layouts_and_a_folder_without_cifar(tmp_path):
 
 
 def test_an_epoch_fraction_scales_the_schedule_and_says_it_is_not_the_paper():
-    assert shortened(get_preset(RESNET), 0.5) == {"epochs": 100, "lr_milestones": (40, 61, 82), "lr_warmup_epochs": 0,
-                                                  "save_every": 5}
-    assert shortened(get_preset(RESNET), 0.005) == {"epochs": 1, "lr_milestones": (), "lr_warmup_epochs": 0,
-                                                    "save_every": 1}
+    assert shortened(get_preset(RESNET), 0.5) == {
+        "epochs": 100,
+        "lr_milestones": (40, 61, 82),
+        "lr_warmup_epochs": 0,
+        "save_every": 5,
+    }
+    assert shortened(get_preset(RESNET), 0.005) == {"epochs": 1, "lr_milestones": (), "lr_warmup_epochs": 0, "save_every": 1}
     assert shortened(get_preset(C3), 1.0)["lr_milestones"] == (120, 180)
     assert shortened(get_preset(C3), 0.5)["lr_warmup_epochs"] == 30  # the first phase scales with the epochs too
     assert "NOT the paper's result" in caveat(0.005, {}) and "NOT" not in caveat(1.0, {})
@@ -168,8 +199,18 @@ def test_every_recipe_is_listed_in_train_help(capsys):
 @pytest.mark.slow
 def test_cli_trains_a_recipe_on_cifar_files(tmp_path):
     synthetic_cifar(tmp_path / "data", "cifar10", 256, 64)
-    done = run_cli("train", "--recipe", RESNET, "--data", f"cifar10:{tmp_path / 'data'}", "--epochs", "1",
-                   "--out", tmp_path / "run", "--quiet")
+    done = run_cli(
+        "train",
+        "--recipe",
+        RESNET,
+        "--data",
+        f"cifar10:{tmp_path / 'data'}",
+        "--epochs",
+        "1",
+        "--out",
+        tmp_path / "run",
+        "--quiet",
+    )
     assert done.returncode == 0, done.stderr
     meta = load_checkpoint(tmp_path / "run" / "final.pt").meta
     train, opt = meta["train"], meta["optimizer"]
@@ -180,8 +221,21 @@ def test_cli_trains_a_recipe_on_cifar_files(tmp_path):
     assert opt["base_hyperparameters"]["momentum"] == 0.9 and opt["base_hyperparameters"]["weight_decay"] == 1e-4
 
     synthetic_cifar(tmp_path / "data", "cifar100", 256, 64, n_classes=100)
-    done = run_cli("train", "--recipe", C3_LARGE, "--data", f"cifar100:{tmp_path / 'data'}", "--optimizer", "sgd",
-                   "--epochs", "1", "--out", tmp_path / "sgd", "--quiet", "--json")
+    done = run_cli(
+        "train",
+        "--recipe",
+        C3_LARGE,
+        "--data",
+        f"cifar100:{tmp_path / 'data'}",
+        "--optimizer",
+        "sgd",
+        "--epochs",
+        "1",
+        "--out",
+        tmp_path / "sgd",
+        "--quiet",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     config = json.loads(done.stdout)["config"]
     assert config["recipe"] == C3_LARGE and config["optimizer"] == "sgd" and config["model"] == "c3"
@@ -196,8 +250,24 @@ def test_figures_paper_quick_end_to_end(tmp_path):
     synthetic_cifar(tmp_path / "data", "cifar10", 300, 100)
     synthetic_cifar(tmp_path / "data", "cifar100", 300, 100, n_classes=100)
     out = tmp_path / "out"
-    done = run_cli("figures", "--paper", tmp_path / "data", "--quick", "--model", "c3", "--model-opt", "channels=(4,4)",
-                   "--model-opt", "hidden=(16,)", "--out", out, "--cache", tmp_path / "cache", "--quiet", "--json")
+    done = run_cli(
+        "figures",
+        "--paper",
+        tmp_path / "data",
+        "--quick",
+        "--model",
+        "c3",
+        "--model-opt",
+        "channels=(4,4)",
+        "--model-opt",
+        "hidden=(16,)",
+        "--out",
+        out,
+        "--cache",
+        tmp_path / "cache",
+        "--quiet",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary == json.loads((out / "paper.json").read_text())
@@ -208,12 +278,17 @@ def test_figures_paper_quick_end_to_end(tmp_path):
         assert part["recipes"] == recipes and f"recipes {recipes[0]} and {recipes[1]}" in report
         runs = part["runs"]  # 2 batch sizes × 2 methods × 2 seeds, one epoch each, every one under its recipe
         assert [(r["recipe"], r["batch_size"], r["optimizer"], r["seed"]) for r in runs] == [
-            (recipe, batch, method, seed) for recipe, batch in zip(recipes, (128, 4096))
-            for method in ("sgd", "smoothout") for seed in (0, 1)]
+            (recipe, batch, method, seed)
+            for recipe, batch in zip(recipes, (128, 4096))
+            for method in ("sgd", "smoothout")
+            for seed in (0, 1)
+        ]
         assert all(r["epochs"] == 1 and r["model"] == "c3" and r["optimizer_kwargs"]["clip_grad_norm"] == 5.0 for r in runs)
         assert all(("exclude_bn" in r["optimizer_kwargs"]) == (r["optimizer"] == "smoothout") for r in runs)
         assert set(part["groups"]) == {"sgd B=128", "smoothout B=128", "sgd B=4096", "smoothout B=4096"}
-        assert {"SmoothOut vs SGD at batch 128", "SmoothOut vs SGD at batch 4096", "large vs small batch"} == set(part["families"])
+        assert {"SmoothOut vs SGD at batch 128", "SmoothOut vs SGD at batch 4096", "large vs small batch"} == set(
+            part["families"]
+        )
         assert all("paired over 2 shared training seeds" in t["basis"] for ts in part["families"].values() for t in ts)
         assert len(part["interpolation"]["train"]["loss_at_0"]) == 2
         for name in ("interpolation.png", "sharpness.png", "surface-1d.png", "report.md"):
@@ -221,4 +296,6 @@ def test_figures_paper_quick_end_to_end(tmp_path):
         assert (out / f"c3-{kind}" / "interpolation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         # the interpolation's α = 0 end is each seed's small-batch SGD run, measured on the same training subset
         assert part["groups"]["sgd B=128"]["train loss"]["n"] == 2
-        assert sum(part["interpolation"]["train"]["loss_at_0"]) / 2 == pytest.approx(part["groups"]["sgd B=128"]["train loss"]["mean"], rel=1e-4)
+        assert sum(part["interpolation"]["train"]["loss_at_0"]) / 2 == pytest.approx(
+            part["groups"]["sgd B=128"]["train loss"]["mean"], rel=1e-4
+        )

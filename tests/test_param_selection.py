@@ -39,24 +39,33 @@ def block_names(i: int) -> list[str]:
 ALL = ["scale", "embed.weight", *block_names(0), *block_names(1)]
 
 
-@pytest.mark.parametrize("selection, expected", [
-    ("all", ALL),
-    ("weights", ["embed.weight", "blocks.0.attn.weight", "blocks.0.conv.weight", "blocks.1.attn.weight",
-                 "blocks.1.conv.weight"]),
-    ("no-bn", [n for n in ALL if ".norm." not in n]),
-    ("no-bn-bias", [n for n in ALL if ".norm." not in n and not n.endswith("bias")]),
-    ("re:^blocks\\.1\\.", block_names(1)),
-    ("glob:*.attn.*", ["blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.1.attn.weight", "blocks.1.attn.bias"]),
-    ("glob:blocks.0.*, *.weight", ["embed.weight", *block_names(0), "blocks.1.attn.weight", "blocks.1.norm.weight",
-                                   "blocks.1.conv.weight"]),
-    ("glob:scale", ["scale"]),
-    ("module:Linear", ["embed.weight", "blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.1.attn.weight",
-                       "blocks.1.attn.bias"]),  # the tied head's weight counts once, under its first name
-    ("module:LayerNorm,Conv1d", [n for n in ALL if ".norm." in n or ".conv." in n]),
-    ("module:torch.nn.Conv1d", [n for n in ALL if ".conv." in n]),
-    ("module:_ConvNd", [n for n in ALL if ".conv." in n]),  # a base class name matches its subclasses
-    ("module:Net", ["scale"]),  # only the parameters a module owns directly
-])
+@pytest.mark.parametrize(
+    "selection, expected",
+    [
+        ("all", ALL),
+        (
+            "weights",
+            ["embed.weight", "blocks.0.attn.weight", "blocks.0.conv.weight", "blocks.1.attn.weight", "blocks.1.conv.weight"],
+        ),
+        ("no-bn", [n for n in ALL if ".norm." not in n]),
+        ("no-bn-bias", [n for n in ALL if ".norm." not in n and not n.endswith("bias")]),
+        ("re:^blocks\\.1\\.", block_names(1)),
+        ("glob:*.attn.*", ["blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.1.attn.weight", "blocks.1.attn.bias"]),
+        (
+            "glob:blocks.0.*, *.weight",
+            ["embed.weight", *block_names(0), "blocks.1.attn.weight", "blocks.1.norm.weight", "blocks.1.conv.weight"],
+        ),
+        ("glob:scale", ["scale"]),
+        (
+            "module:Linear",
+            ["embed.weight", "blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.1.attn.weight", "blocks.1.attn.bias"],
+        ),  # the tied head's weight counts once, under its first name
+        ("module:LayerNorm,Conv1d", [n for n in ALL if ".norm." in n or ".conv." in n]),
+        ("module:torch.nn.Conv1d", [n for n in ALL if ".conv." in n]),
+        ("module:_ConvNd", [n for n in ALL if ".conv." in n]),  # a base class name matches its subclasses
+        ("module:Net", ["scale"]),  # only the parameters a module owns directly
+    ],
+)
 def test_each_selection_gives_the_known_names(selection, expected):
     assert select_parameters(Net(), selection) == expected
 
@@ -71,19 +80,27 @@ def test_frozen_parameters_are_never_selected():
         select_parameters(net, "glob:*.conv.*")
 
 
-@pytest.mark.parametrize("selection, message", [
-    ("bias", "unknown parameter selection 'bias'; choose from all, weights, no-bn, no-bn-bias, re:PATTERN, "
-             "glob:PATTERN[,PATTERN], module:TYPE[,TYPE]"),
-    ("glob:*.mlp.*", "'glob:*.mlp.*' matches no trainable parameter; choose from all, weights"),
-    ("re:mlp", "'re:mlp' matches no trainable parameter; choose from"),
-    ("re:(", "'re:(': not a regular expression"),
-    ("glob: ,", "names nothing after the colon; choose from"),
-    ("module:Tanh", "no module of type Tanh; the model's modules with parameters are Conv1d, Embedding, LayerNorm, "
-                    "Linear, Net"),
-    ("module:ReLU", "'module:ReLU' matches no trainable parameter"),  # present, but owns no parameters
-    ("module:torch.nn.Nope", "cannot import torch.nn.Nope"),
-    ("module:torch.zeros", "torch.zeros is not a torch.nn.Module class"),
-])
+@pytest.mark.parametrize(
+    "selection, message",
+    [
+        (
+            "bias",
+            "unknown parameter selection 'bias'; choose from all, weights, no-bn, no-bn-bias, re:PATTERN, "
+            "glob:PATTERN[,PATTERN], module:TYPE[,TYPE]",
+        ),
+        ("glob:*.mlp.*", "'glob:*.mlp.*' matches no trainable parameter; choose from all, weights"),
+        ("re:mlp", "'re:mlp' matches no trainable parameter; choose from"),
+        ("re:(", "'re:(': not a regular expression"),
+        ("glob: ,", "names nothing after the colon; choose from"),
+        (
+            "module:Tanh",
+            "no module of type Tanh; the model's modules with parameters are Conv1d, Embedding, LayerNorm, Linear, Net",
+        ),
+        ("module:ReLU", "'module:ReLU' matches no trainable parameter"),  # present, but owns no parameters
+        ("module:torch.nn.Nope", "cannot import torch.nn.Nope"),
+        ("module:torch.zeros", "torch.zeros is not a torch.nn.Module class"),
+    ],
+)
 def test_a_bad_selection_is_a_one_line_error(selection, message):
     net = Net()
     net.act = nn.ReLU()
@@ -100,8 +117,9 @@ def test_lora_adapters_are_the_measured_parameters_and_their_hvp_is_exact():
     from landscape.inputs.batches import token_cross_entropy
     from tests.helpers import gpt2, reference_lm_loss, token_batches
 
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
-                             init_lora_weights=False)  # random A and B: a point where both adapters matter
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False
+    )  # random A and B: a point where both adapters matter
     model, batches = peft.get_peft_model(gpt2(), config).eval(), token_batches()
     sizes = {n: p.numel() for n, p in model.named_parameters()}
     adapters = [n for n, p in model.named_parameters() if p.requires_grad]

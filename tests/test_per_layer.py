@@ -40,8 +40,7 @@ def test_one_block_per_module_that_owns_parameters(mlp):
         return FlatLayout.of({n: params[n] for n in select_parameters(net, selection)})
 
     assert module_blocks(layout("weights")) == {"0": slice(0, 6), "1.1": slice(6, 8)}
-    assert module_blocks(layout("all")) == {"(model)": slice(0, 1), "0": slice(1, 9), "1.0": slice(9, 13),
-                                            "1.1": slice(13, 15)}
+    assert module_blocks(layout("all")) == {"(model)": slice(0, 1), "0": slice(1, 9), "1.0": slice(9, 13), "1.1": slice(13, 15)}
 
 
 def test_block_operator_is_the_diagonal_block():
@@ -85,8 +84,25 @@ def test_one_metric_alone_and_bad_metrics():
 
 
 # ------------------------------------------------------------------------------------------- CLI
-MEASURE = ["--dtype", "float64", "--n-samples", "100", "--batch-size", "50", "--metrics", "eig", "--k", "1",
-           "--tol", "1e-8", "--trace-method", "hutchinson", "--probes", "20", "--quiet"]
+MEASURE = [
+    "--dtype",
+    "float64",
+    "--n-samples",
+    "100",
+    "--batch-size",
+    "50",
+    "--metrics",
+    "eig",
+    "--k",
+    "1",
+    "--tol",
+    "1e-8",
+    "--trace-method",
+    "hutchinson",
+    "--probes",
+    "20",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +131,19 @@ def test_measure_without_per_layer_is_unchanged_and_a_bad_list_is_one_line(check
     plain = run_cli("measure", checkpoint, "--json", *MEASURE)
     assert plain.returncode == 0 and "per_layer" not in json.loads(plain.stdout)[0]
     bad = run_cli("measure", checkpoint, "--per-layer", "eig,density", *MEASURE)
-    assert bad.returncode == 2 and bad.stderr.strip() == "landscape measure: error: --per-layer: unknown metric density; choose from eig, trace"
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip() == "landscape measure: error: --per-layer: unknown metric density; choose from eig, trace"
+    )
 
 
 def test_plot_per_layer_draws_two_checkpoints(mlp, tmp_path):
     objective, _ = mlp
     op, blocks = HessianOperator(objective), module_blocks(objective.layout)
-    results = {"SGD": per_layer(op, blocks, n_probes=20, seed=0),
-               "SmoothOut": per_layer(DiagonalHalf(op), blocks, n_probes=20, seed=1)}
+    results = {
+        "SGD": per_layer(op, blocks, n_probes=20, seed=0),
+        "SmoothOut": per_layer(DiagonalHalf(op), blocks, n_probes=20, seed=1),
+    }
     fig = plot_per_layer(results)
     assert [ax.get_yscale() for ax in fig.axes] == ["log", "log"]
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1", "3"]

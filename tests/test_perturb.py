@@ -18,7 +18,7 @@ from landscape.sharpness.perturb import expected_loss, noise_std, sharpness_curv
 from tests.helpers import classification_batches, tiny_convnet_bn, tiny_mlp
 
 F64 = {"dtype": torch.float64, "device": "cpu"}
-SIGMA = {"uniform": 3 ** -0.5, "gaussian": 1.0}  # std of U[−1, 1] and N(0, 1)
+SIGMA = {"uniform": 3**-0.5, "gaussian": 1.0}  # std of U[−1, 1] and N(0, 1)
 
 
 def half_mse(out, y):
@@ -99,8 +99,14 @@ def trained_conv():
 
 
 # ----------------------------------------------------------------------------- expected loss
-NOISES = [("uniform", "absolute"), ("gaussian", "absolute"), ("uniform", "weight"), ("gaussian", "weight"),
-          ("uniform", "filter"), ("gaussian", "filter")]
+NOISES = [
+    ("uniform", "absolute"),
+    ("gaussian", "absolute"),
+    ("uniform", "weight"),
+    ("gaussian", "weight"),
+    ("uniform", "filter"),
+    ("gaussian", "filter"),
+]
 
 
 @pytest.mark.parametrize("distribution,scale", NOISES)
@@ -110,7 +116,7 @@ def test_increase_on_quadratic_is_half_a_squared_trace(distribution, scale):
     H = dense_hessian(objective, half_mse)
     s = reference_std(objective, distribution, scale)
     radius = 0.3
-    truth = 0.5 * radius ** 2 * float((s[:, None] * H * s[None, :]).trace())
+    truth = 0.5 * radius**2 * float((s[:, None] * H * s[None, :]).trace())
     r = expected_loss(objective, radius, distribution=distribution, scale=scale, n_samples=400, seed=1)
     assert r.ci[0] - r.clean_loss <= truth <= r.ci[1] - r.clean_loss
     assert r.increase_ci == pytest.approx((r.ci[0] - r.clean_loss, r.ci[1] - r.clean_loss))
@@ -125,10 +131,11 @@ def test_ci_covers_truth_in_about_95_percent_of_repeats(antithetic):
     """200 seeded repeats with 10 forwards each; off the minimum so the gradient term is live."""
     objective = quadratic(d=4, k=1, at_minimum=False)
     H = dense_hessian(objective, half_mse)
-    truth = 0.3 ** 2 / 6 * float(H.trace())
-    covered = [r.ci[0] - r.clean_loss <= truth <= r.ci[1] - r.clean_loss
-               for r in (expected_loss(objective, 0.3, n_samples=10, antithetic=antithetic, seed=s)
-                         for s in range(200))]
+    truth = 0.3**2 / 6 * float(H.trace())
+    covered = [
+        r.ci[0] - r.clean_loss <= truth <= r.ci[1] - r.clean_loss
+        for r in (expected_loss(objective, 0.3, n_samples=10, antithetic=antithetic, seed=s) for s in range(200))
+    ]
     assert 0.90 <= np.mean(covered) <= 0.99
 
 
@@ -140,7 +147,7 @@ def test_small_radius_increase_matches_dense_hessian_on_networks(problem, scale,
     H = dense_hessian(objective)
     d = reference_std(objective, "uniform", scale)
     radius = 0.01 if scale == "absolute" else 0.02
-    truth = 0.5 * radius ** 2 * float((d[:, None] * H * d[None, :]).trace())
+    truth = 0.5 * radius**2 * float((d[:, None] * H * d[None, :]).trace())
     r = expected_loss(objective, radius, scale=scale, n_samples=200, seed=2)
     assert truth > 0 and r.stderr < 0.1 * truth
     assert abs(r.increase - truth) <= 3 * r.stderr + 0.01 * truth
@@ -216,12 +223,11 @@ def test_noise_covariance_is_diag_of_noise_std_squared(distribution, scale, conv
     """Second moments of 20000 draws: diagonal s² (also for cube directions normalized per filter), no correlations."""
     model, _, _, batches = conv_problem
     objective = Objective(model, batches, **F64)
-    noise = unit_noise(objective, 20000, distribution=distribution, scale=scale,
-                       generator=torch.Generator().manual_seed(1))
+    noise = unit_noise(objective, 20000, distribution=distribution, scale=scale, generator=torch.Generator().manual_seed(1))
     s = noise_std(objective, distribution=distribution, scale=scale)
     torch.testing.assert_close(s, reference_std(objective, distribution, scale), rtol=1e-12, atol=0)
     second = noise.T @ noise / len(noise)
-    torch.testing.assert_close(second.diagonal() / s ** 2, torch.ones_like(s), rtol=0.06, atol=0)
+    torch.testing.assert_close(second.diagonal() / s**2, torch.ones_like(s), rtol=0.06, atol=0)
     off = (second - torch.diag(second.diagonal())) / (s[:, None] * s[None, :])
     assert float(off.abs().max()) < 0.06
 
@@ -342,20 +348,27 @@ def test_results_are_json_serializable(mlp_problem):
     model, _, _, batches = mlp_problem
     objective = Objective(model, batches, **F64)
     began = time.perf_counter()
-    results = [expected_loss(objective, 0.01, n_samples=10),
-               sharpness_curve(objective, [0.01, 0.02], n_samples=10, n_probes=4)]
+    results = [expected_loss(objective, 0.01, n_samples=10), sharpness_curve(objective, [0.01, 0.02], n_samples=10, n_probes=4)]
     elapsed = time.perf_counter() - began
     for r in results:
         d = json.loads(json.dumps(r.to_dict()))
         assert d["setup"]["n_samples"] == 50 and 0 < d["seconds"] == r.seconds <= elapsed
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"radius": -0.1}, "radius"), ({"radius": float("nan")}, "radius"), ({"distribution": "laplace"}, "distribution"),
-    ({"scale": "layer"}, "scale"), ({"n_samples": 1}, "n_samples"), ({"n_samples": 11}, "even"),
-    ({"target_ci_halfwidth": 0.0}, "target_ci_halfwidth"), ({"seed": 1.5}, "seed"),
-    ({"bn_recalibration": 0}, "bn_recalibration"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"radius": -0.1}, "radius"),
+        ({"radius": float("nan")}, "radius"),
+        ({"distribution": "laplace"}, "distribution"),
+        ({"scale": "layer"}, "scale"),
+        ({"n_samples": 1}, "n_samples"),
+        ({"n_samples": 11}, "even"),
+        ({"target_ci_halfwidth": 0.0}, "target_ci_halfwidth"),
+        ({"seed": 1.5}, "seed"),
+        ({"bn_recalibration": 0}, "bn_recalibration"),
+    ],
+)
 def test_expected_loss_rejects_bad_arguments(kwargs, match, mlp_problem):
     model, _, _, batches = mlp_problem
     objective = Objective(model, batches, **F64)
@@ -366,7 +379,9 @@ def test_expected_loss_rejects_bad_arguments(kwargs, match, mlp_problem):
 def test_curve_rejects_bad_arguments(mlp_problem):
     model, _, _, batches = mlp_problem
     objective = Objective(model, batches, **F64)
-    for call, match in [(lambda: sharpness_curve(objective, []), "radii"),
-                        (lambda: sharpness_curve(objective, [0.1], n_probes=1), "n_probes")]:
+    for call, match in [
+        (lambda: sharpness_curve(objective, []), "radii"),
+        (lambda: sharpness_curve(objective, [0.1], n_probes=1), "n_probes"),
+    ]:
         with pytest.raises(ValueError, match=match):
             call()

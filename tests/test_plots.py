@@ -37,9 +37,13 @@ def files(tmp_path_factory):
         compute_surface(objs, random_directions(objs["train"], 1, seed=0), line, path=out / f"{name}-1d.h5")
         compute_surface(objs, random_directions(objs["train"], 2, seed=0), plane, path=out / f"{name}-2d.h5")
     compute_surface(a, between(a["train"], b["train"].model, "b.pt"), [grid_axis(-0.5, 1.5, 9)], path=out / "between.h5")
-    pca = Directions(random_directions(a["train"], 2, seed=3).vectors, "pca", {"explained_variance_ratio": [0.7, 0.2]},
-                     trajectory=np.array([[-0.9, 0.4], [-0.5, 0.6], [-0.2, 0.1], [0.0, 0.0]]),
-                     labels=("epoch_0", "epoch_1", "epoch_2", "final"))
+    pca = Directions(
+        random_directions(a["train"], 2, seed=3).vectors,
+        "pca",
+        {"explained_variance_ratio": [0.7, 0.2]},
+        trajectory=np.array([[-0.9, 0.4], [-0.5, 0.6], [-0.2, 0.1], [0.0, 0.0]]),
+        labels=("epoch_0", "epoch_1", "epoch_2", "final"),
+    )
     compute_surface(a, pca, plane, path=out / "pca.h5")
     return out
 
@@ -50,9 +54,19 @@ def panels(fig):
 
 
 def test_method_names_and_colours():
-    assert [method_of(s) for s in ("SmoothOut a=0.01", "AdaSmoothOut", "S-SGD", "nso-b32", "small-batch SGD (B=32)",
-                                   "SAM rho=0.05", "asam", "baseline")] == \
-        ["smoothout", "adasmoothout", "ssgd", "nso", "sgd", "sam", "asam", None]
+    assert [
+        method_of(s)
+        for s in (
+            "SmoothOut a=0.01",
+            "AdaSmoothOut",
+            "S-SGD",
+            "nso-b32",
+            "small-batch SGD (B=32)",
+            "SAM rho=0.05",
+            "asam",
+            "baseline",
+        )
+    ] == ["smoothout", "adasmoothout", "ssgd", "nso", "sgd", "sam", "asam", None]
     methods = ["sgd", "smoothout", "adasmoothout", "ssgd", "nso", "nrs", "sam"]
     assert len({method_color(m) for m in methods}) == len(methods)
     colors = label_colors(["SGD B=32", "SGD B=2000", "smoothout", "run-x", "run-y"])
@@ -177,15 +191,18 @@ def test_cli_process_refuses_a_mismatched_kind_with_one_line(files):
     assert not (files / "never.pdf").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["a-1d.h5", "--kind", "contour"], "--kind contour cannot draw a 1-D surface; use --kind line"),
-    (["a-1d.h5", "a-2d.h5"], "cannot plot 1-D and 2-D surfaces together"),
-    (["a-1d.h5", "b-1d.h5", "--labels", "x"], "--labels has 1 labels for 2 files"),
-    (["a-1d.h5", "--kind", "line", "--split", "test", "--accuracy", "--log"], None),
-    (["a-2d.h5", "--accuracy"], "--accuracy applies to line plots"),
-    (["missing.h5"], "no such file"),
-    (["not-hdf5.h5"], "not-hdf5.h5 cannot be read as HDF5"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["a-1d.h5", "--kind", "contour"], "--kind contour cannot draw a 1-D surface; use --kind line"),
+        (["a-1d.h5", "a-2d.h5"], "cannot plot 1-D and 2-D surfaces together"),
+        (["a-1d.h5", "b-1d.h5", "--labels", "x"], "--labels has 1 labels for 2 files"),
+        (["a-1d.h5", "--kind", "line", "--split", "test", "--accuracy", "--log"], None),
+        (["a-2d.h5", "--accuracy"], "--accuracy applies to line plots"),
+        (["missing.h5"], "no such file"),
+        (["not-hdf5.h5"], "not-hdf5.h5 cannot be read as HDF5"),
+    ],
+)
 def test_cli_in_process(files, capsys, args, message):
     (files / "not-hdf5.h5").write_text("hello\n")
     code = main(plot_args(files, args))
@@ -218,8 +235,16 @@ def test_a_surface_being_written_can_be_read(files, tmp_path):
     import sys
 
     path = shutil.copy(files / "a-2d.h5", tmp_path / "busy.h5")
-    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'a'); "
-                               "print('open', flush=True); time.sleep(60)", str(path)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import h5py, sys, time; f = h5py.File(sys.argv[1], 'a'); print('open', flush=True); time.sleep(60)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "open"
         surface = read_surface(path)
@@ -253,9 +278,15 @@ def test_several_seeds_draw_their_mean_and_a_95_percent_band(files):
 def _curve(increase, prediction):
     from landscape.sharpness.perturb import SharpnessCurve
 
-    return result_of(SharpnessCurve, radii=[0.005, 0.01, 0.02], increase=increase,
-                     increase_ci=[[v * 0.9, v * 1.1] for v in increase], prediction=prediction, distribution="uniform",
-                     scale="absolute")
+    return result_of(
+        SharpnessCurve,
+        radii=[0.005, 0.01, 0.02],
+        increase=increase,
+        increase_ci=[[v * 0.9, v * 1.1] for v in increase],
+        prediction=prediction,
+        distribution="uniform",
+        scale="absolute",
+    )
 
 
 def test_sharpness_panels_put_each_method_beside_the_reference_with_95_percent_bands():

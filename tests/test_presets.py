@@ -23,8 +23,16 @@ A, LR, SEED = 0.05, 0.1, 3
 def preset_optimizer(model: nn.Module, **given):
     """The optimizer `train` builds for the preset's TrainConfig (same call as landscape.training.train.train)."""
     config = TrainConfig(**apply_preset(PRESET, given))
-    return make_optimizer(config.optimizer, model, base=config.base, lr=config.scaled_lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay, seed=config.seed, **config.optimizer_kwargs)
+    return make_optimizer(
+        config.optimizer,
+        model,
+        base=config.base,
+        lr=config.scaled_lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        **config.optimizer_kwargs,
+    )
 
 
 def forward(w: dict, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +56,7 @@ def by_hand(w0: dict, batches: list, *, chunk=128, clip=5.0, lr=LR * math.sqrt(2
             grad = {n: grad[n] + len(yc) / len(y) * gi for n, gi in zip(point, g)}
             if not denoise:
                 w = {n: w[n] + u[n] for n in w}
-        norm = float(torch.sqrt(sum((g ** 2).sum() for g in grad.values())))
+        norm = float(torch.sqrt(sum((g**2).sum() for g in grad.values())))
         norms.append(norm)
         if clip is not None and norm > clip:
             grad = {n: g * (clip / norm) for n, g in grad.items()}
@@ -64,9 +72,21 @@ def test_two_steps_under_the_preset_equal_the_reference_rule_by_hand(tmp_path):
     x, x_test = torch.randn(256, 5, generator=g) * 50, torch.randn(8, 5, generator=g)
     y, y_test = torch.randint(0, 3, (256,), generator=g), torch.arange(8) % 3
     np.savez(tmp_path / "data.npz", x=x.numpy(), y=y.numpy(), x_test=x_test.numpy(), y_test=y_test.numpy())
-    config = TrainConfig(**apply_preset(PRESET, {
-        "data": f"npz:{tmp_path / 'data.npz'}", "model": "mlp", "model_kwargs": {"hidden": [6]}, "batch_size": 256,
-        "lr": LR, "epochs": 2, "seed": SEED, "optimizer_kwargs": {"a": A}}))
+    config = TrainConfig(
+        **apply_preset(
+            PRESET,
+            {
+                "data": f"npz:{tmp_path / 'data.npz'}",
+                "model": "mlp",
+                "model_kwargs": {"hidden": [6]},
+                "batch_size": 256,
+                "lr": LR,
+                "epochs": 2,
+                "seed": SEED,
+                "optimizer_kwargs": {"a": A},
+            },
+        )
+    )
     train(config, tmp_path / "run", progress=False)
     trajectory = [load_checkpoint(tmp_path / "run" / "trajectory" / f"epoch_{e:04d}.pt") for e in range(3)]
     assert trajectory[2].meta["optimizer"]["base_hyperparameters"]["lr"] == pytest.approx(LR * math.sqrt(2))
@@ -82,8 +102,12 @@ def test_two_steps_under_the_preset_equal_the_reference_rule_by_hand(tmp_path):
             torch.testing.assert_close(trajectory[step].state_dict[n], w, rtol=1e-5, atol=1e-6, msg=n)
 
     # the comparison is sharp: getting any one ingredient wrong moves the weights well past the tolerance
-    wrong = {"no clip": {"clip": None}, "unscaled lr": {"lr": LR}, "no ghost batches": {"chunk": 256},
-             "no de-noising": {"denoise": False}}
+    wrong = {
+        "no clip": {"clip": None},
+        "unscaled lr": {"lr": LR},
+        "no ghost batches": {"chunk": 256},
+        "no de-noising": {"denoise": False},
+    }
     for what, change in wrong.items():
         off = by_hand(w0, batches, **change)[0][1]
         assert max(float((off[n] - trajectory[2].state_dict[n]).abs().max()) for n in off) > 1e-3, what
@@ -93,8 +117,9 @@ def test_bn_affine_parameters_get_no_noise_and_biases_do():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     seen = {}
-    model[1].register_forward_pre_hook(lambda m, inp: seen.update(bn_weight=m.weight.detach().clone(),
-                                                                  bn_bias=m.bias.detach().clone()))
+    model[1].register_forward_pre_hook(
+        lambda m, inp: seen.update(bn_weight=m.weight.detach().clone(), bn_bias=m.bias.detach().clone())
+    )
     model[3].register_forward_pre_hook(lambda m, inp: seen.update(bias=m.bias.detach().clone()))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = preset_optimizer(model, optimizer_kwargs={"a": A})
@@ -150,7 +175,8 @@ def test_without_a_preset_the_command_line_defaults_are_unchanged():
 
     assert config() == TrainConfig()
     assert config("--optimizer", "smoothout", "--noise", "0.03", "--lr", "0.2") == TrainConfig(
-        optimizer="smoothout", optimizer_kwargs={"a": 0.03}, lr=0.2)
+        optimizer="smoothout", optimizer_kwargs={"a": 0.03}, lr=0.2
+    )
     preset = config("--preset", PRESET, "--noise", "0.03", "--momentum", "0.5")
     assert preset.momentum == 0.5 and preset.optimizer_kwargs["a"] == 0.03 and preset.optimizer_kwargs["denoise"]
 

@@ -24,14 +24,21 @@ def test_every_export_is_the_object_its_module_defines():
 
 def test_no_export_is_shadowed_by_a_submodule_of_the_same_name():
     """`landscape.X` becomes the submodule X as soon as anything imports it: an export must not share a module's name."""
-    modules = {p.stem for p in (ROOT / "landscape").rglob("*.py")} | {p.name for p in (ROOT / "landscape").iterdir() if p.is_dir()}
+    modules = {p.stem for p in (ROOT / "landscape").rglob("*.py")} | {
+        p.name for p in (ROOT / "landscape").iterdir() if p.is_dir()
+    }
     assert not set(landscape._EXPORTS) & modules
 
 
 # which stage folders of landscape/ each folder may import (results.py, statistics.py and examples.py: any)
-LAYERS = {"inputs": set(), "engine": {"inputs"}, "curvature": {"engine", "inputs"},
-          "sharpness": {"engine", "inputs", "curvature"}, "surfaces": {"engine", "inputs"},
-          "training": {"engine", "inputs", "curvature"}}
+LAYERS = {
+    "inputs": set(),
+    "engine": {"inputs"},
+    "curvature": {"engine", "inputs"},
+    "sharpness": {"engine", "inputs", "curvature"},
+    "surfaces": {"engine", "inputs"},
+    "training": {"engine", "inputs", "curvature"},
+}
 
 
 def _imported_stages(path: Path) -> set[str]:
@@ -39,8 +46,13 @@ def _imported_stages(path: Path) -> set[str]:
 
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        )
         for name in names:
             parts = name.split(".")
             if parts[0] == "landscape" and len(parts) > 1 and parts[1] in LAYERS:

@@ -28,9 +28,15 @@ def test_every_method_builds_with_its_default_and_a_chosen_noise_size(method):
 
 
 def test_run_names_differ_whenever_the_runs_do():
-    runs = [config("smoothout", SMALL, 0), config("smoothout", SMALL, 0, noise=0.04), config("smoothout", SMALL, 1),
-            config("smoothout", LARGE, 0), config("smoothout", SMALL, 0, recipe=DEMO),
-            config("smoothout", SMALL, 0, validation=500), config("sgd", SMALL, 0)]
+    runs = [
+        config("smoothout", SMALL, 0),
+        config("smoothout", SMALL, 0, noise=0.04),
+        config("smoothout", SMALL, 1),
+        config("smoothout", LARGE, 0),
+        config("smoothout", SMALL, 0, recipe=DEMO),
+        config("smoothout", SMALL, 0, validation=500),
+        config("sgd", SMALL, 0),
+    ]
     names = [run_name(r) for r in runs]
     assert len(set(names)) == len(names)
     assert names[0] == "smoothout-a0.02-b32-e60-seed0" and names[-1] == "sgd-b32-e60-seed0"

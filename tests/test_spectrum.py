@@ -13,8 +13,7 @@ from landscape.engine.operators import DenseOperator, HessianOperator
 from tests.helpers import dense
 
 # outliers, a near-degenerate cluster, negative eigenvalues and a bulk
-MIXED = np.concatenate([[40, 25, 18, 12, 9, 6, 6 + 1e-5, 6 + 2e-5, -20, -7],
-                        np.random.default_rng(1).uniform(-2, 4, 190)])
+MIXED = np.concatenate([[40, 25, 18, 12, 9, 6, 6 + 1e-5, 6 + 2e-5, -20, -7], np.random.default_rng(1).uniform(-2, 4, 190)])
 
 
 @pytest.mark.parametrize("which, k", [("LA", 5), ("SA", 2), ("LM", 4)])
@@ -154,8 +153,11 @@ def test_lanczos_float32_operator():
 
 def test_results_serialize_to_json():
     _, op = dense(MIXED)
-    for result in (lanczos(op, 2, return_vectors=True), power_iteration(op, 2, return_vectors=True),
-                   slq_density(op, n_runs=2, n_steps=10)):
+    for result in (
+        lanczos(op, 2, return_vectors=True),
+        power_iteration(op, 2, return_vectors=True),
+        slq_density(op, n_runs=2, n_steps=10),
+    ):
         assert json.loads(json.dumps(result.to_dict())).keys() == result.to_dict().keys()
 
 
@@ -172,12 +174,20 @@ def test_progress_goes_to_stderr(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("call", [
-    lambda op: lanczos(op, 0), lambda op: lanczos(op, 2, which="BE"), lambda op: lanczos(op, 5, max_matvecs=4),
-    lambda op: lanczos(op, 1, tol=-1.0), lambda op: lanczos(op, 1, stop="gap"),
-    lambda op: lanczos(op, 1, seed="a"), lambda op: power_iteration(op, 1.5),
-    lambda op: slq_density(op, n_runs=0), lambda op: slq_density(op, sigma=0.0),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda op: lanczos(op, 0),
+        lambda op: lanczos(op, 2, which="BE"),
+        lambda op: lanczos(op, 5, max_matvecs=4),
+        lambda op: lanczos(op, 1, tol=-1.0),
+        lambda op: lanczos(op, 1, stop="gap"),
+        lambda op: lanczos(op, 1, seed="a"),
+        lambda op: power_iteration(op, 1.5),
+        lambda op: slq_density(op, n_runs=0),
+        lambda op: slq_density(op, sigma=0.0),
+    ],
+)
 def test_bad_arguments_raise_value_error(call):
     with pytest.raises(ValueError):
         call(dense(MIXED[:20])[1])

@@ -30,8 +30,9 @@ def imported_by(call: str, modules: list[str]) -> tuple[object, list[str], str]:
 
     Returns its exit code (0 unless it raised SystemExit), which of `modules` it imported, and its output.
     """
-    result = subprocess.run([sys.executable, "-c", PROBE.format(call=call, modules=modules)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE.format(call=call, modules=modules)], capture_output=True, text=True, timeout=300
+    )
     *output, last = result.stdout.splitlines()
     report = json.loads(last)
     return report["code"], report["imported"], "\n".join(output)

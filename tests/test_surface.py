@@ -40,8 +40,9 @@ def test_grid_on_a_quadratic_matches_the_closed_form(tmp_path):
     residual = z @ theta - y.numpy()
     loss0, grad, hess = residual @ residual / 40, 2 * z.T @ residual / 40, 2 * z.T @ z / 40
     d = directions.vectors.numpy()
-    expected = np.array([[loss0 + grad @ d.T @ c + 0.5 * c @ d @ hess @ d.T @ c
-                          for c in (np.array([a, b]) for b in axes[1])] for a in axes[0]])
+    expected = np.array(
+        [[loss0 + grad @ d.T @ c + 0.5 * c @ d @ hess @ d.T @ c for c in (np.array([a, b]) for b in axes[1])] for a in axes[0]]
+    )
     np.testing.assert_allclose(surface.loss["train"], expected, rtol=1e-12)
     assert np.isnan(surface.accuracy["train"]).all()  # regression targets: no accuracy
     np.testing.assert_array_equal(read_surface(tmp_path / "q.h5").loss["train"], surface.loss["train"])
@@ -52,8 +53,9 @@ def test_centre_is_the_checkpoint_itself_and_the_model_is_untouched(conv_problem
     before = {k: v.clone() for k, v in model.state_dict().items()}
     objective = Objective(model, batches)
     test = Objective(model, batches[:1])
-    surface = compute_surface({"train": objective, "test": test}, random_directions(objective, 2, seed=0),
-                              [grid_axis(-1, 1, 5)] * 2)
+    surface = compute_surface(
+        {"train": objective, "test": test}, random_directions(objective, 2, seed=0), [grid_axis(-1, 1, 5)] * 2
+    )
     assert surface.axes[0][2] == 0.0 and surface.complete
     assert surface.loss["train"][2, 2] == objective.evaluate().loss  # exactly, not approximately
     assert surface.accuracy["train"][2, 2] == objective.evaluate().accuracy
@@ -95,8 +97,7 @@ def test_bn_recalibration_at_each_point(conv_problem):
 def test_diverging_points_are_recorded_not_fatal(mlp_problem):
     model, _, _, batches = mlp_problem
     objective = Objective(model, batches)
-    surface = compute_surface(objective, random_directions(objective, 1, seed=0, normalization="none"),
-                              [np.array([0.0, 1e38])])
+    surface = compute_surface(objective, random_directions(objective, 1, seed=0, normalization="none"), [np.array([0.0, 1e38])])
     assert np.isfinite(surface.loss["train"][0]) and not np.isfinite(surface.loss["train"][1])
     assert surface.complete
 
@@ -143,8 +144,12 @@ def test_resume_computes_only_the_missing_points(tmp_path, mlp_problem, monkeypa
 def convnet_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model, spec = model_for_data("convnet", (1, 8, 8), 10)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "net.pt", model, model_spec=spec,
-                           data_spec={"spec": "digits", "seed": 0, "normalize": None})
+    return save_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "net.pt",
+        model,
+        model_spec=spec,
+        data_spec={"spec": "digits", "seed": 0, "normalize": None},
+    )
 
 
 @pytest.mark.cli
@@ -153,8 +158,12 @@ def test_killed_run_resumes_to_the_same_file(tmp_path, convnet_checkpoint):
     args = [convnet_checkpoint, "--dim", "2", "--range", "-1:1:15", "--n-samples", "400", "--test", "--quiet"]
     killed = tmp_path / "killed.h5"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(cli_command() + ["surface", *map(str, args), "--out", str(killed)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        cli_command() + ["surface", *map(str, args), "--out", str(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     while not killed.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -187,8 +196,19 @@ def test_cli_between_and_unwritable_output(tmp_path, convnet_checkpoint):
     torch.manual_seed(1)
     model, spec = model_for_data("convnet", (1, 8, 8), 10)
     other = save_checkpoint(tmp_path / "other.pt", model, model_spec=spec, data_spec={"spec": "digits"})
-    result = run_cli("surface", convnet_checkpoint, "--between", other, "--range", "0:1:3", "--n-samples", "100",
-                     "--out", tmp_path / "b.h5", "--json")
+    result = run_cli(
+        "surface",
+        convnet_checkpoint,
+        "--between",
+        other,
+        "--range",
+        "0:1:3",
+        "--n-samples",
+        "100",
+        "--out",
+        tmp_path / "b.h5",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["directions"]["kind"] == "between" and report["axes"] == [[0.0, 0.5, 1.0]]

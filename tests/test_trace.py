@@ -47,8 +47,9 @@ def budget_kwargs(method, budget):
 def sweep(method, matrix, budget, n_seeds=N_SEEDS, blocks=False):
     """Estimates, stderrs and (optionally) per-block estimates over seeds 0..n_seeds-1."""
     _, op = MATRICES[matrix]()
-    results = [ESTIMATORS[method](op, **budget_kwargs(method, budget), seed=s, blocks=BLOCKS if blocks else None)
-               for s in range(n_seeds)]
+    results = [
+        ESTIMATORS[method](op, **budget_kwargs(method, budget), seed=s, blocks=BLOCKS if blocks else None) for s in range(n_seeds)
+    ]
     estimates = np.array([r.estimate for r in results])
     stderrs = np.array([r.stderr for r in results])
     per_block = {name: np.array([r.blocks[name][0] for r in results]) for name in BLOCKS} if blocks else None
@@ -150,14 +151,23 @@ def test_small_operators_use_their_whole_space():
         assert ESTIMATORS[method](op, n_matvecs=30).estimate == pytest.approx(4.5, rel=1e-10)
 
 
-@pytest.mark.parametrize("call", [
-    lambda op: hutchinson(op, n_probes=1), lambda op: hutchinson(op, block_size=0),
-    lambda op: hutchinson(op, target_rel_stderr=0.0), lambda op: hutchinson(op, seed=1.5),
-    lambda op: hutchinson(op, blocks={"a": slice(0, 100)}), lambda op: hutchinson(op, blocks={"a": [0, 1]}),
-    lambda op: hutchinson(op, blocks={"a": slice(5, 5)}), lambda op: hutchinson(op, blocks={"a": slice(None, None, -1)}),
-    lambda op: hutchinson(op, blocks={}), lambda op: hutchpp(op, n_matvecs=3), lambda op: xtrace(op, n_matvecs=3),
-    lambda op: xtrace(op, blocks={"a": slice(-3, None)}),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda op: hutchinson(op, n_probes=1),
+        lambda op: hutchinson(op, block_size=0),
+        lambda op: hutchinson(op, target_rel_stderr=0.0),
+        lambda op: hutchinson(op, seed=1.5),
+        lambda op: hutchinson(op, blocks={"a": slice(0, 100)}),
+        lambda op: hutchinson(op, blocks={"a": [0, 1]}),
+        lambda op: hutchinson(op, blocks={"a": slice(5, 5)}),
+        lambda op: hutchinson(op, blocks={"a": slice(None, None, -1)}),
+        lambda op: hutchinson(op, blocks={}),
+        lambda op: hutchpp(op, n_matvecs=3),
+        lambda op: xtrace(op, n_matvecs=3),
+        lambda op: xtrace(op, blocks={"a": slice(-3, None)}),
+    ],
+)
 def test_bad_arguments_raise_value_error(call):
     with pytest.raises(ValueError):
         call(mixed()[1])
@@ -188,11 +198,15 @@ def test_operators_take_and_return_probe_rows(mlp_problem):
     a = torch.randn(7, 7, generator=g, dtype=torch.float64)  # not symmetric: A vᵢ and Aᵀvᵢ differ
     d = torch.rand(7, generator=g, dtype=torch.float64) + 0.5
     model, _, _, batches = mlp_problem
-    cases = {"dense": (DenseOperator(a), a),
-             "diagonal-scaled": (DiagonalScaledOperator(DenseOperator(a), d), torch.diag(d) @ a @ torch.diag(d)),
-             "block": (BlockOperator(DenseOperator(a), slice(2, 6)), a[2:6, 2:6]),
-             "hessian": (HessianOperator(Objective(model, batches, dtype=torch.float64, device="cpu")),
-                         dense_hessian(model, batches, "eval"))}
+    cases = {
+        "dense": (DenseOperator(a), a),
+        "diagonal-scaled": (DiagonalScaledOperator(DenseOperator(a), d), torch.diag(d) @ a @ torch.diag(d)),
+        "block": (BlockOperator(DenseOperator(a), slice(2, 6)), a[2:6, 2:6]),
+        "hessian": (
+            HessianOperator(Objective(model, batches, dtype=torch.float64, device="cpu")),
+            dense_hessian(model, batches, "eval"),
+        ),
+    }
     for name, (op, matrix) in cases.items():
         n = matrix.shape[0]
         V = torch.randn(3, n, generator=g, dtype=torch.float64)
@@ -202,5 +216,4 @@ def test_operators_take_and_return_probe_rows(mlp_problem):
         torch.testing.assert_close(products, expected, rtol=1e-10, atol=1e-12, msg=name)
         torch.testing.assert_close(op.matvec(V[1]), expected[1], rtol=1e-10, atol=1e-12, msg=name)
         # scipy's convention is columns: its adapter transposes there, once
-        torch.testing.assert_close(torch.as_tensor(op.to_scipy() @ V.T.numpy()), expected.T, rtol=1e-10, atol=1e-12,
-                                   msg=name)
+        torch.testing.assert_close(torch.as_tensor(op.to_scipy() @ V.T.numpy()), expected.T, rtol=1e-10, atol=1e-12, msg=name)

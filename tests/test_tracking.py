@@ -83,8 +83,15 @@ def test_start_on_an_exact_eigenvector():
     np.testing.assert_allclose(three.values, [9.0, 7.0, 5.0], rtol=1e-9)
 
 
-@pytest.mark.parametrize("start, message", [(torch.ones(7), "entries"), (torch.zeros(50), "nonzero"),
-                                            (torch.full((50,), float("nan")), "finite"), (np.ones(50), "Tensor")])
+@pytest.mark.parametrize(
+    "start, message",
+    [
+        (torch.ones(7), "entries"),
+        (torch.zeros(50), "nonzero"),
+        (torch.full((50,), float("nan")), "finite"),
+        (np.ones(50), "Tensor"),
+    ],
+)
 def test_lanczos_rejects_a_bad_start(start, message):
     _, op = dense(np.arange(50.0))
     with pytest.raises(ValueError, match=message):

@@ -37,11 +37,31 @@ def test_checkpoints_record_config_metrics_and_optimizer(tmp_path):
 @pytest.mark.cli
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     """kill -9 a real `landscape train` process mid-run, resume it, compare with an uninterrupted run."""
-    args = ["--data", "digits", "--model", "mlp", "--model-opt", "hidden=(16,)", "--optimizer", "smoothout",
-            "--noise", "0.01", "--ghost-batch-size", "16", "--batch-size", "32", "--lr", "0.05", "--epochs", "40", "--quiet"]
+    args = [
+        "--data",
+        "digits",
+        "--model",
+        "mlp",
+        "--model-opt",
+        "hidden=(16,)",
+        "--optimizer",
+        "smoothout",
+        "--noise",
+        "0.01",
+        "--ghost-batch-size",
+        "16",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.05",
+        "--epochs",
+        "40",
+        "--quiet",
+    ]
     killed = tmp_path / "killed"
-    process = subprocess.Popen(cli_command() + ["train", *args, "--out", str(killed)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        cli_command() + ["train", *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not (killed / "trajectory" / "epoch_0003.pt").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -50,8 +70,16 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     done = sorted((killed / "trajectory").glob("epoch_*.pt"))
     assert 3 <= len(done) - 1 < 40 and not (killed / "final.pt").exists()
     assert run_cli("train", *args, "--out", killed, "--resume").returncode == 0
-    config = TrainConfig(data="digits", model="mlp", model_kwargs={"hidden": [16]}, optimizer="smoothout",
-                         optimizer_kwargs={"a": 0.01, "ghost_batch_size": 16}, batch_size=32, lr=0.05, epochs=40)
+    config = TrainConfig(
+        data="digits",
+        model="mlp",
+        model_kwargs={"hidden": [16]},
+        optimizer="smoothout",
+        optimizer_kwargs={"a": 0.01, "ghost_batch_size": 16},
+        batch_size=32,
+        lr=0.05,
+        epochs=40,
+    )
     reference = load_checkpoint(train(config, tmp_path / "whole", progress=False)).state_dict
     resumed = load_checkpoint(killed / "final.pt").state_dict
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
@@ -128,8 +156,9 @@ def test_tracked_curvature_is_the_checkpoints_and_leaves_training_unchanged(tmp_
     base = dict(SMALL, model_kwargs={}, epochs=3, save_every=1)  # the default 64-100-100-10 MLP: 17,610 parameters
     plain = train(TrainConfig(**base), tmp_path / "plain", progress=False)
     start = time.perf_counter()
-    tracked = train(TrainConfig(**base, track_every=1, track="eig,trace", track_samples=300), tmp_path / "tracked",
-                    progress=False)
+    tracked = train(
+        TrainConfig(**base, track_every=1, track="eig,trace", track_samples=300), tmp_path / "tracked", progress=False
+    )
     wall = time.perf_counter() - start
     a, b = (torch.load(p, weights_only=True)["state_dict"] for p in (plain, tracked))
     assert all(torch.equal(a[k], b[k]) for k in a)  # measuring never touches the weights, gradients or random state
@@ -160,8 +189,21 @@ def test_track_measures_every_trajectory_checkpoint_warm_started_and_resumes(tmp
     from landscape.inputs.data import MeasurementSet, load_data
 
     train(TrainConfig(**dict(SMALL, model_kwargs={}), epochs=3, save_every=1), tmp_path / "run", progress=False)  # 17,610 params
-    args = ("track", tmp_path / "run", "--metrics", "eig,trace", "--k", "1", "--n-samples", "300", "--probes", "20",
-            "--stability-line", "--quiet", "--json")
+    args = (
+        "track",
+        tmp_path / "run",
+        "--metrics",
+        "eig,trace",
+        "--k",
+        "1",
+        "--n-samples",
+        "300",
+        "--probes",
+        "20",
+        "--stability-line",
+        "--quiet",
+        "--json",
+    )
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     series = json.loads(result.stdout)["series"]

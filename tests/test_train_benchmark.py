@@ -14,8 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_train_parallel_benchmark_quick_run(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_parallel.py"), "--quick"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_parallel.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     throughput, memory = rows[0], rows[1:]

@@ -31,8 +31,16 @@ transformers = pytest.importorskip("transformers")
 
 
 def bert():
-    config = transformers.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
-                                     vocab_size=30, max_position_embeddings=16, num_labels=3, type_vocab_size=2)
+    config = transformers.BertConfig(
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        vocab_size=30,
+        max_position_embeddings=16,
+        num_labels=3,
+        type_vocab_size=2,
+    )
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config).double().eval()
     g = torch.Generator().manual_seed(2)
@@ -40,19 +48,33 @@ def bert():
     for n, length in ((4, 7), (3, 5)):
         mask = torch.ones(n, length, dtype=torch.long)
         mask[0, -2:] = 0
-        batches.append({"input_ids": torch.randint(0, 30, (n, length), generator=g), "attention_mask": mask,
-                        "labels": torch.randint(0, 3, (n,), generator=g)})
+        batches.append(
+            {
+                "input_ids": torch.randint(0, 30, (n, length), generator=g),
+                "attention_mask": mask,
+                "labels": torch.randint(0, 3, (n,), generator=g),
+            }
+        )
     return model, batches
 
 
 def vit():
-    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=8, num_hidden_layers=1,
-                                    num_attention_heads=2, intermediate_size=16, num_labels=3)
+    config = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     model = transformers.ViTForImageClassification(config).double().eval()
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
-               for n in (5, 3)]
+    batches = [
+        (torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)) for n in (5, 3)
+    ]
     return model, batches
 
 
@@ -79,8 +101,10 @@ def test_token_loss_is_the_mean_over_real_tokens_across_batches(gpt2_truth):
     assert objective.loss() == pytest.approx(hf, rel=1e-6)
     assert not math.isclose(objective.loss(), np.mean([float(model(**b).loss) for b in batches]), rel_tol=1e-4)
     evaluation = objective.evaluate()  # next-token accuracy over the real tokens
-    correct = sum(int((model(**b).logits[:, :-1].argmax(-1) == b["input_ids"][:, 1:])[b["attention_mask"][:, 1:] == 1].sum())
-                  for b in batches)
+    correct = sum(
+        int((model(**b).logits[:, :-1].argmax(-1) == b["input_ids"][:, 1:])[b["attention_mask"][:, 1:] == 1].sum())
+        for b in batches
+    )
     assert evaluation.accuracy == pytest.approx(correct / n_tokens)
     assert objective.describe()["n_items"] == 24
 
@@ -96,8 +120,7 @@ def test_every_hvp_path_equals_the_dense_hessian_on_tiny_gpt2(gpt2_truth):
     for method in HVP_METHODS:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            objective = Objective(model, batches, loss=token_cross_entropy, dtype=torch.float64, device="cpu",
-                                  hvp_method=method)
+            objective = Objective(model, batches, loss=token_cross_entropy, dtype=torch.float64, device="cpu", hvp_method=method)
             try:
                 products = objective.hvp_batched(V)
             except ObjectiveError as error:  # asked for by name, a path torch.func cannot trace says so in one line
@@ -115,8 +138,7 @@ def test_sdpa_attention_is_differentiated_through_its_math_kernel():
     v = torch.randn(w0.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     exact = torch.autograd.functional.hvp(loss, w0, v)[1]
     for method in ("auto", "reuse", "fwd-rev", "double-backward"):
-        objective = Objective(model, batches, loss=token_cross_entropy, dtype=torch.float64, device="cpu",
-                              hvp_method=method)
+        objective = Objective(model, batches, loss=token_cross_entropy, dtype=torch.float64, device="cpu", hvp_method=method)
         product = objective.hvp(v)
         assert float((product - exact).norm() / exact.norm()) <= 1e-10, method
     assert objective.loss() == pytest.approx(float(loss(w0)), rel=1e-12)
@@ -188,8 +210,12 @@ def _check_perturbation_and_surfaces(objective, tmp_path):
     corner = 100 * (objective.loss(w + 1e-3 * (w.abs() + 1) * torch.sign(objective.grad())) - clean) / (1 + clean)
     assert corner > 0 and eps.value >= corner * (1 - 1e-9)
     for dim, n in ((1, 5), (2, 3)):
-        surface = compute_surface({"train": objective}, random_directions(objective, dim, seed=0),
-                                  [grid_axis(-0.1, 0.1, n)] * dim, path=tmp_path / f"s{dim}.h5")
+        surface = compute_surface(
+            {"train": objective},
+            random_directions(objective, dim, seed=0),
+            [grid_axis(-0.1, 0.1, n)] * dim,
+            path=tmp_path / f"s{dim}.h5",
+        )
         centre = surface.loss["train"][(n // 2,) * dim]
         assert centre == pytest.approx(clean, rel=1e-10)
 
@@ -206,7 +232,7 @@ def test_losses_say_what_they_expected():
 
 
 # ---------------------------------------------------------------- the command line on save_pretrained folders
-DATA_MODULE = '''
+DATA_MODULE = """
 import torch
 
 VOCAB = 23
@@ -240,7 +266,7 @@ def images():
 
 def not_batches():
     return ["a", "b"]
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -269,8 +295,25 @@ def test_measure_a_save_pretrained_gpt2_from_the_command_line(saved):
     import sys
 
     root, folders = saved
-    result = _cli(root, "measure", folders["gpt2"], "--data", "hfdata:tokens", "--loss", "token-cross-entropy",
-                  "--metrics", "eig", "--k", "1", "--tol", "1e-8", "--dtype", "float64", "--json", "--quiet")
+    result = _cli(
+        root,
+        "measure",
+        folders["gpt2"],
+        "--data",
+        "hfdata:tokens",
+        "--loss",
+        "token-cross-entropy",
+        "--metrics",
+        "eig",
+        "--k",
+        "1",
+        "--tol",
+        "1e-8",
+        "--dtype",
+        "float64",
+        "--json",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     (report,) = json.loads(result.stdout)
     assert report["setup"]["loss"] == "token-cross-entropy" and report["setup"]["n_items"] == 24
@@ -287,9 +330,14 @@ def test_measure_a_save_pretrained_gpt2_from_the_command_line(saved):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, data, loss", [("gpt2", "hfdata:tokens", "token-cross-entropy"),
-                                              ("bert", "hfdata:sentences", "cross-entropy"),
-                                              ("vit", "hfdata:images", "cross-entropy")])
+@pytest.mark.parametrize(
+    "name, data, loss",
+    [
+        ("gpt2", "hfdata:tokens", "token-cross-entropy"),
+        ("bert", "hfdata:sentences", "cross-entropy"),
+        ("vit", "hfdata:images", "cross-entropy"),
+    ],
+)
 def test_every_measure_and_a_plane_run_on_each_model_from_the_command_line(saved, name, data, loss):
     """Lanczos, trace, expected loss, ε-sharpness, per-layer curvature with its figure, and a 2-D surface (GPT-2: on
     the test batches its data callable also returns)."""
@@ -299,10 +347,35 @@ def test_every_measure_and_a_plane_run_on_each_model_from_the_command_line(saved
 
     root, folders = saved
     figure = root / f"{name}-layers.png"
-    result = _cli(root, "measure", folders[name], "--data", data, "--loss", loss, "--metrics",
-                  "eig,trace,expected-loss,eps-sharpness", "--k", "1", "--probes", "8", "--radius", "0.001",
-                  "--noise-samples", "4", "--restarts", "1", "--eps-iters", "3", "--per-layer", "eig,trace",
-                  "--per-layer-figure", figure, "--json", "--quiet")
+    result = _cli(
+        root,
+        "measure",
+        folders[name],
+        "--data",
+        data,
+        "--loss",
+        loss,
+        "--metrics",
+        "eig,trace,expected-loss,eps-sharpness",
+        "--k",
+        "1",
+        "--probes",
+        "8",
+        "--radius",
+        "0.001",
+        "--noise-samples",
+        "4",
+        "--restarts",
+        "1",
+        "--eps-iters",
+        "3",
+        "--per-layer",
+        "eig,trace",
+        "--per-layer-figure",
+        figure,
+        "--json",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     (report,) = json.loads(result.stdout)
     metrics = report["metrics"]
@@ -315,8 +388,22 @@ def test_every_measure_and_a_plane_run_on_each_model_from_the_command_line(saved
     assert sum(b["n_params"] for b in blocks) == report["n_params"]
     assert figure.read_bytes()[:4] == b"\x89PNG"
     test = ["--test"] if name == "gpt2" else []
-    plane = _cli(root, "surface", folders[name], "--data", data, "--loss", loss, "--dim", "2", "--range=-0.5:0.5:3",
-                 *test, "--out", root / f"{name}-plane.h5", "--quiet")
+    plane = _cli(
+        root,
+        "surface",
+        folders[name],
+        "--data",
+        data,
+        "--loss",
+        loss,
+        "--dim",
+        "2",
+        "--range=-0.5:0.5:3",
+        *test,
+        "--out",
+        root / f"{name}-plane.h5",
+        "--quiet",
+    )
     assert plane.returncode == 0, plane.stderr
     surface = read_surface(root / f"{name}-plane.h5")
     grid = surface.loss["train"]
@@ -355,20 +442,28 @@ def test_safetensors_state_dicts_and_sharded_folders_load(saved, tmp_path, monke
     model = transformers.BertForSequenceClassification.from_pretrained(folders["bert"])
     model.save_pretrained(tmp_path / "sharded", max_shard_size="1KB")
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
-    results = [json.loads(measure(folder, "--data", "hfdata:sentences", "--metrics", "eig", "--k", "1", "--json",
-                                  "--quiet")[1])[0] for folder in (folders["bert"], tmp_path / "sharded")]
+    results = [
+        json.loads(measure(folder, "--data", "hfdata:sentences", "--metrics", "eig", "--k", "1", "--json", "--quiet")[1])[0]
+        for folder in (folders["bert"], tmp_path / "sharded")
+    ]
     assert results[0]["loss"] == results[1]["loss"] and results[0]["n_params"] == results[1]["n_params"]
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     code, _, stderr = measure(tmp_path / "broken.safetensors", "--model", "mlp", "--data", "digits", "--quiet")
     assert code == 2 and "not a readable safetensors file" in stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--data", "hfdata:sentences", "--loss", "token-cross-entropy"], "token cross-entropy: expected token labels of shape (batch, sequence), got (4,)"),
-    (["--data", "hfdata:not_batches"], "train batch 0 is a str; a batch is an (x, y) tuple of tensors or a dict"),
-    (["--data", "hfdata:sentences", "--n-samples", "3"], "gives its own batches"),
-    (["--data", "hfdata:sentences", "--loss", "hinge"], "unknown loss 'hinge'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--data", "hfdata:sentences", "--loss", "token-cross-entropy"],
+            "token cross-entropy: expected token labels of shape (batch, sequence), got (4,)",
+        ),
+        (["--data", "hfdata:not_batches"], "train batch 0 is a str; a batch is an (x, y) tuple of tensors or a dict"),
+        (["--data", "hfdata:sentences", "--n-samples", "3"], "gives its own batches"),
+        (["--data", "hfdata:sentences", "--loss", "hinge"], "unknown loss 'hinge'"),
+    ],
+)
 def test_bad_batches_and_losses_fail_in_one_line(saved, args, message, monkeypatch, capsys):
     """Through the command line's own entry point in this process (the subprocess tests above show it as a program)."""
     from analysis.cli import main
@@ -402,8 +497,14 @@ def test_hvps_at_readme_size_equal_finite_differences_of_an_independent_loss():
     ids = torch.randint(0, 100, (16, 24), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[::2, 16:] = 0
-    batches = [{"input_ids": ids[i:i + 8], "attention_mask": mask[i:i + 8],
-                "labels": ids[i:i + 8].masked_fill(mask[i:i + 8] == 0, -100)} for i in (0, 8)]
+    batches = [
+        {
+            "input_ids": ids[i : i + 8],
+            "attention_mask": mask[i : i + 8],
+            "labels": ids[i : i + 8].masked_fill(mask[i : i + 8] == 0, -100),
+        }
+        for i in (0, 8)
+    ]
     w0, unflatten = flat_parameters(model)
     assert w0.numel() > 30_000
 
@@ -411,8 +512,9 @@ def test_hvps_at_readme_size_equal_finite_differences_of_an_independent_loss():
         total, count = 0.0, 0
         for b in batches:
             with sdpa_kernel(SDPBackend.MATH):
-                out = functional_call(model, unflatten(w), (), {"input_ids": b["input_ids"],
-                                                                 "attention_mask": b["attention_mask"]})
+                out = functional_call(
+                    model, unflatten(w), (), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+                )
             logp = torch.log_softmax(out.logits[:, :-1], dim=-1).gather(-1, b["input_ids"][:, 1:, None])[..., 0]
             real = b["attention_mask"][:, 1:].double()
             total, count = total - (logp * real).sum(), count + real.sum()
@@ -422,7 +524,6 @@ def test_hvps_at_readme_size_equal_finite_differences_of_an_independent_loss():
     h = 1e-6  # truncation error ~h²: 1e-6 relative at h = 1e-5, 1e-8 here
     fd = (torch.func.grad(loss)(w0 + h * v) - torch.func.grad(loss)(w0 - h * v)) / (2 * h)
     for method in ("auto", "reuse", "fwd-rev", "double-backward"):
-        objective = Objective(model, batches, loss=token_cross_entropy, dtype=torch.float64, device="cpu",
-                              hvp_method=method)
+        objective = Objective(model, batches, loss=token_cross_entropy, dtype=torch.float64, device="cpu", hvp_method=method)
         assert objective.n_items == 304 and objective.loss() == pytest.approx(float(loss(w0)), rel=1e-12)
         assert float((objective.hvp(v) - fd).norm() / fd.norm()) < 1e-7, method

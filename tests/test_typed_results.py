@@ -16,9 +16,34 @@ from landscape.results import Quantity, to_jsonable
 from tests.helpers import digits_mlp_checkpoint
 
 # one cheap setting of every metric, on a 300-sample digits MLP: every result type measure returns
-OPTIONS = ["--n-samples", "300", "--k", "2", "--probes", "8", "--noise-samples", "8", "--radius", "0.01,0.02",
-           "--restarts", "1", "--eps-iters", "2", "--ascent-steps", "2", "--m", "100", "--density-runs", "2",
-           "--density-steps", "8", "--device", "cpu", "--dtype", "float64"]
+OPTIONS = [
+    "--n-samples",
+    "300",
+    "--k",
+    "2",
+    "--probes",
+    "8",
+    "--noise-samples",
+    "8",
+    "--radius",
+    "0.01,0.02",
+    "--restarts",
+    "1",
+    "--eps-iters",
+    "2",
+    "--ascent-steps",
+    "2",
+    "--m",
+    "100",
+    "--density-runs",
+    "2",
+    "--density-steps",
+    "8",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float64",
+]
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,7 @@ def per_sample_problem(n, d, batch_size, seed=0):
     h = 2 * torch.rand(d, generator=gen, dtype=torch.float64)
     x = torch.randn(n, d, generator=gen, dtype=torch.float64)
     y = torch.zeros(n, dtype=torch.float64)
-    batches = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+    batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
     model = PerSample(x.mean(0) + 0.01 * torch.randn(d, generator=gen, dtype=torch.float64), h)
     return Objective(model, batches, loss_fn=mean_loss, **F64), model, x, h
 
@@ -245,7 +245,7 @@ def test_m_sharpness_is_the_mean_of_each_batch_maximum(p):
     rho = 0.05
     maxima = []
     for i in range(3):
-        g = h * (model.w.detach() - x[16 * i:16 * (i + 1)].mean(0))
+        g = h * (model.w.detach() - x[16 * i : 16 * (i + 1)].mean(0))
         if p == "inf":
             maxima.append(box_maximum(g, h, torch.full_like(g, rho)))
         else:
@@ -265,8 +265,16 @@ def test_m_sharpness_equals_worst_case_on_each_batch_built_apart(trained):  # no
     x = torch.cat([x for x, _ in trained.batches])
     y = torch.cat([y for _, y in trained.batches])
     assert r.n_batches == len(y) // m == 3 and r.n_unused == len(y) - 3 * m
-    apart = [worst_case(Objective(trained.model, [(x[i * m:(i + 1) * m], y[i * m:(i + 1) * m])], device="cpu"),
-                        p="inf", adaptive=True, restarts=0, steps=5).value for i in range(3)]
+    apart = [
+        worst_case(
+            Objective(trained.model, [(x[i * m : (i + 1) * m], y[i * m : (i + 1) * m])], device="cpu"),
+            p="inf",
+            adaptive=True,
+            restarts=0,
+            steps=5,
+        ).value
+        for i in range(3)
+    ]
     assert np.array_equal(r.batch_values, apart)
     assert r.n_grad == 3 * (1 + 5)
 
@@ -295,11 +303,21 @@ def test_average_case_on_a_quadratic_is_half_rho_squared_trace():
 
 
 # ------------------------------------------------------------------------------- arguments
-@pytest.mark.parametrize("kwargs, match", [
-    ({"rho": 0.0}, "rho"), ({"rho": -1.0}, "rho"), ({"rho": math.nan}, "rho"), ({"p": 3}, "p must be 2 or inf"),
-    ({"p": "1"}, "p must be 2 or inf"), ({"eta": -0.1, "adaptive": True}, "eta"), ({"eta": 0.1}, "adaptive"),
-    ({"steps": 0}, "steps"), ({"restarts": -1}, "restarts"), ({"seed": 1.5}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rho": 0.0}, "rho"),
+        ({"rho": -1.0}, "rho"),
+        ({"rho": math.nan}, "rho"),
+        ({"p": 3}, "p must be 2 or inf"),
+        ({"p": "1"}, "p must be 2 or inf"),
+        ({"eta": -0.1, "adaptive": True}, "eta"),
+        ({"eta": 0.1}, "adaptive"),
+        ({"steps": 0}, "steps"),
+        ({"restarts": -1}, "restarts"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
 def test_bad_arguments_are_one_line_value_errors(kwargs, match):
     objective, _, _ = dense_problem(20)
     for estimator in (worst_case, lambda obj, **kw: m_sharpness(obj, 1, **kw)):
@@ -328,14 +346,30 @@ def test_restricted_objective_matches_one_built_apart_and_shares_the_model(train
 
 
 # ------------------------------------------------------------------------------------ the CLI
-WORST = ["worst-case", "adaptive-worst-case", "m-sharpness", "adaptive-m-sharpness", "average-case",
-         "adaptive-average-case"]
+WORST = ["worst-case", "adaptive-worst-case", "m-sharpness", "adaptive-m-sharpness", "average-case", "adaptive-average-case"]
 
 
 def test_measure_prints_a_row_per_measure(trained_run):  # noqa: F811
-    args = build_parser().parse_args(["measure", str(trained_run), "--metrics", ",".join(WORST), "--n-samples", "300",
-                                      "--ascent-steps", "3", "--m", "100", "--p", "inf", "--noise-samples", "20",
-                                      "--device", "cpu"])
+    args = build_parser().parse_args(
+        [
+            "measure",
+            str(trained_run),
+            "--metrics",
+            ",".join(WORST),
+            "--n-samples",
+            "300",
+            "--ascent-steps",
+            "3",
+            "--m",
+            "100",
+            "--p",
+            "inf",
+            "--noise-samples",
+            "20",
+            "--device",
+            "cpu",
+        ]
+    )
     report = measure_checkpoint(str(trained_run), MeasureSpec.from_args(args))
     metrics = report["metrics"]
     assert metrics["worst-case"]["rho"] == DEFAULT_RHO[("inf", False)] and metrics["worst-case"]["p"] == "inf"
@@ -355,12 +389,33 @@ def test_measure_prints_a_row_per_measure(trained_run):  # noqa: F811
 
 @pytest.mark.cli
 def test_measure_as_a_real_process_prints_and_writes_json(trained_run):  # noqa: F811
-    common = ["measure", trained_run, "--metrics", ",".join(WORST), "--n-samples", "200", "--ascent-steps", "2",
-              "--m", "100", "--noise-samples", "4", "--device", "cpu", "--quiet"]
+    common = [
+        "measure",
+        trained_run,
+        "--metrics",
+        ",".join(WORST),
+        "--n-samples",
+        "200",
+        "--ascent-steps",
+        "2",
+        "--m",
+        "100",
+        "--noise-samples",
+        "4",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     text = run_cli(*common)
     assert text.returncode == 0, text.stderr
-    for label in ("worst-case ℓ2, ρ=0.05", "adaptive worst-case ℓ2, ρ=0.5", "m-sharpness ℓ2", "adaptive m-sharpness ℓ2",
-                  "average-case ℓ2, ρ=0.01", "adaptive average-case ℓ2, ρ=0.1"):
+    for label in (
+        "worst-case ℓ2, ρ=0.05",
+        "adaptive worst-case ℓ2, ρ=0.5",
+        "m-sharpness ℓ2",
+        "adaptive m-sharpness ℓ2",
+        "average-case ℓ2, ρ=0.01",
+        "adaptive average-case ℓ2, ρ=0.1",
+    ):
         assert label in text.stdout, text.stdout
     data = run_cli(*common, "--json")
     assert data.returncode == 0, data.stderr
@@ -376,16 +431,19 @@ def test_bad_worst_case_options_as_a_real_process(trained_run):  # noqa: F811
     assert "--p must be 2 or inf" in line
 
 
-@pytest.mark.parametrize("argv, wanted", [
-    (["--rho", "0"], "--rho must be a finite number > 0"),
-    (["--rho", "-0.1"], "--rho must be a finite number > 0"),
-    (["--p", "3"], "--p must be 2 or inf, got 3"),
-    (["--m", "0"], "--m must be at least 1"),
-    (["--ascent-steps", "0"], "--ascent-steps must be at least 1"),
-    (["--ascent-restarts", "-1"], "--ascent-restarts must be at least 0"),
-    (["--eta", "-1"], "--eta must be a finite number ≥ 0"),
-    (["--metrics", "adaptive-average-case", "--eta", "0.01"], "--eta"),
-])
+@pytest.mark.parametrize(
+    "argv, wanted",
+    [
+        (["--rho", "0"], "--rho must be a finite number > 0"),
+        (["--rho", "-0.1"], "--rho must be a finite number > 0"),
+        (["--p", "3"], "--p must be 2 or inf, got 3"),
+        (["--m", "0"], "--m must be at least 1"),
+        (["--ascent-steps", "0"], "--ascent-steps must be at least 1"),
+        (["--ascent-restarts", "-1"], "--ascent-restarts must be at least 0"),
+        (["--eta", "-1"], "--eta must be a finite number ≥ 0"),
+        (["--metrics", "adaptive-average-case", "--eta", "0.01"], "--eta"),
+    ],
+)
 def test_options_are_checked_by_name(argv, wanted):
     args = build_parser().parse_args(["measure", "x.pt", *argv])
     with pytest.raises(ValueError) as info:

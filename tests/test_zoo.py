@@ -24,8 +24,7 @@ def test_every_path_matches_the_dense_hessian(name, mode):
     H = dense_hessian(model, batches, mode)
     V = torch.randn(3, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     for path in PATHS:
-        objective = Objective(model, batches, mode=mode, dtype=torch.float64, device="cpu",
-                              hvp_method=path, hvp_check=False)
+        objective = Objective(model, batches, mode=mode, dtype=torch.float64, device="cpu", hvp_method=path, hvp_check=False)
         assert objective.n_params == H.shape[0]
         for repeat in range(2):
             assert rel_err(objective.hvp(V[0]), H @ V[0]) <= 1e-10, (path, repeat)

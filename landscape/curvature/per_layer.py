@@ -82,9 +82,18 @@ class PerLayerResult(Result):
     seed: int
 
 
-def per_layer(op: LinearOperator, blocks: Mapping[str, slice], metrics: Iterable[str] = PER_LAYER_METRICS, *,
-              tol: float = 1e-3, max_matvecs: int | None = None, trace: Callable[..., TraceResult] = xtrace,
-              n_probes: int = 100, seed: int = 0, progress: bool | str = False) -> PerLayerResult:
+def per_layer(
+    op: LinearOperator,
+    blocks: Mapping[str, slice],
+    metrics: Iterable[str] = PER_LAYER_METRICS,
+    *,
+    tol: float = 1e-3,
+    max_matvecs: int | None = None,
+    trace: Callable[..., TraceResult] = xtrace,
+    n_probes: int = 100,
+    seed: int = 0,
+    progress: bool | str = False,
+) -> PerLayerResult:
     """λ1(H_bb) by Lanczos on each restricted block and tr(H_bb) of every block from one shared trace estimate.
 
     The block-diagonal view of the Hessian that HAWQ (Dong et al. 2019) ranks layers by and that
@@ -134,16 +143,26 @@ def per_layer(op: LinearOperator, blocks: Mapping[str, slice], metrics: Iterable
     rows = []
     for name, block in blocks.items():
         restricted = BlockOperator(op, block)
-        eig = (lanczos(restricted, 1, tol=tol, max_matvecs=max_matvecs, seed=seed, progress=progress)
-               if "eig" in metrics else None)
+        eig = lanczos(restricted, 1, tol=tol, max_matvecs=max_matvecs, seed=seed, progress=progress) if "eig" in metrics else None
         estimate, stderr = traced.blocks[name] if traced is not None else (None, None)
-        rows.append(BlockCurvature(
-            name=name, n_params=restricted.shape[0],
-            lambda1=None if eig is None else float(eig.values[0]),
-            residual=None if eig is None else float(eig.residuals[0]),
-            converged=None if eig is None else eig.converged,
-            eig_matvecs=0 if eig is None else eig.n_matvecs,
-            trace=estimate, trace_stderr=stderr))
+        rows.append(
+            BlockCurvature(
+                name=name,
+                n_params=restricted.shape[0],
+                lambda1=None if eig is None else float(eig.values[0]),
+                residual=None if eig is None else float(eig.residuals[0]),
+                converged=None if eig is None else eig.converged,
+                eig_matvecs=0 if eig is None else eig.n_matvecs,
+                trace=estimate,
+                trace_stderr=stderr,
+            )
+        )
     n_matvecs = sum(r.eig_matvecs for r in rows) + (traced.n_matvecs if traced is not None else 0)
-    return PerLayerResult(blocks=tuple(rows), metrics=metrics, trace_estimate=traced, n_matvecs=n_matvecs,
-                          seconds=time.perf_counter() - start, seed=int(seed))
+    return PerLayerResult(
+        blocks=tuple(rows),
+        metrics=metrics,
+        trace_estimate=traced,
+        n_matvecs=n_matvecs,
+        seconds=time.perf_counter() - start,
+        seed=int(seed),
+    )

@@ -201,9 +201,19 @@ def default_max_matvecs(n: int, k: int, dtype: torch.dtype = torch.float32) -> i
     return min(n, max(300, 60 * k), max(memory, 50, 4 * k))
 
 
-def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1e-3, max_matvecs: int | None = None,
-            seed: int = 0, return_vectors: bool = False, progress: bool | str = False, stop: str = "error",
-            start: torch.Tensor | None = None) -> EigResult:
+def lanczos(
+    op: LinearOperator,
+    k: int = 1,
+    *,
+    which: str = "LA",
+    tol: float = 1e-3,
+    max_matvecs: int | None = None,
+    seed: int = 0,
+    return_vectors: bool = False,
+    progress: bool | str = False,
+    stop: str = "error",
+    start: torch.Tensor | None = None,
+) -> EigResult:
     """k extreme eigenvalues by Lanczos with full reorthogonalization (Lanczos 1950; Golub & Van Loan 2013, §10.1).
 
     Each wanted Ritz value θ_i has residual r_i = |β_m s_{m,i}| = ‖Ay_i − θ_i y_i‖, a rigorous
@@ -288,9 +298,18 @@ def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1
     if return_vectors:
         ritz = torch.as_tensor(s[:, wanted].T, dtype=op.dtype, device=op.device)  # row i: T's eigenvector of θ_i
         vectors = ritz @ recurrence.basis[0, : recurrence.steps]
-    return EigResult(values=theta[wanted], residuals=residuals[wanted], error_bounds=bounds[wanted], vectors=vectors,
-                     n_matvecs=recurrence.n_matvecs, converged=converged, seconds=time.perf_counter() - began,
-                     method="lanczos", seed=int(seed), which=which)
+    return EigResult(
+        values=theta[wanted],
+        residuals=residuals[wanted],
+        error_bounds=bounds[wanted],
+        vectors=vectors,
+        n_matvecs=recurrence.n_matvecs,
+        converged=converged,
+        seconds=time.perf_counter() - began,
+        method="lanczos",
+        seed=int(seed),
+        which=which,
+    )
 
 
 def _start_vector(start: torch.Tensor, op: LinearOperator) -> torch.Tensor:
@@ -306,8 +325,9 @@ def _start_vector(start: torch.Tensor, op: LinearOperator) -> torch.Tensor:
     return row
 
 
-def power_iteration(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvecs: int = 1000, seed: int = 0,
-                    return_vectors: bool = False) -> EigResult:
+def power_iteration(
+    op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvecs: int = 1000, seed: int = 0, return_vectors: bool = False
+) -> EigResult:
     """Power iteration with deflation, the PyHessian baseline (Yao et al. 2020): top-|λ| eigenpairs one by one.
 
     Each pair gets max_matvecs // k matvecs and stops when the Rayleigh quotient's relative
@@ -339,9 +359,18 @@ def power_iteration(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_ma
         values.append(theta)
         residuals.append(residual)
         found = torch.cat([found, vector[None]])
-    return EigResult(values=np.array(values), residuals=np.array(residuals), error_bounds=np.array(residuals),
-                     vectors=found if return_vectors else None, n_matvecs=used, converged=all_converged,
-                     seconds=time.perf_counter() - start, method="power_iteration", seed=int(seed), which="LM")
+    return EigResult(
+        values=np.array(values),
+        residuals=np.array(residuals),
+        error_bounds=np.array(residuals),
+        vectors=found if return_vectors else None,
+        n_matvecs=used,
+        converged=all_converged,
+        seconds=time.perf_counter() - start,
+        method="power_iteration",
+        seed=int(seed),
+        which="LM",
+    )
 
 
 def _deflate(v: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
@@ -349,9 +378,17 @@ def _deflate(v: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
     return v - (found @ v) @ found
 
 
-def slq_density(op: LinearOperator, *, n_runs: int = 4, n_steps: int = 60, n_grid: int = 500,
-                sigma: float | None = None, seed: int = 0, grid_margin: float = 0.05,
-                progress: bool | str = False) -> Spectrum:
+def slq_density(
+    op: LinearOperator,
+    *,
+    n_runs: int = 4,
+    n_steps: int = 60,
+    n_grid: int = 500,
+    sigma: float | None = None,
+    seed: int = 0,
+    grid_margin: float = 0.05,
+    progress: bool | str = False,
+) -> Spectrum:
     """Spectral density by stochastic Lanczos quadrature (Lin, Saad & Yang 2016; Ubaru, Chen & Saad 2017).
 
     The Hessian spectral densities of Ghorbani, Krishnan & Xiao (2019). Each run starts Lanczos
@@ -416,8 +453,16 @@ def slq_density(op: LinearOperator, *, n_runs: int = 4, n_steps: int = 60, n_gri
     grid = np.linspace(nodes.min() - pad, nodes.max() + pad, n_grid)
     kernel = np.exp(-0.5 * ((grid[:, None] - nodes.reshape(1, -1)) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
     density = kernel @ weights.reshape(-1) / n_runs
-    return Spectrum(grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma,
-                    n_matvecs=recurrence.n_matvecs, seconds=time.perf_counter() - start, seed=int(seed))
+    return Spectrum(
+        grid=grid,
+        density=density,
+        nodes=nodes,
+        weights=weights,
+        sigma=sigma,
+        n_matvecs=recurrence.n_matvecs,
+        seconds=time.perf_counter() - start,
+        seed=int(seed),
+    )
 
 
 @dataclass
@@ -438,4 +483,3 @@ class WarmStart:
         result = lanczos(op, k, stop=stop, start=self.vector if self.enabled else None, return_vectors=True, **options)
         self.vector = result.vectors[0].detach().clone()
         return result
-

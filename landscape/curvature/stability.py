@@ -84,9 +84,14 @@ class GDRun(Result):
         return 2.0 / self.config.lr
 
 
-def gradient_descent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: GDConfig,
-                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                     device: torch.device | str = "cpu") -> GDRun:
+def gradient_descent(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: GDConfig,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device | str = "cpu",
+) -> GDRun:
     """Train a copy of `model` by full-batch GD on (x, y) under `config`, tracking λ1; `model` is left as it was.
 
     Every parameter is trained; the model should have no BatchNorm or dropout (the Hessian is
@@ -105,8 +110,9 @@ def gradient_descent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config:
             raise FloatingPointError(f"GD diverged at step {step} (loss {loss.item()}); lower the step size {config.lr}")
         losses.append(loss.item())
         if step % config.every == 0 or step == config.steps:
-            objective = Objective(net, [(x, y)], loss_fn=loss_fn, dtype=dtype, device=device,
-                                  hvp_method=config.hvp_method, hvp_check=not recorded)
+            objective = Objective(
+                net, [(x, y)], loss_fn=loss_fn, dtype=dtype, device=device, hvp_method=config.hvp_method, hvp_check=not recorded
+            )
             top = warm.lanczos(HessianOperator(objective), 1, tol=config.tol, stop=config.stop, seed=config.seed)
             recorded.append(step)
             sharpness.append(float(top.values[0]))
@@ -118,6 +124,13 @@ def gradient_descent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config:
             with torch.no_grad():
                 for p, g in zip(params, grads):
                     p.sub_(config.lr * g)
-    return GDRun(config=config, loss=np.array(losses), recorded=np.array(recorded), sharpness=np.array(sharpness),
-                 residuals=np.array(residuals), hvps=np.array(hvps), converged=np.array(converged),
-                 seconds=time.perf_counter() - start_time)
+    return GDRun(
+        config=config,
+        loss=np.array(losses),
+        recorded=np.array(recorded),
+        sharpness=np.array(sharpness),
+        residuals=np.array(residuals),
+        hvps=np.array(hvps),
+        converged=np.array(converged),
+        seconds=time.perf_counter() - start_time,
+    )

@@ -62,21 +62,37 @@ def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:
     return float(samples.mean()), stderr(samples)
 
 
-def _result(method: str, samples: torch.Tensor, block_samples: dict[str, torch.Tensor] | None,
-            n_matvecs: int, seed: int, start: float) -> TraceResult:
+def _result(
+    method: str, samples: torch.Tensor, block_samples: dict[str, torch.Tensor] | None, n_matvecs: int, seed: int, start: float
+) -> TraceResult:
     """Estimate = mean of the samples, stderr = their standard deviation / √count (also per block)."""
     values = samples.double().cpu().numpy()
     estimate, stderr = _mean_stderr(values)
     per_block = None
     if block_samples is not None:
         per_block = {name: _mean_stderr(s.double().cpu().numpy()) for name, s in block_samples.items()}
-    return TraceResult(estimate=estimate, stderr=stderr, n_matvecs=n_matvecs, seconds=time.perf_counter() - start,
-                       method=method, seed=int(seed), samples=values, blocks=per_block)
+    return TraceResult(
+        estimate=estimate,
+        stderr=stderr,
+        n_matvecs=n_matvecs,
+        seconds=time.perf_counter() - start,
+        method=method,
+        seed=int(seed),
+        samples=values,
+        blocks=per_block,
+    )
 
 
-def hutchinson(op: LinearOperator, n_probes: int = 100, *, block_size: int = 10,
-               target_rel_stderr: float | None = None, blocks: dict[str, slice] | None = None,
-               seed: int = 0, progress: bool | str = False) -> TraceResult:
+def hutchinson(
+    op: LinearOperator,
+    n_probes: int = 100,
+    *,
+    block_size: int = 10,
+    target_rel_stderr: float | None = None,
+    blocks: dict[str, slice] | None = None,
+    seed: int = 0,
+    progress: bool | str = False,
+) -> TraceResult:
     """Girard–Hutchinson estimator (Girard 1989; Hutchinson 1989): mean of zᵀAz over Rademacher probes z.
 
     Unbiased, with variance 2·Σ_{i≠j} A_ij² per probe: exact for a diagonal matrix, slow where
@@ -137,8 +153,14 @@ def hutchinson(op: LinearOperator, n_probes: int = 100, *, block_size: int = 10,
     return _result("hutchinson", torch.cat(totals), block_samples, used, seed, start)
 
 
-def hutchpp(op: LinearOperator, n_matvecs: int = 102, *, seed: int = 0,
-            blocks: dict[str, slice] | None = None, progress: bool | str = False) -> TraceResult:
+def hutchpp(
+    op: LinearOperator,
+    n_matvecs: int = 102,
+    *,
+    seed: int = 0,
+    blocks: dict[str, slice] | None = None,
+    progress: bool | str = False,
+) -> TraceResult:
     """Hutch++ (Meyer, Musco, Musco & Woodruff 2021): exact trace on a sketched range plus Hutchinson on the rest.
 
     A third of the budget sketches S, Q = orth(AS); tr(QᵀAQ) is exact and the remaining probes
@@ -196,8 +218,14 @@ def hutchpp(op: LinearOperator, n_matvecs: int = 102, *, seed: int = 0,
     return _result("hutchpp", samples, block_samples, 2 * n_sketch + n_probes, seed, start)
 
 
-def xtrace(op: LinearOperator, n_matvecs: int = 100, *, seed: int = 0,
-           blocks: dict[str, slice] | None = None, progress: bool | str = False) -> TraceResult:
+def xtrace(
+    op: LinearOperator,
+    n_matvecs: int = 100,
+    *,
+    seed: int = 0,
+    blocks: dict[str, slice] | None = None,
+    progress: bool | str = False,
+) -> TraceResult:
     """XTrace (Epperly, Tropp & Webber 2024, SIAM J. Matrix Anal. Appl.): exchangeable Hutch++.
 
     m = n_matvecs/2 test vectors ω_i uniform on the sphere of radius √n. For each i, the range
@@ -261,9 +289,10 @@ def xtrace(op: LinearOperator, n_matvecs: int = 100, *, seed: int = 0,
     samples = torch.as_tensor(_xtrace_samples(_xtrace_grams(q, aq, omega, y), *parts))
     block_samples = None
     if blocks is not None:
-        block_samples = {name: torch.as_tensor(_xtrace_samples(
-                             _xtrace_grams(q[:, b], aq[:, b], omega[:, b], y[:, b]), *parts))
-                         for name, b in blocks.items()}
+        block_samples = {
+            name: torch.as_tensor(_xtrace_samples(_xtrace_grams(q[:, b], aq[:, b], omega[:, b], y[:, b]), *parts))
+            for name, b in blocks.items()
+        }
     return _result("xtrace", samples, block_samples, m + q.shape[0], seed, start)
 
 
@@ -309,8 +338,9 @@ def _xtrace_grams(q: torch.Tensor, aq: torch.Tensor, omega: torch.Tensor, y: tor
     return tuple(g.double().cpu().numpy() for g in grams)
 
 
-def _xtrace_samples(grams: tuple[np.ndarray, ...], s: np.ndarray, h: np.ndarray, c: np.ndarray,
-                    f: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def _xtrace_samples(
+    grams: tuple[np.ndarray, ...], s: np.ndarray, h: np.ndarray, c: np.ndarray, f: np.ndarray, scale: np.ndarray
+) -> np.ndarray:
     """The m leave-one-out XTrace estimates, summed over the coordinates the Gram matrices cover.
 
     Estimate i is tr_b(2·P_iA − P_iAP_i) + scale_i·ω_i,bᵀ[(I−P_i)A(I−P_i)ω_i]_b with P_i = QᵀΠ_iQ (Q's rows
@@ -318,7 +348,8 @@ def _xtrace_samples(grams: tuple[np.ndarray, ...], s: np.ndarray, h: np.ndarray,
     """
     qaq, qq, omega_q, omega_aq, omega_y = grams
     shs = (s * (h @ s)).sum(0)
-    low_rank = (2 * (np.trace(qaq) - (s * (qaq @ s)).sum(0))
-                - (np.sum(h * qq) - 2 * (s * (qq @ h @ s)).sum(0) + shs * (s * (qq @ s)).sum(0)))
+    low_rank = 2 * (np.trace(qaq) - (s * (qaq @ s)).sum(0)) - (
+        np.sum(h * qq) - 2 * (s * (qq @ h @ s)).sum(0) + shs * (s * (qq @ s)).sum(0)
+    )
     deflated = omega_y - (omega_aq * c.T).sum(1) - (omega_q * f.T).sum(1)
     return low_rank + scale * deflated

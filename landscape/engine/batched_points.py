@@ -55,8 +55,9 @@ class PointEvaluator:
 
     def __init__(self, objective: Objective) -> None:
         self.objective = objective
-        self.fallback: str | None = ("a data-parallel objective all-reduces each evaluation: one point per call"
-                                     if objective.distributed else None)
+        self.fallback: str | None = (
+            "a data-parallel objective all-reduces each evaluation: one point per call" if objective.distributed else None
+        )
 
     def evaluate(self, W: torch.Tensor, buffers: dict[str, torch.Tensor] | None = None) -> list[Evaluation]:
         """Loss and accuracy at each row of W (k, n); `buffers[name]` (k, ...) replaces a buffer per point.
@@ -70,8 +71,10 @@ class PointEvaluator:
                 text = str(error).splitlines()[0] if str(error) else ""
                 self.fallback = f"vmap cannot batch this model's points ({type(error).__name__}: {text})"
                 warnings.warn(f"{self.fallback}; evaluating one point per call", BatchedPointsNote, stacklevel=2)
-        return [self.objective.evaluate(w, None if not buffers else {n: b[i] for n, b in buffers.items()},
-                                        check_finite=False) for i, w in enumerate(W)]
+        return [
+            self.objective.evaluate(w, None if not buffers else {n: b[i] for n, b in buffers.items()}, check_finite=False)
+            for i, w in enumerate(W)
+        ]
 
 
 @torch.no_grad()
@@ -90,12 +93,15 @@ def _evaluate_batched(objective: Objective, W: torch.Tensor, buffers: dict[str, 
                 break
             totals[i, 1] += hits[0]
             totals[i, 2] += hits[1]
-    return [Evaluation(loss, correct / labelled if labelled else None, objective.n_samples)
-            for loss, correct, labelled in totals.tolist()]
+    return [
+        Evaluation(loss, correct / labelled if labelled else None, objective.n_samples)
+        for loss, correct, labelled in totals.tolist()
+    ]
 
 
-def _batch_means(objective: Objective, W: torch.Tensor, buffers: dict[str, torch.Tensor] | None,
-                 batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _batch_means(
+    objective: Objective, W: torch.Tensor, buffers: dict[str, torch.Tensor] | None, batch
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(k mean losses, k output tensors, the batch's item count) from one vmapped forward over the rows of W."""
     args, kwargs = model_arguments(batch)
     counts: list[int] = []

@@ -75,8 +75,7 @@ def init_from_env(device: torch.device | str) -> bool:
     device = local_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout()))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout()))
     return True
 
 
@@ -95,7 +94,7 @@ def shutdown() -> None:
 
 def shard(batches: Sequence[T]) -> list[T]:
     """This rank's whole batches, round-robin: batches[rank::world] (whole batches keep BN batch statistics)."""
-    return list(batches[rank()::world_size()])
+    return list(batches[rank() :: world_size()])
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -118,8 +117,9 @@ def unshard(local: Sequence[T], count: int) -> list[T]:
     return [parts[j % world][j // world] for j in range(count)]
 
 
-def map_split(items: Sequence[T], work: Callable[[T], R], *, contiguous: bool = False,
-              done: Callable[[R], None] | None = None) -> list[R]:
+def map_split(
+    items: Sequence[T], work: Callable[[T], R], *, contiguous: bool = False, done: Callable[[R], None] | None = None
+) -> list[R]:
     """`work` on every item, the items split over the ranks; every rank gets all results, in item order.
 
     Round-robin by default; `contiguous` gives each rank one block of consecutive items (so work that
@@ -136,7 +136,7 @@ def map_split(items: Sequence[T], work: Callable[[T], R], *, contiguous: bool = 
     results: list = [None] * len(items)
     for step in range(rounds):
         local = (mine[step], work(items[mine[step]])) if step < len(mine) else None
-        for finished in (all_gather(local) if world > 1 else [local]):
+        for finished in all_gather(local) if world > 1 else [local]:
             if finished is not None:
                 results[finished[0]] = finished[1]
                 if done is not None:
@@ -147,7 +147,8 @@ def map_split(items: Sequence[T], work: Callable[[T], R], *, contiguous: bool = 
 def is_failure(error: BaseException) -> bool:
     """A collective that failed because another rank died, hung past the timeout or could not be reached."""
     return isinstance(error, dist.DistError) or (
-        active() and isinstance(error, RuntimeError) and bool(re.search(r"gloo|nccl", str(error), re.IGNORECASE)))
+        active() and isinstance(error, RuntimeError) and bool(re.search(r"gloo|nccl", str(error), re.IGNORECASE))
+    )
 
 
 def failure_message(error: BaseException) -> str:

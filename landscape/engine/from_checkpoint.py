@@ -55,7 +55,9 @@ def resolve_data(checkpoint: Checkpoint, data: str | None) -> DataSpec:
     if data is not None:
         return DataSpec(data)
     if checkpoint.data_spec is None:
-        raise CheckpointError(f"{checkpoint.path} carries no data spec; pass --data (digits, mnist1d, cifar10:DIR, npz:FILE, module:callable)")
+        raise CheckpointError(
+            f"{checkpoint.path} carries no data spec; pass --data (digits, mnist1d, cifar10:DIR, npz:FILE, module:callable)"
+        )
     return DataSpec.from_dict(checkpoint.data_spec)
 
 
@@ -100,8 +102,7 @@ def objective_from_checkpoint(
     return Objective(net, batches, metadata=metadata, distributed=distributed, **objective_options)
 
 
-def check_data_fits(net: torch.nn.Module, dataset: Dataset | BatchSet, checkpoint: Checkpoint,
-                    model_spec: dict | None) -> None:
+def check_data_fits(net: torch.nn.Module, dataset: Dataset | BatchSet, checkpoint: Checkpoint, model_spec: dict | None) -> None:
     """One forward pass on one sample: inputs the model cannot take, or labels beyond its outputs, are one clear error.
 
     Without it a feature-size mismatch surfaces as a matmul error deep in the first loss, and a
@@ -111,7 +112,9 @@ def check_data_fits(net: torch.nn.Module, dataset: Dataset | BatchSet, checkpoin
         return _check_batches_fit(net, dataset, checkpoint)
     x = dataset.x_train[:1] if len(dataset.x_train) else dataset.x_test[:1]
     model = f"the model in {checkpoint.path}" + (f" ({model_spec['name']})" if model_spec else "")
-    fix = "pass --data matching the checkpoint" + (f" (it was made with {checkpoint.data_spec['spec']!r})" if checkpoint.data_spec else "")
+    fix = "pass --data matching the checkpoint" + (
+        f" (it was made with {checkpoint.data_spec['spec']!r})" if checkpoint.data_spec else ""
+    )
     fix += " or a --model for this data"
     training = net.training
     net.eval()  # eval: a forward in train mode would move BatchNorm running statistics
@@ -121,7 +124,9 @@ def check_data_fits(net: torch.nn.Module, dataset: Dataset | BatchSet, checkpoin
     except RuntimeError as error:
         expected = (model_spec or {}).get("kwargs", {}).get("input_shape")
         wants = f"expects {tuple(expected)}" if expected else f"cannot take them ({str(error).splitlines()[0]})"
-        raise CheckpointError(f"data {dataset.spec!r} gives inputs of shape {tuple(x.shape[1:])} but {model} {wants}: {fix}") from None
+        raise CheckpointError(
+            f"data {dataset.spec!r} gives inputs of shape {tuple(x.shape[1:])} but {model} {wants}: {fix}"
+        ) from None
     finally:
         net.train(training)
     out = logits(out)
@@ -129,8 +134,9 @@ def check_data_fits(net: torch.nn.Module, dataset: Dataset | BatchSet, checkpoin
     if out.ndim == 2 and labels:
         top = max(int(y.max()) for y in labels)
         if top >= out.shape[1]:
-            raise CheckpointError(f"data {dataset.spec!r} has labels up to {top} ({top + 1} classes) but {model} "
-                                  f"has {out.shape[1]} outputs: {fix}")
+            raise CheckpointError(
+                f"data {dataset.spec!r} has labels up to {top} ({top + 1} classes) but {model} has {out.shape[1]} outputs: {fix}"
+            )
 
 
 def _check_batches_fit(net: torch.nn.Module, data: BatchSet, checkpoint: Checkpoint) -> None:
@@ -148,8 +154,9 @@ def _check_batches_fit(net: torch.nn.Module, data: BatchSet, checkpoint: Checkpo
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         given = ", ".join(kwargs) if kwargs else f"a tensor of shape {tuple(args[0].shape)}"
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"the model in {checkpoint.path} cannot take the batches of {data.spec!r} ({given}): "
-                              f"{reason}") from None
+        raise CheckpointError(
+            f"the model in {checkpoint.path} cannot take the batches of {data.spec!r} ({given}): {reason}"
+        ) from None
     finally:
         net.train(training)
 
@@ -161,8 +168,10 @@ def check_measurement_fits(measurement: MeasurementSet, dataset: Dataset | Batch
         return
     available = len(dataset.split(measurement.split)[1])
     if measurement.n_samples is not None and measurement.n_samples > available:
-        raise DataError(f"--n-samples {measurement.n_samples}: the {measurement.split} split of {dataset.spec!r} "
-                        f"has {available} samples; ask for at most {available}")
+        raise DataError(
+            f"--n-samples {measurement.n_samples}: the {measurement.split} split of {dataset.spec!r} "
+            f"has {available} samples; ask for at most {available}"
+        )
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -42,8 +42,7 @@ class CurvatureError(ObjectiveError):
     """The objective cannot define the requested curvature (e.g. no per-sample losses for the empirical Fisher)."""
 
 
-def output_hessian_product(loss_fn: Callable, outputs: torch.Tensor, targets: torch.Tensor,
-                           U: torch.Tensor) -> torch.Tensor:
+def output_hessian_product(loss_fn: Callable, outputs: torch.Tensor, targets: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     """H_ℓ uᵢ for each uᵢ in U (k, *outputs.shape), H_ℓ = ∇²_f loss_fn(f, targets) at f = outputs (jvp of the gradient).
 
     For the mean cross-entropy of n samples H_ℓ is block-diagonal with blocks (diag(p) − ppᵀ)/n, p = softmax(f).
@@ -60,8 +59,10 @@ def per_sample_loss_function(loss_fn: Callable) -> PerSampleLoss:
     mean over samples — FisherOperator checks that the mean of these equals the batch loss.
     """
     if loss_fn is None:
-        raise CurvatureError("the empirical Fisher needs per-sample losses, and this objective's loss is not a mean "
-                             "over samples (a token-level or custom loss); pass per_sample_loss to FisherOperator")
+        raise CurvatureError(
+            "the empirical Fisher needs per-sample losses, and this objective's loss is not a mean "
+            "over samples (a token-level or custom loss); pass per_sample_loss to FisherOperator"
+        )
     if loss_fn in (cross_entropy, F.cross_entropy):
         return lambda outputs, targets: F.cross_entropy(outputs, targets, reduction="none")
     return vmap(lambda f, y: loss_fn(f[None], y[None]))
@@ -79,8 +80,9 @@ class JacobianSandwich:
     memory budget); otherwise each call recomputes them, batch by batch.
     """
 
-    def __init__(self, objective: Objective, function: Callable, middle: Callable, weights: Sequence[float],
-                 keep: bool | None = None) -> None:
+    def __init__(
+        self, objective: Objective, function: Callable, middle: Callable, weights: Sequence[float], keep: bool | None = None
+    ) -> None:
         self.objective, self.function, self.middle, self.weights = objective, function, middle, list(weights)
         plan = objective.memory_plan
         everything_kept = plan.path == "linearize" or (plan.path == "reuse" and plan.streamed_batches == 0)
@@ -133,6 +135,7 @@ class _Linearization:
 
 def ggn(objective: Objective, keep: bool | None = None) -> JacobianSandwich:
     """G v = Σ_b (n_b/N)·J_bᵀ H_b J_b v, H_b the Hessian of the batch's mean loss w.r.t. its outputs (n_b its items)."""
+
     def outputs(w: torch.Tensor, batch) -> torch.Tensor:
         return objective._outputs(w, batch)
 
@@ -154,6 +157,7 @@ def ggn(objective: Objective, keep: bool | None = None) -> JacobianSandwich:
 
 def empirical_fisher(objective: Objective, per_sample_loss: PerSampleLoss, keep: bool | None = None) -> JacobianSandwich:
     """F v = (1/N) Σ_b J_ℓ,bᵀ J_ℓ,b v, J_ℓ,b the Jacobian of batch b's per-sample losses (each within its batch)."""
+
     def losses(w: torch.Tensor, batch) -> torch.Tensor:
         return per_sample_loss(objective._outputs(w, batch), targets(batch))
 
@@ -166,8 +170,12 @@ def empirical_fisher(objective: Objective, per_sample_loss: PerSampleLoss, keep:
 
 def _class_indices(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
     """Logits (n, C) with integer labels in [0, C): the case cross-entropy's Hessian has a closed form for."""
-    return (outputs.ndim == 2 and targets.ndim == 1 and not targets.is_floating_point()
-            and bool(((targets >= 0) & (targets < outputs.shape[1])).all()))
+    return (
+        outputs.ndim == 2
+        and targets.ndim == 1
+        and not targets.is_floating_point()
+        and bool(((targets >= 0) & (targets < outputs.shape[1])).all())
+    )
 
 
 def _cross_entropy_hessian_product(logits: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
@@ -191,12 +199,16 @@ def check_per_sample_loss(objective: Objective, per_sample_loss: PerSampleLoss) 
             raise CurvatureError(
                 f"the empirical Fisher needs per-sample losses and the loss function cannot be evaluated one sample at "
                 f"a time ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); pass "
-                "per_sample_loss=(outputs, targets) -> losses of shape (n,) to FisherOperator") from None
+                "per_sample_loss=(outputs, targets) -> losses of shape (n,) to FisherOperator"
+            ) from None
     if items.shape != (len(y),):
-        raise CurvatureError(f"per-sample losses have shape {tuple(items.shape)}, expected ({len(y)},): one loss per "
-                             "sample; pass per_sample_loss to FisherOperator")
+        raise CurvatureError(
+            f"per-sample losses have shape {tuple(items.shape)}, expected ({len(y)},): one loss per "
+            "sample; pass per_sample_loss to FisherOperator"
+        )
     tolerance = 10 * math.sqrt(torch.finfo(objective.dtype).eps)
     if abs(float(items.mean() - batch)) > tolerance * max(1.0, abs(float(batch))):
         raise CurvatureError(
             f"the mean of the per-sample losses ({float(items.mean()):.6g}) is not the batch loss ({float(batch):.6g}): "
-            "the empirical Fisher needs a loss that is a mean over samples; pass per_sample_loss to FisherOperator")
+            "the empirical Fisher needs a loss that is a mean over samples; pass per_sample_loss to FisherOperator"
+        )

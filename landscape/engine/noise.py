@@ -34,8 +34,9 @@ def draw(distribution: str, like: torch.Tensor, generator: torch.Generator) -> t
     raise ValueError(f"unknown noise distribution {distribution!r}; use one of {', '.join(DISTRIBUTIONS)}")
 
 
-def smoothout_noise(weight: torch.Tensor, a: float, scale: str, generator: torch.Generator,
-                    distribution: str = "uniform") -> torch.Tensor:
+def smoothout_noise(
+    weight: torch.Tensor, a: float, scale: str, generator: torch.Generator, distribution: str = "uniform"
+) -> torch.Tensor:
     """SmoothOut noise (Wen et al. 2018) for one tensor: `absolute` a·u, `weight` a·|w|·u, or `filter`
     (AdaSmoothOut): rows of the (out_channels, −1) reshape rescaled to norm a·‖w_row‖, ±a|w_j| for 1-D."""
     u = draw(distribution, weight, generator)

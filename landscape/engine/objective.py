@@ -116,10 +116,12 @@ class MemoryPlan(Result):
         return self.n_batches - self.kept_batches
 
     def describe(self) -> str:
-        kept = (f"gradient graphs of {self.kept_batches}/{self.n_batches} batches kept ({format_size(self.kept_bytes)})"
-                if self.path == "reuse" else self.path)
-        return (f"{kept}; predicted peak {format_size(self.predicted_peak_bytes)} of "
-                f"{format_size(self.available_bytes)} free")
+        kept = (
+            f"gradient graphs of {self.kept_batches}/{self.n_batches} batches kept ({format_size(self.kept_bytes)})"
+            if self.path == "reuse"
+            else self.path
+        )
+        return f"{kept}; predicted peak {format_size(self.predicted_peak_bytes)} of {format_size(self.available_bytes)} free"
 
 
 # Measured peak ÷ autograd's saved bytes (benchmarks/hvp.py, memory table): a kept graph holds its saved tensors and
@@ -340,8 +342,9 @@ class Objective:
 
     # ----------------------------------------------------------- loss, grad
     @torch.no_grad()
-    def evaluate(self, w: torch.Tensor | None = None, buffers: dict[str, torch.Tensor] | None = None,
-                 check_finite: bool = True) -> Evaluation:
+    def evaluate(
+        self, w: torch.Tensor | None = None, buffers: dict[str, torch.Tensor] | None = None, check_finite: bool = True
+    ) -> Evaluation:
         """Loss and accuracy (top-1 for class labels, next-token for a language model) at `w` (default: the checkpoint).
 
         `buffers` replaces fixed tensors by name, e.g. BN statistics from `bn_statistics(w)`.
@@ -371,8 +374,11 @@ class Objective:
         et al. 2018) measures the perturbed network as it would be used. Returns fresh tensors by name.
         No collective: a distributed objective needs the same `inputs` on every rank (landscape.engine.recalibration.recalibration_inputs).
         """
-        norms = {name: m for name, m in self.model.named_modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+        norms = {
+            name: m
+            for name, m in self.model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        }
         if not norms:
             raise ObjectiveError("BN re-estimation: the model has no BatchNorm layer with running statistics")
         fresh = {}
@@ -439,8 +445,10 @@ class Objective:
         repeat = self._local_hvp(probe)
         reference = self._hvp_double_backward(probe)
         check = HVPCheck(
-            path=self.hvp_method, difference=_relative_difference(first, reference),
-            repeat_difference=_relative_difference(repeat, first), tolerance=hvp_check_tolerance(self.dtype),
+            path=self.hvp_method,
+            difference=_relative_difference(first, reference),
+            repeat_difference=_relative_difference(repeat, first),
+            tolerance=hvp_check_tolerance(self.dtype),
             seconds=time.perf_counter() - start,
         )
         self.hvp_check_result = check
@@ -449,7 +457,10 @@ class Objective:
         warnings.warn(
             f"HVP self-check: the {check.path} path differs from double backward by {check.difference:.2g} "
             f"(a repeated product by {check.repeat_difference:.2g}; tolerance {check.tolerance:.1g}) on this model; "
-            f"using double-backward", HVPCheckWarning, stacklevel=3)
+            f"using double-backward",
+            HVPCheckWarning,
+            stacklevel=3,
+        )
         self.hvp_method, self._cache = "double-backward", None
         self.hvp_check_result = dataclasses.replace(check, replaced_by="double-backward")
         return self._local_hvp(V)
@@ -464,8 +475,9 @@ class Objective:
             if self.hvp_method not in _TORCH_FUNC_METHODS or isinstance(error, torch.OutOfMemoryError):
                 raise
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            raise ObjectiveError(f"hvp_method {self.hvp_method!r}: torch.func could not trace the model ({reason}); "
-                                 f"use auto or double-backward") from error
+            raise ObjectiveError(
+                f"hvp_method {self.hvp_method!r}: torch.func could not trace the model ({reason}); use auto or double-backward"
+            ) from error
 
     def _hvp_double_backward(self, V: torch.Tensor) -> torch.Tensor:
         """Double backward, rebuilding each batch's gradient graph per call (least memory: one batch's graph)."""
@@ -488,8 +500,10 @@ class Objective:
         kept = self.memory_plan.kept_batches
         if self._cache is None or self._cache[0] != "reuse":
             w = self.w.detach().requires_grad_(True)
-            g = sum(c * torch.autograd.grad(self._batch_loss(w, batch), w, create_graph=True)[0]
-                    for c, batch in zip(self.batch_weights[:kept], self.batches[:kept]))
+            g = sum(
+                c * torch.autograd.grad(self._batch_loss(w, batch), w, create_graph=True)[0]
+                for c, batch in zip(self.batch_weights[:kept], self.batches[:kept])
+            )
             self._cache = ("reuse", w, g)
         _, w, g = self._cache
         out = self._backward_rows(g, w, V, retain_graph=True) if kept else torch.zeros_like(V)
@@ -511,8 +525,7 @@ class Objective:
                 self._batch_probes = False
         last = len(V) - 1  # ∂(g·v)/∂w of the scalar g·v: the same product as grad_outputs=v, without the import of
         # torch's symbolic-shape machinery that a tensor grad_outputs triggers (0.4 s of a short run's start-up)
-        return torch.stack([torch.autograd.grad(g @ v, w, retain_graph=retain_graph or i < last)[0]
-                            for i, v in enumerate(V)])
+        return torch.stack([torch.autograd.grad(g @ v, w, retain_graph=retain_graph or i < last)[0] for i, v in enumerate(V)])
 
     def _gradient_function(self) -> Callable[[torch.Tensor], torch.Tensor]:
         def gradient(w: torch.Tensor) -> torch.Tensor:
@@ -542,6 +555,7 @@ class Objective:
         takes ~90 s and the product still costs ~3 gradients (benchmarks/hvp.py), so `auto` never picks it.
         """
         if self._cache is None or self._cache[0] != "compiled":
+
             def product(w: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
                 return torch.func.jvp(lambda u: torch.func.grad(self._batch_loss)(u, batch), (w,), (v,))[1]
 
@@ -631,8 +645,15 @@ class Objective:
             peak = GRAPH_OVERHEAD["fwd-rev"] * sum(sizes)
         else:  # double backward, and compiled forward-over-reverse: one batch at a time
             peak = transient
-        plan = MemoryPlan(path=self.hvp_method, kept_batches=kept, n_batches=len(sizes), kept_bytes=int(kept_bytes),
-                          predicted_peak_bytes=int(peak + WORKSPACE_BYTES), budget_bytes=budget, available_bytes=int(free))
+        plan = MemoryPlan(
+            path=self.hvp_method,
+            kept_batches=kept,
+            n_batches=len(sizes),
+            kept_bytes=int(kept_bytes),
+            predicted_peak_bytes=int(peak + WORKSPACE_BYTES),
+            budget_bytes=budget,
+            available_bytes=int(free),
+        )
         if plan.predicted_peak_bytes > free:
             raise InsufficientMemory(self._memory_advice(plan, largest))
         return plan
@@ -646,10 +667,15 @@ class Objective:
         if plan.path in ("linearize", "fwd-rev") and GRAPH_OVERHEAD["transient"] * largest <= plan.available_bytes:
             options.append("--hvp auto (keeps what fits, streams the rest)")
         if GRAPH_OVERHEAD["transient"] * largest > plan.available_bytes or not options:
-            options.append(f"--batch-size {max(fitting, 1)} or smaller" if fitting >= 1 else
-                           "a smaller model or a larger device (not even one sample's gradient graph fits)")
-        return (f"not enough memory on {self.device}: HVPs by {plan.path} need about {need} but {free} is free; "
-                f"use {' or '.join(options)}")
+            options.append(
+                f"--batch-size {max(fitting, 1)} or smaller"
+                if fitting >= 1
+                else "a smaller model or a larger device (not even one sample's gradient graph fits)"
+            )
+        return (
+            f"not enough memory on {self.device}: HVPs by {plan.path} need about {need} but {free} is free; "
+            f"use {' or '.join(options)}"
+        )
 
     def _forward_batches(self) -> list[Batch]:
         """The batches forward-only evaluation runs over: in eval mode, small batches merged (see _merged)."""
@@ -693,8 +719,13 @@ def _forward(model: nn.Module, state: dict[str, torch.Tensor], args: tuple, kwar
 
 
 def _is_pair(batch: Batch) -> bool:
-    return (isinstance(batch, tuple) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)
-            and batch[0].ndim > 0 and batch[1].ndim > 0)
+    return (
+        isinstance(batch, tuple)
+        and len(batch) == 2
+        and all(isinstance(t, torch.Tensor) for t in batch)
+        and batch[0].ndim > 0
+        and batch[1].ndim > 0
+    )
 
 
 def linearized(fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -113,8 +113,7 @@ class FisherOperator(LinearOperator):
     closed-form for cross-entropy, else the loss evaluated one sample at a time (checked on the first batch).
     """
 
-    def __init__(self, objective: Objective, per_sample_loss: PerSampleLoss | None = None,
-                 keep: bool | None = None) -> None:
+    def __init__(self, objective: Objective, per_sample_loss: PerSampleLoss | None = None, keep: bool | None = None) -> None:
         super().__init__(objective.n_params, objective.dtype, objective.device)
         self.objective = objective
         self.per_sample_loss = per_sample_loss or per_sample_loss_function(objective.loss_fn)

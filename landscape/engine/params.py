@@ -72,8 +72,9 @@ def _rule(model: nn.Module, selection: str) -> Callable[[str, torch.Tensor], boo
         patterns = _items(selection, argument)
         return lambda name, p: any(fnmatch.fnmatchcase(name, q) for q in patterns)
     if kind == "module":
-        owned = {id(p) for m in _modules_of_types(model, selection, _items(selection, argument))
-                 for p in m.parameters(recurse=False)}
+        owned = {
+            id(p) for m in _modules_of_types(model, selection, _items(selection, argument)) for p in m.parameters(recurse=False)
+        }
         return lambda name, p: id(p) in owned
     raise ValueError(f"unknown parameter selection {selection!r}; choose from {CHOICES}")
 
@@ -92,12 +93,17 @@ def _modules_of_types(model: nn.Module, selection: str, types: list[str]) -> lis
     found = []
     for name in types:
         cls = _import_class(selection, name) if "." in name else None
-        matches = [m for m in modules if isinstance(m, cls)] if cls is not None else \
-            [m for m in modules if any(c.__name__ == name for c in type(m).__mro__)]
+        matches = (
+            [m for m in modules if isinstance(m, cls)]
+            if cls is not None
+            else [m for m in modules if any(c.__name__ == name for c in type(m).__mro__)]
+        )
         if not matches:
             present = sorted({type(m).__name__ for m in modules if next(m.parameters(recurse=False), None) is not None})
-            raise ValueError(f"parameter selection {selection!r}: no module of type {name}; "
-                             f"the model's modules with parameters are {', '.join(present)}")
+            raise ValueError(
+                f"parameter selection {selection!r}: no module of type {name}; "
+                f"the model's modules with parameters are {', '.join(present)}"
+            )
         found += matches
     return found
 
@@ -153,8 +159,9 @@ class FlatLayout:
         return {n: c.reshape(*lead, *s) for n, c, s in zip(self.names, chunks, self.shapes)}
 
 
-def rescale_filters(direction: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], factor: float = 1.0,
-                    eps: float = 1e-6) -> dict[str, torch.Tensor]:
+def rescale_filters(
+    direction: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], factor: float = 1.0, eps: float = 1e-6
+) -> dict[str, torch.Tensor]:
     """Filter normalization (Li et al. 2018; AdaSmoothOut's filter noise): each filter of `direction` gets norm factor·‖w_filter‖.
 
     A filter is a row of the weight reshaped to (out_channels, −1); 1-D tensors are one filter per

@@ -68,8 +68,16 @@ class Progress:
     thread keeps printing while a single long step runs (one `products` call of 50 probes, one training epoch).
     """
 
-    def __init__(self, total: int | None, desc: str, unit: str = "step", enabled: bool | str = True, *,
-                 initial: int = 0, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total: int | None,
+        desc: str,
+        unit: str = "step",
+        enabled: bool | str = True,
+        *,
+        initial: int = 0,
+        stream: TextIO | None = None,
+    ) -> None:
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.style = resolve(enabled)
         self.stream = sys.stderr if stream is None else stream

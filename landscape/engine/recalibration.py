@@ -15,8 +15,9 @@ from landscape.engine.objective import Objective
 from landscape.inputs.batches import Batch
 
 
-def recalibration_inputs(objective: Objective, bn_recalibration: int,
-                         batches: Sequence[Batch] | None = None) -> list[torch.Tensor]:
+def recalibration_inputs(
+    objective: Objective, bn_recalibration: int, batches: Sequence[Batch] | None = None
+) -> list[torch.Tensor]:
     """The inputs BN statistics are re-estimated from at each perturbed point: the first k batches.
 
     A data-parallel objective gathers the first k batches of the whole measurement set from the

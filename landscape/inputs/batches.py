@@ -107,6 +107,7 @@ def mean_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 def from_mean(mean_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Loss:
     """A loss from a per-batch mean `mean_loss(output tensor, targets)` over the batch's samples (items = samples)."""
+
     def loss(output: Any, batch: Batch) -> tuple[torch.Tensor, int]:
         y = targets(batch)
         return mean_loss(logits(output), y) * len(y), len(y)
@@ -129,8 +130,10 @@ def mean_squared_error(output: Any, batch: Batch) -> tuple[torch.Tensor, int]:
     if prediction.shape != y.shape:
         y = y.reshape(prediction.shape) if y.numel() == prediction.numel() else y
     if prediction.shape != y.shape:
-        raise BatchError(f"mean squared error: the model output has shape {tuple(prediction.shape)} and the targets "
-                         f"{tuple(y.shape)}; expected equal shapes")
+        raise BatchError(
+            f"mean squared error: the model output has shape {tuple(prediction.shape)} and the targets "
+            f"{tuple(y.shape)}; expected equal shapes"
+        )
     per_sample = (prediction - y.to(prediction.dtype)).pow(2).reshape(len(y), -1).mean(dim=1)
     return per_sample.sum(), len(y)
 
@@ -141,8 +144,7 @@ mean_squared_error.count = lambda batch: len(targets(batch))
 def language_model_labels(batch: Batch) -> torch.Tensor:
     """Token labels of a causal-LM batch: its "labels", else its input_ids with padding (attention_mask 0) ignored."""
     if not isinstance(batch, Mapping):
-        raise BatchError("token cross-entropy needs a dict batch with 'input_ids' (and optionally 'labels', "
-                         "'attention_mask')")
+        raise BatchError("token cross-entropy needs a dict batch with 'input_ids' (and optionally 'labels', 'attention_mask')")
     if "labels" in batch:
         labels = batch["labels"]
     elif "input_ids" in batch:
@@ -151,8 +153,10 @@ def language_model_labels(batch: Batch) -> torch.Tensor:
     else:
         raise BatchError(f"token cross-entropy: the batch has neither 'labels' nor 'input_ids' (keys: {', '.join(batch)})")
     if labels.ndim != 2:
-        raise BatchError(f"token cross-entropy: expected token labels of shape (batch, sequence), got {tuple(labels.shape)} "
-                         "(class labels? use --loss cross-entropy)")
+        raise BatchError(
+            f"token cross-entropy: expected token labels of shape (batch, sequence), got {tuple(labels.shape)} "
+            "(class labels? use --loss cross-entropy)"
+        )
     return labels
 
 
@@ -164,11 +168,12 @@ def token_cross_entropy(output: Any, batch: Batch) -> tuple[torch.Tensor, torch.
     """
     scores, labels = logits(output), language_model_labels(batch)
     if scores.ndim != 3 or labels.shape != scores.shape[:2]:
-        raise BatchError(f"token cross-entropy: expected logits (batch, sequence, vocabulary) and labels (batch, "
-                         f"sequence), got {tuple(scores.shape)} and {tuple(labels.shape)}")
+        raise BatchError(
+            f"token cross-entropy: expected logits (batch, sequence, vocabulary) and labels (batch, "
+            f"sequence), got {tuple(scores.shape)} and {tuple(labels.shape)}"
+        )
     shifted = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(scores[:, :-1].reshape(-1, scores.shape[-1]), shifted, ignore_index=IGNORE_INDEX,
-                            reduction="sum")
+    total = F.cross_entropy(scores[:, :-1].reshape(-1, scores.shape[-1]), shifted, ignore_index=IGNORE_INDEX, reduction="sum")
     return total, (shifted != IGNORE_INDEX).sum()
 
 
@@ -196,8 +201,11 @@ def accuracy(loss: Loss, output: Any, batch: Batch) -> tuple[torch.Tensor, torch
     return None
 
 
-LOSSES: dict[str, Loss] = {"cross-entropy": class_cross_entropy, "token-cross-entropy": token_cross_entropy,
-                           "mse": mean_squared_error}
+LOSSES: dict[str, Loss] = {
+    "cross-entropy": class_cross_entropy,
+    "token-cross-entropy": token_cross_entropy,
+    "mse": mean_squared_error,
+}
 
 
 def resolve_loss(name: str | None) -> Loss:
@@ -210,8 +218,10 @@ def resolve_loss(name: str | None) -> Loss:
         from landscape.inputs.user_code import import_callable
 
         return import_callable(name)
-    raise ValueError(f"unknown loss {name!r}; use {', '.join(LOSSES)} or module:callable "
-                     "(a function (model output, batch) → (sum of per-item losses, number of items))")
+    raise ValueError(
+        f"unknown loss {name!r}; use {', '.join(LOSSES)} or module:callable "
+        "(a function (model output, batch) → (sum of per-item losses, number of items))"
+    )
 
 
 def loss_name(loss: Loss) -> str:

@@ -106,8 +106,9 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "config.json")):
             return huggingface_folder(path)
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file (a HuggingFace save_pretrained folder "
-                              "holds config.json)")
+        raise CheckpointError(
+            f"{path} is a directory, not a checkpoint file (a HuggingFace save_pretrained folder holds config.json)"
+        )
     if path.endswith(".safetensors"):
         return Checkpoint(path, read_safetensors(path))
     try:
@@ -166,13 +167,16 @@ def huggingface_folder(path: str) -> Checkpoint:
         raise CheckpointError(f"{folder}/config.json cannot be read as JSON ({error})") from None
     architectures = config.get("architectures") or []
     if not architectures:
-        raise CheckpointError(f"{folder}/config.json names no architecture (its 'architectures' list is empty); "
-                              "save the model with model.save_pretrained(folder)")
+        raise CheckpointError(
+            f"{folder}/config.json names no architecture (its 'architectures' list is empty); "
+            "save the model with model.save_pretrained(folder)"
+        )
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         binary = " (pytorch_model.bin is a pickle, not read)" if (folder / "pytorch_model.bin").exists() else ""
-        raise CheckpointError(f"{folder} holds no *.safetensors weights{binary}: re-save it with "
-                              "save_pretrained(folder, safe_serialization=True)")
+        raise CheckpointError(
+            f"{folder} holds no *.safetensors weights{binary}: re-save it with save_pretrained(folder, safe_serialization=True)"
+        )
     for file in files:
         check_safetensors(file)
     spec = {"name": "huggingface", "kwargs": {"folder": str(folder.resolve()), "architecture": architectures[0]}}
@@ -232,7 +236,7 @@ def _state_dict_or_none(obj: Any) -> dict[str, torch.Tensor] | None:
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):
         return None
     if all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return dict(obj)
 
 
@@ -276,11 +280,15 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], path: st
     model.load_state_dict(state_dict, strict=True)
     if optional:
         names = sorted({k.rpartition(".")[2] for k in optional})
-        warnings.warn(CheckpointNote(f"{path} has no {', '.join(names)} for {len(optional)} BatchNorm layers "
-                                     "(saved by PyTorch < 0.4.1); kept the model's defaults, as PyTorch does"), stacklevel=2)
+        warnings.warn(
+            CheckpointNote(
+                f"{path} has no {', '.join(names)} for {len(optional)} BatchNorm layers "
+                "(saved by PyTorch < 0.4.1); kept the model's defaults, as PyTorch does"
+            ),
+            stacklevel=2,
+        )
 
 
 def _short_list(items: list[str], limit: int = 5) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
-

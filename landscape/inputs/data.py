@@ -53,7 +53,9 @@ class Dataset:
                     f"got x {x.dtype} {tuple(x.shape)}, y {y.dtype} {tuple(y.shape)}"
                 )
         if self.x_test.shape[1:] != self.x_train.shape[1:]:
-            raise DataError(f"data {self.spec!r}: test inputs {tuple(self.x_test.shape[1:])} differ from train inputs {self.input_shape}")
+            raise DataError(
+                f"data {self.spec!r}: test inputs {tuple(self.x_test.shape[1:])} differ from train inputs {self.input_shape}"
+            )
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -94,15 +96,20 @@ class BatchSet:
             raise DataError(f"unknown split {split!r}; use 'train' or 'test'")
         chosen = list(self.train if split == "train" else self.test)
         if not chosen:
-            raise DataError(f"data {self.spec!r} has no {split} batches: return a dict with 'train' and 'test' lists "
-                            "to measure both")
+            raise DataError(
+                f"data {self.spec!r} has no {split} batches: return a dict with 'train' and 'test' lists to measure both"
+            )
         return chosen
 
     def describe(self) -> dict:
         from landscape.inputs.batches import batch_size
 
-        return {"spec": self.spec, "n_train": sum(batch_size(b) for b in self.train),
-                "n_test": sum(batch_size(b) for b in self.test), "batches": True}
+        return {
+            "spec": self.spec,
+            "n_train": sum(batch_size(b) for b in self.train),
+            "n_test": sum(batch_size(b) for b in self.test),
+            "batches": True,
+        }
 
 
 def load_data(spec: str, *, normalize: bool | None = None, seed: int = 0) -> Dataset | BatchSet:
@@ -122,8 +129,15 @@ def load_data(spec: str, *, normalize: bool | None = None, seed: int = 0) -> Dat
         return _finish(spec, x, y, x_test, y_test, num_classes=10, normalize=bool(normalize))
     if kind in ("cifar10", "cifar100") and rest:
         x, y, x_test, y_test = _cifar(kind, Path(rest), spec)
-        return _finish(spec, x, y, x_test, y_test, num_classes=10 if kind == "cifar10" else 100,
-                       normalize=True if normalize is None else normalize)
+        return _finish(
+            spec,
+            x,
+            y,
+            x_test,
+            y_test,
+            num_classes=10 if kind == "cifar10" else 100,
+            normalize=True if normalize is None else normalize,
+        )
     if kind == "npz" and rest:
         return _npz(spec, Path(rest), seed, bool(normalize))
     if rest and kind not in ("digits", "mnist1d", "cifar10", "cifar100", "npz"):
@@ -132,6 +146,7 @@ def load_data(spec: str, *, normalize: bool | None = None, seed: int = 0) -> Dat
 
 
 # ---------------------------------------------------------------- built-in sets
+
 
 def _digits(seed: int) -> tuple[torch.Tensor, ...]:
     """scikit-learn's 8x8 digits in [0, 1], split 1437/360 stratified by class with `seed` (cached on disk)."""
@@ -146,8 +161,7 @@ def _digits_arrays(seed: int) -> tuple[np.ndarray, ...]:
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    train, test = train_test_split(np.arange(len(digits.target)), test_size=360, stratify=digits.target,
-                                   random_state=seed)
+    train, test = train_test_split(np.arange(len(digits.target)), test_size=360, stratify=digits.target, random_state=seed)
     return ((digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64), np.sort(train), np.sort(test))
 
 
@@ -161,8 +175,12 @@ def _mnist1d(seed: int) -> tuple[torch.Tensor, ...]:
     reseeds numpy's and Python's global RNGs; their state is restored afterwards.
     """
     x, y, x_test, y_test = _disk_cached(f"mnist1d-seed{seed}", lambda: _mnist1d_arrays(seed))
-    return (torch.tensor(x, dtype=torch.float32).unsqueeze(1), torch.tensor(y, dtype=torch.int64),
-            torch.tensor(x_test, dtype=torch.float32).unsqueeze(1), torch.tensor(y_test, dtype=torch.int64))
+    return (
+        torch.tensor(x, dtype=torch.float32).unsqueeze(1),
+        torch.tensor(y, dtype=torch.int64),
+        torch.tensor(x_test, dtype=torch.float32).unsqueeze(1),
+        torch.tensor(y_test, dtype=torch.int64),
+    )
 
 
 def _mnist1d_arrays(seed: int) -> tuple[np.ndarray, ...]:
@@ -245,7 +263,9 @@ def _read_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: a CIFAR python batch must be a dict with b'data' and {label_key!r}")
     data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (len(data),):
-        raise DataError(f"{path}: expected uint8 data of shape (N, 3072) and N labels; got {data.dtype} {data.shape} and {labels.shape} labels")
+        raise DataError(
+            f"{path}: expected uint8 data of shape (N, 3072) and N labels; got {data.dtype} {data.shape} and {labels.shape} labels"
+        )
     return data, labels
 
 
@@ -293,6 +313,7 @@ def _cifar(kind: str, root: Path, spec: str) -> tuple[torch.Tensor, ...]:
 
 # ---------------------------------------------------------------- user data
 
+
 def _labels(y: Any, where: str) -> torch.Tensor:
     """int64 labels from an integer (or integer-valued) 1-D array; DataError otherwise."""
     y = np.asarray(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y)  # a callable's CUDA tensors too
@@ -330,8 +351,10 @@ def _batch_set(spec: str, out: Any) -> BatchSet | None:
             raise DataError(f"{spec}: {name} batches must be a list, got {type(batches).__name__}")
         for i, batch in enumerate(batches):
             if not _is_batch(batch):
-                raise DataError(f"{spec}: {name} batch {i} is a {type(batch).__name__}; a batch is an (x, y) tuple of "
-                                "tensors or a dict of tensors (HuggingFace style)")
+                raise DataError(
+                    f"{spec}: {name} batch {i} is a {type(batch).__name__}; a batch is an (x, y) tuple of "
+                    "tensors or a dict of tensors (HuggingFace style)"
+                )
     if not train:
         raise DataError(f"{spec}: returned no train batches")
     return BatchSet(spec, tuple(train), tuple(test))
@@ -343,8 +366,9 @@ def _is_batch(batch: Any) -> bool:
     return isinstance(batch, (tuple, list)) and bool(batch) and all(isinstance(v, torch.Tensor) for v in batch)
 
 
-def _user_arrays(where: str, x: Any, y: Any, x_test: Any = None, y_test: Any = None, *, seed: int,
-                 num_classes: int | None = None) -> tuple[tuple[torch.Tensor, ...], int, str]:
+def _user_arrays(
+    where: str, x: Any, y: Any, x_test: Any = None, y_test: Any = None, *, seed: int, num_classes: int | None = None
+) -> tuple[tuple[torch.Tensor, ...], int, str]:
     """Checked tensors; without a test split, a seeded 20% hold-out of x/y."""
     if (x_test is None) != (y_test is None):
         raise DataError(f"{where}: give both x_test and y_test, or neither (then a seeded 20% hold-out is used)")
@@ -384,8 +408,9 @@ def _npz(spec: str, path: Path, seed: int, normalize: bool) -> Dataset:
     for key in ("x", "y"):
         if key not in arrays:
             raise DataError(f"{spec}: {path} has no array {key!r} (found {sorted(arrays)}); save x and y with numpy.savez")
-    parts, num_classes, source = _user_arrays(f"{spec}", arrays["x"], arrays["y"], arrays.get("x_test"),
-                                              arrays.get("y_test"), seed=seed)
+    parts, num_classes, source = _user_arrays(
+        f"{spec}", arrays["x"], arrays["y"], arrays.get("x_test"), arrays.get("y_test"), seed=seed
+    )
     return _finish(spec, *parts, num_classes=num_classes, normalize=normalize, test_source=source)
 
 
@@ -400,25 +425,45 @@ def _module(spec: str, seed: int, normalize: bool | None) -> Dataset | BatchSet:
         return batch_set
     if isinstance(out, Dataset):
         if normalize and out.normalization is None:
-            return _finish(spec, out.x_train, out.y_train, out.x_test, out.y_test, num_classes=out.num_classes,
-                           normalize=True, test_source=out.test_source)
+            return _finish(
+                spec,
+                out.x_train,
+                out.y_train,
+                out.x_test,
+                out.y_test,
+                num_classes=out.num_classes,
+                normalize=True,
+                test_source=out.test_source,
+            )
         return replace(out, spec=spec)
     if isinstance(out, dict) and all(k in out for k in keys):
         arrays, num_classes = [out[k] for k in keys], out.get("num_classes")
     elif isinstance(out, tuple) and len(out) in (4, 5):
         arrays, num_classes = list(out[:4]), (out[4] if len(out) == 5 else None)
     else:
-        raise DataError(f"{spec}: returned {type(out).__name__}; return a landscape.inputs.data.Dataset, a dict with "
-                        f"{', '.join(keys)} (optional num_classes), a tuple (x_train, y_train, x_test, y_test[, num_classes]), "
-                        "or batches: a list of them or a dict with 'train' and 'test' lists (a batch: (x, y) or a dict)")
+        raise DataError(
+            f"{spec}: returned {type(out).__name__}; return a landscape.inputs.data.Dataset, a dict with "
+            f"{', '.join(keys)} (optional num_classes), a tuple (x_train, y_train, x_test, y_test[, num_classes]), "
+            "or batches: a list of them or a dict with 'train' and 'test' lists (a batch: (x, y) or a dict)"
+        )
     parts, num_classes, source = _user_arrays(spec, *arrays, seed=seed, num_classes=num_classes)
     return _finish(spec, *parts, num_classes=num_classes, normalize=bool(normalize), test_source=source)
 
 
 # ---------------------------------------------------------------- normalization
 
-def _finish(spec: str, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-            num_classes: int, *, normalize: bool, test_source: str = "provided") -> Dataset:
+
+def _finish(
+    spec: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    num_classes: int,
+    *,
+    normalize: bool,
+    test_source: str = "provided",
+) -> Dataset:
     """The Dataset, standardized with train statistics per channel (axis 1) when asked."""
     normalization = None
     if normalize:
@@ -443,6 +488,7 @@ def _standardize(x: torch.Tensor, x_test: torch.Tensor) -> tuple[torch.Tensor, t
 
 # ---------------------------------------------------------------- measurement set
 
+
 @dataclass(frozen=True)
 class MeasurementSet:
     """Which samples a measurement uses and how they are batched: a split, an optional seeded subset, a batch size."""
@@ -466,7 +512,9 @@ class MeasurementSet:
         if self.n_samples is None:
             return torch.arange(n)
         if self.n_samples > n:
-            raise DataError(f"n_samples={self.n_samples} but the {self.split} split of {dataset.spec!r} has {n} samples; ask for at most {n}")
+            raise DataError(
+                f"n_samples={self.n_samples} but the {self.split} split of {dataset.spec!r} has {n} samples; ask for at most {n}"
+            )
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         return order[: self.n_samples].sort().values
 
@@ -475,8 +523,10 @@ class MeasurementSet:
         as given (a user's batches are the measurement set: --n-samples does not apply to them)."""
         if isinstance(dataset, BatchSet):
             if self.n_samples is not None:
-                raise DataError(f"--n-samples {self.n_samples}: data {dataset.spec!r} gives its own batches; choose "
-                                "the samples in the callable")
+                raise DataError(
+                    f"--n-samples {self.n_samples}: data {dataset.spec!r} gives its own batches; choose "
+                    "the samples in the callable"
+                )
             return dataset.batches(self.split)
         x, y = dataset.split(self.split)
         idx = self.indices(dataset)
@@ -488,8 +538,15 @@ class MeasurementSet:
             from landscape.inputs.batches import batch_size
 
             batches = self.batches(dataset)
-            return {"split": self.split, "n_samples": sum(batch_size(b) for b in batches), "subset": False,
-                    "batch_size": None, "seed": self.seed, "n_batches": len(batches), "data": dataset.spec}
+            return {
+                "split": self.split,
+                "n_samples": sum(batch_size(b) for b in batches),
+                "subset": False,
+                "batch_size": None,
+                "seed": self.seed,
+                "n_batches": len(batches),
+                "data": dataset.spec,
+            }
         n = len(self.indices(dataset)) if dataset is not None else self.n_samples
         return {
             "split": self.split,

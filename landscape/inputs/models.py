@@ -21,8 +21,14 @@ from landscape.inputs.user_code import accepts, import_callable
 class MLP(nn.Sequential):
     """Fully connected classifier on flattened inputs, e.g. the 40-100-100-10 ReLU net on mnist1d."""
 
-    def __init__(self, input_shape: Sequence[int] = (1, 40), num_classes: int = 10, hidden: Sequence[int] = (100, 100),
-                 activation: str = "relu", batchnorm: bool = False):
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (1, 40),
+        num_classes: int = 10,
+        hidden: Sequence[int] = (100, 100),
+        activation: str = "relu",
+        batchnorm: bool = False,
+    ):
         activations = {"relu": nn.ReLU, "tanh": nn.Tanh}
         if activation not in activations:
             raise ValueError(f"unknown activation {activation!r}; use one of {sorted(activations)}")
@@ -42,13 +48,21 @@ class ConvNet(nn.Module):
     parameters on digits, small enough for a dense Hessian.
     """
 
-    def __init__(self, input_shape: Sequence[int] = (1, 8, 8), num_classes: int = 10, channels: Sequence[int] = (16, 32),
-                 batchnorm: bool = True, pooled: int = 4):
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (1, 8, 8),
+        num_classes: int = 10,
+        channels: Sequence[int] = (16, 32),
+        batchnorm: bool = True,
+        pooled: int = 4,
+    ):
         super().__init__()
         dims = len(input_shape) - 1
         if dims not in (1, 2):
             raise ValueError(f"convnet needs input shape (C, L) or (C, H, W); got {tuple(input_shape)}")
-        conv, bn, pool = (nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d)
+        conv, bn, pool = (
+            (nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d)
+        )
         layers: list[nn.Module] = []
         c_in = input_shape[0]
         for c in channels:
@@ -73,8 +87,15 @@ class C3(nn.Module):
 
     LAYOUTS = ("reference", "first-release")
 
-    def __init__(self, input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, channels: Sequence[int] = (64, 64),
-                 hidden: Sequence[int] = (384, 192), layout: str = "reference", dropout: float = 0.5):
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (3, 32, 32),
+        num_classes: int = 10,
+        channels: Sequence[int] = (64, 64),
+        hidden: Sequence[int] = (384, 192),
+        layout: str = "reference",
+        dropout: float = 0.5,
+    ):
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(f"c3 needs input shape (C, H, W); got {tuple(input_shape)}")
@@ -141,7 +162,9 @@ class ResNet(nn.Module):
             raise ValueError(f"resnet needs input shape (C, H, W); got {tuple(input_shape)}")
         n = (depth - 2) // 6
         widths = [16 * width, 32 * width, 64 * width]
-        self.stem = nn.Sequential(nn.Conv2d(input_shape[0], widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(input_shape[0], widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
         stages, c_in = [], widths[0]
         for i, c in enumerate(widths):
             blocks = [BasicBlock(c_in if j == 0 else c, c, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
@@ -200,8 +223,9 @@ def _plain(value):
     return value
 
 
-def model_for_data(name: str, dataset_or_shape: Dataset | Sequence[int], num_classes: int | None = None,
-                   **kwargs) -> tuple[nn.Module, dict]:
+def model_for_data(
+    name: str, dataset_or_shape: Dataset | Sequence[int], num_classes: int | None = None, **kwargs
+) -> tuple[nn.Module, dict]:
     """(model, spec) with input shape and classes taken from a Dataset (or a shape plus `num_classes`).
 
     A `module:factory` gets `input_shape`/`num_classes` only if it accepts them. The spec
@@ -217,8 +241,11 @@ def model_for_data(name: str, dataset_or_shape: Dataset | Sequence[int], num_cla
     if "input_shape" in kwargs:
         raise ValueError("input_shape comes from the data; do not pass it to model_for_data")
     factory = MODELS.get(name) or (import_callable(name) if ":" in name else None)
-    filled = {k: v for k, v in (("input_shape", list(input_shape)), ("num_classes", int(num_classes)))
-              if factory is None or accepts(factory, k)}
+    filled = {
+        k: v
+        for k, v in (("input_shape", list(input_shape)), ("num_classes", int(num_classes)))
+        if factory is None or accepts(factory, k)
+    }
     spec = {"name": name, "kwargs": _plain({**filled, **kwargs})}
     try:
         json.dumps(spec)

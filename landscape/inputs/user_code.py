@@ -17,7 +17,9 @@ def import_callable(target: str, error: type[Exception] = ValueError) -> Callabl
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
-        raise error(f"cannot import module {module_name!r} for {target!r} ({e}); install it or add its folder to PYTHONPATH") from e
+        raise error(
+            f"cannot import module {module_name!r} for {target!r} ({e}); install it or add its folder to PYTHONPATH"
+        ) from e
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise error(f"module {module_name!r} has no attribute {attr!r} (from {target!r})")

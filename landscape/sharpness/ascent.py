@@ -41,8 +41,9 @@ class Neighbourhood:
     `loss_at`/`grad_at` take the raw perturbation z = T ⊙ u (for optimizers that want the box as bounds).
     """
 
-    def __init__(self, objective: Objective, p: str, radius: float, *, scale: torch.Tensor | None = None,
-                 basis: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, objective: Objective, p: str, radius: float, *, scale: torch.Tensor | None = None, basis: torch.Tensor | None = None
+    ) -> None:
         self.objective, self.p, self.radius, self.scale, self.basis = objective, norm_name(p), float(radius), scale, basis
         self.w = objective.w
         self.dim = objective.n_params if basis is None else basis.shape[1]
@@ -166,14 +167,23 @@ class Starts:
     converged: tuple[bool, ...]
 
 
-def maximize(nb: Neighbourhood, starts: Sequence[tuple[str, torch.Tensor]], n_iter: int, *,
-             ascend: Callable[[Neighbourhood, torch.Tensor, int], Ascent] = apgd,
-             progress: Progress | None = None) -> Starts:
+def maximize(
+    nb: Neighbourhood,
+    starts: Sequence[tuple[str, torch.Tensor]],
+    n_iter: int,
+    *,
+    ascend: Callable[[Neighbourhood, torch.Tensor, int], Ascent] = apgd,
+    progress: Progress | None = None,
+) -> Starts:
     """Run `ascend` from each (kind, u0) start; `progress` advances once per start."""
     runs = []
     for _, u0 in starts:
         runs.append(ascend(nb, u0, n_iter))
         if progress is not None:
             progress.update(1)
-    return Starts(kinds=tuple(kind for kind, _ in starts), max_losses=np.array([r.best_loss for r in runs]),
-                  iterations=np.array([r.iterations for r in runs]), converged=tuple(r.converged for r in runs))
+    return Starts(
+        kinds=tuple(kind for kind, _ in starts),
+        max_losses=np.array([r.best_loss for r in runs]),
+        iterations=np.array([r.iterations for r in runs]),
+        converged=tuple(r.converged for r in runs),
+    )

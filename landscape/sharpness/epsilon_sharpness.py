@@ -62,9 +62,17 @@ class EpsilonSharpness(Result):
     setup: dict
 
 
-def epsilon_sharpness(objective: Objective, eps: float = 1e-3, *, subspace_dim: int | None = None,
-                      max_iter: int = 20, restarts: int = 2, seed: int = 0,
-                      method: str = "sign-ascent", progress: bool | str = False) -> EpsilonSharpness:
+def epsilon_sharpness(
+    objective: Objective,
+    eps: float = 1e-3,
+    *,
+    subspace_dim: int | None = None,
+    max_iter: int = 20,
+    restarts: int = 2,
+    seed: int = 0,
+    method: str = "sign-ascent",
+    progress: bool | str = False,
+) -> EpsilonSharpness:
     """Keskar et al. (2017) ε-sharpness: ascent of L(w+Az) over the box |z_i| ≤ ε(|(A⁺w)_i| + 1) in raw units.
 
     φ = 100·(max_{z∈C_ε} L(w+Az) − L(w))/(1 + L(w)), Keskar et al.'s sharpness metric. Starts:
@@ -122,8 +130,9 @@ def epsilon_sharpness(objective: Objective, eps: float = 1e-3, *, subspace_dim: 
     w = objective.w
     basis = None
     if subspace_dim is not None:
-        gaussian = torch.randn(objective.n_params, subspace_dim, generator=generator, dtype=objective.dtype,
-                               device=objective.device)
+        gaussian = torch.randn(
+            objective.n_params, subspace_dim, generator=generator, dtype=objective.dtype, device=objective.device
+        )
         basis = torch.linalg.qr(gaussian).Q
     scale = (w if basis is None else basis.T @ w).abs() + 1
     box = Neighbourhood(objective, "inf", eps, scale=scale, basis=basis)  # z = T ⊙ u with |u_i| ≤ ε: |z_i| ≤ b_i
@@ -134,11 +143,25 @@ def epsilon_sharpness(objective: Objective, eps: float = 1e-3, *, subspace_dim: 
         runs = maximize(box, starts, max_iter, ascend=apgd if method == "sign-ascent" else _lbfgsb, progress=bar)
     values = 100 * (runs.max_losses - clean_loss) / (1 + clean_loss)
     return EpsilonSharpness(
-        value=float(values.max()), best=float(values.max()), spread=float(values.max() - values.min()),
-        std=float(values.std(ddof=1)) if len(values) > 1 else 0.0, values=values, start_kinds=runs.kinds,
-        max_losses=runs.max_losses, clean_loss=clean_loss, eps=eps, subspace_dim=subspace_dim, method=method,
-        max_iter=max_iter, restarts=restarts, iterations=runs.iterations, converged=runs.converged,
-        n_forward=1 + box.n_forward, n_grad=box.n_grad, seconds=time.perf_counter() - start, seed=int(seed),
+        value=float(values.max()),
+        best=float(values.max()),
+        spread=float(values.max() - values.min()),
+        std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        values=values,
+        start_kinds=runs.kinds,
+        max_losses=runs.max_losses,
+        clean_loss=clean_loss,
+        eps=eps,
+        subspace_dim=subspace_dim,
+        method=method,
+        max_iter=max_iter,
+        restarts=restarts,
+        iterations=runs.iterations,
+        converged=runs.converged,
+        n_forward=1 + box.n_forward,
+        n_grad=box.n_grad,
+        seconds=time.perf_counter() - start,
+        seed=int(seed),
         setup=objective.describe(),
     )
 
@@ -160,9 +183,14 @@ def _lbfgsb(box: Neighbourhood, u0: torch.Tensor, max_iter: int) -> Ascent:
     import scipy.optimize  # here, not at the top: `landscape measure --help` should not pay for it
 
     limit = bound.double().cpu().numpy()
-    res = scipy.optimize.minimize(negative_loss, box.raw(u0).double().cpu().numpy(), jac=True, method="L-BFGS-B",
-                                  bounds=scipy.optimize.Bounds(-limit, limit),
-                                  options={"maxiter": max_iter, "ftol": 0.0, "gtol": 0.0})
+    res = scipy.optimize.minimize(
+        negative_loss,
+        box.raw(u0).double().cpu().numpy(),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=scipy.optimize.Bounds(-limit, limit),
+        options={"maxiter": max_iter, "ftol": 0.0, "gtol": 0.0},
+    )
     return Ascent(best[0], best[1], int(res.nit), bool(res.success))
 
 
@@ -171,4 +199,3 @@ def _check_eps(eps: float) -> float:
     if not real or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     return float(eps)
-

@@ -103,8 +103,9 @@ class SharpnessCurve(Result):
 
 
 # ------------------------------------------------------------------------------------------- noise
-def unit_noise(objective: Objective, n_draws: int, *, distribution: str = "uniform", scale: str = "absolute",
-               generator: torch.Generator) -> torch.Tensor:
+def unit_noise(
+    objective: Objective, n_draws: int, *, distribution: str = "uniform", scale: str = "absolute", generator: torch.Generator
+) -> torch.Tensor:
     """`n_draws` weight-noise vectors at radius 1, one per row; noise at radius a is a times this.
 
     `absolute`: U[−1, 1] or N(0, 1) per coordinate; `weight`: that times |w| (SmoothOut's
@@ -141,10 +142,20 @@ def noise_std(objective: Objective, *, distribution: str = "uniform", scale: str
 
 
 # --------------------------------------------------------------------------------- expected loss
-def expected_loss(objective: Objective, radius: float, *, distribution: str = "uniform", scale: str = "absolute",
-                  n_samples: int = 100, antithetic: bool = True, target_ci_halfwidth: float | None = None,
-                  seed: int = 0, bn_recalibration: int | None = None,
-                  recalibration_batches: Sequence[Batch] | None = None, progress: bool | str = False) -> ExpectedLoss:
+def expected_loss(
+    objective: Objective,
+    radius: float,
+    *,
+    distribution: str = "uniform",
+    scale: str = "absolute",
+    n_samples: int = 100,
+    antithetic: bool = True,
+    target_ci_halfwidth: float | None = None,
+    seed: int = 0,
+    bn_recalibration: int | None = None,
+    recalibration_batches: Sequence[Batch] | None = None,
+    progress: bool | str = False,
+) -> ExpectedLoss:
     """Monte Carlo C̄(w) = E_u L(w+u), u = radius·unit_noise (SmoothOut, Wen et al. 2018), with a 95% CI.
 
     SmoothOut trains on this smoothed loss; measured here, its increase C̄(w) − L(w) is a
@@ -215,8 +226,9 @@ def expected_loss(objective: Objective, radius: float, *, distribution: str = "u
         clean = evaluate(objective.w)
         bar.update(1)
         while len(losses) < n_units:
-            block = unit_noise(objective, min(_BLOCK, n_units - len(losses)), distribution=distribution, scale=scale,
-                               generator=generator)
+            block = unit_noise(
+                objective, min(_BLOCK, n_units - len(losses)), distribution=distribution, scale=scale, generator=generator
+            )
             for u in block:
                 points = [evaluate(objective.w + radius * s * u) for s in signs]
                 bar.update(len(points))
@@ -230,21 +242,46 @@ def expected_loss(objective: Objective, radius: float, *, distribution: str = "u
     acc = np.array(accuracies) if clean.accuracy is not None else None
     n_draws = len(samples) * (2 if antithetic else 1)
     return ExpectedLoss(
-        mean=mean, stderr=stderr, ci=(mean - half, mean + half), clean_loss=clean.loss,
-        increase=mean - clean.loss, increase_ci=(mean - half - clean.loss, mean + half - clean.loss),
-        accuracy=None if acc is None else float(acc.mean()), accuracy_stderr=None if acc is None else _stderr(acc),
-        clean_accuracy=clean.accuracy, samples=samples, accuracy_samples=acc, radius=radius,
-        distribution=distribution, scale=scale, antithetic=antithetic, n_draws=n_draws,
-        target_ci_halfwidth=target_ci_halfwidth, bn_recalibration=bn_recalibration, n_forward=n_draws + 1,
-        n_recalibration_forward=(n_draws + 1) * recalibration_cost, seconds=time.perf_counter() - start,
-        seed=int(seed), setup=objective.describe(),
+        mean=mean,
+        stderr=stderr,
+        ci=(mean - half, mean + half),
+        clean_loss=clean.loss,
+        increase=mean - clean.loss,
+        increase_ci=(mean - half - clean.loss, mean + half - clean.loss),
+        accuracy=None if acc is None else float(acc.mean()),
+        accuracy_stderr=None if acc is None else _stderr(acc),
+        clean_accuracy=clean.accuracy,
+        samples=samples,
+        accuracy_samples=acc,
+        radius=radius,
+        distribution=distribution,
+        scale=scale,
+        antithetic=antithetic,
+        n_draws=n_draws,
+        target_ci_halfwidth=target_ci_halfwidth,
+        bn_recalibration=bn_recalibration,
+        n_forward=n_draws + 1,
+        n_recalibration_forward=(n_draws + 1) * recalibration_cost,
+        seconds=time.perf_counter() - start,
+        seed=int(seed),
+        setup=objective.describe(),
     )
 
 
-def sharpness_curve(objective: Objective, radii: Sequence[float], *, distribution: str = "uniform",
-                    scale: str = "absolute", n_samples: int = 100, seed: int = 0, antithetic: bool = True,
-                    with_prediction: bool = True, n_probes: int = 100,
-                    bn_recalibration: int | None = None, progress: bool | str = False) -> SharpnessCurve:
+def sharpness_curve(
+    objective: Objective,
+    radii: Sequence[float],
+    *,
+    distribution: str = "uniform",
+    scale: str = "absolute",
+    n_samples: int = 100,
+    seed: int = 0,
+    antithetic: bool = True,
+    with_prediction: bool = True,
+    n_probes: int = 100,
+    bn_recalibration: int | None = None,
+    progress: bool | str = False,
+) -> SharpnessCurve:
     """Expected-loss increase at each radius (SmoothOut, Wen et al. 2018) and its second-order prediction.
 
     Every radius scales the same unit draws (common random numbers: the same seed and block
@@ -290,23 +327,45 @@ def sharpness_curve(objective: Objective, radii: Sequence[float], *, distributio
         raise ValueError("radii is empty: give at least one radius")
     check_int("n_probes", n_probes, 2)
     start = time.perf_counter()
-    points = tuple(expected_loss(objective, a, distribution=distribution, scale=scale, n_samples=n_samples,
-                                 antithetic=antithetic, seed=seed, bn_recalibration=bn_recalibration,
-                                 progress=progress) for a in radii)
+    points = tuple(
+        expected_loss(
+            objective,
+            a,
+            distribution=distribution,
+            scale=scale,
+            n_samples=n_samples,
+            antithetic=antithetic,
+            seed=seed,
+            bn_recalibration=bn_recalibration,
+            progress=progress,
+        )
+        for a in radii
+    )
     half_sq = 0.5 * np.array(radii) ** 2
     trace = None
     if with_prediction:
-        curvature = DiagonalScaledOperator(HessianOperator(objective),
-                                           noise_std(objective, distribution=distribution, scale=scale))
+        curvature = DiagonalScaledOperator(
+            HessianOperator(objective), noise_std(objective, distribution=distribution, scale=scale)
+        )
         trace = hutchinson(curvature, n_probes, seed=seed, progress=progress)
     return SharpnessCurve(
-        radii=np.array(radii), increase=np.array([p.increase for p in points]),
-        increase_stderr=np.array([p.stderr for p in points]), increase_ci=np.array([p.increase_ci for p in points]),
+        radii=np.array(radii),
+        increase=np.array([p.increase for p in points]),
+        increase_stderr=np.array([p.stderr for p in points]),
+        increase_ci=np.array([p.increase_ci for p in points]),
         prediction=None if trace is None else half_sq * trace.estimate,
-        prediction_stderr=None if trace is None else half_sq * trace.stderr, trace=trace, points=points,
-        clean_loss=points[0].clean_loss, distribution=distribution, scale=scale, antithetic=antithetic,
-        n_forward=sum(p.n_forward for p in points), n_matvecs=0 if trace is None else trace.n_matvecs,
-        seconds=time.perf_counter() - start, seed=int(seed), setup=objective.describe(),
+        prediction_stderr=None if trace is None else half_sq * trace.stderr,
+        trace=trace,
+        points=points,
+        clean_loss=points[0].clean_loss,
+        distribution=distribution,
+        scale=scale,
+        antithetic=antithetic,
+        n_forward=sum(p.n_forward for p in points),
+        n_matvecs=0 if trace is None else trace.n_matvecs,
+        seconds=time.perf_counter() - start,
+        seed=int(seed),
+        setup=objective.describe(),
     )
 
 
@@ -318,8 +377,9 @@ def _check_noise(distribution: str, scale: str) -> None:
         raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
 
 
-def _evaluator(objective: Objective, bn_recalibration: int | None,
-               recalibration_batches: Sequence[Batch] | None) -> tuple[Callable[[torch.Tensor], Evaluation], int]:
+def _evaluator(
+    objective: Objective, bn_recalibration: int | None, recalibration_batches: Sequence[Batch] | None
+) -> tuple[Callable[[torch.Tensor], Evaluation], int]:
     """Loss/accuracy at a point, with running BN statistics or re-estimated ones; and its recalibration forwards."""
     if bn_recalibration is None:
         if recalibration_batches is not None:

@@ -99,9 +99,18 @@ def default_rho(p: str | float, adaptive: bool, *, average: bool = False) -> flo
     return (DEFAULT_AVERAGE_RHO if average else DEFAULT_RHO)[(norm_name(p), bool(adaptive))]
 
 
-def worst_case(objective: Objective, rho: float | None = None, *, p: str | float = 2, adaptive: bool = False,
-               eta: float = 0.0, steps: int = 20, restarts: int = 1, seed: int = 0,
-               progress: bool | str = False) -> WorstCase:
+def worst_case(
+    objective: Objective,
+    rho: float | None = None,
+    *,
+    p: str | float = 2,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    steps: int = 20,
+    restarts: int = 1,
+    seed: int = 0,
+    progress: bool | str = False,
+) -> WorstCase:
     """Worst-case sharpness S(w, ρ) over the ℓ2 (SAM, Foret et al. 2021) or ℓ∞ ball, adaptive with T = |w| + η (Kwon et al. 2021).
 
     S(w, ρ) = max_{‖δ'‖_p ≤ ρ} L(w + T ⊙ δ') − L(w), as Andriushchenko et al. (2023) measure it:
@@ -147,22 +156,48 @@ def worst_case(objective: Objective, rho: float | None = None, *, p: str | float
     generator = seeded_generator(objective.device, seed)
     clean_loss = objective.loss()
     nb = Neighbourhood(objective, p, rho, scale=_scale(objective, adaptive, eta))
-    with Progress(1 + restarts, f"worst-case sharpness (ℓ{_symbol(p)}{', adaptive' if adaptive else ''})", "start",
-                  progress) as bar:
+    with Progress(
+        1 + restarts, f"worst-case sharpness (ℓ{_symbol(p)}{', adaptive' if adaptive else ''})", "start", progress
+    ) as bar:
         runs = _ascend(nb, generator, steps, restarts, bar)
     values = runs.max_losses - clean_loss
     return WorstCase(
-        value=float(values.max()), spread=float(values.max() - values.min()),
-        std=float(values.std(ddof=1)) if len(values) > 1 else 0.0, values=values, start_kinds=runs.kinds,
-        max_losses=runs.max_losses, clean_loss=clean_loss, rho=rho, p=p, adaptive=bool(adaptive), eta=eta, steps=steps,
-        restarts=restarts, iterations=runs.iterations, converged=runs.converged, n_forward=1 + nb.n_forward,
-        n_grad=nb.n_grad, seconds=time.perf_counter() - start, seed=int(seed), setup=objective.describe(),
+        value=float(values.max()),
+        spread=float(values.max() - values.min()),
+        std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        values=values,
+        start_kinds=runs.kinds,
+        max_losses=runs.max_losses,
+        clean_loss=clean_loss,
+        rho=rho,
+        p=p,
+        adaptive=bool(adaptive),
+        eta=eta,
+        steps=steps,
+        restarts=restarts,
+        iterations=runs.iterations,
+        converged=runs.converged,
+        n_forward=1 + nb.n_forward,
+        n_grad=nb.n_grad,
+        seconds=time.perf_counter() - start,
+        seed=int(seed),
+        setup=objective.describe(),
     )
 
 
-def m_sharpness(objective: Objective, m: int, rho: float | None = None, *, p: str | float = 2, adaptive: bool = False,
-                eta: float = 0.0, steps: int = 20, restarts: int = 1, seed: int = 0,
-                progress: bool | str = False) -> MSharpness:
+def m_sharpness(
+    objective: Objective,
+    m: int,
+    rho: float | None = None,
+    *,
+    p: str | float = 2,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    steps: int = 20,
+    restarts: int = 1,
+    seed: int = 0,
+    progress: bool | str = False,
+) -> MSharpness:
     """m-sharpness (Foret et al. 2021; Andriushchenko et al. 2023): each m-sample batch's own worst case, averaged.
 
     The batches are consecutive runs of m samples of the measurement set (a seeded random subset
@@ -205,8 +240,9 @@ def m_sharpness(objective: Objective, m: int, rho: float | None = None, *, p: st
     p, rho, eta = _check(objective, p, rho, adaptive, eta, steps, restarts)
     check_int("m", m, 1)
     if m > objective.n_samples:
-        raise ValueError(f"m = {m} exceeds the {objective.n_samples} samples of the measurement set; "
-                         f"give at most {objective.n_samples}")
+        raise ValueError(
+            f"m = {m} exceeds the {objective.n_samples} samples of the measurement set; give at most {objective.n_samples}"
+        )
     if objective.distributed:
         raise ValueError("m-sharpness needs the whole measurement set in one process: run it without torchrun")
     start = time.perf_counter()
@@ -221,7 +257,7 @@ def m_sharpness(objective: Objective, m: int, rho: float | None = None, *, p: st
     name = f"{'adaptive ' if adaptive else ''}m-sharpness (ℓ{_symbol(p)}, m={m})"
     with Progress(n_batches * (1 + restarts), name, "start", progress) as bar:
         for i in range(n_batches):
-            part = objective.restricted([(x[i * m:(i + 1) * m], y[i * m:(i + 1) * m])])
+            part = objective.restricted([(x[i * m : (i + 1) * m], y[i * m : (i + 1) * m])])
             clean.append(part.loss())
             nb = Neighbourhood(part, p, rho, scale=scale)
             runs = _ascend(nb, generator, steps, restarts, bar)
@@ -231,15 +267,38 @@ def m_sharpness(objective: Objective, m: int, rho: float | None = None, *, p: st
     values = np.array(values)
     stderr = float(values.std(ddof=1) / math.sqrt(n_batches)) if n_batches > 1 else None
     return MSharpness(
-        value=float(values.mean()), stderr=stderr, m=m, n_batches=n_batches, n_unused=objective.n_samples - n_batches * m,
-        batch_values=values, batch_spreads=np.array(spreads), batch_clean_losses=np.array(clean), rho=rho, p=p,
-        adaptive=bool(adaptive), eta=eta, steps=steps, restarts=restarts, n_forward=n_forward, n_grad=n_grad,
-        seconds=time.perf_counter() - start, seed=int(seed), setup=objective.describe(),
+        value=float(values.mean()),
+        stderr=stderr,
+        m=m,
+        n_batches=n_batches,
+        n_unused=objective.n_samples - n_batches * m,
+        batch_values=values,
+        batch_spreads=np.array(spreads),
+        batch_clean_losses=np.array(clean),
+        rho=rho,
+        p=p,
+        adaptive=bool(adaptive),
+        eta=eta,
+        steps=steps,
+        restarts=restarts,
+        n_forward=n_forward,
+        n_grad=n_grad,
+        seconds=time.perf_counter() - start,
+        seed=int(seed),
+        setup=objective.describe(),
     )
 
 
-def average_case(objective: Objective, rho: float | None = None, *, p: str | float = 2, adaptive: bool = False,
-                 n_samples: int = 100, seed: int = 0, progress: bool | str = False) -> ExpectedLoss:
+def average_case(
+    objective: Objective,
+    rho: float | None = None,
+    *,
+    p: str | float = 2,
+    adaptive: bool = False,
+    n_samples: int = 100,
+    seed: int = 0,
+    progress: bool | str = False,
+) -> ExpectedLoss:
     """The average-case counterpart E_δ' L(w + T ⊙ δ') − L(w) (Andriushchenko et al. 2023), with a 95% CI.
 
     δ' ~ N(0, ρ²I) for p = 2 and uniform on the box [−ρ, ρ]^d for p = ∞; T = |w| when adaptive (η is
@@ -275,8 +334,15 @@ def average_case(objective: Objective, rho: float | None = None, *, p: str | flo
     """
     p = norm_name(p)
     rho = default_rho(p, adaptive, average=True) if rho is None else check_number("rho", rho, allow_zero=False)
-    return expected_loss(objective, rho, distribution="gaussian" if p == "2" else "uniform",
-                         scale="weight" if adaptive else "absolute", n_samples=n_samples, seed=seed, progress=progress)
+    return expected_loss(
+        objective,
+        rho,
+        distribution="gaussian" if p == "2" else "uniform",
+        scale="weight" if adaptive else "absolute",
+        n_samples=n_samples,
+        seed=seed,
+        progress=progress,
+    )
 
 
 # ------------------------------------------------------------------------------------- internals
@@ -291,8 +357,9 @@ def _scale(objective: Objective, adaptive: bool, eta: float) -> torch.Tensor | N
     return objective.w.abs() + eta if adaptive else None
 
 
-def _check(objective: Objective, p: str | float, rho: float | None, adaptive: bool, eta: float, steps: int,
-           restarts: int) -> tuple[str, float, float]:
+def _check(
+    objective: Objective, p: str | float, rho: float | None, adaptive: bool, eta: float, steps: int, restarts: int
+) -> tuple[str, float, float]:
     p = norm_name(p)
     rho = default_rho(p, adaptive) if rho is None else check_number("rho", rho, allow_zero=False)
     eta = check_number("eta", eta, allow_zero=True)

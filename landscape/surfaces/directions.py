@@ -55,15 +55,30 @@ class Directions:
 
     def to_dict(self) -> dict:
         """JSON summary (the vectors themselves live in the surface's HDF5 file)."""
-        return to_jsonable({
-            "kind": self.kind, "dim": self.dim, "n_params": self.vectors.shape[1], "spec": self.spec,
-            "norms": self.vectors.norm(dim=1), "buffers": sorted(self.buffers), "trajectory": self.trajectory,
-            "labels": list(self.labels), "fingerprint": self.fingerprint(),
-        })
+        return to_jsonable(
+            {
+                "kind": self.kind,
+                "dim": self.dim,
+                "n_params": self.vectors.shape[1],
+                "spec": self.spec,
+                "norms": self.vectors.norm(dim=1),
+                "buffers": sorted(self.buffers),
+                "trajectory": self.trajectory,
+                "labels": list(self.labels),
+                "fingerprint": self.fingerprint(),
+            }
+        )
 
 
-def random_directions(objective: Objective, dim: int = 2, *, seed: int = 0, normalization: str = "filter",
-                      one_d: str = "ignore", states: bool = False) -> Directions:
+def random_directions(
+    objective: Objective,
+    dim: int = 2,
+    *,
+    seed: int = 0,
+    normalization: str = "filter",
+    one_d: str = "ignore",
+    states: bool = False,
+) -> Directions:
     """Gaussian directions normalized per filter, layer or weight (Li et al. 2018, "Visualizing the Loss Landscape").
 
     Filter normalization makes surfaces of differently scaled networks comparable: each filter
@@ -201,8 +216,9 @@ def _float_buffers(objective: Objective) -> dict[str, torch.Tensor]:
     return {name: b for name, b in objective.model.named_buffers() if b.is_floating_point()}
 
 
-def _normalize(direction: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], normalization: str,
-               one_d: str) -> dict[str, torch.Tensor]:
+def _normalize(
+    direction: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], normalization: str, one_d: str
+) -> dict[str, torch.Tensor]:
     """Apply the normalization to each (dim, *shape) tensor; ≤1-D tensors by the 1-D policy."""
     out = {}
     for name, d in direction.items():

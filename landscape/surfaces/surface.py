@@ -77,11 +77,18 @@ class Surface(Result):
         return bool(self.done.all())
 
     def to_dict(self) -> dict:
-        return to_jsonable({
-            "path": self.path, "axes": self.axes, "loss": self.loss, "accuracy": self.accuracy,
-            "n_done": int(self.done.sum()), "n_points": int(self.done.size),
-            "directions": self.directions.to_dict(), "metadata": self.metadata,
-        })
+        return to_jsonable(
+            {
+                "path": self.path,
+                "axes": self.axes,
+                "loss": self.loss,
+                "accuracy": self.accuracy,
+                "n_done": int(self.done.sum()),
+                "n_points": int(self.done.size),
+                "directions": self.directions.to_dict(),
+                "metadata": self.metadata,
+            }
+        )
 
 
 def grid_axis(start: float, stop: float, num: int) -> np.ndarray:
@@ -175,9 +182,13 @@ def compute_surface(
     inputs = recalibration_inputs(first, bn_recalibration) if bn_recalibration else None
     per_call = resolve_points_per_call(list(objectives.values()), points_per_call)
     fingerprint = _fingerprint(objectives, directions, axes, bn_recalibration)
-    metadata = {"splits": {s: o.describe() for s, o in objectives.items()}, "bn_recalibration": bn_recalibration,
-                "points_per_call": per_call,
-                "library_version": landscape.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    metadata = {
+        "splits": {s: o.describe() for s, o in objectives.items()},
+        "bn_recalibration": bn_recalibration,
+        "points_per_call": per_call,
+        "library_version": landscape.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     shape = tuple(len(a) for a in axes)
     values = {f"{s}/{q}": np.full(shape, np.nan) for s in objectives for q in ("loss", "accuracy")}
     done = np.zeros(shape, dtype=bool)
@@ -209,10 +220,10 @@ def compute_surface(
     per_rank = per_call
     with Progress(len(points), "surface", "point", progress, initial=len(points) - len(pending)) as bar:
         while pending:
-            block, pending = pending[: per_rank * shards], pending[per_rank * shards:]
+            block, pending = pending[: per_rank * shards], pending[per_rank * shards :]
             start = time.perf_counter()
             mine = []
-            for call in _calls(block[rank % shards::shards], per_call):
+            for call in _calls(block[rank % shards :: shards], per_call):
                 rows = _evaluate_points(evaluators, directions, origin, origin_buffers, coords[call], inputs)
                 mine.extend(zip(call, rows))
             part = (mine, time.perf_counter() - start)
@@ -294,19 +305,26 @@ def _check_inputs(objectives: dict[str, Objective], directions: Directions, axes
     first = next(iter(objectives.values()))
     for split, objective in objectives.items():
         if objective.n_params != directions.vectors.shape[1]:
-            raise SurfaceError(f"directions have {directions.vectors.shape[1]} parameters, the {split} objective {objective.n_params}")
+            raise SurfaceError(
+                f"directions have {directions.vectors.shape[1]} parameters, the {split} objective {objective.n_params}"
+            )
         if not torch.equal(objective.w, first.w):
             raise SurfaceError(f"the {split} objective is at a different point than the first: give objectives of one checkpoint")
 
 
 def _calls(indices: list[int], per_call: int) -> list[list[int]]:
     """Consecutive groups of at most `per_call` point indices: one evaluation call each."""
-    return [indices[i:i + per_call] for i in range(0, len(indices), per_call)]
+    return [indices[i : i + per_call] for i in range(0, len(indices), per_call)]
 
 
-def _point_state(objective: Objective, directions: Directions, origin: torch.Tensor,
-                 origin_buffers: dict[str, torch.Tensor], c: torch.Tensor,
-                 inputs: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _point_state(
+    objective: Objective,
+    directions: Directions,
+    origin: torch.Tensor,
+    origin_buffers: dict[str, torch.Tensor],
+    c: torch.Tensor,
+    inputs: list[torch.Tensor] | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weights origin + Σ c_j d_j (exactly the origin when c = 0) and the buffers that point replaces."""
     w = torch.addmv(origin, directions.vectors.T, c)
     buffers = {n: origin_buffers[n] + torch.tensordot(c, d, dims=1) for n, d in directions.buffers.items()}
@@ -315,9 +333,14 @@ def _point_state(objective: Objective, directions: Directions, origin: torch.Ten
     return w, buffers
 
 
-def _evaluate_points(evaluators: dict[str, PointEvaluator], directions: Directions, origin: torch.Tensor,
-                     origin_buffers: dict[str, torch.Tensor], coords: torch.Tensor,
-                     inputs: list[torch.Tensor] | None) -> list[dict[str, float]]:
+def _evaluate_points(
+    evaluators: dict[str, PointEvaluator],
+    directions: Directions,
+    origin: torch.Tensor,
+    origin_buffers: dict[str, torch.Tensor],
+    coords: torch.Tensor,
+    inputs: list[torch.Tensor] | None,
+) -> list[dict[str, float]]:
     """Loss and accuracy of each split at each row of `coords`, all of them in one evaluation call per split."""
     first = next(iter(evaluators.values())).objective
     states = [_point_state(first, directions, origin, origin_buffers, c, inputs) for c in coords]
@@ -331,18 +354,23 @@ def _evaluate_points(evaluators: dict[str, PointEvaluator], directions: Directio
     return rows
 
 
-def _fingerprint(objectives: dict[str, Objective], directions: Directions, axes: tuple[np.ndarray, ...],
-                 bn_recalibration: int | None) -> dict:
+def _fingerprint(
+    objectives: dict[str, Objective], directions: Directions, axes: tuple[np.ndarray, ...], bn_recalibration: int | None
+) -> dict:
     """What must match for a file to be resumed: weights, data, measurement set, directions, grid, options."""
     keep = ("data", "measurement", "n_samples", "batch_sizes", "mode", "params", "n_params", "dtype")
     first = next(iter(objectives.values()))
-    return to_jsonable({
-        "weights": tensor_digest(first.model.state_dict()),
-        "splits": {s: {**{k: o.describe().get(k) for k in keep}, "samples": _samples_digest(o)} for s, o in objectives.items()},
-        "directions": directions.fingerprint(),
-        "axes": [a.tolist() for a in axes],
-        "bn_recalibration": bn_recalibration,
-    })
+    return to_jsonable(
+        {
+            "weights": tensor_digest(first.model.state_dict()),
+            "splits": {
+                s: {**{k: o.describe().get(k) for k in keep}, "samples": _samples_digest(o)} for s, o in objectives.items()
+            },
+            "directions": directions.fingerprint(),
+            "axes": [a.tolist() for a in axes],
+            "bn_recalibration": bn_recalibration,
+        }
+    )
 
 
 def _samples_digest(objective: Objective) -> str:
@@ -376,8 +404,16 @@ class _SurfaceFile:
         self.last_flush = time.perf_counter()
 
     @classmethod
-    def open_or_create(cls, path: Path, resume: bool, fingerprint: dict, metadata: dict, directions: Directions,
-                       axes: tuple[np.ndarray, ...], values: dict[str, np.ndarray]) -> _SurfaceFile:
+    def open_or_create(
+        cls,
+        path: Path,
+        resume: bool,
+        fingerprint: dict,
+        metadata: dict,
+        directions: Directions,
+        axes: tuple[np.ndarray, ...],
+        values: dict[str, np.ndarray],
+    ) -> _SurfaceFile:
         """The file, locked for this process until `close` (a second run on it fails at once, naming it)."""
         lock = _Lock(path)
         try:
@@ -403,8 +439,10 @@ class _SurfaceFile:
             stored_metadata = json.loads(self.file.attrs["metadata"])
             self.file.close()
             field, values = _describe_difference(stored, fingerprint, stored_metadata, metadata)
-            raise SurfaceError(f"{self.path} does not match this run ({field} differs); {field}: {values}; it cannot be "
-                               "resumed with these settings (choose another --out, or delete the file to start over)")
+            raise SurfaceError(
+                f"{self.path} does not match this run ({field} differs); {field}: {values}; it cannot be "
+                "resumed with these settings (choose another --out, or delete the file to start over)"
+            )
 
     def read_values(self) -> dict[str, np.ndarray]:
         splits = json.loads(self.file.attrs["splits"])
@@ -453,8 +491,10 @@ class _Lock:
                     file.seek(0)
                     owner = file.read(32).decode(errors="replace").strip()
                     file.close()
-                    raise SurfaceError(f"{path} is in use by another landscape run{f' (process {owner})' if owner else ''}; "
-                                       "wait for it to finish, or choose another --out") from None
+                    raise SurfaceError(
+                        f"{path} is in use by another landscape run{f' (process {owner})' if owner else ''}; "
+                        "wait for it to finish, or choose another --out"
+                    ) from None
                 if self._still_linked(file):  # else its last holder removed it between our open and our lock: retry
                     self.file = file
                 else:
@@ -486,8 +526,14 @@ def _open(path: Path, mode: str) -> h5py.File:
         raise SurfaceError(f"{path} cannot be opened as HDF5 ({error}); is it a surface file?") from error
 
 
-def _create(path: Path, fingerprint: dict, metadata: dict, directions: Directions,
-            axes: tuple[np.ndarray, ...], values: dict[str, np.ndarray]) -> None:
+def _create(
+    path: Path,
+    fingerprint: dict,
+    metadata: dict,
+    directions: Directions,
+    axes: tuple[np.ndarray, ...],
+    values: dict[str, np.ndarray],
+) -> None:
     """Write the whole empty file under a temporary name, then rename: a kill leaves no half-made file.
     Its folder exists: the file's lock made it."""
     import h5py
@@ -526,8 +572,14 @@ def _write_directions(group: h5py.Group, directions: Directions) -> None:
 def _read_directions(group: h5py.Group) -> Directions:
     buffers = {name: torch.from_numpy(d[()]) for name, d in group["buffers"].items()} if "buffers" in group else {}
     trajectory = group["trajectory"][()] if "trajectory" in group else None
-    return Directions(torch.from_numpy(group["vectors"][()]), group.attrs["kind"], json.loads(group.attrs["spec"]),
-                      buffers, trajectory, tuple(json.loads(group.attrs["labels"])))
+    return Directions(
+        torch.from_numpy(group["vectors"][()]),
+        group.attrs["kind"],
+        json.loads(group.attrs["spec"]),
+        buffers,
+        trajectory,
+        tuple(json.loads(group.attrs["labels"])),
+    )
 
 
 # fingerprint fields in the order a difference is reported: the cause before what follows from it

@@ -45,21 +45,23 @@ class GradientSync:
         count = torch.tensor([float(local)], device=device, dtype=torch.float64)
         return int(distributed.all_reduce_sum(count).item())
 
-    def sum_gradients(self, loss: torch.Tensor, grads: list[torch.Tensor | None],
-                      params: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    def sum_gradients(
+        self, loss: torch.Tensor, grads: list[torch.Tensor | None], params: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """(Σ loss, Σ grads) over the ranks, in one all-reduce of a flat buffer.
 
         A gradient stays None only where it is None on every rank (a rank with no samples has none).
         """
         present = torch.tensor([float(g is not None) for g in grads], device=params[0].device)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(params[0].dtype)
-                          for g, p in zip(grads, params)]
-                         + [loss.detach().reshape(1).to(params[0].device, params[0].dtype), present.to(params[0].dtype)])
+        flat = torch.cat(
+            [(g if g is not None else torch.zeros_like(p)).reshape(-1).to(params[0].dtype) for g, p in zip(grads, params)]
+            + [loss.detach().reshape(1).to(params[0].device, params[0].dtype), present.to(params[0].dtype)]
+        )
         distributed.all_reduce_sum(flat)
         out: list[torch.Tensor | None] = []
         offset = 0
-        for p, here in zip(params, flat[-len(params):].tolist()):  # views of the summed buffer: no copy
-            out.append(flat[offset:offset + p.numel()].view_as(p) if here > 0 else None)
+        for p, here in zip(params, flat[-len(params) :].tolist()):  # views of the summed buffer: no copy
+            out.append(flat[offset : offset + p.numel()].view_as(p) if here > 0 else None)
             offset += p.numel()
         return flat[offset], out
 
@@ -78,5 +80,5 @@ class GradientSync:
         offset = 0
         with torch.no_grad():
             for b in buffers:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
                 offset += b.numel()

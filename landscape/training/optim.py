@@ -64,8 +64,7 @@ def _check_one_of(option: str, value: str, choices: tuple[str, ...]) -> None:
 
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(p) ‖ softmax(q)), summed over classes and averaged over the batch."""
-    return F.kl_div(F.log_softmax(q_logits, dim=-1), F.log_softmax(p_logits, dim=-1), log_target=True,
-                    reduction="batchmean")
+    return F.kl_div(F.log_softmax(q_logits, dim=-1), F.log_softmax(p_logits, dim=-1), log_target=True, reduction="batchmean")
 
 
 @contextlib.contextmanager
@@ -121,9 +120,21 @@ class Method:
 
     name = "sgd"
 
-    def __init__(self, model: nn.Module, *, base: str = "sgd", lr: float, momentum: float | None = None,
-                 weight_decay: float = 0.0, base_kwargs: dict | None = None, clip_grad_norm: float | None = None,
-                 ghost_batch_size: int | None = None, accumulate: int = 1, amp: str = "none", seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        base: str = "sgd",
+        lr: float,
+        momentum: float | None = None,
+        weight_decay: float = 0.0,
+        base_kwargs: dict | None = None,
+        clip_grad_norm: float | None = None,
+        ghost_batch_size: int | None = None,
+        accumulate: int = 1,
+        amp: str = "none",
+        seed: int = 0,
+    ) -> None:
         if base not in BASES:
             raise ValueError(f"unknown base optimizer {base!r}; use one of {', '.join(BASES)}")
         if clip_grad_norm is not None and clip_grad_norm <= 0:
@@ -169,9 +180,19 @@ class Method:
 
     def config(self) -> dict:
         """Every hyperparameter and option, JSON-ready (stored in checkpoints)."""
-        return to_jsonable({"method": self.name, "base": self.base_name, "base_hyperparameters": self.base_hyperparameters,
-                            "clip_grad_norm": self.clip_grad_norm, "ghost_batch_size": self.ghost_batch_size,
-                            "accumulate": self.accumulate, "amp": self.amp, "seed": self.seed, **self.options()})
+        return to_jsonable(
+            {
+                "method": self.name,
+                "base": self.base_name,
+                "base_hyperparameters": self.base_hyperparameters,
+                "clip_grad_norm": self.clip_grad_norm,
+                "ghost_batch_size": self.ghost_batch_size,
+                "accumulate": self.accumulate,
+                "amp": self.amp,
+                "seed": self.seed,
+                **self.options(),
+            }
+        )
 
     def distribute(self, sync: GradientSync) -> None:
         """Train data-parallel: gradients summed over the ranks by `sync` each step, and this rank's own noise stream
@@ -181,8 +202,12 @@ class Method:
 
     def state_dict(self) -> dict:
         """Base optimizer state, step counter, noise generator and loss-scaler state: resuming repeats the run exactly."""
-        state = {"config": self.config(), "base": self.base.state_dict(), "steps": self.steps,
-                 "generator": self.generator.get_state()}
+        state = {
+            "config": self.config(),
+            "base": self.base.state_dict(),
+            "steps": self.steps,
+            "generator": self.generator.get_state(),
+        }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
@@ -202,8 +227,9 @@ class Method:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
-    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
-             global_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, global_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One update on the mini-batch (x, y): the method's gradient in `p.grad`, clipped, then a base step.
 
         Data-parallel (after `distribute`), (x, y) is this rank's share of the global batch and the
@@ -235,8 +261,14 @@ class Method:
             pieces += list(zip(torch.split(xm, size), torch.split(ym, size)))
         return pieces
 
-    def _sweep(self, model: nn.Module, pieces: list[tuple[torch.Tensor, torch.Tensor]], total: int, loss_fn: LossFn,
-               chunk: Callable | None = None) -> tuple[torch.Tensor, Grads, torch.Tensor]:
+    def _sweep(
+        self,
+        model: nn.Module,
+        pieces: list[tuple[torch.Tensor, torch.Tensor]],
+        total: int,
+        loss_fn: LossFn,
+        chunk: Callable | None = None,
+    ) -> tuple[torch.Tensor, Grads, torch.Tensor]:
         """Σ (n_piece/total)·(loss, grads) of `chunk` (default `_chunk`) over the pieces, summed as they come (one
         piece's gradients alive at a time), and the pieces' first-pass logits."""
         chunk = chunk or self._chunk
@@ -286,20 +318,23 @@ class Method:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=AMP_DTYPES[self.amp])
 
-    def _chunk(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               loss_fn: LossFn) -> tuple[torch.Tensor, list[tuple[float, torch.Tensor, Grads]]]:
+    def _chunk(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
+    ) -> tuple[torch.Tensor, list[tuple[float, torch.Tensor, Grads]]]:
         """(first-pass logits, [(weight, loss, grads)]) of one chunk: here a single clean pass."""
         loss, logits, grads = self._gradient(model, x, y, loss_fn)
         return logits, [(1.0, loss, grads)]
 
-    def _objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+    def _objective(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits) at the current weights."""
         logits = model(x)
         return loss_fn(logits, y), logits
 
-    def _gradient(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
-                  freeze_buffers: bool = False) -> tuple[torch.Tensor, torch.Tensor, Grads]:
+    def _gradient(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, freeze_buffers: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, Grads]:
         """One forward/backward pass at the current weights: (loss, logits, grads of all trainable params)."""
         with frozen_buffers(model) if freeze_buffers else contextlib.nullcontext():
             with self.autocast(x.device):
@@ -320,8 +355,11 @@ class PerturbationMethod(Method):
         super().__init__(model, **kwargs)
         norm = norm_layer_parameter_names(model)
         self.exclude_bn, self.exclude_bias = exclude_bn, exclude_bias
-        self.perturbed = [(n, p) for n, p in self.named
-                          if not (exclude_bn and n in norm) and not (exclude_bias and n not in norm and n.endswith("bias"))]
+        self.perturbed = [
+            (n, p)
+            for n, p in self.named
+            if not (exclude_bn and n in norm) and not (exclude_bias and n not in norm and n.endswith("bias"))
+        ]
         if not self.perturbed:
             raise ValueError("exclude_bn/exclude_bias leave no parameter to perturb")
         self.perturbed_params = [p for _, p in self.perturbed]
@@ -329,8 +367,7 @@ class PerturbationMethod(Method):
         self.perturbed_index = [index[id(p)] for p in self.perturbed_params]
 
     def options(self) -> dict:
-        return {"exclude_bn": self.exclude_bn, "exclude_bias": self.exclude_bias,
-                "perturbed": [n for n, _ in self.perturbed]}
+        return {"exclude_bn": self.exclude_bn, "exclude_bias": self.exclude_bias, "perturbed": [n for n, _ in self.perturbed]}
 
 
 class SmoothOut(PerturbationMethod):
@@ -343,9 +380,21 @@ class SmoothOut(PerturbationMethod):
 
     name = "smoothout"
 
-    def __init__(self, model: nn.Module, *, a: float = 0.02, scale: str = "absolute", distribution: str = "uniform",
-                 schedule: str = "constant", anneal_index: float = 0.55, tanh_scale: float = 10.0,
-                 total_steps: int | None = None, denoise: bool = True, exclude_bn: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        a: float = 0.02,
+        scale: str = "absolute",
+        distribution: str = "uniform",
+        schedule: str = "constant",
+        anneal_index: float = 0.55,
+        tanh_scale: float = 10.0,
+        total_steps: int | None = None,
+        denoise: bool = True,
+        exclude_bn: bool = True,
+        **kwargs,
+    ) -> None:
         if a < 0:
             raise ValueError(f"noise scale a must be non-negative, got {a}")
         if scale not in NOISE_SCALES:
@@ -361,9 +410,17 @@ class SmoothOut(PerturbationMethod):
         self.anneal_index, self.tanh_scale, self.total_steps, self.denoise = anneal_index, tanh_scale, total_steps, denoise
 
     def options(self) -> dict:
-        return {"a": self.a, "scale": self.scale, "distribution": self.distribution, "schedule": self.schedule,
-                "anneal_index": self.anneal_index, "tanh_scale": self.tanh_scale, "total_steps": self.total_steps,
-                "denoise": self.denoise, **super().options()}
+        return {
+            "a": self.a,
+            "scale": self.scale,
+            "distribution": self.distribution,
+            "schedule": self.schedule,
+            "anneal_index": self.anneal_index,
+            "tanh_scale": self.tanh_scale,
+            "total_steps": self.total_steps,
+            "denoise": self.denoise,
+            **super().options(),
+        }
 
     def noise_scale(self, step: int | None = None) -> float:
         """a_t at step t (default: the step about to be taken)."""
@@ -403,8 +460,18 @@ class NSO(PerturbationMethod):
 
     name = "nso"
 
-    def __init__(self, model: nn.Module, *, sigma: float = 0.01, k: int = 1, clean_weight: float = 0.0,
-                 distribution: str = "gaussian", two_point: bool = True, bn_update: str = "clean", **kwargs) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        sigma: float = 0.01,
+        k: int = 1,
+        clean_weight: float = 0.0,
+        distribution: str = "gaussian",
+        two_point: bool = True,
+        bn_update: str = "clean",
+        **kwargs,
+    ) -> None:
         if sigma < 0 or k < 1 or not 0 <= clean_weight <= 1:
             raise ValueError(f"need sigma ≥ 0, k ≥ 1 and 0 ≤ clean_weight ≤ 1; got {sigma}, {k}, {clean_weight}")
         if distribution not in DISTRIBUTIONS:
@@ -416,8 +483,15 @@ class NSO(PerturbationMethod):
         self.distribution, self.two_point, self.bn_update = distribution, two_point, bn_update
 
     def options(self) -> dict:
-        return {"sigma": self.sigma, "k": self.k, "clean_weight": self.clean_weight, "distribution": self.distribution,
-                "two_point": self.two_point, "bn_update": self.bn_update, **super().options()}
+        return {
+            "sigma": self.sigma,
+            "k": self.k,
+            "clean_weight": self.clean_weight,
+            "distribution": self.distribution,
+            "two_point": self.two_point,
+            "bn_update": self.bn_update,
+            **super().options(),
+        }
 
     def _chunk(self, model, x, y, loss_fn):
         terms, logits = [], None
@@ -450,8 +524,9 @@ class SSGD(NSO):
 
     name = "ssgd"
 
-    def __init__(self, model: nn.Module, *, sigma: float = 0.01, distribution: str = "rademacher",
-                 bn_update: str = "first", **kwargs) -> None:
+    def __init__(
+        self, model: nn.Module, *, sigma: float = 0.01, distribution: str = "rademacher", bn_update: str = "first", **kwargs
+    ) -> None:
         # no reference code: the BN statistics move in the first pass (W + δ), as in the first release
         super().__init__(model, sigma=sigma, distribution=distribution, bn_update=bn_update, **kwargs)
 
@@ -466,8 +541,16 @@ class NRS(PerturbationMethod):
 
     name = "nrs"
 
-    def __init__(self, model: nn.Module, *, alpha: float = 1.0, radius: float = 0.01, distribution: str = "box",
-                 kl_direction: str = "forward", **kwargs) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        alpha: float = 1.0,
+        radius: float = 0.01,
+        distribution: str = "box",
+        kl_direction: str = "forward",
+        **kwargs,
+    ) -> None:
         if alpha < 0 or radius < 0:
             raise ValueError(f"alpha and radius must be non-negative, got {alpha}, {radius}")
         if distribution not in NRS_DISTRIBUTIONS:
@@ -477,8 +560,13 @@ class NRS(PerturbationMethod):
         self.alpha, self.radius, self.distribution, self.kl_direction = alpha, radius, distribution, kl_direction
 
     def options(self) -> dict:
-        return {"alpha": self.alpha, "radius": self.radius, "distribution": self.distribution,
-                "kl_direction": self.kl_direction, **super().options()}
+        return {
+            "alpha": self.alpha,
+            "radius": self.radius,
+            "distribution": self.distribution,
+            "kl_direction": self.kl_direction,
+            **super().options(),
+        }
 
     def neighbour(self) -> list[torch.Tensor]:
         """A fresh δ for the perturbed parameters."""
@@ -520,8 +608,17 @@ class SAM(PerturbationMethod):
 
     name = "sam"
 
-    def __init__(self, model: nn.Module, *, rho: float = 0.05, adaptive: bool = False, eta: float = 0.01,
-                 asam_rule: str = "name", ascent_gradient: str = "local", **kwargs) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        asam_rule: str = "name",
+        ascent_gradient: str = "local",
+        **kwargs,
+    ) -> None:
         if rho < 0 or eta < 0:
             raise ValueError(f"rho and eta must be non-negative, got {rho}, {eta}")
         _check_one_of("asam_rule", asam_rule, ASAM_RULES)
@@ -531,8 +628,14 @@ class SAM(PerturbationMethod):
         self.ascent_gradient = ascent_gradient
 
     def options(self) -> dict:
-        return {"rho": self.rho, "adaptive": self.adaptive, "eta": self.eta, "asam_rule": self.asam_rule,
-                "ascent_gradient": self.ascent_gradient, **super().options()}
+        return {
+            "rho": self.rho,
+            "adaptive": self.adaptive,
+            "eta": self.eta,
+            "asam_rule": self.asam_rule,
+            "ascent_gradient": self.ascent_gradient,
+            **super().options(),
+        }
 
     def _sweep(self, model, pieces, total, loss_fn, chunk=None):
         """`ascent_gradient="global"`: ε̂ from the whole step's gradient (every piece, summed over the ranks), then
@@ -552,7 +655,9 @@ class SAM(PerturbationMethod):
     def ascent(self, grads: Grads) -> list[torch.Tensor]:
         """ε̂ for the perturbed parameters from the gradients of all trainable ones (zero where no gradient)."""
         scales = [self._scale(n, p) for n, p in self.perturbed]
-        g = [grads[i] if grads[i] is not None else torch.zeros_like(p) for i, p in zip(self.perturbed_index, self.perturbed_params)]
+        g = [
+            grads[i] if grads[i] is not None else torch.zeros_like(p) for i, p in zip(self.perturbed_index, self.perturbed_params)
+        ]
         tg = [gi * t for gi, t in zip(g, scales)]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in tg]))
         return [v * t * (self.rho / (norm + 1e-12)) for v, t in zip(tg, scales)]
@@ -576,12 +681,29 @@ class ASAM(SAM):
         super().__init__(model, rho=rho, adaptive=adaptive, **kwargs)
 
 
-METHODS = {"sgd": Plain, "adam": Plain, "smoothout": SmoothOut, "adasmoothout": AdaSmoothOut, "ssgd": SSGD,
-           "nso": NSO, "nrs": NRS, "sam": SAM, "asam": ASAM}
+METHODS = {
+    "sgd": Plain,
+    "adam": Plain,
+    "smoothout": SmoothOut,
+    "adasmoothout": AdaSmoothOut,
+    "ssgd": SSGD,
+    "nso": NSO,
+    "nrs": NRS,
+    "sam": SAM,
+    "asam": ASAM,
+}
 
 
-def make_optimizer(name: str, model: nn.Module, *, base: str | None = None, lr: float, momentum: float | None = None,
-                   weight_decay: float = 0.0, **options) -> Method:
+def make_optimizer(
+    name: str,
+    model: nn.Module,
+    *,
+    base: str | None = None,
+    lr: float,
+    momentum: float | None = None,
+    weight_decay: float = 0.0,
+    **options,
+) -> Method:
     """The method `name` around the base optimizer `base` (sgd or adam; "adam" alone is plain Adam).
 
     `options` are the method's keyword options (see each class) plus clip_grad_norm, ghost_batch_size,
@@ -594,7 +716,11 @@ def make_optimizer(name: str, model: nn.Module, *, base: str | None = None, lr: 
             raise ValueError(f"optimizer {name!r} is plain {name}; for a method around base {base!r} name the method")
         base = name
     cls = METHODS[name]
-    allowed = {n for c in cls.__mro__ if c is not object for n in inspect.signature(c.__init__).parameters} - {"self", "model", "kwargs"}
+    allowed = {n for c in cls.__mro__ if c is not object for n in inspect.signature(c.__init__).parameters} - {
+        "self",
+        "model",
+        "kwargs",
+    }
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"optimizer {name!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(allowed))}")

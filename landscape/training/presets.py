@@ -73,8 +73,10 @@ class Preset:
         kind, _, folder = (data or "").partition(":")
         if kind != self.data_kind or not folder:
             given = f"--data {data}" if data else "no --data"
-            raise ValueError(f"recipe {self.name!r} trains on {self.data_kind}: give --data {self.data_kind}:DIR "
-                             f"(the extracted python-version batches or their parent folder), not {given}")
+            raise ValueError(
+                f"recipe {self.name!r} trains on {self.data_kind}: give --data {self.data_kind}:DIR "
+                f"(the extracted python-version batches or their parent folder), not {given}"
+            )
 
 
 # SmoothOut's reference trainer (main_gbn.py): the rules every optimizer follows under its recipes ...
@@ -82,44 +84,71 @@ TRAINER_SETTINGS = {"base": "sgd", "momentum": 0.9, "lr_scaling": "sqrt", "lr_re
 TRAINER_OPTIONS = {"ghost_batch_size": 128, "clip_grad_norm": 5.0}
 # ... and its noise: uniform, de-noised, BN affine parameters excluded, biases perturbed
 NOISE_OPTIONS = {"distribution": "uniform", "denoise": True, "exclude_bn": True, "exclude_bias": False}
-SMOOTHOUT_OPTIONS = {"smoothout": {"scale": "absolute", **NOISE_OPTIONS},
-                     "adasmoothout": NOISE_OPTIONS}  # AdaSmoothOut keeps its filter-wise scale
+SMOOTHOUT_OPTIONS = {
+    "smoothout": {"scale": "absolute", **NOISE_OPTIONS},
+    "adasmoothout": NOISE_OPTIONS,
+}  # AdaSmoothOut keeps its filter-wise scale
 
 SMALL_BATCH, LARGE_BATCH = 128, 4096
-RESNET44 = {"model": "resnet44", "lr": 0.1, "weight_decay": 1e-4, "epochs": 200, "lr_schedule": "step",
-            "lr_milestones": (81, 122, 164), "lr_gamma": 0.1}
-C3 = {"model": "c3", "lr": 0.01, "weight_decay": 5e-4, "epochs": 200, "lr_schedule": "step",
-      "lr_milestones": (120, 180), "lr_gamma": 0.1, "lr_warmup_epochs": 60, "lr_warmup_factor": 0.1}
-LARGE_NOTE = ("ghost batches of 128 one at a time, so it fits one GPU as is; --accumulate N splits each step into N "
-              "micro-batches where a run needs less memory")
+RESNET44 = {
+    "model": "resnet44",
+    "lr": 0.1,
+    "weight_decay": 1e-4,
+    "epochs": 200,
+    "lr_schedule": "step",
+    "lr_milestones": (81, 122, 164),
+    "lr_gamma": 0.1,
+}
+C3 = {
+    "model": "c3",
+    "lr": 0.01,
+    "weight_decay": 5e-4,
+    "epochs": 200,
+    "lr_schedule": "step",
+    "lr_milestones": (120, 180),
+    "lr_gamma": 0.1,
+    "lr_warmup_epochs": 60,
+    "lr_warmup_factor": 0.1,
+}
+LARGE_NOTE = (
+    "ghost batches of 128 one at a time, so it fits one GPU as is; --accumulate N splits each step into N "
+    "micro-batches where a run needs less memory"
+)
 
 
 def paper_recipe(name: str, what: str, schedule: Mapping[str, Any], batch: int, data_kind: str) -> Preset:
     """One of the SmoothOut paper's CIFAR recipes: `schedule` at batch size `batch` under the reference trainer."""
     large = f" (every lr ×{math.sqrt(batch / SMALL_BATCH):.3g} by sqrt(B/128); {LARGE_NOTE})" if batch > SMALL_BATCH else ""
     return Preset(
-        name, f"{what} at batch {batch}{large}; SmoothOut's reference trainer (or --optimizer sgd, adasmoothout); "
-              f"needs --data {data_kind}:DIR",
+        name,
+        f"{what} at batch {batch}{large}; SmoothOut's reference trainer (or --optimizer sgd, adasmoothout); "
+        f"needs --data {data_kind}:DIR",
         settings={"optimizer": "smoothout", **TRAINER_SETTINGS, **schedule, "batch_size": batch},
-        optimizer_kwargs=TRAINER_OPTIONS, method_options=SMOOTHOUT_OPTIONS, baselines=("sgd",),
-        data_kind=data_kind)
+        optimizer_kwargs=TRAINER_OPTIONS,
+        method_options=SMOOTHOUT_OPTIONS,
+        baselines=("sgd",),
+        data_kind=data_kind,
+    )
 
 
 RESNET44_WHAT = "ResNet-44 on CIFAR-10, SGD lr 0.1 ×0.1 at epochs 81/122/164, wd 1e-4, 200 epochs"
 C3_WHAT = "C3 on CIFAR-100, SGD lr 0.001 for 60 epochs, then 0.01 ×0.1 at epochs 120/180, wd 5e-4, 200 epochs"
-PRESETS: dict[str, Preset] = {p.name: p for p in [
-    Preset(
-        "smoothout-reference",
-        "SmoothOut's reference trainer (Wen et al. 2018): uniform noise, de-noising, BN excluded, ghost batches "
-        "of 128, clip 5.0, SGD momentum 0.9, lr scaled by sqrt(B/128)",
-        settings={"optimizer": "smoothout", **TRAINER_SETTINGS},
-        optimizer_kwargs={**SMOOTHOUT_OPTIONS["smoothout"], **TRAINER_OPTIONS},
-    ),
-    paper_recipe("smoothout-resnet44-cifar10", RESNET44_WHAT, RESNET44, SMALL_BATCH, "cifar10"),
-    paper_recipe("smoothout-resnet44-cifar10-large", RESNET44_WHAT, RESNET44, LARGE_BATCH, "cifar10"),
-    paper_recipe("smoothout-c3-cifar100", C3_WHAT, C3, SMALL_BATCH, "cifar100"),
-    paper_recipe("smoothout-c3-cifar100-large", C3_WHAT, C3, LARGE_BATCH, "cifar100"),
-]}
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            "smoothout-reference",
+            "SmoothOut's reference trainer (Wen et al. 2018): uniform noise, de-noising, BN excluded, ghost batches "
+            "of 128, clip 5.0, SGD momentum 0.9, lr scaled by sqrt(B/128)",
+            settings={"optimizer": "smoothout", **TRAINER_SETTINGS},
+            optimizer_kwargs={**SMOOTHOUT_OPTIONS["smoothout"], **TRAINER_OPTIONS},
+        ),
+        paper_recipe("smoothout-resnet44-cifar10", RESNET44_WHAT, RESNET44, SMALL_BATCH, "cifar10"),
+        paper_recipe("smoothout-resnet44-cifar10-large", RESNET44_WHAT, RESNET44, LARGE_BATCH, "cifar10"),
+        paper_recipe("smoothout-c3-cifar100", C3_WHAT, C3, SMALL_BATCH, "cifar100"),
+        paper_recipe("smoothout-c3-cifar100-large", C3_WHAT, C3, LARGE_BATCH, "cifar100"),
+    ]
+}
 
 
 def get_preset(name: str) -> Preset:
@@ -142,8 +171,10 @@ def apply_preset(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
     if preset.optimizers and optimizer not in preset.optimizers:
         default, *others = preset.optimizers
         alternatives = f" (or {', '.join(others)})" if others else ""
-        raise ValueError(f"preset {name!r} trains with optimizer {default!r}{alternatives}, not {optimizer!r}; "
-                         "drop the preset or the optimizer")
+        raise ValueError(
+            f"preset {name!r} trains with optimizer {default!r}{alternatives}, not {optimizer!r}; "
+            "drop the preset or the optimizer"
+        )
     preset.check_data(settings.get("data"))
     method = preset.method_options.get(optimizer, {})
     settings["optimizer_kwargs"] = {**preset.optimizer_kwargs, **method, **given.get("optimizer_kwargs", {})}

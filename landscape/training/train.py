@@ -73,8 +73,9 @@ class TrainConfig:
         if self.track_every < 0 or self.track_samples < 1:
             raise ValueError("track_every must be >= 0 and track_samples >= 1")
         if self.lr_warmup_epochs < 0 or not self.lr_warmup_factor > 0:
-            raise ValueError("lr_warmup_epochs must be >= 0 and lr_warmup_factor > 0, got "
-                             f"{self.lr_warmup_epochs} and {self.lr_warmup_factor}")
+            raise ValueError(
+                f"lr_warmup_epochs must be >= 0 and lr_warmup_factor > 0, got {self.lr_warmup_epochs} and {self.lr_warmup_factor}"
+            )
         if self.accumulate < 1:
             raise ValueError(f"accumulate must be at least 1, got {self.accumulate}")
         if self.amp not in AMP_MODES:
@@ -98,8 +99,15 @@ class TrainConfig:
         d = dict(d)
         d.setdefault("validation", 0)  # checkpoints written before these fields existed
         d.setdefault("recipe", "")
-        for key, value in (("track_every", 0), ("track", "eig"), ("track_samples", 1000), ("accumulate", 1), ("amp", "none"),
-                           ("lr_warmup_epochs", 0), ("lr_warmup_factor", 1.0)):
+        for key, value in (
+            ("track_every", 0),
+            ("track", "eig"),
+            ("track_samples", 1000),
+            ("accumulate", 1),
+            ("amp", "none"),
+            ("lr_warmup_epochs", 0),
+            ("lr_warmup_factor", 1.0),
+        ):
             d.setdefault(key, value)
         d["lr_milestones"] = tuple(d.get("lr_milestones", ()))
         return cls(**d)
@@ -119,8 +127,14 @@ def _schedule_factor(config: TrainConfig, epoch: int) -> float:
     return 1.0
 
 
-def _metrics(model: torch.nn.Module, dataset: Dataset, validation: tuple[torch.Tensor, torch.Tensor] | None = None, *,
-             device: torch.device | str = "cpu", sharded: bool = False) -> dict:
+def _metrics(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    sharded: bool = False,
+) -> dict:
     """Train, test (and validation) loss/accuracy in eval mode, through the same Objective every measurement uses.
 
     `sharded`: each rank evaluates its share of the batches and the sums are all-reduced (data-parallel training).
@@ -130,8 +144,13 @@ def _metrics(model: torch.nn.Module, dataset: Dataset, validation: tuple[torch.T
         splits["validation"] = list(zip(validation[0].split(1024), validation[1].split(1024)))
     out = {}
     for split, batches in splits.items():
-        e = Objective(model, distributed.shard(batches) if sharded else batches, device=device,
-                      hvp_method="double-backward", distributed=sharded).evaluate()
+        e = Objective(
+            model,
+            distributed.shard(batches) if sharded else batches,
+            device=device,
+            hvp_method="double-backward",
+            distributed=sharded,
+        ).evaluate()
         out[f"{split}_loss"], out[f"{split}_accuracy"] = e.loss, e.accuracy
     return out
 
@@ -144,12 +163,21 @@ def hold_out(dataset: Dataset, n: int, seed: int) -> tuple[Dataset, tuple[torch.
         raise ValueError(f"validation={n} leaves no training samples (the training split has {len(dataset.y_train)})")
     order = torch.randperm(len(dataset.y_train), generator=torch.Generator().manual_seed(10_000 + seed))
     keep, held = order[n:].sort().values, order[:n].sort().values
-    return (dataclasses.replace(dataset, x_train=dataset.x_train[keep], y_train=dataset.y_train[keep]),
-            (dataset.x_train[held], dataset.y_train[held]))
+    return (
+        dataclasses.replace(dataset, x_train=dataset.x_train[keep], y_train=dataset.y_train[keep]),
+        (dataset.x_train[held], dataset.y_train[held]),
+    )
 
 
-def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool | str = True,
-          device: torch.device | str = "cpu", data_parallel: bool | None = None) -> Path:
+def train(
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool | str = True,
+    device: torch.device | str = "cpu",
+    data_parallel: bool | None = None,
+) -> Path:
     """Train, writing `trajectory/epoch_NNNN.pt`, `final.pt`, `state.pt` (for resuming) and `log.jsonl`; returns final.pt.
 
     `data_parallel` (default: whenever torchrun's process group has more than one rank): every rank trains
@@ -168,8 +196,15 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     model, model_spec = model_for_data(config.model, dataset, **config.model_kwargs)
     model.to(device)
     optimizer = make_optimizer(
-        config.optimizer, model, base=config.base, lr=config.scaled_lr, momentum=config.momentum,
-        weight_decay=config.weight_decay, seed=config.seed, accumulate=config.accumulate, amp=config.amp,
+        config.optimizer,
+        model,
+        base=config.base,
+        lr=config.scaled_lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        accumulate=config.accumulate,
+        amp=config.amp,
         **config.optimizer_kwargs,
     )
     if sync is not None:
@@ -192,8 +227,12 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     tracker = None
     if config.track_every:  # after a resume the first measurement starts cold
         subset = MeasurementSet("train", min(config.track_samples, len(y_train)), 1024, seed=0).batches(dataset)
-        tracker = CurvatureTracker(distributed.shard(subset) if sync else subset, device=device, distributed=sync is not None,
-                                   measures=tuple(m for m in config.track.split(",") if m))
+        tracker = CurvatureTracker(
+            distributed.shard(subset) if sync else subset,
+            device=device,
+            distributed=sync is not None,
+            measures=tuple(m for m in config.track.split(",") if m),
+        )
     evaluate = functools.partial(_metrics, dataset=dataset, validation=validation, device=device, sharded=sync is not None)
     if start_epoch == 0:
         first = evaluate(model)
@@ -212,7 +251,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         order = torch.randperm(len(y_train), generator=shuffle).to(device)
         started, total = time.perf_counter(), 0.0
         for i in range(n_steps):
-            idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+            idx = order[i * config.batch_size : (i + 1) * config.batch_size]
             mine = sync.share(idx) if sync else idx
             loss, _ = optimizer.step(model, x_train[mine], y_train[mine], F.cross_entropy, global_size=len(idx))
             if sync is not None:
@@ -221,8 +260,13 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         if not math.isfinite(total):
             raise ValueError(f"training diverged at epoch {epoch + 1} (non-finite loss); lower the learning rate")
         stepped = time.perf_counter() - started
-        metrics = {"epoch": epoch + 1, "running_train_loss": total / len(y_train), **evaluate(model),
-                   "seconds": time.perf_counter() - started, "train_seconds": stepped}
+        metrics = {
+            "epoch": epoch + 1,
+            "running_train_loss": total / len(y_train),
+            **evaluate(model),
+            "seconds": time.perf_counter() - started,
+            "train_seconds": stepped,
+        }
         if tracker is not None and (epoch + 1) % config.track_every == 0:
             metrics.update(tracker.measure(model))
             metrics["track_fraction"] = metrics["track_seconds"] / max(stepped, 1e-9)  # of the epoch's training steps
@@ -233,8 +277,14 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
                 _save(out / "trajectory" / f"epoch_{epoch + 1:04d}.pt", model, model_spec, data_spec, meta, epoch + 1, metrics)
             with open(log_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            state = {"epoch": epoch + 1, "config": config.to_dict(), "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "shuffle": shuffle.get_state(), "world_size": world}
+            state = {
+                "epoch": epoch + 1,
+                "config": config.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "shuffle": shuffle.get_state(),
+                "world_size": world,
+            }
             if generators is not None:
                 state["rank_generators"] = generators
             atomic_save(state, state_path)
@@ -247,8 +297,9 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
 
 
 def _save(path: Path, model, model_spec: dict, data_spec: DataSpec, meta: dict, epoch: int, metrics: dict) -> None:
-    save_checkpoint(path, model, model_spec=model_spec, data_spec=data_spec.to_dict(),
-                    meta={**meta, "epoch": epoch, "metrics": metrics})
+    save_checkpoint(
+        path, model, model_spec=model_spec, data_spec=data_spec.to_dict(), meta={**meta, "epoch": epoch, "metrics": metrics}
+    )
 
 
 # TrainConfig fields whose command-line option is not simply --field-name
@@ -257,29 +308,37 @@ OPTION_NAMES = {"model_kwargs": "--model-opt", "optimizer_kwargs": "--opt"}
 
 def config_differences(stored: dict, asked: dict) -> str:
     """Each setting that differs, by its option name, with both values: '--lr 0.05 in the run, 0.1 asked; ...'."""
+
     def show(value: object) -> str:
         return "(unset)" if value is None else value if isinstance(value, str) else json.dumps(value)
 
-    return "; ".join(f"{OPTION_NAMES.get(key, '--' + key.replace('_', '-'))} {show(stored.get(key))} in the run, "
-                     f"{show(asked.get(key))} asked"
-                     for key in [*asked, *(k for k in stored if k not in asked)] if stored.get(key) != asked.get(key))
+    return "; ".join(
+        f"{OPTION_NAMES.get(key, '--' + key.replace('_', '-'))} {show(stored.get(key))} in the run, {show(asked.get(key))} asked"
+        for key in [*asked, *(k for k in stored if k not in asked)]
+        if stored.get(key) != asked.get(key)
+    )
 
 
-def _restore(state_path: Path, config: TrainConfig, model, optimizer, shuffle: torch.Generator, world: int = 1,
-             rank: int = 0) -> int:
+def _restore(
+    state_path: Path, config: TrainConfig, model, optimizer, shuffle: torch.Generator, world: int = 1, rank: int = 0
+) -> int:
     state = torch.load(state_path, map_location="cpu", weights_only=True)
     # stored configs from before a field existed read as its default; the recipe name is a label, not a setting
     stored, asked = TrainConfig.from_dict(state["config"]).to_dict(), config.to_dict()
     stored["recipe"] = asked["recipe"]
     differences = config_differences(stored, asked)
     if differences:
-        raise CheckpointError(f"{state_path} belongs to a run with different settings ({differences}); "
-                              "resume with the run's options")
+        raise CheckpointError(
+            f"{state_path} belongs to a run with different settings ({differences}); resume with the run's options"
+        )
     trained_on = int(state.get("world_size", 1))
     if trained_on != world and int(state["epoch"]) < config.epochs:  # each rank's noise stream goes on where it stopped
-        raise CheckpointError(f"{state_path} belongs to a run trained on {trained_on} process(es), not {world}; "
-                              f"resume it with torchrun --nproc_per_node {trained_on}" if trained_on > 1 else
-                              f"{state_path} belongs to a run trained in one process; resume it without torchrun")
+        raise CheckpointError(
+            f"{state_path} belongs to a run trained on {trained_on} process(es), not {world}; "
+            f"resume it with torchrun --nproc_per_node {trained_on}"
+            if trained_on > 1
+            else f"{state_path} belongs to a run trained in one process; resume it without torchrun"
+        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if "rank_generators" in state:

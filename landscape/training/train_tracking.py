@@ -44,8 +44,9 @@ class CurvatureTracker:
         """λ1 with its Lanczos residual (and the trace ± stderr), the HVPs spent and the seconds taken."""
         began = time.perf_counter()
         # double backward: a fresh Objective each time, where tracing a linearized gradient would cost more than it saves
-        objective = Objective(model, self.batches, device=self.device, hvp_method="double-backward", hvp_check=False,
-                              distributed=self.distributed)
+        objective = Objective(
+            model, self.batches, device=self.device, hvp_method="double-backward", hvp_check=False, distributed=self.distributed
+        )
         op = HessianOperator(objective)
         out: dict = {}
         hvps = 0
