@@ -22,6 +22,7 @@ from analysis.differences import Aggregate, Difference, aggregate, difference, h
 from analysis.matched_loss import at_train_loss, parse_target
 from analysis.measure import (
     METRICS,
+    SHARPNESS_MEASURES,
     add_metric_arguments,
     add_objective_arguments,
     build_objective,
@@ -37,21 +38,7 @@ from landscape.results import Quantity, to_jsonable
 from landscape.surfaces.directions import random_directions
 from landscape.surfaces.surface import compute_surface
 
-COMPARE_METRICS = (
-    "eig",
-    "trace",
-    "density",
-    "sharpness-curve",
-    "eps-sharpness",
-    "worst-case",
-    "adaptive-worst-case",
-    "m-sharpness",
-    "adaptive-m-sharpness",
-    "average-case",
-    "adaptive-average-case",
-    "surface",
-    "surface2d",
-)
+COMPARE_METRICS = ("eig", "trace", "density", *SHARPNESS_MEASURES, "surface", "surface2d")
 # compare's own defaults (a cheaper, wider set than measure's: several checkpoints, each measured alike)
 COMPARE_DEFAULTS = MetricSpec(
     metrics=("eig", "trace", "sharpness-curve", "surface"), k=3, radius=(0.005, 0.01, 0.02), noise_samples=40, probes=60
@@ -213,6 +200,24 @@ def compare(paths: Sequence[str], spec: CompareSpec) -> dict:
         "at_train_loss": target,
         "settings": spec.settings(),
     }
+
+
+def typed_comparison(result: dict) -> dict:
+    """A comparison read back from JSON (a cache) with its quantities, aggregates and differences typed again."""
+    revived = {
+        **result,
+        "checkpoints": [
+            {**m, "quantities": {n: Quantity.from_dict(q) for n, q in m["quantities"].items()}} for m in result["checkpoints"]
+        ],
+    }
+    revived["groups"] = {
+        g: {n: None if a is None else Aggregate.from_dict(a) for n, a in aggs.items()} for g, aggs in result["groups"].items()
+    }
+    revived["differences"] = {
+        g: {n: None if d is None else Difference.from_dict(d) for n, d in diffs.items()}
+        for g, diffs in result["differences"].items()
+    }
+    return revived
 
 
 def baselines(configs: dict[str, dict | None], chosen: str | None = None) -> dict[str, str]:

@@ -22,6 +22,7 @@ from analysis.compare import method_label
 from analysis.correlation import Correlation, correlate, varying
 from analysis.matched_loss import at_train_loss, parse_target
 from analysis.measure import (
+    SHARPNESS_MEASURES,
     add_metric_arguments,
     add_objective_arguments,
     build_objective,
@@ -36,18 +37,7 @@ from landscape.engine import distributed as ranks
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.results import to_jsonable
 
-CORRELATE_METRICS = (
-    "eig",
-    "trace",
-    "sharpness-curve",
-    "eps-sharpness",
-    "worst-case",
-    "adaptive-worst-case",
-    "m-sharpness",
-    "adaptive-m-sharpness",
-    "average-case",
-    "adaptive-average-case",
-)
+CORRELATE_METRICS = ("eig", "trace", *SHARPNESS_MEASURES)
 CORRELATE_DEFAULTS = MetricSpec(
     metrics=("eig", "trace", "sharpness-curve", "eps-sharpness"), k=1, radius=(0.02,), noise_samples=40, probes=60
 )

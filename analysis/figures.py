@@ -409,7 +409,7 @@ def run(args: argparse.Namespace) -> None:
     for b in (LARGE, SMALL):
         families[f"each method vs SGD at batch {b}, end of training"] = comparison_family(result, method_questions[b])
         families[f"each method vs SGD at batch {b}, matched train loss"] = comparison_family(matched[b], method_questions[b])
-    summary["families"] = families
+    summary["families"] = {title: [t.to_dict() for t in tests] for title, tests in families.items()}
     summary["correlation"] = correlation_sweep(noise["smoothout"], budget, cache, out, jobs, args.progress)
     summary["groups"] = result["groups"]
     summary["matched_groups"] = {str(k): v["groups"] for k, v in matched.items()}

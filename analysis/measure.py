@@ -413,33 +413,26 @@ def _eps_sharpness(objective: Objective, spec: MetricSpec) -> Result:
     )
 
 
-def _worst_case(objective: Objective, spec: MetricSpec, *, adaptive: bool = False) -> Result:
-    return worst_case(
-        objective,
-        spec.rho,
+def _ascent(spec: MetricSpec, adaptive: bool) -> dict:
+    """The options worst-case and m-sharpness share: the ball, its adaptive scaling, and APGD's budget."""
+    eta = spec.eta if adaptive else 0.0
+    return dict(
         p=spec.p,
         adaptive=adaptive,
-        eta=spec.eta if adaptive else 0.0,
+        eta=eta,
         steps=spec.ascent_steps,
         restarts=spec.ascent_restarts,
         seed=spec.seed,
         progress=spec.progress,
     )
+
+
+def _worst_case(objective: Objective, spec: MetricSpec, *, adaptive: bool = False) -> Result:
+    return worst_case(objective, spec.rho, **_ascent(spec, adaptive))
 
 
 def _m_sharpness(objective: Objective, spec: MetricSpec, *, adaptive: bool = False) -> Result:
-    return m_sharpness(
-        objective,
-        spec.m,
-        spec.rho,
-        p=spec.p,
-        adaptive=adaptive,
-        eta=spec.eta if adaptive else 0.0,
-        steps=spec.ascent_steps,
-        restarts=spec.ascent_restarts,
-        seed=spec.seed,
-        progress=spec.progress,
-    )
+    return m_sharpness(objective, spec.m, spec.rho, **_ascent(spec, adaptive))
 
 
 def _average_case(objective: Objective, spec: MetricSpec, *, adaptive: bool = False) -> Result:
@@ -448,6 +441,17 @@ def _average_case(objective: Objective, spec: MetricSpec, *, adaptive: bool = Fa
     )
 
 
+# the sharpness measures every comparing command takes (compare and correlate add their own around them)
+SHARPNESS_MEASURES = (
+    "sharpness-curve",
+    "eps-sharpness",
+    "worst-case",
+    "adaptive-worst-case",
+    "m-sharpness",
+    "adaptive-m-sharpness",
+    "average-case",
+    "adaptive-average-case",
+)
 METRICS: dict[str, Callable[[Objective, MetricSpec], Result]] = {
     "eig": _eig,
     "trace": _trace,

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from analysis.compare import compare, format_difference, format_value
+from analysis.compare import compare, format_difference, format_value, typed_comparison
 from analysis.differences import Difference, aggregate, difference, holm
 from analysis.plots import plot_lines, save
 from analysis.quantities import EPSILON_SHARPNESS, eigenvalue_label, noise_increase_label
@@ -88,9 +88,9 @@ def compare_cached(
     if cached.exists():
         stored = json.loads(cached.read_text())
         if stored.get("key") == key:
-            return stored["result"]
-    result = to_jsonable(compare(paths, spec))
-    write_text(cached, json.dumps({"key": key, "result": result}) + "\n")
+            return typed_comparison(stored["result"])
+    result = compare(paths, spec)
+    write_text(cached, json.dumps({"key": key, "result": to_jsonable(result)}) + "\n")
     return result
 
 
@@ -172,6 +172,16 @@ class FamilyTest(Result):
     difference: Difference
     holm_p: float
     established: bool  # Holm p < ALPHA
+
+    def to_dict(self) -> dict:
+        """Flat, as figures.json and paper.json hold it: the comparison, the quantity and the difference's fields."""
+        return {
+            "comparison": self.comparison,
+            "quantity": self.quantity,
+            **self.difference.to_dict(),
+            "holm_p": self.holm_p,
+            "established": self.established,
+        }
 
 
 def comparison_family(result: dict, pairs: list[tuple[str, str]], quantities=TESTED) -> list[FamilyTest]:

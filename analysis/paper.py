@@ -250,6 +250,6 @@ def _one_data_set(
         "runs": [r.to_dict() for r in runs],
         "paths": paths,
         "groups": result["groups"],
-        "families": families,
+        "families": {title: [t.to_dict() for t in tests] for title, tests in families.items()},
         "interpolation": interpolation,
     }

@@ -167,8 +167,8 @@ def test_figures_quick_writes_every_figure(tmp_path):
     }
     assert "granulated" in (tmp_path / "fig" / "correlation.md").read_text()
     for title, tests in summary["families"].items():
-        assert tests and all(t["holm_p"] >= t["difference"]["p_value"] for t in tests), title
-        assert all("paired over 2 shared training seeds" in t["difference"]["basis"] for t in tests), title
+        assert tests and all(t["holm_p"] >= t["p_value"] for t in tests), title
+        assert all("paired over 2 shared training seeds" in t["basis"] for t in tests), title
     data = load_data("mnist1d")
     for alpha, batch, epochs in (("loss_at_0", 32, 2), ("loss_at_1", 2000, 24)):  # the interpolation's ends
         for seed in (0, 1):

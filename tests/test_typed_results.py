@@ -119,3 +119,18 @@ def test_a_spec_is_not_a_namespace():
     args = build_parser().parse_args(["measure", "a.pt"])
     with pytest.raises(AttributeError):
         measure_checkpoint("a.pt", args)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_a_cached_comparison_renders_as_the_fresh_one(tmp_path):
+    """figures caches compare's result as JSON: read back and typed again, its tables are the same text."""
+    from analysis.compare import COMPARE_DEFAULTS, compare, comparison_tables, typed_comparison
+    from analysis.specs import ObjectiveSpec
+
+    paths = [str(digits_mlp_checkpoint(tmp_path / f"run{seed}", (8,), seed=seed)) for seed in (0, 1)]
+    metrics = COMPARE_DEFAULTS.with_defaults(metrics=("eig", "trace", "sharpness-curve"), k=1, probes=8, noise_samples=8)
+    spec = CompareSpec(MeasureSpec(ObjectiveSpec(n_samples=200, device="cpu"), metrics), out=tmp_path / "cmp", labels=("a", "b"))
+    fresh = compare(paths, spec)
+    cached = typed_comparison(json.loads(json.dumps(to_jsonable(fresh))))
+    assert comparison_tables(cached) == comparison_tables(fresh)
+    assert cached["differences"]["b"]["λ1"] == fresh["differences"]["b"]["λ1"]  # a Difference, field for field
