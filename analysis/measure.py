@@ -375,9 +375,12 @@ def _expected_loss(objective: Objective, spec: MetricSpec) -> Result:
             OptionNote(f"expected-loss is measured at the largest --radius, {radius:g} (sharpness-curve measures every radius)"),
             stacklevel=2,
         )
-    return expected_loss(
-        objective,
-        radius,
+    return expected_loss(objective, radius, **_weight_noise(spec))
+
+
+def _weight_noise(spec: MetricSpec) -> dict:
+    """The options expected-loss and the sharpness curve share: the noise, its draws and BN recalibration."""
+    return dict(
         distribution=spec.distribution,
         scale=spec.scale,
         n_samples=spec.noise_samples,
@@ -388,16 +391,7 @@ def _expected_loss(objective: Objective, spec: MetricSpec) -> Result:
 
 
 def _sharpness_curve(objective: Objective, spec: MetricSpec) -> Result:
-    return sharpness_curve(
-        objective,
-        list(spec.radius),
-        distribution=spec.distribution,
-        scale=spec.scale,
-        n_samples=spec.noise_samples,
-        seed=spec.seed,
-        bn_recalibration=spec.bn_recalibration,
-        progress=spec.progress,
-    )
+    return sharpness_curve(objective, list(spec.radius), **_weight_noise(spec))
 
 
 def _eps_sharpness(objective: Objective, spec: MetricSpec) -> Result:

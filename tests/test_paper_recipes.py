@@ -12,9 +12,8 @@ from analysis.cli import build_parser, main
 from analysis.paper import caveat, cifar_specs, recipes_for, shortened
 from analysis.train_command import config_from_args
 from landscape.inputs.checkpoints import load_checkpoint
-from landscape.training.optim import make_optimizer
 from landscape.training.presets import PRESETS, apply_preset, get_preset
-from landscape.training.train import TrainConfig, _lr_factor
+from landscape.training.train import TrainConfig, _lr_factor, build_optimizer
 from tests.cifar_files import fake_cifar10, synthetic_cifar
 from tests.helpers import run_cli
 
@@ -130,16 +129,7 @@ def test_sgd_under_a_recipe_is_the_baseline_with_the_same_schedule():
     after = {}
     for config, extra in ((sgd, {}), (smoothout, {"a": 0.0})):
         model.load_state_dict(start)
-        opt = make_optimizer(
-            config.optimizer,
-            model,
-            base=config.base,
-            lr=config.scaled_lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            **config.optimizer_kwargs,
-            **extra,
-        )
+        opt = build_optimizer(config, model, **extra)
         assert opt.config()["clip_grad_norm"] == 5.0 and opt.config()["ghost_batch_size"] == 128
         opt.step(model, x, y, F.cross_entropy)
         after[config.optimizer] = {k: v.clone() for k, v in model.state_dict().items()}

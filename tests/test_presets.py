@@ -11,9 +11,8 @@ from torch import nn
 from analysis.cli import build_parser, main
 from analysis.train_command import config_from_args
 from landscape.inputs.checkpoints import load_checkpoint
-from landscape.training.optim import make_optimizer
 from landscape.training.presets import PRESETS, apply_preset, get_preset
-from landscape.training.train import TrainConfig, train
+from landscape.training.train import TrainConfig, build_optimizer, train
 from tests.helpers import run_cli
 
 PRESET = "smoothout-reference"
@@ -22,17 +21,7 @@ A, LR, SEED = 0.05, 0.1, 3
 
 def preset_optimizer(model: nn.Module, **given):
     """The optimizer `train` builds for the preset's TrainConfig (same call as landscape.training.train.train)."""
-    config = TrainConfig(**apply_preset(PRESET, given))
-    return make_optimizer(
-        config.optimizer,
-        model,
-        base=config.base,
-        lr=config.scaled_lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        seed=config.seed,
-        **config.optimizer_kwargs,
-    )
+    return build_optimizer(TrainConfig(**apply_preset(PRESET, given)), model)
 
 
 def forward(w: dict, x: torch.Tensor) -> torch.Tensor:

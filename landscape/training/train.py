@@ -10,6 +10,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from landscape.inputs.checkpoints import CheckpointError, atomic_save, save_chec
 from landscape.inputs.data import Dataset, MeasurementSet
 from landscape.inputs.models import model_for_data
 from landscape.training.data_parallel import GradientSync
-from landscape.training.optim import make_optimizer
+from landscape.training.optim import Method, make_optimizer
 from landscape.training.train_tracking import CurvatureTracker
 
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -113,6 +114,23 @@ class TrainConfig:
         return cls(**d)
 
 
+def build_optimizer(config: TrainConfig, model: torch.nn.Module, **overrides: Any) -> Method:
+    """The optimizer `train` steps `model` with for `config` (`overrides` replace its optimizer options)."""
+    options = {**config.optimizer_kwargs, **overrides}
+    return make_optimizer(
+        config.optimizer,
+        model,
+        base=config.base,
+        lr=config.scaled_lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        accumulate=config.accumulate,
+        amp=config.amp,
+        **options,
+    )
+
+
 def _lr_factor(config: TrainConfig, epoch: int) -> float:
     """The schedule's multiple of the (scaled) learning rate in `epoch` (from 0), the warm-up phase included."""
     warmup = config.lr_warmup_factor if epoch < config.lr_warmup_epochs else 1.0
@@ -195,18 +213,7 @@ def train(
     torch.manual_seed(config.seed)
     model, model_spec = model_for_data(config.model, dataset, **config.model_kwargs)
     model.to(device)
-    optimizer = make_optimizer(
-        config.optimizer,
-        model,
-        base=config.base,
-        lr=config.scaled_lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        seed=config.seed,
-        accumulate=config.accumulate,
-        amp=config.amp,
-        **config.optimizer_kwargs,
-    )
+    optimizer = build_optimizer(config, model)
     if sync is not None:
         optimizer.distribute(sync)
     shuffle = torch.Generator().manual_seed(config.seed)
