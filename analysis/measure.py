@@ -9,12 +9,11 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
 from analysis.command_line import OptionNote, print_json
+from analysis.measurement_table import as_per_layer, format_measurement
 from analysis.options import parse_options
-from analysis.quantities import as_result
 from analysis.results_file import ResultsFile
 from analysis.specs import MeasureSpec, MetricSpec, ObjectiveSpec
-from analysis.tables import format_table
-from landscape.curvature.per_layer import PerLayerResult, module_blocks, per_layer
+from landscape.curvature.per_layer import module_blocks, per_layer
 from landscape.curvature.spectrum import lanczos, slq_density
 from landscape.curvature.trace import hutchinson, hutchpp, xtrace
 from landscape.engine import distributed as ranks
@@ -32,8 +31,6 @@ from landscape.sharpness.perturb import epsilon_sharpness, expected_loss, sharpn
 from landscape.sharpness.worst_case import (
     DEFAULT_AVERAGE_RHO,
     DEFAULT_RHO,
-    MSharpness,
-    WorstCase,
     average_case,
     m_sharpness,
     worst_case,
@@ -541,173 +538,3 @@ def measure_all(paths: Sequence[str], spec: MeasureSpec, *, out: str | None = No
     results.complete = True
     results.write()
     return reports
-
-
-# how the table names each curvature and its matrix-vector products
-CURVATURE_NAMES = {
-    "hessian": ("Hessian", "HVPs"),
-    "ggn": ("generalized Gauss-Newton", "GGN products"),
-    "fisher": ("empirical Fisher", "Fisher products"),
-}
-
-
-def _pm(value: float, err: float) -> str:
-    return f"{value:.6g} ± {err:.2g}"
-
-
-def format_measurement(report: dict) -> str:
-    """A human-readable block per checkpoint: measurement set, then value ± uncertainty and cost."""
-    setup = report["setup"]
-    m = setup["measurement"]
-    curvature, products = CURVATURE_NAMES[setup.get("curvature", "hessian")]
-    lines = [
-        report["checkpoint"],
-        f"  measured on the {m['split']} split of {setup['data']['spec']}: {setup['n_samples']} samples in "
-        f"{setup['n_batches']} batches of ≤{m['batch_size']} (seed {m['seed']}), BN {setup['mode']} mode, "
-        f"{setup['dtype']} on {setup['device']}, params={setup['params']} ({report['n_params']}), HVP {setup['hvp_method']}, "
-        f"curvature: {curvature}" + (f", sharded over {setup['world_size']} ranks" if setup.get("sharded") else ""),
-    ]
-    if report.get("hvp_memory"):
-        lines.append(f"  HVP memory: {report['hvp_memory']['summary']}")
-    check = report.get("hvp_check")
-    if check:
-        verdict = (
-            f"agrees with double backward to {check['difference']:.1g} (a repeat to {check['repeat_difference']:.1g})"
-            if check["passed"]
-            else f"{check['path']} differed from double backward by {check['difference']:.2g}, so double backward was used"
-        )
-        lines.append(f"  HVP self-check: {verdict}; {check['seconds']:.2f}s")
-    rows: list[tuple] = [
-        ("loss", f"{report['loss']:.6g}", "", ""),
-        ("accuracy", "" if report["accuracy"] is None else f"{report['accuracy']:.4f}", "", ""),
-        ("gradient norm", f"{report['grad_norm']:.4g}", "", ""),
-    ]
-    results = {name: as_result(name, r) for name, r in report["metrics"].items()}  # typed, fresh or resumed
-    if "eig" in results:
-        r = results["eig"]
-        label = {"LA": "λ", "SA": "λ_min,", "LM": "|λ|"}[r.which]
-        for i, (v, res) in enumerate(zip(r.values, r.residuals), 1):
-            cost = f"{r.n_matvecs} {products}, {r.seconds:.1f}s" if i == 1 else ""
-            note = "" if r.converged else f"not converged in {r.n_matvecs} {products}; raise --max-matvecs"
-            rows.append((f"{label}{i}", _pm(v, res), cost, note))
-    if "trace" in results:
-        r = results["trace"]
-        rows.append((f"trace ({r.method})", _pm(r.estimate, r.stderr), f"{r.n_matvecs} {products}, {r.seconds:.1f}s", ""))
-    if "density" in results:
-        r = results["density"]
-        rows.append(
-            ("spectral density", f"{len(r.nodes)} SLQ runs, σ={r.sigma:.3g}", f"{r.n_matvecs} {products}, {r.seconds:.1f}s", "")
-        )
-    if "expected-loss" in results:
-        r = results["expected-loss"]
-        lo, hi = r.increase_ci
-        rows.append(
-            (
-                f"E[L(w+u)] − L(w), a={r.radius:g}",
-                f"{r.increase:.4g} [95% CI {lo:.4g}, {hi:.4g}]",
-                f"{r.n_forward} forwards, {r.seconds:.1f}s",
-                f"{r.distribution}, {r.scale}",
-            )
-        )
-    if "sharpness-curve" in results:
-        r = results["sharpness-curve"]
-        for i, radius in enumerate(r.radii):
-            lo, hi = r.increase_ci[i]
-            note = "" if r.prediction is None else f"½·tr(ΣH): {r.prediction[i]:.4g} ± {r.prediction_stderr[i]:.2g}"
-            cost = f"{r.n_forward} forwards, {r.n_matvecs} HVPs, {r.seconds:.1f}s" if i == 0 else ""
-            rows.append((f"increase at a={radius:g}", f"{r.increase[i]:.4g} [95% CI {lo:.4g}, {hi:.4g}]", cost, note))
-    if "eps-sharpness" in results:
-        r = results["eps-sharpness"]
-        space = "full space" if r.subspace_dim is None else f"{r.subspace_dim}-dim subspace"
-        starts = ", ".join(f"{kind} {v:.4g}" for kind, v in zip(r.start_kinds, r.values))
-        rows.append(
-            (
-                f"ε-sharpness, ε={r.eps:g}",
-                f"{r.value:.4g} (best of {len(r.values)} starts, spread {r.spread:.2g})",
-                f"{r.n_forward} forwards, {r.n_grad} gradients, {r.seconds:.1f}s",
-                f"{r.method}, {r.max_iter} iterations, {space}; starts: {starts}",
-            )
-        )
-    rows += _worst_case_rows(results)
-    lines.append(format_table(["quantity", "value ± uncertainty", "cost", "note"], rows))
-    if "trace" in results and results["trace"].blocks:
-        block_rows = [(name, _pm(*est)) for name, est in results["trace"].blocks.items()]
-        lines.append("\ntrace by parameter tensor (same probes)\n" + format_table(["parameter", "trace ± stderr"], block_rows))
-    if report.get("per_layer"):
-        lines.append(format_per_layer(as_per_layer(report["per_layer"]), curvature))
-    return "\n".join(lines)
-
-
-def as_per_layer(result: PerLayerResult | dict) -> PerLayerResult:
-    return result if isinstance(result, PerLayerResult) else PerLayerResult.from_dict(result)
-
-
-def format_per_layer(result: PerLayerResult, curvature: str = "Hessian") -> str:
-    """One row per block: its parameter count, λ1 ± Lanczos residual and trace ± stderr (— where not measured)."""
-    rows = []
-    for b in result.blocks:
-        eig = "—" if b.lambda1 is None else _pm(b.lambda1, b.residual) + ("" if b.converged else " (not converged)")
-        trace = "—" if b.trace is None else _pm(b.trace, b.trace_stderr)
-        rows.append((b.name, b.n_params, eig, trace))
-    title = (
-        f"\nper-layer {curvature} (diagonal block of each module's own parameters; "
-        f"{result.n_matvecs} products, {result.seconds:.1f}s)"
-    )
-    return title + "\n" + format_table(["block", "n params", "λ1 ± residual", "trace ± stderr"], rows)
-
-
-def _worst_case_rows(results: dict[str, Result]) -> list[tuple]:
-    """Rows of worst-case, m- and average-case sharpness (Foret et al. 2021; Kwon et al. 2021; Andriushchenko et al. 2023)."""
-    rows = []
-    for name in ("worst-case", "adaptive-worst-case"):
-        if name in results:
-            r = results[name]
-            starts = ", ".join(f"{kind} {v:.4g}" for kind, v in zip(r.start_kinds, r.values))
-            rows.append(
-                (
-                    f"{_ball(name, r.p)}, ρ={r.rho:g}",
-                    f"{r.value:.4g} (best of {len(r.values)} starts, spread {r.spread:.2g})",
-                    f"{r.n_forward} forwards, {r.n_grad} gradients, {r.seconds:.1f}s",
-                    f"APGD {r.steps} steps{_scaled(r)}; starts: {starts}",
-                )
-            )
-    for name in ("m-sharpness", "adaptive-m-sharpness"):
-        if name in results:
-            r = results[name]
-            spread = "" if r.stderr is None else f" ± {r.stderr:.2g}"
-            value = f"{r.value:.4g}{spread} (mean ± stderr over {r.n_batches} batches)"
-            unused = f", {r.n_unused} samples left out" if r.n_unused else ""
-            rows.append(
-                (
-                    f"{_ball(name, r.p)}, ρ={r.rho:g}, m={r.m}",
-                    value,
-                    f"{r.n_forward} forwards, {r.n_grad} gradients on {r.m}-sample batches, {r.seconds:.1f}s",
-                    f"{r.n_batches} batches of {r.m}{unused}; APGD {r.steps} steps, {1 + r.restarts} starts"
-                    f"{_scaled(r)}; mean start spread {sum(r.batch_spreads) / len(r.batch_spreads):.2g}",
-                )
-            )
-    for name in ("average-case", "adaptive-average-case"):
-        if name in results:
-            r = results[name]
-            p = "2" if r.distribution == "gaussian" else "inf"
-            lo, hi = r.increase_ci
-            noise = "N(0, ρ²I)" if p == "2" else "U[−ρ, ρ]^d"
-            rows.append(
-                (
-                    f"{_ball(name, p)}, ρ={r.radius:g}",
-                    f"{r.increase:.4g} [95% CI {lo:.4g}, {hi:.4g}]",
-                    f"{r.n_forward} forwards, {r.seconds:.1f}s",
-                    f"E L(w + T⊙δ') − L(w), δ' ~ {noise}, T = {'|w|' if r.scale == 'weight' else '1'}",
-                )
-            )
-    return rows
-
-
-def _ball(name: str, p: str) -> str:
-    """The row label: ("adaptive-worst-case", "inf") → adaptive worst-case ℓ∞."""
-    adaptive = name.startswith("adaptive-")
-    return f"{'adaptive ' if adaptive else ''}{name.removeprefix('adaptive-')} ℓ{'∞' if p == 'inf' else '2'}"
-
-
-def _scaled(r: WorstCase | MSharpness) -> str:
-    return "" if not r.adaptive else f", T = |w| + {r.eta:g}" if r.eta else ", T = |w|"

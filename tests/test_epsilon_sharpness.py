@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from analysis.cli import build_parser
-from analysis.measure import format_measurement, measure_checkpoint
+from analysis.measure import measure_checkpoint
+from analysis.measurement_table import format_measurement
 from analysis.specs import MeasureSpec
 from landscape.engine.from_checkpoint import objective_from_checkpoint
 from landscape.engine.objective import Objective

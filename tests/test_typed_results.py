@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from analysis.cli import build_parser
-from analysis.measure import METRICS, format_measurement, measure_checkpoint
+from analysis.measure import METRICS, measure_checkpoint
+from analysis.measurement_table import format_measurement
 from analysis.quantities import METRIC_RESULTS, as_result, metric_quantities, noise_increase_label
 from analysis.specs import CompareSpec, MeasureSpec, MetricSpec
 from landscape.results import Quantity, to_jsonable

@@ -18,7 +18,8 @@ from test_epsilon_sharpness import trained, trained_run  # noqa: F401 (module fi
 from torch import nn
 
 from analysis.cli import build_parser
-from analysis.measure import format_measurement, measure_checkpoint
+from analysis.measure import measure_checkpoint
+from analysis.measurement_table import format_measurement
 from analysis.specs import MeasureSpec
 from analysis.validation import validate_arguments
 from landscape.engine.objective import Objective

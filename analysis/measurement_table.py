@@ -1,0 +1,193 @@
+"""The table `landscape measure` prints for each checkpoint: its measurement set, then one row per quantity.
+
+The rows of a metric come from its result's type (`result_rows`, dispatched on EigResult, TraceResult,
+Spectrum, ExpectedLoss, SharpnessCurve, EpsilonSharpness, WorstCase, MSharpness); a stored report (a
+results file being resumed) is made typed again first, so a fresh and a resumed run print the same table.
+"""
+
+from __future__ import annotations
+
+from functools import singledispatch
+from typing import Any
+
+from analysis.quantities import METRIC_RESULTS, as_result
+from analysis.tables import format_table
+from landscape.curvature.per_layer import PerLayerResult
+from landscape.curvature.spectrum import EigResult, Spectrum
+from landscape.curvature.trace import TraceResult
+from landscape.sharpness.epsilon_sharpness import EpsilonSharpness
+from landscape.sharpness.perturb import ExpectedLoss, SharpnessCurve
+from landscape.sharpness.worst_case import MSharpness, WorstCase
+
+# how the table names each curvature and its matrix-vector products
+CURVATURE_NAMES = {
+    "hessian": ("Hessian", "HVPs"),
+    "ggn": ("generalized Gauss-Newton", "GGN products"),
+    "fisher": ("empirical Fisher", "Fisher products"),
+}
+HEADERS = ["quantity", "value ± uncertainty", "cost", "note"]
+
+
+def format_measurement(report: dict) -> str:
+    """A human-readable block per checkpoint: measurement set, then value ± uncertainty and cost."""
+    setup = report["setup"]
+    m = setup["measurement"]
+    curvature, products = CURVATURE_NAMES[setup.get("curvature", "hessian")]
+    sharded = f", sharded over {setup['world_size']} ranks" if setup.get("sharded") else ""
+    lines = [
+        report["checkpoint"],
+        f"  measured on the {m['split']} split of {setup['data']['spec']}: {setup['n_samples']} samples in "
+        f"{setup['n_batches']} batches of ≤{m['batch_size']} (seed {m['seed']}), BN {setup['mode']} mode, "
+        f"{setup['dtype']} on {setup['device']}, params={setup['params']} ({report['n_params']}), "
+        f"HVP {setup['hvp_method']}, curvature: {curvature}{sharded}",
+    ]
+    if report.get("hvp_memory"):
+        lines.append(f"  HVP memory: {report['hvp_memory']['summary']}")
+    if report.get("hvp_check"):
+        lines.append(_hvp_check_line(report["hvp_check"]))
+    rows: list[tuple] = [
+        ("loss", f"{report['loss']:.6g}", "", ""),
+        ("accuracy", "" if report["accuracy"] is None else f"{report['accuracy']:.4f}", "", ""),
+        ("gradient norm", f"{report['grad_norm']:.4g}", "", ""),
+    ]
+    # typed, fresh or resumed; in one order whatever the order of --metrics
+    results = {name: as_result(name, report["metrics"][name]) for name in METRIC_RESULTS if name in report["metrics"]}
+    for name, result in results.items():
+        rows += result_rows(result, name, products)
+    lines.append(format_table(HEADERS, rows))
+    trace = results.get("trace")
+    if trace is not None and trace.blocks:
+        block_rows = [(name, _pm(*estimate)) for name, estimate in trace.blocks.items()]
+        lines.append("\ntrace by parameter tensor (same probes)\n" + format_table(["parameter", "trace ± stderr"], block_rows))
+    if report.get("per_layer"):
+        lines.append(format_per_layer(as_per_layer(report["per_layer"]), curvature))
+    return "\n".join(lines)
+
+
+def _hvp_check_line(check: dict) -> str:
+    if check["passed"]:
+        verdict = f"agrees with double backward to {check['difference']:.1g} (a repeat to {check['repeat_difference']:.1g})"
+    else:
+        verdict = f"{check['path']} differed from double backward by {check['difference']:.2g}, so double backward was used"
+    return f"  HVP self-check: {verdict}; {check['seconds']:.2f}s"
+
+
+def _pm(value: float, err: float) -> str:
+    return f"{value:.6g} ± {err:.2g}"
+
+
+@singledispatch
+def result_rows(result: Any, metric: str, products: str) -> list[tuple]:
+    """The table rows (quantity, value ± uncertainty, cost, note) of one metric's result."""
+    raise TypeError(f"no table rows for {type(result).__name__} ({metric})")
+
+
+@result_rows.register
+def _(r: EigResult, metric: str, products: str) -> list[tuple]:
+    label = {"LA": "λ", "SA": "λ_min,", "LM": "|λ|"}[r.which]
+    rows = []
+    for i, (value, residual) in enumerate(zip(r.values, r.residuals), 1):
+        cost = f"{r.n_matvecs} {products}, {r.seconds:.1f}s" if i == 1 else ""
+        note = "" if r.converged else f"not converged in {r.n_matvecs} {products}; raise --max-matvecs"
+        rows.append((f"{label}{i}", _pm(value, residual), cost, note))
+    return rows
+
+
+@result_rows.register
+def _(r: TraceResult, metric: str, products: str) -> list[tuple]:
+    return [(f"trace ({r.method})", _pm(r.estimate, r.stderr), f"{r.n_matvecs} {products}, {r.seconds:.1f}s", "")]
+
+
+@result_rows.register
+def _(r: Spectrum, metric: str, products: str) -> list[tuple]:
+    cost = f"{r.n_matvecs} {products}, {r.seconds:.1f}s"
+    return [("spectral density", f"{len(r.nodes)} SLQ runs, σ={r.sigma:.3g}", cost, "")]
+
+
+@result_rows.register
+def _(r: ExpectedLoss, metric: str, products: str) -> list[tuple]:
+    lo, hi = r.increase_ci
+    value, cost = f"{r.increase:.4g} [95% CI {lo:.4g}, {hi:.4g}]", f"{r.n_forward} forwards, {r.seconds:.1f}s"
+    if metric == "expected-loss":
+        return [(f"E[L(w+u)] − L(w), a={r.radius:g}", value, cost, f"{r.distribution}, {r.scale}")]
+    # average-case sharpness (Andriushchenko et al. 2023): Gaussian noise in the ℓ2 ball's version, uniform in ℓ∞'s
+    p = "2" if r.distribution == "gaussian" else "inf"
+    noise = "N(0, ρ²I)" if p == "2" else "U[−ρ, ρ]^d"
+    scale = "|w|" if r.scale == "weight" else "1"
+    return [(f"{_ball(metric, p)}, ρ={r.radius:g}", value, cost, f"E L(w + T⊙δ') − L(w), δ' ~ {noise}, T = {scale}")]
+
+
+@result_rows.register
+def _(r: SharpnessCurve, metric: str, products: str) -> list[tuple]:
+    rows = []
+    for i, radius in enumerate(r.radii):
+        lo, hi = r.increase_ci[i]
+        note = "" if r.prediction is None else f"½·tr(ΣH): {r.prediction[i]:.4g} ± {r.prediction_stderr[i]:.2g}"
+        cost = f"{r.n_forward} forwards, {r.n_matvecs} HVPs, {r.seconds:.1f}s" if i == 0 else ""
+        rows.append((f"increase at a={radius:g}", f"{r.increase[i]:.4g} [95% CI {lo:.4g}, {hi:.4g}]", cost, note))
+    return rows
+
+
+def _best_of(r: EpsilonSharpness | WorstCase) -> tuple[str, str]:
+    """A best-of-starts maximum and the value each start reached."""
+    starts = ", ".join(f"{kind} {v:.4g}" for kind, v in zip(r.start_kinds, r.values))
+    return f"{r.value:.4g} (best of {len(r.values)} starts, spread {r.spread:.2g})", starts
+
+
+@result_rows.register
+def _(r: EpsilonSharpness, metric: str, products: str) -> list[tuple]:
+    space = "full space" if r.subspace_dim is None else f"{r.subspace_dim}-dim subspace"
+    value, starts = _best_of(r)
+    cost = f"{r.n_forward} forwards, {r.n_grad} gradients, {r.seconds:.1f}s"
+    return [(f"ε-sharpness, ε={r.eps:g}", value, cost, f"{r.method}, {r.max_iter} iterations, {space}; starts: {starts}")]
+
+
+@result_rows.register
+def _(r: WorstCase, metric: str, products: str) -> list[tuple]:  # Foret et al. 2021; Kwon et al. 2021
+    value, starts = _best_of(r)
+    cost = f"{r.n_forward} forwards, {r.n_grad} gradients, {r.seconds:.1f}s"
+    return [(f"{_ball(metric, r.p)}, ρ={r.rho:g}", value, cost, f"APGD {r.steps} steps{_scaled(r)}; starts: {starts}")]
+
+
+@result_rows.register
+def _(r: MSharpness, metric: str, products: str) -> list[tuple]:  # Andriushchenko et al. 2023
+    spread = "" if r.stderr is None else f" ± {r.stderr:.2g}"
+    unused = f", {r.n_unused} samples left out" if r.n_unused else ""
+    mean_spread = sum(r.batch_spreads) / len(r.batch_spreads)
+    return [
+        (
+            f"{_ball(metric, r.p)}, ρ={r.rho:g}, m={r.m}",
+            f"{r.value:.4g}{spread} (mean ± stderr over {r.n_batches} batches)",
+            f"{r.n_forward} forwards, {r.n_grad} gradients on {r.m}-sample batches, {r.seconds:.1f}s",
+            f"{r.n_batches} batches of {r.m}{unused}; APGD {r.steps} steps, {1 + r.restarts} starts{_scaled(r)}; "
+            f"mean start spread {mean_spread:.2g}",
+        )
+    ]
+
+
+def _ball(name: str, p: str) -> str:
+    """The row label: ("adaptive-worst-case", "inf") → adaptive worst-case ℓ∞."""
+    adaptive = name.startswith("adaptive-")
+    return f"{'adaptive ' if adaptive else ''}{name.removeprefix('adaptive-')} ℓ{'∞' if p == 'inf' else '2'}"
+
+
+def _scaled(r: WorstCase | MSharpness) -> str:
+    return "" if not r.adaptive else f", T = |w| + {r.eta:g}" if r.eta else ", T = |w|"
+
+
+def as_per_layer(result: PerLayerResult | dict) -> PerLayerResult:
+    return result if isinstance(result, PerLayerResult) else PerLayerResult.from_dict(result)
+
+
+def format_per_layer(result: PerLayerResult, curvature: str = "Hessian") -> str:
+    """One row per block: its parameter count, λ1 ± Lanczos residual and trace ± stderr (— where not measured)."""
+    rows = []
+    for b in result.blocks:
+        eig = "—" if b.lambda1 is None else _pm(b.lambda1, b.residual) + ("" if b.converged else " (not converged)")
+        trace = "—" if b.trace is None else _pm(b.trace, b.trace_stderr)
+        rows.append((b.name, b.n_params, eig, trace))
+    title = (
+        f"\nper-layer {curvature} (diagonal block of each module's own parameters; "
+        f"{result.n_matvecs} products, {result.seconds:.1f}s)"
+    )
+    return title + "\n" + format_table(["block", "n params", "λ1 ± residual", "trace ± stderr"], rows)
