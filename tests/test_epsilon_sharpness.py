@@ -146,10 +146,12 @@ def test_brute_force_best_corner_of_a_dense_quadratic(method):
     assert r.value == pytest.approx(truth, rel=1e-6)
     assert np.all(r.values <= truth * (1 + 1e-9))
     # a convex quadratic's local maxima on the box are its vertices: every start ends on one, but for z = 0, which
-    # L-BFGS-B cannot leave at this minimum (g = 0)
+    # L-BFGS-B cannot leave at this minimum (g = 0 up to rounding: φ stays ~1e-14, its size depending on how the
+    # BLAS threads summed the gradient)
     vertices = 100 * np.array(corners) / (1 + objective.loss())
     for kind, value in zip(r.start_kinds, r.values):
-        assert np.abs(vertices - value).min() <= 1e-9 * truth or (kind == "zero" and value == 0), (kind, value)
+        stayed = kind == "zero" and abs(value) <= 1e-9 * truth
+        assert np.abs(vertices - value).min() <= 1e-9 * truth or stayed, (kind, value)
 
 
 @pytest.mark.slow
