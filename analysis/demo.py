@@ -89,9 +89,7 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     paths, labels = train_runs(RUNS, args.seeds, out / "runs", recipe=DEMO, progress=args.progress)
     trained = time.perf_counter() - start
-    measure = MeasureSpec(
-        ObjectiveSpec(batch_size=1000), COMPARE_DEFAULTS.with_defaults(metrics=MEASURED, progress=args.progress)
-    )
+    measure = MeasureSpec(ObjectiveSpec(batch_size=1000), replace(COMPARE_DEFAULTS, metrics=MEASURED, progress=args.progress))
     result = compare(paths, CompareSpec(measure, out=out / "report", labels=tuple(labels)))
     if not ranks.is_main():  # under torchrun rank 0 alone writes the report
         return

@@ -62,9 +62,8 @@ class Difference(Result):
 
 
 def _quantities(members: list[dict], name: str) -> list[Quantity]:
-    """The members' Quantity `name`, where measured (a stored member's quantities made Quantity again)."""
-    found = [m["quantities"][name] for m in members if name in m["quantities"]]
-    return [q if isinstance(q, Quantity) else Quantity.from_dict(q) for q in found]
+    """The members' Quantity `name`, where measured."""
+    return [m["quantities"][name] for m in members if name in m["quantities"]]
 
 
 def aggregate(members: list[dict], name: str) -> Aggregate | None:

@@ -81,9 +81,7 @@ def compare_cached(
         at_train_loss=at_train_loss,
         surface_range=f"-1:1:{budget['line']}",
     )
-    key = hashlib.sha256(
-        json.dumps([spec.settings(), paths, [Path(p).stat().st_mtime_ns for p in paths]], default=str).encode()
-    ).hexdigest()
+    key = hashlib.sha256(json.dumps([spec.settings(), paths, [Path(p).stat().st_mtime_ns for p in paths]]).encode()).hexdigest()
     cached = out / "figures-cache.json"
     if cached.exists():
         stored = json.loads(cached.read_text())

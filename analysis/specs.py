@@ -13,7 +13,6 @@ number, in its command-line spelling; run-time handles (progress style, warm sta
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -125,10 +124,6 @@ class MetricSpec:
         converted["per_layer"] = tuple(per_layer_names(per_layer)) if per_layer else ()
         return _from_args(cls, args, **converted)
 
-    def with_defaults(self, **changes: Any) -> MetricSpec:
-        """These defaults with `changes`: a command's own defaults (compare measures k = 3 eigenvalues)."""
-        return replace(self, **changes)
-
     def settings(self) -> dict[str, object]:
         return _settings(self)
 
@@ -172,9 +167,6 @@ class MeasureSpec:
     def settings(self) -> dict[str, object]:
         """Every setting of both, flat, as a results file records them (the seed is the one shared option)."""
         return dict(sorted({**self.objective.settings(), **self.metrics.settings()}.items()))
-
-    def with_progress(self, progress: bool | str) -> MeasureSpec:
-        return replace(self, metrics=replace(self.metrics, progress=progress))
 
 
 @dataclass(frozen=True)
@@ -220,13 +212,3 @@ class CorrelateSpec:
             name: tuple(a for a in getattr(args, option).split(",") if a) for name, option in (("gaps", "gap"), ("axes", "axes"))
         }
         return _from_args(cls, args, measure=MeasureSpec.from_args(args), out=Path(args.out), **names)
-
-
-def as_dict(spec: object) -> dict[str, object]:
-    """A spec as plain data, for JSON (run-time handles left out)."""
-    out = {}
-    for f in fields(spec):
-        if f.metadata.get("setting", True):
-            value = getattr(spec, f.name)
-            out[f.name] = as_dict(value) if dataclasses.is_dataclass(value) else value
-    return out

@@ -4,6 +4,7 @@ figures cache), quantities carry their labels, and the specs built from the comm
 import dataclasses
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -129,7 +130,7 @@ def test_a_cached_comparison_renders_as_the_fresh_one(tmp_path):
     from analysis.specs import ObjectiveSpec
 
     paths = [str(digits_mlp_checkpoint(tmp_path / f"run{seed}", (8,), seed=seed)) for seed in (0, 1)]
-    metrics = COMPARE_DEFAULTS.with_defaults(metrics=("eig", "trace", "sharpness-curve"), k=1, probes=8, noise_samples=8)
+    metrics = replace(COMPARE_DEFAULTS, metrics=("eig", "trace", "sharpness-curve"), k=1, probes=8, noise_samples=8)
     spec = CompareSpec(MeasureSpec(ObjectiveSpec(n_samples=200, device="cpu"), metrics), out=tmp_path / "cmp", labels=("a", "b"))
     fresh = compare(paths, spec)
     cached = typed_comparison(json.loads(json.dumps(to_jsonable(fresh))))
