@@ -14,10 +14,11 @@ import argparse
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from analysis.command_line import print_json
+from analysis.command_line import OptionNote, print_json
 from analysis.differences import Aggregate, Difference, aggregate, difference, holm, verdict
 from analysis.matched_loss import at_train_loss, parse_target
 from analysis.measure import (
@@ -89,6 +90,40 @@ def checkpoint_label(path: str, meta: dict) -> str:
     if not config:
         return Path(path).resolve().parent.name
     return f"{method_label(config)} B={config['batch_size']}"
+
+
+def default_labels(paths: Sequence[str], metas: Sequence[dict]) -> list[str]:
+    """checkpoint_label for each checkpoint, told apart by path where a label would join checkpoints that are not
+    seeds of one method: one without a training config (bare state dicts in one folder), or a repeated training seed."""
+    labels = [checkpoint_label(p, m) for p, m in zip(paths, metas)]
+    shared: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        shared.setdefault(label, []).append(i)
+    for label, members in shared.items():
+        seeds = [(metas[i].get("train") or {}).get("seed") for i in members]
+        if len(members) < 2 or (None not in seeds and len(set(seeds)) == len(seeds)):
+            continue
+        names = path_tails([paths[i] for i in members])
+        for i, name in zip(members, names):
+            labels[i] = f"{label} ({name})" if metas[i].get("train") else name
+        warnings.warn(
+            OptionNote(
+                f"{len(members)} checkpoints would share the label {label!r} without being training seeds of one method; "
+                f"labelled {', '.join(labels[i] for i in members)} (pass --labels to group seeds)"
+            ),
+            stacklevel=2,
+        )
+    return labels
+
+
+def path_tails(paths: Sequence[str]) -> list[str]:
+    """The shortest trailing parts of each path that tell them apart ("a.pt", "run1/final.pt"); #n where none does."""
+    parts = [Path(p).resolve().parts for p in paths]
+    for depth in range(1, max(len(q) for q in parts) + 1):
+        tails = ["/".join(q[-depth:]) for q in parts]
+        if len(set(tails)) == len(tails):
+            return tails
+    return [f"{Path(p).name} #{i}" for i, p in enumerate(paths, 1)]
 
 
 def method_label(config: dict) -> str:
@@ -168,7 +203,7 @@ def compare(paths: Sequence[str], spec: CompareSpec) -> dict:
         raise ValueError(f"unknown metric {', '.join(unknown)}; choose from {', '.join(COMPARE_METRICS)}")
     checkpoints = [load_checkpoint(p, trust=spec.measure.objective.trust_checkpoint) for p in paths]
     check_compatible(checkpoints, spec.allow_mixed)
-    labels = list(spec.labels) if spec.labels else [checkpoint_label(p, c.meta) for p, c in zip(paths, checkpoints)]
+    labels = list(spec.labels) if spec.labels else default_labels(paths, [c.meta for c in checkpoints])
     if len(labels) != len(paths):
         raise ValueError(f"--labels has {len(labels)} names for {len(paths)} checkpoints")
     chosen, target = list(paths), None

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.stats
+import torch
 
 from analysis.differences import aggregate, difference
 from landscape.curvature.spectrum import lanczos
@@ -214,6 +215,34 @@ def test_each_method_is_compared_with_sgd_at_its_own_batch_size():
     assert set(baselines(configs, "smoothout B=2000").values()) == {"smoothout B=2000"}
     with pytest.raises(ValueError, match="--baseline 'adam'"):
         baselines(configs, "adam")
+
+
+def test_checkpoints_that_are_not_seeds_of_one_method_get_their_own_labels():
+    from analysis.command_line import OptionNote
+    from analysis.compare import default_labels
+
+    sgd = {"optimizer": "sgd", "batch_size": 32}
+    seeds = [{"train": {**sgd, "seed": s}} for s in (0, 1)]
+    assert default_labels(["r0/final.pt", "r1/final.pt"], seeds) == ["sgd B=32", "sgd B=32"]  # seeds: grouped, silently
+    with pytest.warns(OptionNote, match="would share the label 'x' without being training seeds"):
+        assert default_labels(["x/a.pt", "x/b.pt"], [{}, {}]) == ["a.pt", "b.pt"]  # bare state dicts in one folder
+    same_seed = [{"train": {**sgd, "seed": 0}}] * 2
+    with pytest.warns(OptionNote):
+        labels = default_labels(["r0/final.pt", "r1/final.pt"], same_seed)
+    assert labels == ["sgd B=32 (r0/final.pt)", "sgd B=32 (r1/final.pt)"]
+
+
+def test_two_bare_state_dicts_in_one_folder_are_compared_with_each_other(tmp_path):
+    for i, name in enumerate("ab"):
+        torch.manual_seed(i)
+        torch.save(model_for_data("mlp", (1, 8, 8), 10, hidden=(8,))[0].state_dict(), tmp_path / f"{name}.pt")
+    options = "--model mlp --model-opt hidden=(8,) --data digits --metrics eig --k 1 --n-samples 50 --json --quiet"
+    done = run_cli("compare", tmp_path / "a.pt", tmp_path / "b.pt", *options.split(), "--out", tmp_path / "cmp")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert [m["label"] for m in result["checkpoints"]] == ["a.pt", "b.pt"]
+    assert result["differences"]["b.pt"]["λ1"] is not None
+    assert "note: 2 checkpoints would share the label" in done.stderr
 
 
 def test_sharpness_maxima_and_batch_measures_enter_the_comparison_paired():
