@@ -52,6 +52,7 @@ _EXPORTS = {
     # training
     "make_optimizer": "landscape.training.optim",
     "TrainConfig": "landscape.training.train",
+    "CurvatureTracker": "landscape.training.train_tracking",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -113,6 +113,29 @@ def test_measuring_never_changes_the_model(conv_problem):
     assert model.training  # the caller's module keeps its own mode
 
 
+@pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "train-mode forward"])
+def test_an_objective_refuses_once_its_model_trained_on_instead_of_measuring_the_old_weights(conv_problem, change):
+    """Built before more training, an Objective would answer for the weights it copied (issue 28): it refuses."""
+    model, x, _, batches = conv_problem
+    obj = Objective(model, batches, device="cpu")
+    lambda_before = obj.hvp(torch.ones(obj.n_params))
+    model.eval()
+    with torch.no_grad():
+        model(x)  # an eval-mode forward writes nothing
+    assert torch.equal(obj.hvp(torch.ones(obj.n_params)), lambda_before)
+    if change == "optimizer step":
+        model(x).sum().backward()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+    elif change == "load_state_dict":
+        model.load_state_dict(copy.deepcopy(model).state_dict())  # the same values, written in place
+    else:
+        model.train()(x)  # moves the BatchNorm running statistics
+    for call in (obj.loss, obj.grad, lambda: obj.hvp(torch.ones(obj.n_params)), obj.restricted(batches[:1]).loss):
+        with pytest.raises(ObjectiveError, match="the model changed in place since this Objective copied it"):
+            call()
+    Objective(model, batches, device="cpu").loss()  # a fresh one measures the model as it is now
+
+
 class _LegacyScale(torch.autograd.Function):
     """An old-style autograd.Function (no setup_context): autograd runs it, torch.func cannot."""
 

@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from landscape.engine import distributed as ranks
 from landscape.engine.memory import InsufficientMemory, available_bytes, format_size
 from landscape.engine.params import FlatLayout, select_parameters
+from landscape.engine.source_watch import SourceWatch
 from landscape.inputs.batches import (
     Batch,
     Loss,
@@ -178,6 +179,9 @@ class Objective:
     With `distributed=True` (under torchrun) `batches` is this rank's shard of the measurement set
     (landscape.engine.distributed.shard) and every loss, gradient and HVP is summed over the ranks, so
     each rank sees the global objective and seeded estimators run identically everywhere.
+    The model is copied when the Objective is built, and every number is at the copied weights: once `model`
+    changes in place (an optimizer step, load_state_dict) the Objective refuses to answer. To measure during
+    training, build one per measurement, or use landscape.CurvatureTracker (docs/how-to/track-training.md).
     """
 
     def __init__(
@@ -212,6 +216,7 @@ class Objective:
             raise ObjectiveError("give loss (output, batch) → (sum, count) or loss_fn (output, targets) → mean, not both")
         self.loss_function: Loss = loss if loss is not None else from_mean(loss_fn) if loss_fn else class_cross_entropy
         self.loss_fn = getattr(self.loss_function, "mean_loss", None)  # the per-batch mean loss, where the loss is one
+        self._source = SourceWatch(model)  # the copy below is fixed: refuse to answer once `model` trains on (issue 28)
         self.model = _prepare_model(model, mode, self.device, dtype)
         self._graph_size: tuple[float, float] | None = None  # saved bytes of a gradient graph: fixed, per item
         self.param_selection = params
@@ -326,7 +331,17 @@ class Objective:
         total, count = self.loss_function(output, batch)
         return total / count, int(count)
 
+    def _check_source(self) -> None:
+        """Refuse to measure a copy that is no longer the model: it was trained (or loaded) in place since."""
+        if self._source.changed():
+            raise ObjectiveError(
+                "the model changed in place since this Objective copied it (an optimizer step, load_state_dict, or "
+                "BatchNorm statistics): it would measure the old weights. Build a new Objective after training, or take "
+                "curvature every N steps with landscape.CurvatureTracker"
+            )
+
     def _point(self, w: torch.Tensor | None) -> torch.Tensor:
+        self._check_source()
         if w is None:
             return self.w
         if w.shape != self.w.shape:
@@ -418,6 +433,7 @@ class Objective:
 
     def hvp_batched(self, V: torch.Tensor) -> torch.Tensor:
         """H vᵢ for each row vᵢ of V (k, n): several probes in one call."""
+        self._check_source()
         V = V.to(device=self.device, dtype=self.dtype)
         if V.ndim != 2 or V.shape[1] != self.n_params:
             raise ObjectiveError(f"probe block has shape {tuple(V.shape)}, expected (k, {self.n_params})")
