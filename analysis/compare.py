@@ -30,6 +30,7 @@ from analysis.measure import (
 )
 from analysis.quantities import as_result, metric_quantities
 from analysis.report import Report
+from analysis.setup_text import batching, norm_mode, sample_origin
 from analysis.specs import CompareSpec, MetricSpec
 from analysis.surface_command import parse_range
 from analysis.tables import format_table
@@ -422,11 +423,13 @@ def build_report(result: dict, out: Path) -> Report:
     report = Report("Flatness comparison")
     report.paragraph(
         f"Measured on {m['n_samples']} samples of the {m['split']} split of {setup['data']['spec']} "
-        f"(batches of ≤{m['batch_size']}, subset seed {m['seed']}), BN {setup['mode']} mode, {setup['dtype']}, "
+        f"({batching(setup)}), {norm_mode(setup)}, {setup['dtype']}, "
         f"parameters: {setup['params']} ({setup['n_params']}). Test quantities use the whole test split "
         f"({first['test_setup']['n_samples']} samples). Probes, noise draws and surface directions share seed "
         f"{result['settings']['seed']} across checkpoints (common random numbers)."
     )
+    if sample_origin(setup):
+        report.paragraph(f"The {m['split']} split: {sample_origin(setup)}.")
     if result.get("at_train_loss") is not None:
         report.paragraph(
             f"At matched train loss: each run is measured at its trajectory checkpoint whose recorded train loss "

@@ -11,6 +11,7 @@ from functools import singledispatch
 from typing import Any
 
 from analysis.quantities import METRIC_RESULTS, as_result
+from analysis.setup_text import batching, norm_mode, sample_origin
 from analysis.tables import format_table
 from landscape.curvature.per_layer import PerLayerResult
 from landscape.curvature.spectrum import EigResult, Spectrum
@@ -37,10 +38,12 @@ def format_measurement(report: dict) -> str:
     lines = [
         report["checkpoint"],
         f"  measured on the {m['split']} split of {setup['data']['spec']}: {setup['n_samples']} samples in "
-        f"{setup['n_batches']} batches of ≤{m['batch_size']} (seed {m['seed']}), BN {setup['mode']} mode, "
+        f"{batching(setup)}, {norm_mode(setup)}, "
         f"{setup['dtype']} on {setup['device']}, params={setup['params']} ({report['n_params']}), "
         f"HVP {setup['hvp_method']}, curvature: {curvature}{sharded}",
     ]
+    if sample_origin(setup):
+        lines.append(f"  the {m['split']} split: {sample_origin(setup)}")
     if report.get("hvp_memory"):
         lines.append(f"  HVP memory: {report['hvp_memory']['summary']}")
     if report.get("hvp_check"):

@@ -20,6 +20,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from analysis.differences import ci_halfwidth  # noqa: E402
 from analysis.quantities import eigenvalue_label  # noqa: E402
+from analysis.setup_text import norm_mode  # noqa: E402
 from landscape.curvature.per_layer import BlockCurvature, PerLayerResult  # noqa: E402
 from landscape.curvature.spectrum import Spectrum  # noqa: E402
 from landscape.sharpness.perturb import SharpnessCurve  # noqa: E402
@@ -351,7 +352,7 @@ def describe_measurement(surface: Surface) -> str:
         + " samples"
         + (f" (subset, seed {measurement.get('seed')})" if measurement.get("subset") else ""),
         f"batch {batch}" if batch else None,
-        f"BN {first['mode']}" if "mode" in first else None,
+        norm_mode(first) if "mode" in first else None,
         f"BN recalibrated from {recalibration} batches" if recalibration else None,
         first.get("dtype"),
     ]

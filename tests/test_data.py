@@ -179,6 +179,35 @@ def test_npz_without_test_arrays_holds_out_20_percent(tmp_path):
     assert torch.equal(a.x_test, load_data(f"npz:{tmp_path / 'd.npz'}", seed=0).x_test)
 
 
+def test_the_setup_line_says_when_the_toolkit_held_out_part_of_the_users_samples(tmp_path):
+    """npz with x and y only: the train split is 80% of them, said in the measurement record and the setup line."""
+    from analysis.measurement_table import format_measurement
+    from analysis.setup_text import batching, norm_mode
+    from landscape.engine.objective import Objective
+    from tests.helpers import tiny_convnet_bn, tiny_mlp
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(25, 12)), y=np.arange(25) % 4)
+    data = load_data(f"npz:{tmp_path / 'd.npz'}")
+    train = MeasurementSet("train", batch_size=8)
+    origin = train.describe(data)["origin"]
+    assert origin.startswith("20 of the 25 samples in x/y; the other 5 are the test split") and "give x_test" in origin
+    assert "held out as the test split" in MeasurementSet("test").describe(data)["origin"]
+    np.savez(tmp_path / "given.npz", x=rng.normal(size=(25, 12)), y=np.arange(25) % 4, x_test=np.zeros((2, 12)), y_test=[0, 1])
+    assert "origin" not in train.describe(load_data(f"npz:{tmp_path / 'given.npz'}"))  # measured as given
+
+    objective = Objective(tiny_mlp(), train.batches(data), device="cpu", metadata={"measurement": train.describe(data)})
+    setup = {**objective.describe(), "data": {"spec": data.spec}}
+    report = {"checkpoint": "net.pt", "setup": setup, "n_params": objective.n_params, "loss": 1.0, "accuracy": 0.5}
+    lines = format_measurement({**report, "grad_norm": 1.0, "metrics": {}}).splitlines()
+    assert "20 samples in 3 batches of ≤8 (seed 0), no BatchNorm," in lines[1]
+    assert lines[2] == f"  the train split: {origin}"
+    with_bn = Objective(tiny_convnet_bn(), [(torch.randn(4, 1, 4, 4), torch.arange(4) % 3)], device="cpu", mode="train")
+    assert norm_mode(with_bn.describe()) == "BN train mode"
+    own = {"measurement": {"batch_size": None}, "n_batches": 2, "batch_sizes": [3, 8]}  # a module:callable's own batches
+    assert batching(own) == "2 batches of 3–8, as the data gives them"
+
+
 @pytest.mark.parametrize(
     "arrays, message",
     [

@@ -95,7 +95,8 @@ def test_line_overlay_colours_styles_log_and_caption(files, tmp_path):
     assert len(twin.lines) == 4 and twin.get_ylim() == (0, 1.02)
     np.testing.assert_array_equal(twin.lines[0].get_ydata(), surfaces["sgd"].accuracy["train"])
     caption = fig._supxlabel.get_text()
-    assert "train 128, test 128 samples" in caption and "batch 128" in caption and "BN eval" in caption
+    # an MLP: no BatchNorm mode to name
+    assert "train 128, test 128 samples" in caption and "batch 128" in caption and "no BatchNorm" in caption
     path = save(fig, tmp_path / "line.png")
     assert path.read_bytes().startswith(PNG)
 

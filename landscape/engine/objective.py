@@ -218,6 +218,7 @@ class Objective:
         self.loss_fn = getattr(self.loss_function, "mean_loss", None)  # the per-batch mean loss, where the loss is one
         self._source = SourceWatch(model)  # the copy below is fixed: refuse to answer once `model` trains on (issue 28)
         self.model = _prepare_model(model, mode, self.device, dtype)
+        self.has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         self._graph_size: tuple[float, float] | None = None  # saved bytes of a gradient graph: fixed, per item
         self.param_selection = params
         names = select_parameters(self.model, params)
@@ -290,6 +291,7 @@ class Objective:
             "world_size": self.world_size,
             "sharded": self.distributed,
             "mode": self.mode,
+            "batchnorm": self.has_batchnorm,  # the mode matters only with BatchNorm
             "params": self.param_selection,
             **({} if self.loss_function is class_cross_entropy else {"loss": loss_name(self.loss_function)}),
             "n_params": self.n_params,

@@ -69,6 +69,18 @@ class Dataset:
             return self.x_test, self.y_test
         raise DataError(f"unknown split {name!r}; use 'train' or 'test'")
 
+    def split_origin(self, name: str) -> str | None:
+        """Where a split's samples came from when the toolkit chose them (a hold-out of the user's x/y); None when given."""
+        if self.test_source == "provided":
+            return None
+        given, held = len(self.y_train) + len(self.y_test), len(self.y_test)
+        if name == "train":
+            return (
+                f"{len(self.y_train)} of the {given} samples in x/y; the other {held} are the test split, "
+                f"a {self.test_source}; give x_test and y_test to measure all of x/y"
+            )
+        return f"the {held} of the {given} samples in x/y held out as the test split, a {self.test_source}"
+
     def describe(self) -> dict:
         """JSON-ready summary: spec, split sizes, input shape, classes, normalization, test split origin."""
         return {
@@ -556,6 +568,7 @@ class MeasurementSet:
             "seed": self.seed,
             "n_batches": -(-n // self.batch_size) if n is not None else None,
             "data": dataset.spec if dataset is not None else None,
+            **({"origin": origin} if dataset is not None and (origin := dataset.split_origin(self.split)) else {}),
         }
 
     @classmethod
