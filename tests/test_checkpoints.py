@@ -60,6 +60,8 @@ def test_full_pickles_need_trust(tmp_path, mlp_and_spec):
         load_checkpoint(tmp_path / "whole.pt")
     ckpt = load_checkpoint(tmp_path / "whole.pt", trust=True)
     assert set(ckpt.state_dict) == set(model.state_dict())
+    built = ckpt.build_model()  # the pickled model is its own spec, never "a bare state dict" needing --model
+    assert built is not model and all(torch.equal(built.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_every_bad_file_gets_its_own_message(tmp_path, mlp_and_spec):

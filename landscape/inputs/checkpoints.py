@@ -5,10 +5,12 @@ A toolkit checkpoint is a plain dict of tensors, strings and numbers, so
 checkpoints (a bare state dict, or one nested under a common key) need a model spec.
 safetensors files (a bare state dict) and HuggingFace `save_pretrained` folders (config.json
 and safetensors weights, one file or shards) hold no pickle at all: safe by construction.
+A whole pickled model (`torch.save(model)`, read only with trust=True) is measured as it is, no model spec needed.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
@@ -46,6 +48,7 @@ class Checkpoint:
     data_spec: dict | None = None
     meta: dict = field(default_factory=dict)
     builds_own_weights: bool = False  # a save_pretrained folder: the model loads its weights from the folder itself
+    module: nn.Module | None = field(default=None, repr=False)  # a whole pickled model (loaded with trust=True)
 
     @property
     def is_native(self) -> bool:
@@ -54,6 +57,8 @@ class Checkpoint:
     def build_model(self, model_spec: dict | None = None) -> nn.Module:
         """The model with these weights; `model_spec` overrides (or supplies) the stored spec."""
         spec = model_spec or self.model_spec
+        if spec is None and self.module is not None:  # a whole pickled model is its own model spec
+            return copy.deepcopy(self.module)
         if spec is None:
             raise CheckpointError(f"{self.path}: a bare state dict carries no model spec; pass --model NAME (or module:factory)")
         try:
@@ -206,7 +211,7 @@ def _refused_globals(path: str, message: str, limit: int = 3) -> list[str]:
 
 def _interpret(path: str, obj: Any) -> Checkpoint:
     if isinstance(obj, nn.Module):  # only reachable with trust=True
-        obj = obj.state_dict()
+        return Checkpoint(path, obj.state_dict(), module=obj)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if obj.get("version", 0) > VERSION:
             raise CheckpointError(f"{path} was written by a newer landscape (format version {obj['version']}); upgrade landscape")
