@@ -35,6 +35,7 @@ from analysis.specs import CompareSpec, MetricSpec
 from analysis.surface_command import parse_range
 from analysis.tables import format_table
 from landscape.engine import distributed as ranks
+from landscape.engine.progress import working_on
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.results import Quantity, to_jsonable
 from landscape.surfaces.directions import random_directions
@@ -212,7 +213,10 @@ def compare(paths: Sequence[str], spec: CompareSpec) -> dict:
         points, target = at_train_loss(list(paths), parse_target(spec.at_train_loss))
         chosen = [p.path for p in points]
     spec.out.mkdir(parents=True, exist_ok=True)
-    members = [measure_checkpoint(p, label, c.meta, spec) for p, label, c in zip(chosen, labels, checkpoints)]
+    members = []
+    for i, (p, label, c) in enumerate(zip(chosen, labels, checkpoints), 1):
+        with working_on(f"checkpoint {i}/{len(chosen)} {p}"):  # which checkpoint each progress line is about
+            members.append(measure_checkpoint(p, label, c.meta, spec))
     if target is not None:
         for m, given, point in zip(members, paths, points):
             m["at_train_loss"] = {

@@ -34,6 +34,7 @@ from analysis.results_file import ResultsFile
 from analysis.specs import CorrelateSpec, MeasureSpec, MetricSpec, ObjectiveSpec
 from analysis.tables import format_table
 from landscape.engine import distributed as ranks
+from landscape.engine.progress import working_on
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.results import to_jsonable
 
@@ -127,9 +128,12 @@ def measure_runs(paths: list[str], spec: CorrelateSpec) -> list[dict]:
     results = ResultsFile.open(spec.out / "measurements.json", {**settings, "checkpoints": paths}, resume=True)
 
     def one(path: str) -> dict:  # results.save writes on rank 0 only
-        report = measure_checkpoint(path, spec.measure, previous=results.previous(path), saved=results.save, distributed=False)
-        if "generalization" not in report:
-            report["generalization"] = generalization(path, spec.measure.objective)
+        with working_on(f"run {paths.index(path) + 1}/{len(paths)} {path}"):  # which run each progress line is about
+            report = measure_checkpoint(
+                path, spec.measure, previous=results.previous(path), saved=results.save, distributed=False
+            )
+            if "generalization" not in report:
+                report["generalization"] = generalization(path, spec.measure.objective)
         return report
 
     reports = ranks.map_split(paths, one, done=results.save)

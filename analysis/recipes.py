@@ -17,6 +17,7 @@ from pathlib import Path
 
 from analysis.train_command import NOISE_OPTION
 from landscape.engine import distributed as ranks
+from landscape.engine.progress import working_on
 from landscape.training.train import TrainConfig, train
 
 SMALL, LARGE = 32, 2000
@@ -119,7 +120,11 @@ def train_all(runs: list[TrainConfig], cache: Path, *, jobs: int = 1, progress: 
     if ranks.world_size() > 1:
         return ranks.map_split(list(zip(runs, folders)), _train_on_this_rank)
     if jobs <= 1:
-        return [train(run, folder, resume=True, progress=progress) for run, folder in zip(runs, folders)]
+        paths = []
+        for i, (run, folder) in enumerate(zip(runs, folders), 1):
+            with working_on(f"run {i}/{len(runs)} {folder.name}"):  # which run each progress line is about
+                paths.append(train(run, folder, resume=True, progress=progress))
+        return paths
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
         return list(pool.map(_train_quietly, runs, folders))
 

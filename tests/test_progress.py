@@ -64,3 +64,20 @@ def test_quiet_or_off_prints_nothing_and_bad_settings_are_refused(monkeypatch):
     monkeypatch.setenv("LANDSCAPE_PROGRESS_INTERVAL", "soon")
     with pytest.raises(ValueError, match="LANDSCAPE_PROGRESS_INTERVAL='soon'"):
         Progress(2, "x", "step", "lines")
+
+
+def test_each_line_names_what_its_work_is_for(fresh_clock, monkeypatch, capsys, mlp_problem):
+    """compare, correlate and the demo name the checkpoint or run; the sharpness curve's own trace says it is its own."""
+    from landscape.engine.objective import Objective
+    from landscape.engine.progress import working_on
+    from landscape.sharpness.perturb import sharpness_curve
+
+    monkeypatch.setenv("LANDSCAPE_PROGRESS_INTERVAL", "0")
+    model, _, _, batches = mlp_problem
+    with working_on("checkpoint 2/6 runs/sgd-b32-seed1/final.pt"):
+        sharpness_curve(Objective(model, batches, device="cpu"), [0.01], n_samples=4, n_probes=2, progress="lines")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("checkpoint 2/6 runs/sgd-b32-seed1/final.pt: ") for line in lines)
+    assert any(": second-order prediction ½·tr(ΣH): hutchinson: " in line for line in lines), lines
+    with Progress(1, "lanczos", enabled=False) as bar:  # outside, nothing is prefixed
+        assert bar.desc == "lanczos"

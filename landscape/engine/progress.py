@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TextIO, TypeVar
 
 from landscape.engine import distributed as ranks
@@ -25,6 +26,17 @@ DEFAULT_INTERVAL = 10.0
 
 _lock = threading.Lock()
 _last_line: list[float | None] = [None]  # when this process last printed a progress line (shared by every phase)
+_working_on: list[str] = []  # what the phases started now are for (a checkpoint, a run), outermost first
+
+
+@contextmanager
+def working_on(label: str) -> Iterator[None]:
+    """Name what the phases inside are for ("sgd B=32 seed 0", "ΔL prediction"): each one's bar and lines start with it."""
+    _working_on.append(label)
+    try:
+        yield
+    finally:
+        _working_on.pop()
 
 
 def style(quiet: bool = False, stream: TextIO | None = None) -> str:
@@ -78,6 +90,7 @@ class Progress:
         initial: int = 0,
         stream: TextIO | None = None,
     ) -> None:
+        desc = ": ".join([*_working_on, desc])
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.style = resolve(enabled)
         self.stream = sys.stderr if stream is None else stream

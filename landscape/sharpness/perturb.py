@@ -26,7 +26,7 @@ from landscape.engine.objective import Batch, Evaluation, Objective
 from landscape.engine.operators import DiagonalScaledOperator, HessianOperator
 from landscape.engine.params import rescale_filters
 from landscape.engine.probes import seeded_generator
-from landscape.engine.progress import Progress
+from landscape.engine.progress import Progress, working_on
 from landscape.engine.recalibration import recalibration_inputs
 from landscape.results import Result
 from landscape.sharpness.epsilon_sharpness import EpsilonSharpness, epsilon_sharpness  # noqa: F401 (re-exported)
@@ -347,7 +347,8 @@ def sharpness_curve(
         curvature = DiagonalScaledOperator(
             HessianOperator(objective), noise_std(objective, distribution=distribution, scale=scale)
         )
-        trace = hutchinson(curvature, n_probes, seed=seed, progress=progress)
+        with working_on("second-order prediction ½·tr(ΣH)"):  # not the trace metric, which may run another method
+            trace = hutchinson(curvature, n_probes, seed=seed, progress=progress)
     return SharpnessCurve(
         radii=np.array(radii),
         increase=np.array([p.increase for p in points]),
