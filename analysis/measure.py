@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
-from analysis.command_line import OptionNote, print_json
+from analysis.command_line import OptionNote, ResumeNote, print_json
 from analysis.measurement_table import as_per_layer, format_measurement
 from analysis.options import parse_options
 from analysis.results_file import ResultsFile
@@ -505,13 +505,20 @@ def measure_checkpoint(
             saved(report)
 
     save()
+    computed = []
     for name in metrics:
         if name not in report["metrics"]:
             report["metrics"][name] = METRICS[name](objective, spec.metrics).to_dict()
+            computed.append(name)
             save()
     if spec.metrics.per_layer and "per_layer" not in report:
         report["per_layer"] = _per_layer(objective, spec.metrics).to_dict()
+        computed.append("per_layer")
         save()
+    if previous is not None:  # a resumed table looks like a fresh one: say which numbers are from the file
+        kept = ["loss", *(n for n in (*metrics, *(["per_layer"] if spec.metrics.per_layer else [])) if n not in computed)]
+        now = f"; computed now: {', '.join(computed)}" if computed else "; nothing recomputed"
+        warnings.warn(ResumeNote(f"{path}: {', '.join(kept)} read back from the results file{now}"), stacklevel=2)
     report["metrics"] = {name: report["metrics"][name] for name in metrics}
     return report
 

@@ -167,3 +167,23 @@ def test_resume_refuses_other_settings_or_a_changed_checkpoint(tmp_path, checkpo
         2,
         "landscape measure: error: --resume continues a results file: give it as --out FILE.json\n",
     )
+
+
+def test_a_resumed_table_says_what_was_read_back_and_what_was_computed(tmp_path, checkpoint):
+    """A resumed run prints the same table as a fresh one: a one-line note says which numbers came from the file."""
+    from analysis.command_line import ResumeNote
+    from analysis.measure import measure_all
+    from analysis.specs import MeasureSpec, MetricSpec, ObjectiveSpec
+
+    def spec(metrics):
+        return MeasureSpec(ObjectiveSpec(n_samples=50, device="cpu"), MetricSpec(metrics=metrics, k=1, probes=4))
+
+    out = str(tmp_path / "r.json")
+    measure_all([str(checkpoint)], spec(("eig",)), out=out)
+    with pytest.warns(ResumeNote, match=f"^{checkpoint}: loss, eig read back from the results file; nothing recomputed$"):
+        measure_all([str(checkpoint)], spec(("eig",)), out=out, resume=True)
+    interrupted = json.loads((tmp_path / "r.json").read_text())
+    interrupted["checkpoints"][0]["metrics"] = {}  # as a run killed before its first metric leaves it
+    (tmp_path / "r.json").write_text(json.dumps(interrupted))
+    with pytest.warns(ResumeNote, match="loss read back from the results file; computed now: eig$"):
+        measure_all([str(checkpoint)], spec(("eig",)), out=out, resume=True)
