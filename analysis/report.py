@@ -56,21 +56,21 @@ class Report:
         for block in self.blocks:
             kind = block[0]
             if kind == "heading":
-                body.append(f"<h2>{html.escape(block[1])}</h2>")
+                body.append(f"<h2>{inline_html(block[1])}</h2>")
             elif kind == "paragraph":
-                body.append(f"<p>{html.escape(block[1])}</p>")
+                body.append(f"<p>{inline_html(block[1])}</p>")
             elif kind == "table":
                 _, headers, rows, caption = block
-                head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-                cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-                cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+                head = "".join(f"<th>{inline_html(h)}</th>" for h in headers)
+                cells = "".join("<tr>" + "".join(f"<td>{inline_html(c)}</td>" for c in row) + "</tr>" for row in rows)
+                cap = f"<caption>{inline_html(caption)}</caption>" if caption else ""
                 body.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
             else:
                 _, path, caption = block
                 data = base64.b64encode((folder / path).read_bytes()).decode()
                 body.append(
-                    f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
-                    f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                    f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption.replace("`", ""))}">'
+                    f"<figcaption>{inline_html(caption)}</figcaption></figure>"
                 )
         return (
             f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
@@ -83,6 +83,14 @@ class Report:
         write_text(md, self.markdown())
         write_text(page, self.html(folder))
         return md, page
+
+
+def inline_html(text: str) -> str:
+    """Escaped text with its Markdown code spans (`--k 5`) as <code>: the report's text is written for Markdown."""
+    parts = text.split("`")
+    if len(parts) % 2 == 0:  # an unmatched backtick is a character, not a span
+        return html.escape(text)
+    return "".join(f"<code>{html.escape(part)}</code>" if i % 2 else html.escape(part) for i, part in enumerate(parts))
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -99,4 +107,5 @@ _STYLE = (
     "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
     "th{background:#f4f4f4}caption{caption-side:bottom;font-style:italic;padding-top:4px;text-align:left}"
     "figure{margin:1.5em 0}img{max-width:100%}figcaption{font-style:italic;font-size:0.9em}"
+    "code{font-family:ui-monospace,monospace;font-size:0.95em;background:#f4f4f4;padding:0 2px}"
 )

@@ -1,5 +1,7 @@
 """Reports: blocks placed in order, rendered to Markdown and to one self-contained HTML file, written by rank 0."""
 
+from pathlib import Path
+
 from analysis.report import Report, write_text
 
 
@@ -33,3 +35,14 @@ def test_write_writes_both_files_outside_torchrun(tmp_path):
     md, page = _report().write(tmp_path)
     assert md.read_text().startswith("# Title") and page.read_text().startswith("<!doctype html>")
     assert write_text(tmp_path / "x.txt", "text").read_text() == "text"
+
+
+def test_html_renders_code_spans_instead_of_literal_backticks():
+    report = Report("R")
+    report.paragraph("rerun with `--k 5` <or> `--tol 1e-4`")
+    report.table(["metric"], [["`eig`"]], "a `--probes` caption, a lone ` kept")
+    page = report.html(Path("."))
+    assert "<p>rerun with <code>--k 5</code> &lt;or&gt; <code>--tol 1e-4</code></p>" in page
+    assert "<td><code>eig</code></td>" in page and "`eig`" not in page
+    assert "<caption>a `--probes` caption, a lone ` kept</caption>" in page  # three backticks: none a span
+    assert "`--k 5`" in report.markdown()  # Markdown keeps them: they are its syntax
