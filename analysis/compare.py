@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from analysis.command_line import OptionNote, print_json
-from analysis.differences import Aggregate, Difference, aggregate, difference, holm, verdict
+from analysis.differences import Aggregate, Difference, aggregate, difference, holm, holm_family, verdict
 from analysis.matched_loss import at_train_loss, parse_target
 from analysis.measure import (
     METRICS,
@@ -475,9 +475,9 @@ def build_report(result: dict, out: Path) -> Report:
         "noise only and says whether these two checkpoints differ, not whether the methods do; there "
         "the interval from shared noise draws is printed beside the one independent draws would give. "
         "Each method is compared with the baseline in the 'vs' column (by default plain SGD at its own batch size). "
-        "p: two-sided, from the same t (or normal) statistic as the interval; Holm-adjusted p controls the "
-        "family-wise error over every row of this table (Holm 1979): with many rows, read a difference as "
-        "established only where the adjusted p is small.",
+        "p: two-sided, from the same t (or normal) statistic as the interval. "
+        + holm_family(len(r2), "every row of this table: each quantity of each comparison")
+        + ". With many rows, read a difference as established only where the adjusted p is small.",
     )
     figures = make_figures(result, out)
     if figures:

@@ -27,7 +27,7 @@ from landscape.statistics import (
 
 # The math lives in landscape.statistics; these names stay importable from here for the reports.
 ci_halfwidth = t_halfwidth  # 95% Student-t half-width of the mean over seeds (at least two values)
-__all__ = ["CONFIDENCE", "Aggregate", "Difference", "aggregate", "ci_halfwidth", "difference", "holm", "verdict"]
+__all__ = ["CONFIDENCE", "Aggregate", "Difference", "aggregate", "ci_halfwidth", "difference", "holm", "holm_family", "verdict"]
 
 
 @dataclass(frozen=True)
@@ -144,3 +144,11 @@ def verdict(d: Difference) -> str:
     if d.seeds:
         return "yes" if d.significant else "no"
     return "one seed: checkpoints differ" if d.significant else "one seed: within noise"
+
+
+def holm_family(n_tests: int, family: str) -> str:
+    """A caption's words on which tests Holm's correction is over: one comparison in two tables can get two adjusted p."""
+    return (
+        f"Holm-adjusted p controls the family-wise error over a family of {n_tests} tests (Holm 1979): {family}; "
+        "the same comparison in a table with another family has another adjusted p"
+    )

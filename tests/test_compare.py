@@ -114,6 +114,9 @@ def test_compare_writes_a_paired_report(two_runs, tmp_path):
     assert page.count("data:image/png;base64,") == 2 and 'src="http' not in page
     md = (out / "report.md").read_text()
     assert "![" in md and "95%" in md and "300 samples" in md
+    n_tests = sum(d is not None for diffs in results["differences"].values() for d in diffs.values())
+    assert f"over a family of {n_tests} tests (Holm 1979): every row of this table" in md  # which family, how many
+    assert "no BatchNorm" in md and "≤None" not in md  # an MLP: no BN mode to name
 
 
 @pytest.mark.cli
@@ -230,6 +233,16 @@ def test_checkpoints_that_are_not_seeds_of_one_method_get_their_own_labels():
     with pytest.warns(OptionNote):
         labels = default_labels(["r0/final.pt", "r1/final.pt"], same_seed)
     assert labels == ["sgd B=32 (r0/final.pt)", "sgd B=32 (r1/final.pt)"]
+
+
+def test_each_holm_p_says_which_family_of_tests_it_corrects_over():
+    """The demo's question tables and compare's Differences table adjust over different families: each caption says so."""
+    from analysis.demo import findings_caption
+
+    answers = {"Is large-batch SGD sharper?": {"λ1": None, "trace": None}, "Does SmoothOut flatten it?": {"λ1": None}}
+    caption = findings_caption(answers)
+    assert caption.startswith("Holm-adjusted p controls the family-wise error over a family of 3 tests (Holm 1979): ")
+    assert "every row of the 2 question tables at the top" in caption and "not the Differences table below" in caption
 
 
 def test_two_bare_state_dicts_in_one_folder_are_compared_with_each_other(tmp_path):
