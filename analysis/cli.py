@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         if args.debug:
             raise
-        message = str(error) or type(error).__name__
-        print(f"landscape {args.command}: error: {message.splitlines()[0]}", file=sys.stderr)
+        print(f"landscape {args.command}: error: {_error_line(error)}", file=sys.stderr)
         code = 2
     except (RuntimeError, MemoryError) as error:  # out of memory, or a collective failed (another rank died or hung)
         if args.debug:
@@ -114,6 +113,22 @@ def main(argv: list[str] | None = None) -> int:
     if joined:
         _leave_process_group(args, code)
     return code
+
+
+def _error_line(error: BaseException) -> str:
+    """A user error's first line: an OSError's in words ("out: not a directory", not "[Errno 20] ..."), and the
+    failure of the user's own code (a UserCodeError, or what it caused) with where its traceback is."""
+    from landscape.inputs.user_code import UserCodeError
+
+    if isinstance(error, OSError) and error.strerror:
+        words = error.strerror[:1].lower() + error.strerror[1:]
+        message = f"{error.filename}: {words}" if error.filename else words
+    else:
+        message = (str(error).splitlines() or [type(error).__name__])[0]
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, UserCodeError):
+        cause = cause.__cause__
+    return message + (" (--debug shows its traceback)" if cause is not None else "")
 
 
 def _out_of_memory(error: BaseException) -> bool:

@@ -1,6 +1,7 @@
 """Models: forward shapes, sizes, spec round trips, torch.func compatibility, module:factory models."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch.func import functional_call, jvp, vmap
 
 from landscape.inputs.data import Dataset
 from landscape.inputs.models import MODELS, build_model, model_for_data, model_from_spec
+from landscape.inputs.user_code import UserCodeError, import_folder
 
 # small settings per model so the whole file runs in seconds; each model on the input it is meant for
 CASES = {
@@ -114,6 +116,9 @@ def fixed():
 
 def not_a_model(**kwargs):
     return "nope"
+
+def raises(**kwargs):
+    return {}["width"]
 """
 
 
@@ -122,7 +127,11 @@ def test_module_factory_models(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     torch.manual_seed(0)
     model, spec = model_for_data("usermodels_tiny:make_tiny", (2, 3), num_classes=5, hidden=6)
-    assert spec == {"name": "usermodels_tiny:make_tiny", "kwargs": {"input_shape": [2, 3], "num_classes": 5, "hidden": 6}}
+    assert spec == {
+        "name": "usermodels_tiny:make_tiny",
+        "kwargs": {"input_shape": [2, 3], "num_classes": 5, "hidden": 6},
+        "import_path": str(tmp_path.resolve()),  # where the module was found: a checkpoint finds it again from any folder
+    }
     assert model(torch.randn(7, 2, 3)).shape == (7, 5)
     torch.manual_seed(0)
     assert torch.equal(model_from_spec(spec)[1].weight, model[1].weight)
@@ -132,6 +141,31 @@ def test_module_factory_models(tmp_path, monkeypatch):
         build_model("usermodels_tiny:not_a_model")
     with pytest.raises(ValueError, match="cannot import module"):
         build_model("usermodels_missing_xyz:make")
+    with pytest.raises(UserCodeError, match=r"^usermodels_tiny:raises raised KeyError: 'width'$") as info:
+        build_model("usermodels_tiny:raises")
+    assert isinstance(info.value.__cause__, KeyError)  # chained: --debug shows the user's own traceback
+
+
+def test_a_factory_module_is_found_where_the_spec_recorded_it(tmp_path, monkeypatch):
+    """import_path: the folder above a package's modules; a spec rebuilds from it without sys.path holding it."""
+    package = tmp_path / "code" / "usernets_pkg" / "sub"
+    package.mkdir(parents=True)
+    for folder in (package.parent, package):
+        (folder / "__init__.py").write_text("")
+    (package / "nets.py").write_text(FACTORY_SOURCE)
+    (tmp_path / "code" / "usernets_broken.py").write_text("import torch\nundefined_name\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the folders import_callable adds go with the test
+    for name in [m for m in sys.modules if m.startswith("usernets_")]:
+        monkeypatch.delitem(sys.modules, name)
+    spec = {"name": "usernets_pkg.sub.nets:fixed", "kwargs": {}, "import_path": str(tmp_path / "code")}
+    assert isinstance(model_from_spec(spec), torch.nn.Linear)
+    assert import_folder("usernets_pkg.sub.nets:fixed") == import_folder("usernets_pkg:x") == str((tmp_path / "code").resolve())
+    with pytest.raises(UserCodeError, match=r"^importing usernets_broken \(for usernets_broken:f\) raised NameError"):
+        build_model("usernets_broken:f")  # the folder is on sys.path now
+    moved = {**spec, "name": "usernets_gone:fixed"}
+    with pytest.raises(ValueError, match=f"it was in {tmp_path / 'code'} when the checkpoint was written"):
+        model_from_spec(moved)
 
 
 def test_c3_is_smoothouts_cifar_shallow_net():

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from landscape.inputs.user_code import accepts, import_callable
+from landscape.inputs.user_code import accepts, call_user, import_callable
 
 SPLITS = ("train", "test")
 SPEC_FORMS = "digits, mnist1d, cifar10:DIR, cifar100:DIR, npz:FILE, module:callable"
@@ -430,7 +430,7 @@ def _module(spec: str, seed: int, normalize: bool | None) -> Dataset | BatchSet:
     """A user callable returning a Dataset, x_train, y_train, x_test, y_test (dict or tuple, optional num_classes),
     or its own batches: a list of batches, or a dict with "train" (and "test") lists of them (a BatchSet)."""
     fn = import_callable(spec, DataError)
-    out = fn(seed=seed) if accepts(fn, "seed") else fn()
+    out = call_user(spec, fn, seed=seed) if accepts(fn, "seed") else call_user(spec, fn)
     keys = ("x_train", "y_train", "x_test", "y_test")
     batch_set = _batch_set(spec, out)
     if batch_set is not None:

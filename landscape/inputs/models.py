@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from landscape.inputs.data import Dataset
-from landscape.inputs.user_code import accepts, import_callable
+from landscape.inputs.user_code import accepts, call_user, import_callable, import_folder
 
 
 class MLP(nn.Sequential):
@@ -202,13 +202,17 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 def build_model(name: str, **kwargs) -> nn.Module:
     """A registered model by name, or `module:factory` imported and called with `kwargs`."""
+    return _build(name, kwargs)
+
+
+def _build(name: str, kwargs: dict, folders: Sequence[str] = ()) -> nn.Module:
+    """build_model, a `module:factory`'s module also looked for in `folders`; the factory failing is one line naming it."""
     if name in MODELS or name in FOLDER_MODELS:
-        factory = MODELS.get(name) or FOLDER_MODELS[name]
+        model = (MODELS.get(name) or FOLDER_MODELS[name])(**kwargs)
     elif ":" in name:
-        factory = import_callable(name)
+        model = call_user(name, import_callable(name, folders=folders), **kwargs)
     else:
         raise ValueError(f"unknown model {name!r}; use one of {', '.join(MODELS)} or module:factory")
-    model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -247,6 +251,9 @@ def model_for_data(
         if factory is None or accepts(factory, k)
     }
     spec = {"name": name, "kwargs": _plain({**filled, **kwargs})}
+    folder = import_folder(name) if ":" in name else None
+    if folder is not None:  # where the factory's module was found, so the checkpoint finds it again from any folder
+        spec["import_path"] = folder
     try:
         json.dumps(spec)
     except TypeError as e:
@@ -279,5 +286,7 @@ FOLDER_MODELS: dict[str, Callable[..., nn.Module]] = {"huggingface": huggingface
 
 
 def model_from_spec(spec: dict) -> nn.Module:
-    """Rebuild a model from its {"name", "kwargs"} spec."""
-    return build_model(spec["name"], **spec.get("kwargs", {}))
+    """Rebuild a model from its {"name", "kwargs"} spec; a `module:factory` is also looked for in the folder its
+    module was imported from when the spec was made ("import_path"), then in the current folder."""
+    folder = spec.get("import_path")
+    return _build(spec["name"], spec.get("kwargs", {}), [folder] if folder else [])
