@@ -23,21 +23,26 @@ class TrajectoryPoint:
     train_loss: float
 
 
-def trajectory(path: str | Path) -> list[TrajectoryPoint]:
-    """Every checkpoint of the run `path` belongs to (its trajectory/ folder), with the train loss it recorded."""
+def trajectory(path: str | Path, *, needed_by: str = "--at-train-loss") -> list[TrajectoryPoint]:
+    """Every checkpoint of the run `path` belongs to (its trajectory/ folder), with the train loss it recorded.
+
+    `path` is a checkpoint of the run or the run's folder; `needed_by` is what the errors say needs the trajectory.
+    """
     final = Path(path)
-    folder = final.parent.parent if final.parent.name == "trajectory" else final.parent
+    folder = final if final.is_dir() else final.parent.parent if final.parent.name == "trajectory" else final.parent
     files = sorted((folder / "trajectory").glob("epoch_*.pt"))
     if not files:
+        where = "in it" if final.is_dir() else "beside it"
         raise CheckpointError(
-            f"{path}: no trajectory/epoch_*.pt beside it; --at-train-loss needs runs written by `landscape train`"
+            f"{path}: no trajectory/epoch_*.pt {where}; {needed_by} needs a run written by `landscape train` "
+            "(its trajectory/ folder of per-epoch checkpoints)"
         )
     points = []
     for file in files:
         meta = load_checkpoint(file).meta
         loss = meta.get("metrics", {}).get("train_loss")
         if loss is None:
-            raise CheckpointError(f"{file} records no train loss; --at-train-loss needs runs written by `landscape train`")
+            raise CheckpointError(f"{file} records no train loss; {needed_by} needs a run written by `landscape train`")
         points.append(TrajectoryPoint(str(file), int(meta.get("epoch", 0)), float(loss)))
     return points
 

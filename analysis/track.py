@@ -50,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
-    points = trajectory(run_dir / "final.pt")
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is not a folder; landscape track takes the folder that `landscape train --out` wrote")
+    points = trajectory(run_dir, needed_by="landscape track")
     spec = MeasureSpec.from_args(args, METRICS)  # an unknown or empty --metrics fails here, before any work
     out = Path(args.out) if args.out else run_dir / "track"
     results = ResultsFile.open(out / "track.json", {**spec.settings(), "checkpoints": [p.path for p in points]}, resume=True)

@@ -9,11 +9,11 @@ Objective exists (`MetricSpec.check_fits`).
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Iterable
 
 import torch
 
+from landscape.engine.checks import check_number
 from landscape.engine.memory import parse_size
 from landscape.engine.objective import COMPILED_HVP, HVP_METHODS
 
@@ -61,9 +61,9 @@ def validate_arguments(args: argparse.Namespace) -> None:
     if noise is not None and (noise < MIN_NOISE_SAMPLES or noise % 2):
         raise ValueError(f"--noise-samples must be an even number ≥ {MIN_NOISE_SAMPLES} (antithetic pairs), got {noise}")
     if getattr(args, "tol", None) is not None:
-        _number("--tol", args.tol, allow_zero=True)
+        check_number("--tol", args.tol, allow_zero=True)
     if getattr(args, "eps", None) is not None:
-        _number("--eps", args.eps, allow_zero=False)
+        check_number("--eps", args.eps, allow_zero=False)
     _check_worst_case(args)
     if getattr(args, "radius", None) is not None:
         parse_radii(args.radius)
@@ -80,22 +80,33 @@ def validate_arguments(args: argparse.Namespace) -> None:
             f"--curvature {args.curvature}: landscape compare measures the Hessian only; "
             f"use landscape measure --curvature {args.curvature} on each checkpoint"
         )
+    if getattr(args, "command", None) == "compare" and len(args.checkpoints) < 2:
+        raise ValueError(
+            f"landscape compare needs at least two checkpoints, got only {args.checkpoints[0]}; "
+            "measure one with landscape measure"
+        )
     if getattr(args, "device", None):
         check_device(args.device)
 
 
 def parse_radii(text: str) -> list[float]:
-    """--radius as a list of finite radii ≥ 0 (at least one)."""
+    """--radius as a list of finite radii > 0 (at least one): at radius 0 the loss increase is 0 by definition."""
     radii = []
     for item in (r.strip() for r in text.split(",")):
         if not item:
             continue
         try:
-            radii.append(_number("--radius", float(item), allow_zero=True))
+            radius = check_number("--radius", float(item), allow_zero=True)
         except ValueError:
             raise ValueError(
-                f"--radius {text!r}: {item!r} is not a finite number ≥ 0; give a comma list such as 0.005,0.01"
+                f"--radius {text!r}: {item!r} is not a finite number > 0; give a comma list such as 0.005,0.01"
             ) from None
+        if radius == 0:
+            raise ValueError(
+                f"--radius {text!r}: a radius of 0 perturbs nothing, so its loss increase is 0 by definition; "
+                "give radii > 0, such as 0.005,0.01"
+            )
+        radii.append(radius)
     if not radii:
         raise ValueError(f"--radius {text!r} names no radius; give a comma list such as 0.005,0.01")
     return radii
@@ -148,20 +159,14 @@ def check_device(name: str) -> None:
 def _check_worst_case(args: argparse.Namespace) -> None:
     """--rho, --p and --eta of worst-case, m- and average-case sharpness."""
     if getattr(args, "rho", None) is not None:
-        _number("--rho", args.rho, allow_zero=False)
+        check_number("--rho", args.rho, allow_zero=False)
     if getattr(args, "p", None) is not None and args.p.strip().lower() not in ("2", "inf"):
         raise ValueError(f"--p must be 2 or inf, got {args.p}")
     if getattr(args, "eta", None) is not None:
-        _number("--eta", args.eta, allow_zero=True)
+        check_number("--eta", args.eta, allow_zero=True)
         metrics = metric_names(args) if getattr(args, "metrics", None) is not None else []
         if args.eta > 0 and "adaptive-average-case" in metrics:
             raise ValueError(
                 f"--eta {args.eta:g}: adaptive-average-case scales its noise by |w| alone (η = 0); "
                 "measure it in a run without --eta"
             )
-
-
-def _number(name: str, value: float, *, allow_zero: bool) -> float:
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {'≥' if allow_zero else '>'} 0, got {value}")
-    return float(value)

@@ -71,6 +71,16 @@ def test_every_bad_file_gets_its_own_message(tmp_path, mlp_and_spec):
         assert name in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_checkpoint_cut_anywhere_is_truncated_not_an_os_error(tmp_path, mlp_and_spec):
+    """torch's zip reader fails on some cuts with a bare OSError ("[Errno 22] Invalid argument"): said in words."""
+    data = save_checkpoint(tmp_path / "good.pt", mlp_and_spec[0], model_spec=mlp_and_spec[1]).read_bytes()
+    for cut in range(64, len(data), max(1, len(data) // 64)):
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(tmp_path / "cut.pt")
+        assert "cut.pt is truncated or corrupt" in str(info.value) and "Errno" not in str(info.value), cut
+
+
 def test_weights_that_do_not_fit_are_named(tmp_path, mlp_and_spec):
     model, spec = mlp_and_spec
     sd = model.state_dict()

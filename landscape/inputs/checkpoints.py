@@ -18,6 +18,7 @@ import pickletools
 import re
 import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,10 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
                 "would import and may run; pass --trust-checkpoint only if you trust it"
             ) from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (unreadable pickle)") from None
+    except OSError as error:  # torch's zip reader fails on some cut archives with a bare "[Errno 22] Invalid argument"
+        if _starts_as_zip(path):
+            raise CheckpointError(f"{path} is truncated or corrupt (an incomplete zip archive); save or copy it again") from None
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if "zip archive" in message or "central directory" in message or isinstance(error, EOFError):
@@ -136,6 +141,15 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
     except Exception as error:  # anything torch.load raises on a foreign file
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {error})") from None
     return _interpret(path, obj)
+
+
+def _starts_as_zip(path: str) -> bool:
+    """Whether the file begins as a zip archive does (torch.save's format since PyTorch 1.6)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -272,16 +286,16 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], path: st
     ]
     problems = []
     if missing:
-        problems.append("missing keys: " + _short_list(missing))
+        problems.append("missing keys: " + short_list(missing))
     if unexpected:
-        problems.append("unexpected keys: " + _short_list(unexpected))
+        problems.append("unexpected keys: " + short_list(unexpected))
     if mismatched:
-        problems.append("shape mismatch: " + _short_list(mismatched))
+        problems.append("shape mismatch: " + short_list(mismatched))
     if problems:
         raise CheckpointError(f"{path} does not fit the model ({'; '.join(problems)}); check --model and its options")
     nonfinite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if nonfinite:
-        raise CheckpointError(f"{path} has non-finite (NaN/inf) values in {_short_list(nonfinite)}")
+        raise CheckpointError(f"{path} has non-finite (NaN/inf) values in {short_list(nonfinite)}")
     model.load_state_dict(state_dict, strict=True)
     if optional:
         names = sorted({k.rpartition(".")[2] for k in optional})
@@ -294,6 +308,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], path: st
         )
 
 
-def _short_list(items: list[str], limit: int = 5) -> str:
+def short_list(items: Sequence[str], limit: int = 5) -> str:
+    """'a, b, c, d, e and 2 more': the first `limit` items of a list a message names."""
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

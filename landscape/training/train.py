@@ -203,6 +203,9 @@ def train(
     (landscape/training/data_parallel.py), and rank 0 alone writes. False trains this whole run in this process.
     """
     out = Path(out_dir)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():  # before any work, and never "[Errno 20] Not a directory" once the run writes
+        raise ValueError(f"{existing} is a file; a run is a folder (checkpoints, trajectory, log): choose another --out")
     state_path, log_path = out / "state.pt", out / "log.jsonl"
     parallel = distributed.world_size() > 1 if data_parallel is None else data_parallel
     sync = GradientSync() if parallel else None
