@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> None:
     """`landscape measure`: every checkpoint's metrics, printed (or as JSON), saved as they finish with --out."""
     if getattr(args, "per_layer_figure", None) and not args.per_layer:
         raise ValueError("--per-layer-figure draws --per-layer results: pass --per-layer eig,trace too")
-    results = measure_all(args.checkpoints, MeasureSpec.from_args(args), out=args.out, resume=args.resume)
+    results = measure_all(
+        args.checkpoints, MeasureSpec.from_args(args), out=args.out, resume=args.resume, add_checkpoints=args.add_checkpoint
+    )
     if args.per_layer_figure and ranks.is_main():
         from analysis.plots import plot_per_layer, save
 
@@ -272,6 +274,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue --out FILE.json: keep its finished metrics if the checkpoints' SHA-256 and every "
         "measurement option match (refused otherwise, naming the option), compute the rest",
+    )
+    group.add_argument(
+        "--add-checkpoint",
+        action="store_true",
+        help="with --resume: add checkpoints that --out FILE.json holds no results of yet (without it a file "
+        "written for other checkpoints is refused, so results of different checkpoints never mix unasked)",
     )
     group = parser.add_argument_group("per-layer curvature")
     group.add_argument(
@@ -523,15 +531,24 @@ def measure_checkpoint(
     return report
 
 
-def measure_all(paths: Sequence[str], spec: MeasureSpec, *, out: str | None = None, resume: bool = False) -> list[dict]:
-    """`landscape measure`: every checkpoint, each finished metric saved at once to `out` (and kept by `resume`).
+def measure_all(
+    paths: Sequence[str], spec: MeasureSpec, *, out: str | None = None, resume: bool = False, add_checkpoints: bool = False
+) -> list[dict]:
+    """`landscape measure`: every checkpoint, each finished metric saved at once to `out` (and kept by `resume`; a
+    file written for other checkpoints is resumed only with `add_checkpoints`, which adds these to it).
 
     Ctrl-C raises KeyboardInterrupt with one line saying how many metrics are saved and where.
     """
     settings = spec.settings()
     if resume and not out:
         raise ValueError("--resume continues a results file: give it as --out FILE.json")
-    results = ResultsFile.open(out, settings, resume=resume) if out else ResultsFile(None, settings, [])
+    if add_checkpoints and not resume:
+        raise ValueError("--add-checkpoint adds to the file --resume continues: give both, with --out FILE.json")
+    results = (
+        ResultsFile.open(out, settings, resume=resume, checkpoints=paths, add_checkpoints=add_checkpoints)
+        if out
+        else ResultsFile(None, settings, [])
+    )
     try:
         reports = [measure_checkpoint(path, spec, previous=results.previous(path), saved=results.save) for path in paths]
     except KeyboardInterrupt:

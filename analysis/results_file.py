@@ -1,20 +1,23 @@
 """`landscape measure --out FILE.json`: every finished metric saved at once, atomically, and `--resume` keeps them.
 
 The file holds {"format": "landscape-measure", "version": 1, "settings": {...}, "complete": bool,
-"checkpoints": [report, ...]}, each report as `landscape measure --json` prints it, its "metrics"
-growing as they finish. Each write goes to a temporary file that then replaces the old one, so a
-run stopped at any moment (Ctrl-C, kill -9) leaves the last complete file behind. A file is
-resumed only by a run with the same settings on checkpoints with the same SHA-256.
+"checkpoints": [report, ...], "checkpoint_paths": [...]}, each report as `landscape measure --json` prints
+it, its "metrics" growing as they finish. Each write goes to a temporary file that then replaces the old
+one, so a run stopped at any moment (Ctrl-C, kill -9) leaves the last complete file behind. A file is
+resumed only by a run with the same settings on checkpoints with the same SHA-256; "checkpoint_paths" are
+the checkpoints it was written for, and another one is added only when asked (`--add-checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from landscape.engine import distributed as ranks
 from landscape.engine.from_checkpoint import file_sha256
+from landscape.inputs.checkpoints import short_list
 from landscape.results import to_jsonable
 
 FORMAT = "landscape-measure"
@@ -28,33 +31,51 @@ class ResultsFileError(ValueError):
 class ResultsFile:
     """The reports of one `landscape measure` run, by checkpoint; written to `path` on rank 0 (kept in memory if None)."""
 
-    def __init__(self, path: Path | None, settings: dict, reports: list[dict]) -> None:
+    def __init__(self, path: Path | None, settings: dict, reports: list[dict], checkpoint_paths: list[str] | None = None) -> None:
         self.path, self.settings = path, to_jsonable(settings)
         self.reports = {r["checkpoint"]: r for r in reports}
+        self.checkpoint_paths = checkpoint_paths  # the checkpoints the file is for (None: not recorded)
         self.complete = False
 
     @classmethod
-    def open(cls, path: str | os.PathLike, settings: dict, *, resume: bool) -> ResultsFile:
-        """A new file (written at once, so an unwritable --out fails before any work) or, with `resume`, an existing one."""
+    def open(
+        cls,
+        path: str | os.PathLike,
+        settings: dict,
+        *,
+        resume: bool,
+        checkpoints: Sequence[str] | None = None,
+        add_checkpoints: bool = False,
+    ) -> ResultsFile:
+        """A new file (written at once, so an unwritable --out fails before any work) or, with `resume`, an existing one.
+
+        `checkpoints` (measure's): a file resumed for checkpoints it was not written for is refused, unless
+        `add_checkpoints`; they are then added to it.
+        """
         path, settings = Path(path), to_jsonable(settings)
         store, state = None, None
         if ranks.is_main():
             try:
                 if path.exists() and not resume:
                     raise ResultsFileError(f"{path} exists; pass --resume to continue it, or choose another --out")
-                store = cls(path, settings, cls._read(path, settings) if path.exists() else [])
+                reports, paths = cls._read(path, settings) if path.exists() else ([], [])
+                if checkpoints is not None:
+                    paths = _with_checkpoints(path, paths, checkpoints, add_checkpoints)
+                store = cls(path, settings, reports, paths if checkpoints is not None else None)
                 store.write()
-                state = ("ok", list(store.reports.values()))
+                state = ("ok", list(store.reports.values()), store.checkpoint_paths)
             except ResultsFileError as error:
                 state = ("error", str(error))
         if ranks.world_size() > 1:
             state = ranks.all_gather(state)[0]
         if state[0] == "error":
             raise ResultsFileError(state[1])
-        return store or cls(path, settings, state[1])
+        return store or cls(path, settings, state[1], state[2])
 
     @staticmethod
-    def _read(path: Path, settings: dict) -> list[dict]:
+    def _read(path: Path, settings: dict) -> tuple[list[dict], list[str]]:
+        """The file's reports and the checkpoints it was written for (its reports' checkpoints in files from before
+        "checkpoint_paths"); refused unless it was written with `settings`."""
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -69,7 +90,8 @@ class ResultsFile:
                     f"{path} was measured with {name} {_show(stored.get(key))}, not "
                     f"{_show(settings.get(key))}; resume with the same options, or choose another --out"
                 )
-        return data.get("checkpoints", [])
+        reports = data.get("checkpoints", [])
+        return reports, data.get("checkpoint_paths") or [r["checkpoint"] for r in reports]
 
     def previous(self, checkpoint: str) -> dict | None:
         """The saved report of `checkpoint`, if any; refused if the file changed since (SHA-256)."""
@@ -104,6 +126,8 @@ class ResultsFile:
             "complete": self.complete,
             "checkpoints": list(self.reports.values()),
         }
+        if self.checkpoint_paths is not None:
+            payload["checkpoint_paths"] = self.checkpoint_paths
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +140,18 @@ class ResultsFile:
             raise ResultsFileError(f"cannot write {self.path}: {error.strerror or error}") from None
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _with_checkpoints(path: Path, written_for: list[str], asked: Sequence[str], add: bool) -> list[str]:
+    """The checkpoints a resumed file is for: those it was written for, and the `asked` ones it lacks if `add`."""
+    new = [p for p in dict.fromkeys(asked) if p not in written_for]
+    if new and written_for and not add:
+        them = "it" if len(new) == 1 else "them"
+        raise ResultsFileError(
+            f"{path} holds the results of {short_list(written_for)}, not of {short_list(new)}; pass --add-checkpoint to add "
+            f"{them} to this file, or choose another --out"
+        )
+    return written_for + new
 
 
 def _show(value: object) -> str:

@@ -273,6 +273,116 @@ def test_version():
     assert result.returncode == 0 and result.stdout.strip() == "landscape 0.1.0"
 
 
+# ------------------------------------------------------------------ the user's own code (issue 28)
+USER_CODE = """
+import torch
+
+def make_net(**kwargs):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+
+def broken(**kwargs):
+    raise RuntimeError("size mismatch in my layer")
+"""
+
+
+@pytest.fixture
+def user_code(tmp_path):
+    """CODE/nets28.py, a folder on no sys.path, and a bare state dict of its make_net in TMP."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "nets28.py").write_text(USER_CODE)
+    torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).state_dict(), tmp_path / "bare.pt")
+    return code
+
+
+@pytest.mark.cli
+def test_a_failing_model_factory_is_one_line_and_debug_shows_its_traceback(user_code, tmp_path):
+    args = ["measure", tmp_path / "bare.pt", "--model", "nets28:broken", "--data", "digits", "--n-samples", "64"]
+    line = one_line(run_cli(*args, cwd=user_code))  # and the current folder is importable, as with python -m
+    assert "nets28:broken raised RuntimeError: size mismatch in my layer" in line and "--debug" in line
+    debug = run_cli(*args, "--debug", cwd=user_code)
+    assert debug.returncode != 0 and 'raise RuntimeError("size mismatch in my layer")' in debug.stderr
+
+
+@pytest.mark.cli
+def test_a_run_of_a_factory_in_the_current_folder_is_measured_from_anywhere(user_code, tmp_path):
+    trained = run_cli("train", *TRAIN[:2], "--model", "nets28:make_net", *TRAIN[6:], "--out", "run", "--quiet", cwd=user_code)
+    assert trained.returncode == 0, trained.stderr  # no PYTHONPATH=.: the current folder is importable
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    measure = ["measure", user_code / "run" / "final.pt", "--metrics", "expected-loss", "--noise-samples", "4"]
+    measure += ["--n-samples", "64", "--quiet"]
+    assert run_cli(*measure, cwd=elsewhere).returncode == 0  # the checkpoint says where nets28 was found
+    moved = user_code.rename(tmp_path / "moved")
+    line = one_line(run_cli(*measure[:1], moved / "run" / "final.pt", *measure[2:], cwd=elsewhere))
+    assert "cannot import module 'nets28'" in line and f"it was in {user_code.resolve()}" in line and "PYTHONPATH" in line
+
+
+# ------------------------------------------------------------------ the rest of the catalogue (issue 28)
+@pytest.mark.cli
+def test_resume_of_a_file_written_for_another_checkpoint_is_refused_unless_added(trained, tmp_path):
+    final, other, out = trained[0] / "final.pt", trained[0] / "trajectory" / "epoch_0000.pt", tmp_path / "results.json"
+    options = ["--metrics", "expected-loss", "--n-samples", "50", "--noise-samples", "4", "--quiet", "--out", str(out)]
+    assert main(["measure", str(final), *options]) == 0
+    before = out.read_bytes()
+    line = one_line(run_cli("measure", other, *options, "--resume"))
+    assert f"{out} holds the results of {final}, not of {other}" in line and "pass --add-checkpoint" in line
+    assert out.read_bytes() == before
+    assert main(["measure", str(other), *options, "--resume", "--add-checkpoint"]) == 0
+    saved = json.loads(out.read_text())
+    assert [r["checkpoint"] for r in saved["checkpoints"]] == saved["checkpoint_paths"] == [str(final), str(other)]
+    assert main(["measure", str(final), str(other), *options, "--resume"]) == 0  # both are the file's now
+
+
+@pytest.mark.cli
+def test_compare_with_one_checkpoint_is_refused(trained, tmp_path):
+    line = one_line(run_cli("compare", trained[0] / "final.pt", "--out", tmp_path / "cmp"))
+    assert "landscape compare needs at least two checkpoints" in line and "landscape measure" in line
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.cli
+def test_radius_zero_is_refused_at_once(trained):
+    line = one_line(run_cli("measure", trained[0] / "final.pt", "--metrics", "expected-loss", "--radius", "0"))
+    assert "--radius '0': a radius of 0 perturbs nothing" in line
+
+
+@pytest.mark.cli
+def test_train_out_on_a_file_says_so(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):
+        line = one_line(run_cli("train", *TRAIN, "--out", out))
+        assert f"{tmp_path / 'notes.txt'} is a file; a run is a folder" in line and "Errno" not in line
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.cli
+def test_a_truncated_checkpoint_says_so_without_an_os_error(trained, tmp_path):
+    data = (trained[0] / "final.pt").read_bytes()
+
+    def os_error(cut):  # torch's zip reader fails on some cuts with a bare "[Errno 22] Invalid argument"
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        try:
+            torch.load(tmp_path / "cut.pt", weights_only=True)
+        except OSError:
+            return True
+        except Exception:
+            return False
+
+    assert any(os_error(c) for c in range(len(data) // 4, len(data), 61))  # cut.pt is the first such cut
+    line = one_line(run_cli("measure", tmp_path / "cut.pt"))
+    assert "cut.pt is truncated or corrupt" in line and "Errno" not in line
+
+
+@pytest.mark.cli
+def test_track_without_a_trajectory_names_what_track_needs(trained, tmp_path):
+    line = one_line(run_cli("track", tmp_path))
+    assert "no trajectory/epoch_*.pt in it; landscape track needs a run written by `landscape train`" in line
+    assert "--at-train-loss" not in line
+    line = one_line(run_cli("track", trained[0] / "final.pt"))
+    assert "final.pt is not a folder; landscape track takes the folder" in line
+
+
 # ------------------------------------------------------------------ every validated option, in process
 @pytest.mark.parametrize(
     "argv, wanted",
@@ -286,6 +396,8 @@ def test_version():
         (["--radius", "0.01,abc"], "--radius '0.01,abc': 'abc'"),
         (["--radius", "-0.1"], "--radius"),
         (["--radius", ","], "--radius ',' names no radius"),
+        (["--radius", "0"], "--radius '0': a radius of 0 perturbs nothing, so its loss increase is 0 by definition"),
+        (["--radius", "0.01,0.0"], "--radius '0.01,0.0': a radius of 0 perturbs nothing"),
         (["--eps", "0"], "--eps must be a finite number > 0"),
         (["--eps", "nan"], "--eps must be a finite number > 0"),
         (["--tol", "-1"], "--tol must be a finite number ≥ 0"),
@@ -310,9 +422,11 @@ def test_measure_options_are_checked_by_name(argv, wanted):
 
 
 def test_valid_defaults_pass_for_every_command():
-    for argv in (["measure", "x.pt"], ["compare", "x.pt"], ["surface", "x.pt"], ["train", "--out", "o"]):
+    for argv in (["measure", "x.pt"], ["compare", "x.pt", "y.pt"], ["surface", "x.pt"], ["train", "--out", "o"]):
         validate_arguments(build_parser().parse_args(argv))
+    with pytest.raises(ValueError, match="needs at least two checkpoints, got only x.pt"):
+        validate_arguments(build_parser().parse_args(["compare", "x.pt"]))
     with pytest.raises(ValueError, match="--epochs must be at least 1"):
         validate_arguments(build_parser().parse_args(["train", "--out", "o", "--epochs", "0"]))
     with pytest.raises(ValueError, match="unknown metric eps"):  # compare has its own metric names
-        validate_arguments(build_parser().parse_args(["compare", "x.pt", "--metrics", "surface,eps"]))
+        validate_arguments(build_parser().parse_args(["compare", "x.pt", "y.pt", "--metrics", "surface,eps"]))
