@@ -3,6 +3,7 @@
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,26 @@ def test_an_objective_refuses_once_its_model_trained_on_instead_of_measuring_the
         with pytest.raises(ObjectiveError, match="the model changed in place since this Objective copied it"):
             call()
     Objective(model, batches, device="cpu").loss()  # a fresh one measures the model as it is now
+
+
+def test_data_the_model_cannot_take_is_one_line_naming_the_model_and_the_input_shape(tmp_path):
+    """The framework's "expected 4D input (got 3D input)" named neither: the Objective and the CLI's data check say both."""
+    from landscape.engine.from_checkpoint import check_data_fits
+    from landscape.inputs.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+    from landscape.inputs.data import load_data
+    from landscape.inputs.models import model_for_data
+
+    net, spec = model_for_data("convnet", (1, 8, 8), 10)  # Conv2d + BatchNorm2d: BN raises the ValueError
+    x, y = torch.randn(20, 8, 8), torch.randint(0, 10, (20,))  # the channel axis missing
+    with pytest.raises(ObjectiveError) as info:
+        Objective(net, [(x, y)], device="cpu")
+    message = str(info.value)
+    assert message.startswith("the model (ConvNet) cannot take the data's inputs of shape (8, 8) (batches of 20): ")
+    assert "\n" not in message
+    np.savez(tmp_path / "flat.npz", x=x.numpy(), y=y.numpy())
+    checkpoint = load_checkpoint(save_checkpoint(tmp_path / "net.pt", net, model_spec=spec))
+    with pytest.raises(CheckpointError, match=r"gives inputs of shape \(8, 8\) but the model in .*net.pt \(convnet\) expects"):
+        check_data_fits(net, load_data(f"npz:{tmp_path / 'flat.npz'}"), checkpoint, spec)
 
 
 class _LegacyScale(torch.autograd.Function):

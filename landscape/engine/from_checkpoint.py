@@ -121,7 +121,7 @@ def check_data_fits(net: torch.nn.Module, dataset: Dataset | BatchSet, checkpoin
     try:
         with torch.no_grad():
             out = net(x)
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:  # BatchNorm's "expected 4D input (got 3D input)" is a ValueError
         expected = (model_spec or {}).get("kwargs", {}).get("input_shape")
         wants = f"expects {tuple(expected)}" if expected else f"cannot take them ({str(error).splitlines()[0]})"
         raise CheckpointError(

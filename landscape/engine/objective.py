@@ -230,6 +230,8 @@ class Objective:
         if not torch.isfinite(self.w).all():
             bad = [n for n, t in self.layout.unflatten(self.w).items() if not torch.isfinite(t).all()]
             raise ObjectiveError(f"non-finite weights in {', '.join(bad)}")
+        if batches:
+            self._check_forward(to_device(batches[0], self.device, self.dtype))
         self._set_batches(batches)
         self.hvp_method = "reuse" if hvp_method == "auto" else hvp_method
         self.memory_plan = self._plan_memory(graph_memory_budget)
@@ -238,6 +240,22 @@ class Objective:
         self._check_pending = hvp_check
         self._batch_probes = True  # probes batched with vmap until an op without a batching rule is met
         self.hvp_check_result: HVPCheck | None = None
+
+    def _check_forward(self, batch: Batch) -> None:
+        """The model on the first two items of the first batch: data it cannot take is one line naming both, not a
+        framework message such as "expected 4D input (got 3D input)" from deep inside the forward."""
+        sample = _leading(batch, 2)
+        sample = batch if sample is None else sample
+        try:
+            with torch.no_grad():
+                self._call(self.w, sample)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            reason = (str(error).splitlines() or [type(error).__name__])[0]
+            raise ObjectiveError(
+                f"the model ({type(self.model).__name__}) cannot take the data's {_input_shapes(batch)}: {reason}"
+            ) from error
 
     def _set_batches(self, batches: Sequence[Batch]) -> None:
         moved = [to_device(b, self.device, self.dtype) for b in batches]
@@ -785,6 +803,17 @@ def _tensors(batch: Batch) -> list[torch.Tensor]:
         return [batch]
     values = batch.values() if isinstance(batch, dict) else batch
     return [t for t in values if isinstance(t, torch.Tensor)]
+
+
+def _input_shapes(batch: Batch) -> str:
+    """What the model is given, in shapes: "inputs of shape (8, 8) (batches of 64)", or each keyword's shape."""
+    args, kwargs = model_arguments(batch)
+    if kwargs:
+        return "inputs " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    x = args[0]
+    if not isinstance(x, torch.Tensor) or not x.ndim:
+        return f"inputs of type {type(x).__name__}"
+    return f"inputs of shape {tuple(x.shape[1:])} (batches of {x.shape[0]})"
 
 
 def _leading(batch: Batch, n: int) -> Batch | None:
