@@ -71,6 +71,46 @@ def t_halfwidth(samples: ArrayLike, axis: int = 0) -> float | np.ndarray:
     return t_quantile(n - 1) * stderr(values, axis)
 
 
+def skew_corrected_interval(samples: ArrayLike, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Interval of the mean of iid samples corrected for their skewness: Hall's (1992) transformation of Student's t.
+
+    The t interval assumes t = √n(x̄ − μ)/s is symmetric; for skewed samples it is skewed the other way, and the
+    interval misses on the long tail's side. Hall ("On the removal of skewness by transformation", JRSS B 54)
+    maps t by g(t) = t + a·t² + a²·t³/3 + b, a = γ/(3√n), b = γ/(6√n), γ the sample skewness, monotone and with
+    a closed-form inverse, so μ ∈ [x̄ − s/√n·g⁻¹(q), x̄ − s/√n·g⁻¹(−q)], q the t quantile with n − 1 df. For
+    symmetric samples (γ = 0) it is the t interval shifted by nothing. On the losses of a trained network under
+    weight noise (skewness 1–4) it lifted the coverage of a nominal 95% from 86–93% to 92–95% (tests/test_coverage.py).
+
+    Args:
+        samples: iid values, at least two.
+        confidence: the two-sided level, CONFIDENCE by default.
+
+    Returns:
+        (low, high); a single point when the samples are constant.
+
+    Examples:
+        >>> low, high = skew_corrected_interval([0.1, 0.2, 0.1, 0.3, 2.0, 0.2, 0.1, 0.4])
+        >>> mean = 3.4 / 8
+        >>> bool(high - mean > mean - low)  # longer on the long tail's side
+        True
+    """
+    values = np.asarray(samples, dtype=float)
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"a confidence interval of a mean needs at least two values, got {n}")
+    mean, spread = float(values.mean()), float(values.std())
+    if spread == 0:
+        return mean, mean
+    gamma = float(((values - mean) ** 3).mean()) / spread**3
+    se, q = stderr(values), t_quantile(n - 1, confidence)
+    a, b = gamma / (3 * math.sqrt(n)), gamma / (6 * math.sqrt(n))
+
+    def inverse(x: float) -> float:  # g⁻¹(x) = ((1 + 3a(x − b))^⅓ − 1)/a
+        return x - b if abs(a) < 1e-12 else (float(np.cbrt(1 + 3 * a * (x - b))) - 1) / a
+
+    return mean - se * inverse(q), mean - se * inverse(-q)
+
+
 def two_sided_p(diff: float, se: float, df: float | None) -> float:
     """Two-sided p-value of diff/se under Student's t with `df` (standard normal when df is None).
 
@@ -168,3 +208,28 @@ def holm(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted
+
+
+def binomial_interval(hits: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Clopper–Pearson (1934) exact interval of a proportion: e.g. how often an interval covered the truth.
+
+    Args:
+        hits: successes, 0 ≤ hits ≤ n.
+        n: trials, at least 1.
+        confidence: the two-sided level, CONFIDENCE by default.
+
+    Returns:
+        (low, high), never narrower than the true level (conservative).
+
+    Examples:
+        >>> tuple(round(b, 4) for b in binomial_interval(190, 200))
+        (0.91, 0.9758)
+    """
+    import scipy.stats
+
+    if not 0 <= hits <= n or n < 1:
+        raise ValueError(f"need 0 ≤ hits ≤ n and n ≥ 1, got hits={hits}, n={n}")
+    tail = (1 - confidence) / 2
+    low = 0.0 if hits == 0 else float(scipy.stats.beta.ppf(tail, hits, n - hits + 1))
+    high = 1.0 if hits == n else float(scipy.stats.beta.ppf(1 - tail, hits + 1, n - hits))
+    return low, high
