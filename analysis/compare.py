@@ -462,7 +462,8 @@ def build_report(result: dict, out: Path) -> Report:
         h1,
         r1,
         "One seed: estimate ± its standard error (λ: Lanczos residual bound; accuracy: binomial; "
-        "ε-sharpness: best of its starts ± best − worst). "
+        "ε-sharpness, worst case: best of the starts ± best − worst, a lower bound on the maximum; m-sharpness: "
+        "a mean of such lower bounds). "
         "Several seeds: mean ± standard deviation over seeds (n). ΔL a=r: E[L(w+u)] − L(w), u ~ U[−r, r] "
         "per weight (train split, cross-entropy nats).",
     )

@@ -131,10 +131,13 @@ def _(r: SharpnessCurve, metric: str, products: str) -> list[tuple]:
     return rows
 
 
+LOWER_BOUND = "a lower bound on the maximum (the largest loss an ascent found)"
+
+
 def _best_of(r: EpsilonSharpness | WorstCase) -> tuple[str, str]:
-    """A best-of-starts maximum and the value each start reached."""
+    """A best-of-starts maximum, marked ≥ (the true maximum can only be higher), and the value each start reached."""
     starts = ", ".join(f"{kind} {v:.4g}" for kind, v in zip(r.start_kinds, r.values))
-    return f"{r.value:.4g} (best of {len(r.values)} starts, spread {r.spread:.2g})", starts
+    return f"≥ {r.value:.4g} (best of {len(r.values)} starts, spread {r.spread:.2g})", starts
 
 
 @result_rows.register
@@ -142,14 +145,17 @@ def _(r: EpsilonSharpness, metric: str, products: str) -> list[tuple]:
     space = "full space" if r.subspace_dim is None else f"{r.subspace_dim}-dim subspace"
     value, starts = _best_of(r)
     cost = f"{r.n_forward} forwards, {r.n_grad} gradients, {r.seconds:.1f}s"
-    return [(f"ε-sharpness, ε={r.eps:g}", value, cost, f"{r.method}, {r.max_iter} iterations, {space}; starts: {starts}")]
+    note = f"{LOWER_BOUND}; {r.method}, {r.max_iter} iterations, {space}; starts: {starts}"
+    return [(f"ε-sharpness, ε={r.eps:g}", value, cost, note)]
 
 
 @result_rows.register
 def _(r: WorstCase, metric: str, products: str) -> list[tuple]:  # Foret et al. 2021; Kwon et al. 2021
     value, starts = _best_of(r)
     cost = f"{r.n_forward} forwards, {r.n_grad} gradients, {r.seconds:.1f}s"
-    return [(f"{_ball(metric, r.p)}, ρ={r.rho:g}", value, cost, f"APGD {r.steps} steps{_scaled(r)}; starts: {starts}")]
+    return [
+        (f"{_ball(metric, r.p)}, ρ={r.rho:g}", value, cost, f"{LOWER_BOUND}; APGD {r.steps} steps{_scaled(r)}; starts: {starts}")
+    ]
 
 
 @result_rows.register
@@ -160,9 +166,10 @@ def _(r: MSharpness, metric: str, products: str) -> list[tuple]:  # Andriushchen
     return [
         (
             f"{_ball(metric, r.p)}, ρ={r.rho:g}, m={r.m}",
-            f"{r.value:.4g}{spread} (mean ± stderr over {r.n_batches} batches)",
+            f"≥ {r.value:.4g}{spread} (mean ± stderr over {r.n_batches} batches)",
             f"{r.n_forward} forwards, {r.n_grad} gradients on {r.m}-sample batches, {r.seconds:.1f}s",
-            f"{r.n_batches} batches of {r.m}{unused}; APGD {r.steps} steps, {1 + r.restarts} starts{_scaled(r)}; "
+            f"a lower bound: each batch's maximum is its best start's; {r.n_batches} batches of {r.m}{unused}; "
+            f"APGD {r.steps} steps, {1 + r.restarts} starts{_scaled(r)}; "
             f"mean start spread {mean_spread:.2g}",
         )
     ]

@@ -19,7 +19,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from analysis.differences import ci_halfwidth  # noqa: E402
-from analysis.quantities import eigenvalue_label  # noqa: E402
+from analysis.quantities import eigenvalue_label, is_lower_bound  # noqa: E402
 from analysis.setup_text import norm_mode  # noqa: E402
 from landscape.curvature.per_layer import BlockCurvature, PerLayerResult  # noqa: E402
 from landscape.curvature.spectrum import Spectrum  # noqa: E402
@@ -267,7 +267,8 @@ def plot_correlation(result: Mapping, *, gap: str | None = None, title: str = ""
             ax.set_yscale("log")
         c = found[name]
         psi = "" if c["psi"] is None else f"\nΨ = {c['psi']['value']:+.2f} [{c['psi']['low']:+.2f}, {c['psi']['high']:+.2f}]"
-        ax.set_title(f"{name}: τ = {c['tau']['value']:+.2f} [{c['tau']['low']:+.2f}, {c['tau']['high']:+.2f}]{psi}", fontsize=9)
+        shown = f"{name} (a lower bound)" if is_lower_bound(name) else name
+        ax.set_title(f"{shown}: τ = {c['tau']['value']:+.2f} [{c['tau']['low']:+.2f}, {c['tau']['high']:+.2f}]{psi}", fontsize=9)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)

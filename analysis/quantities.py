@@ -48,6 +48,12 @@ def eigenvalue_label(i: int) -> str:
 
 
 EPSILON_SHARPNESS = "ε-sharpness"
+LOWER_BOUND_RESULTS = (EpsilonSharpness, WorstCase, MSharpness)  # an ascent's best: a lower bound on a maximum
+
+
+def is_lower_bound(label: str) -> bool:
+    """Whether a quantity (by label) is the best loss an ascent found, a lower bound on a maximum, to be shown as such."""
+    return label == EPSILON_SHARPNESS or METRIC_RESULTS.get(label) in LOWER_BOUND_RESULTS
 
 
 def as_result(metric: str, result: Result | dict) -> Result:

@@ -60,6 +60,7 @@ class EpsilonSharpness(Result):
     seconds: float
     seed: int
     setup: dict
+    bound: str = "lower"  # in the JSON too: `value` is a lower bound on the maximum (the best an ascent found)
 
 
 def epsilon_sharpness(

@@ -62,6 +62,7 @@ class WorstCase(Result):
     seconds: float
     seed: int
     setup: dict
+    bound: str = "lower"  # in the JSON too: `value` is a lower bound on the maximum (the best an ascent found)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class MSharpness(Result):
     seconds: float
     seed: int
     setup: dict
+    bound: str = "lower"  # in the JSON too: `value` is a lower bound on the maximum (the best an ascent found)
 
 
 def default_rho(p: str | float, adaptive: bool, *, average: bool = False) -> float:
