@@ -259,12 +259,12 @@ def xtrace(
     their sketches, are positively correlated, and that formula understated the error by ~20%
     (95% intervals covered the true trace of real-network Hessians in 88–91% of seeds; the
     authors' README warns it "tends to underestimate"). Here Var(mean) = s²/m + c, with s² the
-    T_i's sample variance and c = Cov(T_i, T_j) estimated without bias by the mean over i ≠ j of
+    T_i's sample variance and c = Cov(T_i, T_j) (truncated at 0) estimated without bias by the mean over i ≠ j of
     δ_ij·δ_ji, δ_ij = T_i − T_i^(−j) and T_i^(−j) the estimate of T_i with ω_j left out of the
     sketch too: E[T_i | Ω without ω_i] = tr(A) makes Cov(T_i, T_j) = E[δ_ij·δ_ji] exactly (the
     leave-one-out variance idea of Epperly & Tropp 2024, "Efficient error and variance estimation
     for randomized matrix computations", SIAM J. Sci. Comput.). The leave-two-out estimates cost no
-    matvecs, O(m²) small-matrix work. Coverage: docs/reference/curvature.md, tests/test_coverage.py.
+    matvecs, O(m²) small-matrix work. Coverage: docs/coverage.md, tests/test_coverage.py.
 
     Args:
         op: a symmetric operator of size ≥ 2 (HessianOperator, GGNOperator, DenseOperator, ...).
@@ -383,8 +383,9 @@ def _xtrace_grams(q: torch.Tensor, aq: torch.Tensor, omega: torch.Tensor, y: tor
 def _xtrace_estimate(grams: tuple[np.ndarray, ...], parts: _XTraceParts) -> tuple[np.ndarray, float]:
     """The m leave-one-out XTrace estimates T_i over the Gram matrices' coordinates, and the stderr of their mean.
 
-    stderr² = s²/m + mean_{i≠j} δ_ij·δ_ji with δ_ij = T_i − T_i^(−j) (see `xtrace`); the paper's s²/m where that
-    is not positive, and 0 when the sketch held all of range(A) (the estimate is then exact).
+    stderr² = s²/m + max(c, 0), c = mean_{i≠j} δ_ij·δ_ji with δ_ij = T_i − T_i^(−j) (see `xtrace`), and 0 when the
+    sketch held all of range(A) (the estimate is then exact). A negative c is noise more often than not at small m
+    (taken as is, 90% coverage at 30 matvecs on a BN ConvNet; truncated, 93%): never below the paper's s²/m.
     """
     m = parts.w.shape[1]
     index = np.arange(m)
@@ -395,8 +396,8 @@ def _xtrace_estimate(grams: tuple[np.ndarray, ...], parts: _XTraceParts) -> tupl
     l2o = _xtrace_samples(grams, parts, first, np.stack([first, second], 1), parts.codim + 1)
     delta = np.zeros((m, m))
     delta[first, second] = loo[first] - l2o  # δ_ij
-    variance = loo.var(ddof=1) / m + (delta * delta.T).sum() / (m * (m - 1))
-    return loo, float(np.sqrt(variance if variance > 0 else loo.var(ddof=1) / m))
+    covariance = (delta * delta.T).sum() / (m * (m - 1))
+    return loo, float(np.sqrt(loo.var(ddof=1) / m + max(covariance, 0.0)))
 
 
 def _xtrace_samples(
