@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from landscape.curvature.krylov import AugmentedKrylov
 from landscape.engine.checks import check_int
 from landscape.engine.operators import LinearOperator
 from landscape.engine.probes import rademacher, seeded_generator
@@ -20,7 +21,10 @@ from landscape.engine.progress import Progress
 from landscape.results import Result
 
 WHICH = ("LA", "SA", "LM")
-STOPS = ("error", "residual")
+STOPS = ("certified", "residual", "error")
+GUARD_VALUES = 3  # Ritz values beyond the k wanted that the space must hold before a check starts
+ROUNDING_ULPS = 1000  # reported bounds are at least this many machine epsilons of ‖A‖ (the products' own rounding)
+CHECK_MISS = 1e-3  # the fresh vector may miss an eigenvector only with share below CHECK_MISS/N (`_Check`)
 _BREAKDOWN_ULPS = 100  # β ≤ this many machine epsilons of ‖T‖: an invariant subspace was found
 _INITIAL_BASIS = 32  # basis slots allocated up front; doubled as the recurrence grows
 BASIS_BYTES = 2 * 2**30  # the default Lanczos budget stops growing where its stored basis would pass this
@@ -30,12 +34,12 @@ BASIS_BYTES = 2 * 2**30  # the default Lanczos budget stops growing where its st
 class EigResult(Result):
     """Eigenvalue estimates with their error bounds, cost and provenance.
 
-    `residuals` are rigorous: some eigenvalue of A lies within r_i of θ_i. `error_bounds`
-    are the sharper gap-refined min(r_i, r_i²/gap_i) (Kato–Temple; Parlett 1998, Thm 11.7.1),
-    with gap_i estimated from the other Ritz values (`_error_bounds`). The true gap is to
-    the nearest other EIGENVALUE, which the Krylov space may not have found yet, so
-    `error_bounds` are ESTIMATES, not guarantees; power iteration has no gap information
-    and reports its residuals there.
+    `residuals` are rigorous: some eigenvalue of A lies within r_i of θ_i. `error_bounds` are what the
+    stop tested: with stop="certified" or "residual" the residuals, widened over clusters of overlapping
+    intervals (`_cluster_bounds`); with "error" the gap-refined ESTIMATES min(r_i, r_i²/gap_i). Only a
+    `certified` result claims that values[i] is the i-th eigenvalue within error_bounds[i] (see `lanczos`);
+    otherwise the residual bounds the distance to SOME eigenvalue, and for "LA" θ_i ≤ λ_i still holds
+    (a lower bound; an upper bound for "SA"). Power iteration reports its residuals and is never certified.
     """
 
     values: np.ndarray  # float64, ordered: largest first ("LA"), smallest first ("SA"), by |.| ("LM")
@@ -48,6 +52,9 @@ class EigResult(Result):
     method: str  # "lanczos" / "power_iteration"
     seed: int
     which: str  # "LA", "SA" or "LM": which end of the spectrum `values` come from
+    certified: bool = False  # evidence that values[i] is the i-th eigenvalue, within error_bounds[i] (`lanczos`)
+    stop: str = "residual"  # the stopping rule that ran ("certified", "residual", "error"; power iteration's own)
+    sequences: int = 1  # Krylov sequences in the basis: the start, the certification checks, restarts
 
 
 @dataclass(frozen=True)
@@ -211,45 +218,58 @@ def lanczos(
     seed: int = 0,
     return_vectors: bool = False,
     progress: bool | str = False,
-    stop: str = "error",
+    stop: str = "certified",
     start: torch.Tensor | None = None,
 ) -> EigResult:
-    """k extreme eigenvalues by Lanczos with full reorthogonalization (Lanczos 1950; Golub & Van Loan 2013, §10.1).
+    """k extreme eigenvalues by Lanczos with full reorthogonalization (Lanczos 1950; Golub & Van Loan 2013, §10.1),
+    each reported as the i-th only with evidence that it is the i-th.
 
-    Each wanted Ritz value θ_i has residual r_i = |β_m s_{m,i}| = ‖Ay_i − θ_i y_i‖, a rigorous
-    bound on the distance from θ_i to an eigenvalue of A, and the sharper error estimate
-    min(r_i, r_i²/gap_i) (Kato–Temple, Parlett 1998, Thm 11.7.1; `EigResult.error_bounds`: the
-    eigenvalue error shrinks like r², so waiting for r_i itself to reach tol overspends matvecs).
-    Neither stopping rule can see an eigenvalue the Krylov space has not found yet (e.g. a close
-    neighbour of a found one); "error" stops a few matvecs earlier, so it is a little more exposed
-    to such misses. A run that spends its budget returns converged=False. After an invariant
-    subspace the recurrence restarts from a fresh random vector while fewer than k Ritz values
-    exist; a single Krylov space sees each distinct eigenvalue once, so exact multiplicities
-    beyond that are only resolved by such restarts.
+    Each wanted Ritz value θ_i has the residual r_i = ‖Ay_i − θ_i y_i‖: some eigenvalue of A lies within
+    r_i of θ_i (Parlett 1998, Thm 4.5.1), and where the intervals [θ_j − r_j, θ_j + r_j] overlap, as many
+    eigenvalues as Ritz values lie within the cluster's √(Σ r_j²) of them (Kahan; Parlett 1998, Thm 11.5.1).
+    By Cauchy interlacing θ_i ≤ λ_i always ("LA"; θ_i ≥ λ_i for "SA"). What no residual shows is WHICH
+    eigenvalue θ_i approximates: a Krylov space whose start vector barely touches an eigenvector (a close
+    pair not yet resolved, an exact multiplicity, a warm start from the wrong vector) converges to the next
+    eigenvalue first and reports it as λ_i with a small residual (Parlett 1998, §13.2: "misconvergence").
+
+    The default stop, "certified", therefore accepts a run only when:
+
+    1. every wanted value's residual (cluster) bound is ≤ tol·|θ_i|: never a gap-refined estimate, whose
+       gap may be to a neighbour the space has not found (Kato–Temple needs the TRUE gap);
+    2. the space holds at least k + 3 Ritz values (the guard values below the wanted ones), and
+    3. a fresh Gaussian vector, orthogonalized against the basis, has started a second Krylov sequence in
+       the same basis and grown alone until an eigenvector it missed would have come to dominate it (`_Check`:
+       a Chebyshev growth bound against the share a random vector gives it), while (1) still held and no
+       wanted value moved by more than its bounds. A close partner or a second copy of a wanted eigenvalue,
+       which one start cannot separate, has a share of the fresh vector of its own and pulls the values: the
+       check then stops, every sequence grows in turn (block Lanczos, Golub & Van Loan 2013, §10.3.6) and a
+       new check follows. The check's length adapts: a few products where the wanted values stand clear of
+       the rest of the spectrum, more where it crowds them.
+
+    The start vector is Gaussian, and a caller's `start` (a warm start) is mixed with an equal share of one. The result's `certified` says whether 1–3 held; a run that spends
+    its budget first returns converged=False and certified=False. Certification is probabilistic in the
+    random vectors, as it must be for any method that sees A only through products: the coverage suite
+    (tests/test_lanczos_coverage.py) holds it to zero misses over hundreds of hard problems. "residual" stops at (1) alone, and "error" on the former gap-refined
+    estimates min(r, r²/gap) with gaps from the other Ritz values: both are cheaper and never certified.
 
     Args:
         op: a symmetric operator (HessianOperator, GGNOperator, FisherOperator, DenseOperator, ...).
         k: how many eigenvalues; k > n is clipped to n.
         which: "LA" largest algebraic (default), "SA" smallest algebraic, "LM" largest magnitude.
-        tol: relative tolerance: stop when every wanted value's error measure ≤ tol·max(|θ_i|, √eps·‖T‖).
+        tol: relative tolerance: stop when every wanted value's bound ≤ tol·max(|θ_i|, √eps·‖T‖).
         max_matvecs: budget of operator products; None: `default_max_matvecs` (max(300, 60k), held
             to n and to what a 2 GiB basis stores).
-        seed: seed of the Rademacher start vector (when `start` is None) and of any restart.
+        seed: seed of the Gaussian start vector and of the check's fresh vectors.
         return_vectors: also return the unit Ritz vectors, the rows of a (k, n) block.
         progress: a progress bar (True, or a label), off by default.
-        stop: "error" (default) tests the gap-refined error estimates; "residual" tests the
-            residuals r_i themselves, the rigorous but costlier rule.
-        start: the first Krylov vector (n entries, normalized here), e.g. the top eigenvector of
-            the previous training checkpoint: a warm start near the wanted eigenvectors converges
-            in fewer matvecs. A start (nearly) orthogonal to a wanted eigenvector hides it, as it
-            would from any start, so pass a previous eigenvector, not a hand-made vector with
-            structure. Where the top eigenvalues crowd together (the edge of stability) a warm
-            start makes the "error" rule stop on an underestimate far more often than a cold
-            start; warm-start with stop="residual" there (landscape.curvature.stability).
+        stop: "certified" (default), "residual" or "error" (see above).
+        start: a first Krylov vector (n entries), e.g. the top eigenvector of the previous training
+            checkpoint: mixed half and half with a Gaussian vector, it converges in fewer products where
+            the wanted eigenvectors changed little.
 
     Returns:
-        EigResult: `values` in the order of `which`, their `residuals` (rigorous) and
-            `error_bounds` (estimates), `vectors` if asked, `n_matvecs`, `converged`, `seconds`.
+        EigResult: `values` in the order of `which`, their `residuals` and `error_bounds` (the bounds the
+            stop tested), `vectors` if asked, `n_matvecs`, `converged`, `certified`, `seconds`.
 
     Raises:
         ValueError: an unknown `which` or `stop`, a non-positive k or budget, a budget below k,
@@ -262,8 +282,8 @@ def lanczos(
         >>> from landscape.engine.operators import DenseOperator
         >>> op = DenseOperator(torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5], dtype=torch.float64)))
         >>> result = lanczos(op, k=2)
-        >>> result.values.round(6), result.converged, result.n_matvecs
-        (array([5., 3.]), True, 4)
+        >>> result.values.round(6), result.converged, result.certified, result.n_matvecs
+        (array([5., 3.]), True, True, 4)
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
@@ -276,53 +296,170 @@ def lanczos(
     began = time.perf_counter()
     generator = seeded_generator(op.device, seed)
     n = op.shape[0]
-    first = rademacher(generator, (1, n), op) if start is None else _start_vector(start, op)
-    recurrence = _Lanczos(op, first, max_steps=min(max_matvecs, n))
-    floor = np.sqrt(torch.finfo(op.dtype).eps)
-    with Progress(recurrence.max_steps, "lanczos", "matvec", progress) as bar:
+    first = _gaussian(generator, op) if start is None else _start_vector(start, op) + _gaussian(generator, op)
+    krylov = AugmentedKrylov(op, first, max_steps=min(max_matvecs, n))
+    eps = torch.finfo(op.dtype).eps
+    floor = np.sqrt(eps)
+    check = _Check(k + GUARD_VALUES, which)
+    block = False  # every sequence grows in turn once a check has found something
+    with Progress(krylov.max_steps, "lanczos", "matvec", progress) as bar:
         while True:
-            broken = recurrence.step()[0]
+            krylov.apply()
             bar.update(1)
-            theta, s, beta = recurrence.ritz(0)
-            residuals = np.abs(beta * s[-1])
-            bounds = _error_bounds(theta, residuals)
+            theta, s, residuals = krylov.ritz()
             wanted = _wanted(theta, k, which)
-            scale = np.maximum(np.abs(theta[wanted]), floor * recurrence.norm_estimate[0])
-            measure = bounds if stop == "error" else residuals
-            converged = len(wanted) == k and bool(np.all(measure[wanted] <= tol * scale))
-            if converged or recurrence.steps >= recurrence.max_steps:
+            scale = np.maximum(np.abs(theta[wanted]), floor * krylov.norm_estimate)
+            tested = _error_bounds(theta, residuals) if stop == "error" else _cluster_bounds(theta, residuals)
+            converged = len(wanted) == k and bool(np.all(tested[wanted] <= tol * scale))
+            # the bounds reported: none below what the float arithmetic of the products and of H resolves
+            bounds = tested if stop == "error" else np.maximum(tested, ROUNDING_ULPS * eps * krylov.norm_estimate)
+            if stop != "certified" and converged:
+                break  # the cheaper rules stop at their first test
+            if converged and (krylov.applied >= n or check.passes(krylov, theta, residuals, wanted, bounds)):
+                break  # (a basis that spans the space holds every eigenvalue)
+            if krylov.full:
                 break
-            if broken:
-                recurrence.restart(rademacher(generator, (1, n), op))
-    vectors = None
-    if return_vectors:
-        ritz = torch.as_tensor(s[:, wanted].T, dtype=op.dtype, device=op.device)  # row i: T's eigenvector of θ_i
-        vectors = ritz @ recurrence.basis[0, : recurrence.steps]
+            if check.running and not (converged and check.unmoved(theta[wanted], bounds[wanted])):
+                check.stop()  # the fresh sequence found something: grow every sequence, then check again
+                block = True
+            if converged and not check.running and krylov.applied >= min(check.minimum_values, n):
+                if krylov.inject(_gaussian(generator, op)):
+                    check.start(krylov, theta[wanted], bounds[wanted])
+                    continue
+            _extend(krylov, generator, op, block=block and not check.running)
+    vectors = krylov.vectors(s[:, wanted]) if return_vectors else None
     return EigResult(
         values=theta[wanted],
         residuals=residuals[wanted],
         error_bounds=bounds[wanted],
         vectors=vectors,
-        n_matvecs=recurrence.n_matvecs,
+        n_matvecs=krylov.applied,
         converged=converged,
         seconds=time.perf_counter() - began,
         method="lanczos",
         seed=int(seed),
         which=which,
+        certified=converged and stop == "certified",
+        stop=stop,
+        sequences=krylov.sequences,
     )
 
 
+def _extend(krylov: AugmentedKrylov, generator: torch.Generator, op: LinearOperator, *, block: bool) -> None:
+    """The next basis vector: the last sequence's Lanczos vector, or (`block`) the next sequence's in turn, so
+    that every sequence keeps growing (block Lanczos); a fresh Gaussian vector where all have broken down."""
+    first = (krylov.last + 1) % krylov.sequences if block else krylov.last
+    order = [(first + i) % krylov.sequences for i in range(krylov.sequences)]
+    if not any(krylov.follow(sequence) for sequence in order):  # an invariant subspace: go on from a fresh vector
+        krylov.inject(_gaussian(generator, op))
+
+
+class _Check:
+    """Step 3 of `lanczos`'s certified stop: a fresh random sequence, alone, long enough that an eigenvalue the
+    basis missed would have shown.
+
+    The fresh vector q is Gaussian in the complement of the basis, so a missed eigenvector u (with eigenvalue μ
+    in the wanted region, beyond L) holds a share w ~ χ²₁/N of it, N the complement's dimension. After q products
+    the sequence's Krylov space holds p(A)q for the Chebyshev polynomial p of degree q − 1 on [a, b], where b is the
+    fresh sequence's own extreme Ritz value and a the far end of the spectrum: u's share grows by at least
+    T_{q−1}(1 + 2(L − b)/(b − a))² against the rest (Saad 2011, §6.6; Kuczyński & Woźniakowski 1992 for the
+    random start). The check passes once that growth exceeds N/CHECK_MISS, so u would now dominate the sequence's
+    extreme Ritz vector unless w < CHECK_MISS/N (probability ≈ √(2·CHECK_MISS/π)), and the wanted values have
+    not moved beyond their bounds. A missed eigenvalue instead pulls the fresh Ritz values into the wanted region
+    and unsettles the wanted values: the check stops, every sequence grows in turn, and a new check follows."""
+
+    def __init__(self, minimum_values: int, which: str) -> None:
+        self.minimum_values = minimum_values  # the wanted values and their guards
+        self.which = which
+        self.began: int | None = None  # products spent when the running check's fresh vector joined
+        self.sequence = -1
+        self.values: np.ndarray | None = None
+        self.bounds: np.ndarray | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.began is not None
+
+    def start(self, krylov: AugmentedKrylov, values: np.ndarray, bounds: np.ndarray) -> None:
+        self.began, self.sequence, self.values, self.bounds = krylov.applied, krylov.sequences - 1, values, bounds
+
+    def stop(self) -> None:
+        self.began = None
+
+    def unmoved(self, values: np.ndarray, bounds: np.ndarray) -> bool:
+        """Each wanted value within its old and new bounds of where it was when the check began."""
+        return len(values) == len(self.values) and bool(np.all(np.abs(values - self.values) <= self.bounds + bounds))
+
+    def passes(
+        self, krylov: AugmentedKrylov, theta: np.ndarray, residuals: np.ndarray, wanted: np.ndarray, bounds: np.ndarray
+    ) -> bool:
+        if not self.running or not self.unmoved(theta[wanted], bounds[wanted]):
+            return False
+        fresh = [i for i in range(krylov.applied) if krylov.owner[i] == self.sequence]
+        # a fresh sequence that broke down spans an invariant subspace: whatever share of a missed eigenvector it
+        # had is in its own Ritz values already, exactly (unbounded growth)
+        invariant = krylov.ends[self.sequence] not in krylov.remainders
+        if len(fresh) < 2 and not invariant:
+            return False
+        rho = np.linalg.eigvalsh(krylov.h[np.ix_(fresh, fresh)])
+        low, high = theta[0] - residuals[0], theta[-1] + residuals[-1]  # the spectrum's ends, as far as seen
+        complement = krylov.n - (krylov.applied - len(fresh))
+        needed = np.log(complement / CHECK_MISS)  # ln of the growth T² that the missed share needs
+        degree = len(fresh) - 1
+        ends = []
+        if self.which in ("LA", "LM"):
+            ends.append((np.min(theta[wanted] - bounds[wanted]) if self.which == "LA" else None, rho[-1], low))
+        if self.which in ("SA", "LM"):
+            ends.append((np.max(theta[wanted] + bounds[wanted]) if self.which == "SA" else None, rho[0], high))
+        for level, edge, far in ends:
+            if level is None:  # "LM": the wanted region is |λ| ≥ min |θ_i| − bound, on either side
+                magnitude = np.min(np.abs(theta[wanted]) - bounds[wanted])
+                level = magnitude if edge >= far else -magnitude
+            margin, width = abs(level - edge), abs(edge - far)
+            if (level - edge) * (edge - far) <= 0 or width == 0:
+                return False  # the fresh sequence already reaches the wanted region
+            if not invariant and 2 * degree * np.arccosh(1 + 2 * margin / width) < needed:  # ln T² ≈ 2·degree·arccosh(x)
+                return False
+        return True
+
+
+def _gaussian(generator: torch.Generator, op: LinearOperator) -> torch.Tensor:
+    """A random direction, uniform on the sphere (a normalized Gaussian), in the operator's dtype and device."""
+    g = torch.randn(op.shape[0], generator=generator, dtype=op.dtype, device=op.device)
+    return g / g.norm()
+
+
+def _cluster_bounds(theta: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+    """Each Ritz value's residual bound, widened to √(Σ r_j²) over its cluster of overlapping residual intervals.
+
+    Disjoint intervals each hold an eigenvalue of their own within r_i; overlapping ones may share, and then
+    the cluster's m Ritz values lie within its √(Σ r_j²) of m distinct eigenvalues (Kahan's theorem for the
+    residual block; Parlett 1998, Thm 11.5.1)."""
+    order = np.argsort(theta)
+    bounds = residuals.copy()
+    cluster = [order[0]] if len(order) else []
+    for previous, current in zip(order[:-1], order[1:]):
+        if theta[current] - residuals[current] <= theta[previous] + residuals[previous]:
+            cluster.append(current)
+            continue
+        bounds[cluster] = np.sqrt(np.sum(residuals[cluster] ** 2))
+        cluster = [current]
+    if cluster:
+        bounds[cluster] = np.sqrt(np.sum(residuals[cluster] ** 2))
+    return bounds
+
+
 def _start_vector(start: torch.Tensor, op: LinearOperator) -> torch.Tensor:
-    """A caller's first Krylov vector as a (1, n) row in the operator's dtype and device; finite and nonzero."""
+    """A caller's first Krylov vector as a unit vector (n,) in the operator's dtype and device; finite and nonzero."""
     if not isinstance(start, torch.Tensor):
         raise ValueError(f"start must be a torch.Tensor or None, got {type(start).__name__}")
     n = op.shape[0]
     if start.numel() != n:
         raise ValueError(f"start has {start.numel()} entries, the operator acts on vectors of {n}")
-    row = start.detach().reshape(1, n).to(dtype=op.dtype, device=op.device)
+    row = start.detach().reshape(n).to(dtype=op.dtype, device=op.device)
     if not torch.isfinite(row).all() or not bool(row.any()):
         raise ValueError("start must be finite and nonzero")
-    return row
+    return row / row.norm()
 
 
 def power_iteration(
@@ -471,15 +608,16 @@ class WarmStart:
     previous top eigenvector: one home for the warm start of `landscape track`, `train --track-every` and
     `landscape.curvature.stability` (Cohen et al. 2021's edge of stability).
 
-    The default stop is the rigorous residual rule: near the edge of stability λ1 and λ2 lie a few
-    percent apart, and from a warm start the gap-based "error" rule then often stops on λ2.
+    The stop is `lanczos`'s certified rule: near the edge of stability λ1 and λ2 lie a few percent apart and
+    swap, and the previous top vector is then the new λ2's, so a warm start alone is the most exposed start
+    there is. `lanczos` mixes it with a Gaussian vector and checks the result with a fresh one.
     `enabled=False` starts every Lanczos cold (for comparisons), keeping everything else equal.
     """
 
     enabled: bool = True
     vector: torch.Tensor | None = None
 
-    def lanczos(self, op: LinearOperator, k: int = 1, *, stop: str = "residual", **options) -> EigResult:
+    def lanczos(self, op: LinearOperator, k: int = 1, *, stop: str = "certified", **options) -> EigResult:
         result = lanczos(op, k, stop=stop, start=self.vector if self.enabled else None, return_vectors=True, **options)
         self.vector = result.vectors[0].detach().clone()
         return result

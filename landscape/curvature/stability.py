@@ -35,11 +35,11 @@ class GDConfig(Result):
     """Full-batch GD with step size `lr` for `steps` steps; λ1 recorded at steps 0, every, 2·every, … and the last.
 
     `tol`: Lanczos's relative tolerance; `warm_start`: start each Lanczos from the previous
-    recorded top eigenvector (the first one from a Rademacher vector seeded by `seed`).
-    `stop` defaults to Lanczos's rigorous residual rule: at the edge of stability the top
-    eigenvalues crowd together (λ1 − λ2 is often a few percent of λ1), and the cheaper gap-based
-    "error" rule then stops on an underestimate of λ1 at a third of the steps when warm-started
-    (up to 4% low, mnist1d MLP at η = 0.4), and now and then when cold-started.
+    recorded top eigenvector (mixed with a Gaussian vector seeded by `seed`).
+    `stop` defaults to Lanczos's certified rule: at the edge of stability the top
+    eigenvalues crowd together (λ1 − λ2 is often a few percent of λ1) and swap, and the cheaper
+    gap-based "error" rule then stops on an underestimate of λ1 at a third of the steps when
+    warm-started (up to 4% low, mnist1d MLP at η = 0.4), and now and then when cold-started.
     `hvp_method` defaults to double backward: each recorded step builds a fresh Objective, and
     a warm start needs so few HVPs that tracing a linearized gradient (`auto`) costs more.
     """
@@ -48,7 +48,7 @@ class GDConfig(Result):
     steps: int
     every: int = 10
     tol: float = 1e-3
-    stop: str = "residual"
+    stop: str = "certified"
     warm_start: bool = True
     seed: int = 0
     dtype: str = "float64"
