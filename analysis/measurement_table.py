@@ -89,11 +89,20 @@ def result_rows(result: Any, metric: str, products: str) -> list[tuple]:
 def _(r: EigResult, metric: str, products: str) -> list[tuple]:
     label = {"LA": "λ", "SA": "λ_min,", "LM": "|λ|"}[r.which]
     rows = []
-    for i, (value, residual) in enumerate(zip(r.values, r.residuals), 1):
+    for i, (value, bound) in enumerate(zip(r.values, r.error_bounds), 1):
         cost = f"{r.n_matvecs} {products}, {r.seconds:.1f}s" if i == 1 else ""
-        note = "" if r.converged else f"not converged in {r.n_matvecs} {products}; raise --max-matvecs"
-        rows.append((f"{label}{i}", _pm(value, residual), cost, note))
+        if r.certified:
+            rows.append((f"{label}{i}", _pm(value, bound), cost, ""))
+            continue
+        why = f"not converged in {r.n_matvecs} {products}; raise --max-matvecs" if not r.converged else f"stop={r.stop}"
+        rows.append((f"{label}{i}", uncertified_eigenvalue(value, r.which), cost, f"not certified ({why})"))
     return rows
+
+
+def uncertified_eigenvalue(value: float, which: str) -> str:
+    """A Ritz value with no evidence of its index: no ±, only what interlacing guarantees (θ_i ≤ λ_i for the largest,
+    θ_i ≥ λ_i for the smallest)."""
+    return {"LA": f"≥ {value:.6g}", "SA": f"≤ {value:.6g}"}.get(which, f"{value:.6g}")
 
 
 @result_rows.register
@@ -193,7 +202,12 @@ def format_per_layer(result: PerLayerResult, curvature: str = "Hessian") -> str:
     """One row per block: its parameter count, λ1 ± Lanczos residual and trace ± stderr (— where not measured)."""
     rows = []
     for b in result.blocks:
-        eig = "—" if b.lambda1 is None else _pm(b.lambda1, b.residual) + ("" if b.converged else " (not converged)")
+        if b.lambda1 is None:
+            eig = "—"
+        elif b.certified is False or not b.converged:  # None: stored before certification existed
+            eig = uncertified_eigenvalue(b.lambda1, "LA") + (" (not certified)" if b.converged else " (not converged)")
+        else:
+            eig = _pm(b.lambda1, b.residual)
         trace = "—" if b.trace is None else _pm(b.trace, b.trace_stderr)
         rows.append((b.name, b.n_params, eig, trace))
     title = (

@@ -68,6 +68,7 @@ class BlockCurvature(Result):
     eig_matvecs: int  # full-operator products Lanczos spent on this block
     trace: float | None
     trace_stderr: float | None
+    certified: bool | None = None  # lambda1 is the block's top eigenvalue within `residual` (`lanczos`'s certified stop)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ def per_layer(
                 lambda1=None if eig is None else float(eig.values[0]),
                 residual=None if eig is None else float(eig.residuals[0]),
                 converged=None if eig is None else eig.converged,
+                certified=None if eig is None else eig.certified,
                 eig_matvecs=0 if eig is None else eig.n_matvecs,
                 trace=estimate,
                 trace_stderr=stderr,
