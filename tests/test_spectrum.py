@@ -262,3 +262,19 @@ def test_estimators_on_a_network_hessian(mlp_problem):
     spectrum = slq_density(op, n_runs=2, n_steps=20)
     np.testing.assert_allclose(spectrum.weights.sum(1), 1, atol=1e-10)
     assert spectrum.nodes.max() <= true[-1] + 1e-10 and spectrum.nodes.min() >= true[0] - 1e-10
+
+
+def test_an_uncertified_eigenvalue_is_shown_as_a_bound_without_plus_minus():
+    """The table never prints a ± beside an eigenvalue whose index is unproven: only what interlacing guarantees."""
+    from analysis.measurement_table import result_rows
+
+    a, op = dense(MIXED)
+    certified = lanczos(op, 2, tol=1e-6)
+    cheap = lanczos(op, 2, tol=1e-6, stop="residual")
+    assert certified.certified and not cheap.certified and cheap.converged
+    rows = result_rows(certified, "eig", "HVPs")
+    assert "±" in rows[0][1] and rows[0][3] == ""
+    for (label, value, _, note), theta in zip(result_rows(cheap, "eig", "HVPs"), cheap.values):
+        assert value == f"≥ {theta:.6g}" and note == "not certified (stop=residual)", (label, value, note)
+    smallest = lanczos(op, 1, which="SA", tol=1e-6, stop="residual")
+    assert result_rows(smallest, "eig", "HVPs")[0][1].startswith("≤ ")
