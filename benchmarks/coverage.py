@@ -1,4 +1,4 @@
-"""Coverage of every stated 95% interval (issue 28), with more seeds than tests/test_coverage.py.
+"""Coverage of every stated 95% interval, with more seeds than tests/test_coverage.py.
 
 Trace intervals (TraceResult.ci) of Hutchinson, Hutch++ and XTrace at a small and the default budget against the
 exact trace of the dense Hessian of three briefly trained real networks (an MLP, a ConvNet with BatchNorm, a

@@ -273,7 +273,7 @@ def test_version():
     assert result.returncode == 0 and result.stdout.strip() == "landscape 0.1.0"
 
 
-# ------------------------------------------------------------------ the user's own code (issue 28)
+# ------------------------------------------------------------------ the user's own code
 USER_CODE = """
 import torch
 
@@ -318,7 +318,7 @@ def test_a_run_of_a_factory_in_the_current_folder_is_measured_from_anywhere(user
     assert "cannot import module 'nets28'" in line and f"it was in {user_code.resolve()}" in line and "PYTHONPATH" in line
 
 
-# ------------------------------------------------------------------ the rest of the catalogue (issue 28)
+# ------------------------------------------------------------------ the rest of the catalogue
 @pytest.mark.cli
 def test_resume_of_a_file_written_for_another_checkpoint_is_refused_unless_added(trained, tmp_path):
     final, other, out = trained[0] / "final.pt", trained[0] / "trajectory" / "epoch_0000.pt", tmp_path / "results.json"

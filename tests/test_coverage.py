@@ -1,4 +1,4 @@
-"""The coverage suite (issue 28): every stated 95% interval covers a known truth in 93–97% of seeds.
+"""The coverage suite: every stated 95% interval covers a known truth in 93–97% of seeds.
 
 Trace intervals (Hutchinson, Hutch++, XTrace) against the exact trace of real networks' dense Hessians, the
 expected loss's CI against a Monte Carlo truth and a quadratic's closed form, correlate's bootstrap intervals

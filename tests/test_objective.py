@@ -116,7 +116,7 @@ def test_measuring_never_changes_the_model(conv_problem):
 
 @pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "train-mode forward"])
 def test_an_objective_refuses_once_its_model_trained_on_instead_of_measuring_the_old_weights(conv_problem, change):
-    """Built before more training, an Objective would answer for the weights it copied (issue 28): it refuses."""
+    """Built before more training, an Objective would answer for the weights it copied: it refuses."""
     model, x, _, batches = conv_problem
     obj = Objective(model, batches, device="cpu")
     lambda_before = obj.hvp(torch.ones(obj.n_params))

@@ -216,7 +216,7 @@ class Objective:
             raise ObjectiveError("give loss (output, batch) → (sum, count) or loss_fn (output, targets) → mean, not both")
         self.loss_function: Loss = loss if loss is not None else from_mean(loss_fn) if loss_fn else class_cross_entropy
         self.loss_fn = getattr(self.loss_function, "mean_loss", None)  # the per-batch mean loss, where the loss is one
-        self._source = SourceWatch(model)  # the copy below is fixed: refuse to answer once `model` trains on (issue 28)
+        self._source = SourceWatch(model)  # the copy below is fixed: refuse to answer once `model` trains on
         self.model = _prepare_model(model, mode, self.device, dtype)
         self.has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         self._graph_size: tuple[float, float] | None = None  # saved bytes of a gradient graph: fixed, per item
