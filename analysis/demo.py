@@ -1,6 +1,6 @@
 """`landscape demo`: train SGD and SmoothOut at small and large batch on mnist1d, compare them, write a report.
 
-The setting is METHODS.md's small-scale check (an MLP on mnist1d, Keskar et al. 2017's small- vs
+The setting is the seed papers' small-scale check (an MLP on mnist1d, Keskar et al. 2017's small- vs
 large-batch contrast, SmoothOut of Wen et al. 2018), shortened to run in a few minutes on a
 laptop CPU. Training runs are cached in the output folder, so a second run only re-measures.
 """

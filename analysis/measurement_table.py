@@ -94,7 +94,11 @@ def _(r: EigResult, metric: str, products: str) -> list[tuple]:
         if r.certified:
             rows.append((f"{label}{i}", _pm(value, bound), cost, ""))
             continue
-        why = f"not converged in {r.n_matvecs} {products}; raise --max-matvecs" if not r.converged else f"stop={r.stop}"
+        if not r.converged or r.stop == "certified":
+            unfinished = "not converged" if not r.converged else "its check unfinished"
+            why = f"{unfinished} in {r.n_matvecs} {products}; raise --max-matvecs"
+        else:
+            why = f"stop={r.stop}"
         rows.append((f"{label}{i}", uncertified_eigenvalue(value, r.which), cost, f"not certified ({why})"))
     return rows
 

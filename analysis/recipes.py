@@ -1,8 +1,8 @@
-"""The training recipes behind `landscape demo` and `landscape figures` (METHODS.md's small-scale check).
+"""The training recipes behind `landscape demo` and `landscape figures` (the seed papers' small-scale check).
 
 An MLP on mnist1d with SGD momentum 0.9: small batch 32 (lr 0.01) against large batch 2000 (lr 0.1),
 and each flat-minimum method with the same settings. Two recipes:
-- `converged`: METHODS.md's 60 and 600 epochs; the figures use it.
+- `converged`: the reference 60 and 600 epochs; the figures use it.
 - `demo`: a third of those epochs, so the demo runs in minutes; its small-batch runs are underfit.
 Every run records its recipe's name in its checkpoints (TrainConfig.recipe).
 """
@@ -40,14 +40,14 @@ CONVERGED = Recipe(
     "converged",
     {SMALL: 60, LARGE: 600},
     {SMALL: 1, LARGE: 10},
-    "METHODS.md's recipe (60 epochs at batch 32, 600 at batch 2000), trained to the end; "
+    "the reference recipe (60 epochs at batch 32, 600 at batch 2000), trained to the end; "
     "60 trajectory checkpoints per run, so runs can be compared at matched train loss",
 )
 DEMO = Recipe(
     "demo",
     {SMALL: 20, LARGE: 200},
     {SMALL: 2, LARGE: 20},
-    "a third of METHODS.md's epochs (20 at batch 32, 200 at batch 2000), to fit the demo's few minutes: the "
+    "a third of the reference epochs (20 at batch 32, 200 at batch 2000), to fit the demo's few minutes: the "
     "batch-32 runs stop underfit (train loss about 0.6 against 0.24 at batch 2000), so the demo cannot say "
     "whether small or large batches generalize better",
 )

@@ -18,6 +18,7 @@ import torch
 
 from landscape.curvature.spectrum import lanczos
 from landscape.engine.operators import DenseOperator
+from tests.helpers import dense
 
 PAIR_GAPS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # λ2 = (1 − gap)·λ1
 
@@ -78,13 +79,6 @@ class Tally:
         }
 
 
-def with_spectrum(eigenvalues: np.ndarray, seed: int) -> np.ndarray:
-    """Q diag(λ) Qᵀ for a random orthogonal Q."""
-    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((len(eigenvalues), len(eigenvalues))))
-    a = (q * eigenvalues) @ q.T
-    return (a + a.T) / 2
-
-
 def synthetic_problems(n: int = 300, seeds: range = range(2)) -> Iterator[Problem]:
     """The controlled spectra, for k = 1, 3, 5 (cold and warm), over `seeds` matrices each."""
     for seed in seeds:
@@ -99,11 +93,11 @@ def synthetic_problems(n: int = 300, seeds: range = range(2)) -> Iterator[Proble
             "negative -3 and -2": [1.0, 0.9, 0.7, 0.6, 0.5, 0.45, -3.0, -2.0],
         }
         for name, top in spectra.items():
-            matrix = with_spectrum(np.concatenate([top, bulk[: n - len(top)]]), seed)
+            matrix, _ = dense(np.concatenate([top, bulk[: n - len(top)]]), seed=seed)
             for k in (1, 3, 5):
                 for warm in (False, True):
                     yield Problem(f"{name} (matrix {seed})", matrix, k, warm=warm)
-        negative = with_spectrum(np.concatenate([[1.0, 0.9, -3.0, -2.99], bulk[: n - 4]]), seed)
+        negative, _ = dense(np.concatenate([[1.0, 0.9, -3.0, -2.99], bulk[: n - 4]]), seed=seed)
         for which in ("SA", "LM"):  # the far end and the largest magnitudes, a close pair among them
             for k in (1, 3):
                 yield Problem(f"negative pair (matrix {seed})", negative, k, which=which)

@@ -38,7 +38,7 @@ C3_REGIME = [(0, 1e-3), (59, 1e-3), (60, 0.01), (119, 0.01), (120, 1e-3), (179, 
 @pytest.mark.parametrize(
     "name, batch, model, lr, wd, milestones, regime",
     [
-        (RESNET, 128, "resnet44", 0.1, 1e-4, (81, 122, 164), RESNET_REGIME),  # models/resnet.py's CIFAR regime; METHODS.md
+        (RESNET, 128, "resnet44", 0.1, 1e-4, (81, 122, 164), RESNET_REGIME),  # models/resnet.py's CIFAR regime
         (RESNET_LARGE, 4096, "resnet44", 0.1, 1e-4, (81, 122, 164), RESNET_REGIME),
         (C3, 128, "c3", 0.01, 5e-4, (120, 180), C3_REGIME),  # models/cifar_shallow.py's regime, its 60 epochs at 0.001 too
         (C3_LARGE, 4096, "c3", 0.01, 5e-4, (120, 180), C3_REGIME),

@@ -278,3 +278,17 @@ def test_an_uncertified_eigenvalue_is_shown_as_a_bound_without_plus_minus():
         assert value == f"≥ {theta:.6g}" and note == "not certified (stop=residual)", (label, value, note)
     smallest = lanczos(op, 1, which="SA", tol=1e-6, stop="residual")
     assert result_rows(smallest, "eig", "HVPs")[0][1].startswith("≤ ")
+
+
+def test_a_budget_spent_during_the_check_is_converged_but_not_certified():
+    """Converged values whose check the budget cut short are reported as such, never as certified."""
+    from analysis.measurement_table import result_rows
+
+    a, op = dense(MIXED)
+    full = lanczos(op, 1, tol=1e-6)
+    residual = lanczos(op, 1, tol=1e-6, stop="residual")
+    assert full.certified and full.n_matvecs > residual.n_matvecs + 1
+    cut = lanczos(op, 1, tol=1e-6, max_matvecs=residual.n_matvecs + 1)
+    assert cut.converged and not cut.certified and cut.n_matvecs == residual.n_matvecs + 1
+    note = result_rows(cut, "eig", "HVPs")[0][3]
+    assert note == f"not certified (its check unfinished in {cut.n_matvecs} HVPs; raise --max-matvecs)"

@@ -302,6 +302,7 @@ def lanczos(
     floor = np.sqrt(eps)
     check = _Check(k + GUARD_VALUES, which)
     block = False  # every sequence grows in turn once a check has found something
+    certified = False
     with Progress(krylov.max_steps, "lanczos", "matvec", progress) as bar:
         while True:
             krylov.apply()
@@ -316,6 +317,7 @@ def lanczos(
             if stop != "certified" and converged:
                 break  # the cheaper rules stop at their first test
             if converged and (krylov.applied >= n or check.passes(krylov, theta, residuals, wanted, bounds)):
+                certified = True
                 break  # (a basis that spans the space holds every eigenvalue)
             if krylov.full:
                 break
@@ -339,7 +341,7 @@ def lanczos(
         method="lanczos",
         seed=int(seed),
         which=which,
-        certified=converged and stop == "certified",
+        certified=certified,
         stop=stop,
         sequences=krylov.sequences,
     )

@@ -74,7 +74,7 @@ class JacobianSandwich:
     J_b is the Jacobian of `function(w, batch)` (model outputs, or per-sample losses) at the objective's point,
     M_b(value, batch, JV) the middle factor in that function's output space, s_b the batch's weight. Per batch the
     function is linearized once (functionalized torch.func.linearize: a traced in-place op would otherwise
-    corrupt later products, issue 20; an eager jvp where it cannot be traced) and its vjp kept, so a product
+    corrupt later products; an eager jvp where it cannot be traced) and its vjp kept, so a product
     costs one tangent pass and one backward. `keep` holds these linearizations for every batch between calls
     (default: when the objective's HVP path keeps a graph for every batch, i.e. the whole set's graphs fit in its
     memory budget); otherwise each call recomputes them, batch by batch.

@@ -1,4 +1,4 @@
-"""Memory: how much a device has free, sizes written for people, and the error when a measurement cannot fit (issue 15).
+"""Memory: how much a device has free, sizes written for people, and the error when a measurement cannot fit.
 
 Peak memory is predicted before a run starts (Objective.memory_plan), so a measurement that cannot fit fails at
 once, in one line naming what it needs, what is free and the option that would fit, instead of being killed by the

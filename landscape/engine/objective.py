@@ -64,7 +64,7 @@ def hvp_check_tolerance(dtype: torch.dtype) -> float:
 
 @dataclass(frozen=True)
 class HVPCheck(Result):
-    """The run-time self-check of the chosen HVP path on the first probe (issue 20).
+    """The run-time self-check of the chosen HVP path on the first probe.
 
     `difference`: ‖Hv − H_ref v‖/‖H_ref v‖ against double backward; `repeat_difference`: the same
     product taken twice. Both must stay under `tolerance`; otherwise `replaced_by` names the path used.
@@ -768,7 +768,7 @@ def linearized(fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor) -> C
     """v ↦ J_fn(w) v, from one trace of `fn` at w (torch.func.linearize), replayed for every v.
 
     Functionalized first: a traced in-place op (`out += h`, ReLU(inplace=True)) otherwise writes into the
-    graph's saved constants, so every product after the first came out wrong (issue 20). A function that
+    graph's saved constants, so every product after the first came out wrong. A function that
     functionalization cannot trace (a custom autograd Function, in torch 2.13) gets an eager jvp per
     product instead: slower, never wrong.
     """

@@ -15,7 +15,7 @@ The paper recipes (`smoothout-resnet44-cifar10`, `smoothout-c3-cifar100`, each w
 add a model, a data set and a schedule to those trainer rules. Their sources, in the authors' code
 (github.com/wenwei202/smoothout, built on Hoffer et al.'s bigBatch code):
 - ResNet-44: `models/resnet.py`, the CIFAR ResNet's `regime`: SGD lr 0.1, momentum 0.9, weight decay
-  1e-4, lr 0.01 / 0.001 / 0.0001 from epochs 81 / 122 / 164 (METHODS.md agrees). 200 epochs: the
+  1e-4, lr 0.01 / 0.001 / 0.0001 from epochs 81 / 122 / 164. 200 epochs: the
   default `--epochs` of `main_gbn.py` (the SmoothOut trainer); the paper's count is unconfirmed.
 - C3: `models/cifar_shallow.py`'s `regime`: SGD momentum 0.9, weight decay 5e-4, lr 0.001 for epochs
   0-59, 0.01 from 60, 0.001 from 120, 0.0001 from 180; 200 epochs (`run_experiments.sh`, `main_gbn.py`).
