@@ -107,7 +107,7 @@ def _batch_means(
     counts: list[int] = []
 
     def one(w: torch.Tensor, point_buffers: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        out = _forward(objective.model, objective._state(w, point_buffers), args, kwargs)
+        out = _forward(objective.model, objective._state(w, point_buffers), args, kwargs, objective._slots)
         mean, count = objective._batch_mean(out, batch)
         counts.append(count)  # the batch's own count: the same for every point
         return mean, logits(out)
