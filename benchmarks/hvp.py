@@ -5,16 +5,22 @@ Three tables, each written into benchmarks/results/hvp.json (a table not rerun k
 - `large`: ResNet-20 on 2,048 CIFAR-shaped samples in batches of 128 (issue 15): steady-state HVP ÷ gradient
   over the whole set, predicted and measured peak memory per path, against PyHessian's data-loader HVP;
 - `short`: wall time of a whole short run as a user starts it (process start-up included):
-  `landscape measure --metrics eig` against PyHessian's `eigenvalues(top_n=5)` on the digits models.
-Each (problem, path) runs in its own process so its peak memory is its own, --rounds times interleaved over
-the paths; each number is the median over the rounds.
-Usage: python benchmarks/hvp.py [--tables paths,large,short] [--problems resnet20,convnet-digits,mlp-digits]
+  `landscape measure --metrics eig` against PyHessian's `eigenvalues(top_n=5)` on the digits models;
+- `base` (issue 29): absolute milliseconds, one process per problem, of a plain `loss.backward()` (zero_grad, forward,
+  loss, backward, grads flattened), the Objective's gradient, its HVP (auto) and PyHessian's HVP on the same model
+  and batch, called in turn for --rounds interleaved rounds; medians of every call. Each problem runs twice, under
+  glibc's default allocator settings and with freed memory kept in the heap (NO_TRIM), one thread each.
+In `paths`, each (problem, path) runs in its own process so its peak memory is its own, --rounds times interleaved
+over the paths; each number is the median over the rounds.
+Usage: python benchmarks/hvp.py [--tables paths,large,short,base] [--problems resnet20,convnet-digits,mlp-digits]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,7 +45,7 @@ PROBES_PER_BLOCK = {"resnet20": 4, "c3": 4}  # batched probes per call; 16 on th
 
 
 def problem(name: str):
-    """(model, batches): ResNet-20 and C3 on one CIFAR-shaped batch of 128; ConvNet (128) and MLPs (all 1437) on digits."""
+    """(model, batches): ResNet-20 and C3 on one CIFAR-shaped batch of 128; ConvNet (128, or 1024) and MLPs (all 1437) on digits."""
     torch.manual_seed(0)
     if name.endswith("-digits"):
         data = load_data("digits")
@@ -47,10 +53,11 @@ def problem(name: str):
             "mlp-digits": ("mlp", (100, 100)),
             "mlp32-digits": ("mlp", (32, 32)),
             "convnet-digits": ("convnet", None),
+            "convnet1024-digits": ("convnet", None),  # issue 29's side-by-side run: 1,024 samples in one batch
         }[name]
         model, _ = model_for_data(arch, data, **({"hidden": hidden} if hidden else {}))
         # one batch each, so peers that take a single batch (PyHessian's `data=`) see the same data
-        n = None if arch == "mlp" else 128
+        n = None if arch == "mlp" else int(name.removeprefix("convnet").removesuffix("-digits") or 128)
         return model, MeasurementSet("train", n, batch_size=2048 if n is None else n).batches(data)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(128, 3, 32, 32, generator=g), torch.randint(0, 10, (128,), generator=g)
@@ -313,23 +320,119 @@ def paths_table(problems: list[str], paths: list[str], rounds: int) -> list[dict
     return rows
 
 
+BASE_PROBLEMS = "resnet20,c3,convnet-digits,convnet1024-digits,mlp-digits,mlp32-digits"
+
+
+def run_base(name: str, rounds: int) -> dict:
+    """Milliseconds per call of a plain backward, our gradient, our HVP and PyHessian's HVP, in interleaved rounds.
+
+    `plain_gradient` is what PyHessian and a training loop pay for a gradient: model.zero_grad(), forward,
+    torch.nn.CrossEntropyLoss, loss.backward(), then the .grad tensors concatenated into one vector (the form ours
+    returns). `pyhessian_hvp` is the product PyHessian's eigenvalues() and trace() take on one batch: one backward
+    through the create_graph gradient kept at construction, its result left as a list of tensors (not flattened).
+    Every call is timed on its own; each number is the median over all calls of its kind. Page faults per call
+    (minor faults, from getrusage) are recorded, since glibc handing large buffers back to the kernel and faulting
+    them in again is the largest noise between runs of the same product.
+    """
+    warnings.simplefilter("ignore")
+    model, batches = problem(name)
+    (x, y), params = batches[0], [p for p in model.parameters() if p.requires_grad]
+    objective = Objective(model, batches, device="cpu")
+    v = torch.randn(objective.n_params, generator=torch.Generator().manual_seed(1))
+    criterion = torch.nn.CrossEntropyLoss()
+    model.eval()
+
+    def plain_gradient() -> torch.Tensor:
+        model.zero_grad()
+        criterion(model(x), y).backward()
+        return torch.cat([p.grad.reshape(-1) for p in params])
+
+    row = {"problem": name, "n_params": objective.n_params, "n_samples": objective.n_samples, "rounds": rounds}
+    calls = {"plain_gradient": plain_gradient, "gradient": objective.grad, "hvp": lambda: objective.hvp(v)}
+    try:
+        from pyhessian import hessian
+        from pyhessian.utils import hessian_vector_product
+    except ImportError as error:
+        row["pyhessian"] = f"not installed ({error})"
+    else:
+        h = hessian(model, criterion, data=(x, y), cuda=False)
+        pieces = [c.view_as(p) for c, p in zip(torch.split(v, [p.numel() for p in params]), params)]
+        calls["pyhessian_hvp"] = lambda: hessian_vector_product(h.gradsH, h.params, pieces)
+    row["max_gradient_difference"] = float((objective.grad() - plain_gradient()).abs().max())  # the same numbers
+    times: dict[str, list[float]] = {key: [] for key in calls}
+    faults: dict[str, int] = dict.fromkeys(calls, 0)
+    repeats = 1 if name in PROBES_PER_BLOCK else 3
+    for fn in calls.values():  # warm-up: first-use allocations, the HVP's kept graph
+        fn()
+        fn()
+    for _ in range(rounds):  # interleaved: a busy spell hits every call alike
+        for key, fn in calls.items():
+            for _ in range(repeats):
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+                faults[key] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    for key, values in times.items():
+        row[f"{key}_ms"] = 1e3 * statistics.median(values)
+        row[f"{key}_faults"] = faults[key] / len(values)
+    row["gradient_over_plain"] = row["gradient_ms"] / row["plain_gradient_ms"]
+    row["hvp_over_gradient"] = row["hvp_ms"] / row["gradient_ms"]
+    if "pyhessian_hvp_ms" in row:
+        row["hvp_over_pyhessian"] = row["hvp_ms"] / row["pyhessian_hvp_ms"]
+        row["pyhessian_hvp_over_plain"] = row["pyhessian_hvp_ms"] / row["plain_gradient_ms"]
+    return row
+
+
+# glibc's default: a freed block above the (dynamic) mmap threshold, or more than twice it free at the heap's top,
+# goes back to the kernel, and the next product faults it in again page by page. Whether it does depends on what
+# else happens to be alive at the heap's top (a plain backward's .grad tensors, kept between calls, pin it), so the
+# same computation costs 10-90% more in one harness than in another. "no-trim" keeps freed memory in the heap.
+NO_TRIM = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def base_table(problems: list[str], rounds: int) -> list[dict]:
+    rows = []
+    for allocator, env in (("glibc default", {}), ("no-trim", NO_TRIM)):
+        for name in problems:
+            out = subprocess.run(
+                [sys.executable, __file__, "--one-base", name, str(rounds)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+            )
+            row = (
+                json.loads(out.stdout.strip().splitlines()[-1])
+                if out.returncode == 0
+                else {"problem": name, "error": (out.stderr.strip().splitlines() or ["?"])[-1]}
+            )
+            rows.append({"allocator": allocator, **row})
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tables", default="paths,large,short", help="which tables to run (default %(default)s)")
     parser.add_argument("--problems", default="resnet20,c3,convnet-digits,mlp-digits")
     parser.add_argument("--short-problems", default="mlp-digits,mlp32-digits,convnet-digits")
+    parser.add_argument("--base-problems", default=BASE_PROBLEMS)
     parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--rounds", type=int, default=3, help="runs per (problem, path), interleaved; medians reported")
     parser.add_argument("--update", action="store_true", help="replace only these rows of the paths table")
     parser.add_argument("--one", nargs=2, metavar=("PROBLEM", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--one-large", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--one-base", nargs=2, metavar=("PROBLEM", "ROUNDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one_base:
+        print(json.dumps(run_base(args.one_base[0], int(args.one_base[1]))))
+        return
     if args.one or args.one_large:
         print(json.dumps(run_one(*args.one) if args.one else run_large(args.one_large)))
         return
     tables = args.tables.split(",")
     previous = json.loads((RESULTS / "hvp.json").read_text()) if (RESULTS / "hvp.json").exists() else {}
-    results = {key: previous.get(key, []) for key in ("rows", "large", "short")}
+    results = {key: previous.get(key, []) for key in ("rows", "large", "short", "base")}
     if "paths" in tables:
         rows = paths_table(args.problems.split(","), args.paths.split(","), args.rounds)
         if args.update:
@@ -340,6 +443,8 @@ def main() -> None:
         results["large"] = large_table(args.rounds)
     if "short" in tables:
         results["short"] = short_table(args.short_problems.split(","), max(args.rounds, 3))
+    if "base" in tables:
+        results["base"] = base_table(args.base_problems.split(","), max(args.rounds, 5))
     print("wrote", write_results("hvp", results))
 
 
