@@ -49,13 +49,22 @@ class Tally:
     uncertified: list[str] = field(default_factory=list)
     matvecs: list[int] = field(default_factory=list)
 
-    def add(self, problem: Problem, truth: tuple[np.ndarray, np.ndarray], seed: int, tol: float, stop: str = "certified") -> None:
+    def add(
+        self,
+        problem: Problem,
+        truth: tuple[np.ndarray, np.ndarray],
+        seed: int,
+        tol: float,
+        stop: str = "certified",
+        bounded: bool = False,
+    ) -> None:
         """One Lanczos run against `truth` (problem.truth()); with a cheaper `stop` (never certified) every converged run
-        counts as a claim."""
+        counts as a claim; `bounded`: in 2k + 10 stored vectors (thick restarts)."""
         values, vectors = truth
         start = torch.as_tensor(vectors[:, min(problem.k, len(values) - 1)]) if problem.warm else None
         op = DenseOperator(torch.as_tensor(problem.matrix))
-        result = lanczos(op, problem.k, which=problem.which, tol=tol, seed=seed, start=start, stop=stop)
+        max_vectors = 2 * problem.k + 10 if bounded else None
+        result = lanczos(op, problem.k, which=problem.which, tol=tol, seed=seed, start=start, stop=stop, max_vectors=max_vectors)
         self.runs += 1
         self.matvecs.append(result.n_matvecs)
         label = f"{problem.name} k={problem.k} {problem.which}{' warm' if problem.warm else ''} seed={seed}"
@@ -118,10 +127,10 @@ def network_hessians(stages: dict[str, int]) -> dict[str, np.ndarray]:
     return {f"{net.name} after {steps} steps": net.hessian.numpy() for label, steps in stages.items() for net in networks(steps)}
 
 
-def run(problems: Iterator[Problem], seeds: range, tol: float = 1e-3, stop: str = "certified") -> Tally:
+def run(problems: Iterator[Problem], seeds: range, tol: float = 1e-3, stop: str = "certified", bounded: bool = False) -> Tally:
     tally = Tally()
     for problem in problems:
         truth = problem.truth()
         for seed in seeds:
-            tally.add(problem, truth, seed, tol, stop)
+            tally.add(problem, truth, seed, tol, stop, bounded)
     return tally

@@ -292,3 +292,48 @@ def test_a_budget_spent_during_the_check_is_converged_but_not_certified():
     assert cut.converged and not cut.certified and cut.n_matvecs == residual.n_matvecs + 1
     note = result_rows(cut, "eig", "HVPs")[0][3]
     assert note == f"not certified (its check unfinished in {cut.n_matvecs} HVPs; raise --max-matvecs)"
+
+
+@pytest.mark.parametrize("which, k", [("LA", 5), ("SA", 2), ("LM", 3)])
+def test_a_bounded_basis_restarts_and_finds_the_same_eigenvalues(which, k):
+    """Thick restarts in 2k + 10 vectors: the eigenvalues of the full basis, certified, never more vectors held."""
+    a, op = dense(MIXED)
+    true = np.linalg.eigvalsh(a)
+    expected = {"LA": true[::-1][:k], "SA": true[:k], "LM": true[np.argsort(-np.abs(true))][:k]}[which]
+    for seed in range(3):
+        full = lanczos(op, k, which=which, tol=1e-8, seed=seed)
+        bounded = lanczos(op, k, which=which, tol=1e-8, seed=seed, max_vectors=2 * k + 10, return_vectors=True)
+        assert full.restarts == 0 and bounded.restarts > 0
+        assert bounded.certified and bounded.stored_vectors <= 2 * k + 10 < full.stored_vectors
+        assert np.all(np.abs(bounded.values - expected) <= bounded.error_bounds)
+        y = bounded.vectors.numpy()
+        true_residuals = np.linalg.norm(y @ a.T - bounded.values[:, None] * y, axis=1)
+        np.testing.assert_allclose(bounded.residuals, true_residuals, rtol=1e-3, atol=1e-10)
+
+
+def test_restarted_residuals_are_exact():
+    """After a thick restart the factorization A V = V H + Qᵀ B still gives every Ritz pair's true residual."""
+    from landscape.curvature.krylov import AugmentedKrylov
+
+    a, op = dense(MIXED)
+    krylov = AugmentedKrylov(op, torch.ones(len(MIXED), dtype=torch.float64), max_steps=100, capacity=12)
+    for _ in range(3):  # fill, restart to the top 5, and grow again
+        while not krylov.needs_restart:
+            krylov.apply()
+            assert krylov.follow()
+        krylov.apply()
+        theta, s, residuals = krylov.ritz()
+        y = krylov.vectors(s).numpy()
+        np.testing.assert_allclose(residuals, np.linalg.norm(y @ a.T - theta[:, None] * y, axis=1), atol=1e-9)
+        np.testing.assert_allclose(y @ y.T, np.eye(len(theta)), atol=1e-9)
+        krylov.restart(s[:, -5:], theta[-5:])
+        theta, s, residuals = krylov.ritz()
+        y = krylov.vectors(s).numpy()
+        np.testing.assert_allclose(residuals, np.linalg.norm(y @ a.T - theta[:, None] * y, axis=1), atol=1e-9)
+        assert krylov.follow()
+    assert krylov.restarts == 3 and krylov.peak_vectors <= 13
+
+
+def test_too_few_vectors_to_restart_is_refused():
+    with pytest.raises(ValueError, match="max_vectors=6 leaves no room to restart for k=3: give at least 13"):
+        lanczos(dense(MIXED)[1], 3, max_vectors=6)

@@ -1,17 +1,23 @@
-"""A Krylov basis that can take fresh random vectors: the engine under `lanczos`'s certified eigenvalues.
+"""A Krylov basis that can take fresh random vectors and restart in bounded memory: the engine under `lanczos`.
 
 `AugmentedKrylov` runs the Lanczos recurrence with full reorthogonalization, and at any step can
-take a fresh vector instead of the next Lanczos vector (after a breakdown, or to check that the
-space has not missed an eigenvalue). The basis is then the union of several Krylov sequences, and
+take a fresh vector instead of the next Lanczos vector (after a breakdown, or to add a vector that a
+check found the space had missed). The basis is then the union of several Krylov sequences, and
 the projection H = VᵀAV is no longer tridiagonal, so it is kept whole (it is small: one row and
-column per matvec, float64 on the host). Every entry of H comes from the Gram–Schmidt coefficients
+column per basis vector, float64 on the host). Every entry of H comes from the Gram–Schmidt coefficients
 the reorthogonalization computes anyway, so H costs no extra products.
 
-Residuals stay exact. For each basis vector v_j that A has been applied to, the part of A v_j
-outside the span of those vectors, g_j = (I − VVᵀ) A v_j, is nonzero only for the last vector of
-each sequence (for the others A v_j lies in the span of v_{j−1}, v_j, v_{j+1}). Those few g_j are
-kept, orthogonalized as the basis grows, so a Ritz pair (θ, Vs) has the residual
-‖AVs − θVs‖ = ‖Σ_j s_j g_j‖ exactly, as in plain Lanczos where it is |β_m s_m|.
+Residuals stay exact. The part of A V outside the basis is kept in factored form, A V = V H + Qᵀ B:
+the rows of Q (s × n) are orthonormal and orthogonal to V, and B (s × m) holds their coefficients. In
+plain Lanczos only the last vector's product leaves the span, so s = 1 and B's one nonzero entry is
+β_m; each further Krylov sequence adds one row. A Ritz pair (θ, Vs) then has the residual
+‖AVs − θVs‖ = ‖B s‖ exactly.
+
+Memory is bounded by `capacity`, the most n-vectors kept at once (basis and Q). When they are all used,
+`restart` keeps only the Ritz vectors Y = V S of the wanted end: Yᵀ A Y = diag(θ) and A Y = Y diag(θ) +
+Qᵀ (B S), so the factorization keeps its form and the recurrence continues from Q's directions. This
+is thick-restart Lanczos (Wu & Simon 2000), which is equivalent to implicitly restarted Lanczos with
+exact shifts (Sorensen 1992) and needs no tridiagonal structure.
 """
 
 from __future__ import annotations
@@ -43,53 +49,75 @@ class AugmentedKrylov:
     `apply()` spends one product on the newest basis vector; `follow()` then makes the next basis vector the
     Lanczos one (the normalized remainder of that product), `inject(v)` makes it v orthogonalized against the
     basis instead. `ritz()` gives the Rayleigh–Ritz pairs of the vectors A has been applied to and their
-    exact residual norms.
+    exact residual norms; `restart(s)` shrinks the basis to the Ritz vectors of the columns of s.
+
+    `capacity` is the most n-vectors stored at once (None: no bound), the basis and the remainder directions Q (one
+    per open Krylov sequence) together (`stored_vectors`); one is left free for a new sequence's remainder.
     """
 
-    def __init__(self, op: LinearOperator, start: torch.Tensor, max_steps: int) -> None:
+    def __init__(self, op: LinearOperator, start: torch.Tensor, max_steps: int, capacity: int | None = None) -> None:
         self.op, self.n, self.max_steps = op, op.shape[0], max_steps
-        self.basis = start.new_zeros(min(max_steps + 1, INITIAL_CAPACITY), self.n)
+        self.capacity = 2 * (max_steps + 1) if capacity is None else max(3, capacity)
+        self.basis = start.new_zeros(min(self.capacity, INITIAL_CAPACITY), self.n)
         self.basis[0] = start / start.norm()
         self.size = 1  # basis vectors; the last one is waiting for its product
-        self.applied = 0  # basis vectors A has been applied to (= products spent)
+        self.applied = 0  # basis vectors A has been applied to (columns of H)
+        self.products = 0  # operator products spent, by the basis and by any check that counts here
+        self.restarts = 0
         self.h = np.zeros((self.basis.shape[0], self.basis.shape[0]))
-        self.remainders: dict[int, torch.Tensor] = {}  # j -> g_j = (I − VVᵀ) A v_j, where nonzero
+        self.open = start.new_zeros(0, self.n)  # Q: orthonormal directions of A V outside the basis
+        self.coupling = np.zeros((0, self.basis.shape[0]))  # B: A V = V H + Qᵀ B
         self.owner = [0]  # the Krylov sequence each basis vector belongs to
         self.ends: list[int | None] = [None]  # per sequence: its last applied basis vector
-        self.norm_estimate = 0.0  # max column norm of H seen so far: a lower estimate of ‖A‖
+        self.norm_estimate = 0.0  # max column norm of [H; B] seen so far: a lower estimate of ‖A‖
         self.tiny = BREAKDOWN_ULPS * torch.finfo(start.dtype).eps
+        self.peak_vectors = self.stored_vectors
+
+    @property
+    def stored_vectors(self) -> int:
+        """n-vectors held now: the basis (with the one waiting for its product) and the remainder directions."""
+        return self.size + self.open.shape[0]
 
     @property
     def full(self) -> bool:
         """No room for another product: the budget is spent or the basis spans the whole space."""
-        return self.applied >= self.max_steps or self.applied >= self.n
+        return self.products >= self.max_steps or self.applied >= self.n
+
+    @property
+    def needs_restart(self) -> bool:
+        """Another basis vector would leave no room for a new sequence's remainder: `restart` first."""
+        return self.stored_vectors + 1 >= self.capacity
 
     def apply(self) -> None:
-        """One product: A v for the newest basis vector v, recorded in H and in v's remainder."""
+        """One product: A v for the newest basis vector v, recorded in H and in the remainder factorization."""
         j = self.applied
         v = self.basis[j]
         w = self.op.products(v[None])[0]
+        self.products += 1
         remainder, coefficients = orthogonalize(w, self.basis[: self.size])
         column = coefficients.double().cpu().numpy()
         self.h[: self.size, j] = column
         self.h[j, : self.size] = column
-        for i, g in self.remainders.items():  # v is no longer outside the span: take it out of the others
-            self.remainders[i] = g - (v @ g) * v
-        self.remainders[j] = remainder
-        self.ends[self.owner[j]] = j
-        self.applied += 1
+        self._leave_open(v)
         self.norm_estimate = max(self.norm_estimate, float(np.linalg.norm(column)) + float(remainder.norm()))
-        self._drop_negligible()
+        self._open_remainder(remainder, j)
+        self.applied += 1
+        self.ends[self.owner[j]] = j
+        self.peak_vectors = max(self.peak_vectors, self.stored_vectors)
 
     @property
     def sequences(self) -> int:
-        """Krylov sequences in the basis: the start, and one per fresh vector injected."""
+        """Krylov sequences in the basis: the start, one per fresh vector injected (after a restart: the open ones)."""
         return len(self.ends)
 
     @property
     def last(self) -> int:
         """The sequence of the last product."""
         return self.owner[self.applied - 1]
+
+    def remains(self, j: int | None) -> bool:
+        """Whether basis vector j's product left a non-negligible remainder outside the basis."""
+        return j is not None and j < self.coupling.shape[1] and float(np.linalg.norm(self.coupling[:, j])) > self._negligible
 
     def follow(self, sequence: int | None = None) -> bool:
         """The next basis vector continues a sequence (default: the last product's) by its Lanczos vector, the
@@ -99,13 +127,13 @@ class AugmentedKrylov:
         Returns False (and adds nothing) on a breakdown: that remainder is negligible, the span is invariant."""
         sequence = self.last if sequence is None else sequence
         end = self.ends[sequence]
-        g = None if end is None else self.remainders.get(end)
-        if g is None:
+        if end is None or self.open.shape[0] == 0:
             return False
+        coefficients = torch.as_tensor(self.coupling[:, end], dtype=self.open.dtype, device=self.open.device)
         # orthogonal to the applied vectors already; a fresh pass keeps it so to rounding
-        g, _ = orthogonalize(g, self.basis[: self.size])
+        g, _ = orthogonalize(coefficients @ self.open, self.basis[: self.size])
         norm = g.norm()
-        if float(norm) <= self.tiny * max(self.norm_estimate, torch.finfo(g.dtype).tiny):
+        if float(norm) <= self._negligible:
             return False
         self._add(g / norm, sequence)
         return True
@@ -127,35 +155,122 @@ class AugmentedKrylov:
         """Ritz values (ascending), H's eigenvectors (columns) and each pair's exact residual norm ‖Ay − θy‖."""
         m = self.applied
         theta, s = np.linalg.eigh(self.h[:m, :m])
-        if not self.remainders:
-            return theta, s, np.zeros(m)
-        rows = sorted(self.remainders)
-        g = torch.stack([self.remainders[i] for i in rows]).double()
-        gram = (g @ g.T).cpu().numpy()
-        weights = s[rows]  # (len(rows), m): the coefficients of the kept remainders in each Ritz vector
-        residuals = np.sqrt(np.maximum(np.einsum("im,ij,jm->m", weights, gram, weights), 0.0))
-        return theta, s, residuals
+        return theta, s, self.residuals(s)
+
+    def residuals(self, s: np.ndarray) -> np.ndarray:
+        """‖A V s − V s θ‖ per column of s (coefficients over the applied basis vectors, columns of H's eigenvectors)."""
+        return np.linalg.norm(self.coupling[:, : s.shape[0]] @ s, axis=0) if len(self.coupling) else np.zeros(s.shape[1])
 
     def vectors(self, s: np.ndarray) -> torch.Tensor:
         """Ritz vectors, one per row, for the columns of s (coefficients over the applied basis vectors)."""
         coefficients = torch.as_tensor(s.T, dtype=self.basis.dtype, device=self.basis.device)
         return coefficients @ self.basis[: self.applied]
 
+    def restart(self, s: np.ndarray, theta: np.ndarray) -> None:
+        """Thick restart (Wu & Simon 2000): the basis becomes the Ritz vectors V s (columns of s, values theta).
+
+        Their projection is diag(theta) and their remainders B s; every open direction of Q becomes a sequence of
+        its own, ended by the kept vector whose remainder leans on it most, so `follow` continues from it."""
+        if self.size != self.applied:
+            raise RuntimeError("restart needs every basis vector applied")
+        kept = s.shape[1]
+        self.basis[:kept] = self.vectors(s)
+        self.size = self.applied = kept
+        self.h[:] = 0.0
+        self.h[np.arange(kept), np.arange(kept)] = theta
+        coupling = self.coupling[:, : s.shape[0]] @ s
+        self.coupling = np.zeros((len(coupling), self.h.shape[0]))
+        self.coupling[:, :kept] = coupling
+        self.ends = _independent_columns(coupling, self._negligible) or [None]
+        self.owner = [0] * kept
+        for sequence, end in enumerate(self.ends):
+            if end is not None:
+                self.owner[end] = sequence
+        self.restarts += 1
+
+    def reset(self, v: torch.Tensor) -> None:
+        """Explicit restart (Saad 2011, §7.1): a new Krylov space from the single vector v; products spent are kept.
+
+        Where blocks of sequences have piled up, one start that mixes the Ritz vectors worth keeping (and any vector
+        a check found) brings their count, and the open directions stored with them, back to one."""
+        self.basis[0] = v / v.norm()
+        self.size, self.applied = 1, 0
+        self.h[:] = 0.0
+        self.open = self.open[:0]
+        self.coupling = np.zeros((0, self.h.shape[0]))
+        self.owner, self.ends = [0], [None]
+        self.restarts += 1
+
+    @property
+    def _negligible(self) -> float:
+        return self.tiny * max(self.norm_estimate, torch.finfo(self.basis.dtype).tiny)
+
+    def _leave_open(self, v: torch.Tensor) -> None:
+        """v joined the applied basis: take its direction out of Q (its coefficients moved into H already)."""
+        if self.open.shape[0] == 0:
+            return
+        projected = self.open
+        for _ in range(2):
+            projected = projected - (projected @ v)[:, None] * v[None]
+        # Q − p vᵀ has Gram matrix U D Uᵀ: its rows are Uᵀ-rotated to D^{1/2} Q' with Q' orthonormal, so Qᵀ B
+        # becomes Q'ᵀ (D^{1/2} Uᵀ B); the direction v took (d ≈ 0) is dropped with its coefficients
+        d, u = np.linalg.eigh((projected @ projected.T).double().cpu().numpy())
+        keep = d > BREAKDOWN_ULPS * torch.finfo(v.dtype).eps
+        rotation = torch.as_tensor(u[:, keep].T / np.sqrt(d[keep])[:, None], dtype=v.dtype, device=v.device)
+        self.open = rotation @ projected
+        self.coupling = (np.sqrt(d[keep])[:, None] * u[:, keep].T) @ self.coupling
+        self._drop_negligible()
+
+    def _open_remainder(self, g: torch.Tensor, j: int) -> None:
+        """The new product's remainder g (orthogonal to the basis) as column j of B, adding a row of Q if needed."""
+        if self.open.shape[0]:
+            g, coefficients = orthogonalize(g, self.open)
+            self.coupling[:, j] = coefficients.double().cpu().numpy()
+        norm = float(g.norm())
+        if norm > self._negligible:
+            row = np.zeros((1, self.coupling.shape[1]))
+            row[0, j] = norm
+            self.open = torch.cat([self.open, (g / norm)[None]])
+            self.coupling = np.vstack([self.coupling, row])
+        self._drop_negligible()
+
+    def _drop_negligible(self) -> None:
+        """Forget directions of Q whose coefficients are negligible (in plain Lanczos, all but the newest)."""
+        keep = np.linalg.norm(self.coupling, axis=1) > self._negligible
+        if not keep.all():
+            self.open = self.open[torch.as_tensor(keep, device=self.open.device)]
+            self.coupling = self.coupling[keep]
+
     def _add(self, v: torch.Tensor, sequence: int) -> None:
         if self.size >= self.basis.shape[0]:
-            capacity = min(2 * self.basis.shape[0], self.max_steps + 1)
+            capacity = min(2 * self.basis.shape[0], self.capacity, self.max_steps + 1)
+            if capacity <= self.size:
+                raise RuntimeError("the basis is full: restart first")
             grown = self.basis.new_zeros(capacity, self.n)
             grown[: self.size] = self.basis[: self.size]
             self.basis = grown
             h = np.zeros((capacity, capacity))
             h[: self.size, : self.size] = self.h[: self.size, : self.size]
             self.h = h
+            coupling = np.zeros((len(self.coupling), capacity))
+            coupling[:, : self.size] = self.coupling[:, : self.size]
+            self.coupling = coupling
         self.basis[self.size] = v
         self.owner.append(sequence)
         self.size += 1
+        self.peak_vectors = max(self.peak_vectors, self.stored_vectors)
 
-    def _drop_negligible(self) -> None:
-        """Forget remainders that the basis has absorbed (in plain Lanczos, all but the last one)."""
-        scale = self.tiny * max(self.norm_estimate, torch.finfo(self.basis.dtype).tiny)
-        for i in [i for i, g in self.remainders.items() if float(g.norm()) <= scale]:
-            del self.remainders[i]
+
+def _independent_columns(b: np.ndarray, negligible: float) -> list[int]:
+    """Up to len(b) columns of b chosen greedily by the norm of what the chosen ones leave (pivoted Gram–Schmidt)."""
+    chosen: list[int] = []
+    rest = b.copy()
+    for _ in range(len(b)):
+        norms = np.linalg.norm(rest, axis=0)
+        if not len(norms) or norms.max() <= negligible:
+            break
+        j = int(np.argmax(norms))
+        chosen.append(j)
+        u = rest[:, j] / norms[j]
+        rest = rest - np.outer(u, u @ rest)
+    return chosen

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from landscape.curvature.krylov import AugmentedKrylov
+from landscape.curvature.krylov import AugmentedKrylov, orthogonalize
 from landscape.engine.checks import check_int
 from landscape.engine.operators import LinearOperator
 from landscape.engine.probes import rademacher, seeded_generator
@@ -25,6 +25,9 @@ STOPS = ("certified", "residual", "error")
 GUARD_VALUES = 3  # Ritz values beyond the k wanted that the space must hold before a check starts
 ROUNDING_ULPS = 1000  # reported bounds are at least this many machine epsilons of ‖A‖ (the products' own rounding)
 CHECK_MISS = 1e-3  # the fresh vector may miss an eigenvector only with share below CHECK_MISS/N (`_Check`)
+CHECK_VECTORS = 4  # n-vectors `_DeflatedCheck`'s recurrence holds: its start, its last two vectors and a product
+OPEN_DIRECTIONS = 3  # remainder directions `max_vectors` leaves room for: two sequences and what a check found
+CHECK_ROOM = 16  # basis slots a check needs free to start in a bounded basis; fewer: restart to the guards first
 _BREAKDOWN_ULPS = 100  # β ≤ this many machine epsilons of ‖T‖: an invariant subspace was found
 _INITIAL_BASIS = 32  # basis slots allocated up front; doubled as the recurrence grows
 BASIS_BYTES = 2 * 2**30  # the default Lanczos budget stops growing where its stored basis would pass this
@@ -54,7 +57,9 @@ class EigResult(Result):
     which: str  # "LA", "SA" or "LM": which end of the spectrum `values` come from
     certified: bool = False  # evidence that values[i] is the i-th eigenvalue, within error_bounds[i] (`lanczos`)
     stop: str = "residual"  # the stopping rule that ran ("certified", "residual", "error"; power iteration's own)
-    sequences: int = 1  # Krylov sequences in the basis: the start, the certification checks, restarts
+    sequences: int = 1  # Krylov sequences in the basis at the end: the start and the vectors the checks added
+    restarts: int = 0  # thick restarts the bounded basis took (0: the whole Krylov space was kept)
+    stored_vectors: int = 0  # the most n-vectors held at once: basis, remainder directions and the check's
 
 
 @dataclass(frozen=True)
@@ -195,17 +200,32 @@ def _check_common(op: LinearOperator, k: int, tol: float, max_matvecs: int) -> i
     return k
 
 
-def default_max_matvecs(n: int, k: int, dtype: torch.dtype = torch.float32) -> int:
-    """Lanczos's default budget for k eigenvalues of an n×n operator: max(300, 60k) matvecs, at most n.
-
-    With full reorthogonalization every step keeps an n-vector, so the budget is also held to
-    what a BASIS_BYTES (2 GiB) basis stores, but never below max(50, 4k): past about 1.8M
-    float32 parameters the budget shrinks with the model (a run that spends it says converged=False).
-    """
+def default_max_matvecs(n: int, k: int) -> int:
+    """Lanczos's default budget for k eigenvalues of an n×n operator: max(300, 60k) matvecs, at most n."""
     check_int("n", n, 1)
     check_int("k", k, 1)
-    memory = BASIS_BYTES // (n * torch.finfo(dtype).bits // 8)
-    return min(n, max(300, 60 * k), max(memory, 50, 4 * k))
+    return min(n, max(300, 60 * k))
+
+
+def minimum_vectors(k: int) -> int:
+    """The fewest n-vectors a restarted Lanczos run for k eigenvalues can work in: the wanted values and their
+    guards, four to grow, and OPEN_DIRECTIONS remainder directions."""
+    return k + GUARD_VALUES + 4 + OPEN_DIRECTIONS
+
+
+def default_max_vectors(n: int, k: int, max_matvecs: int, dtype: torch.dtype = torch.float32) -> int:
+    """How many n-vectors `lanczos` keeps by default: all it can use (no restart) where they fit in BASIS_BYTES
+    (2 GiB), else as many as fit, and never fewer than 2k + 10 (then it restarts; the result counts the restarts)."""
+    check_int("n", n, 1)
+    unrestarted = _vectors_without_restart(n, max_matvecs)
+    fit = BASIS_BYTES // (n * torch.finfo(dtype).bits // 8)
+    return min(unrestarted, max(fit, 2 * k + 10, minimum_vectors(k)))
+
+
+def _vectors_without_restart(n: int, max_matvecs: int) -> int:
+    """The most n-vectors a run can store when it never restarts: one basis vector per product and one waiting,
+    the remainder directions, and one free for a new sequence's."""
+    return min(max_matvecs, n) + 2 + OPEN_DIRECTIONS
 
 
 def lanczos(
@@ -220,6 +240,7 @@ def lanczos(
     progress: bool | str = False,
     stop: str = "certified",
     start: torch.Tensor | None = None,
+    max_vectors: int | None = None,
 ) -> EigResult:
     """k extreme eigenvalues by Lanczos with full reorthogonalization (Lanczos 1950; Golub & Van Loan 2013, §10.1),
     each reported as the i-th only with evidence that it is the i-th.
@@ -246,6 +267,12 @@ def lanczos(
        new check follows. The check's length adapts: a few products where the wanted values stand clear of
        the rest of the spectrum, more where it crowds them.
 
+    In a bounded basis (`max_vectors` fewer than the run could use) the basis restarts when full, keeping the Ritz
+    vectors of the wanted end (thick restart, Wu & Simon 2000; an explicit restart from a random mix of them where
+    several sequences are open). The check of step 3 then runs in the basis where it fits, and otherwise outside it,
+    on the operator deflated by the top Ritz vectors, in four vectors (`_DeflatedCheck`, the same growth test with
+    the coupling of those vectors to the rest added to the bound).
+
     The start vector is Gaussian, and a caller's `start` (a warm start) is mixed with an equal share of one. The result's `certified` says whether 1–3 held; a run that spends
     its budget first returns converged=False and certified=False. Certification is probabilistic in the
     random vectors, as it must be for any method that sees A only through products: the coverage suite
@@ -257,8 +284,8 @@ def lanczos(
         k: how many eigenvalues; k > n is clipped to n.
         which: "LA" largest algebraic (default), "SA" smallest algebraic, "LM" largest magnitude.
         tol: relative tolerance: stop when every wanted value's bound ≤ tol·max(|θ_i|, √eps·‖T‖).
-        max_matvecs: budget of operator products; None: `default_max_matvecs` (max(300, 60k), held
-            to n and to what a 2 GiB basis stores).
+        max_matvecs: budget of operator products, the checks' included; None: `default_max_matvecs`
+            (max(300, 60k), at most n).
         seed: seed of the Gaussian start vector and of the check's fresh vectors.
         return_vectors: also return the unit Ritz vectors, the rows of a (k, n) block.
         progress: a progress bar (True, or a label), off by default.
@@ -266,14 +293,17 @@ def lanczos(
         start: a first Krylov vector (n entries), e.g. the top eigenvector of the previous training
             checkpoint: mixed half and half with a Gaussian vector, it converges in fewer products where
             the wanted eigenvectors changed little.
+        max_vectors: the most n-vectors held at once (basis and remainder directions); None:
+            `default_max_vectors` (all a run can use where they fit in 2 GiB, never fewer than 2k + 10). A run that
+            fills them restarts (thick restart, Wu & Simon 2000) and goes on in bounded memory; `restarts` counts it.
 
     Returns:
         EigResult: `values` in the order of `which`, their `residuals` and `error_bounds` (the bounds the
             stop tested), `vectors` if asked, `n_matvecs`, `converged`, `certified`, `seconds`.
 
     Raises:
-        ValueError: an unknown `which` or `stop`, a non-positive k or budget, a budget below k,
-            or a `start` of the wrong size, non-finite or zero.
+        ValueError: an unknown `which` or `stop`, a non-positive k or budget, a budget below k, fewer
+            `max_vectors` than `minimum_vectors(k)`, or a `start` of the wrong size, non-finite or zero.
 
     Examples:
         The two largest eigenvalues of a diagonal matrix, exact once the Krylov space holds it:
@@ -291,19 +321,27 @@ def lanczos(
         raise ValueError(f"stop must be one of {STOPS}, got {stop!r}")
     if max_matvecs is None:
         check_int("k", k, 1)
-        max_matvecs = default_max_matvecs(op.shape[0], k, op.dtype)
+        max_matvecs = default_max_matvecs(op.shape[0], k)
     k = _check_common(op, k, tol, max_matvecs)
+    n = op.shape[0]
+    if max_vectors is None:
+        max_vectors = default_max_vectors(n, k, max_matvecs, op.dtype)
+    check_int("max_vectors", max_vectors, 1)
+    if max_vectors < min(minimum_vectors(k), _vectors_without_restart(n, max_matvecs)):
+        raise ValueError(f"max_vectors={max_vectors} leaves no room to restart for k={k}: give at least {minimum_vectors(k)}")
     began = time.perf_counter()
     generator = seeded_generator(op.device, seed)
-    n = op.shape[0]
     first = _gaussian(generator, op) if start is None else _start_vector(start, op) + _gaussian(generator, op)
-    krylov = AugmentedKrylov(op, first, max_steps=min(max_matvecs, n))
+    krylov = AugmentedKrylov(op, first, max_steps=max_matvecs, capacity=max_vectors)
     eps = torch.finfo(op.dtype).eps
     floor = np.sqrt(eps)
     check = _Check(k + GUARD_VALUES, which)
+    overflowed = False  # a check's fresh sequence filled a bounded basis: later checks run outside it
+    bounded = max_vectors < _vectors_without_restart(n, max_matvecs)  # the basis cannot keep every product: it restarts
+    far = [np.inf, -np.inf]  # the spectrum's ends as far as seen: min(θ − r), max(θ + r)
     block = False  # every sequence grows in turn once a check has found something
     certified = False
-    with Progress(krylov.max_steps, "lanczos", "matvec", progress) as bar:
+    with Progress(max_matvecs, "lanczos", "matvec", progress) as bar:
         while True:
             krylov.apply()
             bar.update(1)
@@ -324,9 +362,36 @@ def lanczos(
             if check.running and not (converged and check.unmoved(theta[wanted], bounds[wanted])):
                 check.stop()  # the fresh sequence found something: grow every sequence, then check again
                 block = True
+            far = [min(far[0], theta[0] - residuals[0]), max(far[1], theta[-1] + residuals[-1])]
             if converged and not check.running and krylov.applied >= min(check.minimum_values, n):
+                outside = overflowed or (bounded and krylov.open.shape[0] > 1)  # no room for a sequence in the basis
+                if outside:  # the check outside the basis, in four vectors
+                    if not _restart(krylov, theta, s, k + GUARD_VALUES, which, generator):
+                        continue  # blocks had piled up: a fresh start from the Ritz vectors, checked when converged
+                    theta, s, residuals = krylov.ritz()
+                    found = _DeflatedCheck(krylov, generator, which, k, tol, far, bar).run()
+                    if found is True:
+                        certified = True
+                        wanted = _wanted(theta, k, which)
+                        break
+                    if found is None:
+                        wanted = _wanted(theta, k, which)
+                        break  # the budget ran out during the check
+                    krylov.inject(found)  # what the check found beyond the wanted values joins the basis
+                    block = True
+                    continue
+                if krylov.capacity - krylov.stored_vectors < CHECK_ROOM:  # a bounded basis: make room for the check first
+                    if not _restart(krylov, theta, s, k + GUARD_VALUES, which, generator):
+                        continue
                 if krylov.inject(_gaussian(generator, op)):
                     check.start(krylov, theta[wanted], bounds[wanted])
+                    continue
+            if krylov.needs_restart:
+                overflowed = overflowed or check.running
+                check.stop()  # a restart keeps Ritz vectors only, not the check's fresh sequence
+                if not _restart(
+                    krylov, theta, s, (krylov.capacity - krylov.open.shape[0] + k + GUARD_VALUES) // 2, which, generator
+                ):
                     continue
             _extend(krylov, generator, op, block=block and not check.running)
     vectors = krylov.vectors(s[:, wanted]) if return_vectors else None
@@ -335,7 +400,7 @@ def lanczos(
         residuals=residuals[wanted],
         error_bounds=bounds[wanted],
         vectors=vectors,
-        n_matvecs=krylov.applied,
+        n_matvecs=krylov.products,
         converged=converged,
         seconds=time.perf_counter() - began,
         method="lanczos",
@@ -344,6 +409,8 @@ def lanczos(
         certified=certified,
         stop=stop,
         sequences=krylov.sequences,
+        restarts=krylov.restarts,
+        stored_vectors=krylov.peak_vectors,
     )
 
 
@@ -354,6 +421,23 @@ def _extend(krylov: AugmentedKrylov, generator: torch.Generator, op: LinearOpera
     order = [(first + i) % krylov.sequences for i in range(krylov.sequences)]
     if not any(krylov.follow(sequence) for sequence in order):  # an invariant subspace: go on from a fresh vector
         krylov.inject(_gaussian(generator, op))
+
+
+def _restart(
+    krylov: AugmentedKrylov, theta: np.ndarray, s: np.ndarray, keep: int, which: str, generator: torch.Generator
+) -> bool:
+    """Keep the `keep` Ritz vectors of the wanted end (at most what leaves room for two more vectors): a thick restart
+    (Wu & Simon 2000) while at most two sequences are open, else an explicit restart from a random combination of them,
+    so that the open directions stored beside the basis never pile up. Returns whether the restart was thick (the basis
+    holds the Ritz vectors) rather than explicit (one vector waits for its product)."""
+    keep = int(np.clip(keep, 1, krylov.capacity - krylov.open.shape[0] - 3))
+    kept = np.sort(_wanted(theta, keep, which))
+    if krylov.open.shape[0] <= OPEN_DIRECTIONS - 1:
+        krylov.restart(s[:, kept], theta[kept])
+        return True
+    weights = torch.randn(keep, generator=generator, dtype=torch.float64, device=generator.device).cpu().numpy()
+    krylov.reset(krylov.vectors(s[:, kept] @ weights[:, None])[0])
+    return False
 
 
 class _Check:
@@ -400,7 +484,7 @@ class _Check:
         fresh = [i for i in range(krylov.applied) if krylov.owner[i] == self.sequence]
         # a fresh sequence that broke down spans an invariant subspace: whatever share of a missed eigenvector it
         # had is in its own Ritz values already, exactly (unbounded growth)
-        invariant = krylov.ends[self.sequence] not in krylov.remainders
+        invariant = not krylov.remains(krylov.ends[self.sequence])
         if len(fresh) < 2 and not invariant:
             return False
         rho = np.linalg.eigvalsh(krylov.h[np.ix_(fresh, fresh)])
@@ -423,6 +507,143 @@ class _Check:
             if not invariant and 2 * degree * np.arccosh(1 + 2 * margin / width) < needed:  # ln T² ≈ 2·degree·arccosh(x)
                 return False
         return True
+
+
+class _DeflatedCheck:
+    """Step 3 of `lanczos`'s certified stop in a bounded basis: the fresh random sequence runs outside the basis, in
+    four vectors, on the operator deflated by the top Ritz vectors.
+
+    The basis has just been restarted to the wanted Ritz vectors and their guards. Of those, the first j (in the
+    order of `which`, j ≥ k) are chosen where the gap below them is widest: Y = [y_1..y_j], with A Y = Y Θ + R and
+    ‖R‖ ≤ ε = √(Σ r_i²). In the basis [Y, Z] A is [[Θ, YᵀAZ], [ZᵀAY, C]], C = ZᵀAZ, whose off-diagonal blocks have
+    norm ≤ ε, so each eigenvalue of A lies within ε of one of Θ's or C's (Weyl). Let L be the lowest θ_i − bound_i of
+    Y. If every eigenvalue of C lies below L − ε, at most j eigenvalues of A lie above L, and the j residual (cluster)
+    intervals above L hold at least j (Kahan): the i-th value is the i-th eigenvalue, within its bound, for i ≤ j.
+    Where Y's guards lie below L_k − ε, L_k the lowest point of the k wanted intervals, the same argument with L_k
+    claims the wanted k only, and a guard's wide interval does not lower the level.
+
+    That C has nothing above L − ε is checked as `_Check` does for the in-basis sequence: Lanczos on C (vectors
+    orthogonalized against Y, and locally; Greenbaum 1989 for the extreme Ritz values of such a recurrence) from a
+    Gaussian vector q ⟂ Y, until an eigenvector of C above the level with share w ≥ CHECK_MISS/N of q would have
+    pulled the sequence's top Ritz value ρ past it: w·T_d(1 + 2(L' − ρ)/(ρ − a))²·(L' − ρ) > (ρ − a) for the
+    Chebyshev polynomial T_d on [a, ρ], a the spectrum's far end (Saad 2011, §6.6; Kuczyński & Woźniakowski 1992).
+    A sequence whose ρ reaches the level instead has found an eigenvalue the basis missed: its Ritz vector (kept if
+    the basis had room for the sequence, else rebuilt by rerunning it) joins the basis."""
+
+    def __init__(
+        self,
+        krylov: AugmentedKrylov,
+        generator: torch.Generator,
+        which: str,
+        k: int,
+        tol: float,
+        far: list[float],
+        bar: Progress,
+    ) -> None:
+        self.krylov, self.which, self.bar = krylov, which, bar
+        # just restarted: the basis vectors are the Ritz vectors, H = diag(θ), and column i of B is y_i's residual
+        theta = np.diag(krylov.h)[: krylov.applied].copy()
+        residuals = krylov.residuals(np.eye(krylov.applied))
+        order = _wanted(theta, len(theta), which)
+        # in the frame of the wanted end: "SA" is "LA" of −A, and "LM" is "LA" of |θ| with both ends of C checked
+        values = {"LA": theta, "SA": -theta, "LM": np.abs(theta)}[which][order]
+        bounds = _cluster_bounds(theta, residuals)[order]
+        eps = torch.finfo(krylov.basis.dtype).eps
+        bounds = np.maximum(bounds, ROUNDING_ULPS * eps * krylov.norm_estimate)
+        converged = bounds <= tol * np.maximum(np.abs(values), np.sqrt(eps) * krylov.norm_estimate)
+        floor = float(np.min(values[:k] - bounds[:k]))  # the wanted intervals' lowest point
+        best = None
+        for j in range(k, len(values) + 1):  # Y = the first j Ritz vectors: the wanted ones and j − k guards
+            coupling = float(np.sqrt(np.sum(residuals[order[:j]] ** 2)))
+            if j == k or np.all(values[k:j] < floor - coupling):  # guards below the level: claim the wanted k
+                level = floor - coupling
+            elif converged[:j].all():  # claim the first j: each interval holds its own eigenvalue
+                level = float(np.min(values[:j] - bounds[:j])) - coupling
+            else:
+                continue
+            below = values[j] if j < len(values) else -np.inf  # C's top is at least about this
+            if best is None or level - below > best[0] - best[2]:
+                best = (level, j, below)
+        self.level = best[0]
+        # each side of C to check: its sign (the frame where that side is the top) and the far end there, as seen
+        self.sides = {"LA": [(1.0, far[0])], "SA": [(-1.0, -far[1])], "LM": [(1.0, far[0]), (-1.0, -far[1])]}[which]
+        rows = np.sort(order[: best[1]])
+        contiguous = len(rows) and rows[-1] - rows[0] + 1 == len(rows)  # Y is a block at one end of the basis
+        self.deflation = krylov.basis[rows[0] : rows[-1] + 1] if contiguous else krylov.basis[torch.as_tensor(rows)]
+        q, _ = orthogonalize(_gaussian(generator, krylov.op), self.deflation)
+        self.start_norm = float(q.norm())
+        self.start = q / max(self.start_norm, torch.finfo(q.dtype).tiny)
+        self.needed = np.log(max(krylov.n - best[1], 1) / CHECK_MISS)  # ln of the growth a missed share needs
+
+    def run(self) -> bool | torch.Tensor | None:
+        """True: passed; a vector: the Ritz vector of something the basis missed; None: the budget ran out."""
+        if self.start_norm <= 1e-6:
+            return True  # Y spans the space to rounding
+        spare = self.krylov.capacity - self.krylov.stored_vectors - CHECK_VECTORS  # Y is in the basis already
+        stored: list[torch.Tensor] | None = []
+        alphas: list[float] = []
+        betas: list[float] = []
+        for q, alpha, beta in self._recurrence():
+            if q is None:
+                return None
+            alphas.append(alpha)
+            if stored is not None:
+                stored.append(q)
+                stored = stored if len(stored) <= spare else None
+            held = CHECK_VECTORS + (len(stored) if stored is not None else 0)
+            self.krylov.peak_vectors = max(self.krylov.peak_vectors, self.krylov.stored_vectors + held)
+            rho, s = np.linalg.eigh(np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))
+            passed = True
+            for sign, seen in self.sides:  # `seen`: the far end of the spectrum in this frame
+                frame = sign * rho  # this side of C is the top here
+                top = int(np.argmax(frame))
+                edge, far = frame[top], min(seen, float(frame.min()))
+                if edge >= self.level:
+                    weights = s[:, top]
+                    if stored is not None:
+                        return torch.as_tensor(weights, dtype=self.start.dtype, device=self.start.device) @ torch.stack(stored)
+                    return self._rebuild(weights)
+                margin, width = self.level - edge, edge - far
+                degree = len(alphas) - 1
+                # ln(T²·margin/width) against ln(N/CHECK_MISS)
+                growth = 2 * degree * np.arccosh(1 + 2 * margin / width) + np.log(margin / width) if width > 0 else -np.inf
+                passed = passed and degree >= 1 and growth >= self.needed
+            if beta <= self.krylov._negligible or passed:
+                return True  # (an invariant subspace of C: its Ritz values are exact, all below the level)
+            betas.append(beta)
+
+    def _recurrence(self):
+        """Lanczos on the deflated operator from the start: yields (q_j, α_j, β_j), or (None, 0, 0) once the budget is
+        spent."""
+        q, previous, beta_previous = self.start, None, 0.0
+        while True:
+            if self.krylov.full:
+                yield None, 0.0, 0.0
+                return
+            w = self.krylov.op.products(q[None])[0]
+            self.krylov.products += 1
+            self.bar.update(1)
+            w, _ = orthogonalize(w, self.deflation)
+            alpha = float(q @ w)
+            w = w - alpha * q - (beta_previous * previous if previous is not None else 0.0)
+            w = w - (q @ w) * q  # local reorthogonalization against the last two vectors
+            if previous is not None:
+                w = w - (previous @ w) * previous
+            w, _ = orthogonalize(w, self.deflation)
+            beta = float(w.norm())
+            yield q, alpha, beta
+            if beta == 0.0:
+                return
+            previous, beta_previous, q = q, beta, w / beta
+
+    def _rebuild(self, weights: np.ndarray) -> torch.Tensor | None:
+        """The Ritz vector Σ s_j q_j, by rerunning the recurrence (its vectors were not kept)."""
+        y = torch.zeros_like(self.start)
+        for j, (q, _, _) in zip(range(len(weights)), self._recurrence()):
+            if q is None:
+                return None
+            y += float(weights[j]) * q
+        return y
 
 
 def _gaussian(generator: torch.Generator, op: LinearOperator) -> torch.Tensor:
