@@ -213,13 +213,17 @@ def minimum_vectors(k: int) -> int:
     return k + GUARD_VALUES + 4 + OPEN_DIRECTIONS
 
 
-def default_max_vectors(n: int, k: int, max_matvecs: int, dtype: torch.dtype = torch.float32) -> int:
-    """How many n-vectors `lanczos` keeps by default: all it can use (no restart) where they fit in BASIS_BYTES
-    (2 GiB), else as many as fit, and never fewer than 2k + 10 (then it restarts; the result counts the restarts)."""
+def default_max_vectors(
+    n: int, k: int, max_matvecs: int, dtype: torch.dtype = torch.float32, free_bytes: int | None = None
+) -> int:
+    """How many n-vectors `lanczos` keeps by default: all it can use (no restart) where they fit in half of
+    `free_bytes` (the memory the operator's products leave free, as a memory plan predicts it) or, where that is not
+    known, in BASIS_BYTES (2 GiB); else as many as fit there, and never fewer than 2k + 10 (the run then restarts;
+    its result counts the restarts)."""
     check_int("n", n, 1)
-    unrestarted = _vectors_without_restart(n, max_matvecs)
-    fit = BASIS_BYTES // (n * torch.finfo(dtype).bits // 8)
-    return min(unrestarted, max(fit, 2 * k + 10, minimum_vectors(k)))
+    room = BASIS_BYTES if free_bytes is None else free_bytes // 2
+    fit = room // (n * torch.finfo(dtype).bits // 8)
+    return min(_vectors_without_restart(n, max_matvecs), max(fit, 2 * k + 10, minimum_vectors(k)))
 
 
 def _vectors_without_restart(n: int, max_matvecs: int) -> int:
