@@ -8,18 +8,20 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
+import torch
+
 from analysis.command_line import OptionNote, ResumeNote, print_json
 from analysis.measurement_table import as_per_layer, format_measurement
 from analysis.options import parse_options
 from analysis.results_file import ResultsFile
 from analysis.specs import MeasureSpec, MetricSpec, ObjectiveSpec
 from landscape.curvature.per_layer import module_blocks, per_layer
-from landscape.curvature.spectrum import lanczos, slq_density
+from landscape.curvature.spectrum import default_max_matvecs, default_max_vectors, lanczos, minimum_vectors, slq_density
 from landscape.curvature.trace import hutchinson, hutchpp, xtrace
 from landscape.engine import distributed as ranks
 from landscape.engine.from_checkpoint import objective_from_checkpoint, parse_dtype
 from landscape.engine.gauss_newton import CURVATURES
-from landscape.engine.memory import parse_size
+from landscape.engine.memory import InsufficientMemory, format_size, parse_size
 from landscape.engine.objective import Objective
 from landscape.engine.operators import curvature_operator
 from landscape.inputs.batches import resolve_loss
@@ -154,7 +156,15 @@ def add_metric_arguments(
         type=int,
         default=D.max_matvecs,
         help="Lanczos budget of Hessian-vector products (default: max(300, 60·k), at most the parameter "
-        "count and what a 2 GiB Lanczos basis holds); a run that spends it is marked not converged",
+        "count); a run that spends it is marked not converged",
+    )
+    group.add_argument(
+        "--max-vectors",
+        type=int,
+        default=D.max_vectors,
+        help="parameter-sized vectors Lanczos may hold at once (default: every one it can use where they fit in half "
+        "the memory the HVPs leave free, else as many as fit, at least 2·k + 10); fewer make it restart (thick "
+        "restarts, certified the same way), and the table says how often",
     )
     group.add_argument(
         "--trace-method",
@@ -334,14 +344,40 @@ def _eig(objective: Objective, spec: MetricSpec) -> Result:
     """Lanczos; warm-started from the last top eigenvector when `spec.warm_start` holds a WarmStart (`landscape track`)."""
     warm = spec.warm_start
     run = warm.lanczos if warm is not None else lanczos
+    op = _operator(objective, spec)
     return run(
-        _operator(objective, spec),
+        op,
         spec.k,
         which=spec.which,
         tol=spec.tol,
         max_matvecs=spec.max_matvecs,
         seed=spec.seed,
         progress=spec.progress,
+        max_vectors=lanczos_vectors(objective, op.shape[0], op.dtype, spec),
+    )
+
+
+def lanczos_vectors(objective: Objective, n: int, dtype, spec: MetricSpec) -> int:
+    """How many n-vectors Lanczos may hold (--max-vectors, or what the memory plan leaves free); one line if even
+    the fewest it can restart in do not fit beside the HVPs' own peak."""
+    plan = objective.memory_plan
+    free = max(plan.available_bytes - plan.predicted_peak_bytes, 0)
+    k = min(spec.k, n)
+    budget = spec.max_matvecs or default_max_matvecs(n, k)
+    vectors = spec.max_vectors or default_max_vectors(n, k, budget, dtype, free)
+    size = n * torch.finfo(dtype).bits // 8
+    if vectors * size <= free:
+        return vectors
+    fit = int(0.9 * free) // size
+    advice = (
+        f"--max-vectors {fit} (more restarts)"
+        if fit >= minimum_vectors(k)
+        else "a smaller --k, a smaller --batch-size or a larger device"
+    )
+    raise InsufficientMemory(
+        f"not enough memory on {objective.device}: Lanczos holds {vectors} vectors of {n:,} parameters "
+        f"({format_size(vectors * size)}) beside the HVPs' {format_size(plan.predicted_peak_bytes)}, and "
+        f"{format_size(free)} is left; use {advice}"
     )
 
 

@@ -89,8 +89,9 @@ def result_rows(result: Any, metric: str, products: str) -> list[tuple]:
 def _(r: EigResult, metric: str, products: str) -> list[tuple]:
     label = {"LA": "λ", "SA": "λ_min,", "LM": "|λ|"}[r.which]
     rows = []
+    restarted = f"; {r.restarts} restarts in {r.stored_vectors} vectors" if r.restarts else ""
     for i, (value, bound) in enumerate(zip(r.values, r.error_bounds), 1):
-        cost = f"{r.n_matvecs} {products}, {r.seconds:.1f}s" if i == 1 else ""
+        cost = f"{r.n_matvecs} {products}, {r.seconds:.1f}s{restarted}" if i == 1 else ""
         if r.certified:
             rows.append((f"{label}{i}", _pm(value, bound), cost, ""))
             continue

@@ -83,6 +83,7 @@ class MetricSpec:
     which: str = "LA"
     tol: float = 1e-3
     max_matvecs: int | None = None
+    max_vectors: int | None = None
     trace_method: str = "xtrace"
     probes: int = 100
     density_runs: int = 4
@@ -138,6 +139,13 @@ class MetricSpec:
                 raise ValueError(f"--k {self.k} asks for more eigenvalues than {where}; give at most {n_params}")
             if self.max_matvecs is not None and self.max_matvecs < self.k:  # None: the default budget, ≥ k
                 raise ValueError(f"--max-matvecs {self.max_matvecs} cannot find --k {self.k} eigenvalues; give at least {self.k}")
+            from landscape.curvature.spectrum import minimum_vectors  # torch is loaded by now: the model exists
+
+            fewest = minimum_vectors(min(self.k, n_params))
+            if self.max_vectors is not None and self.max_vectors < fewest:
+                raise ValueError(
+                    f"--max-vectors {self.max_vectors} leaves Lanczos no room to restart for --k {self.k}; give at least {fewest}"
+                )
         if "eps-sharpness" in metrics and self.subspace_dim is not None and self.subspace_dim > n_params:
             raise ValueError(f"--subspace-dim {self.subspace_dim} exceeds {where}; give at most {n_params}")
         m_metrics = {"m-sharpness", "adaptive-m-sharpness"} & set(metrics)

@@ -21,6 +21,7 @@ from landscape.engine.objective import COMPILED_HVP, HVP_METHODS
 INT_MINIMUMS = {
     "k": 1,
     "max_matvecs": 1,
+    "max_vectors": 1,
     "density_runs": 1,
     "density_steps": 1,
     "restarts": 0,

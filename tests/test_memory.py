@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,3 +226,60 @@ def test_the_compiled_path_equals_the_dense_hessian():
     compilation was made static), each twice (the second call replays the compiled graph)."""
     out = subprocess.run([sys.executable, "-c", COMPILED_SCRIPT], capture_output=True, text=True, env=ENV, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_lanczos_vectors_follow_the_memory_the_hvps_leave():
+    """--max-vectors' default takes half the memory the HVP graph leaves; too little for even 2k + 10 vectors, or a
+    --max-vectors that does not fit, is one line naming what would."""
+    from dataclasses import replace
+
+    from analysis.measure import lanczos_vectors
+    from analysis.specs import MetricSpec
+    from landscape.engine.memory import InsufficientMemory
+    from tests.helpers import classification_batches, tiny_mlp
+
+    objective = Objective(tiny_mlp(), classification_batches(16, (12,), 4, [16])[2], device="cpu")
+    n, size = objective.n_params, objective.n_params * 4
+
+    def with_free(vectors: float) -> None:
+        objective.memory_plan = replace(
+            objective.memory_plan, available_bytes=int(objective.memory_plan.predicted_peak_bytes + vectors * size)
+        )
+
+    spec = MetricSpec(k=1)
+    with_free(1000)
+    assert lanczos_vectors(objective, n, torch.float32, spec) == min(300, n) + 5  # every vector it can use: no restart
+    with_free(60)
+    assert lanczos_vectors(objective, n, torch.float32, spec) == 30
+    with_free(14)
+    assert lanczos_vectors(objective, n, torch.float32, spec) == 12  # never fewer than 2k + 10
+    with_free(11)
+    with pytest.raises(
+        InsufficientMemory,
+        match=rf"Lanczos holds 12 vectors of {n} parameters .* use a smaller --k, a smaller --batch-size or a larger device$",
+    ):
+        lanczos_vectors(objective, n, torch.float32, spec)
+    with_free(20)
+    with pytest.raises(InsufficientMemory, match=r"use --max-vectors 18 \(more restarts\)$"):
+        lanczos_vectors(objective, n, torch.float32, replace(spec, max_vectors=40))
+
+
+@pytest.mark.cli
+def test_a_bounded_lanczos_basis_says_how_often_it_restarted(tmp_path):
+    """A real `landscape measure --max-vectors`: the eigenvalues of the full basis, and the table and JSON say so."""
+    from tests.helpers import digits_mlp_checkpoint, run_cli
+
+    checkpoint = digits_mlp_checkpoint(tmp_path, (32,))
+    common = ["measure", str(checkpoint), "--metrics", "eig", "--k", "3", "--n-samples", "256", "--quiet"]
+    full = json.loads(run_cli(*common, "--json").stdout)[0]["metrics"]["eig"]
+    bounded_run = run_cli(*common, "--max-vectors", "16")
+    assert bounded_run.returncode == 0, bounded_run.stderr
+    assert " restarts in " in bounded_run.stdout and " vectors" in bounded_run.stdout
+    bounded = json.loads(run_cli(*common, "--max-vectors", "16", "--json").stdout)[0]["metrics"]["eig"]
+    assert full["restarts"] == 0 < bounded["restarts"] and bounded["stored_vectors"] <= 16 and bounded["certified"]
+    np.testing.assert_allclose(bounded["values"], full["values"], rtol=2e-3)
+    refused = run_cli(*common, "--max-vectors", "5")
+    assert (
+        refused.returncode == 2
+        and "--max-vectors 5 leaves Lanczos no room to restart for --k 3; give at least 13" in refused.stderr
+    )
