@@ -58,7 +58,7 @@ from analysis.report import Report, write_text
 from analysis.specs import CorrelateSpec
 from analysis.tables import format_table
 from analysis.train_command import NOISE_OPTION
-from landscape.curvature.spectrum import slq_density
+from landscape.curvature.density import slq_density
 from landscape.engine import distributed as ranks
 from landscape.engine.from_checkpoint import objective_from_checkpoint
 from landscape.engine.operators import HessianOperator

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from landscape.curvature.spectrum import EigResult, Spectrum
+from landscape.curvature.density import Spectrum
+from landscape.curvature.spectrum import EigResult
 from landscape.curvature.trace import TraceResult
 from landscape.results import Quantity, Result
 from landscape.sharpness.epsilon_sharpness import EpsilonSharpness

@@ -35,7 +35,7 @@ _EXPORTS = {
     "curvature_operator": "landscape.engine.operators",
     # estimators
     "lanczos": "landscape.curvature.spectrum",
-    "slq_density": "landscape.curvature.spectrum",
+    "slq_density": "landscape.curvature.density",
     "hutchinson": "landscape.curvature.trace",
     "hutchpp": "landscape.curvature.trace",
     "xtrace": "landscape.curvature.trace",

@@ -22,7 +22,8 @@ import pytest
 import torch
 from torch import nn
 
-from landscape.curvature.spectrum import lanczos, slq_density
+from landscape.curvature.density import slq_density
+from landscape.curvature.spectrum import lanczos
 from landscape.curvature.trace import hutchinson, hutchpp, xtrace
 from landscape.engine import objective as objective_module
 from landscape.engine.objective import HVP_METHODS, Objective

@@ -19,7 +19,8 @@ from torch.func import functional_call
 from analysis.cli import build_parser, main
 from analysis.measure import build_objective
 from analysis.specs import ObjectiveSpec
-from landscape.curvature.spectrum import lanczos, slq_density
+from landscape.curvature.density import slq_density
+from landscape.curvature.spectrum import lanczos
 from landscape.curvature.trace import xtrace
 from landscape.engine import distributed as ranks
 from landscape.engine.gauss_newton import CurvatureError, _cross_entropy_hessian_product, output_hessian_product

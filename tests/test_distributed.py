@@ -15,7 +15,8 @@ import torch
 from analysis.cli import build_parser
 from analysis.measure import measure_checkpoint
 from analysis.specs import MeasureSpec
-from landscape.curvature.spectrum import lanczos, slq_density
+from landscape.curvature.density import slq_density
+from landscape.curvature.spectrum import lanczos
 from landscape.curvature.trace import hutchinson, hutchpp, xtrace
 from landscape.engine import distributed as ranks
 from landscape.engine.objective import Objective, ObjectiveError

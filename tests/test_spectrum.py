@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy.integrate import trapezoid
 
-from landscape.curvature.spectrum import lanczos, power_iteration, slq_density
+from landscape.curvature.density import slq_density
+from landscape.curvature.spectrum import lanczos, power_iteration
 from landscape.engine.objective import Objective
 from landscape.engine.operators import DenseOperator, HessianOperator
 from tests.helpers import dense

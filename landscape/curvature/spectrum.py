@@ -1,8 +1,7 @@
-"""Eigenvalues and spectral density of a symmetric operator: Lanczos, power iteration, SLQ.
+"""Eigenvalues of a symmetric operator: Lanczos and power iteration (the spectral density, SLQ, is in density.py).
 
 Vectors stay torch tensors on the operator's device; only the small Lanczos tridiagonal
-goes to numpy in float64. One Lanczos recurrence (`_Lanczos`, full
-reorthogonalization) serves both `lanczos` and `slq_density`.
+goes to numpy in float64.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from landscape.curvature.density import Spectrum, slq_density  # noqa: F401  (moved there; still imported from here)
 from landscape.curvature.krylov import AugmentedKrylov, orthogonalize
 from landscape.engine.checks import check_int
 from landscape.engine.operators import LinearOperator
@@ -28,8 +28,6 @@ CHECK_MISS = 1e-3  # the fresh vector may miss an eigenvector only with share be
 CHECK_VECTORS = 4  # n-vectors `_DeflatedCheck`'s recurrence holds: its start, its last two vectors and a product
 OPEN_DIRECTIONS = 3  # remainder directions `max_vectors` leaves room for: two sequences and what a check found
 CHECK_ROOM = 16  # basis slots a check needs free to start in a bounded basis; fewer: restart to the guards first
-_BREAKDOWN_ULPS = 100  # β ≤ this many machine epsilons of ‖T‖: an invariant subspace was found
-_INITIAL_BASIS = 32  # basis slots allocated up front; doubled as the recurrence grows
 BASIS_BYTES = 2 * 2**30  # the default Lanczos budget stops growing where its stored basis would pass this
 
 
@@ -60,103 +58,6 @@ class EigResult(Result):
     sequences: int = 1  # Krylov sequences in the basis at the end: the start and the vectors the checks added
     restarts: int = 0  # thick restarts the bounded basis took (0: the whole Krylov space was kept)
     stored_vectors: int = 0  # the most n-vectors held at once: basis, remainder directions and the check's
-
-
-@dataclass(frozen=True)
-class Spectrum(Result):
-    """A smoothed spectral density from stochastic Lanczos quadrature, with its raw quadrature."""
-
-    grid: np.ndarray
-    density: np.ndarray  # on `grid`, integrates to ~1
-    nodes: np.ndarray  # (n_runs, n_steps) Ritz values per run
-    weights: np.ndarray  # (n_runs, n_steps) quadrature weights per run, each row sums to 1
-    sigma: float  # width of the Gaussian kernel
-    n_matvecs: int
-    seconds: float
-    seed: int
-
-
-class _Lanczos:
-    """b independent Lanczos recurrences (rows of `start`) with full reorthogonalization.
-
-    Each step costs one `products` call over the running recurrences (a row each) and orthogonalizes the
-    new vector twice (classical Gram–Schmidt) against the whole basis. A breakdown (β ≈ 0,
-    invariant subspace) is recorded as β = 0 exactly; the caller then drops the recurrence
-    (`drop`) or continues it from a fresh orthogonal vector (`restart`).
-    """
-
-    def __init__(self, op: LinearOperator, start: torch.Tensor, max_steps: int) -> None:
-        b, n = start.shape
-        self.op, self.n, self.max_steps = op, n, max_steps
-        self.basis = start.new_zeros(b, min(max_steps, _INITIAL_BASIS) + 1, n)
-        self.basis[:, 0] = start / start.norm(dim=1, keepdim=True)
-        self.rows = np.arange(b)  # which original recurrence each basis row belongs to
-        self.alpha: list[list[float]] = [[] for _ in range(b)]
-        self.beta: list[list[float]] = [[] for _ in range(b)]
-        self.last_beta = np.zeros(b)
-        self.norm_estimate = np.zeros(b)  # running Gershgorin bound on ‖T‖
-        self.steps = 0
-        self.n_matvecs = 0
-        self.tiny = _BREAKDOWN_ULPS * torch.finfo(start.dtype).eps
-
-    def step(self) -> np.ndarray:
-        """Advance every running recurrence by one matvec; return which of them broke down."""
-        j = self.steps
-        q = self.basis[:, j]
-        w = self.op.products(q)
-        self.n_matvecs += q.shape[0]
-        alpha = (q * w).sum(1)
-        w = w - alpha[:, None] * q
-        if j:
-            w -= torch.as_tensor(self.last_beta, dtype=w.dtype, device=w.device)[:, None] * self.basis[:, j - 1]
-        w = _orthogonalize(w, self.basis[:, : j + 1])
-        beta = w.norm(dim=1)
-        alpha_np, beta_np = alpha.double().cpu().numpy(), beta.double().cpu().numpy()
-        self.norm_estimate = np.maximum(self.norm_estimate, np.abs(alpha_np) + beta_np + self.last_beta)
-        broken = (beta_np <= self.tiny * self.norm_estimate) | (j + 1 >= self.n)
-        beta_np[broken] = 0.0
-        for row, a, bt in zip(self.rows, alpha_np, beta_np):
-            self.alpha[row].append(float(a))
-            self.beta[row].append(float(bt))
-        if j + 1 < self.n:  # a broken row's slot is overwritten by `restart` or removed by `drop`
-            self._reserve(j + 1)
-            self.basis[:, j + 1] = w / beta.clamp_min(torch.finfo(w.dtype).tiny)[:, None]
-        self.last_beta = beta_np
-        self.steps += 1
-        return broken
-
-    def restart(self, v: torch.Tensor) -> None:
-        """After a breakdown, continue from `v` (shape (b, n)) orthogonalized against the basis."""
-        v = _orthogonalize(v, self.basis[:, : self.steps])
-        self.basis[:, self.steps] = v / v.norm(dim=1, keepdim=True)
-
-    def drop(self, broken: np.ndarray) -> None:
-        """Stop the recurrences that broke down."""
-        keep = ~broken
-        self.basis = self.basis[torch.as_tensor(keep, device=self.basis.device)]
-        self.rows, self.last_beta, self.norm_estimate = self.rows[keep], self.last_beta[keep], self.norm_estimate[keep]
-
-    def ritz(self, row: int) -> tuple[np.ndarray, np.ndarray, float]:
-        """Ritz values (ascending), eigenvectors S of the tridiagonal T, and the last β of one recurrence."""
-        alpha, beta = np.array(self.alpha[row]), np.array(self.beta[row])
-        # numpy's dense eigh on the (≤ a few hundred)² tridiagonal: as accurate as scipy's eigh_tridiagonal,
-        # and a short run does not pay scipy.linalg's import (0.18 s of a 2 s `landscape measure`)
-        theta, s = np.linalg.eigh(np.diag(alpha) + np.diag(beta[:-1], 1) + np.diag(beta[:-1], -1))
-        return theta, s, beta[-1]
-
-    def _reserve(self, slot: int) -> None:
-        capacity = self.basis.shape[1]
-        if slot >= capacity:
-            grown = self.basis.new_zeros(self.basis.shape[0], min(2 * (capacity - 1), self.max_steps) + 1, self.n)
-            grown[:, :capacity] = self.basis
-            self.basis = grown
-
-
-def _orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Remove from each row of w (b, n) its components along basis (b, j, n), twice."""
-    for _ in range(2):
-        w = w - torch.bmm(torch.bmm(basis, w.unsqueeze(2)).transpose(1, 2), basis).squeeze(1)
-    return w
 
 
 def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
@@ -740,93 +641,6 @@ def power_iteration(
 def _deflate(v: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
     """Remove the components along the already found (orthonormal) eigenvectors, the rows of `found`."""
     return v - (found @ v) @ found
-
-
-def slq_density(
-    op: LinearOperator,
-    *,
-    n_runs: int = 4,
-    n_steps: int = 60,
-    n_grid: int = 500,
-    sigma: float | None = None,
-    seed: int = 0,
-    grid_margin: float = 0.05,
-    progress: bool | str = False,
-) -> Spectrum:
-    """Spectral density by stochastic Lanczos quadrature (Lin, Saad & Yang 2016; Ubaru, Chen & Saad 2017).
-
-    The Hessian spectral densities of Ghorbani, Krishnan & Xiao (2019). Each run starts Lanczos
-    (full reorthogonalization) from a normalized Rademacher vector, all runs sharing one `products`
-    call per step; nodes are the Ritz values, weights the squared first components of T's eigenvectors
-    (Gauss quadrature of the probe's spectral measure). The density averages Σ_j w_j·N(x; θ_j, σ²)
-    over runs. A run that hits an invariant subspace early is padded with zero-weight nodes.
-
-    Args:
-        op: a symmetric operator (HessianOperator, GGNOperator, FisherOperator, DenseOperator, ...).
-        n_runs: independent probe vectors; their spread is the density's uncertainty.
-        n_steps: Lanczos steps (quadrature nodes) per run, at most n; one matvec per run and step.
-        n_grid: points of the grid the density is evaluated on.
-        sigma: width of the Gaussian kernel; None: (max node − min node)/100.
-        seed: seed of the probe vectors.
-        grid_margin: the grid extends grid_margin·range + 3σ past the extreme nodes.
-        progress: a progress bar (True, or a label), off by default.
-
-    Returns:
-        Spectrum: `grid` and `density` (integrating to about 1), the raw quadrature `nodes` and
-            `weights` of every run (n_runs, n_steps), `sigma`, `n_matvecs`, `seconds`, `seed`.
-
-    Raises:
-        ValueError: a non-positive count, sigma or a negative grid_margin.
-
-    Examples:
-        With as many steps as the dimension the nodes are the eigenvalues and each run's
-        weights (the squared probe components along the eigenvectors) sum to 1:
-
-        >>> import torch
-        >>> from landscape.engine.operators import DenseOperator
-        >>> op = DenseOperator(torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5], dtype=torch.float64)))
-        >>> spectrum = slq_density(op, n_runs=2, n_steps=4)
-        >>> spectrum.nodes[0].round(6), spectrum.weights.sum(axis=1).round(6), spectrum.n_matvecs
-        (array([0.5, 1. , 3. , 5. ]), array([1., 1.]), 8)
-    """
-    check_int("n_runs", n_runs, 1)
-    check_int("n_steps", n_steps, 1)
-    check_int("n_grid", n_grid, 2)
-    if sigma is not None and not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma!r}")
-    if not grid_margin >= 0:
-        raise ValueError(f"grid_margin must be ≥ 0, got {grid_margin!r}")
-    start = time.perf_counter()
-    n = op.shape[0]
-    n_steps = min(n_steps, n)
-    recurrence = _Lanczos(op, rademacher(seeded_generator(op.device, seed), (n_runs, n), op), max_steps=n_steps)
-    with Progress(n_runs * n_steps, "density (SLQ)", "matvec", progress) as bar:
-        while recurrence.steps < n_steps and len(recurrence.rows):
-            running = len(recurrence.rows)
-            recurrence.drop(recurrence.step())
-            bar.update(running)
-    nodes, weights = np.zeros((n_runs, n_steps)), np.zeros((n_runs, n_steps))
-    for run in range(n_runs):
-        theta, s, _ = recurrence.ritz(run)
-        nodes[run] = np.pad(theta, (0, n_steps - len(theta)), mode="edge")
-        weights[run, : len(theta)] = s[0] ** 2
-    spread = nodes.max() - nodes.min()
-    scale = spread if spread > 0 else max(np.abs(nodes).max(), 1.0)
-    sigma = float(sigma if sigma is not None else scale / 100)
-    pad = grid_margin * scale + 3 * sigma
-    grid = np.linspace(nodes.min() - pad, nodes.max() + pad, n_grid)
-    kernel = np.exp(-0.5 * ((grid[:, None] - nodes.reshape(1, -1)) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
-    density = kernel @ weights.reshape(-1) / n_runs
-    return Spectrum(
-        grid=grid,
-        density=density,
-        nodes=nodes,
-        weights=weights,
-        sigma=sigma,
-        n_matvecs=recurrence.n_matvecs,
-        seconds=time.perf_counter() - start,
-        seed=int(seed),
-    )
 
 
 @dataclass
