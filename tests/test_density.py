@@ -119,23 +119,27 @@ def test_bounded_slq_on_a_network_hessian(mlp_problem):
 
 
 class Diagonal(LinearOperator):
-    """diag(d), recording at its products the n-vectors alive in the process besides d (tensors whose last axis is n)."""
+    """diag(d), recording at its products the n-vectors alive in the process that were not alive before it was built
+    (tensors whose last axis is n, counted by storage)."""
 
     def __init__(self, d: torch.Tensor) -> None:
         super().__init__(len(d), d.dtype, d.device)
         self.d, self.alive = d, []
+        self.before = set(self._storages())  # alive (so not reusable) throughout: d's and other tests' leftovers
 
-    def products(self, V):
-        self.n_matvecs += 1
-        if self.n_matvecs % 3 != 2:  # a scan of every object is slow: every third product (the 2nd, 5th, ...)
-            return V * self.d
-        n, storages = self.shape[0], {}
+    def _storages(self) -> dict[int, int]:
+        n, found = self.shape[0], {}
         for obj in gc.get_objects():
             if issubclass(type(obj), torch.Tensor) and obj.ndim and obj.shape[-1] == n and obj.dtype == self.dtype:
                 storage = obj.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-        storages.pop(self.d.untyped_storage().data_ptr(), None)
-        self.alive.append(sum(storages.values()) // (n * self.d.element_size()))
+                found[storage.data_ptr()] = storage.nbytes()
+        return found
+
+    def products(self, V):
+        self.n_matvecs += 1
+        if self.n_matvecs % 3 == 2:  # a scan of every object is slow: every third product (the 2nd, 5th, ...)
+            new = {ptr: size for ptr, size in self._storages().items() if ptr not in self.before}
+            self.alive.append(sum(new.values()) // (self.shape[0] * self.d.element_size()))
         return V * self.d
 
 
