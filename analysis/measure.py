@@ -15,8 +15,9 @@ from analysis.measurement_table import as_per_layer, format_measurement
 from analysis.options import parse_options
 from analysis.results_file import ResultsFile
 from analysis.specs import MeasureSpec, MetricSpec, ObjectiveSpec
+from landscape.curvature.density import slq_density
 from landscape.curvature.per_layer import module_blocks, per_layer
-from landscape.curvature.spectrum import default_max_matvecs, default_max_vectors, lanczos, minimum_vectors, slq_density
+from landscape.curvature.spectrum import default_max_matvecs, default_max_vectors, lanczos, minimum_vectors
 from landscape.curvature.trace import hutchinson, hutchpp, xtrace
 from landscape.engine import distributed as ranks
 from landscape.engine.from_checkpoint import objective_from_checkpoint, parse_dtype
@@ -361,7 +362,7 @@ def lanczos_vectors(objective: Objective, n: int, dtype, spec: MetricSpec) -> in
     """How many n-vectors Lanczos may hold (--max-vectors, or what the memory plan leaves free); one line if even
     the fewest it can restart in do not fit beside the HVPs' own peak."""
     plan = objective.memory_plan
-    free = max(plan.available_bytes - plan.predicted_peak_bytes, 0)
+    free = _free_beside_hvps(objective)
     k = min(spec.k, n)
     budget = spec.max_matvecs or default_max_matvecs(n, k)
     vectors = spec.max_vectors or default_max_vectors(n, k, budget, dtype, free)
@@ -403,9 +404,21 @@ def _per_layer(objective: Objective, spec: MetricSpec) -> Result:
 
 
 def _density(objective: Objective, spec: MetricSpec) -> Result:
+    """SLQ, keeping every Lanczos vector only where they fit in half of what the memory plan leaves free."""
     return slq_density(
-        _operator(objective, spec), n_runs=spec.density_runs, n_steps=spec.density_steps, seed=spec.seed, progress=spec.progress
+        _operator(objective, spec),
+        n_runs=spec.density_runs,
+        n_steps=spec.density_steps,
+        seed=spec.seed,
+        progress=spec.progress,
+        free_bytes=_free_beside_hvps(objective),
     )
+
+
+def _free_beside_hvps(objective: Objective) -> int:
+    """Memory the HVPs' predicted peak leaves free (the memory plan), for the solvers' vectors."""
+    plan = objective.memory_plan
+    return max(plan.available_bytes - plan.predicted_peak_bytes, 0)
 
 
 def _expected_loss(objective: Objective, spec: MetricSpec) -> Result:

@@ -13,8 +13,9 @@ from typing import Any
 from analysis.quantities import METRIC_RESULTS, as_result
 from analysis.setup_text import batching, norm_mode, sample_origin
 from analysis.tables import format_table
+from landscape.curvature.density import Spectrum
 from landscape.curvature.per_layer import PerLayerResult
-from landscape.curvature.spectrum import EigResult, Spectrum
+from landscape.curvature.spectrum import EigResult
 from landscape.curvature.trace import TraceResult
 from landscape.sharpness.epsilon_sharpness import EpsilonSharpness
 from landscape.sharpness.perturb import ExpectedLoss, SharpnessCurve
@@ -118,7 +119,8 @@ def _(r: TraceResult, metric: str, products: str) -> list[tuple]:
 @result_rows.register
 def _(r: Spectrum, metric: str, products: str) -> list[tuple]:
     cost = f"{r.n_matvecs} {products}, {r.seconds:.1f}s"
-    return [("spectral density", f"{len(r.nodes)} SLQ runs, σ={r.sigma:.3g}", cost, "")]
+    bounded = "; three-term recurrence (bounded memory)" if r.reorthogonalization == "none" else ""
+    return [("spectral density", f"{len(r.nodes)} SLQ runs, σ={r.sigma:.3g}", cost + bounded, "")]
 
 
 @result_rows.register

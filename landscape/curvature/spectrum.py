@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from landscape.curvature.density import Spectrum, slq_density  # noqa: F401  (moved there; still imported from here)
 from landscape.curvature.krylov import AugmentedKrylov, orthogonalize
 from landscape.engine.checks import check_int
 from landscape.engine.operators import LinearOperator
