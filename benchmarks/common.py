@@ -33,6 +33,18 @@ def seconds_per_call(fn: Callable[[], object], *, warmup: int = 2, min_seconds: 
     return statistics.median(times)
 
 
+def median_seconds(fn: Callable[[], object], calls: int) -> float:
+    """Median wall time over a FIXED number of calls after one warm-up (under torch.distributed every rank must make
+    the same collectives; on big models a few calls are all there is time for)."""
+    fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def rss_bytes(field: str = "VmRSS") -> int:
     """Resident (VmRSS) or peak resident (VmHWM) memory of this process, from /proc."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -13,18 +13,16 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402  (also sets one thread per process)
+from common import median_seconds, write_results  # noqa: E402  (also sets one thread per process)
 
 from landscape.curvature.spectrum import lanczos  # noqa: E402
 from landscape.engine import distributed as ranks  # noqa: E402
@@ -55,17 +53,6 @@ def problem(name: str, n_samples: int | None) -> tuple[torch.nn.Module, list]:
     x, y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
     model, _ = model_for_data("c3", (3, 32, 32), num_classes=10)
     return model, list(zip(x.split(256), y.split(256)))
-
-
-def median_seconds(fn: Callable[[], object], calls: int) -> float:
-    """Median wall time over a FIXED number of calls after one warm-up: every rank must make the same collectives."""
-    fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def lanczos_job(args: argparse.Namespace) -> dict:
