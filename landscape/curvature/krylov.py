@@ -29,17 +29,24 @@ from landscape.engine.operators import LinearOperator
 
 INITIAL_CAPACITY = 32  # basis rows allocated up front; doubled as the basis grows
 BREAKDOWN_ULPS = 100  # ‖g‖ ≤ this many machine epsilons of ‖H‖: an invariant subspace was found
+REORTHOGONALIZE = 2**-0.5  # a Gram–Schmidt pass that leaves less than this share of the norm is repeated
 
 
 def orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (n,) minus its components along the orthonormal rows of basis (m, n), twice (classical Gram–Schmidt).
+    """w (n,) minus its components along the orthonormal rows of basis (m, n) by classical Gram–Schmidt, with a
+    second pass where the first removed most of w (‖w'‖ < ‖w‖/√2: the DGKS criterion, Daniel, Gragg, Kaufman &
+    Stewart 1976), so "twice is enough" is paid for only when needed.
 
-    Returns the orthogonalized vector and the coefficients removed (m,), summed over both passes."""
-    coefficients = torch.zeros(basis.shape[0], dtype=w.dtype, device=w.device)
-    for _ in range(2):
+    Returns the orthogonalized vector and the coefficients removed (m,), summed over the passes."""
+    if basis.shape[0] == 0:
+        return w, w.new_zeros(0)
+    before = w.norm()
+    coefficients = basis @ w
+    w = w - coefficients @ basis
+    if w.norm() < REORTHOGONALIZE * before:
         c = basis @ w
         w = w - c @ basis
-        coefficients += c
+        coefficients = coefficients + c
     return w, coefficients
 
 
@@ -209,15 +216,15 @@ class AugmentedKrylov:
         """v joined the applied basis: take its direction out of Q (its coefficients moved into H already)."""
         if self.open.shape[0] == 0:
             return
-        projected = self.open
-        for _ in range(2):
-            projected = projected - (projected @ v)[:, None] * v[None]
-        # Q − p vᵀ has Gram matrix U D Uᵀ: its rows are Uᵀ-rotated to D^{1/2} Q' with Q' orthonormal, so Qᵀ B
-        # becomes Q'ᵀ (D^{1/2} Uᵀ B); the direction v took (d ≈ 0) is dropped with its coefficients
-        d, u = np.linalg.eigh((projected @ projected.T).double().cpu().numpy())
+        # Q − p vᵀ (p = Q v) has Gram matrix I − p pᵀ = U D Uᵀ: its rows are Uᵀ-rotated to D^{1/2} Q' with Q'
+        # orthonormal, so Qᵀ B becomes Q'ᵀ (D^{1/2} Uᵀ B); the direction v took (d ≈ 0) is dropped with its
+        # coefficients. Only the kept rotated rows are formed (none in plain Lanczos, where v is Q's one row).
+        p = self.open @ v
+        p64 = p.double().cpu().numpy()
+        d, u = np.linalg.eigh(np.eye(len(p64)) - np.outer(p64, p64))
         keep = d > BREAKDOWN_ULPS * torch.finfo(v.dtype).eps
         rotation = torch.as_tensor(u[:, keep].T / np.sqrt(d[keep])[:, None], dtype=v.dtype, device=v.device)
-        self.open = rotation @ projected
+        self.open = rotation @ self.open - (rotation @ p)[:, None] * v[None] if keep.any() else self.open[:0]
         self.coupling = (np.sqrt(d[keep])[:, None] * u[:, keep].T) @ self.coupling
         self._drop_negligible()
 
