@@ -39,6 +39,7 @@ from landscape.sharpness.worst_case import (
     worst_case,
 )
 
+SOLVER_TEMPORARIES = 4  # n-vectors Lanczos allocates beside its basis during a step
 TRACE_METHODS = {"xtrace": xtrace, "hutchpp": hutchpp, "hutchinson": hutchinson}
 
 
@@ -362,11 +363,11 @@ def lanczos_vectors(objective: Objective, n: int, dtype, spec: MetricSpec) -> in
     """How many n-vectors Lanczos may hold (--max-vectors, or what the memory plan leaves free); one line if even
     the fewest it can restart in do not fit beside the HVPs' own peak."""
     plan = objective.memory_plan
-    free = _free_beside_hvps(objective)
+    size = n * torch.finfo(dtype).bits // 8
+    free = _free_beside_hvps(objective) - SOLVER_TEMPORARIES * size  # a product, its remainder and two more
     k = min(spec.k, n)
     budget = spec.max_matvecs or default_max_matvecs(n, k)
-    vectors = spec.max_vectors or default_max_vectors(n, k, budget, dtype, free)
-    size = n * torch.finfo(dtype).bits // 8
+    vectors = spec.max_vectors or default_max_vectors(n, k, budget, dtype, max(free, 0))
     if vectors * size <= free:
         return vectors
     fit = int(0.9 * free) // size
