@@ -1,0 +1,159 @@
+"""GPT-2 configs at scale on this machine: certified λ1 in bounded memory, with the costs a user feels.
+
+Each config (HuggingFace GPT2LMHeadModel built from a config, float32, random init, eval mode) is measured on
+16 sequences of 64 tokens drawn from a fixed Zipf-like synthetic corpus (vocabulary 50,257), token cross-entropy,
+in its own process so its peak memory is its own:
+- seconds per gradient and per HVP (median of a few, after one warm-up) and their ratio;
+- `lanczos(k)` with the certified stop and the basis the memory plan allows (analysis.measure.lanczos_vectors, the
+  path `landscape measure` takes): the value, certified or not, HVPs, restarts, vectors held, wall time;
+- peak resident memory (VmHWM) against the memory plan's prediction (the objective's own memory before the run,
+  plus the HVP graph's predicted peak, plus the basis).
+
+Usage: python benchmarks/scale.py [--configs 45m,124m] [--k 1] [--threads 2] [--hvp auto] [--max-vectors N]
+Writes benchmarks/results/scale.json (a config not rerun keeps its row). Not yet completed on this 2-core machine:
+at 124M with the default plan the run was OOM-killed at 24 GiB after 5 HVPs (the plan predicted a 6.5 GiB HVP peak,
+11.3 GiB was measured), and with `--hvp double-backward --max-vectors 12` it ran 35 minutes of Lanczos (about 17 GiB
+resident) without finishing before it was stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import RESULTS, median_seconds, rss_bytes, write_results  # noqa: E402
+
+CONFIGS = {  # name: (layers, width, heads)
+    "45m": (6, 512, 8),  # 45.2M parameters (25.7M of them the tied token embedding)
+    "124m": (12, 768, 12),  # GPT-2 small: 124.4M
+}
+VOCAB, SEQUENCES, LENGTH = 50257, 16, 64
+
+
+def corpus(seed: int = 0) -> list[dict]:
+    """SEQUENCES sequences of LENGTH tokens, Zipf-distributed ids (as word frequencies are), one batch."""
+    g = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, VOCAB + 1, dtype=torch.float64)
+    ids = torch.multinomial(weights, SEQUENCES * LENGTH, replacement=True, generator=g).reshape(SEQUENCES, LENGTH)
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
+
+
+def measure(name: str, k: int, hvp_method: str, max_vectors: int | None) -> dict:
+    import transformers
+
+    from analysis.measure import lanczos_vectors
+    from analysis.specs import MetricSpec
+    from landscape.curvature.spectrum import lanczos
+    from landscape.engine.objective import Objective
+    from landscape.engine.operators import HessianOperator
+    from landscape.inputs.batches import token_cross_entropy
+
+    layers, width, heads = CONFIGS[name]
+    config = transformers.GPT2Config(
+        n_layer=layers, n_embd=width, n_head=heads, vocab_size=VOCAB, n_positions=1024, attn_implementation="eager"
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    began = time.perf_counter()
+    objective = Objective(model, corpus(), loss=token_cross_entropy, device="cpu", hvp_method=hvp_method)
+    setup = time.perf_counter() - began
+    n = objective.n_params
+    before = rss_bytes()
+
+    gradient = median_seconds(objective.grad, 1)
+    v = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    hvp = median_seconds(lambda: objective.hvp(v / v.norm()), 1)
+    spec = MetricSpec(k=k, max_vectors=max_vectors)
+    vectors = lanczos_vectors(objective, n, torch.float32, spec)
+    plan = objective.memory_plan
+    predicted = before + plan.predicted_peak_bytes + vectors * n * 4
+    began = time.perf_counter()
+    result = lanczos(HessianOperator(objective), k, max_vectors=vectors, progress="lines")
+    seconds = time.perf_counter() - began
+    return {
+        "config": {"layers": layers, "width": width, "heads": heads, "vocab": VOCAB},
+        "parameters": n,
+        "tokens": SEQUENCES * LENGTH,
+        "threads": torch.get_num_threads(),
+        "hvp_method": hvp_method,
+        "setup_seconds": setup,
+        "gradient_seconds": gradient,
+        "hvp_seconds": hvp,
+        "hvp_per_gradient": hvp / gradient,
+        "eig": {
+            "k": k,
+            "values": result.values.tolist(),
+            "error_bounds": result.error_bounds.tolist(),
+            "certified": result.certified,
+            "converged": result.converged,
+            "hvps": result.n_matvecs,
+            "restarts": result.restarts,
+            "max_vectors": vectors,
+            "stored_vectors": result.stored_vectors,
+            "seconds": seconds,
+        },
+        "memory": {
+            "rss_before_bytes": before,
+            "hvp_graph_predicted_bytes": plan.predicted_peak_bytes,
+            "basis_bytes": vectors * n * 4,
+            "predicted_peak_bytes": predicted,
+            "measured_peak_bytes": rss_bytes("VmHWM"),
+            "measured_over_predicted": rss_bytes("VmHWM") / predicted,
+            "available_at_start_bytes": plan.available_bytes,
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hvp", default="auto", help="the Objective's HVP path (auto keeps the gradient graph if it fits)")
+    parser.add_argument("--max-vectors", type=int, help="Lanczos's vectors (default: what the memory plan allows)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: measure this config, print JSON
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(measure(args.one, args.k, args.hvp, args.max_vectors)))
+        return
+    path = RESULTS / "scale.json"
+    rows = json.loads(path.read_text()).get("configs", {}) if path.exists() else {}
+    for name in args.configs.split(","):
+        began = time.perf_counter()
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--k", str(args.k), "--threads", str(args.threads), "--hvp", args.hvp]
+            + ([] if args.max_vectors is None else ["--max-vectors", str(args.max_vectors)]),
+            capture_output=True,
+            text=True,
+        )
+        if out.returncode:
+            print(out.stderr[-3000:], file=sys.stderr)
+            errors = [line for line in out.stderr.strip().splitlines() if not line.startswith("lanczos:")]
+            rows[name] = {"failed": errors[-1] if errors else f"exit {out.returncode} (killed: out of memory?)"}
+            continue
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["process_seconds"] = time.perf_counter() - began
+        rows[name] = row
+        e, m = row["eig"], row["memory"]
+        print(
+            f"{name}: {row['parameters']:,} parameters; gradient {row['gradient_seconds']:.1f} s, HVP {row['hvp_seconds']:.1f} s "
+            f"({row['hvp_per_gradient']:.2f}x); λ1 {e['values'][0]:.5g} ± {e['error_bounds'][0]:.2g} certified={e['certified']} "
+            f"in {e['hvps']} HVPs, {e['restarts']} restarts in {e['stored_vectors']}/{e['max_vectors']} vectors, "
+            f"{e['seconds']:.0f} s; peak {m['measured_peak_bytes'] / 2**30:.1f} GiB "
+            f"(predicted {m['predicted_peak_bytes'] / 2**30:.1f}, ratio {m['measured_over_predicted']:.2f}); "
+            f"process {row['process_seconds']:.0f} s"
+        )
+    write_results("scale", {"sequences": SEQUENCES, "length": LENGTH, "configs": rows})
+
+
+if __name__ == "__main__":
+    main()
