@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from landscape.curvature.krylov import BREAKDOWN_ULPS  # one threshold for every Lanczos recurrence
 from landscape.engine.checks import check_int
 from landscape.engine.operators import LinearOperator
 from landscape.engine.probes import rademacher, seeded_generator
@@ -25,7 +26,6 @@ from landscape.results import Result
 
 REORTHOGONALIZATIONS = ("full", "none")
 DENSITY_BYTES = 2 * 2**30  # the default: full reorthogonalization where its stored vectors fit in this (2 GiB)
-_BREAKDOWN_ULPS = 100  # β ≤ this many machine epsilons of ‖T‖: an invariant subspace was found
 _WORKING_VECTORS = 2  # n-vectors per run beside the stored ones: the product and the vector being formed from it
 
 
@@ -92,7 +92,7 @@ class _Lanczos:
         self.norm_estimate = np.zeros(b)  # running Gershgorin bound on ‖T‖
         self.steps = 0
         self.n_matvecs = 0
-        self.tiny = _BREAKDOWN_ULPS * torch.finfo(start.dtype).eps
+        self.tiny = BREAKDOWN_ULPS * torch.finfo(start.dtype).eps
 
     def step(self) -> np.ndarray:
         """Advance every running recurrence by one matvec; return which of them broke down."""

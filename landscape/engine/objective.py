@@ -754,7 +754,7 @@ def _forward(model: nn.Module, state: dict[str, torch.Tensor], args: tuple, kwar
 
     With the model's `slots` (_tensor_slots) the tensors are put in place directly, as functional_call does after
     finding them: its per-call walk of the module tree (tied names, attribute lookups) cost 0.03 ms a call on the
-    digits MLP, 0.09 ms on the ConvNet and 0.7 ms on ResNet-20 (issue 29: 1-2% of the small models' gradients). A
+    digits MLP, 0.09 ms on the ConvNet and 0.7 ms on ResNet-20 (1-2% of the small models' gradients). A
     name the slots do not know, and code torch.compile traces, take functional_call itself."""
     with sdpa_kernel(SDPBackend.MATH):
         if slots is None or torch.compiler.is_compiling() or not slots.keys() >= state.keys():
