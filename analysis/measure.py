@@ -110,7 +110,9 @@ def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         default=O.hvp,
         help="HVP path: auto (= reuse), reuse (gradient graphs kept for as many batches as --hvp-memory "
         "holds, the rest rebuilt per product), double-backward (least memory), linearize, fwd-rev, "
-        "compiled (torch.compile, for GPUs) (default %(default)s)",
+        "compiled (torch.compile, for GPUs), finite-difference (central differences of first-order gradients: "
+        "approximate, each product with an error estimate; for models without a second derivative) "
+        "(default %(default)s)",
     )
     group.add_argument(
         "--hvp-memory",
@@ -559,6 +561,8 @@ def measure_checkpoint(
             report["setup"]["hvp_method"] = objective.hvp_method
             report["hvp_check"] = objective.hvp_check_result.to_dict()
             report["hvp_memory"] = {**objective.memory_plan.to_dict(), "summary": objective.memory_plan.describe()}
+        if objective.hvp_error is not None:  # finite differences: the steps taken and the largest error estimated
+            report["hvp_error"] = {**objective.hvp_error.to_dict(), "summary": objective.hvp_error.describe()}
         if saved is not None:
             saved(report)
 

@@ -49,6 +49,8 @@ def format_measurement(report: dict) -> str:
         lines.append(f"  HVP memory: {report['hvp_memory']['summary']}")
     if report.get("hvp_check"):
         lines.append(_hvp_check_line(report["hvp_check"]))
+    if report.get("hvp_error"):
+        lines.append(f"  HVP error: {report['hvp_error']['summary']}")
     rows: list[tuple] = [
         ("loss", f"{report['loss']:.6g}", "", ""),
         ("accuracy", "" if report["accuracy"] is None else f"{report['accuracy']:.4f}", "", ""),
@@ -69,7 +71,14 @@ def format_measurement(report: dict) -> str:
 
 
 def _hvp_check_line(check: dict) -> str:
-    if check["passed"]:
+    if check.get("skipped"):
+        return f"  HVP self-check: skipped, {check['skipped']}; {check['seconds']:.2f}s"
+    if check["passed"] and check.get("estimated_error") is not None:
+        verdict = (
+            f"agrees with double backward to {check['difference']:.1g}, within twice its estimated error "
+            f"{check['estimated_error']:.1g}"
+        )
+    elif check["passed"]:
         verdict = f"agrees with double backward to {check['difference']:.1g} (a repeat to {check['repeat_difference']:.1g})"
     else:
         verdict = f"{check['path']} differed from double backward by {check['difference']:.2g}, so double backward was used"

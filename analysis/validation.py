@@ -15,7 +15,7 @@ import torch
 
 from landscape.engine.checks import check_number
 from landscape.engine.memory import parse_size
-from landscape.engine.objective import COMPILED_HVP, HVP_METHODS
+from landscape.engine.objective import COMPILED_HVP, FINITE_DIFFERENCE_HVP, HVP_METHODS
 
 # dest: smallest allowed value, for every integer option of every command that has it
 INT_MINIMUMS = {
@@ -70,8 +70,8 @@ def validate_arguments(args: argparse.Namespace) -> None:
         parse_radii(args.radius)
     if getattr(args, "metrics", None) is not None:
         metric_names(args)
-    if getattr(args, "hvp", None) is not None and args.hvp not in (*HVP_METHODS, COMPILED_HVP):
-        raise ValueError(f"--hvp {args.hvp}: use one of {', '.join(HVP_METHODS)} or {COMPILED_HVP}")
+    if getattr(args, "hvp", None) is not None and args.hvp not in (*HVP_METHODS, COMPILED_HVP, FINITE_DIFFERENCE_HVP):
+        raise ValueError(f"--hvp {args.hvp}: use one of {', '.join(HVP_METHODS)}, {COMPILED_HVP} or {FINITE_DIFFERENCE_HVP}")
     if getattr(args, "hvp_memory", None) is not None:
         parse_size(args.hvp_memory)
     if getattr(args, "per_layer", None) is not None:

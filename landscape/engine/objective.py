@@ -9,6 +9,7 @@ products never mutate the user's model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -23,6 +24,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from landscape.engine import distributed as ranks
+from landscape.engine import finite_difference as fd
 from landscape.engine.memory import InsufficientMemory, available_bytes, format_size
 from landscape.engine.params import FlatLayout, select_parameters
 from landscape.engine.source_watch import SourceWatch
@@ -44,6 +46,7 @@ from landscape.results import Result
 
 HVP_METHODS = ("auto", "reuse", "linearize", "fwd-rev", "double-backward")
 COMPILED_HVP = "compiled"  # torch.compile'd forward-over-reverse: for GPUs, measured by benchmarks/gpu.py
+FINITE_DIFFERENCE_HVP = "finite-difference"  # central differences of gradients: approximate, with an error estimate
 MODES = ("eval", "train")
 
 __all__ = ["Objective", "ObjectiveError", "Evaluation", "HVPCheck", "MemoryPlan", "cross_entropy", "linearized"]
@@ -68,6 +71,8 @@ class HVPCheck(Result):
 
     `difference`: ‖Hv − H_ref v‖/‖H_ref v‖ against double backward; `repeat_difference`: the same
     product taken twice. Both must stay under `tolerance`; otherwise `replaced_by` names the path used.
+    The finite-difference path's `tolerance` follows its `estimated_error` (relative, on the same probe:
+    landscape.engine.finite_difference.check_tolerance); `skipped` says why no exact reference could be taken.
     """
 
     path: str
@@ -77,10 +82,12 @@ class HVPCheck(Result):
     seconds: float
     replaced_by: str | None = None
     n_extra_hvps: int = 2
+    estimated_error: float | None = None
+    skipped: str | None = None
 
     @property
     def passed(self) -> bool:
-        return self.difference <= self.tolerance and self.repeat_difference <= self.tolerance
+        return self.skipped is None and self.difference <= self.tolerance and self.repeat_difference <= self.tolerance
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "passed": self.passed}
@@ -171,7 +178,8 @@ class Objective:
 
     `params` selects the parameters that vary (see landscape.engine.params.select_parameters);
     the rest and all buffers stay fixed. `hvp_method` picks the exact Hessian-vector
-    product path (benchmarks/hvp.py); `auto` is `reuse`: the create_graph gradient of as
+    product path (benchmarks/hvp.py), or `finite-difference`, central differences of gradients with an error
+    estimate per product (for models without a second derivative, `_hvp_finite_difference`); `auto` is `reuse`: the create_graph gradient of as
     many batches as fit in `graph_memory_budget` bytes (default: half the free memory) is
     kept across products and the rest rebuilt per product, so any measurement set fits.
     Peak memory is predicted at construction (`memory_plan`); a plan that cannot fit the
@@ -183,6 +191,8 @@ class Objective:
     changes in place (an optimizer step, load_state_dict) the Objective refuses to answer. To measure during
     training, build one per measurement, or use landscape.CurvatureTracker (docs/how-to/track-training.md).
     """
+
+    _any_attention = False  # True while the finite-difference path takes gradients: fused attention kernels allowed
 
     def __init__(
         self,
@@ -201,8 +211,10 @@ class Objective:
         distributed: bool = False,
         hvp_check: bool = True,
     ) -> None:
-        if hvp_method not in (*HVP_METHODS, COMPILED_HVP):
-            raise ObjectiveError(f"unknown hvp_method {hvp_method!r}; use one of {', '.join(HVP_METHODS)} or {COMPILED_HVP}")
+        if hvp_method not in (*HVP_METHODS, COMPILED_HVP, FINITE_DIFFERENCE_HVP):
+            raise ObjectiveError(
+                f"unknown hvp_method {hvp_method!r}; use one of {', '.join(HVP_METHODS)}, {COMPILED_HVP} or {FINITE_DIFFERENCE_HVP}"
+            )
         if distributed and not ranks.active():
             raise ObjectiveError("distributed=True needs an initialised process group: launch with torchrun")
         self.distributed = distributed
@@ -241,6 +253,8 @@ class Objective:
         self._check_pending = hvp_check
         self._batch_probes = True  # probes batched with vmap until an op without a batching rule is met
         self.hvp_check_result: HVPCheck | None = None
+        self.hvp_error: fd.FiniteDifferenceErrors | None = None  # the finite-difference path's step and errors so far
+        self.last_hvp_errors: torch.Tensor | None = None  # its last block's estimated error per row, ‖D(h) − D(2h)‖·‖v‖
 
     def _check_forward(self, batch: Batch) -> None:
         """The model on the first two items of the first batch: data it cannot take is one line naming both, not a
@@ -292,6 +306,7 @@ class Objective:
         sub = copy.copy(self)
         sub._set_batches(batches)
         sub.metadata, sub._cache = dict(self.metadata), None
+        sub.hvp_error = sub.last_hvp_errors = None  # finite differences: a step of its own, errors of its own
         sub.memory_plan = sub._plan_memory(self.memory_plan.budget_bytes)
         return sub
 
@@ -338,7 +353,7 @@ class Objective:
     def _call(self, w: torch.Tensor, batch: Batch, buffers: dict | None = None):
         """The model called on a batch (its inputs; a tensor is the input itself), as it returns."""
         args, kwargs = ((batch,), {}) if isinstance(batch, torch.Tensor) else model_arguments(batch)
-        return _forward(self.model, self._state(w, buffers), args, kwargs, self._slots)
+        return _forward(self.model, self._state(w, buffers), args, kwargs, self._slots, not self._any_attention)
 
     def _batch_loss(self, w: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The mean loss over the batch's items (weighted by batch_weights into L)."""
@@ -458,6 +473,9 @@ class Objective:
         V = V.to(device=self.device, dtype=self.dtype)
         if V.ndim != 2 or V.shape[1] != self.n_params:
             raise ObjectiveError(f"probe block has shape {tuple(V.shape)}, expected (k, {self.n_params})")
+        if self.hvp_method == FINITE_DIFFERENCE_HVP:  # summed over the ranks inside: its step and errors are global
+            products = self._hvp_finite_difference(V)
+            return self._self_checked(V, products) if self._check_pending else products
         products = self._local_hvp(V)
         if self._check_pending:
             products = self._self_checked(V, products)
@@ -471,6 +489,8 @@ class Objective:
         disagrees is dropped for double backward, with one warning line, and the block is recomputed.
         """
         self._check_pending = False
+        if self.hvp_method == FINITE_DIFFERENCE_HVP:
+            return self._finite_difference_checked(V, products)
         if self.hvp_method == "double-backward" or not self.batches:
             return products
         start = time.perf_counter()
@@ -491,16 +511,124 @@ class Objective:
         self.hvp_check_result = check
         if check.passed:
             return products
+        self._replace_path(check, f"(a repeated product by {check.repeat_difference:.2g}; tolerance {check.tolerance:.1g})")
+        return self._local_hvp(V)
+
+    def _replace_path(self, check: HVPCheck, detail: str) -> None:
+        """After a failed self-check: one warning line, and double backward from now on."""
         warnings.warn(
-            f"HVP self-check: the {check.path} path differs from double backward by {check.difference:.2g} "
-            f"(a repeated product by {check.repeat_difference:.2g}; tolerance {check.tolerance:.1g}) on this model; "
-            f"using double-backward",
+            f"HVP self-check: the {check.path} path differs from double backward by {check.difference:.2g} {detail} "
+            f"on this model; using double-backward",
             HVPCheckWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         self.hvp_method, self._cache = "double-backward", None
         self.hvp_check_result = dataclasses.replace(check, replaced_by="double-backward")
-        return self._local_hvp(V)
+
+    # ------------------------------------------------------- finite differences
+    def _finite_difference_checked(self, V: torch.Tensor, products: torch.Tensor) -> torch.Tensor:
+        """`_self_checked` for the finite-difference path: its first product against double backward, within a
+        tolerance from its own error estimate; skipped, and said so, where the model has no double backward.
+
+        Runs on every rank (its products are collective); a failed check moves to double backward, as an exact
+        path's does. Costs one more finite-difference product (the repeat) and one exact one, on the first call.
+        """
+        self._check_pending = False
+        start, errors = time.perf_counter(), self.last_hvp_errors
+        if bool(V[0].any()):
+            probe, first, error = V[:1], products[:1], float(errors[0])
+        else:  # a zero first probe checks nothing: take a seeded random one (one more product)
+            probe = _random_probe(self)
+            first = self._hvp_finite_difference(probe, record=False)
+            error = float(self.last_hvp_errors[0])
+        repeat = self._hvp_finite_difference(probe, record=False)
+        self.last_hvp_errors = errors
+        check = HVPCheck(self.hvp_method, math.nan, _relative_difference(repeat, first), math.nan, 0.0, n_extra_hvps=2)
+        try:
+            reference = self._reduced(self._hvp_double_backward(probe))
+        except (RuntimeError, NotImplementedError) as failure:  # no second derivative through this model
+            reason = (str(failure).splitlines() or [type(failure).__name__])[0]
+            skipped = f"no double backward through this model ({reason})"
+            self.hvp_check_result = dataclasses.replace(check, seconds=time.perf_counter() - start, skipped=skipped)
+            return products
+        estimated = error / max(float(reference.norm()), torch.finfo(self.dtype).tiny)
+        check = dataclasses.replace(
+            check,
+            difference=_relative_difference(first, reference),
+            tolerance=fd.check_tolerance(estimated, self.dtype),
+            seconds=time.perf_counter() - start,
+            estimated_error=estimated,
+        )
+        self.hvp_check_result = check
+        if check.passed:
+            return products
+        self._replace_path(check, f"(more than its error estimate allows: {check.tolerance:.1g})")
+        return self._reduced(self._local_hvp(V))
+
+    def _hvp_finite_difference(self, V: torch.Tensor, record: bool = True) -> torch.Tensor:
+        """H vᵢ ≈ (g(w + h v̂ᵢ) − g(w − h v̂ᵢ))/2h·‖vᵢ‖ from first-order gradients, summed over the ranks; each row's
+        error estimate ‖D(h) − D(2h)‖·‖vᵢ‖ (Richardson) goes to `last_hvp_errors` and, if `record`, to `hvp_error`.
+
+        Four gradients per probe, fused attention kernels allowed. The first step comes from a pilot on the first
+        call's largest probe (`_finite_difference_step`); each probe's own differences give the error model's step
+        for the next one (successive probes of a solver are alike), and a probe whose differences ask for a step
+        under half the one it was taken at (one concentrated on a few weights, whose third derivative is larger)
+        is taken again at that step.
+        Nocedal & Wright §8.1 (landscape.engine.finite_difference).
+        """
+        norms = V.double().norm(dim=1)
+        if self.hvp_error is None:
+            first = int(norms.argmax())
+            u = V[first] / norms[first].to(V.dtype) if norms[first] > 0 else _random_probe(self)[0]
+            self._fd_step = self._finite_difference_step(u / u.norm())
+            self.hvp_error = fd.FiniteDifferenceErrors(step=self._fd_step)
+        products = torch.zeros_like(V)
+        squares = torch.zeros(len(V), dtype=torch.float64, device=V.device)
+        steps, retaken = [], 0
+        for i, (v, norm) in enumerate(zip(V, norms.tolist())):
+            if norm > 0:
+                u, h = v / norm, self._fd_step
+                for _ in range(3):  # the step the last probe asked for, then at most two smaller ones
+                    d_h, d_2h = self._reduced(self._central_differences(u, (h, 2 * h)))
+                    difference = fd.richardson_error_squares(d_h, d_2h)
+                    self._fd_step = fd.model_step(float(difference.sqrt()), float(d_h.norm()), h, *self._fd_scales, self.dtype)
+                    if self._fd_step >= h / 2:
+                        break
+                    h, retaken = self._fd_step, retaken + 1
+                squares[i], products[i] = difference, d_h.mul_(norm)
+                steps.append(h)
+        errors = squares.sqrt() * norms
+        self.last_hvp_errors = errors
+        if record:
+            self.hvp_error = self.hvp_error.added(errors, norms, products.double().norm(dim=1), steps, retaken)
+        return products
+
+    def _central_differences(self, u: torch.Tensor, steps: Sequence[float]) -> torch.Tensor:
+        """This rank's share of the central difference along the unit vector u at each of `steps`, as rows."""
+        gradient = self._first_order_gradient
+        return torch.stack([fd.central_difference(gradient(self.w + h * u), gradient(self.w - h * u), h) for h in steps])
+
+    def _first_order_gradient(self, w: torch.Tensor) -> torch.Tensor:
+        """This rank's share of ∇L(w) by plain autograd, with any attention kernel (no second derivative is taken)."""
+        w = w.detach().requires_grad_(True)
+        total = torch.zeros_like(w)
+        self._any_attention = True
+        try:
+            for c, batch in zip(self.batch_weights, self.batches):
+                total.add_(torch.autograd.grad(self._batch_loss(w, batch), w)[0], alpha=c)
+        finally:
+            self._any_attention = False
+        return total
+
+    def _finite_difference_step(self, u: torch.Tensor) -> float:
+        """The base step: the error model's (3σ/M)^{1/3} (`fd.model_step`) from a pilot at h₀ = ε^{1/3}·max(‖w‖, 1)
+        along the unit vector u, with ‖g‖ and ‖w‖ for σ (kept in `_fd_scales`); summed over the ranks, so the same everywhere."""
+        w_norm = float(self.w.double().norm())
+        h0 = fd.default_step(w_norm, self.dtype)
+        gradient = self._first_order_gradient(self.w)[None]
+        d_h, d_2h, gradient = self._reduced(torch.cat([self._central_differences(u, (h0, 2 * h0)), gradient])).double()
+        self._fd_scales = (float(gradient.norm()), w_norm)
+        return fd.model_step(float((d_2h - d_h).norm()), float(d_h.norm()), h0, *self._fd_scales, self.dtype)
 
     def _local_hvp(self, V: torch.Tensor) -> torch.Tensor:
         """This rank's share of H V (all of it when not distributed); zero for a rank without batches."""
@@ -680,6 +808,11 @@ class Objective:
             peak = GRAPH_OVERHEAD["linearize"] * sum(sizes) + transient
         elif self.hvp_method == "fwd-rev":
             peak = GRAPH_OVERHEAD["fwd-rev"] * sum(sizes)
+        elif self.hvp_method == FINITE_DIFFERENCE_HVP:
+            # one first-order gradient graph at a time (no create_graph: double backward's transient graph bounds it)
+            # plus the n-vectors of _central_differences: the point w ± h v̂, the gradient being summed and one
+            # batch's, the row being built and the other step's row
+            peak = transient + 5 * self.n_params * self.w.element_size()
         else:  # double backward, and compiled forward-over-reverse: one batch at a time
             peak = transient
         plan = MemoryPlan(
@@ -747,16 +880,24 @@ def _merged(batches: list[Batch], bytes_per_sample: float) -> list[Batch]:
     return [(torch.cat([x for x, _ in c]), torch.cat([y for _, y in c])) if len(c) > 1 else c[0] for c in chunks]
 
 
-def _forward(model: nn.Module, state: dict[str, torch.Tensor], args: tuple, kwargs: dict, slots: dict | None = None):
+def _forward(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    args: tuple,
+    kwargs: dict,
+    slots: dict | None = None,
+    math_attention: bool = True,
+):
     """The model at `state`, with scaled_dot_product_attention on its math kernel: the fused kernels (flash attention
     on CPU and GPU) have neither a second derivative nor a forward-mode one, so no HVP could pass through them. The
-    math kernel computes the same attention (to rounding) and every number here uses it, forward-only ones too.
+    math kernel computes the same attention (to rounding) and every number here uses it, forward-only ones too,
+    except the first-order gradients of the finite-difference path (`math_attention=False`: any kernel).
 
     With the model's `slots` (_tensor_slots) the tensors are put in place directly, as functional_call does after
     finding them: its per-call walk of the module tree (tied names, attribute lookups) cost 0.03 ms a call on the
     digits MLP, 0.09 ms on the ConvNet and 0.7 ms on ResNet-20 (1-2% of the small models' gradients). A
     name the slots do not know, and code torch.compile traces, take functional_call itself."""
-    with sdpa_kernel(SDPBackend.MATH):
+    with sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext():
         if slots is None or torch.compiler.is_compiling() or not slots.keys() >= state.keys():
             return functional_call(model, state, args, kwargs)
         swapped = []

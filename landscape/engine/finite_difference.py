@@ -1,0 +1,122 @@
+"""Finite-difference Hessian-vector products: the central difference of two gradients, its step and its error.
+
+H v ≈ (∇L(w + h v̂) − ∇L(w − h v̂)) / (2h) · ‖v‖ with v̂ = v/‖v‖ takes first-order gradients only, so it passes
+through forwards that have no second derivative (fused attention kernels, custom autograd Functions) and through
+sharded engines whose gradient collectives leave the autograd graph: Granziol et al. (2026, spectra of
+foundation models) and pytorch-hessian-eigenthings 1.0 take such shard-local products under FSDP.
+
+Error model (Nocedal & Wright, Numerical Optimization, 2nd ed., §8.1): the central difference D(h) has truncation
+error h²/6·M, M the size of the third derivative along v̂, and rounding error about σ/h, σ the noise of a gradient;
+h = (3σ/M)^{1/3} minimizes their sum. Each product carries Richardson's comparison with the step 2h as its error
+estimate: D(h) − D(2h) = −3·(h²/6·M) + (rounding of both), which exceeds the error of D(h) whichever term leads.
+Pure functions of tensors and floats (norms are given, so a sharded caller sums them over its ranks first).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from landscape.results import Result
+
+STEP_RANGE = 8.0  # the error model moves the default step by at most this factor either way
+
+
+def default_step(w_norm: float, dtype: torch.dtype) -> float:
+    """h₀ = ε^{1/3}·max(‖w‖, 1): a step of relative size ε^{1/3}, where central differences balance (N&W §8.1)."""
+    return torch.finfo(dtype).eps ** (1 / 3) * max(w_norm, 1.0)
+
+
+def central_difference(g_plus: torch.Tensor, g_minus: torch.Tensor, h: float) -> torch.Tensor:
+    """(g(w + h v̂) − g(w − h v̂)) / 2h: H v̂ up to h²/6 times the third derivative along v̂ (built in g_plus's memory)."""
+    return g_plus.sub_(g_minus).div_(2 * h)
+
+
+def third_derivative_scale(difference_norm: float, h: float) -> float:
+    """M ≈ 2‖D(2h) − D(h)‖/h², from D(2h) − D(h) = 3·h²/6·M (rounding makes it an overestimate)."""
+    return 2 * difference_norm / h**2
+
+
+def gradient_noise(grad_norm: float, w_norm: float, curvature: float, dtype: torch.dtype) -> float:
+    """σ, the rounding noise of one gradient: ε‖g‖ for the gradient itself, ε‖w‖·‖H v̂‖ for the displaced point."""
+    return torch.finfo(dtype).eps * (grad_norm + w_norm * curvature)
+
+
+def optimal_step(noise: float, third: float, default: float) -> float:
+    """h = (3σ/M)^{1/3}, minimizing h²M/6 + σ/h; kept within STEP_RANGE of `default` (the default where M = 0)."""
+    if not (third > 0 and math.isfinite(third)) or not noise > 0:
+        return default
+    h = (3 * noise / third) ** (1 / 3)
+    return min(max(h, default / STEP_RANGE), default * STEP_RANGE)
+
+
+def model_step(
+    difference_norm: float, product_norm: float, h: float, grad_norm: float, w_norm: float, dtype: torch.dtype
+) -> float:
+    """The error model's step for one direction, from its differences at h: M from ‖D(2h) − D(h)‖, σ from ‖g‖ and
+    ‖w‖·‖D(h)‖ (`gradient_noise`), h' = (3σ/M)^{1/3} within STEP_RANGE of h."""
+    third = third_derivative_scale(difference_norm, h)
+    return optimal_step(gradient_noise(grad_norm, w_norm, product_norm, dtype), third, h)
+
+
+def richardson_error(d_h: torch.Tensor, d_2h: torch.Tensor) -> torch.Tensor:
+    """Per row, ‖D(h) − D(2h)‖: the error estimate of D(h) (rows of (k, n) blocks; a shard's part of the squares
+    is `richardson_error_squares`)."""
+    return richardson_error_squares(d_h, d_2h).sqrt()
+
+
+def richardson_error_squares(d_h: torch.Tensor, d_2h: torch.Tensor) -> torch.Tensor:
+    """Per row, ‖D(h) − D(2h)‖², summable over shards before the square root."""
+    return (d_h - d_2h).double().square().sum(dim=-1)
+
+
+def check_tolerance(estimated_relative_error: float, dtype: torch.dtype) -> float:
+    """Relative difference from an exact product that a finite-difference product may show: twice its estimated
+    error (the estimate itself is a difference of noisy terms) plus 100ε for the exact product's own rounding."""
+    return 2 * estimated_relative_error + 100 * torch.finfo(dtype).eps
+
+
+@dataclass(frozen=True)
+class FiniteDifferenceErrors(Result):
+    """The step of the finite-difference path and the largest error it estimated over the products taken so far.
+
+    `step` is the first step the error model chose; each probe's Richardson difference sets the next probe's step,
+    and a probe that asks for under half its own step is taken again at the smaller one (`n_refined` of them).
+    `min_step` and `max_step` are the extremes used.
+    `max_error` is per unit probe (‖D(h) − D(2h)‖ for ‖v‖ = 1): an eigenvalue or Rayleigh quotient of the products
+    moves by about that much (Weyl's inequality, the error read as a perturbation of H); `max_relative_error` is
+    the largest ‖error‖/‖H v‖.
+    """
+
+    step: float
+    min_step: float = math.inf
+    max_step: float = 0.0
+    n_refined: int = 0
+    n_products: int = 0
+    max_error: float = 0.0
+    max_relative_error: float = 0.0
+
+    def added(
+        self, errors: torch.Tensor, probe_norms: torch.Tensor, product_norms: torch.Tensor, steps: list[float], n_refined: int
+    ) -> FiniteDifferenceErrors:
+        """This record with one block's per-row absolute errors and steps counted in (zero probes count as exact)."""
+        unit = torch.where(probe_norms > 0, errors / probe_norms.clamp_min(1e-300), torch.zeros_like(errors))
+        relative = torch.where(product_norms > 0, errors / product_norms.clamp_min(1e-300), unit)
+        return FiniteDifferenceErrors(
+            step=self.step,
+            min_step=min([self.min_step, *steps]),
+            max_step=max([self.max_step, *steps]),
+            n_refined=self.n_refined + n_refined,
+            n_products=self.n_products + len(errors),
+            max_error=max(self.max_error, float(unit.max()) if len(unit) else 0.0),
+            max_relative_error=max(self.max_relative_error, float(relative.max()) if len(relative) else 0.0),
+        )
+
+    def describe(self) -> str:
+        retaken = f", {self.n_refined} taken again at a smaller one" if self.n_refined else ""
+        return (
+            f"central differences, steps {self.min_step:.2g} to {self.max_step:.2g}{retaken}: estimated error ≤ {self.max_error:.2g} per unit probe "
+            f"({self.max_relative_error:.2g} relative; largest of {self.n_products} products)"
+        )
