@@ -11,12 +11,12 @@ from functools import partial
 import torch
 
 from analysis.command_line import OptionNote, ResumeNote, print_json
-from analysis.measurement_table import as_per_layer, format_measurement
+from analysis.measurement_table import CURVATURE_NAMES, as_per_layer, format_measurement
 from analysis.options import parse_options
 from analysis.results_file import ResultsFile
 from analysis.specs import MeasureSpec, MetricSpec, ObjectiveSpec
 from landscape.curvature.density import slq_density
-from landscape.curvature.per_layer import module_blocks, per_layer
+from landscape.curvature.per_layer import GROUPINGS, parameter_blocks, per_layer
 from landscape.curvature.spectrum import default_max_matvecs, default_max_vectors, lanczos, minimum_vectors
 from landscape.curvature.trace import hutchinson, hutchpp, xtrace
 from landscape.engine import distributed as ranks
@@ -51,10 +51,15 @@ def run(args: argparse.Namespace) -> None:
         args.checkpoints, MeasureSpec.from_args(args), out=args.out, resume=args.resume, add_checkpoints=args.add_checkpoint
     )
     if args.per_layer_figure and ranks.is_main():
-        from analysis.plots import plot_per_layer, save
+        from analysis.plots import plot_block_spectra, plot_per_layer, save
 
         labels = [f"{i}: {r['checkpoint']}" if len(results) > 1 else r["checkpoint"] for i, r in enumerate(results, 1)]
-        save(plot_per_layer({label: as_per_layer(r["per_layer"]) for label, r in zip(labels, results)}), args.per_layer_figure)
+        found = {label: as_per_layer(r["per_layer"]) for label, r in zip(labels, results)}
+        if any("density" in r.metrics for r in found.values()):  # one density panel per block, λ1 and trace above
+            figure = plot_block_spectra(found, curvature=CURVATURE_NAMES[getattr(args, "curvature", "hessian")][0])
+        else:
+            figure = plot_per_layer(found)
+        save(figure, args.per_layer_figure)
     if args.json:
         print_json(results)
     else:
@@ -298,18 +303,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("per-layer curvature")
     group.add_argument(
         "--per-layer",
-        metavar="eig,trace",
+        metavar="eig,trace,density",
         default=None,
-        help="also measure each block of parameters, one block per module that owns parameters directly "
-        "(fc1: fc1.weight and fc1.bias): eig = λ1 of the block's diagonal Hessian block (Lanczos on "
-        "the restricted operator, --tol, --max-matvecs per block), trace = its trace (one "
-        "--trace-method run of --probes matvecs, probes split by block); saved as per_layer",
+        help="also measure each block of parameters (--per-layer-by): eig = λ1 of the block's diagonal Hessian "
+        "block (certified Lanczos on the restricted operator, --tol, --max-matvecs per block), trace = its trace "
+        "(one --trace-method run of --probes matvecs, probes split by block), density = its SLQ spectral density "
+        "(--density-runs, --density-steps per block); saved as per_layer",
+    )
+    group.add_argument(
+        "--per-layer-by",
+        default=MetricSpec().per_layer_by,
+        choices=GROUPINGS,
+        help="the --per-layer blocks: module = one per module that owns parameters directly (fc1: fc1.weight and "
+        "fc1.bias); role = one per role across all layers, for a transformer embedding, attention, mlp, norm and "
+        "head (where untied), for a CNN conv, norm and linear (default %(default)s)",
     )
     group.add_argument(
         "--per-layer-figure",
         metavar="FILE.png",
         default=None,
-        help="with --per-layer: a bar chart of each block's λ1 and trace, the checkpoints side by side",
+        help="with --per-layer: a bar chart of each block's λ1 and trace, the checkpoints side by side; with "
+        "density among them, one panel per block with its spectral density, λ1 and trace",
     )
 
 
@@ -392,17 +406,22 @@ def _trace(objective: Objective, spec: MetricSpec) -> Result:
 
 
 def _per_layer(objective: Objective, spec: MetricSpec) -> Result:
-    """--per-layer: λ1 and trace of each module's diagonal block of the curvature (landscape.curvature.per_layer)."""
+    """--per-layer: λ1, trace and density of each block (by module or by role) of the curvature
+    (landscape.curvature.per_layer)."""
     return per_layer(
         _operator(objective, spec),
-        module_blocks(objective.layout),
+        parameter_blocks(objective.model, objective.layout, spec.per_layer_by),
         list(spec.per_layer),
         tol=spec.tol,
         max_matvecs=spec.max_matvecs,
         trace=TRACE_METHODS[spec.trace_method],
         n_probes=spec.probes,
+        density_runs=spec.density_runs,
+        density_steps=spec.density_steps,
+        free_bytes=_free_beside_hvps(objective),
         seed=spec.seed,
         progress=spec.progress,
+        grouping=spec.per_layer_by,
     )
 
 

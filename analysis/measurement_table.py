@@ -226,8 +226,15 @@ def format_per_layer(result: PerLayerResult, curvature: str = "Hessian") -> str:
             eig = _pm(b.lambda1, b.residual)
         trace = "—" if b.trace is None else _pm(b.trace, b.trace_stderr)
         rows.append((b.name, b.n_params, eig, trace))
-    title = (
-        f"\nper-layer {curvature} (diagonal block of each module's own parameters; "
-        f"{result.n_matvecs} products, {result.seconds:.1f}s)"
-    )
-    return title + "\n" + format_table(["block", "n params", "λ1 ± residual", "trace ± stderr"], rows)
+    blocks = PER_LAYER_BLOCKS.get(result.grouping, "diagonal block of each given block of parameters")
+    title = f"\nper-layer {curvature} ({blocks}; {result.n_matvecs} products, {result.seconds:.1f}s)"
+    table = format_table(["block", "n params", "λ1 ± residual", "trace ± stderr"], rows)
+    if "density" in result.metrics:
+        table += "\nspectral density of each block (SLQ): in the JSON (--json, --out) and --per-layer-figure"
+    return title + "\n" + table
+
+
+PER_LAYER_BLOCKS = {  # what a PerLayerResult's grouping means, for the table's title
+    "module": "diagonal block of each module's own parameters",
+    "role": "diagonal block of each role's parameters, all layers together",
+}

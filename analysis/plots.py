@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -710,4 +711,80 @@ def plot_per_layer(results: Mapping[str, PerLayerResult]) -> plt.Figure:
         *axes.flat[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(labels), frameon=False, fontsize=8
     )
     fig.supxlabel("parameter block (a module's own parameters)", fontsize=9)
+    return fig
+
+
+def _block_numbers(block: BlockCurvature) -> str:
+    """λ1 and trace of one block as a panel title spells them: λ1 = 3.21, tr = 45.6 ± 1.2 (stderr); an uncertified
+    λ1 as the lower bound it is (≥)."""
+    parts = []
+    if block.lambda1 is not None:
+        trusted = block.converged and block.certified is not False
+        parts.append(f"λ1 {'=' if trusted else '≥'} {block.lambda1:.4g}")
+    if block.trace is not None:
+        parts.append(f"tr = {block.trace:.4g} ± {block.trace_stderr:.2g}")
+    return ", ".join(parts)
+
+
+def plot_block_spectra(
+    results: Mapping[str, PerLayerResult] | PerLayerResult, *, columns: int | None = None, curvature: str = "Hessian"
+) -> plt.Figure:
+    """Small multiples of the per-block spectral densities (`landscape measure --per-layer density`): one panel per
+    block, its SLQ density on a log scale (as `plot_spectral_densities` draws the whole model's), λ1 dotted, and
+    λ1 and the trace (± stderr) in the panel's title; several checkpoints share each panel, one colour each, a
+    title line each (led by the label, or its number where the label is long) and one legend for the figure.
+    `columns`: panels per row (None: all of them up to three blocks, else about √blocks).
+
+    Each panel has its own eigenvalue axis: blocks differ by orders of magnitude (Zhang et al. 2024 on the block
+    heterogeneity of transformer Hessians).
+    """
+    results = {"": results} if isinstance(results, PerLayerResult) else dict(results)
+    names = list(dict.fromkeys(b.name for r in results.values() for b in r.blocks if b.density is not None))
+    if not names:
+        raise ValueError("no block has a spectral density: measure them with --per-layer density (per_layer's 'density')")
+    rows = {label: {b.name: b for b in r.blocks} for label, r in results.items()}
+    single = len(results) == 1
+    colors = {label: "C0" for label in results} if single else label_colors(list(results))
+    short = {
+        label: label if len(label) <= 12 else label.split(":")[0] if label[:1].isdigit() else str(i)
+        for i, label in enumerate(results, 1)
+    }
+    columns = min(columns or (len(names) if len(names) <= 3 else math.ceil(math.sqrt(len(names)))), len(names))
+    nrows = -(-len(names) // columns)
+    height = 2.6 + (0.15 if single else 0.15 * len(results))
+    fig, axes = plt.subplots(nrows, columns, figsize=(3.8 * columns, height * nrows + 0.8), squeeze=False, layout="constrained")
+    for ax, name in zip(axes.flat, names):
+        found = {label: rows[label][name] for label in results if name in rows[label]}
+        lines = [f"{name} ({next(iter(found.values())).n_params:,} params)"]
+        lines += [(f"{short[label]}: " if not single else "") + _block_numbers(block) for label, block in found.items()]
+        ax.set_title("\n".join(lines), fontsize=8.5)
+        for label, block in found.items():
+            if block.density is None:
+                continue
+            spectrum = block.density
+            ax.plot(spectrum.grid, np.maximum(np.asarray(spectrum.density), 1e-8), color=colors[label], lw=1.3, label=label)
+            if block.lambda1 is not None:
+                ax.axvline(block.lambda1, color=colors[label], ls=":", lw=1.0)
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=1e-6)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+    for ax in list(axes.flat)[len(names) :]:
+        ax.set_visible(False)
+    first_result = next(iter(results.values()))
+    what = {"role": "each role's parameters, all layers together", "module": "each module's own parameters"}
+    fig.suptitle(
+        f"{curvature} spectral density of {what.get(first_result.grouping, 'each parameter block')} (SLQ)\n"
+        "dotted: λ1 (Lanczos); tr: trace ± standard error",
+        fontsize=10,
+    )
+    if not single:
+        legend = [Line2D([], [], color=colors[label], lw=1.5, label=label) for label in results]
+        fig.legend(handles=legend, loc="outside lower center", ncols=min(len(results), 3), frameon=False, fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("density", fontsize=9)
+    for i, ax in enumerate(axes.flat[: len(names)]):
+        if i + columns >= len(names):  # nothing drawn below it
+            ax.set_xlabel("eigenvalue of the block", fontsize=9)
     return fig

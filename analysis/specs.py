@@ -105,6 +105,7 @@ class MetricSpec:
     ascent_restarts: int = 1
     eta: float = 0.0
     per_layer: tuple[str, ...] = ()
+    per_layer_by: str = "module"  # the blocks --per-layer measures: one per module, or one per role (attention, mlp, ...)
     seed: int = 0
     progress: bool | str = field(default=False, metadata=RUNTIME, compare=False)
     warm_start: Any = field(default=None, metadata=RUNTIME, compare=False)  # a spectrum.WarmStart (`landscape track`)

@@ -76,6 +76,8 @@ def validate_arguments(args: argparse.Namespace) -> None:
         parse_size(args.hvp_memory)
     if getattr(args, "per_layer", None) is not None:
         per_layer_names(args.per_layer)
+    if getattr(args, "per_layer_by", "module") != "module" and not getattr(args, "per_layer", None):
+        raise ValueError(f"--per-layer-by {args.per_layer_by} groups the --per-layer blocks: pass --per-layer eig,trace too")
     if getattr(args, "command", None) == "compare" and getattr(args, "curvature", "hessian") != "hessian":
         raise ValueError(
             f"--curvature {args.curvature}: landscape compare measures the Hessian only; "
@@ -130,7 +132,7 @@ def metric_names(args: argparse.Namespace) -> list[str]:
 
 
 def per_layer_names(text: str) -> list[str]:
-    """--per-layer as a list of eig and trace (at least one)."""
+    """--per-layer as a list of eig, trace and density (at least one)."""
     from landscape.curvature.per_layer import PER_LAYER_METRICS
 
     return parse_metrics(text, PER_LAYER_METRICS, "--per-layer")

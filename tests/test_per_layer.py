@@ -130,10 +130,11 @@ def test_measure_per_layer_rows_name_the_models_layers(checkpoint):
 def test_measure_without_per_layer_is_unchanged_and_a_bad_list_is_one_line(checkpoint):
     plain = run_cli("measure", checkpoint, "--json", *MEASURE)
     assert plain.returncode == 0 and "per_layer" not in json.loads(plain.stdout)[0]
-    bad = run_cli("measure", checkpoint, "--per-layer", "eig,density", *MEASURE)
+    bad = run_cli("measure", checkpoint, "--per-layer", "eig,spectrum", *MEASURE)
     assert (
         bad.returncode == 2
-        and bad.stderr.strip() == "landscape measure: error: --per-layer: unknown metric density; choose from eig, trace"
+        and bad.stderr.strip()
+        == "landscape measure: error: --per-layer: unknown metric spectrum; choose from eig, trace, density"
     )
 
 
