@@ -45,6 +45,21 @@ def gpt2(n_embd: int = 8, tied: bool = True):
     return transformers.GPT2LMHeadModel(config).double().eval()
 
 
+class TinyTransformer(nn.Module):
+    """A ViT-like model in plain torch: class token and position embedding owned by the model itself, a linear patch
+    embedding, two nn.TransformerEncoderLayer (nn.MultiheadAttention, linear1/linear2, norm1/norm2), a norm, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, 8))
+        self.patch_embed = nn.Linear(16, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+
 def layout_of(model: nn.Module) -> FlatLayout:
     return FlatLayout.of(dict(model.named_parameters()))
 
@@ -104,6 +119,7 @@ def test_bert_vit_and_cnn_roles():
     )
     convnet = build_model("convnet", input_shape=(1, 8, 8), num_classes=10, batchnorm=True)
     expected = {
+        "torch transformer": (TinyTransformer(), ["embedding", "attention", "mlp", "norm", "head"]),
         "bert": (bert, ["embedding", "attention", "mlp", "norm", "head"]),
         "vit": (vit, ["embedding", "attention", "mlp", "norm", "head"]),
         "convnet": (convnet, ["conv", "norm", "linear"]),
@@ -124,6 +140,11 @@ def test_bert_vit_and_cnn_roles():
     )
     assert bert_roles["bert.embeddings.LayerNorm.weight"] == "norm"
     assert bert_roles["bert.pooler.dense.weight"] == bert_roles["classifier.bias"] == "head"
+    torch_roles = parameter_roles(TinyTransformer(), layout_of(TinyTransformer()).names)
+    assert [torch_roles[n] for n in ("cls_token", "pos_embed", "patch_embed.weight", "head.bias")] == ["embedding"] * 3 + ["head"]
+    assert torch_roles["encoder.layers.1.self_attn.in_proj_weight"] == torch_roles["encoder.layers.0.self_attn.out_proj.bias"]
+    assert torch_roles["encoder.layers.1.self_attn.in_proj_weight"] == "attention"
+    assert torch_roles["encoder.layers.0.linear2.weight"] == "mlp" and torch_roles["encoder.layers.1.norm2.bias"] == "norm"
     vit_roles = parameter_roles(vit, layout_of(vit).names)
     assert {vit_roles[n] for n in vit_roles if ".embeddings." in n} == {"embedding"}  # class token, patch projection
     modules = parameter_blocks(convnet, layout_of(convnet), "module")

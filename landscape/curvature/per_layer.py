@@ -76,7 +76,7 @@ def parameter_roles(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
     Decided by the module that owns the parameter and its ancestors, first match wins:
     norm: the owner is a normalization layer (BatchNorm, LayerNorm, RMSNorm, ...). embedding: the owner is an
     nn.Embedding, or a name on the way down contains "embed" (ViT's patch projection and class token, BERT's
-    position embeddings), or the parameter is a *_token. Transformers: attention: inside an attention module
+    position embeddings, a pos_embed parameter), or the parameter is a *_token (cls_token). Transformers: attention: inside an attention module
     (GPT-2's c_attn and c_proj, BERT's query/key/value and attention output); mlp: elsewhere inside a
     transformer layer (the module that holds an outermost attention module: GPT-2's h.3, BERT's layer.3);
     head: everything else (BERT's pooler and classifier; GPT-2's lm_head where it is not tied to the
@@ -104,7 +104,7 @@ def parameter_roles(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
             role = "norm"
         elif (
             isinstance(owner, (nn.Embedding, nn.EmbeddingBag))
-            or any("embed" in c.lower() for c in chain)
+            or any("embed" in c.lower() for c in (*chain, leaf))
             or leaf.endswith("token")
         ):
             role = "embedding"
