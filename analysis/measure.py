@@ -22,6 +22,7 @@ from landscape.curvature.trace import hutchinson, hutchpp, xtrace
 from landscape.engine import distributed as ranks
 from landscape.engine.from_checkpoint import objective_from_checkpoint, parse_dtype
 from landscape.engine.gauss_newton import CURVATURES
+from landscape.engine.inner import LOCAL
 from landscape.engine.memory import InsufficientMemory, format_size, parse_size
 from landscape.engine.objective import Objective
 from landscape.engine.operators import curvature_operator
@@ -280,6 +281,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     finish, and resuming them."""
     parser.add_argument("checkpoints", nargs="+", metavar="CKPT")
     add_objective_arguments(parser)
+    parser.add_argument(
+        "--shard",
+        action="store_true",
+        help="under torchrun: shard the parameters, their gradients and the solvers' vectors over the ranks "
+        "(FSDP2 fully_shard), for a model one device cannot hold; HVPs by finite differences; metrics eig, "
+        "trace and density (docs/how-to/sharded.md)",
+    )
     add_metric_arguments(parser)
     group = parser.add_argument_group("saving and resuming")
     group.add_argument(
@@ -347,6 +355,7 @@ def build_objective(path: str, spec: ObjectiveSpec, *, distributed: bool = False
         hvp_check=not spec.no_hvp_check,
         graph_memory_budget=parse_size(spec.hvp_memory) if spec.hvp_memory else None,
         loss=resolve_loss(spec.loss),
+        sharded=spec.shard,
     )
     if metrics is not None:
         metrics.check_fits(spec.params, objective.n_params, objective.n_samples)
@@ -401,8 +410,17 @@ def lanczos_vectors(objective: Objective, n: int, dtype, spec: MetricSpec) -> in
 
 def _trace(objective: Objective, spec: MetricSpec) -> Result:
     return TRACE_METHODS[spec.trace_method](
-        _operator(objective, spec), spec.probes, seed=spec.seed, blocks=objective.layout.slices(), progress=spec.progress
+        _operator(objective, spec),
+        spec.probes,
+        seed=spec.seed,
+        blocks=None if _sharded(objective) else objective.layout.slices(),  # a rank holds no whole parameter
+        progress=spec.progress,
     )
+
+
+def _sharded(objective: Objective) -> bool:
+    """Whether each rank holds only pieces of the parameters (--shard)."""
+    return getattr(objective, "inner", LOCAL).sharded
 
 
 def _per_layer(objective: Objective, spec: MetricSpec) -> Result:
@@ -565,7 +583,7 @@ def measure_checkpoint(
             "setup": {**objective.describe(), "curvature": spec.metrics.curvature},
             "loss": evaluation.loss,
             "accuracy": evaluation.accuracy,
-            "grad_norm": float(objective.grad().norm()),
+            "grad_norm": float(getattr(objective, "inner", LOCAL).norm(objective.grad())),
             "n_params": objective.n_params,
             "metrics": {},
             "seconds": 0.0,

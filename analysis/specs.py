@@ -60,6 +60,7 @@ class ObjectiveSpec:
     hvp: str = "auto"
     hvp_memory: str | None = None
     no_hvp_check: bool = False
+    shard: bool = False  # measure under torchrun with the parameters sharded over the ranks (FSDP2)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ObjectiveSpec:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
+from landscape.engine import distributed as ranks
 from landscape.engine.checks import check_number
 from landscape.engine.memory import parse_size
 from landscape.engine.objective import COMPILED_HVP, FINITE_DIFFERENCE_HVP, HVP_METHODS
@@ -66,6 +67,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
     if getattr(args, "eps", None) is not None:
         check_number("--eps", args.eps, allow_zero=False)
     _check_worst_case(args)
+    _check_shard(args)
     if getattr(args, "radius", None) is not None:
         parse_radii(args.radius)
     if getattr(args, "metrics", None) is not None:
@@ -124,6 +126,28 @@ def parse_metrics(text: str, choices: Iterable[str], option: str = "--metrics") 
     if unknown:
         raise ValueError(f"{option}: unknown metric {', '.join(unknown)}; choose from {', '.join(choices)}")
     return names
+
+
+SHARD_METRICS = ("eig", "trace", "density")  # what --shard measures: the solvers on sharded vectors
+
+
+def _check_shard(args: argparse.Namespace) -> None:
+    """--shard: under torchrun, every parameter, the Hessian's eig, trace and density, by finite differences."""
+    if not getattr(args, "shard", False):
+        return
+    if not ranks.launched():
+        raise ValueError(
+            "--shard splits the parameters over the ranks of a torchrun job: run torchrun --nproc_per_node N ... --shard"
+        )
+    if args.params != "all":
+        raise ValueError(f"--shard measures every parameter: drop --params {args.params}")
+    if args.hvp not in ("auto", FINITE_DIFFERENCE_HVP):
+        raise ValueError(f"--shard takes its HVPs by finite differences (FSDP2 allows no double backward): drop --hvp {args.hvp}")
+    if getattr(args, "curvature", "hessian") != "hessian" or getattr(args, "per_layer", None):
+        raise ValueError("--shard measures the whole Hessian: drop --curvature and --per-layer")
+    other = [m for m in metric_names(args) if m not in SHARD_METRICS]
+    if other:
+        raise ValueError(f"--shard measures {', '.join(SHARD_METRICS)}; drop {', '.join(other)} from --metrics")
 
 
 def metric_names(args: argparse.Namespace) -> list[str]:

@@ -146,6 +146,24 @@ def gpt2(attention: str = "eager"):
     return transformers.GPT2LMHeadModel(config).double().eval()
 
 
+def two_layer_gpt2() -> tuple[nn.Module, list[dict]]:
+    """A GPT-2 of two layers, 32 wide, vocabulary 100, with scaled_dot_product_attention (fused kernels allowed),
+    float32, eval mode, seed 0; and two batches of 4×16 and 3×12 tokens (29 696 parameters)."""
+    import transformers  # optional: callers importorskip it
+
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa"
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for n, length in ((4, 16), (3, 12)):
+        ids = torch.randint(0, 100, (n, length), generator=g)
+        batches.append({"input_ids": ids, "labels": ids})
+    return model, batches
+
+
 def token_batches(seed: int = 1) -> list[dict]:
     """Two batches of different shapes, with right padding (attention_mask 0, labels −100): 24 real next tokens."""
     g = torch.Generator().manual_seed(seed)

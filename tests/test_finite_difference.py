@@ -16,7 +16,7 @@ from landscape.engine.objective import FINITE_DIFFERENCE_HVP, HVPCheckWarning, O
 from landscape.engine.operators import HessianOperator
 from landscape.inputs.batches import token_cross_entropy
 from tests.ground_truth import dense_hessian
-from tests.helpers import classification_batches, digits_mlp_checkpoint
+from tests.helpers import classification_batches, digits_mlp_checkpoint, two_layer_gpt2
 
 N_PROBES = 200
 COVERAGE = 0.95  # share of random probes whose estimated error must be at least the true one (measured: all)
@@ -81,8 +81,8 @@ def test_a_zero_probe_is_exact_and_a_single_vector_works(mlp):
 
 def test_a_wrong_product_fails_the_check_and_double_backward_takes_over(mlp):
     class Biased(Objective):
-        def _central_differences(self, u, steps):
-            return 1.01 * super()._central_differences(u, steps)
+        def _hvp_finite_difference(self, V, record=True):
+            return 1.01 * super()._hvp_finite_difference(V, record)
 
     model, batches, H = mlp
     objective = Biased(model, batches, dtype=torch.float64, device="cpu", hvp_method=FINITE_DIFFERENCE_HVP)
@@ -148,27 +148,10 @@ def test_lanczos_through_finite_differences_is_within_the_stated_error(mlp):
         assert abs(result.values - exact).max() <= stated + result.error_bounds.max(), (dtype, result.values, exact, stated)
 
 
-transformers = pytest.importorskip("transformers")
-
-
-def tiny_gpt2() -> tuple[nn.Module, list[dict]]:
-    """Two layers, 32 wide, vocabulary 100, scaled_dot_product_attention (fused kernels allowed), float32."""
-    config = transformers.GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa"
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    g = torch.Generator().manual_seed(1)
-    batches = []
-    for n, length in ((4, 16), (3, 12)):
-        ids = torch.randint(0, 100, (n, length), generator=g)
-        batches.append({"input_ids": ids, "labels": ids})
-    return model, batches
-
-
 @pytest.mark.slow
 def test_gpt2_with_fused_attention_matches_double_backward_within_the_estimate(monkeypatch):
-    model, batches = tiny_gpt2()
+    pytest.importorskip("transformers")
+    model, batches = two_layer_gpt2()
     kernels = []  # math-only (the exact paths) or any kernel (the finite-difference gradients), per attention call
     original = F.scaled_dot_product_attention
 

@@ -19,6 +19,7 @@ import torch
 
 from landscape.curvature.krylov import BREAKDOWN_ULPS  # one threshold for every Lanczos recurrence
 from landscape.engine.checks import check_int
+from landscape.engine.inner import InnerProduct
 from landscape.engine.operators import LinearOperator
 from landscape.engine.probes import rademacher, seeded_generator
 from landscape.engine.progress import Progress
@@ -77,11 +78,11 @@ class _Lanczos:
     """
 
     def __init__(self, op: LinearOperator, start: torch.Tensor, max_steps: int, keep: bool) -> None:
-        b, n = start.shape
-        self.op, self.n, self.keep = op, n, keep
-        q = start / start.norm(dim=1, keepdim=True)
+        b, length = start.shape  # a sharded operator's rows are this rank's pieces
+        self.op, self.n, self.keep, self.inner = op, op.shape[0], keep, op.inner
+        q = start / self.inner.row_norms(start)[:, None]
         if keep:
-            self.basis = start.new_zeros(b, min(max_steps + 1, n), n)
+            self.basis = start.new_zeros(b, min(max_steps + 1, self.n), length)
             self.basis[:, 0] = q
             q = self.basis[:, 0]
         self.current, self.previous = q, None
@@ -101,14 +102,14 @@ class _Lanczos:
         self.n_matvecs += q.shape[0]
         if j:  # out of place once (the operator's output is not ours to change), in place after
             w = torch.addcmul(w, self.previous, _column(self.last_beta, w), value=-1)
-            alpha = _dot(q, w)
+            alpha = self.inner.reduce(_dot(q, w))
             w.addcmul_(q, alpha[:, None], value=-1)
         else:
-            alpha = _dot(q, w)
+            alpha = self.inner.reduce(_dot(q, w))
             w = torch.addcmul(w, q, alpha[:, None], value=-1)
         if self.keep:
-            _orthogonalize(w, self.basis[:, : j + 1])
-        beta = w.norm(dim=1)
+            _orthogonalize(w, self.basis[:, : j + 1], self.inner)
+        beta = self.inner.row_norms(w)
         alpha_np, beta_np = alpha.double().cpu().numpy(), beta.double().cpu().numpy()
         self.norm_estimate = np.maximum(self.norm_estimate, np.abs(alpha_np) + beta_np + self.last_beta)
         broken = (beta_np <= self.tiny * self.norm_estimate) | (j + 1 >= self.n)
@@ -157,11 +158,11 @@ def _column(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(values, dtype=like.dtype, device=like.device)[:, None]
 
 
-def _orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> None:
+def _orthogonalize(w: torch.Tensor, basis: torch.Tensor, inner: InnerProduct) -> None:
     """Remove from each row of w (b, n), in place, its components along basis (b, j, n), twice."""
     rows = w.unsqueeze(1)  # (b, 1, n), a view of w
     for _ in range(2):
-        rows.baddbmm_(torch.bmm(basis, w.unsqueeze(2)).transpose(1, 2), basis, alpha=-1)
+        rows.baddbmm_(inner.reduce(torch.bmm(basis, w.unsqueeze(2))).transpose(1, 2), basis, alpha=-1)
 
 
 def _compact(t: torch.Tensor, kept: np.ndarray) -> torch.Tensor:
@@ -249,7 +250,7 @@ def slq_density(
     if reorthogonalize is None:
         reorthogonalize = default_reorthogonalize(n, n_runs, n_steps, op.dtype, free_bytes)
     stored_vectors = held_vectors(n_runs, n_steps, n, reorthogonalize)  # validates reorthogonalize
-    probes = rademacher(seeded_generator(op.device, seed), (n_runs, n), op)
+    probes = op.inner.piece(rademacher(seeded_generator(op.device, seed), (n_runs, n), op))
     recurrence = _Lanczos(op, probes, max_steps=n_steps, keep=reorthogonalize == "full")
     del probes
     with Progress(n_runs * n_steps, "density (SLQ)", "matvec", progress) as bar:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from landscape.engine.inner import LOCAL, InnerProduct
 from landscape.engine.operators import LinearOperator
 
 INITIAL_CAPACITY = 32  # basis rows allocated up front; doubled as the basis grows
@@ -32,19 +33,20 @@ BREAKDOWN_ULPS = 100  # ‖g‖ ≤ this many machine epsilons of ‖H‖: an in
 REORTHOGONALIZE = 2**-0.5  # a Gram–Schmidt pass that leaves less than this share of the norm is repeated
 
 
-def orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def orthogonalize(w: torch.Tensor, basis: torch.Tensor, inner: InnerProduct = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
     """w (n,) minus its components along the orthonormal rows of basis (m, n) by classical Gram–Schmidt, with a
     second pass where the first removed most of w (‖w'‖ < ‖w‖/√2: the DGKS criterion, Daniel, Gragg, Kaufman &
     Stewart 1976), so "twice is enough" is paid for only when needed.
 
-    Returns the orthogonalized vector and the coefficients removed (m,), summed over the passes."""
+    Returns the orthogonalized vector and the coefficients removed (m,), summed over the passes. `inner` sums the
+    products of sharded vectors over the ranks."""
     if basis.shape[0] == 0:
         return w, w.new_zeros(0)
-    before = w.norm()
-    coefficients = basis @ w
+    before = inner.norm(w)
+    coefficients = inner.reduce(basis @ w)
     w = w - coefficients @ basis
-    if w.norm() < REORTHOGONALIZE * before:
-        c = basis @ w
+    if inner.norm(w) < REORTHOGONALIZE * before:
+        c = inner.reduce(basis @ w)
         w = w - c @ basis
         coefficients = coefficients + c
     return w, coefficients
@@ -64,15 +66,16 @@ class AugmentedKrylov:
 
     def __init__(self, op: LinearOperator, start: torch.Tensor, max_steps: int, capacity: int | None = None) -> None:
         self.op, self.n, self.max_steps = op, op.shape[0], max_steps
+        self.inner, self.length = op.inner, op.length  # sharded: this rank's entries, products summed over the ranks
         self.capacity = 2 * (max_steps + 1) if capacity is None else max(3, capacity)
-        self.basis = start.new_zeros(min(self.capacity, INITIAL_CAPACITY), self.n)
-        self.basis[0] = start / start.norm()
+        self.basis = start.new_zeros(min(self.capacity, INITIAL_CAPACITY), self.length)
+        self.basis[0] = start / self.inner.norm(start)
         self.size = 1  # basis vectors; the last one is waiting for its product
         self.applied = 0  # basis vectors A has been applied to (columns of H)
         self.products = 0  # operator products spent, by the basis and by any check that counts here
         self.restarts = 0
         self.h = np.zeros((self.basis.shape[0], self.basis.shape[0]))
-        self.open = start.new_zeros(0, self.n)  # Q: orthonormal directions of A V outside the basis
+        self.open = start.new_zeros(0, self.length)  # Q: orthonormal directions of A V outside the basis
         self.coupling = np.zeros((0, self.basis.shape[0]))  # B: A V = V H + Qᵀ B
         self.owner = [0]  # the Krylov sequence each basis vector belongs to
         self.ends: list[int | None] = [None]  # per sequence: its last applied basis vector
@@ -101,12 +104,12 @@ class AugmentedKrylov:
         v = self.basis[j]
         w = self.op.products(v[None])[0]
         self.products += 1
-        remainder, coefficients = orthogonalize(w, self.basis[: self.size])
+        remainder, coefficients = orthogonalize(w, self.basis[: self.size], self.inner)
         column = coefficients.double().cpu().numpy()
         self.h[: self.size, j] = column
         self.h[j, : self.size] = column
         self._leave_open(v)
-        self.norm_estimate = max(self.norm_estimate, float(np.linalg.norm(column)) + float(remainder.norm()))
+        self.norm_estimate = max(self.norm_estimate, float(np.linalg.norm(column)) + float(self.inner.norm(remainder)))
         self._open_remainder(remainder, j)
         self.applied += 1
         self.ends[self.owner[j]] = j
@@ -138,8 +141,8 @@ class AugmentedKrylov:
             return False
         coefficients = torch.as_tensor(self.coupling[:, end], dtype=self.open.dtype, device=self.open.device)
         # orthogonal to the applied vectors already; a fresh pass keeps it so to rounding
-        g, _ = orthogonalize(coefficients @ self.open, self.basis[: self.size])
-        norm = g.norm()
+        g, _ = orthogonalize(coefficients @ self.open, self.basis[: self.size], self.inner)
+        norm = self.inner.norm(g)
         if float(norm) <= self._negligible:
             return False
         self._add(g / norm, sequence)
@@ -149,9 +152,9 @@ class AugmentedKrylov:
         """The next basis vector is v orthogonalized against the basis: a new Krylov sequence starts.
 
         Returns False if v lies in the span of the basis (nothing is added)."""
-        norm_before = v.norm()
-        v, _ = orthogonalize(v, self.basis[: self.size])
-        norm = v.norm()
+        norm_before = self.inner.norm(v)
+        v, _ = orthogonalize(v, self.basis[: self.size], self.inner)
+        norm = self.inner.norm(v)
         if float(norm) <= 1e-6 * float(norm_before):
             return False
         self.ends.append(None)
@@ -200,7 +203,7 @@ class AugmentedKrylov:
 
         Where blocks of sequences have piled up, one start that mixes the Ritz vectors worth keeping (and any vector
         a check found) brings their count, and the open directions stored with them, back to one."""
-        self.basis[0] = v / v.norm()
+        self.basis[0] = v / self.inner.norm(v)
         self.size, self.applied = 1, 0
         self.h[:] = 0.0
         self.open = self.open[:0]
@@ -219,7 +222,7 @@ class AugmentedKrylov:
         # Q − p vᵀ (p = Q v) has Gram matrix I − p pᵀ = U D Uᵀ: its rows are Uᵀ-rotated to D^{1/2} Q' with Q'
         # orthonormal, so Qᵀ B becomes Q'ᵀ (D^{1/2} Uᵀ B); the direction v took (d ≈ 0) is dropped with its
         # coefficients. Only the kept rotated rows are formed (none in plain Lanczos, where v is Q's one row).
-        p = self.open @ v
+        p = self.inner.reduce(self.open @ v)
         p64 = p.double().cpu().numpy()
         d, u = np.linalg.eigh(np.eye(len(p64)) - np.outer(p64, p64))
         keep = d > BREAKDOWN_ULPS * torch.finfo(v.dtype).eps
@@ -231,9 +234,9 @@ class AugmentedKrylov:
     def _open_remainder(self, g: torch.Tensor, j: int) -> None:
         """The new product's remainder g (orthogonal to the basis) as column j of B, adding a row of Q if needed."""
         if self.open.shape[0]:
-            g, coefficients = orthogonalize(g, self.open)
+            g, coefficients = orthogonalize(g, self.open, self.inner)
             self.coupling[:, j] = coefficients.double().cpu().numpy()
-        norm = float(g.norm())
+        norm = float(self.inner.norm(g))
         if norm > self._negligible:
             row = np.zeros((1, self.coupling.shape[1]))
             row[0, j] = norm
@@ -253,7 +256,7 @@ class AugmentedKrylov:
             capacity = min(2 * self.basis.shape[0], self.capacity, self.max_steps + 1)
             if capacity <= self.size:
                 raise RuntimeError("the basis is full: restart first")
-            grown = self.basis.new_zeros(capacity, self.n)
+            grown = self.basis.new_zeros(capacity, self.length)
             grown[: self.size] = self.basis[: self.size]
             self.basis = grown
             h = np.zeros((capacity, capacity))

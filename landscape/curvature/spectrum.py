@@ -14,6 +14,7 @@ import torch
 
 from landscape.curvature.krylov import AugmentedKrylov, orthogonalize
 from landscape.engine.checks import check_int
+from landscape.engine.inner import InnerProduct
 from landscape.engine.operators import LinearOperator
 from landscape.engine.probes import rademacher, seeded_generator
 from landscape.engine.progress import Progress
@@ -474,8 +475,8 @@ class _DeflatedCheck:
         rows = np.sort(order[: best[1]])
         contiguous = len(rows) and rows[-1] - rows[0] + 1 == len(rows)  # Y is a block at one end of the basis
         self.deflation = krylov.basis[rows[0] : rows[-1] + 1] if contiguous else krylov.basis[torch.as_tensor(rows)]
-        q, _ = orthogonalize(_gaussian(generator, krylov.op), self.deflation)
-        self.start_norm = float(q.norm())
+        q, _ = orthogonalize(_gaussian(generator, krylov.op), self.deflation, krylov.inner)
+        self.start_norm = float(krylov.inner.norm(q))
         self.start = q / max(self.start_norm, torch.finfo(q.dtype).tiny)
         self.needed = np.log(max(krylov.n - best[1], 1) / CHECK_MISS)  # ln of the growth a missed share needs
 
@@ -527,14 +528,15 @@ class _DeflatedCheck:
             w = self.krylov.op.products(q[None])[0]
             self.krylov.products += 1
             self.bar.update(1)
-            w, _ = orthogonalize(w, self.deflation)
-            alpha = float(q @ w)
+            inner = self.krylov.inner
+            w, _ = orthogonalize(w, self.deflation, inner)
+            alpha = float(inner.reduce(q @ w))
             w = w - alpha * q - (beta_previous * previous if previous is not None else 0.0)
-            w = w - (q @ w) * q  # local reorthogonalization against the last two vectors
+            w = w - inner.reduce(q @ w) * q  # local reorthogonalization against the last two vectors
             if previous is not None:
-                w = w - (previous @ w) * previous
-            w, _ = orthogonalize(w, self.deflation)
-            beta = float(w.norm())
+                w = w - inner.reduce(previous @ w) * previous
+            w, _ = orthogonalize(w, self.deflation, inner)
+            beta = float(inner.norm(w))
             yield q, alpha, beta
             if beta == 0.0:
                 return
@@ -551,9 +553,10 @@ class _DeflatedCheck:
 
 
 def _gaussian(generator: torch.Generator, op: LinearOperator) -> torch.Tensor:
-    """A random direction, uniform on the sphere (a normalized Gaussian), in the operator's dtype and device."""
+    """A random direction, uniform on the sphere (a normalized Gaussian), in the operator's dtype and device (drawn
+    whole: a sharded operator takes this rank's piece of it)."""
     g = torch.randn(op.shape[0], generator=generator, dtype=op.dtype, device=op.device)
-    return g / g.norm()
+    return op.inner.piece(g / g.norm())
 
 
 def _cluster_bounds(theta: np.ndarray, residuals: np.ndarray) -> np.ndarray:
@@ -580,13 +583,14 @@ def _start_vector(start: torch.Tensor, op: LinearOperator) -> torch.Tensor:
     """A caller's first Krylov vector as a unit vector (n,) in the operator's dtype and device; finite and nonzero."""
     if not isinstance(start, torch.Tensor):
         raise ValueError(f"start must be a torch.Tensor or None, got {type(start).__name__}")
-    n = op.shape[0]
+    n = op.length  # a sharded operator's start is this rank's piece
     if start.numel() != n:
         raise ValueError(f"start has {start.numel()} entries, the operator acts on vectors of {n}")
     row = start.detach().reshape(n).to(dtype=op.dtype, device=op.device)
-    if not torch.isfinite(row).all() or not bool(row.any()):
+    norm = op.inner.norm(row)
+    if not torch.isfinite(norm) or not norm > 0:
         raise ValueError("start must be finite and nonzero")
-    return row / row.norm()
+    return row / norm
 
 
 def power_iteration(
@@ -600,21 +604,21 @@ def power_iteration(
     k = _check_common(op, k, tol, max_matvecs)
     start = time.perf_counter()
     generator = seeded_generator(op.device, seed)
-    n = op.shape[0]
-    found = torch.zeros(0, n, dtype=op.dtype, device=op.device)  # the eigenvectors found so far, as rows
+    n, inner = op.shape[0], op.inner
+    found = torch.zeros(0, op.length, dtype=op.dtype, device=op.device)  # the eigenvectors found so far, as rows
     values, residuals, used, all_converged = [], [], 0, True
     for _ in range(k):
-        v = _deflate(rademacher(generator, (n,), op), found)
-        v = v / v.norm()
+        v = _deflate(inner.piece(rademacher(generator, (n,), op)), found, inner)
+        v = v / inner.norm(v)
         theta, converged = None, False
         for _ in range(max_matvecs // k):
             av = op.matvec(v)
             used += 1
-            previous, theta, vector = theta, float(v @ av), v
-            residual = float((av - theta * v).norm())
+            previous, theta, vector = theta, float(inner.reduce(v @ av)), v
+            residual = float(inner.norm(av - theta * v))
             converged = previous is not None and abs(theta - previous) < tol * (abs(previous) + 1e-6)
-            following = _deflate(av, found)
-            norm = following.norm()
+            following = _deflate(av, found, inner)
+            norm = inner.norm(following)
             if converged or norm == 0:  # Av = 0 after deflation: v is an exact null vector
                 converged = True
                 break
@@ -637,9 +641,9 @@ def power_iteration(
     )
 
 
-def _deflate(v: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+def _deflate(v: torch.Tensor, found: torch.Tensor, inner: InnerProduct) -> torch.Tensor:
     """Remove the components along the already found (orthonormal) eigenvectors, the rows of `found`."""
-    return v - (found @ v) @ found
+    return v - inner.reduce(found @ v) @ found
 
 
 @dataclass

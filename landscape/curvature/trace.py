@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from landscape.engine.checks import check_int
+from landscape.engine.inner import LOCAL, InnerProduct
 from landscape.engine.operators import LinearOperator
 from landscape.engine.probes import rademacher_rows, seeded_generator, sphere_rows
 from landscape.engine.progress import Progress
@@ -48,10 +49,12 @@ class TraceResult(Result):
         return self.estimate - half, self.estimate + half
 
 
-def _check_blocks(blocks: dict[str, slice] | None, n: int) -> None:
-    """Blocks must be named, non-empty, forward slices inside [0, n]."""
+def _check_blocks(blocks: dict[str, slice] | None, n: int, op: LinearOperator) -> None:
+    """Blocks must be named, non-empty, forward slices inside [0, n], of an operator on whole vectors."""
     if blocks is None:
         return
+    if op.inner.sharded:
+        raise ValueError("per-block traces need whole vectors: a sharded operator gives the total trace only")
     if not isinstance(blocks, dict) or not blocks:
         raise ValueError("blocks must be a non-empty dict mapping names to slices of the flat vector")
     for name, block in blocks.items():
@@ -152,7 +155,7 @@ def hutchinson(
     check_int("block_size", block_size, 1)
     if target_rel_stderr is not None and not target_rel_stderr > 0:
         raise ValueError(f"target_rel_stderr must be positive, got {target_rel_stderr!r}")
-    _check_blocks(blocks, n)
+    _check_blocks(blocks, n, op)
     start = time.perf_counter()
     generator = seeded_generator(op.device, seed)
     totals, per_block, used, n_blocks = [], {name: [] for name in blocks or {}}, 0, 0
@@ -161,7 +164,7 @@ def hutchinson(
             z = rademacher_rows(generator, min(block_size, n_probes - used), op)
             contributions = z * _counted(op, z, bar)
             used, n_blocks = used + z.shape[0], n_blocks + 1
-            totals.append(contributions.sum(1))
+            totals.append(op.inner.reduce(contributions.sum(1)))
             for name, sums in _block_sums(contributions, blocks or {}).items():
                 per_block[name].append(sums)
             if target_rel_stderr is not None and n_blocks >= 2:
@@ -211,22 +214,22 @@ def hutchpp(
         >>> round(result.estimate, 6), result.stderr
         (6.0, 0.0)
     """
-    n = op.shape[0]
+    n, inner = op.shape[0], op.inner
     check_int("n_matvecs", n_matvecs, 4)
-    _check_blocks(blocks, n)
+    _check_blocks(blocks, n, op)
     start = time.perf_counter()
     generator = seeded_generator(op.device, seed)
     n_sketch = min(n_matvecs // 3, n)
     n_probes = n_matvecs - 2 * n_sketch
     with Progress(2 * n_sketch + n_probes, "hutchpp", "matvec", progress) as bar:
-        q, _ = _orthonormal_rows(_counted(op, rademacher_rows(generator, n_sketch, op), bar))
+        q, _ = _orthonormal_rows(_counted(op, rademacher_rows(generator, n_sketch, op), bar), inner)
         aq = _counted(op, q, bar)  # row i: A q_i, i.e. (AQᵀ)ᵀ
-        small = q @ aq.T  # QAQᵀ
+        small = inner.reduce(q @ aq.T)  # QAQᵀ
         z = rademacher_rows(generator, n_probes, op)
-        a_deflated = _counted(op, z - (z @ q.T) @ q, bar)
+        a_deflated = _counted(op, z - inner.reduce(z @ q.T) @ q, bar)
     # z ⊙ (I−QᵀQ)A(I−QᵀQ)z: per-coordinate Hutchinson contributions of the deflated part, one row per probe
-    contributions = z * (a_deflated - (a_deflated @ q.T) @ q)
-    samples = torch.trace(small) + contributions.sum(1)
+    contributions = z * (a_deflated - inner.reduce(a_deflated @ q.T) @ q)
+    samples = torch.trace(small) + inner.reduce(contributions.sum(1))
     block_samples = None
     if blocks is not None:
         # diag(PAP + PAP⊥ + P⊥AP) for P = QᵀQ: the low-rank part's exact diagonal, cross terms included
@@ -295,9 +298,9 @@ def xtrace(
         >>> {name: round(estimate, 6) for name, (estimate, stderr) in result.blocks.items()}
         {'first two': 2.0, 'rest': 4.0}
     """
-    n = op.shape[0]
+    n, inner = op.shape[0], op.inner
     check_int("n_matvecs", n_matvecs, 4)
-    _check_blocks(blocks, n)
+    _check_blocks(blocks, n, op)
     if n < 2:
         raise ValueError("xtrace needs an operator of size ≥ 2 (leave-one-out needs two test vectors)")
     start = time.perf_counter()
@@ -308,12 +311,12 @@ def xtrace(
         y = _counted(op, omega, bar)  # row i: y_i = Aω_i
         q, r, g, codim = _xtrace_basis(y, op)
         aq = _counted(op, q, bar)
-    h = (q @ aq.T).double().cpu().numpy()  # QAQᵀ
+    h = inner.reduce(q @ aq.T).double().cpu().numpy()  # QAQᵀ
     h = (h + h.T) / 2
-    w = (q @ omega.T).double().cpu().numpy()  # column i: w_i = Qω_i
-    norms = (omega * omega).sum(1).double().cpu().numpy()
+    w = inner.reduce(q @ omega.T).double().cpu().numpy()  # column i: w_i = Qω_i
+    norms = inner.reduce((omega * omega).sum(1)).double().cpu().numpy()
     parts = _XTraceParts(g, h, w, r, norms, codim)
-    grams = {None: _xtrace_grams(q, aq, omega, y)}
+    grams = {None: _xtrace_grams(q, aq, omega, y, inner)}
     grams.update({name: _xtrace_grams(q[:, b], aq[:, b], omega[:, b], y[:, b]) for name, b in (blocks or {}).items()})
     samples, stderrs = {}, {}
     for name, gram in grams.items():
@@ -329,11 +332,23 @@ def _counted(op: LinearOperator, V: torch.Tensor, bar: Progress) -> torch.Tensor
     return out
 
 
-def _orthonormal_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _orthonormal_rows(y: torch.Tensor, inner: InnerProduct = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
     """Q, R with Y = RᵀQ for a (k, n) block of rows Y: orthonormal rows Q (k, n) spanning Y's rows, R (k, k) upper
-    triangular. The QR factorization of Yᵀ (the column convention is LAPACK's; the transposes are views)."""
-    q, r = torch.linalg.qr(y.T)
-    return q.T, r
+    triangular. The QR factorization of Yᵀ (the column convention is LAPACK's; the transposes are views); for
+    rows sharded over ranks, CholeskyQR2 on the summed Gram matrix (Fukaya et al. 2014), which needs Y of full rank."""
+    if not inner.sharded:
+        q, r = torch.linalg.qr(y.T)
+        return q.T, r
+    r = torch.eye(len(y), dtype=torch.float64, device=y.device)
+    q = y
+    for _ in range(2):  # a second pass restores orthogonality to rounding
+        gram = inner.reduce(q @ q.T).double()
+        factor, info = torch.linalg.cholesky_ex(gram, upper=True)
+        if int(info):
+            raise ValueError("the sketch is rank-deficient: a sharded operator's trace needs --trace-method hutchinson here")
+        q = torch.linalg.solve_triangular(factor.T.to(q.dtype), q, upper=False)
+        r = factor @ r
+    return q, r.to(y.dtype)
 
 
 def _xtrace_basis(y: torch.Tensor, op: LinearOperator) -> tuple[torch.Tensor, np.ndarray, np.ndarray, int]:
@@ -344,8 +359,8 @@ def _xtrace_basis(y: torch.Tensor, op: LinearOperator) -> tuple[torch.Tensor, np
     out of the sketch removes span(g_i) (span(g_i, g_j)) from range(Q). If Y is rank-deficient every
     leave-one-out range equals range(AΩ) = range(A): one basis, and G has no columns.
     """
-    m, n = y.shape
-    q, r = _orthonormal_rows(y)
+    m, n = len(y), op.shape[0]  # n: the whole vector's length (a sharded operator's rows are pieces)
+    q, r = _orthonormal_rows(y, op.inner)
     r = r.double().cpu().numpy()
     u, sv, vt = np.linalg.svd(r)
     rank = int((sv > sv[0] * m * torch.finfo(op.dtype).eps).sum())
@@ -371,12 +386,14 @@ class _XTraceParts:
     codim: int
 
 
-def _xtrace_grams(q: torch.Tensor, aq: torch.Tensor, omega: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, ...]:
+def _xtrace_grams(
+    q: torch.Tensor, aq: torch.Tensor, omega: torch.Tensor, y: torch.Tensor, inner: InnerProduct = LOCAL
+) -> tuple[np.ndarray, ...]:
     """Gram matrices over a set of coordinates (all, or one block's) that XTrace's per-i diagonal sums need.
 
     q, aq, omega, y: row blocks (basis, its products, test vectors, theirs) restricted to those coordinates.
     """
-    grams = (q @ aq.T, q @ q.T, omega @ q.T, omega @ aq.T, (omega * y).sum(1))
+    grams = tuple(inner.reduce(g) for g in (q @ aq.T, q @ q.T, omega @ q.T, omega @ aq.T, (omega * y).sum(1)))
     return tuple(g.double().cpu().numpy() for g in grams)
 
 

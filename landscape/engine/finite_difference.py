@@ -15,10 +15,12 @@ Pure functions of tensors and floats (norms are given, so a sharded caller sums 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from landscape.engine.inner import LOCAL, InnerProduct
 from landscape.results import Result
 
 STEP_RANGE = 8.0  # the error model moves the default step by at most this factor either way
@@ -120,3 +122,71 @@ class FiniteDifferenceErrors(Result):
             f"central differences, steps {self.min_step:.2g} to {self.max_step:.2g}{retaken}: estimated error ≤ {self.max_error:.2g} per unit probe "
             f"({self.max_relative_error:.2g} relative; largest of {self.n_products} products)"
         )
+
+
+class CentralDifferences:
+    """H vᵢ ≈ D(h)·‖vᵢ‖ for the rows vᵢ of a block, with each row's error estimate ‖D(h) − D(2h)‖·‖vᵢ‖.
+
+    `gradient(point)` gives this process's part of ∇L at a point: `reduce` sums it over data-parallel ranks that
+    hold other batches (the identity by default), and `inner` sums dot products over ranks that hold other
+    pieces of every vector (sharded parameters). The first step comes from a pilot at `default_step` along the
+    first nonzero probe (`model_step`, with ‖g‖ and ‖w‖ for σ); each probe's own differences set the next probe's
+    step (successive probes of a solver are alike), and a probe that asks for under half the step it was taken at
+    (one concentrated on a few weights, whose third derivative is larger) is taken again at the smaller one.
+    """
+
+    def __init__(
+        self,
+        gradient: Callable[[torch.Tensor], torch.Tensor],
+        w: torch.Tensor,
+        dtype: torch.dtype,
+        *,
+        inner: InnerProduct = LOCAL,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.gradient, self.w, self.dtype, self.inner = gradient, w, dtype, inner
+        self.reduce = reduce if reduce is not None else (lambda t: t)
+        self.step: float | None = None
+        self.scales = (0.0, 0.0)  # ‖g‖ and ‖w‖, for the noise σ
+        self.errors: FiniteDifferenceErrors | None = None
+
+    def products(self, V: torch.Tensor, record: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the block of products, each row's estimated error); `record` counts them into `errors`."""
+        norms = self.inner.row_norms(V.double())
+        products = torch.zeros_like(V)
+        squares = torch.zeros(len(V), dtype=torch.float64, device=V.device)
+        steps, retaken = [], 0
+        for i, (v, norm) in enumerate(zip(V, norms.tolist())):
+            if norm == 0:
+                continue
+            u = v / norm
+            if self.step is None:
+                self.step = self._pilot(u)
+                self.errors = FiniteDifferenceErrors(step=self.step)
+            h = self.step
+            for _ in range(3):  # the step the last probe asked for, then at most two smaller ones
+                d_h, d_2h = self.reduce(self.differences(u, (h, 2 * h)))
+                squares[i] = self.inner.reduce(richardson_error_squares(d_h, d_2h))
+                self.step = model_step(float(squares[i].sqrt()), float(self.inner.norm(d_h)), h, *self.scales, self.dtype)
+                if self.step >= h / 2:
+                    break
+                h, retaken = self.step, retaken + 1
+            products[i] = d_h.mul_(norm)
+            steps.append(h)
+        errors = squares.sqrt() * norms
+        if record and self.errors is not None:
+            self.errors = self.errors.added(errors, norms, self.inner.row_norms(products.double()), steps, retaken)
+        return products, errors
+
+    def differences(self, u: torch.Tensor, steps: tuple[float, ...]) -> torch.Tensor:
+        """This process's part of the central difference along the unit vector u at each of `steps`, as rows."""
+        return torch.stack([central_difference(self.gradient(self.w + h * u), self.gradient(self.w - h * u), h) for h in steps])
+
+    def _pilot(self, u: torch.Tensor) -> float:
+        """The first step: `model_step` from the differences at h₀ = `default_step` along u."""
+        w_norm = float(self.inner.norm(self.w.double()))
+        h0 = default_step(w_norm, self.dtype)
+        pilot = self.reduce(torch.cat([self.differences(u, (h0, 2 * h0)), self.gradient(self.w)[None]]))
+        d_h, d_2h, gradient = pilot.double()
+        self.scales = (float(self.inner.norm(gradient)), w_norm)
+        return model_step(float(self.inner.norm(d_2h - d_h)), float(self.inner.norm(d_h)), h0, *self.scales, self.dtype)

@@ -76,12 +76,14 @@ def objective_from_checkpoint(
     model_kwargs: dict | None = None,
     measurement: MeasurementSet = MeasurementSet(),
     distributed: bool = False,
+    sharded: bool = False,
     **objective_options,
 ) -> Objective:
     """Build the Objective on the measurement set, recording checkpoint, data and samples.
 
     `distributed=True` (under torchrun) gives each rank its round-robin shard of the batches and
-    an Objective that sums over the ranks (landscape.engine.distributed).
+    an Objective that sums over the ranks (landscape.engine.distributed). `sharded=True` (under torchrun) gives
+    a ShardedObjective instead: the parameters sharded over the ranks by FSDP2 (landscape.engine.sharded).
     """
     data_spec = resolve_data(checkpoint, data)
     dataset = data_spec.load()
@@ -97,9 +99,17 @@ def objective_from_checkpoint(
         "data": data_spec.to_dict(),
         "measurement": measurement.describe(dataset),
     }
+    if sharded:
+        from landscape.engine.sharded import ShardedObjective
+
+        options = {k: v for k, v in objective_options.items() if k in SHARDED_OPTIONS}
+        return ShardedObjective(net, batches, metadata=metadata, **options)
     if distributed:
         batches = ranks.shard(batches)
     return Objective(net, batches, metadata=metadata, distributed=distributed, **objective_options)
+
+
+SHARDED_OPTIONS = ("loss", "mode", "dtype", "device", "hvp_method", "hvp_check")  # the rest is refused or moot there
 
 
 def check_data_fits(net: torch.nn.Module, dataset: Dataset | BatchSet, checkpoint: Checkpoint, model_spec: dict | None) -> None:

@@ -569,44 +569,14 @@ class Objective:
         """H vᵢ ≈ (g(w + h v̂ᵢ) − g(w − h v̂ᵢ))/2h·‖vᵢ‖ from first-order gradients, summed over the ranks; each row's
         error estimate ‖D(h) − D(2h)‖·‖vᵢ‖ (Richardson) goes to `last_hvp_errors` and, if `record`, to `hvp_error`.
 
-        Four gradients per probe, fused attention kernels allowed. The first step comes from a pilot on the first
-        call's largest probe (`_finite_difference_step`); each probe's own differences give the error model's step
-        for the next one (successive probes of a solver are alike), and a probe whose differences ask for a step
-        under half the one it was taken at (one concentrated on a few weights, whose third derivative is larger)
-        is taken again at that step.
-        Nocedal & Wright §8.1 (landscape.engine.finite_difference).
+        Four gradients per probe, fused attention kernels allowed; the step rule is fd.CentralDifferences's
+        (Nocedal & Wright §8.1, landscape.engine.finite_difference).
         """
-        norms = V.double().norm(dim=1)
-        if self.hvp_error is None:
-            first = int(norms.argmax())
-            u = V[first] / norms[first].to(V.dtype) if norms[first] > 0 else _random_probe(self)[0]
-            self._fd_step = self._finite_difference_step(u / u.norm())
-            self.hvp_error = fd.FiniteDifferenceErrors(step=self._fd_step)
-        products = torch.zeros_like(V)
-        squares = torch.zeros(len(V), dtype=torch.float64, device=V.device)
-        steps, retaken = [], 0
-        for i, (v, norm) in enumerate(zip(V, norms.tolist())):
-            if norm > 0:
-                u, h = v / norm, self._fd_step
-                for _ in range(3):  # the step the last probe asked for, then at most two smaller ones
-                    d_h, d_2h = self._reduced(self._central_differences(u, (h, 2 * h)))
-                    difference = fd.richardson_error_squares(d_h, d_2h)
-                    self._fd_step = fd.model_step(float(difference.sqrt()), float(d_h.norm()), h, *self._fd_scales, self.dtype)
-                    if self._fd_step >= h / 2:
-                        break
-                    h, retaken = self._fd_step, retaken + 1
-                squares[i], products[i] = difference, d_h.mul_(norm)
-                steps.append(h)
-        errors = squares.sqrt() * norms
-        self.last_hvp_errors = errors
-        if record:
-            self.hvp_error = self.hvp_error.added(errors, norms, products.double().norm(dim=1), steps, retaken)
+        if self.hvp_error is None:  # a fresh record: a step of its own (a restricted copy starts here too)
+            self._differences = fd.CentralDifferences(self._first_order_gradient, self.w, self.dtype, reduce=self._reduced)
+        products, self.last_hvp_errors = self._differences.products(V, record)
+        self.hvp_error = self._differences.errors
         return products
-
-    def _central_differences(self, u: torch.Tensor, steps: Sequence[float]) -> torch.Tensor:
-        """This rank's share of the central difference along the unit vector u at each of `steps`, as rows."""
-        gradient = self._first_order_gradient
-        return torch.stack([fd.central_difference(gradient(self.w + h * u), gradient(self.w - h * u), h) for h in steps])
 
     def _first_order_gradient(self, w: torch.Tensor) -> torch.Tensor:
         """This rank's share of ∇L(w) by plain autograd, with any attention kernel (no second derivative is taken)."""
@@ -619,16 +589,6 @@ class Objective:
         finally:
             self._any_attention = False
         return total
-
-    def _finite_difference_step(self, u: torch.Tensor) -> float:
-        """The base step: the error model's (3σ/M)^{1/3} (`fd.model_step`) from a pilot at h₀ = ε^{1/3}·max(‖w‖, 1)
-        along the unit vector u, with ‖g‖ and ‖w‖ for σ (kept in `_fd_scales`); summed over the ranks, so the same everywhere."""
-        w_norm = float(self.w.double().norm())
-        h0 = fd.default_step(w_norm, self.dtype)
-        gradient = self._first_order_gradient(self.w)[None]
-        d_h, d_2h, gradient = self._reduced(torch.cat([self._central_differences(u, (h0, 2 * h0)), gradient])).double()
-        self._fd_scales = (float(gradient.norm()), w_norm)
-        return fd.model_step(float((d_2h - d_h).norm()), float(d_h.norm()), h0, *self._fd_scales, self.dtype)
 
     def _local_hvp(self, V: torch.Tensor) -> torch.Tensor:
         """This rank's share of H V (all of it when not distributed); zero for a rank without batches."""
@@ -810,7 +770,7 @@ class Objective:
             peak = GRAPH_OVERHEAD["fwd-rev"] * sum(sizes)
         elif self.hvp_method == FINITE_DIFFERENCE_HVP:
             # one first-order gradient graph at a time (no create_graph: double backward's transient graph bounds it)
-            # plus the n-vectors of _central_differences: the point w ± h v̂, the gradient being summed and one
+            # plus the n-vectors of fd.CentralDifferences: the point w ± h v̂, the gradient being summed and one
             # batch's, the row being built and the other step's row
             peak = transient + 5 * self.n_params * self.w.element_size()
         else:  # double backward, and compiled forward-over-reverse: one batch at a time

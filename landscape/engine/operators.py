@@ -27,6 +27,7 @@ from landscape.engine.gauss_newton import (
     ggn,
     per_sample_loss_function,
 )
+from landscape.engine.inner import LOCAL, InnerProduct
 
 if TYPE_CHECKING:
     import scipy.sparse.linalg as spla
@@ -35,13 +36,23 @@ if TYPE_CHECKING:
 
 
 class LinearOperator:
-    """A symmetric linear operator on vectors of length `n` (torch tensors)."""
+    """A symmetric linear operator on vectors of length `n` (torch tensors).
 
-    def __init__(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    `inner` sums the dot products of its vectors: LOCAL for whole vectors; for an operator on sharded parameters,
+    each rank holds `length` entries of every vector and `inner` sums partial products over the ranks.
+    """
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, inner: InnerProduct = LOCAL) -> None:
         self.shape = (n, n)
         self.dtype = dtype
         self.device = torch.device(device)
         self.n_matvecs = 0
+        self.inner = inner
+
+    @property
+    def length(self) -> int:
+        """Entries of each vector held in this process: n, or this rank's share of a sharded vector."""
+        return getattr(self.inner, "length", self.shape[0])
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """A @ v for a vector of shape (n,)."""
@@ -81,7 +92,7 @@ class HessianOperator(LinearOperator):
     """H = ∇²L(w) of an Objective at its point, applied through exact Hessian-vector products."""
 
     def __init__(self, objective: Objective) -> None:
-        super().__init__(objective.n_params, objective.dtype, objective.device)
+        super().__init__(objective.n_params, objective.dtype, objective.device, getattr(objective, "inner", LOCAL))
         self.objective = objective
 
     def products(self, V: torch.Tensor) -> torch.Tensor:
