@@ -20,6 +20,7 @@ from landscape.curvature.per_layer import GROUPINGS, parameter_blocks, per_layer
 from landscape.curvature.spectrum import default_max_matvecs, default_max_vectors, lanczos, minimum_vectors
 from landscape.curvature.trace import hutchinson, hutchpp, xtrace
 from landscape.engine import distributed as ranks
+from landscape.engine.finite_difference import FiniteDifferenceErrors
 from landscape.engine.from_checkpoint import objective_from_checkpoint, parse_dtype
 from landscape.engine.gauss_newton import CURVATURES
 from landscape.engine.inner import LOCAL
@@ -591,6 +592,7 @@ def measure_checkpoint(
     else:
         report = {**previous, "metrics": dict(previous["metrics"])}
     spent = report["seconds"]  # by earlier, interrupted runs
+    earlier = previous.get("hvp_error") if previous is not None else None  # their finite-difference errors
 
     def save() -> None:
         report["seconds"] = spent + time.perf_counter() - start
@@ -599,7 +601,9 @@ def measure_checkpoint(
             report["hvp_check"] = objective.hvp_check_result.to_dict()
             report["hvp_memory"] = {**objective.memory_plan.to_dict(), "summary": objective.memory_plan.describe()}
         if objective.hvp_error is not None:  # finite differences: the steps taken and the largest error estimated
-            report["hvp_error"] = {**objective.hvp_error.to_dict(), "summary": objective.hvp_error.describe()}
+            errors = objective.hvp_error
+            errors = errors.combined(FiniteDifferenceErrors.from_dict(earlier)) if earlier else errors
+            report["hvp_error"] = {**errors.to_dict(), "summary": errors.describe()}
         if saved is not None:
             saved(report)
 

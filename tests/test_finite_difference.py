@@ -45,6 +45,11 @@ def test_pure_math():
     assert fd.third_derivative_scale(3.0, 0.5) == 24.0
     rows = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0], [3.0, 4.0]])
     assert fd.richardson_error(*rows).tolist() == [2.0, 5.0]
+    first = fd.FiniteDifferenceErrors(step=0.1, min_step=0.05, max_step=0.1, n_refined=1, n_products=4, max_error=2e-5)
+    later = fd.FiniteDifferenceErrors(step=0.2, min_step=0.2, max_step=0.3, n_products=3, max_error=1e-5, max_relative_error=1e-3)
+    both = later.combined(first)  # a resumed run's record with the interrupted run's
+    assert (both.min_step, both.max_step, both.n_refined, both.n_products) == (0.05, 0.3, 1, 7)
+    assert (both.max_error, both.max_relative_error) == (2e-5, 1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

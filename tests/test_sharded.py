@@ -310,8 +310,10 @@ def test_torchrun_measure_shard_is_killed_and_resumes(tmp_path):
     assert "eig read back from the results file; computed now: trace" in stderr
     assert report["metrics"]["eig"] == saved["metrics"]["eig"]  # kept as saved, not recomputed
     single = _exact_single(checkpoint)
-    # the errors stated by the run that took each metric: the killed one's for λ, the resumed one's for the trace
-    before, after = saved["hvp_error"]["max_error"], report["hvp_error"]["max_error"]
+    # the errors stated cover both runs' products: the killed one's for λ, the resumed one's for the trace
+    before, after = saved["hvp_error"], report["hvp_error"]
+    assert after["n_products"] > before["n_products"] and after["max_error"] >= before["max_error"]
+    before = after = after["max_error"]
     assert report["setup"]["parameters_sharded"] == "fsdp2" and report["setup"]["world_size"] == 2
     assert report["loss"] == pytest.approx(single["loss"], rel=1e-12)
     assert report["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-10)

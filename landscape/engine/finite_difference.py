@@ -116,6 +116,18 @@ class FiniteDifferenceErrors(Result):
             max_relative_error=max(self.max_relative_error, float(relative.max()) if len(relative) else 0.0),
         )
 
+    def combined(self, other: FiniteDifferenceErrors) -> FiniteDifferenceErrors:
+        """This record and `other`'s together (a resumed run's products and the interrupted run's)."""
+        return FiniteDifferenceErrors(
+            step=self.step,
+            min_step=min(self.min_step, other.min_step),
+            max_step=max(self.max_step, other.max_step),
+            n_refined=self.n_refined + other.n_refined,
+            n_products=self.n_products + other.n_products,
+            max_error=max(self.max_error, other.max_error),
+            max_relative_error=max(self.max_relative_error, other.max_relative_error),
+        )
+
     def describe(self) -> str:
         retaken = f", {self.n_refined} taken again at a smaller one" if self.n_refined else ""
         return (
