@@ -289,6 +289,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(FSDP2 fully_shard), for a model one device cannot hold; HVPs by finite differences; metrics eig, "
         "trace and density (docs/how-to/sharded.md)",
     )
+    parser.add_argument(
+        "--shard-replicas",
+        type=int,
+        default=ObjectiveSpec.shard_replicas,
+        metavar="R",
+        help="with --shard: R data-parallel replicas, each sharded over WORLD_SIZE/R ranks (FSDP2 on an R × WORLD_SIZE/R "
+        "mesh) (default %(default)s)",
+    )
     add_metric_arguments(parser)
     group = parser.add_argument_group("saving and resuming")
     group.add_argument(
@@ -357,6 +365,7 @@ def build_objective(path: str, spec: ObjectiveSpec, *, distributed: bool = False
         graph_memory_budget=parse_size(spec.hvp_memory) if spec.hvp_memory else None,
         loss=resolve_loss(spec.loss),
         sharded=spec.shard,
+        replicas=spec.shard_replicas,
     )
     if metrics is not None:
         metrics.check_fits(spec.params, objective.n_params, objective.n_samples)

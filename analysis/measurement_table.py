@@ -37,7 +37,11 @@ def format_measurement(report: dict) -> str:
     curvature, products = CURVATURE_NAMES[setup.get("curvature", "hessian")]
     sharded = f", sharded over {setup['world_size']} ranks" if setup.get("sharded") else ""
     if setup.get("parameters_sharded"):
-        sharded = f", parameters sharded over {setup['world_size']} ranks ({setup['parameters_sharded'].upper()})"
+        replicas = setup.get("shard_replicas", 1)
+        ranks = f"{setup['world_size']} ranks"
+        if replicas > 1:
+            ranks = f"{setup['world_size'] // replicas} ranks in each of {replicas} replicas"
+        sharded = f", parameters sharded over {ranks} ({setup['parameters_sharded'].upper()})"
     lines = [
         report["checkpoint"],
         f"  measured on the {m['split']} split of {setup['data']['spec']}: {setup['n_samples']} samples in "

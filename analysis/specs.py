@@ -61,6 +61,7 @@ class ObjectiveSpec:
     hvp_memory: str | None = None
     no_hvp_check: bool = False
     shard: bool = False  # measure under torchrun with the parameters sharded over the ranks (FSDP2)
+    shard_replicas: int = 1  # with shard: data-parallel replicas of the sharded model (HSDP)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ObjectiveSpec:

@@ -21,6 +21,7 @@ from landscape.engine.objective import COMPILED_HVP, FINITE_DIFFERENCE_HVP, HVP_
 # dest: smallest allowed value, for every integer option of every command that has it
 INT_MINIMUMS = {
     "k": 1,
+    "shard_replicas": 1,
     "max_matvecs": 1,
     "max_vectors": 1,
     "density_runs": 1,
@@ -133,12 +134,17 @@ SHARD_METRICS = ("eig", "trace", "density")  # what --shard measures: the solver
 
 def _check_shard(args: argparse.Namespace) -> None:
     """--shard: under torchrun, every parameter, the Hessian's eig, trace and density, by finite differences."""
+    replicas = getattr(args, "shard_replicas", 1)
     if not getattr(args, "shard", False):
+        if replicas != 1:
+            raise ValueError(f"--shard-replicas {replicas} replicates a sharded model: add --shard")
         return
     if not ranks.launched():
         raise ValueError(
             "--shard splits the parameters over the ranks of a torchrun job: run torchrun --nproc_per_node N ... --shard"
         )
+    if ranks.launched_world_size() % replicas:
+        raise ValueError(f"--shard-replicas {replicas} must divide the {ranks.launched_world_size()} ranks")
     if args.params != "all":
         raise ValueError(f"--shard measures every parameter: drop --params {args.params}")
     if args.hvp not in ("auto", FINITE_DIFFERENCE_HVP):

@@ -240,6 +240,39 @@ def test_fsdp2_gpt2_matches_one_process_within_the_stated_error(tmp_path):
     _compare("gpt2", run_on_ranks(functools.partial(_sharded_on_a_rank, ("gpt2",)), tmp_path))
 
 
+def _hsdp_on_a_rank() -> dict:
+    """2 × 2 on four ranks: replicated over two groups, sharded within each (FSDP2 on a 2-D mesh)."""
+    from landscape.engine.sharded import ShardedObjective
+
+    model, batches, options = _convnet("train")
+    objective = ShardedObjective(model, batches, device="cpu", replicas=2, **options)
+    op = HessianOperator(objective)
+    return {
+        "loss": objective.loss(),
+        "grad": objective.grad(),
+        "pieces": objective.inner.pieces,
+        "eig": lanczos(op, K, tol=1e-8, seed=0).values,
+        "trace": hutchinson(op, 8, seed=1).estimate,
+        "hvp_error": objective.hvp_error.max_error,
+    }
+
+
+def test_fsdp2_two_replicas_of_two_shards_match_one_process(tmp_path):
+    results = run_on_ranks(_hsdp_on_a_rank, tmp_path, world=4)
+    single = _one_process("convnet-train")
+    assert results[0]["pieces"] == results[2]["pieces"] != results[1]["pieces"] == results[3]["pieces"]  # replicas
+    for result in results:
+        assert result["loss"] == pytest.approx(single["loss"], rel=1e-12)
+        piece = ShardedInnerProduct(result["pieces"]).piece(single["grad"])
+        torch.testing.assert_close(result["grad"], piece, rtol=1e-10, atol=1e-13)
+        np.testing.assert_array_equal(result["eig"], results[0]["eig"])
+        assert result["trace"] == results[0]["trace"]
+    exact = single["eig"]
+    slack = results[0]["hvp_error"] + exact.error_bounds + 1e-8 * np.abs(exact.values)
+    assert np.all(np.abs(results[0]["eig"] - exact.values) <= slack)
+    assert abs(results[0]["trace"] - single["trace"]) <= single["n_params"] * results[0]["hvp_error"]
+
+
 def test_a_sharded_objective_needs_a_process_group():
     from landscape.engine.sharded import ShardedObjective
 
@@ -264,11 +297,14 @@ def test_shard_is_refused_in_one_line_outside_torchrun_and_with_what_it_cannot_m
     checkpoint = digits_mlp_checkpoint(tmp_path, hidden=(8,))
     assert main(["measure", str(checkpoint), *SHARD_ARGS]) == 2
     assert "--shard splits the parameters over the ranks of a torchrun job" in capsys.readouterr().err
+    assert main(["measure", str(checkpoint), "--shard-replicas", "2"]) == 2
+    assert "--shard-replicas 2 replicates a sharded model: add --shard" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: the options are checked before any group is joined
     for extra, message in (
         (["--metrics", "eig,expected-loss"], "--shard measures eig, trace, density; drop expected-loss from --metrics"),
         (["--params", "weights"], "--shard measures every parameter: drop --params weights"),
         (["--hvp", "double-backward"], "FSDP2 allows no double backward"),
+        (["--shard-replicas", "3"], "--shard-replicas 3 must divide the 2 ranks"),
     ):
         assert main(["measure", str(checkpoint), *SHARD_ARGS, *extra]) == 2
         assert message in capsys.readouterr().err

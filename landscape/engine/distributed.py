@@ -28,6 +28,11 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launched_world_size() -> int:
+    """The number of processes the launcher started (WORLD_SIZE; 1 when not launched)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def active() -> bool:
     """True when a process group is initialised in this process."""
     return dist.is_available() and dist.is_initialized()

@@ -77,13 +77,15 @@ def objective_from_checkpoint(
     measurement: MeasurementSet = MeasurementSet(),
     distributed: bool = False,
     sharded: bool = False,
+    replicas: int = 1,
     **objective_options,
 ) -> Objective:
     """Build the Objective on the measurement set, recording checkpoint, data and samples.
 
     `distributed=True` (under torchrun) gives each rank its round-robin shard of the batches and
     an Objective that sums over the ranks (landscape.engine.distributed). `sharded=True` (under torchrun) gives
-    a ShardedObjective instead: the parameters sharded over the ranks by FSDP2 (landscape.engine.sharded).
+    a ShardedObjective instead: the parameters sharded over the ranks by FSDP2, in `replicas` data-parallel
+    replicas (landscape.engine.sharded).
     """
     data_spec = resolve_data(checkpoint, data)
     dataset = data_spec.load()
@@ -103,7 +105,7 @@ def objective_from_checkpoint(
         from landscape.engine.sharded import ShardedObjective
 
         options = {k: v for k, v in objective_options.items() if k in SHARDED_OPTIONS}
-        return ShardedObjective(net, batches, metadata=metadata, **options)
+        return ShardedObjective(net, batches, metadata=metadata, replicas=replicas, **options)
     if distributed:
         batches = ranks.shard(batches)
     return Objective(net, batches, metadata=metadata, distributed=distributed, **objective_options)

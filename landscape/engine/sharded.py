@@ -75,6 +75,7 @@ class ShardedObjective:
         hvp_method: str = "auto",
         metadata: dict | None = None,
         hvp_check: bool = True,
+        replicas: int = 1,
     ) -> None:
         if not ranks.active():
             raise ObjectiveError("a sharded objective needs an initialised process group: launch with torchrun")
@@ -88,11 +89,19 @@ class ShardedObjective:
         from torch.distributed.fsdp import FSDPModule
 
         self.device = ranks.local_device(device if device is not None else default_device())
-        self.dtype, self.mode, self.world_size = dtype, mode, ranks.world_size()
+        self.dtype, self.mode, self.world_size, self.replicas = dtype, mode, ranks.world_size(), replicas
+        if replicas < 1 or self.world_size % replicas:
+            raise ObjectiveError(f"replicas={replicas} must divide the {self.world_size} ranks")
         self.loss_function: Loss = loss if loss is not None else class_cross_entropy
         self.model = _prepare_model(model, mode, self.device, dtype)
         self.has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        if replicas == 1:
+            mesh = init_device_mesh(self.device.type, (self.world_size,))
+            group = mesh.get_group()
+        else:  # HSDP: replicated over `replicate`, sharded within each `shard` group; gradients summed over both
+            shape = (replicas, self.world_size // replicas)
+            mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=("replicate", "shard"))
+            group = mesh["shard"].get_group()
         shard_model(self.model, mesh)
         for module in self.model.modules():
             if isinstance(module, FSDPModule):
@@ -100,7 +109,7 @@ class ShardedObjective:
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         if not self._params:
             raise ObjectiveError("the model has no parameter with requires_grad=True to measure")
-        self.inner = ShardedInnerProduct(self._pieces(), group=mesh.get_group())
+        self.inner = ShardedInnerProduct(self._pieces(group), group=group)  # replicas hold the same pieces
         self.n_params = sum(p.numel() for p in self._params)
         self.w = self._local_values()
         self._set_batches(batches)
@@ -123,10 +132,15 @@ class ShardedObjective:
         self.last_hvp_errors: torch.Tensor | None = None
 
     # ------------------------------------------------------------- layout
-    def _pieces(self) -> list[tuple[int, int]]:
-        """(start, length) in the whole flat vector of this rank's shard of each parameter (FSDP2 shards dim 0)."""
+    def _pieces(self, group) -> list[tuple[int, int]]:
+        """(start, length) in the whole flat vector of this rank's shard of each parameter (FSDP2 shards dim 0 over
+        the ranks of `group`)."""
+        import torch.distributed as dist
+
         local_rows = [p.to_local().shape[0] if p.ndim else p.to_local().numel() for p in self._params]
-        before = [sum(rows) for rows in zip(*ranks.all_gather(local_rows)[: ranks.rank()])] or [0] * len(local_rows)
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, local_rows, group=group)
+        before = [sum(rows) for rows in zip(*gathered[: dist.get_rank(group)])] or [0] * len(local_rows)
         pieces, offset = [], 0
         for p, rows, skipped in zip(self._params, local_rows, before):
             row = p.numel() // p.shape[0] if p.ndim and p.shape[0] else 1
@@ -248,6 +262,7 @@ class ShardedObjective:
             **items,
             "sharded": True,
             "parameters_sharded": "fsdp2",
+            **({"shard_replicas": self.replicas} if self.replicas > 1 else {}),
             "batchnorm": self.has_batchnorm,
             "params": "all",
             **loss,
