@@ -29,6 +29,7 @@ _EXPORTS = {
     "objective_from_checkpoint": "landscape.engine.from_checkpoint",
     # the objective and its curvature operators
     "Objective": "landscape.engine.objective",
+    "ShardedObjective": "landscape.engine.sharded",
     "HessianOperator": "landscape.engine.operators",
     "GGNOperator": "landscape.engine.operators",
     "FisherOperator": "landscape.engine.operators",

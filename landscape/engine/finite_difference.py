@@ -24,6 +24,9 @@ from landscape.engine.inner import LOCAL, InnerProduct
 from landscape.results import Result
 
 STEP_RANGE = 8.0  # the error model moves the default step by at most this factor either way
+# n-vectors a product holds beside one first-order gradient's graph: the unit probe, the point w ± h v̂, the gradient
+# being summed and one batch's, the other side's gradient, and the finished step's difference
+HELD_VECTORS = 6
 
 
 def default_step(w_norm: float, dtype: torch.dtype) -> float:

@@ -770,9 +770,8 @@ class Objective:
             peak = GRAPH_OVERHEAD["fwd-rev"] * sum(sizes)
         elif self.hvp_method == FINITE_DIFFERENCE_HVP:
             # one first-order gradient graph at a time (no create_graph: double backward's transient graph bounds it)
-            # plus the n-vectors of fd.CentralDifferences: the point w ± h v̂, the gradient being summed and one
-            # batch's, the row being built and the other step's row
-            peak = transient + 5 * self.n_params * self.w.element_size()
+            # plus the n-vectors fd.CentralDifferences holds (fd.HELD_VECTORS)
+            peak = transient + fd.HELD_VECTORS * self.n_params * self.w.element_size()
         else:  # double backward, and compiled forward-over-reverse: one batch at a time
             peak = transient
         plan = MemoryPlan(

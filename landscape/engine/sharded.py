@@ -121,7 +121,7 @@ class ShardedObjective:
             kept_batches=0,
             n_batches=self.n_batches,
             kept_bytes=0,
-            predicted_peak_bytes=int(5 * self.inner.length * self.w.element_size() + WORKSPACE_BYTES),
+            predicted_peak_bytes=int(fd.HELD_VECTORS * self.inner.length * self.w.element_size() + WORKSPACE_BYTES),
             budget_bytes=0,
             available_bytes=int(free),
         )
