@@ -297,6 +297,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --shard: R data-parallel replicas, each sharded over WORLD_SIZE/R ranks (FSDP2 on an R × WORLD_SIZE/R "
         "mesh) (default %(default)s)",
     )
+    parser.add_argument(
+        "--shard-probes",
+        default=ObjectiveSpec.shard_probes,
+        choices=["whole", "pieces"],
+        help="with --shard: draw each random probe whole on every rank and keep the rank's piece (one process's "
+        "numbers), or draw only the pieces (no rank ever holds a whole vector; other, equally distributed "
+        "probes) (default %(default)s)",
+    )
     add_metric_arguments(parser)
     group = parser.add_argument_group("saving and resuming")
     group.add_argument(
@@ -366,6 +374,7 @@ def build_objective(path: str, spec: ObjectiveSpec, *, distributed: bool = False
         loss=resolve_loss(spec.loss),
         sharded=spec.shard,
         replicas=spec.shard_replicas,
+        probes=spec.shard_probes,
     )
     if metrics is not None:
         metrics.check_fits(spec.params, objective.n_params, objective.n_samples)

@@ -62,6 +62,7 @@ class ObjectiveSpec:
     no_hvp_check: bool = False
     shard: bool = False  # measure under torchrun with the parameters sharded over the ranks (FSDP2)
     shard_replicas: int = 1  # with shard: data-parallel replicas of the sharded model (HSDP)
+    shard_probes: str = "whole"  # with shard: probes drawn whole and cut to pieces, or each rank's pieces alone
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ObjectiveSpec:

@@ -136,8 +136,8 @@ def _check_shard(args: argparse.Namespace) -> None:
     """--shard: under torchrun, every parameter, the Hessian's eig, trace and density, by finite differences."""
     replicas = getattr(args, "shard_replicas", 1)
     if not getattr(args, "shard", False):
-        if replicas != 1:
-            raise ValueError(f"--shard-replicas {replicas} replicates a sharded model: add --shard")
+        if replicas != 1 or getattr(args, "shard_probes", "whole") != "whole":
+            raise ValueError("--shard-replicas and --shard-probes set how a model is sharded: add --shard")
         return
     if not ranks.launched():
         raise ValueError(

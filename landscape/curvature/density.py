@@ -250,7 +250,7 @@ def slq_density(
     if reorthogonalize is None:
         reorthogonalize = default_reorthogonalize(n, n_runs, n_steps, op.dtype, free_bytes)
     stored_vectors = held_vectors(n_runs, n_steps, n, reorthogonalize)  # validates reorthogonalize
-    probes = op.inner.piece(rademacher(seeded_generator(op.device, seed), (n_runs, n), op))
+    probes = op.inner.random(seeded_generator(op.device, seed), lambda g, m: rademacher(g, (n_runs, m), op), n)
     recurrence = _Lanczos(op, probes, max_steps=n_steps, keep=reorthogonalize == "full")
     del probes
     with Progress(n_runs * n_steps, "density (SLQ)", "matvec", progress) as bar:

@@ -553,10 +553,10 @@ class _DeflatedCheck:
 
 
 def _gaussian(generator: torch.Generator, op: LinearOperator) -> torch.Tensor:
-    """A random direction, uniform on the sphere (a normalized Gaussian), in the operator's dtype and device (drawn
-    whole: a sharded operator takes this rank's piece of it)."""
-    g = torch.randn(op.shape[0], generator=generator, dtype=op.dtype, device=op.device)
-    return op.inner.piece(g / g.norm())
+    """A random direction, uniform on the sphere (a normalized Gaussian), in the operator's dtype and device (a sharded
+    operator's piece of it: landscape.engine.inner)."""
+    g = op.inner.random(generator, lambda g, n: torch.randn(n, generator=g, dtype=op.dtype, device=op.device), op.shape[0])
+    return g / op.inner.norm(g)
 
 
 def _cluster_bounds(theta: np.ndarray, residuals: np.ndarray) -> np.ndarray:
@@ -608,7 +608,7 @@ def power_iteration(
     found = torch.zeros(0, op.length, dtype=op.dtype, device=op.device)  # the eigenvectors found so far, as rows
     values, residuals, used, all_converged = [], [], 0, True
     for _ in range(k):
-        v = _deflate(inner.piece(rademacher(generator, (n,), op)), found, inner)
+        v = _deflate(inner.random(generator, lambda g, m: rademacher(g, (m,), op), n), found, inner)
         v = v / inner.norm(v)
         theta, converged = None, False
         for _ in range(max_matvecs // k):

@@ -78,6 +78,7 @@ def objective_from_checkpoint(
     distributed: bool = False,
     sharded: bool = False,
     replicas: int = 1,
+    probes: str = "whole",
     **objective_options,
 ) -> Objective:
     """Build the Objective on the measurement set, recording checkpoint, data and samples.
@@ -85,7 +86,7 @@ def objective_from_checkpoint(
     `distributed=True` (under torchrun) gives each rank its round-robin shard of the batches and
     an Objective that sums over the ranks (landscape.engine.distributed). `sharded=True` (under torchrun) gives
     a ShardedObjective instead: the parameters sharded over the ranks by FSDP2, in `replicas` data-parallel
-    replicas (landscape.engine.sharded).
+    replicas, its `probes` drawn whole or piece by piece (landscape.engine.sharded).
     """
     data_spec = resolve_data(checkpoint, data)
     dataset = data_spec.load()
@@ -105,7 +106,7 @@ def objective_from_checkpoint(
         from landscape.engine.sharded import ShardedObjective
 
         options = {k: v for k, v in objective_options.items() if k in SHARDED_OPTIONS}
-        return ShardedObjective(net, batches, metadata=metadata, replicas=replicas, **options)
+        return ShardedObjective(net, batches, metadata=metadata, replicas=replicas, probes=probes, **options)
     if distributed:
         batches = ranks.shard(batches)
     return Objective(net, batches, metadata=metadata, distributed=distributed, **objective_options)

@@ -5,8 +5,8 @@ The block helpers fill it from the generator coordinate by coordinate (the first
 probe, then the second, ...), the order the trace estimators have always drawn in, so a seed
 gives the same probes, and the same estimates, as it did when the blocks were columns. (Lanczos and
 SLQ draw their start rows probe by probe, `rademacher(generator, (k, n), op)`, as they always have.)
-Probes are drawn whole on every rank, so a sharded operator (landscape.engine.inner) gets each rank's piece of
-the very probes one process draws: the same estimates, at one transient whole vector per probe.
+A sharded operator's probes come through its inner product (landscape.engine.inner.ShardedInnerProduct.random):
+each rank's piece of the very probes one process draws, or pieces drawn on each rank alone.
 """
 
 from __future__ import annotations
@@ -32,11 +32,16 @@ def rademacher(generator: torch.Generator, shape: tuple[int, ...], op: LinearOpe
 
 def rademacher_rows(generator: torch.Generator, k: int, op: LinearOperator) -> torch.Tensor:
     """k Rademacher probes as the rows of a (k, n) block, in the operator's dtype and on its device."""
-    return op.inner.piece(rademacher(generator, (op.shape[0], k), op).T)  # drawn coordinate-major: see the module docstring
+    # drawn coordinate-major: see the module docstring
+    return op.inner.random(generator, lambda g, n: rademacher(g, (n, k), op).T, op.shape[0])
 
 
 def sphere_rows(generator: torch.Generator, k: int, op: LinearOperator) -> torch.Tensor:
     """k probes uniform on the sphere of radius √n (normalized Gaussians) as the rows of a (k, n) block."""
     n = op.shape[0]
-    g = torch.randn((n, k), generator=generator, dtype=op.dtype, device=op.device).T  # coordinate-major, as above
-    return op.inner.piece(g * (n**0.5 / g.norm(dim=1, keepdim=True)))
+
+    def draw(g: torch.Generator, m: int) -> torch.Tensor:
+        return torch.randn((m, k), generator=g, dtype=op.dtype, device=op.device).T  # coordinate-major, as above
+
+    rows = op.inner.random(generator, draw, n)
+    return rows * (n**0.5 / op.inner.row_norms(rows)[:, None])

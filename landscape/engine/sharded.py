@@ -61,6 +61,9 @@ class ShardedObjective:
     concatenation of its shard of each parameter, in the order of `named_parameters`; `inner` sums their dot
     products over the ranks and maps a whole vector to this rank's piece. Every parameter with requires_grad
     is measured; BatchNorm runs in `mode` as in Objective. Run the same calls on every rank (they are collective).
+    `replicas` > 1: that many data-parallel replicas, each sharded over world/replicas ranks (HSDP). `probes`:
+    the solvers' random vectors drawn whole and cut to the pieces ("whole": one process's probes) or drawn piece
+    by piece on each rank ("pieces": no whole vector anywhere; the same distribution, other numbers).
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class ShardedObjective:
         metadata: dict | None = None,
         hvp_check: bool = True,
         replicas: int = 1,
+        probes: str = "whole",
     ) -> None:
         if not ranks.active():
             raise ObjectiveError("a sharded objective needs an initialised process group: launch with torchrun")
@@ -109,7 +113,8 @@ class ShardedObjective:
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         if not self._params:
             raise ObjectiveError("the model has no parameter with requires_grad=True to measure")
-        self.inner = ShardedInnerProduct(self._pieces(group), group=group)  # replicas hold the same pieces
+        # replicas hold the same pieces; `probes`: drawn whole and cut (one process's), or each rank's pieces alone
+        self.inner = ShardedInnerProduct(self._pieces(group), group=group, draws=probes)
         self.n_params = sum(p.numel() for p in self._params)
         self.w = self._local_values()
         self._set_batches(batches)
@@ -263,6 +268,7 @@ class ShardedObjective:
             "sharded": True,
             "parameters_sharded": "fsdp2",
             **({"shard_replicas": self.replicas} if self.replicas > 1 else {}),
+            "shard_probes": self.inner.draws,
             "batchnorm": self.has_batchnorm,
             "params": "all",
             **loss,
