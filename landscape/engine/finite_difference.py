@@ -79,8 +79,8 @@ def richardson_error_squares(d_h: torch.Tensor, d_2h: torch.Tensor) -> torch.Ten
 
 def check_tolerance(estimated_relative_error: float, dtype: torch.dtype) -> float:
     """Relative difference from an exact product that a finite-difference product may show: twice its estimated
-    error (the estimate itself is a difference of noisy terms) plus 100ε for the exact product's own rounding."""
-    return 2 * estimated_relative_error + 100 * torch.finfo(dtype).eps
+    error (the estimate itself is a difference of noisy terms) plus 10ε for the exact product's own rounding."""
+    return 2 * estimated_relative_error + 10 * torch.finfo(dtype).eps
 
 
 @dataclass(frozen=True)

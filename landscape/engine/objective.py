@@ -555,7 +555,7 @@ class Objective:
         check = dataclasses.replace(
             check,
             difference=_relative_difference(first, reference),
-            tolerance=fd.check_tolerance(estimated, self.dtype),
+            tolerance=fd.check_tolerance(estimated, self._gradient_dtype),
             seconds=time.perf_counter() - start,
             estimated_error=estimated,
         )
@@ -573,10 +573,17 @@ class Objective:
         (Nocedal & Wright §8.1, landscape.engine.finite_difference).
         """
         if self.hvp_error is None:  # a fresh record: a step of its own (a restricted copy starts here too)
-            self._differences = fd.CentralDifferences(self._first_order_gradient, self.w, self.dtype, reduce=self._reduced)
+            gradients = self._first_order_gradient
+            self._differences = fd.CentralDifferences(gradients, self.w, self._gradient_dtype, reduce=self._reduced)
         products, self.last_hvp_errors = self._differences.products(V, record)
         self.hvp_error = self._differences.errors
         return products
+
+    @property
+    def _gradient_dtype(self) -> torch.dtype:
+        """The precision gradients are computed in (the model's, where it runs below the vectors' dtype): the
+        rounding the finite-difference step and tolerance are set against."""
+        return getattr(self, "model_dtype", self.dtype)
 
     def _first_order_gradient(self, w: torch.Tensor) -> torch.Tensor:
         """This rank's share of ∇L(w) by plain autograd, with any attention kernel (no second derivative is taken)."""
