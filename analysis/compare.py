@@ -30,7 +30,7 @@ from analysis.measure import (
 )
 from analysis.quantities import as_result, metric_quantities
 from analysis.report import Report
-from analysis.setup_text import batching, norm_mode, sample_origin
+from analysis.setup_text import batching, norm_mode, precision, sample_origin
 from analysis.specs import CompareSpec, MetricSpec
 from analysis.surface_command import parse_range
 from analysis.tables import format_table
@@ -427,7 +427,7 @@ def build_report(result: dict, out: Path) -> Report:
     report = Report("Flatness comparison")
     report.paragraph(
         f"Measured on {m['n_samples']} samples of the {m['split']} split of {setup['data']['spec']} "
-        f"({batching(setup)}), {norm_mode(setup)}, {setup['dtype']}, "
+        f"({batching(setup)}), {norm_mode(setup)}, {precision(setup)}, "
         f"parameters: {setup['params']} ({setup['n_params']}). Test quantities use the whole test split "
         f"({first['test_setup']['n_samples']} samples). Probes, noise draws and surface directions share seed "
         f"{result['settings']['seed']} across checkpoints (common random numbers)."

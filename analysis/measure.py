@@ -21,7 +21,7 @@ from landscape.curvature.spectrum import default_max_matvecs, default_max_vector
 from landscape.curvature.trace import hutchinson, hutchpp, xtrace
 from landscape.engine import distributed as ranks
 from landscape.engine.finite_difference import FiniteDifferenceErrors
-from landscape.engine.from_checkpoint import objective_from_checkpoint, parse_dtype
+from landscape.engine.from_checkpoint import DTYPES, objective_from_checkpoint, parse_dtype
 from landscape.engine.gauss_newton import CURVATURES
 from landscape.engine.inner import LOCAL
 from landscape.engine.memory import InsufficientMemory, format_size, parse_size
@@ -110,7 +110,13 @@ def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         "(e.g. glob:*.attn.*), module:TYPE[,TYPE] (e.g. module:Linear,Conv2d); parameters with "
         "requires_grad=False are never measured, so a LoRA model measures its adapters",
     )
-    group.add_argument("--dtype", default=O.dtype, choices=["float32", "float64"])
+    group.add_argument(
+        "--dtype",
+        default=O.dtype,
+        choices=list(DTYPES),
+        help="the model's precision; bfloat16 and float16 run the model's forward and backward only, the solvers "
+        "stay float32 (measured errors: docs/how-to/precision.md) (default %(default)s)",
+    )
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
     group.add_argument(
         "--hvp",

@@ -11,7 +11,7 @@ from functools import singledispatch
 from typing import Any
 
 from analysis.quantities import METRIC_RESULTS, as_result
-from analysis.setup_text import batching, norm_mode, sample_origin
+from analysis.setup_text import batching, norm_mode, precision, sample_origin
 from analysis.tables import format_table
 from landscape.curvature.density import Spectrum
 from landscape.curvature.per_layer import PerLayerResult
@@ -46,7 +46,7 @@ def format_measurement(report: dict) -> str:
         report["checkpoint"],
         f"  measured on the {m['split']} split of {setup['data']['spec']}: {setup['n_samples']} samples in "
         f"{batching(setup)}, {norm_mode(setup)}, "
-        f"{setup['dtype']} on {setup['device']}, params={setup['params']} ({report['n_params']}), "
+        f"{precision(setup)} on {setup['device']}, params={setup['params']} ({report['n_params']}), "
         f"HVP {setup['hvp_method']}, curvature: {curvature}{sharded}",
     ]
     if sample_origin(setup):

@@ -23,6 +23,15 @@ def norm_mode(setup: dict) -> str:
     return f"BN {setup['mode']} mode"
 
 
+def precision(setup: dict) -> str:
+    """ "float32"; a model run in low precision: "bfloat16 model, float32 solvers" (and float16's loss scale)."""
+    solver = setup.get("solver_dtype")
+    if not solver:
+        return setup["dtype"]
+    scale = f", loss scale {setup['loss_scale']:g}" if setup.get("loss_scale") else ""
+    return f"{setup['dtype']} model, {solver} solvers{scale}"
+
+
 def sample_origin(setup: dict) -> str | None:
     """Where the samples came from when the toolkit chose them (npz x/y without a test split: a seeded hold-out)."""
     return setup["measurement"].get("origin")

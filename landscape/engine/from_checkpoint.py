@@ -187,9 +187,11 @@ def check_measurement_fits(measurement: MeasurementSet, dataset: Dataset | Batch
         )
 
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def parse_dtype(name: str) -> torch.dtype:
-    """'float32' or 'float64' to a torch dtype."""
-    dtypes = {"float32": torch.float32, "float64": torch.float64}
-    if name not in dtypes:
-        raise ValueError(f"unknown dtype {name!r}; use float32 or float64")
-    return dtypes[name]
+    """A dtype's name to the torch dtype; bfloat16 and float16 run the model only (the solvers stay float32)."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use {', '.join(DTYPES)}")
+    return DTYPES[name]

@@ -15,7 +15,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +60,20 @@ class HVPCheckWarning(UserWarning):
     """The chosen HVP path failed its run-time self-check and was replaced by double backward."""
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # the model runs in these; the solvers' vectors stay float32
+FLOAT16_LOSS_SCALE = 2.0**10  # float16's first loss scale, halved while a derivative overflows (Objective)
+LOW_PRECISION_TOLERANCE = {torch.bfloat16: 0.1, torch.float16: 0.02}  # benchmarks/precision.py, self-check section
+
+
 def hvp_check_tolerance(dtype: torch.dtype) -> float:
-    """Relative difference allowed between two exact HVP paths: 10·√(machine ε) (3.5e-3 float32, 1.5e-7 float64)."""
+    """Relative difference allowed between two exact HVP paths run with the model in `dtype`.
+
+    10·√(machine ε) for float32 (3.5e-3) and float64 (1.5e-7). In bfloat16 and float16 two exact paths round
+    differently at every layer; the tolerance is 10× the largest difference measured between them
+    (benchmarks/precision.py), since a wrong product differs by O(1).
+    """
+    if dtype in LOW_PRECISION_TOLERANCE:
+        return LOW_PRECISION_TOLERANCE[dtype]
     return 10 * math.sqrt(torch.finfo(dtype).eps)
 
 
@@ -190,6 +202,14 @@ class Objective:
     The model is copied when the Objective is built, and every number is at the copied weights: once `model`
     changes in place (an optimizer step, load_state_dict) the Objective refuses to answer. To measure during
     training, build one per measurement, or use landscape.CurvatureTracker (docs/how-to/track-training.md).
+
+    `dtype` bfloat16 or float16 runs the model's forward and backward (the HVP's second one too) in that dtype,
+    while the point, the directions and every product stay float32 (`self.dtype`), so the solvers' bases and
+    sums keep float32; the loss is taken from float32 logits. float16 derivatives are taken of the loss times
+    `loss_scale` (default FLOAT16_LOSS_SCALE), so small backward values do not flush to zero, and divided by it in
+    float32 (loss scaling, Micikevicius et al. 2018); one that overflows is taken again at half the scale, and an
+    overflow at scale 1 is one error line. HVPs in float16 take unit directions (rescaled after).
+    docs/how-to/precision.md gives the measured errors against float32.
     """
 
     _any_attention = False  # True while the finite-difference path takes gradients: fused attention kernels allowed
@@ -210,6 +230,7 @@ class Objective:
         metadata: dict | None = None,
         distributed: bool = False,
         hvp_check: bool = True,
+        loss_scale: float | None = None,
     ) -> None:
         if hvp_method not in (*HVP_METHODS, COMPILED_HVP, FINITE_DIFFERENCE_HVP):
             raise ObjectiveError(
@@ -222,7 +243,9 @@ class Objective:
         self.device = torch.device(device) if device is not None else default_device()
         if distributed:
             self.device = ranks.local_device(self.device)
-        self.dtype = dtype
+        self.model_dtype = dtype  # what the model computes in
+        self.dtype = torch.float32 if dtype in LOW_PRECISION else dtype  # the point, directions and products
+        self.loss_scale = _loss_scale(dtype, loss_scale)
         self.mode = mode
         if loss is not None and loss_fn is not None:
             raise ObjectiveError("give loss (output, batch) → (sum, count) or loss_fn (output, targets) → mean, not both")
@@ -239,12 +262,12 @@ class Objective:
         self.layout = FlatLayout.of({n: state[n] for n in names})
         self._fixed = {n: p.detach() for n, p in state.items() if n not in names}
         self._buffers = {n: b.detach() for n, b in self.model.named_buffers()}
-        self.w = self.layout.flatten({n: state[n].detach() for n in names}).clone()
+        self.w = self.layout.flatten({n: state[n].detach() for n in names}).to(self.dtype).clone()
         if not torch.isfinite(self.w).all():
             bad = [n for n, t in self.layout.unflatten(self.w).items() if not torch.isfinite(t).all()]
             raise ObjectiveError(f"non-finite weights in {', '.join(bad)}")
         if batches:
-            self._check_forward(to_device(batches[0], self.device, self.dtype))
+            self._check_forward(to_device(batches[0], self.device, self.model_dtype))
         self._set_batches(batches)
         self.hvp_method = "reuse" if hvp_method == "auto" else hvp_method
         self.memory_plan = self._plan_memory(graph_memory_budget)
@@ -273,7 +296,7 @@ class Objective:
             ) from error
 
     def _set_batches(self, batches: Sequence[Batch]) -> None:
-        moved = [to_device(b, self.device, self.dtype) for b in batches]
+        moved = [to_device(b, self.device, self.model_dtype) for b in batches]
         counts = [self._count(b) for b in moved]
         self.batches = [b for b, c in zip(moved, counts) if c > 0]  # a batch of ignored tokens only adds nothing
         sizes, counts = [batch_size(b) for b in self.batches], [c for c in counts if c > 0]
@@ -329,11 +352,19 @@ class Objective:
             "params": self.param_selection,
             **({} if self.loss_function is class_cross_entropy else {"loss": loss_name(self.loss_function)}),
             "n_params": self.n_params,
-            "dtype": str(self.dtype).replace("torch.", ""),
+            "dtype": _dtype_name(self.model_dtype),
+            **self._precision(),
             "device": str(self.device),
             "hvp_method": self.hvp_method,
             **self.metadata,
         }
+
+    def _precision(self) -> dict:
+        """A model run in a low dtype: the solvers' dtype, and float16's loss scale (nothing for float32/float64)."""
+        if self.model_dtype == self.dtype:
+            return {}
+        scale = {"loss_scale": self.loss_scale} if self.loss_scale != 1 else {}
+        return {"solver_dtype": _dtype_name(self.dtype), **scale}
 
     def _state(self, w: torch.Tensor, buffers: dict | None = None) -> dict[str, torch.Tensor]:
         """Every tensor functional_call needs: fixed parameters, buffers, replaced buffers, then `w`'s views.
@@ -344,6 +375,8 @@ class Objective:
         caller are passed as they are, so train-mode BN can update them (bn_statistics).
         """
         own = {n: b.clone() for n, b in self._buffers.items() if not buffers or n not in buffers}
+        if w.dtype != self.model_dtype:  # a low-precision model's float32 point: cast inside the graph
+            w = w.to(self.model_dtype)
         return {**self._fixed, **own, **(buffers or {}), **self.layout.unflatten(w)}
 
     def _outputs(self, w: torch.Tensor, x: torch.Tensor, buffers: dict | None = None) -> torch.Tensor:
@@ -356,11 +389,22 @@ class Objective:
         return _forward(self.model, self._state(w, buffers), args, kwargs, self._slots, not self._any_attention)
 
     def _batch_loss(self, w: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The mean loss over the batch's items (weighted by batch_weights into L)."""
-        return self._batch_mean(self._call(w, batch), batch)[0]
+        """The mean loss over the batch's items (weighted by batch_weights into L), times the loss scale.
+
+        Every derivative is taken of this: each path divides its result by `loss_scale` (`_unscaled`).
+        """
+        mean = self._batch_mean(self._call(w, batch), batch)[0]
+        return mean * self.loss_scale if self.loss_scale != 1 else mean
+
+    def _unscaled(self, derivative: torch.Tensor) -> torch.Tensor:
+        """A derivative of `_batch_loss` divided by the loss scale (a power of two: exact in float32)."""
+        return derivative / self.loss_scale if self.loss_scale != 1 else derivative
 
     def _batch_mean(self, output, batch: Batch) -> tuple[torch.Tensor, int]:
-        """(mean loss over the batch's items, their number) from the model's output on it."""
+        """(mean loss over the batch's items, their number) from the model's output on it (float32 logits for a
+        low-precision model, so the loss and its reduction are float32)."""
+        if self.model_dtype in LOW_PRECISION:
+            output = _float32_output(output)
         if self.loss_fn is not None:  # a per-batch mean loss: as computed before losses took whole batches
             y = targets(batch)
             return self.loss_fn(logits(output), y), len(y)
@@ -413,7 +457,8 @@ class Objective:
                 totals[2] += correct[1]
         loss, correct, labelled = self._reduced(totals).tolist()
         if check_finite and not math.isfinite(loss):
-            raise ObjectiveError("the loss is not finite at this point (NaN or inf): check the weights and the data")
+            hint = "; float16 overflows past 65504: measure in bfloat16 or float32" if self.model_dtype == torch.float16 else ""
+            raise ObjectiveError(f"the loss is not finite at this point (NaN or inf): check the weights and the data{hint}")
         return Evaluation(loss, correct / labelled if labelled else None, self.n_samples)
 
     @torch.no_grad()
@@ -443,7 +488,7 @@ class Objective:
             for m in norms.values():
                 m.momentum, m.training = None, True  # cumulative average, batch statistics
             for x in inputs:  # train-mode BN updates the fresh buffers in place
-                self._call(self._point(w), to_device(x, self.device, self.dtype), fresh)
+                self._call(self._point(w), to_device(x, self.device, self.model_dtype), fresh)
         finally:
             for m, momentum in saved:
                 m.momentum, m.training = momentum, False
@@ -456,11 +501,15 @@ class Objective:
     def grad(self, w: torch.Tensor | None = None) -> torch.Tensor:
         """∇L(w) as a flat vector."""
         w = self._point(w).detach().requires_grad_(True)
-        total = None
-        for c, batch in zip(self.batch_weights, self.batches):
-            (g,) = torch.autograd.grad(self._batch_loss(w, batch), w)
-            total = _weighted_add(total, c, g)
-        return self._reduced(torch.zeros_like(w) if total is None else total)
+
+        def gradient() -> torch.Tensor:
+            total = None
+            for c, batch in zip(self.batch_weights, self.batches):
+                (g,) = torch.autograd.grad(self._batch_loss(w, batch), w)
+                total = _weighted_add(total, c, g)
+            return self._reduced(torch.zeros_like(w) if total is None else self._unscaled(total))
+
+        return self._backed_off(gradient, "gradient")
 
     # ------------------------------------------------------------------ HVPs
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
@@ -476,10 +525,37 @@ class Objective:
         if self.hvp_method == FINITE_DIFFERENCE_HVP:  # summed over the ranks inside: its step and errors are global
             products = self._hvp_finite_difference(V)
             return self._self_checked(V, products) if self._check_pending else products
-        products = self._local_hvp(V)
-        if self._check_pending:
-            products = self._self_checked(V, products)
-        return self._reduced(products)
+        norms = None
+        if self.model_dtype == torch.float16:  # unit rows: a product's size then follows H, not the probe's length
+            norms = V.norm(dim=1, keepdim=True)
+            V = V / norms.clamp_min(torch.finfo(V.dtype).tiny)
+
+        def products() -> torch.Tensor:
+            out = self._local_hvp(V)
+            if self._check_pending:
+                out = self._self_checked(V, out)
+            return self._reduced(out)
+
+        out = self._backed_off(products, "Hessian-vector product")
+        return out if norms is None else out * norms
+
+    def _backed_off(self, derivative: Callable[[], torch.Tensor], what: str) -> torch.Tensor:
+        """`derivative()`, taken again at half the loss scale while float16 overflows (inf or NaN), as dynamic loss
+        scaling backs off (Micikevicius et al. 2018); an overflow at scale 1 is one error line, never a number.
+
+        Checked after the sum over the ranks (an inf or NaN anywhere reaches every rank), so every rank backs off alike.
+        """
+        while True:
+            value = derivative()
+            if self.model_dtype != torch.float16 or bool(torch.isfinite(value).all()):
+                return value
+            if self.loss_scale <= 1:
+                raise ObjectiveError(
+                    f"float16 overflowed in the {what} (inf or NaN at loss scale 1: its range ends at 65504): "
+                    "measure in bfloat16, which has float32's range, or in float32"
+                )
+            self.loss_scale /= 2
+            self._cache = None  # a kept gradient graph holds the old scale
 
     def _self_checked(self, V: torch.Tensor, products: torch.Tensor) -> torch.Tensor:
         """The first products, checked against double backward and against a repeat; replaced if either differs.
@@ -493,6 +569,9 @@ class Objective:
             return self._finite_difference_checked(V, products)
         if self.hvp_method == "double-backward" or not self.batches:
             return products
+        if self.model_dtype == torch.float16 and not bool(torch.isfinite(products).all()):
+            self._check_pending = True  # float16 overflowed: checked once the loss scale is backed off (_backed_off)
+            return products
         start = time.perf_counter()
         if bool(V[0].any()):
             probe, first = V[:1], products[:1]
@@ -501,11 +580,14 @@ class Objective:
             first = self._local_hvp(probe)
         repeat = self._local_hvp(probe)
         reference = self._hvp_double_backward(probe)
+        if self.model_dtype == torch.float16 and not bool(torch.isfinite(torch.cat([repeat, reference])).all()):
+            self._check_pending = True  # an overflow in the check: backed off as one in the product is
+            return torch.full_like(products, math.inf)
         check = HVPCheck(
             path=self.hvp_method,
             difference=_relative_difference(first, reference),
             repeat_difference=_relative_difference(repeat, first),
-            tolerance=hvp_check_tolerance(self.dtype),
+            tolerance=hvp_check_tolerance(self.model_dtype),
             seconds=time.perf_counter() - start,
         )
         self.hvp_check_result = check
@@ -595,7 +677,7 @@ class Objective:
                 total.add_(torch.autograd.grad(self._batch_loss(w, batch), w)[0], alpha=c)
         finally:
             self._any_attention = False
-        return total
+        return self._unscaled(total)
 
     def _local_hvp(self, V: torch.Tensor) -> torch.Tensor:
         """This rank's share of H V (all of it when not distributed); zero for a rank without batches."""
@@ -651,17 +733,17 @@ class Objective:
         """
         if len(V) > 1 and self._batch_probes and self.device.type != "cpu":
             try:
-                return torch.autograd.grad(g, w, V, retain_graph=True, is_grads_batched=True)[0]
+                return self._unscaled(torch.autograd.grad(g, w, V, retain_graph=True, is_grads_batched=True)[0])
             except RuntimeError:
                 self._batch_probes = False
         last = len(V) - 1  # ∂(g·v)/∂w of the scalar g·v: the same product as grad_outputs=v, without the import of
         # torch's symbolic-shape machinery that a tensor grad_outputs triggers (0.4 s of a short run's start-up)
         rows = [torch.autograd.grad(g @ v, w, retain_graph=retain_graph or i < last)[0] for i, v in enumerate(V)]
-        return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)  # one probe: its row, not a copy
+        return self._unscaled(rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows))  # one probe: its row
 
     def _gradient_function(self) -> Callable[[torch.Tensor], torch.Tensor]:
         def gradient(w: torch.Tensor) -> torch.Tensor:
-            return self._weighted_sum(lambda batch: torch.func.grad(self._batch_loss)(w, batch))
+            return self._unscaled(self._weighted_sum(lambda batch: torch.func.grad(self._batch_loss)(w, batch)))
 
         return gradient
 
@@ -689,7 +771,7 @@ class Objective:
         if self._cache is None or self._cache[0] != "compiled":
 
             def product(w: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
-                return torch.func.jvp(lambda u: torch.func.grad(self._batch_loss)(u, batch), (w,), (v,))[1]
+                return self._unscaled(torch.func.jvp(lambda u: torch.func.grad(self._batch_loss)(u, batch), (w,), (v,))[1])
 
             # static shapes: a recompile (another model, or the last, smaller batch) would otherwise go dynamic, and
             # jvp's dual tensors cannot take symbolic sizes in torch 2.13
@@ -898,6 +980,36 @@ def _tensor_slots(model: nn.Module) -> dict[str, list[tuple[dict, str]]]:
                 name = first_name.setdefault(id(tensor), prefix + key)
                 slots.setdefault(name, []).append((table, key))
     return slots
+
+
+def _loss_scale(dtype: torch.dtype, scale: float | None) -> float:
+    """The first loss scale: FLOAT16_LOSS_SCALE for float16 unless given, 1 otherwise; a power of two, so exact."""
+    if scale is None:
+        return FLOAT16_LOSS_SCALE if dtype == torch.float16 else 1.0
+    if not (scale > 0 and math.isfinite(scale) and math.log2(scale).is_integer()):
+        raise ObjectiveError(f"loss_scale {scale!r}: use a power of two (1, 2, ..., 1024, ...), which scales exactly")
+    return float(scale)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _float32_output(output):
+    """The model's output with its logits in float32 (a tensor, an output with .logits, a dict, or a tuple's first)."""
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        cast = copy.copy(output)  # a HuggingFace ModelOutput stays one (its .logits and ["logits"] are one field)
+        cast["logits"] = output["logits"].float()
+        return cast
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        cast = copy.copy(output)
+        cast.logits = output.logits.float()
+        return cast
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (output[0].float(), *output[1:])
+    return output
 
 
 def _weighted_add(total: torch.Tensor | None, c: float, g: torch.Tensor) -> torch.Tensor:
