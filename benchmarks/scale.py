@@ -34,16 +34,9 @@ from common import RESULTS, median_seconds, rss_bytes, write_results  # noqa: E4
 CONFIGS = {  # name: (layers, width, heads)
     "45m": (6, 512, 8),  # 45.2M parameters (25.7M of them the tied token embedding)
     "124m": (12, 768, 12),  # GPT-2 small: 124.4M
+    "tiny": (2, 64, 2),  # 3.3M, a smoke test of the script
 }
-VOCAB, SEQUENCES, LENGTH = 50257, 16, 64
-
-
-def corpus(seed: int = 0) -> list[dict]:
-    """SEQUENCES sequences of LENGTH tokens, Zipf-distributed ids (as word frequencies are), one batch."""
-    g = torch.Generator().manual_seed(seed)
-    weights = 1.0 / torch.arange(1, VOCAB + 1, dtype=torch.float64)
-    ids = torch.multinomial(weights, SEQUENCES * LENGTH, replacement=True, generator=g).reshape(SEQUENCES, LENGTH)
-    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
+from synthetic_corpus import LENGTH, SEQUENCES, VOCAB, corpus  # noqa: E402
 
 
 def measure(name: str, k: int, hvp_method: str, max_vectors: int | None) -> dict:
@@ -112,6 +105,57 @@ def measure(name: str, k: int, hvp_method: str, max_vectors: int | None) -> dict
     }
 
 
+CORPUS_MODULE = """
+from synthetic_corpus import corpus
+
+
+def token_batches():
+    return {"train": corpus(0), "test": corpus(1)}
+"""
+
+
+def end_to_end(name: str, metrics: str, k: int, probes: int, density_steps: int, threads: int, hvp: str) -> dict:
+    """A user's run: the config saved with save_pretrained (random init), then `landscape measure` on it as a
+    subprocess, its wall time from launch and its peak resident memory (the child's ru_maxrss)."""
+    import resource
+    import tempfile
+
+    import transformers
+
+    layers, width, heads = CONFIGS[name]
+    config = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=VOCAB, n_positions=1024)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = Path(folder) / f"gpt2-{name}"
+        transformers.GPT2LMHeadModel(config).save_pretrained(checkpoint)
+        (Path(folder) / "scale_corpus.py").write_text(CORPUS_MODULE)
+        command = [
+            sys.executable, "-m", "analysis.cli", "measure", str(checkpoint),
+            "--data", "scale_corpus:token_batches", "--loss", "token-cross-entropy", "--metrics", metrics,
+            "--k", str(k), "--probes", str(probes), "--density-runs", "1", "--density-steps", str(density_steps),
+            "--hvp", hvp, "--out", str(Path(folder) / "measure.json"),
+        ]  # fmt: skip
+        env = {
+            **__import__("os").environ,
+            "OMP_NUM_THREADS": str(threads),
+            "PYTHONPATH": f"{Path(__file__).resolve().parent.parent}:{Path(__file__).resolve().parent}:{folder}",
+            "LANDSCAPE_PROGRESS_INTERVAL": "60",
+        }
+        began = time.perf_counter()
+        out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=folder)
+        seconds = time.perf_counter() - began
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        if out.returncode:
+            return {"failed": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+        return {
+            "command": " ".join(["landscape", *command[3:]]),
+            "wall_seconds": seconds,
+            "peak_resident_bytes": peak,
+            "table": out.stdout,
+            "report": json.loads((Path(folder) / "measure.json").read_text()),
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(CONFIGS))
@@ -119,6 +163,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hvp", default="auto", help="the Objective's HVP path (auto keeps the gradient graph if it fits)")
     parser.add_argument("--max-vectors", type=int, help="Lanczos's vectors (default: what the memory plan allows)")
+    parser.add_argument("--end-to-end", metavar="CONFIG", help="run `landscape measure` on a saved checkpoint of CONFIG")
+    parser.add_argument("--metrics", default="eig,trace,density", help="for --end-to-end")
+    parser.add_argument("--probes", type=int, default=8, help="trace HVPs, for --end-to-end")
+    parser.add_argument("--density-steps", type=int, default=12, help="for --end-to-end")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: measure this config, print JSON
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -127,6 +175,13 @@ def main() -> None:
         return
     path = RESULTS / "scale.json"
     rows = json.loads(path.read_text()).get("configs", {}) if path.exists() else {}
+    if args.end_to_end:
+        run = end_to_end(args.end_to_end, args.metrics, args.k, args.probes, args.density_steps, args.threads, args.hvp)
+        print(run.get("table") or run["failed"])
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        ends = {**previous.get("end_to_end", {}), args.end_to_end: run}
+        write_results("scale", {"sequences": SEQUENCES, "length": LENGTH, "configs": rows, "end_to_end": ends})
+        return
     for name in args.configs.split(","):
         began = time.perf_counter()
         out = subprocess.run(
@@ -152,7 +207,8 @@ def main() -> None:
             f"(predicted {m['predicted_peak_bytes'] / 2**30:.1f}, ratio {m['measured_over_predicted']:.2f}); "
             f"process {row['process_seconds']:.0f} s"
         )
-    write_results("scale", {"sequences": SEQUENCES, "length": LENGTH, "configs": rows})
+    previous = json.loads(path.read_text()).get("end_to_end", {}) if path.exists() else {}
+    write_results("scale", {"sequences": SEQUENCES, "length": LENGTH, "configs": rows, "end_to_end": previous})
 
 
 if __name__ == "__main__":
