@@ -88,6 +88,13 @@ def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--batch-size", type=int, default=O.batch_size, help="batch size of the measurement set (default %(default)s)"
     )
+    group.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="token sequences cut to their first N tokens (dict batches with input_ids): attention's memory grows "
+        "with the square of the length",
+    )
     group.add_argument("--seed", type=int, default=O.seed, help="seed of the measurement subset and of every random probe")
     group.add_argument(
         "--mode",
@@ -362,7 +369,7 @@ def build_objective(path: str, spec: ObjectiveSpec, *, distributed: bool = False
     """The Objective for one checkpoint (data-parallel over ranks if `distributed`); `metrics`' options that must fit
     the model (--k, --subspace-dim, --m) are checked against it."""
     checkpoint = load_checkpoint(path, trust=spec.trust_checkpoint)
-    measurement = MeasurementSet(spec.split, spec.n_samples, spec.batch_size, spec.seed)
+    measurement = MeasurementSet(spec.split, spec.n_samples, spec.batch_size, spec.seed, spec.max_length)
     objective = objective_from_checkpoint(
         checkpoint,
         data=spec.data,

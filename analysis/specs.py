@@ -51,6 +51,7 @@ class ObjectiveSpec:
     split: str = "train"
     n_samples: int | None = None
     batch_size: int = 256
+    max_length: int | None = None
     seed: int = 0
     mode: str = "eval"
     loss: str | None = None

@@ -32,6 +32,7 @@ INT_MINIMUMS = {
     "bn_recalibration": 1,
     "n_samples": 1,
     "batch_size": 1,
+    "max_length": 2,
     "epochs": 1,
     "save_every": 1,
     "lr_reference_batch": 1,

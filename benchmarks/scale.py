@@ -110,11 +110,11 @@ from synthetic_corpus import corpus
 
 
 def token_batches():
-    return {"train": corpus(0), "test": corpus(1)}
+    return {{"train": corpus(0, {sequences}), "test": corpus(1, {sequences})}}
 """
 
 
-def end_to_end(name: str, metrics: str, k: int, probes: int, density_steps: int, threads: int, hvp: str) -> dict:
+def end_to_end(name: str, metrics: str, k: int, probes: int, density_steps: int, threads: int, hvp: str, sequences: int) -> dict:
     """A user's run: the config saved with save_pretrained (random init), then `landscape measure` on it as a
     subprocess, its wall time from launch and its peak resident memory (the child's ru_maxrss)."""
     import resource
@@ -128,7 +128,7 @@ def end_to_end(name: str, metrics: str, k: int, probes: int, density_steps: int,
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = Path(folder) / f"gpt2-{name}"
         transformers.GPT2LMHeadModel(config).save_pretrained(checkpoint)
-        (Path(folder) / "scale_corpus.py").write_text(CORPUS_MODULE)
+        (Path(folder) / "scale_corpus.py").write_text(CORPUS_MODULE.format(sequences=sequences))
         command = [
             sys.executable, "-m", "analysis.cli", "measure", str(checkpoint),
             "--data", "scale_corpus:token_batches", "--loss", "token-cross-entropy", "--metrics", metrics,
@@ -149,6 +149,8 @@ def end_to_end(name: str, metrics: str, k: int, probes: int, density_steps: int,
             return {"failed": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
         return {
             "command": " ".join(["landscape", *command[3:]]),
+            "sequences": sequences,
+            "length": LENGTH,
             "wall_seconds": seconds,
             "peak_resident_bytes": peak,
             "table": out.stdout,
@@ -167,6 +169,7 @@ def main() -> None:
     parser.add_argument("--metrics", default="eig,trace,density", help="for --end-to-end")
     parser.add_argument("--probes", type=int, default=8, help="trace HVPs, for --end-to-end")
     parser.add_argument("--density-steps", type=int, default=12, help="for --end-to-end")
+    parser.add_argument("--sequences", type=int, default=SEQUENCES, help=f"sequences of {LENGTH} tokens, for --end-to-end")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: measure this config, print JSON
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -176,7 +179,9 @@ def main() -> None:
     path = RESULTS / "scale.json"
     rows = json.loads(path.read_text()).get("configs", {}) if path.exists() else {}
     if args.end_to_end:
-        run = end_to_end(args.end_to_end, args.metrics, args.k, args.probes, args.density_steps, args.threads, args.hvp)
+        run = end_to_end(
+            args.end_to_end, args.metrics, args.k, args.probes, args.density_steps, args.threads, args.hvp, args.sequences
+        )
         print(run.get("table") or run["failed"])
         previous = json.loads(path.read_text()) if path.exists() else {}
         ends = {**previous.get("end_to_end", {}), args.end_to_end: run}

@@ -11,9 +11,9 @@ import torch
 VOCAB, SEQUENCES, LENGTH = 50257, 16, 64
 
 
-def corpus(seed: int = 0) -> list[dict]:
-    """SEQUENCES sequences of LENGTH tokens, Zipf-distributed ids (as word frequencies are), one batch."""
+def corpus(seed: int = 0, sequences: int = SEQUENCES, length: int = LENGTH) -> list[dict]:
+    """`sequences` sequences of `length` tokens, Zipf-distributed ids (as word frequencies are), one batch."""
     g = torch.Generator().manual_seed(seed)
     weights = 1.0 / torch.arange(1, VOCAB + 1, dtype=torch.float64)
-    ids = torch.multinomial(weights, SEQUENCES * LENGTH, replacement=True, generator=g).reshape(SEQUENCES, LENGTH)
+    ids = torch.multinomial(weights, sequences * length, replacement=True, generator=g).reshape(sequences, length)
     return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]

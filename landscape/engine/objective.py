@@ -38,6 +38,7 @@ from landscape.inputs.batches import (
     logits,
     loss_name,
     model_arguments,
+    sequence_length,
     targets,
     to_device,
 )
@@ -45,6 +46,7 @@ from landscape.inputs.batches import mean_cross_entropy as cross_entropy
 from landscape.results import Result
 
 HVP_METHODS = ("auto", "reuse", "linearize", "fwd-rev", "double-backward")
+FINITE_DIFFERENCE = "finite-difference"  # the gradient-only path, where this Objective offers it
 COMPILED_HVP = "compiled"  # torch.compile'd forward-over-reverse: for GPUs, measured by benchmarks/gpu.py
 FINITE_DIFFERENCE_HVP = "finite-difference"  # central differences of gradients: approximate, with an error estimate
 MODES = ("eval", "train")
@@ -887,6 +889,14 @@ class Objective:
         if plan.path in ("linearize", "fwd-rev") and GRAPH_OVERHEAD["transient"] * largest <= plan.available_bytes:
             options.append("--hvp auto (keeps what fits, streams the rest)")
         if GRAPH_OVERHEAD["transient"] * largest > plan.available_bytes or not options:
+            length = max((sequence_length(b) or 0 for b in self.batches), default=0)
+            items = max((batch_size(b) for b in self.batches), default=1)
+            if length and per_item:  # per item cost grows at least linearly with the length (attention: squared)
+                shorter = int(length * (0.8 * plan.available_bytes - WORKSPACE_BYTES - fixed) / (per_item * items))
+                if 2 <= shorter < length:
+                    options.append(f"--max-length {shorter}")
+            if FINITE_DIFFERENCE in HVP_METHODS and plan.path != FINITE_DIFFERENCE and length:
+                options.append(f"--hvp {FINITE_DIFFERENCE} (gradients only: no second-order graph)")
             options.append(
                 f"--batch-size {max(fitting, 1)} or smaller"
                 if fitting >= 1

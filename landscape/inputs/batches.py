@@ -77,6 +77,28 @@ def batch_size(batch: Batch) -> int:
     return int(first.shape[0]) if first.ndim else 1
 
 
+SEQUENCE_KEY = "input_ids"  # a dict batch whose input_ids are (batch, length) holds token sequences
+
+
+def sequence_length(batch: Batch) -> int | None:
+    """Tokens per sequence of a dict batch of token sequences (the second size of its input_ids); None for others."""
+    ids = batch.get(SEQUENCE_KEY) if isinstance(batch, Mapping) else None
+    return int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.ndim == 2 else None
+
+
+def truncated(batch: Batch, max_length: int) -> Batch:
+    """A dict batch of token sequences cut to its first `max_length` tokens: every tensor whose second size is the
+    sequence length (input_ids, attention_mask, labels, token_type_ids, position_ids) is sliced alike. Batches of
+    other forms, and sequences already short enough, are returned as they are."""
+    length = sequence_length(batch)
+    if length is None or length <= max_length:
+        return batch
+    return {
+        k: v[:, :max_length] if isinstance(v, torch.Tensor) and v.ndim >= 2 and v.shape[1] == length else v
+        for k, v in batch.items()
+    }
+
+
 def logits(output: Any) -> torch.Tensor:
     """The model's output tensor: itself, its `.logits` (HuggingFace), or the first element of a tuple."""
     if isinstance(output, torch.Tensor):

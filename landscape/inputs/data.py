@@ -509,8 +509,11 @@ class MeasurementSet:
     n_samples: int | None = None
     batch_size: int = 256
     seed: int = 0
+    max_length: int | None = None  # token sequences cut to their first max_length tokens (dict batches)
 
     def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 2:
+            raise DataError(f"max_length must be at least 2 (a next-token loss needs two tokens); got {self.max_length}")
         if self.split not in SPLITS:
             raise DataError(f"unknown split {self.split!r}; use 'train' or 'test'")
         if self.batch_size < 1:
@@ -539,7 +542,10 @@ class MeasurementSet:
                     f"--n-samples {self.n_samples}: data {dataset.spec!r} gives its own batches; choose "
                     "the samples in the callable"
                 )
-            return dataset.batches(self.split)
+            from landscape.inputs.batches import truncated
+
+            batches = dataset.batches(self.split)
+            return batches if self.max_length is None else [truncated(b, self.max_length) for b in batches]
         x, y = dataset.split(self.split)
         idx = self.indices(dataset)
         return [(x[chunk], y[chunk]) for chunk in idx.split(self.batch_size)]
@@ -558,6 +564,7 @@ class MeasurementSet:
                 "seed": self.seed,
                 "n_batches": len(batches),
                 "data": dataset.spec,
+                **({"max_length": self.max_length} if self.max_length is not None else {}),
             }
         n = len(self.indices(dataset)) if dataset is not None else self.n_samples
         return {
@@ -575,4 +582,11 @@ class MeasurementSet:
     def from_dict(cls, d: dict) -> MeasurementSet:
         """Rebuild from `describe()` output (extra keys ignored); it selects the same samples."""
         n = d.get("n_samples") if d.get("subset", True) else None
-        return cls(d.get("split", "train"), None if n is None else int(n), int(d.get("batch_size", 256)), int(d.get("seed", 0)))
+        length = d.get("max_length")
+        return cls(
+            d.get("split", "train"),
+            None if n is None else int(n),
+            int(d.get("batch_size") or 256),
+            int(d.get("seed", 0)),
+            None if length is None else int(length),
+        )
