@@ -7,6 +7,9 @@ Sections, each recorded on its own (a failure is an error string in its place, t
   train    seconds per training step per method (sgd, sam, smoothout, nso) with AMP off, bf16 and fp16, ResNet-20 at
            batch 128, as a ratio to float32 SGD, with peak memory;
   lanczos  top-5 Lanczos wall time on a 10,000-sample CIFAR-shaped set (ResNet-20, batches of 256, `auto`);
+  lm       GPT-2 medium (355M) and a 1.3B config (benchmarks/causal_lm.py, plain PyTorch) on 8 sequences of 128
+           tokens: seconds per gradient and per HVP, certified λ1 in the bounded basis the memory plan allows
+           (its HVP budget cut to the time left, and said), peak memory;
   surface  grid points per second at 1 and 16 points per call on the digits MLP and ConvNet
            (benchmarks/surface.py's points_per_second, where it exists).
 Times are medians over several calls after warm-up calls, with torch.cuda.synchronize around each;
@@ -47,7 +50,7 @@ PATHS = [*HVP_METHODS, *([COMPILED] if COMPILED and COMPILED not in HVP_METHODS 
 
 FULL = {
     "budget_s": 330.0,  # the guard: no row starts after this; the H200 limit is 6 minutes
-    "hvp_budget_s": 160.0,  # the hvp section stops starting rows after this, so the others get their turn
+    "hvp_budget_s": 120.0,  # the hvp section stops starting rows after this, so the others get their turn
     "train_budget_s": 40.0,
     "train_model": "resnet20",
     "train_batch": 128,
@@ -61,6 +64,11 @@ FULL = {
     "lanczos_batch_size": 256,
     "lanczos_model": "resnet20",
     "lanczos_max_matvecs": 300,  # measure's default budget for k = 5; cut to what the time left allows
+    "lm_budget_s": 100.0,
+    "lm_configs": ["gpt2-medium", "1.3b"],
+    "lm_sequences": 8,
+    "lm_length": 128,
+    "lm_vocab": 50257,
     "surface_problems": ["mlp-digits", "convnet-digits"],
     "surface_points_per_call": [1, 16],
     "surface_points": 256,
@@ -83,6 +91,11 @@ SMOKE = {
     "lanczos_batch_size": 8,
     "lanczos_model": "convnet",
     "lanczos_max_matvecs": 6,
+    "lm_budget_s": 20.0,
+    "lm_configs": ["smoke"],
+    "lm_sequences": 2,
+    "lm_length": 16,
+    "lm_vocab": 100,
     "surface_points_per_call": [1, 4],
     "surface_points": 8,
     "calls": 2,
@@ -352,6 +365,68 @@ def lanczos_section(settings: dict, device: torch.device, clock: Clock) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------ lm
+def lm_section(settings: dict, device: torch.device, clock: Clock, save: Callable[[], None], rows: list) -> None:
+    """Causal LMs at scale (benchmarks/causal_lm.py): gradient and HVP seconds, then certified λ1 in the bounded basis
+    analysis.measure.lanczos_vectors allows, its HVP budget cut to the section's time left (recorded as such)."""
+    from causal_lm import CONFIGS as LM_CONFIGS
+    from causal_lm import CausalLM, token_batch
+
+    from analysis.measure import lanczos_vectors
+    from analysis.specs import MetricSpec
+    from landscape.curvature.spectrum import default_max_matvecs
+    from landscape.inputs.batches import token_cross_entropy
+
+    section_end = clock.elapsed() + settings["lm_budget_s"]
+    for name in settings["lm_configs"]:
+        row: dict = {"config": name, "sequences": settings["lm_sequences"], "length": settings["lm_length"]}
+        if clock.left(section_end) < 10:
+            rows.append({**row, "skipped": "time budget"})
+            continue
+        reset_memory(device)
+        try:
+            torch.manual_seed(0)
+            layers, width, heads = LM_CONFIGS[name]
+            net = CausalLM(layers, width, heads, vocab=settings["lm_vocab"]).to(device)
+            batch = token_batch(settings["lm_sequences"], settings["lm_length"], settings["lm_vocab"], device=str(device))
+            began = time.perf_counter()
+            objective = Objective(net, [batch], loss=token_cross_entropy, device=device)
+            op = HessianOperator(objective)
+            v = torch.randn(objective.n_params, device=device)
+            op.matvec(v)  # the self-check, and the kept graph where the plan keeps one
+            synchronize(device)
+            row.update(parameters=objective.n_params, hvp_method=objective.hvp_method, setup_s=time.perf_counter() - began)
+            row["gradient_s"] = median_seconds(lambda: objective.grad(), device, warmup=1, calls=2)
+            row["hvp_s"] = median_seconds(lambda: op.matvec(v), device, warmup=0, calls=2)
+            row["hvp_over_gradient"] = row["hvp_s"] / row["gradient_s"]
+            vectors = lanczos_vectors(objective, objective.n_params, torch.float32, MetricSpec(k=1))
+            default = default_max_matvecs(objective.n_params, 1)
+            budget = max(5, min(default, int(max(0.0, clock.left(section_end) - 5) / row["hvp_s"])))
+            began = time.perf_counter()
+            result = lanczos(op, 1, tol=1e-3, max_matvecs=budget, max_vectors=vectors, seed=0)
+            synchronize(device)
+            row.update(
+                lambda_max=float(result.values[0]),
+                error_bound=float(result.error_bounds[0]),
+                certified=bool(result.certified),
+                n_matvecs=result.n_matvecs,
+                max_matvecs=budget,
+                budget_cut_by_time=budget < default,
+                max_vectors=vectors,
+                restarts=result.restarts,
+                lanczos_s=time.perf_counter() - began,
+                peak_mb=peak_mb(device),
+            )
+        except Exception as error:  # noqa: BLE001 - out of memory on the larger config: recorded, the rest runs
+            row["error"] = error_text(error)
+        finally:
+            objective = op = net = None
+            reset_memory(device)
+        rows.append(row)
+        print(json.dumps(row, default=str), flush=True)
+        save()
+
+
 # ------------------------------------------------------------------------------------- surface
 def surface_section(settings: dict, device: torch.device, clock: Clock, save: Callable[[], None], out: dict) -> dict | str:
     """Points per second from benchmarks/surface.py's points_per_second(problem, device, points_per_call, n_points),
@@ -419,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         "hvp": {"rows": []},
         "train": {"rows": []},
         "lanczos": "not run yet",
+        "lm": {"rows": []},
         "surface": "not run yet",
         "complete": False,
     }
@@ -447,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001
         payload["lanczos"] = {"error": error_text(error)}
     print("lanczos:", json.dumps(payload["lanczos"], default=str), flush=True)
+    save()
+    try:
+        lm_section(settings, device, clock, save, payload["lm"]["rows"])
+    except Exception as error:  # noqa: BLE001
+        payload["lm"]["error"] = error_text(error)
     save()
     try:
         payload["surface"] = {"rows": []}
