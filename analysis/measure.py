@@ -24,7 +24,7 @@ from landscape.engine.finite_difference import FiniteDifferenceErrors
 from landscape.engine.from_checkpoint import DTYPES, objective_from_checkpoint, parse_dtype
 from landscape.engine.gauss_newton import CURVATURES
 from landscape.engine.inner import LOCAL
-from landscape.engine.memory import InsufficientMemory, format_size, parse_size
+from landscape.engine.memory import InsufficientMemory, format_size, parse_size, peak_resident_bytes
 from landscape.engine.objective import Objective
 from landscape.engine.operators import curvature_operator
 from landscape.inputs.batches import resolve_loss
@@ -487,6 +487,24 @@ def _density(objective: Objective, spec: MetricSpec) -> Result:
     )
 
 
+def process_memory(objective: Objective, metrics: dict) -> dict:
+    """The process's peak memory as the plan predicts it (what it held when planning, the HVPs' predicted peak, the
+    most vectors a solver held and its temporaries) beside the peak measured so far (VmHWM; on CUDA the allocator's)."""
+    plan = objective.memory_plan
+    size = objective.n_params * torch.finfo(objective.dtype).bits // 8
+    vectors = max((m.get("stored_vectors") or 0 for m in metrics.values() if isinstance(m, dict)), default=0)
+    solver = (vectors + SOLVER_TEMPORARIES) * size if vectors else 0
+    predicted = plan.resident_bytes + plan.predicted_peak_bytes + solver
+    measured = peak_resident_bytes(objective.device)
+    return {
+        "resident_at_plan_bytes": plan.resident_bytes,
+        "solver_vectors": vectors,
+        "predicted_peak_bytes": predicted,
+        "measured_peak_bytes": measured,
+        "measured_over_predicted": measured / predicted if predicted else None,
+    }
+
+
 def _free_beside_hvps(objective: Objective) -> int:
     """Memory the HVPs' predicted peak leaves free (the memory plan), for the solvers' vectors."""
     plan = objective.memory_plan
@@ -631,6 +649,7 @@ def measure_checkpoint(
             report["setup"]["hvp_method"] = objective.hvp_method
             report["hvp_check"] = objective.hvp_check_result.to_dict()
             report["hvp_memory"] = {**objective.memory_plan.to_dict(), "summary": objective.memory_plan.describe()}
+            report["memory"] = process_memory(objective, report["metrics"])
         if objective.hvp_error is not None:  # finite differences: the steps taken and the largest error estimated
             errors = objective.hvp_error
             errors = errors.combined(FiniteDifferenceErrors.from_dict(earlier)) if earlier else errors

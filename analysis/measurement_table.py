@@ -17,6 +17,7 @@ from landscape.curvature.density import Spectrum
 from landscape.curvature.per_layer import PerLayerResult
 from landscape.curvature.spectrum import EigResult
 from landscape.curvature.trace import TraceResult
+from landscape.engine.memory import format_size
 from landscape.sharpness.epsilon_sharpness import EpsilonSharpness
 from landscape.sharpness.perturb import ExpectedLoss, SharpnessCurve
 from landscape.sharpness.worst_case import MSharpness, WorstCase
@@ -53,6 +54,12 @@ def format_measurement(report: dict) -> str:
         lines.append(f"  the {m['split']} split: {sample_origin(setup)}")
     if report.get("hvp_memory"):
         lines.append(f"  HVP memory: {report['hvp_memory']['summary']}")
+    if report.get("memory") and report["memory"].get("measured_over_predicted"):
+        m = report["memory"]
+        lines.append(
+            f"  process memory: peak {format_size(m['measured_peak_bytes'])}, predicted {format_size(m['predicted_peak_bytes'])} "
+            f"(held {format_size(m['resident_at_plan_bytes'])} + HVPs + {m['solver_vectors']} solver vectors)"
+        )
     if report.get("hvp_check"):
         lines.append(_hvp_check_line(report["hvp_check"]))
     if report.get("hvp_error"):

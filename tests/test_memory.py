@@ -165,8 +165,10 @@ def test_a_measurement_that_cannot_fit_is_refused_at_once_in_one_line(tmp_path):
         timeout=600,
     )
     assert ran.returncode == 0, ran.stderr
-    plan = json.loads(ran.stdout)[0]["hvp_memory"]
+    report = json.loads(ran.stdout)[0]
+    plan, process = report["hvp_memory"], report["memory"]
     assert plan["path"] == "reuse" and plan["predicted_peak_bytes"] <= plan["available_bytes"]
+    assert 0.7 <= process["measured_over_predicted"] <= 1.3, process  # the whole process, as the kernel counts it
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import resource
 
 import torch
 
-__all__ = ["InsufficientMemory", "available_bytes", "parse_size", "format_size"]
+__all__ = ["InsufficientMemory", "available_bytes", "resident_bytes", "peak_resident_bytes", "parse_size", "format_size"]
 
 _UNITS = {
     "": 1,
@@ -73,6 +73,23 @@ def available_bytes(device: torch.device | str) -> int:
     if soft != resource.RLIM_INFINITY:
         available = min(available, max(0, soft - _mapped_bytes()))
     return available
+
+
+def resident_bytes(device: torch.device | str) -> int:
+    """What this process holds now: on CUDA the tensors allocated on `device`, on a CPU its resident set (VmRSS)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return _proc_kib("/proc/self/status", "VmRSS") or 0
+
+
+def peak_resident_bytes(device: torch.device | str) -> int:
+    """The most this process has held: torch.cuda.max_memory_allocated on CUDA, the peak resident set (VmHWM) on a
+    CPU, where it is what the kernel's out-of-memory killer counts."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return _proc_kib("/proc/self/status", "VmHWM") or 0
 
 
 def _meminfo_available() -> int:

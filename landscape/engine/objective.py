@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from landscape.engine import distributed as ranks
 from landscape.engine import finite_difference as fd
-from landscape.engine.memory import InsufficientMemory, available_bytes, format_size
+from landscape.engine.memory import InsufficientMemory, available_bytes, format_size, resident_bytes
 from landscape.engine.params import FlatLayout, select_parameters
 from landscape.engine.source_watch import SourceWatch
 from landscape.inputs.batches import (
@@ -46,7 +46,6 @@ from landscape.inputs.batches import mean_cross_entropy as cross_entropy
 from landscape.results import Result
 
 HVP_METHODS = ("auto", "reuse", "linearize", "fwd-rev", "double-backward")
-FINITE_DIFFERENCE = "finite-difference"  # the gradient-only path, where this Objective offers it
 COMPILED_HVP = "compiled"  # torch.compile'd forward-over-reverse: for GPUs, measured by benchmarks/gpu.py
 FINITE_DIFFERENCE_HVP = "finite-difference"  # central differences of gradients: approximate, with an error estimate
 MODES = ("eval", "train")
@@ -132,6 +131,7 @@ class MemoryPlan(Result):
     predicted_peak_bytes: int
     budget_bytes: int
     available_bytes: int
+    resident_bytes: int = 0  # what the process held when the plan was made (weights, data, the objective's copies)
 
     @property
     def streamed_batches(self) -> int:
@@ -875,6 +875,7 @@ class Objective:
             predicted_peak_bytes=int(peak + WORKSPACE_BYTES),
             budget_bytes=budget,
             available_bytes=int(free),
+            resident_bytes=resident_bytes(self.device),
         )
         if plan.predicted_peak_bytes > free:
             raise InsufficientMemory(self._memory_advice(plan, largest))
@@ -895,8 +896,8 @@ class Objective:
                 shorter = int(length * (0.8 * plan.available_bytes - WORKSPACE_BYTES - fixed) / (per_item * items))
                 if 2 <= shorter < length:
                     options.append(f"--max-length {shorter}")
-            if FINITE_DIFFERENCE in HVP_METHODS and plan.path != FINITE_DIFFERENCE and length:
-                options.append(f"--hvp {FINITE_DIFFERENCE} (gradients only: no second-order graph)")
+            if plan.path != FINITE_DIFFERENCE_HVP and length:
+                options.append(f"--hvp {FINITE_DIFFERENCE_HVP} (gradients only: no second-order graph, fused attention)")
             options.append(
                 f"--batch-size {max(fitting, 1)} or smaller"
                 if fitting >= 1
