@@ -8,8 +8,9 @@ Sections, each recorded on its own (a failure is an error string in its place, t
            batch 128, as a ratio to float32 SGD, with peak memory;
   lanczos  top-5 Lanczos wall time on a 10,000-sample CIFAR-shaped set (ResNet-20, batches of 256, `auto`);
   lm       GPT-2 medium (355M) and a 1.3B config (benchmarks/causal_lm.py, plain PyTorch) on 8 sequences of 128
-           tokens: seconds per gradient and per HVP, certified λ1 in the bounded basis the memory plan allows
-           (its HVP budget cut to the time left, and said), peak memory;
+           tokens, each whole and sharded by FSDP2 on the one device (ShardedObjective: finite-difference HVPs):
+           seconds per gradient and per HVP, certified λ1 in the bounded basis the memory plan allows (its HVP
+           budget cut to the time left, and said), peak memory;
   surface  grid points per second at 1 and 16 points per call on the digits MLP and ConvNet
            (benchmarks/surface.py's points_per_second, where it exists).
 Times are medians over several calls after warm-up calls, with torch.cuda.synchronize around each;
@@ -64,7 +65,7 @@ FULL = {
     "lanczos_batch_size": 256,
     "lanczos_model": "resnet20",
     "lanczos_max_matvecs": 300,  # measure's default budget for k = 5; cut to what the time left allows
-    "lm_budget_s": 100.0,
+    "lm_budget_s": 140.0,
     "lm_configs": ["gpt2-medium", "1.3b"],
     "lm_sequences": 8,
     "lm_length": 128,
@@ -91,7 +92,7 @@ SMOKE = {
     "lanczos_batch_size": 8,
     "lanczos_model": "convnet",
     "lanczos_max_matvecs": 6,
-    "lm_budget_s": 20.0,
+    "lm_budget_s": 40.0,
     "lm_configs": ["smoke"],
     "lm_sequences": 2,
     "lm_length": 16,
@@ -378,8 +379,8 @@ def lm_section(settings: dict, device: torch.device, clock: Clock, save: Callabl
     from landscape.inputs.batches import token_cross_entropy
 
     section_end = clock.elapsed() + settings["lm_budget_s"]
-    for name in settings["lm_configs"]:
-        row: dict = {"config": name, "sequences": settings["lm_sequences"], "length": settings["lm_length"]}
+    for name, sharded in [(name, sharded) for name in settings["lm_configs"] for sharded in (False, True)]:
+        row: dict = {"config": name, "sharded": sharded, "sequences": settings["lm_sequences"], "length": settings["lm_length"]}
         if clock.left(section_end) < 10:
             rows.append({**row, "skipped": "time budget"})
             continue
@@ -390,7 +391,13 @@ def lm_section(settings: dict, device: torch.device, clock: Clock, save: Callabl
             net = CausalLM(layers, width, heads, vocab=settings["lm_vocab"]).to(device)
             batch = token_batch(settings["lm_sequences"], settings["lm_length"], settings["lm_vocab"], device=str(device))
             began = time.perf_counter()
-            objective = Objective(net, [batch], loss=token_cross_entropy, device=device)
+            if sharded:  # FSDP2 on this one device (`landscape measure --shard` under torchrun): finite-difference HVPs
+                from landscape.engine.sharded import ShardedObjective
+
+                single_rank_group(device)
+                objective = ShardedObjective(net, [batch], loss=token_cross_entropy, device=device)
+            else:
+                objective = Objective(net, [batch], loss=token_cross_entropy, device=device)
             op = HessianOperator(objective)
             v = torch.randn(objective.n_params, device=device)
             op.matvec(v)  # the self-check, and the kept graph where the plan keeps one
@@ -425,6 +432,18 @@ def lm_section(settings: dict, device: torch.device, clock: Clock, save: Callabl
         rows.append(row)
         print(json.dumps(row, default=str), flush=True)
         save()
+
+
+def single_rank_group(device: torch.device) -> None:
+    """A torch.distributed group of this process alone (NCCL on CUDA, else gloo), for FSDP2 on one device."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        import os
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29531")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 # ------------------------------------------------------------------------------------- surface
