@@ -105,6 +105,46 @@ def measure(name: str, k: int, hvp_method: str, max_vectors: int | None) -> dict
     }
 
 
+def eigenthings(name: str, max_iter: int, sequences: int) -> dict:
+    """hessian-eigenthings 1.0.0a5 on the same model and tokens: its HessianOperator (autograd HVPs over the whole
+    set, HuggingFace's own shifted-label loss) and its lanczos for λ1 with reorthogonalization, `max_iter` HVPs
+    (it has no stop of its own beyond that and a convergence flag); seconds per HVP, wall time, peak memory."""
+    import transformers
+    from hessian_eigenthings import HessianOperator as PeerOperator
+    from hessian_eigenthings import lanczos as peer_lanczos
+
+    layers, width, heads = CONFIGS[name]
+    batches = corpus(0, sequences)
+    failures = {}
+    for attention in ("sdpa", "eager"):  # transformers' default first, then the kernel a user would switch to
+        config = transformers.GPT2Config(
+            n_layer=layers, n_embd=width, n_head=heads, vocab_size=VOCAB, n_positions=1024, attn_implementation=attention
+        )
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(config).eval()
+        op = PeerOperator(model, batches, lambda net, batch: net(**batch).loss)  # mean next-token cross-entropy
+        v = torch.randn(sum(p.numel() for p in model.parameters()))
+        try:
+            hvp = median_seconds(lambda: op.matvec(v / v.norm()), 1)
+            break
+        except RuntimeError as error:
+            failures[attention] = str(error).splitlines()[0]
+    began = time.perf_counter()
+    result = peer_lanczos(op, k=1, max_iter=max_iter, tol=1e-3, which="LA", seed=0, reorthogonalize=True)
+    return {
+        "attention": attention,
+        "failed": failures,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokens": sequences * LENGTH,
+        "hvp_seconds": hvp,
+        "lambda_max": float(result.eigenvalues[0]),
+        "converged_flag": bool(result.converged.all()),
+        "hvps": max_iter,
+        "seconds": time.perf_counter() - began,
+        "peak_resident_bytes": rss_bytes("VmHWM"),
+    }
+
+
 CORPUS_MODULE = """
 from synthetic_corpus import corpus
 
@@ -158,6 +198,14 @@ def end_to_end(name: str, metrics: str, k: int, probes: int, density_steps: int,
         }
 
 
+def update_results(section: str, name: str, row: dict) -> None:
+    """benchmarks/results/scale.json with `row` as `section`'s entry `name`, every other entry kept."""
+    path = RESULTS / "scale.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    kept = {k: v for k, v in previous.items() if k != "machine"}
+    write_results("scale", {**kept, "sequences": SEQUENCES, "length": LENGTH, section: {**kept.get(section, {}), name: row}})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(CONFIGS))
@@ -170,6 +218,8 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=8, help="trace HVPs, for --end-to-end")
     parser.add_argument("--density-steps", type=int, default=12, help="for --end-to-end")
     parser.add_argument("--sequences", type=int, default=SEQUENCES, help=f"sequences of {LENGTH} tokens, for --end-to-end")
+    parser.add_argument("--eigenthings", metavar="CONFIG", help="hessian-eigenthings' λ1 on CONFIG's model and tokens")
+    parser.add_argument("--max-iter", type=int, default=30, help="hessian-eigenthings' HVPs, for --eigenthings")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: measure this config, print JSON
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -178,14 +228,17 @@ def main() -> None:
         return
     path = RESULTS / "scale.json"
     rows = json.loads(path.read_text()).get("configs", {}) if path.exists() else {}
+    if args.eigenthings:
+        run = eigenthings(args.eigenthings, args.max_iter, args.sequences)
+        print(json.dumps(run))
+        update_results("eigenthings", args.eigenthings, run)
+        return
     if args.end_to_end:
         run = end_to_end(
             args.end_to_end, args.metrics, args.k, args.probes, args.density_steps, args.threads, args.hvp, args.sequences
         )
         print(run.get("table") or run["failed"])
-        previous = json.loads(path.read_text()) if path.exists() else {}
-        ends = {**previous.get("end_to_end", {}), args.end_to_end: run}
-        write_results("scale", {"sequences": SEQUENCES, "length": LENGTH, "configs": rows, "end_to_end": ends})
+        update_results("end_to_end", args.end_to_end, run)
         return
     for name in args.configs.split(","):
         began = time.perf_counter()
@@ -212,8 +265,8 @@ def main() -> None:
             f"(predicted {m['predicted_peak_bytes'] / 2**30:.1f}, ratio {m['measured_over_predicted']:.2f}); "
             f"process {row['process_seconds']:.0f} s"
         )
-    previous = json.loads(path.read_text()).get("end_to_end", {}) if path.exists() else {}
-    write_results("scale", {"sequences": SEQUENCES, "length": LENGTH, "configs": rows, "end_to_end": previous})
+    for name, row in rows.items():
+        update_results("configs", name, row)
 
 
 if __name__ == "__main__":
