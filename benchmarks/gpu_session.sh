@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command a session lent a GPU runs on the device machine (issue 15, item 4): the CUDA tests, then
+# The one command a session lent a GPU runs on the device machine: the CUDA tests, then
 # benchmarks/gpu.py, in about 9 minutes; what they write comes back through $OUT.
 #
 # Here, once (optional: lets benchmarks/gpu.py time PyHessian's product too; the device has no PyHessian and no network):

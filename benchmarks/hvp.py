@@ -2,11 +2,11 @@
 
 Three tables, each written into benchmarks/results/hvp.json (a table not rerun keeps its rows):
 - `paths`: one batch per problem; HVP ÷ gradient per path, side by side with PyHessian and curvlinops;
-- `large`: ResNet-20 on 2,048 CIFAR-shaped samples in batches of 128 (issue 15): steady-state HVP ÷ gradient
+- `large`: ResNet-20 on 2,048 CIFAR-shaped samples in batches of 128: steady-state HVP ÷ gradient
   over the whole set, predicted and measured peak memory per path, against PyHessian's data-loader HVP;
 - `short`: wall time of a whole short run as a user starts it (process start-up included):
   `landscape measure --metrics eig` against PyHessian's `eigenvalues(top_n=5)` on the digits models;
-- `base` (issue 29): absolute milliseconds, one process per problem, of a plain `loss.backward()` (zero_grad, forward,
+- `base`: absolute milliseconds, one process per problem, of a plain `loss.backward()` (zero_grad, forward,
   loss, backward, grads flattened), the Objective's gradient, its HVP (auto) and PyHessian's HVP on the same model
   and batch, called in turn for --rounds interleaved rounds; medians of every call. Each problem runs twice, under
   glibc's default allocator settings and with freed memory kept in the heap (NO_TRIM), one thread each.
@@ -53,7 +53,7 @@ def problem(name: str):
             "mlp-digits": ("mlp", (100, 100)),
             "mlp32-digits": ("mlp", (32, 32)),
             "convnet-digits": ("convnet", None),
-            "convnet1024-digits": ("convnet", None),  # issue 29's side-by-side run: 1,024 samples in one batch
+            "convnet1024-digits": ("convnet", None),  # the side-by-side run with PyHessian: 1,024 samples in one batch
         }[name]
         model, _ = model_for_data(arch, data, **({"hidden": hidden} if hidden else {}))
         # one batch each, so peers that take a single batch (PyHessian's `data=`) see the same data

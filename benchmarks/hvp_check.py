@@ -1,4 +1,4 @@
-"""Cost of the Objective's run-time HVP self-check, beside the Lanczos run it guards (issue 20).
+"""Cost of the Objective's run-time HVP self-check, beside the Lanczos run it guards.
 
 The check takes two extra products on the first call: one by the chosen path (a repeat) and one by
 double backward (the reference). Per problem: the check's seconds, and a top-5 Lanczos run's

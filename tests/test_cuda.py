@@ -1,4 +1,4 @@
-"""The toolkit on a CUDA device, checked against float64 CPU references (issue 15, item 4).
+"""The toolkit on a CUDA device, checked against float64 CPU references.
 
 Every test here is marked `cuda` and skipped without a CUDA device: they run in a session lent a GPU,
 through benchmarks/gpu_session.sh (`python -m pytest -m cuda tests/test_cuda.py`).
@@ -370,7 +370,7 @@ def test_cuda_out_of_memory_mid_run_is_one_line(tmp_path, capsys):
     assert lines[0].startswith("landscape measure: error:") and "memory" in lines[0].lower(), lines[0]
 
 
-# ------------------------------------------------------------------- training on the GPU (issue 19)
+# ------------------------------------------------------------------------------ training on the GPU
 @pytest.mark.parametrize("method", ["sgd", "sam", "smoothout", "nso", "nrs"])
 def test_cuda_training_steps_match_the_cpu_in_float64(method):
     """One method's steps on the GPU equal the CPU's in float64 (noise methods: deterministic methods only, since the

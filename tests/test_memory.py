@@ -1,4 +1,4 @@
-"""Memory (issue 15): sizes, free memory under a real address-space limit, the predicted peak of each HVP path against
+"""Memory: sizes, free memory under a real address-space limit, the predicted peak of each HVP path against
 the measured one at ResNet-20 size, exact products when only some gradient graphs fit, and the one-line refusal of a
 real `landscape measure` process that cannot fit."""
 

@@ -276,7 +276,7 @@ def test_default_loss_is_cross_entropy_with_its_derivatives(n, classes, soft):
 
 @pytest.mark.parametrize("idiom", ["tied-weights", "shared-module", "mutated-buffers", "batchnorm2d", "channels-last"])
 def test_direct_swap_is_functional_call(idiom):
-    """The Objective puts its tensors into the model's slots itself (issue 29: functional_call's per-call walk of the
+    """The Objective puts its tensors into the model's slots itself (functional_call's per-call walk of the
     module tree cost 1-2% of a small model's gradient): same outputs and gradients as functional_call, tied names
     included, and the model's own tensors back in place afterwards, also when the forward raises."""
     from landscape.engine.objective import _forward

@@ -1,4 +1,4 @@
-"""The training recipes of `landscape demo` and `landscape figures`: METHODS.md's epochs, noise sizes, run names."""
+"""The training recipes of `landscape demo` and `landscape figures`: the methods' documented epochs (docs/methods.md), noise sizes, run names."""
 
 import pytest
 
@@ -24,7 +24,7 @@ def test_every_method_builds_with_its_default_and_a_chosen_noise_size(method):
         make_optimizer(run.optimizer, model, lr=run.lr, **run.optimizer_kwargs)  # a wrong option name raises
     if method != "sgd":
         assert config(method, LARGE, 0, noise=0.03).optimizer_kwargs == {NOISE_OPTION[method]: 0.03}
-    assert config("smoothout", SMALL, 0).optimizer_kwargs == {"a": 0.02}  # SmoothOut's default in METHODS.md
+    assert config("smoothout", SMALL, 0).optimizer_kwargs == {"a": 0.02}  # SmoothOut's default (docs/methods.md)
 
 
 def test_run_names_differ_whenever_the_runs_do():

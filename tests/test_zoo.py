@@ -1,4 +1,4 @@
-"""Every HVP path on every model idiom of the zoo equals the dense Hessian, in both BatchNorm modes (issue 20).
+"""Every HVP path on every model idiom of the zoo equals the dense Hessian, in both BatchNorm modes.
 
 Each product is taken twice with the same probe and once as a block: the linearized path once
 returned a right first product and wrong ones after it on `out += h`.
