@@ -10,10 +10,14 @@ in its own process so its peak memory is its own:
   plus the HVP graph's predicted peak, plus the basis).
 
 Usage: python benchmarks/scale.py [--configs 45m,124m] [--k 1] [--threads 2] [--hvp auto] [--max-vectors N]
-Writes benchmarks/results/scale.json (a config not rerun keeps its row). Not yet completed on this 2-core machine:
-at 124M with the default plan the run was OOM-killed at 24 GiB after 5 HVPs (the plan predicted a 6.5 GiB HVP peak,
-11.3 GiB was measured), and with `--hvp double-backward --max-vectors 12` it ran 35 minutes of Lanczos (about 17 GiB
-resident) without finishing before it was stopped.
+Writes benchmarks/results/scale.json (a config not rerun keeps its row).
+
+--end-to-end CONFIG: a user's run of `landscape measure` on a saved random-init checkpoint, as a subprocess (wall
+time from launch, its peak resident memory; the report's own `memory` gives the plan's prediction beside it).
+Measured: 124m on 4 sequences of 64 tokens, λ1 (60 HVPs), trace and density in 685 s at a 17.9 GiB peak
+(1.19× the prediction); see docs/how-to/large-models.md. With 16 sequences an HVP costs 45-60 s here and the
+run did not finish in the time a session had.
+--eigenthings CONFIG: hessian-eigenthings' λ1 on the same model and tokens.
 """
 
 from __future__ import annotations
@@ -154,7 +158,17 @@ def token_batches():
 """
 
 
-def end_to_end(name: str, metrics: str, k: int, probes: int, density_steps: int, threads: int, hvp: str, sequences: int) -> dict:
+def end_to_end(
+    name: str,
+    metrics: str,
+    k: int,
+    probes: int,
+    density_steps: int,
+    threads: int,
+    hvp: str,
+    sequences: int,
+    max_matvecs: int | None = None,
+) -> dict:
     """A user's run: the config saved with save_pretrained (random init), then `landscape measure` on it as a
     subprocess, its wall time from launch and its peak resident memory (the child's ru_maxrss)."""
     import resource
@@ -174,7 +188,7 @@ def end_to_end(name: str, metrics: str, k: int, probes: int, density_steps: int,
             "--data", "scale_corpus:token_batches", "--loss", "token-cross-entropy", "--metrics", metrics,
             "--k", str(k), "--probes", str(probes), "--density-runs", "1", "--density-steps", str(density_steps),
             "--hvp", hvp, "--out", str(Path(folder) / "measure.json"),
-        ]  # fmt: skip
+        ] + ([] if max_matvecs is None else ["--max-matvecs", str(max_matvecs)])  # fmt: skip
         env = {
             **__import__("os").environ,
             "OMP_NUM_THREADS": str(threads),
@@ -213,6 +227,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hvp", default="auto", help="the Objective's HVP path (auto keeps the gradient graph if it fits)")
     parser.add_argument("--max-vectors", type=int, help="Lanczos's vectors (default: what the memory plan allows)")
+    parser.add_argument("--max-matvecs", type=int, help="Lanczos's HVP budget, for --end-to-end (default: measure's)")
     parser.add_argument("--end-to-end", metavar="CONFIG", help="run `landscape measure` on a saved checkpoint of CONFIG")
     parser.add_argument("--metrics", default="eig,trace,density", help="for --end-to-end")
     parser.add_argument("--probes", type=int, default=8, help="trace HVPs, for --end-to-end")
@@ -235,7 +250,15 @@ def main() -> None:
         return
     if args.end_to_end:
         run = end_to_end(
-            args.end_to_end, args.metrics, args.k, args.probes, args.density_steps, args.threads, args.hvp, args.sequences
+            args.end_to_end,
+            args.metrics,
+            args.k,
+            args.probes,
+            args.density_steps,
+            args.threads,
+            args.hvp,
+            args.sequences,
+            args.max_matvecs,
         )
         print(run.get("table") or run["failed"])
         update_results("end_to_end", args.end_to_end, run)
