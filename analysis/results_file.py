@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from analysis.specs import MeasureSpec
 from landscape.engine import distributed as ranks
 from landscape.engine.from_checkpoint import file_sha256
 from landscape.inputs.checkpoints import short_list
@@ -82,7 +83,7 @@ class ResultsFile:
             raise ResultsFileError(f"{path} cannot be read as a results file ({error}); choose another --out") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ResultsFileError(f"{path} is not a `landscape measure` results file; choose another --out")
-        stored = data.get("settings", {})
+        stored = {**_defaults_of_newer_settings(), **data.get("settings", {})}
         for key in sorted(set(stored) | set(settings)):
             if stored.get(key) != settings.get(key):
                 name = "the checkpoint list" if key == "checkpoints" else "--" + key.replace("_", "-")
@@ -140,6 +141,11 @@ class ResultsFile:
             raise ResultsFileError(f"cannot write {self.path}: {error.strerror or error}") from None
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _defaults_of_newer_settings() -> dict[str, object]:
+    """Every setting's default: a file written before a setting existed was measured with its default."""
+    return MeasureSpec().settings()
 
 
 def _with_checkpoints(path: Path, written_for: list[str], asked: Sequence[str], add: bool) -> list[str]:

@@ -187,3 +187,26 @@ def test_a_resumed_table_says_what_was_read_back_and_what_was_computed(tmp_path,
     (tmp_path / "r.json").write_text(json.dumps(interrupted))
     with pytest.warns(ResumeNote, match="loss read back from the results file; computed now: eig$"):
         measure_all([str(checkpoint)], spec(("eig",)), out=out, resume=True)
+
+
+def test_a_file_from_before_a_setting_existed_resumes_as_that_settings_default(tmp_path, checkpoint):
+    """A results file lacks settings added after it was written: it was measured with their defaults."""
+    from analysis.measure import measure_all
+    from analysis.results_file import ResultsFileError
+    from analysis.specs import MeasureSpec, MetricSpec, ObjectiveSpec
+
+    def spec(**metric_options):
+        return MeasureSpec(ObjectiveSpec(n_samples=50, device="cpu"), MetricSpec(metrics=("eig",), k=1, **metric_options))
+
+    out = tmp_path / "old.json"
+    measure_all([str(checkpoint)], spec(), out=str(out))
+    written = json.loads(out.read_text())
+    del written["settings"]["per_layer_by"], written["settings"]["max_length"]  # as an older release wrote it
+    out.write_text(json.dumps(written))
+    from analysis.command_line import ResumeNote
+
+    with pytest.warns(ResumeNote, match="loss, eig read back from the results file; nothing recomputed$"):
+        [report] = measure_all([str(checkpoint)], spec(), out=str(out), resume=True)
+    assert report["metrics"]["eig"] == written["checkpoints"][0]["metrics"]["eig"]
+    with pytest.raises(ResultsFileError, match="measured with --per-layer-by module, not role"):
+        measure_all([str(checkpoint)], spec(per_layer_by="role"), out=str(out), resume=True)
