@@ -1,8 +1,10 @@
-"""Directions in weight space for loss surfaces: random filter-normalized, between two checkpoints, PCA of a trajectory.
+"""Directions in weight space for loss surfaces: random filter-normalized, between two checkpoints, PCA of a
+trajectory, the top Hessian eigenvectors, the gradient, and the plane through three checkpoints.
 
 A surface point is origin + Σ_j c_j·d_j, where the origin is the Objective's checkpoint and each
 d_j is a flat vector in the Objective's parameter layout (plus, optionally, a direction for the
-floating-point buffers such as BN running statistics).
+floating-point buffers such as BN running statistics). Eigenvector, gradient, PCA and
+three-checkpoint directions are orthonormal, so a coordinate is a distance in weight space.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from landscape.curvature.spectrum import lanczos
 from landscape.engine.objective import Objective
+from landscape.engine.operators import HessianOperator
 from landscape.engine.params import rescale_filters, tensor_digest
 from landscape.results import to_jsonable
 
@@ -34,7 +38,8 @@ class Directions:
     `buffers` maps buffer names (BN running statistics) to (dim, *shape) directions when the
     buffers move with the point (interpolation, or random directions with `states=True`).
     For PCA directions, `trajectory` holds the (T, dim) coordinates of the trajectory's
-    checkpoints relative to the origin and `labels` their names.
+    checkpoints relative to the origin and `labels` their names; for a three-checkpoint plane,
+    the (3, 2) coordinates of the three checkpoints and their names.
     """
 
     vectors: torch.Tensor
@@ -190,6 +195,167 @@ def pca_directions(objective: Objective, trajectory: Sequence[nn.Module], labels
     return Directions(components.to(objective.dtype), "pca", spec, trajectory=coords.cpu().numpy(), labels=tuple(labels))
 
 
+def eigenvector_directions(
+    objective: Objective, k: int = 2, *, tol: float = 1e-3, seed: int = 0, max_matvecs: int | None = None
+) -> Directions:
+    """The top-k Hessian eigenvectors as unit directions, by the certified Lanczos (landscape.curvature.spectrum).
+
+    The plane's axes are the sharpest directions at the checkpoint, so the surface shows the
+    curvature the eigenvalues measure: on a quadratic, L(origin + x·v₁ + y·v₂) = L₀ + x·g·v₁ + y·g·v₂
+    + ½λ₁x² + ½λ₂y². The vectors are unit Ritz vectors (orthonormal, Hessian-orthogonal), so a
+    coordinate is a distance in weight space; each sign is fixed so its largest entry is positive.
+    BN running statistics stay at the checkpoint's (the Hessian is over the parameters).
+
+    Args:
+        objective: the checkpoint and measurement set whose Hessian is used.
+        k: 1 or 2 eigenvectors (a line or a plane).
+        tol: Lanczos's relative tolerance on the eigenvalues.
+        seed: seed of Lanczos's start and check vectors.
+        max_matvecs: Lanczos's budget of Hessian-vector products (None: its default).
+
+    Returns:
+        Directions: kind "eigenvector"; `spec` holds the eigenvalues, their residuals, whether
+            Lanczos converged and `certified` them as the top k (a close pair it could not separate
+            in its budget is not), the Hessian-vector products spent and the seed.
+
+    Raises:
+        DirectionError: k not 1 or 2.
+
+    Examples:
+        The quadratic's Hessian is diag(4, 1): the sharpest direction is the first weight.
+
+        >>> from landscape.examples import quadratic
+        >>> directions = eigenvector_directions(quadratic(), 2)
+        >>> [round(v, 6) for v in directions.spec["eigenvalues"]], directions.spec["certified"]
+        ([4.0, 1.0], True)
+        >>> directions.vectors.abs().round(decimals=6)
+        tensor([[1., 0.],
+                [0., 1.]], dtype=torch.float64)
+    """
+    if k not in (1, 2):
+        raise DirectionError(f"surfaces have 1 or 2 directions, got k={k} eigenvectors")
+    vectors, spec = _top_eigenvectors(objective, k, tol, seed, max_matvecs)
+    return Directions(vectors, "eigenvector", spec)
+
+
+def gradient_direction(
+    objective: Objective, dim: int = 1, *, tol: float = 1e-3, seed: int = 0, max_matvecs: int | None = None
+) -> Directions:
+    """The normalized full-batch gradient ĝ = ∇L/‖∇L‖; with dim=2 also the top Hessian eigenvector made orthogonal to it.
+
+    Along ĝ the loss falls (negative coordinates) or rises at the rate ‖∇L‖; the second axis of
+    the plane is the sharpest direction (certified Lanczos) with its ĝ-component removed
+    (Gram–Schmidt), so both axes are unit vectors and coordinates are distances in weight space.
+
+    Args:
+        objective: the checkpoint and measurement set.
+        dim: 1 (the gradient alone) or 2 (gradient × top eigenvector).
+        tol, seed, max_matvecs: the Lanczos options of the eigenvector (dim=2).
+
+    Returns:
+        Directions: kind "gradient"; `spec` holds ‖∇L‖, the curvature ĝᵀHĝ along the gradient and,
+            with dim=2, the eigenvalue, its Lanczos record and the cosine between ĝ and the eigenvector.
+
+    Raises:
+        DirectionError: dim not 1 or 2, a zero or non-finite gradient, or an eigenvector parallel to it.
+
+    Examples:
+        L(w) = ((2w₀ − 2)² + (w₁ − 1)²)/2 at w = (2, 1): ∇L = (4, 0), curvature 4 along it.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from landscape.engine.objective import Objective
+        >>> from landscape.examples import quadratic
+        >>> from landscape.inputs.batches import mean_squared_error
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> _ = model.weight.data.copy_(torch.tensor([[2.0, 1.0]]))
+        >>> objective = Objective(model, quadratic().batches, loss=mean_squared_error, dtype=torch.float64)
+        >>> directions = gradient_direction(objective)
+        >>> directions.vectors, directions.spec["gradient_norm"], directions.spec["curvature"]
+        (tensor([[1., 0.]], dtype=torch.float64), 4.0, 4.0)
+    """
+    if dim not in (1, 2):
+        raise DirectionError(f"surfaces have 1 or 2 directions, got dim={dim}")
+    g = objective.grad().detach()
+    norm = float(g.norm())
+    if not np.isfinite(norm) or norm == 0.0:
+        raise DirectionError(
+            f"the gradient at this checkpoint is {'zero' if norm == 0.0 else 'not finite'}: no gradient direction"
+        )
+    unit = g / norm
+    spec: dict = {"gradient_norm": norm, "curvature": float(unit @ objective.hvp(unit)), "loss": objective.loss()}
+    vectors = unit.unsqueeze(0)
+    if dim == 2:
+        top, eig = _top_eigenvectors(objective, 1, tol, seed, max_matvecs)
+        cosine = float(top[0] @ unit)
+        second = top[0] - cosine * unit
+        if float(second.norm()) < 1e-6:
+            raise DirectionError("the top Hessian eigenvector is parallel to the gradient: no plane; use dim=1")
+        vectors = torch.stack([unit, second / second.norm()])
+        spec.update({**eig, "cosine": cosine})
+    return Directions(vectors, "gradient", spec)
+
+
+def checkpoint_plane(objective: Objective, b: nn.Module, c: nn.Module, labels: Sequence[str] = ("A", "B", "C")) -> Directions:
+    """The plane through three checkpoints A (the objective's), B and C (Garipov et al. 2018, "Loss Surfaces, Mode
+    Connectivity, and Fast Ensembling of DNNs").
+
+    Orthonormal axes by Gram–Schmidt: û = (θ_B − θ_A)/‖θ_B − θ_A‖, v̂ = the part of θ_C − θ_A
+    orthogonal to û, normalized. A coordinate is a distance in weight space, so the plot keeps the
+    triangle's true shape: A is at (0, 0), B at (‖θ_B − θ_A‖, 0), C at (⟨θ_C − θ_A, û⟩, ‖v‖);
+    `trajectory` holds these three points and `labels` their names. Floating-point buffers (BN
+    running statistics) move affinely with the point so that each checkpoint's own buffers are
+    exact at its coordinates, as `between` interpolates them on a line.
+
+    Args:
+        objective: checkpoint A, the origin.
+        b: model B, of the same architecture.
+        c: model C, of the same architecture.
+        labels: the names of A, B and C (plot markers, errors, the spec).
+
+    Returns:
+        Directions: kind "plane", vectors (û, v̂), the buffers' directions, the checkpoints' coordinates.
+
+    Raises:
+        DirectionError: another architecture, B equal to A, or C on the line through A and B.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from landscape.examples import quadratic
+        >>> objective = quadratic()                  # A: w = (1, 1)
+        >>> b, c = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
+        >>> _ = b.weight.data.copy_(torch.tensor([[3.0, 1.0]])), c.weight.data.copy_(torch.tensor([[2.0, 4.0]]))
+        >>> plane = checkpoint_plane(objective, b, c)
+        >>> plane.trajectory
+        array([[0., 0.],
+               [2., 0.],
+               [1., 3.]])
+    """
+    if len(labels) != 3:
+        raise DirectionError(f"a three-checkpoint plane takes three labels (A, B, C), got {len(labels)}")
+    (w_b, buffers_b), (w_c, buffers_c) = flat_state(objective, b, labels[1]), flat_state(objective, c, labels[2])
+    u, offset_c = (w_b - objective.w).double(), (w_c - objective.w).double()
+    length = float(u.norm())
+    if length == 0.0:
+        raise DirectionError(f"{labels[1]} has the same weights as {labels[0]}: no plane")
+    u_hat = u / length
+    along = float(offset_c @ u_hat)
+    v = offset_c - along * u_hat
+    height = float(v.norm())
+    if height <= 1e-9 * max(length, float(offset_c.norm())):
+        raise DirectionError(f"{labels[2]} lies on the line through {labels[0]} and {labels[1]}: no plane")
+    vectors = torch.stack([u_hat, v / height]).to(objective.dtype)
+    buffers = {}
+    for name, a_value in _float_buffers(objective).items():
+        d_u = (buffers_b[name] - a_value) / length
+        d_v = (buffers_c[name] - a_value - along * d_u) / height
+        buffers[name] = torch.stack([d_u, d_v])
+    coords = np.array([[0.0, 0.0], [length, 0.0], [along, height]])
+    spec = {"labels": list(labels), "distances": {"AB": length, "AC": float(offset_c.norm())}}
+    return Directions(vectors, "plane", spec, buffers, trajectory=coords, labels=tuple(labels))
+
+
 def flat_state(objective: Objective, model: nn.Module, label: str = "model") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Another model's parameters in the objective's flat layout, and its float buffers; refuses other architectures."""
     params = dict(model.named_parameters())
@@ -209,6 +375,24 @@ def flat_state(objective: Objective, model: nn.Module, label: str = "model") -> 
     if missing:
         raise DirectionError(f"{label} has no buffer {missing[0]!r}: it is not the same architecture")
     return w, {name: buffers[name].detach().to(own[name]) for name in own}
+
+
+def _top_eigenvectors(objective: Objective, k: int, tol: float, seed: int, max_matvecs: int | None) -> tuple[torch.Tensor, dict]:
+    """The top-k unit Hessian eigenvectors by certified Lanczos, signs fixed (largest entry positive), and their record."""
+    result = lanczos(HessianOperator(objective), k, tol=tol, seed=seed, max_matvecs=max_matvecs, return_vectors=True)
+    vectors = result.vectors.detach().to(device=objective.device, dtype=objective.dtype)
+    largest = vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True))
+    vectors = vectors * torch.where(largest < 0, -1.0, 1.0).to(vectors)
+    spec = {
+        "eigenvalues": [float(v) for v in result.values],
+        "residuals": [float(r) for r in result.residuals],
+        "certified": bool(result.certified),
+        "converged": bool(result.converged),
+        "n_matvecs": int(result.n_matvecs),
+        "seed": int(seed),
+        "tol": float(tol),
+    }
+    return vectors, spec
 
 
 def _float_buffers(objective: Objective) -> dict[str, torch.Tensor]:
