@@ -392,12 +392,12 @@ class Objective:
         args, kwargs = ((batch,), {}) if isinstance(batch, torch.Tensor) else model_arguments(batch)
         return _forward(self.model, self._state(w, buffers), args, kwargs, self._slots, not self._any_attention)
 
-    def _batch_loss(self, w: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def _batch_loss(self, w: torch.Tensor, batch: Batch, buffers: dict | None = None) -> torch.Tensor:
         """The mean loss over the batch's items (weighted by batch_weights into L), times the loss scale.
 
         Every derivative is taken of this: each path divides its result by `loss_scale` (`_unscaled`).
         """
-        mean = self._batch_mean(self._call(w, batch), batch)[0]
+        mean = self._batch_mean(self._call(w, batch, buffers), batch)[0]
         return mean * self.loss_scale if self.loss_scale != 1 else mean
 
     def _unscaled(self, derivative: torch.Tensor) -> torch.Tensor:
@@ -502,14 +502,14 @@ class Objective:
         """L(w), the item-weighted mean loss over the measurement set (samples, or real tokens)."""
         return self.evaluate(w).loss
 
-    def grad(self, w: torch.Tensor | None = None) -> torch.Tensor:
-        """∇L(w) as a flat vector."""
+    def grad(self, w: torch.Tensor | None = None, buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """∇L(w) as a flat vector; `buffers` replaces fixed tensors by name, as in `evaluate`."""
         w = self._point(w).detach().requires_grad_(True)
 
         def gradient() -> torch.Tensor:
             total = None
             for c, batch in zip(self.batch_weights, self.batches):
-                (g,) = torch.autograd.grad(self._batch_loss(w, batch), w)
+                (g,) = torch.autograd.grad(self._batch_loss(w, batch, buffers), w)
                 total = _weighted_add(total, c, g)
             return self._reduced(torch.zeros_like(w) if total is None else self._unscaled(total))
 

@@ -16,10 +16,10 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 try:
     import fcntl
@@ -39,6 +39,7 @@ from landscape.engine.progress import Progress
 from landscape.engine.recalibration import recalibration_inputs
 from landscape.results import Result, to_jsonable
 from landscape.surfaces.directions import Directions
+from landscape.surfaces.quantities import QUANTITIES, SurfacePoint, extra_quantities
 
 if TYPE_CHECKING:  # h5py is imported where a file is read or written: `landscape --help` stays fast
     import h5py
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # h5py is imported where a file is read or written: `landscap
 FORMAT = "landscape-surface"
 VERSION = 1
 FLUSH_SECONDS = 1.0  # a block of points grows until it takes about this long; a kill loses at most one block
+COST_KEYS = ("seconds", "forwards", "backwards")  # per point: wall time, forward and backward passes over the measurement sets
 
 
 class SurfaceError(ValueError):
@@ -57,7 +59,10 @@ class Surface(Result):
     """Loss and accuracy on a 1-D or 2-D grid, per split; NaN where a point is not computed yet.
 
     `loss[split]` and `accuracy[split]` have shape (len(axes[0]),) or (len(axes[0]), len(axes[1]));
-    entry [i, j] is the point `origin + axes[0][i]·d_0 + axes[1][j]·d_1`.
+    entry [i, j] is the point `origin + axes[0][i]·d_0 + axes[1][j]·d_1`. `quantities[name][split]`
+    holds any other quantity evaluated per point (e.g. "grad-norm"), and `cost["seconds" | "forwards" |
+    "backwards"]` what each point cost (wall seconds; forward and backward passes over the measurement
+    sets, summed over the splits).
     """
 
     axes: tuple[np.ndarray, ...]
@@ -67,6 +72,8 @@ class Surface(Result):
     directions: Directions
     metadata: dict
     path: str | None = None
+    quantities: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    cost: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
@@ -83,6 +90,8 @@ class Surface(Result):
                 "axes": self.axes,
                 "loss": self.loss,
                 "accuracy": self.accuracy,
+                "quantities": self.quantities,
+                "cost": self.cost,
                 "n_done": int(self.done.sum()),
                 "n_points": int(self.done.size),
                 "directions": self.directions.to_dict(),
@@ -126,8 +135,9 @@ def compute_surface(
     bn_recalibration: int | None = None,
     progress: bool | str = False,
     points_per_call: int | str = "auto",
+    quantities: Sequence[str] = ("loss", "accuracy"),
 ) -> Surface:
-    """Loss and accuracy at every grid point, for each objective (one per split, e.g. train and test).
+    """Loss and accuracy (and any registered quantity) at every grid point, for each objective (one per split).
 
     The loss-surface plots of Li et al. (2018) (with filter-normalized `random_directions`) and the
     1-D interpolations of Goodfellow, Vinyals & Saxe (2015) and Keskar et al. (2017) (with
@@ -149,10 +159,14 @@ def compute_surface(
         progress: a progress bar (True, or a label), off by default.
         points_per_call: grid points per vmapped forward (landscape.engine.batched_points); "auto": 1 on
             a CPU, as many as fit on a GPU. The values and the file do not depend on it.
+        quantities: what to evaluate per point: loss and accuracy always (one forward pass gives both),
+            plus any name of landscape.surfaces.quantities.QUANTITIES, e.g. "grad-norm" (‖∇L‖₂: one more
+            forward and one backward pass per point and split, about 3× the time of loss alone).
 
     Returns:
         Surface: `axes`, `loss[split]` and `accuracy[split]` of shape (len(axes[0]),) or
-            (len(axes[0]), len(axes[1])), the `done` mask, the directions, metadata
+            (len(axes[0]), len(axes[1])), `quantities[name][split]` likewise, the `done` mask, each
+            point's `cost` (seconds, forward and backward passes), the directions, metadata
             (measurement set, checkpoint, options) and the file's `path`.
 
     Raises:
@@ -177,20 +191,76 @@ def compute_surface(
     """
     objectives = {"train": objectives} if isinstance(objectives, Objective) else dict(objectives)
     axes = tuple(np.asarray(a, dtype=np.float64) for a in axes)
-    first = next(iter(objectives.values()))
     _check_inputs(objectives, directions, axes)
+    grid = evaluate_grid(
+        objectives,
+        directions,
+        np.array(list(itertools.product(*axes))),
+        axes,
+        tuple(len(a) for a in axes),
+        path=path,
+        resume=resume,
+        bn_recalibration=bn_recalibration,
+        progress=progress,
+        points_per_call=points_per_call,
+        quantities=quantities,
+    )
+    return Surface(axes, *grid)
+
+
+class GridValues(NamedTuple):
+    """What `evaluate_grid` returns, in Surface's field order after the axes."""
+
+    loss: dict[str, np.ndarray]
+    accuracy: dict[str, np.ndarray]
+    done: np.ndarray
+    directions: Directions
+    metadata: dict
+    path: str | None
+    quantities: dict[str, dict[str, np.ndarray]]
+    cost: dict[str, np.ndarray]
+
+
+def evaluate_grid(
+    objectives: dict[str, Objective],
+    directions: Directions,
+    points: np.ndarray,
+    axes: tuple[np.ndarray, ...],
+    shape: tuple[int, ...],
+    *,
+    path: str | os.PathLike | None,
+    resume: bool,
+    bn_recalibration: int | None,
+    progress: bool | str,
+    points_per_call: int | str,
+    quantities: Sequence[str],
+    layout: dict | None = None,
+) -> GridValues:
+    """The engine under `compute_surface` and `compute_spread`: every point (a row of `points`, coordinates along
+    the rows of `directions.vectors`, in the C order of `shape`) evaluated, written to `path` as it finishes.
+
+    `layout` (JSON) describes a file that is not a plain surface (a spread over directions); it is stored and must
+    match on resume. Returns the arrays of shape `shape` in Surface's field order (after the axes).
+    """
+    first = next(iter(objectives.values()))
+    extras = extra_quantities(quantities)
     inputs = recalibration_inputs(first, bn_recalibration) if bn_recalibration else None
     per_call = resolve_points_per_call(list(objectives.values()), points_per_call)
     fingerprint = _fingerprint(objectives, directions, axes, bn_recalibration)
+    if extras:  # files of loss and accuracy alone keep the fingerprint they always had
+        fingerprint["quantities"] = list(extras)
+    if layout is not None:
+        fingerprint["layout"] = to_jsonable(layout)
     metadata = {
         "splits": {s: o.describe() for s, o in objectives.items()},
         "bn_recalibration": bn_recalibration,
         "points_per_call": per_call,
+        "quantities": ["loss", "accuracy", *extras],
         "library_version": landscape.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    shape = tuple(len(a) for a in axes)
-    values = {f"{s}/{q}": np.full(shape, np.nan) for s in objectives for q in ("loss", "accuracy")}
+    values = {f"{s}/{q}": np.full(shape, np.nan) for s in objectives for q in ("loss", "accuracy", *extras)}
+    values.update({f"cost/{k}": np.full(shape, np.nan) for k in COST_KEYS})
     done = np.zeros(shape, dtype=bool)
 
     rank = ranks.rank()
@@ -200,8 +270,9 @@ def compute_surface(
     if rank == 0:
         try:
             if path is not None:
-                store = _SurfaceFile.open_or_create(Path(path), resume, fingerprint, metadata, directions, axes, values)
-                values, done = store.read_values(), store.read_done()
+                attrs = {"splits": list(objectives), "quantities": list(extras), "layout": layout}
+                store = _SurfaceFile.open_or_create(Path(path), resume, fingerprint, metadata, directions, axes, values, attrs)
+                values, done = store.read_values(values), store.read_done()
             state = ("ok", values, done)
         except (SurfaceError, OSError) as error:
             state = ("error", str(error), None)
@@ -211,12 +282,12 @@ def compute_surface(
     if status == "error":
         raise SurfaceError(values)
 
-    points = np.array(list(itertools.product(*axes)))
     pending = [int(i) for i in np.flatnonzero(~done.reshape(-1))]
     origin = first.w.detach().clone()
     origin_buffers = {n: b for n, b in first.model.named_buffers() if n in directions.buffers}
     coords = torch.as_tensor(points, dtype=first.dtype, device=first.device)
     evaluators = {split: PointEvaluator(o) for split, o in objectives.items()}
+    recalibration = len(inputs) / first.n_batches if inputs else 0.0  # passes over the first split's set
     per_rank = per_call
     with Progress(len(points), "surface", "point", progress, initial=len(points) - len(pending)) as bar:
         while pending:
@@ -224,7 +295,9 @@ def compute_surface(
             start = time.perf_counter()
             mine = []
             for call in _calls(block[rank % shards :: shards], per_call):
-                rows = _evaluate_points(evaluators, directions, origin, origin_buffers, coords[call], inputs)
+                rows = _evaluate_points(evaluators, directions, origin, origin_buffers, coords[call], inputs, extras)
+                for row in rows:
+                    row["cost/forwards"] += recalibration
                 mine.extend(zip(call, rows))
             part = (mine, time.perf_counter() - start)
             gathered = ranks.all_gather(part) if shards > 1 else [part]
@@ -242,10 +315,12 @@ def compute_surface(
         store.close()
     loss = {s: values[f"{s}/loss"] for s in objectives}
     accuracy = {s: values[f"{s}/accuracy"] for s in objectives}
-    return Surface(axes, loss, accuracy, done, directions, metadata, None if path is None else str(path))
+    extra = {q: {s: values[f"{s}/{q}"] for s in objectives} for q in extras}
+    cost = {k: values[f"cost/{k}"] for k in COST_KEYS}
+    return GridValues(loss, accuracy, done, directions, metadata, None if path is None else str(path), extra, cost)
 
 
-def read_surface(path: str | os.PathLike) -> Surface:
+def read_surface(path: str | os.PathLike, reader: Callable[[tuple, GridValues, dict | None], object] | None = None) -> Surface:
     """A surface (complete or not) from its HDF5 file; refuses files that are not landscape surfaces.
 
     The file is read without HDF5's lock, so a surface can be read (plotted) while a run is
@@ -253,6 +328,8 @@ def read_surface(path: str | os.PathLike) -> Surface:
 
     Args:
         path: a file written by `compute_surface` (or `landscape surface`).
+        reader: builds the result from (axes, GridValues, the file's layout) instead, for files of another
+            layout (`read_spread` passes one); None: a plain surface, refusing other layouts.
 
     Returns:
         Surface: the axes, losses, accuracies, done mask, directions (vectors included) and
@@ -285,15 +362,25 @@ def read_surface(path: str | os.PathLike) -> Surface:
             if f.attrs.get("format") != FORMAT:
                 raise SurfaceError(f"{path} is not a landscape surface file (no format={FORMAT!r} attribute)")
             axes = tuple(f["axes"][name][()] for name in sorted(f["axes"]))
+            if "layout" in f.attrs and reader is None:
+                kind = json.loads(f.attrs["layout"]).get("kind")
+                raise SurfaceError(f"{path} holds a {kind}, not one surface; read it with read_{kind}")
             splits = [s for s in json.loads(f.attrs["splits"])]
+            extras = json.loads(f.attrs.get("quantities", "[]"))
             loss = {s: f[s]["loss"][()] for s in splits}
             accuracy = {s: f[s]["accuracy"][()] for s in splits}
+            quantities = {q: {s: f[s][q][()] for s in splits} for q in extras}
+            cost = {k: f["cost"][k][()] for k in COST_KEYS if f"cost/{k}" in f}
             done = f["done"][()].astype(bool)
             directions = _read_directions(f["directions"])
             metadata = json.loads(f.attrs["metadata"])
+            layout = json.loads(f.attrs["layout"]) if "layout" in f.attrs else None
     except OSError as error:
         raise SurfaceError(f"{path} cannot be read as HDF5 ({error}); is it a surface file?") from error
-    return Surface(axes, loss, accuracy, done, directions, metadata, str(path))
+    grid = GridValues(loss, accuracy, done, directions, metadata, str(path), quantities, cost)
+    if reader is not None:
+        return reader(axes, grid, layout)
+    return Surface(axes, *grid)
 
 
 # ------------------------------------------------------------------ evaluation
@@ -340,8 +427,11 @@ def _evaluate_points(
     origin_buffers: dict[str, torch.Tensor],
     coords: torch.Tensor,
     inputs: list[torch.Tensor] | None,
+    extras: Sequence[str] = (),
 ) -> list[dict[str, float]]:
-    """Loss and accuracy of each split at each row of `coords`, all of them in one evaluation call per split."""
+    """Loss and accuracy of each split at each row of `coords`, all of them in one evaluation call per split; then
+    each extra quantity point by point; and what each point cost (a call's time is shared by its points)."""
+    start = time.perf_counter()
     first = next(iter(evaluators.values())).objective
     states = [_point_state(first, directions, origin, origin_buffers, c, inputs) for c in coords]
     W = torch.stack([w for w, _ in states])
@@ -351,6 +441,17 @@ def _evaluate_points(
         for row, evaluation in zip(rows, evaluator.evaluate(W, buffers or None)):
             row[f"{split}/loss"] = evaluation.loss
             row[f"{split}/accuracy"] = np.nan if evaluation.accuracy is None else evaluation.accuracy
+    shared = (time.perf_counter() - start) / len(rows)
+    quantities = [QUANTITIES[q] for q in extras]
+    for row, (w, point_buffers), c in zip(rows, states, coords.tolist()):
+        start = time.perf_counter()
+        for split, evaluator in evaluators.items():
+            for name, quantity in zip(extras, quantities):
+                point = SurfacePoint(evaluator.objective, w, point_buffers or None, tuple(c))
+                row[f"{split}/{name}"] = quantity.function(point)
+        row["cost/seconds"] = shared + time.perf_counter() - start
+        row["cost/forwards"] = len(evaluators) * (1 + sum(q.forward_passes for q in quantities))
+        row["cost/backwards"] = len(evaluators) * sum(q.backward_passes for q in quantities)
     return rows
 
 
@@ -413,6 +514,7 @@ class _SurfaceFile:
         directions: Directions,
         axes: tuple[np.ndarray, ...],
         values: dict[str, np.ndarray],
+        attrs: dict,
     ) -> _SurfaceFile:
         """The file, locked for this process until `close` (a second run on it fails at once, naming it)."""
         lock = _Lock(path)
@@ -423,7 +525,7 @@ class _SurfaceFile:
                 store = cls(path, _open(path, "r+"), lock)
                 store.check(fingerprint, metadata)
                 return store
-            _create(path, fingerprint, metadata, directions, axes, values)
+            _create(path, fingerprint, metadata, directions, axes, values, attrs)
             return cls(path, _open(path, "r+"), lock)
         except BaseException:
             lock.release()
@@ -444,9 +546,13 @@ class _SurfaceFile:
                 "resumed with these settings (choose another --out, or delete the file to start over)"
             )
 
-    def read_values(self) -> dict[str, np.ndarray]:
-        splits = json.loads(self.file.attrs["splits"])
-        return {f"{s}/{q}": self.file[s][q][()] for s in splits for q in ("loss", "accuracy")}
+    def read_values(self, empty: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The stored arrays of every key of `empty`; a key the file lacks (the per-point cost, in a file written
+        before it was recorded) is added to it from `empty`."""
+        for key, array in empty.items():
+            if key not in self.file:
+                self.file.create_dataset(key, data=array)
+        return {key: self.file[key][()] for key in empty}
 
     def read_done(self) -> np.ndarray:
         return self.file["done"][()].astype(bool)
@@ -533,6 +639,7 @@ def _create(
     directions: Directions,
     axes: tuple[np.ndarray, ...],
     values: dict[str, np.ndarray],
+    attrs: dict,
 ) -> None:
     """Write the whole empty file under a temporary name, then rename: a kill leaves no half-made file.
     Its folder exists: the file's lock made it."""
@@ -545,7 +652,11 @@ def _create(
             f.attrs["version"] = VERSION
             f.attrs["fingerprint"] = json.dumps(fingerprint)
             f.attrs["metadata"] = json.dumps(to_jsonable(metadata))
-            f.attrs["splits"] = json.dumps(list(dict.fromkeys(k.split("/")[0] for k in values)))
+            f.attrs["splits"] = json.dumps(attrs["splits"])
+            if attrs.get("quantities"):
+                f.attrs["quantities"] = json.dumps(attrs["quantities"])
+            if attrs.get("layout") is not None:
+                f.attrs["layout"] = json.dumps(to_jsonable(attrs["layout"]))
             for name, axis in zip("xy", axes):
                 f.create_dataset(f"axes/{name}", data=axis)
             for key, array in values.items():
