@@ -496,13 +496,23 @@ def round_levels(low: float, high: float, n: int, log: bool) -> np.ndarray:
 
 
 def axis_label(directions: Directions, i: int) -> str:
-    """What coordinate i measures: a normalized random direction, α between two checkpoints, or a PCA component."""
+    """What coordinate i measures: a normalized random direction, α between two checkpoints, a PCA component, a
+    Hessian eigenvector, the gradient, or an axis of the plane through three checkpoints (weight-space distance)."""
     if directions.kind == "between":
         return "α (0 = A, 1 = B)"
     if directions.kind == "pca":
         ratio = directions.spec.get("explained_variance_ratio", [])
         share = f" ({ratio[i]:.1%} of variance)" if i < len(ratio) else ""
         return f"PC{i + 1}{share}"
+    if directions.kind == "eigenvector":
+        values = directions.spec.get("eigenvalues", [])
+        known = "λ = " if directions.spec.get("certified") else "λ ≈ "
+        return f"Hessian eigenvector {i + 1}" + (f" ({known}{values[i]:.3g})" if i < len(values) else "")
+    if directions.kind == "gradient":
+        return "along the gradient (distance)" if i == 0 else "top Hessian eigenvector ⊥ gradient (distance)"
+    if directions.kind == "plane":
+        names = [_short_path(n) for n in directions.labels] or ["A", "B", "C"]
+        return f"towards {names[1]} (distance)" if i == 0 else f"towards {names[2]}, ⊥ (distance)"
     if directions.kind == "random":
         normalization = directions.spec.get("normalization", "filter")
         name = "random direction" if normalization == "none" else f"{normalization}-normalized random direction"
@@ -559,7 +569,10 @@ def _draw(
         mappable = ax.contourf(x, y, z, levels=levels, norm=norm, cmap=cmap)
     else:
         mappable = ax.pcolormesh(x, y, z, norm=norm, cmap=cmap, shading="nearest")
-    if surface.directions.trajectory is not None:
+    if surface.directions.kind == "plane":  # weight-space distances on both axes: the triangle's true shape
+        _mark_checkpoints(ax, surface.directions)
+        ax.set_aspect("equal", adjustable="box")
+    elif surface.directions.trajectory is not None:
         _overlay_trajectory(ax, surface.directions)
     ax.plot(0, 0, marker="*", color="black", mec="white", ms=12, ls="none", label="origin", zorder=5)
     return mappable
@@ -607,6 +620,23 @@ def _overlay_trajectory(ax: plt.Axes, directions: Directions) -> None:
             fontsize=8,
             color="#d62728",
             bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7},
+        )
+
+
+def _mark_checkpoints(ax: plt.Axes, directions: Directions) -> None:
+    """The three checkpoints of a plane (Garipov et al. 2018), each marked and named at its coordinates."""
+    names = [_short_path(n) for n in directions.labels] or ["A", "B", "C"]
+    for (px, py), name in zip(np.asarray(directions.trajectory), names):
+        ax.plot(px, py, marker="o", color="#d62728", mec="white", ms=8, ls="none", zorder=4)
+        ax.annotate(
+            name,
+            (px, py),
+            xytext=(7, 5),
+            textcoords="offset points",
+            fontsize=8,
+            color="#d62728",
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7},
+            zorder=7,
         )
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from analysis.command_line import print_json
+from analysis.command_line import OptionNote, ResumeNote, print_json
 from analysis.measure import add_objective_arguments, build_objective
 from analysis.specs import ObjectiveSpec
 from analysis.tables import format_table
@@ -19,27 +20,61 @@ from landscape.surfaces.directions import (
     ONE_D_POLICIES,
     Directions,
     between,
+    checkpoint_plane,
+    eigenvector_directions,
+    gradient_direction,
     pca_directions,
     random_directions,
 )
-from landscape.surfaces.surface import Surface, compute_surface, grid_axis
+from landscape.surfaces.surface import Surface, SurfaceError, compute_surface, grid_axis, read_surface
+
+DIRECTION_KINDS = ("random", "eigenvectors", "gradient")
+KIND_NAMES = {"random": "random", "eigenvectors": "eigenvector", "gradient": "gradient"}  # option → Directions.kind
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT")
     add_objective_arguments(parser)
     group = parser.add_argument_group("surface")
-    group.add_argument("--dim", type=int, choices=[1, 2], default=1, help="random directions: 1 or 2 (default 1)")
+    group.add_argument(
+        "--dim",
+        type=int,
+        choices=[1, 2],
+        default=None,
+        help="1 or 2 directions (default 1; 2 with --directions eigenvectors)",
+    )
+    group.add_argument(
+        "--directions",
+        default="random",
+        choices=DIRECTION_KINDS,
+        help="random: filter-normalized Gaussian (default); eigenvectors: the top Hessian eigenvectors by certified "
+        "Lanczos; gradient: the normalized gradient (with --dim 2: × the top eigenvector). Eigenvectors and gradient "
+        "are unit vectors: a coordinate is a distance in weight space",
+    )
+    group.add_argument(
+        "--max-matvecs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Lanczos budget of Hessian-vector products for --directions eigenvectors|gradient (default: Lanczos's)",
+    )
     group.add_argument(
         "--range",
         default=None,
         metavar="START:STOP:NUM",
-        help="grid of the first axis (default -1:1:51; -1:2:31 with --between; the trajectory's extent with --pca)",
+        help="grid of the first axis (default -1:1:51; -1:2:31 with --between; the trajectory's extent with --pca, the "
+        "three checkpoints' with --plane; with eigenvectors or gradient ±√(2/λ), where the quadratic model rises by 1)",
     )
     group.add_argument("--yrange", default=None, metavar="START:STOP:NUM", help="grid of the second axis (default: --range)")
     group.add_argument("--between", metavar="OTHER_CKPT", help="interpolate from CKPT (α=0) to OTHER_CKPT (α=1), BN buffers too")
     group.add_argument(
         "--pca", metavar="TRAJECTORY_DIR", help="plane of the top-2 principal components of the checkpoints in this folder"
+    )
+    group.add_argument(
+        "--plane",
+        nargs=2,
+        metavar=("B_CKPT", "C_CKPT"),
+        help="the plane through CKPT, B_CKPT and C_CKPT (Garipov et al. 2018), orthonormal axes in weight-space distance",
     )
     group.add_argument(
         "--norm", default="filter", choices=NORMALIZATIONS, help="normalization of random directions (default filter)"
@@ -93,9 +128,19 @@ def points_per_call(text: str) -> int | str:
 
 
 def build_directions(objective: Objective, args: argparse.Namespace) -> Directions:
-    """Random, between-checkpoint or PCA directions from the command-line options."""
-    if args.between and args.pca:
-        raise ValueError("choose one of --between and --pca")
+    """Random, eigenvector, gradient, between-checkpoint, three-checkpoint or PCA directions from the options."""
+    chosen = [f"--{n}" for n in ("between", "pca", "plane") if getattr(args, n)]
+    chosen += [f"--directions {args.directions}"] if args.directions != "random" else []
+    if len(chosen) > 1:
+        raise ValueError(f"choose one of {' and '.join(chosen)}")
+    if args.dim is not None and (chosen and not chosen[0].startswith("--directions")):
+        raise ValueError(f"--dim applies to random, eigenvector and gradient directions, not to {chosen[0]}")
+    seed = args.seed if args.direction_seed is None else args.direction_seed
+    if args.directions != "random":
+        return _computed_directions(objective, args, seed)
+    if args.plane:
+        b, c = (load_checkpoint(p, trust=args.trust_checkpoint).build_model(_model_spec(objective, args)) for p in args.plane)
+        return checkpoint_plane(objective, b, c, (args.checkpoint, *args.plane))
     if args.between:
         other = load_checkpoint(args.between, trust=args.trust_checkpoint)
         return between(objective, other.build_model(_model_spec(objective, args)), label=args.between)
@@ -105,14 +150,53 @@ def build_directions(objective: Objective, args: argparse.Namespace) -> Directio
             raise ValueError(f"--pca {args.pca}: no checkpoints (*.pt) in that folder")
         models = [load_checkpoint(p, trust=args.trust_checkpoint).build_model(_model_spec(objective, args)) for p in paths]
         return pca_directions(objective, models, [p.name for p in paths])
-    seed = args.seed if args.direction_seed is None else args.direction_seed
-    return random_directions(objective, args.dim, seed=seed, normalization=args.norm, one_d=args.one_d, states=args.states)
+    dim = args.dim or 1
+    return random_directions(objective, dim, seed=seed, normalization=args.norm, one_d=args.one_d, states=args.states)
+
+
+def _computed_directions(objective: Objective, args: argparse.Namespace, seed: int) -> Directions:
+    """Eigenvector or gradient directions; on --resume the file's own (Lanczos is not rerun, nor its rounding)."""
+    kind = KIND_NAMES[args.directions]
+    dim = args.dim or (2 if kind == "eigenvector" else 1)
+    options = {"seed": seed, "max_matvecs": args.max_matvecs}
+    path = output_path(args, kind, dim)
+    if args.resume and path.exists():
+        try:
+            stored = read_surface(path).directions
+        except SurfaceError:
+            stored = None  # compute_surface names what is wrong with the file
+        if stored is not None and stored.kind == kind and stored.dim == dim and _recorded(stored, options):
+            warnings.warn(ResumeNote(f"{path}: the {kind} directions read back from the file"), stacklevel=2)
+            return stored.to(objective.device, objective.dtype)
+    if kind == "eigenvector":
+        directions = eigenvector_directions(objective, dim, seed=seed, max_matvecs=args.max_matvecs)
+    else:
+        directions = gradient_direction(objective, dim, seed=seed, max_matvecs=args.max_matvecs)
+    if "certified" in directions.spec and not directions.spec["certified"]:
+        warnings.warn(
+            OptionNote(
+                f"Lanczos did not certify the top eigenvector(s) in {directions.spec['n_matvecs']} products: the axes may "
+                "not be the sharpest directions (raise --max-matvecs)"
+            ),
+            stacklevel=2,
+        )
+    return directions
+
+
+def _recorded(directions: Directions, options: dict) -> bool:
+    """Whether stored directions were made with these options (Lanczos's seed and budget)."""
+    return all(directions.spec.get(k) == v for k, v in options.items())
 
 
 def grid_axes(directions: Directions, args: argparse.Namespace) -> list[np.ndarray]:
     """The grid: --range/--yrange, else a default per direction kind (PCA: 1.2× the trajectory's extent)."""
     if args.range:
         first = parse_range(args.range)
+    elif directions.kind == "plane":
+        return _plane_axes(directions, args)
+    elif directions.kind in ("eigenvector", "gradient"):
+        extent = quadratic_extent(directions)
+        first = grid_axis(-extent, extent, 51)
     elif directions.kind == "between":
         first = grid_axis(-1.0, 2.0, 31)
     elif directions.kind == "pca":
@@ -129,9 +213,37 @@ def grid_axes(directions: Directions, args: argparse.Namespace) -> list[np.ndarr
     return [first, parse_range(args.yrange) if args.yrange else first]
 
 
-def default_path(checkpoint: str, directions: Directions) -> Path:
+def quadratic_extent(directions: Directions) -> float:
+    """Half-width of the default grid along unit eigenvector or gradient directions: ±√(2/λ), where the quadratic
+    model ½λx² rises by 1 along the first axis (λ its eigenvalue, or the curvature along the gradient, widened to
+    hold the minimum along the gradient); 1 where that curvature is not positive."""
+    spec = directions.spec
+    curvature = spec["eigenvalues"][0] if directions.kind == "eigenvector" else spec["curvature"]
+    if not curvature > 0:
+        return 1.0
+    extent = float(np.sqrt(2.0 / curvature))
+    if directions.kind == "gradient":
+        extent = max(extent, 2.0 * spec["gradient_norm"] / curvature)
+    return float(f"{extent:.3g}")
+
+
+def _plane_axes(directions: Directions, args: argparse.Namespace) -> list[np.ndarray]:
+    """The three checkpoints' extent with a margin of a quarter of the larger side, 31 points an axis (--yrange: y)."""
+    coords = np.asarray(directions.trajectory)
+    low, high = coords.min(axis=0), coords.max(axis=0)
+    margin = 0.25 * float((high - low).max())
+    x = grid_axis(low[0] - margin, high[0] + margin, 31)
+    return [x, parse_range(args.yrange) if args.yrange else grid_axis(low[1] - margin, high[1] + margin, 31)]
+
+
+def default_path(checkpoint: str, kind: str, dim: int) -> Path:
     path = Path(checkpoint)
-    return path.with_name(f"{path.stem}-surface-{directions.kind}-{directions.dim}d.h5")
+    return path.with_name(f"{path.stem}-surface-{kind}-{dim}d.h5")
+
+
+def output_path(args: argparse.Namespace, kind: str, dim: int) -> Path:
+    """--out, else the default file next to CKPT, named after the kind and number of directions."""
+    return Path(args.out) if args.out else default_path(args.checkpoint, kind, dim)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -141,7 +253,7 @@ def run(args: argparse.Namespace) -> None:
         objectives["test"] = build_objective(args.checkpoint, spec.whole("test"))
     directions = build_directions(objectives["train"], args)
     axes = grid_axes(directions, args)
-    path = Path(args.out) if args.out else default_path(args.checkpoint, directions)
+    path = output_path(args, directions.kind, directions.dim)
     start = time.perf_counter()
     surface = compute_surface(
         objectives,
@@ -171,6 +283,15 @@ def format_surface(surface: Surface, seconds: float) -> str:
     if d.kind == "pca":
         ratios = ", ".join(f"{r:.1%}" for r in d.spec["explained_variance_ratio"])
         lines.append(f"explained variance of the two components: {ratios}")
+    if "eigenvalues" in d.spec:
+        values = ", ".join(f"{v:.6g}" for v in d.spec["eigenvalues"])
+        certified = "certified" if d.spec["certified"] else "NOT certified"
+        lines.append(f"top Hessian eigenvalue(s) {values} ({certified}, {d.spec['n_matvecs']} Hessian-vector products)")
+    if d.kind == "gradient":
+        lines.append(f"gradient norm {d.spec['gradient_norm']:.6g}, curvature along it {d.spec['curvature']:.6g}")
+    if d.kind == "plane":
+        where = ", ".join(f"{name} at ({x:.4g}, {y:.4g})" for name, (x, y) in zip(d.labels, d.trajectory))
+        lines.append(f"checkpoints in the plane (weight-space distance): {where}")
     rows = []
     for split, loss in surface.loss.items():
         centre = _value_at_origin(surface, loss)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -52,6 +52,14 @@ class Directions:
     @property
     def dim(self) -> int:
         return self.vectors.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Directions:
+        """The same directions with vectors and buffer directions on `device` in `dtype` (e.g. read back from a file)."""
+        return replace(
+            self,
+            vectors=self.vectors.to(device=device, dtype=dtype),
+            buffers={n: b.to(device=device, dtype=dtype) for n, b in self.buffers.items()},
+        )
 
     def fingerprint(self) -> str:
         """SHA-256 of the vectors, buffer directions, kind and spec: equal fingerprints, equal surfaces."""
@@ -391,6 +399,7 @@ def _top_eigenvectors(objective: Objective, k: int, tol: float, seed: int, max_m
         "n_matvecs": int(result.n_matvecs),
         "seed": int(seed),
         "tol": float(tol),
+        "max_matvecs": max_matvecs,
     }
     return vectors, spec
 
