@@ -15,9 +15,15 @@ from torch import nn
 from landscape.engine.objective import Objective
 from landscape.inputs.checkpoints import save_checkpoint
 from landscape.inputs.models import model_for_data
-from landscape.surfaces.directions import between, random_directions
+from landscape.surfaces.directions import (
+    between,
+    checkpoint_plane,
+    eigenvector_directions,
+    gradient_direction,
+    random_directions,
+)
 from landscape.surfaces.surface import SurfaceError, compute_surface, grid_axis, read_surface
-from tests.helpers import cli_command, run_cli, tiny_convnet_bn
+from tests.helpers import cli_command, digits_mlp_checkpoint, run_cli, tiny_convnet_bn
 
 
 def _mse(out, y):
@@ -220,3 +226,79 @@ def test_cli_between_and_unwritable_output(tmp_path, convnet_checkpoint):
     foreign = save_checkpoint(tmp_path / "mlp.pt", mlp, model_spec=mlp_spec, data_spec={"spec": "digits"})
     result = run_cli("surface", convnet_checkpoint, "--between", foreign, "--n-samples", "100", "--out", tmp_path / "x.h5")
     assert result.returncode == 2 and "not the same architecture" in result.stderr
+
+
+# ------------------------------------------------ eigenvector, gradient and three-checkpoint directions in files
+def test_new_direction_kinds_round_trip_through_the_file_and_resume(tmp_path, conv_problem, mlp_problem):
+    mlp = Objective(mlp_problem[0], mlp_problem[3], dtype=torch.float64)  # cheap Hessian-vector products
+    conv = Objective(conv_problem[0], conv_problem[3], dtype=torch.float64)  # BN statistics that move in a plane
+    made = {
+        "eigenvector": (mlp, eigenvector_directions(mlp, 2, seed=3, max_matvecs=16)),  # certified or not: a record
+        "gradient": (mlp, gradient_direction(mlp)),
+        "plane": (conv, checkpoint_plane(conv, tiny_convnet_bn(seed=5), tiny_convnet_bn(seed=7), ("a.pt", "b.pt", "c.pt"))),
+    }
+    for kind, (objective, directions) in made.items():
+        axes = [grid_axis(-0.5, 0.5, 3)] * directions.dim
+        path = tmp_path / f"{kind}.h5"
+        full = compute_surface(objective, directions, axes, path=path)
+        back = read_surface(path).directions
+        assert back.kind == kind and back.spec == json.loads(json.dumps(directions.spec)), kind
+        assert torch.equal(back.vectors, directions.vectors.cpu()), kind
+        assert set(back.buffers) == set(directions.buffers) and back.labels == directions.labels, kind
+        for name, tensor in directions.buffers.items():
+            assert torch.equal(back.buffers[name], tensor.cpu()), (kind, name)
+        if directions.trajectory is not None:
+            np.testing.assert_array_equal(back.trajectory, directions.trajectory)
+        assert back.fingerprint() == directions.fingerprint(), kind  # so the file resumes with what it holds
+        with h5py.File(path, "r+") as f:  # forget a row, as a killed run would
+            f["done"][1:] = 0
+            f["train/loss"][1:] = np.nan
+        resumed = compute_surface(objective, back.to(objective.device, objective.dtype), axes, path=path, resume=True)
+        np.testing.assert_array_equal(resumed.loss["train"], full.loss["train"])
+    assert made["eigenvector"][1].spec["max_matvecs"] == 16 and len(made["plane"][1].buffers) == 4
+
+
+def test_surface_command_plane_and_refused_combinations(tmp_path, convnet_checkpoint, capsys):
+    from analysis.cli import main
+
+    others = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model, spec = model_for_data("convnet", (1, 8, 8), 10)
+        others.append(save_checkpoint(tmp_path / f"net{seed}.pt", model, model_spec=spec, data_spec={"spec": "digits"}))
+    base = ["surface", str(convnet_checkpoint), "--n-samples", "64", "--quiet"]
+    grid = ["--range", "-1:1:2", "--yrange", "0:1:2", "--json"]
+    assert main([*base, "--plane", *map(str, others), *grid, "--out", str(tmp_path / "p.h5")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    directions = report["directions"]
+    assert directions["kind"] == "plane" and directions["labels"] == [str(convnet_checkpoint), *map(str, others)]
+    assert directions["trajectory"][0] == [0.0, 0.0] and directions["trajectory"][1][1] == 0.0
+    surface = read_surface(tmp_path / "p.h5")
+    assert surface.complete and surface.directions.buffers  # the convnet's BN statistics move with the point
+    for argv, message in (
+        (["--plane", *map(str, others), "--directions", "gradient"], "choose one of --plane and --directions gradient"),
+        (["--plane", *map(str, others), "--between", str(others[0])], "choose one of --between and --plane"),
+        (["--plane", *map(str, others), "--dim", "2"], "--dim applies to random, eigenvector and gradient"),
+    ):
+        assert main([*base, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.cli
+def test_cli_eigenvector_plane_end_to_end_and_resumed(tmp_path):
+    checkpoint = digits_mlp_checkpoint(tmp_path, (16,))
+    args = ["surface", checkpoint, "--directions", "eigenvectors", "--n-samples", "100", "--range", "-0.2:0.2:3"]
+    out = tmp_path / "e.h5"
+    result = run_cli(*args, "--out", out, "--json")
+    assert result.returncode == 0, result.stderr
+    spec = json.loads(result.stdout)["directions"]["spec"]
+    assert len(spec["eigenvalues"]) == 2 and spec["eigenvalues"][0] >= spec["eigenvalues"][1] and spec["n_matvecs"] > 0
+    written = read_surface(out)
+    assert written.directions.kind == "eigenvector" and written.dim == 2 and written.complete
+    with h5py.File(out, "r+") as f:
+        f["done"][2:] = 0
+    resumed = run_cli(*args, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "read back from the file" in resumed.stderr and "eigenvalue(s)" in resumed.stdout
+    np.testing.assert_array_equal(read_surface(out).loss["train"], written.loss["train"])
