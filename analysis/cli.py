@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("train SGD and SmoothOut at small and large batch, compare them, write a report", "demo"),
     "measure": ("loss, gradient and curvature of checkpoints", "measure"),
     "surface": ("1-D/2-D loss surface around a checkpoint, to a resumable HDF5 file", "surface_command"),
+    "connect": (
+        "train a Bézier curve or chain between two checkpoints (mode connectivity) against the straight line, resumable",
+        "connect_command",
+    ),
     "plot": ("draw surface files: line, contour, heatmap, 3-D, PCA trajectory → PNG/PDF", "plot_command"),
     "compare": ("the same measurements on several checkpoints, side by side with CIs, as a report", "compare"),
     "train": ("train a model with a chosen optimizer, writing checkpoints", "train_command"),
