@@ -7,7 +7,7 @@ and AdaSmoothOut (Wen et al. 2018); (c) 2-D contours on one colour scale; (d) ex
 against the noise radius; (e) Hessian spectral densities; (f) the method tables over seeds, at the end
 of training and at matched train loss, with paired differences and Holm's correction per table; (g) Jiang
 et al. (2019)'s rank correlation between sharpness and the generalization gap over a learning-rate ×
-batch-size sweep.
+batch-size sweep; (h) Garipov et al. (2018)'s mode connectivity between training seeds of SGD and of SmoothOut.
 `--paper DIR` instead regenerates SmoothOut's CIFAR comparison under the paper recipes (analysis/paper.py).
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from analysis.method_comparison import (
 from analysis.noise_sweep import GRID, chosen, noise_sweep, sweep_table
 from analysis.noise_sweep import to_jsonable as sweep_json
 from analysis.plots import (
+    plot_connectivity,
     plot_correlation,
     plot_lines,
     plot_sharpness_panels,
@@ -65,6 +67,7 @@ from landscape.engine.operators import HessianOperator
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.inputs.data import MeasurementSet
 from landscape.results import to_jsonable
+from landscape.surfaces.connectivity import CurveTraining, barrier_interval, connect
 from landscape.surfaces.directions import random_directions
 from landscape.surfaces.surface import compute_surface, grid_axis, read_surface
 
@@ -84,6 +87,8 @@ FULL = {
     "density_steps": 80,
     "interpolation": 31,
     "extend": 2,
+    "curve_epochs": 20,
+    "curve_points": 21,
 }
 QUICK = {
     "lrs": SWEEP_LRS[1:],
@@ -101,6 +106,8 @@ QUICK = {
     "density_steps": 20,
     "interpolation": 7,
     "extend": 0,
+    "curve_epochs": 2,
+    "curve_points": 5,
 }
 
 
@@ -260,6 +267,55 @@ def contour_figure(result: dict, budget: dict, cache: Path, out: Path, progress:
     )
 
 
+def connectivity_figure(
+    result: dict, noise: dict[str, float], budget: dict, cache: Path, out: Path, progress: bool | str = False
+) -> dict:
+    """(h) Mode connectivity (Garipov et al. 2018) between two training seeds of one method, SGD and SmoothOut at
+    batch 2000: the loss along the straight line and along a trained Bézier curve, BN re-estimated at each point.
+
+    Between seeds rather than between SGD and SmoothOut: the question is whether a method's independent solutions
+    lie in one connected low-loss valley, and whether the flat-minimum method's straight line crosses a lower
+    barrier. Every pair of seeds of a method is one sample of its barrier (pairs share checkpoints when there are
+    more than two seeds, so the interval is a rough one).
+    """
+    groups = by_label(result)
+    training = CurveTraining(epochs=budget["curve_epochs"])
+    connections = {}
+    for method in ("sgd", "smoothout"):
+        members = sorted((c["path"] for c in groups[label(method, LARGE)]), key=lambda p: Path(p).parent.name)
+        runs = []
+        for a, b in itertools.combinations(members, 2):
+            checkpoint = load_checkpoint(a)
+            measured = {"train": MeasurementSet("train", budget["n_samples"], 1000), "test": MeasurementSet("test", None, 1000)}
+            objectives = {s: objective_from_checkpoint(checkpoint, measurement=m) for s, m in measured.items()}
+            train = objective_from_checkpoint(checkpoint, measurement=MeasurementSet("train", None, 128), mode="train")
+            name = f"{Path(a).parent.name}-{Path(b).parent.name}-e{training.epochs}-t{budget['curve_points']}"
+            runs.append(
+                connect(
+                    objectives,
+                    load_checkpoint(b).build_model(),
+                    training=training,
+                    train=train,
+                    points=budget["curve_points"],
+                    path=cache / "curves" / f"{name}-{budget['n_samples'] or 'all'}.h5",
+                    resume=True,
+                    progress=progress,
+                    label=b,
+                )
+            )
+        connections[_named(method, LARGE, noise)] = runs
+    fig = plot_connectivity(connections, title=f"Mode connectivity between training seeds at batch {LARGE} (Garipov et al. 2018)")
+    save(fig, out / "connectivity.png")
+    return {
+        name: {
+            f"{path}/{split}": barrier_interval(runs, path=path, split=split).to_dict()
+            for path in ("line", "curve")
+            for split in ("train", "test")
+        }
+        for name, runs in connections.items()
+    }
+
+
 def sharpness_figures(result: dict, noise: dict[str, float], out: Path) -> None:
     """(d) Expected-loss increase against the radius: one panel per method beside SGD at the same batch size."""
     groups = by_label(result)
@@ -395,6 +451,7 @@ def run(args: argparse.Namespace) -> None:
     }
     random_direction_figures(result, noise, out)
     contour_figure(result, budget, cache, out, args.progress)
+    summary["connectivity"] = connectivity_figure(result, noise, budget, cache, out, args.progress)
     sharpness_figures(result, noise, out)
     summary["top_eigenvalues"] = spectra_figure(result, budget, out, args.progress)
 

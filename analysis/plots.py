@@ -25,6 +25,7 @@ from analysis.setup_text import norm_mode  # noqa: E402
 from landscape.curvature.density import Spectrum  # noqa: E402
 from landscape.curvature.per_layer import BlockCurvature, PerLayerResult  # noqa: E402
 from landscape.sharpness.perturb import SharpnessCurve  # noqa: E402
+from landscape.surfaces.connectivity import Connection  # noqa: E402
 from landscape.surfaces.directions import Directions  # noqa: E402
 from landscape.surfaces.surface import Surface  # noqa: E402
 
@@ -817,4 +818,79 @@ def plot_block_spectra(
     for i, ax in enumerate(axes.flat[: len(names)]):
         if i + columns >= len(names):  # nothing drawn below it
             ax.set_xlabel("eigenvalue of the block", fontsize=9)
+    return fig
+
+
+# ------------------------------------------------------------------ mode connectivity
+CURVE_NAMES = {"bezier": "Bézier", "chain": "chain"}
+
+
+def plot_connectivity(
+    connections: Mapping[str, Sequence[Connection]],
+    *,
+    splits: Sequence[str] = ("train", "test"),
+    log: bool = True,
+    title: str | None = None,
+) -> plt.Figure:
+    """Loss along the straight line (dashed) and along the trained curve (solid) between two checkpoints, one panel
+    per split (Garipov et al. 2018, Fig. 2). A label may carry several pairs (seeds): their mean with a band of the
+    95% t-interval; the legend gives each path's barrier, mean ± half-width over the pairs."""
+    colors = label_colors(list(connections))
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.4 * len(splits), 4.8), layout="constrained", squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        handles = []
+        for label, runs in connections.items():
+            for name, ls in (("line", "--"), ("curve", "-")):
+                paths = [getattr(c, name) for c in runs]
+                t, losses = paths[0].t, np.array([p.loss[split] for p in paths])
+                mean = losses.mean(axis=0)
+                ax.plot(t, mean, color=colors[label], ls=ls, lw=1.8)
+                if len(losses) > 1:
+                    half = ci_halfwidth(losses)
+                    low = mean - half
+                    ax.fill_between(
+                        t, np.where(low > 0, low, np.nan) if log else low, mean + half, color=colors[label], alpha=0.18, lw=0
+                    )
+                barriers = [p.barrier(split) for p in paths]
+                spread = f" ± {ci_halfwidth(barriers):.2g}" if len(barriers) > 1 else ""
+                what = "line" if name == "line" else CURVE_NAMES.get(runs[0].kind, runs[0].kind)
+                handles.append(
+                    Line2D(
+                        [],
+                        [],
+                        color=colors[label],
+                        ls=ls,
+                        lw=1.8,
+                        label=f"{label}, {what}: {np.mean(barriers):.3g}{spread}",
+                    )
+                )
+        ax.set_yscale("log" if log else "linear")
+        if log:
+            plain_log_ticks(ax.yaxis)
+        ax.set_xlabel("t (0: first seed's checkpoint, 1: second's)")
+        ax.set_ylabel(f"{split} loss")
+        ax.grid(alpha=0.3)
+        ax.legend(
+            handles=handles,
+            title="barrier (max loss − the worse end's)",
+            title_fontsize=7.5,
+            frameon=False,
+            fontsize=7.5,
+            ncols=2,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.16),
+        )
+    if title:
+        fig.suptitle(title)
+    first = next(iter(connections.values()))[0]
+    s = first.settings
+    n = {len(runs) for runs in connections.values()}
+    pairs = f"{n.pop()} pair(s) of training seeds per method" + (", mean and 95% t-band" if max(n | {1}) > 1 else "")
+    bn = f", BN re-estimated at each point from {s['bn_recalibration']} batches" if s["bn_recalibration"] else ""
+    fig.supxlabel(
+        f"{pairs}; {CURVE_NAMES.get(first.kind, first.kind)} bend trained {s['epochs']} epochs ({s['optimizer']}, lr {s['lr']:g}, t ~ U(0, 1) per step)"
+        f"{bn}",
+        fontsize=8,
+        color="#444444",
+    )
     return fig

@@ -144,6 +144,7 @@ def test_figures_quick_writes_every_figure(tmp_path):
         "sharpness-large-batch.png",
         "spectra.png",
         "correlation.png",
+        "connectivity.png",
     ]
     for name in names:
         assert (tmp_path / "fig" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

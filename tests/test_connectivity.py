@@ -240,3 +240,17 @@ def test_connect_command_end_to_end(tmp_path):
     refused = one_line(run_cli("connect", *args[:-3], "--epochs", "3", "--out", out, "--resume"))
     assert "training.epochs differs: 2 in the file, 3 asked" in refused
     assert "no partner" in one_line(run_cli("connect", a, "--quiet"))
+
+
+def test_connectivity_plot_names_each_paths_barrier_with_its_interval(mlp_problem, tmp_path):
+    from analysis.plots import plot_connectivity, save
+
+    model, _, _, batches = mlp_problem
+    objective = Objective(model, batches)
+    runs = [connect(objective, tiny_mlp(seed=s), training=CurveTraining(epochs=1), points=3) for s in (1, 2)]
+    fig = plot_connectivity({"sgd B=32": runs, "smoothout B=32": runs[:1]}, splits=("train",))
+    texts = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
+    half = t_halfwidth([r.line.barrier("train") for r in runs])
+    assert f"sgd B=32, line: {np.mean([r.line.barrier('train') for r in runs]):.3g} ± {half:.2g}" in texts
+    assert any(t.startswith("smoothout B=32, Bézier: ") and "±" not in t for t in texts)
+    assert save(fig, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
