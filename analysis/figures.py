@@ -7,7 +7,8 @@ and AdaSmoothOut (Wen et al. 2018); (c) 2-D contours on one colour scale; (d) ex
 against the noise radius; (e) Hessian spectral densities; (f) the method tables over seeds, at the end
 of training and at matched train loss, with paired differences and Holm's correction per table; (g) Jiang
 et al. (2019)'s rank correlation between sharpness and the generalization gap over a learning-rate ×
-batch-size sweep; (h) Garipov et al. (2018)'s mode connectivity between training seeds of SGD and of SmoothOut.
+batch-size sweep; (h) Garipov et al. (2018)'s mode connectivity between training seeds of SGD and of SmoothOut;
+(i) SGD and SmoothOut on the plane of their top two Hessian eigenvectors (certified Lanczos).
 `--paper DIR` instead regenerates SmoothOut's CIFAR comparison under the paper recipes (analysis/paper.py).
 """
 
@@ -58,6 +59,7 @@ from analysis.recipes import (
 )
 from analysis.report import Report, write_text
 from analysis.specs import CorrelateSpec
+from analysis.surface_command import quadratic_extent
 from analysis.tables import format_table
 from analysis.train_command import NOISE_OPTION
 from landscape.curvature.density import slq_density
@@ -68,7 +70,7 @@ from landscape.inputs.checkpoints import load_checkpoint
 from landscape.inputs.data import MeasurementSet
 from landscape.results import to_jsonable
 from landscape.surfaces.connectivity import CurveTraining, barrier_interval, connect
-from landscape.surfaces.directions import random_directions
+from landscape.surfaces.directions import eigenvector_directions, random_directions
 from landscape.surfaces.surface import compute_surface, grid_axis, read_surface
 
 FULL = {
@@ -354,6 +356,44 @@ def spectra_figure(result: dict, budget: dict, out: Path, progress: bool | str =
     return tops
 
 
+def eigenvector_plane_figure(result: dict, budget: dict, cache: Path, out: Path, progress: bool | str = False) -> dict:
+    """(i) SGD and SmoothOut at batch 2000 (training seed 0) on the plane of each one's top two Hessian eigenvectors.
+
+    The axes are unit eigenvectors from the certified Lanczos, so both panels share one grid in weight-space
+    distance, wide enough that the quadratic model of the flatter one rises by 1 at its edge: the sharper minimum's
+    contours are visibly tighter. Returns each panel's eigenvalues and whether Lanczos certified them.
+    """
+    groups = by_label(result)
+    named = [label("sgd", LARGE), label("smoothout", LARGE)]
+    objectives, directions, paths = {}, {}, {}
+    for name in named:
+        checkpoint = groups[name][0]["path"]
+        objectives[name] = objective_from_checkpoint(
+            load_checkpoint(checkpoint), measurement=MeasurementSet("train", budget["n_samples"], 1000)
+        )
+        paths[name] = cache / "surfaces" / f"eigenvectors-{Path(checkpoint).parent.name}-{budget['plane']}.h5"
+        if paths[name].exists():  # the file's own directions: Lanczos is not rerun (its check refuses other weights)
+            directions[name] = read_surface(paths[name]).directions.to(objectives[name].device, objectives[name].dtype)
+        else:
+            directions[name] = eigenvector_directions(objectives[name], 2, seed=0)
+    extent = max(quadratic_extent(d) for d in directions.values())
+    axis = grid_axis(-extent, extent, budget["plane"])
+    surfaces = {
+        name: compute_surface(objectives[name], directions[name], [axis, axis], resume=True, path=paths[name], progress=progress)
+        for name in named
+    }
+    save(
+        plot_surfaces(
+            surfaces,
+            kind="contour",
+            log=True,
+            title="Train loss on the plane of the top two Hessian eigenvectors (training seed 0 of each method)",
+        ),
+        out / "eigenvector-plane.png",
+    )
+    return {name: {k: d.spec[k] for k in ("eigenvalues", "certified", "n_matvecs")} for name, d in directions.items()}
+
+
 def _named(method: str, batch: int, noise: dict[str, float]) -> str:
     """A method's label with its noise size: 'smoothout a=0.02 B=2000'."""
     return label(method, batch) if method not in noise else f"{method} {NOISE_OPTION[method]}={noise[method]:g} B={batch}"
@@ -454,6 +494,7 @@ def run(args: argparse.Namespace) -> None:
     summary["connectivity"] = connectivity_figure(result, noise, budget, cache, out, args.progress)
     sharpness_figures(result, noise, out)
     summary["top_eigenvalues"] = spectra_figure(result, budget, out, args.progress)
+    summary["eigenvector_plane"] = eigenvector_plane_figure(result, budget, cache, out, args.progress)
 
     batch_question = [(label("sgd", LARGE), label("sgd", SMALL))]
     method_questions = {b: [(label(m, b), label("sgd", b)) for m in METHODS if m != "sgd"] for b in (SMALL, LARGE)}

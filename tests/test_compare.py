@@ -145,6 +145,7 @@ def test_figures_quick_writes_every_figure(tmp_path):
         "spectra.png",
         "correlation.png",
         "connectivity.png",
+        "eigenvector-plane.png",
     ]
     for name in names:
         assert (tmp_path / "fig" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -161,6 +162,8 @@ def test_figures_quick_writes_every_figure(tmp_path):
                 p["validation_accuracy"] for p in points if p["value"] == summary["noise_sweep"][method]["chosen"]
             )
     assert "matched train loss" in table and "Holm" in table
+    for plane in summary["eigenvector_plane"].values():  # each panel's axes: two eigenvalues, largest first
+        assert len(plane["eigenvalues"]) == 2 and plane["eigenvalues"][0] >= plane["eigenvalues"][1] > 0
     correlation = summary["correlation"]  # 2 methods × 2 batch sizes × 2 learning rates × 1 seed, ranked by their gaps
     assert len(correlation["runs"]) == 8 and correlation["axes"] == ["method", "batch_size", "lr"]
     assert {c["measure"] for c in correlation["correlations"]} == {
