@@ -47,6 +47,10 @@ _EXPORTS = {
     # surfaces
     "random_directions": "landscape.surfaces.directions",
     "between": "landscape.surfaces.directions",
+    "eigenvector_directions": "landscape.surfaces.directions",
+    "gradient_direction": "landscape.surfaces.directions",
+    "checkpoint_plane": "landscape.surfaces.directions",
+    "pca_directions": "landscape.surfaces.directions",
     "compute_surface": "landscape.surfaces.surface",
     "grid_axis": "landscape.surfaces.surface",
     "read_surface": "landscape.surfaces.surface",
