@@ -239,7 +239,14 @@ def test_connect_command_end_to_end(tmp_path):
     assert "straight line" in table.stdout and "bezier curve" in table.stdout and "barrier" in table.stdout
     refused = one_line(run_cli("connect", *args[:-3], "--epochs", "3", "--out", out, "--resume"))
     assert "training.epochs differs: 2 in the file, 3 asked" in refused
-    assert "no partner" in one_line(run_cli("connect", a, "--quiet"))
+
+
+def test_checkpoints_come_in_pairs():
+    from analysis.connect_command import pairs_of
+
+    assert pairs_of(["a", "b", "c", "d"]) == [("a", "b"), ("c", "d")]
+    with pytest.raises(ValueError, match="c has no partner"):
+        pairs_of(["a", "b", "c"])
 
 
 def test_connectivity_plot_names_each_paths_barrier_with_its_interval(mlp_problem, tmp_path):
