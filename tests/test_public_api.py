@@ -36,7 +36,7 @@ LAYERS = {
     "engine": {"inputs"},
     "curvature": {"engine", "inputs"},
     "sharpness": {"engine", "inputs", "curvature"},
-    "surfaces": {"engine", "inputs"},
+    "surfaces": {"engine", "inputs", "curvature"},
     "training": {"engine", "inputs", "curvature"},
 }
 
