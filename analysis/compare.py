@@ -485,6 +485,16 @@ def build_report(result: dict, out: Path) -> Report:
         report.heading("Figures")
         for name, caption in figures:
             report.figure(name, caption)
+    if all("surface2d" in c["raw"] for c in result["checkpoints"]):
+        from analysis.surface_views import add_interactive_view
+        from landscape.surfaces.surface import read_surface
+
+        firsts = {}
+        for c in result["checkpoints"]:
+            firsts.setdefault(c["label"], c["raw"]["surface2d"])
+        surfaces = {label: read_surface(path) for label, path in firsts.items()}
+        caption = "The same planes in 3-D, one colour scale and height range: drag to turn, scroll to zoom."
+        add_interactive_view(report, surfaces, out, "surface-2d.html", caption, log=True)
     return report
 
 

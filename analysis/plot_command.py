@@ -1,4 +1,5 @@
-"""`landscape plot`: draw surface files (HDF5 from `landscape surface`) as lines, contours, heatmaps or 3-D → PNG/PDF."""
+"""`landscape plot`: draw surface files (HDF5 from `landscape surface`) as lines, contours, heatmaps or 3-D → PNG/PDF,
+an interactive 3-D page (--html) or VTK files for ParaView (--vtk); a spread's median with its band."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import sys
 from pathlib import Path
 
 from analysis.command_line import print_json
-from analysis.plots import SURFACE_KINDS, plot_lines, plot_surfaces, save
+from analysis.plots import SURFACE_KINDS, plot_lines, plot_spread, plot_surfaces, save
+from landscape.surfaces.spread import Spread, is_spread_file, read_spread
 from landscape.surfaces.surface import Surface, read_surface
 
 KINDS = ("line", *SURFACE_KINDS)
@@ -26,11 +28,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accuracy", action="store_true", help="accuracy on a second axis (line plots)")
     parser.add_argument("--labels", default=None, help="comma list of labels, one per file (default: file names)")
     parser.add_argument("--title", default=None, help="figure title")
-    parser.add_argument("--out", default=None, help="FILE.png or FILE.pdf (default: the first file with .png)")
+    parser.add_argument(
+        "--out", default=None, help="FILE.png or FILE.pdf, FILE.html with --html (default: the first file with .png/.html)"
+    )
+    view = parser.add_mutually_exclusive_group()
+    view.add_argument(
+        "--html",
+        action="store_true",
+        help="an interactive 3-D page of the 2-D surfaces (one colour scale), plotly.js inlined so it opens offline; "
+        "needs the interactive extra (plotly)",
+    )
+    view.add_argument(
+        "--vtk",
+        action="store_true",
+        help="one VTK structured grid (.vts) per 2-D file, next to it, for ParaView: height = loss, every quantity a point array",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
-    surfaces = dict(zip(labels_for(args.files, args.labels), (read_surface(f) for f in args.files)))
+    surfaces = dict(zip(labels_for(args.files, args.labels), (read_any(f) for f in args.files)))
+    spreads = {label: s for label, s in surfaces.items() if isinstance(s, Spread)}
+    if spreads and len(spreads) < len(surfaces):
+        raise ValueError("cannot plot spreads and single surfaces together; give files of one kind")
+    if spreads and next(iter(spreads.values())).dim == 2:  # a spread of planes: its median plane
+        surfaces = {label: median_surface(s) for label, s in spreads.items()}
+        spreads = {}
+    if args.html or args.vtk:
+        return write_views(args, surfaces)
     kind = choose_kind(surfaces, args.kind)
     for surface in surfaces.values():
         if not surface.complete:
@@ -40,7 +64,9 @@ def run(args: argparse.Namespace) -> None:
                 "missing); plotting what is there",
                 file=sys.stderr,
             )
-    if kind == "line":
+    if spreads:
+        fig = plot_spread(spreads, splits=[args.split] if args.split else None, log=args.log, title=args.title)
+    elif kind == "line":
         fig = plot_lines(
             surfaces, splits=[args.split] if args.split else None, log=args.log, accuracy=args.accuracy, title=args.title
         )
@@ -53,6 +79,45 @@ def run(args: argparse.Namespace) -> None:
         print_json({"out": str(out), "kind": kind, "files": list(args.files), "labels": list(surfaces)})
     else:
         print(f"wrote {out}")
+
+
+def read_any(path: str) -> Surface | Spread:
+    """A surface file, or a spread file (`landscape surface --spread`)."""
+    return read_spread(path) if is_spread_file(path) else read_surface(path)
+
+
+def median_surface(spread: Spread) -> Surface:
+    """A spread of planes as one surface: the pointwise median loss (and accuracy) over its planes."""
+    member = spread.member(0)
+    return Surface(
+        spread.axes,
+        {s: spread.median(s) for s in spread.loss},
+        {s: spread.median(s, "accuracy") for s in spread.accuracy},
+        spread.done.all(axis=0),
+        member.directions,
+        spread.metadata,
+        spread.path,
+    )
+
+
+def write_views(args: argparse.Namespace, surfaces: dict[str, Surface]) -> None:
+    """--html: one interactive page of every surface; --vtk: one .vts file next to each surface file."""
+    from analysis.surface_views import write_html, write_vts
+
+    if any(s.dim != 2 for s in surfaces.values()):
+        raise ValueError(f"--{'html' if args.html else 'vtk'} shows 2-D surfaces; give files from `landscape surface --dim 2`")
+    if args.html:
+        out = Path(args.out or Path(args.files[0]).with_suffix(".html"))
+        written = [write_html(surfaces, out, split=args.split or "train", log=args.log, title=args.title)]
+    else:
+        if args.out and len(args.files) > 1:
+            raise ValueError("--vtk writes one file per surface, next to it; --out names one file, so give one FILE.h5")
+        outs = [Path(args.out)] if args.out else [Path(f).with_suffix(".vts") for f in args.files]
+        written = [write_vts(s, out, height=args.split or "train") for s, out in zip(surfaces.values(), outs)]
+    if args.json:
+        print_json({"out": [str(p) for p in written], "kind": "html" if args.html else "vtk", "files": list(args.files)})
+    else:
+        print("\n".join(f"wrote {p}" for p in written))
 
 
 def labels_for(files: list[str], labels: str | None) -> list[str]:

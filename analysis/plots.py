@@ -27,6 +27,7 @@ from landscape.curvature.per_layer import BlockCurvature, PerLayerResult  # noqa
 from landscape.sharpness.perturb import SharpnessCurve  # noqa: E402
 from landscape.surfaces.connectivity import Connection  # noqa: E402
 from landscape.surfaces.directions import Directions  # noqa: E402
+from landscape.surfaces.spread import DEFAULT_BAND, Spread  # noqa: E402
 from landscape.surfaces.surface import Surface  # noqa: E402
 
 
@@ -428,6 +429,45 @@ def plot_lines(
     band = f"mean of {n.pop()} seeds, band: 95% CI" if n != {1} and len(n) == 1 else None
     ax.legend(handles=_legend_handles(colors, dict.fromkeys(used), accuracy, band), frameon=False, fontsize=8)
     _titles(fig, surfaces, title)
+    return fig
+
+
+def plot_spread(
+    spreads: Mapping[str, Spread],
+    *,
+    splits: Sequence[str] | None = None,
+    log: bool = False,
+    quantiles: tuple[float, float] = DEFAULT_BAND,
+    title: str | None = None,
+) -> plt.Figure:
+    """The median curve over each spread's N random directions with the band between two quantiles (10–90% by
+    default), faint lines for the members, so one lucky direction no longer decides the figure."""
+    _check_dims(spreads, 1)
+    colors = label_colors(list(spreads))
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    used = []
+    for label, spread in spreads.items():
+        for split in _splits(spread, label, splits):
+            used.append(split)
+            _loss(spread, split, label, log)
+            style = {"color": colors[label], "ls": SPLIT_STYLES.get(split, ":")}
+            x = spread.axes[0]
+            for curve in spread.loss[split]:
+                ax.plot(x, curve, lw=0.6, alpha=0.3, **style)
+            low, high = spread.band(split, quantiles=quantiles)
+            ax.fill_between(x, low, high, color=colors[label], alpha=0.18, lw=0)
+            ax.plot(x, spread.median(split), lw=2.0, **style)
+    ax.set_yscale("log" if log else "linear")
+    if log:
+        plain_log_ticks(ax.yaxis)
+    first = next(iter(spreads.values()))
+    ax.set_xlabel(f"{axis_label(first.member(0).directions, 0)} (each of the {first.n})")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    n = {s.n for s in spreads.values()}
+    band = f"median of {'/'.join(map(str, sorted(n)))} directions, band {quantiles[0]:.0%}–{quantiles[1]:.0%}"
+    ax.legend(handles=_legend_handles(colors, dict.fromkeys(used), False, band), frameon=False, fontsize=8)
+    _titles(fig, spreads, title)
     return fig
 
 

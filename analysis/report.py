@@ -28,6 +28,11 @@ class Report:
     def figure(self, path: str, caption: str) -> None:
         self.blocks.append(("figure", path, caption))
 
+    def interactive(self, path: str, fragment: str, caption: str) -> None:
+        """An interactive view: `fragment` (HTML with its scripts) embedded in the HTML page, a link to the
+        self-contained page `path` (relative to the report) in Markdown."""
+        self.blocks.append(("interactive", path, caption, fragment))
+
     def prepend(self, section: Report) -> None:
         """Place `section`'s blocks before this report's (its title is not used): e.g. findings above the tables."""
         self.blocks[:0] = section.blocks
@@ -45,6 +50,9 @@ class Report:
                 out += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
                 out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
                 out += ["", f"*{caption}*", ""] if caption else [""]
+            elif kind == "interactive":
+                _, path, caption, _ = block
+                out += [f"[Interactive view: {caption.rstrip('.')}]({path})", ""]
             else:
                 _, path, caption = block
                 out += [f"![{caption}]({path})", "", f"*{caption}*", ""]
@@ -65,6 +73,9 @@ class Report:
                 cells = "".join("<tr>" + "".join(f"<td>{inline_html(c)}</td>" for c in row) + "</tr>" for row in rows)
                 cap = f"<caption>{inline_html(caption)}</caption>" if caption else ""
                 body.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+            elif kind == "interactive":
+                _, _, caption, fragment = block
+                body.append(f"<figure>{fragment}<figcaption>{inline_html(caption)}</figcaption></figure>")
             else:
                 _, path, caption = block
                 data = base64.b64encode((folder / path).read_bytes()).decode()

@@ -12,6 +12,7 @@ import numpy as np
 from analysis.command_line import OptionNote, ResumeNote, print_json
 from analysis.measure import add_objective_arguments, build_objective
 from analysis.specs import ObjectiveSpec
+from analysis.spread_command import add_spread_arguments, grid_options, run_spread
 from analysis.tables import format_table
 from landscape.engine.objective import Objective
 from landscape.inputs.checkpoints import load_checkpoint
@@ -100,6 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--out", default=None, help="HDF5 file (default: next to CKPT, named after the directions)")
     group.add_argument("--resume", action="store_true", help="finish an interrupted file instead of refusing to overwrite it")
+    add_spread_arguments(group)
     group.add_argument(
         "--points-per-call",
         type=points_per_call,
@@ -251,20 +253,13 @@ def run(args: argparse.Namespace) -> None:
     objectives = {"train": build_objective(args.checkpoint, spec)}
     if args.test:
         objectives["test"] = build_objective(args.checkpoint, spec.whole("test"))
+    if args.spread:
+        return run_spread(args, objectives)
     directions = build_directions(objectives["train"], args)
     axes = grid_axes(directions, args)
     path = output_path(args, directions.kind, directions.dim)
     start = time.perf_counter()
-    surface = compute_surface(
-        objectives,
-        directions,
-        axes,
-        path=path,
-        resume=args.resume,
-        bn_recalibration=args.bn_recalibration,
-        progress=args.progress,
-        points_per_call=args.points_per_call,
-    )
+    surface = compute_surface(objectives, directions, axes, path=path, **grid_options(args))
     seconds = time.perf_counter() - start
     if args.json:
         print_json({**surface.to_dict(), "seconds": seconds})

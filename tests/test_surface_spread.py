@@ -155,3 +155,27 @@ def test_a_killed_spread_resumes_to_the_same_values(tmp_path, mlp, monkeypatch):
         compute_spread(mlp, axes, n=4, path=path, resume=True, quantities=["grad-norm"])
     with pytest.raises(SurfaceError, match="at least 2 directions"):
         spread_directions(mlp, 1)
+
+
+@pytest.mark.slow
+def test_cli_spread_prints_the_radius_and_refuses_other_directions(tmp_path, capsys):
+    import json
+
+    from analysis.cli import main
+    from landscape.inputs.checkpoints import save_checkpoint
+    from landscape.inputs.models import model_for_data
+
+    torch.manual_seed(0)
+    model, spec = model_for_data("mlp", (1, 8, 8), 10)
+    checkpoint = save_checkpoint(tmp_path / "net.pt", model, model_spec=spec, data_spec={"spec": "digits"})
+    args = ["surface", str(checkpoint), "--spread", "3", "--range", "-4:4:9", "--n-samples", "64", "--rise", "0.05"]
+    assert main([*args, "--quantities", "grad-norm", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    spread = read_spread(tmp_path / "net-spread-1d-n3.h5")
+    radius = report["sharpness_radius"]["train"]
+    assert radius["median"] == pytest.approx(sharpness_radius(spread, 0.05).median) and radius["rise"] == 0.05
+    assert report["seeds"] == [0, 1, 2] and "grad-norm" in report["quantities"]
+    assert main([*args, "--out", str(tmp_path / "other.h5")]) == 0
+    assert "sharpness radius over the 3 directions" in capsys.readouterr().out
+    assert main([*args, "--between", str(checkpoint), "--out", str(tmp_path / "x.h5")]) == 2
+    assert "--spread draws random directions" in capsys.readouterr().err
