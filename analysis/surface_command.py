@@ -90,7 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "et al.'s xignore=biasbn) or copy the weights",
     )
     group.add_argument("--states", action="store_true", help="random directions move BN running statistics too")
-    group.add_argument("--direction-seed", type=int, default=None, help="seed of the random directions (default: --seed)")
+    group.add_argument(
+        "--direction-seed",
+        type=int,
+        default=None,
+        help="seed of the random directions, or of Lanczos for eigenvectors and gradient (default: --seed)",
+    )
     group.add_argument("--test", action="store_true", help="evaluate the whole test split too")
     group.add_argument(
         "--bn-recalibration",
