@@ -54,6 +54,10 @@ _EXPORTS = {
     "compute_surface": "landscape.surfaces.surface",
     "grid_axis": "landscape.surfaces.surface",
     "read_surface": "landscape.surfaces.surface",
+    "compute_spread": "landscape.surfaces.spread",
+    "read_spread": "landscape.surfaces.spread",
+    "sharpness_radius": "landscape.surfaces.spread",
+    "register_quantity": "landscape.surfaces.quantities",
     # training
     "make_optimizer": "landscape.training.optim",
     "TrainConfig": "landscape.training.train",
