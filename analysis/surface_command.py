@@ -308,6 +308,19 @@ def format_surface(surface: Surface, seconds: float) -> str:
             )
         )
     lines.append(format_table(["split", "loss at origin", "min loss", "accuracy there", "max loss"], rows))
+    for name, per_split in surface.quantities.items():
+        at_origin = ", ".join(
+            f"{s} {_value_at_origin(surface, v):.6g}" for s, v in per_split.items() if _value_at_origin(surface, v) is not None
+        )
+        lines.append(
+            f"{name}: {at_origin or 'origin not on the grid'} at the origin; range {np.nanmin(list(per_split.values())):.6g} to {np.nanmax(list(per_split.values())):.6g}"
+        )
+    if surface.cost and np.isfinite(surface.cost["seconds"]).any():
+        lines.append(
+            f"per point: {np.nanmedian(surface.cost['seconds']) * 1e3:.3g} ms (median), "
+            f"{np.nanmax(surface.cost['forwards']):g} forward and {np.nanmax(surface.cost['backwards']):g} backward passes "
+            "over the measurement sets"
+        )
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from analysis.report import Report
 from analysis.surface_views import add_interactive_view, write_vts
 from landscape.engine.objective import Objective
 from landscape.surfaces.directions import random_directions
-from landscape.surfaces.spread import compute_spread
+from landscape.surfaces.spread import compute_spread, read_spread
 from landscape.surfaces.surface import compute_surface, grid_axis, read_surface
 from tests.helpers import classification_batches, tiny_mlp
 
@@ -61,7 +61,7 @@ def test_vtk_file_parses_back_to_the_grid_and_values(files, tmp_path):
     np.testing.assert_array_equal(_array(root, "cost_backwards"), np.full(15, 2.0))
     assert (_array(root, "computed") == 1).all()
     with pytest.raises(ValueError, match="2-D surface"):
-        write_vts(read_surface(files / "spread.h5", reader=lambda axes, grid, _: type(surface)(axes, *grid)), tmp_path / "x.vts")
+        write_vts(read_spread(files / "spread.h5").member(0), tmp_path / "x.vts")
 
 
 def test_html_holds_plotly_and_the_z_values_on_one_colour_scale(files, tmp_path):
