@@ -47,7 +47,7 @@ class Spread(Surface):
         """Member k as the Surface its seed alone gives (same directions, grid and values)."""
         rows = self.directions.vectors[k * self.dim : (k + 1) * self.dim]
         buffers = {n: b[k * self.dim : (k + 1) * self.dim] for n, b in self.directions.buffers.items()}
-        spec = {**{key: v for key, v in self.directions.spec.items() if key != "seeds"}, "seed": self.seeds[k]}
+        spec = {**{key: v for key, v in self.directions.spec.items() if key not in ("seeds", "dim")}, "seed": self.seeds[k]}
         return Surface(
             self.axes,
             {s: v[k] for s, v in self.loss.items()},
