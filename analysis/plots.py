@@ -533,6 +533,8 @@ def round_levels(low: float, high: float, n: int, log: bool) -> np.ndarray:
         ticks = ticks[(ticks > low) & (ticks < high)]
         if len(ticks) <= n:
             break
+    if len(ticks) < 3:  # a span within one step of 1…9 × 10^k (2.28 to 2.49): linear steps, else the plot is blank
+        return round_levels(low, high, n, log=False)
     return ticks
 
 

@@ -79,6 +79,8 @@ def test_round_levels_are_round_and_inside():
     assert round_levels(0.021, 2.49, 15, log=False).tolist() == pytest.approx([0.2 * k for k in range(1, 13)])
     log = round_levels(0.021, 2.49, 15, log=True)
     assert log[0] > 0.021 and log[-1] < 2.49 and 1.0 in log and len(log) <= 15
+    narrow = round_levels(2.28, 2.49, 15, log=True)  # no 1…9 × 10^k inside: round linear steps, not an empty set
+    assert len(narrow) >= 5 and narrow[0] > 2.28 and narrow[-1] < 2.49
     norm, levels = shared_scale([np.array([[1.0, np.nan], [3.0, 2.0]]), np.array([[0.5, 4.0]])], False, 10)
     assert (norm.vmin, norm.vmax) == (0.5, 4.0) and levels[0] == 0.5 and levels[-1] == 4.0
 
