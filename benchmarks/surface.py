@@ -1,9 +1,11 @@
-"""Loss-surface throughput: grid points per second vs a naive loop and the loss-landscapes package.
+"""Loss-surface throughput: grid points per second vs a naive loop, Li et al.'s plot_surface.py and loss-landscapes.
 
 Per problem, in one process at one thread: one forward pass over the measurement set (the
 floor any exact evaluation pays per point), `compute_surface` (HDF5 file included), a naive loop
-(deep copy + load_state_dict + eval per point, as a script would do) and, where it installs,
-loss-landscapes' `random_plane` on the same model and data. A second table: points per second at
+(deep copy + load_state_dict + eval per point, as a script would do), the per-point logic of Li et
+al. (2018)'s loss-landscape `plot_surface.py` re-implemented from its algorithm (weights set by
+assigning origin + x·d1 + y·d2 to each parameter, its eval loop, the whole arrays written to HDF5
+after every point) and, where it installs, loss-landscapes' `random_plane`, all on the same model and data. A second table: points per second at
 several points per call (vmapped forward, landscape.engine.batched_points) on the digits MLP and ConvNet;
 `points_per_second` measures one setting on any device (benchmarks/gpu.py runs it on a GPU).
 Writes benchmarks/results/surface.json.
@@ -84,6 +86,46 @@ def naive_seconds_per_point(model, objective: Objective, directions, coords) -> 
     return (time.perf_counter() - start) / len(coords)
 
 
+def li_et_al_seconds_per_point(model, objective: Objective, directions, coords, batches) -> float:
+    """Seconds per point of the per-point loop of Li et al. (2018)'s plot_surface.py, re-implemented from its algorithm.
+
+    Its direction file holds one numpy array per parameter; at each point it forms d1·x + d2·y per
+    parameter in numpy, assigns `p.data = w + tensor(change)`, evaluates with its eval loop (eval
+    mode, no_grad, batch-mean loss × batch size, argmax accuracy, `.item()` per batch), and rewrites
+    the whole loss and accuracy arrays of the surface file, flushed, after every point. Its data
+    loader is replaced by the same pre-made batches every contender gets.
+    """
+    import h5py
+
+    net = copy.deepcopy(model).eval()
+    params = dict(net.named_parameters())
+    weights = [p.data for p in net.parameters()]  # the origin (set_weights replaces p.data, never writes into it)
+    per_direction = [objective.layout.unflatten(v.detach().cpu()) for v in directions.vectors]
+    dirs = [[d[name].numpy() for name in params] for d in per_direction]
+    shape = (len(coords),)
+    with tempfile.TemporaryDirectory() as tmp, h5py.File(Path(tmp) / "surface.h5", "a") as f:
+        losses, accuracies = -np.ones(shape), -np.ones(shape)
+        f["train_loss"], f["train_acc"] = losses, accuracies
+        start = time.perf_counter()
+        for index, (x, y) in enumerate(coords):
+            changes = [d0 * x + d1 * y for d0, d1 in zip(*dirs)]
+            for p, w, d in zip(net.parameters(), weights, changes):
+                p.data = w + torch.Tensor(d).type(type(w))
+            total_loss, correct, total = 0.0, 0, 0
+            net.eval()
+            with torch.no_grad():
+                for inputs, targets in batches:
+                    total += inputs.size(0)
+                    outputs = net(inputs)
+                    total_loss += F.cross_entropy(outputs, targets).item() * inputs.size(0)
+                    correct += outputs.data.max(1)[1].eq(targets).sum().item()
+            losses.ravel()[index], accuracies.ravel()[index] = total_loss / total, 100.0 * correct / total
+            f["train_loss"][:] = losses
+            f["train_acc"][:] = accuracies
+            f.flush()
+        return (time.perf_counter() - start) / len(coords)
+
+
 def loss_landscapes_seconds_per_point(model, batches, steps: int) -> float | str | None:
     """Seconds per point of loss-landscapes' random_plane; None if not installed, the error text if it fails."""
     try:
@@ -120,13 +162,14 @@ def run_problem(name: str, rounds: int) -> dict:
     n = GRID[name]
     axes = [grid_axis(-1, 1, n)] * 2
     coords = np.array([(a, b) for a in axes[0] for b in axes[1]])
-    times: dict[str, list] = {"forward": [], "ours": [], "naive": [], "peer": []}
+    times: dict[str, list] = {"forward": [], "ours": [], "naive": [], "li": [], "peer": []}
     for _ in range(rounds):
         times["forward"].append(seconds_per_call(lambda: forward_pass(model, batches), min_seconds=1.0))
         times["ours"].append(ours_seconds_per_point(objective, directions, axes))
         times["naive"].append(naive_seconds_per_point(model, objective, directions, coords))
+        times["li"].append(li_et_al_seconds_per_point(model, objective, directions, coords, batches))
         times["peer"].append(loss_landscapes_seconds_per_point(model, batches, n))
-    forward, ours, naive = (float(np.median(times[k])) for k in ("forward", "ours", "naive"))
+    forward, ours, naive, li = (float(np.median(times[k])) for k in ("forward", "ours", "naive", "li"))
     peers = times["peer"]
     peer = float(np.median(peers)) if all(isinstance(p, float) for p in peers) else peers[0]
     result = {
@@ -137,16 +180,18 @@ def run_problem(name: str, rounds: int) -> dict:
         "forward_seconds": forward,
         "ours_seconds_per_point": ours,
         "naive_seconds_per_point": naive,
+        "li_et_al_seconds_per_point": li,
         "loss_landscapes_seconds_per_point": peer,
         "ours_points_per_second": 1 / ours,
         "ours_cost_in_forward_passes": ours / forward,
         "speedup_vs_naive": naive / ours,
+        "speedup_vs_li_et_al": li / ours,
         "naive_cost_in_forward_passes": naive / forward,
         "speedup_vs_loss_landscapes": peer / ours if isinstance(peer, float) else peer,
     }
     print(
         f"{name}: {1 / ours:.1f} points/s, {ours / forward:.2f} forward passes per point; "
-        f"naive {naive / ours:.2f}x slower"
+        f"naive {naive / ours:.2f}x slower, Li et al.'s plot_surface.py loop {li / ours:.2f}x slower"
         + (f", loss-landscapes {peer / ours:.2f}x slower" if isinstance(peer, float) else f", loss-landscapes: {peer}"),
         flush=True,
     )
@@ -232,7 +277,7 @@ def main() -> None:
     results = old.get("problems", {})  # a table not run keeps its rows from the last run
     batched = old.get("points_per_call", {})
     if "peers" in tables:
-        results = {name: run_problem(name, args.rounds) for name in names}
+        results = {**results, **{name: run_problem(name, args.rounds) for name in names}}  # other problems' rows kept
     if "batched" in tables:
         settings = [int(k) for k in args.points_per_call.split(",")]
         batched = {name: run_points_per_call(name, settings, args.rounds) for name in names if name in BATCHED_POINTS}
