@@ -7,12 +7,13 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
+
 from analysis.command_line import print_json
 from analysis.tables import format_table
 from landscape.engine.objective import Objective
 from landscape.surfaces.quantities import BUILT_IN, QUANTITIES
 from landscape.surfaces.spread import DEFAULT_BAND, DEFAULT_DIRECTIONS, SharpnessRadius, Spread, compute_spread, sharpness_radius
-from landscape.surfaces.surface import grid_axis
 
 
 def add_spread_arguments(group: argparse._ArgumentGroup) -> None:
@@ -37,10 +38,10 @@ def add_spread_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--quantities",
         type=quantity_list,
-        default=BUILT_IN,
+        default=",".join(BUILT_IN),  # argparse passes a string default through `type` too
         metavar="LIST",
         help="what each point records, comma-separated: loss,accuracy (always) and any of "
-        f"{', '.join(QUANTITIES)}; grad-norm costs a forward and a backward pass more per point (default loss,accuracy)",
+        f"{', '.join(QUANTITIES)}; grad-norm costs a forward and a backward pass more per point (default %(default)s)",
     )
 
 
@@ -71,17 +72,14 @@ def grid_options(args: argparse.Namespace) -> dict:
     }
 
 
-def run_spread(args: argparse.Namespace, objectives: dict[str, Objective]) -> None:
-    """`--spread N`: N random directions' curves (or planes) into one file, then the median, band and radius."""
-    from analysis.surface_command import parse_range
-
+def run_spread(args: argparse.Namespace, objectives: dict[str, Objective], axes: list[np.ndarray]) -> None:
+    """`--spread N`: N random directions' curves (or planes) on the grid `axes` into one file, then the median, band
+    and sharpness radius."""
     if getattr(args, "between", None) or getattr(args, "pca", None) or getattr(args, "plane", None):
         raise ValueError("--spread draws random directions; it cannot be combined with --between, --pca or --plane")
     if getattr(args, "directions", "random") != "random":
         raise ValueError(f"--spread draws random directions; it cannot be combined with --directions {args.directions}")
-    dim = args.dim or 1
-    axis = parse_range(args.range) if args.range else grid_axis(-1.0, 1.0, 51)
-    axes = [axis] if dim == 1 else [axis, parse_range(args.yrange) if args.yrange else axis]
+    dim = len(axes)
     seed = args.seed if args.direction_seed is None else args.direction_seed
     checkpoint = Path(args.checkpoint)
     path = Path(args.out) if args.out else checkpoint.with_name(f"{checkpoint.stem}-spread-{dim}d-n{args.spread}.h5")

@@ -259,7 +259,9 @@ def run(args: argparse.Namespace) -> None:
     if args.test:
         objectives["test"] = build_objective(args.checkpoint, spec.whole("test"))
     if args.spread:
-        return run_spread(args, objectives)
+        axis = parse_range(args.range) if args.range else grid_axis(-1.0, 1.0, 51)
+        second = parse_range(args.yrange) if args.yrange else axis
+        return run_spread(args, objectives, [axis] if (args.dim or 1) == 1 else [axis, second])
     directions = build_directions(objectives["train"], args)
     axes = grid_axes(directions, args)
     path = output_path(args, directions.kind, directions.dim)
