@@ -193,7 +193,7 @@ def test_killed_run_resumes_to_the_same_file(tmp_path, convnet_checkpoint):
     again = run_cli("surface", *args, "--out", killed)
     assert again.returncode == 2 and "exists; pass --resume" in again.stderr
     other = run_cli("surface", *args, "--out", killed, "--resume", "--direction-seed", "5")
-    assert other.returncode == 2 and "does not match this run (directions differs)" in other.stderr
+    assert other.returncode == 2 and "does not match this run (directions differs:" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
 
 

@@ -42,13 +42,13 @@ from landscape.results import Result, to_jsonable
 from landscape.statistics import CONFIDENCE, t_halfwidth
 from landscape.surfaces.directions import Directions, between, flat_state
 from landscape.surfaces.surface import (
+    Fingerprint,
     SurfaceError,
     _calls,
-    _describe_difference,
     _evaluate_points,
     _fingerprint,
     _Lock,
-    _open,
+    open_resumable,
 )
 
 if TYPE_CHECKING:
@@ -381,7 +381,7 @@ def connect(
     state = _State.empty(objectives, t, training.epochs)
     store = None
     if path is not None:
-        store = _CurveFile.open_or_create(Path(path), resume, fingerprint, metadata, state, first.n_params)
+        store = _CurveFile.open_or_create(Path(path), resume, fingerprint, metadata, state)
         state = store.read()
     try:
         w0 = first.w.detach().clone()
@@ -623,41 +623,17 @@ class _CurveFile:
         self.path, self.file, self.lock = path, file, lock
 
     @classmethod
-    def open_or_create(
-        cls, path: Path, resume: bool, fingerprint: dict, metadata: dict, state: _State, n_params: int
-    ) -> _CurveFile:
-        """The file, locked for this process until `close`; an existing one only with `resume` and matching settings."""
-        lock = _Lock(path)
-        try:
-            if path.exists():
-                if not resume:
-                    raise SurfaceError(f"{path} exists; pass --resume to finish it, or choose another --out")
-                store = cls(path, _open(path, "r+"), lock)
-                store.check(fingerprint, metadata)
-                return store
-            _create(path, fingerprint, metadata, state)
-            return cls(path, _open(path, "r+"), lock)
-        except BaseException:
-            lock.release()
-            raise
-
-    def check(self, fingerprint: dict, metadata: dict) -> None:
-        """Refuse a file of other checkpoints, data, points or training settings, naming the first difference."""
-        if self.file.attrs.get("format") != FORMAT:
-            self.file.close()
-            raise SurfaceError(f"{self.path} is not a landscape curve file; choose another --out")
-        stored = json.loads(self.file.attrs["fingerprint"])
-        if stored != fingerprint:
-            stored_metadata = json.loads(self.file.attrs["metadata"])
-            self.file.close()
-            field_name, values = _describe_difference(stored, fingerprint, stored_metadata, metadata)
-            field_name = {"directions": "checkpoint B", "axes": "points", "bn_recalibration": "BN batches"}.get(
-                field_name, field_name
-            )
-            raise SurfaceError(
-                f"{self.path} does not match this run ({field_name} differs: {values}); it cannot be resumed with "
-                "these settings (choose another --out, or delete the file to start over)"
-            )
+    def open_or_create(cls, path: Path, resume: bool, fingerprint: dict, metadata: dict, state: _State) -> _CurveFile:
+        """The file, locked for this process until `close`; an existing one only with `resume` and matching settings
+        (a file of other checkpoints, data, points or training settings is refused, naming the first difference)."""
+        names = {"directions": "checkpoint B", "axes": "points", "bn_recalibration": "BN batches"}
+        file, lock = open_resumable(
+            path,
+            resume,
+            lambda: _create(path, fingerprint, metadata, state),
+            Fingerprint(FORMAT, "curve", fingerprint, metadata, names),
+        )
+        return cls(path, file, lock)
 
     def read(self) -> _State:
         f = self.file

@@ -497,6 +497,55 @@ def _broadcast(obj: object) -> object:
 
 
 # ------------------------------------------------------------------- storage
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a resumable file must have been written for: its format, the settings that change its numbers
+    (`fingerprint`) and a readable account of them (`metadata`, named in a refusal); `names` renames a setting's
+    key for the refusal."""
+
+    format: str
+    what: str  # "surface", "curve": said when another kind of file is in the way
+    fingerprint: dict
+    metadata: dict
+    names: dict[str, str] = field(default_factory=dict)
+
+
+def open_resumable(path: Path, resume: bool, create: Callable[[], None], expected: Fingerprint) -> tuple[h5py.File, _Lock]:
+    """`path` locked for this process (a second run on it fails at once, naming it) and open for writing: created
+    by `create()` when new, and an existing file only with `resume` and written for `expected`, else refused in one
+    line naming the first difference."""
+    lock = _Lock(path)
+    try:
+        if not path.exists():
+            create()
+            return _open(path, "r+"), lock
+        if not resume:
+            raise SurfaceError(f"{path} exists; pass --resume to finish it, or choose another --out")
+        file = _open(path, "r+")
+        try:
+            _check(file, path, expected)
+        except BaseException:
+            file.close()
+            raise
+        return file, lock
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _check(file: h5py.File, path: Path, expected: Fingerprint) -> None:
+    if file.attrs.get("format") != expected.format:
+        raise SurfaceError(f"{path} is not a landscape {expected.what} file; choose another --out")
+    stored = json.loads(file.attrs["fingerprint"])
+    if stored != expected.fingerprint:
+        stored_metadata = json.loads(file.attrs["metadata"])
+        name, values = _describe_difference(stored, expected.fingerprint, stored_metadata, expected.metadata)
+        raise SurfaceError(
+            f"{path} does not match this run ({expected.names.get(name, name)} differs: {values}); it cannot be "
+            "resumed with these settings (choose another --out, or delete the file to start over)"
+        )
+
+
 class _SurfaceFile:
     """The HDF5 file of one surface: preallocated arrays, a done mask written after the values it covers."""
 
@@ -517,34 +566,13 @@ class _SurfaceFile:
         attrs: dict,
     ) -> _SurfaceFile:
         """The file, locked for this process until `close` (a second run on it fails at once, naming it)."""
-        lock = _Lock(path)
-        try:
-            if path.exists():
-                if not resume:
-                    raise SurfaceError(f"{path} exists; pass --resume to finish it, or choose another --out")
-                store = cls(path, _open(path, "r+"), lock)
-                store.check(fingerprint, metadata)
-                return store
-            _create(path, fingerprint, metadata, directions, axes, values, attrs)
-            return cls(path, _open(path, "r+"), lock)
-        except BaseException:
-            lock.release()
-            raise
-
-    def check(self, fingerprint: dict, metadata: dict) -> None:
-        """Refuse a file made from another checkpoint, data set, measurement set, direction or grid."""
-        if self.file.attrs.get("format") != FORMAT:
-            self.file.close()
-            raise SurfaceError(f"{self.path} is not a landscape surface file; choose another --out")
-        stored = json.loads(self.file.attrs["fingerprint"])
-        if stored != fingerprint:
-            stored_metadata = json.loads(self.file.attrs["metadata"])
-            self.file.close()
-            field, values = _describe_difference(stored, fingerprint, stored_metadata, metadata)
-            raise SurfaceError(
-                f"{self.path} does not match this run ({field} differs); {field}: {values}; it cannot be "
-                "resumed with these settings (choose another --out, or delete the file to start over)"
-            )
+        file, lock = open_resumable(
+            path,
+            resume,
+            lambda: _create(path, fingerprint, metadata, directions, axes, values, attrs),
+            Fingerprint(FORMAT, "surface", fingerprint, metadata),
+        )
+        return cls(path, file, lock)
 
     def read_values(self, empty: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The stored arrays of every key of `empty`; a key the file lacks (the per-point cost, in a file written
