@@ -238,7 +238,7 @@ def test_a_surface_file_in_use_is_refused_at_once(busy_surface):
 def test_surface_resume_with_other_axes_names_both_grids(busy_surface):
     args, out, *_ = busy_surface
     line = one_line(run_cli(*args, "--range", "-1:1:41", "--out", out, "--resume"))
-    assert "axes: -1:1:601 × -1:1:601 in the file, -1:1:41 × -1:1:41 asked" in line
+    assert "axes differs: -1:1:601 × -1:1:601 in the file, -1:1:41 × -1:1:41 asked" in line
 
 
 @pytest.mark.cli
@@ -246,7 +246,7 @@ def test_surface_resume_from_another_checkpoint_names_both_hashes(busy_surface, 
     args, out, _, _, sha = busy_surface
     other = trained[0] / "trajectory" / "epoch_0000.pt"
     line = one_line(run_cli("surface", other, *args[2:], "--range", "-1:1:601", "--out", out, "--resume"))
-    assert f"checkpoint: sha256 {sha} in the file, {hashlib.sha256(other.read_bytes()).hexdigest()[:12]} now" in line
+    assert f"checkpoint differs: sha256 {sha} in the file, {hashlib.sha256(other.read_bytes()).hexdigest()[:12]} now" in line
 
 
 # ------------------------------------------------------------------ training runs
