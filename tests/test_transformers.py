@@ -527,3 +527,43 @@ def test_hvps_at_readme_size_equal_finite_differences_of_an_independent_loss():
         objective = Objective(model, batches, loss=token_cross_entropy, dtype=torch.float64, device="cpu", hvp_method=method)
         assert objective.n_items == 304 and objective.loss() == pytest.approx(float(loss(w0)), rel=1e-12)
         assert float((objective.hvp(v) - fd).norm() / fd.norm()) < 1e-7, method
+
+
+def test_every_direction_spread_and_curve_runs_on_gpt2_with_the_token_loss(tmp_path):
+    """The eigenvector plane, the three-checkpoint plane, a spread over directions and a trained Bézier curve on
+    the tiny GPT-2: each passes through the points whose loss is known (the checkpoints themselves)."""
+    import copy
+
+    from landscape.surfaces.connectivity import CurveTraining, connect
+    from landscape.surfaces.directions import checkpoint_plane, eigenvector_directions
+    from landscape.surfaces.spread import compute_spread
+
+    pytest.importorskip("transformers")
+    model, batches = gpt2(), token_batches()
+    objective = Objective(model, batches, loss=token_cross_entropy, device="cpu")
+    clean = objective.loss()
+    directions = eigenvector_directions(objective, 2, seed=0)
+    assert directions.spec["eigenvalues"][0] >= directions.spec["eigenvalues"][1]
+    plane = compute_surface(objective, directions, [grid_axis(-0.1, 0.1, 3)] * 2)
+    assert plane.loss["train"][1, 1] == pytest.approx(clean, rel=1e-10)
+
+    others = []
+    for seed in (1, 2):
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=p.dtype))
+        others.append(other)
+    own = [Objective(m, batches, loss=token_cross_entropy, device="cpu").loss() for m in others]
+    through = checkpoint_plane(objective, *others, labels=("A", "B", "C"))
+    for (x, y), expected in zip(through.trajectory[1:], own):
+        at = compute_surface(objective, through, [np.array([x]), np.array([y])])
+        assert at.loss["train"][0, 0] == pytest.approx(expected, rel=1e-9)
+
+    spread = compute_spread(objective, [grid_axis(-0.1, 0.1, 3)], n=2, seed=0)
+    assert np.allclose(spread.loss["train"][:, 1], clean, rtol=1e-10)
+
+    curve = connect(objective, others[0], training=CurveTraining(epochs=1, seed=0), points=3)
+    for path in (curve.line, curve.curve):
+        assert path.loss["train"][0] == pytest.approx(clean, rel=1e-9)
+        assert path.loss["train"][-1] == pytest.approx(own[0], rel=1e-9)
