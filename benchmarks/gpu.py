@@ -12,7 +12,8 @@ Sections, each recorded on its own (a failure is an error string in its place, t
            seconds per gradient and per HVP, certified λ1 in the bounded basis the memory plan allows (its HVP
            budget cut to the time left, and said), peak memory;
   surface  grid points per second at 1 and 16 points per call on the digits MLP and ConvNet
-           (benchmarks/surface.py's points_per_second, where it exists).
+           (benchmarks/surface.py's points_per_second, where it exists), and a 51×51 ResNet-20 plane
+           on CIFAR-shaped inputs with as many points per call as fit.
 Times are medians over several calls after warm-up calls, with torch.cuda.synchronize around each;
 peak memory is torch.cuda.max_memory_allocated, reset before each row. A global time guard stops
 starting rows before the budget and the file is rewritten after every row, so a killed run keeps
@@ -73,6 +74,7 @@ FULL = {
     "surface_problems": ["mlp-digits", "convnet-digits"],
     "surface_points_per_call": [1, 16],
     "surface_points": 256,
+    "plane": {"problem": "resnet20", "points": 51},  # a 51×51 filter-normalized plane, points per call: auto
     "calls": 5,
 }
 SMOKE = {
@@ -99,6 +101,7 @@ SMOKE = {
     "lm_vocab": 100,
     "surface_points_per_call": [1, 4],
     "surface_points": 8,
+    "plane": {"problem": "convnet-digits", "points": 5},
     "calls": 2,
 }
 
@@ -471,6 +474,18 @@ def surface_section(settings: dict, device: torch.device, clock: Clock, save: Ca
             rows.append(row)
             print(json.dumps(row, default=str), flush=True)
             save()
+    plane = settings["plane"]
+    if clock.left() < 5:
+        out["plane"] = {"skipped": "time budget"}
+    else:
+        reset_memory(device)
+        try:
+            out["plane"] = surface_benchmark.points_per_second(plane["problem"], str(device), "auto", plane["points"], dim=2)
+            out["plane"]["peak_mb"] = peak_mb(device)
+        except Exception as error:  # noqa: BLE001
+            out["plane"] = {"error": error_text(error)}
+        print(json.dumps(out["plane"], default=str), flush=True)
+        save()
     for name in settings["surface_problems"]:
         speeds = {r["points_per_call"]: r.get("points_per_second") for r in rows if r["problem"] == name}
         one, many = speeds.get(1), speeds.get(max(settings["surface_points_per_call"]))

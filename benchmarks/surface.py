@@ -199,11 +199,11 @@ def run_problem(name: str, rounds: int) -> dict:
 
 
 @functools.cache
-def _surface_problem(name: str, device: str):
-    """(objective, one random direction) of a problem on `device`, built once per process."""
+def _surface_problem(name: str, device: str, dim: int = 1):
+    """(objective, `dim` random directions) of a problem on `device`."""
     model, batches = problem(name)
     objective = Objective(model.eval(), batches, device=device)
-    return objective, random_directions(objective, 1, seed=0)
+    return objective, random_directions(objective, dim, seed=0)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -211,21 +211,21 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def points_per_second(problem: str, device: str, points_per_call: int, n_points: int) -> dict:
-    """Grid points per second of compute_surface (no file) on a 1-D grid of `n_points`, `points_per_call` per call.
+def points_per_second(problem: str, device: str, points_per_call: int | str, n_points: int, dim: int = 1) -> dict:
+    """Grid points per second of compute_surface (no file) on a grid of `n_points` per axis (`dim` axes: a 51×51
+    plane is n_points=51, dim=2), `points_per_call` per call ('auto': as many as fit on a GPU).
 
     One untimed warm-up grid first; the device is synchronized before and after the timed grid.
     `fallback` names why points went one per call instead, if vmap could not batch them.
     """
-    objective, directions = _surface_problem(problem, device)
+    objective, directions = _surface_problem(problem, device, dim)
+    warm = max(2, min(n_points, 2 * points_per_call)) if isinstance(points_per_call, int) else 2
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always", BatchedPointsNote)
-        compute_surface(
-            objective, directions, [grid_axis(-1, 1, max(2, min(n_points, 2 * points_per_call)))], points_per_call=points_per_call
-        )
+        compute_surface(objective, directions, [grid_axis(-1, 1, warm)] * dim, points_per_call=points_per_call)
         _synchronize(objective.device)
         start = time.perf_counter()
-        compute_surface(objective, directions, [grid_axis(-1, 1, n_points)], points_per_call=points_per_call)
+        compute_surface(objective, directions, [grid_axis(-1, 1, n_points)] * dim, points_per_call=points_per_call)
         _synchronize(objective.device)
         seconds = time.perf_counter() - start
     fallback = next((str(n.message) for n in notes if issubclass(n.category, BatchedPointsNote)), None)
@@ -233,11 +233,12 @@ def points_per_second(problem: str, device: str, points_per_call: int, n_points:
         "problem": problem,
         "device": str(objective.device),
         "points_per_call": points_per_call,
-        "n_points": n_points,
+        "n_points": n_points**dim,
+        "grid": [n_points] * dim,
         "n_params": objective.n_params,
         "n_samples": objective.n_samples,
         "seconds": seconds,
-        "points_per_second": n_points / seconds,
+        "points_per_second": n_points**dim / seconds,
         "fallback": fallback,
     }
 

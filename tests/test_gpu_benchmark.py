@@ -39,6 +39,8 @@ def test_gpu_benchmark_smoke_run_writes_every_section(tmp_path):
     assert all(("step_s" in r and r["loss"] == r["loss"] and r["over_sgd_float32"] > 0) or "skipped" in r for r in train), train
     lanczos = report["lanczos"]  # run, or skipped by the time guard on a very busy machine; never an error
     assert lanczos == "skipped: time budget" or ("seconds" in lanczos and lanczos["n_matvecs"] >= 5), lanczos
-    surface = report["surface"]  # "not available" until benchmarks/surface.py has points_per_second
-    assert isinstance(surface, str) or ("rows" in surface and "error" not in surface), surface
+    surface = report["surface"]
+    assert "rows" in surface and "error" not in surface, surface
+    plane = surface["plane"]  # the smoke run's 5×5 plane (51×51 ResNet-20 on a GPU), or skipped by the time guard
+    assert plane == {"skipped": "time budget"} or (plane["grid"] == [5, 5] and plane["points_per_second"] > 0), plane
     assert not (ROOT / "benchmarks" / "results" / "gpu.json.tmp").exists()
