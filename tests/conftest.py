@@ -1,10 +1,16 @@
 """Pytest hooks and fixtures only; the shared helpers live in tests/helpers.py (`from tests.helpers import ...`)."""
 
+import os
+
 import pytest
+import torch
 
 from tests.helpers import classification_batches, tiny_convnet_bn, tiny_mlp  # what the fixtures below build on
 
 EDIT_LOOP_SKIPS = ("slow", "cli", "distributed")  # what the default run leaves out; `pytest --all` (CI) runs everything
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n N`: N workers share the cores, one thread each (more thrash)
+    torch.set_num_threads(1)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
