@@ -44,3 +44,13 @@ def mlp_problem():
 def conv_problem():
     x, y, batches = classification_batches(40, (1, 4, 4), 3, [16, 16, 8])
     return tiny_convnet_bn(), x, y, batches
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small dense products and hundreds of tiny steps run faster on one than on
+    two fighting over a loaded machine, and the suite's time depends less on the load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

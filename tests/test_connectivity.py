@@ -26,14 +26,7 @@ from landscape.surfaces.directions import DirectionError
 from landscape.surfaces.surface import SurfaceError
 from tests.helpers import digits_mlp_checkpoint, one_line, run_cli, tiny_convnet_bn, tiny_mlp
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Hundreds of tiny steps: one thread is faster than two fighting over a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("kind", ["bezier", "chain", "line"])

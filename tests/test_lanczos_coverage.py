@@ -2,20 +2,13 @@
 i-th eigenvalue, on hundreds of hard problems (tests/lanczos_coverage.py), with no exception."""
 
 import pytest
-import torch
 
 from tests.lanczos_coverage import network_hessians, network_problems, run, synthetic_problems
 
 STAGES = {"at initialization": 0, "mid-training": 10, "trained": 100}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small dense products: one thread is faster, and the suite's time does not depend on the machine's load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def hardest():
