@@ -17,6 +17,9 @@ time from launch, its peak resident memory; the report's own `memory` gives the 
 Measured: 124m on 4 sequences of 64 tokens, λ1 (60 HVPs), trace and density in 685 s at a 17.9 GiB peak
 (1.19× the prediction); see docs/how-to/large-models.md. With 16 sequences an HVP costs 45-60 s here and the
 run did not finish in the time a session had.
+--end-to-end CONFIG --train-steps N: the checkpoint trained N AdamW steps on fresh synthetic batches first (in a
+child process, so the measuring one has the memory). 124m, 200 steps: loss 11.0 → 7.9 in 6 minutes; measuring it
+was killed for memory twice (see docs/how-to/large-models.md).
 --eigenthings CONFIG: hessian-eigenthings' λ1 on the same model and tokens.
 """
 
@@ -168,20 +171,25 @@ def end_to_end(
     hvp: str,
     sequences: int,
     max_matvecs: int | None = None,
+    train_steps: int = 0,
 ) -> dict:
-    """A user's run: the config saved with save_pretrained (random init), then `landscape measure` on it as a
-    subprocess, its wall time from launch and its peak resident memory (the child's ru_maxrss)."""
+    """A user's run: the config saved with save_pretrained (random init, or after `train_steps` AdamW steps on
+    the synthetic corpus), then `landscape measure` on it as a subprocess, its wall time from launch and its
+    peak resident memory (the child's ru_maxrss)."""
     import resource
     import tempfile
 
-    import transformers
-
-    layers, width, heads = CONFIGS[name]
-    config = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=VOCAB, n_positions=1024)
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = Path(folder) / f"gpt2-{name}"
-        transformers.GPT2LMHeadModel(config).save_pretrained(checkpoint)
+        # in a child process, so the measuring process below has the machine's memory to itself
+        made = subprocess.run(
+            [sys.executable, __file__, "--save-into", str(checkpoint), "--train-steps", str(train_steps), "--threads",
+             str(threads), "--end-to-end", name],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if made.returncode:
+            return {"failed": f"saving the checkpoint: {made.stderr.strip().splitlines()[-1:]}"}
+        training = json.loads(made.stdout.strip().splitlines()[-1])
         (Path(folder) / "scale_corpus.py").write_text(CORPUS_MODULE.format(sequences=sequences))
         command = [
             sys.executable, "-m", "analysis.cli", "measure", str(checkpoint),
@@ -199,6 +207,8 @@ def end_to_end(
         out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=folder)
         seconds = time.perf_counter() - began
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        if out.returncode < 0:
+            return {"failed": f"killed by signal {-out.returncode} (out of memory?) after {seconds:.0f} s"}
         if out.returncode:
             return {"failed": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
         return {
@@ -209,7 +219,54 @@ def end_to_end(
             "peak_resident_bytes": peak,
             "table": out.stdout,
             "report": json.loads((Path(folder) / "measure.json").read_text()),
+            "training": training,
         }
+
+
+TRAIN_SEQUENCES, TRAIN_LR = 4, 3e-4
+
+
+def train(model: torch.nn.Module, steps: int) -> dict:
+    """`steps` AdamW steps (lr TRAIN_LR, linear warm-up over the first tenth) on fresh synthetic batches of
+    TRAIN_SEQUENCES × LENGTH tokens (corpus seeds 100, 101, ...: never the measured ones, seeds 0 and 1)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=TRAIN_LR, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    model.train()
+    losses, began = [], time.perf_counter()
+    for step in range(steps):
+        (batch,) = corpus(100 + step, TRAIN_SEQUENCES, LENGTH)
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if step % 20 == 0 or step == steps - 1:
+            print(f"train step {step}: loss {losses[-1]:.3f} ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
+    model.eval()
+    return {
+        "steps": steps,
+        "sequences": TRAIN_SEQUENCES,
+        "length": LENGTH,
+        "lr": TRAIN_LR,
+        "first_loss": losses[0],
+        "last_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "seconds": time.perf_counter() - began,
+    }
+
+
+def save_checkpoint(name: str, folder: Path, train_steps: int) -> dict | None:
+    """CONFIG's GPT-2 (seed 0), trained `train_steps` steps if any, saved with save_pretrained into `folder`."""
+    import transformers
+
+    layers, width, heads = CONFIGS[name]
+    config = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=VOCAB, n_positions=1024)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    training = train(model, train_steps) if train_steps else None
+    model.save_pretrained(folder)
+    return training
 
 
 def update_results(section: str, name: str, row: dict) -> None:
@@ -233,11 +290,16 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=8, help="trace HVPs, for --end-to-end")
     parser.add_argument("--density-steps", type=int, default=12, help="for --end-to-end")
     parser.add_argument("--sequences", type=int, default=SEQUENCES, help=f"sequences of {LENGTH} tokens, for --end-to-end")
+    parser.add_argument("--train-steps", type=int, default=0, help="for --end-to-end: AdamW steps before measuring")
     parser.add_argument("--eigenthings", metavar="CONFIG", help="hessian-eigenthings' λ1 on CONFIG's model and tokens")
     parser.add_argument("--max-iter", type=int, default=30, help="hessian-eigenthings' HVPs, for --eigenthings")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: measure this config, print JSON
+    parser.add_argument("--save-into", help=argparse.SUPPRESS)  # a child process: save --end-to-end's checkpoint
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.save_into:
+        print(json.dumps(save_checkpoint(args.end_to_end, Path(args.save_into), args.train_steps)))
+        return
     if args.one:
         print(json.dumps(measure(args.one, args.k, args.hvp, args.max_vectors)))
         return
@@ -259,9 +321,10 @@ def main() -> None:
             args.hvp,
             args.sequences,
             args.max_matvecs,
+            args.train_steps,
         )
         print(run.get("table") or run["failed"])
-        update_results("end_to_end", args.end_to_end, run)
+        update_results("end_to_end", args.end_to_end + (f"-trained{args.train_steps}" if args.train_steps else ""), run)
         return
     for name in args.configs.split(","):
         began = time.perf_counter()
