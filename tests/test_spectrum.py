@@ -335,6 +335,21 @@ def test_restarted_residuals_are_exact():
     assert krylov.restarts == 3 and krylov.peak_vectors <= 13
 
 
+@pytest.mark.parametrize("k, m, n", [(3, 7, 100), (7, 7, 13), (1, 4, 5)])
+def test_a_restart_combines_the_basis_in_place_block_by_block(k, m, n):
+    """The thick restart's V s is written over the basis a block of columns at a time (one vector's worth of
+    temporary, not k vectors'): equal to the whole product, rows past k and past m untouched."""
+    from landscape.curvature.krylov import combine_rows_in_place
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(m + 2, n, dtype=torch.float64, generator=g)
+    coefficients = torch.randn(k, m, dtype=torch.float64, generator=g)
+    expected = basis.clone()
+    expected[:k] = coefficients @ basis[:m]
+    combine_rows_in_place(basis, coefficients)
+    torch.testing.assert_close(basis, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_too_few_vectors_to_restart_is_refused():
     with pytest.raises(ValueError, match="max_vectors=6 leaves no room to restart for k=3: give at least 13"):
         lanczos(dense(MIXED)[1], 3, max_vectors=6)

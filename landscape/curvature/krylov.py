@@ -52,6 +52,17 @@ def orthogonalize(w: torch.Tensor, basis: torch.Tensor, inner: InnerProduct = LO
     return w, coefficients
 
 
+def combine_rows_in_place(basis: torch.Tensor, coefficients: torch.Tensor) -> None:
+    """basis[:k] = coefficients @ basis[:m] for coefficients (k, m), k ≤ m, a block of columns at a time, so the
+    temporary is one vector's size, not k vectors' (at 124M parameters k vectors are gigabytes)."""
+    k, m = coefficients.shape
+    n = basis.shape[1]
+    step = max(1, n // max(k, 1))
+    for start in range(0, n, step):
+        block = basis[:m, start : start + step]
+        block[:k] = coefficients @ block  # the right side is computed whole before it is written
+
+
 class AugmentedKrylov:
     """Lanczos with full reorthogonalization on a basis that fresh vectors can join (see the module docstring).
 
@@ -184,7 +195,8 @@ class AugmentedKrylov:
         if self.size != self.applied:
             raise RuntimeError("restart needs every basis vector applied")
         kept = s.shape[1]
-        self.basis[:kept] = self.vectors(s)
+        coefficients = torch.as_tensor(s.T, dtype=self.basis.dtype, device=self.basis.device)
+        combine_rows_in_place(self.basis, coefficients)
         self.size = self.applied = kept
         self.h[:] = 0.0
         self.h[np.arange(kept), np.arange(kept)] = theta
@@ -227,7 +239,8 @@ class AugmentedKrylov:
         d, u = np.linalg.eigh(np.eye(len(p64)) - np.outer(p64, p64))
         keep = d > BREAKDOWN_ULPS * torch.finfo(v.dtype).eps
         rotation = torch.as_tensor(u[:, keep].T / np.sqrt(d[keep])[:, None], dtype=v.dtype, device=v.device)
-        self.open = rotation @ self.open - (rotation @ p)[:, None] * v[None] if keep.any() else self.open[:0]
+        # one new block beside the old (the outer product is added in place, never formed)
+        self.open = (rotation @ self.open).addr_(rotation @ p, v, alpha=-1) if keep.any() else self.open[:0]
         self.coupling = (np.sqrt(d[keep])[:, None] * u[:, keep].T) @ self.coupling
         self._drop_negligible()
 
