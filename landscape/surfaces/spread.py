@@ -363,8 +363,10 @@ def _quantile(values: np.ndarray, q: float) -> float:
     ordered = np.sort(values)
     position = q * (len(ordered) - 1)
     low, high = int(np.floor(position)), int(np.ceil(position))
-    if high == low or np.isinf(ordered[high]):
-        return float(ordered[low] if high == low else "inf")
+    if high == low:
+        return float(ordered[low])
+    if np.isinf(ordered[high]):
+        return float("inf")
     return float(ordered[low] + (position - low) * (ordered[high] - ordered[low]))
 
 
