@@ -67,3 +67,57 @@ def test_no_two_pages_write_the_same_file():
             writers.setdefault(name, []).append(str(page.relative_to(ROOT)))
     shared = {name: pages for name, pages in writers.items() if len(pages) > 1}
     assert not shared, shared
+
+
+LINKED_PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md", *PAGES]
+
+
+def test_the_readme_is_one_screen_of_commands_and_links():
+    """The details live in docs/; the README keeps CI's test command as a line of its own (.ci/run runs it)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 150, len(lines)
+    assert "python -m pytest --all -n 2" in lines
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """Every heading's anchor, as GitHub writes it and as mkdocs (Python-Markdown's toc) writes it."""
+    anchors = set()
+    for heading in re.findall(r"^#+\s+(.*?)\s*$", re.sub(r"```.*?```", "", page.read_text(), flags=re.S), re.M):
+        text = heading.lower().replace("`", "")
+        anchors.add(re.sub(r"[^\w\- ]", "", text).replace(" ", "-"))  # GitHub
+        ascii_text = text.encode("ascii", "ignore").decode()
+        anchors.add(re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", ascii_text).strip()))  # mkdocs
+    return anchors
+
+
+def relative_links(page: Path) -> list[str]:
+    """The targets of the page's Markdown links and images that are not URLs, outside code."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    targets = re.findall(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", text)
+    return [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t)]
+
+
+def broken_links(page: Path) -> list[str]:
+    broken = []
+    for target in relative_links(page):
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and file.suffix == ".md" and anchor not in heading_anchors(file):
+            broken.append(f"{target}: no such heading")
+    return broken
+
+
+@pytest.mark.parametrize("page", LINKED_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    """Links to files in the repository and to headings of its Markdown pages, as GitHub follows them."""
+    assert not broken_links(page), broken_links(page)
+
+
+def test_a_broken_link_is_found(tmp_path):
+    (tmp_path / "there.md").write_text("# A heading\n")
+    page = tmp_path / "page.md"
+    page.write_text("[ok](there.md#a-heading) [code](`x.md`) `[not a link](gone.md)` [gone](gone.md) [bad](there.md#nope)\n")
+    assert broken_links(page) == ["gone.md: no such file", "there.md#nope: no such heading"]

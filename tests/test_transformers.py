@@ -489,7 +489,7 @@ def test_a_folder_without_safetensors_weights_is_refused(saved, tmp_path):
 
 
 def test_hvps_at_readme_size_equal_finite_differences_of_an_independent_loss():
-    """The README's GPT-2 (30,720 parameters, 16 sequences, right padding) in float64: every path's H v equals central
+    """The GPT-2 of docs/how-to/own-model.md (30,720 parameters, 16 sequences, right padding) in float64: every path's H v equals central
     differences of the gradient of a separately written token loss (masked log-softmax), to their h² error."""
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64)
     torch.manual_seed(0)
