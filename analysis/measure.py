@@ -196,7 +196,12 @@ def add_metric_arguments(
         choices=list(TRACE_METHODS),
         help="xtrace (default: lowest error per matvec in benchmarks/curvature.py), hutchpp, hutchinson",
     )
-    group.add_argument("--probes", type=int, default=D.probes, help="matvec budget of the trace estimate (default %(default)s)")
+    group.add_argument(
+        "--probes",
+        type=int,
+        default=D.probes,
+        help="matvec budget of the trace estimate, and of sharpness-curve's second-order prediction (default %(default)s)",
+    )
     group.add_argument("--density-runs", type=int, default=D.density_runs, help="SLQ runs (default %(default)s)")
     group.add_argument(
         "--density-steps", type=int, default=D.density_steps, help="Lanczos steps per SLQ run (default %(default)s)"
@@ -535,7 +540,7 @@ def _weight_noise(spec: MetricSpec) -> dict:
 
 
 def _sharpness_curve(objective: Objective, spec: MetricSpec) -> Result:
-    return sharpness_curve(objective, list(spec.radius), **_weight_noise(spec))
+    return sharpness_curve(objective, list(spec.radius), n_probes=spec.probes, **_weight_noise(spec))
 
 
 def _eps_sharpness(objective: Objective, spec: MetricSpec) -> Result:

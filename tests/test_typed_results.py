@@ -136,3 +136,11 @@ def test_a_cached_comparison_renders_as_the_fresh_one(tmp_path):
     cached = typed_comparison(json.loads(json.dumps(to_jsonable(fresh))))
     assert comparison_tables(cached) == comparison_tables(fresh)
     assert cached["differences"]["b"]["λ1"] == fresh["differences"]["b"]["λ1"]  # a Difference, field for field
+
+
+def test_probes_set_the_sharpness_curves_prediction_too():
+    """--probes is the HVP budget of every trace estimate, the sharpness curve's ½·tr(ΣH) included."""
+    from landscape.examples import quadratic
+
+    curve = METRICS["sharpness-curve"](quadratic(), MetricSpec(probes=6, noise_samples=4, radius=(0.01,)))
+    assert curve.trace.n_matvecs == 6
