@@ -72,9 +72,9 @@ def cli_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "analysis.cli"]
 
 
-def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    """Run `landscape ARGS` as a real process."""
-    return subprocess.run(cli_command() + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=600)
+def run_cli(*args, cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `landscape ARGS` as a real process, killed after `timeout` seconds (a hang fails the test, not CI)."""
+    return subprocess.run(cli_command() + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
 def digits_mlp_checkpoint(folder: Path, hidden: tuple[int, ...], seed: int = 0) -> Path:

@@ -133,7 +133,10 @@ def test_compare_refuses_mixed_architectures(two_runs, tmp_path):
 def test_figures_quick_writes_every_figure(tmp_path):
     from analysis.noise_sweep import GRID
 
-    result = run_cli("figures", "--quick", "--out", tmp_path / "fig", "--cache", tmp_path / "cache", "--quiet", "--jobs", "2")
+    # the whole pipeline: ~1.5 CPU-minutes alone, but past 600 s on a loaded two-core CI machine
+    result = run_cli(
+        "figures", "--quick", "--out", tmp_path / "fig", "--cache", tmp_path / "cache", "--quiet", "--jobs", "2", timeout=1800
+    )
     assert result.returncode == 0, result.stderr
     names = [
         "interpolation.png",

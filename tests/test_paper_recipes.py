@@ -257,6 +257,7 @@ def test_figures_paper_quick_end_to_end(tmp_path):
         tmp_path / "cache",
         "--quiet",
         "--json",
+        timeout=1800,  # ~1 CPU-minute alone; several times that on a loaded two-core CI machine
     )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
