@@ -336,18 +336,21 @@ def test_restarted_residuals_are_exact():
 
 
 @pytest.mark.parametrize("k, m, n", [(3, 7, 100), (7, 7, 13), (1, 4, 5)])
-def test_a_restart_combines_the_basis_in_place_block_by_block(k, m, n):
-    """The thick restart's V s is written over the basis a block of columns at a time (one vector's worth of
-    temporary, not k vectors'): equal to the whole product, rows past k and past m untouched."""
+@pytest.mark.parametrize("end", ["front", "back"])
+def test_rows_are_combined_in_place_block_by_block(k, m, n, end):
+    """V s written over the rows it is made of, a block of columns at a time (one vector's worth of temporary, not k
+    vectors'): equal to the whole product, every other row untouched. The restart does it at the buffer's front (the
+    basis), the remainder directions at its back (Q)."""
     from landscape.curvature.krylov import combine_rows_in_place
 
     g = torch.Generator().manual_seed(0)
-    basis = torch.randn(m + 2, n, dtype=torch.float64, generator=g)
+    buffer = torch.randn(m + 2, n, dtype=torch.float64, generator=g)
     coefficients = torch.randn(k, m, dtype=torch.float64, generator=g)
-    expected = basis.clone()
-    expected[:k] = coefficients @ basis[:m]
-    combine_rows_in_place(basis, coefficients)
-    torch.testing.assert_close(basis, expected, rtol=1e-12, atol=1e-12)
+    rows, into = (slice(0, m), slice(0, k)) if end == "front" else (slice(2, m + 2), slice(m + 2 - k, m + 2))
+    expected = buffer.clone()
+    expected[into] = coefficients @ buffer[rows]
+    combine_rows_in_place(buffer[rows], coefficients, buffer[into])
+    torch.testing.assert_close(buffer, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_too_few_vectors_to_restart_is_refused():

@@ -13,7 +13,9 @@ plain Lanczos only the last vector's product leaves the span, so s = 1 and B's o
 β_m; each further Krylov sequence adds one row. A Ritz pair (θ, Vs) then has the residual
 ‖AVs − θVs‖ = ‖B s‖ exactly.
 
-Memory is bounded by `capacity`, the most n-vectors kept at once (basis and Q). When they are all used,
+Memory is bounded by `capacity`, the most n-vectors kept at once (basis and Q), and allocated once: one buffer
+of `capacity` rows holds the basis from the front and Q from the back, so neither grows into a copy of itself (on a
+CPU the rows not yet written take no memory). When they are all used,
 `restart` keeps only the Ritz vectors Y = V S of the wanted end: Yᵀ A Y = diag(θ) and A Y = Y diag(θ) +
 Qᵀ (B S), so the factorization keeps its form and the recurrence continues from Q's directions. This
 is thick-restart Lanczos (Wu & Simon 2000), which is equivalent to implicitly restarted Lanczos with
@@ -28,7 +30,6 @@ import torch
 from landscape.engine.inner import LOCAL, InnerProduct
 from landscape.engine.operators import LinearOperator
 
-INITIAL_CAPACITY = 32  # basis rows allocated up front; doubled as the basis grows
 BREAKDOWN_ULPS = 100  # ‖g‖ ≤ this many machine epsilons of ‖H‖: an invariant subspace was found
 REORTHOGONALIZE = 2**-0.5  # a Gram–Schmidt pass that leaves less than this share of the norm is repeated
 
@@ -44,23 +45,24 @@ def orthogonalize(w: torch.Tensor, basis: torch.Tensor, inner: InnerProduct = LO
         return w, w.new_zeros(0)
     before = inner.norm(w)
     coefficients = inner.reduce(basis @ w)
-    w = w - coefficients @ basis
+    w = torch.addmv(w, basis.T, coefficients, alpha=-1)  # one new vector, no temporary for the product
     if inner.norm(w) < REORTHOGONALIZE * before:
         c = inner.reduce(basis @ w)
-        w = w - c @ basis
+        w = torch.addmv(w, basis.T, c, alpha=-1)
         coefficients = coefficients + c
     return w, coefficients
 
 
-def combine_rows_in_place(basis: torch.Tensor, coefficients: torch.Tensor) -> None:
-    """basis[:k] = coefficients @ basis[:m] for coefficients (k, m), k ≤ m, a block of columns at a time, so the
-    temporary is one vector's size, not k vectors' (at 124M parameters k vectors are gigabytes)."""
-    k, m = coefficients.shape
-    n = basis.shape[1]
+def combine_rows_in_place(rows: torch.Tensor, coefficients: torch.Tensor, into: torch.Tensor) -> None:
+    """into = coefficients @ rows for coefficients (k, m), where `into` (k rows) may share memory with `rows` (m
+    rows of the same buffer): a block of columns at a time, so the temporary is one vector's size, not k vectors'
+    (at 124M parameters k vectors are gigabytes)."""
+    k = coefficients.shape[0]
+    n = rows.shape[1]
     step = max(1, n // max(k, 1))
     for start in range(0, n, step):
-        block = basis[:m, start : start + step]
-        block[:k] = coefficients @ block  # the right side is computed whole before it is written
+        # the block's right side is computed whole before any of it is written
+        into[:, start : start + step] = coefficients @ rows[:, start : start + step]
 
 
 class AugmentedKrylov:
@@ -71,22 +73,24 @@ class AugmentedKrylov:
     basis instead. `ritz()` gives the Rayleigh–Ritz pairs of the vectors A has been applied to and their
     exact residual norms; `restart(s)` shrinks the basis to the Ritz vectors of the columns of s.
 
-    `capacity` is the most n-vectors stored at once (None: no bound), the basis and the remainder directions Q (one
-    per open Krylov sequence) together (`stored_vectors`); one is left free for a new sequence's remainder.
+    `capacity` is the most n-vectors stored at once (None: every product's and a few more), the basis and the
+    remainder directions Q (one per open Krylov sequence) together (`stored_vectors`); one is left free for a new
+    sequence's remainder. They share one buffer of `capacity` rows (`basis`): the basis vectors are its first
+    `size` rows and Q its last rows (`open`).
     """
 
     def __init__(self, op: LinearOperator, start: torch.Tensor, max_steps: int, capacity: int | None = None) -> None:
         self.op, self.n, self.max_steps = op, op.shape[0], max_steps
         self.inner, self.length = op.inner, op.length  # sharded: this rank's entries, products summed over the ranks
-        self.capacity = 2 * (max_steps + 1) if capacity is None else max(3, capacity)
-        self.basis = start.new_zeros(min(self.capacity, INITIAL_CAPACITY), self.length)
+        self.capacity = max_steps + 5 if capacity is None else max(3, capacity)
+        self.basis = start.new_empty(self.capacity, self.length)  # rows are written before they are read
         self.basis[0] = start / self.inner.norm(start)
         self.size = 1  # basis vectors; the last one is waiting for its product
         self.applied = 0  # basis vectors A has been applied to (columns of H)
         self.products = 0  # operator products spent, by the basis and by any check that counts here
         self.restarts = 0
         self.h = np.zeros((self.basis.shape[0], self.basis.shape[0]))
-        self.open = start.new_zeros(0, self.length)  # Q: orthonormal directions of A V outside the basis
+        self.remainders = 0  # rows of Q: orthonormal directions of A V outside the basis, the buffer's last rows
         self.coupling = np.zeros((0, self.basis.shape[0]))  # B: A V = V H + Qᵀ B
         self.owner = [0]  # the Krylov sequence each basis vector belongs to
         self.ends: list[int | None] = [None]  # per sequence: its last applied basis vector
@@ -95,9 +99,14 @@ class AugmentedKrylov:
         self.peak_vectors = self.stored_vectors
 
     @property
+    def open(self) -> torch.Tensor:
+        """Q: the remainder directions (rows), a view of the buffer's last rows."""
+        return self.basis[self.capacity - self.remainders :]
+
+    @property
     def stored_vectors(self) -> int:
         """n-vectors held now: the basis (with the one waiting for its product) and the remainder directions."""
-        return self.size + self.open.shape[0]
+        return self.size + self.remainders
 
     @property
     def full(self) -> bool:
@@ -196,7 +205,7 @@ class AugmentedKrylov:
             raise RuntimeError("restart needs every basis vector applied")
         kept = s.shape[1]
         coefficients = torch.as_tensor(s.T, dtype=self.basis.dtype, device=self.basis.device)
-        combine_rows_in_place(self.basis, coefficients)
+        combine_rows_in_place(self.basis[: s.shape[0]], coefficients, self.basis[:kept])
         self.size = self.applied = kept
         self.h[:] = 0.0
         self.h[np.arange(kept), np.arange(kept)] = theta
@@ -218,7 +227,7 @@ class AugmentedKrylov:
         self.basis[0] = v / self.inner.norm(v)
         self.size, self.applied = 1, 0
         self.h[:] = 0.0
-        self.open = self.open[:0]
+        self.remainders = 0
         self.coupling = np.zeros((0, self.h.shape[0]))
         self.owner, self.ends = [0], [None]
         self.restarts += 1
@@ -229,18 +238,23 @@ class AugmentedKrylov:
 
     def _leave_open(self, v: torch.Tensor) -> None:
         """v joined the applied basis: take its direction out of Q (its coefficients moved into H already)."""
-        if self.open.shape[0] == 0:
+        if self.remainders == 0:
             return
         # Q − p vᵀ (p = Q v) has Gram matrix I − p pᵀ = U D Uᵀ: its rows are Uᵀ-rotated to D^{1/2} Q' with Q'
         # orthonormal, so Qᵀ B becomes Q'ᵀ (D^{1/2} Uᵀ B); the direction v took (d ≈ 0) is dropped with its
-        # coefficients. Only the kept rotated rows are formed (none in plain Lanczos, where v is Q's one row).
+        # coefficients. The kept rotated rows overwrite Q's last rows in place (none in plain Lanczos, where v is
+        # Q's one row), and the outer product is added in place, never formed.
         p = self.inner.reduce(self.open @ v)
         p64 = p.double().cpu().numpy()
         d, u = np.linalg.eigh(np.eye(len(p64)) - np.outer(p64, p64))
         keep = d > BREAKDOWN_ULPS * torch.finfo(v.dtype).eps
         rotation = torch.as_tensor(u[:, keep].T / np.sqrt(d[keep])[:, None], dtype=v.dtype, device=v.device)
-        # one new block beside the old (the outer product is added in place, never formed)
-        self.open = (rotation @ self.open).addr_(rotation @ p, v, alpha=-1) if keep.any() else self.open[:0]
+        kept = int(keep.sum())
+        if kept:
+            into = self.basis[self.capacity - kept :]
+            combine_rows_in_place(self.open, rotation, into)
+            into.addr_(rotation @ p, v, alpha=-1)
+        self.remainders = kept
         self.coupling = (np.sqrt(d[keep])[:, None] * u[:, keep].T) @ self.coupling
         self._drop_negligible()
 
@@ -251,33 +265,32 @@ class AugmentedKrylov:
             self.coupling[:, j] = coefficients.double().cpu().numpy()
         norm = float(self.inner.norm(g))
         if norm > self._negligible:
+            if self.stored_vectors >= self.capacity:
+                raise RuntimeError("no room for a remainder direction: restart first")
             row = np.zeros((1, self.coupling.shape[1]))
             row[0, j] = norm
-            self.open = torch.cat([self.open, (g / norm)[None]])
-            self.coupling = np.vstack([self.coupling, row])
+            self.remainders += 1
+            torch.div(g, norm, out=self.basis[self.capacity - self.remainders])  # Q's new first row
+            self.coupling = np.vstack([row, self.coupling])
         self._drop_negligible()
 
     def _drop_negligible(self) -> None:
         """Forget directions of Q whose coefficients are negligible (in plain Lanczos, all but the newest)."""
         keep = np.linalg.norm(self.coupling, axis=1) > self._negligible
         if not keep.all():
-            self.open = self.open[torch.as_tensor(keep, device=self.open.device)]
+            # the kept rows move toward the buffer's end, the last first, so no row is overwritten before it moves
+            first = self.capacity - self.remainders
+            kept = np.flatnonzero(keep)
+            for t in reversed(range(len(kept))):
+                source, target = first + int(kept[t]), self.capacity - len(kept) + t
+                if target != source:
+                    self.basis[target] = self.basis[source]
+            self.remainders = len(kept)
             self.coupling = self.coupling[keep]
 
     def _add(self, v: torch.Tensor, sequence: int) -> None:
-        if self.size >= self.basis.shape[0]:
-            capacity = min(2 * self.basis.shape[0], self.capacity, self.max_steps + 1)
-            if capacity <= self.size:
-                raise RuntimeError("the basis is full: restart first")
-            grown = self.basis.new_zeros(capacity, self.length)
-            grown[: self.size] = self.basis[: self.size]
-            self.basis = grown
-            h = np.zeros((capacity, capacity))
-            h[: self.size, : self.size] = self.h[: self.size, : self.size]
-            self.h = h
-            coupling = np.zeros((len(self.coupling), capacity))
-            coupling[:, : self.size] = self.coupling[:, : self.size]
-            self.coupling = coupling
+        if self.stored_vectors >= self.capacity:
+            raise RuntimeError("the basis is full: restart first")
         self.basis[self.size] = v
         self.owner.append(sequence)
         self.size += 1

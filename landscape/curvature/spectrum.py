@@ -475,6 +475,7 @@ class _DeflatedCheck:
         rows = np.sort(order[: best[1]])
         contiguous = len(rows) and rows[-1] - rows[0] + 1 == len(rows)  # Y is a block at one end of the basis
         self.deflation = krylov.basis[rows[0] : rows[-1] + 1] if contiguous else krylov.basis[torch.as_tensor(rows)]
+        self.copied = 0 if contiguous else len(rows)  # "LM" can want both ends: Y is then a copy beside the basis
         q, _ = orthogonalize(_gaussian(generator, krylov.op), self.deflation, krylov.inner)
         self.start_norm = float(krylov.inner.norm(q))
         self.start = q / max(self.start_norm, torch.finfo(q.dtype).tiny)
@@ -484,8 +485,11 @@ class _DeflatedCheck:
         """True: passed; a vector: the Ritz vector of something the basis missed; None: the budget ran out."""
         if self.start_norm <= 1e-6:
             return True  # Y spans the space to rounding
-        spare = self.krylov.capacity - self.krylov.stored_vectors - CHECK_VECTORS  # Y is in the basis already
-        stored: list[torch.Tensor] | None = []
+        krylov = self.krylov
+        # the buffer's free rows keep the q_j, less as many as the recurrence's own vectors take beside it
+        free = krylov.capacity - krylov.stored_vectors - CHECK_VECTORS - self.copied
+        slots = krylov.basis[krylov.size : krylov.size + max(free, 0)]
+        stored: int | None = 0  # how many are kept there (None: more than fit; `_rebuild` recomputes the Ritz vector)
         alphas: list[float] = []
         betas: list[float] = []
         for q, alpha, beta in self._recurrence():
@@ -493,10 +497,13 @@ class _DeflatedCheck:
                 return None
             alphas.append(alpha)
             if stored is not None:
-                stored.append(q)
-                stored = stored if len(stored) <= spare else None
-            held = CHECK_VECTORS + (len(stored) if stored is not None else 0)
-            self.krylov.peak_vectors = max(self.krylov.peak_vectors, self.krylov.stored_vectors + held)
+                if stored < len(slots):
+                    slots[stored] = q
+                    stored += 1
+                else:
+                    stored = None
+            held = CHECK_VECTORS + self.copied + (stored or 0)
+            krylov.peak_vectors = max(krylov.peak_vectors, krylov.stored_vectors + held)
             rho, s = np.linalg.eigh(np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))
             passed = True
             for sign, seen in self.sides:  # `seen`: the far end of the spectrum in this frame
@@ -506,7 +513,7 @@ class _DeflatedCheck:
                 if edge >= self.level:
                     weights = s[:, top]
                     if stored is not None:
-                        return torch.as_tensor(weights, dtype=self.start.dtype, device=self.start.device) @ torch.stack(stored)
+                        return torch.as_tensor(weights, dtype=slots.dtype, device=slots.device) @ slots[:stored]
                     return self._rebuild(weights)
                 margin, width = self.level - edge, edge - far
                 degree = len(alphas) - 1
@@ -531,10 +538,12 @@ class _DeflatedCheck:
             inner = self.krylov.inner
             w, _ = orthogonalize(w, self.deflation, inner)
             alpha = float(inner.reduce(q @ w))
-            w = w - alpha * q - (beta_previous * previous if previous is not None else 0.0)
-            w = w - inner.reduce(q @ w) * q  # local reorthogonalization against the last two vectors
+            w.sub_(q, alpha=alpha)  # in place: each temporary here is an n-vector
             if previous is not None:
-                w = w - inner.reduce(previous @ w) * previous
+                w.sub_(previous, alpha=beta_previous)
+            w.sub_(q, alpha=float(inner.reduce(q @ w)))  # local reorthogonalization against the last two vectors
+            if previous is not None:
+                w.sub_(previous, alpha=float(inner.reduce(previous @ w)))
             w, _ = orthogonalize(w, self.deflation, inner)
             beta = float(inner.norm(w))
             yield q, alpha, beta
@@ -548,7 +557,7 @@ class _DeflatedCheck:
         for j, (q, _, _) in zip(range(len(weights)), self._recurrence()):
             if q is None:
                 return None
-            y += float(weights[j]) * q
+            y.add_(q, alpha=float(weights[j]))
         return y
 
 
