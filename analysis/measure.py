@@ -18,7 +18,7 @@ from analysis.specs import MeasureSpec, MetricSpec, ObjectiveSpec
 from landscape.curvature.density import slq_density
 from landscape.curvature.per_layer import GROUPINGS, parameter_blocks, per_layer
 from landscape.curvature.spectrum import default_max_matvecs, default_max_vectors, lanczos, minimum_vectors
-from landscape.curvature.trace import hutchinson, hutchpp, xtrace
+from landscape.curvature.trace import HUTCHINSON_BLOCK, hutchinson, hutchpp, trace_vectors, xtrace
 from landscape.engine import distributed as ranks
 from landscape.engine.finite_difference import FiniteDifferenceErrors
 from landscape.engine.from_checkpoint import DTYPES, objective_from_checkpoint, parse_dtype
@@ -41,7 +41,10 @@ from landscape.sharpness.worst_case import (
     worst_case,
 )
 
-SOLVER_TEMPORARIES = 4  # n-vectors Lanczos allocates beside its basis during a step
+# n-vectors a solver allocates beside the vectors it counts: Lanczos's product, its remainder and a second
+# Gram–Schmidt pass; its check's recurrence (start, last two vectors, product, its projection) and the deflation's
+# temporaries. Measured peaks: tests/test_solver_memory.py
+SOLVER_TEMPORARIES = 8
 TRACE_METHODS = {"xtrace": xtrace, "hutchpp": hutchpp, "hutchinson": hutchinson}
 
 
@@ -424,31 +427,68 @@ def _eig(objective: Objective, spec: MetricSpec) -> Result:
 def lanczos_vectors(objective: Objective, n: int, dtype, spec: MetricSpec) -> int:
     """How many n-vectors Lanczos may hold (--max-vectors, or what the memory plan leaves free); one line if even
     the fewest it can restart in do not fit beside the HVPs' own peak."""
-    plan = objective.memory_plan
     size = n * torch.finfo(dtype).bits // 8
-    free = _free_beside_hvps(objective) - SOLVER_TEMPORARIES * size  # a product, its remainder and two more
     k = min(spec.k, n)
     budget = spec.max_matvecs or default_max_matvecs(n, k)
-    vectors = spec.max_vectors or default_max_vectors(n, k, budget, dtype, max(free, 0))
+    vectors = spec.max_vectors or default_max_vectors(n, k, budget, dtype, max(_free_for_vectors(objective, size), 0))
+    fit = int(0.9 * _free_for_vectors(objective, size)) // size
+    advice = f"--max-vectors {fit} (more restarts)" if fit >= minimum_vectors(k) else "a smaller --k"
+    _refuse_unless_fits(objective, "Lanczos", vectors, n, size, advice)
+    return vectors
+
+
+def _free_for_vectors(objective: Objective, size: int) -> int:
+    """Bytes left for a solver's counted n-vectors (of `size` bytes): what the HVPs' predicted peak leaves free, less
+    the solver's temporaries."""
+    return _free_beside_hvps(objective) - SOLVER_TEMPORARIES * size
+
+
+def _refuse_unless_fits(objective: Objective, solver: str, vectors: int, n: int, size: int, advice: str) -> None:
+    """One line (InsufficientMemory) if `vectors` n-vectors of `solver` do not fit beside the HVPs' own peak."""
+    free = _free_for_vectors(objective, size)
     if vectors * size <= free:
-        return vectors
-    fit = int(0.9 * free) // size
-    advice = (
-        f"--max-vectors {fit} (more restarts)"
-        if fit >= minimum_vectors(k)
-        else "a smaller --k, a smaller --batch-size or a larger device"
-    )
+        return
     raise InsufficientMemory(
-        f"not enough memory on {objective.device}: Lanczos holds {vectors} vectors of {n:,} parameters "
-        f"({format_size(vectors * size)}) beside the HVPs' {format_size(plan.predicted_peak_bytes)}, and "
-        f"{format_size(free)} is left; use {advice}"
+        f"not enough memory on {objective.device}: {solver} holds {vectors} vectors of {n:,} parameters "
+        f"({format_size(vectors * size)}) beside the HVPs' {format_size(objective.memory_plan.predicted_peak_bytes)}, "
+        f"and {format_size(max(free, 0))} is left; use {advice}, a smaller --batch-size or a larger device"
     )
+
+
+def hutchinson_block(objective: Objective, n: int, size: int, probes: int) -> int:
+    """Probes per block of Hutchinson's estimator: HUTCHINSON_BLOCK, or fewer where the memory plan leaves less (said
+    in a note: the probes are drawn a block at a time, so they differ from the default blocks')."""
+    _refuse_unless_fits(objective, "Hutchinson's estimator", trace_vectors("hutchinson", 1, n), n, size, "fewer parameters")
+    fit = max(_free_for_vectors(objective, size), 0) // size
+    block = max(min(HUTCHINSON_BLOCK, probes, fit // trace_vectors("hutchinson", 1, n)), 1)
+    if block < min(HUTCHINSON_BLOCK, probes):
+        warnings.warn(
+            OptionNote(
+                f"Hutchinson's estimator takes blocks of {block} probes, not {HUTCHINSON_BLOCK}, to fit in memory; its "
+                "probes, drawn a block at a time, differ from a run with the default blocks"
+            ),
+            stacklevel=2,
+        )
+    return block
 
 
 def _trace(objective: Objective, spec: MetricSpec) -> Result:
-    return TRACE_METHODS[spec.trace_method](
-        _operator(objective, spec),
-        spec.probes,
+    """The trace estimate, refused in one line where its vectors do not fit (Hutchinson's takes smaller blocks)."""
+    op = _operator(objective, spec)
+    n, size = op.shape[0], op.shape[0] * torch.finfo(op.dtype).bits // 8
+    method, probes = spec.trace_method, spec.probes
+    options = {}
+    if method == "hutchinson":
+        options["block_size"] = hutchinson_block(objective, n, size, probes)
+    else:
+        fit = max(_free_for_vectors(objective, size), 0) // size
+        fewer = next((p for p in range(probes, 3, -1) if trace_vectors(method, p, n) <= fit), None)
+        advice = f"--probes {fewer}" if fewer else "--trace-method hutchinson"
+        _refuse_unless_fits(objective, f"{method} with {probes} probes", trace_vectors(method, probes, n), n, size, advice)
+    return TRACE_METHODS[method](
+        op,
+        probes,
+        **options,
         seed=spec.seed,
         blocks=None if _sharded(objective) else objective.layout.slices(),  # a rank holds no whole parameter
         progress=spec.progress,
@@ -497,7 +537,7 @@ def process_memory(objective: Objective, metrics: dict) -> dict:
     most vectors a solver held and its temporaries) beside the peak measured so far (VmHWM; on CUDA the allocator's)."""
     plan = objective.memory_plan
     size = objective.n_params * torch.finfo(objective.dtype).bits // 8
-    vectors = max((m.get("stored_vectors") or 0 for m in metrics.values() if isinstance(m, dict)), default=0)
+    vectors = max((_held_vectors(m, objective.n_params) for m in metrics.values() if isinstance(m, dict)), default=0)
     solver = (vectors + SOLVER_TEMPORARIES) * size if vectors else 0
     predicted = plan.resident_bytes + plan.predicted_peak_bytes + solver
     measured = peak_resident_bytes(objective.device)
@@ -508,6 +548,16 @@ def process_memory(objective: Objective, metrics: dict) -> dict:
         "measured_peak_bytes": measured,
         "measured_over_predicted": measured / predicted if predicted else None,
     }
+
+
+def _held_vectors(metric: dict, n: int) -> int:
+    """The most n-vectors a measured metric's solver held: its own count, or a trace estimator's (from its method
+    and products)."""
+    if metric.get("stored_vectors"):
+        return metric["stored_vectors"]
+    if metric.get("method") in TRACE_METHODS and metric.get("n_matvecs"):
+        return trace_vectors(metric["method"], metric["n_matvecs"], n)
+    return 0
 
 
 def _free_beside_hvps(objective: Objective) -> int:
@@ -540,7 +590,9 @@ def _weight_noise(spec: MetricSpec) -> dict:
 
 
 def _sharpness_curve(objective: Objective, spec: MetricSpec) -> Result:
-    return sharpness_curve(objective, list(spec.radius), n_probes=spec.probes, **_weight_noise(spec))
+    size = objective.n_params * torch.finfo(objective.dtype).bits // 8
+    block = hutchinson_block(objective, objective.n_params, size, spec.probes)
+    return sharpness_curve(objective, list(spec.radius), n_probes=spec.probes, probe_block=block, **_weight_noise(spec))
 
 
 def _eps_sharpness(objective: Objective, spec: MetricSpec) -> Result:

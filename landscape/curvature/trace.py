@@ -49,6 +49,9 @@ class TraceResult(Result):
         return self.estimate - half, self.estimate + half
 
 
+HUTCHINSON_BLOCK = 10  # probes per `products` call of Hutchinson's estimator, by default
+
+
 def _check_blocks(blocks: dict[str, slice] | None, n: int, op: LinearOperator) -> None:
     """Blocks must be named, non-empty, forward slices inside [0, n], of an operator on whole vectors."""
     if blocks is None:
@@ -109,7 +112,7 @@ def hutchinson(
     op: LinearOperator,
     n_probes: int = 100,
     *,
-    block_size: int = 10,
+    block_size: int = HUTCHINSON_BLOCK,
     target_rel_stderr: float | None = None,
     blocks: dict[str, slice] | None = None,
     seed: int = 0,
@@ -162,11 +165,12 @@ def hutchinson(
     with Progress(n_probes, "hutchinson", "matvec", progress) as bar:
         while used < n_probes:
             z = rademacher_rows(generator, min(block_size, n_probes - used), op)
-            contributions = z * _counted(op, z, bar)
+            contributions = _counted(op, z, bar).mul_(z)  # in place: a block is block_size n-vectors
             used, n_blocks = used + z.shape[0], n_blocks + 1
             totals.append(op.inner.reduce(contributions.sum(1)))
             for name, sums in _block_sums(contributions, blocks or {}).items():
                 per_block[name].append(sums)
+            del z, contributions  # before the next block is drawn
             if target_rel_stderr is not None and n_blocks >= 2:
                 estimate, stderr = _mean_stderr(torch.cat(totals).double().cpu().numpy())
                 if stderr <= target_rel_stderr * abs(estimate):
@@ -323,6 +327,22 @@ def xtrace(
         samples[name], stderrs[name] = _xtrace_estimate(gram, parts)
     block_samples = {name: torch.as_tensor(samples[name]) for name in blocks} if blocks is not None else None
     return _result("xtrace", torch.as_tensor(samples[None]), block_samples, m + q.shape[0], seed, start, stderrs)
+
+
+def trace_vectors(method: str, n_matvecs: int, n: int, block_size: int = HUTCHINSON_BLOCK) -> int:
+    """The most n-vectors a trace estimator holds at once beside the operator's own memory (the counts follow the
+    code and are checked against the measured peak in tests/test_solver_memory.py).
+
+    xtrace: the m = n_matvecs/2 test vectors, their products, the basis Q and A·Q, and the QR's workspace (5m);
+    hutchpp: 2 per sketch vector and 4 per deflated probe; hutchinson: a block of probes and their products."""
+    if method == "xtrace":
+        return 5 * min(n_matvecs // 2, n) + 1
+    if method == "hutchpp":
+        sketch = min(n_matvecs // 3, n)
+        return 2 * sketch + 4 * (n_matvecs - 2 * sketch)
+    if method == "hutchinson":
+        return 3 * min(block_size, n_matvecs)
+    raise ValueError(f"unknown trace method {method!r}: xtrace, hutchpp or hutchinson")
 
 
 def _counted(op: LinearOperator, V: torch.Tensor, bar: Progress) -> torch.Tensor:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from landscape.curvature.trace import TraceResult, hutchinson
+from landscape.curvature.trace import HUTCHINSON_BLOCK, TraceResult, hutchinson
 from landscape.engine.checks import check_int, check_number
 from landscape.engine.noise import draw
 from landscape.engine.objective import Batch, Evaluation, Objective
@@ -281,6 +281,7 @@ def sharpness_curve(
     antithetic: bool = True,
     with_prediction: bool = True,
     n_probes: int = 100,
+    probe_block: int = HUTCHINSON_BLOCK,
     bn_recalibration: int | None = None,
     progress: bool | str = False,
 ) -> SharpnessCurve:
@@ -302,6 +303,7 @@ def sharpness_curve(
         antithetic: draw (u, −u) pairs.
         with_prediction: also compute ½·tr(ΣH) (n_probes Hessian-vector products).
         n_probes: Hutchinson probes for tr(SHS).
+        probe_block: probes per block of products (each probe of a block holds three n-vectors).
         bn_recalibration: k: re-estimate BN statistics at every point from k batches; None: off.
         progress: a progress bar (True, or a label), off by default.
 
@@ -350,7 +352,7 @@ def sharpness_curve(
             HessianOperator(objective), noise_std(objective, distribution=distribution, scale=scale)
         )
         with working_on("second-order prediction ½·tr(ΣH)"):  # not the trace metric, which may run another method
-            trace = hutchinson(curvature, n_probes, seed=seed, progress=progress)
+            trace = hutchinson(curvature, n_probes, block_size=probe_block, seed=seed, progress=progress)
     return SharpnessCurve(
         radii=np.array(radii),
         increase=np.array([p.increase for p in points]),
