@@ -538,7 +538,7 @@ def process_memory(objective: Objective, metrics: dict) -> dict:
     plan = objective.memory_plan
     size = objective.n_params * torch.finfo(objective.dtype).bits // 8
     vectors = max((_held_vectors(m, objective.n_params) for m in metrics.values() if isinstance(m, dict)), default=0)
-    solver = (vectors + SOLVER_TEMPORARIES) * size if vectors else 0
+    solver = vectors * size
     predicted = plan.resident_bytes + plan.predicted_peak_bytes + solver
     measured = peak_resident_bytes(objective.device)
     return {
@@ -551,10 +551,10 @@ def process_memory(objective: Objective, metrics: dict) -> dict:
 
 
 def _held_vectors(metric: dict, n: int) -> int:
-    """The most n-vectors a measured metric's solver held: its own count, or a trace estimator's (from its method
-    and products)."""
+    """The most n-vectors a measured metric's solver held, temporaries included: its own count and
+    SOLVER_TEMPORARIES, or a trace estimator's count (from its method and products), which includes its own."""
     if metric.get("stored_vectors"):
-        return metric["stored_vectors"]
+        return metric["stored_vectors"] + SOLVER_TEMPORARIES
     if metric.get("method") in TRACE_METHODS and metric.get("n_matvecs"):
         return trace_vectors(metric["method"], metric["n_matvecs"], n)
     return 0

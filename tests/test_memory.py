@@ -235,7 +235,7 @@ def test_lanczos_vectors_follow_the_memory_the_hvps_leave():
     --max-vectors that does not fit, is one line naming what would."""
     from dataclasses import replace
 
-    from analysis.measure import lanczos_vectors
+    from analysis.measure import SOLVER_TEMPORARIES, lanczos_vectors
     from analysis.specs import MetricSpec
     from landscape.engine.memory import InsufficientMemory
     from tests.helpers import classification_batches, tiny_mlp
@@ -243,9 +243,10 @@ def test_lanczos_vectors_follow_the_memory_the_hvps_leave():
     objective = Objective(tiny_mlp(), classification_batches(16, (12,), 4, [16])[2], device="cpu")
     n, size = objective.n_params, objective.n_params * 4
 
-    def with_free(vectors: float) -> None:  # room for `vectors` beside Lanczos's four temporaries
+    def with_free(vectors: float) -> None:  # room for `vectors` beside Lanczos's temporaries
         plan = objective.memory_plan
-        objective.memory_plan = replace(plan, available_bytes=int(plan.predicted_peak_bytes + (vectors + 4) * size))
+        available = plan.predicted_peak_bytes + (vectors + SOLVER_TEMPORARIES) * size
+        objective.memory_plan = replace(plan, available_bytes=int(available))
 
     spec = MetricSpec(k=1)
     with_free(1000)
@@ -261,7 +262,7 @@ def test_lanczos_vectors_follow_the_memory_the_hvps_leave():
     ):
         lanczos_vectors(objective, n, torch.float32, spec)
     with_free(20)
-    with pytest.raises(InsufficientMemory, match=r"use --max-vectors 18 \(more restarts\)$"):
+    with pytest.raises(InsufficientMemory, match=r"use --max-vectors 18 \(more restarts\), a smaller --batch-size or"):
         lanczos_vectors(objective, n, torch.float32, replace(spec, max_vectors=40))
 
 
