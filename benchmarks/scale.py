@@ -14,8 +14,8 @@ Writes benchmarks/results/scale.json (a config not rerun keeps its row).
 
 --end-to-end CONFIG: a user's run of `landscape measure` on a saved random-init checkpoint, as a subprocess (wall
 time from launch, its peak resident memory; the report's own `memory` gives the plan's prediction beside it).
-Measured: 124m on 4 sequences of 64 tokens, λ1 (60 HVPs), trace and density in 685 s at a 17.9 GiB peak
-(1.19× the prediction); see docs/how-to/large-models.md. With 16 sequences an HVP costs 45-60 s here and the
+Measured: 124m on 4 sequences of 64 tokens, λ1 (60 HVPs), trace and density in 596 s at a 13.8 GiB peak
+(0.87× the prediction); see docs/how-to/large-models.md. With 16 sequences an HVP costs 45-60 s here and the
 run did not finish in the time a session had.
 --end-to-end CONFIG --train-steps N: the checkpoint trained N AdamW steps on fresh synthetic batches first (in a
 child process, so the measuring one has the memory). 124m, 200 steps: loss 11.0 → 7.9 in 7 minutes; measured (λ1,
