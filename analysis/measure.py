@@ -26,7 +26,7 @@ from landscape.engine.gauss_newton import CURVATURES
 from landscape.engine.inner import LOCAL
 from landscape.engine.memory import InsufficientMemory, format_size, parse_size, peak_resident_bytes
 from landscape.engine.objective import Objective
-from landscape.engine.operators import curvature_operator
+from landscape.engine.operators import HessianOperator, curvature_operator
 from landscape.inputs.batches import resolve_loss
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.inputs.data import MeasurementSet
@@ -420,21 +420,29 @@ def _eig(objective: Objective, spec: MetricSpec) -> Result:
         max_matvecs=spec.max_matvecs,
         seed=spec.seed,
         progress=spec.progress,
-        max_vectors=lanczos_vectors(objective, op.shape[0], op.dtype, spec),
+        max_vectors=lanczos_vectors(objective, op.shape[0], op.dtype, spec, length=op.length),
     )
 
 
-def lanczos_vectors(objective: Objective, n: int, dtype, spec: MetricSpec) -> int:
+def lanczos_vectors(objective: Objective, n: int, dtype, spec: MetricSpec, length: int | None = None) -> int:
     """How many n-vectors Lanczos may hold (--max-vectors, or what the memory plan leaves free); one line if even
-    the fewest it can restart in do not fit beside the HVPs' own peak."""
-    size = n * torch.finfo(dtype).bits // 8
+    the fewest it can restart in do not fit beside the HVPs' own peak. `length`: the entries of each vector this
+    process holds (sharded: its rank's share; default all n)."""
+    size = (length or n) * torch.finfo(dtype).bits // 8
     k = min(spec.k, n)
     budget = spec.max_matvecs or default_max_matvecs(n, k)
-    vectors = spec.max_vectors or default_max_vectors(n, k, budget, dtype, max(_free_for_vectors(objective, size), 0))
-    fit = int(0.9 * _free_for_vectors(objective, size)) // size
+    free = _free_for_vectors(objective, size)
+    # default_max_vectors sizes a vector by all n entries: the free bytes scaled to match a rank's share
+    vectors = spec.max_vectors or default_max_vectors(n, k, budget, dtype, max(free, 0) * n // (length or n))
+    fit = int(0.9 * free) // size
     advice = f"--max-vectors {fit} (more restarts)" if fit >= minimum_vectors(k) else "a smaller --k"
     _refuse_unless_fits(objective, "Lanczos", vectors, n, size, advice)
     return vectors
+
+
+def _vector_bytes(op) -> int:
+    """Bytes one solver vector of `op` takes in this process (sharded: this rank's entries)."""
+    return op.length * torch.finfo(op.dtype).bits // 8
 
 
 def _free_for_vectors(objective: Objective, size: int) -> int:
@@ -475,7 +483,7 @@ def hutchinson_block(objective: Objective, n: int, size: int, probes: int) -> in
 def _trace(objective: Objective, spec: MetricSpec) -> Result:
     """The trace estimate, refused in one line where its vectors do not fit (Hutchinson's takes smaller blocks)."""
     op = _operator(objective, spec)
-    n, size = op.shape[0], op.shape[0] * torch.finfo(op.dtype).bits // 8
+    n, size = op.shape[0], _vector_bytes(op)
     method, probes = spec.trace_method, spec.probes
     options = {}
     if method == "hutchinson":
@@ -590,8 +598,7 @@ def _weight_noise(spec: MetricSpec) -> dict:
 
 
 def _sharpness_curve(objective: Objective, spec: MetricSpec) -> Result:
-    size = objective.n_params * torch.finfo(objective.dtype).bits // 8
-    block = hutchinson_block(objective, objective.n_params, size, spec.probes)
+    block = hutchinson_block(objective, objective.n_params, _vector_bytes(HessianOperator(objective)), spec.probes)
     return sharpness_curve(objective, list(spec.radius), n_probes=spec.probes, probe_block=block, **_weight_noise(spec))
 
 

@@ -253,6 +253,9 @@ def test_lanczos_vectors_follow_the_memory_the_hvps_leave():
     assert lanczos_vectors(objective, n, torch.float32, spec) == min(300, n) + 5  # every vector it can use: no restart
     with_free(60)
     assert lanczos_vectors(objective, n, torch.float32, spec) == 30
+    # a rank holding half of every vector (--shard over two ranks): (60 + 8) whole vectors' bytes are 136 halves,
+    # 128 of them beside the temporaries, and the default takes half of those
+    assert lanczos_vectors(objective, n, torch.float32, spec, length=n // 2) == 64
     with_free(14)
     assert lanczos_vectors(objective, n, torch.float32, spec) == 12  # never fewer than 2k + 10
     with_free(11)
