@@ -15,8 +15,8 @@ from analysis.measurement_table import CURVATURE_NAMES, as_per_layer, format_mea
 from analysis.options import parse_options
 from analysis.results_file import ResultsFile
 from analysis.specs import MeasureSpec, MetricSpec, ObjectiveSpec
+from landscape.curvature.blocks import GROUPINGS, parameter_blocks, per_layer
 from landscape.curvature.density import slq_density
-from landscape.curvature.per_layer import GROUPINGS, parameter_blocks, per_layer
 from landscape.curvature.spectrum import default_max_matvecs, default_max_vectors, lanczos, minimum_vectors
 from landscape.curvature.trace import HUTCHINSON_BLOCK, hutchinson, hutchpp, trace_vectors, xtrace
 from landscape.engine import distributed as ranks
@@ -31,15 +31,16 @@ from landscape.inputs.batches import resolve_loss
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.inputs.data import MeasurementSet
 from landscape.results import Result
-from landscape.sharpness.epsilon_sharpness import METHODS as EPS_METHODS
-from landscape.sharpness.perturb import epsilon_sharpness, expected_loss, sharpness_curve
-from landscape.sharpness.worst_case import (
+from landscape.sharpness.balls import (
     DEFAULT_AVERAGE_RHO,
     DEFAULT_RHO,
     average_case,
     m_sharpness,
     worst_case,
 )
+from landscape.sharpness.box import METHODS as EPS_METHODS
+from landscape.sharpness.box import epsilon_sharpness
+from landscape.sharpness.perturb import expected_loss, sharpness_curve
 
 # n-vectors a solver allocates beside the vectors it counts: Lanczos's product, its remainder and a second
 # Gram–Schmidt pass; its check's recurrence (start, last two vectors, product, its projection) and the deflation's
@@ -510,7 +511,7 @@ def _sharded(objective: Objective) -> bool:
 
 def _per_layer(objective: Objective, spec: MetricSpec) -> Result:
     """--per-layer: λ1, trace and density of each block (by module or by role) of the curvature
-    (landscape.curvature.per_layer)."""
+    (landscape.curvature.blocks)."""
     return per_layer(
         _operator(objective, spec),
         parameter_blocks(objective.model, objective.layout, spec.per_layer_by),

@@ -13,14 +13,14 @@ from typing import Any
 from analysis.quantities import METRIC_RESULTS, as_result
 from analysis.setup_text import batching, norm_mode, precision, sample_origin
 from analysis.tables import format_table
+from landscape.curvature.blocks import PerLayerResult
 from landscape.curvature.density import Spectrum
-from landscape.curvature.per_layer import PerLayerResult
 from landscape.curvature.spectrum import EigResult
 from landscape.curvature.trace import TraceResult
 from landscape.engine.memory import format_size
-from landscape.sharpness.epsilon_sharpness import EpsilonSharpness
+from landscape.sharpness.balls import MSharpness, WorstCase
+from landscape.sharpness.box import EpsilonSharpness
 from landscape.sharpness.perturb import ExpectedLoss, SharpnessCurve
-from landscape.sharpness.worst_case import MSharpness, WorstCase
 
 # how the table names each curvature and its matrix-vector products
 CURVATURE_NAMES = {

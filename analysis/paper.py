@@ -43,8 +43,8 @@ from analysis.train_command import NOISE_OPTION
 from landscape.engine import distributed as ranks
 from landscape.inputs.data import CIFAR_LAYOUTS, cifar_folder, has_cifar
 from landscape.results import to_jsonable
+from landscape.training.loop import TrainConfig
 from landscape.training.presets import PRESETS, Preset, apply_preset
-from landscape.training.train import TrainConfig
 
 METHODS = ("sgd", "smoothout")
 FULL = {

@@ -22,8 +22,8 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 from analysis.differences import ci_halfwidth  # noqa: E402
 from analysis.quantities import eigenvalue_label, is_lower_bound  # noqa: E402
 from analysis.setup_text import norm_mode  # noqa: E402
+from landscape.curvature.blocks import BlockCurvature, PerLayerResult  # noqa: E402
 from landscape.curvature.density import Spectrum  # noqa: E402
-from landscape.curvature.per_layer import BlockCurvature, PerLayerResult  # noqa: E402
 from landscape.sharpness.perturb import SharpnessCurve  # noqa: E402
 from landscape.surfaces.connectivity import Connection  # noqa: E402
 from landscape.surfaces.directions import Directions  # noqa: E402

@@ -17,9 +17,9 @@ from landscape.curvature.density import Spectrum
 from landscape.curvature.spectrum import EigResult
 from landscape.curvature.trace import TraceResult
 from landscape.results import Quantity, Result
-from landscape.sharpness.epsilon_sharpness import EpsilonSharpness
+from landscape.sharpness.balls import MSharpness, WorstCase
+from landscape.sharpness.box import EpsilonSharpness
 from landscape.sharpness.perturb import ExpectedLoss, SharpnessCurve
-from landscape.sharpness.worst_case import MSharpness, WorstCase
 
 # the result type of each metric of `landscape measure` (and compare, track, correlate)
 METRIC_RESULTS: dict[str, type[Result]] = {

@@ -18,7 +18,7 @@ from pathlib import Path
 from analysis.train_command import NOISE_OPTION
 from landscape.engine import distributed as ranks
 from landscape.engine.progress import working_on
-from landscape.training.train import TrainConfig, train
+from landscape.training.loop import TrainConfig, train
 
 SMALL, LARGE = 32, 2000
 LR = {SMALL: 0.01, LARGE: 0.1}

@@ -1,4 +1,4 @@
-"""`landscape train`: command-line front of landscape.training.train."""
+"""`landscape train`: command-line front of landscape.training.loop."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from analysis.command_line import print_json
 from analysis.options import parse_options
 from analysis.tables import format_table
 from landscape.inputs.checkpoints import load_checkpoint
+from landscape.training.loop import AMP_MODES, LR_SCALINGS, LR_SCHEDULES, TrainConfig, train
 from landscape.training.presets import PRESETS, apply_preset
-from landscape.training.train import AMP_MODES, LR_SCALINGS, LR_SCHEDULES, TrainConfig, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -164,7 +164,7 @@ def metric_names(args: argparse.Namespace) -> list[str]:
 
 def per_layer_names(text: str) -> list[str]:
     """--per-layer as a list of eig, trace and density (at least one)."""
-    from landscape.curvature.per_layer import PER_LAYER_METRICS
+    from landscape.curvature.blocks import PER_LAYER_METRICS
 
     return parse_metrics(text, PER_LAYER_METRICS, "--per-layer")
 

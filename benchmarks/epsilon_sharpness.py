@@ -32,8 +32,8 @@ from analysis.recipes import DEMO, LARGE, SMALL, config  # noqa: E402
 from landscape.engine.from_checkpoint import objective_from_checkpoint  # noqa: E402
 from landscape.inputs.checkpoints import load_checkpoint  # noqa: E402
 from landscape.inputs.data import MeasurementSet  # noqa: E402
-from landscape.sharpness.epsilon_sharpness import epsilon_sharpness  # noqa: E402
-from landscape.training.train import TrainConfig, train  # noqa: E402
+from landscape.sharpness.box import epsilon_sharpness  # noqa: E402
+from landscape.training.loop import TrainConfig, train  # noqa: E402
 
 EPS = (1e-4, 5e-4, 1e-3)
 

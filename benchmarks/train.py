@@ -22,8 +22,8 @@ from common import seconds_per_call, write_results  # noqa: E402
 from landscape.inputs.checkpoints import load_checkpoint  # noqa: E402
 from landscape.inputs.data import load_data  # noqa: E402
 from landscape.inputs.models import model_for_data  # noqa: E402
+from landscape.training.loop import TrainConfig, train  # noqa: E402
 from landscape.training.optim import make_optimizer  # noqa: E402
-from landscape.training.train import TrainConfig, train  # noqa: E402
 
 METHODS = {  # the method's main option at a typical value for this scale
     "sgd": {},

@@ -5,10 +5,8 @@ inputs/ (data and checkpoints) → engine/ (the Objective and its curvature oper
 curvature/ (spectrum, trace, per-layer), sharpness/ (perturbation and sharpness) and surfaces/ → typed results
 (results.py, statistics.py); training/ apart. The names below are the public API:
 `from landscape import Objective, HessianOperator, lanczos`. They load on first use (PEP 562), so
-`import landscape` alone stays free of torch and the command line's `--help` stays fast. Functions
-named like their module (`landscape.training.train.train`, `landscape.curvature.per_layer.per_layer`,
-`landscape.sharpness.perturb.epsilon_sharpness`, `landscape.sharpness.worst_case.worst_case`) are imported from
-the module: a package attribute of that name is the module once anything imports it.
+`import landscape` alone stays free of torch and the command line's `--help` stays fast. No module shares
+its name with a public function, so every estimator is exported here.
 """
 
 from __future__ import annotations
@@ -40,10 +38,13 @@ _EXPORTS = {
     "hutchinson": "landscape.curvature.trace",
     "hutchpp": "landscape.curvature.trace",
     "xtrace": "landscape.curvature.trace",
+    "per_layer": "landscape.curvature.blocks",
     "expected_loss": "landscape.sharpness.perturb",
     "sharpness_curve": "landscape.sharpness.perturb",
-    "average_case": "landscape.sharpness.worst_case",
-    "m_sharpness": "landscape.sharpness.worst_case",
+    "epsilon_sharpness": "landscape.sharpness.box",
+    "worst_case": "landscape.sharpness.balls",
+    "average_case": "landscape.sharpness.balls",
+    "m_sharpness": "landscape.sharpness.balls",
     # surfaces
     "random_directions": "landscape.surfaces.directions",
     "between": "landscape.surfaces.directions",
@@ -60,7 +61,8 @@ _EXPORTS = {
     "register_quantity": "landscape.surfaces.quantities",
     # training
     "make_optimizer": "landscape.training.optim",
-    "TrainConfig": "landscape.training.train",
+    "train": "landscape.training.loop",
+    "TrainConfig": "landscape.training.loop",
     "CurvatureTracker": "landscape.training.train_tracking",
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.inputs.models import MLP
+from landscape.training.loop import TrainConfig, train
 from landscape.training.optim import make_optimizer
-from landscape.training.train import TrainConfig, train
 from tests.helpers import tiny_convnet_bn
 
 N = 60

@@ -1,4 +1,4 @@
-"""Block spectra by role (landscape.curvature.per_layer's role_blocks, BlockOperator of several slices, per_layer's
+"""Block spectra by role (landscape.curvature.blocks's role_blocks, BlockOperator of several slices, per_layer's
 density; `landscape measure --per-layer-by role`; analysis.plots.plot_block_spectra) against the dense Hessian's
 principal submatrices of a two-layer GPT-2."""
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from analysis.plots import plot_block_spectra, save
-from landscape.curvature.per_layer import BlockOperator, block_slices, parameter_blocks, parameter_roles, per_layer, role_blocks
+from landscape.curvature.blocks import BlockOperator, block_slices, parameter_blocks, parameter_roles, per_layer, role_blocks
 from landscape.curvature.trace import hutchinson
 from landscape.engine.objective import Objective
 from landscape.engine.operators import HessianOperator

@@ -8,7 +8,7 @@ import torch
 from landscape.engine.objective import Objective
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.inputs.data import MeasurementSet, load_data
-from landscape.sharpness.epsilon_sharpness import epsilon_sharpness
+from landscape.sharpness.box import epsilon_sharpness
 from tests.helpers import bad_files, run_cli
 
 

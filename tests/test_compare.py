@@ -18,7 +18,7 @@ from landscape.inputs.checkpoints import load_checkpoint, save_checkpoint
 from landscape.inputs.data import MeasurementSet, load_data
 from landscape.inputs.models import model_for_data
 from landscape.results import Quantity
-from landscape.training.train import TrainConfig, train
+from landscape.training.loop import TrainConfig, train
 from tests.helpers import result_of, run_cli
 
 
@@ -281,13 +281,13 @@ def test_sharpness_maxima_and_batch_measures_enter_the_comparison_paired():
 
 
 def worst_case_result(**given):
-    from landscape.sharpness.worst_case import WorstCase
+    from landscape.sharpness.balls import WorstCase
 
     return result_of(WorstCase, p="2", **given)
 
 
 def m_sharpness_result(**given):
-    from landscape.sharpness.worst_case import MSharpness
+    from landscape.sharpness.balls import MSharpness
 
     return result_of(MSharpness, p="2", **given)
 

@@ -11,7 +11,7 @@ from analysis.cli import build_parser
 from analysis.measure import measure_checkpoint
 from analysis.specs import MeasureSpec
 from landscape.inputs.checkpoints import load_checkpoint
-from landscape.training.train import TrainConfig, train
+from landscape.training.loop import TrainConfig, train
 from tests.helpers import cli_command, run_cli
 from tests.process_groups import process_env, torchrun
 

@@ -19,8 +19,8 @@ from analysis.measurement_table import result_rows
 from analysis.quantities import EPSILON_SHARPNESS, is_lower_bound
 from landscape.curvature.trace import xtrace
 from landscape.engine.probes import seeded_generator, sphere_rows
-from landscape.sharpness.epsilon_sharpness import EpsilonSharpness
-from landscape.sharpness.worst_case import MSharpness, WorstCase
+from landscape.sharpness.balls import MSharpness, WorstCase
+from landscape.sharpness.box import EpsilonSharpness
 from landscape.statistics import skew_corrected_interval, t_halfwidth
 from tests.helpers import dense, result_of
 from tests.interval_coverage import (

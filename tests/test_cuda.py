@@ -400,7 +400,7 @@ def test_cuda_training_steps_match_the_cpu_in_float64(method):
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
 def test_cuda_train_with_amp_and_accumulation_writes_a_trained_checkpoint(tmp_path, amp):
     from landscape.inputs.checkpoints import load_checkpoint
-    from landscape.training.train import TrainConfig, train
+    from landscape.training.loop import TrainConfig, train
 
     config = TrainConfig(model="convnet", optimizer="sam", amp=amp, accumulate=2, epochs=2, batch_size=64)
     meta = load_checkpoint(train(config, tmp_path / amp, progress=False, device=CUDA)).meta

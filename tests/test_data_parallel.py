@@ -27,8 +27,8 @@ from analysis.recipes import run_name, train_all
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.inputs.models import MLP
 from landscape.training.data_parallel import GradientSync, rank_seed
+from landscape.training.loop import TrainConfig, train
 from landscape.training.optim import make_optimizer
-from landscape.training.train import TrainConfig, train
 from tests.helpers import cli_command, tiny_convnet_bn
 from tests.process_groups import process_env, run_on_ranks, torchrun
 

@@ -24,7 +24,8 @@ from landscape.engine.operators import HessianOperator
 from landscape.inputs.checkpoints import save_checkpoint
 from landscape.inputs.models import model_for_data
 from landscape.results import to_jsonable
-from landscape.sharpness.perturb import epsilon_sharpness, expected_loss, sharpness_curve
+from landscape.sharpness.box import epsilon_sharpness
+from landscape.sharpness.perturb import expected_loss, sharpness_curve
 from landscape.surfaces.directions import random_directions
 from landscape.surfaces.surface import compute_surface, grid_axis, read_surface
 from tests.helpers import classification_batches, cli_command, tiny_convnet_bn

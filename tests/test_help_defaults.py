@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from analysis.cli import COMMANDS, build_parser
-from landscape.training.train import TrainConfig
+from landscape.training.loop import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = re.compile(r"\(default:? ([^)]*)\)")

@@ -12,8 +12,8 @@ from analysis.cli import build_parser, main
 from analysis.paper import caveat, cifar_specs, recipes_for, shortened
 from analysis.train_command import config_from_args
 from landscape.inputs.checkpoints import load_checkpoint
+from landscape.training.loop import TrainConfig, _lr_factor, build_optimizer
 from landscape.training.presets import PRESETS, apply_preset, get_preset
-from landscape.training.train import TrainConfig, _lr_factor, build_optimizer
 from tests.cifar_files import fake_cifar10, synthetic_cifar
 from tests.helpers import run_cli
 
@@ -27,7 +27,7 @@ def recipe_config(name: str, **given) -> TrainConfig:
 
 
 def lr_at(config: TrainConfig, epoch: int) -> float:
-    """The learning rate the trainer sets for `epoch` (0-based), as landscape.training.train.train does."""
+    """The learning rate the trainer sets for `epoch` (0-based), as landscape.training.loop.train does."""
     return config.scaled_lr * _lr_factor(config, epoch)
 
 

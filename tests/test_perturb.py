@@ -1,4 +1,4 @@
-"""Perturbation sharpness against ground truth: exact quadratics, dense Hessians of tiny nets (ε-sharpness: test_epsilon_sharpness.py)."""
+"""Perturbation sharpness against ground truth: exact quadratics, dense Hessians of tiny nets (ε-sharpness: test_box.py)."""
 
 import copy
 import json

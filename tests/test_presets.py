@@ -11,8 +11,8 @@ from torch import nn
 from analysis.cli import build_parser, main
 from analysis.train_command import config_from_args
 from landscape.inputs.checkpoints import load_checkpoint
+from landscape.training.loop import TrainConfig, build_optimizer, train
 from landscape.training.presets import PRESETS, apply_preset, get_preset
-from landscape.training.train import TrainConfig, build_optimizer, train
 from tests.helpers import run_cli
 
 PRESET = "smoothout-reference"
@@ -20,7 +20,7 @@ A, LR, SEED = 0.05, 0.1, 3
 
 
 def preset_optimizer(model: nn.Module, **given):
-    """The optimizer `train` builds for the preset's TrainConfig (same call as landscape.training.train.train)."""
+    """The optimizer `train` builds for the preset's TrainConfig (same call as landscape.training.loop.train)."""
     return build_optimizer(TrainConfig(**apply_preset(PRESET, given)), model)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from landscape.curvature.per_layer import BlockOperator
+from landscape.curvature.blocks import BlockOperator
 from landscape.curvature.trace import hutchinson, hutchpp, xtrace
 from landscape.engine.objective import Objective
 from landscape.engine.operators import DenseOperator, DiagonalScaledOperator, HessianOperator

@@ -21,7 +21,7 @@ from landscape.curvature.trace import hutchinson
 from landscape.engine.objective import HVP_METHODS, Objective, ObjectiveError
 from landscape.engine.operators import GGNOperator, HessianOperator
 from landscape.inputs.batches import BatchError, class_cross_entropy, mean_squared_error, token_cross_entropy
-from landscape.sharpness.epsilon_sharpness import epsilon_sharpness
+from landscape.sharpness.box import epsilon_sharpness
 from landscape.sharpness.perturb import expected_loss
 from landscape.surfaces.directions import random_directions
 from landscape.surfaces.surface import compute_surface, grid_axis

@@ -2,7 +2,7 @@
 
 The neighbourhood is {w + A(T ⊙ u) : ‖u‖_p ≤ ρ}. T = 1 gives the worst case of SAM (Foret et al. 2021);
 T = |w| + η the adaptive ball of ASAM (Kwon et al. 2021) and Andriushchenko et al. (2023); T = |A⁺w| + 1
-with ρ = ε is Keskar et al. (2017)'s box (landscape.sharpness.epsilon_sharpness). The ascent runs in u, where the
+with ρ = ε is Keskar et al. (2017)'s box (landscape.sharpness.box). The ascent runs in u, where the
 ball is round (or a cube): the gradient there is T ⊙ Aᵀ∇L, the step its sign (ℓ∞) or its direction (ℓ2).
 """
 

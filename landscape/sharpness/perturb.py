@@ -1,8 +1,7 @@
-"""Sharpness from weight perturbations: expected loss under random noise, its curve over radii, ε-sharpness.
+"""Sharpness from random weight perturbations: expected loss under noise and its curve over radii.
 
 Expected loss C̄(w) = E_u L(w+u) is SmoothOut's measure (Wen et al. 2018); ε-sharpness, Keskar
-et al. (2017)'s box-constrained ascent, lives in landscape.sharpness.epsilon_sharpness and is re-exported
-here. Both only evaluate the Objective (its loss, and its gradient for the ascent); noise comes
+et al. (2017)'s box-constrained ascent, lives in landscape.sharpness.box. Both only evaluate the Objective (its loss, and its gradient for the ascent); noise comes
 from a torch.Generator seeded on the objective's device, so the same seed gives the same draws.
 Perturbed points are evaluated one at a time: stacking draws under torch.func.vmap was faster
 only for ~100-parameter toys and 1.5–3× slower for a 15k-parameter MLP and a 60k-parameter conv
@@ -29,7 +28,6 @@ from landscape.engine.probes import seeded_generator
 from landscape.engine.progress import Progress, working_on
 from landscape.engine.recalibration import recalibration_inputs
 from landscape.results import Result
-from landscape.sharpness.epsilon_sharpness import EpsilonSharpness, epsilon_sharpness  # noqa: F401 (re-exported)
 from landscape.statistics import skew_corrected_interval
 from landscape.statistics import stderr as _stderr  # `stderr` is a local name in expected_loss
 

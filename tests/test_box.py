@@ -19,8 +19,8 @@ from landscape.engine.from_checkpoint import objective_from_checkpoint
 from landscape.engine.objective import Objective
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.inputs.data import MeasurementSet
-from landscape.sharpness.epsilon_sharpness import METHODS, epsilon_sharpness
-from landscape.training.train import TrainConfig, train
+from landscape.sharpness.box import METHODS, epsilon_sharpness
+from landscape.training.loop import TrainConfig, train
 
 F64 = {"dtype": torch.float64, "device": "cpu"}
 

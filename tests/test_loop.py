@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from landscape.inputs.checkpoints import load_checkpoint
-from landscape.training.train import TrainConfig, _lr_factor, train
+from landscape.training.loop import TrainConfig, _lr_factor, train
 from tests.helpers import cli_command, run_cli
 
 SMALL = dict(data="digits", model="mlp", model_kwargs={"hidden": [16]}, batch_size=256, lr=0.1)
@@ -106,7 +106,7 @@ def test_divergence_is_reported(tmp_path):
 
 def test_validation_hold_out_trains_on_the_rest_and_logs_validation_metrics(tmp_path):
     from landscape.inputs.data import load_data
-    from landscape.training.train import hold_out
+    from landscape.training.loop import hold_out
 
     full = load_data("digits")
     rest, (xv, yv) = hold_out(full, 100, seed=0)

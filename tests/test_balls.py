@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
-from test_epsilon_sharpness import trained, trained_run  # noqa: F401 (module fixtures: a digits MLP, 17,610 parameters)
+from test_box import trained, trained_run  # noqa: F401 (module fixtures: a digits MLP, 17,610 parameters)
 from torch import nn
 
 from analysis.cli import build_parser
@@ -24,8 +24,8 @@ from analysis.specs import MeasureSpec
 from analysis.validation import validate_arguments
 from landscape.engine.objective import Objective
 from landscape.sharpness.ascent import Neighbourhood
+from landscape.sharpness.balls import DEFAULT_RHO, average_case, m_sharpness, worst_case
 from landscape.sharpness.perturb import expected_loss
-from landscape.sharpness.worst_case import DEFAULT_RHO, average_case, m_sharpness, worst_case
 from tests.helpers import one_line, run_cli
 
 F64 = {"dtype": torch.float64, "device": "cpu"}
