@@ -1,7 +1,7 @@
 """ε-sharpness maximizers on real checkpoints: φ reached per pass, against the trivial lower bounds.
 
 Problems (CPU, eval mode, float32, one thread): the mnist1d MLP 40-100-100-10 (15,210 parameters)
-trained by the demo recipe of analysis/recipes.py (SGD at batch 32 and 2000, seed 0; a third of the documented recipe's epochs), measured on all
+trained by the demo recipe of analysis/experiments/recipes.py (SGD at batch 32 and 2000, seed 0; a third of the documented recipe's epochs), measured on all
 4000 training samples; and a digits MLP 64-100-100-10 (17,610 parameters, SGD at batch 512 for 40
 epochs) on 500 training samples. At ε ∈ {1e-4, 5e-4, 1e-3}:
 - the trivial lower bounds: φ at the corner b·sign(∇L), and the best of 20 fixed projected sign
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
-from analysis.recipes import DEMO, LARGE, SMALL, config  # noqa: E402
+from analysis.experiments.recipes import DEMO, LARGE, SMALL, config  # noqa: E402
 from landscape.engine.from_checkpoint import objective_from_checkpoint  # noqa: E402
 from landscape.inputs.checkpoints import load_checkpoint  # noqa: E402
 from landscape.inputs.data import MeasurementSet  # noqa: E402

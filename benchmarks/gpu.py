@@ -372,12 +372,12 @@ def lanczos_section(settings: dict, device: torch.device, clock: Clock) -> dict:
 # ------------------------------------------------------------------------------------------ lm
 def lm_section(settings: dict, device: torch.device, clock: Clock, save: Callable[[], None], rows: list) -> None:
     """Causal LMs at scale (benchmarks/causal_lm.py): gradient and HVP seconds, then certified λ1 in the bounded basis
-    analysis.measure.lanczos_vectors allows, its HVP budget cut to the section's time left (recorded as such)."""
+    analysis.cli.measure.lanczos_vectors allows, its HVP budget cut to the section's time left (recorded as such)."""
     from causal_lm import CONFIGS as LM_CONFIGS
     from causal_lm import CausalLM, token_batch
 
-    from analysis.measure import lanczos_vectors
-    from analysis.specs import MetricSpec
+    from analysis.cli.measure import lanczos_vectors
+    from analysis.cli.specs import MetricSpec
     from landscape.curvature.spectrum import default_max_matvecs
     from landscape.inputs.batches import token_cross_entropy
 

@@ -4,7 +4,7 @@ Each config (HuggingFace GPT2LMHeadModel built from a config, float32, random in
 16 sequences of 64 tokens drawn from a fixed Zipf-like synthetic corpus (vocabulary 50,257), token cross-entropy,
 in its own process so its peak memory is its own:
 - seconds per gradient and per HVP (median of a few, after one warm-up) and their ratio;
-- `lanczos(k)` with the certified stop and the basis the memory plan allows (analysis.measure.lanczos_vectors, the
+- `lanczos(k)` with the certified stop and the basis the memory plan allows (analysis.cli.measure.lanczos_vectors, the
   path `landscape measure` takes): the value, certified or not, HVPs, restarts, vectors held, wall time;
 - peak resident memory (VmHWM) against the memory plan's prediction (the objective's own memory before the run,
   plus the HVP graph's predicted peak, plus the basis).
@@ -49,8 +49,8 @@ from synthetic_corpus import LENGTH, SEQUENCES, VOCAB, corpus  # noqa: E402
 def measure(name: str, k: int, hvp_method: str, max_vectors: int | None) -> dict:
     import transformers
 
-    from analysis.measure import lanczos_vectors
-    from analysis.specs import MetricSpec
+    from analysis.cli.measure import lanczos_vectors
+    from analysis.cli.specs import MetricSpec
     from landscape.curvature.spectrum import lanczos
     from landscape.engine.objective import Objective
     from landscape.engine.operators import HessianOperator

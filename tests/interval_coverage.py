@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.correlation import correlate
+from analysis.report.rank_correlation import correlate
 from landscape.curvature.trace import TraceResult, hutchinson, hutchpp, xtrace
 from landscape.engine.objective import Objective
 from landscape.engine.operators import DenseOperator

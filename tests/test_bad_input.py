@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from analysis.cli import build_parser, main
-from analysis.measure import build_objective
-from analysis.specs import ObjectiveSpec
-from analysis.validation import validate_arguments
+from analysis.cli.measure import build_objective
+from analysis.cli.option_checks import validate_arguments
+from analysis.cli.specs import ObjectiveSpec
 from landscape.inputs.checkpoints import CheckpointError, load_checkpoint
 from landscape.inputs.data import MeasurementSet, load_data
 from tests.helpers import Exploit, cli_command, one_line, run_cli

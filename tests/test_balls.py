@@ -18,10 +18,10 @@ from test_box import trained, trained_run  # noqa: F401 (module fixtures: a digi
 from torch import nn
 
 from analysis.cli import build_parser
-from analysis.measure import measure_checkpoint
-from analysis.measurement_table import format_measurement
-from analysis.specs import MeasureSpec
-from analysis.validation import validate_arguments
+from analysis.cli.measure import measure_checkpoint
+from analysis.cli.option_checks import validate_arguments
+from analysis.cli.specs import MeasureSpec
+from analysis.report.checkpoint_table import format_measurement
 from landscape.engine.objective import Objective
 from landscape.sharpness.ascent import Neighbourhood
 from landscape.sharpness.balls import DEFAULT_RHO, average_case, m_sharpness, worst_case

@@ -1,5 +1,5 @@
 """Block spectra by role (landscape.curvature.blocks's role_blocks, BlockOperator of several slices, per_layer's
-density; `landscape measure --per-layer-by role`; analysis.plots.plot_block_spectra) against the dense Hessian's
+density; `landscape measure --per-layer-by role`; analysis.report.charts.plot_block_spectra) against the dense Hessian's
 principal submatrices of a two-layer GPT-2."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.plots import plot_block_spectra, save
+from analysis.report.charts import plot_block_spectra, save
 from landscape.curvature.blocks import BlockOperator, block_slices, parameter_blocks, parameter_roles, per_layer, role_blocks
 from landscape.curvature.trace import hutchinson
 from landscape.engine.objective import Objective

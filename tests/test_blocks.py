@@ -1,4 +1,4 @@
-"""Per-layer curvature (landscape.curvature.blocks, `landscape measure --per-layer`, analysis.plots.plot_per_layer) against the
+"""Per-layer curvature (landscape.curvature.blocks, `landscape measure --per-layer`, analysis.report.charts.plot_per_layer) against the
 dense Hessian's diagonal blocks of a small MLP."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.plots import plot_per_layer, save
+from analysis.report.charts import plot_per_layer, save
 from landscape.curvature.blocks import BlockOperator, module_blocks, per_layer
 from landscape.curvature.trace import hutchinson, hutchpp, xtrace
 from landscape.engine.objective import Objective

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from analysis.cli import build_parser
-from analysis.measure import measure_checkpoint
-from analysis.measurement_table import format_measurement
-from analysis.specs import MeasureSpec
+from analysis.cli.measure import measure_checkpoint
+from analysis.cli.specs import MeasureSpec
+from analysis.report.checkpoint_table import format_measurement
 from landscape.engine.from_checkpoint import objective_from_checkpoint
 from landscape.engine.objective import Objective
 from landscape.inputs.checkpoints import load_checkpoint

@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 import torch
 
-from analysis.differences import aggregate, difference
+from analysis.report.differences import aggregate, difference
 from landscape.curvature.spectrum import lanczos
 from landscape.engine.objective import Objective
 from landscape.engine.operators import HessianOperator
@@ -131,7 +131,7 @@ def test_compare_refuses_mixed_architectures(two_runs, tmp_path):
 
 @pytest.mark.cli
 def test_figures_quick_writes_every_figure(tmp_path):
-    from analysis.noise_sweep import GRID
+    from analysis.experiments.noise_sweep import GRID
 
     # the whole pipeline: ~1.5 CPU-minutes alone, but past 600 s on a loaded two-core CI machine
     result = run_cli(
@@ -193,7 +193,7 @@ def test_figures_quick_writes_every_figure(tmp_path):
 
 
 def test_figures_quick_never_writes_into_figures_unless_asked():
-    from analysis.figures import output_folders
+    from analysis.experiments.figures import output_folders
 
     assert output_folders(None, None, quick=False) == (Path("figures"), Path("runs/figures"))
     out, cache = output_folders(None, None, quick=True)
@@ -202,7 +202,7 @@ def test_figures_quick_never_writes_into_figures_unless_asked():
 
 
 def test_each_method_is_compared_with_sgd_at_its_own_batch_size():
-    from analysis.compare import baselines
+    from analysis.cli.compare import baselines
 
     def cfg(optimizer, batch):
         return {"optimizer": optimizer, "batch_size": batch}
@@ -228,8 +228,8 @@ def test_each_method_is_compared_with_sgd_at_its_own_batch_size():
 
 
 def test_checkpoints_that_are_not_seeds_of_one_method_get_their_own_labels():
-    from analysis.command_line import OptionNote
-    from analysis.compare import default_labels
+    from analysis.cli.compare import default_labels
+    from analysis.cli.output import OptionNote
 
     sgd = {"optimizer": "sgd", "batch_size": 32}
     seeds = [{"train": {**sgd, "seed": s}} for s in (0, 1)]
@@ -244,7 +244,7 @@ def test_checkpoints_that_are_not_seeds_of_one_method_get_their_own_labels():
 
 def test_each_holm_p_says_which_family_of_tests_it_corrects_over():
     """The demo's question tables and compare's Differences table adjust over different families: each caption says so."""
-    from analysis.demo import findings_caption
+    from analysis.experiments.demo import findings_caption
 
     answers = {"Is large-batch SGD sharper?": {"λ1": None, "trace": None}, "Does SmoothOut flatten it?": {"λ1": None}}
     caption = findings_caption(answers)
@@ -266,7 +266,7 @@ def test_two_bare_state_dicts_in_one_folder_are_compared_with_each_other(tmp_pat
 
 
 def test_sharpness_maxima_and_batch_measures_enter_the_comparison_paired():
-    from analysis.quantities import metric_quantities
+    from analysis.report.quantities import metric_quantities
     from landscape.results import Quantity
 
     worst = {"value": 0.3, "spread": 0.02, "adaptive": True}
@@ -299,7 +299,7 @@ def expected_loss_result(**given):
 
 
 def test_p_values_match_scipy_and_holm_controls_the_family():
-    from analysis.differences import holm
+    from analysis.report.differences import holm
 
     rng = np.random.default_rng(3)
     a, b = rng.normal(0.0, 1.0, 3), rng.normal(1.5, 0.5, 4)
@@ -336,7 +336,7 @@ def test_shared_training_seeds_are_compared_paired():
 
 @pytest.mark.cli
 def test_at_train_loss_picks_each_runs_checkpoint_closest_to_the_target(tmp_path):
-    from analysis.matched_loss import at_train_loss, parse_target, trajectory
+    from analysis.cli.matched_loss import at_train_loss, parse_target, trajectory
 
     paths = []
     for name, lr in (("fast", 0.2), ("slow", 0.02)):
@@ -397,7 +397,7 @@ def test_at_train_loss_needs_a_trajectory(two_runs, tmp_path):
 
 
 def test_the_demo_calls_a_difference_only_after_holms_correction_over_all_its_questions():
-    from analysis.demo import CLAIMS, SHARPNESS, finding_rows, findings
+    from analysis.experiments.demo import CLAIMS, SHARPNESS, finding_rows, findings
 
     checkpoints = []
     for label, shift, jitter in (

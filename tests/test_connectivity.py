@@ -235,7 +235,7 @@ def test_connect_command_end_to_end(tmp_path):
 
 
 def test_checkpoints_come_in_pairs():
-    from analysis.connect_command import pairs_of
+    from analysis.cli.connect import pairs_of
 
     assert pairs_of(["a", "b", "c", "d"]) == [("a", "b"), ("c", "d")]
     with pytest.raises(ValueError, match="c has no partner"):
@@ -243,7 +243,7 @@ def test_checkpoints_come_in_pairs():
 
 
 def test_connectivity_plot_names_each_paths_barrier_with_its_interval(mlp_problem, tmp_path):
-    from analysis.plots import plot_connectivity, save
+    from analysis.report.charts import plot_connectivity, save
 
     model, _, _, batches = mlp_problem
     objective = Objective(model, batches)

@@ -8,8 +8,8 @@ import pytest
 from scipy.stats import kendalltau
 
 from analysis.cli import build_parser
-from analysis.measure import measure_checkpoint
-from analysis.specs import MeasureSpec
+from analysis.cli.measure import measure_checkpoint
+from analysis.cli.specs import MeasureSpec
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.training.loop import TrainConfig, train
 from tests.helpers import cli_command, run_cli

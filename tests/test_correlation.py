@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau
 
-from analysis.correlation import correlate, grouped_tau, varying
+from analysis.report.rank_correlation import correlate, grouped_tau, varying
 
 AXES = ["method", "batch_size", "lr"]
 

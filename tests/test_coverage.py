@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.measurement_table import result_rows
-from analysis.quantities import EPSILON_SHARPNESS, is_lower_bound
+from analysis.report.checkpoint_table import result_rows
+from analysis.report.quantities import EPSILON_SHARPNESS, is_lower_bound
 from landscape.curvature.trace import xtrace
 from landscape.engine.probes import seeded_generator, sphere_rows
 from landscape.sharpness.balls import MSharpness, WorstCase

@@ -181,8 +181,8 @@ def test_npz_without_test_arrays_holds_out_20_percent(tmp_path):
 
 def test_the_setup_line_says_when_the_toolkit_held_out_part_of_the_users_samples(tmp_path):
     """npz with x and y only: the train split is 80% of them, said in the measurement record and the setup line."""
-    from analysis.measurement_table import format_measurement
-    from analysis.setup_text import batching, norm_mode
+    from analysis.report.checkpoint_table import format_measurement
+    from analysis.report.setup_text import batching, norm_mode
     from landscape.engine.objective import Objective
     from tests.helpers import tiny_convnet_bn, tiny_mlp
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.recipes import run_name, train_all
+from analysis.experiments.recipes import run_name, train_all
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.inputs.models import MLP
 from landscape.training.data_parallel import GradientSync, rank_seed

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from analysis.cli import build_parser
-from analysis.measure import measure_checkpoint
-from analysis.specs import MeasureSpec
+from analysis.cli.measure import measure_checkpoint
+from analysis.cli.specs import MeasureSpec
 from landscape.curvature.density import slq_density
 from landscape.curvature.spectrum import lanczos
 from landscape.curvature.trace import hutchinson, hutchpp, xtrace

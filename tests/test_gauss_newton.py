@@ -17,8 +17,8 @@ from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
 from analysis.cli import build_parser, main
-from analysis.measure import build_objective
-from analysis.specs import ObjectiveSpec
+from analysis.cli.measure import build_objective
+from analysis.cli.specs import ObjectiveSpec
 from landscape.curvature.density import slq_density
 from landscape.curvature.spectrum import lanczos
 from landscape.curvature.trace import xtrace

@@ -70,8 +70,8 @@ def test_every_stated_default_is_the_one_used(name, action):
 
 
 def test_compare_help_lists_only_the_metrics_compare_takes():
-    from analysis.compare import COMPARE_METRICS
-    from analysis.measure import METRICS
+    from analysis.cli.compare import COMPARE_METRICS
+    from analysis.cli.measure import METRICS
 
     metrics = next(a for a in _subparsers()["compare"]._actions if a.dest == "metrics")
     listed = re.search(r"comma list of (.*) \(default", metrics.help).group(1).split(", ")
@@ -125,9 +125,26 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-def test_no_module_imports_the_cli_and_the_import_graph_has_no_cycle():
-    graph = {f"analysis.{p.stem}": _imports(p) - {f"analysis.{p.stem}"} for p in (ROOT / "analysis").glob("*.py")}
-    assert not [m for m, deps in graph.items() if "analysis.cli" in deps], "only the cli imports the cli"
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+# the folders of analysis/ by job, and the folders each may import: experiments → cli → report → landscape
+JOBS = {"report": set(), "cli": {"report"}, "experiments": {"cli", "report"}}
+
+
+def test_analysis_is_grouped_by_job_and_imports_go_downward_without_cycles():
+    paths = [p for p in (ROOT / "analysis").rglob("*.py")]
+    graph = {_module_name(p): _imports(p) - {_module_name(p)} for p in paths}
+    assert {p.relative_to(ROOT / "analysis").parts[0] for p in paths} == {*JOBS, "__init__.py"}
+    importers = [m for m, deps in graph.items() if "analysis.cli" in deps and m != "analysis.cli.__main__"]
+    assert not importers, f"only python -m analysis.cli imports the command line's parser: {importers}"
+    for module, deps in graph.items():
+        job = module.split(".")[1] if module.count(".") else ""
+        for dep in deps:
+            target = dep.split(".")[1]
+            assert target == job or target in JOBS.get(job, ()), f"{module} imports {dep}: {job}/ may not import {target}/"
     state: dict[str, str] = {}
 
     def visit(module: str, path: list[str]) -> None:
@@ -142,6 +159,8 @@ def test_no_module_imports_the_cli_and_the_import_graph_has_no_cycle():
         if module not in state:
             visit(module, [])
     assert set(COMMANDS) and all(f"analysis.{m}" in graph for _, m in COMMANDS.values())
+    commands = {m.split(".")[-1] for _, m in COMMANDS.values()}
+    assert commands == set(COMMANDS), "each command's module is named as the command"
 
 
 def test_renamed_options_keep_their_old_spelling():

@@ -182,7 +182,7 @@ def test_tracked_curvature_is_the_checkpoints_and_leaves_training_unchanged(tmp_
 def test_track_measures_every_trajectory_checkpoint_warm_started_and_resumes(tmp_path):
     import h5py
 
-    from analysis.track import stability_threshold
+    from analysis.cli.track import stability_threshold
     from landscape.curvature.spectrum import lanczos
     from landscape.engine.objective import Objective
     from landscape.engine.operators import HessianOperator

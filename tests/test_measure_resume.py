@@ -171,9 +171,9 @@ def test_resume_refuses_other_settings_or_a_changed_checkpoint(tmp_path, checkpo
 
 def test_a_resumed_table_says_what_was_read_back_and_what_was_computed(tmp_path, checkpoint):
     """A resumed run prints the same table as a fresh one: a one-line note says which numbers came from the file."""
-    from analysis.command_line import ResumeNote
-    from analysis.measure import measure_all
-    from analysis.specs import MeasureSpec, MetricSpec, ObjectiveSpec
+    from analysis.cli.measure import measure_all
+    from analysis.cli.output import ResumeNote
+    from analysis.cli.specs import MeasureSpec, MetricSpec, ObjectiveSpec
 
     def spec(metrics):
         return MeasureSpec(ObjectiveSpec(n_samples=50, device="cpu"), MetricSpec(metrics=metrics, k=1, probes=4))
@@ -191,9 +191,9 @@ def test_a_resumed_table_says_what_was_read_back_and_what_was_computed(tmp_path,
 
 def test_a_file_from_before_a_setting_existed_resumes_as_that_settings_default(tmp_path, checkpoint):
     """A results file lacks settings added after it was written: it was measured with their defaults."""
-    from analysis.measure import measure_all
-    from analysis.results_file import ResultsFileError
-    from analysis.specs import MeasureSpec, MetricSpec, ObjectiveSpec
+    from analysis.cli.measure import measure_all
+    from analysis.cli.results_file import ResultsFileError
+    from analysis.cli.specs import MeasureSpec, MetricSpec, ObjectiveSpec
 
     def spec(**metric_options):
         return MeasureSpec(ObjectiveSpec(n_samples=50, device="cpu"), MetricSpec(metrics=("eig",), k=1, **metric_options))
@@ -203,7 +203,7 @@ def test_a_file_from_before_a_setting_existed_resumes_as_that_settings_default(t
     written = json.loads(out.read_text())
     del written["settings"]["per_layer_by"], written["settings"]["max_length"]  # as an older release wrote it
     out.write_text(json.dumps(written))
-    from analysis.command_line import ResumeNote
+    from analysis.cli.output import ResumeNote
 
     with pytest.warns(ResumeNote, match="loss, eig read back from the results file; nothing recomputed$"):
         [report] = measure_all([str(checkpoint)], spec(), out=str(out), resume=True)

@@ -139,7 +139,7 @@ def test_a_measurement_that_cannot_fit_is_refused_at_once_in_one_line(tmp_path):
         [
             sys.executable,
             "-c",
-            "import analysis.measure, landscape.engine.from_checkpoint, landscape.engine.memory as m; print(m._mapped_bytes())",
+            "import analysis.cli.measure, landscape.engine.from_checkpoint, landscape.engine.memory as m; print(m._mapped_bytes())",
         ],
         capture_output=True,
         text=True,
@@ -235,8 +235,8 @@ def test_lanczos_vectors_follow_the_memory_the_hvps_leave():
     --max-vectors that does not fit, is one line naming what would."""
     from dataclasses import replace
 
-    from analysis.measure import SOLVER_TEMPORARIES, lanczos_vectors
-    from analysis.specs import MetricSpec
+    from analysis.cli.measure import SOLVER_TEMPORARIES, lanczos_vectors
+    from analysis.cli.specs import MetricSpec
     from landscape.engine.memory import InsufficientMemory
     from tests.helpers import classification_batches, tiny_mlp
 

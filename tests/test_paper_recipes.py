@@ -1,4 +1,4 @@
-"""The SmoothOut paper's CIFAR recipes (landscape.training.presets) and `landscape figures --paper DIR` (analysis.paper)."""
+"""The SmoothOut paper's CIFAR recipes (landscape.training.presets) and `landscape figures --paper DIR` (analysis.experiments.paper)."""
 
 import json
 import math
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis.cli import build_parser, main
-from analysis.paper import caveat, cifar_specs, recipes_for, shortened
-from analysis.train_command import config_from_args
+from analysis.cli.train import config_from_args
+from analysis.experiments.paper import caveat, cifar_specs, recipes_for, shortened
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.training.loop import TrainConfig, _lr_factor, build_optimizer
 from landscape.training.presets import PRESETS, apply_preset, get_preset

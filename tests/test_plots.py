@@ -9,7 +9,16 @@ import torch
 from matplotlib.colors import LogNorm, to_hex
 
 from analysis.cli import main
-from analysis.plots import label_colors, method_color, method_of, plot_lines, plot_surfaces, round_levels, save, shared_scale
+from analysis.report.charts import (
+    label_colors,
+    method_color,
+    method_of,
+    plot_lines,
+    plot_surfaces,
+    round_levels,
+    save,
+    shared_scale,
+)
 from landscape.engine.objective import Objective
 from landscape.inputs.data import MeasurementSet, load_data
 from landscape.inputs.models import model_for_data
@@ -295,7 +304,7 @@ def _curve(increase, prediction):
 def test_sharpness_panels_put_each_method_beside_the_reference_with_95_percent_bands():
     import scipy.stats
 
-    from analysis.plots import plot_sharpness_panels
+    from analysis.report.charts import plot_sharpness_panels
 
     base = [_curve([1e-3, 4e-3, 1.6e-2], [1e-3, 4e-3, 1.6e-2]), _curve([2e-3, 6e-3, 2e-2], [1e-3, 5e-3, 2.2e-2])]
     curves = {"sgd B=2000": base, **{f"{m} B=2000": [_curve([5e-4, 2e-3, 8e-3], None)] * 2 for m in ("smoothout", "nso", "sam")}}

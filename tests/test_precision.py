@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.measurement_table import format_measurement
+from analysis.report.checkpoint_table import format_measurement
 from landscape.curvature.spectrum import lanczos
 from landscape.curvature.trace import hutchinson
 from landscape.engine.from_checkpoint import parse_dtype

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis.cli import build_parser, main
-from analysis.train_command import config_from_args
+from analysis.cli.train import config_from_args
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.training.loop import TrainConfig, build_optimizer, train
 from landscape.training.presets import PRESETS, apply_preset, get_preset

@@ -2,8 +2,8 @@
 
 import pytest
 
-from analysis.recipes import CONVERGED, DEMO, LARGE, METHODS, SMALL, config, run_name
-from analysis.train_command import NOISE_OPTION
+from analysis.cli.train import NOISE_OPTION
+from analysis.experiments.recipes import CONVERGED, DEMO, LARGE, METHODS, SMALL, config, run_name
 from landscape.inputs.models import model_for_data
 from landscape.training.optim import make_optimizer
 

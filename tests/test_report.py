@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from analysis.report import Report, write_text
+from analysis.report.document import Report, write_text
 
 
 def _report() -> Report:

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from analysis.cli import build_parser, main
-from analysis.measure import measure_checkpoint
-from analysis.specs import MeasureSpec
+from analysis.cli.measure import measure_checkpoint
+from analysis.cli.specs import MeasureSpec
 from landscape.curvature.density import slq_density
 from landscape.curvature.spectrum import lanczos, power_iteration
 from landscape.curvature.trace import hutchinson, hutchpp, xtrace

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.measure import METRICS, SOLVER_TEMPORARIES
-from analysis.specs import MetricSpec
+from analysis.cli.measure import METRICS, SOLVER_TEMPORARIES
+from analysis.cli.specs import MetricSpec
 from landscape.curvature.trace import trace_vectors
 from landscape.engine.memory import InsufficientMemory
 from landscape.engine.objective import Objective
@@ -83,7 +83,7 @@ def test_every_solver_holds_no_more_than_the_plan_counts():
 
 def _objective(n_free_vectors: int, monkeypatch):
     """A digits MLP whose memory plan leaves room for `n_free_vectors` n-vectors beside the solvers' temporaries."""
-    import analysis.measure as measure
+    import analysis.cli.measure as measure
 
     torch.manual_seed(0)
     model, _ = model_for_data("mlp", (1, 8, 8), 10, hidden=(16,))
@@ -105,7 +105,7 @@ def test_a_trace_sketch_that_cannot_fit_is_refused_in_one_line_naming_probes_tha
 def test_hutchinson_takes_smaller_blocks_where_memory_is_short_and_says_so(monkeypatch):
     """Blocks of 3 probes instead of 10 in a third of the memory: every probe spent, a note that the probes (drawn a
     block at a time) differ from the default blocks', and an estimate as good."""
-    from analysis.command_line import OptionNote
+    from analysis.cli.output import OptionNote
     from landscape.engine.operators import HessianOperator
 
     spec = MetricSpec(probes=40, trace_method="hutchinson")

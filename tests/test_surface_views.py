@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from analysis.cli import main
-from analysis.report import Report
-from analysis.surface_views import add_interactive_view, write_vts
+from analysis.report.document import Report
+from analysis.report.surface_views import add_interactive_view, write_vts
 from landscape.engine.objective import Objective
 from landscape.surfaces.directions import random_directions
 from landscape.surfaces.spread import compute_spread, read_spread
@@ -66,7 +66,7 @@ def test_vtk_file_parses_back_to_the_grid_and_values(files, tmp_path):
 
 def test_html_holds_plotly_and_the_z_values_on_one_colour_scale(files, tmp_path):
     pytest.importorskip("plotly")
-    from analysis.surface_views import surface_figure
+    from analysis.report.surface_views import surface_figure
 
     a, b = read_surface(files / "a.h5"), read_surface(files / "b.h5")
     assert a.loss["train"].max() != b.loss["train"].max()
@@ -88,7 +88,7 @@ def test_html_holds_plotly_and_the_z_values_on_one_colour_scale(files, tmp_path)
 
 def test_report_embeds_the_view_or_says_how_to_get_it(files, tmp_path, monkeypatch):
     pytest.importorskip("plotly")
-    import analysis.surface_views as views
+    import analysis.report.surface_views as views
 
     surfaces = {"a": read_surface(files / "a.h5")}
     report = Report("r")

@@ -114,7 +114,7 @@ def test_gradient_descent_sharpens_to_the_edge_of_stability():
     initialization: λ1 starts at 0.42 and 0.56 of 2/η and, over steps 500–800, stays within
     [1.005, 1.063] and [1.022, 1.105] of 2/η for η = 0.3 and 0.4 (other initialization seeds: 0.95–1.16).
     """
-    from analysis.edge_of_stability import squared_loss
+    from analysis.experiments.edge_of_stability import squared_loss
     from landscape.inputs.data import load_data
     from landscape.inputs.models import MLP
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from analysis.cli import build_parser
-from analysis.measure import METRICS, measure_checkpoint
-from analysis.measurement_table import format_measurement
-from analysis.quantities import METRIC_RESULTS, as_result, metric_quantities, noise_increase_label
-from analysis.specs import CompareSpec, MeasureSpec, MetricSpec
+from analysis.cli.measure import METRICS, measure_checkpoint
+from analysis.cli.specs import CompareSpec, MeasureSpec, MetricSpec
+from analysis.report.checkpoint_table import format_measurement
+from analysis.report.quantities import METRIC_RESULTS, as_result, metric_quantities, noise_increase_label
 from landscape.results import Quantity, to_jsonable
 from tests.helpers import digits_mlp_checkpoint
 
@@ -126,8 +126,8 @@ def test_a_spec_is_not_a_namespace():
 @pytest.mark.slow
 def test_a_cached_comparison_renders_as_the_fresh_one(tmp_path):
     """figures caches compare's result as JSON: read back and typed again, its tables are the same text."""
-    from analysis.compare import COMPARE_DEFAULTS, compare, comparison_tables, typed_comparison
-    from analysis.specs import ObjectiveSpec
+    from analysis.cli.compare import COMPARE_DEFAULTS, compare, comparison_tables, typed_comparison
+    from analysis.cli.specs import ObjectiveSpec
 
     paths = [str(digits_mlp_checkpoint(tmp_path / f"run{seed}", (8,), seed=seed)) for seed in (0, 1)]
     metrics = replace(COMPARE_DEFAULTS, metrics=("eig", "trace", "sharpness-curve"), k=1, probes=8, noise_samples=8)

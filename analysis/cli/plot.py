@@ -7,8 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from analysis.command_line import print_json
-from analysis.plots import SURFACE_KINDS, plot_lines, plot_spread, plot_surfaces, save
+from analysis.cli.output import print_json
+from analysis.report.charts import SURFACE_KINDS, plot_lines, plot_spread, plot_surfaces, save
 from landscape.surfaces.spread import Spread, is_spread_file, read_spread
 from landscape.surfaces.surface import Surface, read_surface
 
@@ -102,7 +102,7 @@ def median_surface(spread: Spread) -> Surface:
 
 def write_views(args: argparse.Namespace, surfaces: dict[str, Surface]) -> None:
     """--html: one interactive page of every surface; --vtk: one .vts file next to each surface file."""
-    from analysis.surface_views import write_html, write_vts
+    from analysis.report.surface_views import write_html, write_vts
 
     if any(s.dim != 2 for s in surfaces.values()):
         raise ValueError(f"--{'html' if args.html else 'vtk'} shows 2-D surfaces; give files from `landscape surface --dim 2`")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.command_line import print_json
-from analysis.tables import format_table
+from analysis.cli.output import print_json
+from analysis.report.tables import format_table
 from landscape.engine.objective import Objective
 from landscape.surfaces.quantities import BUILT_IN, QUANTITIES
 from landscape.surfaces.spread import DEFAULT_BAND, DEFAULT_DIRECTIONS, SharpnessRadius, Spread, compute_spread, sharpness_radius

@@ -26,8 +26,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from analysis.compare import build_report
-from analysis.method_comparison import (
+from analysis.cli.compare import build_report
+from analysis.cli.key_values import parse_options
+from analysis.cli.train import NOISE_OPTION
+from analysis.experiments.method_comparison import (
     TESTED,
     compare_cached,
     comparison_family,
@@ -35,11 +37,9 @@ from analysis.method_comparison import (
     interpolation_figure,
     value_table,
 )
-from analysis.options import parse_options
-from analysis.recipes import DEFAULT_NOISE, label, train_all
-from analysis.report import Report, write_text
-from analysis.tables import format_table
-from analysis.train_command import NOISE_OPTION
+from analysis.experiments.recipes import DEFAULT_NOISE, label, train_all
+from analysis.report.document import Report, write_text
+from analysis.report.tables import format_table
 from landscape.engine import distributed as ranks
 from landscape.inputs.data import CIFAR_LAYOUTS, cifar_folder, has_cifar
 from landscape.results import to_jsonable

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from analysis.specs import MeasureSpec
+from analysis.cli.specs import MeasureSpec
 from landscape.engine import distributed as ranks
 from landscape.engine.from_checkpoint import file_sha256
 from landscape.inputs.checkpoints import short_list

@@ -6,9 +6,9 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from analysis.command_line import print_json
-from analysis.options import parse_options
-from analysis.tables import format_table
+from analysis.cli.key_values import parse_options
+from analysis.cli.output import print_json
+from analysis.report.tables import format_table
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.training.loop import AMP_MODES, LR_SCALINGS, LR_SCHEDULES, TrainConfig, train
 from landscape.training.presets import PRESETS, apply_preset

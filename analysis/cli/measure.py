@@ -10,11 +10,11 @@ from functools import partial
 
 import torch
 
-from analysis.command_line import OptionNote, ResumeNote, print_json
-from analysis.measurement_table import CURVATURE_NAMES, as_per_layer, format_measurement
-from analysis.options import parse_options
-from analysis.results_file import ResultsFile
-from analysis.specs import MeasureSpec, MetricSpec, ObjectiveSpec
+from analysis.cli.key_values import parse_options
+from analysis.cli.output import OptionNote, ResumeNote, print_json
+from analysis.cli.results_file import ResultsFile
+from analysis.cli.specs import MeasureSpec, MetricSpec, ObjectiveSpec
+from analysis.report.checkpoint_table import CURVATURE_NAMES, as_per_layer, format_measurement
 from landscape.curvature.blocks import GROUPINGS, parameter_blocks, per_layer
 from landscape.curvature.density import slq_density
 from landscape.curvature.spectrum import default_max_matvecs, default_max_vectors, lanczos, minimum_vectors
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> None:
         args.checkpoints, MeasureSpec.from_args(args), out=args.out, resume=args.resume, add_checkpoints=args.add_checkpoint
     )
     if args.per_layer_figure and ranks.is_main():
-        from analysis.plots import plot_block_spectra, plot_per_layer, save
+        from analysis.report.charts import plot_block_spectra, plot_per_layer, save
 
         labels = [f"{i}: {r['checkpoint']}" if len(results) > 1 else r["checkpoint"] for i, r in enumerate(results, 1)]
         found = {label: as_per_layer(r["per_layer"]) for label, r in zip(labels, results)}

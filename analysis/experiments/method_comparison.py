@@ -12,14 +12,14 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from analysis.compare import compare, format_difference, format_value, typed_comparison
-from analysis.differences import Difference, aggregate, difference, holm
-from analysis.plots import plot_lines, save
-from analysis.quantities import EPSILON_SHARPNESS, eigenvalue_label, noise_increase_label
-from analysis.recipes import LARGE, METHODS, SMALL, label
-from analysis.report import write_text
-from analysis.specs import CompareSpec, MeasureSpec, MetricSpec, ObjectiveSpec
-from analysis.train_command import NOISE_OPTION
+from analysis.cli.compare import compare, format_difference, format_value, typed_comparison
+from analysis.cli.specs import CompareSpec, MeasureSpec, MetricSpec, ObjectiveSpec
+from analysis.cli.train import NOISE_OPTION
+from analysis.experiments.recipes import LARGE, METHODS, SMALL, label
+from analysis.report.charts import plot_lines, save
+from analysis.report.differences import Difference, aggregate, difference, holm
+from analysis.report.document import write_text
+from analysis.report.quantities import EPSILON_SHARPNESS, eigenvalue_label, noise_increase_label
 from landscape.engine.from_checkpoint import objective_from_checkpoint
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.inputs.data import MeasurementSet

@@ -11,10 +11,10 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from analysis.command_line import print_json
-from analysis.measure import add_objective_arguments, build_objective
-from analysis.specs import ObjectiveSpec
-from analysis.tables import format_table
+from analysis.cli.measure import add_objective_arguments, build_objective
+from analysis.cli.output import print_json
+from analysis.cli.specs import ObjectiveSpec
+from analysis.report.tables import format_table
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.surfaces.connectivity import (
     CURVES,

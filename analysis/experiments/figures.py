@@ -1,6 +1,6 @@
 """`landscape figures`: regenerate every figure in figures/ from scratch (training and measurements cached between runs).
 
-Small-scale versions of the seed papers' figures, on the converged recipe of analysis/recipes.py:
+Small-scale versions of the seed papers' figures, on the converged recipe of analysis/experiments/recipes.py:
 (0) each method's noise size from a validation sweep; (a) Keskar et al. (2017)'s interpolation between
 small- and large-batch minima; (b) Li et al. (2018)'s filter-normalized 1-D curves for SGD, SmoothOut
 and AdaSmoothOut (Wen et al. 2018); (c) 2-D contours on one colour scale; (d) expected-loss increase
@@ -9,7 +9,7 @@ of training and at matched train loss, with paired differences and Holm's correc
 et al. (2019)'s rank correlation between sharpness and the generalization gap over a learning-rate ×
 batch-size sweep; (h) Garipov et al. (2018)'s mode connectivity between training seeds of SGD and of SmoothOut;
 (i) SGD and SmoothOut on the plane of their top two Hessian eigenvectors (certified Lanczos).
-`--paper DIR` instead regenerates SmoothOut's CIFAR comparison under the paper recipes (analysis/paper.py).
+`--paper DIR` instead regenerates SmoothOut's CIFAR comparison under the paper recipes (analysis/experiments/paper.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ import itertools
 import json
 from pathlib import Path
 
-from analysis.command_line import print_json
-from analysis.method_comparison import (
+from analysis.cli.output import print_json
+from analysis.cli.specs import CorrelateSpec
+from analysis.cli.surface import quadratic_extent
+from analysis.cli.train import NOISE_OPTION
+from analysis.experiments.method_comparison import (
     ALPHA,
     MEASURED,
     TESTED,
@@ -33,19 +36,9 @@ from analysis.method_comparison import (
     interpolation_figure,
     value_table,
 )
-from analysis.noise_sweep import GRID, chosen, noise_sweep, sweep_table
-from analysis.noise_sweep import to_jsonable as sweep_json
-from analysis.plots import (
-    plot_connectivity,
-    plot_correlation,
-    plot_lines,
-    plot_sharpness_panels,
-    plot_spectral_densities,
-    plot_surfaces,
-    save,
-)
-from analysis.quantities import as_result
-from analysis.recipes import (
+from analysis.experiments.noise_sweep import GRID, chosen, noise_sweep, sweep_table
+from analysis.experiments.noise_sweep import to_jsonable as sweep_json
+from analysis.experiments.recipes import (
     CONVERGED,
     LARGE,
     LR_SWEEP,
@@ -57,11 +50,18 @@ from analysis.recipes import (
     train_all,
     train_runs,
 )
-from analysis.report import Report, write_text
-from analysis.specs import CorrelateSpec
-from analysis.surface_command import quadratic_extent
-from analysis.tables import format_table
-from analysis.train_command import NOISE_OPTION
+from analysis.report.charts import (
+    plot_connectivity,
+    plot_correlation,
+    plot_lines,
+    plot_sharpness_panels,
+    plot_spectral_densities,
+    plot_surfaces,
+    save,
+)
+from analysis.report.document import Report, write_text
+from analysis.report.quantities import as_result
+from analysis.report.tables import format_table
 from landscape.curvature.density import slq_density
 from landscape.engine import distributed as ranks
 from landscape.engine.from_checkpoint import objective_from_checkpoint
@@ -198,7 +198,7 @@ def correlation_sweep(
 ) -> dict:
     """(g) Jiang et al. (2019)'s question on a small sweep: SGD and SmoothOut × batch 32, 256 × three learning rates ×
     seeds, every measure ranked against the generalization gap (`landscape correlate`); correlation.png/.md in `out`."""
-    from analysis.correlate import build_report, correlate_runs
+    from analysis.cli.correlate import build_report, correlate_runs
 
     runs = [
         config(m, b, s, budget["epoch_fraction"], recipe=LR_SWEEP, lr=lr, noise=smoothout_noise if m == "smoothout" else None)
@@ -414,7 +414,7 @@ def run(args: argparse.Namespace) -> None:
     out, cache = output_folders(args.out, args.cache, args.quick, paper)
     seeds = seeds_given(args)
     if paper:
-        from analysis.paper import run_paper
+        from analysis.experiments.paper import run_paper
 
         summary = run_paper(args, out, cache, seeds)
         if not ranks.is_main():

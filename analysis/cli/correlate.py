@@ -4,7 +4,7 @@ Jiang et al. (2019), "Fantastic generalization measures and where to find them",
 et al. (2023), "A modern look at the relationship between sharpness and generalization". Every run is
 measured alike (one measurement set, one seed: shared probes and noise), its generalization gap taken
 on the whole train and test splits, and each measure ranked against the gap by Kendall's τ and by
-Jiang's granulated τ (analysis/correlation.py), with bootstrap intervals over runs. The measurements
+Jiang's granulated τ (analysis/report/rank_correlation.py), with bootstrap intervals over runs. The measurements
 are saved as they finish (measurements.json, the `landscape measure --out` format), so a killed run
 resumes. Under torchrun the runs are split over the ranks.
 """
@@ -17,22 +17,22 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.command_line import print_json
-from analysis.compare import method_label
-from analysis.correlation import Correlation, correlate, varying
-from analysis.matched_loss import at_train_loss, parse_target
-from analysis.measure import (
+from analysis.cli.compare import method_label
+from analysis.cli.matched_loss import at_train_loss, parse_target
+from analysis.cli.measure import (
     SHARPNESS_MEASURES,
     add_metric_arguments,
     add_objective_arguments,
     build_objective,
     measure_checkpoint,
 )
-from analysis.quantities import metric_quantities
-from analysis.report import Report
-from analysis.results_file import ResultsFile
-from analysis.specs import CorrelateSpec, MeasureSpec, MetricSpec, ObjectiveSpec
-from analysis.tables import format_table
+from analysis.cli.output import print_json
+from analysis.cli.results_file import ResultsFile
+from analysis.cli.specs import CorrelateSpec, MeasureSpec, MetricSpec, ObjectiveSpec
+from analysis.report.document import Report
+from analysis.report.quantities import metric_quantities
+from analysis.report.rank_correlation import Correlation, correlate, varying
+from analysis.report.tables import format_table
 from landscape.engine import distributed as ranks
 from landscape.engine.progress import working_on
 from landscape.inputs.checkpoints import load_checkpoint
@@ -271,7 +271,7 @@ def build_report(result: dict, figure: str | None) -> Report:
 
 def write_outputs(result: dict, out: Path) -> list[Path]:
     """correlation.json, correlation.png and correlation.md/html in `out`."""
-    from analysis.plots import plot_correlation, save
+    from analysis.report.charts import plot_correlation, save
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "correlation.json").write_text(json.dumps(to_jsonable(result), indent=1) + "\n")

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.command_line import print_json
-from analysis.matched_loss import TrajectoryPoint, trajectory
-from analysis.measure import (
+from analysis.cli.matched_loss import TrajectoryPoint, trajectory
+from analysis.cli.measure import (
     METRICS,
     add_metric_arguments,
     add_objective_arguments,
     measure_checkpoint,
 )
-from analysis.quantities import metric_quantities
-from analysis.results_file import ResultsFile
-from analysis.specs import MeasureSpec
+from analysis.cli.output import print_json
+from analysis.cli.results_file import ResultsFile
+from analysis.cli.specs import MeasureSpec
+from analysis.report.quantities import metric_quantities
 from landscape.curvature.spectrum import WarmStart
 from landscape.engine import distributed as ranks
 from landscape.inputs.checkpoints import load_checkpoint
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> None:
         return
     series = time_series(reports)
     write_hdf5(series, out / "track.h5")
-    from analysis.plots import plot_track, save
+    from analysis.report.charts import plot_track, save
 
     line = stability_threshold(load_checkpoint(points[-1].path).meta.get("train", {})) if args.stability_line else None
     save(

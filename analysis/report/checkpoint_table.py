@@ -10,9 +10,9 @@ from __future__ import annotations
 from functools import singledispatch
 from typing import Any
 
-from analysis.quantities import METRIC_RESULTS, as_result
-from analysis.setup_text import batching, norm_mode, precision, sample_origin
-from analysis.tables import format_table
+from analysis.report.quantities import METRIC_RESULTS, as_result
+from analysis.report.setup_text import batching, norm_mode, precision, sample_origin
+from analysis.report.tables import format_table
 from landscape.curvature.blocks import PerLayerResult
 from landscape.curvature.density import Spectrum
 from landscape.curvature.spectrum import EigResult

@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.train_command import NOISE_OPTION
+from analysis.cli.train import NOISE_OPTION
 from landscape.engine import distributed as ranks
 from landscape.engine.progress import working_on
 from landscape.training.loop import TrainConfig, train

@@ -6,7 +6,7 @@ measured every 10 steps by Lanczos, warm-started from the previous top eigenvect
 (landscape.curvature.stability). Each run shows progressive sharpening (λ1 grows from about 2 while
 the loss falls) until λ1 reaches 2/η, where it then stays. About 30 s on one CPU thread:
 
-    python -m analysis.edge_of_stability --out figures      # writes figures/edge-of-stability.png
+    python -m analysis.experiments.edge_of_stability --out figures      # writes figures/edge-of-stability.png
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
-from analysis.plots import plt, save
+from analysis.report.charts import plt, save
 from landscape.curvature.stability import GDConfig, GDRun, gradient_descent
 from landscape.inputs.data import load_data
 from landscape.inputs.models import MLP
@@ -113,7 +113,7 @@ def plot_edge_of_stability(runs: Sequence[GDRun], title: str = "") -> plt.Figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m analysis.edge_of_stability", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.experiments.edge_of_stability", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("figures"), help="folder for edge-of-stability.png")
     parser.add_argument("--steps", type=int, default=STEPS, help="GD steps per step size")
     parser.add_argument("--every", type=int, default=EVERY, help="measure λ1 every this many steps")

@@ -18,22 +18,22 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from analysis.command_line import OptionNote, print_json
-from analysis.differences import Aggregate, Difference, aggregate, difference, holm, holm_family, verdict
-from analysis.matched_loss import at_train_loss, parse_target
-from analysis.measure import (
+from analysis.cli.matched_loss import at_train_loss, parse_target
+from analysis.cli.measure import (
     METRICS,
     SHARPNESS_MEASURES,
     add_metric_arguments,
     add_objective_arguments,
     build_objective,
 )
-from analysis.quantities import as_result, metric_quantities
-from analysis.report import Report
-from analysis.setup_text import batching, norm_mode, precision, sample_origin
-from analysis.specs import CompareSpec, MetricSpec
-from analysis.surface_command import parse_range
-from analysis.tables import format_table
+from analysis.cli.output import OptionNote, print_json
+from analysis.cli.specs import CompareSpec, MetricSpec
+from analysis.cli.surface import parse_range
+from analysis.report.differences import Aggregate, Difference, aggregate, difference, holm, holm_family, verdict
+from analysis.report.document import Report
+from analysis.report.quantities import as_result, metric_quantities
+from analysis.report.setup_text import batching, norm_mode, precision, sample_origin
+from analysis.report.tables import format_table
 from landscape.engine import distributed as ranks
 from landscape.engine.progress import working_on
 from landscape.inputs.checkpoints import load_checkpoint
@@ -354,7 +354,7 @@ def run(args: argparse.Namespace) -> None:
 
 def make_figures(result: dict, out: Path) -> list[tuple[str, str]]:
     """The comparison figures in `out`, as (file name, caption); one colour per method throughout."""
-    from analysis.plots import (
+    from analysis.report.charts import (
         plot_lines,
         plot_sharpness_curves,
         plot_spectral_densities,
@@ -486,7 +486,7 @@ def build_report(result: dict, out: Path) -> Report:
         for name, caption in figures:
             report.figure(name, caption)
     if all("surface2d" in c["raw"] for c in result["checkpoints"]):
-        from analysis.surface_views import add_interactive_view
+        from analysis.report.surface_views import add_interactive_view
         from landscape.surfaces.surface import read_surface
 
         firsts = {}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from analysis.correlation import RESAMPLES  # numpy only: no torch at import
+from analysis.report.rank_correlation import RESAMPLES  # numpy only: no torch at import
 
 RUNTIME = {"setting": False}  # field metadata: a run-time handle or output choice, not a setting of the numbers
 
@@ -119,7 +119,7 @@ class MetricSpec:
         """The metric options of `args`; --metrics must name metrics of `choices` (default: the command's, which
         its parser records as `metric_choices`)."""
         choices = getattr(args, "metric_choices", ()) if choices is None else choices
-        from analysis.validation import parse_metrics, parse_radii, per_layer_names
+        from analysis.cli.option_checks import parse_metrics, parse_radii, per_layer_names
 
         converted: dict[str, Any] = {"progress": getattr(args, "progress", False)}
         if getattr(args, "metrics", None) is not None:

@@ -1,6 +1,6 @@
 """Command-line pieces every command shares: the output options, JSON on stdout, and one command's own parser.
 
-Command modules import from here, never from analysis/cli.py, so the import graph of analysis/ stays a
+Command modules import from here, never from analysis/cli/__init__.py, so the import graph of analysis/ stays a
 tree under cli: cli imports the invoked command's module, and no module imports cli back.
 """
 

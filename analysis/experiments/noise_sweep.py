@@ -15,8 +15,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from analysis.recipes import CONVERGED, LARGE, Recipe, config, train_all
-from analysis.train_command import NOISE_OPTION
+from analysis.cli.train import NOISE_OPTION
+from analysis.experiments.recipes import CONVERGED, LARGE, Recipe, config, train_all
 
 GRID = {  # around each default (SmoothOut a=0.02; landscape.training.optim: σ=0.01, radius 0.01, ρ=0.05), by factors of 2
     "smoothout": (0.005, 0.01, 0.02, 0.04),

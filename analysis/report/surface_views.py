@@ -32,8 +32,8 @@ def plotly_available() -> bool:
 
 def shared_range(surfaces: Mapping[str, Surface], split: str, log: bool) -> tuple[float, float]:
     """One (low, high) over the finite values of every surface, the colour and height range they share (log₁₀ on a
-    log scale); the same span `analysis.plots.shared_scale` gives the matplotlib figures."""
-    from analysis.plots import _loss, shared_scale
+    log scale); the same span `analysis.report.charts.shared_scale` gives the matplotlib figures."""
+    from analysis.report.charts import _loss, shared_scale
 
     norm, _ = shared_scale([_loss(s, split, label, log) for label, s in surfaces.items()], log, 2)
     low, high = float(norm.vmin), float(norm.vmax)
@@ -61,7 +61,7 @@ def surface_figure(surfaces: Mapping[str, Surface], *, split: str = "train", log
         from plotly.subplots import make_subplots
     except ImportError as error:
         raise ImportError(PLOTLY_MISSING) from error
-    from analysis.plots import _check_dims, _loss, axis_label
+    from analysis.report.charts import _check_dims, _loss, axis_label
 
     _check_dims(surfaces, 2)
     low, high = shared_range(surfaces, split, log)
@@ -119,7 +119,7 @@ def html_fragment(surfaces: Mapping[str, Surface], **options) -> str:
 
 
 def add_interactive_view(report, surfaces: Mapping[str, Surface], out: Path, name: str, caption: str, **options) -> None:
-    """Embed the interactive 3-D view of `surfaces` in `report` (analysis.report.Report) and write it as `out/name`
+    """Embed the interactive 3-D view of `surfaces` in `report` (analysis.report.document.Report) and write it as `out/name`
     for the Markdown's link; without plotly, one line in the report saying how to get it."""
     if not plotly_available():
         report.paragraph(f"Interactive 3-D view left out: {PLOTLY_MISSING}.")

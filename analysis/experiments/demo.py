@@ -12,14 +12,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from analysis.command_line import print_json
-from analysis.compare import COMPARE_DEFAULTS, build_report, compare, comparison_tables, format_difference
-from analysis.differences import Difference, difference, holm, holm_family, verdict
-from analysis.quantities import eigenvalue_label, noise_increase_label
-from analysis.recipes import DEMO, LARGE, SMALL, train_runs
-from analysis.report import Report
-from analysis.specs import CompareSpec, MeasureSpec, ObjectiveSpec
-from analysis.tables import format_table
+from analysis.cli.compare import COMPARE_DEFAULTS, build_report, compare, comparison_tables, format_difference
+from analysis.cli.output import print_json
+from analysis.cli.specs import CompareSpec, MeasureSpec, ObjectiveSpec
+from analysis.experiments.recipes import DEMO, LARGE, SMALL, train_runs
+from analysis.report.differences import Difference, difference, holm, holm_family, verdict
+from analysis.report.document import Report
+from analysis.report.quantities import eigenvalue_label, noise_increase_label
+from analysis.report.tables import format_table
 from landscape.engine import distributed as ranks
 
 RUNS = [("sgd", SMALL), ("sgd", LARGE), ("smoothout", SMALL), ("smoothout", LARGE)]

@@ -11,30 +11,30 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import NoReturn
 
 import landscape
-from analysis.command_line import OptionNote, add_output_arguments
+from analysis.cli.output import OptionNote, add_output_arguments
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, OSError)
 
 
-# name: (one-line help, its module in analysis/, shared argument adders before the module's add_arguments).
+# name: (one-line help, its module under analysis/: cli/ for the commands, experiments/ for demo and figures).
 # The top-level --help reads only this table: a command's module (and torch) is imported when it is configured.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("train SGD and SmoothOut at small and large batch, compare them, write a report", "demo"),
-    "measure": ("loss, gradient and curvature of checkpoints", "measure"),
-    "surface": ("1-D/2-D loss surface around a checkpoint, to a resumable HDF5 file", "surface_command"),
+    "demo": ("train SGD and SmoothOut at small and large batch, compare them, write a report", "experiments.demo"),
+    "measure": ("loss, gradient and curvature of checkpoints", "cli.measure"),
+    "surface": ("1-D/2-D loss surface around a checkpoint, to a resumable HDF5 file", "cli.surface"),
     "connect": (
         "train a Bézier curve or chain between two checkpoints (mode connectivity) against the straight line, resumable",
-        "connect_command",
+        "cli.connect",
     ),
-    "plot": ("draw surface files: line, contour, heatmap, 3-D, PCA trajectory → PNG/PDF", "plot_command"),
-    "compare": ("the same measurements on several checkpoints, side by side with CIs, as a report", "compare"),
-    "train": ("train a model with a chosen optimizer, writing checkpoints", "train_command"),
-    "track": ("measure every trajectory checkpoint of a training run: curvature over training, resumable", "track"),
+    "plot": ("draw surface files: line, contour, heatmap, 3-D, PCA trajectory → PNG/PDF", "cli.plot"),
+    "compare": ("the same measurements on several checkpoints, side by side with CIs, as a report", "cli.compare"),
+    "train": ("train a model with a chosen optimizer, writing checkpoints", "cli.train"),
+    "track": ("measure every trajectory checkpoint of a training run: curvature over training, resumable", "cli.track"),
     "correlate": (
         "rank sharpness measures against the generalization gap over a sweep of runs (Kendall's τ, granulated τ, bootstrap CIs)",
-        "correlate",
+        "cli.correlate",
     ),
-    "figures": ("regenerate every figure in figures/ from scratch", "figures"),
+    "figures": ("regenerate every figure in figures/ from scratch", "experiments.figures"),
 }
 
 
@@ -87,7 +87,7 @@ def _join_signed_values(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = _join_signed_values(sys.argv[1:] if argv is None else argv)
     args = build_parser(invoked_command(argv)).parse_args(argv)
-    from analysis.validation import (
+    from analysis.cli.option_checks import (
         validate_arguments,  # torch: after --help and usage errors have exited
     )
     from landscape.engine import progress
@@ -210,7 +210,3 @@ def _join_process_group(args: argparse.Namespace) -> bool:
         sys.stdout = open(os.devnull, "w")
         args.quiet = True
     return joined
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Rendering and statistics: tables, quantities, paired differences, charts, the Markdown/HTML report."""
