@@ -50,6 +50,8 @@ class TraceResult(Result):
 
 
 HUTCHINSON_BLOCK = 10  # probes per `products` call of Hutchinson's estimator, by default
+# the fewest matvecs each estimator takes: Hutchinson's stderr needs two probes, the sketches two halves of two
+TRACE_MATVEC_MINIMUMS = {"xtrace": 4, "hutchpp": 4, "hutchinson": 2}
 
 
 def _check_blocks(blocks: dict[str, slice] | None, n: int, op: LinearOperator) -> None:
@@ -154,7 +156,7 @@ def hutchinson(
         (10.0, 0.0, 10)
     """
     n = op.shape[0]
-    check_int("n_probes", n_probes, 2)
+    check_int("n_probes", n_probes, TRACE_MATVEC_MINIMUMS["hutchinson"])
     check_int("block_size", block_size, 1)
     if target_rel_stderr is not None and not target_rel_stderr > 0:
         raise ValueError(f"target_rel_stderr must be positive, got {target_rel_stderr!r}")
@@ -219,7 +221,7 @@ def hutchpp(
         (6.0, 0.0)
     """
     n, inner = op.shape[0], op.inner
-    check_int("n_matvecs", n_matvecs, 4)
+    check_int("n_matvecs", n_matvecs, TRACE_MATVEC_MINIMUMS["hutchpp"])
     _check_blocks(blocks, n, op)
     start = time.perf_counter()
     generator = seeded_generator(op.device, seed)
@@ -303,7 +305,7 @@ def xtrace(
         {'first two': 2.0, 'rest': 4.0}
     """
     n, inner = op.shape[0], op.inner
-    check_int("n_matvecs", n_matvecs, 4)
+    check_int("n_matvecs", n_matvecs, TRACE_MATVEC_MINIMUMS["xtrace"])
     _check_blocks(blocks, n, op)
     if n < 2:
         raise ValueError("xtrace needs an operator of size ≥ 2 (leave-one-out needs two test vectors)")

@@ -35,6 +35,7 @@ DISTRIBUTIONS = ("uniform", "gaussian")
 SCALES = ("absolute", "weight", "filter")
 _UNIT_VARIANCE = {"uniform": 1 / 3, "gaussian": 1.0}  # per-coordinate variance of U[−1, 1] and N(0, 1)
 _BLOCK = 10  # noise draws (or antithetic pairs) generated at once; the stopping rule is checked after each block
+MIN_ANTITHETIC_SAMPLES = 4  # two antithetic pairs: a standard error needs at least two
 _MIN_UNITS = 10  # fewest draws (or pairs) before a CI may stop the sampling
 
 
@@ -210,7 +211,7 @@ def expected_loss(
     """
     radius = check_number("radius", radius, allow_zero=True)
     _check_noise(distribution, scale)
-    check_int("n_samples", n_samples, 4 if antithetic else 2)
+    check_int("n_samples", n_samples, MIN_ANTITHETIC_SAMPLES if antithetic else 2)
     if antithetic and n_samples % 2:
         raise ValueError(f"n_samples must be even with antithetic pairs (each pair is 2 forward passes), got {n_samples}")
     if target_ci_halfwidth is not None:
