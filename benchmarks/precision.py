@@ -36,11 +36,11 @@ from common import RESULTS, write_results  # noqa: E402
 
 from landscape.curvature.spectrum import lanczos  # noqa: E402
 from landscape.curvature.trace import hutchinson  # noqa: E402
-from landscape.engine.from_checkpoint import parse_dtype  # noqa: E402
 from landscape.engine.objective import Objective, ObjectiveError  # noqa: E402
 from landscape.engine.operators import HessianOperator  # noqa: E402
 from landscape.inputs.batches import token_cross_entropy  # noqa: E402
 from landscape.inputs.models import model_for_data  # noqa: E402
+from landscape.inputs.precision import parse_dtype  # noqa: E402
 
 GPT2 = {"gpt2-2x128": (2, 128, 4), "gpt2-4x256": (4, 256, 4)}  # layers, width, heads
 PROBLEMS = ["resnet20", *GPT2]

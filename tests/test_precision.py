@@ -15,10 +15,10 @@ from torch import nn
 from analysis.report.checkpoint_table import format_measurement
 from landscape.curvature.spectrum import lanczos
 from landscape.curvature.trace import hutchinson
-from landscape.engine.from_checkpoint import parse_dtype
 from landscape.engine.objective import Objective, ObjectiveError, hvp_check_tolerance
 from landscape.engine.operators import FisherOperator, GGNOperator, HessianOperator, LinearOperator
 from landscape.inputs.batches import token_cross_entropy
+from landscape.inputs.precision import parse_dtype
 from tests.helpers import classification_batches, digits_mlp_checkpoint, run_cli
 
 # (λ1, trace) relative to float32, bfloat16 model: measured maxima 1.4e-4/2.8e-4 (MLP), 6.7e-3/1.8e-2 (GPT-2)

@@ -21,7 +21,7 @@ from landscape.curvature.spectrum import default_max_matvecs, default_max_vector
 from landscape.curvature.trace import HUTCHINSON_BLOCK, hutchinson, hutchpp, trace_vectors, xtrace
 from landscape.engine import distributed as ranks
 from landscape.engine.finite_difference import FiniteDifferenceErrors
-from landscape.engine.from_checkpoint import DTYPES, objective_from_checkpoint, parse_dtype
+from landscape.engine.from_checkpoint import objective_from_checkpoint
 from landscape.engine.gauss_newton import CURVATURES
 from landscape.engine.inner import LOCAL
 from landscape.engine.memory import InsufficientMemory, format_size, parse_size, peak_resident_bytes
@@ -30,6 +30,7 @@ from landscape.engine.operators import HessianOperator, curvature_operator
 from landscape.inputs.batches import resolve_loss
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.inputs.data import MeasurementSet
+from landscape.inputs.precision import DTYPES, parse_dtype
 from landscape.results import Result
 from landscape.sharpness.balls import (
     DEFAULT_AVERAGE_RHO,

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from analysis.cli.specs import MeasureSpec
 from landscape.engine import distributed as ranks
-from landscape.engine.from_checkpoint import file_sha256
-from landscape.inputs.checkpoints import short_list
+from landscape.inputs.checkpoints import file_sha256, short_list
 from landscape.results import to_jsonable
 
 FORMAT = "landscape-measure"

@@ -2,52 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
 from landscape.engine import distributed as ranks
 from landscape.engine.objective import Objective
 from landscape.inputs.batches import BatchError, logits, model_arguments, to_device
-from landscape.inputs.checkpoints import Checkpoint, CheckpointError
-from landscape.inputs.data import BatchSet, DataError, Dataset, MeasurementSet, load_data
+from landscape.inputs.checkpoints import Checkpoint, CheckpointError, file_sha256
+from landscape.inputs.data import BatchSet, DataError, Dataset, DataSpec, MeasurementSet
 from landscape.inputs.models import model_for_data
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """How to rebuild a data set: the spec string plus the options that change its contents."""
-
-    spec: str
-    seed: int = 0
-    normalize: bool | None = None
-
-    def load(self) -> Dataset | BatchSet:
-        return load_data(self.spec, normalize=self.normalize, seed=self.seed)
-
-    def to_dict(self) -> dict:
-        return {"spec": self.spec, "seed": self.seed, "normalize": self.normalize}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DataSpec:
-        return cls(d["spec"], int(d.get("seed", 0)), d.get("normalize"))
-
-
-def file_sha256(path: str | Path) -> str:
-    """Content hash of a file, or of a folder's files (a save_pretrained folder): names and bytes, in name order
-    (recorded so a result can be traced to exact weights)."""
-    digest = hashlib.sha256()
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_data(checkpoint: Checkpoint, data: str | None) -> DataSpec:
@@ -185,13 +147,3 @@ def check_measurement_fits(measurement: MeasurementSet, dataset: Dataset | Batch
             f"--n-samples {measurement.n_samples}: the {measurement.split} split of {dataset.spec!r} "
             f"has {available} samples; ask for at most {available}"
         )
-
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """A dtype's name to the torch dtype; bfloat16 and float16 run the model only (the solvers stay float32)."""
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use {', '.join(DTYPES)}")
-    return DTYPES[name]

@@ -11,6 +11,7 @@ A whole pickled model (`torch.save(model)`, read only with trust=True) is measur
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import pickle
@@ -141,6 +142,21 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
     except Exception as error:  # anything torch.load raises on a foreign file
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {error})") from None
     return _interpret(path, obj)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash of a file, or of a folder's files (a save_pretrained folder): names and bytes, in name order
+    (recorded so a result can be traced to exact weights)."""
+    digest = hashlib.sha256()
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _starts_as_zip(path: str) -> bool:

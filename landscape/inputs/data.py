@@ -157,6 +157,25 @@ def load_data(spec: str, *, normalize: bool | None = None, seed: int = 0) -> Dat
     raise DataError(f"unknown data spec {spec!r}; use one of: {SPEC_FORMS}")
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """How to rebuild a data set: the spec string plus the options that change its contents."""
+
+    spec: str
+    seed: int = 0
+    normalize: bool | None = None
+
+    def load(self) -> Dataset | BatchSet:
+        return load_data(self.spec, normalize=self.normalize, seed=self.seed)
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "seed": self.seed, "normalize": self.normalize}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataSpec:
+        return cls(d["spec"], int(d.get("seed", 0)), d.get("normalize"))
+
+
 # ---------------------------------------------------------------- built-in sets
 
 

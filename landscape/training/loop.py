@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from landscape.engine import distributed
-from landscape.engine.from_checkpoint import DataSpec
 from landscape.engine.objective import Objective
 from landscape.engine.progress import Progress
 from landscape.inputs.checkpoints import CheckpointError, atomic_save, save_checkpoint
-from landscape.inputs.data import Dataset, MeasurementSet
+from landscape.inputs.data import Dataset, DataSpec, MeasurementSet
 from landscape.inputs.models import model_for_data
 from landscape.training.data_parallel import GradientSync
 from landscape.training.optim import Method, make_optimizer
