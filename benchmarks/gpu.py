@@ -1,7 +1,7 @@
 """The GPU benchmark: one prepared script for a session that is lent a device (≤ 6 minutes on one H200).
 
 Sections, each recorded on its own (a failure is an error string in its place, the rest still runs):
-  hvp      HVP ÷ gradient per Objective path (landscape.engine.objective.HVP_METHODS, "compiled" included where
+  hvp      HVP ÷ gradient per Objective path (landscape.engine.hvp_paths.HVP_METHODS, "compiled" included where
            present) and PyHessian's hessian_vector_product where importable, on ResNet-20 and ResNet-44 at
            batch 128 and 512 (CIFAR-shaped random data), with the run-time self-check and peak memory per row;
   train    seconds per training step per method (sgd, sam, smoothout, nso) with AMP off, bf16 and fp16, ResNet-20 at
@@ -42,12 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, rss_bytes  # noqa: E402
 
 from landscape.curvature.spectrum import lanczos  # noqa: E402
-from landscape.engine import objective as objective_module  # noqa: E402
-from landscape.engine.objective import HVP_METHODS, Objective  # noqa: E402
+from landscape.engine import hvp_paths  # noqa: E402
+from landscape.engine.hvp_paths import HVP_METHODS  # noqa: E402
+from landscape.engine.objective import Objective  # noqa: E402
 from landscape.engine.operators import HessianOperator  # noqa: E402
 from landscape.inputs.models import model_for_data  # noqa: E402
 
-COMPILED = getattr(objective_module, "COMPILED_HVP", None)  # the torch.compile'd path, where the Objective has one
+COMPILED = getattr(hvp_paths, "COMPILED_HVP", None)  # the torch.compile'd path, where the Objective has one
 PATHS = [*HVP_METHODS, *([COMPILED] if COMPILED and COMPILED not in HVP_METHODS else [])]
 
 FULL = {

@@ -3,7 +3,7 @@
 Every test here is marked `cuda` and skipped without a CUDA device: they run in a session lent a GPU,
 through benchmarks/gpu_session.sh (`python -m pytest -m cuda tests/test_cuda.py`).
 
-- every HVP path of landscape.engine.objective.HVP_METHODS, float64 and float32, BN eval and train mode, on a small
+- every HVP path of landscape.engine.hvp_paths.HVP_METHODS, float64 and float32, BN eval and train mode, on a small
   MLP, a small ConvNet with BN and ResNet-20, against an independent float64 CPU Hessian-vector product
   (tests/ground_truth.py); float32 on CUDA must be as accurate as float32 on the CPU (TF32 would not be);
 - GGN and empirical Fisher products, Lanczos, Hutchinson/Hutch++/XTrace and SLQ on CUDA against the CPU;
@@ -25,8 +25,9 @@ from torch import nn
 from landscape.curvature.density import slq_density
 from landscape.curvature.spectrum import lanczos
 from landscape.curvature.trace import hutchinson, hutchpp, xtrace
-from landscape.engine import objective as objective_module
-from landscape.engine.objective import HVP_METHODS, Objective
+from landscape.engine import hvp_paths
+from landscape.engine.hvp_paths import HVP_METHODS
+from landscape.engine.objective import Objective
 from landscape.engine.operators import DenseOperator, FisherOperator, GGNOperator, HessianOperator
 from tests.ground_truth import dense_hessian, dense_reference, rel_err
 from tests.helpers import classification_batches, digits_mlp_checkpoint, tiny_convnet_bn, tiny_mlp
@@ -87,7 +88,7 @@ def cpu_float32_error(name: str, mode: str) -> float:
 
 # every path of HVP_METHODS, ResNet-20 in float32 only (its float64 CPU reference is the slow part); the
 # torch.compile'd path, where the Objective has one, on three cases (each compiles for tens of seconds)
-COMPILED = getattr(objective_module, "COMPILED_HVP", None)
+COMPILED = getattr(hvp_paths, "COMPILED_HVP", None)
 HVP_CASES = [
     (name, mode, path, dtype)
     for name in PROBLEMS

@@ -25,10 +25,10 @@ def test_gpu_benchmark_smoke_run_writes_every_section(tmp_path):
     assert {"machine", "settings", "hvp", "train", "lanczos", "surface", "complete", "seconds"} <= set(report)
     assert report["complete"] and report["settings"]["smoke"] and report["settings"]["device"] == "cpu"
     rows = report["hvp"]["rows"]
-    from landscape.engine import objective
+    from landscape.engine import hvp_paths
 
-    compiled = getattr(objective, "COMPILED_HVP", None)  # every Objective path, the torch.compile'd one too
-    paths = [*objective.HVP_METHODS, *([compiled] if compiled and compiled not in objective.HVP_METHODS else [])]
+    compiled = getattr(hvp_paths, "COMPILED_HVP", None)  # every Objective path, the torch.compile'd one too
+    paths = [*hvp_paths.HVP_METHODS, *([compiled] if compiled and compiled not in hvp_paths.HVP_METHODS else [])]
     assert [r["path"] for r in rows] == [*paths, "pyhessian"] == [*report["settings"]["hvp_paths"], "pyhessian"]
     for row in rows:  # each path measured, or its failure or skip recorded as a string
         assert "hvp_over_gradient" in row or isinstance(row.get("error") or row.get("skipped"), str), row

@@ -9,27 +9,34 @@ from pathlib import Path
 import pytest
 import torch
 
-from landscape.engine.objective import HVPCheckWarning, Objective
+from landscape.engine import hvp_paths
+from landscape.engine.hvp_check import HVPCheckWarning
+from landscape.engine.objective import Objective
 from tests.ground_truth import dense_hessian, rel_err
 from tests.helpers import cli_command
 from tests.model_zoo import ZOO, CustomFunctionResidual, zoo_batches
 
 
-class DriftingLinearize(Objective):
+def drifting_linearize():
     """A fast path whose products drift from call to call (stateful, as the in-place bug was)."""
-
     calls = 0
 
-    def _hvp_linearize(self, V):
-        DriftingLinearize.calls += 1
-        return super()._hvp_linearize(V) * (1 + 0.01 * DriftingLinearize.calls)
+    def path(objective, V):
+        nonlocal calls
+        calls += 1
+        return hvp_paths.linearize(objective, V) * (1 + 0.01 * calls)
+
+    return path
 
 
-class ScaledLinearize(Objective):
+def scaled_linearize():
     """A fast path that is repeatable but wrong by 0.5%."""
+    return lambda objective, V: 1.005 * hvp_paths.linearize(objective, V)
 
-    def _hvp_linearize(self, V):
-        return 1.005 * super()._hvp_linearize(V)
+
+def broken_linearize(monkeypatch, broken=scaled_linearize):
+    """The registry's linearize path replaced by a broken one, for this test."""
+    monkeypatch.setitem(hvp_paths.HVP_PATHS, "linearize", broken())
 
 
 @pytest.fixture
@@ -39,11 +46,12 @@ def residual():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("broken", [DriftingLinearize, ScaledLinearize])
+@pytest.mark.parametrize("broken", [drifting_linearize, scaled_linearize])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_a_broken_path_is_caught_and_replaced(broken, dtype, residual):
+def test_a_broken_path_is_caught_and_replaced(broken, dtype, residual, monkeypatch):
     model, batches, H = residual
-    objective = broken(model, batches, dtype=dtype, device="cpu", hvp_method="linearize")
+    broken_linearize(monkeypatch, broken)
+    objective = Objective(model, batches, dtype=dtype, device="cpu", hvp_method="linearize")
     V = torch.randn(3, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     with pytest.warns(HVPCheckWarning, match="linearize path differs from double backward.*using double-backward"):
         first = objective.hvp_batched(V.to(dtype))
@@ -80,9 +88,10 @@ def test_a_correct_path_passes_once_and_is_kept(path, residual):
     assert objective.hvp_check_result is check  # checked once, on the first call only
 
 
-def test_a_zero_first_probe_is_checked_on_a_random_one(residual):
+def test_a_zero_first_probe_is_checked_on_a_random_one(residual, monkeypatch):
     model, batches, H = residual
-    objective = ScaledLinearize(model, batches, dtype=torch.float64, device="cpu", hvp_method="linearize")
+    broken_linearize(monkeypatch)
+    objective = Objective(model, batches, dtype=torch.float64, device="cpu", hvp_method="linearize")
     V = torch.zeros(2, H.shape[0], dtype=torch.float64)
     V[1, 0] = 1.0
     with pytest.warns(HVPCheckWarning):
@@ -90,9 +99,10 @@ def test_a_zero_first_probe_is_checked_on_a_random_one(residual):
     assert rel_err(out[1], H[0]) <= 1e-10
 
 
-def test_the_check_can_be_turned_off_and_double_backward_needs_none(residual):
+def test_the_check_can_be_turned_off_and_double_backward_needs_none(residual, monkeypatch):
     model, batches, H = residual
-    off = ScaledLinearize(model, batches, dtype=torch.float64, device="cpu", hvp_method="linearize", hvp_check=False)
+    broken_linearize(monkeypatch)
+    off = Objective(model, batches, dtype=torch.float64, device="cpu", hvp_method="linearize", hvp_check=False)
     v = torch.ones(H.shape[0], dtype=torch.float64)
     assert rel_err(off.hvp(v), 1.005 * H @ v) <= 1e-10 and off.hvp_check_result is None
     reference = Objective(model, batches, dtype=torch.float64, device="cpu", hvp_method="double-backward")

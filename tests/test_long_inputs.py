@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from landscape.engine import objective as objective_module
+from landscape.engine import memory
 from landscape.engine.memory import InsufficientMemory
 from landscape.engine.objective import Objective
 from landscape.inputs.batches import sequence_length, token_cross_entropy, truncated
@@ -38,7 +38,7 @@ def test_the_plan_counts_attention_memory_growing_with_the_square_of_the_length(
 def test_a_sequence_too_long_is_refused_in_one_line_naming_a_length_that_fits(monkeypatch):
     model, batches = long_gpt2(512)
     needed = Objective(model, batches, loss=token_cross_entropy, hvp_method="double-backward").memory_plan.predicted_peak_bytes
-    monkeypatch.setattr(objective_module, "available_bytes", lambda device: needed // 3)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: needed // 3)
     with pytest.raises(InsufficientMemory) as refusal:
         Objective(model, batches, loss=token_cross_entropy, hvp_method="double-backward")
     message = str(refusal.value)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from landscape.engine.memory import available_bytes, format_size, parse_size
-from landscape.engine.objective import GRAPH_OVERHEAD, Objective
+from landscape.engine.memory import GRAPH_OVERHEAD, available_bytes, format_size, parse_size
+from landscape.engine.objective import Objective
 from landscape.inputs.checkpoints import save_checkpoint
 from landscape.inputs.models import model_for_data
 from tests.ground_truth import rel_err
@@ -75,7 +75,8 @@ PEAK_SCRIPT = """
 import gc, json, sys, torch
 torch.set_num_threads(1)
 from landscape.inputs.models import model_for_data
-from landscape.engine.objective import Objective, GRAPH_OVERHEAD
+from landscape.engine.memory import GRAPH_OVERHEAD
+from landscape.engine.objective import Objective
 path, keep = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)
 model, _ = model_for_data("resnet20", (3, 32, 32), num_classes=10)

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from landscape.engine.objective import GRAPH_OVERHEAD, HVP_METHODS, Objective, ObjectiveError, cross_entropy
+from landscape.engine.hvp_paths import HVP_METHODS
+from landscape.engine.memory import GRAPH_OVERHEAD
+from landscape.engine.objective import Objective, ObjectiveError, cross_entropy
 from landscape.engine.operators import HessianOperator
 from landscape.engine.params import FlatLayout, select_parameters
 

@@ -15,7 +15,8 @@ from torch import nn
 from analysis.report.checkpoint_table import format_measurement
 from landscape.curvature.spectrum import lanczos
 from landscape.curvature.trace import hutchinson
-from landscape.engine.objective import Objective, ObjectiveError, hvp_check_tolerance
+from landscape.engine.hvp_check import hvp_check_tolerance
+from landscape.engine.objective import Objective, ObjectiveError
 from landscape.engine.operators import FisherOperator, GGNOperator, HessianOperator, LinearOperator
 from landscape.inputs.batches import token_cross_entropy
 from landscape.inputs.precision import parse_dtype

@@ -25,8 +25,9 @@ from landscape.curvature.density import slq_density
 from landscape.curvature.spectrum import lanczos, power_iteration
 from landscape.curvature.trace import hutchinson, hutchpp, xtrace
 from landscape.engine import distributed as ranks
+from landscape.engine.hvp_paths import FINITE_DIFFERENCE_HVP
 from landscape.engine.inner import ShardedInnerProduct
-from landscape.engine.objective import FINITE_DIFFERENCE_HVP, Objective, ObjectiveError
+from landscape.engine.objective import Objective, ObjectiveError
 from landscape.engine.operators import DenseOperator, HessianOperator, LinearOperator
 from landscape.inputs.batches import token_cross_entropy
 from tests.ground_truth import dense_hessian

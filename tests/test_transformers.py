@@ -18,7 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from landscape.curvature.spectrum import lanczos
 from landscape.curvature.trace import hutchinson
-from landscape.engine.objective import HVP_METHODS, Objective, ObjectiveError
+from landscape.engine.hvp_paths import HVP_METHODS
+from landscape.engine.objective import Objective, ObjectiveError
 from landscape.engine.operators import GGNOperator, HessianOperator
 from landscape.inputs.batches import BatchError, class_cross_entropy, mean_squared_error, token_cross_entropy
 from landscape.sharpness.box import epsilon_sharpness

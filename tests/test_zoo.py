@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 
-from landscape.engine.objective import HVP_METHODS, Objective
+from landscape.engine.hvp_paths import HVP_METHODS
+from landscape.engine.objective import Objective
 from tests.ground_truth import dense_hessian, rel_err
 from tests.model_zoo import ZOO, CifarResNet, zoo_batches
 

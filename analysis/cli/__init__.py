@@ -154,7 +154,7 @@ def _report_out_of_memory(args: argparse.Namespace, error: BaseException) -> int
 
 def _one_line_notes(command: str, show: Callable) -> Callable:
     """A warnings.showwarning that prints the library's notes and warnings as one line each, others as before."""
-    from landscape.engine.objective import HVPCheckWarning
+    from landscape.engine.hvp_check import HVPCheckWarning
     from landscape.inputs.checkpoints import CheckpointNote
 
     kinds = {CheckpointNote: "note", OptionNote: "note", HVPCheckWarning: "warning"}

@@ -15,8 +15,8 @@ import torch
 
 from landscape.engine import distributed as ranks
 from landscape.engine.checks import check_number
+from landscape.engine.hvp_paths import COMPILED_HVP, FINITE_DIFFERENCE_HVP, HVP_METHODS
 from landscape.engine.memory import parse_size
-from landscape.engine.objective import COMPILED_HVP, FINITE_DIFFERENCE_HVP, HVP_METHODS
 
 # dest: smallest allowed value, for every integer option of every command that has it
 INT_MINIMUMS = {

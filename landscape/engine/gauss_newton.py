@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, jvp, vjp, vmap
 
-from landscape.engine.objective import ObjectiveError, cross_entropy, linearized
+from landscape.engine.hvp_paths import linearized
+from landscape.engine.objective import ObjectiveError, cross_entropy
 from landscape.inputs.batches import targets
 
 if TYPE_CHECKING:

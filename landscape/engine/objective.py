@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import math
-import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,7 +22,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from landscape.engine import distributed as ranks
 from landscape.engine import finite_difference as fd
-from landscape.engine.memory import InsufficientMemory, available_bytes, format_size, resident_bytes
+from landscape.engine.hvp_check import HVPCheck, self_checked
+from landscape.engine.hvp_paths import (
+    COMPILED_HVP,
+    FINITE_DIFFERENCE_HVP,
+    HVP_METHODS,
+    HVP_PATHS,
+    TORCH_FUNC_METHODS,
+    weighted_add,
+)
+from landscape.engine.memory import MemoryPlan, plan_memory, saved_graph_bytes
 from landscape.engine.params import FlatLayout, select_parameters
 from landscape.engine.source_watch import SourceWatch
 from landscape.inputs.batches import (
@@ -43,67 +49,19 @@ from landscape.inputs.batches import (
     to_device,
 )
 from landscape.inputs.batches import mean_cross_entropy as cross_entropy
+from landscape.inputs.precision import LOW_PRECISION
 from landscape.results import Result
 
-HVP_METHODS = ("auto", "reuse", "linearize", "fwd-rev", "double-backward")
-COMPILED_HVP = "compiled"  # torch.compile'd forward-over-reverse: for GPUs, measured by benchmarks/gpu.py
-FINITE_DIFFERENCE_HVP = "finite-difference"  # central differences of gradients: approximate, with an error estimate
 MODES = ("eval", "train")
 
-__all__ = ["Objective", "ObjectiveError", "Evaluation", "HVPCheck", "MemoryPlan", "cross_entropy", "linearized"]
+__all__ = ["Objective", "ObjectiveError", "Evaluation", "cross_entropy"]
 
 
 class ObjectiveError(ValueError):
     """The model, data or settings cannot define a finite objective."""
 
 
-class HVPCheckWarning(UserWarning):
-    """The chosen HVP path failed its run-time self-check and was replaced by double backward."""
-
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)  # the model runs in these; the solvers' vectors stay float32
 FLOAT16_LOSS_SCALE = 2.0**10  # float16's first loss scale, halved while a derivative overflows (Objective)
-LOW_PRECISION_CHECK_EPS = 32  # self-check tolerance in the model's ε: 5.8 ε (4.5e-2) was the largest difference measured
-
-
-def hvp_check_tolerance(dtype: torch.dtype) -> float:
-    """Relative difference allowed between two exact HVP paths run with the model in `dtype`.
-
-    10·√(machine ε) for float32 (3.5e-3) and float64 (1.5e-7). In bfloat16 and float16 two exact paths round
-    differently at every layer: 32 ε (0.25 bfloat16, 0.031 float16), over five times the largest difference
-    measured between them (5.8 ε, GPT-2 4×256 in bfloat16, benchmarks/precision.py); a wrong product differs by O(1).
-    """
-    if dtype in LOW_PRECISION:
-        return LOW_PRECISION_CHECK_EPS * torch.finfo(dtype).eps
-    return 10 * math.sqrt(torch.finfo(dtype).eps)
-
-
-@dataclass(frozen=True)
-class HVPCheck(Result):
-    """The run-time self-check of the chosen HVP path on the first probe.
-
-    `difference`: ‖Hv − H_ref v‖/‖H_ref v‖ against double backward; `repeat_difference`: the same
-    product taken twice. Both must stay under `tolerance`; otherwise `replaced_by` names the path used.
-    The finite-difference path's `tolerance` follows its `estimated_error` (relative, on the same probe:
-    landscape.engine.finite_difference.check_tolerance); `skipped` says why no exact reference could be taken.
-    """
-
-    path: str
-    difference: float
-    repeat_difference: float
-    tolerance: float
-    seconds: float
-    replaced_by: str | None = None
-    n_extra_hvps: int = 2
-    estimated_error: float | None = None
-    skipped: str | None = None
-
-    @property
-    def passed(self) -> bool:
-        return self.skipped is None and self.difference <= self.tolerance and self.repeat_difference <= self.tolerance
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "passed": self.passed}
 
 
 @dataclass(frozen=True)
@@ -113,46 +71,6 @@ class Evaluation(Result):
     loss: float
     accuracy: float | None
     n_samples: int
-
-
-@dataclass(frozen=True)
-class MemoryPlan(Result):
-    """What the HVP path keeps in memory, and the peak it is predicted to add to what the objective holds already.
-
-    `reuse` keeps the create_graph gradient of the first `kept_batches` batches (as many as fit in `budget_bytes`)
-    and rebuilds the others' per product (`streamed`). Predictions come from the bytes autograd saves for a gradient
-    graph, measured on slices of the first batch (Objective._graph_bytes), times the factors in GRAPH_OVERHEAD.
-    """
-
-    path: str
-    kept_batches: int
-    n_batches: int
-    kept_bytes: int
-    predicted_peak_bytes: int
-    budget_bytes: int
-    available_bytes: int
-    resident_bytes: int = 0  # what the process held when the plan was made (weights, data, the objective's copies)
-
-    @property
-    def streamed_batches(self) -> int:
-        return self.n_batches - self.kept_batches
-
-    def describe(self) -> str:
-        kept = (
-            f"gradient graphs of {self.kept_batches}/{self.n_batches} batches kept ({format_size(self.kept_bytes)})"
-            if self.path == "reuse"
-            else self.path
-        )
-        return f"{kept}; predicted peak {format_size(self.predicted_peak_bytes)} of {format_size(self.available_bytes)} free"
-
-
-# Measured peak ÷ autograd's saved bytes (benchmarks/hvp.py memory table, benchmarks/scale.py): a kept graph holds
-# its saved tensors; building or streaming one adds the backward's work space, and so does a product through kept
-# graphs (GPT-2 configs: peak resident memory 3.7-4.1× the saved bytes with the graph kept; ResNet-20 less, where
-# this predicts 0.78-1.03× the measured peak); linearize's functionalized trace keeps every intermediate of forward
-# and backward (8.3× on ResNet-20); forward-over-reverse holds tangents.
-GRAPH_OVERHEAD = {"kept": 1.0, "transient": 2.5, "linearize": 9.0, "fwd-rev": 2.5}
-WORKSPACE_BYTES = 40 * 2**20  # allocator arenas and autograd's first use: the whole peak of the digits MLP's HVPs
 
 
 def default_device() -> torch.device:
@@ -194,12 +112,13 @@ class Objective:
 
     `params` selects the parameters that vary (see landscape.engine.params.select_parameters);
     the rest and all buffers stay fixed. `hvp_method` picks the exact Hessian-vector
-    product path (benchmarks/hvp.py), or `finite-difference`, central differences of gradients with an error
-    estimate per product (for models without a second derivative, `_hvp_finite_difference`); `auto` is `reuse`: the create_graph gradient of as
-    many batches as fit in `graph_memory_budget` bytes (default: half the free memory) is
-    kept across products and the rest rebuilt per product, so any measurement set fits.
-    Peak memory is predicted at construction (`memory_plan`); a plan that cannot fit the
-    free memory raises InsufficientMemory at once, naming the option that would fit.
+    product path (landscape.engine.hvp_paths, benchmarks/hvp.py), or `finite-difference`, central differences of
+    gradients with an error estimate per product (for models without a second derivative); `auto` is `reuse`: the
+    create_graph gradient of as many batches as fit in `graph_memory_budget` bytes (default: half the free memory)
+    is kept across products and the rest rebuilt per product, so any measurement set fits. The first product is
+    checked against double backward (`hvp_check_result`, landscape.engine.hvp_check).
+    Peak memory is predicted at construction (`memory_plan`, landscape.engine.memory.plan_memory); a plan that
+    cannot fit the free memory raises InsufficientMemory at once, naming the option that would fit.
     With `distributed=True` (under torchrun) `batches` is this rank's shard of the measurement set
     (landscape.engine.distributed.shard) and every loss, gradient and HVP is summed over the ranks, so
     each rank sees the global objective and seeded estimators run identically everywhere.
@@ -510,7 +429,7 @@ class Objective:
             total = None
             for c, batch in zip(self.batch_weights, self.batches):
                 (g,) = torch.autograd.grad(self._batch_loss(w, batch, buffers), w)
-                total = _weighted_add(total, c, g)
+                total = weighted_add(total, c, g)
             return self._reduced(torch.zeros_like(w) if total is None else self._unscaled(total))
 
         return self._backed_off(gradient, "gradient")
@@ -527,8 +446,8 @@ class Objective:
         if V.ndim != 2 or V.shape[1] != self.n_params:
             raise ObjectiveError(f"probe block has shape {tuple(V.shape)}, expected (k, {self.n_params})")
         if self.hvp_method == FINITE_DIFFERENCE_HVP:  # summed over the ranks inside: its step and errors are global
-            products = self._hvp_finite_difference(V)
-            return self._self_checked(V, products) if self._check_pending else products
+            products = HVP_PATHS[FINITE_DIFFERENCE_HVP](self, V)
+            return self_checked(self, V, products) if self._check_pending else products
         norms = None
         if self.model_dtype == torch.float16:  # unit rows: a product's size then follows H, not the probe's length
             norms = V.norm(dim=1, keepdim=True)
@@ -537,7 +456,7 @@ class Objective:
         def products() -> torch.Tensor:
             out = self._local_hvp(V)
             if self._check_pending:
-                out = self._self_checked(V, out)
+                out = self_checked(self, V, out)
             return self._reduced(out)
 
         out = self._backed_off(products, "Hessian-vector product")
@@ -561,238 +480,19 @@ class Objective:
             self.loss_scale /= 2
             self._cache = None  # a kept gradient graph holds the old scale
 
-    def _self_checked(self, V: torch.Tensor, products: torch.Tensor) -> torch.Tensor:
-        """The first products, checked against double backward and against a repeat; replaced if either differs.
-
-        Costs two extra products on the first call only: one by the chosen path (the repeat) and
-        one by double backward (the reference), both on the caller's first probe. A fast path that
-        disagrees is dropped for double backward, with one warning line, and the block is recomputed.
-        """
-        self._check_pending = False
-        if self.hvp_method == FINITE_DIFFERENCE_HVP:
-            return self._finite_difference_checked(V, products)
-        if self.hvp_method == "double-backward" or not self.batches:
-            return products
-        if self.model_dtype == torch.float16 and not bool(torch.isfinite(products).all()):
-            self._check_pending = True  # float16 overflowed: checked once the loss scale is backed off (_backed_off)
-            return products
-        start = time.perf_counter()
-        if bool(V[0].any()):
-            probe, first = V[:1], products[:1]
-        else:  # a zero first probe checks nothing: take a seeded random one (one more product)
-            probe = _random_probe(self)
-            first = self._local_hvp(probe)
-        repeat = self._local_hvp(probe)
-        reference = self._hvp_double_backward(probe)
-        if self.model_dtype == torch.float16 and not bool(torch.isfinite(torch.cat([repeat, reference])).all()):
-            self._check_pending = True  # an overflow in the check: backed off as one in the product is
-            return torch.full_like(products, math.inf)
-        check = HVPCheck(
-            path=self.hvp_method,
-            difference=_relative_difference(first, reference),
-            repeat_difference=_relative_difference(repeat, first),
-            tolerance=hvp_check_tolerance(self.model_dtype),
-            seconds=time.perf_counter() - start,
-        )
-        self.hvp_check_result = check
-        if check.passed:
-            return products
-        self._replace_path(check, f"(a repeated product by {check.repeat_difference:.2g}; tolerance {check.tolerance:.1g})")
-        return self._local_hvp(V)
-
-    def _replace_path(self, check: HVPCheck, detail: str) -> None:
-        """After a failed self-check: one warning line, and double backward from now on."""
-        warnings.warn(
-            f"HVP self-check: the {check.path} path differs from double backward by {check.difference:.2g} {detail} "
-            f"on this model; using double-backward",
-            HVPCheckWarning,
-            stacklevel=4,
-        )
-        self.hvp_method, self._cache = "double-backward", None
-        self.hvp_check_result = dataclasses.replace(check, replaced_by="double-backward")
-
-    # ------------------------------------------------------- finite differences
-    def _finite_difference_checked(self, V: torch.Tensor, products: torch.Tensor) -> torch.Tensor:
-        """`_self_checked` for the finite-difference path: its first product against double backward, within a
-        tolerance from its own error estimate; skipped, and said so, where the model has no double backward.
-
-        Runs on every rank (its products are collective); a failed check moves to double backward, as an exact
-        path's does. Costs one more finite-difference product (the repeat) and one exact one, on the first call.
-        """
-        self._check_pending = False
-        start, errors = time.perf_counter(), self.last_hvp_errors
-        if bool(V[0].any()):
-            probe, first, error = V[:1], products[:1], float(errors[0])
-        else:  # a zero first probe checks nothing: take a seeded random one (one more product)
-            probe = _random_probe(self)
-            first = self._hvp_finite_difference(probe, record=False)
-            error = float(self.last_hvp_errors[0])
-        repeat = self._hvp_finite_difference(probe, record=False)
-        self.last_hvp_errors = errors
-        check = HVPCheck(self.hvp_method, math.nan, _relative_difference(repeat, first), math.nan, 0.0, n_extra_hvps=2)
-        try:
-            reference = self._reduced(self._hvp_double_backward(probe))
-        except (RuntimeError, NotImplementedError) as failure:  # no second derivative through this model
-            reason = (str(failure).splitlines() or [type(failure).__name__])[0]
-            skipped = f"no double backward through this model ({reason})"
-            self.hvp_check_result = dataclasses.replace(check, seconds=time.perf_counter() - start, skipped=skipped)
-            return products
-        estimated = error / max(float(reference.norm()), torch.finfo(self.dtype).tiny)
-        check = dataclasses.replace(
-            check,
-            difference=_relative_difference(first, reference),
-            tolerance=fd.check_tolerance(estimated, self._gradient_dtype),
-            seconds=time.perf_counter() - start,
-            estimated_error=estimated,
-        )
-        self.hvp_check_result = check
-        if check.passed:
-            return products
-        self._replace_path(check, f"(more than its error estimate allows: {check.tolerance:.1g})")
-        return self._reduced(self._local_hvp(V))
-
-    def _hvp_finite_difference(self, V: torch.Tensor, record: bool = True) -> torch.Tensor:
-        """H vᵢ ≈ (g(w + h v̂ᵢ) − g(w − h v̂ᵢ))/2h·‖vᵢ‖ from first-order gradients, summed over the ranks; each row's
-        error estimate ‖D(h) − D(2h)‖·‖vᵢ‖ (Richardson) goes to `last_hvp_errors` and, if `record`, to `hvp_error`.
-
-        Four gradients per probe, fused attention kernels allowed; the step rule is fd.CentralDifferences's
-        (Nocedal & Wright §8.1, landscape.engine.finite_difference).
-        """
-        if self.hvp_error is None:  # a fresh record: a step of its own (a restricted copy starts here too)
-            gradients = self._first_order_gradient
-            self._differences = fd.CentralDifferences(gradients, self.w, self._gradient_dtype, reduce=self._reduced)
-        products, self.last_hvp_errors = self._differences.products(V, record)
-        self.hvp_error = self._differences.errors
-        return products
-
-    @property
-    def _gradient_dtype(self) -> torch.dtype:
-        """The precision gradients are computed in (the model's, where it runs below the vectors' dtype): the
-        rounding the finite-difference step and tolerance are set against."""
-        return getattr(self, "model_dtype", self.dtype)
-
-    def _first_order_gradient(self, w: torch.Tensor) -> torch.Tensor:
-        """This rank's share of ∇L(w) by plain autograd, with any attention kernel (no second derivative is taken)."""
-        w = w.detach().requires_grad_(True)
-        total = torch.zeros_like(w)
-        self._any_attention = True
-        try:
-            for c, batch in zip(self.batch_weights, self.batches):
-                total.add_(torch.autograd.grad(self._batch_loss(w, batch), w)[0], alpha=c)
-        finally:
-            self._any_attention = False
-        return self._unscaled(total)
-
     def _local_hvp(self, V: torch.Tensor) -> torch.Tensor:
         """This rank's share of H V (all of it when not distributed); zero for a rank without batches."""
         if not self.batches:
             return torch.zeros_like(V)
         try:
-            return getattr(self, "_hvp_" + self.hvp_method.replace("-", "_"))(V)
+            return HVP_PATHS[self.hvp_method](self, V)
         except Exception as error:  # torch.func cannot trace every model; autograd can
-            if self.hvp_method not in _TORCH_FUNC_METHODS or isinstance(error, torch.OutOfMemoryError):
+            if self.hvp_method not in TORCH_FUNC_METHODS or isinstance(error, torch.OutOfMemoryError):
                 raise
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             raise ObjectiveError(
                 f"hvp_method {self.hvp_method!r}: torch.func could not trace the model ({reason}); use auto or double-backward"
             ) from error
-
-    def _hvp_double_backward(self, V: torch.Tensor) -> torch.Tensor:
-        """Double backward, rebuilding each batch's gradient graph per call (least memory: one batch's graph)."""
-        return self._streamed_hvp(V, self.batches, self.batch_weights)
-
-    def _streamed_hvp(self, V: torch.Tensor, batches: Sequence[Batch], weights: Sequence[float]) -> torch.Tensor:
-        out = torch.zeros_like(V)
-        for c, batch in zip(weights, batches):
-            w = self.w.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self._batch_loss(w, batch), w, create_graph=True)
-            out += c * self._backward_rows(g, w, V, retain_graph=False)
-        return out
-
-    def _hvp_reuse(self, V: torch.Tensor) -> torch.Tensor:
-        """Double backward through the gradient graph of the batches kept (memory_plan), the rest rebuilt per call.
-
-        The kept batches' weighted gradients are summed into one graph built on the first call, so each
-        product is one backward pass through it; batches beyond the budget are streamed as double backward.
-        """
-        kept = self.memory_plan.kept_batches
-        if self._cache is None or self._cache[0] != "reuse":
-            w = self.w.detach().requires_grad_(True)
-            g = None
-            for c, batch in zip(self.batch_weights[:kept], self.batches[:kept]):
-                g = _weighted_add(g, c, torch.autograd.grad(self._batch_loss(w, batch), w, create_graph=True)[0])
-            self._cache = ("reuse", w, g)
-        _, w, g = self._cache
-        out = self._backward_rows(g, w, V, retain_graph=True) if kept else torch.zeros_like(V)
-        if kept < len(self.batches):
-            out += self._streamed_hvp(V, self.batches[kept:], self.batch_weights[kept:])
-        return out
-
-    def _backward_rows(self, g: torch.Tensor, w: torch.Tensor, V: torch.Tensor, retain_graph: bool) -> torch.Tensor:
-        """Rows of ∂(g·vᵢ)/∂w for the rows vᵢ of V.
-
-        On a GPU in one batched backward (is_grads_batched); on a CPU one row at a time, which measures
-        faster there (benchmarks/hvp.py: 1.5 against 2.6 gradients per product on the digits MLP). Some
-        double-backward formulas have no vmap rule (GroupNorm's, in torch 2.13): their rows go one at a time.
-        """
-        if len(V) > 1 and self._batch_probes and self.device.type != "cpu":
-            try:
-                return self._unscaled(torch.autograd.grad(g, w, V, retain_graph=True, is_grads_batched=True)[0])
-            except RuntimeError:
-                self._batch_probes = False
-        last = len(V) - 1  # ∂(g·v)/∂w of the scalar g·v: the same product as grad_outputs=v, without the import of
-        # torch's symbolic-shape machinery that a tensor grad_outputs triggers (0.4 s of a short run's start-up)
-        rows = [torch.autograd.grad(g @ v, w, retain_graph=retain_graph or i < last)[0] for i, v in enumerate(V)]
-        return self._unscaled(rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows))  # one probe: its row
-
-    def _gradient_function(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        def gradient(w: torch.Tensor) -> torch.Tensor:
-            return self._unscaled(self._weighted_sum(lambda batch: torch.func.grad(self._batch_loss)(w, batch)))
-
-        return gradient
-
-    def _hvp_fwd_rev(self, V: torch.Tensor) -> torch.Tensor:
-        """Forward-over-reverse: jvp of the gradient, probes batched with vmap."""
-        gradient = self._gradient_function()
-        w = self.w.detach()
-
-        def one(v: torch.Tensor) -> torch.Tensor:
-            return torch.func.jvp(gradient, (w,), (v,))[1]
-
-        if len(V) > 1 and self._batch_probes:
-            try:
-                return torch.func.vmap(one)(V)
-            except RuntimeError:  # an op without a vmap rule (a custom autograd Function): one probe at a time
-                self._batch_probes = False
-        return torch.stack([one(v) for v in V])
-
-    def _hvp_compiled(self, V: torch.Tensor) -> torch.Tensor:
-        """Forward-over-reverse per batch, compiled by torch.compile (inductor) on first use of each batch shape.
-
-        For GPUs (curvlinops reports 8× → 1.8× a gradient for a ResNet-18 there); on a CPU compiling ResNet-20
-        takes ~90 s and the product still costs ~3 gradients (benchmarks/hvp.py), so `auto` never picks it.
-        """
-        if self._cache is None or self._cache[0] != "compiled":
-
-            def product(w: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
-                return self._unscaled(torch.func.jvp(lambda u: torch.func.grad(self._batch_loss)(u, batch), (w,), (v,))[1])
-
-            # static shapes: a recompile (another model, or the last, smaller batch) would otherwise go dynamic, and
-            # jvp's dual tensors cannot take symbolic sizes in torch 2.13
-            self._cache = ("compiled", torch.compile(product, dynamic=False))
-        product, w = self._cache[1], self.w.detach()
-        return torch.stack([self._weighted_sum(lambda batch: product(w, v, batch)) for v in V])
-
-    def _hvp_linearize(self, V: torch.Tensor) -> torch.Tensor:
-        """Forward-over-reverse with the primal pass linearized once and reused (torch.func.linearize, functionalized)."""
-        if self._cache is None or self._cache[0] != "linearize":
-            self._cache = ("linearize", self._linearized_gradient())
-        jvp_fn = self._cache[1]
-        return torch.stack([jvp_fn(v) for v in V])
-
-    def _linearized_gradient(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """v ↦ H v from one linearization of the gradient at w (see `linearized`)."""
-        return linearized(self._gradient_function(), self.w.detach())
 
     # ---------------------------------------------------------------- memory
     def _graph_bytes(self, batch: Batch) -> float:
@@ -827,85 +527,19 @@ class Objective:
 
     def _saved_bytes(self, batch: Batch) -> float:
         """Distinct bytes autograd saves for one create_graph gradient on `batch` (weights and inputs left out)."""
-        exclude = {t.untyped_storage().data_ptr() for t in [self.w, *self._fixed.values(), *_tensors(batch)]}
-        saved: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.layout == torch.strided and t.device.type != "meta":
-                storage = t.untyped_storage()
-                if storage.data_ptr() not in exclude:
-                    saved[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        w = self.w.detach().requires_grad_(True)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # also inside evaluate
-            torch.autograd.grad(self._batch_loss(w, batch), w, create_graph=True)
-        return float(sum(saved.values()))
+        exclude = [self.w, *self._fixed.values(), *_tensors(batch)]
+        return saved_graph_bytes(lambda w: self._batch_loss(w, batch), self.w, exclude)
 
     def _plan_memory(self, budget: float | None) -> MemoryPlan:
-        """How many batches `reuse` keeps, the predicted peak of the chosen path, and a one-line refusal if it cannot fit."""
-        free = available_bytes(self.device)
-        budget = int(budget if budget is not None else 0.5 * free)
-        sizes = [self._graph_bytes(b) for b in self.batches]
-        largest = max(sizes, default=0.0)
-        transient = GRAPH_OVERHEAD["transient"] * largest
-        kept, kept_bytes = 0, 0.0
-        if self.hvp_method == "reuse":
-            room = min(budget, free - transient - WORKSPACE_BYTES)  # kept graphs never crowd out a streamed batch
-            for size in sizes:
-                if kept_bytes + GRAPH_OVERHEAD["kept"] * size > room:
-                    break
-                kept, kept_bytes = kept + 1, kept_bytes + GRAPH_OVERHEAD["kept"] * size
-            peak = kept_bytes + transient
-        elif self.hvp_method == "linearize":
-            peak = GRAPH_OVERHEAD["linearize"] * sum(sizes) + transient
-        elif self.hvp_method == "fwd-rev":
-            peak = GRAPH_OVERHEAD["fwd-rev"] * sum(sizes)
-        elif self.hvp_method == FINITE_DIFFERENCE_HVP:
-            # one first-order gradient graph at a time (no create_graph: double backward's transient graph bounds it)
-            # plus the n-vectors fd.CentralDifferences holds (fd.HELD_VECTORS)
-            peak = transient + fd.HELD_VECTORS * self.n_params * self.w.element_size()
-        else:  # double backward, and compiled forward-over-reverse: one batch at a time
-            peak = transient
-        plan = MemoryPlan(
-            path=self.hvp_method,
-            kept_batches=kept,
-            n_batches=len(sizes),
-            kept_bytes=int(kept_bytes),
-            predicted_peak_bytes=int(peak + WORKSPACE_BYTES),
-            budget_bytes=budget,
-            available_bytes=int(free),
-            resident_bytes=resident_bytes(self.device),
-        )
-        if plan.predicted_peak_bytes > free:
-            raise InsufficientMemory(self._memory_advice(plan, largest))
-        return plan
-
-    def _memory_advice(self, plan: MemoryPlan, largest: float) -> str:
-        """One line: what the path needs, what is free, and the options that would fit."""
-        need, free = format_size(plan.predicted_peak_bytes), format_size(plan.available_bytes)
-        fixed, per_item = (GRAPH_OVERHEAD["transient"] * b for b in self._graph_size_model())
-        fitting = int((0.8 * plan.available_bytes - WORKSPACE_BYTES - fixed) / per_item) if per_item else 0
-        options = []
-        if plan.path in ("linearize", "fwd-rev") and GRAPH_OVERHEAD["transient"] * largest <= plan.available_bytes:
-            options.append("--hvp auto (keeps what fits, streams the rest)")
-        if GRAPH_OVERHEAD["transient"] * largest > plan.available_bytes or not options:
-            length = max((sequence_length(b) or 0 for b in self.batches), default=0)
-            items = max((batch_size(b) for b in self.batches), default=1)
-            if length and per_item:  # per item cost grows at least linearly with the length (attention: squared)
-                shorter = int(length * (0.8 * plan.available_bytes - WORKSPACE_BYTES - fixed) / (per_item * items))
-                if 2 <= shorter < length:
-                    options.append(f"--max-length {shorter}")
-            if plan.path != FINITE_DIFFERENCE_HVP and length:
-                options.append(f"--hvp {FINITE_DIFFERENCE_HVP} (gradients only: no second-order graph, fused attention)")
-            options.append(
-                f"--batch-size {max(fitting, 1)} or smaller"
-                if fitting >= 1
-                else "a smaller model or a larger device (not even one sample's gradient graph fits)"
-            )
-        return (
-            f"not enough memory on {self.device}: HVPs by {plan.path} need about {need} but {free} is free; "
-            f"use {' or '.join(options)}"
+        """The memory plan of the chosen path over these batches (landscape.engine.memory.plan_memory)."""
+        return plan_memory(
+            self.hvp_method,
+            self.device,
+            [batch_size(b) for b in self.batches],
+            self._graph_size_model(),
+            budget=budget,
+            vector_bytes=self.n_params * self.w.element_size(),
+            sequence_length=max((sequence_length(b) or 0 for b in self.batches), default=0),
         )
 
     def _forward_batches(self) -> list[Batch]:
@@ -916,7 +550,6 @@ class Objective:
         return self._eval_chunks
 
 
-_TORCH_FUNC_METHODS = ("linearize", "fwd-rev", "compiled")
 EVAL_CHUNK_BYTES = 8 * 2**20
 
 
@@ -1025,13 +658,6 @@ def _float32_output(output):
     return output
 
 
-def _weighted_add(total: torch.Tensor | None, c: float, g: torch.Tensor) -> torch.Tensor:
-    """total + c·g, with total None before the first batch; the only batch's weight is 1 and multiplies nothing."""
-    if total is None:
-        return g if c == 1 else c * g
-    return total + c * g
-
-
 def _is_pair(batch: Batch) -> bool:
     return (
         isinstance(batch, tuple)
@@ -1040,39 +666,6 @@ def _is_pair(batch: Batch) -> bool:
         and batch[0].ndim > 0
         and batch[1].ndim > 0
     )
-
-
-def linearized(fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """v ↦ J_fn(w) v, from one trace of `fn` at w (torch.func.linearize), replayed for every v.
-
-    Functionalized first: a traced in-place op (`out += h`, ReLU(inplace=True)) otherwise writes into the
-    graph's saved constants, so every product after the first came out wrong. A function that
-    functionalization cannot trace (a custom autograd Function, in torch 2.13) gets an eager jvp per
-    product instead: slower, never wrong.
-    """
-    with warnings.catch_warnings():  # torch.fx const folding warns about its own graph attributes
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            return torch.func.linearize(torch.func.functionalize(fn), w)[1]
-        except RuntimeError as error:
-            if "functionaliz" not in str(error).lower():
-                raise
-    return lambda v: torch.func.jvp(fn, (w,), (v,))[1]
-
-
-def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖/‖b‖ (absolute when b is zero); NaN anywhere counts as infinitely different."""
-    scale = float(b.norm())
-    difference = float((a - b).norm())
-    if not math.isfinite(difference):
-        return math.inf
-    return difference / scale if scale > 0 else difference
-
-
-def _random_probe(objective: Objective) -> torch.Tensor:
-    """A seeded Gaussian probe (1, n), for a first probe block that is all zeros."""
-    g = torch.Generator(device=objective.device).manual_seed(0)
-    return torch.randn(1, objective.n_params, generator=g, device=objective.device, dtype=objective.dtype)
 
 
 def _tensors(batch: Batch) -> list[torch.Tensor]:

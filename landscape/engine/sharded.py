@@ -22,18 +22,11 @@ from torch import nn
 
 from landscape.engine import distributed as ranks
 from landscape.engine import finite_difference as fd
+from landscape.engine.hvp_check import HVPCheck
+from landscape.engine.hvp_paths import FINITE_DIFFERENCE_HVP
 from landscape.engine.inner import ShardedInnerProduct
-from landscape.engine.memory import available_bytes
-from landscape.engine.objective import (
-    FINITE_DIFFERENCE_HVP,
-    WORKSPACE_BYTES,
-    Evaluation,
-    HVPCheck,
-    MemoryPlan,
-    ObjectiveError,
-    _prepare_model,
-    default_device,
-)
+from landscape.engine.memory import WORKSPACE_BYTES, MemoryPlan, available_bytes
+from landscape.engine.objective import Evaluation, ObjectiveError, _prepare_model, default_device
 from landscape.inputs.batches import Batch, Loss, accuracy, batch_size, class_cross_entropy, loss_name, model_arguments, to_device
 
 SHARDED_HVP_METHODS = ("auto", FINITE_DIFFERENCE_HVP)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # the model runs in these; the solvers' vectors stay float32
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
