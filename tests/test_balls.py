@@ -372,11 +372,12 @@ def test_measure_prints_a_row_per_measure(trained_run):  # noqa: F811
             "cpu",
         ]
     )
-    report = measure_checkpoint(str(trained_run), MeasureSpec.from_args(args))
+    measured = measure_checkpoint(str(trained_run), MeasureSpec.from_args(args))
+    report = measured.to_dict()
     metrics = report["metrics"]
     assert metrics["worst-case"]["rho"] == DEFAULT_RHO[("inf", False)] and metrics["worst-case"]["p"] == "inf"
     assert metrics["adaptive-m-sharpness"]["n_batches"] == 3 and metrics["adaptive-m-sharpness"]["adaptive"]
-    text = format_measurement(report)
+    text = format_measurement(measured)
     w = metrics["worst-case"]
     row = next(line for line in text.splitlines() if line.startswith("worst-case ℓ∞"))
     assert f"{w['value']:.4g} (best of 2 starts, spread {w['spread']:.2g})" in row and "APGD 3 steps" in row

@@ -235,10 +235,11 @@ def test_measure_shows_best_spread_and_start_values(trained_run):
             "cpu",
         ]
     )
-    report = measure_checkpoint(str(trained_run), MeasureSpec.from_args(args))
+    measured = measure_checkpoint(str(trained_run), MeasureSpec.from_args(args))
+    report = measured.to_dict()
     result = report["metrics"]["eps-sharpness"]
     assert result["start_kinds"] == ["zero", "corner", "random"] and result["max_iter"] == 3
-    text = format_measurement(report)
+    text = format_measurement(measured)
     row = next(line for line in text.splitlines() if "ε-sharpness" in line)
     assert f"{result['value']:.4g} (best of 3 starts, spread {result['spread']:.2g})" in row
     assert "sign-ascent" in row and f"corner {result['values'][1]:.4g}" in row

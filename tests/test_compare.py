@@ -4,6 +4,7 @@ import json
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,8 +23,9 @@ from landscape.training.loop import TrainConfig, train
 from tests.helpers import result_of, run_cli
 
 
-def _member(value, stderr=0.0, samples=None):
-    return {"quantities": {"x": Quantity("x", value, stderr, samples=None if samples is None else tuple(samples))}}
+def _member(value, stderr=0.0, samples=None, seed=None):
+    quantity = Quantity("x", value, stderr, samples=None if samples is None else tuple(samples))
+    return SimpleNamespace(quantities={"x": quantity}, seed=seed)
 
 
 def test_seed_groups_use_welch_intervals():
@@ -229,7 +231,7 @@ def test_each_method_is_compared_with_sgd_at_its_own_batch_size():
 
 def test_checkpoints_that_are_not_seeds_of_one_method_get_their_own_labels():
     from analysis.cli.compare import default_labels
-    from analysis.cli.output import OptionNote
+    from analysis.measures.notes import OptionNote
 
     sgd = {"optimizer": "sgd", "batch_size": 32}
     seeds = [{"train": {**sgd, "seed": s}} for s in (0, 1)]
@@ -266,7 +268,7 @@ def test_two_bare_state_dicts_in_one_folder_are_compared_with_each_other(tmp_pat
 
 
 def test_sharpness_maxima_and_batch_measures_enter_the_comparison_paired():
-    from analysis.report.quantities import metric_quantities
+    from analysis.measures.registry import metric_quantities
     from landscape.results import Quantity
 
     worst = {"value": 0.3, "spread": 0.02, "adaptive": True}
@@ -313,7 +315,7 @@ def test_p_values_match_scipy_and_holm_controls_the_family():
 
 
 def _seeded(values, seeds):
-    return [{**_member(v), "seed": s} for v, s in zip(values, seeds)]
+    return [_member(v, seed=s) for v, s in zip(values, seeds)]
 
 
 def test_shared_training_seeds_are_compared_paired():
@@ -398,6 +400,7 @@ def test_at_train_loss_needs_a_trajectory(two_runs, tmp_path):
 
 def test_the_demo_calls_a_difference_only_after_holms_correction_over_all_its_questions():
     from analysis.experiments.demo import CLAIMS, SHARPNESS, finding_rows, findings
+    from analysis.report.comparison import ComparedCheckpoint, Comparison
 
     checkpoints = []
     for label, shift, jitter in (
@@ -408,10 +411,9 @@ def test_the_demo_calls_a_difference_only_after_holms_correction_over_all_its_qu
     ):
         for seed in range(3):
             base = 1.0 + seed  # seed effects shared by every method: the paired test removes them
-            checkpoints.append(
-                {"label": label, "seed": seed, "quantities": {q: Quantity(q, base + shift + jitter[seed]) for q in SHARPNESS}}
-            )
-    answers = findings({"checkpoints": checkpoints})
+            quantities = {q: Quantity(q, base + shift + jitter[seed]) for q in SHARPNESS}
+            checkpoints.append(ComparedCheckpoint(label, f"{label}/{seed}.pt", seed, None, {}, {}, quantities))
+    answers = findings(Comparison(tuple(checkpoints), {}, "sgd B=32", {}, {}, (), None, {}))
     tests = [d for diffs in answers.values() for d in diffs.values()]
     assert len(tests) == len(CLAIMS) * len(SHARPNESS)
     assert all(d.holm_p >= d.p_value for d in tests)

@@ -56,9 +56,7 @@ def test_correlate_measures_every_run_alike_and_ranks_against_the_gaps(runs, tmp
         ("trace", "loss"),
     ]
     args = build_parser().parse_args(["measure", str(runs[0] / "final.pt"), *OPTIONS[:8]])
-    alone = measure_checkpoint(
-        str(runs[0] / "final.pt"), MeasureSpec.from_args(args)
-    )  # `landscape measure` on one run: the same numbers
+    alone = measure_checkpoint(str(runs[0] / "final.pt"), MeasureSpec.from_args(args)).to_dict()  # the same numbers
     assert found["runs"][0]["measures"]["λ1"]["value"] == pytest.approx(alone["metrics"]["eig"]["values"][0], rel=1e-6)
     for run, folder in zip(found["runs"], runs):
         g, recorded = run["generalization"], load_checkpoint(folder / "final.pt").meta["metrics"]

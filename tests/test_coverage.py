@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.report.checkpoint_table import result_rows
-from analysis.report.quantities import EPSILON_SHARPNESS, is_lower_bound
+from analysis.measures.registry import MEASURES, is_lower_bound
+from analysis.measures.text import EPSILON_SHARPNESS
 from landscape.curvature.trace import xtrace
 from landscape.engine.probes import seeded_generator, sphere_rows
 from landscape.sharpness.balls import MSharpness, WorstCase
@@ -100,7 +100,7 @@ def test_lower_bounds_are_labelled_as_such_in_the_table_and_the_json(cls):
     given |= {"batch_values": np.array([0.2, 0.3]), "batch_spreads": np.array([0.0, 0.1]), "n_batches": 2, "m": 8}
     result = result_of(cls, **{k: v for k, v in given.items() if k in cls.__dataclass_fields__})
     metric = {EpsilonSharpness: "eps-sharpness", WorstCase: "worst-case", MSharpness: "m-sharpness"}[cls]
-    (row,) = result_rows(result, metric, "HVPs")
+    (row,) = MEASURES[metric].rows(result, metric, "HVPs")
     assert row[1].startswith("≥ 0.25") and "lower bound" in row[3]
     assert json.loads(json.dumps(cls.from_dict({**result.to_dict(), "bound": "lower"}).to_dict()))["bound"] == "lower"
     assert "bound" in cls.__dataclass_fields__ and cls.__dataclass_fields__["bound"].default == "lower"

@@ -181,6 +181,7 @@ def test_npz_without_test_arrays_holds_out_20_percent(tmp_path):
 
 def test_the_setup_line_says_when_the_toolkit_held_out_part_of_the_users_samples(tmp_path):
     """npz with x and y only: the train split is 80% of them, said in the measurement record and the setup line."""
+    from analysis.measures.measurement import Measurement
     from analysis.report.checkpoint_table import format_measurement
     from analysis.report.setup_text import batching, norm_mode
     from landscape.engine.objective import Objective
@@ -199,7 +200,7 @@ def test_the_setup_line_says_when_the_toolkit_held_out_part_of_the_users_samples
     objective = Objective(tiny_mlp(), train.batches(data), device="cpu", metadata={"measurement": train.describe(data)})
     setup = {**objective.describe(), "data": {"spec": data.spec}}
     report = {"checkpoint": "net.pt", "setup": setup, "n_params": objective.n_params, "loss": 1.0, "accuracy": 0.5}
-    lines = format_measurement({**report, "grad_norm": 1.0, "metrics": {}}).splitlines()
+    lines = format_measurement(Measurement(**report, grad_norm=1.0)).splitlines()
     assert "20 samples in 3 batches of ≤8 (seed 0), no BatchNorm," in lines[1]
     assert lines[2] == f"  the train split: {origin}"
     with_bn = Objective(tiny_convnet_bn(), [(torch.randn(4, 1, 4, 4), torch.arange(4) % 3)], device="cpu", mode="train")

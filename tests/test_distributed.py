@@ -217,7 +217,7 @@ def test_torchrun_measure_prints_once_and_matches_one_process(checkpoint):
     assert result.returncode == 0, result.stderr
     (report,) = json.loads(result.stdout)  # one JSON document: only rank 0 printed
     args = build_parser().parse_args(["measure", str(checkpoint), *MEASURE])
-    single = measure_checkpoint(str(checkpoint), MeasureSpec.from_args(args))
+    single = measure_checkpoint(str(checkpoint), MeasureSpec.from_args(args)).to_dict()
     assert report["setup"]["world_size"] == 2 and report["setup"]["sharded"] is True
     assert report["setup"]["n_samples"] == 250 and report["setup"]["n_batches"] == 4
     for key in ("loss", "accuracy", "grad_norm"):

@@ -172,8 +172,8 @@ def test_resume_refuses_other_settings_or_a_changed_checkpoint(tmp_path, checkpo
 def test_a_resumed_table_says_what_was_read_back_and_what_was_computed(tmp_path, checkpoint):
     """A resumed run prints the same table as a fresh one: a one-line note says which numbers came from the file."""
     from analysis.cli.measure import measure_all
-    from analysis.cli.output import ResumeNote
     from analysis.cli.specs import MeasureSpec, MetricSpec, ObjectiveSpec
+    from analysis.measures.notes import ResumeNote
 
     def spec(metrics):
         return MeasureSpec(ObjectiveSpec(n_samples=50, device="cpu"), MetricSpec(metrics=metrics, k=1, probes=4))
@@ -203,10 +203,10 @@ def test_a_file_from_before_a_setting_existed_resumes_as_that_settings_default(t
     written = json.loads(out.read_text())
     del written["settings"]["per_layer_by"], written["settings"]["max_length"]  # as an older release wrote it
     out.write_text(json.dumps(written))
-    from analysis.cli.output import ResumeNote
+    from analysis.measures.notes import ResumeNote
 
     with pytest.warns(ResumeNote, match="loss, eig read back from the results file; nothing recomputed$"):
         [report] = measure_all([str(checkpoint)], spec(), out=str(out), resume=True)
-    assert report["metrics"]["eig"] == written["checkpoints"][0]["metrics"]["eig"]
+    assert report.to_dict()["metrics"]["eig"] == written["checkpoints"][0]["metrics"]["eig"]
     with pytest.raises(ResultsFileError, match="measured with --per-layer-by module, not role"):
         measure_all([str(checkpoint)], spec(per_layer_by="role"), out=str(out), resume=True)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from analysis.measures.measurement import Measurement
 from analysis.report.checkpoint_table import format_measurement
 from landscape.curvature.spectrum import lanczos
 from landscape.curvature.trace import hutchinson
@@ -142,7 +143,7 @@ def test_cli_measures_in_bfloat16(tmp_path):
     assert (report["setup"]["dtype"], report["setup"]["solver_dtype"]) == ("bfloat16", "float32")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert "bfloat16 model, float32 solvers on cpu" in format_measurement(report)
+        assert "bfloat16 model, float32 solvers on cpu" in format_measurement(Measurement.from_dict(report))
     reference = run_cli("measure", checkpoint, "--json", *common)
     (exact,) = json.loads(reference.stdout)
     assert report["metrics"]["eig"]["values"][0] == pytest.approx(exact["metrics"]["eig"]["values"][0], rel=5e-3)

@@ -328,7 +328,7 @@ def _exact_single(checkpoint) -> dict:
     args = build_parser().parse_args(
         ["measure", str(checkpoint), *[a for a in SHARD_ARGS if a != "--shard"], "--hvp", "double-backward"]
     )
-    return measure_checkpoint(str(checkpoint), MeasureSpec.from_args(args))
+    return measure_checkpoint(str(checkpoint), MeasureSpec.from_args(args)).to_dict()
 
 
 def test_shard_is_refused_in_one_line_outside_torchrun_and_with_what_it_cannot_measure(tmp_path, capsys, monkeypatch):

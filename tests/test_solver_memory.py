@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.cli.measure import METRICS, SOLVER_TEMPORARIES
 from analysis.cli.specs import MetricSpec
+from analysis.measures.registry import MEASURES
+from analysis.measures.solver_memory import SOLVER_TEMPORARIES
 from landscape.curvature.trace import trace_vectors
 from landscape.engine.memory import InsufficientMemory
 from landscape.engine.objective import Objective
@@ -83,39 +84,39 @@ def test_every_solver_holds_no_more_than_the_plan_counts():
 
 def _objective(n_free_vectors: int, monkeypatch):
     """A digits MLP whose memory plan leaves room for `n_free_vectors` n-vectors beside the solvers' temporaries."""
-    import analysis.cli.measure as measure
+    import analysis.measures.solver_memory as measure
 
     torch.manual_seed(0)
     model, _ = model_for_data("mlp", (1, 8, 8), 10, hidden=(16,))
     objective = Objective(model, MeasurementSet("train", 200, 200).batches(load_data("digits")), device="cpu")
     size = objective.n_params * 4
-    monkeypatch.setattr(measure, "_free_beside_hvps", lambda _: (n_free_vectors + SOLVER_TEMPORARIES) * size)
+    monkeypatch.setattr(measure, "free_beside_hvps", lambda _: (n_free_vectors + SOLVER_TEMPORARIES) * size)
     return objective
 
 
 def test_a_trace_sketch_that_cannot_fit_is_refused_in_one_line_naming_probes_that_fit(monkeypatch):
     objective = _objective(30, monkeypatch)
     with pytest.raises(InsufficientMemory, match=r"xtrace with 100 probes holds 251 vectors .* use --probes 11,") as error:
-        METRICS["trace"](objective, MetricSpec(probes=100))
+        MEASURES["trace"].run(objective, MetricSpec(probes=100))
     assert "\n" not in str(error.value)
     assert trace_vectors("xtrace", 11, objective.n_params) <= 30 < trace_vectors("xtrace", 12, objective.n_params)
-    assert METRICS["trace"](objective, MetricSpec(probes=11)).n_matvecs == 10  # xtrace spends an even number
+    assert MEASURES["trace"].run(objective, MetricSpec(probes=11)).n_matvecs == 10  # xtrace spends an even number
 
 
 def test_hutchinson_takes_smaller_blocks_where_memory_is_short_and_says_so(monkeypatch):
     """Blocks of 3 probes instead of 10 in a third of the memory: every probe spent, a note that the probes (drawn a
     block at a time) differ from the default blocks', and an estimate as good."""
-    from analysis.cli.output import OptionNote
+    from analysis.measures.notes import OptionNote
     from landscape.engine.operators import HessianOperator
 
     spec = MetricSpec(probes=40, trace_method="hutchinson")
-    roomy = METRICS["trace"](_objective(100, monkeypatch), spec)
+    roomy = MEASURES["trace"].run(_objective(100, monkeypatch), spec)
     objective = _objective(9, monkeypatch)
     with pytest.warns(OptionNote, match="blocks of 3 probes, not 10,"):
-        tight = METRICS["trace"](objective, spec)
+        tight = MEASURES["trace"].run(objective, spec)
     assert tight.n_matvecs == roomy.n_matvecs == 40
     exact = float(torch.trace(HessianOperator(objective).products(torch.eye(objective.n_params))))
     for result in (roomy, tight):
         assert abs(result.estimate - exact) <= 4 * result.stderr
     with pytest.raises(InsufficientMemory, match="Hutchinson's estimator holds 3 vectors"):
-        METRICS["trace"](_objective(2, monkeypatch), spec)
+        MEASURES["trace"].run(_objective(2, monkeypatch), spec)

@@ -267,7 +267,7 @@ def test_estimators_on_a_network_hessian(mlp_problem):
 
 def test_an_uncertified_eigenvalue_is_shown_as_a_bound_without_plus_minus():
     """The table never prints a ± beside an eigenvalue whose index is unproven: only what interlacing guarantees."""
-    from analysis.report.checkpoint_table import result_rows
+    from analysis.measures.curvature import eig_rows as result_rows
 
     a, op = dense(MIXED)
     certified = lanczos(op, 2, tol=1e-6)
@@ -283,7 +283,7 @@ def test_an_uncertified_eigenvalue_is_shown_as_a_bound_without_plus_minus():
 
 def test_a_budget_spent_during_the_check_is_converged_but_not_certified():
     """Converged values whose check the budget cut short are reported as such, never as certified."""
-    from analysis.report.checkpoint_table import result_rows
+    from analysis.measures.curvature import eig_rows as result_rows
 
     a, op = dense(MIXED)
     full = lanczos(op, 1, tol=1e-6)

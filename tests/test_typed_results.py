@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 
 from analysis.cli import build_parser
-from analysis.cli.measure import METRICS, measure_checkpoint
+from analysis.cli.measure import measure_checkpoint
 from analysis.cli.specs import CompareSpec, MeasureSpec, MetricSpec
+from analysis.measures.measurement import Measurement
+from analysis.measures.registry import MEASURES as METRICS
+from analysis.measures.registry import metric_quantities, revive
+from analysis.measures.text import noise_increase_label
 from analysis.report.checkpoint_table import format_measurement
-from analysis.report.quantities import METRIC_RESULTS, as_result, metric_quantities, noise_increase_label
 from landscape.results import Quantity, to_jsonable
 from tests.helpers import digits_mlp_checkpoint
 
@@ -58,12 +61,13 @@ def measured(tmp_path_factory):
 
 @pytest.mark.slow
 def test_every_result_type_survives_json_and_back(measured):
-    _, _, report = measured
+    _, _, measurement = measured
+    report = measurement.to_dict()
     assert set(report["metrics"]) == set(METRICS)
     for name, stored in report["metrics"].items():
         text = json.loads(json.dumps(stored))  # what a results file holds
-        result = as_result(name, text)
-        assert type(result) is METRIC_RESULTS[name]
+        result = revive(name, text)
+        assert type(result) is METRICS[name].result
         assert to_jsonable(result) == text, name  # nothing lost or changed on the way back
         for field in dataclasses.fields(result):  # arrays come back as arrays, not lists
             value = getattr(result, field.name)
@@ -73,8 +77,8 @@ def test_every_result_type_survives_json_and_back(measured):
 
 @pytest.mark.slow
 def test_quantities_are_labelled_values_with_their_uncertainty(measured):
-    _, spec, report = measured
-    metrics = report["metrics"]
+    _, spec, measurement = measured
+    metrics = measurement.to_dict()["metrics"]
     eig = metric_quantities("eig", metrics["eig"])
     assert list(eig) == ["λ1", "λ2"] and eig["λ1"].value == metrics["eig"]["values"][0]
     assert eig["λ1"].stderr == metrics["eig"]["residuals"][0] and eig["λ1"].metric == "eig"
@@ -91,7 +95,9 @@ def test_quantities_are_labelled_values_with_their_uncertainty(measured):
 @pytest.mark.slow
 def test_the_table_reads_a_resumed_report_as_it_reads_a_fresh_one(measured):
     _, _, report = measured
-    stored = json.loads(json.dumps(to_jsonable(report)))
+    stored = Measurement.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert all(type(stored.metrics[n]) is type(r) for n, r in report.metrics.items())  # every result typed again
+    assert stored.to_dict() == report.to_dict()
     assert format_measurement(stored) == format_measurement(report)
 
 
@@ -126,21 +132,24 @@ def test_a_spec_is_not_a_namespace():
 @pytest.mark.slow
 def test_a_cached_comparison_renders_as_the_fresh_one(tmp_path):
     """figures caches compare's result as JSON: read back and typed again, its tables are the same text."""
-    from analysis.cli.compare import COMPARE_DEFAULTS, compare, comparison_tables, typed_comparison
+    from analysis.cli.compare import COMPARE_DEFAULTS, compare, comparison_tables
     from analysis.cli.specs import ObjectiveSpec
+    from analysis.report.comparison import Comparison
 
     paths = [str(digits_mlp_checkpoint(tmp_path / f"run{seed}", (8,), seed=seed)) for seed in (0, 1)]
     metrics = replace(COMPARE_DEFAULTS, metrics=("eig", "trace", "sharpness-curve"), k=1, probes=8, noise_samples=8)
     spec = CompareSpec(MeasureSpec(ObjectiveSpec(n_samples=200, device="cpu"), metrics), out=tmp_path / "cmp", labels=("a", "b"))
     fresh = compare(paths, spec)
-    cached = typed_comparison(json.loads(json.dumps(to_jsonable(fresh))))
+    cached = Comparison.from_dict(json.loads(json.dumps(fresh.to_dict())))
     assert comparison_tables(cached) == comparison_tables(fresh)
-    assert cached["differences"]["b"]["λ1"] == fresh["differences"]["b"]["λ1"]  # a Difference, field for field
+    assert cached.differences["b"]["λ1"] == fresh.differences["b"]["λ1"]  # a Difference, field for field
+    assert type(cached.checkpoints[0].results["sharpness-curve"]) is type(fresh.checkpoints[0].results["sharpness-curve"])
+    assert cached.to_dict() == fresh.to_dict()  # nothing lost on the way through JSON
 
 
 def test_probes_set_the_sharpness_curves_prediction_too():
     """--probes is the HVP budget of every trace estimate, the sharpness curve's ½·tr(ΣH) included."""
     from landscape.examples import quadratic
 
-    curve = METRICS["sharpness-curve"](quadratic(), MetricSpec(probes=6, noise_samples=4, radius=(0.01,)))
+    curve = METRICS["sharpness-curve"].run(quadratic(), MetricSpec(probes=6, noise_samples=4, radius=(0.01,)))
     assert curve.trace.n_matvecs == 6

@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import NoReturn
 
 import landscape
-from analysis.cli.output import OptionNote, add_output_arguments
+from analysis.cli.output import add_output_arguments
+from analysis.measures.notes import OptionNote
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, OSError)
 

@@ -16,22 +16,24 @@ import json
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from analysis.cli.matched_loss import at_train_loss, parse_target
 from analysis.cli.measure import (
-    METRICS,
-    SHARPNESS_MEASURES,
     add_metric_arguments,
     add_objective_arguments,
     build_objective,
 )
-from analysis.cli.output import OptionNote, print_json
+from analysis.cli.output import print_json
 from analysis.cli.specs import CompareSpec, MetricSpec
 from analysis.cli.surface import parse_range
+from analysis.measures.measurement import measure as measure_objective
+from analysis.measures.notes import OptionNote
+from analysis.measures.registry import compared_names, metric_quantities
+from analysis.report.comparison import SURFACES, ComparedCheckpoint, Comparison
 from analysis.report.differences import Aggregate, Difference, aggregate, difference, holm, holm_family, verdict
 from analysis.report.document import Report
-from analysis.report.quantities import as_result, metric_quantities
 from analysis.report.setup_text import batching, norm_mode, precision, sample_origin
 from analysis.report.tables import format_table
 from landscape.engine import distributed as ranks
@@ -41,7 +43,6 @@ from landscape.results import Quantity, to_jsonable
 from landscape.surfaces.directions import random_directions
 from landscape.surfaces.surface import compute_surface
 
-COMPARE_METRICS = ("eig", "trace", "density", *SHARPNESS_MEASURES, "surface", "surface2d")
 # compare's own defaults (a cheaper, wider set than measure's: several checkpoints, each measured alike)
 COMPARE_DEFAULTS = MetricSpec(
     metrics=("eig", "trace", "sharpness-curve", "surface"), k=3, radius=(0.005, 0.01, 0.02), noise_samples=40, probes=60
@@ -51,7 +52,7 @@ COMPARE_DEFAULTS = MetricSpec(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoints", nargs="+", metavar="CKPT")
     add_objective_arguments(parser)
-    add_metric_arguments(parser, COMPARE_METRICS, COMPARE_DEFAULTS)
+    add_metric_arguments(parser, compare_metrics(), COMPARE_DEFAULTS)
     group = parser.add_argument_group("comparison")
     group.add_argument(
         "--labels", help="comma list, one per checkpoint; equal labels = seeds of one method (default: method and batch size)"
@@ -84,6 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="START:STOP:NUM",
         help="2-D surface grid (default %(default)s)",
     )
+
+
+def compare_metrics() -> tuple[str, ...]:
+    """What compare measures: every registered measure it takes (measures.registry), then its surfaces."""
+    return (*compared_names(), *SURFACES)
 
 
 def checkpoint_label(path: str, meta: dict) -> str:
@@ -146,23 +152,30 @@ def check_compatible(checkpoints: Sequence, allow_mixed: bool) -> None:
                 )
 
 
-def measure_checkpoint(path: str, label: str, meta: dict, spec: CompareSpec) -> dict:
+def measure_checkpoint(path: str, label: str, meta: dict, spec: CompareSpec) -> ComparedCheckpoint:
     """Accuracy, losses and the chosen metrics of one checkpoint, as quantities with uncertainties."""
     measure = spec.measure
     parallel = ranks.active()  # under torchrun: every measurement data-parallel, surfaces included
     objective = build_objective(path, measure.objective, distributed=parallel, metrics=measure.metrics)
     test = build_objective(path, measure.objective.whole("test"), distributed=parallel)
-    clean, held_out = objective.evaluate(), test.evaluate()
+    asked = measure.metrics.metrics
+    measured = measure_objective(
+        objective,
+        replace(measure.metrics, metrics=tuple(n for n in asked if n not in SURFACES)),
+        path,
+        setup=objective.describe(),
+    )
+    held_out = test.evaluate()
     # train loss and gradient norm beside every sharpness number: a minimum's sharpness means little without them
-    found = [Quantity("train loss", clean.loss), Quantity("gradient norm", float(objective.grad().norm()))]
+    found = [Quantity("train loss", measured.loss), Quantity("gradient norm", measured.grad_norm)]
     if held_out.accuracy is not None:
         p = held_out.accuracy
         found.append(Quantity("test accuracy", p, math.sqrt(p * (1 - p) / held_out.n_samples)))
     found.append(Quantity("test loss", held_out.loss))
     quantities = {q.label: q for q in found}
-    raw: dict = {}
-    for name in measure.metrics.metrics:
-        if name in ("surface", "surface2d"):
+    surfaces: dict[str, str] = {}
+    for name in asked:
+        if name in SURFACES:
             dim = 1 if name == "surface" else 2
             grid = spec.surface_range if dim == 1 else spec.surface2d_range
             seed = measure.metrics.seed
@@ -174,21 +187,20 @@ def measure_checkpoint(path: str, label: str, meta: dict, spec: CompareSpec) -> 
                 resume=True,
                 progress=measure.metrics.progress,
             )
-            raw[name] = surface.path
+            surfaces[name] = str(surface.path)
             continue
-        result = METRICS[name](objective, measure.metrics)
-        raw[name] = result.to_dict()
-        quantities.update(metric_quantities(name, result))
-    return {
-        "label": label,
-        "path": path,
-        "seed": meta.get("train", {}).get("seed"),
-        "config": meta.get("train"),
-        "setup": objective.describe(),
-        "test_setup": test.describe(),
-        "quantities": quantities,
-        "raw": raw,
-    }
+        quantities.update(metric_quantities(name, measured.metrics[name]))
+    return ComparedCheckpoint(
+        label=label,
+        path=path,
+        seed=meta.get("train", {}).get("seed"),
+        config=meta.get("train"),
+        setup=objective.describe(),
+        test_setup=test.describe(),
+        quantities=quantities,
+        results=measured.metrics,
+        surfaces=surfaces,
+    )
 
 
 def _surface_file(out: Path, objective, seed: int, grid: str, dim: int) -> Path:
@@ -198,11 +210,12 @@ def _surface_file(out: Path, objective, seed: int, grid: str, dim: int) -> Path:
     return out / "surfaces" / f"{Path(objective.metadata['checkpoint']).parent.name}-{key}-{dim}d.h5"
 
 
-def compare(paths: Sequence[str], spec: CompareSpec) -> dict:
+def compare(paths: Sequence[str], spec: CompareSpec) -> Comparison:
     """Measure every checkpoint alike, group seeds, and compute differences against the first group."""
-    unknown = [m for m in spec.measure.metrics.metrics if m not in COMPARE_METRICS]
+    choices = compare_metrics()
+    unknown = [m for m in spec.measure.metrics.metrics if m not in choices]
     if unknown:
-        raise ValueError(f"unknown metric {', '.join(unknown)}; choose from {', '.join(COMPARE_METRICS)}")
+        raise ValueError(f"unknown metric {', '.join(unknown)}; choose from {', '.join(choices)}")
     checkpoints = [load_checkpoint(p, trust=spec.measure.objective.trust_checkpoint) for p in paths]
     check_compatible(checkpoints, spec.allow_mixed)
     labels = list(spec.labels) if spec.labels else default_labels(paths, [c.meta for c in checkpoints])
@@ -218,46 +231,25 @@ def compare(paths: Sequence[str], spec: CompareSpec) -> dict:
         with working_on(f"checkpoint {i}/{len(chosen)} {p}"):  # which checkpoint each progress line is about
             members.append(measure_checkpoint(p, label, c.meta, spec))
     if target is not None:
-        for m, given, point in zip(members, paths, points):
-            m["at_train_loss"] = {
-                "target": target,
-                "run": str(given),
-                "epoch": point.epoch,
-                "recorded_train_loss": point.train_loss,
-            }
-    groups: dict[str, list[dict]] = {}
+        members = [
+            replace(m, at_train_loss={"target": target, "run": str(given), "epoch": p.epoch, "recorded_train_loss": p.train_loss})
+            for m, given, p in zip(members, paths, points)
+        ]
+    groups: dict[str, list[ComparedCheckpoint]] = {}
     for m in members:
-        groups.setdefault(m["label"], []).append(m)
-    names = list(dict.fromkeys(n for m in members for n in m["quantities"]))
-    against = baselines({g: ms[0]["config"] for g, ms in groups.items()}, spec.baseline)
-    return {
-        "checkpoints": members,
-        "groups": {g: {n: aggregate(ms, n) for n in names} for g, ms in groups.items()},
-        "baseline": next(iter(groups)) if spec.baseline is None else spec.baseline,
-        "baselines": against,
-        "differences": {g: {n: difference(groups[b], groups[g], n) for n in names} for g, b in against.items()},
-        "quantities": names,
-        "at_train_loss": target,
-        "settings": spec.settings(),
-    }
-
-
-def typed_comparison(result: dict) -> dict:
-    """A comparison read back from JSON (a cache) with its quantities, aggregates and differences typed again."""
-    revived = {
-        **result,
-        "checkpoints": [
-            {**m, "quantities": {n: Quantity.from_dict(q) for n, q in m["quantities"].items()}} for m in result["checkpoints"]
-        ],
-    }
-    revived["groups"] = {
-        g: {n: None if a is None else Aggregate.from_dict(a) for n, a in aggs.items()} for g, aggs in result["groups"].items()
-    }
-    revived["differences"] = {
-        g: {n: None if d is None else Difference.from_dict(d) for n, d in diffs.items()}
-        for g, diffs in result["differences"].items()
-    }
-    return revived
+        groups.setdefault(m.label, []).append(m)
+    names = tuple(dict.fromkeys(n for m in members for n in m.quantities))
+    against = baselines({g: ms[0].config for g, ms in groups.items()}, spec.baseline)
+    return Comparison(
+        checkpoints=tuple(members),
+        groups={g: {n: aggregate(ms, n) for n in names} for g, ms in groups.items()},
+        baseline=next(iter(groups)) if spec.baseline is None else spec.baseline,
+        baselines=against,
+        differences={g: {n: difference(groups[b], groups[g], n) for n in names} for g, b in against.items()},
+        quantities=names,
+        at_train_loss=target,
+        settings=spec.settings(),
+    )
 
 
 def baselines(configs: dict[str, dict | None], chosen: str | None = None) -> dict[str, str]:
@@ -305,18 +297,16 @@ def format_difference(d: Difference | None) -> str:
     return text
 
 
-def comparison_tables(result: dict) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+def comparison_tables(result: Comparison) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
     """(headers, rows) of the value table and of the difference table."""
-    names = result["quantities"]
-    value_rows = [[g, *[format_value(agg[n]) for n in names]] for g, agg in result["groups"].items()]
-    shown = [(g, n, diffs[n]) for g, diffs in result["differences"].items() for n in names if diffs[n] is not None]
+    names = result.quantities
+    value_rows = [[g, *[format_value(agg[n]) for n in names]] for g, agg in result.groups.items()]
+    shown = [(g, n, diffs[n]) for g, diffs in result.differences.items() for n in names if diffs[n] is not None]
     adjusted = holm([d.p_value for _, _, d in shown])  # the whole table is one family of tests
     diff_rows = []
     for (g, n, d), p_holm in zip(shown, adjusted):
         basis = d.basis + ("" if d.unpaired_halfwidth is None else f"; unpaired it would be ±{d.unpaired_halfwidth:.2g}")
-        diff_rows.append(
-            [g, result["baselines"][g], n, format_difference(d), verdict(d), f"{d.p_value:.2g} / {p_holm:.2g}", basis]
-        )
+        diff_rows.append([g, result.baselines[g], n, format_difference(d), verdict(d), f"{d.p_value:.2g} / {p_holm:.2g}", basis])
     return (
         ["method", *names],
         value_rows,
@@ -339,11 +329,11 @@ def run(args: argparse.Namespace) -> None:
     if not ranks.is_main():
         return
     out = spec.out
-    (out / "results.json").write_text(json.dumps(to_jsonable(result), indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     report = build_report(result, out)
     md, page = report.write(out)
     if args.json:
-        print_json(result)
+        print_json(result.to_dict())
         return
     h1, r1, h2, r2 = comparison_tables(result)
     print(format_table(h1, r1))
@@ -352,7 +342,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"\nreport: {md} and {page} (figures in {out}/)")
 
 
-def make_figures(result: dict, out: Path) -> list[tuple[str, str]]:
+def make_figures(result: Comparison, out: Path) -> list[tuple[str, str]]:
     """The comparison figures in `out`, as (file name, caption); one colour per method throughout."""
     from analysis.report.charts import (
         plot_lines,
@@ -363,40 +353,36 @@ def make_figures(result: dict, out: Path) -> list[tuple[str, str]]:
     )
     from landscape.surfaces.surface import read_surface
 
-    members = result["checkpoints"]
-    firsts = {}  # surfaces: the first seed of each label, so the figures stay readable
-    for c in members:
-        firsts.setdefault(c["label"], c)
+    members = result.checkpoints
+    seeds = result.members()
+    firsts = {label: cs[0] for label, cs in seeds.items()}  # surfaces: the first seed of each label, so the figures stay readable
     several = len(firsts) < len(members)
     which = " (first seed of each method)" if several else ""
-    m = members[0]["setup"]["measurement"]
-    where = f"{m['split']} split, {m['n_samples']} samples of {members[0]['setup']['data']['spec']}"
+    m = members[0].setup["measurement"]
+    where = f"{m['split']} split, {m['n_samples']} samples of {members[0].setup['data']['spec']}"
     figures = []
-    seeds: dict[str, list[dict]] = {}
-    for c in members:
-        seeds.setdefault(c["label"], []).append(c)
     bands = " Several seeds: their mean, band: 95% CI of the mean over seeds." if several else ""
-    if all("surface" in c["raw"] for c in members):
-        fig = plot_lines({label: [read_surface(c["raw"]["surface"]) for c in cs] for label, cs in seeds.items()}, log=True)
+    if all("surface" in c.surfaces for c in members):
+        fig = plot_lines({label: [read_surface(c.surfaces["surface"]) for c in cs] for label, cs in seeds.items()}, log=True)
         figures.append(
             (
                 save(fig, out / "surface-1d.png").name,
-                f"Loss along one filter-normalized random direction (seed {result['settings']['seed']}, the same "
+                f"Loss along one filter-normalized random direction (seed {result.settings['seed']}, the same "
                 f"Gaussian draw for every checkpoint); train solid, test dashed; cross-entropy, log scale.{bands}",
             )
         )
-    if all("surface2d" in c["raw"] for c in members):
-        fig = plot_surfaces({label: read_surface(c["raw"]["surface2d"]) for label, c in firsts.items()}, kind="contour", log=True)
+    if all("surface2d" in c.surfaces for c in members):
+        fig = plot_surfaces(
+            {label: read_surface(c.surfaces["surface2d"]) for label, c in firsts.items()}, kind="contour", log=True
+        )
         figures.append(
             (
                 save(fig, out / "surface-2d.png").name,
                 f"Train loss on a filter-normalized random plane ({where}){which}; one shared colour scale and level set.",
             )
         )
-    if all("sharpness-curve" in c["raw"] for c in members):
-        curves: dict[str, list[dict]] = {}
-        for c in members:
-            curves.setdefault(c["label"], []).append(as_result("sharpness-curve", c["raw"]["sharpness-curve"]))
+    if all("sharpness-curve" in c.results for c in members):
+        curves = {label: [c.results["sharpness-curve"] for c in cs] for label, cs in seeds.items()}
         figures.append(
             (
                 save(plot_sharpness_curves(curves), out / "sharpness.png").name,
@@ -405,11 +391,9 @@ def make_figures(result: dict, out: Path) -> list[tuple[str, str]]:
                 "½·tr(ΣH), Σ the covariance of the noise, averaged over the same seeds.",
             )
         )
-    if all("density" in c["raw"] for c in members):
-        tops = {label: [c["raw"]["eig"]["values"] for c in cs if "eig" in c["raw"]] for label, cs in seeds.items()}
-        fig = plot_spectral_densities(
-            {label: [as_result("density", c["raw"]["density"]) for c in cs] for label, cs in seeds.items()}, tops
-        )
+    if all("density" in c.results for c in members):
+        tops = {label: [c.results["eig"].values for c in cs if "eig" in c.results] for label, cs in seeds.items()}
+        fig = plot_spectral_densities({label: [c.results["density"] for c in cs] for label, cs in seeds.items()}, tops)
         figures.append(
             (
                 save(fig, out / "spectra.png").name,
@@ -420,42 +404,34 @@ def make_figures(result: dict, out: Path) -> list[tuple[str, str]]:
     return figures
 
 
-def build_report(result: dict, out: Path) -> Report:
+def build_report(result: Comparison, out: Path) -> Report:
     """The Markdown/HTML report: setup, value table, difference table, figures, and how to read them."""
-    first = result["checkpoints"][0]
-    setup, m = first["setup"], first["setup"]["measurement"]
+    first = result.checkpoints[0]
+    setup, m = first.setup, first.setup["measurement"]
     report = Report("Flatness comparison")
     report.paragraph(
         f"Measured on {m['n_samples']} samples of the {m['split']} split of {setup['data']['spec']} "
         f"({batching(setup)}), {norm_mode(setup)}, {precision(setup)}, "
         f"parameters: {setup['params']} ({setup['n_params']}). Test quantities use the whole test split "
-        f"({first['test_setup']['n_samples']} samples). Probes, noise draws and surface directions share seed "
-        f"{result['settings']['seed']} across checkpoints (common random numbers)."
+        f"({first.test_setup['n_samples']} samples). Probes, noise draws and surface directions share seed "
+        f"{result.settings['seed']} across checkpoints (common random numbers)."
     )
     if sample_origin(setup):
         report.paragraph(f"The {m['split']} split: {sample_origin(setup)}.")
-    if result.get("at_train_loss") is not None:
+    if result.at_train_loss is not None:
         report.paragraph(
             f"At matched train loss: each run is measured at its trajectory checkpoint whose recorded train loss "
-            f"is closest to {result['at_train_loss']:.4g} (the epoch column), not at the end of training."
+            f"is closest to {result.at_train_loss:.4g} (the epoch column), not at the end of training."
         )
         report.table(
             ["label", "checkpoint", "training seed", "epoch", "recorded train loss"],
             [
-                [
-                    c["label"],
-                    c["path"],
-                    str(c["seed"]),
-                    str(c["at_train_loss"]["epoch"]),
-                    f"{c['at_train_loss']['recorded_train_loss']:.4g}",
-                ]
-                for c in result["checkpoints"]
+                [c.label, c.path, str(c.seed), str(c.at_train_loss["epoch"]), f"{c.at_train_loss['recorded_train_loss']:.4g}"]
+                for c in result.checkpoints
             ],
         )
     else:
-        report.table(
-            ["label", "checkpoint", "training seed"], [[c["label"], c["path"], str(c["seed"])] for c in result["checkpoints"]]
-        )
+        report.table(["label", "checkpoint", "training seed"], [[c.label, c.path, str(c.seed)] for c in result.checkpoints])
     h1, r1, h2, r2 = comparison_tables(result)
     report.heading("Values")
     report.table(
@@ -485,14 +461,11 @@ def build_report(result: dict, out: Path) -> Report:
         report.heading("Figures")
         for name, caption in figures:
             report.figure(name, caption)
-    if all("surface2d" in c["raw"] for c in result["checkpoints"]):
+    if all("surface2d" in c.surfaces for c in result.checkpoints):
         from analysis.report.surface_views import add_interactive_view
         from landscape.surfaces.surface import read_surface
 
-        firsts = {}
-        for c in result["checkpoints"]:
-            firsts.setdefault(c["label"], c["raw"]["surface2d"])
-        surfaces = {label: read_surface(path) for label, path in firsts.items()}
+        surfaces = {label: read_surface(cs[0].surfaces["surface2d"]) for label, cs in result.members().items()}
         caption = "The same planes in 3-D, one colour scale and height range: drag to turn, scroll to zoom."
         add_interactive_view(report, surfaces, out, "surface-2d.html", caption, log=True)
     return report

@@ -20,7 +20,6 @@ import numpy as np
 from analysis.cli.compare import method_label
 from analysis.cli.matched_loss import at_train_loss, parse_target
 from analysis.cli.measure import (
-    SHARPNESS_MEASURES,
     add_metric_arguments,
     add_objective_arguments,
     build_objective,
@@ -29,8 +28,9 @@ from analysis.cli.measure import (
 from analysis.cli.output import print_json
 from analysis.cli.results_file import ResultsFile
 from analysis.cli.specs import CorrelateSpec, MeasureSpec, MetricSpec, ObjectiveSpec
+from analysis.measures.measurement import Measurement
+from analysis.measures.registry import metric_quantities, ranked_names
 from analysis.report.document import Report
-from analysis.report.quantities import metric_quantities
 from analysis.report.rank_correlation import Correlation, correlate, varying
 from analysis.report.tables import format_table
 from landscape.engine import distributed as ranks
@@ -38,7 +38,6 @@ from landscape.engine.progress import working_on
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.results import to_jsonable
 
-CORRELATE_METRICS = ("eig", "trace", *SHARPNESS_MEASURES)
 CORRELATE_DEFAULTS = MetricSpec(
     metrics=("eig", "trace", "sharpness-curve", "eps-sharpness"), k=1, radius=(0.02,), noise_samples=40, probes=60
 )
@@ -51,7 +50,7 @@ DEFAULTS = CorrelateSpec(MeasureSpec())  # the correlation's own defaults (its m
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_objective_arguments(parser)
-    add_metric_arguments(parser, CORRELATE_METRICS, CORRELATE_DEFAULTS)
+    add_metric_arguments(parser, ranked_names(), CORRELATE_DEFAULTS)
     parser.add_argument(
         "runs", nargs="+", metavar="RUN", help="`landscape train` run folders (their final.pt) or checkpoint files; at least 3"
     )
@@ -122,19 +121,17 @@ def generalization(path: str, spec: ObjectiveSpec) -> dict:
     return out
 
 
-def measure_runs(paths: list[str], spec: CorrelateSpec) -> list[dict]:
+def measure_runs(paths: list[str], spec: CorrelateSpec) -> list[Measurement]:
     """Every run's report (metrics on the measurement set, gaps on the whole splits), saved as each finishes."""
     settings = {**spec.measure.settings(), "at_train_loss": spec.at_train_loss}  # gaps, axes, resamples: no measurement
     results = ResultsFile.open(spec.out / "measurements.json", {**settings, "checkpoints": paths}, resume=True)
 
-    def one(path: str) -> dict:  # results.save writes on rank 0 only
+    def one(path: str) -> Measurement:  # results.save writes on rank 0 only
         with working_on(f"run {paths.index(path) + 1}/{len(paths)} {path}"):  # which run each progress line is about
-            report = measure_checkpoint(
-                path, spec.measure, previous=results.previous(path), saved=results.save, distributed=False
-            )
-            if "generalization" not in report:
-                report["generalization"] = generalization(path, spec.measure.objective)
-        return report
+            found = measure_checkpoint(path, spec.measure, previous=results.previous(path), saved=results.save, distributed=False)
+            if "generalization" not in found.context:
+                found = found.with_context(generalization=generalization(path, spec.measure.objective))
+        return found
 
     reports = ranks.map_split(paths, one, done=results.save)
     results.complete = True
@@ -143,14 +140,15 @@ def measure_runs(paths: list[str], spec: CorrelateSpec) -> list[dict]:
 
 
 def correlations(
-    reports: list[dict], hypers: list[dict], gaps: list[str], axes: list[str], resamples: int, seed: int
+    reports: list[Measurement], hypers: list[dict], gaps: list[str], axes: list[str], resamples: int, seed: int
 ) -> list[Correlation]:
     """Each scalar quantity of the reports against each gap; `hypers[r]`: run r's hyperparameters and seed."""
-    quantities = [{n: q.value for m, res in r["metrics"].items() for n, q in metric_quantities(m, res).items()} for r in reports]
+    quantities = [{n: q.value for m, res in r.metrics.items() for n, q in metric_quantities(m, res).items()} for r in reports]
     names = list(dict.fromkeys(n for q in quantities for n in q))
     out = []
     for gap in gaps:
-        values = np.array([np.nan if r["generalization"][gap] is None else r["generalization"][gap] for r in reports])
+        gaps_of = [r.context["generalization"][gap] for r in reports]
+        values = np.array([np.nan if g is None else g for g in gaps_of])
         if not np.isfinite(values).any():
             raise ValueError(f"--gap {gap}: the runs have no {gap} (no accuracy for this loss?); use --gap loss")
         for name in names:
@@ -181,10 +179,10 @@ def correlate_runs(runs: list[str], spec: CorrelateSpec) -> dict:
     for i, (report, config) in enumerate(zip(reports, configs)):
         run = {
             "run": given[i],
-            "checkpoint": report["checkpoint"],
+            "checkpoint": report.checkpoint,
             "hyperparameters": hyperparameters(config, list(AXES)),
-            "generalization": report["generalization"],
-            "measures": {n: q for m, r in report["metrics"].items() for n, q in metric_quantities(m, r).items()},
+            "generalization": report.context["generalization"],
+            "measures": {n: q for m, r in report.metrics.items() for n, q in metric_quantities(m, r).items()},
         }
         if points is not None:
             run["at_train_loss"] = {"epoch": points[i].epoch, "recorded_train_loss": points[i].train_loss}
@@ -195,7 +193,7 @@ def correlate_runs(runs: list[str], spec: CorrelateSpec) -> dict:
         "gaps": gaps,
         "axes": varying(hypers, axes),
         "at_train_loss": target,
-        "setup": reports[0]["setup"],
+        "setup": reports[0].setup,
         "resamples": spec.resamples,
     }
 

@@ -3,16 +3,24 @@
 The estimators check their own arguments too, but with their own names (n_matvecs, n_samples);
 checking here first means `--probes 2` is reported as `--probes`, in one line, before a checkpoint
 is even loaded. Checks that need the model (`--k` against the parameter count) run once the
-Objective exists (`MetricSpec.check_fits`).
+Objective exists (each measure's `check`, analysis/measures/).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
 
 import torch
 
+from analysis.measures.options import (
+    NOISE_SAMPLES_MINIMUM,
+    int_minimums,
+    parse_metrics,
+    parse_radii,
+    per_layer_names,
+    probe_minimum,
+)
+from analysis.measures.registry import shardable_names
 from landscape.engine import distributed as ranks
 from landscape.engine.checks import check_number
 from landscape.engine.hvp_paths import COMPILED_HVP, FINITE_DIFFERENCE_HVP, HVP_METHODS
@@ -20,16 +28,8 @@ from landscape.engine.memory import parse_size
 
 # dest: smallest allowed value, for every integer option of every command that has it
 INT_MINIMUMS = {
-    "k": 1,
+    **int_minimums(),  # the metric options': in their MetricSpec fields
     "shard_replicas": 1,
-    "max_matvecs": 1,
-    "max_vectors": 1,
-    "density_runs": 1,
-    "density_steps": 1,
-    "restarts": 0,
-    "eps_iters": 1,
-    "subspace_dim": 1,
-    "bn_recalibration": 1,
     "n_samples": 1,
     "batch_size": 1,
     "max_length": 2,
@@ -38,12 +38,7 @@ INT_MINIMUMS = {
     "lr_reference_batch": 1,
     "ghost_batch_size": 1,
     "seeds": 1,
-    "m": 1,
-    "ascent_steps": 1,
-    "ascent_restarts": 0,
 }
-PROBE_MINIMUMS = {"xtrace": 4, "hutchpp": 4, "hutchinson": 2}  # matvecs each trace method needs at least
-MIN_NOISE_SAMPLES = 4  # two antithetic pairs: the stderr needs at least two
 
 
 def option(dest: str) -> str:
@@ -58,12 +53,12 @@ def validate_arguments(args: argparse.Namespace) -> None:
         if value is not None and value < minimum:
             raise ValueError(f"{option(dest)} must be at least {minimum}, got {value}")
     if getattr(args, "probes", None) is not None:
-        minimum = PROBE_MINIMUMS.get(getattr(args, "trace_method", "xtrace"), 2)
+        minimum = probe_minimum(getattr(args, "trace_method", "xtrace"))
         if args.probes < minimum:
             raise ValueError(f"--probes must be at least {minimum} for --trace-method {args.trace_method}, got {args.probes}")
     noise = getattr(args, "noise_samples", None)
-    if noise is not None and (noise < MIN_NOISE_SAMPLES or noise % 2):
-        raise ValueError(f"--noise-samples must be an even number ≥ {MIN_NOISE_SAMPLES} (antithetic pairs), got {noise}")
+    if noise is not None and (noise < NOISE_SAMPLES_MINIMUM or noise % 2):
+        raise ValueError(f"--noise-samples must be an even number ≥ {NOISE_SAMPLES_MINIMUM} (antithetic pairs), got {noise}")
     if getattr(args, "tol", None) is not None:
         check_number("--tol", args.tol, allow_zero=True)
     if getattr(args, "eps", None) is not None:
@@ -96,43 +91,6 @@ def validate_arguments(args: argparse.Namespace) -> None:
         check_device(args.device)
 
 
-def parse_radii(text: str) -> list[float]:
-    """--radius as a list of finite radii > 0 (at least one): at radius 0 the loss increase is 0 by definition."""
-    radii = []
-    for item in (r.strip() for r in text.split(",")):
-        if not item:
-            continue
-        try:
-            radius = check_number("--radius", float(item), allow_zero=True)
-        except ValueError:
-            raise ValueError(
-                f"--radius {text!r}: {item!r} is not a finite number > 0; give a comma list such as 0.005,0.01"
-            ) from None
-        if radius == 0:
-            raise ValueError(
-                f"--radius {text!r}: a radius of 0 perturbs nothing, so its loss increase is 0 by definition; "
-                "give radii > 0, such as 0.005,0.01"
-            )
-        radii.append(radius)
-    if not radii:
-        raise ValueError(f"--radius {text!r} names no radius; give a comma list such as 0.005,0.01")
-    return radii
-
-
-def parse_metrics(text: str, choices: Iterable[str], option: str = "--metrics") -> list[str]:
-    """--metrics (or `option`) as a list of names from `choices`; an empty list is an error, not a run that measures nothing."""
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    if not names:
-        raise ValueError(f"{option} {text!r} names no metric; choose from {', '.join(choices)}")
-    unknown = [m for m in names if m not in choices]
-    if unknown:
-        raise ValueError(f"{option}: unknown metric {', '.join(unknown)}; choose from {', '.join(choices)}")
-    return names
-
-
-SHARD_METRICS = ("eig", "trace", "density")  # what --shard measures: the solvers on sharded vectors
-
-
 def _check_shard(args: argparse.Namespace) -> None:
     """--shard: under torchrun, every parameter, the Hessian's eig, trace and density, by finite differences."""
     replicas = getattr(args, "shard_replicas", 1)
@@ -152,21 +110,15 @@ def _check_shard(args: argparse.Namespace) -> None:
         raise ValueError(f"--shard takes its HVPs by finite differences (FSDP2 allows no double backward): drop --hvp {args.hvp}")
     if getattr(args, "curvature", "hessian") != "hessian" or getattr(args, "per_layer", None):
         raise ValueError("--shard measures the whole Hessian: drop --curvature and --per-layer")
-    other = [m for m in metric_names(args) if m not in SHARD_METRICS]
+    shardable = shardable_names()
+    other = [m for m in metric_names(args) if m not in shardable]
     if other:
-        raise ValueError(f"--shard measures {', '.join(SHARD_METRICS)}; drop {', '.join(other)} from --metrics")
+        raise ValueError(f"--shard measures {', '.join(shardable)}; drop {', '.join(other)} from --metrics")
 
 
 def metric_names(args: argparse.Namespace) -> list[str]:
     """--metrics as a list of names the command takes (its parser records them as `metric_choices`; at least one)."""
     return parse_metrics(args.metrics, args.metric_choices)
-
-
-def per_layer_names(text: str) -> list[str]:
-    """--per-layer as a list of eig, trace and density (at least one)."""
-    from landscape.curvature.blocks import PER_LAYER_METRICS
-
-    return parse_metrics(text, PER_LAYER_METRICS, "--per-layer")
 
 
 def check_device(name: str) -> None:

@@ -11,14 +11,6 @@ import json
 import sys
 
 
-class OptionNote(UserWarning):
-    """How an option was read where it could be read more than one way (the CLI shows it as one line)."""
-
-
-class ResumeNote(OptionNote):
-    """What --resume read back from its file and what it computed anew: the table looks the same either way."""
-
-
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """--json, --quiet and --debug: on every command."""
     parser.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")

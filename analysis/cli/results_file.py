@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from analysis.cli.specs import MeasureSpec
+from analysis.measures.measurement import Measurement
 from landscape.engine import distributed as ranks
 from landscape.inputs.checkpoints import file_sha256, short_list
 from landscape.results import to_jsonable
@@ -93,8 +94,8 @@ class ResultsFile:
         reports = data.get("checkpoints", [])
         return reports, data.get("checkpoint_paths") or [r["checkpoint"] for r in reports]
 
-    def previous(self, checkpoint: str) -> dict | None:
-        """The saved report of `checkpoint`, if any; refused if the file changed since (SHA-256)."""
+    def previous(self, checkpoint: str) -> Measurement | None:
+        """The saved measurement of `checkpoint`, typed, if any; refused if the file changed since (SHA-256)."""
         report = self.reports.get(checkpoint)
         if report is None:
             return None
@@ -104,10 +105,10 @@ class ResultsFile:
                 f"{checkpoint} changed since its results were saved in {self.path} (SHA-256 "
                 f"{str(saved)[:12]}… then, {now[:12]}… now); choose another --out to measure it afresh"
             )
-        return report
+        return Measurement.from_dict(report)
 
-    def save(self, report: dict) -> None:
-        self.reports[report["checkpoint"]] = to_jsonable(report)
+    def save(self, measurement: Measurement) -> None:
+        self.reports[measurement.checkpoint] = measurement.to_dict()
         self.write()
 
     @property

@@ -2,9 +2,9 @@
 
 The command line is read once, at the edge, into these frozen specs (`from_args`); the library functions of
 analysis/ (`measure_checkpoint`, `compare`, `correlate_runs`) take the specs, never an argparse Namespace.
-`demo` and `figures` build them directly. Every option's default lives here, in the dataclass field, and the
-parsers read it from there (`OBJECTIVE`, `METRIC_DEFAULTS`, each command's own `MetricSpec`), so `--help` says
-the value the command uses (tests/test_help_defaults.py).
+`demo` and `figures` build them directly. Every option's default lives in its dataclass field (the metric
+options' in analysis/measures/options.py's `MetricSpec`, with their help), and the parsers read it from there,
+so `--help` says the value the command uses (tests/test_help_defaults.py).
 
 A spec's `settings()` is what a results file records and `--resume` checks: every field that changes a
 number, in its command-line spelling; run-time handles (progress style, warm start) are not settings.
@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from analysis.report.rank_correlation import RESAMPLES  # numpy only: no torch at import
+from analysis.measures.options import MetricSpec, setting_text, settings_of
+from analysis.report.rank_correlation import RESAMPLES
 
 RUNTIME = {"setting": False}  # field metadata: a run-time handle or output choice, not a setting of the numbers
 
@@ -27,17 +28,6 @@ def _from_args(cls: type, args: argparse.Namespace, **converted: Any) -> Any:
     """`cls` from the Namespace's attributes of the same names (missing ones keep their defaults), then `converted`."""
     values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in converted and hasattr(args, f.name)}
     return cls(**values, **converted)
-
-
-def _setting_text(value: object) -> object:
-    """A setting in its command-line spelling: (0.005, 0.01) → "0.005,0.01"; ("eig", "trace") → "eig,trace"."""
-    if isinstance(value, tuple):
-        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-    return value
-
-
-def _settings(spec: object) -> dict[str, object]:
-    return {f.name: _setting_text(getattr(spec, f.name)) for f in fields(spec) if f.metadata.get("setting", True)}
 
 
 @dataclass(frozen=True)
@@ -74,95 +64,7 @@ class ObjectiveSpec:
         return replace(self, split=split, n_samples=None)
 
     def settings(self) -> dict[str, object]:
-        return _settings(self)
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """Which metrics, with which options. `seed` seeds every probe, noise draw and random start."""
-
-    metrics: tuple[str, ...] = ("eig", "trace")
-    curvature: str = "hessian"
-    k: int = 5
-    which: str = "LA"
-    tol: float = 1e-3
-    max_matvecs: int | None = None
-    max_vectors: int | None = None
-    trace_method: str = "xtrace"
-    probes: int = 100
-    density_runs: int = 4
-    density_steps: int = 60
-    radius: tuple[float, ...] = (0.001, 0.005, 0.01)
-    distribution: str = "uniform"
-    scale: str = "absolute"
-    noise_samples: int = 100
-    bn_recalibration: int | None = None
-    eps: float = 5e-4
-    subspace_dim: int | None = None
-    restarts: int = 2
-    eps_method: str = "sign-ascent"
-    eps_iters: int = 20
-    rho: float | None = None
-    p: str = "2"
-    m: int = 128
-    ascent_steps: int = 20
-    ascent_restarts: int = 1
-    eta: float = 0.0
-    per_layer: tuple[str, ...] = ()
-    per_layer_by: str = "module"  # the blocks --per-layer measures: one per module, or one per role (attention, mlp, ...)
-    seed: int = 0
-    progress: bool | str = field(default=False, metadata=RUNTIME, compare=False)
-    warm_start: Any = field(default=None, metadata=RUNTIME, compare=False)  # a spectrum.WarmStart (`landscape track`)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, choices: Iterable[str] | None = None) -> MetricSpec:
-        """The metric options of `args`; --metrics must name metrics of `choices` (default: the command's, which
-        its parser records as `metric_choices`)."""
-        choices = getattr(args, "metric_choices", ()) if choices is None else choices
-        from analysis.cli.option_checks import parse_metrics, parse_radii, per_layer_names
-
-        converted: dict[str, Any] = {"progress": getattr(args, "progress", False)}
-        if getattr(args, "metrics", None) is not None:
-            converted["metrics"] = tuple(parse_metrics(args.metrics, tuple(choices)))
-        if getattr(args, "radius", None) is not None:
-            converted["radius"] = tuple(parse_radii(args.radius))
-        per_layer = getattr(args, "per_layer", None)
-        converted["per_layer"] = tuple(per_layer_names(per_layer)) if per_layer else ()
-        return _from_args(cls, args, **converted)
-
-    def settings(self) -> dict[str, object]:
-        return _settings(self)
-
-    def check_fits(self, params: str, n_params: int, n_samples: int | None = None) -> None:
-        """Options that must fit the model: --k and --subspace-dim at most the number of parameters measured
-        (selected by --params `params`), a Lanczos budget (--max-matvecs) of at least --k, and --m at most the
-        `n_samples` measured."""
-        metrics = self.metrics
-        where = f"the {n_params} parameters measured (--params {params})"
-        if "eig" in metrics:
-            if self.k > n_params:
-                raise ValueError(f"--k {self.k} asks for more eigenvalues than {where}; give at most {n_params}")
-            if self.max_matvecs is not None and self.max_matvecs < self.k:  # None: the default budget, ≥ k
-                raise ValueError(f"--max-matvecs {self.max_matvecs} cannot find --k {self.k} eigenvalues; give at least {self.k}")
-            from landscape.curvature.spectrum import minimum_vectors  # torch is loaded by now: the model exists
-
-            fewest = minimum_vectors(min(self.k, n_params))
-            if self.max_vectors is not None and self.max_vectors < fewest:
-                raise ValueError(
-                    f"--max-vectors {self.max_vectors} leaves Lanczos no room to restart for --k {self.k}; give at least {fewest}"
-                )
-        if "eps-sharpness" in metrics and self.subspace_dim is not None and self.subspace_dim > n_params:
-            raise ValueError(f"--subspace-dim {self.subspace_dim} exceeds {where}; give at most {n_params}")
-        m_metrics = {"m-sharpness", "adaptive-m-sharpness"} & set(metrics)
-        if m_metrics and n_samples is not None and self.m > n_samples:
-            raise ValueError(
-                f"--m {self.m} exceeds the {n_samples} samples of the measurement set (--n-samples, --split); "
-                f"give at most {n_samples}"
-            )
-
-    def help_default(self, name: str) -> str:
-        """Field `name` as --help and the parser's default spell it."""
-        return str(_setting_text(getattr(self, name)))
+        return settings_of(self)
 
 
 @dataclass(frozen=True)
@@ -203,7 +105,7 @@ class CompareSpec:
 
     def settings(self) -> dict[str, object]:
         """The measurement's settings and the comparison's own (not where the report goes)."""
-        own = {f.name: _setting_text(getattr(self, f.name)) for f in fields(self) if f.name not in ("measure", "out")}
+        own = {f.name: setting_text(getattr(self, f.name)) for f in fields(self) if f.name not in ("measure", "out")}
         return {**self.measure.settings(), **own}
 
 

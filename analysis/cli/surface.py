@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from analysis.cli.measure import add_objective_arguments, build_objective
-from analysis.cli.output import OptionNote, ResumeNote, print_json
+from analysis.cli.output import print_json
 from analysis.cli.specs import ObjectiveSpec
 from analysis.cli.surface_spread import add_spread_arguments, grid_options, run_spread
+from analysis.measures.notes import OptionNote, ResumeNote
 from analysis.report.tables import format_table
 from landscape.engine.objective import Objective
 from landscape.inputs.checkpoints import load_checkpoint

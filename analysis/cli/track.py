@@ -21,7 +21,6 @@ import numpy as np
 
 from analysis.cli.matched_loss import TrajectoryPoint, trajectory
 from analysis.cli.measure import (
-    METRICS,
     add_metric_arguments,
     add_objective_arguments,
     measure_checkpoint,
@@ -29,7 +28,8 @@ from analysis.cli.measure import (
 from analysis.cli.output import print_json
 from analysis.cli.results_file import ResultsFile
 from analysis.cli.specs import MeasureSpec
-from analysis.report.quantities import metric_quantities
+from analysis.measures.measurement import Measurement
+from analysis.measures.registry import MEASURES, metric_quantities
 from landscape.curvature.spectrum import WarmStart
 from landscape.engine import distributed as ranks
 from landscape.inputs.checkpoints import load_checkpoint
@@ -53,18 +53,15 @@ def run(args: argparse.Namespace) -> None:
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir} is not a folder; landscape track takes the folder that `landscape train --out` wrote")
     points = trajectory(run_dir, needed_by="landscape track")
-    spec = MeasureSpec.from_args(args, METRICS)  # an unknown or empty --metrics fails here, before any work
+    spec = MeasureSpec.from_args(args, tuple(MEASURES))  # an unknown or empty --metrics fails here, before any work
     out = Path(args.out) if args.out else run_dir / "track"
     results = ResultsFile.open(out / "track.json", {**spec.settings(), "checkpoints": [p.path for p in points]}, resume=True)
     # measure's eig starts each Lanczos from the previous checkpoint's top eigenvector
     spec = replace(spec, metrics=replace(spec.metrics, warm_start=WarmStart()))
 
-    def one(point: TrajectoryPoint) -> dict:  # results.save writes on rank 0 only
-        report = measure_checkpoint(
-            point.path, spec, previous=results.previous(point.path), saved=results.save, distributed=False
-        )
-        report.update(epoch=point.epoch, recorded=load_checkpoint(point.path).meta.get("metrics", {}))
-        return report
+    def one(point: TrajectoryPoint) -> Measurement:  # results.save writes on rank 0 only
+        found = measure_checkpoint(point.path, spec, previous=results.previous(point.path), saved=results.save, distributed=False)
+        return found.with_context(epoch=point.epoch, recorded=load_checkpoint(point.path).meta.get("metrics", {}))
 
     # under torchrun each rank measures one block of consecutive checkpoints (its warm starts chain within the block)
     reports = ranks.map_split(points, one, contiguous=True, done=results.save)
@@ -90,7 +87,7 @@ def run(args: argparse.Namespace) -> None:
     print("  ".join(f"{n:>{w}}" for n, w in zip(columns, widths)))
     for i in range(len(series["epoch"])):
         print("  ".join(f"{series[n][i]:>{w}.5g}" for n, w in zip(columns, widths)))
-    hvps = [r["metrics"]["eig"]["n_matvecs"] for r in reports if "eig" in r["metrics"]]
+    hvps = [r.metrics["eig"].n_matvecs for r in reports if "eig" in r.metrics]
     if hvps:
         first = "the first" if ranks.world_size() == 1 else f"the first of each of the {ranks.world_size()} ranks' blocks"
         print(f"Lanczos HVPs per checkpoint (warm-started after {first}): {', '.join(map(str, hvps))}")
@@ -107,14 +104,14 @@ def stability_threshold(config: dict) -> tuple[float, str] | None:
     return 2 * (1 + beta) / eta, label
 
 
-def time_series(reports: list[dict]) -> dict[str, list[float]]:
+def time_series(reports: list[Measurement]) -> dict[str, list[float]]:
     """Per checkpoint, in epoch order: epoch, recorded train/test loss, measured loss, and each scalar quantity ± stderr."""
-    series: dict[str, list[float]] = {"epoch": [float(r["epoch"]) for r in reports]}
+    series: dict[str, list[float]] = {"epoch": [float(r.context["epoch"]) for r in reports]}
     for key in ("train_loss", "test_loss"):
-        series[f"recorded {key.replace('_', ' ')}"] = [float(r["recorded"].get(key, np.nan)) for r in reports]
-    series["measured loss"] = [float(r["loss"]) for r in reports]
+        series[f"recorded {key.replace('_', ' ')}"] = [float(r.context["recorded"].get(key, np.nan)) for r in reports]
+    series["measured loss"] = [float(r.loss) for r in reports]
     for r_index, report in enumerate(reports):
-        for metric, result in report["metrics"].items():
+        for metric, result in report.metrics.items():
             for name, q in metric_quantities(metric, result).items():
                 for column, value in ((name, q.value), (f"{name} stderr", q.stderr)):
                     series.setdefault(column, [np.nan] * len(reports))[r_index] = float(value)

@@ -16,9 +16,10 @@ from analysis.cli.compare import COMPARE_DEFAULTS, build_report, compare, compar
 from analysis.cli.output import print_json
 from analysis.cli.specs import CompareSpec, MeasureSpec, ObjectiveSpec
 from analysis.experiments.recipes import DEMO, LARGE, SMALL, train_runs
+from analysis.measures.text import eigenvalue_label, noise_increase_label
+from analysis.report.comparison import Comparison
 from analysis.report.differences import Difference, difference, holm, holm_family, verdict
 from analysis.report.document import Report
-from analysis.report.quantities import eigenvalue_label, noise_increase_label
 from analysis.report.tables import format_table
 from landscape.engine import distributed as ranks
 
@@ -61,9 +62,9 @@ def question_title(claim: tuple[str, str, str]) -> str:
     return f"{question} ({other} vs {base})"
 
 
-def findings(result: dict) -> dict[str, dict[str, Difference]]:
+def findings(result: Comparison) -> dict[str, dict[str, Difference]]:
     """For each question, the differences (with intervals, seed verdicts and Holm-adjusted p) that answer it."""
-    groups = {m["label"]: [c for c in result["checkpoints"] if c["label"] == m["label"]] for m in result["checkpoints"]}
+    groups = result.members()
     answers = {}
     for claim in CLAIMS:
         _, base, other = claim
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> None:
             {
                 "findings": answers,
                 "headline": headline,
-                "groups": result["groups"],
+                "groups": result.groups,
                 "report": [str(md), str(page)],
                 "train_seconds": trained,
                 "measure_seconds": seconds - trained,

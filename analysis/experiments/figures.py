@@ -59,8 +59,8 @@ from analysis.report.charts import (
     plot_surfaces,
     save,
 )
+from analysis.report.comparison import Comparison
 from analysis.report.document import Report, write_text
-from analysis.report.quantities import as_result
 from analysis.report.tables import format_table
 from landscape.curvature.density import slq_density
 from landscape.engine import distributed as ranks
@@ -226,20 +226,20 @@ def correlation_sweep(
     return result
 
 
-def random_direction_figures(result: dict, noise: dict[str, float], out: Path) -> None:
+def random_direction_figures(result: Comparison, noise: dict[str, float], out: Path) -> None:
     """(b) 1-D filter-normalized curves of SGD, SmoothOut and AdaSmoothOut, every seed, one figure per batch size."""
     groups = by_label(result)
     for batch, name in ((SMALL, "small"), (LARGE, "large")):
         methods = ("sgd", "smoothout", "adasmoothout")
         fig = plot_lines(
-            {_named(m, batch, noise): [read_surface(c["raw"]["surface"]) for c in groups[label(m, batch)]] for m in methods},
+            {_named(m, batch, noise): [read_surface(c.surfaces["surface"]) for c in groups[label(m, batch)]] for m in methods},
             log=True,
             title=f"Filter-normalized random direction (Li et al. 2018), batch {batch}",
         )
         save(fig, out / f"random-1d-{name}-batch.png")
 
 
-def contour_figure(result: dict, budget: dict, cache: Path, out: Path, progress: bool | str = False) -> None:
+def contour_figure(result: Comparison, budget: dict, cache: Path, out: Path, progress: bool | str = False) -> None:
     """(c) 2-D filter-normalized planes side by side on one colour scale (training seed 0: a plane does not average)."""
     groups = by_label(result)
     wanted = [label("sgd", SMALL), label("sgd", LARGE), label("smoothout", LARGE), label("adasmoothout", LARGE)]
@@ -247,7 +247,7 @@ def contour_figure(result: dict, budget: dict, cache: Path, out: Path, progress:
     for name in wanted:
         c = groups[name][0]
         objective = objective_from_checkpoint(
-            load_checkpoint(c["path"]), measurement=MeasurementSet("train", budget["n_samples"], 1000)
+            load_checkpoint(c.path), measurement=MeasurementSet("train", budget["n_samples"], 1000)
         )
         axis = grid_axis(-1.0, 1.0, budget["plane"])
         surfaces[name] = compute_surface(
@@ -255,7 +255,7 @@ def contour_figure(result: dict, budget: dict, cache: Path, out: Path, progress:
             random_directions(objective, 2, seed=0),
             [axis, axis],
             resume=True,
-            path=cache / "surfaces" / f"plane-{Path(c['path']).parent.name}-{budget['plane']}.h5",
+            path=cache / "surfaces" / f"plane-{Path(c.path).parent.name}-{budget['plane']}.h5",
             progress=progress,
         )
     save(
@@ -270,7 +270,7 @@ def contour_figure(result: dict, budget: dict, cache: Path, out: Path, progress:
 
 
 def connectivity_figure(
-    result: dict, noise: dict[str, float], budget: dict, cache: Path, out: Path, progress: bool | str = False
+    result: Comparison, noise: dict[str, float], budget: dict, cache: Path, out: Path, progress: bool | str = False
 ) -> dict:
     """(h) Mode connectivity (Garipov et al. 2018) between two training seeds of one method, SGD and SmoothOut at
     batch 2000: the loss along the straight line and along a trained Bézier curve, BN re-estimated at each point.
@@ -284,7 +284,7 @@ def connectivity_figure(
     training = CurveTraining(epochs=budget["curve_epochs"])
     connections = {}
     for method in ("sgd", "smoothout"):
-        members = sorted((c["path"] for c in groups[label(method, LARGE)]), key=lambda p: Path(p).parent.name)
+        members = sorted((c.path for c in groups[label(method, LARGE)]), key=lambda p: Path(p).parent.name)
         runs = []
         for a, b in itertools.combinations(members, 2):
             checkpoint = load_checkpoint(a)
@@ -318,21 +318,18 @@ def connectivity_figure(
     }
 
 
-def sharpness_figures(result: dict, noise: dict[str, float], out: Path) -> None:
+def sharpness_figures(result: Comparison, noise: dict[str, float], out: Path) -> None:
     """(d) Expected-loss increase against the radius: one panel per method beside SGD at the same batch size."""
     groups = by_label(result)
     for batch, name in ((SMALL, "small"), (LARGE, "large")):
-        curves = {
-            _named(m, batch, noise): [as_result("sharpness-curve", c["raw"]["sharpness-curve"]) for c in groups[label(m, batch)]]
-            for m in METHODS
-        }
+        curves = {_named(m, batch, noise): [c.results["sharpness-curve"] for c in groups[label(m, batch)]] for m in METHODS}
         fig = plot_sharpness_panels(
             curves, _named("sgd", batch, noise), title=f"Expected loss increase under uniform weight noise, batch {batch}"
         )
         save(fig, out / f"sharpness-{name}-batch.png")
 
 
-def spectra_figure(result: dict, budget: dict, out: Path, progress: bool | str = False) -> dict:
+def spectra_figure(result: Comparison, budget: dict, out: Path, progress: bool | str = False) -> dict:
     """(e) Hessian spectral densities by SLQ of every seed, with each seed's Lanczos λ1 marked."""
     groups = by_label(result)
     spectra, tops = {}, {}
@@ -340,12 +337,12 @@ def spectra_figure(result: dict, budget: dict, out: Path, progress: bool | str =
         spectra[name], tops[name] = [], []
         for c in groups[name]:
             objective = objective_from_checkpoint(
-                load_checkpoint(c["path"]), measurement=MeasurementSet("train", budget["n_samples"], 1000)
+                load_checkpoint(c.path), measurement=MeasurementSet("train", budget["n_samples"], 1000)
             )
             spectra[name].append(
                 slq_density(HessianOperator(objective), n_runs=4, n_steps=budget["density_steps"], seed=0, progress=progress)
             )
-            tops[name].append(c["raw"]["eig"]["values"])
+            tops[name].append(c.results["eig"].values)
     seeds = len(next(iter(spectra.values())))
     save(
         plot_spectral_densities(
@@ -356,7 +353,7 @@ def spectra_figure(result: dict, budget: dict, out: Path, progress: bool | str =
     return tops
 
 
-def eigenvector_plane_figure(result: dict, budget: dict, cache: Path, out: Path, progress: bool | str = False) -> dict:
+def eigenvector_plane_figure(result: Comparison, budget: dict, cache: Path, out: Path, progress: bool | str = False) -> dict:
     """(i) SGD and SmoothOut at batch 2000 (training seed 0) on the plane of each one's top two Hessian eigenvectors.
 
     The axes are unit eigenvectors from the certified Lanczos, so both panels share one grid in weight-space
@@ -367,7 +364,7 @@ def eigenvector_plane_figure(result: dict, budget: dict, cache: Path, out: Path,
     named = [label("sgd", LARGE), label("smoothout", LARGE)]
     objectives, directions, paths = {}, {}, {}
     for name in named:
-        checkpoint = groups[name][0]["path"]
+        checkpoint = groups[name][0].path
         objectives[name] = objective_from_checkpoint(
             load_checkpoint(checkpoint), measurement=MeasurementSet("train", budget["n_samples"], 1000)
         )
@@ -399,13 +396,13 @@ def _named(method: str, batch: int, noise: dict[str, float]) -> str:
     return label(method, batch) if method not in noise else f"{method} {NOISE_OPTION[method]}={noise[method]:g} B={batch}"
 
 
-def matched_table(result: dict) -> tuple[list[str], list[list[str]]]:
+def matched_table(result: Comparison) -> tuple[list[str], list[list[str]]]:
     """Where each run was measured at matched train loss: the target, and the epochs and losses chosen."""
     rows = []
     for name, members in by_label(result).items():
-        epochs = ", ".join(str(m["at_train_loss"]["epoch"]) for m in members)
-        losses = ", ".join(f"{m['at_train_loss']['recorded_train_loss']:.3g}" for m in members)
-        rows.append([name, f"{members[0]['at_train_loss']['target']:.3g}", epochs, losses])
+        epochs = ", ".join(str(m.at_train_loss["epoch"]) for m in members)
+        losses = ", ".join(f"{m.at_train_loss['recorded_train_loss']:.3g}" for m in members)
+        rows.append([name, f"{members[0].at_train_loss['target']:.3g}", epochs, losses])
     return ["method", "target train loss", "epoch of each seed", "its train loss"], rows
 
 
@@ -481,7 +478,7 @@ def run(args: argparse.Namespace) -> None:
 
     groups = by_label(result)
     pairs = list(
-        zip(*(sorted((c["path"] for c in groups[label("sgd", b)]), key=lambda p: Path(p).parent.name) for b in (SMALL, LARGE)))
+        zip(*(sorted((c.path for c in groups[label("sgd", b)]), key=lambda p: Path(p).parent.name) for b in (SMALL, LARGE)))
     )
     summary: dict = {
         "recipe": CONVERGED.name,
@@ -509,14 +506,14 @@ def run(args: argparse.Namespace) -> None:
         families[f"each method vs SGD at batch {b}, matched train loss"] = comparison_family(matched[b], method_questions[b])
     summary["families"] = {title: [t.to_dict() for t in tests] for title, tests in families.items()}
     summary["correlation"] = correlation_sweep(noise["smoothout"], budget, cache, out, jobs, args.progress)
-    summary["groups"] = result["groups"]
-    summary["matched_groups"] = {str(k): v["groups"] for k, v in matched.items()}
+    summary["groups"] = result.groups
+    summary["matched_groups"] = {str(k): v.groups for k, v in matched.items()}
 
     report = Report("Method tables")
     report.paragraph(
         f"Recipe `{CONVERGED.name}`: {CONVERGED.note}. {budget['seeds']} training seed(s) per method; seed s starts every "
         "method from the same initial weights and batch order, so differences are paired over seeds. Measured on "
-        f"{result['checkpoints'][0]['setup']['measurement']['n_samples']} training samples of mnist1d (eval mode) and the "
+        f"{result.checkpoints[0].setup['measurement']['n_samples']} training samples of mnist1d (eval mode) and the "
         "1000 test samples. ΔL a=0.02 is SmoothOut's own training objective at a = 0.02, so it favours SmoothOut."
     )
     report.heading("Noise sizes: validation sweep")

@@ -12,18 +12,19 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from analysis.cli.compare import compare, format_difference, format_value, typed_comparison
+from analysis.cli.compare import compare, format_difference, format_value
 from analysis.cli.specs import CompareSpec, MeasureSpec, MetricSpec, ObjectiveSpec
 from analysis.cli.train import NOISE_OPTION
 from analysis.experiments.recipes import LARGE, METHODS, SMALL, label
+from analysis.measures.text import EPSILON_SHARPNESS, eigenvalue_label, noise_increase_label
 from analysis.report.charts import plot_lines, save
+from analysis.report.comparison import ComparedCheckpoint, Comparison
 from analysis.report.differences import Difference, aggregate, difference, holm
 from analysis.report.document import write_text
-from analysis.report.quantities import EPSILON_SHARPNESS, eigenvalue_label, noise_increase_label
 from landscape.engine.from_checkpoint import objective_from_checkpoint
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.inputs.data import MeasurementSet
-from landscape.results import Result, to_jsonable
+from landscape.results import Result
 from landscape.surfaces.directions import between
 from landscape.surfaces.surface import compute_surface, grid_axis
 
@@ -69,7 +70,7 @@ def compare_cached(
     *,
     metrics: str = MEASURED + ",surface",
     at_train_loss: str | None = None,
-) -> dict:
+) -> Comparison:
     """Every checkpoint through `landscape compare` (shared probes, noise and directions), cached in `out`.
 
     The cache holds while the checkpoints' files and the settings are unchanged.
@@ -86,18 +87,15 @@ def compare_cached(
     if cached.exists():
         stored = json.loads(cached.read_text())
         if stored.get("key") == key:
-            return typed_comparison(stored["result"])
+            return Comparison.from_dict(stored["result"])
     result = compare(paths, spec)
-    write_text(cached, json.dumps({"key": key, "result": to_jsonable(result)}) + "\n")
+    write_text(cached, json.dumps({"key": key, "result": result.to_dict()}) + "\n")
     return result
 
 
-def by_label(result: dict) -> dict[str, list[dict]]:
+def by_label(result: Comparison) -> dict[str, list[ComparedCheckpoint]]:
     """The measured checkpoints of each label (its seeds), in order."""
-    groups: dict[str, list[dict]] = {}
-    for c in result["checkpoints"]:
-        groups.setdefault(c["label"], []).append(c)
-    return groups
+    return result.members()
 
 
 def interpolation_figure(
@@ -147,7 +145,7 @@ def interpolation_figure(
 
 
 def value_table(
-    result: dict, noise: dict[str, float], batches: tuple[int, ...] = (SMALL, LARGE), methods: tuple[str, ...] = METHODS
+    result: Comparison, noise: dict[str, float], batches: tuple[int, ...] = (SMALL, LARGE), methods: tuple[str, ...] = METHODS
 ) -> tuple[list[str], list[list[str]]]:
     """Every method at every batch size: mean ± std over seeds of each quantity."""
     groups = by_label(result)
@@ -182,7 +180,7 @@ class FamilyTest(Result):
         }
 
 
-def comparison_family(result: dict, pairs: list[tuple[str, str]], quantities=TESTED) -> list[FamilyTest]:
+def comparison_family(result: Comparison, pairs: list[tuple[str, str]], quantities=TESTED) -> list[FamilyTest]:
     """One table's tests: other − baseline for each pair and quantity, paired over seeds, Holm-adjusted together."""
     groups = by_label(result)
     found = []

@@ -208,7 +208,7 @@ def _one_data_set(
     )
     noise = {"smoothout": runs[-1].optimizer_kwargs["a"]}
 
-    setup, first = result["checkpoints"][0]["setup"], runs[0]
+    setup, first = result.checkpoints[0].setup, runs[0]
     report.heading(f"{first.model} on {kind}: recipes {small.name} and {large.name}")
     trained = "; ".join(
         f"batch {r.batch_size}: {r.epochs} of {p.settings['epochs']} epochs, lr {r.scaled_lr:.4g} "
@@ -249,7 +249,7 @@ def _one_data_set(
         "recipes": [small.name, large.name],
         "runs": [r.to_dict() for r in runs],
         "paths": paths,
-        "groups": result["groups"],
+        "groups": result.groups,
         "families": {title: [t.to_dict() for t in tests] for title, tests in families.items()},
         "interpolation": interpolation,
     }

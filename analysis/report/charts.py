@@ -19,8 +19,9 @@ from matplotlib.colors import Colormap, LogNorm, Normalize, to_hex, to_rgb  # no
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
+from analysis.measures.registry import is_lower_bound  # noqa: E402
+from analysis.measures.text import eigenvalue_label  # noqa: E402
 from analysis.report.differences import ci_halfwidth  # noqa: E402
-from analysis.report.quantities import eigenvalue_label, is_lower_bound  # noqa: E402
 from analysis.report.setup_text import norm_mode  # noqa: E402
 from landscape.curvature.blocks import BlockCurvature, PerLayerResult  # noqa: E402
 from landscape.curvature.density import Spectrum  # noqa: E402

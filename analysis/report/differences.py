@@ -10,7 +10,9 @@ estimators' own errors, which say whether two checkpoints differ, not whether tw
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -61,12 +63,19 @@ class Difference(Result):
     holm_p: float | None = None
 
 
-def _quantities(members: list[dict], name: str) -> list[Quantity]:
+class Member(Protocol):
+    """A measured checkpoint as the statistics read it (report.comparison's ComparedCheckpoint)."""
+
+    seed: int | None
+    quantities: dict[str, Quantity]
+
+
+def _quantities(members: Sequence[Member], name: str) -> list[Quantity]:
     """The members' Quantity `name`, where measured."""
-    return [m["quantities"][name] for m in members if name in m["quantities"]]
+    return [m.quantities[name] for m in members if name in m.quantities]
 
 
-def aggregate(members: list[dict], name: str) -> Aggregate | None:
+def aggregate(members: Sequence[Member], name: str) -> Aggregate | None:
     """One method's value of a quantity: the estimate ± its own stderr for one seed, mean ± std over seeds."""
     found = _quantities(members, name)
     if not found:
@@ -77,7 +86,7 @@ def aggregate(members: list[dict], name: str) -> Aggregate | None:
     return Aggregate(float(values.mean()), float(values.std(ddof=1)), len(found), "std over seeds")
 
 
-def difference(baseline: list[dict], other: list[dict], name: str) -> Difference | None:
+def difference(baseline: Sequence[Member], other: Sequence[Member], name: str) -> Difference | None:
     """other − baseline with a 95% interval and a two-sided p-value.
 
     Paired t over shared training seeds, Welch over unshared seeds, the one multi-seed group's spread, paired draws for single runs (Student t), else
@@ -123,14 +132,14 @@ def difference(baseline: list[dict], other: list[dict], name: str) -> Difference
     )
 
 
-def _paired_by_seed(baseline: list[dict], other: list[dict], name: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _paired_by_seed(baseline: Sequence[Member], other: Sequence[Member], name: str) -> tuple[np.ndarray, np.ndarray] | None:
     """The two groups' values in seed order when both hold the same (two or more, distinct) training seeds."""
 
-    def by_seed(members: list[dict]) -> dict | None:
-        seeds = [m.get("seed") for m in members]
-        if None in seeds or len(set(seeds)) != len(seeds) or any(name not in m["quantities"] for m in members):
+    def by_seed(members: Sequence[Member]) -> dict | None:
+        seeds = [m.seed for m in members]
+        if None in seeds or len(set(seeds)) != len(seeds) or any(name not in m.quantities for m in members):
             return None
-        return {m["seed"]: q.value for m, q in zip(members, _quantities(members, name))}
+        return {m.seed: q.value for m, q in zip(members, _quantities(members, name))}
 
     a, b = by_seed(baseline), by_seed(other)
     if a is None or b is None or set(a) != set(b) or len(a) < 2:
