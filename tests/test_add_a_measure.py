@@ -96,3 +96,20 @@ def test_a_registered_measure_runs_through_measure_compare_and_correlate(registe
     assert main([*argv, "--resamples", "100", *common]) == 0
     ranked = json.loads(capsys.readouterr().out)
     assert {c["measure"] for c in ranked["correlations"]} == {"‖w‖²"}
+
+
+def test_every_metric_option_is_read_by_a_measure_and_says_which():
+    """Each flag of the metrics group is a MetricSpec field that some measure's record lists, and its --help names
+    the measures reading it; each record lists only real fields."""
+    from dataclasses import fields
+
+    from analysis.cli import build_parser
+    from analysis.measures.options import flag_fields
+
+    names = {f.name for f in fields(MetricSpec)}
+    for measure in MEASURES.values():
+        assert set(measure.options) <= names, measure.name
+    read = {option for measure in MEASURES.values() for option in measure.options}
+    assert {f.name for f in flag_fields()} <= read
+    text = " ".join(build_parser(["measure"])._subparsers._group_actions[0].choices["measure"].format_help().split())
+    assert "(default 5) [eig]" in text and "[trace, sharpness-curve]" in text

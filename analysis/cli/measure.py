@@ -141,13 +141,14 @@ def add_metric_arguments(
     for f in flag_fields():
         kind = f.type if isinstance(f.type, type) else _flag_type(str(f.type))
         default = getattr(defaults, f.name)
+        readers = [n for n in names if n in MEASURES and f.name in MEASURES[n].options]  # from each measure's record
         group.add_argument(
             "--" + f.name.replace("_", "-"),
             type=kind,
             default=defaults.help_default(f.name) if isinstance(default, tuple) else default,
             choices=None if f.metadata["choices"] is None else list(f.metadata["choices"]),
             metavar=f.metadata["metavar"],
-            help=f.metadata["help"],
+            help=f.metadata["help"] + (f" [{', '.join(readers)}]" if readers else ""),
         )
 
 
