@@ -152,8 +152,9 @@ def check_compatible(checkpoints: Sequence, allow_mixed: bool) -> None:
                 )
 
 
-def measure_checkpoint(path: str, label: str, meta: dict, spec: CompareSpec) -> ComparedCheckpoint:
-    """Accuracy, losses and the chosen metrics of one checkpoint, as quantities with uncertainties."""
+def compared_checkpoint(path: str, label: str, meta: dict, spec: CompareSpec) -> ComparedCheckpoint:
+    """Accuracy, losses and the chosen metrics of one checkpoint, as quantities with uncertainties: its measures by
+    the one measuring function (analysis.measures.measurement.measure), its test split and surfaces beside them."""
     measure = spec.measure
     parallel = ranks.active()  # under torchrun: every measurement data-parallel, surfaces included
     objective = build_objective(path, measure.objective, distributed=parallel, metrics=measure.metrics)
@@ -229,7 +230,7 @@ def compare(paths: Sequence[str], spec: CompareSpec) -> Comparison:
     members = []
     for i, (p, label, c) in enumerate(zip(chosen, labels, checkpoints), 1):
         with working_on(f"checkpoint {i}/{len(chosen)} {p}"):  # which checkpoint each progress line is about
-            members.append(measure_checkpoint(p, label, c.meta, spec))
+            members.append(compared_checkpoint(p, label, c.meta, spec))
     if target is not None:
         members = [
             replace(m, at_train_loss={"target": target, "run": str(given), "epoch": p.epoch, "recorded_train_loss": p.train_loss})
