@@ -373,12 +373,11 @@ def lanczos_section(settings: dict, device: torch.device, clock: Clock) -> dict:
 # ------------------------------------------------------------------------------------------ lm
 def lm_section(settings: dict, device: torch.device, clock: Clock, save: Callable[[], None], rows: list) -> None:
     """Causal LMs at scale (benchmarks/causal_lm.py): gradient and HVP seconds, then certified λ1 in the bounded basis
-    analysis.cli.measure.lanczos_vectors allows, its HVP budget cut to the section's time left (recorded as such)."""
+    analysis.measures.solver_memory.lanczos_vectors allows, its HVP budget cut to the section's time left (recorded as such)."""
     from causal_lm import CONFIGS as LM_CONFIGS
     from causal_lm import CausalLM, token_batch
 
-    from analysis.cli.measure import lanczos_vectors
-    from analysis.cli.specs import MetricSpec
+    from analysis.measures.solver_memory import lanczos_vectors
     from landscape.curvature.spectrum import default_max_matvecs
     from landscape.inputs.batches import token_cross_entropy
 
@@ -410,7 +409,7 @@ def lm_section(settings: dict, device: torch.device, clock: Clock, save: Callabl
             row["gradient_s"] = median_seconds(lambda: objective.grad(), device, warmup=1, calls=2)
             row["hvp_s"] = median_seconds(lambda: op.matvec(v), device, warmup=0, calls=2)
             row["hvp_over_gradient"] = row["hvp_s"] / row["gradient_s"]
-            vectors = lanczos_vectors(objective, objective.n_params, torch.float32, MetricSpec(k=1))
+            vectors = lanczos_vectors(objective, objective.n_params, torch.float32, 1, None, None)
             default = default_max_matvecs(objective.n_params, 1)
             budget = max(5, min(default, int(max(0.0, clock.left(section_end) - 5) / row["hvp_s"])))
             began = time.perf_counter()

@@ -49,8 +49,7 @@ from synthetic_corpus import LENGTH, SEQUENCES, VOCAB, corpus  # noqa: E402
 def measure(name: str, k: int, hvp_method: str, max_vectors: int | None) -> dict:
     import transformers
 
-    from analysis.cli.measure import lanczos_vectors
-    from analysis.cli.specs import MetricSpec
+    from analysis.measures.solver_memory import lanczos_vectors
     from landscape.curvature.spectrum import lanczos
     from landscape.engine.objective import Objective
     from landscape.engine.operators import HessianOperator
@@ -71,8 +70,7 @@ def measure(name: str, k: int, hvp_method: str, max_vectors: int | None) -> dict
     gradient = median_seconds(objective.grad, 1)
     v = torch.randn(n, generator=torch.Generator().manual_seed(1))
     hvp = median_seconds(lambda: objective.hvp(v / v.norm()), 1)
-    spec = MetricSpec(k=k, max_vectors=max_vectors)
-    vectors = lanczos_vectors(objective, n, torch.float32, spec)
+    vectors = lanczos_vectors(objective, n, torch.float32, k, None, max_vectors)
     plan = objective.memory_plan
     predicted = before + plan.predicted_peak_bytes + vectors * n * 4
     began = time.perf_counter()

@@ -172,8 +172,9 @@ def test_resume_refuses_other_settings_or_a_changed_checkpoint(tmp_path, checkpo
 def test_a_resumed_table_says_what_was_read_back_and_what_was_computed(tmp_path, checkpoint):
     """A resumed run prints the same table as a fresh one: a one-line note says which numbers came from the file."""
     from analysis.cli.measure import measure_all
-    from analysis.cli.specs import MeasureSpec, MetricSpec, ObjectiveSpec
+    from analysis.cli.specs import MeasureSpec, ObjectiveSpec
     from analysis.measures.notes import ResumeNote
+    from analysis.measures.options import MetricSpec
 
     def spec(metrics):
         return MeasureSpec(ObjectiveSpec(n_samples=50, device="cpu"), MetricSpec(metrics=metrics, k=1, probes=4))
@@ -193,7 +194,8 @@ def test_a_file_from_before_a_setting_existed_resumes_as_that_settings_default(t
     """A results file lacks settings added after it was written: it was measured with their defaults."""
     from analysis.cli.measure import measure_all
     from analysis.cli.results_file import ResultsFileError
-    from analysis.cli.specs import MeasureSpec, MetricSpec, ObjectiveSpec
+    from analysis.cli.specs import MeasureSpec, ObjectiveSpec
+    from analysis.measures.options import MetricSpec
 
     def spec(**metric_options):
         return MeasureSpec(ObjectiveSpec(n_samples=50, device="cpu"), MetricSpec(metrics=("eig",), k=1, **metric_options))

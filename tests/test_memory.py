@@ -236,8 +236,8 @@ def test_lanczos_vectors_follow_the_memory_the_hvps_leave():
     --max-vectors that does not fit, is one line naming what would."""
     from dataclasses import replace
 
-    from analysis.cli.measure import SOLVER_TEMPORARIES, lanczos_vectors
-    from analysis.cli.specs import MetricSpec
+    from analysis.measures.options import MetricSpec
+    from analysis.measures.solver_memory import SOLVER_TEMPORARIES, lanczos_vectors
     from landscape.engine.memory import InsufficientMemory
     from tests.helpers import classification_batches, tiny_mlp
 
@@ -249,25 +249,28 @@ def test_lanczos_vectors_follow_the_memory_the_hvps_leave():
         available = plan.predicted_peak_bytes + (vectors + SOLVER_TEMPORARIES) * size
         objective.memory_plan = replace(plan, available_bytes=int(available))
 
+    def vectors(spec: MetricSpec, length: int | None = None) -> int:
+        return lanczos_vectors(objective, n, torch.float32, spec.k, spec.max_matvecs, spec.max_vectors, length)
+
     spec = MetricSpec(k=1)
     with_free(1000)
-    assert lanczos_vectors(objective, n, torch.float32, spec) == min(300, n) + 5  # every vector it can use: no restart
+    assert vectors(spec) == min(300, n) + 5  # every vector it can use: no restart
     with_free(60)
-    assert lanczos_vectors(objective, n, torch.float32, spec) == 30
+    assert vectors(spec) == 30
     # a rank holding half of every vector (--shard over two ranks): (60 + 8) whole vectors' bytes are 136 halves,
     # 128 of them beside the temporaries, and the default takes half of those
-    assert lanczos_vectors(objective, n, torch.float32, spec, length=n // 2) == 64
+    assert vectors(spec, length=n // 2) == 64
     with_free(14)
-    assert lanczos_vectors(objective, n, torch.float32, spec) == 12  # never fewer than 2k + 10
+    assert vectors(spec) == 12  # never fewer than 2k + 10
     with_free(11)
     with pytest.raises(
         InsufficientMemory,
         match=rf"Lanczos holds 12 vectors of {n} parameters .* use a smaller --k, a smaller --batch-size or a larger device$",
     ):
-        lanczos_vectors(objective, n, torch.float32, spec)
+        vectors(spec)
     with_free(20)
     with pytest.raises(InsufficientMemory, match=r"use --max-vectors 18 \(more restarts\), a smaller --batch-size or"):
-        lanczos_vectors(objective, n, torch.float32, replace(spec, max_vectors=40))
+        vectors(replace(spec, max_vectors=40))
 
 
 @pytest.mark.cli

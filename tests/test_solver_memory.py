@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.cli.specs import MetricSpec
+from analysis.measures.options import MetricSpec
 from analysis.measures.registry import MEASURES
 from analysis.measures.solver_memory import SOLVER_TEMPORARIES
 from landscape.curvature.trace import trace_vectors

@@ -11,8 +11,9 @@ import pytest
 
 from analysis.cli import build_parser
 from analysis.cli.measure import measure_checkpoint
-from analysis.cli.specs import CompareSpec, MeasureSpec, MetricSpec
+from analysis.cli.specs import CompareSpec, MeasureSpec
 from analysis.measures.measurement import Measurement
+from analysis.measures.options import MetricSpec
 from analysis.measures.registry import MEASURES as METRICS
 from analysis.measures.registry import metric_quantities, revive
 from analysis.measures.text import noise_increase_label

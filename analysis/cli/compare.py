@@ -26,10 +26,11 @@ from analysis.cli.measure import (
     build_objective,
 )
 from analysis.cli.output import print_json
-from analysis.cli.specs import CompareSpec, MetricSpec
+from analysis.cli.specs import CompareSpec
 from analysis.cli.surface import parse_range
 from analysis.measures.measurement import measure as measure_objective
 from analysis.measures.notes import OptionNote
+from analysis.measures.options import MetricSpec
 from analysis.measures.registry import compared_names, metric_quantities
 from analysis.report.comparison import SURFACES, ComparedCheckpoint, Comparison
 from analysis.report.differences import Aggregate, Difference, aggregate, difference, holm, holm_family, verdict

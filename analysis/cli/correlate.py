@@ -27,8 +27,9 @@ from analysis.cli.measure import (
 )
 from analysis.cli.output import print_json
 from analysis.cli.results_file import ResultsFile
-from analysis.cli.specs import CorrelateSpec, MeasureSpec, MetricSpec, ObjectiveSpec
+from analysis.cli.specs import CorrelateSpec, MeasureSpec, ObjectiveSpec
 from analysis.measures.measurement import Measurement
+from analysis.measures.options import MetricSpec
 from analysis.measures.registry import metric_quantities, ranked_names
 from analysis.report.document import Report
 from analysis.report.rank_correlation import Correlation, correlate, varying

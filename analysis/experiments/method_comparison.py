@@ -13,9 +13,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from analysis.cli.compare import compare, format_difference, format_value
-from analysis.cli.specs import CompareSpec, MeasureSpec, MetricSpec, ObjectiveSpec
+from analysis.cli.specs import CompareSpec, MeasureSpec, ObjectiveSpec
 from analysis.cli.train import NOISE_OPTION
 from analysis.experiments.recipes import LARGE, METHODS, SMALL, label
+from analysis.measures.options import MetricSpec
 from analysis.measures.text import EPSILON_SHARPNESS, eigenvalue_label, noise_increase_label
 from analysis.report.charts import plot_lines, save
 from analysis.report.comparison import ComparedCheckpoint, Comparison
