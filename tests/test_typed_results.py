@@ -98,6 +98,8 @@ def test_the_table_reads_a_resumed_report_as_it_reads_a_fresh_one(measured):
     _, _, report = measured
     stored = Measurement.from_dict(json.loads(json.dumps(report.to_dict())))
     assert all(type(stored.metrics[n]) is type(r) for n, r in report.metrics.items())  # every result typed again
+    for name in ("hvp_check", "hvp_memory", "memory"):  # the HVP path's check, its plan and the process's memory too
+        assert type(getattr(stored, name)) is type(getattr(report, name)) and getattr(report, name) is not None, name
     assert stored.to_dict() == report.to_dict()
     assert format_measurement(stored) == format_measurement(report)
 

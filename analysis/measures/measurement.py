@@ -16,10 +16,12 @@ from typing import Any
 from analysis.measures.notes import ResumeNote
 from analysis.measures.options import MetricSpec
 from analysis.measures.registry import MEASURES
-from analysis.measures.solver_memory import free_beside_hvps, process_memory
+from analysis.measures.solver_memory import ProcessMemory, free_beside_hvps, process_memory
 from landscape.curvature.blocks import PerLayerResult, parameter_blocks, per_layer
 from landscape.engine.finite_difference import FiniteDifferenceErrors
+from landscape.engine.hvp_check import HVPCheck
 from landscape.engine.inner import LOCAL
+from landscape.engine.memory import MemoryPlan
 from landscape.engine.objective import Objective
 from landscape.engine.operators import curvature_operator
 from landscape.results import Result, to_jsonable
@@ -27,14 +29,15 @@ from landscape.results import Result, to_jsonable
 # a Measurement's own keys in its JSON; any other key is what a command recorded beside it (`context`)
 _FIELDS = ("checkpoint", "setup", "loss", "accuracy", "grad_norm", "n_params", "metrics", "seconds")
 _DIAGNOSTICS = ("hvp_check", "hvp_memory", "memory", "hvp_error")
+_DIAGNOSTIC_TYPES = dict(zip(_DIAGNOSTICS, (HVPCheck, MemoryPlan, ProcessMemory, FiniteDifferenceErrors)))
 
 
 @dataclass(frozen=True)
 class Measurement:
     """One checkpoint's measurement: the set it was measured on (`setup`), loss, accuracy, gradient norm and each
     measure's typed result (`metrics`, in --metrics order), the per-layer curvature if asked, the seconds spent
-    (over resumed runs too), the HVP path's self-check, memory plan, process memory and finite-difference errors
-    (as the JSON records them), and `context`: what a command records beside it (track: the epoch and the
+    (over resumed runs too), the HVP path's self-check, its memory plan, the process's memory and the
+    finite-difference errors (each typed; the JSON adds the plan's and the errors' one-line summaries), and `context`: what a command records beside it (track: the epoch and the
     checkpoint's recorded metrics; correlate: the generalization gaps)."""
 
     checkpoint: str
@@ -46,17 +49,20 @@ class Measurement:
     metrics: dict[str, Result] = field(default_factory=dict)
     seconds: float = 0.0
     per_layer: PerLayerResult | None = None
-    hvp_check: dict | None = None
-    hvp_memory: dict | None = None
-    memory: dict | None = None
-    hvp_error: dict | None = None
+    hvp_check: HVPCheck | None = None
+    hvp_memory: MemoryPlan | None = None
+    memory: ProcessMemory | None = None
+    hvp_error: FiniteDifferenceErrors | None = None
     context: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON a results file and --json hold (context's keys at the top level, as commands wrote them)."""
         out: dict[str, Any] = {name: getattr(self, name) for name in _FIELDS}
         out["metrics"] = {name: result.to_dict() for name, result in self.metrics.items()}
-        out.update({name: getattr(self, name) for name in _DIAGNOSTICS if getattr(self, name) is not None})
+        out.update({name: getattr(self, name).to_dict() for name in _DIAGNOSTICS if getattr(self, name) is not None})
+        for name in ("hvp_memory", "hvp_error"):  # one line a reader of the JSON sees, as the table prints it
+            if name in out:
+                out[name]["summary"] = getattr(self, name).describe()
         if self.per_layer is not None:
             out["per_layer"] = self.per_layer.to_dict()
         return to_jsonable({**out, **self.context})
@@ -72,7 +78,7 @@ class Measurement:
             **{name: data[name] for name in _FIELDS if name != "metrics"},
             metrics={name: MEASURES[name].revive(result) for name, result in data["metrics"].items()},
             per_layer=None if per_layer is None else PerLayerResult.from_dict(per_layer),
-            **{name: data.get(name) for name in _DIAGNOSTICS},
+            **{name: None if data.get(name) is None else kind.from_dict(data[name]) for name, kind in _DIAGNOSTIC_TYPES.items()},
             context={k: v for k, v in data.items() if k not in (*_FIELDS, *_DIAGNOSTICS, "per_layer")},
         )
 
@@ -146,13 +152,12 @@ def measure(
         changes: dict[str, Any] = {"seconds": spent + time.perf_counter() - start}
         if objective.hvp_check_result is not None:  # the path the HVPs took, after the run-time self-check
             changes["setup"] = {**current.setup, "hvp_method": objective.hvp_method}
-            changes["hvp_check"] = objective.hvp_check_result.to_dict()
-            changes["hvp_memory"] = {**objective.memory_plan.to_dict(), "summary": objective.memory_plan.describe()}
+            changes["hvp_check"] = objective.hvp_check_result
+            changes["hvp_memory"] = objective.memory_plan
             changes["memory"] = process_memory(objective, list(current.metrics.values()))
         if objective.hvp_error is not None:  # finite differences: the steps taken and the largest error estimated
             errors = objective.hvp_error
-            errors = errors.combined(FiniteDifferenceErrors.from_dict(earlier)) if earlier else errors
-            changes["hvp_error"] = {**errors.to_dict(), "summary": errors.describe()}
+            changes["hvp_error"] = errors.combined(earlier) if earlier is not None else errors
         current = replace(current, **changes)
         if saved is not None:
             saved(current)

@@ -4,6 +4,7 @@ where even the fewest do not fit; and the process's predicted peak beside the on
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -106,18 +107,23 @@ def held_vectors(result: Result, n: int) -> int:
     return 0
 
 
-def process_memory(objective: Objective, results: list[Result]) -> dict:
+@dataclass(frozen=True)
+class ProcessMemory(Result):
     """The process's peak memory as the plan predicts it (what it held when planning, the HVPs' predicted peak, the
-    most vectors a solver held and its temporaries) beside the peak measured so far (VmHWM; on CUDA the allocator's)."""
+    most vectors a solver held and its temporaries) beside the peak measured (VmHWM; on CUDA the allocator's)."""
+
+    resident_at_plan_bytes: int
+    solver_vectors: int
+    predicted_peak_bytes: int
+    measured_peak_bytes: int
+    measured_over_predicted: float | None
+
+
+def process_memory(objective: Objective, results: list[Result]) -> ProcessMemory:
+    """The plan's prediction for this process, with the solvers that ran (`results`), beside the peak so far."""
     plan = objective.memory_plan
     size = objective.n_params * torch.finfo(objective.dtype).bits // 8
     vectors = max((held_vectors(r, objective.n_params) for r in results), default=0)
     predicted = plan.resident_bytes + plan.predicted_peak_bytes + vectors * size
     measured = peak_resident_bytes(objective.device)
-    return {
-        "resident_at_plan_bytes": plan.resident_bytes,
-        "solver_vectors": vectors,
-        "predicted_peak_bytes": predicted,
-        "measured_peak_bytes": measured,
-        "measured_over_predicted": measured / predicted if predicted else None,
-    }
+    return ProcessMemory(plan.resident_bytes, vectors, predicted, measured, measured / predicted if predicted else None)

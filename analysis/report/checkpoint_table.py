@@ -12,6 +12,7 @@ from analysis.measures.text import pm, uncertified_eigenvalue
 from analysis.report.setup_text import batching, norm_mode, precision, sample_origin
 from analysis.report.tables import format_table
 from landscape.curvature.blocks import PerLayerResult
+from landscape.engine.hvp_check import HVPCheck
 from landscape.engine.memory import format_size
 
 # how the table names each curvature and its matrix-vector products
@@ -45,17 +46,17 @@ def format_measurement(report: Measurement) -> str:
     if sample_origin(setup):
         lines.append(f"  the {m['split']} split: {sample_origin(setup)}")
     if report.hvp_memory:
-        lines.append(f"  HVP memory: {report.hvp_memory['summary']}")
-    if report.memory and report.memory.get("measured_over_predicted"):
+        lines.append(f"  HVP memory: {report.hvp_memory.describe()}")
+    if report.memory and report.memory.measured_over_predicted:
         m = report.memory
         lines.append(
-            f"  process memory: peak {format_size(m['measured_peak_bytes'])}, predicted {format_size(m['predicted_peak_bytes'])} "
-            f"(held {format_size(m['resident_at_plan_bytes'])} + HVPs + {m['solver_vectors']} solver vectors)"
+            f"  process memory: peak {format_size(m.measured_peak_bytes)}, predicted {format_size(m.predicted_peak_bytes)} "
+            f"(held {format_size(m.resident_at_plan_bytes)} + HVPs + {m.solver_vectors} solver vectors)"
         )
     if report.hvp_check:
         lines.append(_hvp_check_line(report.hvp_check))
     if report.hvp_error:
-        lines.append(f"  HVP error: {report.hvp_error['summary']}")
+        lines.append(f"  HVP error: {report.hvp_error.describe()}")
     rows: list[tuple] = [
         ("loss", f"{report.loss:.6g}", "", ""),
         ("accuracy", "" if report.accuracy is None else f"{report.accuracy:.4f}", "", ""),
@@ -75,19 +76,18 @@ def format_measurement(report: Measurement) -> str:
     return "\n".join(lines)
 
 
-def _hvp_check_line(check: dict) -> str:
-    if check.get("skipped"):
-        return f"  HVP self-check: skipped, {check['skipped']}; {check['seconds']:.2f}s"
-    if check["passed"] and check.get("estimated_error") is not None:
+def _hvp_check_line(check: HVPCheck) -> str:
+    if check.skipped:
+        return f"  HVP self-check: skipped, {check.skipped}; {check.seconds:.2f}s"
+    if check.passed and check.estimated_error is not None:
         verdict = (
-            f"agrees with double backward to {check['difference']:.1g}, within twice its estimated error "
-            f"{check['estimated_error']:.1g}"
+            f"agrees with double backward to {check.difference:.1g}, within twice its estimated error {check.estimated_error:.1g}"
         )
-    elif check["passed"]:
-        verdict = f"agrees with double backward to {check['difference']:.1g} (a repeat to {check['repeat_difference']:.1g})"
+    elif check.passed:
+        verdict = f"agrees with double backward to {check.difference:.1g} (a repeat to {check.repeat_difference:.1g})"
     else:
-        verdict = f"{check['path']} differed from double backward by {check['difference']:.2g}, so double backward was used"
-    return f"  HVP self-check: {verdict}; {check['seconds']:.2f}s"
+        verdict = f"{check.path} differed from double backward by {check.difference:.2g}, so double backward was used"
+    return f"  HVP self-check: {verdict}; {check.seconds:.2f}s"
 
 
 def format_per_layer(result: PerLayerResult, curvature: str = "Hessian") -> str:
