@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from analysis.cli import build_parser, main
+from analysis.cli.flag_names import as_flags
 from analysis.cli.measure import build_objective
 from analysis.cli.option_checks import validate_arguments
 from analysis.cli.specs import ObjectiveSpec
@@ -90,7 +91,9 @@ def test_a_subset_larger_than_the_split_names_the_option(trained):
     args = build_parser().parse_args(["measure", str(trained[0] / "final.pt"), "--n-samples", "5000"])
     with pytest.raises(ValueError) as info:
         build_objective(args.checkpoints[0], ObjectiveSpec.from_args(args))
-    assert "--n-samples 5000: the train split of 'digits' has 1437 samples" in str(info.value)  # data.py says n_samples=
+    message = str(info.value)  # the library names its parameter; the command line's one line, the option
+    assert "n_samples=5000: the train split of 'digits' has 1437 samples" in message
+    assert "--n-samples 5000: the train split of 'digits' has 1437 samples" in as_flags(message)
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -46,7 +46,7 @@ def test_foreign_state_dicts_load_with_a_model_spec(tmp_path, mlp_and_spec, wrap
     torch.save(wrap(model.state_dict()), tmp_path / "foreign.pt")
     ckpt = load_checkpoint(tmp_path / "foreign.pt")
     assert not ckpt.is_native
-    with pytest.raises(CheckpointError, match="--model"):
+    with pytest.raises(CheckpointError, match="pass model=NAME"):
         ckpt.build_model()
     rebuilt = ckpt.build_model(spec)
     for k, v in model.state_dict().items():
@@ -56,7 +56,7 @@ def test_foreign_state_dicts_load_with_a_model_spec(tmp_path, mlp_and_spec, wrap
 def test_full_pickles_need_trust(tmp_path, mlp_and_spec):
     model, _ = mlp_and_spec
     torch.save(model, tmp_path / "whole.pt")  # pickles the nn.Module class itself
-    with pytest.raises(CheckpointError, match="--trust-checkpoint"):
+    with pytest.raises(CheckpointError, match="pass trust=True only if you trust it"):
         load_checkpoint(tmp_path / "whole.pt")
     ckpt = load_checkpoint(tmp_path / "whole.pt", trust=True)
     assert set(ckpt.state_dict) == set(model.state_dict())

@@ -170,7 +170,7 @@ def test_resume_refuses_other_settings_and_an_existing_file_without_resume(tmp_p
     objective, other = Objective(model, batches), tiny_mlp(seed=5)
     path = tmp_path / "curve.h5"
     connect(objective, other, training=CurveTraining(epochs=1), points=3, path=path)
-    with pytest.raises(SurfaceError, match="exists; pass --resume"):
+    with pytest.raises(SurfaceError, match="exists; pass resume=True"):
         connect(objective, other, training=CurveTraining(epochs=1), points=3, path=path)
     with pytest.raises(SurfaceError, match=r"training\.epochs differs: 1 in the file, 2 asked"):
         connect(objective, other, training=CurveTraining(epochs=2), points=3, path=path, resume=True)

@@ -1,5 +1,5 @@
 """Sequences too long to differentiate: the memory plan counts attention's O(L²) memory (it measures the bytes autograd
-saves on the real length), and its one-line refusal names a --max-length that fits; MeasurementSet cuts sequences."""
+saves on the real length), and its one-line refusal names a max_length that fits; MeasurementSet cuts sequences."""
 
 import re
 
@@ -42,8 +42,8 @@ def test_a_sequence_too_long_is_refused_in_one_line_naming_a_length_that_fits(mo
     with pytest.raises(InsufficientMemory) as refusal:
         Objective(model, batches, loss=token_cross_entropy, hvp_method="double-backward")
     message = str(refusal.value)
-    assert "\n" not in message and "--batch-size" in message
-    length = int(re.search(r"--max-length (\d+)", message).group(1))
+    assert "\n" not in message and "batch_size=" in message and "--" not in message
+    length = int(re.search(r"max_length=(\d+)", message).group(1))
     assert 2 <= length < 512
     shorter = [truncated(b, length) for b in batches]
     assert sequence_length(shorter[0]) == length and shorter[0]["labels"].shape == (16, length)

@@ -88,8 +88,8 @@ def test_a_recipe_for_other_data_is_a_one_line_error(name, data):
     with pytest.raises(ValueError) as error:
         apply_preset(name, {} if data is None else {"data": data})
     message = str(error.value)
-    assert "\n" not in message and repr(name) in message and f"--data {kind}:DIR" in message
-    assert (f"--data {data}" if data else "no --data") in message
+    assert "\n" not in message and repr(name) in message and f"data='{kind}:DIR'" in message and "--" not in message
+    assert (f"data={data!r}" if data else "no data=...") in message
 
 
 def test_the_cli_names_the_recipe_and_the_data_it_needs(tmp_path, capsys):

@@ -114,7 +114,7 @@ def test_existing_foreign_or_mismatched_files_are_refused(tmp_path, mlp_problem)
     path = tmp_path / "s.h5"
     axes = [grid_axis(-1, 1, 3)]
     compute_surface(objective, random_directions(objective, 1, seed=0), axes, path=path)
-    with pytest.raises(SurfaceError, match="exists; pass --resume"):
+    with pytest.raises(SurfaceError, match="exists; pass resume=True"):
         compute_surface(objective, random_directions(objective, 1, seed=0), axes, path=path)
     with pytest.raises(SurfaceError, match="directions differs"):
         compute_surface(objective, random_directions(objective, 1, seed=1), axes, path=path, resume=True)

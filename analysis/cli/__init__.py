@@ -121,15 +121,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _error_line(error: BaseException) -> str:
-    """A user error's first line: an OSError's in words ("out: not a directory", not "[Errno 20] ..."), and the
+    """A user error's first line: an OSError's in words ("out: not a directory", not "[Errno 20] ..."), the library's
+    parameters as this command line's flags (`n_samples=50` → `--n-samples 50`, analysis/cli/flag_names.py), and the
     failure of the user's own code (a UserCodeError, or what it caused) with where its traceback is."""
+    from analysis.cli.flag_names import as_flags
     from landscape.inputs.user_code import UserCodeError
 
     if isinstance(error, OSError) and error.strerror:
         words = error.strerror[:1].lower() + error.strerror[1:]
         message = f"{error.filename}: {words}" if error.filename else words
     else:
-        message = (str(error).splitlines() or [type(error).__name__])[0]
+        message = as_flags((str(error).splitlines() or [type(error).__name__])[0])
     cause: BaseException | None = error
     while cause is not None and not isinstance(cause, UserCodeError):
         cause = cause.__cause__

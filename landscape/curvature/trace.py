@@ -367,7 +367,7 @@ def _orthonormal_rows(y: torch.Tensor, inner: InnerProduct = LOCAL) -> tuple[tor
         gram = inner.reduce(q @ q.T).double()
         factor, info = torch.linalg.cholesky_ex(gram, upper=True)
         if int(info):
-            raise ValueError("the sketch is rank-deficient: a sharded operator's trace needs --trace-method hutchinson here")
+            raise ValueError("the sketch is rank-deficient: a sharded operator's trace needs hutchinson() here")
         q = torch.linalg.solve_triangular(factor.T.to(q.dtype), q, upper=False)
         r = factor @ r
     return q, r.to(y.dtype)

@@ -13,18 +13,18 @@ from landscape.inputs.models import model_for_data
 
 
 def resolve_data(checkpoint: Checkpoint, data: str | None) -> DataSpec:
-    """The data spec given on the command line, else the one the checkpoint carries."""
+    """The data spec given (`data`), else the one the checkpoint carries."""
     if data is not None:
         return DataSpec(data)
     if checkpoint.data_spec is None:
         raise CheckpointError(
-            f"{checkpoint.path} carries no data spec; pass --data (digits, mnist1d, cifar10:DIR, npz:FILE, module:callable)"
+            f"{checkpoint.path} carries no data spec; pass data=... (digits, mnist1d, cifar10:DIR, npz:FILE, module:callable)"
         )
     return DataSpec.from_dict(checkpoint.data_spec)
 
 
 def resolve_model_spec(model: str | None, model_kwargs: dict | None, dataset: Dataset) -> dict | None:
-    """A `--model NAME` fills its input shape and classes from the data; None keeps the stored spec."""
+    """A `model` name fills its input shape and classes from the data; None keeps the stored spec."""
     if model is None:
         return None
     return model_for_data(model, dataset, **(model_kwargs or {}))[1]
@@ -87,10 +87,10 @@ def check_data_fits(net: torch.nn.Module, dataset: Dataset | BatchSet, checkpoin
         return _check_batches_fit(net, dataset, checkpoint)
     x = dataset.x_train[:1] if len(dataset.x_train) else dataset.x_test[:1]
     model = f"the model in {checkpoint.path}" + (f" ({model_spec['name']})" if model_spec else "")
-    fix = "pass --data matching the checkpoint" + (
+    fix = "pass data=... matching the checkpoint" + (
         f" (it was made with {checkpoint.data_spec['spec']!r})" if checkpoint.data_spec else ""
     )
-    fix += " or a --model for this data"
+    fix += " or a model=... for this data"
     training = net.training
     net.eval()  # eval: a forward in train mode would move BatchNorm running statistics
     try:
@@ -137,13 +137,13 @@ def _check_batches_fit(net: torch.nn.Module, data: BatchSet, checkpoint: Checkpo
 
 
 def check_measurement_fits(measurement: MeasurementSet, dataset: Dataset | BatchSet) -> None:
-    """A subset no larger than its split, in the command line's words."""
+    """A subset no larger than its split (before MeasurementSet would refuse it, in other words)."""
     if isinstance(dataset, BatchSet):
-        measurement.batches(dataset)  # refuses --n-samples, and a split the callable did not give
+        measurement.batches(dataset)  # refuses n_samples, and a split the callable did not give
         return
     available = len(dataset.split(measurement.split)[1])
     if measurement.n_samples is not None and measurement.n_samples > available:
         raise DataError(
-            f"--n-samples {measurement.n_samples}: the {measurement.split} split of {dataset.spec!r} "
+            f"n_samples={measurement.n_samples}: the {measurement.split} split of {dataset.spec!r} "
             f"has {available} samples; ask for at most {available}"
         )

@@ -233,16 +233,16 @@ def _memory_advice(
     fitting = int((0.8 * plan.available_bytes - WORKSPACE_BYTES - fixed) / per_item) if per_item else 0
     options = []
     if plan.path in ("linearize", "fwd-rev") and GRAPH_OVERHEAD["transient"] * largest <= plan.available_bytes:
-        options.append("--hvp auto (keeps what fits, streams the rest)")
+        options.append("hvp_method='auto' (keeps what fits, streams the rest)")
     if GRAPH_OVERHEAD["transient"] * largest > plan.available_bytes or not options:
         if length and per_item:  # per item cost grows at least linearly with the length (attention: squared)
             shorter = int(length * (0.8 * plan.available_bytes - WORKSPACE_BYTES - fixed) / (per_item * items))
             if 2 <= shorter < length:
-                options.append(f"--max-length {shorter}")
+                options.append(f"max_length={shorter}")
         if plan.path != FINITE_DIFFERENCE_HVP and length:
-            options.append(f"--hvp {FINITE_DIFFERENCE_HVP} (gradients only: no second-order graph, fused attention)")
+            options.append(f"hvp_method={FINITE_DIFFERENCE_HVP!r} (gradients only: no second-order graph, fused attention)")
         options.append(
-            f"--batch-size {max(fitting, 1)} or smaller"
+            f"batch_size={max(fitting, 1)} or smaller"
             if fitting >= 1
             else "a smaller model or a larger device (not even one sample's gradient graph fits)"
         )

@@ -177,7 +177,7 @@ def language_model_labels(batch: Batch) -> torch.Tensor:
     if labels.ndim != 2:
         raise BatchError(
             f"token cross-entropy: expected token labels of shape (batch, sequence), got {tuple(labels.shape)} "
-            "(class labels? use --loss cross-entropy)"
+            "(class labels? use loss=class_cross_entropy)"
         )
     return labels
 

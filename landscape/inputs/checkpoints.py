@@ -62,7 +62,7 @@ class Checkpoint:
         if spec is None and self.module is not None:  # a whole pickled model is its own model spec
             return copy.deepcopy(self.module)
         if spec is None:
-            raise CheckpointError(f"{self.path}: a bare state dict carries no model spec; pass --model NAME (or module:factory)")
+            raise CheckpointError(f"{self.path}: a bare state dict carries no model spec; pass model=NAME (or module:factory)")
         try:
             model = model_from_spec(spec)
         except (ValueError, TypeError, ImportError) as error:
@@ -127,7 +127,7 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
         if objects:  # a class or function the weights-only unpickler refuses to import (and unpickling would call)
             raise CheckpointError(
                 f"{path}: unreadable pickle: it holds Python objects beyond tensors ({', '.join(objects)}), which loading "
-                "would import and may run; pass --trust-checkpoint only if you trust it"
+                "would import and may run; pass trust=True only if you trust it"
             ) from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (unreadable pickle)") from None
     except OSError as error:  # torch's zip reader fails on some cut archives with a bare "[Errno 22] Invalid argument"
@@ -308,7 +308,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], path: st
     if mismatched:
         problems.append("shape mismatch: " + short_list(mismatched))
     if problems:
-        raise CheckpointError(f"{path} does not fit the model ({'; '.join(problems)}); check --model and its options")
+        raise CheckpointError(f"{path} does not fit the model ({'; '.join(problems)}); check model=... and its options")
     nonfinite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if nonfinite:
         raise CheckpointError(f"{path} has non-finite (NaN/inf) values in {short_list(nonfinite)}")

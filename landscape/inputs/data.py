@@ -554,12 +554,11 @@ class MeasurementSet:
 
     def batches(self, dataset: Dataset | BatchSet) -> list:
         """The fixed (x, y) batches in index order; the last one may be smaller and is kept. A BatchSet's own batches
-        as given (a user's batches are the measurement set: --n-samples does not apply to them)."""
+        as given (a user's batches are the measurement set: n_samples does not apply to them)."""
         if isinstance(dataset, BatchSet):
             if self.n_samples is not None:
                 raise DataError(
-                    f"--n-samples {self.n_samples}: data {dataset.spec!r} gives its own batches; choose "
-                    "the samples in the callable"
+                    f"n_samples={self.n_samples}: data {dataset.spec!r} gives its own batches; choose the samples in the callable"
                 )
             from landscape.inputs.batches import truncated
 

@@ -296,7 +296,7 @@ def sharpness_radius(spread: Spread | Surface, rise: float = 0.1, split: str = "
     if not isinstance(spread, Spread):
         losses, done = losses[None], done[None]
     if not done.all():
-        raise SurfaceError(f"{int((~done).sum())} points are not computed yet; finish the file (--resume) first")
+        raise SurfaceError(f"{int((~done).sum())} points are not computed yet; finish the file (resume=True) first")
     centre = []
     for axis in spread.axes:
         hits = np.flatnonzero(axis == 0.0)

@@ -520,7 +520,7 @@ def open_resumable(path: Path, resume: bool, create: Callable[[], None], expecte
             create()
             return _open(path, "r+"), lock
         if not resume:
-            raise SurfaceError(f"{path} exists; pass --resume to finish it, or choose another --out")
+            raise SurfaceError(f"{path} exists; pass resume=True to finish it, or choose another path=...")
         file = _open(path, "r+")
         try:
             _check(file, path, expected)
@@ -535,14 +535,14 @@ def open_resumable(path: Path, resume: bool, create: Callable[[], None], expecte
 
 def _check(file: h5py.File, path: Path, expected: Fingerprint) -> None:
     if file.attrs.get("format") != expected.format:
-        raise SurfaceError(f"{path} is not a landscape {expected.what} file; choose another --out")
+        raise SurfaceError(f"{path} is not a landscape {expected.what} file; choose another path=...")
     stored = json.loads(file.attrs["fingerprint"])
     if stored != expected.fingerprint:
         stored_metadata = json.loads(file.attrs["metadata"])
         name, values = _describe_difference(stored, expected.fingerprint, stored_metadata, expected.metadata)
         raise SurfaceError(
             f"{path} does not match this run ({expected.names.get(name, name)} differs: {values}); it cannot be "
-            "resumed with these settings (choose another --out, or delete the file to start over)"
+            "resumed with these settings (choose another path=..., or delete the file to start over)"
         )
 
 
@@ -627,7 +627,7 @@ class _Lock:
                     file.close()
                     raise SurfaceError(
                         f"{path} is in use by another landscape run{f' (process {owner})' if owner else ''}; "
-                        "wait for it to finish, or choose another --out"
+                        "wait for it to finish, or choose another path=..."
                     ) from None
                 if self._still_linked(file):  # else its last holder removed it between our open and our lock: retry
                     self.file = file

@@ -23,7 +23,7 @@ from landscape.inputs.data import Dataset, DataSpec, MeasurementSet
 from landscape.inputs.models import model_for_data
 from landscape.training.data_parallel import GradientSync
 from landscape.training.optim import Method, make_optimizer
-from landscape.training.train_tracking import CurvatureTracker
+from landscape.training.train_tracking import TRACKED, CurvatureTracker
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 LR_SCALINGS = ("none", "sqrt", "linear")
@@ -72,6 +72,9 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and save_every must be at least 1")
         if self.track_every < 0 or self.track_samples < 1:
             raise ValueError("track_every must be >= 0 and track_samples >= 1")
+        tracked = [m for m in self.track.split(",") if m]
+        if self.track_every and (not tracked or any(m not in TRACKED for m in tracked)):
+            raise ValueError(f"track=... takes a comma list of {', '.join(TRACKED)}; got {','.join(tracked) or 'nothing'}")
         if self.lr_warmup_epochs < 0 or not self.lr_warmup_factor > 0:
             raise ValueError(
                 f"lr_warmup_epochs must be >= 0 and lr_warmup_factor > 0, got {self.lr_warmup_epochs} and {self.lr_warmup_factor}"
@@ -204,7 +207,7 @@ def train(
     out = Path(out_dir)
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():  # before any work, and never "[Errno 20] Not a directory" once the run writes
-        raise ValueError(f"{existing} is a file; a run is a folder (checkpoints, trajectory, log): choose another --out")
+        raise ValueError(f"{existing} is a file; a run is a folder (checkpoints, trajectory, log): choose another out_dir=...")
     state_path, log_path = out / "state.pt", out / "log.jsonl"
     parallel = distributed.world_size() > 1 if data_parallel is None else data_parallel
     sync = GradientSync() if parallel else None
@@ -223,7 +226,7 @@ def train(
     if resume and state_path.exists():
         start_epoch = _restore(state_path, config, model, optimizer, shuffle, world, sync.rank if sync else 0)
     elif out.exists() and any(out.iterdir()) and not resume:
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        raise ValueError(f"{out} already holds a run; pass resume=True to continue it or choose another out_dir=...")
     if sync is not None:
         distributed.barrier()  # every rank has checked and read the folder before rank 0 writes to it
         sync.broadcast_module(model)
@@ -311,18 +314,14 @@ def _save(path: Path, model, model_spec: dict, data_spec: DataSpec, meta: dict, 
     )
 
 
-# TrainConfig fields whose command-line option is not simply --field-name
-OPTION_NAMES = {"model_kwargs": "--model-opt", "optimizer_kwargs": "--opt"}
-
-
 def config_differences(stored: dict, asked: dict) -> str:
-    """Each setting that differs, by its option name, with both values: '--lr 0.05 in the run, 0.1 asked; ...'."""
+    """Each setting that differs, by its field name, with both values: 'lr=0.05 in the run, 0.1 asked; ...'."""
 
     def show(value: object) -> str:
         return "(unset)" if value is None else value if isinstance(value, str) else json.dumps(value)
 
     return "; ".join(
-        f"{OPTION_NAMES.get(key, '--' + key.replace('_', '-'))} {show(stored.get(key))} in the run, {show(asked.get(key))} asked"
+        f"{key}={show(stored.get(key))} in the run, {show(asked.get(key))} asked"
         for key in [*asked, *(k for k in stored if k not in asked)]
         if stored.get(key) != asked.get(key)
     )

@@ -72,9 +72,9 @@ class Preset:
             return
         kind, _, folder = (data or "").partition(":")
         if kind != self.data_kind or not folder:
-            given = f"--data {data}" if data else "no --data"
+            given = f"data={data!r}" if data else "no data=..."
             raise ValueError(
-                f"recipe {self.name!r} trains on {self.data_kind}: give --data {self.data_kind}:DIR "
+                f"recipe {self.name!r} trains on {self.data_kind}: give data='{self.data_kind}:DIR' "
                 f"(the extracted python-version batches or their parent folder), not {given}"
             )
 

@@ -47,7 +47,7 @@ class CurvatureTracker:
     def __post_init__(self) -> None:
         unknown = [m for m in self.measures if m not in TRACKED]
         if unknown or not self.measures:
-            raise ValueError(f"--track takes a comma list of {', '.join(TRACKED)}; got {','.join(self.measures) or 'nothing'}")
+            raise ValueError(f"measures={tuple(self.measures)!r}: name one or more of {', '.join(TRACKED)}")
 
     def measure(self, model: nn.Module) -> dict:
         """λ1 of `model` as it is now, with its Lanczos residual (and the trace ± stderr), the HVPs spent and the seconds.
