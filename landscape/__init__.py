@@ -45,6 +45,7 @@ _EXPORTS = {
     "worst_case": "landscape.sharpness.balls",
     "average_case": "landscape.sharpness.balls",
     "m_sharpness": "landscape.sharpness.balls",
+    "critical_sharpness": "landscape.sharpness.critical",
     # surfaces
     "random_directions": "landscape.surfaces.directions",
     "between": "landscape.surfaces.directions",
