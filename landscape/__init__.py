@@ -39,6 +39,7 @@ _EXPORTS = {
     "hutchpp": "landscape.curvature.trace",
     "xtrace": "landscape.curvature.trace",
     "per_layer": "landscape.curvature.blocks",
+    "fisher_rao_norm": "landscape.curvature.fisher_rao",
     "expected_loss": "landscape.sharpness.perturb",
     "sharpness_curve": "landscape.sharpness.perturb",
     "epsilon_sharpness": "landscape.sharpness.box",
