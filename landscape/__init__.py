@@ -40,6 +40,7 @@ _EXPORTS = {
     "xtrace": "landscape.curvature.trace",
     "per_layer": "landscape.curvature.blocks",
     "fisher_rao_norm": "landscape.curvature.fisher_rao",
+    "batch_sharpness": "landscape.curvature.per_batch",
     "expected_loss": "landscape.sharpness.perturb",
     "sharpness_curve": "landscape.sharpness.perturb",
     "epsilon_sharpness": "landscape.sharpness.box",
