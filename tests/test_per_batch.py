@@ -1,5 +1,5 @@
 """Batch sharpness (landscape.curvature.per_batch) against ground truth: closed forms on least squares, dense
-its interval from the batch values, and the command line's JSON."""
+per-batch Hessians of a network, its interval from the batch values, and the command line's JSON."""
 
 import json
 
