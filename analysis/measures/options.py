@@ -141,6 +141,13 @@ class MetricSpec:
     ascent_restarts: int = option(
         1, "worst-case and m-sharpness random starts besides the gradient direction (default %(default)s)", minimum=0
     )
+    optimizer_state: str | None = option(
+        None,
+        "file holding the torch optimizer state_dict (Adam, AdamW, RMSprop, Adagrad) whose preconditioner P "
+        "preconditioned-sharpness reads: a torch.save of optimizer.state_dict() or a checkpoint keeping one "
+        "(default: the measured checkpoint's own; `landscape train` keeps Adam's)",
+        metavar="FILE",
+    )
     eta: float = option(0.0, "adaptive ball T = |w| + η (default %(default)s, as Andriushchenko et al.; ASAM uses 0.01)")
     per_layer: tuple[str, ...] = option((), "", flag=False)
     # the blocks --per-layer measures: one per module, or one per role (attention, mlp, ...)

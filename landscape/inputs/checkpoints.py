@@ -32,6 +32,8 @@ from landscape.inputs.models import model_from_spec
 FORMAT = "landscape-checkpoint"
 VERSION = 1
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights")
+# where a checkpoint keeps a torch optimizer's state_dict (a toolkit checkpoint: "optimizer", adaptive optimizers only)
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim")
 # what torch.save itself puts in a pickle (tensor rebuilders, storages, OrderedDict): not worth naming
 WEIGHTS_ONLY_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode")
 
@@ -51,6 +53,7 @@ class Checkpoint:
     meta: dict = field(default_factory=dict)
     builds_own_weights: bool = False  # a save_pretrained folder: the model loads its weights from the folder itself
     module: nn.Module | None = field(default=None, repr=False)  # a whole pickled model (loaded with trust=True)
+    optimizer_state: dict | None = field(default=None, repr=False)  # a torch optimizer state_dict saved beside the weights
 
     @property
     def is_native(self) -> bool:
@@ -79,8 +82,10 @@ def save_checkpoint(
     model_spec: dict,
     data_spec: dict | None = None,
     meta: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
-    """Write a toolkit checkpoint atomically (a killed write never leaves a half file)."""
+    """Write a toolkit checkpoint atomically (a killed write never leaves a half file); `optimizer_state` (a torch
+    optimizer's state_dict, its groups naming their parameters in "param_names") is kept for preconditioned sharpness."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -89,6 +94,8 @@ def save_checkpoint(
         "data_spec": data_spec,
         "meta": meta or {},
     }
+    if optimizer_state is not None:
+        payload["optimizer"] = optimizer_state
     return atomic_save(payload, path)
 
 
@@ -118,6 +125,43 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
         )
     if path.endswith(".safetensors"):
         return Checkpoint(path, read_safetensors(path))
+    return _interpret(path, _load_pickle(path, trust))
+
+
+def load_optimizer_state(path: str | os.PathLike, *, trust: bool = False) -> dict:
+    """The torch optimizer state_dict in `path`: a file holding one (`torch.save(optimizer.state_dict())`, a
+    HuggingFace Trainer's optimizer.pt) or a checkpoint keeping one beside the weights (under one of OPTIMIZER_KEYS)."""
+    path = str(path)
+    if not os.path.isfile(path) or path.endswith(".safetensors"):
+        raise CheckpointError(f"{path} holds no optimizer state (it is not a torch.save file)")
+    obj = _load_pickle(path, trust)
+    if is_optimizer_state(obj):
+        return obj
+    state = _interpret(path, obj).optimizer_state
+    if state is None:
+        raise CheckpointError(
+            f"{path} holds no optimizer state (looked under {', '.join(OPTIMIZER_KEYS)}); save optimizer.state_dict() "
+            "beside the weights or pass its file"
+        )
+    return state
+
+
+def is_optimizer_state(obj: Any) -> bool:
+    """Whether `obj` looks like a torch optimizer's state_dict."""
+    return isinstance(obj, dict) and isinstance(obj.get("state"), dict) and isinstance(obj.get("param_groups"), list)
+
+
+def _optimizer_state_in(obj: dict) -> dict | None:
+    for key in OPTIMIZER_KEYS:
+        value = obj.get(key)
+        if is_optimizer_state(value):
+            return value
+        if isinstance(value, dict) and is_optimizer_state(value.get("base")):  # a toolkit training state (Method)
+            return value["base"]
+    return None
+
+
+def _load_pickle(path: str, trust: bool) -> Any:
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
             warnings.simplefilter("ignore", UserWarning)
@@ -141,7 +185,7 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({message})") from None
     except Exception as error:  # anything torch.load raises on a foreign file
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {error})") from None
-    return _interpret(path, obj)
+    return obj
 
 
 def file_sha256(path: str | Path) -> str:
@@ -248,7 +292,10 @@ def _interpret(path: str, obj: Any) -> Checkpoint:
         state = _state_dict_or_none(obj.get("state_dict"))
         if state is None:
             raise CheckpointError(f"{path} is a landscape checkpoint without weights (corrupt)")
-        return Checkpoint(path, state, obj.get("model_spec"), obj.get("data_spec"), dict(obj.get("meta") or {}))
+        optimizer_state = _optimizer_state_in(obj)
+        return Checkpoint(
+            path, state, obj.get("model_spec"), obj.get("data_spec"), dict(obj.get("meta") or {}), optimizer_state=optimizer_state
+        )
     state = _state_dict_or_none(obj)
     if state is None and isinstance(obj, dict):
         for key in NESTED_KEYS:
@@ -260,7 +307,7 @@ def _interpret(path: str, obj: Any) -> Checkpoint:
             f"{path} holds no state dict (a {type(obj).__name__}); expected tensors keyed by parameter name, "
             f"at top level or under one of {', '.join(NESTED_KEYS)}"
         )
-    return Checkpoint(path, state)
+    return Checkpoint(path, state, optimizer_state=_optimizer_state_in(obj) if isinstance(obj, dict) else None)
 
 
 def _state_dict_or_none(obj: Any) -> dict[str, torch.Tensor] | None:

@@ -254,7 +254,7 @@ def train(
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"epoch": 0, **first}) + "\n")
         if main:
-            _save(out / "trajectory" / "epoch_0000.pt", model, model_spec, data_spec, meta, 0, first)
+            _save(out / "trajectory" / "epoch_0000.pt", model, model_spec, data_spec, meta, 0, first, optimizer)
     bar = Progress(config.epochs, f"train {config.optimizer}", "epoch", progress if main else False, initial=start_epoch)
     for epoch in bar.iterate(range(start_epoch, config.epochs)):
         for group in optimizer.param_groups:
@@ -286,7 +286,16 @@ def train(
         generators = distributed.all_gather(optimizer.generator.get_state()) if sync else None
         if main:
             if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
-                _save(out / "trajectory" / f"epoch_{epoch + 1:04d}.pt", model, model_spec, data_spec, meta, epoch + 1, metrics)
+                _save(
+                    out / "trajectory" / f"epoch_{epoch + 1:04d}.pt",
+                    model,
+                    model_spec,
+                    data_spec,
+                    meta,
+                    epoch + 1,
+                    metrics,
+                    optimizer,
+                )
             with open(log_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             state = {
@@ -308,9 +317,16 @@ def train(
     return final
 
 
-def _save(path: Path, model, model_spec: dict, data_spec: DataSpec, meta: dict, epoch: int, metrics: dict) -> None:
+def _save(
+    path: Path, model, model_spec: dict, data_spec: DataSpec, meta: dict, epoch: int, metrics: dict, optimizer: Method
+) -> None:
     save_checkpoint(
-        path, model, model_spec=model_spec, data_spec=data_spec.to_dict(), meta={**meta, "epoch": epoch, "metrics": metrics}
+        path,
+        model,
+        model_spec=model_spec,
+        data_spec=data_spec.to_dict(),
+        meta={**meta, "epoch": epoch, "metrics": metrics},
+        optimizer_state=optimizer.preconditioner_state(),
     )
 
 

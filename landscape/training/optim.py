@@ -200,6 +200,17 @@ class Method:
         self.sync = sync
         self.generator.manual_seed(rank_seed(self.seed, sync.rank))
 
+    def preconditioner_state(self) -> dict | None:
+        """The base optimizer's state_dict with its parameters named, for preconditioned sharpness; None for SGD
+        (no preconditioner), so only an adaptive optimizer's checkpoints carry it."""
+        if self.base_name == "sgd":
+            return None
+        state = self.base.state_dict()
+        names = iter(n for n, _ in self.named)
+        for group in state["param_groups"]:
+            group["param_names"] = [next(names) for _ in group["params"]]
+        return state
+
     def state_dict(self) -> dict:
         """Base optimizer state, step counter, noise generator and loss-scaler state: resuming repeats the run exactly."""
         state = {
