@@ -174,8 +174,42 @@ def test_tracked_curvature_is_the_checkpoints_and_leaves_training_unchanged(tmp_
         assert row["trace"] == pytest.approx(xtrace(op, 30, seed=0).estimate, rel=1e-4)
         assert row["track_hvps"] == row["lambda1_hvps"] + 30 and 0 < row["track_seconds"] < wall
     assert all(r["track_fraction"] > 0 for r in logged[1:])
-    with pytest.raises(ValueError, match=r"track=\.\.\. takes a comma list of eig, trace; got hessian"):
+    with pytest.raises(ValueError, match=r"track=\.\.\. takes a comma list of eig, trace, critical-sharpness, .*; got hessian"):
         train(TrainConfig(**base, track_every=1, track="hessian"), tmp_path / "bad", progress=False)
+
+
+def test_tracked_critical_batch_and_preconditioned_sharpness_are_the_checkpoints(tmp_path):
+    """Adam training tracked by the optimizer-aware measures: each logged value equals the estimator run afresh on
+    the saved checkpoint (its optimizer state included); the weights equal an untracked run's."""
+    from landscape.curvature.per_batch import batch_sharpness
+    from landscape.curvature.preconditioned import preconditioned_sharpness, preconditioner_from_state
+    from landscape.engine.objective import Objective
+    from landscape.inputs.data import MeasurementSet, load_data
+    from landscape.sharpness.critical import critical_sharpness
+
+    base = dict(SMALL, optimizer="adam", lr=0.003, epochs=2, save_every=1, batch_size=100)
+    plain = train(TrainConfig(**base), tmp_path / "plain", progress=False)
+    track = "critical-sharpness,batch-sharpness,preconditioned-sharpness"
+    tracked = train(TrainConfig(**base, track_every=1, track=track, track_samples=300), tmp_path / "tracked", progress=False)
+    a, b = (torch.load(p, weights_only=True)["state_dict"] for p in (plain, tracked))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = [json.loads(line) for line in (tmp_path / "tracked" / "log.jsonl").read_text().splitlines()]
+    assert "preconditioned_sharpness" not in logged[0]  # Adam has no second moment before its first step
+    batches = MeasurementSet("train", 300, 1024, seed=0).batches(load_data("digits"))
+    x, y = batches[0]
+    for row in logged:
+        checkpoint = load_checkpoint(tmp_path / "tracked" / "trajectory" / f"epoch_{row['epoch']:04d}.pt")
+        model = checkpoint.build_model()
+        objective = Objective(model, batches, device="cpu", hvp_method="double-backward")
+        assert row["critical_sharpness"] == pytest.approx(critical_sharpness(objective).value, rel=1e-9)
+        cut = [(x[i : i + 100], y[i : i + 100]) for i in range(0, 300, 100)]
+        alone = batch_sharpness(Objective(model, cut, device="cpu", hvp_method="double-backward"))
+        assert row["batch_sharpness"] == pytest.approx(alone.value, rel=1e-6)
+        if row["epoch"]:
+            P = preconditioner_from_state(checkpoint.optimizer_state)
+            cold = preconditioned_sharpness(objective, P, tol=1e-8)
+            assert row["preconditioned_sharpness"] == pytest.approx(cold.value, rel=2e-3)
+            assert row["preconditioned_threshold"] == pytest.approx(38 / 0.003)
 
 
 @pytest.mark.cli

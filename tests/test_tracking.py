@@ -133,3 +133,29 @@ def test_gradient_descent_sharpens_to_the_edge_of_stability():
         assert run.loss[-1] < 0.5 * run.loss[0]
         window = run.sharpness[run.recorded >= 500] / run.threshold
         assert np.all(np.abs(window - 1) <= 0.15), (lr, window.min(), window.max())
+
+
+@pytest.mark.slow
+def test_full_batch_adam_sharpens_to_the_adaptive_edge_of_stability():
+    """Cohen et al. 2022 at laptop scale: λ1(P⁻¹H) rises to 38/η under full-batch Adam and stays near it, while a
+    small-η control stays far below (tests/test_preconditioned.py checks λ1(P⁻¹H) against dense matrices).
+
+    A 40-16-16-10 tanh MLP, squared loss, 200 mnist1d samples, 400 full-batch Adam steps at η = 8e-3 (threshold
+    4750) and η = 1e-4 (threshold 380000).
+    """
+    from analysis.experiments.edge_of_stability import squared_loss
+    from landscape.inputs.data import load_data
+    from landscape.inputs.models import MLP
+
+    data = load_data("mnist1d")
+    x, y = data.x_train[:200], data.y_train[:200]
+    ratios = {}
+    for lr in (8e-3, 1e-4):
+        torch.manual_seed(0)
+        model = MLP(data.input_shape, data.num_classes, (16, 16), activation="tanh")
+        run = gradient_descent(model, x, y, GDConfig(lr=lr, steps=400, every=20, optimizer="adam"), squared_loss)
+        assert list(run.recorded) == list(range(20, 401, 20))  # step 0 has no second moment yet
+        assert run.threshold == pytest.approx(38 / lr) and run.converged.all()
+        ratios[lr] = run.sharpness[run.recorded >= 200] / run.threshold
+    assert np.all(np.abs(ratios[8e-3] - 1) <= 0.2), ratios[8e-3]
+    assert np.all(ratios[1e-4] < 0.05), ratios[1e-4]

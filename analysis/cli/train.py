@@ -12,6 +12,7 @@ from analysis.report.tables import format_table
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.training.loop import AMP_MODES, LR_SCALINGS, LR_SCHEDULES, TrainConfig, train
 from landscape.training.presets import PRESETS, apply_preset
+from landscape.training.train_tracking import TRACKED
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,10 +82,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="measure the Hessian's λ1 (and --track trace) of the training loss every N epochs, "
+        help="measure the Hessian's λ1 (and what --track adds) of the training loss every N epochs, "
         "warm-started, into log.jsonl with its cost (default 0: off)",
     )
-    parser.add_argument("--track", default=None, metavar="eig[,trace]", help="what --track-every measures (default eig)")
+    parser.add_argument(
+        "--track",
+        default=None,
+        metavar="eig[,...]",
+        help=f"what --track-every measures, a comma list of {', '.join(TRACKED)} (default eig; "
+        "preconditioned-sharpness needs --base adam and starts after the first epoch)",
+    )
     parser.add_argument(
         "--track-samples",
         type=int,

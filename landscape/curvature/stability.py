@@ -1,4 +1,4 @@
-"""Full-batch gradient descent with its sharpness tracked: the edge of stability.
+"""Full-batch gradient descent or Adam with its sharpness tracked: the edge of stability.
 
 Cohen et al. 2021 ("Gradient Descent on Neural Networks Typically Occurs at the Edge of
 Stability", ICLR) observed that full-batch GD with step size η first drives the top Hessian
@@ -7,6 +7,12 @@ stable on in a quadratic model, and that λ1 then hovers just above 2/η while t
 falling, non-monotonically. `gradient_descent` runs GD on a fixed data set and records λ1
 every `every` steps by Lanczos on the full-batch Hessian, warm-started from the previous
 recorded step's top eigenvector, which saves Hessian-vector products (its HVPs are recorded).
+
+With `optimizer="adam"` the run is full-batch Adam and the tracked sharpness is the preconditioned one,
+λ1(P⁻¹H) with P = √v̂ + ε from Adam's state (landscape.curvature.preconditioned): Cohen et al. 2022
+("Adaptive gradient methods at the edge of stability") observed it rising to (2 + 2β1)/(η(1 − β1)), 38/η at
+β1 = 0.9, and staying there. P at a recorded step t is the one Adam divided step t − 1 by (the state before
+step t), so step 0, before any second moment exists, is not recorded.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from landscape.curvature.preconditioned import preconditioned_operator, preconditioner_of
 from landscape.curvature.spectrum import STOPS, WarmStart
 from landscape.engine.checks import check_int
 from landscape.engine.objective import Objective
@@ -28,6 +35,7 @@ from landscape.engine.operators import HessianOperator
 from landscape.results import Result
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+OPTIMIZERS = ("gd", "adam")
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class GDConfig(Result):
     warm-started (up to 4% low, mnist1d MLP at η = 0.4), and now and then when cold-started.
     `hvp_method` defaults to double backward: each recorded step builds a fresh Objective, and
     a warm start needs so few HVPs that tracing a linearized gradient (`auto`) costs more.
+    `optimizer` "adam" runs full-batch Adam (betas (beta1, beta2), `eps`) and tracks λ1(P⁻¹H) instead.
     """
 
     lr: float
@@ -53,6 +62,10 @@ class GDConfig(Result):
     seed: int = 0
     dtype: str = "float64"
     hvp_method: str = "double-backward"
+    optimizer: str = "gd"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -63,16 +76,18 @@ class GDConfig(Result):
             raise ValueError(f"stop must be one of {STOPS}, got {self.stop!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
 
 @dataclass(frozen=True)
 class GDRun(Result):
-    """The loss at every iterate and λ1 at the recorded ones, with each Lanczos's residual and HVP count."""
+    """The loss at every iterate and λ1 (Adam: λ1(P⁻¹H)) at the recorded ones, with each Lanczos's residual and HVPs."""
 
     config: GDConfig
     loss: np.ndarray  # (steps + 1,): full-batch loss at w_0 … w_steps
     recorded: np.ndarray  # the steps at which λ1 was measured
-    sharpness: np.ndarray  # λ1 of the full-batch Hessian at those steps
+    sharpness: np.ndarray  # λ1 of the full-batch Hessian at those steps (Adam: of P⁻¹H)
     residuals: np.ndarray  # Lanczos residual ‖Hy − λ1 y‖ of each (some eigenvalue lies within it)
     hvps: np.ndarray  # Hessian-vector products each Lanczos spent
     converged: np.ndarray  # whether each Lanczos met its tolerance
@@ -80,7 +95,9 @@ class GDRun(Result):
 
     @property
     def threshold(self) -> float:
-        """2/η: the sharpness at which GD on a quadratic stops being stable."""
+        """Where the update on a quadratic stops being stable: 2/η for GD, (2 + 2β1)/(η(1 − β1)) for Adam."""
+        if self.config.optimizer == "adam":
+            return (2 + 2 * self.config.beta1) / (self.config.lr * (1 - self.config.beta1))
         return 2.0 / self.config.lr
 
 
@@ -92,7 +109,8 @@ def gradient_descent(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device | str = "cpu",
 ) -> GDRun:
-    """Train a copy of `model` by full-batch GD on (x, y) under `config`, tracking λ1; `model` is left as it was.
+    """Train a copy of `model` by full-batch GD (or Adam) on (x, y) under `config`, tracking λ1 (or λ1(P⁻¹H));
+    `model` is left as it was.
 
     Every parameter is trained; the model should have no BatchNorm or dropout (the Hessian is
     taken in eval mode). Raises FloatingPointError if the loss stops being finite (η too large).
@@ -104,16 +122,22 @@ def gradient_descent(
     params = list(net.parameters())
     losses, recorded, sharpness, residuals, hvps, converged = [], [], [], [], [], []
     warm = WarmStart(enabled=config.warm_start)
+    adam = config.optimizer == "adam"
+    if adam:
+        optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
     for step in range(config.steps + 1):
         loss = loss_fn(net(x), y)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"GD diverged at step {step} (loss {loss.item()}); lower the step size {config.lr}")
         losses.append(loss.item())
-        if step % config.every == 0 or step == config.steps:
+        if (step % config.every == 0 or step == config.steps) and not (adam and step == 0):
             objective = Objective(
                 net, [(x, y)], loss_fn=loss_fn, dtype=dtype, device=device, hvp_method=config.hvp_method, hvp_check=not recorded
             )
-            top = warm.lanczos(HessianOperator(objective), 1, tol=config.tol, stop=config.stop, seed=config.seed)
+            op = HessianOperator(objective)
+            if adam:
+                op = preconditioned_operator(op, preconditioner_of(optimizer, net).flat(objective))
+            top = warm.lanczos(op, 1, tol=config.tol, stop=config.stop, seed=config.seed)
             recorded.append(step)
             sharpness.append(float(top.values[0]))
             residuals.append(float(top.residuals[0]))
@@ -121,6 +145,11 @@ def gradient_descent(
             converged.append(top.converged)
         if step < config.steps:
             grads = torch.autograd.grad(loss, params)
+            if adam:
+                for p, g in zip(params, grads):
+                    p.grad = g
+                optimizer.step()
+                continue
             with torch.no_grad():
                 for p, g in zip(params, grads):
                     p.sub_(config.lr * g)

@@ -58,7 +58,7 @@ class TrainConfig:
     validation: int = 0  # training samples held out (seeded by data_seed) and logged as validation_loss/accuracy
     recipe: str = ""  # the named recipe or preset this run follows, recorded in every checkpoint
     track_every: int = 0  # every N epochs: λ1 (and the trace) of the training loss into log.jsonl (0: off)
-    track: str = "eig"  # what track_every measures: "eig" and/or "trace", comma-separated
+    track: str = "eig"  # what track_every measures, comma-separated: any of train_tracking.TRACKED
     track_samples: int = 1000  # the fixed seeded subset of the training split the tracked curvature is measured on
     accumulate: int = 1  # micro-batches per step: each batch in `accumulate` sequential pieces, gradients summed
     amp: str = "none"  # mixed precision of the forward passes: none, bf16, or fp16 (with a loss scaler)
@@ -244,6 +244,7 @@ def train(
             device=device,
             distributed=sync is not None,
             measures=tuple(m for m in config.track.split(",") if m),
+            batch_size=config.batch_size,
         )
     evaluate = functools.partial(_metrics, dataset=dataset, validation=validation, device=device, sharded=sync is not None)
     if start_epoch == 0:
@@ -280,7 +281,7 @@ def train(
             "train_seconds": stepped,
         }
         if tracker is not None and (epoch + 1) % config.track_every == 0:
-            metrics.update(tracker.measure(model))
+            metrics.update(tracker.measure(model, optimizer.base))
             metrics["track_fraction"] = metrics["track_seconds"] / max(stepped, 1e-9)  # of the epoch's training steps
         bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", test_acc=f"{metrics.get('test_accuracy', float('nan')):.3f}")
         generators = distributed.all_gather(optimizer.generator.get_state()) if sync else None
