@@ -2,6 +2,7 @@
 its own step divides by; λ1..λk equal the dense non-symmetric P⁻¹H's eigenvalues (a digits MLP, 100 random problems
 with clustered spectra); each threshold is where the frozen-P recursion on a quadratic turns unstable."""
 
+import json
 import math
 
 import numpy as np
@@ -239,3 +240,21 @@ def test_measure_prints_it_against_its_threshold_and_refuses_a_checkpoint_withou
         assert "19000" in result.stdout  # 38/η at η = 2e-3
     line = one_line(run_cli("measure", plain, "--metrics", "preconditioned-sharpness"), code=2)
     assert "holds no optimizer state" in line
+
+
+@pytest.mark.cli
+def test_track_measures_it_from_each_checkpoints_own_state_and_says_which_it_leaves_out(tmp_path):
+    from landscape.training.loop import TrainConfig, train
+
+    config = TrainConfig(data="digits", model="mlp", model_kwargs={"hidden": [8]}, optimizer="adam", lr=0.003, epochs=2)
+    train(config, tmp_path / "run", progress=False)
+    result = run_cli("track", tmp_path / "run", "--metrics", "preconditioned-sharpness", "--n-samples", "200", "--k", "1")
+    assert result.returncode == 0, result.stderr
+    assert "leaving out epoch_0000.pt: no optimizer step before it" in result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1] in ("1", "2")]
+    assert [row[0] for row in rows] == ["1", "2"]
+    for row, epoch in zip(rows, (1, 2)):
+        checkpoint = tmp_path / "run" / "trajectory" / f"epoch_{epoch:04d}.pt"
+        alone = run_cli("measure", checkpoint, "--metrics", "preconditioned-sharpness", "--n-samples", "200", "--json")
+        value = json.loads(alone.stdout)[0]["metrics"]["preconditioned-sharpness"]["spectrum"]["values"][0]
+        assert float(row[-2]) == pytest.approx(value, rel=2e-3)

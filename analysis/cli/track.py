@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from analysis.cli.results_file import ResultsFile
 from analysis.cli.specs import MeasureSpec
 from analysis.measures.measurement import Measurement
 from analysis.measures.registry import MEASURES, metric_quantities
+from landscape.curvature.preconditioned import has_stepped
 from landscape.curvature.spectrum import WarmStart
 from landscape.engine import distributed as ranks
 from landscape.inputs.checkpoints import load_checkpoint
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"{run_dir} is not a folder; landscape track takes the folder that `landscape train --out` wrote")
     points = trajectory(run_dir, needed_by="landscape track")
     spec = MeasureSpec.from_args(args, tuple(MEASURES))  # an unknown or empty --metrics fails here, before any work
+    if "preconditioned-sharpness" in spec.metrics.metrics and spec.metrics.optimizer_state is None:
+        points = _stepped(points)
     out = Path(args.out) if args.out else run_dir / "track"
     results = ResultsFile.open(out / "track.json", {**spec.settings(), "checkpoints": [p.path for p in points]}, resume=True)
     # measure's eig starts each Lanczos from the previous checkpoint's top eigenvector
@@ -92,6 +96,20 @@ def run(args: argparse.Namespace) -> None:
         first = "the first" if ranks.world_size() == 1 else f"the first of each of the {ranks.world_size()} ranks' blocks"
         print(f"Lanczos HVPs per checkpoint (warm-started after {first}): {', '.join(map(str, hvps))}")
     print(f"wrote {out / 'track.json'}, {out / 'track.h5'} and {out / 'track.png'}")
+
+
+def _stepped(points: list[TrajectoryPoint]) -> list[TrajectoryPoint]:
+    """The checkpoints whose optimizer state has stepped (preconditioned sharpness needs its P); the others said."""
+    kept = [p for p in points if has_stepped(load_checkpoint(p.path).optimizer_state)]
+    left = [Path(p.path).name for p in points if p not in kept]
+    if not kept:
+        raise ValueError(
+            "preconditioned-sharpness needs checkpoints keeping an adaptive optimizer's state (train with --base adam), "
+            "or --optimizer-state FILE"
+        )
+    if left and ranks.is_main():
+        print(f"note: leaving out {', '.join(left)}: no optimizer step before it, so no preconditioner", file=sys.stderr)
+    return kept
 
 
 def stability_threshold(config: dict) -> tuple[float, str] | None:

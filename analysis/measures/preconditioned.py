@@ -36,7 +36,7 @@ def preconditioned(objective: Objective, spec: MetricSpec) -> PreconditionedShar
         max_vectors=vectors,
         seed=spec.seed,
         progress=spec.progress,
-        warm_start=spec.warm_start,
+        warm_start=spec.warm_start.named("preconditioned-sharpness") if spec.warm_start is not None else None,
     )
 
 

@@ -110,6 +110,11 @@ def preconditioner_from_state(
     )
 
 
+def has_stepped(state: dict | None) -> bool:
+    """Whether an optimizer state_dict (None: none kept) holds statistics, i.e. its optimizer has taken a step."""
+    return bool(state and state.get("state"))
+
+
 def _momentum(group: dict) -> float:
     return float(group["betas"][0]) if "betas" in group else float(group.get("momentum", 0.0))
 

@@ -7,7 +7,7 @@ goes to numpy in float64.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -669,6 +669,11 @@ class WarmStart:
 
     enabled: bool = True
     vector: torch.Tensor | None = None
+    others: dict[str, WarmStart] = field(default_factory=dict, repr=False)
+
+    def named(self, key: str) -> WarmStart:
+        """The warm start of another sequence of matrices (e.g. P⁻¹H beside H), kept beside this one under `key`."""
+        return self.others.setdefault(key, WarmStart(self.enabled))
 
     def lanczos(self, op: LinearOperator, k: int = 1, *, stop: str = "certified", **options) -> EigResult:
         result = lanczos(op, k, stop=stop, start=self.vector if self.enabled else None, return_vectors=True, **options)

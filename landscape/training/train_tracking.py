@@ -52,7 +52,6 @@ class CurvatureTracker:
     loss: Loss | None = None
     batch_size: int | None = None
     warm: WarmStart = field(default_factory=WarmStart, repr=False)
-    warm_preconditioned: WarmStart = field(default_factory=WarmStart, repr=False)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.measures if m not in TRACKED]
@@ -111,7 +110,11 @@ class CurvatureTracker:
             hvps += per_batch.n_matvecs
         if "preconditioned-sharpness" in self.measures and optimizer is not None and optimizer.state:
             adaptive = preconditioned_sharpness(
-                objective, preconditioner_of(optimizer, model), tol=self.tol, seed=self.seed, warm_start=self.warm_preconditioned
+                objective,
+                preconditioner_of(optimizer, model),
+                tol=self.tol,
+                seed=self.seed,
+                warm_start=self.warm.named("preconditioned-sharpness"),
             )
             out.update(
                 preconditioned_sharpness=adaptive.value,
