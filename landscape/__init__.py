@@ -48,6 +48,7 @@ _EXPORTS = {
     "average_case": "landscape.sharpness.balls",
     "m_sharpness": "landscape.sharpness.balls",
     "critical_sharpness": "landscape.sharpness.critical",
+    "pac_bayes_flatness": "landscape.sharpness.pac_bayes",
     # surfaces
     "random_directions": "landscape.surfaces.directions",
     "between": "landscape.surfaces.directions",

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from landscape.engine.objective import Objective
 from landscape.engine.operators import DenseOperator
+from landscape.inputs.batches import mean_squared_error
 from landscape.inputs.checkpoints import save_checkpoint
 from landscape.inputs.models import model_for_data
 
@@ -232,3 +234,16 @@ def result_of(cls, **given):
         )
         data[f.name] = given.get(f.name, empty)
     return cls.from_dict(data)
+
+
+def least_squares(d: int, n: int, generator: torch.Generator, decades: float = 1.5):
+    """A bias-free linear model's mean squared error at random weights, away from its minimum, in float64: inputs
+    whose columns span `decades` orders of magnitude. Returns the Objective and X, w, y as arrays: L(w) =
+    mean((Xw − y)²), Hessian 2XᵀX/n."""
+    x = torch.randn(n, d, generator=generator, dtype=torch.float64) * torch.logspace(0, decades, d, dtype=torch.float64)
+    y = torch.randn(n, 1, generator=generator, dtype=torch.float64)
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, d, generator=generator, dtype=torch.float64))
+    objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
+    return objective, x.numpy(), model.weight.detach().numpy().ravel(), y.numpy().ravel()

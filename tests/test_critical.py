@@ -10,24 +10,16 @@ from torch import nn
 
 from landscape.engine.objective import Objective
 from landscape.examples import quadratic
-from landscape.inputs.batches import mean_squared_error
 from landscape.sharpness.critical import critical_sharpness
 from tests.ground_truth import dense_reference
-from tests.helpers import classification_batches, digits_mlp_checkpoint, run_cli
+from tests.helpers import classification_batches, digits_mlp_checkpoint, least_squares, run_cli
 
 
 def _least_squares(seed: int, d: int = 12, n: int = 40) -> tuple[Objective, np.ndarray, np.ndarray]:
     """A linear least-squares objective away from its minimum; its Hessian (2/n)XᵀX / outputs and gradient exactly."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.logspace(0, 1.5, d, dtype=torch.float64)
-    y = torch.randn(n, 1, generator=g, dtype=torch.float64)
-    model = nn.Linear(d, 1, bias=False).double()
-    with torch.no_grad():
-        model.weight.copy_(torch.randn(1, d, generator=g, dtype=torch.float64))
-    objective = Objective(model, [(x, y)], loss=mean_squared_error, dtype=torch.float64, device="cpu")
-    X, w = x.numpy(), model.weight.detach().numpy().ravel()
+    objective, X, w, y = least_squares(d, n, torch.Generator().manual_seed(seed))
     H = 2 * X.T @ X / n  # L(w) = mean((Xw − y)²)
-    grad = 2 * X.T @ (X @ w - y.numpy().ravel()) / n
+    grad = 2 * X.T @ (X @ w - y) / n
     return objective, H, grad
 
 

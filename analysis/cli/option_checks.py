@@ -63,6 +63,8 @@ def validate_arguments(args: argparse.Namespace) -> None:
         check_number("--tol", args.tol, allow_zero=True)
     if getattr(args, "eps", None) is not None:
         check_number("--eps", args.eps, allow_zero=False)
+    if getattr(args, "pac_bayes_target", None) is not None:
+        check_number("--pac-bayes-target", args.pac_bayes_target, allow_zero=False)
     _check_worst_case(args)
     _check_shard(args)
     if getattr(args, "radius", None) is not None:

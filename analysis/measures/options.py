@@ -105,6 +105,11 @@ class MetricSpec:
     bn_recalibration: int | None = option(
         None, "re-estimate BN statistics from K batches at each perturbed point", minimum=1, metavar="K"
     )
+    pac_bayes_target: float = option(
+        0.1,
+        "mean loss increase E L(w+u) − L(w) that defines σ′ of pac-bayes and pac-bayes-mag: the largest σ that keeps "
+        "it (default %(default)s, Jiang et al. 2020's); --noise-samples caps the forwards at each σ",
+    )
     eps: float = option(5e-4, "box size of Keskar's ε-sharpness (default %(default)s)")
     subspace_dim: int | None = option(None, "ε-sharpness in a random p-dim subspace (default: full space)", minimum=1)
     restarts: int = option(

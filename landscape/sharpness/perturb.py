@@ -217,7 +217,7 @@ def expected_loss(
     if target_ci_halfwidth is not None:
         target_ci_halfwidth = check_number("target_ci_halfwidth", target_ci_halfwidth, allow_zero=False)
     generator = seeded_generator(objective.device, seed)
-    evaluate, recalibration_cost = _evaluator(objective, bn_recalibration, recalibration_batches)
+    evaluate, recalibration_cost = noise_evaluator(objective, bn_recalibration, recalibration_batches)
     start = time.perf_counter()
     n_units = n_samples // 2 if antithetic else n_samples
     signs = (1, -1) if antithetic else (1,)
@@ -387,7 +387,7 @@ def _check_noise(distribution: str, scale: str) -> None:
         raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
 
 
-def _evaluator(
+def noise_evaluator(
     objective: Objective, bn_recalibration: int | None, recalibration_batches: Sequence[Batch] | None
 ) -> tuple[Callable[[torch.Tensor], Evaluation], int]:
     """Loss/accuracy at a point, with running BN statistics or re-estimated ones; and its recalibration forwards."""
