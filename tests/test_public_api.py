@@ -37,7 +37,7 @@ LAYERS = {
     "curvature": {"engine", "inputs"},
     "sharpness": {"engine", "inputs", "curvature"},
     "surfaces": {"engine", "inputs", "curvature"},
-    "training": {"engine", "inputs", "curvature"},
+    "training": {"engine", "inputs", "curvature", "sharpness"},
 }
 
 

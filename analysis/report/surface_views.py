@@ -50,7 +50,7 @@ def surface_figure(surfaces: Mapping[str, Surface], *, split: str = "train", log
         title: the page's title (default: the labels).
 
     Returns:
-        plotly.graph_objects.Figure.
+        Figure: a plotly.graph_objects.Figure.
 
     Raises:
         ImportError: plotly is not installed (the message says how to install it).

@@ -211,7 +211,12 @@ def preconditioned_sharpness(
     Args:
         objective: the loss at the checkpoint's weights; H is its Hessian over the measured parameters.
         preconditioner: P and the optimizer's hyperparameters (`preconditioner_from_state`, `preconditioner_of`).
-        k, tol, max_matvecs, max_vectors, seed, progress: as `lanczos`'s; the default certified stop.
+        k: how many of the largest eigenvalues.
+        tol: the relative residual tolerance (Lanczos's certified stop).
+        max_matvecs: the budget of Hessian-vector products (as `lanczos`'s).
+        max_vectors: the vectors Lanczos may hold (as `lanczos`'s).
+        seed: the Gaussian start's seed.
+        progress: progress display (True, False or "lines").
         warm_start: start from the previous call's top vector (`landscape track`).
 
     Returns:

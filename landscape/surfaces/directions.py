@@ -258,7 +258,9 @@ def gradient_direction(
     Args:
         objective: the checkpoint and measurement set.
         dim: 1 (the gradient alone) or 2 (gradient × top eigenvector).
-        tol, seed, max_matvecs: the Lanczos options of the eigenvector (dim=2).
+        tol: Lanczos's relative tolerance for the eigenvector (dim=2).
+        seed: Lanczos's seed (dim=2).
+        max_matvecs: Lanczos's budget of Hessian-vector products (dim=2).
 
     Returns:
         Directions: kind "gradient"; `spec` holds ‖∇L‖, the curvature ĝᵀHĝ along the gradient and,

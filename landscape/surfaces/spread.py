@@ -187,8 +187,15 @@ def compute_spread(
         axes: one grid (curves) or two (planes), each member's.
         n: the number of directions (members), at least 2.
         seed: member k's seed is seed + k.
-        normalization, one_d, states: as in `random_directions`.
-        path, resume, bn_recalibration, progress, points_per_call, quantities: as in `compute_surface`.
+        normalization: as in `random_directions`.
+        one_d: as in `random_directions`.
+        states: as in `random_directions`.
+        path: as in `compute_surface`.
+        resume: as in `compute_surface`.
+        bn_recalibration: as in `compute_surface`.
+        progress: as in `compute_surface`.
+        points_per_call: as in `compute_surface`.
+        quantities: as in `compute_surface`.
 
     Returns:
         Spread: values of shape (n, *grid), `median`/`band` over the members, `member(k)`.
