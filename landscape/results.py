@@ -19,9 +19,10 @@ import torch
 
 
 def to_jsonable(value: Any) -> Any:
-    """Convert tensors, arrays, dataclasses and containers into plain JSON types."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    """Convert tensors, arrays, dataclasses and containers into plain JSON types (a dataclass field whose metadata says
+    {"json": False}, e.g. a whole diagonal of n floats, is left out: it must have a default for from_dict)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # fields marked {"json": False} stay in memory
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value) if f.metadata.get("json", True)}
     if isinstance(value, torch.Tensor):
         return to_jsonable(value.detach().cpu().numpy())
     if isinstance(value, np.ndarray):

@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> None:
     """`landscape measure`: every checkpoint's metrics, printed (or as JSON), saved as they finish with --out."""
     if getattr(args, "per_layer_figure", None) and not args.per_layer:
         raise ValueError("--per-layer-figure draws --per-layer results: pass --per-layer eig,trace too")
+    if getattr(args, "diagonal_figure", None) and "hessian-diagonal" not in args.metrics.split(","):
+        raise ValueError("--diagonal-figure draws the hessian-diagonal measure: add it to --metrics")
     results = measure_all(
         args.checkpoints, MeasureSpec.from_args(args), out=args.out, resume=args.resume, add_checkpoints=args.add_checkpoint
     )
@@ -41,6 +43,11 @@ def run(args: argparse.Namespace) -> None:
         else:
             figure = plot_per_layer(found)
         save(figure, args.per_layer_figure)
+    if getattr(args, "diagonal_figure", None) and ranks.is_main():
+        from analysis.report.charts import plot_diagonal, save
+
+        labels = [f"{i}: {r.checkpoint}" if len(results) > 1 else r.checkpoint for i, r in enumerate(results, 1)]
+        save(plot_diagonal({label: r.metrics["hessian-diagonal"] for label, r in zip(labels, results)}), args.diagonal_figure)
     if args.json:
         print_json([r.to_dict() for r in results])
     else:
@@ -232,6 +239,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with --per-layer: a bar chart of each block's λ1 and trace, the checkpoints side by side; with "
         "density among them, one panel per block with its spectral density, λ1 and trace",
+    )
+    add_figure_arguments(parser)
+
+
+def add_figure_arguments(parser: argparse.ArgumentParser) -> None:
+    """Figures of single measures, drawn once every checkpoint is measured."""
+    group = parser.add_argument_group("figures")
+    group.add_argument(
+        "--diagonal-figure",
+        metavar="FILE.png",
+        default=None,
+        help="with --metrics hessian-diagonal: each parameter tensor's diagonal sum ± 1.96 stderr as horizontal bars, "
+        "the checkpoints side by side",
     )
 
 

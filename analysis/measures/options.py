@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
+from landscape.curvature.diagonal import DIAGONAL_METHODS
 from landscape.curvature.trace import TRACE_MATVEC_MINIMUMS
 from landscape.engine.gauss_newton import CURVATURES
 from landscape.sharpness.balls import DEFAULT_AVERAGE_RHO, DEFAULT_RHO
@@ -89,6 +90,12 @@ class MetricSpec:
     )
     probes: int = option(
         100, "matvec budget of the trace estimate, and of sharpness-curve's second-order prediction (default %(default)s)"
+    )
+    diagonal_method: str = option(
+        "xdiag",
+        "hessian-diagonal's estimator: xdiag (default; low-rank + Hutchinson, Epperly et al. 2024), hutchinson, or "
+        "exact (--curvature ggn with cross-entropy: N·C backward passes; fisher: N)",
+        choices=DIAGONAL_METHODS,
     )
     density_runs: int = option(4, "SLQ runs (default %(default)s)", minimum=1)
     density_steps: int = option(60, "Lanczos steps per SLQ run (default %(default)s)", minimum=1)

@@ -7,7 +7,18 @@ table, its quantities join compare's differences and correlate's rankings, and i
 
 from __future__ import annotations
 
-from analysis.measures import balls, batch_sharpness, box, critical, curvature, fisher_rao, noise, pac_bayes, preconditioned
+from analysis.measures import (
+    balls,
+    batch_sharpness,
+    box,
+    critical,
+    curvature,
+    diagonal,
+    fisher_rao,
+    noise,
+    pac_bayes,
+    preconditioned,
+)
 from analysis.measures.record import Measure
 from analysis.measures.text import EPSILON_SHARPNESS
 from landscape.results import Quantity, Result
@@ -30,7 +41,7 @@ def unregister(name: str) -> None:
 
 _BUILT_IN = {
     m.name: m
-    for module in (curvature, noise, box, balls, critical, fisher_rao, batch_sharpness, preconditioned, pac_bayes)
+    for module in (curvature, noise, box, balls, critical, fisher_rao, batch_sharpness, preconditioned, pac_bayes, diagonal)
     for m in module.MEASURES
 }
 for _name in (
@@ -52,6 +63,7 @@ for _name in (
     "preconditioned-sharpness",
     "pac-bayes",
     "pac-bayes-mag",
+    "hessian-diagonal",
 ):
     register(_BUILT_IN[_name])
 

@@ -25,6 +25,7 @@ from analysis.report.differences import ci_halfwidth  # noqa: E402
 from analysis.report.setup_text import norm_mode  # noqa: E402
 from landscape.curvature.blocks import BlockCurvature, PerLayerResult  # noqa: E402
 from landscape.curvature.density import Spectrum  # noqa: E402
+from landscape.curvature.diagonal import DiagonalResult  # noqa: E402
 from landscape.sharpness.perturb import SharpnessCurve  # noqa: E402
 from landscape.surfaces.connectivity import Connection  # noqa: E402
 from landscape.surfaces.directions import Directions  # noqa: E402
@@ -83,6 +84,22 @@ def plot_spectral_densities(
     ax.legend(frameon=False)
     ax.grid(alpha=0.3)
     return fig
+
+
+def value_scale(ax: plt.Axes, values: Sequence[np.ndarray], which: str) -> None:
+    """Axis `which` ("x" or "y") on a log scale where every finite value is positive, else on a symmetric log (sums of
+    a Hessian's diagonal, block traces, may be ≤ 0)."""
+    finite = np.concatenate(values)
+    finite = finite[np.isfinite(finite)]
+    log = finite.size and (finite > 0).all()
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    scale = ax.set_xscale if which == "x" else ax.set_yscale
+    if log:
+        scale("log")
+        plain_log_ticks(axis)
+        return
+    sizes = np.abs(finite[finite != 0])  # linear within a decade of the smallest, log beyond (at most 4 decades)
+    scale("symlog", linthresh=max(10 ** np.floor(np.log10(sizes.min())), 1e-4 * sizes.max()) if sizes.size else 1.0)
 
 
 def plain_log_ticks(axis: matplotlib.axis.Axis) -> None:
@@ -772,11 +789,7 @@ def plot_per_layer(results: Mapping[str, PerLayerResult]) -> plt.Figure:
                 error_kw={"lw": 0.8},
             )
             values.append(value)
-        finite = np.concatenate(values)[np.isfinite(np.concatenate(values))]
-        log = finite.size and (finite > 0).all()
-        ax.set_yscale("log" if log else "symlog")
-        if log:
-            plain_log_ticks(ax.yaxis)
+        value_scale(ax, values, "y")
         tilted = max(map(len, blocks)) > 6
         ax.set_xticks(x, blocks, rotation=30 if tilted else 0, ha="right" if tilted else "center")
         ax.set_title(title, fontsize=10)
@@ -861,6 +874,39 @@ def plot_block_spectra(
     for i, ax in enumerate(axes.flat[: len(names)]):
         if i + columns >= len(names):  # nothing drawn below it
             ax.set_xlabel("eigenvalue of the block", fontsize=9)
+    return fig
+
+
+# ------------------------------------------------------------------ diagonal per tensor
+def plot_diagonal(results: Mapping[str, DiagonalResult]) -> plt.Figure:
+    """Each parameter tensor's sum of the curvature's diagonal (`landscape measure --metrics hessian-diagonal`) as
+    horizontal bars, ± 1.96 stderr, the checkpoints side by side (one colour each); log x where every sum is positive,
+    else symmetric log."""
+    labels = list(results)
+    names = list(dict.fromkeys(b.name for r in results.values() for b in r.tensors))
+    colors = label_colors(labels) if len(labels) > 1 else {labels[0]: "C0"}
+    y, height = np.arange(len(names)), 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(6.4, 1.0 + 0.32 * len(names) * max(1, len(labels) * 0.7)), layout="constrained")
+    values = []
+    for i, label in enumerate(labels):
+        found = {b.name: b for b in results[label].tensors}
+        value = np.array([found[n].sum if n in found else np.nan for n in names], float)
+        error = 1.96 * np.array([found[n].stderr if n in found else np.nan for n in names], float)
+        offset = (i - (len(labels) - 1) / 2) * height
+        ax.barh(y + offset, value, height, xerr=error, color=colors[label], label=label, capsize=2, error_kw={"lw": 0.8})
+        values.append(value)
+    value_scale(ax, values, "x")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()  # the flat vector's order, top down
+    ax.grid(axis="x", alpha=0.3)
+    first = next(iter(results.values()))
+    what = {"hessian": "Hessian", "ggn": "GGN", "fisher": "empirical Fisher"}.get(first.curvature or "", "curvature")
+    how = {"xdiag": "XDiag", "hutchinson": "Hutchinson", "exact": "exact"}.get(first.method, first.method)
+    ax.set_xlabel(f"sum of the {what} diagonal over the tensor ({how}; ± 1.96 stderr)", fontsize=9)
+    if len(labels) > 1:
+        fig.legend(
+            *ax.get_legend_handles_labels(), loc="outside upper center", ncols=min(len(labels), 3), frameon=False, fontsize=8
+        )
     return fig
 
 

@@ -1,2 +1,2 @@
-"""Curvature estimators: Lanczos eigenvalues and spectral density, trace estimators, per-layer curvature, and the
-edge-of-stability runs."""
+"""Curvature estimators: Lanczos eigenvalues and spectral density, trace estimators, the diagonal, per-layer curvature,
+and the edge-of-stability runs."""

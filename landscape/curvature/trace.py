@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,23 +163,36 @@ def hutchinson(
         raise ValueError(f"target_rel_stderr must be positive, got {target_rel_stderr!r}")
     _check_blocks(blocks, n, op)
     start = time.perf_counter()
-    generator = seeded_generator(op.device, seed)
     totals, per_block, used, n_blocks = [], {name: [] for name in blocks or {}}, 0, 0
     with Progress(n_probes, "hutchinson", "matvec", progress) as bar:
-        while used < n_probes:
-            z = rademacher_rows(generator, min(block_size, n_probes - used), op)
-            contributions = _counted(op, z, bar).mul_(z)  # in place: a block is block_size n-vectors
-            used, n_blocks = used + z.shape[0], n_blocks + 1
+        for contributions in hutchinson_contributions(op, n_probes, block_size, seed, bar):
+            used, n_blocks = used + contributions.shape[0], n_blocks + 1
             totals.append(op.inner.reduce(contributions.sum(1)))
             for name, sums in _block_sums(contributions, blocks or {}).items():
                 per_block[name].append(sums)
-            del z, contributions  # before the next block is drawn
+            del contributions  # before the next block is drawn
             if target_rel_stderr is not None and n_blocks >= 2:
                 estimate, stderr = _mean_stderr(torch.cat(totals).double().cpu().numpy())
                 if stderr <= target_rel_stderr * abs(estimate):
                     break
     block_samples = {name: torch.cat(s) for name, s in per_block.items()} if blocks else None
     return _result("hutchinson", torch.cat(totals), block_samples, used, seed, start)
+
+
+def hutchinson_contributions(
+    op: LinearOperator, n_probes: int, block_size: int, seed: int, bar: Progress
+) -> Iterator[torch.Tensor]:
+    """Blocks of Hutchinson's per-coordinate contributions z ⊙ Az, Rademacher z seeded by `seed`, `block_size` probes
+    at a time (k, n), until `n_probes` are spent: zᵀAz is a row's sum, and the row itself is an unbiased estimate of
+    diag(A) (Bekas, Kokiopoulou & Saad 2007). Shared by the trace and the diagonal estimators (the same probes)."""
+    generator = seeded_generator(op.device, seed)
+    used = 0
+    while used < n_probes:
+        z = rademacher_rows(generator, min(block_size, n_probes - used), op)
+        contributions = _counted(op, z, bar).mul_(z)  # in place: a block is block_size n-vectors
+        used += z.shape[0]
+        del z
+        yield contributions
 
 
 def hutchpp(
@@ -310,25 +324,10 @@ def xtrace(
     if n < 2:
         raise ValueError("xtrace needs an operator of size ≥ 2 (leave-one-out needs two test vectors)")
     start = time.perf_counter()
-    generator = seeded_generator(op.device, seed)
-    m = min(n_matvecs // 2, n)
-    omega = sphere_rows(generator, m, op)  # row i: ω_i
-    with Progress(2 * m, "xtrace", "matvec", progress) as bar:
-        y = _counted(op, omega, bar)  # row i: y_i = Aω_i
-        q, r, g, codim = _xtrace_basis(y, op)
-        aq = _counted(op, q, bar)
-    h = inner.reduce(q @ aq.T).double().cpu().numpy()  # QAQᵀ
-    h = (h + h.T) / 2
-    w = inner.reduce(q @ omega.T).double().cpu().numpy()  # column i: w_i = Qω_i
-    norms = inner.reduce((omega * omega).sum(1)).double().cpu().numpy()
-    parts = _XTraceParts(g, h, w, r, norms, codim)
-    grams = {None: _xtrace_grams(q, aq, omega, y, inner)}
-    grams.update({name: _xtrace_grams(q[:, b], aq[:, b], omega[:, b], y[:, b]) for name, b in (blocks or {}).items()})
-    samples, stderrs = {}, {}
-    for name, gram in grams.items():
-        samples[name], stderrs[name] = _xtrace_estimate(gram, parts)
+    sketch = xtrace_sketch(op, n_matvecs, seed, "xtrace", progress)
+    samples, stderrs = xtrace_block_estimates(sketch, {None: slice(None), **(blocks or {})}, inner)
     block_samples = {name: torch.as_tensor(samples[name]) for name in blocks} if blocks is not None else None
-    return _result("xtrace", torch.as_tensor(samples[None]), block_samples, m + q.shape[0], seed, start, stderrs)
+    return _result("xtrace", torch.as_tensor(samples[None]), block_samples, sketch.n_matvecs, seed, start, stderrs)
 
 
 def trace_vectors(method: str, n_matvecs: int, n: int, block_size: int = HUTCHINSON_BLOCK) -> int:
@@ -406,6 +405,56 @@ class _XTraceParts:
     r: np.ndarray
     norms: np.ndarray
     codim: int
+
+
+@dataclass(frozen=True)
+class XTraceSketch:
+    """What XTrace (and XDiag, landscape.curvature.diagonal) draw and compute before any estimate: the test vectors
+    Ω (rows ω_i, uniform on the sphere of radius √n), Y = AΩ (rows y_i), the orthonormal basis Q of the sketch (rows)
+    and AQᵀ (rows A q_k), all (m, n) or (rank, n) row blocks, and the small `parts` in the basis."""
+
+    omega: torch.Tensor
+    y: torch.Tensor
+    q: torch.Tensor
+    aq: torch.Tensor
+    parts: _XTraceParts
+
+    @property
+    def n_matvecs(self) -> int:
+        return len(self.omega) + len(self.q)
+
+
+def xtrace_sketch(op: LinearOperator, n_matvecs: int, seed: int, label: str, progress: bool | str) -> XTraceSketch:
+    """XTrace's sketch of `op` (Epperly, Tropp & Webber 2024): m = min(n_matvecs // 2, n) spherical test vectors ω_i,
+    Y = AΩ, its basis Q and AQᵀ: 2m products (fewer if Y is rank-deficient), counted on a progress bar named `label`."""
+    n, inner = op.shape[0], op.inner
+    generator = seeded_generator(op.device, seed)
+    m = min(n_matvecs // 2, n)
+    omega = sphere_rows(generator, m, op)  # row i: ω_i
+    with Progress(2 * m, label, "matvec", progress) as bar:
+        y = _counted(op, omega, bar)  # row i: y_i = Aω_i
+        q, r, g, codim = _xtrace_basis(y, op)
+        aq = _counted(op, q, bar)
+    h = inner.reduce(q @ aq.T).double().cpu().numpy()  # QAQᵀ
+    h = (h + h.T) / 2
+    w = inner.reduce(q @ omega.T).double().cpu().numpy()  # column i: w_i = Qω_i
+    norms = inner.reduce((omega * omega).sum(1)).double().cpu().numpy()
+    return XTraceSketch(omega, y, q, aq, _XTraceParts(g, h, w, r, norms, codim))
+
+
+def xtrace_block_estimates(sketch: XTraceSketch, blocks: dict, inner: InnerProduct = LOCAL) -> tuple[dict, dict]:
+    """XTrace's m leave-one-out estimates of each block's trace, and the stderr of their mean (`_xtrace_estimate`).
+
+    `blocks`: {name: index of the vector's coordinates (a slice, or an index tensor)}; `inner` sums the Gram matrices
+    over ranks for the whole vector (slice(None)) only: a block of coordinates is whole in every process.
+    """
+    samples, stderrs = {}, {}
+    for name, b in blocks.items():
+        s = sketch
+        whole = isinstance(b, slice) and b == slice(None)
+        gram = _xtrace_grams(s.q[:, b], s.aq[:, b], s.omega[:, b], s.y[:, b], inner if whole else LOCAL)
+        samples[name], stderrs[name] = _xtrace_estimate(gram, s.parts)
+    return samples, stderrs
 
 
 def _xtrace_grams(

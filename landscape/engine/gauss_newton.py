@@ -82,9 +82,16 @@ class JacobianSandwich:
     """
 
     def __init__(
-        self, objective: Objective, function: Callable, middle: Callable, weights: Sequence[float], keep: bool | None = None
+        self,
+        objective: Objective,
+        function: Callable,
+        middle: Callable,
+        weights: Sequence[float],
+        keep: bool | None = None,
+        factor: Callable | None = None,
     ) -> None:
         self.objective, self.function, self.middle, self.weights = objective, function, middle, list(weights)
+        self.factor = factor  # (value, batch) ↦ per-item factors of the middle (`diagonal`); None: no exact diagonal
         plan = objective.memory_plan
         everything_kept = plan.path == "linearize" or (plan.path == "reuse" and plan.streamed_batches == 0)
         self.keep = everything_kept if keep is None else keep
@@ -114,6 +121,37 @@ class JacobianSandwich:
         for b, weight in enumerate(self.weights):
             total += weight * self._apply(self._linearization(b), V)
         return self.objective._reduced(total)
+
+    def diagonal(self, chunk_bytes: int = 1 << 26) -> tuple[torch.Tensor, int]:
+        """The exact diagonal Σ_b s_b·diag(J_bᵀ M_b J_b), and the vector-Jacobian products it took.
+
+        M_b is block-diagonal over the batch's items, item i's block S_i S_iᵀ (`factor`: S of shape (n_b, d, r) for
+        items of d outputs each, column c of S_i the cotangent that is zero outside item i). Then diag(J_bᵀ M_b J_b)
+        = Σ_i Σ_c (J_bᵀ S_i e_c)²: one vjp per item and column, n_b·r per batch (r = classes for the GGN of
+        cross-entropy, 1 for the empirical Fisher), batched by vmap in chunks of about `chunk_bytes` of output.
+        J_b is the whole batch's Jacobian, so items that share batch statistics (train-mode BatchNorm) are exact too.
+        """
+        if self.factor is None:
+            raise CurvatureError("this operator has no per-item factorization of its middle, so no exact diagonal")
+        objective = self.objective
+        w = objective.w.detach()
+        total, n_vjps = torch.zeros_like(w), 0
+        for weight, batch in zip(self.weights, objective.batches):
+            value, pullback = vjp(lambda w: self.function(w, batch), w)
+            S = self.factor(value.detach(), batch)  # (n_b, d, r)
+            n_items, d, r = S.shape
+            if value.numel() != n_items * d:
+                raise CurvatureError(f"the middle's factor covers {n_items * d} outputs of the batch's {value.numel()}")
+            cotangents = S.transpose(1, 2).reshape(n_items * r, d)  # row i·r + c: item i's column c
+            chunk = max(1, chunk_bytes // (w.numel() * w.element_size()))
+            for begin in range(0, n_items * r, chunk):
+                rows = torch.arange(begin, min(begin + chunk, n_items * r), device=w.device)
+                U = torch.zeros(len(rows), n_items, d, dtype=value.dtype, device=w.device)
+                U[torch.arange(len(rows), device=w.device), rows // r] = cotangents[rows]
+                JU = vmap(lambda u: pullback(u.reshape(value.shape))[0])(U)
+                total += weight * JU.square().sum(0)
+                n_vjps += len(rows)
+        return objective._reduced(total), n_vjps
 
     def _linearization(self, b: int) -> _Linearization:
         if not self.keep:
@@ -177,7 +215,16 @@ def ggn(objective: Objective, keep: bool | None = None) -> JacobianSandwich:
             return _cross_entropy_hessian_product(value, JV)
         return output_hessian_product(objective.loss_fn, value, y, JV)
 
-    return JacobianSandwich(objective, outputs, middle, objective.batch_weights, keep)
+    def factor(value: torch.Tensor, batch) -> torch.Tensor:
+        y = targets(batch) if objective.loss_fn is not None else None
+        if y is None or objective.loss_fn not in (cross_entropy, F.cross_entropy) or not _class_indices(value, y):
+            raise CurvatureError(
+                "the exact GGN diagonal needs cross-entropy on class labels (its loss Hessian in closed form); "
+                "estimate the diagonal instead (xdiag or hutchinson)"
+            )
+        return _cross_entropy_factor(value)
+
+    return JacobianSandwich(objective, outputs, middle, objective.batch_weights, keep, factor)
 
 
 def empirical_fisher(objective: Objective, per_sample_loss: PerSampleLoss, keep: bool | None = None) -> JacobianSandwich:
@@ -189,8 +236,11 @@ def empirical_fisher(objective: Objective, per_sample_loss: PerSampleLoss, keep:
     def identity(value: torch.Tensor, batch, JV: torch.Tensor) -> torch.Tensor:
         return JV
 
+    def unit(value: torch.Tensor, batch) -> torch.Tensor:  # M = I: item i's cotangent is e_i, and Jᵀe_i = g_i
+        return torch.ones(len(value), 1, 1, dtype=value.dtype, device=value.device)
+
     weights = [1 / objective.n_samples] * len(objective.batches)
-    return JacobianSandwich(objective, losses, identity, weights, keep)
+    return JacobianSandwich(objective, losses, identity, weights, keep, unit)
 
 
 def _class_indices(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
@@ -207,6 +257,14 @@ def _cross_entropy_hessian_product(logits: torch.Tensor, U: torch.Tensor) -> tor
     """(diag(p) − ppᵀ) u / n per sample, p = softmax(logits): the Hessian of mean cross-entropy w.r.t. the logits."""
     p = logits.softmax(dim=1)
     return (p * U - p * (p * U).sum(dim=-1, keepdim=True)) / len(logits)
+
+
+def _cross_entropy_factor(logits: torch.Tensor) -> torch.Tensor:
+    """S_i = (diag(√p) − p√pᵀ)/√n per sample, p = softmax(logits), shape (n, C, C): S_i S_iᵀ = (diag(p) − 2ppᵀ +
+    p(Σp)pᵀ)/n = (diag(p) − ppᵀ)/n, the Hessian of mean cross-entropy w.r.t. sample i's logits."""
+    p = logits.softmax(dim=1)
+    root = p.sqrt()
+    return (torch.diag_embed(root) - p[:, :, None] * root[:, None, :]) / math.sqrt(len(logits))
 
 
 def check_per_sample_loss(objective: Objective, per_sample_loss: PerSampleLoss) -> None:

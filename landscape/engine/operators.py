@@ -62,6 +62,13 @@ class LinearOperator:
         """A vᵢ for each row vᵢ of a block of probes V of shape (k, n): the (k, n) block of products (rows)."""
         raise NotImplementedError
 
+    def exact_diagonal(self) -> tuple[torch.Tensor, int]:
+        """diag(A) exactly, and the backward passes it took, where the operator has a cheaper way than n products
+        (a dense matrix; the GGN and the Fisher through their factors); else a ValueError."""
+        raise ValueError(
+            f"{type(self).__name__} has no exact diagonal cheaper than {self.shape[0]} products; estimate it (xdiag, hutchinson)"
+        )
+
     def to_scipy(self) -> spla.LinearOperator:
         """A float64 scipy LinearOperator view, for cross-checks with scipy.sparse.linalg."""
         import scipy.sparse.linalg as spla  # here, not at the top: ~0.5 s that the CLI's start-up should not pay
@@ -86,6 +93,9 @@ class DenseOperator(LinearOperator):
     def products(self, V: torch.Tensor) -> torch.Tensor:
         self.n_matvecs += V.shape[0]
         return V @ self.matrix.T  # row i: A vᵢ
+
+    def exact_diagonal(self) -> tuple[torch.Tensor, int]:
+        return self.matrix.diagonal().clone(), 0
 
 
 class HessianOperator(LinearOperator):
@@ -116,6 +126,10 @@ class GGNOperator(LinearOperator):
         self.n_matvecs += V.shape[0]
         return self.sandwich(V)
 
+    def exact_diagonal(self) -> tuple[torch.Tensor, int]:
+        """(1/N)·Σ_i Σ_c (J_iᵀ S_i e_c)², S_i S_iᵀ the cross-entropy Hessian of sample i: N·C backward passes."""
+        return self.sandwich.diagonal()
+
 
 class FisherOperator(LinearOperator):
     """F = (1/N) Σ_i g_i g_iᵀ, the empirical Fisher of an Objective (g_i: gradient of sample i's loss in its batch).
@@ -134,6 +148,10 @@ class FisherOperator(LinearOperator):
     def products(self, V: torch.Tensor) -> torch.Tensor:
         self.n_matvecs += V.shape[0]
         return self.sandwich(V)
+
+    def exact_diagonal(self) -> tuple[torch.Tensor, int]:
+        """(1/N)·Σ_i g_i², from N backward passes (one per sample's loss)."""
+        return self.sandwich.diagonal()
 
 
 def curvature_operator(objective: Objective, curvature: str = "hessian") -> LinearOperator:
