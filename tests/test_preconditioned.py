@@ -183,8 +183,24 @@ def test_bad_optimizer_states_get_one_clear_error():
         preconditioner_from_state({"weight": torch.zeros(2)}, names)
     two = torch.optim.Adam([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.5}])
     _steps(model, two, x, y, 1)
-    with pytest.raises(ValueError, match="differ in lr or momentum"):
+    with pytest.raises(ValueError, match="2 parameter groups and no parameter names"):
         preconditioner_from_state(two.state_dict(), names)
+    named = torch.optim.Adam([{"params": model[0].named_parameters()}, {"params": model[2].named_parameters(), "lr": 0.5}])
+    _steps(model, named, x, y, 1)
+    with pytest.raises(ValueError, match="differ in lr or momentum"):
+        preconditioner_from_state(named.state_dict())
+    # decay and no-decay groups (a HuggingFace Trainer's split) in the groups' order, not the model's: read by name
+    split = torch.optim.AdamW(
+        [
+            {"params": [model[0].weight, model[2].weight], "param_names": ["0.weight", "2.weight"], "weight_decay": 0.1},
+            {"params": [model[0].bias, model[2].bias], "param_names": ["0.bias", "2.bias"], "weight_decay": 0.0},
+        ]
+    )
+    _steps(model, split, x, y, 2)
+    P = preconditioner_from_state(split.state_dict())
+    for name, p in model.named_parameters():
+        v = split.state[p]["exp_avg_sq"] / (1 - 0.999**2)
+        torch.testing.assert_close(P.diagonal[name], v.double().sqrt() + 1e-8)
 
 
 def test_a_checkpoint_keeps_its_optimizer_state_in_each_format(tmp_path):

@@ -86,6 +86,12 @@ def preconditioner_from_state(
     indices = [i for g in groups for i in g["params"]]
     if all("param_names" in g for g in groups):
         names = [n for g in groups for n in g["param_names"]]
+    elif len(groups) > 1:  # e.g. decay and no-decay groups: the order is the groups', not the model's
+        raise ValueError(
+            f"the optimizer state has {len(groups)} parameter groups and no parameter names, so which entry is which "
+            "parameter is unknown; build the optimizer over model.named_parameters() (torch keeps the names) or save "
+            "one group"
+        )
     if names is None or len(indices) != len(names):
         raise ValueError(
             f"the optimizer state holds {len(indices)} parameters and the model {len(names or ())} trainable ones: it was "

@@ -130,8 +130,11 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
 
 def load_optimizer_state(path: str | os.PathLike, *, trust: bool = False) -> dict:
     """The torch optimizer state_dict in `path`: a file holding one (`torch.save(optimizer.state_dict())`, a
-    HuggingFace Trainer's optimizer.pt) or a checkpoint keeping one beside the weights (under one of OPTIMIZER_KEYS)."""
+    HuggingFace Trainer's optimizer.pt, also found in its checkpoint folder) or a checkpoint keeping one beside the
+    weights (under one of OPTIMIZER_KEYS)."""
     path = str(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "optimizer.pt")):
+        path = os.path.join(path, "optimizer.pt")
     if not os.path.isfile(path) or path.endswith(".safetensors"):
         raise CheckpointError(f"{path} holds no optimizer state (it is not a torch.save file)")
     obj = _load_pickle(path, trust)
