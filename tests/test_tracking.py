@@ -133,6 +133,7 @@ def test_gradient_descent_sharpens_to_the_edge_of_stability():
         assert run.loss[-1] < 0.5 * run.loss[0]
         window = run.sharpness[run.recorded >= 500] / run.threshold
         assert np.all(np.abs(window - 1) <= 0.15), (lr, window.min(), window.max())
+        assert np.nanmedian(run.alignment[run.recorded >= 500]) > 0.2  # the gradient oscillates along v1 (~0.03 at random)
 
 
 @pytest.mark.slow
@@ -149,7 +150,7 @@ def test_full_batch_adam_sharpens_to_the_adaptive_edge_of_stability():
 
     data = load_data("mnist1d")
     x, y = data.x_train[:200], data.y_train[:200]
-    ratios = {}
+    ratios, along = {}, {}
     for lr in (8e-3, 1e-4):
         torch.manual_seed(0)
         model = MLP(data.input_shape, data.num_classes, (16, 16), activation="tanh")
@@ -157,5 +158,7 @@ def test_full_batch_adam_sharpens_to_the_adaptive_edge_of_stability():
         assert list(run.recorded) == list(range(20, 401, 20))  # step 0 has no second moment yet
         assert run.threshold == pytest.approx(38 / lr) and run.converged.all()
         ratios[lr] = run.sharpness[run.recorded >= 200] / run.threshold
+        along[lr] = np.nanmedian(run.alignment[run.recorded >= 200])
     assert np.all(np.abs(ratios[8e-3] - 1) <= 0.2), ratios[8e-3]
     assert np.all(ratios[1e-4] < 0.05), ratios[1e-4]
+    assert along[8e-3] > 100 * along[1e-4]  # in P^(1/2)-coordinates the gradient leans on the top eigenvector at the edge

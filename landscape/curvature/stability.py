@@ -92,6 +92,10 @@ class GDRun(Result):
     hvps: np.ndarray  # Hessian-vector products each Lanczos spent
     converged: np.ndarray  # whether each Lanczos met its tolerance
     seconds: float
+    # |cos| between the gradient at each recorded step and the top eigenvector: at the edge of stability the iterates
+    # oscillate along it (GD: ∇L against v1 of H; Adam: in the preconditioned coordinates z = P^(1/2)·w, ∂L/∂z =
+    # P^(-1/2)∇L against u, the top eigenvector of P^(-1/2)HP^(-1/2)); the last recorded step (no gradient step): NaN
+    alignment: np.ndarray | None = None
 
     @property
     def threshold(self) -> float:
@@ -120,7 +124,7 @@ def gradient_descent(
     net = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     x, y = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype), y.to(device)
     params = list(net.parameters())
-    losses, recorded, sharpness, residuals, hvps, converged = [], [], [], [], [], []
+    losses, recorded, sharpness, residuals, hvps, converged, alignment = [], [], [], [], [], [], []
     warm = WarmStart(enabled=config.warm_start)
     adam = config.optimizer == "adam"
     if adam:
@@ -136,8 +140,10 @@ def gradient_descent(
             )
             op = HessianOperator(objective)
             if adam:
-                op = preconditioned_operator(op, preconditioner_of(optimizer, net).flat(objective))
+                p_flat = preconditioner_of(optimizer, net).flat(objective)
+                op = preconditioned_operator(op, p_flat)
             top = warm.lanczos(op, 1, tol=config.tol, stop=config.stop, seed=config.seed)
+            direction, metric = warm.vector, p_flat.rsqrt() if adam else None
             recorded.append(step)
             sharpness.append(float(top.values[0]))
             residuals.append(float(top.residuals[0]))
@@ -145,14 +151,20 @@ def gradient_descent(
             converged.append(top.converged)
         if step < config.steps:
             grads = torch.autograd.grad(loss, params)
+            if recorded and recorded[-1] == step:
+                g = torch.cat([g.reshape(-1) for g in grads]).to(direction.dtype)
+                g = g * metric if metric is not None else g  # Adam: ∂L/∂z = P^(-1/2)·∂L/∂w
+                alignment.append(float((g @ direction).abs() / (g.norm() * direction.norm())))
             if adam:
                 for p, g in zip(params, grads):
                     p.grad = g
                 optimizer.step()
-                continue
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p.sub_(config.lr * g)
+            else:
+                with torch.no_grad():
+                    for p, g in zip(params, grads):
+                        p.sub_(config.lr * g)
+        elif recorded and recorded[-1] == step:
+            alignment.append(float("nan"))
     return GDRun(
         config=config,
         loss=np.array(losses),
@@ -162,4 +174,5 @@ def gradient_descent(
         hvps=np.array(hvps),
         converged=np.array(converged),
         seconds=time.perf_counter() - start_time,
+        alignment=np.array(alignment),
     )
