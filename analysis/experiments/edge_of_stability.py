@@ -17,6 +17,7 @@ three seeds per step size, while a small-η control stays far below its threshol
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,7 +123,8 @@ def plot_edge_of_stability(columns: Sequence[Sequence[GDRun]], title: str = "", 
             bottom.semilogy(np.arange(len(run.loss)), run.loss, color=color, lw=1.1 if len(runs) == 1 else 0.9)
         top.axhline(first.threshold, color="black", ls="--", lw=1.1, label=f"{setting.threshold} = {first.threshold:.3g}")
         ratio = np.concatenate([window_ratio(run) for run in runs])
-        along = np.nanmedian(np.concatenate([window_alignment(run) for run in runs]))
+        along = ", ".join(f"{np.nanmedian(window_alignment(run)):.2g}" for run in runs)
+        vector = "v1" if setting is SETTINGS["gd"] else "u"
         half = first.config.steps // 2
         top.axvspan(half, first.config.steps, color="0.92", zorder=0)
         seeds = f" ({len(runs)} seeds)" if len(runs) > 1 else ""
@@ -131,11 +133,11 @@ def plot_edge_of_stability(columns: Sequence[Sequence[GDRun]], title: str = "", 
             0.04,
             f"steps {half}–{first.config.steps}{seeds}:\n{setting.sharpness}/({setting.threshold}) = "
             f"{_short(ratio.mean())} [{_short(ratio.min())}, {_short(ratio.max())}]\n"
-            f"gradient along the top eigenvector: median |cos| {along:.2g}",
+            f"median |cos(∇, {vector})|{' per seed' if len(runs) > 1 else ''}:\n{along}",
             transform=top.transAxes,
             ha="right",
             va="bottom",
-            fontsize=8.5,
+            fontsize=8,
             bbox={"facecolor": "white", "edgecolor": "0.7", "alpha": 0.9},
         )
         top.set_ylim(0, 1.9 * first.threshold)
@@ -171,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=None, help="measure the sharpness every this many steps (gd 10, adam 20)")
     parser.add_argument("--seeds", type=int, default=None, help="initializations per step size (default: gd 1, adam 3)")
     parser.add_argument(
+        "--replot", action="store_true", help="draw the figure again from the runs the last run saved beside it (.json)"
+    )
+    parser.add_argument(
         "--cold", action="store_true", help="also measure every λ1 by a cold-started Lanczos, to report the HVPs warm starts save"
     )
     args = parser.parse_args(argv)
@@ -179,8 +184,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     seeds = range(args.seeds or setting.seeds)
     step_sizes = setting.step_sizes + ((setting.control,) if setting.control else ())
     began = time.perf_counter()
-    by_seed = [run_experiment(step_sizes, steps=steps, every=every, seed=seed, optimizer=args.optimizer) for seed in seeds]
-    columns = [list(runs) for runs in zip(*by_seed)]
+    runs_file = args.out / Path(setting.filename).with_suffix(".json").name
+    if args.replot:
+        columns = [[GDRun.from_dict(run) for run in column] for column in json.loads(runs_file.read_text())]
+        steps, every = columns[0][0].config.steps, columns[0][0].config.every
+    else:
+        by_seed = [run_experiment(step_sizes, steps=steps, every=every, seed=seed, optimizer=args.optimizer) for seed in seeds]
+        columns = [list(runs) for runs in zip(*by_seed)]
+        args.out.mkdir(parents=True, exist_ok=True)
+        runs_file.write_text(json.dumps([[run.to_dict() for run in column] for column in columns]))
     optimizer = "GD" if args.optimizer == "gd" else f"Adam (β1 {GDConfig.beta1}, β2 {GDConfig.beta2})"
     title = (
         f"{'Adaptive edge' if args.optimizer == 'adam' else 'Edge'} of stability: full-batch {optimizer}, tanh MLP "
