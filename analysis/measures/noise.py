@@ -92,7 +92,15 @@ def curve_quantities(r: SharpnessCurve, name: str) -> list[Quantity]:  # the sam
 # ---------------------------------------------------------------------------------------------------- average-case
 def average(objective: Objective, spec: MetricSpec, *, adaptive: bool = False) -> ExpectedLoss:
     return average_case(
-        objective, spec.rho, p=spec.p, adaptive=adaptive, n_samples=spec.noise_samples, seed=spec.seed, progress=spec.progress
+        objective,
+        spec.rho,
+        p=spec.p,
+        adaptive=adaptive,
+        n_samples=spec.noise_samples,
+        seed=spec.seed,
+        logit_normalization=spec.logit_normalization,
+        fold_bn=spec.fold_bn,
+        progress=spec.progress,
     )
 
 
@@ -105,7 +113,7 @@ def average_quantities(r: ExpectedLoss, name: str) -> list[Quantity]:
     return [Quantity(name, r.increase, r.stderr, name, samples)]
 
 
-AVERAGE_OPTIONS = ("rho", "p", "noise_samples")
+AVERAGE_OPTIONS = ("rho", "p", "noise_samples", "logit_normalization", "fold_bn")
 MEASURES = (
     # measure's single-radius row; compare's quantity is the sharpness curve's
     Measure("expected-loss", expected, ExpectedLoss, expected_rows, no_quantities, options=NOISE_OPTIONS, compared=False),
