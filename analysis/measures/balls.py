@@ -25,10 +25,14 @@ def ascent(spec: MetricSpec, adaptive: bool) -> dict:
         steps=spec.ascent_steps,
         restarts=spec.ascent_restarts,
         seed=spec.seed,
-        logit_normalization=spec.logit_normalization,
-        fold_bn=spec.fold_bn,
         progress=spec.progress,
+        **preprocessing(spec),
     )
+
+
+def preprocessing(spec: MetricSpec) -> dict:
+    """Andriushchenko et al. (2023)'s two options, read by the worst-, m- and average-case measures."""
+    return {"logit_normalization": spec.logit_normalization, "fold_bn": spec.fold_bn}
 
 
 def worst(objective: Objective, spec: MetricSpec, *, adaptive: bool = False) -> WorstCase:

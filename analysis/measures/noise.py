@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 
+from analysis.measures.balls import preprocessing
 from analysis.measures.notes import OptionNote
 from analysis.measures.options import MetricSpec
 from analysis.measures.record import Measure, no_quantities
@@ -91,17 +92,8 @@ def curve_quantities(r: SharpnessCurve, name: str) -> list[Quantity]:  # the sam
 
 # ---------------------------------------------------------------------------------------------------- average-case
 def average(objective: Objective, spec: MetricSpec, *, adaptive: bool = False) -> ExpectedLoss:
-    return average_case(
-        objective,
-        spec.rho,
-        p=spec.p,
-        adaptive=adaptive,
-        n_samples=spec.noise_samples,
-        seed=spec.seed,
-        logit_normalization=spec.logit_normalization,
-        fold_bn=spec.fold_bn,
-        progress=spec.progress,
-    )
+    options = dict(n_samples=spec.noise_samples, seed=spec.seed, progress=spec.progress, **preprocessing(spec))
+    return average_case(objective, spec.rho, p=spec.p, adaptive=adaptive, **options)
 
 
 def adaptive_average(objective: Objective, spec: MetricSpec) -> ExpectedLoss:

@@ -416,19 +416,9 @@ def preprocessed(objective: Objective, *, logit_normalization: bool = False, fol
         model, metadata["fold_bn"] = folded.model, folded.describe()
     if logit_normalization:
         loss, metadata["logit_normalization"] = logit_normalized(loss), True
-    return Objective(
-        model,
-        objective.batches,
-        loss=loss,
-        params=objective.param_selection,
-        mode=objective.mode,
-        dtype=objective.model_dtype,
-        device=objective.device,
-        hvp_method=objective.hvp_method,
-        distributed=objective.distributed,
-        hvp_check=False,
-        metadata=metadata,
-    )
+    kept = {"params": objective.param_selection, "mode": objective.mode, "dtype": objective.model_dtype}
+    kept.update(device=objective.device, hvp_method=objective.hvp_method, distributed=objective.distributed)
+    return Objective(model, objective.batches, loss=loss, hvp_check=False, metadata=metadata, **kept)
 
 
 # ------------------------------------------------------------------------------------- internals
