@@ -54,12 +54,26 @@ class Untraceable(nn.Module):
         return self.head(out)
 
 
+class WithOptions(nn.Module):
+    """conv → BN with a keyword option of the forward (as Andriushchenko et al.'s ResNets have): traced at its default."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Linear(48, 3)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        out = torch.relu(self.bn(self.conv(x))).flatten(1)
+        assert return_features in (False, True)
+        return out if return_features else self.head(out)
+
+
 MODELS = {
     "convnet": (lambda: tiny_convnet_bn(), (1, 4, 4), 2, 0),
     "mlp-bn1d": (lambda: model_for_data("mlp", (6,), 3, hidden=(8, 8), batchnorm=True)[0], (6,), 2, 0),
     "resnet-block": (ZOO["torchvision-basic-block"].factory, (2, 4, 4), 3, 0),
     "bn-after-activation": (lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.BatchNorm1d(5), nn.Linear(5, 3)), (6,), 0, 1),
     "untraceable": (Untraceable, (1, 4, 4), 0, 1),
+    "forward-options": (WithOptions, (1, 4, 4), 1, 0),
 }
 
 

@@ -11,6 +11,7 @@ as its parameters. Either way the function in eval mode is unchanged and no runn
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +85,7 @@ def fold_batch_norm(model: nn.Module) -> FoldedModel:
     model = copy.deepcopy(model).eval()
     fused: list[str] = []
     try:
-        model = fx.symbolic_trace(model)
+        model = fx.symbolic_trace(model, concrete_args=_defaults(model))
     except Exception:  # noqa: BLE001 - any tracing failure: fall back to merging every BN in place
         pass
     else:
@@ -96,6 +97,12 @@ def fold_batch_norm(model: nn.Module) -> FoldedModel:
             _set_module(model, name, ChannelAffine(scale, shift))
             merged.append(name)
     return FoldedModel(model.eval(), tuple(fused), tuple(merged))
+
+
+def _defaults(model: nn.Module) -> dict:
+    """forward's arguments with defaults (return_features=False, ...), traced at those values, not as tensors."""
+    signature = inspect.signature(model.forward)
+    return {n: p.default for n, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
 
 
 def _affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
