@@ -24,6 +24,8 @@ _EXPORTS = {
     "Dataset": "landscape.inputs.data",
     "load_checkpoint": "landscape.inputs.checkpoints",
     "save_checkpoint": "landscape.inputs.checkpoints",
+    "fold_batch_norm": "landscape.inputs.fold_bn",
+    "normalize_logits": "landscape.inputs.batches",
     "objective_from_checkpoint": "landscape.engine.from_checkpoint",
     # the objective and its curvature operators
     "Objective": "landscape.engine.objective",
@@ -55,6 +57,7 @@ _EXPORTS = {
     "worst_case": "landscape.sharpness.balls",
     "average_case": "landscape.sharpness.balls",
     "m_sharpness": "landscape.sharpness.balls",
+    "preprocessed": "landscape.sharpness.balls",
     "critical_sharpness": "landscape.sharpness.critical",
     "pac_bayes_flatness": "landscape.sharpness.pac_bayes",
     # surfaces

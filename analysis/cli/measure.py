@@ -149,6 +149,14 @@ def add_metric_arguments(
         kind = f.type if isinstance(f.type, type) else _flag_type(str(f.type))
         default = getattr(defaults, f.name)
         readers = [n for n in names if n in MEASURES and f.name in MEASURES[n].options]  # from each measure's record
+        if kind is bool:  # an on/off option: a bare flag
+            group.add_argument(
+                "--" + f.name.replace("_", "-"),
+                action="store_true",
+                default=default,
+                help=f.metadata["help"] + (f" [{', '.join(readers)}]" if readers else ""),
+            )
+            continue
         group.add_argument(
             "--" + f.name.replace("_", "-"),
             type=kind,
@@ -161,7 +169,7 @@ def add_metric_arguments(
 
 def _flag_type(annotation: str) -> type:
     """The argparse type of a MetricSpec annotation ("int | None" → int; tuples are parsed from their text later)."""
-    for name, kind in (("tuple", str), ("int", int), ("float", float)):
+    for name, kind in (("tuple", str), ("int", int), ("float", float), ("bool", bool)):
         if annotation.startswith(name):
             return kind
     return str

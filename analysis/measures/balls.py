@@ -26,7 +26,13 @@ def ascent(spec: MetricSpec, adaptive: bool) -> dict:
         restarts=spec.ascent_restarts,
         seed=spec.seed,
         progress=spec.progress,
+        **preprocessing(spec),
     )
+
+
+def preprocessing(spec: MetricSpec) -> dict:
+    """Andriushchenko et al. (2023)'s two options, read by the worst-, m- and average-case measures."""
+    return {"logit_normalization": spec.logit_normalization, "fold_bn": spec.fold_bn}
 
 
 def worst(objective: Objective, spec: MetricSpec, *, adaptive: bool = False) -> WorstCase:
@@ -46,7 +52,8 @@ def check_m(spec: MetricSpec, params: str, n_params: int, n_samples: int | None)
 
 
 def _scaled(r: WorstCase | MSharpness) -> str:
-    return "" if not r.adaptive else f", T = |w| + {r.eta:g}" if r.eta else ", T = |w|"
+    scale = "" if not r.adaptive else f", T = |w| + {r.eta:g}" if r.eta else ", T = |w|"
+    return scale + (", normalized logits" if r.logit_normalization else "") + (", BN folded" if r.fold_bn else "")
 
 
 def worst_rows(r: WorstCase, name: str, products: str) -> list[Row]:
@@ -77,7 +84,7 @@ def m_quantities(r: MSharpness, name: str) -> list[Quantity]:  # the same batche
     return [Quantity(name, r.value, r.stderr or 0.0, name, tuple(np.asarray(r.batch_values).tolist()))]
 
 
-BALL = ("rho", "p", "ascent_steps", "ascent_restarts")
+BALL = ("rho", "p", "ascent_steps", "ascent_restarts", "logit_normalization", "fold_bn")
 MEASURES = (
     Measure("worst-case", worst, WorstCase, worst_rows, worst_quantities, options=BALL, lower_bound=True),
     Measure(

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 
+from analysis.measures.balls import preprocessing
 from analysis.measures.notes import OptionNote
 from analysis.measures.options import MetricSpec
 from analysis.measures.record import Measure, no_quantities
@@ -91,9 +92,8 @@ def curve_quantities(r: SharpnessCurve, name: str) -> list[Quantity]:  # the sam
 
 # ---------------------------------------------------------------------------------------------------- average-case
 def average(objective: Objective, spec: MetricSpec, *, adaptive: bool = False) -> ExpectedLoss:
-    return average_case(
-        objective, spec.rho, p=spec.p, adaptive=adaptive, n_samples=spec.noise_samples, seed=spec.seed, progress=spec.progress
-    )
+    options = dict(n_samples=spec.noise_samples, seed=spec.seed, progress=spec.progress, **preprocessing(spec))
+    return average_case(objective, spec.rho, p=spec.p, adaptive=adaptive, **options)
 
 
 def adaptive_average(objective: Objective, spec: MetricSpec) -> ExpectedLoss:
@@ -105,7 +105,7 @@ def average_quantities(r: ExpectedLoss, name: str) -> list[Quantity]:
     return [Quantity(name, r.increase, r.stderr, name, samples)]
 
 
-AVERAGE_OPTIONS = ("rho", "p", "noise_samples")
+AVERAGE_OPTIONS = ("rho", "p", "noise_samples", "logit_normalization", "fold_bn")
 MEASURES = (
     # measure's single-radius row; compare's quantity is the sharpness curve's
     Measure("expected-loss", expected, ExpectedLoss, expected_rows, no_quantities, options=NOISE_OPTIONS, compared=False),

@@ -161,6 +161,17 @@ class MetricSpec:
         metavar="FILE",
     )
     eta: float = option(0.0, "adaptive ball T = |w| + η (default %(default)s, as Andriushchenko et al.; ASAM uses 0.01)")
+    logit_normalization: bool = option(
+        False,
+        "worst- and average-case sharpness of the loss of normalized logits (centred over the classes, divided by "
+        "their ℓ2 norm; Andriushchenko et al. 2023), so scaling the logits cannot change it",
+    )
+    fold_bn: bool = option(
+        False,
+        "worst- and average-case sharpness with eval-mode BatchNorm folded into the weights (into the conv or linear "
+        "layer before it, else into its own scale and shift; Andriushchenko et al. 2023): the same function, whose "
+        "parameters, the ones perturbed and adaptively scaled, are the weights the network applies",
+    )
     per_layer: tuple[str, ...] = option((), "", flag=False)
     # the blocks --per-layer measures: one per module, or one per role (attention, mlp, ...)
     per_layer_by: str = option("module", "", flag=False)

@@ -146,6 +146,29 @@ class_cross_entropy = from_mean(mean_cross_entropy)
 class_cross_entropy.__name__ = "class_cross_entropy"
 
 
+def normalize_logits(scores: torch.Tensor) -> torch.Tensor:
+    """Logits centred over the class axis (the last) and divided by their ℓ2 norm (at least 1e-10), gradients kept.
+
+    Andriushchenko et al. (2023)'s logit normalization: cross-entropy of the result depends only on the
+    logits' direction, so scaling the last layer up cannot make the loss flatter or sharper.
+    """
+    centred = scores - scores.mean(dim=-1, keepdim=True)
+    return centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-10)
+
+
+def logit_normalized(loss: Loss) -> Loss:
+    """`loss` taken of the normalized logits (normalize_logits) instead of the model's own; same items, same count."""
+
+    def normalized(output: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | int]:
+        return loss(normalize_logits(logits(output)), batch)
+
+    if hasattr(loss, "count"):
+        normalized.count = loss.count
+    normalized.__name__ = normalized.__qualname__ = f"logit_normalized({loss_name(loss)})"
+    normalized.__module__ = __name__
+    return normalized
+
+
 def mean_squared_error(output: Any, batch: Batch) -> tuple[torch.Tensor, int]:
     """Σ over samples of the mean squared error over each sample's outputs; the objective is F.mse_loss's mean."""
     prediction, y = logits(output), targets(batch)

@@ -21,6 +21,8 @@ from landscape.engine.checks import check_int, check_number
 from landscape.engine.objective import Objective
 from landscape.engine.probes import seeded_generator
 from landscape.engine.progress import Progress
+from landscape.inputs.batches import logit_normalized
+from landscape.inputs.fold_bn import fold_batch_norm
 from landscape.results import Result
 from landscape.sharpness.ascent import Neighbourhood, Starts, maximize, norm_name
 from landscape.sharpness.perturb import ExpectedLoss, expected_loss
@@ -63,6 +65,8 @@ class WorstCase(Result):
     seed: int
     setup: dict
     bound: str = "lower"  # in the JSON too: `value` is a lower bound on the maximum (the best an ascent found)
+    logit_normalization: bool = False  # the loss of centred, unit-norm logits (Andriushchenko et al. 2023)
+    fold_bn: bool = False  # measured on the weights with BatchNorm folded in (setup["fold_bn"] counts the layers)
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,8 @@ class MSharpness(Result):
     seed: int
     setup: dict
     bound: str = "lower"  # in the JSON too: `value` is a lower bound on the maximum (the best an ascent found)
+    logit_normalization: bool = False  # the loss of centred, unit-norm logits (Andriushchenko et al. 2023)
+    fold_bn: bool = False  # measured on the weights with BatchNorm folded in (setup["fold_bn"] counts the layers)
 
 
 def default_rho(p: str | float, adaptive: bool, *, average: bool = False) -> float:
@@ -111,6 +117,8 @@ def worst_case(
     steps: int = 20,
     restarts: int = 1,
     seed: int = 0,
+    logit_normalization: bool = False,
+    fold_bn: bool = False,
     progress: bool | str = False,
 ) -> WorstCase:
     """Worst-case sharpness S(w, ρ) over the ℓ2 (SAM, Foret et al. 2021) or ℓ∞ ball, adaptive with T = |w| + η (Kwon et al. 2021).
@@ -132,6 +140,8 @@ def worst_case(
         steps: APGD iterations per start.
         restarts: random starts besides the gradient start.
         seed: seed of the random starts.
+        logit_normalization: measure the loss of normalized logits (see `preprocessed`).
+        fold_bn: measure the model with BatchNorm folded into its weights (see `preprocessed`).
         progress: a progress bar (True, or a label), off by default.
 
     Returns:
@@ -155,6 +165,7 @@ def worst_case(
     """
     p, rho, eta = _check(objective, p, rho, adaptive, eta, steps, restarts)
     start = time.perf_counter()
+    objective = preprocessed(objective, logit_normalization=logit_normalization, fold_bn=fold_bn)
     generator = seeded_generator(objective.device, seed)
     clean_loss = objective.loss()
     nb = Neighbourhood(objective, p, rho, scale=_scale(objective, adaptive, eta))
@@ -184,6 +195,8 @@ def worst_case(
         seconds=time.perf_counter() - start,
         seed=int(seed),
         setup=objective.describe(),
+        logit_normalization=bool(logit_normalization),
+        fold_bn=bool(fold_bn),
     )
 
 
@@ -198,6 +211,8 @@ def m_sharpness(
     steps: int = 20,
     restarts: int = 1,
     seed: int = 0,
+    logit_normalization: bool = False,
+    fold_bn: bool = False,
     progress: bool | str = False,
 ) -> MSharpness:
     """m-sharpness (Foret et al. 2021; Andriushchenko et al. 2023): each m-sample batch's own worst case, averaged.
@@ -218,6 +233,8 @@ def m_sharpness(
         steps: APGD iterations per start.
         restarts: random starts besides the gradient start, per batch.
         seed: seed of the random starts.
+        logit_normalization: measure the loss of normalized logits (see `preprocessed`).
+        fold_bn: measure the model with BatchNorm folded into its weights (see `preprocessed`).
         progress: a progress bar (True, or a label), off by default.
 
     Returns:
@@ -248,6 +265,7 @@ def m_sharpness(
     if objective.distributed:
         raise ValueError("m-sharpness needs the whole measurement set in one process: run it without torchrun")
     start = time.perf_counter()
+    objective = preprocessed(objective, logit_normalization=logit_normalization, fold_bn=fold_bn)
     generator = seeded_generator(objective.device, seed)
     if not all(isinstance(b, tuple) and len(b) == 2 for b in objective.batches):
         raise ValueError("m-sharpness re-batches the measurement set into m samples and needs (x, y) batches")
@@ -288,6 +306,8 @@ def m_sharpness(
         seconds=time.perf_counter() - start,
         seed=int(seed),
         setup=objective.describe(),
+        logit_normalization=bool(logit_normalization),
+        fold_bn=bool(fold_bn),
     )
 
 
@@ -299,6 +319,8 @@ def average_case(
     adaptive: bool = False,
     n_samples: int = 100,
     seed: int = 0,
+    logit_normalization: bool = False,
+    fold_bn: bool = False,
     progress: bool | str = False,
 ) -> ExpectedLoss:
     """The average-case counterpart E_δ' L(w + T ⊙ δ') − L(w) (Andriushchenko et al. 2023), with a 95% CI.
@@ -315,6 +337,8 @@ def average_case(
         adaptive: noise scaled by |w| per coordinate.
         n_samples: perturbed forward passes (antithetic pairs).
         seed: seed of the noise.
+        logit_normalization: measure the loss of normalized logits (see `preprocessed`).
+        fold_bn: measure the model with BatchNorm folded into its weights (see `preprocessed`).
         progress: a progress bar (True, or a label), off by default.
 
     Returns:
@@ -337,7 +361,7 @@ def average_case(
     p = norm_name(p)
     rho = default_rho(p, adaptive, average=True) if rho is None else check_number("rho", rho, allow_zero=False)
     return expected_loss(
-        objective,
+        preprocessed(objective, logit_normalization=logit_normalization, fold_bn=fold_bn),
         rho,
         distribution="gaussian" if p == "2" else "uniform",
         scale="weight" if adaptive else "absolute",
@@ -345,6 +369,56 @@ def average_case(
         seed=seed,
         progress=progress,
     )
+
+
+def preprocessed(objective: Objective, *, logit_normalization: bool = False, fold_bn: bool = False) -> Objective:
+    """The objective with Andriushchenko et al. (2023)'s two options: itself when neither is asked for.
+
+    logit_normalization: the loss is taken of the logits centred over the classes and divided by their ℓ2 norm
+    (landscape.inputs.batches.normalize_logits), at w and at every perturbed point, so a network cannot look
+    flatter by scaling its logits down. fold_bn: the parameters are the weights with eval-mode BatchNorm
+    folded in (landscape.inputs.fold_bn.fold_batch_norm), so the adaptive scaling T = |w| + η acts on the
+    weights the network applies; same function, same batches, the same parameter selection applied to the
+    folded model. The setup records both (`logit_normalization`, and `fold_bn` with how many BN layers were
+    fused into a preceding layer or merged into a scale and shift).
+
+    Args:
+        objective: the loss L and the point w.
+        logit_normalization: take the loss of the normalized logits.
+        fold_bn: measure the model with its BatchNorm layers folded into the weights.
+
+    Returns:
+        Objective: a new objective over the same batches (or `objective` itself when both are False).
+
+    Raises:
+        ValueError: fold_bn on an objective with mode="train" (BN on batch statistics has no fixed weights).
+
+    Examples:
+        Logits (3, −1) for class 0 normalize to (1, −1)/√2, whatever their scale: the loss becomes log(1 + e^(−√2)):
+
+        >>> from torch import nn
+        >>> model = nn.Linear(1, 2, bias=False)
+        >>> _ = model.weight.data.copy_(torch.tensor([[3.0], [-1.0]]))
+        >>> objective = Objective(model, [(torch.ones(1, 1), torch.tensor([0]))], dtype=torch.float64, device="cpu")
+        >>> round(objective.loss(), 6), round(preprocessed(objective, logit_normalization=True).loss(), 6)
+        (0.01815, 0.217622)
+    """
+    if not (logit_normalization or fold_bn):
+        return objective
+    model, loss, metadata = objective.model, objective.loss_function, dict(objective.metadata)
+    if fold_bn:
+        if objective.mode == "train":
+            raise ValueError(
+                "fold_bn folds BN running statistics into the weights, but this objective has mode='train' (BN on "
+                "each batch's own statistics, which no fixed weights reproduce): use mode='eval' or fold_bn=False"
+            )
+        folded = fold_batch_norm(model)
+        model, metadata["fold_bn"] = folded.model, folded.describe()
+    if logit_normalization:
+        loss, metadata["logit_normalization"] = logit_normalized(loss), True
+    kept = {"params": objective.param_selection, "mode": objective.mode, "dtype": objective.model_dtype}
+    kept.update(device=objective.device, hvp_method=objective.hvp_method, distributed=objective.distributed)
+    return Objective(model, objective.batches, loss=loss, hvp_check=False, metadata=metadata, **kept)
 
 
 # ------------------------------------------------------------------------------------- internals
