@@ -41,6 +41,7 @@ _EXPORTS = {
     "per_layer": "landscape.curvature.blocks",
     "fisher_rao_norm": "landscape.curvature.fisher_rao",
     "batch_sharpness": "landscape.curvature.per_batch",
+    "relative_flatness": "landscape.curvature.relative",
     "expected_loss": "landscape.sharpness.perturb",
     "sharpness_curve": "landscape.sharpness.perturb",
     "epsilon_sharpness": "landscape.sharpness.box",

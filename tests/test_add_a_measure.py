@@ -112,4 +112,4 @@ def test_every_metric_option_is_read_by_a_measure_and_says_which():
     read = {option for measure in MEASURES.values() for option in measure.options}
     assert {f.name for f in flag_fields()} <= read
     text = " ".join(build_parser(["measure"])._subparsers._group_actions[0].choices["measure"].format_help().split())
-    assert "(default 5) [eig]" in text and "[trace, sharpness-curve]" in text
+    assert "(default 5) [eig]" in text and "[trace, sharpness-curve" in text

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
+from landscape.curvature.relative import EXACT_MATVECS
+from landscape.curvature.relative import METHODS as RELATIVE_FLATNESS_METHODS
 from landscape.curvature.trace import TRACE_MATVEC_MINIMUMS
 from landscape.engine.gauss_newton import CURVATURES
 from landscape.sharpness.balls import DEFAULT_AVERAGE_RHO, DEFAULT_RHO
@@ -142,6 +144,18 @@ class MetricSpec:
         1, "worst-case and m-sharpness random starts besides the gradient direction (default %(default)s)", minimum=0
     )
     eta: float = option(0.0, "adaptive ball T = |w| + η (default %(default)s, as Andriushchenko et al.; ASAM uses 0.01)")
+    relative_flatness_layer: str | None = option(
+        None,
+        "the weight W of relative-flatness, by parameter name (e.g. 4.weight): the layer that takes the representation "
+        "φ, one row per neuron (default: the last nn.Linear weight, so φ is the penultimate layer's output)",
+        metavar="NAME",
+    )
+    relative_flatness_method: str = option(
+        "auto",
+        f"relative-flatness exactly (rank(WWᵀ)·m HVPs for W of d×m), estimated (--trace-method with --probes HVPs), "
+        f"or auto (default: exact up to {EXACT_MATVECS} HVPs or --probes, whichever is more)",
+        choices=RELATIVE_FLATNESS_METHODS,
+    )
     per_layer: tuple[str, ...] = option((), "", flag=False)
     # the blocks --per-layer measures: one per module, or one per role (attention, mlp, ...)
     per_layer_by: str = option("module", "", flag=False)

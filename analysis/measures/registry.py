@@ -7,7 +7,7 @@ table, its quantities join compare's differences and correlate's rankings, and i
 
 from __future__ import annotations
 
-from analysis.measures import balls, batch_sharpness, box, critical, curvature, fisher_rao, noise
+from analysis.measures import balls, batch_sharpness, box, critical, curvature, fisher_rao, noise, relative_flatness
 from analysis.measures.record import Measure
 from analysis.measures.text import EPSILON_SHARPNESS
 from landscape.results import Quantity, Result
@@ -29,7 +29,9 @@ def unregister(name: str) -> None:
 
 
 _BUILT_IN = {
-    m.name: m for module in (curvature, noise, box, balls, critical, fisher_rao, batch_sharpness) for m in module.MEASURES
+    m.name: m
+    for module in (curvature, noise, box, balls, critical, fisher_rao, batch_sharpness, relative_flatness)
+    for m in module.MEASURES
 }
 for _name in (
     "eig",
@@ -47,6 +49,7 @@ for _name in (
     "critical-sharpness",
     "fisher-rao",
     "batch-sharpness",
+    "relative-flatness",
 ):
     register(_BUILT_IN[_name])
 
