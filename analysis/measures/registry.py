@@ -69,6 +69,17 @@ def shardable_names() -> tuple[str, ...]:
     return tuple(n for n, m in MEASURES.items() if m.sharded)
 
 
+def scale_invariant_names() -> tuple[str, ...]:
+    """The measures whose value a function-preserving rescaling of two ReLU layers leaves unchanged."""
+    return tuple(n for n, m in MEASURES.items() if m.scale_invariant)
+
+
+def is_scale_invariant(name: str, result: Result) -> bool:
+    """Whether this result of measure `name` is scale-invariant: its record says so, and an adaptive ball's η is 0
+    (T = |w| + η scales with w only at η = 0)."""
+    return MEASURES[name].scale_invariant and getattr(result, "eta", 0.0) == 0
+
+
 def revive(name: str, stored: Result | dict) -> Result:
     """Measure `name`'s result, typed: a stored one (a results file, a cache) made its type again."""
     return MEASURES[name].revive(stored)

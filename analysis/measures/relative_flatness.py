@@ -61,5 +61,6 @@ MEASURES = (
         relative_rows,
         relative_quantities,
         options=("relative_flatness_layer", "relative_flatness_method", "trace_method", "probes"),
+        scale_invariant=True,
     ),
 )
