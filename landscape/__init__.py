@@ -51,6 +51,7 @@ _EXPORTS = {
     "hessian_diagonal": "landscape.curvature.diagonal",
     "xdiag": "landscape.curvature.diagonal",
     "hutchinson_diagonal": "landscape.curvature.diagonal",
+    "relative_flatness": "landscape.curvature.relative",
     "expected_loss": "landscape.sharpness.perturb",
     "sharpness_curve": "landscape.sharpness.perturb",
     "epsilon_sharpness": "landscape.sharpness.box",

@@ -33,6 +33,15 @@ def tiny_mlp(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
 
 
+def bias_free_relu_mlp(widths: tuple[int, ...]) -> nn.Sequential:
+    """Linear layers of `widths` without biases, ReLU between them, in float64: a network whose output is
+    homogeneous in each layer's weights (so scaling a layer by α and the next by 1/α leaves its function)."""
+    layers: list[nn.Module] = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b, bias=False), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).double()
+
+
 def tiny_convnet_bn(seed: int = 0) -> nn.Module:
     """Conv + BatchNorm + ReLU + linear head on 1x4x4 inputs (~150 parameters)."""
     torch.manual_seed(seed)

@@ -10,7 +10,7 @@ from torch import nn
 
 from landscape.curvature.fisher_rao import fisher_rao_norm
 from landscape.engine.objective import Objective
-from tests.helpers import classification_batches, digits_mlp_checkpoint, run_cli
+from tests.helpers import bias_free_relu_mlp, classification_batches, digits_mlp_checkpoint, run_cli
 
 
 def _per_sample_gradients(model: nn.Module, batches) -> torch.Tensor:
@@ -38,14 +38,7 @@ def test_the_norm_is_the_mean_squared_projection_of_per_sample_gradients_on_w(se
 def test_liang_et_al_identity_for_a_bias_free_relu_network():
     torch.manual_seed(0)
     layers = 3
-    model = nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(12, 20, bias=False),
-        nn.ReLU(),
-        nn.Linear(20, 20, bias=False),
-        nn.ReLU(),
-        nn.Linear(20, 4, bias=False),
-    ).double()
+    model = bias_free_relu_mlp((12, 20, 20, 4))
     batches = classification_batches(64, (12,), 4, [64])[2]
     found = fisher_rao_norm(Objective(model, batches, dtype=torch.float64, device="cpu"))
     x, y = batches[0]

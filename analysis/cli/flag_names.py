@@ -28,6 +28,7 @@ PARAMETER_FLAGS = {
     "out_dir": "--out",  # train
     "model_kwargs": "--model-opt",  # TrainConfig
     "optimizer_kwargs": "--opt",
+    "layer": "--relative-flatness-layer",  # relative_flatness
 }
 TRACE_METHODS = ("xtrace", "hutchpp", "hutchinson")  # estimators the command line picks with --trace-method
 

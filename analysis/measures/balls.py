@@ -95,6 +95,7 @@ MEASURES = (
         worst_quantities,
         options=(*BALL, "eta"),
         lower_bound=True,
+        scale_invariant=True,  # at η = 0, the default: T = |w| scales with w
     ),
     Measure("m-sharpness", m_batches, MSharpness, m_rows, m_quantities, options=(*BALL, "m"), check=check_m, lower_bound=True),
     Measure(
@@ -106,5 +107,6 @@ MEASURES = (
         options=(*BALL, "m", "eta"),
         check=check_m,
         lower_bound=True,
+        scale_invariant=True,  # at η = 0, the default
     ),
 )

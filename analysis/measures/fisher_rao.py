@@ -23,4 +23,4 @@ def fisher_rao_quantities(r: FisherRaoNorm, name: str) -> list[Quantity]:
     return [Quantity("⟨w, Fw⟩", r.value, 0.0, name)]  # exact on the measurement set: no sampling error
 
 
-MEASURES = (Measure("fisher-rao", fisher_rao, FisherRaoNorm, fisher_rao_rows, fisher_rao_quantities),)
+MEASURES = (Measure("fisher-rao", fisher_rao, FisherRaoNorm, fisher_rao_rows, fisher_rao_quantities, scale_invariant=True),)

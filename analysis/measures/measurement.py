@@ -15,7 +15,7 @@ from typing import Any
 
 from analysis.measures.notes import ResumeNote
 from analysis.measures.options import MetricSpec
-from analysis.measures.registry import MEASURES
+from analysis.measures.registry import MEASURES, is_scale_invariant
 from analysis.measures.solver_memory import ProcessMemory, free_beside_hvps, process_memory
 from landscape.curvature.blocks import PerLayerResult, parameter_blocks, per_layer
 from landscape.engine.finite_difference import FiniteDifferenceErrors
@@ -30,6 +30,7 @@ from landscape.results import Result, to_jsonable
 _FIELDS = ("checkpoint", "setup", "loss", "accuracy", "grad_norm", "n_params", "metrics", "seconds")
 _DIAGNOSTICS = ("hvp_check", "hvp_memory", "memory", "hvp_error")
 _DIAGNOSTIC_TYPES = dict(zip(_DIAGNOSTICS, (HVPCheck, MemoryPlan, ProcessMemory, FiniteDifferenceErrors)))
+_DERIVED = ("scale_invariant",)  # written from the results for a reader of the JSON, derived again when read back
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,9 @@ class Measurement:
     """One checkpoint's measurement: the set it was measured on (`setup`), loss, accuracy, gradient norm and each
     measure's typed result (`metrics`, in --metrics order), the per-layer curvature if asked, the seconds spent
     (over resumed runs too), the HVP path's self-check, its memory plan, the process's memory and the
-    finite-difference errors (each typed; the JSON adds the plan's and the errors' one-line summaries), and `context`: what a command records beside it (track: the epoch and the
+    finite-difference errors (each typed; the JSON adds the plan's and the errors' one-line summaries, and
+    `scale_invariant`: the measures whose values a function-preserving rescaling of ReLU layers leaves as they are),
+    and `context`: what a command records beside it (track: the epoch and the
     checkpoint's recorded metrics; correlate: the generalization gaps)."""
 
     checkpoint: str
@@ -65,6 +68,7 @@ class Measurement:
                 out[name]["summary"] = getattr(self, name).describe()
         if self.per_layer is not None:
             out["per_layer"] = self.per_layer.to_dict()
+        out["scale_invariant"] = [name for name, result in self.metrics.items() if is_scale_invariant(name, result)]
         return to_jsonable({**out, **self.context})
 
     @classmethod
@@ -79,7 +83,7 @@ class Measurement:
             metrics={name: MEASURES[name].revive(result) for name, result in data["metrics"].items()},
             per_layer=None if per_layer is None else PerLayerResult.from_dict(per_layer),
             **{name: None if data.get(name) is None else kind.from_dict(data[name]) for name, kind in _DIAGNOSTIC_TYPES.items()},
-            context={k: v for k, v in data.items() if k not in (*_FIELDS, *_DIAGNOSTICS, "per_layer")},
+            context={k: v for k, v in data.items() if k not in (*_FIELDS, *_DIAGNOSTICS, *_DERIVED, "per_layer")},
         )
 
     def with_context(self, **values: Any) -> Measurement:

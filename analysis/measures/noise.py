@@ -111,5 +111,13 @@ MEASURES = (
     Measure("expected-loss", expected, ExpectedLoss, expected_rows, no_quantities, options=NOISE_OPTIONS, compared=False),
     Measure("sharpness-curve", curve, SharpnessCurve, curve_rows, curve_quantities, options=(*NOISE_OPTIONS, "probes")),
     Measure("average-case", average, ExpectedLoss, expected_rows, average_quantities, options=AVERAGE_OPTIONS),
-    Measure("adaptive-average-case", adaptive_average, ExpectedLoss, expected_rows, average_quantities, options=AVERAGE_OPTIONS),
+    Measure(
+        "adaptive-average-case",
+        adaptive_average,
+        ExpectedLoss,
+        expected_rows,
+        average_quantities,
+        options=AVERAGE_OPTIONS,
+        scale_invariant=True,
+    ),
 )

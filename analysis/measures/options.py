@@ -15,6 +15,8 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 from landscape.curvature.diagonal import DIAGONAL_METHODS
+from landscape.curvature.relative import EXACT_MATVECS
+from landscape.curvature.relative import METHODS as RELATIVE_FLATNESS_METHODS
 from landscape.curvature.trace import TRACE_MATVEC_MINIMUMS
 from landscape.engine.gauss_newton import CURVATURES
 from landscape.sharpness.balls import DEFAULT_AVERAGE_RHO, DEFAULT_RHO
@@ -171,6 +173,18 @@ class MetricSpec:
         "worst- and average-case sharpness with eval-mode BatchNorm folded into the weights (into the conv or linear "
         "layer before it, else into its own scale and shift; Andriushchenko et al. 2023): the same function, whose "
         "parameters, the ones perturbed and adaptively scaled, are the weights the network applies",
+    )
+    relative_flatness_layer: str | None = option(
+        None,
+        "the weight W of relative-flatness, by parameter name (e.g. 4.weight): the layer that takes the representation "
+        "φ, one row per neuron (default: the last nn.Linear weight, so φ is the penultimate layer's output)",
+        metavar="NAME",
+    )
+    relative_flatness_method: str = option(
+        "auto",
+        f"relative-flatness exactly (rank(WWᵀ)·m HVPs for W of d×m), estimated (--trace-method with --probes HVPs), "
+        f"or auto (default: exact up to {EXACT_MATVECS} HVPs or --probes, whichever is more)",
+        choices=RELATIVE_FLATNESS_METHODS,
     )
     per_layer: tuple[str, ...] = option((), "", flag=False)
     # the blocks --per-layer measures: one per module, or one per role (attention, mlp, ...)

@@ -61,5 +61,13 @@ def pac_bayes_quantities(r: PacBayesFlatness, name: str) -> list[Quantity]:
 
 MEASURES = (
     Measure("pac-bayes", plain, PacBayesFlatness, pac_bayes_rows, pac_bayes_quantities, options=OPTIONS),
-    Measure("pac-bayes-mag", magnitude, PacBayesFlatness, pac_bayes_rows, pac_bayes_quantities, options=OPTIONS),
+    Measure(
+        "pac-bayes-mag",
+        magnitude,
+        PacBayesFlatness,
+        pac_bayes_rows,
+        pac_bayes_quantities,
+        options=OPTIONS,
+        scale_invariant=True,  # up to its ε floor (tests/test_scale_invariance.py)
+    ),
 )

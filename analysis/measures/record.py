@@ -27,7 +27,9 @@ class Measure:
     `products` names the curvature's matrix-vector products). quantities(result, name): the scalar quantities
     compare, track and correlate read. check(spec, params, n_params, n_samples): options that must fit the model,
     run once the Objective exists. lower_bound: its values are the best an ascent found. compared: compare and
-    correlate take it. sharded: --shard can measure it.
+    correlate take it. sharded: --shard can measure it. scale_invariant: its value stays (to rounding, or within its
+    uncertainty where it samples) when a ReLU layer is scaled by α > 0 and the next by 1/α, a change that leaves the
+    network's function as it is (tests/test_scale_invariance.py checks every measure that says so).
     """
 
     name: str
@@ -40,6 +42,7 @@ class Measure:
     lower_bound: bool = False
     compared: bool = True
     sharded: bool = False
+    scale_invariant: bool = False
 
     @property
     def scalar(self) -> bool:

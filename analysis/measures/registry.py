@@ -18,6 +18,7 @@ from analysis.measures import (
     noise,
     pac_bayes,
     preconditioned,
+    relative_flatness,
 )
 from analysis.measures.record import Measure
 from analysis.measures.text import EPSILON_SHARPNESS
@@ -41,7 +42,19 @@ def unregister(name: str) -> None:
 
 _BUILT_IN = {
     m.name: m
-    for module in (curvature, noise, box, balls, critical, fisher_rao, batch_sharpness, preconditioned, pac_bayes, diagonal)
+    for module in (
+        curvature,
+        noise,
+        box,
+        balls,
+        critical,
+        fisher_rao,
+        batch_sharpness,
+        preconditioned,
+        pac_bayes,
+        diagonal,
+        relative_flatness,
+    )
     for m in module.MEASURES
 }
 for _name in (
@@ -64,6 +77,7 @@ for _name in (
     "pac-bayes",
     "pac-bayes-mag",
     "hessian-diagonal",
+    "relative-flatness",
 ):
     register(_BUILT_IN[_name])
 
@@ -81,6 +95,17 @@ def ranked_names() -> tuple[str, ...]:
 def shardable_names() -> tuple[str, ...]:
     """The measures --shard can take: the solvers on sharded vectors."""
     return tuple(n for n, m in MEASURES.items() if m.sharded)
+
+
+def scale_invariant_names() -> tuple[str, ...]:
+    """The measures whose value a function-preserving rescaling of two ReLU layers leaves unchanged."""
+    return tuple(n for n, m in MEASURES.items() if m.scale_invariant)
+
+
+def is_scale_invariant(name: str, result: Result) -> bool:
+    """Whether this result of measure `name` is scale-invariant: its record says so, and an adaptive ball's η is 0
+    (T = |w| + η scales with w only at η = 0)."""
+    return MEASURES[name].scale_invariant and getattr(result, "eta", 0.0) == 0
 
 
 def revive(name: str, stored: Result | dict) -> Result:

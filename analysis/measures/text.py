@@ -5,6 +5,7 @@ from __future__ import annotations
 Row = tuple[str, str, str, str]  # quantity, value ± uncertainty, cost, note
 
 EPSILON_SHARPNESS = "ε-sharpness"
+SCALE_INVARIANT = "scale-invariant"  # the table's mark of a measure a function-preserving rescaling leaves unchanged
 LOWER_BOUND = "a lower bound on the maximum (the largest loss an ascent found)"
 
 

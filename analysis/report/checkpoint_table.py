@@ -7,8 +7,8 @@ again when its results file is read, so a fresh and a resumed run print the same
 from __future__ import annotations
 
 from analysis.measures.measurement import Measurement
-from analysis.measures.registry import MEASURES
-from analysis.measures.text import pm, uncertified_eigenvalue
+from analysis.measures.registry import MEASURES, is_scale_invariant
+from analysis.measures.text import SCALE_INVARIANT, pm, uncertified_eigenvalue
 from analysis.report.setup_text import batching, norm_mode, precision, sample_origin
 from analysis.report.tables import format_table
 from landscape.curvature.blocks import PerLayerResult
@@ -65,7 +65,11 @@ def format_measurement(report: Measurement) -> str:
     # in the registry's order whatever the order of --metrics
     results = {name: report.metrics[name] for name in MEASURES if name in report.metrics}
     for name, result in results.items():
-        rows += MEASURES[name].rows(result, name, products)
+        found = MEASURES[name].rows(result, name, products)
+        if found and is_scale_invariant(name, result):  # said once, on the measure's first row
+            quantity, value, cost, note = found[0]
+            found = [(quantity, value, cost, f"{SCALE_INVARIANT}; {note}" if note else SCALE_INVARIANT), *found[1:]]
+        rows += found
     lines.append(format_table(HEADERS, rows))
     trace = results.get("trace")
     if trace is not None and trace.blocks:

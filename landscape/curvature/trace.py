@@ -1,4 +1,4 @@
-"""Stochastic trace estimators over a symmetric linear operator: Hutchinson, Hutch++, XTrace.
+"""Trace estimators over a symmetric linear operator: Hutchinson, Hutch++, XTrace, and the exact trace by unit vectors.
 
 Pure functions: each draws its probes from a torch.Generator seeded with `seed` on the
 operator's device, counts its own matvecs (rows passed to `products`), and returns a
@@ -36,7 +36,7 @@ class TraceResult(Result):
     stderr: float  # standard error of the estimate
     n_matvecs: int
     seconds: float
-    method: str  # "hutchinson" / "hutchpp" / "xtrace"
+    method: str  # "hutchinson" / "hutchpp" / "xtrace", or "exact" (unit_trace)
     seed: int
     samples: np.ndarray | None  # per-sample estimates whose mean is `estimate` and whose spread gives `stderr`
     blocks: dict[str, tuple[float, float]] | None  # per-block (estimate, stderr) of the diagonal-block traces
@@ -328,6 +328,47 @@ def xtrace(
     samples, stderrs = xtrace_block_estimates(sketch, {None: slice(None), **(blocks or {})}, inner)
     block_samples = {name: torch.as_tensor(samples[name]) for name in blocks} if blocks is not None else None
     return _result("xtrace", torch.as_tensor(samples[None]), block_samples, sketch.n_matvecs, seed, start, stderrs)
+
+
+def unit_trace(op: LinearOperator, *, block_size: int = HUTCHINSON_BLOCK, progress: bool | str = False) -> TraceResult:
+    """The exact trace Σ_i e_iᵀAe_i, one product per unit vector (n products): for operators small enough to afford it.
+
+    Args:
+        op: a symmetric operator on whole vectors.
+        block_size: unit vectors per `products` call.
+        progress: a progress bar (True, or a label), off by default.
+
+    Returns:
+        TraceResult: the exact `estimate`, `stderr` 0, `method` "exact", `n_matvecs` = n.
+
+    Examples:
+        >>> import torch
+        >>> from landscape.engine.operators import DenseOperator
+        >>> result = unit_trace(DenseOperator(torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)))
+        >>> result.estimate, result.stderr, result.n_matvecs
+        (5.0, 0.0, 2)
+    """
+    check_int("block_size", block_size, 1)
+    if op.inner.sharded:
+        raise ValueError("an exact trace by unit vectors needs whole vectors: a sharded operator takes an estimator")
+    n = op.shape[0]
+    start, total = time.perf_counter(), 0.0
+    with Progress(n, "exact trace", "matvec", progress) as bar:
+        for first in range(0, n, block_size):
+            rows = torch.arange(first, min(first + block_size, n), device=op.device)
+            units = torch.zeros(len(rows), n, dtype=op.dtype, device=op.device)
+            units[torch.arange(len(rows), device=op.device), rows] = 1
+            total += float(_counted(op, units, bar)[torch.arange(len(rows), device=op.device), rows].double().sum())
+    return TraceResult(
+        estimate=total,
+        stderr=0.0,
+        n_matvecs=n,
+        seconds=time.perf_counter() - start,
+        method="exact",
+        seed=0,
+        samples=None,
+        blocks=None,
+    )
 
 
 def trace_vectors(method: str, n_matvecs: int, n: int, block_size: int = HUTCHINSON_BLOCK) -> int:
