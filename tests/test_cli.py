@@ -204,7 +204,9 @@ def test_surface_on_the_pca_plane_of_a_training_run(trained_run, tmp_path):
         (
             "correlate",
             {
-                "--metrics": "eig,trace,sharpness-curve,eps-sharpness",
+                "--metrics": "eig,trace,sharpness-curve,eps-sharpness,critical-sharpness,fisher-rao,relative-flatness,"
+                "pac-bayes,pac-bayes-mag",
+                "--relative-flatness-method": "estimate",
                 "--k": "1",
                 "--radius": "0.02",
                 "--noise-samples": "40",

@@ -39,8 +39,26 @@ from landscape.engine.progress import working_on
 from landscape.inputs.checkpoints import load_checkpoint
 from landscape.results import to_jsonable
 
+# the measures correlate ranks unless --metrics says otherwise: the classic curvature and perturbation ones, the
+# scale-invariant and bound-based ones (relative flatness estimated from the same 60 probes, so it costs what the
+# trace does), and critical sharpness (about 30 forward passes)
 CORRELATE_DEFAULTS = MetricSpec(
-    metrics=("eig", "trace", "sharpness-curve", "eps-sharpness"), k=1, radius=(0.02,), noise_samples=40, probes=60
+    metrics=(
+        "eig",
+        "trace",
+        "sharpness-curve",
+        "eps-sharpness",
+        "critical-sharpness",
+        "fisher-rao",
+        "relative-flatness",
+        "pac-bayes",
+        "pac-bayes-mag",
+    ),
+    k=1,
+    radius=(0.02,),
+    noise_samples=40,
+    probes=60,
+    relative_flatness_method="estimate",
 )
 GAPS = {"error": "test error − train error", "loss": "test loss − train loss"}
 # hyperparameters a sweep may vary, from each run's training config; `epochs` is left out by default because recipes

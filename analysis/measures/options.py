@@ -183,7 +183,7 @@ class MetricSpec:
     relative_flatness_method: str = option(
         "auto",
         f"relative-flatness exactly (rank(WWᵀ)·m HVPs for W of d×m), estimated (--trace-method with --probes HVPs), "
-        f"or auto (default: exact up to {EXACT_MATVECS} HVPs or --probes, whichever is more)",
+        f"or auto (exact up to {EXACT_MATVECS} HVPs or --probes, whichever is more) (default %(default)s)",
         choices=RELATIVE_FLATNESS_METHODS,
     )
     per_layer: tuple[str, ...] = option((), "", flag=False)
