@@ -33,7 +33,8 @@ class LightningCurvatureCallback(ScheduledTracking, pl.Callback):
             data = trainer.train_dataloader
             if not hasattr(data, "collate_fn"):
                 raise ValueError(f"the training data is a {type(data).__name__}, not one DataLoader: give the batches")
-            batches = sampled_batches(data.dataset, data.collate_fn, self.n_samples, data.batch_size, self.options["seed"])
+            size = data.batch_size or getattr(data.batch_sampler, "batch_size", None)  # a DataLoader given a batch_sampler
+            batches = sampled_batches(data.dataset, data.collate_fn, self.n_samples, size, self.options["seed"])
         self.start(pl_module, batches, self.loss)
 
     def on_train_batch_end(
