@@ -80,6 +80,8 @@ _EXPORTS = {
     "train": "landscape.training.loop",
     "TrainConfig": "landscape.training.loop",
     "CurvatureTracker": "landscape.training.train_tracking",
+    "CurvatureCallback": "landscape.training.hf_callback",  # imports transformers on first use
+    "LightningCurvatureCallback": "landscape.training.lightning_callback",  # imports lightning on first use
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -8,7 +8,8 @@ eigenvector (`landscape.curvature.spectrum.WarmStart`, residual stopping rule). 
 is XTrace with fixed probes. Critical sharpness (Kalra et al. 2026) takes about 30 forward passes along −∇L;
 batch sharpness (Andreyev & Beneventano 2024) re-cuts the tracked samples into batches of the training batch
 size; preconditioned sharpness λ1(P⁻¹H) (Cohen et al. 2022) reads P from the optimizer passed to `measure`,
-warm-started like λ1, and is left out before the optimizer's first step. `landscape train --track-every N` uses it, and so can one's own loop
+warm-started like λ1, and is left out before the optimizer's first step and while its learning rate is 0 (a schedule's
+last step). `landscape train --track-every N` uses it, and so can one's own loop
 (`from landscape import CurvatureTracker`; docs/how-to/track-training.md): an Objective built once is a
 copy of the weights of that moment, so measuring as training goes on takes a fresh one each time.
 """
@@ -67,7 +68,8 @@ class CurvatureTracker:
 
         Keys: lambda1, lambda1_residual, lambda1_hvps; trace, trace_stderr; critical_sharpness,
         critical_sharpness_forwards; batch_sharpness, batch_sharpness_stderr; preconditioned_sharpness,
-        preconditioned_sharpness_residual, preconditioned_threshold (once `optimizer` has stepped); track_hvps,
+        preconditioned_sharpness_residual, preconditioned_threshold (once `optimizer` has stepped, at a learning rate
+        above 0); track_hvps,
         track_seconds.
         """
         began = time.perf_counter()
@@ -108,7 +110,9 @@ class CurvatureTracker:
             )
             out.update(batch_sharpness=per_batch.value, batch_sharpness_stderr=per_batch.stderr)
             hvps += per_batch.n_matvecs
-        if "preconditioned-sharpness" in self.measures and optimizer is not None and optimizer.state:
+        # P and the threshold 2/η·(…) exist once the optimizer has stepped, and while its learning rate is not 0
+        stepping = optimizer is not None and optimizer.state and all(g["lr"] > 0 for g in optimizer.param_groups)
+        if "preconditioned-sharpness" in self.measures and stepping:
             adaptive = preconditioned_sharpness(
                 objective,
                 preconditioner_of(optimizer, model),
