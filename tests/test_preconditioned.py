@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape.curvature.preconditioned import (
+    OptimizerSettings,
     Preconditioner,
     preconditioned_sharpness,
     preconditioner_from_state,
@@ -81,17 +82,17 @@ def test_P_is_the_denominator_the_optimizers_own_step_divides_by(make):
     group = optimizer.param_groups[0]
     for name, p in model.named_parameters():
         state = optimizer.state[p]
-        if P.optimizer in ("adam", "adamw"):
+        if P.settings.optimizer in ("adam", "adamw"):
             direction = state["exp_avg"] / (1 - group["betas"][0] ** int(state["step"]))
-            decay = before[name] * group["lr"] * group["weight_decay"] if P.optimizer == "adamw" else 0
-        elif P.optimizer == "rmsprop" and group["momentum"]:
+            decay = before[name] * group["lr"] * group["weight_decay"] if P.settings.optimizer == "adamw" else 0
+        elif P.settings.optimizer == "rmsprop" and group["momentum"]:
             direction, decay = state["momentum_buffer"] * P.diagonal[name], 0  # buf = μ·buf + g/P: the step is η·buf
         else:
             direction, decay = p.grad, 0
         clr = group["lr"] / (1 + (int(state["step"]) - 1) * group.get("lr_decay", 0.0))
         expected = before[name] - decay - clr * direction / P.diagonal[name]
         torch.testing.assert_close(p.detach(), expected, rtol=1e-9, atol=1e-12)
-    assert P.step == 5 and P.lr == group["lr"]
+    assert P.settings.step == 5 and P.settings.lr == group["lr"]
 
 
 def test_the_digits_mlp_top_five_equal_the_dense_eigenvalues_of_P_inverse_H():
@@ -131,7 +132,7 @@ def test_certified_values_hold_their_bounds_over_100_problems_with_clustered_spe
         objective = Objective(
             model, [(X, torch.zeros(d, 1, dtype=torch.float64))], loss_fn=_half_mse, dtype=torch.float64, device="cpu"
         )
-        precond = Preconditioner("adam", {"weight": P.reshape(1, -1)}, 1e-3, 0.9, "averaged", 0.0, 0.0, 1)
+        precond = Preconditioner({"weight": P.reshape(1, -1)}, OptimizerSettings("adam", 1e-3, 0.9, "averaged", 0.0, 0.0, 1))
         found = preconditioned_sharpness(objective, precond, k=2, seed=seed)
         if found.spectrum.certified:
             certified += 1
@@ -147,7 +148,7 @@ def _half_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def test_each_threshold_is_where_the_frozen_P_recursion_turns_unstable(style):
     """A 1-D quadratic of curvature h under P fixed: bounded just below the threshold, growing just above it."""
     lr, beta, p = 0.01, 0.9, 0.25
-    threshold = Preconditioner("x", {}, lr, beta, style, 0.0, 0.0, 1).threshold
+    threshold = OptimizerSettings("x", lr, beta, style, 0.0, 0.0, 1).threshold
 
     def largest(factor: float) -> float:
         h, w, u = factor * threshold * p, 1.0, 0.0

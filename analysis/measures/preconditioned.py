@@ -42,10 +42,11 @@ def preconditioned(objective: Objective, spec: MetricSpec) -> PreconditionedShar
 
 def preconditioned_rows(r: PreconditionedSharpness, name: str, products: str) -> list[Row]:
     rows = [(f"{label}(P⁻¹H)", value, cost, note) for label, value, cost, note in eig_rows(r.spectrum, name, products)]
-    note = f"{r.optimizer}, η {r.lr:g}, β {r.momentum:g}, step {r.step}; λ1(P⁻¹H)/threshold = {r.ratio:.3f}"
-    if r.weight_decay:
-        note += f"; weight decay {r.weight_decay:g} not in P⁻¹H"
-    rows.append((f"threshold {THRESHOLDS[r.momentum_style]}", f"{r.threshold:.6g}", "", note))
+    o = r.settings
+    note = f"{o.optimizer}, η {o.lr:g}, β {o.momentum:g}, step {o.step}; λ1(P⁻¹H)/threshold = {r.ratio:.3f}"
+    if o.weight_decay:
+        note += f"; weight decay {o.weight_decay:g} not in P⁻¹H"
+    rows.append((f"threshold {THRESHOLDS[o.momentum_style]}", f"{r.threshold:.6g}", "", note))
     return rows
 
 

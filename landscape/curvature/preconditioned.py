@@ -33,15 +33,11 @@ MOMENTUM_STYLES = ("none", "heavy-ball", "averaged")  # u = g; u ← βu + g; u 
 
 
 @dataclass(frozen=True)
-class Preconditioner:
-    """The diagonal P an adaptive optimizer divides its step by, with the hyperparameters that set its threshold.
-
-    `diagonal`: P per parameter name (√v̂ + ε for Adam). `momentum` and `momentum_style` ("none", "heavy-ball"
-    or "averaged") give the stability threshold; `step` is the optimizer's step count (Adam's bias correction).
-    """
+class OptimizerSettings(Result):
+    """What sets an adaptive optimizer's stability threshold, read from its state: its kind, step size η, momentum β
+    with its style ("none", "heavy-ball" or "averaged"), ε, weight decay and step count (Adam's bias correction)."""
 
     optimizer: str
-    diagonal: dict[str, torch.Tensor]
     lr: float
     momentum: float
     momentum_style: str
@@ -58,6 +54,19 @@ class Preconditioner:
         if self.momentum_style == "heavy-ball":
             return (2 + 2 * beta) / self.lr
         return 2 / self.lr
+
+
+@dataclass(frozen=True)
+class Preconditioner:
+    """The diagonal P an adaptive optimizer divides its step by (`diagonal`, per parameter name: √v̂ + ε for Adam),
+    with the settings that give its threshold."""
+
+    diagonal: dict[str, torch.Tensor]
+    settings: OptimizerSettings
+
+    @property
+    def threshold(self) -> float:
+        return self.settings.threshold
 
     def flat(self, objective: Objective) -> torch.Tensor:
         """P as one vector in the objective's parameter layout (every measured parameter must have its entry)."""
@@ -111,9 +120,10 @@ def preconditioner_from_state(
             raise ValueError(f"the optimizer state's {name} has shape {tuple(d.shape)}, the model's {tuple(shapes[name])}")
         diagonal[name] = d
     kind, beta, style = _kind(first, group)
-    return Preconditioner(
-        kind, diagonal, float(group["lr"]), beta, style, float(group.get("eps", 0.0)), float(group.get("weight_decay", 0.0)), step
+    settings = OptimizerSettings(
+        kind, float(group["lr"]), beta, style, float(group.get("eps", 0.0)), float(group.get("weight_decay", 0.0)), step
     )
+    return Preconditioner(diagonal, settings)
 
 
 def has_stepped(state: dict | None) -> bool:
@@ -167,16 +177,10 @@ def preconditioner_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module) 
 
 @dataclass(frozen=True)
 class PreconditionedSharpness(Result):
-    """The top eigenvalues of P⁻¹H (`spectrum`, certified as λ1's are), the optimizer's threshold and their ratio."""
+    """The top eigenvalues of P⁻¹H (`spectrum`, certified as λ1's are), the optimizer's settings and threshold."""
 
     spectrum: EigResult
-    optimizer: str
-    lr: float
-    momentum: float
-    momentum_style: str
-    eps: float
-    weight_decay: float
-    step: int
+    settings: OptimizerSettings
     threshold: float
     seconds: float
 
@@ -236,7 +240,8 @@ def preconditioned_sharpness(
         ...     _ = model.weight.copy_(torch.tensor([[0.5, -0.5]]))
         >>> x, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.zeros(2, 1)
         >>> objective = Objective(model, [(x, y)], loss_fn=nn.MSELoss(), dtype=torch.float64, device="cpu")
-        >>> P = Preconditioner("adam", {"weight": torch.tensor([[4.0, 1.0]])}, 0.01, 0.9, "averaged", 0.0, 0.0, 10)
+        >>> adam = OptimizerSettings("adam", lr=0.01, momentum=0.9, momentum_style="averaged", eps=0.0, weight_decay=0.0, step=10)
+        >>> P = Preconditioner({"weight": torch.tensor([[4.0, 1.0]])}, adam)
         >>> result = preconditioned_sharpness(objective, P)  # H = diag(4, 1), P⁻¹H = diag(1, 1)
         >>> round(result.value, 6), round(result.threshold, 6)
         (1.0, 3800.0)
@@ -247,16 +252,6 @@ def preconditioned_sharpness(
     spectrum = warm_start.lanczos(op, k, **options) if warm_start is not None else lanczos(op, k, **options)
     threshold = preconditioner.threshold
     if not math.isfinite(threshold):
-        raise ValueError(f"the optimizer's threshold is not finite (lr {preconditioner.lr}, momentum {preconditioner.momentum})")
-    return PreconditionedSharpness(
-        spectrum,
-        preconditioner.optimizer,
-        preconditioner.lr,
-        preconditioner.momentum,
-        preconditioner.momentum_style,
-        preconditioner.eps,
-        preconditioner.weight_decay,
-        preconditioner.step,
-        threshold,
-        time.perf_counter() - start,
-    )
+        settings = preconditioner.settings
+        raise ValueError(f"the optimizer's threshold is not finite (lr {settings.lr}, momentum {settings.momentum})")
+    return PreconditionedSharpness(spectrum, preconditioner.settings, threshold, time.perf_counter() - start)
