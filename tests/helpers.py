@@ -88,12 +88,23 @@ def run_cli(*args, cwd=None, timeout: float = 600) -> subprocess.CompletedProces
     return subprocess.run(cli_command() + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
-def digits_mlp_checkpoint(folder: Path, hidden: tuple[int, ...], seed: int = 0) -> Path:
-    """An untrained digits MLP saved as FOLDER/net.pt, a toolkit checkpoint, for CLI tests that need any checkpoint."""
+def digits_mlp_checkpoint(folder: Path, hidden: tuple[int, ...], seed: int = 0, adam_state: bool = False) -> Path:
+    """An untrained digits MLP saved as FOLDER/net.pt, a toolkit checkpoint, for CLI tests that need any checkpoint;
+    `adam_state`: after one Adam step, keeping the optimizer state (what preconditioned-sharpness reads)."""
     torch.manual_seed(seed)
     model, spec = model_for_data("mlp", (1, 8, 8), 10, hidden=hidden)
+    state = None
+    if adam_state:
+        adam = torch.optim.Adam(model.named_parameters(), lr=1e-3)
+        model(torch.randn(8, 1, 8, 8)).square().mean().backward()
+        adam.step()
+        state = adam.state_dict()
     return save_checkpoint(
-        Path(folder) / "net.pt", model, model_spec=spec, data_spec={"spec": "digits", "seed": 0, "normalize": None}
+        Path(folder) / "net.pt",
+        model,
+        model_spec=spec,
+        data_spec={"spec": "digits", "seed": 0, "normalize": None},
+        optimizer_state=state,
     )
 
 

@@ -54,7 +54,7 @@ OPTIONS = [
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    path = digits_mlp_checkpoint(tmp_path_factory.mktemp("typed"), (8,))
+    path = digits_mlp_checkpoint(tmp_path_factory.mktemp("typed"), (8,), adam_state=True)
     args = build_parser().parse_args(["measure", str(path), "--metrics", ",".join(METRICS), *OPTIONS])
     spec = MeasureSpec.from_args(args)
     return path, spec, measure_checkpoint(str(path), spec)
